@@ -1,0 +1,29 @@
+"""blip-trace-widgets: live causal tracing of BLIP visual question answering.
+
+    >>> from blip_trace_widgets import load_model, trace, demo_samples
+    >>> bundle = load_model("demo")
+    >>> image, question, answer = demo_samples()[0]
+    >>> result = trace(bundle, image, question, samples=3)
+    >>> result.block, result.kind
+    ('question_encoder', 'hidden')
+"""
+from .corruption import GaussianNoise, ImageSwap, MultiplicativeNoise, UniformNoise
+from .data import demo_samples
+from .loading import BlipBundle, load_model
+from .results import TraceResult
+from .tracing import TraceConfig, Tracer, trace
+
+__all__ = [
+    "BlipBundle",
+    "GaussianNoise",
+    "ImageSwap",
+    "MultiplicativeNoise",
+    "TraceConfig",
+    "TraceResult",
+    "Tracer",
+    "UniformNoise",
+    "demo_samples",
+    "load_model",
+    "trace",
+]
+__version__ = "0.1.0"

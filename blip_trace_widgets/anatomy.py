@@ -1,0 +1,169 @@
+"""Where BLIP keeps things: the one table from (block, kind) to module names.
+
+    >>> from blip_trace_widgets.anatomy import module_name
+    >>> module_name("question_encoder", "mlp", 3)
+    'text_encoder.encoder.layer.3.output.dense'
+
+No other module of this package spells a BLIP module path. The engine asks this
+module for the pieces it computes with; hooks and tests ask it for names.
+
+Why these modules for the kinds: BLIP's text transformer is a post-LayerNorm BERT,
+so a layer computes ``h1 = LN(h + SA(h))``, ``h2 = LN(h1 + XA(h1))`` and
+``h3 = LN(h2 + MLP(h2))``.  The output of each sublayer's final ``dense`` is that
+sublayer's own contribution, before the residual add and the LayerNorm mix it with
+everything earlier.  That is what ROME restores for "attention" and "MLP" in a
+pre-LN GPT, where a sublayer's output is added to the residual stream directly;
+restoring ``h1`` or ``h2`` instead would also restore the residual stream and
+blur the kinds into ``hidden``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+BLOCKS: tuple[str, ...] = ("question_encoder", "answer_decoder")
+KINDS: tuple[str, ...] = ("hidden", "self_attn", "cross_attn", "mlp")
+SEVERABLE: tuple[str, ...] = ("self_attn", "cross_attn", "mlp")
+
+#: Layer stack of each block; ``{layer}`` is the layer index.
+LAYERS: dict[str, str] = {
+    "question_encoder": "text_encoder.encoder.layer",
+    "answer_decoder": "text_decoder.bert.encoder.layer",
+}
+
+#: The table: (block, kind) -> module whose output is restored.
+MODULES: dict[tuple[str, str], str] = {
+    (block, kind): LAYERS[block] + ".{layer}" + suffix
+    for block in BLOCKS
+    for kind, suffix in {
+        "hidden": "",
+        "self_attn": ".attention.output.dense",
+        "cross_attn": ".crossattention.output.dense",
+        "mlp": ".output.dense",
+    }.items()
+}
+
+EMBEDDINGS: dict[str, str] = {
+    "question_encoder": "text_encoder.embeddings",
+    "answer_decoder": "text_decoder.bert.embeddings",
+}
+VISION_ENCODER = "vision_model"
+ANSWER_HEAD = "text_decoder.cls.predictions"
+
+#: Pieces of one text layer, relative to the layer, that the engine computes with.
+TEXT_LAYER_PARTS: dict[str, str] = {
+    "self_query": "attention.self.query",
+    "self_key": "attention.self.key",
+    "self_value": "attention.self.value",
+    "self_out": "attention.output.dense",
+    "self_norm": "attention.output.LayerNorm",
+    "cross_query": "crossattention.self.query",
+    "cross_key": "crossattention.self.key",
+    "cross_value": "crossattention.self.value",
+    "cross_out": "crossattention.output.dense",
+    "cross_norm": "crossattention.output.LayerNorm",
+    "mlp_in": "intermediate.dense",
+    "mlp_act": "intermediate.intermediate_act_fn",
+    "mlp_out": "output.dense",
+    "mlp_norm": "output.LayerNorm",
+}
+
+
+def check_block(block: str) -> str:
+    if block not in BLOCKS:
+        raise ValueError(f"unknown block {block!r}: use one of {', '.join(BLOCKS)}")
+    return block
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+    return kind
+
+
+def module_name(block: str, kind: str, layer: int) -> str:
+    """Full name of the module whose output ``kind`` restores at ``layer`` of ``block``."""
+    return MODULES[(check_block(block), check_kind(kind))].format(layer=layer)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (dotted path), or a ValueError naming what is missing."""
+    module: object = model
+    for part in name.split("."):
+        if not hasattr(module, part):
+            raise ValueError(
+                f"this model has no module {name!r}: blip_trace_widgets needs a "
+                "transformers BlipForQuestionAnswering (for example Salesforce/blip-vqa-base)"
+            )
+        module = getattr(module, part)
+    return module  # type: ignore[return-value]
+
+
+def check_blip(model: object) -> None:
+    """Raise a clear ValueError unless ``model`` looks like BLIP for VQA."""
+    from transformers import BlipForQuestionAnswering
+
+    if not isinstance(model, BlipForQuestionAnswering):
+        raise ValueError(
+            f"expected a transformers BlipForQuestionAnswering, got {type(model).__name__}; "
+            "load one with load_model('Salesforce/blip-vqa-base') or load_model('demo')"
+        )
+
+
+def num_layers(model: nn.Module, block: str) -> int:
+    return len(get_module(model, LAYERS[check_block(block)]))
+
+
+@dataclass(frozen=True)
+class TextLayer:
+    """The modules of one BLIP text layer that a forward pass needs."""
+
+    self_query: nn.Linear
+    self_key: nn.Linear
+    self_value: nn.Linear
+    self_out: nn.Linear
+    self_norm: nn.LayerNorm
+    cross_query: nn.Linear
+    cross_key: nn.Linear
+    cross_value: nn.Linear
+    cross_out: nn.Linear
+    cross_norm: nn.LayerNorm
+    mlp_in: nn.Linear
+    mlp_act: nn.Module
+    mlp_out: nn.Linear
+    mlp_norm: nn.LayerNorm
+
+
+def text_layers(model: nn.Module, block: str) -> list[TextLayer]:
+    """Every layer of ``block`` as a :class:`TextLayer`."""
+    stack = get_module(model, LAYERS[check_block(block)])
+    return [
+        TextLayer(**{role: get_module(layer, path) for role, path in TEXT_LAYER_PARTS.items()})
+        for layer in stack
+    ]
+
+
+def text_embeddings(model: nn.Module, block: str) -> nn.Module:
+    return get_module(model, EMBEDDINGS[check_block(block)])
+
+
+def vision_encoder(model: nn.Module) -> nn.Module:
+    return get_module(model, VISION_ENCODER)
+
+
+def answer_head(model: nn.Module) -> nn.Module:
+    return get_module(model, ANSWER_HEAD)
+
+
+def text_config(model: nn.Module):
+    return model.config.text_config
+
+
+def num_heads(model: nn.Module) -> int:
+    return int(text_config(model).num_attention_heads)
+
+
+def dtype_of(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype

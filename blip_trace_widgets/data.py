@@ -1,0 +1,67 @@
+"""Question sets: the easy-VQA data shipped by the ``easy-vqa`` package, and demo samples from it.
+
+    >>> from blip_trace_widgets import demo_samples
+    >>> image, question, answer = demo_samples()[0]
+    >>> image.size, isinstance(question, str)
+    ((64, 64), True)
+
+Images are read from the installed package, never from copies in this repository.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from PIL import Image
+
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+class VQASample(NamedTuple):
+    image: Image.Image
+    question: str
+    answer: str
+
+
+def _easy_vqa():
+    try:
+        import easy_vqa
+    except ImportError:
+        raise RuntimeError("the easy-vqa package is missing: pip install easy-vqa") from None
+    return easy_vqa
+
+
+def easy_vqa_questions(split: str = "test") -> list[tuple[str, str, str]]:
+    """(image path, question, answer) for every question of the easy-VQA ``split`` ('train' or 'test')."""
+    easy_vqa = _easy_vqa()
+    if split == "train":
+        texts, answers, ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        texts, answers, ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise ValueError(f"unknown easy-VQA split {split!r}: use 'train' or 'test'")
+    return [(paths[i], t, a) for t, a, i in zip(texts, answers, ids)]
+
+
+def question_type(answer: str) -> str:
+    """'color', 'shape' or 'yes/no', from the answer."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    return "shape" if answer in SHAPES else "color"
+
+
+def demo_samples(per_type: int = 2, split: str = "test") -> list[VQASample]:
+    """A few easy-VQA test questions, spread across colour, shape and yes/no questions (fixed choice)."""
+    if per_type < 1:
+        raise ValueError(f"per_type must be >= 1, got {per_type}")
+    picked: dict[str, list[tuple[str, str, str]]] = {"color": [], "shape": [], "yes/no": []}
+    for path, question, answer in easy_vqa_questions(split):
+        bucket = picked[question_type(answer)]
+        if len(bucket) < per_type and all(p != path for p, _, _ in bucket):
+            bucket.append((path, question, answer))
+        if all(len(b) == per_type for b in picked.values()):
+            break
+    ordered = [b[i] for i in range(per_type) for b in picked.values()]
+    return [VQASample(Image.open(path).convert("RGB"), question, answer) for path, question, answer in ordered]

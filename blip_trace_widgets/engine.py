@@ -1,0 +1,307 @@
+"""The patching engine: BLIP's text transformer run layer by layer, many restorations per pass.
+
+    >>> from blip_trace_widgets import load_model
+    >>> from blip_trace_widgets.engine import TextStack
+    >>> stack = TextStack(load_model("demo").model, "question_encoder")
+    >>> len(stack) >= 4
+    True
+
+A *cell* is a set of (layer, position) pairs whose ``kind`` output is set to its clean
+value in every corrupted row; a heatmap is a grid of cells. The engine scores many
+cells at once and does each piece of shared work once:
+
+* every cell x noise sample is one batch row, in chunks sized from a memory budget;
+* the corrupted run is computed once, and a cell whose first restored layer is ``l``
+  starts from that run's state at layer ``l`` (for ``hidden``, at ``l + 1``): the
+  prefix is never recomputed;
+* cross-attention keys and values of the (corrupted) image embeddings, or of the
+  corrupted question for decoder traces, are computed once per noise sample. Cells are
+  folded into the query axis, so all cells of a sample share one key/value tensor.
+
+The arithmetic is BLIP's own post-LN BERT layer, built from the model's modules as
+listed in :mod:`blip_trace_widgets.anatomy`; tests check it against the model's own
+forward pass with hooks.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import anatomy
+
+Cell = tuple[tuple[int, int], ...]  # ((layer, position), ...)
+Edit = Callable[[str, torch.Tensor], torch.Tensor]
+Progress = Callable[[int, int], None]
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per chunk
+
+
+def _no_edit(_kind: str, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention as BLIP computes it (eager, additive mask)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + mask
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+class TextStack:
+    """One of BLIP's text transformers (question encoder or answer decoder), layer by layer."""
+
+    def __init__(self, model: torch.nn.Module, block: str) -> None:
+        self.block = anatomy.check_block(block)
+        self.layers = anatomy.text_layers(model, block)
+        self.embeddings = anatomy.text_embeddings(model, block)
+        self.heads = anatomy.num_heads(model)
+        self.causal = block == "answer_decoder"
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings of ``ids`` [1, T] -> [1, T, D]."""
+        return self.embeddings(input_ids=ids)
+
+    def self_mask(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        if not self.causal or length == 1:
+            return None
+        return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, M, D] -> [B, H, M, D/H]."""
+        b, m, d = x.shape
+        return x.view(b, m, self.heads, d // self.heads).transpose(1, 2)
+
+    def cross_kv(self, j: int, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of ``states`` [B, N, D'] at layer j: [B, H, N, D/H] each."""
+        layer = self.layers[j]
+        return self._split(layer.cross_key(states)), self._split(layer.cross_value(states))
+
+    def layer(
+        self,
+        j: int,
+        h: torch.Tensor,
+        cross: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None = None,
+        edit: Edit = _no_edit,
+    ) -> torch.Tensor:
+        """Layer j on ``h`` [S, C, T, D]: S samples x C cells.
+
+        ``cross`` holds keys and values [S, Ck, H, N, D/H], with Ck == 1 when every
+        cell of a sample attends to the same states, or Ck == C.  ``edit(kind, x)``
+        may replace each sublayer's output (see anatomy.KINDS).
+        """
+        L = self.layers[j]
+        s, c, t, d = h.shape
+        rows = h.reshape(s * c, t, d)
+        ctx = attend(self._split(L.self_query(rows)), self._split(L.self_key(rows)), self._split(L.self_value(rows)), mask)
+        sa = edit("self_attn", L.self_out(ctx.transpose(1, 2).reshape(s, c, t, d)))
+        h1 = L.self_norm(sa + h)
+
+        keys, values = cross
+        q = L.cross_query(h1)
+        heads, head_dim = keys.shape[2], keys.shape[-1]
+        if keys.shape[1] == 1:  # fold the cells into the query axis: one K/V per sample
+            qh = q.view(s, c * t, heads, head_dim).transpose(1, 2)
+            ctx = attend(qh, keys[:, 0], values[:, 0], None)
+        else:
+            qh = q.view(s * c, t, heads, head_dim).transpose(1, 2)
+            n = keys.shape[-2]
+            ctx = attend(qh, keys.reshape(s * c, heads, n, head_dim), values.reshape(s * c, heads, n, head_dim), None)
+        ca = edit("cross_attn", L.cross_out(ctx.transpose(1, 2).reshape(s, c, t, d)))
+        h2 = L.cross_norm(ca + h1)
+
+        m = edit("mlp", L.mlp_out(L.mlp_act(L.mlp_in(h2))))
+        return edit("hidden", L.mlp_norm(m + h2))
+
+
+@dataclass
+class Run:
+    """A recorded pass over one stack: layer inputs (``inputs[L]`` is the output) and kind outputs.
+
+    Every tensor is [S, T, D], S = 1 for the clean run.
+    """
+
+    inputs: list[torch.Tensor]
+    kinds: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def output(self) -> torch.Tensor:
+        return self.inputs[-1]
+
+
+def record_run(
+    stack: TextStack,
+    h0: torch.Tensor,
+    cross: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> Run:
+    """Run ``stack`` on ``h0`` [S, T, D] without patches, keeping every state a trace restores."""
+    mask = stack.self_mask(h0.shape[1], h0.dtype, h0.device)
+    run = Run(inputs=[h0], kinds={kind: [] for kind in anatomy.KINDS})
+
+    def keep(kind: str, x: torch.Tensor) -> torch.Tensor:
+        run.kinds[kind].append(x[:, 0])
+        return x
+
+    h = h0[:, None]
+    for j in range(len(stack)):
+        h = stack.layer(j, h, cross[j], mask, keep)
+        run.inputs.append(h[:, 0])
+    return run
+
+
+def shared_cross(stack: TextStack, states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer cross K/V of ``states`` [S, N, D'], shaped [S, 1, H, N, D/H] for sharing."""
+    out = []
+    for j in range(len(stack)):
+        k, v = stack.cross_kv(j, states)
+        out.append((k[:, None], v[:, None]))
+    return out
+
+
+def window_layers(layer: int, window: int, num_layers: int) -> range:
+    """ROME's window: ``window`` consecutive layers centred on ``layer``, clipped at the ends."""
+    return range(max(0, layer - window // 2), min(num_layers, layer - (-window // 2)))
+
+
+def grid_cells(positions: int, num_layers: int, window: int) -> list[Cell]:
+    """The cells of a heatmap, position-major: cell (p, l) restores ``window`` layers around l at p."""
+    return [
+        tuple((j, p) for j in window_layers(layer, window, num_layers))
+        for p in range(positions)
+        for layer in range(num_layers)
+    ]
+
+
+@dataclass
+class _ChunkEdits:
+    """Which (cell, position) pairs each layer restores, as index tensors."""
+
+    kind: str
+    clean: list[torch.Tensor]  # per layer, [T, D]
+    by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    sever: str | None = None
+    severed: list[torch.Tensor] | None = None  # per layer, [S, T, D]
+
+    @classmethod
+    def build(cls, kind: str, clean: list[torch.Tensor], cells: Sequence[Cell], device: torch.device, **kw) -> "_ChunkEdits":
+        pairs: dict[int, tuple[list[int], list[int]]] = {}
+        for ci, cell in enumerate(cells):
+            for layer, pos in cell:
+                pairs.setdefault(layer, ([], []))
+                pairs[layer][0].append(ci)
+                pairs[layer][1].append(pos)
+        by_layer = {
+            layer: (torch.tensor(c, device=device), torch.tensor(p, device=device)) for layer, (c, p) in pairs.items()
+        }
+        return cls(kind=kind, clean=clean, by_layer=by_layer, **kw)
+
+    def restore(self, j: int, x: torch.Tensor, first_cell: int = 0) -> torch.Tensor:
+        """Set restored positions of layer j in ``x`` [S, C', T, D] (cells from ``first_cell``)."""
+        if j not in self.by_layer:
+            return x
+        cells, positions = self.by_layer[j]
+        keep = (cells >= first_cell) & (cells < first_cell + x.shape[1])
+        if not bool(keep.any()):
+            return x
+        cells, positions = cells[keep] - first_cell, positions[keep]
+        x = x.clone()
+        x[:, cells, positions] = self.clean[j][positions]
+        return x
+
+    def at(self, j: int) -> Edit:
+        def edit(kind: str, x: torch.Tensor) -> torch.Tensor:
+            if kind == self.sever:
+                assert self.severed is not None
+                return self.severed[j][:, None].expand_as(x)
+            if kind == self.kind:
+                return self.restore(j, x)
+            return x
+
+        return edit
+
+
+def staircase(
+    stack: TextStack,
+    corrupted: Run,
+    cross: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    cells: Sequence[Cell],
+    edits: _ChunkEdits,
+) -> torch.Tensor:
+    """Final states [S, C, T, D] of ``cells``, each starting from the corrupted run where it first differs.
+
+    ``cells`` must be sorted by :func:`start_layer`.
+    """
+    n_layers = len(stack)
+    starts = [start_layer(cell, edits.kind, n_layers) for cell in cells]
+    s, t, d = corrupted.inputs[0].shape
+    mask = stack.self_mask(t, corrupted.inputs[0].dtype, corrupted.inputs[0].device)
+    h: torch.Tensor | None = None
+    joined = 0
+
+    def join(j: int) -> None:
+        nonlocal h, joined
+        count = 0
+        while joined + count < len(cells) and starts[joined + count] == j:
+            count += 1
+        if not count:
+            return
+        new = corrupted.inputs[j][:, None].expand(s, count, t, d)
+        if edits.kind == "hidden" and j > 0:  # the skipped layer j-1 ends in the restore
+            new = edits.restore(j - 1, new, first_cell=joined)
+        h = new if h is None else torch.cat([h, new], dim=1)
+        joined += count
+
+    for j in range(starts[0], n_layers):
+        join(j)
+        assert h is not None
+        h = stack.layer(j, h, cross[j], mask, edits.at(j))
+    join(n_layers)
+    assert h is not None and h.shape[1] == len(cells)
+    return h
+
+
+def start_layer(cell: Cell, kind: str, num_layers: int) -> int:
+    """First layer whose input differs from the corrupted run (``num_layers`` for an empty cell)."""
+    if not cell:
+        return num_layers
+    first = min(layer for layer, _ in cell)
+    return first + 1 if kind == "hidden" else first
+
+
+def rows_per_chunk(
+    samples: int,
+    tokens: int,
+    cross_tokens: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    vocab: int,
+    decoder_tokens: int,
+    element_size: int,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    max_batch_rows: int | None = None,
+) -> int:
+    """How many rows (cell x sample) fit the memory budget, counting one layer's peak activations."""
+    per_row = (
+        tokens * (8 * hidden + 2 * intermediate)
+        + 2 * heads * tokens * cross_tokens
+        + decoder_tokens * (8 * hidden + 2 * intermediate + 2 * heads * tokens + 2 * vocab)
+        + 2 * tokens * hidden
+    ) * element_size
+    rows = max(samples, memory_budget // max(per_row, 1))
+    if max_batch_rows is not None:
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        rows = min(rows, max_batch_rows)
+    return max(1, rows)
+
+
+def chunks(cells_order: list[int], cells_per_chunk: int) -> list[list[int]]:
+    return [cells_order[i : i + cells_per_chunk] for i in range(0, len(cells_order), cells_per_chunk)]

@@ -1,0 +1,78 @@
+"""Checked inputs: images, questions and answers turned into what the model takes.
+
+    >>> import numpy as np
+    >>> from blip_trace_widgets.inputs import to_rgb_image
+    >>> to_rgb_image(np.zeros((4, 6, 3), dtype=np.uint8)).size
+    (6, 4)
+
+Every check raises a ValueError that names the fix, so widgets and the CLI can show it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
+
+
+def to_rgb_image(image: Any) -> Image.Image:
+    """A PIL RGB image from a PIL image of any mode, an HxWx3 uint8 array, or a file path."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(
+                f"an image array must be HxWx3 uint8, got shape {image.shape} and dtype {image.dtype}; "
+                "convert with np.asarray(pil_image.convert('RGB'))"
+            )
+        return Image.fromarray(image, "RGB")
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"image file not found: {str(path)!r}; pass an existing path, a PIL image or an array")
+        try:
+            with Image.open(path) as opened:
+                return opened.convert("RGB")
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"cannot read {str(path)!r} as an image ({error}); pass a PNG or JPEG file") from None
+    raise ValueError(
+        f"unsupported image type {type(image).__name__}: pass a PIL image, an HxWx3 uint8 numpy array or a file path"
+    )
+
+
+def check_question(question: Any) -> str:
+    if not isinstance(question, str):
+        raise ValueError(f"the question must be a string, got {type(question).__name__}")
+    text = question.strip()
+    if not text:
+        raise ValueError("the question is empty: type a question about the image, such as 'what color is the shape?'")
+    return text
+
+
+def encode_question(tokenizer: Any, question: str, max_length: int) -> list[int]:
+    """Token ids of the question as the model sees it, special tokens included."""
+    text = check_question(question)
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if len(ids) > max_length:
+        raise ValueError(
+            f"the question is {len(ids)} tokens long, more than the model's maximum of {max_length}; shorten it"
+        )
+    return ids
+
+
+def encode_answer(tokenizer: Any, answer: str) -> list[int]:
+    """Token ids of an answer to score, without special tokens; it must not need [UNK]."""
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError("the answer to score is empty: pass answer=None to score the model's own answer")
+    ids = list(tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids or (unk is not None and unk in ids):
+        raise ValueError(
+            f"the tokenizer cannot encode the answer {answer!r} (it becomes [UNK]); "
+            "pick an answer made of words in the model's vocabulary"
+        )
+    return ids

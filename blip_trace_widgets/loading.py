@@ -1,0 +1,125 @@
+"""Load BLIP for visual question answering into a :class:`BlipBundle`.
+
+    >>> from blip_trace_widgets import load_model
+    >>> bundle = load_model("demo")            # the bundled easy-VQA model, offline
+    >>> bundle.model.training, bundle.device.type
+    (False, 'cpu')
+
+``source`` may be a hub id such as ``"Salesforce/blip-vqa-base"``, a local folder,
+``"demo"``, or a ``(model, processor)`` pair built in code.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .anatomy import check_blip
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+
+DTypeLike = Union[torch.dtype, str, None]
+
+
+@dataclass
+class BlipBundle:
+    """A BLIP VQA model with its processor, on one device, in eval mode without gradients."""
+
+    model: Any
+    processor: Any
+    device: torch.device
+    name: str = "custom"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+
+def _dtype(dtype: DTypeLike) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16")
+    return names[dtype]
+
+
+def _device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _offline_help(source: str) -> str:
+    return (
+        f"could not load {source!r}: it is not a local folder, and the Hugging Face Hub could not provide it "
+        "(no network, no cached copy, or a wrong id). Connect to the internet once, or download it elsewhere "
+        f"with `huggingface-cli download {source}` and pass the folder; set HF_HUB_OFFLINE=1 to use the cache. "
+        "Offline, load_model('demo') loads the bundled easy-VQA model."
+    )
+
+
+def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoConfig, BlipForQuestionAnswering, BlipProcessor
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, ConnectionError) as error:
+        if Path(source).exists():
+            raise ValueError(f"{source!r} is not a Hugging Face model folder ({error})") from None
+        raise RuntimeError(_offline_help(source)) from None
+    architectures = getattr(config, "architectures", None) or []
+    if config.model_type != "blip" or (architectures and "BlipForQuestionAnswering" not in architectures):
+        raise ValueError(
+            f"{source!r} is a {config.model_type} model ({', '.join(architectures) or 'unknown head'}), "
+            "not BLIP for VQA; use a BlipForQuestionAnswering checkpoint such as Salesforce/blip-vqa-base"
+        )
+    try:
+        model = BlipForQuestionAnswering.from_pretrained(source, dtype=dtype)
+        processor = BlipProcessor.from_pretrained(source)
+    except (OSError, ConnectionError):
+        raise RuntimeError(_offline_help(source)) from None
+    return model, processor
+
+
+def load_model(
+    source: Union[str, os.PathLike, tuple[Any, Any]],
+    *,
+    device: Union[str, torch.device, None] = None,
+    dtype: DTypeLike = None,
+) -> BlipBundle:
+    """Load BLIP VQA from a hub id, a folder, ``"demo"`` or a ``(model, processor)`` pair."""
+    torch_dtype = _dtype(dtype)
+    if isinstance(source, tuple):
+        if len(source) != 2:
+            raise ValueError("pass a (model, processor) pair")
+        model, processor = source
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or "custom"
+    elif isinstance(source, (str, os.PathLike)):
+        name = str(source)
+        path = DEMO_MODEL_DIR if name == "demo" else Path(name)
+        if name == "demo" and not (path / "config.json").is_file():
+            raise RuntimeError(f"the bundled demo model is missing from {path}; reinstall blip-trace-widgets")
+        model, processor = _from_pretrained(str(path) if path.exists() else name, torch_dtype)
+    else:
+        raise ValueError(
+            f"unsupported model source {type(source).__name__}: pass a hub id, a folder, 'demo' or (model, processor)"
+        )
+    check_blip(model)
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise ValueError("the processor must be a BlipProcessor (with .tokenizer and .image_processor)")
+    target = _device(device)
+    model = model.to(device=target, dtype=torch_dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return BlipBundle(model=model, processor=processor, device=target, name=name)

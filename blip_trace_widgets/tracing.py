@@ -1,0 +1,421 @@
+"""Causal tracing of BLIP VQA: corrupt the image embeddings, restore one state at a time.
+
+    >>> from blip_trace_widgets import load_model, trace, demo_samples
+    >>> bundle = load_model("demo")
+    >>> image, question, _ = demo_samples()[0]
+    >>> result = trace(bundle, image, question, kind="mlp", window=3, samples=4)
+    >>> result.scores.shape == (len(result.tokens), result.num_layers)
+    True
+
+:func:`trace` is a one-shot call. :class:`Tracer` keeps the work that does not change
+between traces of one (image, question): the clean pass, the corrupted runs (per
+corruption, samples and seed) and finished results (per :class:`TraceConfig`), which
+is what the widgets use.
+"""
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import anatomy
+from .corruption import GaussianNoise, ImageSwap, describe
+from .engine import (
+    DEFAULT_MEMORY_BUDGET,
+    Cell,
+    Progress,
+    Run,
+    TextStack,
+    _ChunkEdits,
+    chunks,
+    grid_cells,
+    record_run,
+    rows_per_chunk,
+    shared_cross,
+    staircase,
+    start_layer,
+)
+from .inputs import ImageLike, check_question, encode_answer, encode_question, to_rgb_image
+from .loading import BlipBundle
+from .results import TraceResult
+
+METRICS = ("prob", "logprob", "logit_diff")
+MAX_ANSWER_TOKENS = 10
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Everything that defines one heatmap besides the (image, question); hashable, so a cache key."""
+
+    block: str = "question_encoder"
+    kind: str = "hidden"
+    window: int = 1
+    corruption: Callable[..., torch.Tensor] = field(default_factory=lambda: GaussianNoise(scale=3.0))
+    samples: int = 10
+    seed: int = 0
+    answer: str | None = None
+    metric: str = "prob"
+    contrast: str | None = None
+    sever: str | None = None
+
+    def __post_init__(self) -> None:
+        anatomy.check_block(self.block)
+        anatomy.check_kind(self.kind)
+        if not isinstance(self.window, (int, np.integer)) or self.window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        if not isinstance(self.samples, (int, np.integer)) or self.samples < 1:
+            raise ValueError(f"samples must be an integer >= 1, got {self.samples!r}")
+        if not callable(self.corruption):
+            raise ValueError(
+                "corruption must be GaussianNoise, MultiplicativeNoise, UniformNoise, ImageSwap "
+                "or a callable (clean, samples, generator) -> corrupted"
+            )
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}: use one of {', '.join(METRICS)}")
+        if self.metric == "logit_diff" and not self.contrast:
+            raise ValueError("metric='logit_diff' needs contrast='...', the answer to compare against")
+        if self.sever is not None:
+            if self.sever not in anatomy.SEVERABLE:
+                raise ValueError(f"unknown sever {self.sever!r}: use one of {', '.join(anatomy.SEVERABLE)}")
+            if self.kind != "hidden":
+                raise ValueError("sever holds a sublayer while hidden states are restored: use it with kind='hidden'")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "block": self.block,
+            "kind": self.kind,
+            "window": int(self.window),
+            "corruption": describe(self.corruption),
+            "samples": int(self.samples),
+            "seed": int(self.seed),
+            "answer": self.answer,
+            "metric": self.metric,
+            "contrast": self.contrast,
+            "sever": self.sever,
+        }
+
+
+@dataclass
+class _Clean:
+    image_embeds: torch.Tensor  # [1, N, D]
+    question: Run
+    greedy_ids: list[int]
+
+
+@dataclass
+class _Corrupted:
+    image_embeds: torch.Tensor  # [S, N, D]
+    image_cross: list[tuple[torch.Tensor, torch.Tensor]]
+    question: Run
+
+
+def _score_rows(logits: torch.Tensor, targets: list[int], metric: str, contrast: int | None) -> torch.Tensor:
+    """Score each row of decoder logits [R, Td, V]; Td-th position predicts targets[Td]."""
+    logits = logits.float()
+    if metric == "logit_diff":
+        return logits[:, 0, targets[0]] - logits[:, 0, contrast]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    index = torch.tensor(targets, device=logits.device)
+    total = logprobs[:, torch.arange(len(targets), device=logits.device), index].sum(-1)
+    return total if metric == "logprob" else total.exp()
+
+
+class Tracer:
+    """Causal traces of one (image, question), sharing the clean pass and corrupted runs between them."""
+
+    def __init__(
+        self,
+        bundle: BlipBundle,
+        image: ImageLike,
+        question: str,
+        *,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        max_batch_rows: int | None = None,
+        result_cache_size: int = 256,
+    ) -> None:
+        if not isinstance(bundle, BlipBundle):
+            raise ValueError("pass the bundle returned by load_model(...), not a bare model")
+        anatomy.check_blip(bundle.model)
+        self.bundle = bundle
+        self.model = bundle.model
+        self.image = to_rgb_image(image)
+        self.question = check_question(question)
+        config = anatomy.text_config(self.model)
+        self.question_ids = encode_question(bundle.tokenizer, self.question, int(config.max_position_embeddings))
+        self.stacks = {block: TextStack(self.model, block) for block in anatomy.BLOCKS}
+        self.memory_budget = memory_budget
+        self.max_batch_rows = max_batch_rows
+        self.stats: Counter[str] = Counter()
+        self._clean: _Clean | None = None
+        self._decoder_runs: dict[tuple[int, ...], Run] = {}
+        self._corrupted: OrderedDict[Any, _Corrupted] = OrderedDict()
+        self._corrupted_decoder: OrderedDict[Any, tuple[Run, list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
+        self._results: OrderedDict[TraceConfig, TraceResult] = OrderedDict()
+        self.result_cache_size = result_cache_size
+        self.corrupted_cache_size = 2
+
+    # ----- shared work -------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.bundle.device
+
+    def _ids(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([list(ids)], device=self.device)
+
+    @torch.no_grad()
+    def embed_image(self, image: ImageLike) -> torch.Tensor:
+        """The vision encoder's output for ``image``: [1, N, D]."""
+        pixels = self.bundle.processor.image_processor(to_rgb_image(image), return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(device=self.device, dtype=self.bundle.dtype)
+        self.stats["vision_passes"] += 1
+        return anatomy.vision_encoder(self.model)(pixel_values=pixels)[0]
+
+    @property
+    def clean(self) -> _Clean:
+        """The clean pass: image embeddings, question-encoder states and the greedy answer (once)."""
+        if self._clean is None:
+            with torch.no_grad():
+                embeds = self.embed_image(self.image)
+                qstack = self.stacks["question_encoder"]
+                run = record_run(qstack, qstack.embed(self._ids(self.question_ids)), shared_cross(qstack, embeds))
+                self._clean = _Clean(embeds, run, self._greedy(run.output))
+            self.stats["clean_passes"] += 1
+        return self._clean
+
+    def _head(self, states: torch.Tensor) -> torch.Tensor:
+        return anatomy.answer_head(self.model)(states)
+
+    def _greedy(self, question_states: torch.Tensor) -> list[int]:
+        config = anatomy.text_config(self.model)
+        dstack = self.stacks["answer_decoder"]
+        cross = shared_cross(dstack, question_states)
+        ids = [int(config.bos_token_id)]
+        for _ in range(MAX_ANSWER_TOKENS):
+            run = record_run(dstack, dstack.embed(self._ids(ids)), cross)
+            token = int(self._head(run.output[:, -1]).argmax(-1)[0])
+            if token == config.sep_token_id or token == config.pad_token_id:
+                break
+            ids.append(token)
+        return ids[1:]
+
+    @property
+    def model_answer(self) -> str:
+        """The model's own greedy answer to the question, in full."""
+        return self.bundle.tokenizer.decode(self.clean.greedy_ids, skip_special_tokens=True).strip()
+
+    def answer_ids(self, answer: str | None) -> tuple[int, ...]:
+        """Tokens scored: the clean greedy first token, or the given answer's tokens."""
+        if answer is None:
+            greedy = self.clean.greedy_ids
+            if not greedy:
+                raise ValueError("the model gives an empty answer to this question; pass answer='...' to score one")
+            return (greedy[0],)
+        return tuple(encode_answer(self.bundle.tokenizer, answer))
+
+    def decoder_ids(self, answer_ids: Sequence[int]) -> list[int]:
+        """Decoder inputs: [DEC] then every answer token but the last (teacher forcing)."""
+        return [int(anatomy.text_config(self.model).bos_token_id), *answer_ids[:-1]]
+
+    def _clean_decoder(self, answer_ids: tuple[int, ...]) -> Run:
+        if answer_ids not in self._decoder_runs:
+            with torch.no_grad():
+                dstack = self.stacks["answer_decoder"]
+                cross = shared_cross(dstack, self.clean.question.output)
+                self._decoder_runs[answer_ids] = record_run(dstack, dstack.embed(self._ids(self.decoder_ids(answer_ids))), cross)
+        return self._decoder_runs[answer_ids]
+
+    def _bind(self, corruption: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if isinstance(corruption, ImageSwap) and corruption.embeddings is None:
+            return corruption.bind(self.embed_image)
+        return corruption
+
+    def corrupted(self, config: TraceConfig) -> _Corrupted:
+        """The corrupted question-encoder run for ``config``'s corruption, samples and seed (cached)."""
+        key = (config.corruption, config.samples, config.seed)
+        if key in self._corrupted:
+            self._corrupted.move_to_end(key)
+            return self._corrupted[key]
+        clean = self.clean
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(int(config.seed))
+            embeds = self._bind(config.corruption)(clean.image_embeds, int(config.samples), generator)
+            if not isinstance(embeds, torch.Tensor) or embeds.shape != (config.samples, *clean.image_embeds.shape[1:]):
+                raise ValueError(
+                    f"the corruption must return a tensor of shape {(config.samples, *clean.image_embeds.shape[1:])}, "
+                    f"got {getattr(embeds, 'shape', type(embeds).__name__)}"
+                )
+            embeds = embeds.to(device=self.device, dtype=self.bundle.dtype)
+            qstack = self.stacks["question_encoder"]
+            cross = shared_cross(qstack, embeds)
+            h0 = qstack.embed(self._ids(self.question_ids)).expand(config.samples, -1, -1)
+            entry = _Corrupted(embeds, cross, record_run(qstack, h0, cross))
+        self.stats["corrupted_passes"] += 1
+        self._corrupted[key] = entry
+        while len(self._corrupted) > self.corrupted_cache_size:
+            self._corrupted.popitem(last=False)
+        return entry
+
+    def _corrupted_decoder_run(self, config: TraceConfig, answer_ids: tuple[int, ...]):
+        key = (config.corruption, config.samples, config.seed, answer_ids)
+        if key not in self._corrupted_decoder:
+            corrupted = self.corrupted(config)
+            with torch.no_grad():
+                dstack = self.stacks["answer_decoder"]
+                cross = shared_cross(dstack, corrupted.question.output)
+                h0 = dstack.embed(self._ids(self.decoder_ids(answer_ids))).expand(config.samples, -1, -1)
+                self._corrupted_decoder[key] = (record_run(dstack, h0, cross), cross)
+            while len(self._corrupted_decoder) > self.corrupted_cache_size:
+                self._corrupted_decoder.popitem(last=False)
+        return self._corrupted_decoder[key]
+
+    def tokens(self, block: str, answer_ids: Sequence[int] = ()) -> list[str]:
+        """Word-piece labels of the positions of ``block``."""
+        ids = self.question_ids if block == "question_encoder" else self.decoder_ids(list(answer_ids))
+        return list(self.bundle.tokenizer.convert_ids_to_tokens(ids))
+
+    def _targets(self, config: TraceConfig) -> tuple[tuple[int, ...], int | None]:
+        answer_ids = self.answer_ids(config.answer)
+        contrast = None
+        if config.metric == "logit_diff":
+            contrast = encode_answer(self.bundle.tokenizer, config.contrast or "")[0]
+            if contrast == answer_ids[0]:
+                raise ValueError("the contrast answer starts with the same token as the answer; pick another contrast")
+        return answer_ids, contrast
+
+    # ----- scoring -----------------------------------------------------------------------
+    @torch.no_grad()
+    def baselines(self, config: TraceConfig) -> tuple[float, float]:
+        """(low, high): the corrupted run with nothing restored, and the clean run."""
+        answer_ids, contrast = self._targets(config)
+        high = _score_rows(self._head(self._clean_decoder(answer_ids).output), list(answer_ids), config.metric, contrast)
+        low_run, _ = self._corrupted_decoder_run(config, answer_ids)
+        low = _score_rows(self._head(low_run.output), list(answer_ids), config.metric, contrast)
+        return float(low.mean()), float(high[0])
+
+    def _decode_rows(self, question_states: torch.Tensor, answer_ids: tuple[int, ...]) -> torch.Tensor:
+        """Decoder logits [S, C, Td, V] for question states [S, C, T, D], one row per cell x sample."""
+        dstack = self.stacks["answer_decoder"]
+        s, c, t, d = question_states.shape
+        flat = question_states.reshape(s * c, t, d)
+        embedded = dstack.embed(self._ids(self.decoder_ids(answer_ids)))
+        h = embedded[:, None].expand(s, c, -1, -1)
+        mask = dstack.self_mask(h.shape[2], h.dtype, h.device)
+        for j in range(len(dstack)):
+            k, v = dstack.cross_kv(j, flat)
+            h = dstack.layer(j, h, (k.view(s, c, *k.shape[1:]), v.view(s, c, *v.shape[1:])), mask)
+        return self._head(h)
+
+    @torch.no_grad()
+    def restore(self, cells: Sequence[Cell], config: TraceConfig, progress: Progress | None = None) -> np.ndarray:
+        """Score of each cell: restore its (layer, position) pairs of ``config.kind`` in every corrupted row."""
+        block, kind = config.block, config.kind
+        answer_ids, contrast = self._targets(config)
+        stack = self.stacks[block]
+        n_layers = len(stack)
+        positions = len(self.question_ids) if block == "question_encoder" else len(answer_ids)
+        for cell in cells:
+            for layer, pos in cell:
+                if not (0 <= layer < n_layers and 0 <= pos < positions):
+                    raise ValueError(f"cell entry (layer={layer}, position={pos}) is outside {n_layers} layers x {positions} positions")
+        corrupted = self.corrupted(config)
+        if block == "question_encoder":
+            clean_run, corrupted_run, cross = self.clean.question, corrupted.question, corrupted.image_cross
+            cross_tokens = corrupted.image_embeds.shape[1]
+        else:
+            clean_run = self._clean_decoder(answer_ids)
+            corrupted_run, cross = self._corrupted_decoder_run(config, answer_ids)
+            cross_tokens = len(self.question_ids)
+        text = anatomy.text_config(self.model)
+        rows = rows_per_chunk(
+            samples=config.samples, tokens=positions, cross_tokens=cross_tokens, hidden=text.hidden_size,
+            intermediate=text.intermediate_size, heads=text.num_attention_heads, vocab=text.vocab_size,
+            decoder_tokens=len(answer_ids), element_size=self.bundle.dtype.itemsize,
+            memory_budget=self.memory_budget, max_batch_rows=self.max_batch_rows,
+        )
+        clean_states = [x[0] for x in clean_run.kinds[kind]]
+        severed = corrupted_run.kinds[config.sever] if config.sever else None
+        order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], kind, n_layers))
+        scores = np.empty(len(cells), dtype=np.float64)
+        done = 0
+        for chunk in chunks(order, max(1, rows // config.samples)):
+            chunk_cells = [cells[i] for i in chunk]
+            edits = _ChunkEdits.build(kind, clean_states, chunk_cells, self.device, sever=config.sever, severed=severed)
+            final = staircase(stack, corrupted_run, cross, chunk_cells, edits)
+            logits = self._decode_rows(final, answer_ids) if block == "question_encoder" else self._head(final)
+            s, c = logits.shape[:2]
+            rows_scores = _score_rows(logits.reshape(s * c, *logits.shape[2:]), list(answer_ids), config.metric, contrast)
+            scores[chunk] = rows_scores.view(s, c).mean(0).double().cpu().numpy()
+            self.stats["engine_chunks"] += 1
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(cells))
+        self.stats["engine_calls"] += 1
+        return scores
+
+    def trace(self, config: TraceConfig | None = None, *, progress: Progress | None = None, **overrides: Any) -> TraceResult:
+        """The heatmap for ``config`` (or :class:`TraceConfig` fields as keywords); cached per config."""
+        config = replace(config, **overrides) if config is not None else TraceConfig(**overrides)
+        if config in self._results:
+            self._results.move_to_end(config)
+            self.stats["cache_hits"] += 1
+            return self._results[config]
+        answer_ids, _ = self._targets(config)
+        n_layers = len(self.stacks[config.block])
+        tokens = self.tokens(config.block, answer_ids)
+        cells = grid_cells(len(tokens), n_layers, int(config.window))
+        scores = self.restore(cells, config, progress).reshape(len(tokens), n_layers)
+        low, high = self.baselines(config)
+        result = TraceResult(
+            scores=scores,
+            low_score=low,
+            high_score=high,
+            answer=self.bundle.tokenizer.decode(list(answer_ids)).strip(),
+            tokens=tokens,
+            block=config.block,
+            kind=config.kind,
+            window=int(config.window),
+            config={
+                **config.to_json(),
+                "question": self.question,
+                "model": self.bundle.name,
+                "model_answer": self.model_answer,
+                "answer_ids": [int(i) for i in answer_ids],
+                "dtype": str(self.bundle.dtype).replace("torch.", ""),
+            },
+        )
+        self._results[config] = result
+        while len(self._results) > self.result_cache_size:
+            self._results.popitem(last=False)
+        return result
+
+
+def trace(
+    bundle: BlipBundle,
+    image: ImageLike,
+    question: str,
+    *,
+    block: str = "question_encoder",
+    kind: str = "hidden",
+    window: int = 1,
+    corruption: Callable[..., torch.Tensor] | None = None,
+    samples: int = 10,
+    seed: int = 0,
+    answer: str | None = None,
+    metric: str = "prob",
+    contrast: str | None = None,
+    sever: str | None = None,
+    progress: Progress | None = None,
+    max_batch_rows: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> TraceResult:
+    """Causal trace of ``block``'s ``kind`` states for one image and question (see :class:`TraceConfig`)."""
+    config = TraceConfig(
+        block=block, kind=kind, window=window, corruption=corruption or GaussianNoise(scale=3.0), samples=samples,
+        seed=seed, answer=answer, metric=metric, contrast=contrast, sever=sever,
+    )
+    tracer = Tracer(bundle, image, question, max_batch_rows=max_batch_rows, memory_budget=memory_budget)
+    return tracer.trace(config, progress=progress)

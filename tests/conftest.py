@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny BLIP built from BlipConfig (random weights), an image and a question."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip_trace_widgets import load_model
+from tiny_blip import tiny_model, tiny_processor
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle():
+    return load_model((tiny_model(), tiny_processor()), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def question() -> str:
+    return "what color is the shape?"

@@ -1,0 +1,31 @@
+"""Tiny BLIP models built from BlipConfig (random weights) for fast tests."""
+from __future__ import annotations
+
+import torch
+from transformers import BertTokenizer, BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
+
+WORDS = ["what", "color", "is", "the", "shape", "?", "red", "blue", "green", "circle", "yes", "no", "a", "there"]
+VOCAB = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *WORDS])}
+
+
+def tiny_processor(image_size: int = 32) -> BlipProcessor:
+    tokenizer = BertTokenizer(vocab=VOCAB, do_lower_case=True)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def tiny_config(layers: int = 3, width: int = 32, image_size: int = 32) -> BlipConfig:
+    text = dict(
+        vocab_size=len(VOCAB), hidden_size=width, encoder_hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=16, initializer_range=0.3,
+        bos_token_id=VOCAB["[DEC]"], pad_token_id=0, sep_token_id=VOCAB["[SEP]"], eos_token_id=VOCAB["[SEP]"],
+    )
+    vision = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=image_size, patch_size=8, initializer_range=0.3)
+    return BlipConfig(text_config=text, vision_config=vision)
+
+
+def tiny_model(seed: int = 0, **kw) -> BlipForQuestionAnswering:
+    torch.manual_seed(seed)
+    return BlipForQuestionAnswering(tiny_config(**kw))
