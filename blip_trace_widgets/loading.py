@@ -41,6 +41,12 @@ class BlipBundle:
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
+    def num_layers(self, block: str = "question_encoder") -> int:
+        """Layers in ``block`` ("question_encoder" or "answer_decoder")."""
+        from .anatomy import num_layers
+
+        return num_layers(self.model, block)
+
 
 def _dtype(dtype: DTypeLike) -> torch.dtype:
     if dtype is None:

@@ -120,4 +120,4 @@ class TraceResult:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TraceResult):
             return NotImplemented
-        return self.to_dict() == other.to_dict()
+        return self.to_json() == other.to_json()

@@ -393,6 +393,15 @@ class Tracer:
         return result
 
 
+def default_config(bundle: BlipBundle, **overrides: Any) -> TraceConfig:
+    """A TraceConfig with a noise level that suits the model: ROME's 3σ, or 10σ for the demo model."""
+    if bundle.name == "demo" and "corruption" not in overrides:
+        from .data import DEMO_NOISE_SCALE
+
+        overrides["corruption"] = GaussianNoise(scale=DEMO_NOISE_SCALE)
+    return TraceConfig(**overrides)
+
+
 def trace(
     bundle: BlipBundle,
     image: ImageLike,

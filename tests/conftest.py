@@ -23,3 +23,15 @@ def image() -> Image.Image:
 @pytest.fixture(scope="session")
 def question() -> str:
     return "what color is the shape?"
+
+
+@pytest.fixture(scope="session")
+def demo_bundle():
+    return load_model("demo", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_sample():
+    from blip_trace_widgets import demo_samples
+
+    return demo_samples()[0]

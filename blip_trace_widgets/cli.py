@@ -1,0 +1,167 @@
+"""The ``blip-trace`` command line (also ``python -m blip_trace_widgets``).
+
+    blip-trace demo --out trace-output
+    blip-trace trace --model demo --image cat.png --question "what color is the cat?" --out out/
+
+Each trace writes a PNG heatmap and a JSON result (``TraceResult.load`` reads it back).
+Bad arguments or missing files print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import anatomy
+from .corruption import BY_NAME, from_name
+
+DEFAULT_LEVEL = {"gaussian": 3.0, "multiplicative": 5.0, "uniform": 3.0}
+DEMO_TRACES = [("question_encoder", "hidden", 1), ("question_encoder", "mlp", 3), ("question_encoder", "self_attn", 3),
+               ("question_encoder", "cross_attn", 3), ("answer_decoder", "hidden", 1)]
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported in one line, exit status 2."""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
+
+
+def _progress_bar(total_traces: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_traces, unit="trace", file=sys.stderr, disable=None)
+
+
+def _write(result, out: Path, stem: str) -> tuple[Path, Path]:
+    from .plotting import save_heatmap
+
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = result.save(out / f"{stem}.json")
+    png_path = out / f"{stem}.png"
+    save_heatmap(result, str(png_path))
+    return png_path, json_path
+
+
+def _load(model: str, device: str | None, dtype: str | None):
+    from .loading import load_model
+
+    return load_model(model, device=device, dtype=dtype)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .data import demo_samples
+    from .tracing import Tracer, default_config
+
+    started = time.perf_counter()
+    bundle = _load("demo", args.device, None)
+    samples = demo_samples(per_type=1)
+    print(f"demo model, Gaussian noise of {default_config(bundle).corruption.scale:g}σ on the image embeddings, "
+          f"{args.samples} samples")
+    out = Path(args.out)
+    bar = _progress_bar(len(samples) * len(DEMO_TRACES))
+    for index, (image, question, expected) in enumerate(samples):
+        tracer = Tracer(bundle, image, question)
+        bar.write(f"\n[{index + 1}] question: {question}\n    model's answer: {tracer.model_answer!r} (expected {expected!r})")
+        for block, kind, window in DEMO_TRACES:
+            config = default_config(bundle, block=block, kind=kind, window=window, samples=args.samples, seed=args.seed)
+            result = tracer.trace(config)
+            png, js = _write(result, out, f"{index + 1}-{_slug(question)}-{block}-{kind}")
+            bar.update(1)
+            bar.write(f"    {block:16s} {kind:10s} -> {png} , {js.name}")
+    bar.close()
+    print(f"\nwrote {len(samples) * len(DEMO_TRACES)} heatmaps and results to {out.resolve()} "
+          f"in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    from .tracing import TraceConfig, Tracer
+
+    if args.model != "demo" and not Path(args.model).exists() and "/" not in args.model:
+        raise UsageError(f"--model {args.model!r} is neither 'demo', a folder, nor a hub id such as Salesforce/blip-vqa-base")
+    if not Path(args.image).is_file():
+        raise UsageError(f"--image {args.image!r}: no such file")
+    level = args.scale if args.scale is not None else DEFAULT_LEVEL[args.noise]
+    config = TraceConfig(block=args.block, kind=args.kind, window=args.window, corruption=from_name(args.noise, level),
+                         samples=args.samples, seed=args.seed, answer=args.answer, sever=args.sever)
+    bundle = _load(args.model, args.device, args.dtype)
+    tracer = Tracer(bundle, args.image, args.question)
+    print(f"question: {tracer.question}\nmodel's answer: {tracer.model_answer!r}")
+    from tqdm.auto import tqdm
+
+    with tqdm(total=1, unit="cell", file=sys.stderr, disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        result = tracer.trace(config, progress=progress)
+    png, js = _write(result, Path(args.out), f"{_slug(tracer.question)}-{args.block}-{args.kind}")
+    print(f"scored answer: {result.answer!r}  clean {result.high_score:.4f}  corrupted {result.low_score:.4f}")
+    print(f"wrote {png} and {js}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blip-trace", description="Causal tracing of BLIP visual question answering (ROME-style).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="trace a few easy-VQA samples on the bundled demo model (offline)",
+                          description="Offline: the bundled demo model on a few easy-VQA test samples. Traces hidden, "
+                                      "MLP, self-attention and cross-attention of the question encoder, and hidden "
+                                      "states of the answer decoder; writes a PNG and a JSON per trace.")
+    demo.add_argument("--out", default="trace-output", help="folder for the PNG and JSON files (default: %(default)s)")
+    demo.add_argument("--samples", type=int, default=10, help="noise samples per trace (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    demo.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if present)")
+    demo.set_defaults(run=run_demo)
+
+    one = sub.add_parser("trace", help="trace one image and question", description="Run one causal trace and write "
+                         "its heatmap (PNG) and result (JSON).")
+    one.add_argument("--model", default="demo", help="'demo', a local folder, or a hub id such as "
+                     "Salesforce/blip-vqa-base (default: %(default)s)")
+    one.add_argument("--image", required=True, help="path of the image file")
+    one.add_argument("--question", required=True, help="the question about the image")
+    one.add_argument("--block", choices=anatomy.BLOCKS, default="question_encoder",
+                     help="which text transformer to restore states in (default: %(default)s)")
+    one.add_argument("--kind", choices=anatomy.KINDS, default="hidden",
+                     help="which state to restore: layer output or a sublayer's own output (default: %(default)s)")
+    one.add_argument("--window", type=int, default=1, help="consecutive layers restored together (default: %(default)s)")
+    one.add_argument("--noise", choices=list(BY_NAME), default="gaussian",
+                     help="corruption of the image embeddings (default: %(default)s)")
+    one.add_argument("--scale", type=float, default=None,
+                     help="noise level: multiple of the embeddings' std for gaussian/uniform (default 3), "
+                          "std of the factor for multiplicative (default 5)")
+    one.add_argument("--samples", type=int, default=10, help="noise samples averaged per cell (default: %(default)s)")
+    one.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    one.add_argument("--answer", default=None, help="answer to score (default: the model's own first answer token)")
+    one.add_argument("--sever", choices=anatomy.SEVERABLE, default=None,
+                     help="hold this sublayer at its corrupted values while restoring hidden states")
+    one.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="model dtype")
+    one.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    one.add_argument("--out", required=True, help="folder for the PNG and JSON files")
+    one.set_defaults(run=run_trace)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, ValueError, RuntimeError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"blip-trace: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""TraceExplorer: ipywidgets controls that drive a live causal-trace heatmap.
+
+    >>> from blip_trace_widgets import load_model
+    >>> from blip_trace_widgets.widgets import TraceExplorer
+    >>> explorer = TraceExplorer(load_model("demo"), background=False)   # demo samples in a gallery
+    >>> explorer.result.kind
+    'hidden'
+
+In a notebook, end a cell with ``explorer`` to show it. Only core ipywidgets are used
+(no ipympl, no custom JavaScript): heatmaps are PNG bytes in ``Image`` widgets, which
+render the same in JupyterLab, Notebook 7, VS Code and Colab, with ipywidgets 7.7 or 8.
+
+The explorer calls the tracing core (:class:`~blip_trace_widgets.tracing.Tracer`) and the
+plotting module; it never touches the model. One ``Tracer`` per (image, question) keeps
+the clean pass, the corrupted runs and every finished heatmap, so returning to a
+configuration already seen is instant and only a new image or question recomputes the
+clean pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import traceback
+from collections.abc import Sequence
+from dataclasses import replace
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as W
+import numpy as np
+from PIL import Image
+
+from .corruption import from_name
+from .inputs import to_rgb_image
+from .loading import BlipBundle
+from .plotting import figure_png, heatmap_png, plot_traces
+from .results import TraceResult
+from .tracing import TraceConfig, Tracer, default_config
+
+IPYWIDGETS_MAJOR = int(W.__version__.split(".")[0])
+KIND_OPTIONS = [("hidden states", "hidden"), ("MLP", "mlp"), ("self-attention", "self_attn"),
+                ("cross-attention", "cross_attn")]
+BLOCK_OPTIONS = [("question encoder", "question_encoder"), ("answer decoder", "answer_decoder")]
+CORRUPTION_OPTIONS = [("Gaussian (ROME)", "gaussian"), ("multiplicative (paper)", "multiplicative"),
+                      ("uniform", "uniform")]
+NOISE_TIPS = {
+    "gaussian": "add N(0, (s·σ)²), σ = std of the clean image embeddings; ROME uses s = 3",
+    "multiplicative": "multiply each value by N(1, s²); the paper uses s = 5",
+    "uniform": "add U(−s·σ, s·σ), σ = std of the clean image embeddings",
+}
+WINDOW_OFF_TIP = ("hidden states are restored one layer at a time, as in ROME; the window applies to "
+                  "MLP and attention kinds")
+WINDOW_ON_TIP = "number of consecutive layers restored together, centred on each layer"
+
+
+def set_tooltip(widget: W.Widget, text: str) -> None:
+    """Tooltip text under ipywidgets 8 (``tooltip``) and 7 (``description_tooltip``)."""
+    if IPYWIDGETS_MAJOR >= 8:
+        widget.tooltip = text
+    else:
+        widget.description_tooltip = text
+
+
+def corruption_setting(corruption: Any) -> tuple[str, float]:
+    """(dropdown name, slider level) of a built-in corruption."""
+    from .corruption import describe
+
+    info = describe(corruption)
+    if info["type"] not in NOISE_TIPS:
+        raise ValueError("the explorer's controls offer gaussian, multiplicative and uniform noise; "
+                         f"got a {info['type']} corruption")
+    return info["type"], float(info.get("scale", info.get("std")))
+
+
+def tooltip_of(widget: W.Widget) -> str:
+    return widget.tooltip if IPYWIDGETS_MAJOR >= 8 else widget.description_tooltip
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _png(image: Image.Image, width: int = 192) -> bytes:
+    scale = width / image.width
+    shown = image.resize((width, max(1, round(image.height * scale))),
+                         Image.NEAREST if image.width < 128 else Image.BICUBIC)
+    buffer = io.BytesIO()
+    shown.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _image_key(image: Image.Image) -> str:
+    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
+
+
+class TraceExplorer(W.VBox):
+    """Image, question, answer and a causal-trace heatmap that follows the controls.
+
+    ``samples`` is an optional gallery of (image, question[, answer]) tuples; with no
+    image it defaults to the easy-VQA demo samples. ``background=True`` traces in a
+    thread so the controls stay responsive on a slow model; a newer change cancels an
+    older trace in flight.
+    """
+
+    def __init__(
+        self,
+        bundle: BlipBundle,
+        image: Any = None,
+        question: str | None = None,
+        *,
+        samples: Sequence[tuple] | None = None,
+        config: TraceConfig | None = None,
+        background: bool = True,
+        export_dir: str | Path = ".",
+    ) -> None:
+        if not isinstance(bundle, BlipBundle):
+            raise ValueError("pass the bundle returned by load_model(...)")
+        self.bundle = bundle
+        if image is None and samples is None:
+            from .data import demo_samples
+
+            samples = demo_samples()
+        self.samples = [tuple(s) for s in samples] if samples else []
+        if image is None:
+            image, question = self.samples[0][0], self.samples[0][1]
+        self.background = background
+        self.export_dir = Path(export_dir)
+        self.result: TraceResult | None = None
+        self.results: dict[str, TraceResult] = {}
+        self._tracers: dict[tuple[str, str], Tracer] = {}
+        self._image = to_rgb_image(image)
+        self._job: threading.Event | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        config = config or default_config(bundle, samples=10)
+        layers = bundle.num_layers("question_encoder")
+
+        style = {"description_width": "initial"}
+        self.gallery = W.Dropdown(description="sample", style=style, layout=W.Layout(width="340px"),
+                                  options=[(f"{i + 1}: {s[1]}", i) for i, s in enumerate(self.samples)] or [("(none)", -1)],
+                                  disabled=not self.samples)
+        self.image_view = W.Image(value=_png(self._image), format="png", layout=W.Layout(width="192px"))
+        self.question_box = W.Text(value=question or "", description="question", style=style, continuous_update=False,
+                                   layout=W.Layout(width="340px"))
+        self.answer_view = W.HTML()
+        self.kind = W.Dropdown(options=KIND_OPTIONS, value=config.kind, description="kind", style=style)
+        self.block = W.Dropdown(options=BLOCK_OPTIONS, value=config.block, description="block", style=style)
+        noise_name, noise_level = corruption_setting(config.corruption)
+        self.corruption = W.Dropdown(options=CORRUPTION_OPTIONS, value=noise_name, description="corruption", style=style)
+        self.noise = W.FloatLogSlider(value=noise_level, base=10, min=-1, max=np.log10(20), step=0.02, description="noise scale",
+                                      continuous_update=False, readout_format=".2f", style=style)
+        self.window = W.IntSlider(value=max(1, min(config.window, layers)), min=1, max=layers, description="window",
+                                  continuous_update=False, style=style)
+        self.noise_samples = W.IntSlider(value=config.samples, min=1, max=50, description="noise samples",
+                                         continuous_update=False, style=style)
+        self.seed = W.BoundedIntText(value=config.seed, min=0, max=2**31 - 1, description="seed", style=style,
+                                     layout=W.Layout(width="160px"))
+        self.normalized = W.Checkbox(value=False, description="normalised", indent=False)
+        self.view = W.ToggleButtons(options=[("one kind", "single"), ("compare kinds", "compare")], value="single")
+        set_tooltip(self.noise, NOISE_TIPS[noise_name])
+        set_tooltip(self.normalized, "show (score − corrupted) / (clean − corrupted)")
+        set_tooltip(self.noise_samples, "noise draws averaged in each cell")
+        self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="240px"))
+        self.status = W.HTML()
+        self.error = W.HTML()
+        self.heatmap = W.Image(format="png")
+        self.comparison = W.HBox([W.Image(format="png") for _ in KIND_OPTIONS],
+                                 layout=W.Layout(flex_flow="row wrap", display="none"))
+        self.export_name = W.Text(value="trace", description="file", style=style, layout=W.Layout(width="220px"))
+        self.export_buttons = [W.Button(description=f"save {fmt}", layout=W.Layout(width="110px"))
+                               for fmt in ("PNG", "JSON", "CSV")]
+        for button, fmt in zip(self.export_buttons, ("png", "json", "csv")):
+            button.on_click(lambda _b, fmt=fmt: self.export(fmt))
+
+        controls = W.VBox([
+            W.HBox([self.block, self.kind, self.view]),
+            W.HBox([self.corruption, self.noise]),
+            W.HBox([self.window, self.noise_samples, self.seed, self.normalized]),
+        ])
+        header = W.HBox([self.image_view, W.VBox([self.gallery, self.question_box, self.answer_view,
+                                                  W.HBox([self.progress, self.status])])])
+        super().__init__([header, controls, self.error, self.heatmap, self.comparison,
+                          W.HBox([self.export_name, *self.export_buttons])])
+
+        self._update_enabled()
+        for control in (self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
+                        self.seed, self.normalized, self.view):
+            control.observe(self._on_change, names="value")
+        self.question_box.observe(self._on_change, names="value")
+        self.gallery.observe(self._on_sample, names="value")
+        self.refresh()
+
+    # ----- state ------------------------------------------------------------------------
+    @property
+    def image(self) -> Image.Image:
+        return self._image
+
+    @property
+    def tracer(self) -> Tracer:
+        """The tracer of the current (image, question); raises ValueError for a bad question."""
+        key = (_image_key(self._image), self.question_box.value.strip())
+        if key not in self._tracers:
+            self._tracers[key] = Tracer(self.bundle, self._image, self.question_box.value)
+        return self._tracers[key]
+
+    @property
+    def config(self) -> TraceConfig:
+        """The configuration the controls describe."""
+        kind = self.kind.value
+        return TraceConfig(
+            block=self.block.value,
+            kind=kind,
+            window=1 if kind == "hidden" else int(self.window.value),
+            corruption=from_name(self.corruption.value, round(float(self.noise.value), 4)),
+            samples=int(self.noise_samples.value),
+            seed=int(self.seed.value),
+        )
+
+    def set_sample(self, image: Any, question: str) -> None:
+        """Show a new (image, question); the clean pass is computed for it once."""
+        self._image = to_rgb_image(image)
+        self.image_view.value = _png(self._image)
+        with self.hold_trait_notifications():
+            self.question_box.value = question
+        self.refresh()
+
+    def _on_sample(self, change: dict) -> None:
+        if change["new"] is not None and change["new"] >= 0:
+            image, question = self.samples[change["new"]][:2]
+            self._image = to_rgb_image(image)
+            self.image_view.value = _png(self._image)
+            if self.question_box.value != question:
+                self.question_box.value = question  # triggers refresh
+            else:
+                self.refresh()
+
+    def _update_enabled(self) -> None:
+        hidden = self.kind.value == "hidden" and self.view.value == "single"
+        self.window.disabled = hidden
+        set_tooltip(self.window, WINDOW_OFF_TIP if hidden else WINDOW_ON_TIP)
+        self.kind.disabled = self.view.value == "compare"
+        set_tooltip(self.kind, "the comparison view shows all four kinds" if self.kind.disabled
+                    else "which state is restored to its clean value")
+        set_tooltip(self.noise, NOISE_TIPS[self.corruption.value])
+
+    def _on_change(self, _change: dict) -> None:
+        self._update_enabled()
+        self.refresh()
+
+    # ----- work ---------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Trace the current configuration and show it (in a thread when ``background``)."""
+        with self._lock:
+            if self._job is not None:
+                self._job.set()  # cancel the trace in flight
+            job = threading.Event()
+            self._job = job
+        if self.background:
+            self._thread = threading.Thread(target=self._work, args=(job,), daemon=True)
+            self._thread.start()
+        else:
+            self._work(job)
+
+    def wait(self, timeout: float | None = 60) -> None:
+        """Block until the latest background trace is shown (for scripts and tests)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _progress(self, job: threading.Event):
+        def report(done: int, total: int) -> None:
+            if job.is_set():
+                raise _Cancelled
+            self.progress.max, self.progress.value = max(total, 1), done
+
+        return report
+
+    def _work(self, job: threading.Event) -> None:
+        self.status.value = "<i>tracing…</i>"
+        self.progress.value = 0
+        try:
+            tracer = self.tracer
+            self.answer_view.value = f"model's answer: <b>{escape(tracer.model_answer)}</b>"
+            config = self.config
+            if self.view.value == "compare":
+                kinds = [value for _, value in KIND_OPTIONS]
+                results = [tracer.trace(replace(config, kind=k, window=1 if k == "hidden" else config.window),
+                                        progress=self._progress(job)) for k in kinds]
+            else:
+                results = [tracer.trace(config, progress=self._progress(job))]
+            if job.is_set():
+                return
+            self._show(results)
+            self.error.value = ""
+            self.status.value = self._status_text(results[0])
+        except _Cancelled:
+            return
+        except Exception as error:  # shown in the widget; the kernel and the widget carry on
+            if job.is_set():
+                return
+            self.error.value = (
+                "<div style='color:#a00;border:1px solid #a00;padding:4px 8px;border-radius:4px'>"
+                f"<b>{escape(type(error).__name__)}</b>: {escape(str(error))}</div>"
+            )
+            if not isinstance(error, ValueError):
+                self.error.value += f"<details><pre>{escape(traceback.format_exc())}</pre></details>"
+            self.status.value = ""
+        finally:
+            if not job.is_set():
+                self.progress.value = self.progress.max
+
+    def _status_text(self, result: TraceResult) -> str:
+        stats = self.tracer.stats
+        return (f"answer scored <b>{escape(result.answer)}</b>: clean {result.high_score:.3f}, "
+                f"corrupted {result.low_score:.3f} <span style='color:#888'>(cached traces: {stats['cache_hits']})</span>")
+
+    def _show(self, results: list[TraceResult]) -> None:
+        normalized = bool(self.normalized.value)
+        if len(results) == 1:
+            self.result = results[0]
+            self.heatmap.value = heatmap_png(results[0], normalized=normalized)
+            self.heatmap.layout.display = None
+            self.comparison.layout.display = "none"
+        else:
+            self.result = results[0]
+            self.results = {r.kind: r for r in results}
+            for view, result in zip(self.comparison.children, results):
+                view.value = heatmap_png(result, normalized=normalized)
+            self.heatmap.layout.display = "none"
+            self.comparison.layout.display = "flex"
+
+    # ----- export -------------------------------------------------------------------------
+    def export(self, fmt: str) -> Path | None:
+        """Save the current heatmap (png) or result (json, csv) under ``export_dir``."""
+        if self.result is None:
+            self.error.value = "<span style='color:#a00'>nothing to save yet</span>"
+            return None
+        name = (self.export_name.value.strip() or "trace").replace("/", "_")
+        path = self.export_dir / f"{name}.{fmt}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if fmt == "png":
+                if self.view.value == "compare" and self.results:
+                    figure = plot_traces(list(self.results.values()), normalized=bool(self.normalized.value))
+                    path.write_bytes(figure_png(figure))
+                else:
+                    path.write_bytes(heatmap_png(self.result, normalized=bool(self.normalized.value)))
+            elif fmt == "json":
+                self.result.save(path)
+            elif fmt == "csv":
+                self.result.to_dataframe().to_csv(path, index=False)
+            else:
+                raise ValueError(f"unknown export format {fmt!r}: use png, json or csv")
+        except (OSError, ValueError) as error:
+            self.error.value = f"<span style='color:#a00'>could not save: {escape(str(error))}</span>"
+            return None
+        self.status.value = f"saved <code>{escape(str(path))}</code>"
+        return path

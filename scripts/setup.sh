@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up .venv on a fresh machine: CPU torch first (a bare `torch` can pull a multi-GB CUDA
+# build), then this project with its test extras. Safe to run again.
+#   bash scripts/setup.sh            # the package and its command line
+#   bash scripts/setup.sh --browser  # also Debian's chromium, for the browser tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+pip install --upgrade pip
+pip install "torch==2.13.0"
+pip install -e ".[test]"
+if [ "${1:-}" = "--browser" ] && [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "setup: chromium could not be installed; the browser tests will be skipped"
+  else
+    echo "setup: installing chromium needs root and apt-get; the browser tests will be skipped"
+  fi
+fi

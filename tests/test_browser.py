@@ -1,0 +1,127 @@
+"""TraceExplorer in a real browser: JupyterLab on localhost, Debian's chromium, driven by Playwright.
+
+Screenshots go to ``$ARTIFACTS_DIR`` (default ``artifacts/``) as test artefacts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR", Path(__file__).resolve().parents[1] / "artifacts"))
+CELL = """\
+from blip_trace_widgets import load_model, demo_samples
+from blip_trace_widgets.widgets import TraceExplorer
+image, question, _ = demo_samples()[0]
+explorer = TraceExplorer(load_model("demo"), image, question, background=False)
+explorer.noise_samples.value = 4
+explorer"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) to run browser tests")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download is needed)")
+    root = tmp_path_factory.mktemp("lab")
+    notebook = {
+        "cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": CELL}],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "nbformat": 4, "nbformat_minor": 5,
+    }
+    (root / "explorer.ipynb").write_text(json.dumps(notebook))
+    port, token = _free_port(), secrets.token_hex(8)
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / ".jupyter"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--allow-root",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        stdout=open(root / "lab.log", "w"), stderr=subprocess.STDOUT, env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.terminate()
+        pytest.fail("JupyterLab did not start:\n" + (root / "lab.log").read_text()[-3000:])
+    yield f"{base}/lab/tree/explorer.ipynb?token={token}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def _heatmap_src(page) -> str:
+    return page.locator(".jp-OutputArea-output img").nth(1).get_attribute("src") or ""
+
+
+def test_explorer_renders_and_follows_controls(lab):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        try:
+            page.goto(lab, timeout=90_000)
+            page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
+            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-Notebook").first.wait_for()
+            page.locator(".jp-Cell .jp-InputArea-editor").first.click()
+            page.keyboard.press("Shift+Enter")
+            images = page.locator(".jp-OutputArea-output img")
+            images.nth(1).wait_for(timeout=120_000)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.jp-OutputArea-output img')].length >= 2 && "
+                "[...document.querySelectorAll('.jp-OutputArea-output img')][1].naturalWidth > 100", timeout=120_000)
+            page.screenshot(path=str(ARTIFACTS / "explorer-initial.png"), full_page=True)
+            assert "Error displaying widget" not in page.content()
+            before = _heatmap_src(page)
+
+            kind = page.locator(".widget-dropdown", has_text="kind").locator("select")
+            kind.select_option(label="MLP")
+            page.wait_for_function(
+                "(old) => { const i = [...document.querySelectorAll('.jp-OutputArea-output img')][1];"
+                " return i && i.src !== old && i.naturalWidth > 100; }", arg=before, timeout=120_000)
+            after_kind = _heatmap_src(page)
+            page.screenshot(path=str(ARTIFACTS / "explorer-mlp.png"), full_page=True)
+
+            readout = page.locator(".widget-slider", has_text="window").locator(".widget-readout")
+            readout.click()
+            page.keyboard.press("Control+A")
+            page.keyboard.type("3")
+            page.keyboard.press("Enter")
+            page.wait_for_function(
+                "(old) => { const i = [...document.querySelectorAll('.jp-OutputArea-output img')][1];"
+                " return i && i.src !== old && i.naturalWidth > 100; }", arg=after_kind, timeout=120_000)
+            page.screenshot(path=str(ARTIFACTS / "explorer-mlp-window3.png"), full_page=True)
+            assert "Error displaying widget" not in page.content()
+            assert page.locator(".widget-slider", has_text="window").locator(".widget-readout").inner_text().strip() == "3"
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "explorer-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()

@@ -1,0 +1,84 @@
+"""The blip-trace command line, run as a user would: in a subprocess."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from blip_trace_widgets import TraceResult, demo_samples
+from blip_trace_widgets.plotting import heatmap_png
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "blip_trace_widgets", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "sample.png"
+    sample = demo_samples()[0]
+    sample.image.save(path)
+    return path, sample.question
+
+
+def test_trace_writes_png_and_json(image_file, tmp_path):
+    path, question = image_file
+    out = run("trace", "--model", "demo", "--image", str(path), "--question", question, "--kind", "mlp",
+              "--window", "3", "--noise", "multiplicative", "--samples", "3", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "model's answer" in out.stdout
+    [js] = tmp_path.glob("*.json")
+    [png] = tmp_path.glob("*.png")
+    result = TraceResult.load(js)
+    assert result.kind == "mlp" and result.window == 3 and result.config["samples"] == 3
+    assert result.config["corruption"] == {"type": "multiplicative", "std": 5.0}
+    with Image.open(png) as written:
+        import io
+
+        expected = Image.open(io.BytesIO(heatmap_png(result))).size
+        assert written.size == expected and written.width > 200
+
+
+def test_demo_command(tmp_path):
+    out = run("demo", "--out", str(tmp_path / "o"), "--samples", "4")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("question:") == 3 and "model's answer" in out.stdout
+    pngs, jsons = sorted((tmp_path / "o").glob("*.png")), sorted((tmp_path / "o").glob("*.json"))
+    assert len(pngs) == len(jsons) == 15
+    kinds = {(TraceResult.load(j).block, TraceResult.load(j).kind) for j in jsons}
+    assert kinds == {("question_encoder", k) for k in ("hidden", "mlp", "self_attn", "cross_attn")} | {
+        ("answer_decoder", "hidden")}
+    for png in pngs:
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width > 100
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["trace", "--image", "/no/such.png", "--question", "what?", "--out", "x"],
+        ["trace", "--image", "IMAGE", "--question", "  ", "--out", "x"],
+        ["trace", "--image", "IMAGE", "--question", "what color is the shape?", "--answer", "zebra", "--out", "x"],
+        ["trace", "--image", "IMAGE", "--question", "q", "--kind", "attention", "--out", "x"],
+        ["trace", "--image", "IMAGE", "--question", "q", "--window", "0", "--out", "x"],
+        ["trace", "--model", "no-such-model", "--image", "IMAGE", "--question", "q", "--out", "x"],
+        ["frobnicate"],
+    ],
+)
+def test_bad_arguments_exit_2_without_traceback(image_file, tmp_path, args):
+    args = [str(image_file[0]) if a == "IMAGE" else a for a in args]
+    out = run(*args, cwd=tmp_path)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    assert "error:" in out.stderr.strip().splitlines()[-1]
+
+
+def test_help_explains_every_option():
+    out = run("trace", "--help")
+    assert out.returncode == 0
+    for option in ("--block", "--kind", "--window", "--noise", "--scale", "--samples", "--seed", "--answer", "--out"):
+        assert option in out.stdout

@@ -1,0 +1,54 @@
+"""The bundled demo model: a standard HF folder that loads offline and answers easy-VQA."""
+from __future__ import annotations
+
+import pytest
+from transformers import BlipForQuestionAnswering, BlipProcessor
+
+from blip_trace_widgets import demo_samples, trace
+from blip_trace_widgets.data import question_type
+from blip_trace_widgets.loading import DEMO_MODEL_DIR
+from blip_trace_widgets.tracing import Tracer
+
+
+def test_folder_is_standard_and_small():
+    names = {p.name for p in DEMO_MODEL_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md"} <= names
+    assert sum(p.stat().st_size for p in DEMO_MODEL_DIR.iterdir()) <= 20 * 2**20
+    model = BlipForQuestionAnswering.from_pretrained(DEMO_MODEL_DIR)
+    processor = BlipProcessor.from_pretrained(DEMO_MODEL_DIR)
+    assert model.config.text_config.num_hidden_layers >= 4
+    assert processor.image_processor.size["height"] == model.config.vision_config.image_size
+
+
+def test_tokens_round_trip(demo_bundle):
+    tok = demo_bundle.tokenizer
+    ids = tok("Does the image not contain a gray shape?")["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "does", "the", "image", "not", "contain", "a", "gray",
+                                              "shape", "?", "[SEP]"]
+    assert tok.decode(ids, skip_special_tokens=True).replace(" ?", "?") == "does the image not contain a gray shape?"
+
+
+def test_demo_samples_spread_across_types():
+    samples = demo_samples(per_type=3)
+    assert len(samples) == 9
+    assert {question_type(s.answer) for s in samples} == {"color", "shape", "yes/no"}
+    assert all(s.image.size == (64, 64) and s.image.mode == "RGB" for s in samples)
+
+
+def test_answers_easy_vqa_questions(demo_bundle):
+    samples = demo_samples(per_type=4)
+    answers = [Tracer(demo_bundle, s.image, s.question).model_answer for s in samples]
+    expected = [s.answer for s in samples]
+    assert answers == expected
+
+
+def test_trace_on_demo_model_has_signal(demo_bundle, demo_sample):
+    image, question, _ = demo_sample
+    from blip_trace_widgets import GaussianNoise
+    from blip_trace_widgets.data import DEMO_NOISE_SCALE
+
+    result = trace(demo_bundle, image, question, samples=5, corruption=GaussianNoise(DEMO_NOISE_SCALE))
+    assert result.high_score > 0.5
+    assert result.high_score - result.low_score > 0.2, "the corruption should hurt the answer"
+    assert result.scores.max() > result.low_score + 0.5 * (result.high_score - result.low_score)

@@ -1,0 +1,57 @@
+"""load_model: sources, modes, dtypes, and the errors a user meets offline."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from blip_trace_widgets import load_model
+from tiny_blip import tiny_model, tiny_processor
+
+
+def test_pair_is_eval_without_grad():
+    bundle = load_model((tiny_model(), tiny_processor()), device="cpu")
+    assert not bundle.model.training
+    assert all(not p.requires_grad for p in bundle.model.parameters())
+    assert bundle.device == torch.device("cpu") and bundle.dtype == torch.float32
+
+
+def test_folder_round_trip_keeps_tokens(tmp_path):
+    model, processor = tiny_model(), tiny_processor()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    bundle = load_model(str(tmp_path), device="cpu", dtype="bfloat16")
+    assert bundle.dtype == torch.bfloat16
+    ids = bundle.tokenizer("what color is the shape?")["input_ids"]
+    assert bundle.tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "what", "color", "is", "the", "shape", "?", "[SEP]"]
+    assert bundle.tokenizer.unk_token_id not in ids
+
+
+def test_non_blip_folder_is_a_value_error(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not BLIP for VQA"):
+        load_model(str(tmp_path))
+
+
+def test_bad_source_and_dtype():
+    with pytest.raises(ValueError, match="unsupported model source"):
+        load_model(42)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_model((tiny_model(), tiny_processor()), dtype="int8")
+
+
+def test_hub_id_offline_gives_clear_error(tmp_path):
+    code = (
+        "from blip_trace_widgets import load_model\n"
+        "try:\n    load_model('Salesforce/blip-vqa-base')\n"
+        "except RuntimeError as e:\n    print('RUNTIME', e)\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "RUNTIME" in out.stdout, out.stderr[-2000:]
+    assert "load_model('demo')" in out.stdout and "huggingface-cli download" in out.stdout
+    assert "Traceback" not in out.stdout

@@ -1,0 +1,131 @@
+"""TraceExplorer driven from Python: controls in, heatmaps, caching and errors out."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from blip_trace_widgets import GaussianNoise, MultiplicativeNoise, TraceResult, demo_samples, trace
+from blip_trace_widgets.data import DEMO_NOISE_SCALE
+from blip_trace_widgets.widgets import TraceExplorer, tooltip_of
+
+
+@pytest.fixture()
+def explorer(demo_bundle, demo_sample, tmp_path):
+    image, question, _ = demo_sample
+    ex = TraceExplorer(demo_bundle, image, question, background=False, export_dir=tmp_path)
+    ex.noise_samples.value = 4
+    return ex
+
+
+def test_controls_drive_the_heatmap(explorer, demo_bundle, demo_sample):
+    image, question, _ = demo_sample
+    first_png = explorer.heatmap.value
+    explorer.kind.value = "mlp"
+    explorer.window.value = 3
+    expected = trace(demo_bundle, image, question, kind="mlp", window=3, samples=4,
+                     corruption=GaussianNoise(DEMO_NOISE_SCALE))
+    assert explorer.config.corruption == GaussianNoise(DEMO_NOISE_SCALE)
+    assert explorer.result.kind == "mlp" and explorer.result.window == 3
+    np.testing.assert_array_equal(explorer.result.scores, expected.scores)
+    assert explorer.heatmap.value != first_png
+    explorer.corruption.value = "multiplicative"
+    explorer.noise.value = 5.0
+    expected = trace(demo_bundle, image, question, kind="mlp", window=3, samples=4,
+                     corruption=MultiplicativeNoise(std=5.0))
+    np.testing.assert_array_equal(explorer.result.scores, expected.scores)
+    explorer.block.value = "answer_decoder"
+    assert explorer.result.block == "answer_decoder" and explorer.result.tokens == ["[DEC]"]
+
+
+def test_repeat_configuration_hits_the_cache(explorer):
+    tracer = explorer.tracer
+    explorer.kind.value = "mlp"
+    calls = tracer.stats["engine_calls"]
+    mlp_scores = explorer.result.scores
+    explorer.kind.value = "hidden"  # shown first, so cached
+    explorer.kind.value = "mlp"
+    assert tracer.stats["engine_calls"] == calls
+    assert tracer.stats["cache_hits"] >= 2
+    assert explorer.result.scores is mlp_scores
+
+
+def test_noise_changes_do_not_redo_the_clean_pass(explorer):
+    tracer = explorer.tracer
+    for value in (1.0, 5.0, 0.5):
+        explorer.noise.value = value
+    explorer.seed.value = 3
+    explorer.noise_samples.value = 6
+    assert tracer.stats["clean_passes"] == 1 and tracer.stats["vision_passes"] == 1
+    assert tracer.stats["corrupted_passes"] >= 4
+
+
+def test_new_question_recomputes_the_clean_pass(explorer):
+    old = explorer.tracer
+    explorer.question_box.value = "what shape is present?"
+    assert explorer.tracer is not old and explorer.tracer.stats["clean_passes"] == 1
+    assert "shape" in explorer.result.tokens
+
+
+def test_errors_show_inside_and_widget_recovers(explorer):
+    good = explorer.question_box.value
+    explorer.question_box.value = "   "
+    assert "empty" in explorer.error.value
+    explorer.question_box.value = "what is the zebra quux?"  # unknown words become [UNK]; still traceable
+    explorer.question_box.value = good
+    assert explorer.error.value == ""
+    assert explorer.result.config["question"] == good
+
+
+def test_window_disabled_for_hidden_with_reason(explorer):
+    explorer.kind.value = "hidden"
+    assert explorer.window.disabled and "one layer at a time" in tooltip_of(explorer.window)
+    explorer.kind.value = "cross_attn"
+    assert not explorer.window.disabled
+    assert explorer.window.max == explorer.bundle.num_layers()
+
+
+def test_exports(explorer, tmp_path):
+    explorer.kind.value = "self_attn"
+    png, js, csv = (explorer.export(fmt) for fmt in ("png", "json", "csv"))
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert TraceResult.load(js) == explorer.result
+    assert len(csv.read_text().strip().splitlines()) == 1 + explorer.result.scores.size
+    explorer.export_buttons[1].click()
+    assert "saved" in explorer.status.value
+
+
+def test_gallery_switches_samples(demo_bundle, tmp_path):
+    ex = TraceExplorer(demo_bundle, background=False)
+    assert len(ex.gallery.options) == len(demo_samples())
+    ex.noise_samples.value = 3
+    ex.gallery.value = 2
+    image, question, _ = demo_samples()[2]
+    assert ex.question_box.value == question
+    assert ex.result.config["question"] == question
+    np.testing.assert_array_equal(ex.result.scores, trace(demo_bundle, image, question, samples=3,
+                                                                  corruption=GaussianNoise(DEMO_NOISE_SCALE)).scores)
+
+
+def test_compare_view_shows_four_kinds(explorer, demo_bundle, demo_sample):
+    image, question, _ = demo_sample
+    explorer.window.value = 2
+    explorer.view.value = "compare"
+    assert set(explorer.results) == {"hidden", "mlp", "self_attn", "cross_attn"}
+    assert explorer.kind.disabled and explorer.comparison.layout.display == "flex"
+    assert all(bytes(view.value).startswith(b"\x89PNG") for view in explorer.comparison.children)
+    expected = trace(demo_bundle, image, question, kind="cross_attn", window=2, samples=4,
+                     corruption=GaussianNoise(DEMO_NOISE_SCALE))
+    np.testing.assert_array_equal(explorer.results["cross_attn"].scores, expected.scores)
+
+
+def test_background_mode_updates(demo_bundle, demo_sample):
+    image, question, _ = demo_sample
+    ex = TraceExplorer(demo_bundle, image, question, background=True)
+    ex.wait()
+    ex.kind.value = "mlp"
+    ex.kind.value = "self_attn"  # cancels or follows the mlp trace
+    ex.wait()
+    assert ex.result.kind == "self_attn"
+    assert ex.progress.value == ex.progress.max
