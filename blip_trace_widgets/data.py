@@ -13,9 +13,10 @@ from typing import NamedTuple
 
 from PIL import Image
 
-#: The demo model averages its 65 image tokens so well that ROME's 3σ noise barely moves its
-#: answers (p(answer) keeps about 90% of its clean value); 10σ destroys them. Widgets and
-#: ``blip-trace demo`` use this level with the demo model; ``trace()`` keeps ROME's 3σ default.
+#: The demo model averages its 65 image tokens so well that ROME's 3σ noise often leaves its
+#: answer intact (on "what is the red shape?" p(triangle) stays at 0.99), while 10σ brings
+#: most answers well down. Widgets and ``blip-trace demo`` use this level with the demo
+#: model; ``trace()`` keeps ROME's 3σ default.
 DEMO_NOISE_SCALE = 10.0
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")

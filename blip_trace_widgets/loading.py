@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -75,7 +77,28 @@ def _offline_help(source: str) -> str:
     )
 
 
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' loading bars and notices (such as the torchvision fallback) while loading."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    with _quiet_transformers():
+        return _from_pretrained_loud(source, dtype)
+
+
+def _from_pretrained_loud(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoConfig, BlipForQuestionAnswering, BlipProcessor
 
     try:
@@ -122,6 +145,8 @@ def load_model(
             f"unsupported model source {type(source).__name__}: pass a hub id, a folder, 'demo' or (model, processor)"
         )
     check_blip(model)
+    if dtype is None and isinstance(source, tuple):
+        torch_dtype = next(model.parameters()).dtype  # a model built in code keeps its dtype
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise ValueError("the processor must be a BlipProcessor (with .tokenizer and .image_processor)")
     target = _device(device)

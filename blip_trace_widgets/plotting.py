@@ -59,7 +59,7 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
     ax.set_xlabel(f"layer of the {BLOCK_LABELS.get(result.block, result.block)}")
     ax.set_title(trace_title(result) if title is None else title, fontsize=9)
     colorbar = ax.figure.colorbar(image, ax=ax)
-    colorbar.ax.set_title("normalised" if normalized else METRIC_LABELS.get(result.metric, result.metric), fontsize=8, loc="left")
+    colorbar.set_label("normalised effect" if normalized else METRIC_LABELS.get(result.metric, result.metric))
     return ax
 
 

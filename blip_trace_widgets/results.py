@@ -2,7 +2,7 @@
 
     >>> import numpy as np
     >>> from blip_trace_widgets import TraceResult
-    >>> r = TraceResult(scores=np.array([[0.2, 0.6]]), low_score=0.2, high_score=1.0, answer="red",
+    >>> r = TraceResult(scores=np.array([[0.5, 0.75]]), low_score=0.5, high_score=1.0, answer="red",
     ...                 tokens=["[CLS]"], block="question_encoder", kind="hidden", window=1, config={})
     >>> r.normalized().tolist()
     [[0.0, 0.5]]

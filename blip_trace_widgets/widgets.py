@@ -91,6 +91,11 @@ def _png(image: Image.Image, width: int = 192) -> bytes:
     return buffer.getvalue()
 
 
+def png_width(png: bytes) -> int:
+    """Pixel width from a PNG header, so the widget shows the heatmap at its natural size."""
+    return int.from_bytes(png[16:20], "big")
+
+
 def _image_key(image: Image.Image) -> str:
     return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
 
@@ -138,9 +143,10 @@ class TraceExplorer(W.VBox):
         layers = bundle.num_layers("question_encoder")
 
         style = {"description_width": "initial"}
-        self.gallery = W.Dropdown(description="sample", style=style, layout=W.Layout(width="340px"),
+        self.gallery = W.Dropdown(description="sample", style=style,
                                   options=[(f"{i + 1}: {s[1]}", i) for i, s in enumerate(self.samples)] or [("(none)", -1)],
-                                  disabled=not self.samples)
+                                  disabled=not self.samples,
+                                  layout=W.Layout(width="340px", display=None if self.samples else "none"))
         self.image_view = W.Image(value=_png(self._image), format="png", layout=W.Layout(width="192px"))
         self.question_box = W.Text(value=question or "", description="question", style=style, continuous_update=False,
                                    layout=W.Layout(width="340px"))
@@ -285,7 +291,8 @@ class TraceExplorer(W.VBox):
             config = self.config
             if self.view.value == "compare":
                 kinds = [value for _, value in KIND_OPTIONS]
-                results = [tracer.trace(replace(config, kind=k, window=1 if k == "hidden" else config.window),
+                window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
+                results = [tracer.trace(replace(config, kind=k, window=1 if k == "hidden" else window),
                                         progress=self._progress(job)) for k in kinds]
             else:
                 results = [tracer.trace(config, progress=self._progress(job))]
@@ -319,14 +326,16 @@ class TraceExplorer(W.VBox):
         normalized = bool(self.normalized.value)
         if len(results) == 1:
             self.result = results[0]
-            self.heatmap.value = heatmap_png(results[0], normalized=normalized)
+            self.heatmap.value = png = heatmap_png(results[0], normalized=normalized)
+            self.heatmap.layout.width = f"{png_width(png)}px"
             self.heatmap.layout.display = None
             self.comparison.layout.display = "none"
         else:
             self.result = results[0]
             self.results = {r.kind: r for r in results}
             for view, result in zip(self.comparison.children, results):
-                view.value = heatmap_png(result, normalized=normalized)
+                view.value = png = heatmap_png(result, normalized=normalized)
+                view.layout.width = f"{png_width(png)}px"
             self.heatmap.layout.display = "none"
             self.comparison.layout.display = "flex"
 

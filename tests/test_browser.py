@@ -35,12 +35,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+APPS = {  # app -> (module to run, URL path of the notebook)
+    "jupyterlab": ("jupyterlab", "lab/tree/explorer.ipynb"),
+    "notebook7": ("notebook", "notebooks/explorer.ipynb"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(APPS))
+def lab(request, tmp_path_factory):
+    app = request.param
+    module, url_path = APPS[app]
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) to run browser tests")
     pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download is needed)")
-    root = tmp_path_factory.mktemp("lab")
+    pytest.importorskip(module)
+    root = tmp_path_factory.mktemp(app)
     notebook = {
         "cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": CELL}],
         "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
@@ -50,7 +59,7 @@ def lab(tmp_path_factory):
     port, token = _free_port(), secrets.token_hex(8)
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / ".jupyter"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+        [sys.executable, "-m", module, "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--allow-root",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         stdout=open(root / "lab.log", "w"), stderr=subprocess.STDOUT, env=env,
@@ -66,7 +75,7 @@ def lab(tmp_path_factory):
     else:
         server.terminate()
         pytest.fail("JupyterLab did not start:\n" + (root / "lab.log").read_text()[-3000:])
-    yield f"{base}/lab/tree/explorer.ipynb?token={token}"
+    yield app, f"{base}/{url_path}?token={token}"
     server.terminate()
     server.wait(timeout=30)
 
@@ -75,9 +84,27 @@ def _heatmap_src(page) -> str:
     return page.locator(".jp-OutputArea-output img").nth(1).get_attribute("src") or ""
 
 
+def _run_first_cell(page) -> None:
+    """Shift+Enter on the first cell, again if the kernel was not ready to take it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    started = "() => { const p = document.querySelector('.jp-Cell .jp-InputPrompt');" \
+              " return p && /\\[(\\*|\\d+)\\]/.test(p.textContent); }"
+    for _ in range(12):
+        page.locator(".jp-Cell .jp-InputArea-editor").first.click()
+        page.keyboard.press("Shift+Enter")
+        try:
+            page.wait_for_function(started, timeout=10_000)
+            return
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError("the notebook never ran its cell")
+
+
 def test_explorer_renders_and_follows_controls(lab):
     from playwright.sync_api import sync_playwright
 
+    app, url = lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(
@@ -87,17 +114,15 @@ def test_explorer_renders_and_follows_controls(lab):
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         try:
-            page.goto(lab, timeout=90_000)
+            page.goto(url, timeout=90_000)
             page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
-            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-Notebook").first.wait_for()
-            page.locator(".jp-Cell .jp-InputArea-editor").first.click()
-            page.keyboard.press("Shift+Enter")
+            _run_first_cell(page)
             images = page.locator(".jp-OutputArea-output img")
             images.nth(1).wait_for(timeout=120_000)
             page.wait_for_function(
                 "() => [...document.querySelectorAll('.jp-OutputArea-output img')].length >= 2 && "
                 "[...document.querySelectorAll('.jp-OutputArea-output img')][1].naturalWidth > 100", timeout=120_000)
-            page.screenshot(path=str(ARTIFACTS / "explorer-initial.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-initial.png"), full_page=True)
             assert "Error displaying widget" not in page.content()
             before = _heatmap_src(page)
 
@@ -107,7 +132,7 @@ def test_explorer_renders_and_follows_controls(lab):
                 "(old) => { const i = [...document.querySelectorAll('.jp-OutputArea-output img')][1];"
                 " return i && i.src !== old && i.naturalWidth > 100; }", arg=before, timeout=120_000)
             after_kind = _heatmap_src(page)
-            page.screenshot(path=str(ARTIFACTS / "explorer-mlp.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-mlp.png"), full_page=True)
 
             readout = page.locator(".widget-slider", has_text="window").locator(".widget-readout")
             readout.click()
@@ -117,11 +142,11 @@ def test_explorer_renders_and_follows_controls(lab):
             page.wait_for_function(
                 "(old) => { const i = [...document.querySelectorAll('.jp-OutputArea-output img')][1];"
                 " return i && i.src !== old && i.naturalWidth > 100; }", arg=after_kind, timeout=120_000)
-            page.screenshot(path=str(ARTIFACTS / "explorer-mlp-window3.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-mlp-window3.png"), full_page=True)
             assert "Error displaying widget" not in page.content()
             assert page.locator(".widget-slider", has_text="window").locator(".widget-readout").inner_text().strip() == "3"
         except Exception:
-            page.screenshot(path=str(ARTIFACTS / "explorer-failure.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-failure.png"), full_page=True)
             raise
         finally:
             browser.close()

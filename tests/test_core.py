@@ -130,7 +130,7 @@ def test_heatmap_plot(tiny_bundle, image, question):
     result = trace(tiny_bundle, image, question, samples=2, kind="cross_attn", window=3)
     ax = result.plot()
     assert [t.get_text() for t in ax.get_yticklabels()] == result.tokens
-    assert ax.figure.axes[-1].get_title(loc="left") == "p(answer)"
+    assert ax.figure.axes[-1].get_ylabel() == "p(answer)"
     assert heatmap_png(result).startswith(b"\x89PNG")
 
 
@@ -190,3 +190,37 @@ def test_non_blip_model_rejected(tiny_bundle, image, question):
         load_model((torch.nn.Linear(2, 2), tiny_bundle.processor))
     with pytest.raises(ValueError, match="load_model"):
         trace(tiny_bundle.model, image, question)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_follows_float32(dtype):
+    from blip_trace_widgets import demo_samples, load_model
+
+    image, question, _ = demo_samples()[0]
+    full = load_model("demo", device="cpu")
+    half = load_model("demo", device="cpu", dtype=dtype)
+    assert half.dtype == getattr(torch, dtype)
+    kwargs = dict(kind="mlp", window=3, samples=5, corruption=GaussianNoise(10.0))
+    a = trace(full, image, question, **kwargs)
+    b = trace(half, image, question, **kwargs)
+    assert b.config["dtype"] == dtype and b.answer == a.answer
+    assert np.isfinite(b.scores).all()
+    np.testing.assert_allclose(b.scores, a.scores, atol=0.03)
+    assert abs(b.high_score - a.high_score) < 0.02 and abs(b.low_score - a.low_score) < 0.03
+
+
+def test_progress_reports_every_chunk(tiny_bundle, image, question):
+    seen = []
+    tracer = Tracer(tiny_bundle, image, question, max_batch_rows=6)
+    tracer.trace(samples=3, progress=lambda done, total: seen.append((done, total)))
+    cells = len(tracer.question_ids) * 3
+    assert seen[-1] == (cells, cells) and len(seen) == -(-cells // 2)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_max_batch_rows_does_not_change_results(tiny_bundle, image, question):
+    one = Tracer(tiny_bundle, image, question, max_batch_rows=2).trace(samples=2, kind="self_attn", window=3)
+    many = Tracer(tiny_bundle, image, question).trace(samples=2, kind="self_attn", window=3)
+    np.testing.assert_allclose(one.scores, many.scores, atol=1e-6)
+    with pytest.raises(ValueError, match="max_batch_rows"):
+        Tracer(tiny_bundle, image, question, max_batch_rows=0).trace(samples=1)

@@ -8,8 +8,26 @@ WORDS = ["what", "color", "is", "the", "shape", "?", "red", "blue", "green", "ci
 VOCAB = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *WORDS])}
 
 
+def make_tokenizer(vocab: dict[str, int]) -> BertTokenizer:
+    """A WordPiece tokenizer over ``vocab``: transformers 5 takes ``vocab=`` (it ignores ``vocab_file=``),
+    transformers 4 needs a vocabulary file."""
+    import inspect
+    import tempfile
+
+    if "vocab" in inspect.signature(BertTokenizer.__init__).parameters:
+        tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
+    else:  # transformers 4.x
+        path = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
+        path.write("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+        path.close()
+        tokenizer = BertTokenizer(vocab_file=path.name, do_lower_case=True)
+    ids = tokenizer("what color")["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids)[1:3] == ["what", "color"], "the tokenizer lost its vocabulary"
+    return tokenizer
+
+
 def tiny_processor(image_size: int = 32) -> BlipProcessor:
-    tokenizer = BertTokenizer(vocab=VOCAB, do_lower_case=True)
+    tokenizer = make_tokenizer(VOCAB)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
