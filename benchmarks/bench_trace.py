@@ -41,6 +41,11 @@ QUESTION = "what color is the shirt of the man"  # 7 words -> 9 tokens with [CLS
 
 
 def reset_peak() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back memory freed by the previous run
     with open("/proc/self/clear_refs", "w") as handle:  # Linux: reset VmHWM to the current RSS
         handle.write("5")
 

@@ -138,7 +138,7 @@ class TraceExplorer(W.VBox):
         self._image = to_rgb_image(image)
         self._job: threading.Event | None = None
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         config = config or default_config(bundle, samples=10)
         layers = bundle.num_layers("question_encoder")
 
@@ -264,15 +264,17 @@ class TraceExplorer(W.VBox):
             job = threading.Event()
             self._job = job
         if self.background:
-            self._thread = threading.Thread(target=self._work, args=(job,), daemon=True)
-            self._thread.start()
+            self._threads = [t for t in self._threads if t.is_alive()]
+            thread = threading.Thread(target=self._work, args=(job,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
         else:
             self._work(job)
 
     def wait(self, timeout: float | None = 60) -> None:
-        """Block until the latest background trace is shown (for scripts and tests)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+        """Block until background traces, the latest included, have finished (for scripts and tests)."""
+        for thread in list(self._threads):
+            thread.join(timeout)
 
     def _progress(self, job: threading.Event):
         def report(done: int, total: int) -> None:
