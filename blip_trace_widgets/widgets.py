@@ -226,21 +226,20 @@ class TraceExplorer(W.VBox):
 
     def set_sample(self, image: Any, question: str) -> None:
         """Show a new (image, question); the clean pass is computed for it once."""
-        self._image = to_rgb_image(image)
+        try:
+            self._image = to_rgb_image(image)
+        except ValueError as error:
+            self._show_error(error)
+            return
         self.image_view.value = _png(self._image)
-        with self.hold_trait_notifications():
-            self.question_box.value = question
-        self.refresh()
+        if self.question_box.value != question:
+            self.question_box.value = question  # its observer refreshes
+        else:
+            self.refresh()
 
     def _on_sample(self, change: dict) -> None:
         if change["new"] is not None and change["new"] >= 0:
-            image, question = self.samples[change["new"]][:2]
-            self._image = to_rgb_image(image)
-            self.image_view.value = _png(self._image)
-            if self.question_box.value != question:
-                self.question_box.value = question  # triggers refresh
-            else:
-                self.refresh()
+            self.set_sample(*self.samples[change["new"]][:2])
 
     def _update_enabled(self) -> None:
         hidden = self.kind.value == "hidden" and self.view.value == "single"
@@ -306,18 +305,20 @@ class TraceExplorer(W.VBox):
         except _Cancelled:
             return
         except Exception as error:  # shown in the widget; the kernel and the widget carry on
-            if job.is_set():
-                return
-            self.error.value = (
-                "<div style='color:#a00;border:1px solid #a00;padding:4px 8px;border-radius:4px'>"
-                f"<b>{escape(type(error).__name__)}</b>: {escape(str(error))}</div>"
-            )
-            if not isinstance(error, ValueError):
-                self.error.value += f"<details><pre>{escape(traceback.format_exc())}</pre></details>"
-            self.status.value = ""
+            if not job.is_set():
+                self._show_error(error)
         finally:
             if not job.is_set():
                 self.progress.value = self.progress.max
+
+    def _show_error(self, error: Exception) -> None:
+        self.error.value = (
+            "<div style='color:#a00;border:1px solid #a00;padding:4px 8px;border-radius:4px'>"
+            f"<b>{escape(type(error).__name__)}</b>: {escape(str(error))}</div>"
+        )
+        if not isinstance(error, ValueError):
+            self.error.value += f"<details><pre>{escape(traceback.format_exc())}</pre></details>"
+        self.status.value = ""
 
     def _status_text(self, result: TraceResult) -> str:
         stats = self.tracer.stats

@@ -129,3 +129,13 @@ def test_background_mode_updates(demo_bundle, demo_sample):
     ex.wait()
     assert ex.result.kind == "self_attn"
     assert ex.progress.value == ex.progress.max
+
+
+def test_set_sample_and_bad_image(explorer, demo_bundle):
+    image, question, _ = demo_samples()[1]
+    explorer.set_sample(image, question)
+    assert explorer.result.config["question"] == question and explorer.tracer.stats["clean_passes"] == 1
+    explorer.set_sample("/no/such/image.png", question)
+    assert "not found" in explorer.error.value
+    explorer.kind.value = "mlp"  # still works
+    assert explorer.result.kind == "mlp" and explorer.result.config["question"] == question
