@@ -136,6 +136,7 @@ class TraceExplorer(W.VBox):
         self.results: dict[str, TraceResult] = {}
         self._tracers: dict[tuple[str, str], Tracer] = {}
         self._image = to_rgb_image(image)
+        self._image_id = _image_key(self._image)
         self._job: threading.Event | None = None
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -206,7 +207,7 @@ class TraceExplorer(W.VBox):
     @property
     def tracer(self) -> Tracer:
         """The tracer of the current (image, question); raises ValueError for a bad question."""
-        key = (_image_key(self._image), self.question_box.value.strip())
+        key = (self._image_id, self.question_box.value.strip())
         if key not in self._tracers:
             self._tracers[key] = Tracer(self.bundle, self._image, self.question_box.value)
         return self._tracers[key]
@@ -231,6 +232,7 @@ class TraceExplorer(W.VBox):
         except ValueError as error:
             self._show_error(error)
             return
+        self._image_id = _image_key(self._image)
         self.image_view.value = _png(self._image)
         if self.question_box.value != question:
             self.question_box.value = question  # its observer refreshes
