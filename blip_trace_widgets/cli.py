@@ -60,7 +60,7 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     bundle = _load("demo", args.device, None)
     samples = demo_samples(per_type=1)
-    print(f"demo model, Gaussian noise of {default_config(bundle).corruption.scale:g}σ on the image embeddings, "
+    print(f"demo model, Gaussian noise of {bundle.noise_scale:g}σ on the image embeddings, "
           f"{args.samples} samples")
     out = Path(args.out)
     bar = _progress_bar(len(samples) * len(DEMO_TRACES))

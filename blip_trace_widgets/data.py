@@ -13,12 +13,6 @@ from typing import NamedTuple
 
 from PIL import Image
 
-#: The demo model averages its 65 image tokens so well that ROME's 3σ noise often leaves its
-#: answer intact (on "what is the red shape?" p(triangle) stays at 0.99), while 10σ brings
-#: most answers well down. Widgets and ``blip-trace demo`` use this level with the demo
-#: model; ``trace()`` keeps ROME's 3σ default.
-DEMO_NOISE_SCALE = 10.0
-
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,9 @@ import torch
 from .anatomy import check_blip
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+#: Optional file in a model folder: tracing defaults that suit that model.
+TRACE_DEFAULTS_FILE = "trace_defaults.json"
+ROME_NOISE_SCALE = 3.0
 
 DTypeLike = Union[torch.dtype, str, None]
 
@@ -34,6 +38,9 @@ class BlipBundle:
     processor: Any
     device: torch.device
     name: str = "custom"
+    #: Gaussian noise scale (in σ of the image embeddings) that widgets and the CLI start from:
+    #: ROME's 3σ unless the model folder's trace_defaults.json says otherwise.
+    noise_scale: float = ROME_NOISE_SCALE
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,16 +100,19 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _noise_scale(folder: Path) -> float:
+    path = folder / TRACE_DEFAULTS_FILE
+    if not path.is_file():
+        return ROME_NOISE_SCALE
+    return float(json.loads(path.read_text()).get("noise_scale", ROME_NOISE_SCALE))
+
+
 def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    with _quiet_transformers():
-        return _from_pretrained_loud(source, dtype)
-
-
-def _from_pretrained_loud(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoConfig, BlipForQuestionAnswering, BlipProcessor
 
     try:
-        config = AutoConfig.from_pretrained(source)
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, ConnectionError) as error:
         if Path(source).exists():
             raise ValueError(f"{source!r} is not a Hugging Face model folder ({error})") from None
@@ -114,8 +124,9 @@ def _from_pretrained_loud(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
             "not BLIP for VQA; use a BlipForQuestionAnswering checkpoint such as Salesforce/blip-vqa-base"
         )
     try:
-        model = BlipForQuestionAnswering.from_pretrained(source, dtype=dtype)
-        processor = BlipProcessor.from_pretrained(source)
+        with _quiet_transformers():
+            model = BlipForQuestionAnswering.from_pretrained(source, dtype=dtype)
+            processor = BlipProcessor.from_pretrained(source)
     except (OSError, ConnectionError):
         raise RuntimeError(_offline_help(source)) from None
     return model, processor
@@ -129,6 +140,7 @@ def load_model(
 ) -> BlipBundle:
     """Load BLIP VQA from a hub id, a folder, ``"demo"`` or a ``(model, processor)`` pair."""
     torch_dtype = _dtype(dtype)
+    noise_scale = ROME_NOISE_SCALE
     if isinstance(source, tuple):
         if len(source) != 2:
             raise ValueError("pass a (model, processor) pair")
@@ -140,6 +152,8 @@ def load_model(
         if name == "demo" and not (path / "config.json").is_file():
             raise RuntimeError(f"the bundled demo model is missing from {path}; reinstall blip-trace-widgets")
         model, processor = _from_pretrained(str(path) if path.exists() else name, torch_dtype)
+        if path.is_dir():
+            noise_scale = _noise_scale(path)
     else:
         raise ValueError(
             f"unsupported model source {type(source).__name__}: pass a hub id, a folder, 'demo' or (model, processor)"
@@ -153,4 +167,4 @@ def load_model(
     model = model.to(device=target, dtype=torch_dtype)
     model.eval()
     model.requires_grad_(False)
-    return BlipBundle(model=model, processor=processor, device=target, name=name)
+    return BlipBundle(model=model, processor=processor, device=target, name=name, noise_scale=noise_scale)

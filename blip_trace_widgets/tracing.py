@@ -394,11 +394,8 @@ class Tracer:
 
 
 def default_config(bundle: BlipBundle, **overrides: Any) -> TraceConfig:
-    """A TraceConfig with a noise level that suits the model: ROME's 3σ, or 10σ for the demo model."""
-    if bundle.name == "demo" and "corruption" not in overrides:
-        from .data import DEMO_NOISE_SCALE
-
-        overrides["corruption"] = GaussianNoise(scale=DEMO_NOISE_SCALE)
+    """A TraceConfig whose Gaussian noise is the bundle's ``noise_scale`` (ROME's 3σ unless the model says otherwise)."""
+    overrides.setdefault("corruption", GaussianNoise(scale=bundle.noise_scale))
     return TraceConfig(**overrides)
 
 

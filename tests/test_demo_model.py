@@ -46,9 +46,7 @@ def test_answers_easy_vqa_questions(demo_bundle):
 def test_trace_on_demo_model_has_signal(demo_bundle, demo_sample):
     image, question, _ = demo_sample
     from blip_trace_widgets import GaussianNoise
-    from blip_trace_widgets.data import DEMO_NOISE_SCALE
-
-    result = trace(demo_bundle, image, question, samples=5, corruption=GaussianNoise(DEMO_NOISE_SCALE))
+    result = trace(demo_bundle, image, question, samples=5, corruption=GaussianNoise(demo_bundle.noise_scale))
     assert result.high_score > 0.5
     assert result.high_score - result.low_score > 0.2, "the corruption should hurt the answer"
     assert result.scores.max() > result.low_score + 0.5 * (result.high_score - result.low_score)

@@ -55,3 +55,38 @@ def test_hub_id_offline_gives_clear_error(tmp_path):
     assert "RUNTIME" in out.stdout, out.stderr[-2000:]
     assert "load_model('demo')" in out.stdout and "huggingface-cli download" in out.stdout
     assert "Traceback" not in out.stdout
+
+
+def test_pair_keeps_its_dtype_unless_asked():
+    model = tiny_model().to(torch.bfloat16)
+    assert load_model((model, tiny_processor())).dtype == torch.bfloat16
+    assert load_model((tiny_model(), tiny_processor()), dtype="float16").dtype == torch.float16
+
+
+def test_noise_scale_comes_from_the_model_folder(tmp_path):
+    import json
+
+    from blip_trace_widgets.loading import DEMO_MODEL_DIR
+    from blip_trace_widgets.tracing import default_config
+
+    tiny_model().save_pretrained(tmp_path)
+    tiny_processor().save_pretrained(tmp_path)
+    plain = load_model(str(tmp_path))
+    assert plain.noise_scale == 3.0 and default_config(plain).corruption.scale == 3.0
+    (tmp_path / "trace_defaults.json").write_text(json.dumps({"noise_scale": 7.5}))
+    assert default_config(load_model(str(tmp_path))).corruption.scale == 7.5
+    assert load_model("demo").noise_scale == 10.0
+    assert load_model(str(DEMO_MODEL_DIR)).noise_scale == 10.0  # the demo folder by path, too
+    assert load_model((tiny_model(), tiny_processor())).noise_scale == 3.0
+
+
+def test_loading_leaves_transformers_logging_as_it_was(capsys):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_info()
+    try:
+        load_model("demo")
+        assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
+        assert "Loading weights" not in capsys.readouterr().err
+    finally:
+        hf_logging.set_verbosity_warning()

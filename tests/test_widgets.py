@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from blip_trace_widgets import GaussianNoise, MultiplicativeNoise, TraceResult, demo_samples, trace
-from blip_trace_widgets.data import DEMO_NOISE_SCALE
 from blip_trace_widgets.widgets import TraceExplorer, tooltip_of
 
 
@@ -25,8 +24,8 @@ def test_controls_drive_the_heatmap(explorer, demo_bundle, demo_sample):
     explorer.kind.value = "mlp"
     explorer.window.value = 3
     expected = trace(demo_bundle, image, question, kind="mlp", window=3, samples=4,
-                     corruption=GaussianNoise(DEMO_NOISE_SCALE))
-    assert explorer.config.corruption == GaussianNoise(DEMO_NOISE_SCALE)
+                     corruption=GaussianNoise(demo_bundle.noise_scale))
+    assert explorer.config.corruption == GaussianNoise(demo_bundle.noise_scale)
     assert explorer.result.kind == "mlp" and explorer.result.window == 3
     np.testing.assert_array_equal(explorer.result.scores, expected.scores)
     assert explorer.heatmap.value != first_png
@@ -105,7 +104,7 @@ def test_gallery_switches_samples(demo_bundle, tmp_path):
     assert ex.question_box.value == question
     assert ex.result.config["question"] == question
     np.testing.assert_array_equal(ex.result.scores, trace(demo_bundle, image, question, samples=3,
-                                                                  corruption=GaussianNoise(DEMO_NOISE_SCALE)).scores)
+                                                                  corruption=GaussianNoise(demo_bundle.noise_scale)).scores)
 
 
 def test_compare_view_shows_four_kinds(explorer, demo_bundle, demo_sample):
@@ -116,7 +115,7 @@ def test_compare_view_shows_four_kinds(explorer, demo_bundle, demo_sample):
     assert explorer.kind.disabled and explorer.comparison.layout.display == "flex"
     assert all(bytes(view.value).startswith(b"\x89PNG") for view in explorer.comparison.children)
     expected = trace(demo_bundle, image, question, kind="cross_attn", window=2, samples=4,
-                     corruption=GaussianNoise(DEMO_NOISE_SCALE))
+                     corruption=GaussianNoise(demo_bundle.noise_scale))
     np.testing.assert_array_equal(explorer.results["cross_attn"].scores, expected.scores)
 
 
@@ -139,3 +138,21 @@ def test_set_sample_and_bad_image(explorer, demo_bundle):
     assert "not found" in explorer.error.value
     explorer.kind.value = "mlp"  # still works
     assert explorer.result.kind == "mlp" and explorer.result.config["question"] == question
+
+
+def test_heatmap_shown_at_natural_width(explorer):
+    from blip_trace_widgets.widgets import png_width
+    from PIL import Image
+    import io
+
+    png = bytes(explorer.heatmap.value)
+    assert explorer.heatmap.layout.width == f"{png_width(png)}px"
+    assert png_width(png) == Image.open(io.BytesIO(png)).width
+
+
+def test_explorer_rejects_a_corruption_its_controls_cannot_show(demo_bundle, demo_sample):
+    from blip_trace_widgets import ImageSwap, TraceConfig
+
+    image, question, _ = demo_sample
+    with pytest.raises(ValueError, match="gaussian, multiplicative and uniform"):
+        TraceExplorer(demo_bundle, image, question, config=TraceConfig(corruption=ImageSwap(image)), background=False)
