@@ -11,6 +11,8 @@ from .corruption import GaussianNoise, ImageSwap, MultiplicativeNoise, UniformNo
 from .data import demo_samples
 from .loading import BlipBundle, load_model
 from .results import TraceResult
+from .subsets import load_vqa_subset
+from .sweep import sweep
 from .tracing import TraceConfig, Tracer, trace
 
 __all__ = [
@@ -24,6 +26,8 @@ __all__ = [
     "UniformNoise",
     "demo_samples",
     "load_model",
+    "load_vqa_subset",
+    "sweep",
     "trace",
 ]
 __version__ = "0.1.0"

@@ -2,6 +2,8 @@
 
     blip-trace demo --out trace-output
     blip-trace trace --model demo --image cat.png --question "what color is the cat?" --out out/
+    blip-trace sweep --dataset easy-vqa-color --limit 50 --model demo --out sweep-output
+    accelerate launch --multi_gpu --num_processes 2 -m blip_trace_widgets sweep --dataset coco-qa-color ...
 
 Each trace writes a PNG heatmap and a JSON result (``TraceResult.load`` reads it back).
 Bad arguments or missing files print one line and exit with status 2.
@@ -107,6 +109,69 @@ def run_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_sweep(args: argparse.Namespace) -> int:
+    from .plotting import plot_average_heatmaps, plot_effect_by_layer
+    from .subsets import load_vqa_subset
+    from .sweep import _ProcessGroup, process_device, sweep
+    from .tracing import TraceConfig
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in anatomy.KINDS:
+            raise UsageError(f"--kinds: unknown kind {kind!r}; use some of {','.join(anatomy.KINDS)}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    samples = load_vqa_subset(args.dataset, cache_dir=args.cache_dir, limit=args.limit, words=args.words,
+                              csv_path=args.csv, image_dir=args.image_dir)
+    if not samples:
+        raise UsageError(f"no questions in {args.dataset} match --words {args.words}")
+    device = args.device or process_device()
+    if device is not None and device.startswith("cpu"):
+        _share_cpu_threads()
+    bundle = _load(args.model, device, args.dtype)
+    level = args.scale if args.scale is not None else (
+        bundle.noise_scale if args.noise == "gaussian" else DEFAULT_LEVEL[args.noise])
+    configs = [TraceConfig(block=args.block, kind=kind, window=1 if kind == "hidden" else args.window,
+                           corruption=from_name(args.noise, level), samples=args.samples, seed=args.seed)
+               for kind in kinds]
+    out = Path(args.out)
+    group = _ProcessGroup()
+    shard = group.shard
+    if shard.count > 1:
+        print(f"process {shard.index + 1}/{shard.count} on {bundle.device}: "
+              f"{len(range(shard.index, len(samples), shard.count))} of {len(samples)} questions", file=sys.stderr)
+    if group.is_main:
+        print(f"{len(samples)} questions from {args.dataset}; {len(configs)} traces each on {bundle.name}; "
+              f"{args.noise} noise {level:g}; results in {out}")
+    started = time.perf_counter()
+    table = sweep(bundle, samples, configs=configs, out=out, answer=args.answer, overwrite=args.overwrite)
+    if not group.is_main:
+        return 0
+    correct = table.drop_duplicates("sample")["correct"].dropna()
+    if len(correct):
+        print(f"model answered {int(correct.sum())} of {len(correct)} questions correctly")
+    from .aggregate import average_effect
+
+    only = args.correct_only and bool(correct.any())
+    average_effect(table, correct_only=only).to_csv(out / "average_effect.csv", index=False)
+    plot_average_heatmaps(table, correct_only=only).savefig(out / "average_heatmaps.png")
+    plot_effect_by_layer(table, correct_only=only).savefig(out / "effect_by_layer.png")
+    print(f"wrote {out / 'sweep.parquet'} ({len(table)} rows), average_effect.csv, average_heatmaps.png and "
+          f"effect_by_layer.png in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _share_cpu_threads() -> None:
+    """Under a multi-process launch on CPU, split the cores between the processes."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blip-trace", description="Causal tracing of BLIP visual question answering (ROME-style).")
@@ -147,6 +212,39 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     one.add_argument("--out", required=True, help="folder for the PNG and JSON files")
     one.set_defaults(run=run_trace)
+
+    from .subsets import SUBSETS
+
+    many = sub.add_parser(
+        "sweep", help="trace every question of a dataset and average (resumable; shards under accelerate launch)",
+        description="Trace each question of a subset with each kind, write sweep.parquet (resumable: run the same "
+                    "command again to continue), average_effect.csv and the averaged figures. Under `accelerate "
+                    "launch --multi_gpu --num_processes N -m blip_trace_widgets sweep ...` each process takes a disjoint shard.")
+    many.add_argument("--dataset", required=True, choices=SUBSETS, help="the question set")
+    many.add_argument("--limit", type=int, default=None, help="at most this many questions")
+    many.add_argument("--words", type=int, default=None,
+                      help="keep questions of exactly this many words (the paper used 7)")
+    many.add_argument("--model", default="demo", help="'demo', a local folder or a hub id (default: %(default)s)")
+    many.add_argument("--out", required=True, help="folder for the table and figures")
+    many.add_argument("--block", choices=anatomy.BLOCKS, default="question_encoder")
+    many.add_argument("--kinds", default=",".join(anatomy.KINDS),
+                      help="comma-separated kinds to trace (default: %(default)s)")
+    many.add_argument("--window", type=int, default=3, help="window for the sublayer kinds (default: %(default)s)")
+    many.add_argument("--noise", choices=list(BY_NAME), default="gaussian")
+    many.add_argument("--scale", type=float, default=None,
+                      help="noise level (default: the model's own, else 3 for gaussian/uniform, 5 for multiplicative)")
+    many.add_argument("--samples", type=int, default=10, help="noise samples per trace (default: %(default)s)")
+    many.add_argument("--seed", type=int, default=0)
+    many.add_argument("--answer", choices=["model", "expected"], default="model",
+                      help="score the model's own answer or the dataset's (default: %(default)s)")
+    many.add_argument("--correct-only", action="store_true", help="average only correctly answered questions")
+    many.add_argument("--overwrite", action="store_true", help="discard an earlier, different sweep in --out")
+    many.add_argument("--cache-dir", default=None, help="where downloaded CSVs and images are kept")
+    many.add_argument("--csv", default=None, help="a local copy of the paper's CSV for --dataset")
+    many.add_argument("--image-dir", default=None, help="a local folder of the dataset's images")
+    many.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    many.add_argument("--device", default=None, help="torch device (default: the launcher's, else cuda if present)")
+    many.set_defaults(run=run_sweep)
     return parser
 
 

@@ -20,7 +20,8 @@ from typing import Any, Union
 
 import numpy as np
 
-METRIC_LABELS = {"prob": "p(answer)", "logprob": "log p(answer)", "logit_diff": "logit(answer) − logit(contrast)"}
+METRIC_LABELS = {"prob": "p(answer)", "logprob": "log p(answer)", "logit_diff": "logit(answer) − logit(contrast)",
+                 "effect": "indirect effect (score − low)", "normalized": "normalised indirect effect"}
 
 
 @dataclass

@@ -31,3 +31,6 @@ def test_runs_top_to_bottom(path, tmp_path):
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    plotted = [c for c in notebook.cells if c.cell_type == "code" and c.source.strip().splitlines()[-1].startswith("plot_")]
+    for cell in plotted:  # a figure as a cell's value is shown as a picture, not as '<Figure ...>'
+        assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source

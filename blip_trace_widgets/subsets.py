@@ -1,0 +1,304 @@
+"""Question sets for sweeps: the paper's subsets, Hugging Face datasets and plain iterables.
+
+    >>> from blip_trace_widgets.subsets import load_vqa_subset
+    >>> samples = load_vqa_subset("easy-vqa-color", limit=3)
+    >>> len(samples), samples[0].question
+    (3, 'what is the color of the triangle?')
+    >>> samples[0].image.open().size
+    (64, 64)
+
+Every loader returns :class:`~blip_trace_widgets.data.VQASample` items whose image is
+an :class:`ImageRef`: a file that is read (and for COCO, downloaded into the cache)
+only when a sweep reaches it, so skipping finished samples costs nothing.
+
+The paper's subsets (``coco-qa-color``, ``coco-qa-count``, ``coco-qa-location``,
+``clevr-spatial``) are the CSV files of its public repository, fetched on first use
+and cached; COCO images are fetched by id from COCO's image server and cached too.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .data import VQASample, easy_vqa_questions, question_type
+from .inputs import to_rgb_image
+
+#: Folder of the paper's CSVs (its repository's ``Datasets/``), read over HTTP(S);
+#: ``$BLIP_TRACE_PAPER_DATA_URL`` overrides it (a mirror).
+PAPER_DATA_URL = (
+    "https://raw.githubusercontent.com/vedantpalit/Towards-Vision-Language-Mechanistic-Interpretability/HEAD/Datasets/"
+)
+#: COCO images by zero-padded id (the paper's COCO-QA questions use train2017 ids);
+#: ``$BLIP_TRACE_COCO_IMAGE_URL`` overrides it.
+COCO_IMAGE_URL = "http://images.cocodataset.org/train2017/{id:012d}.jpg"
+
+PAPER_FILES: dict[str, str] = {
+    "coco-qa-color": "color_coco_qa.csv",
+    "coco-qa-count": "count_coco_qa.csv",
+    "coco-qa-location": "location_coco_qa.csv",
+    "clevr-spatial": "clevr_vqa_dataset_3.csv",
+}
+EASY_VQA_SUBSETS: dict[str, str | None] = {
+    "easy-vqa": None, "easy-vqa-color": "color", "easy-vqa-shape": "shape", "easy-vqa-yes-no": "yes/no",
+}
+CAULDRON = "HuggingFaceM4/the_cauldron"
+CAULDRON_SUBSETS: dict[str, str] = {"cauldron-cocoqa": "cocoqa", "cauldron-clevr": "clevr"}
+SUBSETS: tuple[str, ...] = (*PAPER_FILES, *EASY_VQA_SUBSETS, *CAULDRON_SUBSETS)
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+def default_cache_dir() -> Path:
+    """``$BLIP_TRACE_CACHE``, else ``$XDG_CACHE_HOME/blip-trace-widgets`` (``~/.cache`` by default)."""
+    if os.environ.get("BLIP_TRACE_CACHE"):
+        return Path(os.environ["BLIP_TRACE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "blip-trace-widgets"
+
+
+def download(url: str, destination: Path, *, what: str, how_to_supply: str) -> Path:
+    """Fetch ``url`` into ``destination`` atomically; a failure says what is missing and how to supply it."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            handle, partial = tempfile.mkstemp(dir=destination.parent, prefix=".download-")
+            with os.fdopen(handle, "wb") as out:
+                shutil.copyfileobj(response, out)
+        os.replace(partial, destination)
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise RuntimeError(
+            f"{what} is not cached at {destination} and could not be downloaded from {url} ({reason}); "
+            f"{how_to_supply}"
+        ) from None
+    return destination
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image file read on demand; with ``url`` it is downloaded to ``path`` the first time."""
+
+    path: Path
+    label: str
+    url: str | None = None
+    how_to_supply: str = ""
+
+    def open(self) -> Image.Image:
+        if not self.path.is_file():
+            if self.url is None:
+                raise RuntimeError(f"{self.label}: {self.path} not found; {self.how_to_supply}".rstrip("; "))
+            download(self.url, self.path, what=self.label, how_to_supply=self.how_to_supply)
+        return to_rgb_image(self.path)
+
+
+def open_image(image: Any) -> Image.Image:
+    """The RGB image of a sample: an :class:`ImageRef` is opened, anything else goes through ``to_rgb_image``."""
+    return image.open() if isinstance(image, ImageRef) else to_rgb_image(image)
+
+
+def image_id(image: Any) -> str:
+    """A short stable name for a sample's image: the reference's label, or a hash of the pixels."""
+    if isinstance(image, ImageRef):
+        return image.label
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    pixels = to_rgb_image(image)
+    return "sha1:" + hashlib.sha1(pixels.tobytes() + repr(pixels.size).encode()).hexdigest()[:16]
+
+
+def _paper_csv(name: str, cache_dir: Path, csv_path: str | os.PathLike | None) -> Path:
+    if csv_path is not None:
+        path = Path(csv_path)
+        if not path.is_file():
+            raise ValueError(f"csv_path {str(path)!r} does not exist; pass the paper's {PAPER_FILES[name]}")
+        return path
+    path = cache_dir / "paper-vqa-subsets" / PAPER_FILES[name]
+    if not path.is_file():
+        base = os.environ.get("BLIP_TRACE_PAPER_DATA_URL") or PAPER_DATA_URL
+        download(
+            base + PAPER_FILES[name], path, what=f"the paper's {PAPER_FILES[name]}",
+            how_to_supply=f"connect to the internet, copy the file to {path}, or pass "
+                          f"csv_path='.../{PAPER_FILES[name]}' (blip-trace sweep --csv)",
+        )
+    return path
+
+
+def _word_count(question: str) -> int:
+    return len(question.split())
+
+
+def _coco_samples(csv: Path, cache_dir: Path, image_dir: Path | None) -> Iterator[VQASample]:
+    import pandas as pd
+
+    frame = pd.read_csv(csv)
+    expected = {"train_image_id_count", "question_count", "answer_count"}
+    if not expected <= set(frame.columns):
+        raise ValueError(f"{csv} is not a COCO-QA subset of the paper: it needs the columns {sorted(expected)}")
+    hint = (
+        "connect to the internet once to fill the cache, copy COCO train2017 images there, "
+        "or pass image_dir= a folder of COCO train2017 images (blip-trace sweep --image-dir)"
+    )
+    url = os.environ.get("BLIP_TRACE_COCO_IMAGE_URL") or COCO_IMAGE_URL
+    for image, question, answer in zip(frame["train_image_id_count"], frame["question_count"], frame["answer_count"]):
+        name = f"{int(image):012d}.jpg"
+        local = image_dir / name if image_dir is not None and (image_dir / name).is_file() else None
+        ref = ImageRef(
+            path=local or cache_dir / "coco" / "train2017" / name, label=f"COCO image {name}",
+            url=None if local else url.format(id=int(image)), how_to_supply=hint,
+        )
+        yield VQASample(ref, str(question).strip(), str(answer).strip())
+
+
+def _clevr_samples(csv: Path, image_dir: Path | None) -> Iterator[VQASample]:
+    import pandas as pd
+
+    if image_dir is None:
+        raise ValueError(
+            "clevr-spatial needs CLEVR's validation images, which are not served one by one: download "
+            "CLEVR_v1.0 and pass image_dir='.../CLEVR_v1.0/images/val', or use 'cauldron-clevr' from the Hugging Face hub"
+        )
+    frame = pd.read_csv(csv)
+    if not {"Image_IDs", "Questions_Answers"} <= set(frame.columns):
+        raise ValueError(f"{csv} is not the paper's CLEVR subset: it needs the columns Image_IDs and Questions_Answers")
+    for image, pairs in zip(frame["Image_IDs"], frame["Questions_Answers"]):
+        ref = ImageRef(path=Path(image_dir) / f"{image}.png", label=f"CLEVR image {image}.png",
+                       how_to_supply=f"put CLEVR's validation images in {image_dir}")
+        for pair in ast.literal_eval(pairs):
+            yield VQASample(ref, str(pair["question"]).strip(), "yes" if int(pair["answer"]) else "no")
+
+
+def _easy_vqa_samples(kind: str | None) -> Iterator[VQASample]:
+    for path, question, answer in easy_vqa_questions("test"):
+        if kind is None or question_type(answer) == kind:
+            yield VQASample(ImageRef(Path(path), label=f"easy-VQA {Path(path).name}"), question, answer)
+
+
+def load_vqa_subset(
+    name: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    words: int | None = None,
+    csv_path: str | os.PathLike | None = None,
+    image_dir: str | os.PathLike | None = None,
+) -> list[VQASample]:
+    """The samples of a named subset (see ``SUBSETS``), optionally only questions of ``words`` words, at most ``limit``.
+
+    The paper averaged the first 200 colour questions of exactly 7 words:
+    ``load_vqa_subset("coco-qa-color", words=7, limit=200)``.
+    """
+    if name not in SUBSETS:
+        raise ValueError(f"unknown subset {name!r}: use one of {', '.join(SUBSETS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if words is not None and words < 1:
+        raise ValueError(f"words must be >= 1, got {words}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = Path(image_dir) if image_dir is not None else None
+    if name in EASY_VQA_SUBSETS:
+        stream: Iterable[VQASample] = _easy_vqa_samples(EASY_VQA_SUBSETS[name])
+    elif name in CAULDRON_SUBSETS:
+        stream = hf_samples(CAULDRON, config=CAULDRON_SUBSETS[name], split="train", streaming=True)
+    elif name == "clevr-spatial":
+        stream = _clevr_samples(_paper_csv(name, cache, csv_path), folder)
+    else:
+        stream = _coco_samples(_paper_csv(name, cache, csv_path), cache, folder)
+    picked = []
+    for sample in stream:
+        if words is None or _word_count(sample.question) == words:
+            picked.append(sample)
+            if limit is not None and len(picked) >= limit:
+                break
+    return picked
+
+
+# ----- Hugging Face datasets and plain iterables ----------------------------------------------
+
+def _clean_answer(text: str) -> str:
+    text = re.sub(r"^answer:\s*", "", text.strip(), flags=re.IGNORECASE)
+    return text.rstrip(".!").strip().lower()
+
+
+def _cauldron_rows(row: Mapping[str, Any]) -> Iterator[tuple[Any, str, str]]:
+    """The Cauldron keeps images in ``images`` and turns in ``texts`` ({user, assistant}); one sample per turn."""
+    images = row["images"]
+    if not images:
+        return
+    for turn in row["texts"]:
+        question = str(turn["user"]).strip().split("\n")[0].strip()
+        yield images[0], question, _clean_answer(str(turn["assistant"]))
+
+
+def hf_samples(
+    dataset: Any,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    streaming: bool = True,
+    image: str = "image",
+    question: str = "question",
+    answer: str | None = "answer",
+    limit: int | None = None,
+) -> Iterator[VQASample]:
+    """Samples from a ``datasets`` dataset (or a hub id, loaded with ``streaming``), through a column mapping.
+
+    The Cauldron's layout (``images`` and ``texts`` columns) is recognised without a mapping.
+    """
+    if isinstance(dataset, str):
+        dataset = _load_hf(dataset, config, split, streaming)
+    columns = set(getattr(dataset, "column_names", None) or [])
+    cauldron = {"images", "texts"} <= columns
+    if not cauldron and columns and not {image, question} <= columns:
+        raise ValueError(
+            f"the dataset has columns {sorted(columns)}; name its image and question columns, "
+            "e.g. hf_samples(ds, image='img', question='query', answer='label')"
+        )
+    count = 0
+    for row in dataset:
+        pairs = _cauldron_rows(row) if cauldron else [(row[image], row[question], row.get(answer) if answer else None)]
+        for picture, text, expected in pairs:
+            yield VQASample(picture, str(text), None if expected is None else str(expected))
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
+def _load_hf(path: str, config: str | None, split: str, streaming: bool) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, config, split=split, streaming=streaming)
+    except Exception as error:  # datasets raises many types for a missing network or dataset
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RuntimeError(
+            f"could not load the dataset {path!r} (config {config!r}, split {split!r}) from the Hugging Face hub: "
+            f"{first}. Connect to the internet, or pass a local datasets.Dataset to hf_samples()"
+        ) from None
+
+
+def as_samples(items: Iterable[Any]) -> Iterator[VQASample]:
+    """VQASamples from any iterable of samples, (image, question[, answer]) tuples or dicts with those keys."""
+    for index, item in enumerate(items):
+        if isinstance(item, VQASample):
+            yield item
+        elif isinstance(item, Mapping):
+            if "image" not in item or "question" not in item:
+                raise ValueError(f"sample {index} is a dict without 'image' and 'question' keys")
+            yield VQASample(item["image"], item["question"], item.get("answer"))
+        elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
+            yield VQASample(item[0], item[1], item[2] if len(item) == 3 else None)
+        else:
+            raise ValueError(
+                f"sample {index} is a {type(item).__name__}; pass (image, question) or (image, question, answer) "
+                "tuples, dicts with those keys, or VQASample"
+            )

@@ -1,0 +1,278 @@
+"""Sweeps: every configuration over every sample, written as it goes, resumable, shardable.
+
+    >>> import tempfile
+    >>> from blip_trace_widgets import load_model, TraceConfig, GaussianNoise
+    >>> from blip_trace_widgets.subsets import load_vqa_subset
+    >>> from blip_trace_widgets.sweep import sweep
+    >>> table = sweep(load_model("demo"), load_vqa_subset("easy-vqa-color", limit=2),
+    ...               configs=[TraceConfig(kind="hidden", samples=2, corruption=GaussianNoise(10.0))],
+    ...               out=tempfile.mkdtemp(), progress=False)
+    >>> len(table), sorted(table.columns)[:3]
+    (2, ['answer', 'block', 'config'])
+
+Layout of ``out``: ``sweep.json`` (what the sweep is), ``parts/`` (one Parquet file per
+finished sample, written atomically) and ``sweep.parquet`` (all parts merged, written
+when every sample is done). Run the same call again after a crash or a kill and it
+skips finished samples: at most the sample in flight is recomputed.
+
+Under ``accelerate launch --multi_gpu --num_processes N`` (or ``torchrun``: any launcher
+that sets ``WORLD_SIZE``; on a machine without GPUs the processes share the CPU), each process
+takes the samples whose index modulo the number of processes is its rank, on its own
+device; the main process merges the parts when all are done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .aggregate import token_roles
+from .data import VQASample
+from .engine import DEFAULT_MEMORY_BUDGET
+from .loading import BlipBundle
+from .results import TraceResult
+from .subsets import as_samples, image_id, open_image
+from .tracing import TraceConfig, Tracer
+
+MANIFEST = "sweep.json"
+TABLE = "sweep.parquet"
+PARTS = "parts"
+ANSWER_MODES = ("model", "expected")
+NUMBER_WORDS = {word: str(i) for i, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
+    "eighteen nineteen twenty".split())}
+
+
+def normalize_answer(text: str | None) -> str:
+    """Lower case, no surrounding punctuation, number words as digits ('Two.' and '2' match)."""
+    if text is None:
+        return ""
+    words = text.strip().lower().strip(".!?,;: ").split()
+    return " ".join(NUMBER_WORDS.get(w, w) for w in words)
+
+
+def is_correct(model_answer: str, expected: str | None) -> bool | None:
+    return None if expected is None else normalize_answer(model_answer) == normalize_answer(expected)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a sweep: samples whose index % count == index."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard index must be in [0, {self.count}), got {self.index}")
+
+    def owns(self, sample: int) -> bool:
+        return sample % self.count == self.index
+
+
+class _ProcessGroup:
+    """The processes of an ``accelerate launch`` (or a single process)."""
+
+    def __init__(self) -> None:
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
+            from accelerate import PartialState
+
+            # without CUDA, accelerate's torchrun launch (--multi_gpu) still gives one gloo process per shard
+            self.state = PartialState(cpu=not torch.cuda.is_available())
+
+    @property
+    def shard(self) -> Shard:
+        if self.state is None:
+            return Shard()
+        return Shard(self.state.process_index, self.state.num_processes)
+
+    @property
+    def is_main(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def process_device() -> str | None:
+    """The device this process should use under ``accelerate launch`` (None outside it)."""
+    group = _ProcessGroup()
+    return None if group.state is None else str(group.state.device)
+
+
+def _check_configs(configs: TraceConfig | Sequence[TraceConfig]) -> list[TraceConfig]:
+    configs = [configs] if isinstance(configs, TraceConfig) else list(configs)
+    if not configs:
+        raise ValueError("configs is empty: pass one TraceConfig or a list of them")
+    for config in configs:
+        if not isinstance(config, TraceConfig):
+            raise ValueError(f"configs must be TraceConfig objects, got {type(config).__name__}")
+        if config.answer is not None:
+            raise ValueError("a sweep scores each sample's own answer: leave TraceConfig.answer as None "
+                             "and use answer='model' or answer='expected' in sweep()")
+    return configs
+
+
+def manifest(bundle: BlipBundle, configs: Sequence[TraceConfig], answer: str) -> dict[str, Any]:
+    """What defines a sweep's rows; a resumed sweep must match it."""
+    return {"model": bundle.name, "dtype": str(bundle.dtype).replace("torch.", ""), "answer": answer,
+            "configs": [config.to_json() for config in configs]}
+
+
+def _write_atomically(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+    os.close(handle)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _part_path(out: Path, sample: int) -> Path:
+    return out / PARTS / f"sample-{sample:07d}.parquet"
+
+
+def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
+                 configs: Sequence[TraceConfig], answer: str) -> list[dict[str, Any]]:
+    rows = []
+    model_answer = tracer.model_answer
+    for index, config in enumerate(configs):
+        scored = item.answer if answer == "expected" else None
+        if answer == "expected" and not scored:
+            raise ValueError(f"sample {sample} has no expected answer to score; use answer='model'")
+        result = tracer.trace(config, answer=scored)
+        rows.append({
+            "sample": sample, "image_id": picture_id, "question": tracer.question, "expected": item.answer,
+            "model_answer": model_answer, "correct": is_correct(model_answer, item.answer),
+            "config": index, "block": config.block, "kind": config.kind, "window": int(config.window),
+            "corruption": json.dumps(result.config["corruption"], sort_keys=True),
+            "noise_samples": int(config.samples), "seed": int(config.seed), "metric": config.metric,
+            "sever": config.sever, "answer": result.answer, "scored": answer, "tokens": list(result.tokens),
+            "roles": token_roles(result.tokens), "scores": result.scores.tolist(), "low": result.low_score,
+            "high": result.high_score, "num_layers": result.num_layers, "model": tracer.bundle.name,
+            "dtype": result.config["dtype"],
+        })
+    return rows
+
+
+def _to_frame(rows: list[dict[str, Any]]):
+    import pandas as pd
+
+    frame = pd.DataFrame.from_records(rows)
+    for column in ("expected", "sever", "correct"):
+        frame[column] = frame[column].astype(object)
+    return frame
+
+
+def read_parts(out: str | os.PathLike):
+    """Every finished sample's rows so far, in sample and configuration order."""
+    import pandas as pd
+
+    paths = sorted((Path(out) / PARTS).glob("sample-*.parquet"))
+    if not paths:
+        return pd.DataFrame()
+    frame = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+    return frame.sort_values(["sample", "config"], kind="stable").reset_index(drop=True)
+
+
+def load_sweep(out: str | os.PathLike):
+    """The merged table of a finished sweep (or the parts of an unfinished one)."""
+    import pandas as pd
+
+    path = Path(out) / TABLE
+    return pd.read_parquet(path) if path.is_file() else read_parts(out)
+
+
+def result_from_row(row: Any) -> TraceResult:
+    """One table row back as a :class:`TraceResult` (to plot a single sample's heatmap)."""
+    get = row.__getitem__ if hasattr(row, "__getitem__") else lambda k: getattr(row, k)
+    return TraceResult(
+        scores=np.asarray([list(r) for r in get("scores")]), low_score=get("low"), high_score=get("high"),
+        answer=get("answer"), tokens=list(get("tokens")), block=get("block"), kind=get("kind"),
+        window=int(get("window")), config={"question": get("question"), "metric": get("metric"),
+                                           "corruption": json.loads(get("corruption")), "sever": get("sever")},
+    )
+
+
+def sweep(
+    bundle: BlipBundle,
+    samples: Iterable[Any],
+    *,
+    configs: TraceConfig | Sequence[TraceConfig],
+    out: str | os.PathLike,
+    answer: str = "model",
+    progress: bool = True,
+    overwrite: bool = False,
+    shard: Shard | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+):
+    """Trace every configuration on every sample; returns the table (a pandas DataFrame).
+
+    ``answer="model"`` scores the model's own first answer token (ROME's choice);
+    ``"expected"`` scores the dataset's answer. ``correct`` records whether the model's
+    answer matches the expected one, for averages over correctly answered samples.
+    """
+    import pandas as pd
+
+    if not isinstance(bundle, BlipBundle):
+        raise ValueError("pass the bundle returned by load_model(...), not a bare model")
+    if answer not in ANSWER_MODES:
+        raise ValueError(f"answer must be 'model' or 'expected', got {answer!r}")
+    configs = _check_configs(configs)
+    out = Path(out)
+    group = _ProcessGroup()
+    shard = shard or group.shard
+    wanted = manifest(bundle, configs, answer)
+    manifest_path = out / MANIFEST
+    if group.is_main:
+        if manifest_path.is_file() and not overwrite:
+            found = json.loads(manifest_path.read_text())
+            if found != wanted:
+                raise ValueError(
+                    f"{out} holds a different sweep ({MANIFEST} differs: model, dtype, answer or configs); "
+                    "pick a new out folder, or pass overwrite=True to start again"
+                )
+        elif manifest_path.is_file() or (out / PARTS).exists():
+            for stale in (out / PARTS).glob("*.parquet"):
+                stale.unlink()
+            (out / TABLE).unlink(missing_ok=True)
+        _write_atomically(manifest_path, lambda p: Path(p).write_text(json.dumps(wanted, indent=1) + "\n"))
+    group.wait()
+
+    total = len(range(shard.index, len(samples), shard.count)) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="sample", disable=not progress or None, position=shard.index,
+               desc=f"sweep {shard.index + 1}/{shard.count}" if shard.count > 1 else "sweep")
+    try:
+        for index, item in enumerate(as_samples(samples)):
+            if not shard.owns(index):
+                continue
+            part = _part_path(out, index)
+            if part.is_file():
+                bar.update(1)
+                continue
+            tracer = Tracer(bundle, open_image(item.image), item.question, memory_budget=memory_budget)
+            frame = _to_frame(_sample_rows(tracer, index, item, image_id(item.image), configs, answer))
+            _write_atomically(part, lambda p: frame.to_parquet(p, index=False))
+            bar.update(1)
+    finally:
+        bar.close()
+    group.wait()
+    if group.is_main:
+        table = read_parts(out)
+        _write_atomically(out / TABLE, lambda p: table.to_parquet(p, index=False))
+    group.wait()
+    return pd.read_parquet(out / TABLE)
