@@ -7,9 +7,10 @@
     >>> result.block, result.kind
     ('question_encoder', 'hidden')
 """
-from .corruption import GaussianNoise, ImageSwap, MultiplicativeNoise, UniformNoise
+from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, UniformNoise
 from .data import demo_samples
 from .loading import BlipBundle, load_model
+from .regions import Box, Mask, Outside
 from .results import TraceResult
 from .subsets import load_vqa_subset
 from .sweep import sweep
@@ -17,6 +18,11 @@ from .tracing import TraceConfig, Tracer, trace
 
 __all__ = [
     "BlipBundle",
+    "Blur",
+    "Box",
+    "Grey",
+    "Mask",
+    "Outside",
     "GaussianNoise",
     "ImageSwap",
     "MultiplicativeNoise",

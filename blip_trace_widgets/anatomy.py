@@ -23,26 +23,38 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-BLOCKS: tuple[str, ...] = ("question_encoder", "answer_decoder")
+TEXT_BLOCKS: tuple[str, ...] = ("question_encoder", "answer_decoder")
+VISION_BLOCK = "vision_encoder"
+BLOCKS: tuple[str, ...] = (*TEXT_BLOCKS, VISION_BLOCK)
 KINDS: tuple[str, ...] = ("hidden", "self_attn", "cross_attn", "mlp")
+VISION_KINDS: tuple[str, ...] = ("hidden", "self_attn", "mlp")
 SEVERABLE: tuple[str, ...] = ("self_attn", "cross_attn", "mlp")
 
 #: Layer stack of each block; ``{layer}`` is the layer index.
 LAYERS: dict[str, str] = {
     "question_encoder": "text_encoder.encoder.layer",
     "answer_decoder": "text_decoder.bert.encoder.layer",
+    VISION_BLOCK: "vision_model.encoder.layers",
 }
 
 #: The table: (block, kind) -> module whose output is restored.
 MODULES: dict[tuple[str, str], str] = {
-    (block, kind): LAYERS[block] + ".{layer}" + suffix
-    for block in BLOCKS
-    for kind, suffix in {
-        "hidden": "",
-        "self_attn": ".attention.output.dense",
-        "cross_attn": ".crossattention.output.dense",
-        "mlp": ".output.dense",
-    }.items()
+    **{
+        (block, kind): LAYERS[block] + ".{layer}" + suffix
+        for block in TEXT_BLOCKS
+        for kind, suffix in {
+            "hidden": "",
+            "self_attn": ".attention.output.dense",
+            "cross_attn": ".crossattention.output.dense",
+            "mlp": ".output.dense",
+        }.items()
+    },
+    # The ViT is pre-LN: h1 = h + SA(LN1(h)), h2 = h1 + MLP(LN2(h1)); .self_attn and .mlp
+    # output exactly what each sublayer adds to the residual stream.
+    **{
+        (VISION_BLOCK, kind): LAYERS[VISION_BLOCK] + ".{layer}" + suffix
+        for kind, suffix in {"hidden": "", "self_attn": ".self_attn", "mlp": ".mlp"}.items()
+    },
 }
 
 EMBEDDINGS: dict[str, str] = {
@@ -50,6 +62,8 @@ EMBEDDINGS: dict[str, str] = {
     "answer_decoder": "text_decoder.bert.embeddings",
 }
 VISION_ENCODER = "vision_model"
+VISION_EMBEDDINGS = "vision_model.embeddings"  # patch embeddings + CLS + positions: [B, 1 + g*g, D]
+VISION_POST_NORM = "vision_model.post_layernorm"
 ANSWER_HEAD = "text_decoder.cls.predictions"
 
 #: Pieces of one text layer, relative to the layer, that the engine computes with.
@@ -71,21 +85,35 @@ TEXT_LAYER_PARTS: dict[str, str] = {
 }
 
 
+#: Pieces of one vision layer, relative to the layer.
+VISION_LAYER_PARTS: dict[str, str] = {
+    "norm1": "layer_norm1",
+    "qkv": "self_attn.qkv",
+    "attn_out": "self_attn.projection",
+    "norm2": "layer_norm2",
+    "fc1": "mlp.fc1",
+    "act": "mlp.activation_fn",
+    "fc2": "mlp.fc2",
+}
+
+
 def check_block(block: str) -> str:
     if block not in BLOCKS:
         raise ValueError(f"unknown block {block!r}: use one of {', '.join(BLOCKS)}")
     return block
 
 
-def check_kind(kind: str) -> str:
+def check_kind(kind: str, block: str | None = None) -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+    if block == VISION_BLOCK and kind not in VISION_KINDS:
+        raise ValueError(f"the vision encoder has no {kind!r}: use one of {', '.join(VISION_KINDS)}")
     return kind
 
 
 def module_name(block: str, kind: str, layer: int) -> str:
     """Full name of the module whose output ``kind`` restores at ``layer`` of ``block``."""
-    return MODULES[(check_block(block), check_kind(kind))].format(layer=layer)
+    return MODULES[(check_block(block), check_kind(kind, block))].format(layer=layer)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -138,11 +166,43 @@ class TextLayer:
 
 def text_layers(model: nn.Module, block: str) -> list[TextLayer]:
     """Every layer of ``block`` as a :class:`TextLayer`."""
-    stack = get_module(model, LAYERS[check_block(block)])
+    if check_block(block) not in TEXT_BLOCKS:
+        raise ValueError(f"{block} is not a text block: use one of {', '.join(TEXT_BLOCKS)}")
+    stack = get_module(model, LAYERS[block])
     return [
         TextLayer(**{role: get_module(layer, path) for role, path in TEXT_LAYER_PARTS.items()})
         for layer in stack
     ]
+
+
+@dataclass(frozen=True)
+class VisionLayer:
+    """The modules of one BLIP vision (ViT) layer that a forward pass needs."""
+
+    norm1: nn.LayerNorm
+    qkv: nn.Linear
+    attn_out: nn.Linear
+    norm2: nn.LayerNorm
+    fc1: nn.Linear
+    act: nn.Module
+    fc2: nn.Linear
+
+
+def vision_layers(model: nn.Module) -> list[VisionLayer]:
+    stack = get_module(model, LAYERS[VISION_BLOCK])
+    return [VisionLayer(**{role: get_module(layer, path) for role, path in VISION_LAYER_PARTS.items()}) for layer in stack]
+
+
+def vision_embeddings(model: nn.Module) -> nn.Module:
+    return get_module(model, VISION_EMBEDDINGS)
+
+
+def vision_post_norm(model: nn.Module) -> nn.Module:
+    return get_module(model, VISION_POST_NORM)
+
+
+def vision_heads(model: nn.Module) -> int:
+    return int(model.config.vision_config.num_attention_heads)
 
 
 def text_embeddings(model: nn.Module, block: str) -> nn.Module:

@@ -90,7 +90,8 @@ def run_trace(args: argparse.Namespace) -> int:
         raise UsageError(f"--image {args.image!r}: no such file")
     level = args.scale if args.scale is not None else DEFAULT_LEVEL[args.noise]
     config = TraceConfig(block=args.block, kind=args.kind, window=args.window, corruption=from_name(args.noise, level),
-                         samples=args.samples, seed=args.seed, answer=args.answer, sever=args.sever)
+                         samples=args.samples, seed=args.seed, answer=args.answer, sever=args.sever,
+                         corrupt=args.corrupt, regions=args.regions)
     bundle = _load(args.model, args.device, args.dtype)
     tracer = Tracer(bundle, args.image, args.question)
     print(f"question: {tracer.question}\nmodel's answer: {tracer.model_answer!r}")
@@ -104,6 +105,12 @@ def run_trace(args: argparse.Namespace) -> int:
 
         result = tracer.trace(config, progress=progress)
     png, js = _write(result, Path(args.out), f"{_slug(tracer.question)}-{args.block}-{args.kind}")
+    if args.block == anatomy.VISION_BLOCK:
+        from .plotting import figure_png, plot_on_image
+
+        overlay = Path(args.out) / f"{_slug(tracer.question)}-{args.block}-{args.kind}-on-image.png"
+        overlay.write_bytes(figure_png(plot_on_image(result, tracer.image)))
+        print(f"wrote {overlay}")
     print(f"scored answer: {result.answer!r}  clean {result.high_score:.4f}  corrupted {result.low_score:.4f}")
     print(f"wrote {png} and {js}")
     return 0
@@ -208,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--answer", default=None, help="answer to score (default: the model's own first answer token)")
     one.add_argument("--sever", choices=anatomy.SEVERABLE, default=None,
                      help="hold this sublayer at its corrupted values while restoring hidden states")
+    one.add_argument("--corrupt", choices=["image", "patches", "pixels", "question"], default=None,
+                     help="where the noise goes: image embeddings (the paper's; default for text blocks), patch "
+                          "embeddings (default for --block vision_encoder), pixels, or the question's tokens")
+    one.add_argument("--regions", type=int, default=None,
+                     help="vision_encoder: regions per side restored as units (default: every patch)")
     one.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="model dtype")
     one.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     one.add_argument("--out", required=True, help="folder for the PNG and JSON files")

@@ -1,4 +1,4 @@
-"""Corruptions of the image embeddings (the vision encoder's output), as in the paper.
+"""Corruptions: noise on the image embeddings (the paper's), on patch embeddings, pixels or question tokens.
 
     >>> import torch
     >>> from blip_trace_widgets import GaussianNoise
@@ -7,7 +7,14 @@
     >>> tuple(noisy.shape)
     (4, 5, 8)
 
-A corruption is any callable ``(clean [1, N, D], samples, generator) -> [samples, N, D]``.
+A corruption is any callable ``(clean [1, ...], samples, generator) -> [samples, ...]``.
+What ``clean`` is depends on ``TraceConfig.corrupt``: the vision encoder's output
+(``"image"``, the paper's choice), the patch embeddings before the vision encoder
+(``"patches"``), the pixels (``"pixels"``) or the question's token embeddings
+(``"question"``). The noise corruptions take a ``region`` (a :class:`~.regions.Box`,
+:class:`~.regions.Mask` or :class:`~.regions.Outside`) to corrupt only the patches, or
+pixels, it covers; :class:`Blur` and :class:`Grey` work on pixels.
+
 The noise is drawn on the CPU in float32 from the given generator, so one seed gives
 the same corruption on every device; it is then cast to the embeddings' device and dtype.
 The built-in corruptions are frozen dataclasses, so they can serve as cache keys.
@@ -15,9 +22,10 @@ The built-in corruptions are frozen dataclasses, so they can serve as cache keys
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -36,11 +44,30 @@ def _std(clean: torch.Tensor) -> torch.Tensor:
     return clean.float().std().to(clean.dtype)
 
 
+def region_mask(region: Any, clean: torch.Tensor) -> torch.Tensor | None:
+    """Where ``region`` covers ``clean``: tokens of [1, N, D] embeddings or pixels of [1, C, H, W] images."""
+    if region is None:
+        return None
+    if clean.ndim == 3:
+        mask = region.token_mask(clean.shape[1])[None, :, None]
+    elif clean.ndim == 4:
+        mask = region.pixel_mask(clean.shape[2], clean.shape[3])[None, None]
+    else:
+        raise ValueError(f"a region applies to [1, N, D] embeddings or [1, C, H, W] pixels, got shape {tuple(clean.shape)}")
+    return mask.to(clean.device)
+
+
+def _add_in_region(clean: torch.Tensor, change: torch.Tensor, region: Any) -> torch.Tensor:
+    mask = region_mask(region, clean)
+    return clean + (change if mask is None else change * mask.to(change.dtype))
+
+
 @dataclass(frozen=True)
 class GaussianNoise:
     """Add N(0, (scale·σ)²), σ being the std of the clean image embeddings (ROME's 3σ)."""
 
     scale: float = 3.0
+    region: Any = None
 
     def __post_init__(self) -> None:
         if not self.scale >= 0:
@@ -48,7 +75,7 @@ class GaussianNoise:
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         noise = _draw(clean, samples, lambda s: torch.randn(s, generator=generator))
-        return clean + noise * (self.scale * _std(clean))
+        return _add_in_region(clean, noise * (self.scale * _std(clean)), self.region)
 
 
 @dataclass(frozen=True)
@@ -56,6 +83,7 @@ class MultiplicativeNoise:
     """Multiply each value by N(1, std²): the paper's corruption."""
 
     std: float = 5.0
+    region: Any = None
 
     def __post_init__(self) -> None:
         if not self.std >= 0:
@@ -63,7 +91,7 @@ class MultiplicativeNoise:
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         noise = _draw(clean, samples, lambda s: torch.randn(s, generator=generator))
-        return clean * (1 + self.std * noise)
+        return _add_in_region(clean, clean * (self.std * noise), self.region)
 
 
 @dataclass(frozen=True)
@@ -71,6 +99,7 @@ class UniformNoise:
     """Add U(−scale·σ, scale·σ), σ as for :class:`GaussianNoise` (ROME's uniform option)."""
 
     scale: float = 3.0
+    region: Any = None
 
     def __post_init__(self) -> None:
         if not self.scale >= 0:
@@ -78,7 +107,7 @@ class UniformNoise:
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         noise = _draw(clean, samples, lambda s: torch.rand(s, generator=generator) * 2 - 1)
-        return clean + noise * (self.scale * _std(clean))
+        return _add_in_region(clean, noise * (self.scale * _std(clean)), self.region)
 
 
 @dataclass(frozen=True)
@@ -119,14 +148,69 @@ class ImageSwap:
         return other.expand(samples, *clean.shape[1:]).clone()
 
 
+def _check_pixels(name: str, clean: torch.Tensor) -> None:
+    if clean.ndim != 4:
+        raise ValueError(f"{name} works on pixels: use it with corrupt='pixels' (got a tensor of shape {tuple(clean.shape)})")
+
+
+@dataclass(frozen=True)
+class Blur:
+    """Gaussian blur of the pixels in ``region`` (the whole image when None), ``sigma`` in pixels of the model's input."""
+
+    sigma: float = 4.0
+    region: Any = None
+    stage: ClassVar[str] = "pixels"
+
+    def __post_init__(self) -> None:
+        if not self.sigma > 0:
+            raise ValueError(f"Blur sigma must be > 0 pixels, got {self.sigma}")
+
+    def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
+        _check_pixels("Blur", clean)
+        radius = max(1, int(math.ceil(3 * self.sigma)))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (offsets / self.sigma) ** 2)
+        kernel = (kernel / kernel.sum()).to(device=clean.device, dtype=clean.dtype)
+        channels = clean.shape[1]
+        x = torch.nn.functional.pad(clean, (radius, radius, 0, 0), mode="replicate")
+        x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+        x = torch.nn.functional.pad(x, (0, 0, radius, radius), mode="replicate")
+        blurred = torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+        mask = region_mask(self.region, clean)
+        out = blurred if mask is None else torch.where(mask, blurred, clean)
+        return out.expand(samples, *clean.shape[1:]).clone()
+
+
+@dataclass(frozen=True)
+class Grey:
+    """Pixels in ``region`` set to the processor's mean colour (0 after its normalisation): the area is erased."""
+
+    region: Any = None
+    stage: ClassVar[str] = "pixels"
+
+    def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
+        _check_pixels("Grey", clean)
+        mask = region_mask(self.region, clean)
+        out = torch.zeros_like(clean) if mask is None else clean.masked_fill(mask, 0.0)
+        return out.expand(samples, *clean.shape[1:]).clone()
+
+
 def describe(corruption: Callable[..., torch.Tensor]) -> dict[str, Any]:
     """A JSON-safe description of a corruption, for results and cache keys."""
+    from .regions import describe_region
+
+    region = getattr(corruption, "region", None)
+    extra = {"region": describe_region(region)} if region is not None else {}
     if isinstance(corruption, GaussianNoise):
-        return {"type": "gaussian", "scale": corruption.scale}
+        return {"type": "gaussian", "scale": corruption.scale, **extra}
     if isinstance(corruption, MultiplicativeNoise):
-        return {"type": "multiplicative", "std": corruption.std}
+        return {"type": "multiplicative", "std": corruption.std, **extra}
     if isinstance(corruption, UniformNoise):
-        return {"type": "uniform", "scale": corruption.scale}
+        return {"type": "uniform", "scale": corruption.scale, **extra}
+    if isinstance(corruption, Blur):
+        return {"type": "blur", "sigma": corruption.sigma, **extra}
+    if isinstance(corruption, Grey):
+        return {"type": "grey", **extra}
     if isinstance(corruption, ImageSwap):
         return {"type": "image_swap", "image_sha1": corruption.key}
     return {"type": "custom", "repr": repr(corruption)}

@@ -65,3 +65,24 @@ def demo_samples(per_type: int = 2, split: str = "test") -> list[VQASample]:
             break
     ordered = [b[i] for i in range(per_type) for b in picked.values()]
     return [VQASample(Image.open(path).convert("RGB"), question, answer) for path, question, answer in ordered]
+
+
+def shape_box(image: Image.Image, *, tolerance: int = 40):
+    """The bounding box of an easy-VQA image's shape: the pixels that differ from the plain background.
+
+    easy-VQA draws one shape on a background of one colour; the background is the most
+    common colour. Returns a :class:`~blip_trace_widgets.regions.Box` in fractions of the image.
+    """
+    import numpy as np
+
+    from .regions import Box
+
+    pixels = np.asarray(image.convert("RGB")).astype(np.int16)
+    colours, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+    background = colours[counts.argmax()]
+    shape = np.abs(pixels - background).max(axis=2) > tolerance
+    if not shape.any():
+        raise ValueError("no shape found: every pixel is within the tolerance of the background colour")
+    rows, cols = np.nonzero(shape)
+    return Box.from_pixels(int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1,
+                           (image.width, image.height))

@@ -121,6 +121,42 @@ class TextStack:
         return edit("hidden", L.mlp_norm(m + h2))
 
 
+class VisionStack:
+    """BLIP's vision encoder (a pre-LN ViT), layer by layer, in the same interface as :class:`TextStack`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.block = anatomy.VISION_BLOCK
+        self.layers = anatomy.vision_layers(model)
+        self.embeddings = anatomy.vision_embeddings(model)
+        self.post_norm = anatomy.vision_post_norm(model)
+        self.heads = anatomy.vision_heads(model)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings with CLS and positions: [B, 3, H, W] -> [B, 1 + g*g, D]."""
+        return self.embeddings(pixels)
+
+    def self_mask(self, length: int, dtype: torch.dtype, device: torch.device) -> None:
+        return None
+
+    def no_cross(self) -> list[None]:
+        return [None] * len(self)
+
+    def layer(self, j: int, h: torch.Tensor, cross: None = None, mask: None = None, edit: Edit = _no_edit) -> torch.Tensor:
+        """Layer j on ``h`` [S, C, N, D]; ``edit(kind, x)`` may replace the self-attention, MLP or layer output."""
+        L = self.layers[j]
+        s, c, n, d = h.shape
+        rows = h.reshape(s * c, n, d)
+        qkv = L.qkv(L.norm1(rows)).reshape(s * c, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        ctx = attend(qkv[0], qkv[1], qkv[2], None)
+        sa = edit("self_attn", L.attn_out(ctx.transpose(1, 2).reshape(s, c, n, d)))
+        h1 = h + sa
+        m = edit("mlp", L.fc2(L.act(L.fc1(L.norm2(h1)))))
+        return edit("hidden", h1 + m)
+
+
 @dataclass
 class Run:
     """A recorded pass over one stack: layer inputs (``inputs[L]`` is the output) and kind outputs.
@@ -172,9 +208,14 @@ def window_layers(layer: int, window: int, num_layers: int) -> range:
 
 def grid_cells(positions: int, num_layers: int, window: int) -> list[Cell]:
     """The cells of a heatmap, position-major: cell (p, l) restores ``window`` layers around l at p."""
+    return group_cells([[p] for p in range(positions)], num_layers, window)
+
+
+def group_cells(groups: Sequence[Sequence[int]], num_layers: int, window: int) -> list[Cell]:
+    """Cells that restore each group of positions together (an image region), group-major."""
     return [
-        tuple((j, p) for j in window_layers(layer, window, num_layers))
-        for p in range(positions)
+        tuple((j, p) for j in window_layers(layer, window, num_layers) for p in group)
+        for group in groups
         for layer in range(num_layers)
     ]
 
@@ -273,6 +314,32 @@ def start_layer(cell: Cell, kind: str, num_layers: int) -> int:
         return num_layers
     first = min(layer for layer, _ in cell)
     return first + 1 if kind == "hidden" else first
+
+
+def vision_rows_per_chunk(
+    samples: int,
+    patches: int,
+    vision_hidden: int,
+    vision_intermediate: int,
+    vision_heads: int,
+    tokens: int,
+    text_hidden: int,
+    text_intermediate: int,
+    text_heads: int,
+    element_size: int,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    max_batch_rows: int | None = None,
+) -> int:
+    """Rows (cell x sample) of an image-side trace that fit the memory budget: a ViT layer, then the text pass."""
+    vit = patches * (8 * vision_hidden + 2 * vision_intermediate) + 2 * vision_heads * patches * patches
+    text = tokens * (8 * text_hidden + 2 * text_intermediate) + 2 * patches * text_hidden + 2 * text_heads * tokens * patches
+    per_row = (max(vit, text) + patches * vision_hidden) * element_size
+    rows = max(samples, memory_budget // max(per_row, 1))
+    if max_batch_rows is not None:
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        rows = min(rows, max_batch_rows)
+    return max(1, rows)
 
 
 def rows_per_chunk(

@@ -169,3 +169,92 @@ def plot_subset_comparison(tables: dict[str, Any], *, kind: str = "hidden", form
         parts.append(effects)
     return _role_lines(pd.concat(parts, ignore_index=True), hue="subset", form=form, roles=roles, figure=figure,
                        title=lambda role: f"{KIND_LABELS.get(kind, kind)}: {role}")
+
+
+# ----- image-side traces: the effect painted on the image -----------------------------------
+
+def _region_values(result: TraceResult, layer: int, normalized: bool) -> tuple[list, np.ndarray]:
+    grid = result.config.get("grid")
+    if not grid or result.block != "vision_encoder":
+        raise ValueError("plot_on_image needs an image-side trace: trace(..., block='vision_encoder')")
+    if not 0 <= layer < result.num_layers:
+        raise ValueError(f"layer must be between 0 and {result.num_layers - 1}, got {layer}")
+    values = result.normalized() if normalized else result.indirect_effect()
+    return grid["boxes"], values[:, layer]
+
+
+def effect_map(result: TraceResult, layer: int, size: tuple[int, int], *, normalized: bool = True) -> np.ndarray:
+    """The effect of each region at ``layer`` as an array of ``size`` (width, height); NaN where no region is."""
+    boxes, values = _region_values(result, layer, normalized)
+    width, height = size
+    out = np.full((height, width), np.nan)
+    for box, value in zip(boxes, values):
+        if box is None:
+            continue
+        left, top, right, bottom = box
+        out[round(top * height):round(bottom * height), round(left * width):round(right * width)] = value
+    return out
+
+
+def _effect_limits(result: TraceResult, normalized: bool) -> tuple[float, float]:
+    values = (result.normalized() if normalized else result.indirect_effect())[1:]
+    finite = values[np.isfinite(values)]
+    top = float(np.abs(finite).max()) if finite.size else 1.0
+    return (-top, top) if (finite < 0).any() else (0.0, top or 1.0)
+
+
+def overlay_image(result: TraceResult, image: Any = None, *, layer: int, normalized: bool = True, alpha: float = 0.55,
+                  cmap: str = "magma", limits: tuple[float, float] | None = None) -> Any:
+    """The image with each region's effect at ``layer`` blended over it, as a PIL image of the image's size."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    picture = _trace_image(result, image)
+    values = effect_map(result, layer, picture.size, normalized=normalized)
+    low, high = limits or _effect_limits(result, normalized)
+    scaled = np.clip((values - low) / ((high - low) or 1.0), 0, 1)
+    colours = colormaps[cmap](np.nan_to_num(scaled))[..., :3]
+    base = np.asarray(picture, dtype=np.float64) / 255.0
+    weight = np.where(np.isnan(values), 0.0, alpha)[..., None]
+    blended = (1 - weight) * base + weight * colours
+    return Image.fromarray(np.round(blended * 255).astype(np.uint8), "RGB")
+
+
+def _trace_image(result: TraceResult, image: Any) -> Any:
+    from .inputs import to_rgb_image
+
+    image = image if image is not None else getattr(result, "image", None)
+    if image is None:
+        raise ValueError("this result carries no image (it was loaded from a file): pass image=...")
+    return to_rgb_image(image)
+
+
+def plot_on_image(result: TraceResult, image: Any = None, *, layer: int | Sequence[int] | None = None,
+                  normalized: bool = True, alpha: float = 0.55, cmap: str = "magma", figure: Any = None) -> Any:
+    """The effect of each image region overlaid on the image, with a colour bar; one panel per layer.
+
+    ``layer=None`` draws every layer as small multiples on one colour scale.
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    picture = _trace_image(result, image)
+    layers = list(range(result.num_layers)) if layer is None else ([layer] if isinstance(layer, (int, np.integer)) else list(layer))
+    limits = _effect_limits(result, normalized)
+    if figure is None:
+        figure = _figure((max(3.6, 0.8 + 2.2 * len(layers)), 3.1))
+    axes = [figure.add_subplot(1, len(layers), i + 1) for i in range(len(layers))]
+    for ax, j in zip(axes, layers):
+        ax.imshow(overlay_image(result, picture, layer=j, normalized=normalized, alpha=alpha, cmap=cmap, limits=limits))
+        ax.set_title(f"vision layer {j}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    cls = (result.normalized() if normalized else result.indirect_effect())[0]
+    figure.suptitle(
+        f"{KIND_LABELS.get(result.kind, result.kind)} restored per region"
+        + (f", window {result.window}" if result.window > 1 else "")
+        + f"\nanswer {result.answer!r}; restoring CLS: " + ", ".join(f"{v:.2f}" for v in cls[layers]), fontsize=8)
+    bar = figure.colorbar(ScalarMappable(Normalize(*limits), colormaps[cmap]), ax=axes, shrink=0.85)
+    bar.set_label("normalised effect" if normalized else "indirect effect (score − low)")
+    return figure

@@ -118,6 +118,12 @@ class TraceResult:
 
         return plot_trace(self, ax=ax, normalized=normalized, title=title)
 
+    def plot_on_image(self, image: Any = None, *, layer: Any = None, normalized: bool = True, **kw: Any) -> Any:
+        """For an image-side trace: each region's effect over the image, one panel per layer (see plotting)."""
+        from .plotting import plot_on_image
+
+        return plot_on_image(self, image, layer=layer, normalized=normalized, **kw)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TraceResult):
             return NotImplemented

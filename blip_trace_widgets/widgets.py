@@ -100,7 +100,77 @@ def _image_key(image: Image.Image) -> str:
     return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
 
 
-class TraceExplorer(W.VBox):
+class _LiveView(W.VBox):
+    """Background tracing for the explorers: newer changes cancel older traces; errors show inside."""
+
+    background: bool
+    progress: W.IntProgress
+    status: W.HTML
+    error: W.HTML
+
+    def _start_live(self) -> None:
+        self._job: threading.Event | None = None
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def refresh(self) -> None:
+        """Trace the current configuration and show it (in a thread when ``background``)."""
+        with self._lock:
+            if self._job is not None:
+                self._job.set()  # cancel the trace in flight
+            job = threading.Event()
+            self._job = job
+        if self.background:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            thread = threading.Thread(target=self._work, args=(job,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        else:
+            self._work(job)
+
+    def wait(self, timeout: float | None = 60) -> None:
+        """Block until background traces, the latest included, have finished (for scripts and tests)."""
+        for thread in list(self._threads):
+            thread.join(timeout)
+
+    def _progress(self, job: threading.Event):
+        def report(done: int, total: int) -> None:
+            if job.is_set():
+                raise _Cancelled
+            self.progress.max, self.progress.value = max(total, 1), done
+
+        return report
+
+    def _run(self, job: threading.Event) -> None:
+        raise NotImplementedError
+
+    def _work(self, job: threading.Event) -> None:
+        self.status.value = "<i>tracing…</i>"
+        self.progress.value = 0
+        try:
+            self._run(job)
+            if not job.is_set():
+                self.error.value = ""
+        except _Cancelled:
+            return
+        except Exception as error:  # shown in the widget; the kernel and the widget carry on
+            if not job.is_set():
+                self._show_error(error)
+        finally:
+            if not job.is_set():
+                self.progress.value = self.progress.max
+
+    def _show_error(self, error: Exception) -> None:
+        self.error.value = (
+            "<div style='color:#a00;border:1px solid #a00;padding:4px 8px;border-radius:4px'>"
+            f"<b>{escape(type(error).__name__)}</b>: {escape(str(error))}</div>"
+        )
+        if not isinstance(error, ValueError):
+            self.error.value += f"<details><pre>{escape(traceback.format_exc())}</pre></details>"
+        self.status.value = ""
+
+
+class TraceExplorer(_LiveView):
     """Image, question, answer and a causal-trace heatmap that follows the controls.
 
     ``samples`` is an optional gallery of (image, question[, answer]) tuples; with no
@@ -137,9 +207,7 @@ class TraceExplorer(W.VBox):
         self._tracers: dict[tuple[str, str], Tracer] = {}
         self._image = to_rgb_image(image)
         self._image_id = _image_key(self._image)
-        self._job: threading.Event | None = None
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
+        self._start_live()
         config = config or default_config(bundle, samples=10)
         layers = bundle.num_layers("question_encoder")
 
@@ -257,70 +325,21 @@ class TraceExplorer(W.VBox):
         self.refresh()
 
     # ----- work ---------------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Trace the current configuration and show it (in a thread when ``background``)."""
-        with self._lock:
-            if self._job is not None:
-                self._job.set()  # cancel the trace in flight
-            job = threading.Event()
-            self._job = job
-        if self.background:
-            self._threads = [t for t in self._threads if t.is_alive()]
-            thread = threading.Thread(target=self._work, args=(job,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
+    def _run(self, job: threading.Event) -> None:
+        tracer = self.tracer
+        self.answer_view.value = f"model's answer: <b>{escape(tracer.model_answer)}</b>"
+        config = self.config
+        if self.view.value == "compare":
+            kinds = [value for _, value in KIND_OPTIONS]
+            window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
+            results = [tracer.trace(replace(config, kind=k, window=1 if k == "hidden" else window),
+                                    progress=self._progress(job)) for k in kinds]
         else:
-            self._work(job)
-
-    def wait(self, timeout: float | None = 60) -> None:
-        """Block until background traces, the latest included, have finished (for scripts and tests)."""
-        for thread in list(self._threads):
-            thread.join(timeout)
-
-    def _progress(self, job: threading.Event):
-        def report(done: int, total: int) -> None:
-            if job.is_set():
-                raise _Cancelled
-            self.progress.max, self.progress.value = max(total, 1), done
-
-        return report
-
-    def _work(self, job: threading.Event) -> None:
-        self.status.value = "<i>tracing…</i>"
-        self.progress.value = 0
-        try:
-            tracer = self.tracer
-            self.answer_view.value = f"model's answer: <b>{escape(tracer.model_answer)}</b>"
-            config = self.config
-            if self.view.value == "compare":
-                kinds = [value for _, value in KIND_OPTIONS]
-                window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
-                results = [tracer.trace(replace(config, kind=k, window=1 if k == "hidden" else window),
-                                        progress=self._progress(job)) for k in kinds]
-            else:
-                results = [tracer.trace(config, progress=self._progress(job))]
-            if job.is_set():
-                return
-            self._show(results)
-            self.error.value = ""
-            self.status.value = self._status_text(results[0])
-        except _Cancelled:
+            results = [tracer.trace(config, progress=self._progress(job))]
+        if job.is_set():
             return
-        except Exception as error:  # shown in the widget; the kernel and the widget carry on
-            if not job.is_set():
-                self._show_error(error)
-        finally:
-            if not job.is_set():
-                self.progress.value = self.progress.max
-
-    def _show_error(self, error: Exception) -> None:
-        self.error.value = (
-            "<div style='color:#a00;border:1px solid #a00;padding:4px 8px;border-radius:4px'>"
-            f"<b>{escape(type(error).__name__)}</b>: {escape(str(error))}</div>"
-        )
-        if not isinstance(error, ValueError):
-            self.error.value += f"<details><pre>{escape(traceback.format_exc())}</pre></details>"
-        self.status.value = ""
+        self._show(results)
+        self.status.value = self._status_text(results[0])
 
     def _status_text(self, result: TraceResult) -> str:
         stats = self.tracer.stats
@@ -371,3 +390,202 @@ class TraceExplorer(W.VBox):
             return None
         self.status.value = f"saved <code>{escape(str(path))}</code>"
         return path
+
+
+VISION_KIND_OPTIONS = [("hidden states", "hidden"), ("MLP", "mlp"), ("self-attention", "self_attn")]
+VISION_CORRUPTION_OPTIONS = [("noise on patch embeddings", "noise"), ("blur pixels", "blur"), ("grey pixels", "grey")]
+AREA_OPTIONS = [("whole image", "all"), ("inside the box", "inside"), ("outside the box", "outside")]
+VISION_LEVEL_TIPS = {
+    "noise": "Gaussian noise of s·σ on the patch embeddings (σ = their std), before the vision encoder",
+    "blur": "Gaussian blur of the pixels, s = its sigma in pixels of the model's input",
+    "grey": "pixels set to the processor's mean colour; no level",
+}
+
+
+class VisionTraceExplorer(_LiveView):
+    """Where in the picture, and how deep in the vision encoder, the answer lives: effects painted on the image.
+
+    The corruption acts before the vision encoder (noise on patch embeddings, or blurred
+    or greyed pixels), on the whole image or a box set with two range sliders; each
+    region of a grid is then restored as a unit at each vision layer. Moving the layer
+    slider only redraws: one trace covers every layer.
+    """
+
+    def __init__(
+        self,
+        bundle: BlipBundle,
+        image: Any = None,
+        question: str | None = None,
+        *,
+        samples: Sequence[tuple] | None = None,
+        regions: int | None = None,
+        noise_samples: int = 5,
+        background: bool = True,
+    ) -> None:
+        if not isinstance(bundle, BlipBundle):
+            raise ValueError("pass the bundle returned by load_model(...)")
+        self.bundle = bundle
+        if image is None and samples is None:
+            from .data import demo_samples
+
+            samples = demo_samples()
+        self.samples = [tuple(s) for s in samples] if samples else []
+        if image is None:
+            image, question = self.samples[0][0], self.samples[0][1]
+        self.background = background
+        self.result: TraceResult | None = None
+        self._tracers: dict[tuple[str, str], Tracer] = {}
+        self._image = to_rgb_image(image)
+        self._image_id = _image_key(self._image)
+        self._start_live()
+        vision = bundle.model.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        layers = int(vision.num_hidden_layers)
+
+        style = {"description_width": "initial"}
+        self.gallery = W.Dropdown(description="sample", style=style,
+                                  options=[(f"{i + 1}: {s[1]}", i) for i, s in enumerate(self.samples)] or [("(none)", -1)],
+                                  disabled=not self.samples,
+                                  layout=W.Layout(width="340px", display=None if self.samples else "none"))
+        self.image_view = W.Image(value=_png(self._image, 128), format="png", layout=W.Layout(width="128px"))
+        self.question_box = W.Text(value=question or "", description="question", style=style, continuous_update=False,
+                                   layout=W.Layout(width="340px"))
+        self.answer_view = W.HTML()
+        self.kind = W.Dropdown(options=VISION_KIND_OPTIONS, value="hidden", description="kind", style=style)
+        self.window = W.IntSlider(value=1, min=1, max=layers, description="window", continuous_update=False, style=style)
+        self.regions = W.IntSlider(value=regions or min(side, 8), min=1, max=side, description="regions per side",
+                                   continuous_update=False, style=style)
+        self.corruption = W.Dropdown(options=VISION_CORRUPTION_OPTIONS, value="noise", description="corruption",
+                                     style=style)
+        self.level = W.FloatLogSlider(value=float(bundle.noise_scale), base=10, min=-1, max=np.log10(30), step=0.02,
+                                      description="level", continuous_update=False, readout_format=".2f", style=style)
+        self.area = W.ToggleButtons(options=AREA_OPTIONS, value="all")
+        self.box_x = W.IntRangeSlider(value=(25, 75), min=0, max=100, description="box x %", continuous_update=False,
+                                      style=style)
+        self.box_y = W.IntRangeSlider(value=(25, 75), min=0, max=100, description="box y %", continuous_update=False,
+                                      style=style)
+        self.layer = W.IntSlider(value=0, min=0, max=layers - 1, description="vision layer", style=style)
+        self.all_layers = W.Checkbox(value=False, description="all layers", indent=False)
+        self.normalized = W.Checkbox(value=True, description="normalised", indent=False)
+        self.noise_samples = W.IntSlider(value=noise_samples, min=1, max=50, description="noise samples",
+                                         continuous_update=False, style=style)
+        self.seed = W.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed", style=style,
+                                     layout=W.Layout(width="160px"))
+        set_tooltip(self.regions, "the patch grid is split into this many regions per side; each is restored as a unit")
+        set_tooltip(self.area, "which part of the image the corruption touches")
+        set_tooltip(self.layer, "which vision layer's effects to paint; redraws without tracing again")
+        self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="240px"))
+        self.status = W.HTML()
+        self.error = W.HTML()
+        self.overlay = W.Image(format="png")
+
+        header = W.HBox([self.image_view, W.VBox([self.gallery, self.question_box, self.answer_view,
+                                                  W.HBox([self.progress, self.status])])])
+        controls = W.VBox([
+            W.HBox([self.kind, self.window, self.regions]),
+            W.HBox([self.corruption, self.level, self.noise_samples, self.seed]),
+            W.HBox([self.area, self.box_x, self.box_y]),
+            W.HBox([self.layer, self.all_layers, self.normalized]),
+        ])
+        super().__init__([header, controls, self.error, self.overlay])
+        self._update_enabled()
+        for control in (self.kind, self.window, self.regions, self.corruption, self.level, self.area, self.box_x,
+                        self.box_y, self.noise_samples, self.seed, self.question_box):
+            control.observe(self._on_change, names="value")
+        for control in (self.layer, self.all_layers, self.normalized):
+            control.observe(self._on_view, names="value")
+        self.gallery.observe(self._on_sample, names="value")
+        self.refresh()
+
+    @property
+    def image(self) -> Image.Image:
+        return self._image
+
+    @property
+    def tracer(self) -> Tracer:
+        key = (self._image_id, self.question_box.value.strip())
+        if key not in self._tracers:
+            self._tracers[key] = Tracer(self.bundle, self._image, self.question_box.value)
+        return self._tracers[key]
+
+    @property
+    def region(self) -> Any:
+        """The area the corruption touches (None for the whole image)."""
+        from .regions import Box, Outside
+
+        if self.area.value == "all":
+            return None
+        (x0, x1), (y0, y1) = self.box_x.value, self.box_y.value
+        box = Box(x0 / 100, y0 / 100, x1 / 100, y1 / 100)
+        return box if self.area.value == "inside" else Outside(box)
+
+    @property
+    def config(self) -> TraceConfig:
+        from .corruption import Blur, GaussianNoise, Grey
+
+        level = round(float(self.level.value), 4)
+        corruption = {"noise": lambda: GaussianNoise(level, region=self.region),
+                      "blur": lambda: Blur(level, region=self.region),
+                      "grey": lambda: Grey(region=self.region)}[self.corruption.value]()
+        kind = self.kind.value
+        return TraceConfig(block="vision_encoder", kind=kind, window=1 if kind == "hidden" else int(self.window.value),
+                           regions=int(self.regions.value), corruption=corruption,
+                           samples=1 if self.corruption.value != "noise" else int(self.noise_samples.value),
+                           seed=int(self.seed.value))
+
+    def set_sample(self, image: Any, question: str) -> None:
+        try:
+            self._image = to_rgb_image(image)
+        except ValueError as error:
+            self._show_error(error)
+            return
+        self._image_id = _image_key(self._image)
+        self.image_view.value = _png(self._image, 128)
+        if self.question_box.value != question:
+            self.question_box.value = question
+        else:
+            self.refresh()
+
+    def _on_sample(self, change: dict) -> None:
+        if change["new"] is not None and change["new"] >= 0:
+            self.set_sample(*self.samples[change["new"]][:2])
+
+    def _update_enabled(self) -> None:
+        self.window.disabled = self.kind.value == "hidden"
+        set_tooltip(self.window, WINDOW_OFF_TIP if self.window.disabled else WINDOW_ON_TIP)
+        self.level.disabled = self.corruption.value == "grey"
+        self.noise_samples.disabled = self.corruption.value != "noise"
+        set_tooltip(self.level, VISION_LEVEL_TIPS[self.corruption.value])
+        self.box_x.disabled = self.box_y.disabled = self.area.value == "all"
+        self.layer.disabled = bool(self.all_layers.value)
+
+    def _on_change(self, _change: dict) -> None:
+        self._update_enabled()
+        self.refresh()
+
+    def _on_view(self, _change: dict) -> None:
+        self._update_enabled()
+        if self.result is not None:
+            try:
+                self._render(self.result)
+            except Exception as error:  # shown in the widget
+                self._show_error(error)
+
+    def _run(self, job: threading.Event) -> None:
+        tracer = self.tracer
+        self.answer_view.value = f"model's answer: <b>{escape(tracer.model_answer)}</b>"
+        result = tracer.trace(self.config, progress=self._progress(job))
+        if job.is_set():
+            return
+        self.result = result
+        self._render(result)
+        self.status.value = (f"answer scored <b>{escape(result.answer)}</b>: clean {result.high_score:.3f}, "
+                             f"corrupted {result.low_score:.3f}")
+
+    def _render(self, result: TraceResult) -> None:
+        from .plotting import plot_on_image
+
+        layer = None if self.all_layers.value else int(self.layer.value)
+        figure = plot_on_image(result, self._image, layer=layer, normalized=bool(self.normalized.value))
+        self.overlay.value = png = figure_png(figure)
+        self.overlay.layout.width = f"{png_width(png)}px"

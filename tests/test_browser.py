@@ -27,6 +27,10 @@ image, question, _ = demo_samples()[0]
 explorer = TraceExplorer(load_model("demo"), image, question, background=False)
 explorer.noise_samples.value = 4
 explorer"""
+VISION_CELL = """\
+from blip_trace_widgets import load_model
+from blip_trace_widgets.widgets import VisionTraceExplorer
+VisionTraceExplorer(load_model("demo"), background=False, regions=4, noise_samples=2)"""
 
 
 def _free_port() -> int:
@@ -50,12 +54,13 @@ def lab(request, tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download is needed)")
     pytest.importorskip(module)
     root = tmp_path_factory.mktemp(app)
-    notebook = {
-        "cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": CELL}],
-        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-        "nbformat": 4, "nbformat_minor": 5,
-    }
-    (root / "explorer.ipynb").write_text(json.dumps(notebook))
+    for name, source in (("explorer", CELL), ("vision", VISION_CELL)):
+        notebook = {
+            "cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": source}],
+            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 5,
+        }
+        (root / f"{name}.ipynb").write_text(json.dumps(notebook))
     port, token = _free_port(), secrets.token_hex(8)
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / ".jupyter"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
     server = subprocess.Popen(
@@ -101,17 +106,59 @@ def _run_first_cell(page) -> None:
     raise AssertionError("the notebook never ran its cell")
 
 
+def _browser(p):
+    return p.chromium.launch(
+        executable_path=CHROMIUM, headless=True,
+        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync"],
+    )
+
+
+CHANGED = ("(old) => { const i = [...document.querySelectorAll('.jp-OutputArea-output img')][1];"
+           " return i && i.src !== old && i.naturalWidth > 100; }")
+
+
+def test_vision_explorer_renders_and_redraws_per_layer(lab):
+    from playwright.sync_api import sync_playwright
+
+    app, url = lab
+    url = url.replace("explorer.ipynb", "vision.ipynb").replace("lab/tree/", "lab/workspaces/vision/tree/")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        try:
+            page.goto(url, timeout=90_000)
+            page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
+            _run_first_cell(page)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.jp-OutputArea-output img')].length >= 2 && "
+                "[...document.querySelectorAll('.jp-OutputArea-output img')][1].naturalWidth > 100", timeout=120_000)
+            assert "Error displaying widget" not in page.content()
+            page.screenshot(path=str(ARTIFACTS / f"{app}-vision-layer0.png"), full_page=True)
+            before = _heatmap_src(page)
+            readout = page.locator(".widget-slider", has_text="vision layer").locator(".widget-readout")
+            readout.click()
+            page.keyboard.press("Control+A")
+            page.keyboard.type("2")
+            page.keyboard.press("Enter")
+            page.wait_for_function(CHANGED, arg=before, timeout=120_000)
+            page.screenshot(path=str(ARTIFACTS / f"{app}-vision-layer2.png"), full_page=True)
+            assert page.locator(".widget-slider", has_text="vision layer").locator(".widget-readout").inner_text().strip() == "2"
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / f"{app}-vision-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
 def test_explorer_renders_and_follows_controls(lab):
     from playwright.sync_api import sync_playwright
 
     app, url = lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
-        )
+        browser = _browser(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         try:
             page.goto(url, timeout=90_000)

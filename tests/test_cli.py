@@ -82,3 +82,19 @@ def test_help_explains_every_option():
     assert out.returncode == 0
     for option in ("--block", "--kind", "--window", "--noise", "--scale", "--samples", "--seed", "--answer", "--out"):
         assert option in out.stdout
+
+
+def test_trace_vision_encoder_writes_an_overlay(image_file, tmp_path):
+    path, question = image_file
+    out = run("trace", "--image", str(path), "--question", question, "--block", "vision_encoder", "--regions", "2",
+              "--samples", "2", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    [overlay] = tmp_path.glob("*-on-image.png")
+    [js] = tmp_path.glob("*.json")
+    result = TraceResult.load(js)
+    assert result.block == "vision_encoder" and result.tokens[0] == "[CLS]" and len(result.tokens) == 5
+    assert result.config["corrupt"] == "patches"
+    assert overlay.read_bytes()[:4] == b"\x89PNG"
+    bad = run("trace", "--image", str(path), "--question", question, "--block", "vision_encoder", "--kind", "cross_attn",
+              "--out", str(tmp_path))
+    assert bad.returncode == 2 and "no 'cross_attn'" in bad.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,8 @@ def test_runs_top_to_bottom(path, tmp_path):
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
-    plotted = [c for c in notebook.cells if c.cell_type == "code" and c.source.strip().splitlines()[-1].startswith("plot_")]
+    figure_line = re.compile(r"^(plot_\w+\(.*|.*\.plot(_on_image)?\(.*\)(\.figure)?)$")
+    plotted = [c for c in notebook.cells
+               if c.cell_type == "code" and figure_line.match(c.source.strip().splitlines()[-1])]
     for cell in plotted:  # a figure as a cell's value is shown as a picture, not as '<Figure ...>'
         assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source
