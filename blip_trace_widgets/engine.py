@@ -334,6 +334,11 @@ def vision_rows_per_chunk(
     vit = patches * (8 * vision_hidden + 2 * vision_intermediate) + 2 * vision_heads * patches * patches
     text = tokens * (8 * text_hidden + 2 * text_intermediate) + 2 * patches * text_hidden + 2 * text_heads * tokens * patches
     per_row = (max(vit, text) + patches * vision_hidden) * element_size
+    return _rows_within(per_row, samples, memory_budget, max_batch_rows)
+
+
+def _rows_within(per_row: int, samples: int, memory_budget: int, max_batch_rows: int | None) -> int:
+    """Rows of ``per_row`` bytes within the budget (at least one noise sample's worth), capped by max_batch_rows."""
     rows = max(samples, memory_budget // max(per_row, 1))
     if max_batch_rows is not None:
         if max_batch_rows < 1:
@@ -362,12 +367,7 @@ def rows_per_chunk(
         + decoder_tokens * (8 * hidden + 2 * intermediate + 2 * heads * tokens + 2 * vocab)
         + 2 * tokens * hidden
     ) * element_size
-    rows = max(samples, memory_budget // max(per_row, 1))
-    if max_batch_rows is not None:
-        if max_batch_rows < 1:
-            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
-        rows = min(rows, max_batch_rows)
-    return max(1, rows)
+    return _rows_within(per_row, samples, memory_budget, max_batch_rows)
 
 
 def chunks(cells_order: list[int], cells_per_chunk: int) -> list[list[int]]:

@@ -95,6 +95,11 @@ class TraceResult:
         import pandas as pd
 
         positions, layers = np.meshgrid(np.arange(self.scores.shape[0]), np.arange(self.scores.shape[1]), indexing="ij")
+        boxes = (self.config.get("grid") or {}).get("boxes")
+        regions = {}
+        if boxes:  # image-side traces: where each position is, in fractions of the image (NaN for CLS)
+            corners = np.array([box if box else [np.nan] * 4 for box in boxes], dtype=np.float64)[positions.ravel()]
+            regions = {name: corners[:, i] for i, name in enumerate(("left", "top", "right", "bottom"))}
         return pd.DataFrame(
             {
                 "position": positions.ravel(),
@@ -109,6 +114,7 @@ class TraceResult:
                 "kind": self.kind,
                 "window": self.window,
                 "metric": self.metric,
+                **regions,
             }
         )
 

@@ -101,17 +101,83 @@ def _image_key(image: Image.Image) -> str:
 
 
 class _LiveView(W.VBox):
-    """Background tracing for the explorers: newer changes cancel older traces; errors show inside."""
+    """What the explorers share: an (image, question) with a gallery, one cached Tracer per pair,
+    and background tracing where newer changes cancel older traces and errors show inside."""
 
     background: bool
     progress: W.IntProgress
     status: W.HTML
     error: W.HTML
+    preview_width = 192
 
-    def _start_live(self) -> None:
+    def _start_live(self, bundle: BlipBundle, image: Any, question: str | None,
+                    samples: Sequence[tuple] | None, background: bool) -> None:
+        if not isinstance(bundle, BlipBundle):
+            raise ValueError("pass the bundle returned by load_model(...)")
+        self.bundle = bundle
+        if image is None and samples is None:
+            from .data import demo_samples
+
+            samples = demo_samples()
+        self.samples = [tuple(s) for s in samples] if samples else []
+        if image is None:
+            image, question = self.samples[0][0], self.samples[0][1]
+        self.background = background
+        self.result: TraceResult | None = None
+        self._tracers: dict[tuple[str, str], Tracer] = {}
+        self._image = to_rgb_image(image)
+        self._image_id = _image_key(self._image)
         self._job: threading.Event | None = None
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        style = {"description_width": "initial"}
+        self.gallery = W.Dropdown(description="sample", style=style,
+                                  options=[(f"{i + 1}: {s[1]}", i) for i, s in enumerate(self.samples)] or [("(none)", -1)],
+                                  disabled=not self.samples,
+                                  layout=W.Layout(width="340px", display=None if self.samples else "none"))
+        self.image_view = W.Image(value=_png(self._image, self.preview_width), format="png",
+                                  layout=W.Layout(width=f"{self.preview_width}px"))
+        self.question_box = W.Text(value=question or "", description="question", style=style, continuous_update=False,
+                                   layout=W.Layout(width="340px"))
+        self.answer_view = W.HTML()
+        self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="240px"))
+        self.status = W.HTML()
+        self.error = W.HTML()
+        self.gallery.observe(self._on_sample, names="value")
+
+    def _header(self) -> W.HBox:
+        return W.HBox([self.image_view, W.VBox([self.gallery, self.question_box, self.answer_view,
+                                                W.HBox([self.progress, self.status])])])
+
+    @property
+    def image(self) -> Image.Image:
+        return self._image
+
+    @property
+    def tracer(self) -> Tracer:
+        """The tracer of the current (image, question); raises ValueError for a bad question."""
+        key = (self._image_id, self.question_box.value.strip())
+        if key not in self._tracers:
+            self._tracers[key] = Tracer(self.bundle, self._image, self.question_box.value)
+        return self._tracers[key]
+
+    def set_sample(self, image: Any, question: str) -> None:
+        """Show a new (image, question); the clean pass is computed for it once."""
+        try:
+            self._image = to_rgb_image(image)
+        except ValueError as error:
+            self._show_error(error)
+            return
+        self._image_id = _image_key(self._image)
+        self.image_view.value = _png(self._image, self.preview_width)
+        if self.question_box.value != question:
+            self.question_box.value = question  # its observer refreshes
+        else:
+            self.refresh()
+
+    def _on_sample(self, change: dict) -> None:
+        if change["new"] is not None and change["new"] >= 0:
+            self.set_sample(*self.samples[change["new"]][:2])
 
     def refresh(self) -> None:
         """Trace the current configuration and show it (in a thread when ``background``)."""
@@ -190,36 +256,12 @@ class TraceExplorer(_LiveView):
         background: bool = True,
         export_dir: str | Path = ".",
     ) -> None:
-        if not isinstance(bundle, BlipBundle):
-            raise ValueError("pass the bundle returned by load_model(...)")
-        self.bundle = bundle
-        if image is None and samples is None:
-            from .data import demo_samples
-
-            samples = demo_samples()
-        self.samples = [tuple(s) for s in samples] if samples else []
-        if image is None:
-            image, question = self.samples[0][0], self.samples[0][1]
-        self.background = background
+        self._start_live(bundle, image, question, samples, background)
         self.export_dir = Path(export_dir)
-        self.result: TraceResult | None = None
         self.results: dict[str, TraceResult] = {}
-        self._tracers: dict[tuple[str, str], Tracer] = {}
-        self._image = to_rgb_image(image)
-        self._image_id = _image_key(self._image)
-        self._start_live()
         config = config or default_config(bundle, samples=10)
         layers = bundle.num_layers("question_encoder")
-
         style = {"description_width": "initial"}
-        self.gallery = W.Dropdown(description="sample", style=style,
-                                  options=[(f"{i + 1}: {s[1]}", i) for i, s in enumerate(self.samples)] or [("(none)", -1)],
-                                  disabled=not self.samples,
-                                  layout=W.Layout(width="340px", display=None if self.samples else "none"))
-        self.image_view = W.Image(value=_png(self._image), format="png", layout=W.Layout(width="192px"))
-        self.question_box = W.Text(value=question or "", description="question", style=style, continuous_update=False,
-                                   layout=W.Layout(width="340px"))
-        self.answer_view = W.HTML()
         self.kind = W.Dropdown(options=KIND_OPTIONS, value=config.kind, description="kind", style=style)
         self.block = W.Dropdown(options=BLOCK_OPTIONS, value=config.block, description="block", style=style)
         noise_name, noise_level = corruption_setting(config.corruption)
@@ -237,9 +279,6 @@ class TraceExplorer(_LiveView):
         set_tooltip(self.noise, NOISE_TIPS[noise_name])
         set_tooltip(self.normalized, "show (score − corrupted) / (clean − corrupted)")
         set_tooltip(self.noise_samples, "noise draws averaged in each cell")
-        self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="240px"))
-        self.status = W.HTML()
-        self.error = W.HTML()
         self.heatmap = W.Image(format="png")
         self.comparison = W.HBox([W.Image(format="png") for _ in KIND_OPTIONS],
                                  layout=W.Layout(flex_flow="row wrap", display="none"))
@@ -254,9 +293,7 @@ class TraceExplorer(_LiveView):
             W.HBox([self.corruption, self.noise]),
             W.HBox([self.window, self.noise_samples, self.seed, self.normalized]),
         ])
-        header = W.HBox([self.image_view, W.VBox([self.gallery, self.question_box, self.answer_view,
-                                                  W.HBox([self.progress, self.status])])])
-        super().__init__([header, controls, self.error, self.heatmap, self.comparison,
+        super().__init__([self._header(), controls, self.error, self.heatmap, self.comparison,
                           W.HBox([self.export_name, *self.export_buttons])])
 
         self._update_enabled()
@@ -264,22 +301,9 @@ class TraceExplorer(_LiveView):
                         self.seed, self.normalized, self.view):
             control.observe(self._on_change, names="value")
         self.question_box.observe(self._on_change, names="value")
-        self.gallery.observe(self._on_sample, names="value")
         self.refresh()
 
     # ----- state ------------------------------------------------------------------------
-    @property
-    def image(self) -> Image.Image:
-        return self._image
-
-    @property
-    def tracer(self) -> Tracer:
-        """The tracer of the current (image, question); raises ValueError for a bad question."""
-        key = (self._image_id, self.question_box.value.strip())
-        if key not in self._tracers:
-            self._tracers[key] = Tracer(self.bundle, self._image, self.question_box.value)
-        return self._tracers[key]
-
     @property
     def config(self) -> TraceConfig:
         """The configuration the controls describe."""
@@ -292,24 +316,6 @@ class TraceExplorer(_LiveView):
             samples=int(self.noise_samples.value),
             seed=int(self.seed.value),
         )
-
-    def set_sample(self, image: Any, question: str) -> None:
-        """Show a new (image, question); the clean pass is computed for it once."""
-        try:
-            self._image = to_rgb_image(image)
-        except ValueError as error:
-            self._show_error(error)
-            return
-        self._image_id = _image_key(self._image)
-        self.image_view.value = _png(self._image)
-        if self.question_box.value != question:
-            self.question_box.value = question  # its observer refreshes
-        else:
-            self.refresh()
-
-    def _on_sample(self, change: dict) -> None:
-        if change["new"] is not None and change["new"] >= 0:
-            self.set_sample(*self.samples[change["new"]][:2])
 
     def _update_enabled(self) -> None:
         hidden = self.kind.value == "hidden" and self.view.value == "single"
@@ -411,6 +417,8 @@ class VisionTraceExplorer(_LiveView):
     slider only redraws: one trace covers every layer.
     """
 
+    preview_width = 128
+
     def __init__(
         self,
         bundle: BlipBundle,
@@ -422,35 +430,11 @@ class VisionTraceExplorer(_LiveView):
         noise_samples: int = 5,
         background: bool = True,
     ) -> None:
-        if not isinstance(bundle, BlipBundle):
-            raise ValueError("pass the bundle returned by load_model(...)")
-        self.bundle = bundle
-        if image is None and samples is None:
-            from .data import demo_samples
-
-            samples = demo_samples()
-        self.samples = [tuple(s) for s in samples] if samples else []
-        if image is None:
-            image, question = self.samples[0][0], self.samples[0][1]
-        self.background = background
-        self.result: TraceResult | None = None
-        self._tracers: dict[tuple[str, str], Tracer] = {}
-        self._image = to_rgb_image(image)
-        self._image_id = _image_key(self._image)
-        self._start_live()
+        self._start_live(bundle, image, question, samples, background)
         vision = bundle.model.config.vision_config
         side = int(vision.image_size) // int(vision.patch_size)
         layers = int(vision.num_hidden_layers)
-
         style = {"description_width": "initial"}
-        self.gallery = W.Dropdown(description="sample", style=style,
-                                  options=[(f"{i + 1}: {s[1]}", i) for i, s in enumerate(self.samples)] or [("(none)", -1)],
-                                  disabled=not self.samples,
-                                  layout=W.Layout(width="340px", display=None if self.samples else "none"))
-        self.image_view = W.Image(value=_png(self._image, 128), format="png", layout=W.Layout(width="128px"))
-        self.question_box = W.Text(value=question or "", description="question", style=style, continuous_update=False,
-                                   layout=W.Layout(width="340px"))
-        self.answer_view = W.HTML()
         self.kind = W.Dropdown(options=VISION_KIND_OPTIONS, value="hidden", description="kind", style=style)
         self.window = W.IntSlider(value=1, min=1, max=layers, description="window", continuous_update=False, style=style)
         self.regions = W.IntSlider(value=regions or min(side, 8), min=1, max=side, description="regions per side",
@@ -474,39 +458,21 @@ class VisionTraceExplorer(_LiveView):
         set_tooltip(self.regions, "the patch grid is split into this many regions per side; each is restored as a unit")
         set_tooltip(self.area, "which part of the image the corruption touches")
         set_tooltip(self.layer, "which vision layer's effects to paint; redraws without tracing again")
-        self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="240px"))
-        self.status = W.HTML()
-        self.error = W.HTML()
         self.overlay = W.Image(format="png")
-
-        header = W.HBox([self.image_view, W.VBox([self.gallery, self.question_box, self.answer_view,
-                                                  W.HBox([self.progress, self.status])])])
         controls = W.VBox([
             W.HBox([self.kind, self.window, self.regions]),
             W.HBox([self.corruption, self.level, self.noise_samples, self.seed]),
             W.HBox([self.area, self.box_x, self.box_y]),
             W.HBox([self.layer, self.all_layers, self.normalized]),
         ])
-        super().__init__([header, controls, self.error, self.overlay])
+        super().__init__([self._header(), controls, self.error, self.overlay])
         self._update_enabled()
         for control in (self.kind, self.window, self.regions, self.corruption, self.level, self.area, self.box_x,
                         self.box_y, self.noise_samples, self.seed, self.question_box):
             control.observe(self._on_change, names="value")
         for control in (self.layer, self.all_layers, self.normalized):
             control.observe(self._on_view, names="value")
-        self.gallery.observe(self._on_sample, names="value")
         self.refresh()
-
-    @property
-    def image(self) -> Image.Image:
-        return self._image
-
-    @property
-    def tracer(self) -> Tracer:
-        key = (self._image_id, self.question_box.value.strip())
-        if key not in self._tracers:
-            self._tracers[key] = Tracer(self.bundle, self._image, self.question_box.value)
-        return self._tracers[key]
 
     @property
     def region(self) -> Any:
@@ -532,23 +498,6 @@ class VisionTraceExplorer(_LiveView):
                            regions=int(self.regions.value), corruption=corruption,
                            samples=1 if self.corruption.value != "noise" else int(self.noise_samples.value),
                            seed=int(self.seed.value))
-
-    def set_sample(self, image: Any, question: str) -> None:
-        try:
-            self._image = to_rgb_image(image)
-        except ValueError as error:
-            self._show_error(error)
-            return
-        self._image_id = _image_key(self._image)
-        self.image_view.value = _png(self._image, 128)
-        if self.question_box.value != question:
-            self.question_box.value = question
-        else:
-            self.refresh()
-
-    def _on_sample(self, change: dict) -> None:
-        if change["new"] is not None and change["new"] >= 0:
-            self.set_sample(*self.samples[change["new"]][:2])
 
     def _update_enabled(self) -> None:
         self.window.disabled = self.kind.value == "hidden"

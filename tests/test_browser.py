@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,17 @@ def _run_first_cell(page) -> None:
     raise AssertionError("the notebook never ran its cell")
 
 
+def _open_and_run(page, url: str) -> None:
+    """Open the notebook, run its cell, and wait until the widget's second image (the plot) has rendered."""
+    page.goto(url, timeout=90_000)
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
+    _run_first_cell(page)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.jp-OutputArea-output img')].length >= 2 && "
+        "[...document.querySelectorAll('.jp-OutputArea-output img')][1].naturalWidth > 100", timeout=120_000)
+    assert "Error displaying widget" not in page.content()
+
+
 def _browser(p):
     return p.chromium.launch(
         executable_path=CHROMIUM, headless=True,
@@ -118,82 +130,55 @@ CHANGED = ("(old) => { const i = [...document.querySelectorAll('.jp-OutputArea-o
            " return i && i.src !== old && i.naturalWidth > 100; }")
 
 
-def test_vision_explorer_renders_and_redraws_per_layer(lab):
+@contextmanager
+def notebook_page(app: str, url: str, name: str):
+    """A chromium page with the notebook open and its widget rendered; a screenshot is kept if anything fails."""
     from playwright.sync_api import sync_playwright
 
-    app, url = lab
-    url = url.replace("explorer.ipynb", "vision.ipynb").replace("lab/tree/", "lab/workspaces/vision/tree/")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = _browser(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         try:
-            page.goto(url, timeout=90_000)
-            page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
-            _run_first_cell(page)
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('.jp-OutputArea-output img')].length >= 2 && "
-                "[...document.querySelectorAll('.jp-OutputArea-output img')][1].naturalWidth > 100", timeout=120_000)
-            assert "Error displaying widget" not in page.content()
-            page.screenshot(path=str(ARTIFACTS / f"{app}-vision-layer0.png"), full_page=True)
-            before = _heatmap_src(page)
-            readout = page.locator(".widget-slider", has_text="vision layer").locator(".widget-readout")
-            readout.click()
-            page.keyboard.press("Control+A")
-            page.keyboard.type("2")
-            page.keyboard.press("Enter")
-            page.wait_for_function(CHANGED, arg=before, timeout=120_000)
-            page.screenshot(path=str(ARTIFACTS / f"{app}-vision-layer2.png"), full_page=True)
-            assert page.locator(".widget-slider", has_text="vision layer").locator(".widget-readout").inner_text().strip() == "2"
+            _open_and_run(page, url)
+            yield page
         except Exception:
-            page.screenshot(path=str(ARTIFACTS / f"{app}-vision-failure.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"{app}-{name}-failure.png"), full_page=True)
             raise
         finally:
             browser.close()
+
+
+def _type_into_slider(page, label: str, value: str) -> None:
+    """Type a value into a slider's readout, as a user would, and wait for the plot to change."""
+    before = _heatmap_src(page)
+    readout = page.locator(".widget-slider", has_text=label).locator(".widget-readout")
+    readout.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(value)
+    page.keyboard.press("Enter")
+    page.wait_for_function(CHANGED, arg=before, timeout=120_000)
+    assert page.locator(".widget-slider", has_text=label).locator(".widget-readout").inner_text().strip() == value
+
+
+def test_vision_explorer_renders_and_redraws_per_layer(lab):
+    app, url = lab
+    url = url.replace("explorer.ipynb", "vision.ipynb").replace("lab/tree/", "lab/workspaces/vision/tree/")
+    with notebook_page(app, url, "vision") as page:
+        page.screenshot(path=str(ARTIFACTS / f"{app}-vision-layer0.png"), full_page=True)
+        _type_into_slider(page, "vision layer", "2")
+        page.screenshot(path=str(ARTIFACTS / f"{app}-vision-layer2.png"), full_page=True)
+        assert "Error displaying widget" not in page.content()
 
 
 def test_explorer_renders_and_follows_controls(lab):
-    from playwright.sync_api import sync_playwright
-
     app, url = lab
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = _browser(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        try:
-            page.goto(url, timeout=90_000)
-            page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
-            _run_first_cell(page)
-            images = page.locator(".jp-OutputArea-output img")
-            images.nth(1).wait_for(timeout=120_000)
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('.jp-OutputArea-output img')].length >= 2 && "
-                "[...document.querySelectorAll('.jp-OutputArea-output img')][1].naturalWidth > 100", timeout=120_000)
-            page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-initial.png"), full_page=True)
-            assert "Error displaying widget" not in page.content()
-            before = _heatmap_src(page)
-
-            kind = page.locator(".widget-dropdown", has_text="kind").locator("select")
-            kind.select_option(label="MLP")
-            page.wait_for_function(
-                "(old) => { const i = [...document.querySelectorAll('.jp-OutputArea-output img')][1];"
-                " return i && i.src !== old && i.naturalWidth > 100; }", arg=before, timeout=120_000)
-            after_kind = _heatmap_src(page)
-            page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-mlp.png"), full_page=True)
-
-            readout = page.locator(".widget-slider", has_text="window").locator(".widget-readout")
-            readout.click()
-            page.keyboard.press("Control+A")
-            page.keyboard.type("3")
-            page.keyboard.press("Enter")
-            page.wait_for_function(
-                "(old) => { const i = [...document.querySelectorAll('.jp-OutputArea-output img')][1];"
-                " return i && i.src !== old && i.naturalWidth > 100; }", arg=after_kind, timeout=120_000)
-            page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-mlp-window3.png"), full_page=True)
-            assert "Error displaying widget" not in page.content()
-            assert page.locator(".widget-slider", has_text="window").locator(".widget-readout").inner_text().strip() == "3"
-        except Exception:
-            page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
+    with notebook_page(app, url, "explorer") as page:
+        page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-initial.png"), full_page=True)
+        before = _heatmap_src(page)
+        page.locator(".widget-dropdown", has_text="kind").locator("select").select_option(label="MLP")
+        page.wait_for_function(CHANGED, arg=before, timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-mlp.png"), full_page=True)
+        _type_into_slider(page, "window", "3")
+        page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-mlp-window3.png"), full_page=True)
+        assert "Error displaying widget" not in page.content()

@@ -37,3 +37,32 @@ def test_runs_top_to_bottom(path, tmp_path):
                if c.cell_type == "code" and figure_line.match(c.source.strip().splitlines()[-1])]
     for cell in plotted:  # a figure as a cell's value is shown as a picture, not as '<Figure ...>'
         assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_colab_install_runs_only_on_colab(path, monkeypatch):
+    """The first code cell installs the package through %pip on Colab, and does nothing elsewhere."""
+    import sys
+    import tomllib
+    import types
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    cells = json.loads(path.read_text())["cells"]
+    source = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+    python = TransformerManager().transform_cell(source)
+    calls = []
+
+    class Shell:
+        def run_line_magic(self, name, line, _stack_depth=1):
+            calls.append((name, line))
+
+    namespace = {"get_ipython": Shell}
+    exec(python, namespace)
+    assert calls == [] and namespace["MODEL"] == "demo"
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    namespace = {"get_ipython": Shell}
+    exec(python, namespace)
+    assert calls == [("pip", "install --quiet {PACKAGE}")]
+    project = tomllib.loads((path.parents[1] / "pyproject.toml").read_text())["project"]["name"]
+    assert namespace["PACKAGE"] == project

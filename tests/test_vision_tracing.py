@@ -202,6 +202,9 @@ def test_result_carries_region_boxes_and_round_trips(bundle, image, question, tm
     assert again == result and again.config["grid"]["boxes"][1] == [0.0, 0.0, 0.5, 0.5]
     frame = result.to_dataframe()
     assert set(frame["token"]) == set(result.tokens)
+    last = frame[frame["token"] == "r1c1"].iloc[0]
+    assert (last["left"], last["top"], last["right"], last["bottom"]) == (0.5, 0.5, 1.0, 1.0)
+    assert frame[frame["token"] == "[CLS]"]["left"].isna().all()
 
 
 @pytest.mark.parametrize("kwargs,message", [
