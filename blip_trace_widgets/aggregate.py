@@ -14,6 +14,7 @@ Two forms of the effect: ROME's (score − low) and the paper's normalised
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,6 +67,14 @@ def token_roles(tokens: Sequence[str], object_rule: ObjectRule | None = None) ->
     return roles
 
 
+def position_roles(block: str, tokens: Sequence[str], object_rule: ObjectRule | None = None) -> list[str]:
+    """Roles of a trace's positions: token roles for the text blocks; for image-side traces the region
+    labels themselves ([CLS], r0c0, ...), which line up across images of one grid."""
+    if block == "vision_encoder":
+        return list(tokens)
+    return token_roles(tokens, object_rule)
+
+
 def _check_form(form: str) -> str:
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}: use 'normalized' (the paper's) or 'rome' (score − low)")
@@ -101,7 +110,7 @@ def sample_effects(
             span = row.high - row.low
             effect = effect / span if span != 0 else np.full_like(effect, np.nan)
         tokens = list(row.tokens)
-        labels = token_roles(tokens, object_rule) if by == "role" else [str(p) for p in range(len(tokens))]
+        labels = position_roles(row.block, tokens, object_rule) if by == "role" else [str(p) for p in range(len(tokens))]
         groups: dict[str, list[int]] = {}
         for position, label in enumerate(labels):
             groups.setdefault(label, []).append(position)
@@ -183,7 +192,9 @@ def average_trace(
                 "use by='role', or load questions of one length (e.g. load_vqa_subset(..., words=7))"
             )
     effects = sample_effects(rows, form=form, correct_only=correct_only, by=by, object_rule=object_rule)
-    if by == "role":
+    if by == "role" and rows["block"].iloc[0] == "vision_encoder":
+        labels = list(rows["tokens"].iloc[0])
+    elif by == "role":
         labels = [role for role in ROLES if role in set(effects["role"])]
     else:
         labels = [str(p) for p in range(len(rows["tokens"].iloc[0]))]
@@ -196,10 +207,12 @@ def average_trace(
         labels = first if same else [f"position {p}" for p in range(len(first))]
     first_row = rows.iloc[0]
     used = rows[rows["correct"].fillna(False).astype(bool)] if correct_only else rows
+    grid = first_row.get("grid")
+    extra = {"grid": json.loads(grid)} if isinstance(grid, str) else {}  # image-side: plot_on_image(image=...) works
     return TraceResult(
         scores=scores, low_score=0.0, high_score=1.0 if form == "normalized" else 0.0,
         answer=f"average of {len(used)} samples", tokens=list(labels), block=str(first_row["block"]),
         kind=str(first_row["kind"]), window=int(first_row["window"]),
         config={"form": form, "by": by, "samples": int(len(used)), "correct_only": correct_only,
-                "corruption": first_row["corruption"], "metric": "effect" if form == "rome" else "normalized"},
+                "corruption": first_row["corruption"], "metric": "effect" if form == "rome" else "normalized", **extra},
     )

@@ -22,7 +22,8 @@ from .corruption import BY_NAME, from_name
 
 DEFAULT_LEVEL = {"gaussian": 3.0, "multiplicative": 5.0, "uniform": 3.0}
 DEMO_TRACES = [("question_encoder", "hidden", 1), ("question_encoder", "mlp", 3), ("question_encoder", "self_attn", 3),
-               ("question_encoder", "cross_attn", 3), ("answer_decoder", "hidden", 1)]
+               ("question_encoder", "cross_attn", 3), ("answer_decoder", "hidden", 1), ("vision_encoder", "hidden", 1)]
+DEMO_PATCH_NOISE = 3.0  # image-side demo trace: ROME's 3σ on the patch embeddings
 
 
 class UsageError(Exception):
@@ -56,14 +57,17 @@ def _load(model: str, device: str | None, dtype: str | None):
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .corruption import GaussianNoise
     from .data import demo_samples
     from .tracing import Tracer, default_config
 
     started = time.perf_counter()
     bundle = _load("demo", args.device, None)
     samples = demo_samples(per_type=1)
-    print(f"demo model, Gaussian noise of {bundle.noise_scale:g}σ on the image embeddings, "
-          f"{args.samples} samples")
+    print(f"demo model, Gaussian noise of {bundle.noise_scale:g}σ on the image embeddings "
+          f"({DEMO_PATCH_NOISE:g}σ on the patch embeddings for the image-side trace), {args.samples} samples")
     out = Path(args.out)
     bar = _progress_bar(len(samples) * len(DEMO_TRACES))
     for index, (image, question, expected) in enumerate(samples):
@@ -71,8 +75,15 @@ def run_demo(args: argparse.Namespace) -> int:
         bar.write(f"\n[{index + 1}] question: {question}\n    model's answer: {tracer.model_answer!r} (expected {expected!r})")
         for block, kind, window in DEMO_TRACES:
             config = default_config(bundle, block=block, kind=kind, window=window, samples=args.samples, seed=args.seed)
+            if block == anatomy.VISION_BLOCK:
+                config = replace(config, corruption=GaussianNoise(DEMO_PATCH_NOISE))
             result = tracer.trace(config)
-            png, js = _write(result, out, f"{index + 1}-{_slug(question)}-{block}-{kind}")
+            stem = f"{index + 1}-{_slug(question)}-{block}-{kind}"
+            png, js = _write(result, out, stem)
+            if block == anatomy.VISION_BLOCK:
+                from .plotting import figure_png, plot_on_image
+
+                (out / f"{stem}-on-image.png").write_bytes(figure_png(plot_on_image(result, tracer.image)))
             bar.update(1)
             bar.write(f"    {block:16s} {kind:10s} -> {png} , {js.name}")
     bar.close()

@@ -23,7 +23,9 @@ from .results import METRIC_LABELS, TraceResult
 KIND_COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "self_attn": "Reds", "cross_attn": "Blues"}
 KIND_LABELS = {"hidden": "hidden states", "mlp": "MLP outputs", "self_attn": "self-attention outputs",
                "cross_attn": "cross-attention outputs"}
-BLOCK_LABELS = {"question_encoder": "question encoder", "answer_decoder": "answer decoder"}
+BLOCK_LABELS = {"question_encoder": "question encoder", "answer_decoder": "answer decoder",
+                "vision_encoder": "vision encoder"}
+MAX_LABELLED_ROWS = 30
 
 
 def _figure(figsize: tuple[float, float]):
@@ -50,14 +52,15 @@ def trace_title(result: TraceResult) -> str:
 def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False, title: str | None = None) -> Any:
     """Draw ``result`` on ``ax`` (a new figure when None): tokens down, layers across, with a colour bar."""
     if ax is None:
-        figure = _figure((2.0 + 0.45 * result.num_layers, 1.4 + 0.32 * len(result.tokens)))
+        figure = _figure((2.0 + 0.45 * result.num_layers, 1.4 + 0.32 * min(len(result.tokens), MAX_LABELLED_ROWS)))
         ax = figure.add_subplot()
     data = result.normalized() if normalized else result.scores
     image = ax.pcolormesh(data, cmap=KIND_COLORMAPS.get(result.kind, "viridis"), shading="flat",
                           vmin=(0.0 if normalized else None), vmax=(1.0 if normalized else None))
     ax.invert_yaxis()
-    ax.set_yticks(np.arange(len(result.tokens)) + 0.5)
-    ax.set_yticklabels(result.tokens)
+    every = -(-len(result.tokens) // MAX_LABELLED_ROWS)  # many positions (image regions): label every k-th
+    ax.set_yticks(np.arange(0, len(result.tokens), every) + 0.5)
+    ax.set_yticklabels(result.tokens[::every])
     step = max(1, result.num_layers // 12)
     ax.set_xticks(np.arange(0, result.num_layers, step) + 0.5)
     ax.set_xticklabels([str(i) for i in range(0, result.num_layers, step)])
@@ -126,6 +129,9 @@ def _role_lines(effects: Any, *, hue: str, form: str, roles: Sequence[str] | Non
     from .aggregate import ROLES
 
     roles = [r for r in (roles or ROLES) if r in set(effects["role"])]
+    if not roles:
+        raise ValueError("no token roles to plot: for an image-side sweep, average with "
+                         "aggregate.average_trace(table, config=...) and draw it with .plot_on_image(image=...)")
     if figure is None:
         figure = _figure((0.4 + 3.2 * len(roles), 2.8))
     axes = [figure.add_subplot(1, len(roles), i + 1) for i in range(len(roles))]

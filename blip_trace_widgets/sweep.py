@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .aggregate import token_roles
+from .aggregate import position_roles
 from .data import VQASample
 from .engine import DEFAULT_MEMORY_BUDGET
 from .loading import BlipBundle
@@ -160,8 +160,9 @@ def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
             "corruption": json.dumps(result.config["corruption"], sort_keys=True),
             "noise_samples": int(config.samples), "seed": int(config.seed), "metric": config.metric,
             "sever": config.sever, "answer": result.answer, "scored": answer, "tokens": list(result.tokens),
-            "roles": token_roles(result.tokens), "scores": result.scores.tolist(), "low": result.low_score,
+            "roles": position_roles(config.block, result.tokens), "scores": result.scores.tolist(), "low": result.low_score,
             "high": result.high_score, "num_layers": result.num_layers, "model": tracer.bundle.name,
+            "grid": json.dumps(result.config["grid"]) if "grid" in result.config else None,
             "dtype": result.config["dtype"],
         })
     return rows
@@ -171,7 +172,7 @@ def _to_frame(rows: list[dict[str, Any]]):
     import pandas as pd
 
     frame = pd.DataFrame.from_records(rows)
-    for column in ("expected", "sever", "correct"):
+    for column in ("expected", "sever", "correct", "grid"):
         frame[column] = frame[column].astype(object)
     return frame
 

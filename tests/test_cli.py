@@ -48,10 +48,11 @@ def test_demo_command(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("question:") == 3 and "model's answer" in out.stdout
     pngs, jsons = sorted((tmp_path / "o").glob("*.png")), sorted((tmp_path / "o").glob("*.json"))
-    assert len(pngs) == len(jsons) == 15
+    assert len(jsons) == 18 and len(pngs) == 18 + 3  # a heatmap per trace, and the image-side ones on the image
     kinds = {(TraceResult.load(j).block, TraceResult.load(j).kind) for j in jsons}
     assert kinds == {("question_encoder", k) for k in ("hidden", "mlp", "self_attn", "cross_attn")} | {
-        ("answer_decoder", "hidden")}
+        ("answer_decoder", "hidden"), ("vision_encoder", "hidden")}
+    assert len(list((tmp_path / "o").glob("*-on-image.png"))) == 3
     for png in pngs:
         with Image.open(png) as im:
             assert im.format == "PNG" and im.width > 100

@@ -232,3 +232,17 @@ def test_cli_sweep_missing_csv_offline(tmp_path):
     out, err = run.communicate(timeout=120)
     assert run.returncode == 2 and err.strip().count("\n") == 0
     assert "location_coco_qa.csv" in err and "--csv" in err and "empty-cache" in err
+
+
+def test_image_side_sweep_averages_per_region(tiny_bundle, tmp_path, image):
+    config = TraceConfig(block="vision_encoder", regions=2, samples=2)
+    table = sweep(tiny_bundle, _tiny_samples()[:2], configs=[config], out=tmp_path, progress=False)
+    assert list(table["roles"].iloc[0]) == ["[CLS]", "r0c0", "r0c1", "r1c0", "r1c1"]
+    average = average_trace(table)
+    assert average.tokens == ["[CLS]", "r0c0", "r0c1", "r1c0", "r1c1"]
+    expected = np.mean([(np.array([list(r) for r in row.scores]) - row.low) / (row.high - row.low)
+                        for row in table.itertuples()], axis=0)
+    np.testing.assert_allclose(average.scores, expected)
+    assert average.plot_on_image(image, layer=0)._repr_png_()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="plot_on_image"):
+        plot_effect_by_layer(table)
