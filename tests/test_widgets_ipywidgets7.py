@@ -26,7 +26,8 @@ def test_widget_suite_passes_under_ipywidgets_7(tmp_path):
                            capture_output=True, text=True, env=env)
     assert check.stdout.strip() == "7.7.5"
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_widgets.py")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_widgets.py"),
+         str(HERE / "test_vision_demo.py"), "-k", "explorer or test_widgets"],
         capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=1200,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
