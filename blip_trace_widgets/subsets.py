@@ -256,15 +256,16 @@ def hf_samples(
     """
     if isinstance(dataset, str):
         dataset = _load_hf(dataset, config, split, streaming)
-    columns = set(getattr(dataset, "column_names", None) or [])
-    cauldron = {"images", "texts"} <= columns
-    if not cauldron and columns and not {image, question} <= columns:
-        raise ValueError(
-            f"the dataset has columns {sorted(columns)}; name its image and question columns, "
-            "e.g. hf_samples(ds, image='img', question='query', answer='label')"
-        )
+    columns = set(getattr(dataset, "column_names", None) or [])  # unknown for some streamed datasets
     count = 0
     for row in dataset:
+        columns = columns or set(row)
+        cauldron = {"images", "texts"} <= columns
+        if not cauldron and not {image, question} <= columns:
+            raise ValueError(
+                f"the dataset has columns {sorted(columns)}; name its image and question columns, "
+                "e.g. hf_samples(ds, image='img', question='query', answer='label')"
+            )
         pairs = _cauldron_rows(row) if cauldron else [(row[image], row[question], row.get(answer) if answer else None)]
         for picture, text, expected in pairs:
             yield VQASample(picture, str(text), None if expected is None else str(expected))

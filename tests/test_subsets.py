@@ -161,6 +161,9 @@ def test_cauldron_layout_is_recognised():
         ],
     })
     samples = list(hf_samples(ds))
+    rows = [ds[i] for i in range(len(ds))]
+    streamed = datasets.IterableDataset.from_generator(lambda: iter(rows))  # no features known up front
+    assert [(s.question, s.answer) for s in hf_samples(streamed)] == [(s.question, s.answer) for s in samples]
     assert [(s.question, s.answer) for s in samples] == [
         ("What is the color of the bus?", "red"), ("How many dogs are there?", "two"),
         ("Is the cube left of the sphere?", "yes")]
