@@ -22,7 +22,7 @@ import hashlib
 import io
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from html import escape
 from pathlib import Path
@@ -109,6 +109,7 @@ class _LiveView(W.VBox):
     status: W.HTML
     error: W.HTML
     preview_width = 192
+    _run: Callable[[threading.Event], None]  # each explorer's trace-and-show step, run by _work
 
     def _start_live(self, bundle: BlipBundle, image: Any, question: str | None,
                     samples: Sequence[tuple] | None, background: bool) -> None:
@@ -206,9 +207,6 @@ class _LiveView(W.VBox):
             self.progress.max, self.progress.value = max(total, 1), done
 
         return report
-
-    def _run(self, job: threading.Event) -> None:
-        raise NotImplementedError
 
     def _work(self, job: threading.Event) -> None:
         self.status.value = "<i>tracing…</i>"
