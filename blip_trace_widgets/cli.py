@@ -133,10 +133,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     from .sweep import _ProcessGroup, process_device, sweep
     from .tracing import TraceConfig
 
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    vision = args.block == anatomy.VISION_BLOCK
+    allowed = anatomy.VISION_KINDS if vision else anatomy.KINDS
+    kinds = [k.strip() for k in (args.kinds or ",".join(allowed)).split(",") if k.strip()]
     for kind in kinds:
-        if kind not in anatomy.KINDS:
-            raise UsageError(f"--kinds: unknown kind {kind!r}; use some of {','.join(anatomy.KINDS)}")
+        if kind not in allowed:
+            raise UsageError(f"--kinds: unknown kind {kind!r} for {args.block}; use some of {','.join(allowed)}")
+    if args.regions is not None and not vision:
+        raise UsageError("--regions groups image patches: use it with --block vision_encoder")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     samples = load_vqa_subset(args.dataset, cache_dir=args.cache_dir, limit=args.limit, words=args.words,
@@ -147,10 +151,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     if device is not None and device.startswith("cpu"):
         _share_cpu_threads()
     bundle = _load(args.model, device, args.dtype)
-    level = args.scale if args.scale is not None else (
-        bundle.noise_scale if args.noise == "gaussian" else DEFAULT_LEVEL[args.noise])
+    level = args.scale if args.scale is not None else (  # the model's own level is for its image embeddings
+        bundle.noise_scale if args.noise == "gaussian" and not vision else DEFAULT_LEVEL[args.noise])
     configs = [TraceConfig(block=args.block, kind=kind, window=1 if kind == "hidden" else args.window,
-                           corruption=from_name(args.noise, level), samples=args.samples, seed=args.seed)
+                           corruption=from_name(args.noise, level), samples=args.samples, seed=args.seed,
+                           regions=args.regions)
                for kind in kinds]
     out = Path(args.out)
     group = _ProcessGroup()
@@ -173,9 +178,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     only = args.correct_only and bool(correct.any())
     average_effect(table, correct_only=only).to_csv(out / "average_effect.csv", index=False)
     plot_average_heatmaps(table, correct_only=only).savefig(out / "average_heatmaps.png")
-    plot_effect_by_layer(table, correct_only=only).savefig(out / "effect_by_layer.png")
-    print(f"wrote {out / 'sweep.parquet'} ({len(table)} rows), average_effect.csv, average_heatmaps.png and "
-          f"effect_by_layer.png in {time.perf_counter() - started:.1f} s")
+    figures = ["average_heatmaps.png"]
+    if not vision:  # image-side sweeps average per region: the heatmaps show them; there are no token roles
+        plot_effect_by_layer(table, correct_only=only).savefig(out / "effect_by_layer.png")
+        figures.append("effect_by_layer.png")
+    print(f"wrote {out / 'sweep.parquet'} ({len(table)} rows), average_effect.csv and {' and '.join(figures)} "
+          f"in {time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -250,12 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--model", default="demo", help="'demo', a local folder or a hub id (default: %(default)s)")
     many.add_argument("--out", required=True, help="folder for the table and figures")
     many.add_argument("--block", choices=anatomy.BLOCKS, default="question_encoder")
-    many.add_argument("--kinds", default=",".join(anatomy.KINDS),
-                      help="comma-separated kinds to trace (default: %(default)s)")
+    many.add_argument("--kinds", default=None,
+                      help=f"comma-separated kinds to trace (default: {','.join(anatomy.KINDS)}; "
+                           f"{','.join(anatomy.VISION_KINDS)} for the vision encoder)")
+    many.add_argument("--regions", type=int, default=None,
+                      help="vision_encoder: regions per side restored as units (default: every patch)")
     many.add_argument("--window", type=int, default=3, help="window for the sublayer kinds (default: %(default)s)")
     many.add_argument("--noise", choices=list(BY_NAME), default="gaussian")
     many.add_argument("--scale", type=float, default=None,
-                      help="noise level (default: the model's own, else 3 for gaussian/uniform, 5 for multiplicative)")
+                      help="noise level (default: the model's own for gaussian noise on image embeddings, else 3 for "
+                           "gaussian/uniform, 5 for multiplicative)")
     many.add_argument("--samples", type=int, default=10, help="noise samples per trace (default: %(default)s)")
     many.add_argument("--seed", type=int, default=0)
     many.add_argument("--answer", choices=["model", "expected"], default="model",

@@ -246,3 +246,18 @@ def test_image_side_sweep_averages_per_region(tiny_bundle, tmp_path, image):
     assert average.plot_on_image(image, layer=0)._repr_png_()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="plot_on_image"):
         plot_effect_by_layer(table)
+
+
+def test_cli_image_side_sweep(tmp_path):
+    run = _cli("--dataset", "easy-vqa-shape", "--limit", "3", "--block", "vision_encoder", "--regions", "2",
+               "--samples", "2", "--out", str(tmp_path))
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    table = pd.read_parquet(tmp_path / "sweep.parquet")
+    assert set(table["kind"]) == {"hidden", "self_attn", "mlp"} and set(table["block"]) == {"vision_encoder"}
+    assert (tmp_path / "average_heatmaps.png").is_file() and not (tmp_path / "effect_by_layer.png").exists()
+    summary = pd.read_csv(tmp_path / "average_effect.csv")
+    assert set(summary["role"]) == {"[CLS]", "r0c0", "r0c1", "r1c0", "r1c1"}
+    bad = _cli("--dataset", "easy-vqa-shape", "--regions", "2", "--out", str(tmp_path / "x"))
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and "--block vision_encoder" in err
