@@ -250,7 +250,10 @@ class Tracer:
         """The clean pass: image embeddings, question-encoder states and the greedy answer (once)."""
         if self._clean is None:
             with torch.no_grad():
-                embeds = self.embed_image(self.image)
+                if self._clean_vision is not None:  # an image-side trace ran the vision encoder already
+                    embeds = self.stacks[anatomy.VISION_BLOCK].post_norm(self._clean_vision.output)
+                else:
+                    embeds = self.embed_image(self.image)
                 qstack = self.stacks["question_encoder"]
                 run = record_run(qstack, qstack.embed(self._ids(self.question_ids)), shared_cross(qstack, embeds))
                 self._clean = _Clean(embeds, run, self._greedy(run.output))
@@ -507,6 +510,8 @@ class Tracer:
             self._results.move_to_end(config)
             self.stats["cache_hits"] += 1
             return self._results[config]
+        if config.block == anatomy.VISION_BLOCK:
+            self.clean_vision  # recorded first, so the clean pass reuses it instead of a second vision pass
         answer_ids, _ = self._targets(config)
         n_layers = len(self.stacks[config.block])
         extra: dict[str, Any] = {}

@@ -237,3 +237,14 @@ def test_mask_regions_follow_the_pixels():
     mask[20:24, 2:5] = True  # inside patch row 2, col 0 of a 4x4 grid
     assert Mask(mask).token_mask(17).nonzero().flatten().tolist() == [1 + 2 * 4 + 0]
     assert Outside(Mask(mask)).token_mask(17).sum() == 15
+
+
+def test_an_image_side_trace_runs_the_vision_encoder_once(bundle, image, question):
+    tracer = Tracer(bundle, image, question)
+    result = tracer.trace(block="vision_encoder", regions=2, samples=2)
+    assert tracer.stats["vision_passes"] == 0  # the clean pass reused the recorded vision run
+    reference = Tracer(bundle, image, question)
+    assert tracer.model_answer == reference.model_answer
+    torch.testing.assert_close(tracer.clean.image_embeds, reference.clean.image_embeds, rtol=1e-5, atol=1e-5)
+    assert result.high_score == pytest.approx(reference.baselines(TraceConfig(block="vision_encoder", samples=2))[1],
+                                              rel=1e-5)
