@@ -9,75 +9,31 @@ the first token, the question words, the object noun (the last content word, or 
 rule of your own) and the last token. That replaces the paper's fixed 7-word filter,
 which only existed so that heatmaps of equal size could be averaged cell by cell.
 
-Two forms of the effect: ROME's (score − low) and the paper's normalised
-(score − low) / (high − low). Intervals are percentile bootstraps over samples.
+Two forms of the effect: ``"rome"``, the indirect effect score − low, whose average over
+questions is also the paper's averaged form (its notebook plots avg(score) − avg(low),
+undivided); and ``"normalized"``, (score − low) / (high − low). The normalised form never
+divides by a total effect near zero: such questions are left out and counted
+(``left_out``). Next to each average indirect effect stands ROME's average total effect,
+mean(high − low). Intervals are percentile bootstraps over questions.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from .names import TINY_EFFECT
 from .results import TraceResult
+from .roles import ROLES, ObjectRule, position_roles, token_roles  # noqa: F401  (token_roles: public here too)
 
-ROLES: tuple[str, ...] = ("first", "question words", "object", "last")
 FORMS = ("normalized", "rome")
-STOPWORDS = frozenset(
-    "a an the of in on at to is are was were be been do does did what which who whom whose where when why how many much "
-    "color colour kind type there this that these those it its and or with by for from as any some image picture photo "
-    "shown show".split()
-)
-ObjectRule = Callable[[Sequence[str]], Sequence[int]]
-
-
-def words_of(tokens: Sequence[str]) -> list[list[int]]:
-    """Positions of each word: a word piece starting with ``##`` joins the word before it."""
-    words: list[list[int]] = []
-    for position, token in enumerate(tokens):
-        if token.startswith("##") and words:
-            words[-1].append(position)
-        else:
-            words.append([position])
-    return words
-
-
-def last_content_word(tokens: Sequence[str]) -> list[int]:
-    """Positions of the last alphabetic word that is not a stop word (the default object noun)."""
-    for word in reversed(words_of(tokens)[1:-1]):
-        text = "".join(tokens[p].removeprefix("##") for p in word).lower()
-        if text.isalpha() and text not in STOPWORDS:
-            return word
-    return []
-
-
-def token_roles(tokens: Sequence[str], object_rule: ObjectRule | None = None) -> list[str]:
-    """The role of each position: first, last, the object noun's pieces, and question words for the rest."""
-    count = len(tokens)
-    if count == 0:
-        return []
-    roles = ["question words"] * count
-    for position in (object_rule or last_content_word)(tokens):
-        if not 0 <= position < count:
-            raise ValueError(f"the object rule gave position {position} for {count} tokens")
-        roles[position] = "object"
-    roles[-1] = "last"
-    roles[0] = "first"
-    return roles
-
-
-def position_roles(block: str, tokens: Sequence[str], object_rule: ObjectRule | None = None) -> list[str]:
-    """Roles of a trace's positions: token roles for the text blocks; for image-side traces the region
-    labels themselves ([CLS], r0c0, ...), which line up across images of one grid."""
-    if block == "vision_encoder":
-        return list(tokens)
-    return token_roles(tokens, object_rule)
 
 
 def _check_form(form: str) -> str:
     if form not in FORMS:
-        raise ValueError(f"unknown form {form!r}: use 'normalized' (the paper's) or 'rome' (score − low)")
+        raise ValueError(f"unknown form {form!r}: use 'normalized' ((score − low) / (high − low)) or 'rome' "
+                         "(score − low, averaged as in ROME and the paper)")
     return form
 
 
@@ -88,11 +44,16 @@ def sample_effects(
     correct_only: bool = False,
     by: str = "role",
     object_rule: ObjectRule | None = None,
+    min_total_effect: float | None = None,
 ):
-    """Long form: one row per (sample, configuration, role or position, layer) with its ``effect``.
+    """Long form: one row per (sample, configuration, role or position, layer) with its ``effect``
+    and the question's ``total_effect`` (high − low).
 
     A sample's effect for a role is the mean over that role's positions, so every
-    sample weighs the same however long its question is.
+    sample weighs the same however long its question is. Questions whose total effect is
+    below ``min_total_effect`` are left out; with ``form="normalized"`` and no threshold, those
+    below TINY_EFFECT (0.1) of their clean score are, as dividing by them would magnify noise.
+    ``frame.attrs["left_out"]`` counts the (sample, configuration) pairs left out.
     """
     import pandas as pd
 
@@ -103,12 +64,18 @@ def sample_effects(
     if rows.empty:
         raise ValueError("no samples to average" + (" (none answered correctly; try correct_only=False)" if correct_only else ""))
     records: list[dict[str, Any]] = []
+    left_out = 0
     for row in rows.itertuples(index=False):
         scores = np.asarray([list(r) for r in row.scores], dtype=np.float64)
         effect = scores - row.low
+        total = row.high - row.low
+        floor = min_total_effect if min_total_effect is not None else (
+            TINY_EFFECT * abs(row.high) if form == "normalized" else None)
+        if floor is not None and (not abs(total) >= floor or total == 0):
+            left_out += 1
+            continue
         if form == "normalized":
-            span = row.high - row.low
-            effect = effect / span if span != 0 else np.full_like(effect, np.nan)
+            effect = effect / total
         tokens = list(row.tokens)
         labels = position_roles(row.block, tokens, object_rule) if by == "role" else [str(p) for p in range(len(tokens))]
         groups: dict[str, list[int]] = {}
@@ -120,8 +87,14 @@ def sample_effects(
                 records.append({
                     "sample": row.sample, "config": row.config, "block": row.block, "kind": row.kind,
                     "window": row.window, "corruption": row.corruption, by: label, "layer": layer, "effect": value,
+                    "total_effect": total,
                 })
-    return pd.DataFrame.from_records(records)
+    frame = pd.DataFrame.from_records(records)
+    if frame.empty:
+        raise ValueError(f"every question was left out: all {left_out} have a total effect below the threshold; "
+                         "raise the noise level, or lower min_total_effect")
+    frame.attrs["left_out"] = left_out
+    return frame
 
 
 def bootstrap_interval(values: np.ndarray, *, confidence: float = 0.95, resamples: int = 2000,
@@ -148,18 +121,23 @@ def average_effect(
     by: str = "role",
     object_rule: ObjectRule | None = None,
     confidence: float = 0.95,
+    min_total_effect: float | None = None,
 ):
-    """Average indirect effect per (configuration, role, layer): mean, interval bounds and sample count."""
+    """Average indirect effect per (configuration, role, layer): mean, interval bounds and question count
+    ``n``, with ROME's average total effect over the same questions and how many were ``left_out``
+    (see :func:`sample_effects`)."""
     import pandas as pd
 
-    effects = sample_effects(table, form=form, correct_only=correct_only, by=by, object_rule=object_rule)
+    effects = sample_effects(table, form=form, correct_only=correct_only, by=by, object_rule=object_rule,
+                             min_total_effect=min_total_effect)
     keys = ["config", "block", "kind", "window", "corruption", by, "layer"]
     rows = []
     for key, group in effects.groupby(keys, sort=True):
         values = group["effect"].to_numpy()
         low, high = bootstrap_interval(values, confidence=confidence)
         rows.append({**dict(zip(keys, key)), "mean": float(np.nanmean(values)) if len(values) else np.nan,
-                     "ci_low": low, "ci_high": high, "n": int(np.sum(~np.isnan(values)))})
+                     "ci_low": low, "ci_high": high, "n": int(np.sum(~np.isnan(values))),
+                     "total_effect": float(group["total_effect"].mean()), "left_out": effects.attrs["left_out"]})
     return pd.DataFrame.from_records(rows)
 
 
@@ -171,10 +149,13 @@ def average_trace(
     correct_only: bool = False,
     by: str = "role",
     object_rule: ObjectRule | None = None,
+    min_total_effect: float | None = None,
 ) -> TraceResult:
     """The averaged heatmap of one configuration as a :class:`TraceResult` (rows are roles or positions).
 
-    ``by="position"`` averages cell by cell, as the paper did; it needs questions of one token length.
+    ``by="position"`` averages cell by cell, as the paper did; it needs questions of one token
+    length. ``form="rome", by="position"`` over 7-word questions is the paper's averaged heatmap,
+    avg(score) − avg(low). Its ``high_score`` is ROME's average total effect (1 for the normalised form).
     """
     if config is None:
         configs = sorted(table["config"].unique())
@@ -191,7 +172,8 @@ def average_trace(
                 f"questions have {lengths} tokens; averaging by position needs one length: "
                 "use by='role', or load questions of one length (e.g. load_vqa_subset(..., words=7))"
             )
-    effects = sample_effects(rows, form=form, correct_only=correct_only, by=by, object_rule=object_rule)
+    effects = sample_effects(rows, form=form, correct_only=correct_only, by=by, object_rule=object_rule,
+                             min_total_effect=min_total_effect)
     if by == "role" and rows["block"].iloc[0] == "vision_encoder":
         labels = list(rows["tokens"].iloc[0])
     elif by == "role":
@@ -206,13 +188,17 @@ def average_trace(
         same = all(list(t) == first for t in rows["tokens"])
         labels = first if same else [f"position {p}" for p in range(len(first))]
     first_row = rows.iloc[0]
-    used = rows[rows["correct"].fillna(False).astype(bool)] if correct_only else rows
+    used = effects["sample"].nunique()
+    total = float(effects.drop_duplicates("sample")["total_effect"].mean())
     grid = first_row.get("grid")
     extra = {"grid": json.loads(grid)} if isinstance(grid, str) else {}  # image-side: plot_on_image(image=...) works
+    corruption = first_row["corruption"]
     return TraceResult(
-        scores=scores, low_score=0.0, high_score=1.0 if form == "normalized" else 0.0,
-        answer=f"average of {len(used)} samples", tokens=list(labels), block=str(first_row["block"]),
+        scores=scores, low_score=0.0, high_score=1.0 if form == "normalized" else total,
+        answer=f"average of {used} questions", tokens=list(labels), block=str(first_row["block"]),
         kind=str(first_row["kind"]), window=int(first_row["window"]),
-        config={"form": form, "by": by, "samples": int(len(used)), "correct_only": correct_only,
-                "corruption": first_row["corruption"], "metric": "effect" if form == "rome" else "normalized", **extra},
+        config={"form": form, "by": by, "questions": int(used), "left_out": effects.attrs["left_out"],
+                "total_effect": total, "correct_only": correct_only,
+                "corruption": json.loads(corruption) if isinstance(corruption, str) else corruption,
+                "metric": "effect" if form == "rome" else "normalized", **extra},
     )

@@ -19,16 +19,13 @@ blur the kinds into ``hidden``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import torch
 from torch import nn
 
-TEXT_BLOCKS: tuple[str, ...] = ("question_encoder", "answer_decoder")
-VISION_BLOCK = "vision_encoder"
-BLOCKS: tuple[str, ...] = (*TEXT_BLOCKS, VISION_BLOCK)
-KINDS: tuple[str, ...] = ("hidden", "self_attn", "cross_attn", "mlp")
-VISION_KINDS: tuple[str, ...] = ("hidden", "self_attn", "mlp")
-SEVERABLE: tuple[str, ...] = ("self_attn", "cross_attn", "mlp")
+from .errors import BlipTraceError
+from .names import BLOCKS, KINDS, SEVERABLE, TEXT_BLOCKS, VISION_KINDS, kinds_of  # noqa: F401  (re-exported)
+from .names import VISION_ENCODER as VISION_BLOCK
 
 #: Layer stack of each block; ``{layer}`` is the layer index.
 LAYERS: dict[str, str] = {
@@ -47,6 +44,8 @@ MODULES: dict[tuple[str, str], str] = {
             "self_attn": ".attention.output.dense",
             "cross_attn": ".crossattention.output.dense",
             "mlp": ".output.dense",
+            "post_self_attn": ".attention",  # h1 = LN(h + SA(h)): the output of BLIP's attention module
+            "post_cross_attn": ".crossattention",  # h2 = LN(h1 + XA(h1))
         }.items()
     },
     # The ViT is pre-LN: h1 = h + SA(LN1(h)), h2 = h1 + MLP(LN2(h1)); .self_attn and .mlp
@@ -99,15 +98,15 @@ VISION_LAYER_PARTS: dict[str, str] = {
 
 def check_block(block: str) -> str:
     if block not in BLOCKS:
-        raise ValueError(f"unknown block {block!r}: use one of {', '.join(BLOCKS)}")
+        raise BlipTraceError(f"unknown block {block!r}: use one of {', '.join(BLOCKS)}")
     return block
 
 
 def check_kind(kind: str, block: str | None = None) -> str:
     if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
-    if block == VISION_BLOCK and kind not in VISION_KINDS:
-        raise ValueError(f"the vision encoder has no {kind!r}: use one of {', '.join(VISION_KINDS)}")
+        raise BlipTraceError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+    if block is not None and kind not in kinds_of(block):
+        raise BlipTraceError(f"the {block.replace('_', ' ')} has no {kind!r}: use one of {', '.join(kinds_of(block))}")
     return kind
 
 
@@ -121,7 +120,7 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     module: object = model
     for part in name.split("."):
         if not hasattr(module, part):
-            raise ValueError(
+            raise BlipTraceError(
                 f"this model has no module {name!r}: blip_trace_widgets needs a "
                 "transformers BlipForQuestionAnswering (for example Salesforce/blip-vqa-base)"
             )
@@ -134,7 +133,7 @@ def check_blip(model: object) -> None:
     from transformers import BlipForQuestionAnswering
 
     if not isinstance(model, BlipForQuestionAnswering):
-        raise ValueError(
+        raise BlipTraceError(
             f"expected a transformers BlipForQuestionAnswering, got {type(model).__name__}; "
             "load one with load_model('Salesforce/blip-vqa-base') or load_model('demo')"
         )
@@ -167,7 +166,7 @@ class TextLayer:
 def text_layers(model: nn.Module, block: str) -> list[TextLayer]:
     """Every layer of ``block`` as a :class:`TextLayer`."""
     if check_block(block) not in TEXT_BLOCKS:
-        raise ValueError(f"{block} is not a text block: use one of {', '.join(TEXT_BLOCKS)}")
+        raise BlipTraceError(f"{block} is not a text block: use one of {', '.join(TEXT_BLOCKS)}")
     stack = get_module(model, LAYERS[block])
     return [
         TextLayer(**{role: get_module(layer, path) for role, path in TEXT_LAYER_PARTS.items()})
@@ -217,13 +216,13 @@ def answer_head(model: nn.Module) -> nn.Module:
     return get_module(model, ANSWER_HEAD)
 
 
-def text_config(model: nn.Module):
+def text_config(model: nn.Module) -> Any:
     return model.config.text_config
+
+
+def vision_config(model: nn.Module) -> Any:
+    return model.config.vision_config
 
 
 def num_heads(model: nn.Module) -> int:
     return int(text_config(model).num_attention_heads)
-
-
-def dtype_of(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype

@@ -128,7 +128,7 @@ def run_trace(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from .plotting import plot_average_heatmaps, plot_effect_by_layer
+    from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer
     from .subsets import load_vqa_subset
     from .sweep import _ProcessGroup, process_device, sweep
     from .tracing import TraceConfig

@@ -21,7 +21,6 @@ The built-in corruptions are frozen dataclasses, so they can serve as cache keys
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+
+from .errors import BlipTraceError
 
 
 class Corruption(Protocol):
@@ -40,8 +41,20 @@ def _draw(clean: torch.Tensor, samples: int, draw: Callable[[tuple[int, ...]], t
     return draw(shape).to(device=clean.device, dtype=clean.dtype)
 
 
-def _std(clean: torch.Tensor) -> torch.Tensor:
+def _std(clean: torch.Tensor, sigma: float | None) -> torch.Tensor:
+    """σ of the noise: a fixed (dataset) σ when given, else the std of this input."""
+    if sigma is not None:
+        return torch.tensor(float(sigma), dtype=clean.dtype, device=clean.device)
     return clean.float().std().to(clean.dtype)
+
+
+def _finite(name: str, value: Any, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise BlipTraceError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise BlipTraceError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    return value
 
 
 def region_mask(region: Any, clean: torch.Tensor) -> torch.Tensor | None:
@@ -62,52 +75,144 @@ def _add_in_region(clean: torch.Tensor, change: torch.Tensor, region: Any) -> to
     return clean + (change if mask is None else change * mask.to(change.dtype))
 
 
+def _region_json(region: Any) -> dict[str, Any]:
+    from .regions import describe_region
+
+    return {"region": describe_region(region)} if region is not None else {}
+
+
+#: Built-in corruptions by name (filled by :func:`_named`): the CLI's and the widgets' choices.
+BY_NAME: dict[str, type] = {}
+
+
+def _named(cls: type) -> type:
+    BY_NAME[cls.name] = cls  # type: ignore[attr-defined]
+    return cls
+
+
+@_named
 @dataclass(frozen=True)
 class GaussianNoise:
-    """Add N(0, (scale·σ)²), σ being the std of the clean image embeddings (ROME's 3σ)."""
+    """Add N(0, (scale·σ)²): σ is the std of the clean input (per image), or ``sigma`` when given.
+
+    ROME adds 3σ with σ the std of token embeddings over a dataset (one number per
+    model); pass ``sigma=estimate_sigma(...)`` for that, or leave it None for this
+    image's own σ.
+    """
 
     scale: float = 3.0
     region: Any = None
+    sigma: float | None = None
+    name: ClassVar[str] = "gaussian"
+    label: ClassVar[str] = "Gaussian (ROME)"
+    level_name: ClassVar[str] = "scale"
+    tip: ClassVar[str] = "add N(0, (s·σ)²), σ = std of the clean input (or a dataset σ); ROME uses s = 3"
+    default_level: ClassVar[float] = 3.0
 
     def __post_init__(self) -> None:
-        if not self.scale >= 0:
-            raise ValueError(f"GaussianNoise scale must be >= 0, got {self.scale}")
+        object.__setattr__(self, "scale", _finite("GaussianNoise scale", self.scale))
+        if self.sigma is not None:
+            object.__setattr__(self, "sigma", _finite("GaussianNoise sigma", self.sigma, positive=True))
+
+    @property
+    def level(self) -> float:
+        return self.scale
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         noise = _draw(clean, samples, lambda s: torch.randn(s, generator=generator))
-        return _add_in_region(clean, noise * (self.scale * _std(clean)), self.region)
+        return _add_in_region(clean, noise * (self.scale * _std(clean, self.sigma)), self.region)
+
+    def to_json(self) -> dict[str, Any]:
+        sigma = {"sigma": self.sigma} if self.sigma is not None else {}
+        return {"type": self.name, "scale": self.scale, **sigma, **_region_json(self.region)}
 
 
+@_named
 @dataclass(frozen=True)
 class MultiplicativeNoise:
-    """Multiply each value by N(1, std²): the paper's corruption."""
+    """Multiply each value by N(1, std²): the paper's corruption (``torch.normal(1, 5)`` on the image embeddings)."""
 
     std: float = 5.0
     region: Any = None
+    name: ClassVar[str] = "multiplicative"
+    label: ClassVar[str] = "multiplicative (paper)"
+    level_name: ClassVar[str] = "std"
+    tip: ClassVar[str] = "multiply each value by N(1, s²); the paper uses s = 5"
+    default_level: ClassVar[float] = 5.0
 
     def __post_init__(self) -> None:
-        if not self.std >= 0:
-            raise ValueError(f"MultiplicativeNoise std must be >= 0, got {self.std}")
+        object.__setattr__(self, "std", _finite("MultiplicativeNoise std", self.std))
+
+    @property
+    def level(self) -> float:
+        return self.std
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         noise = _draw(clean, samples, lambda s: torch.randn(s, generator=generator))
         return _add_in_region(clean, clean * (self.std * noise), self.region)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.name, "std": self.std, **_region_json(self.region)}
 
+
+@_named
 @dataclass(frozen=True)
 class UniformNoise:
-    """Add U(−scale·σ, scale·σ), σ as for :class:`GaussianNoise` (ROME's uniform option)."""
+    """Add U(−scale·σ, scale·σ), σ as for :class:`GaussianNoise`."""
 
     scale: float = 3.0
     region: Any = None
+    sigma: float | None = None
+    name: ClassVar[str] = "uniform"
+    label: ClassVar[str] = "uniform"
+    level_name: ClassVar[str] = "scale"
+    tip: ClassVar[str] = "add U(−s·σ, s·σ), σ = std of the clean input (or a dataset σ)"
+    default_level: ClassVar[float] = 3.0
 
     def __post_init__(self) -> None:
-        if not self.scale >= 0:
-            raise ValueError(f"UniformNoise scale must be >= 0, got {self.scale}")
+        object.__setattr__(self, "scale", _finite("UniformNoise scale", self.scale))
+        if self.sigma is not None:
+            object.__setattr__(self, "sigma", _finite("UniformNoise sigma", self.sigma, positive=True))
+
+    @property
+    def level(self) -> float:
+        return self.scale
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         noise = _draw(clean, samples, lambda s: torch.rand(s, generator=generator) * 2 - 1)
-        return _add_in_region(clean, noise * (self.scale * _std(clean)), self.region)
+        return _add_in_region(clean, noise * (self.scale * _std(clean, self.sigma)), self.region)
+
+    def to_json(self) -> dict[str, Any]:
+        sigma = {"sigma": self.sigma} if self.sigma is not None else {}
+        return {"type": self.name, "scale": self.scale, **sigma, **_region_json(self.region)}
+
+
+@_named
+@dataclass(frozen=True)
+class Scale:
+    """Multiply every value by ``factor``, with nothing random: the paper's attention notebook uses 0.7691."""
+
+    factor: float = 0.7691
+    region: Any = None
+    name: ClassVar[str] = "scale"
+    label: ClassVar[str] = "scale (paper's attention notebook)"
+    level_name: ClassVar[str] = "factor"
+    tip: ClassVar[str] = "multiply every value by s, with no noise; the paper's attention notebook uses s = 0.7691"
+    default_level: ClassVar[float] = 0.7691
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "factor", _finite("Scale factor", self.factor))
+
+    @property
+    def level(self) -> float:
+        return self.factor
+
+    def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
+        scaled = _add_in_region(clean, clean * (self.factor - 1.0), self.region)
+        return scaled.expand(samples, *clean.shape[1:]).clone()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.name, "factor": self.factor, **_region_json(self.region)}
 
 
 @dataclass(frozen=True)
@@ -121,14 +226,14 @@ class ImageSwap:
     other_image: Any = field(compare=False, hash=False, repr=False)
     key: str = field(default="", init=False)
     embeddings: Any = field(default=None, compare=False, hash=False, repr=False)
+    name: ClassVar[str] = "image_swap"
 
     def __post_init__(self) -> None:
-        from .inputs import to_rgb_image
+        from .inputs import image_digest, to_rgb_image
 
         image = to_rgb_image(self.other_image)
         object.__setattr__(self, "other_image", image)
-        digest = hashlib.sha1(np.asarray(image).tobytes() + repr(image.size).encode()).hexdigest()[:16]
-        object.__setattr__(self, "key", digest)
+        object.__setattr__(self, "key", image_digest(image)[:16])
 
     def bind(self, embed_image: Callable[[Any], torch.Tensor]) -> "ImageSwap":
         """A copy that carries the other image's embeddings, computed by ``embed_image``."""
@@ -147,12 +252,16 @@ class ImageSwap:
             )
         return other.expand(samples, *clean.shape[1:]).clone()
 
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.name, "image_sha1": self.key}
+
 
 def _check_pixels(name: str, clean: torch.Tensor) -> None:
     if clean.ndim != 4:
         raise ValueError(f"{name} works on pixels: use it with corrupt='pixels' (got a tensor of shape {tuple(clean.shape)})")
 
 
+@_named
 @dataclass(frozen=True)
 class Blur:
     """Gaussian blur of the pixels in ``region`` (the whole image when None), ``sigma`` in pixels of the model's input."""
@@ -160,10 +269,26 @@ class Blur:
     sigma: float = 4.0
     region: Any = None
     stage: ClassVar[str] = "pixels"
+    name: ClassVar[str] = "blur"
+    label: ClassVar[str] = "blur pixels"
+    level_name: ClassVar[str] = "sigma"
+    tip: ClassVar[str] = "Gaussian blur of the pixels, s = its sigma in pixels of the model's input"
+    default_level: ClassVar[float] = 4.0
+    max_sigma: ClassVar[float] = 256.0
 
     def __post_init__(self) -> None:
-        if not self.sigma > 0:
-            raise ValueError(f"Blur sigma must be > 0 pixels, got {self.sigma}")
+        sigma = _finite("Blur sigma", self.sigma, positive=True)
+        if sigma > self.max_sigma:
+            raise BlipTraceError(f"Blur sigma {sigma:g} is over {self.max_sigma:g} pixels, wider than any model input; "
+                                 "use Grey() to erase the area instead")
+        object.__setattr__(self, "sigma", sigma)
+
+    @property
+    def level(self) -> float:
+        return self.sigma
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.name, "sigma": self.sigma, **_region_json(self.region)}
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         _check_pixels("Blur", clean)
@@ -181,12 +306,19 @@ class Blur:
         return out.expand(samples, *clean.shape[1:]).clone()
 
 
+@_named
 @dataclass(frozen=True)
 class Grey:
     """Pixels in ``region`` set to the processor's mean colour (0 after its normalisation): the area is erased."""
 
     region: Any = None
     stage: ClassVar[str] = "pixels"
+    name: ClassVar[str] = "grey"
+    label: ClassVar[str] = "grey pixels"
+    tip: ClassVar[str] = "pixels set to the processor's mean colour; no level"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.name, **_region_json(self.region)}
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         _check_pixels("Grey", clean)
@@ -196,36 +328,22 @@ class Grey:
 
 
 def describe(corruption: Callable[..., torch.Tensor]) -> dict[str, Any]:
-    """A JSON-safe description of a corruption, for results and cache keys."""
-    from .regions import describe_region
-
-    region = getattr(corruption, "region", None)
-    extra = {"region": describe_region(region)} if region is not None else {}
-    if isinstance(corruption, GaussianNoise):
-        return {"type": "gaussian", "scale": corruption.scale, **extra}
-    if isinstance(corruption, MultiplicativeNoise):
-        return {"type": "multiplicative", "std": corruption.std, **extra}
-    if isinstance(corruption, UniformNoise):
-        return {"type": "uniform", "scale": corruption.scale, **extra}
-    if isinstance(corruption, Blur):
-        return {"type": "blur", "sigma": corruption.sigma, **extra}
-    if isinstance(corruption, Grey):
-        return {"type": "grey", **extra}
-    if isinstance(corruption, ImageSwap):
-        return {"type": "image_swap", "image_sha1": corruption.key}
+    """A JSON-safe description of a corruption, for results and cache keys (its own ``to_json``)."""
+    to_json = getattr(corruption, "to_json", None)
+    if callable(to_json):
+        return dict(to_json())
     return {"type": "custom", "repr": repr(corruption)}
 
 
-#: Names used by the CLI and the widgets.
-BY_NAME: dict[str, Callable[[float], Callable[..., torch.Tensor]]] = {
-    "gaussian": lambda level: GaussianNoise(scale=level),
-    "multiplicative": lambda level: MultiplicativeNoise(std=level),
-    "uniform": lambda level: UniformNoise(scale=level),
-}
+#: The noises the explorer and the command line offer with a level slider or ``--scale``.
+NOISE_NAMES: tuple[str, ...] = ("gaussian", "multiplicative", "uniform", "scale")
 
 
-def from_name(name: str, level: float) -> Callable[..., torch.Tensor]:
-    """``from_name("gaussian", 3.0)`` is ``GaussianNoise(3.0)``; likewise multiplicative and uniform."""
+def from_name(name: str, level: float | None = None) -> Callable[..., torch.Tensor]:
+    """``from_name("gaussian", 3.0)`` is ``GaussianNoise(3.0)``; likewise the others in :data:`BY_NAME`."""
     if name not in BY_NAME:
-        raise ValueError(f"unknown corruption {name!r}: use one of {', '.join(BY_NAME)}")
-    return BY_NAME[name](level)
+        raise BlipTraceError(f"unknown corruption {name!r}: use one of {', '.join(BY_NAME)}")
+    cls = BY_NAME[name]
+    if not hasattr(cls, "default_level"):
+        return cls()
+    return cls(cls.default_level if level is None else level)

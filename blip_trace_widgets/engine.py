@@ -27,10 +27,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 from . import anatomy
+from .names import ANSWER_DECODER, SEVER_AT, TEXT_KINDS, VISION_KINDS, Kind
 
 Cell = tuple[tuple[int, int], ...]  # ((layer, position), ...)
 Edit = Callable[[str, torch.Tensor], torch.Tensor]
@@ -41,6 +43,19 @@ DEFAULT_MEMORY_BUDGET = 128 << 20  # bytes of activations per chunk: faster than
 
 def _no_edit(_kind: str, x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+class Stack(Protocol):
+    """A transformer run layer by layer: what :func:`record_run` and :func:`staircase` need."""
+
+    kinds: tuple[Kind, ...]
+
+    def __len__(self) -> int: ...
+
+    def self_mask(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None: ...
+
+    def layer(self, j: int, h: torch.Tensor, cross: Any, mask: torch.Tensor | None = None,
+              edit: Edit = ...) -> torch.Tensor: ...
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -54,12 +69,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 class TextStack:
     """One of BLIP's text transformers (question encoder or answer decoder), layer by layer."""
 
+    kinds = TEXT_KINDS
+
     def __init__(self, model: torch.nn.Module, block: str) -> None:
         self.block = anatomy.check_block(block)
         self.layers = anatomy.text_layers(model, block)
         self.embeddings = anatomy.text_embeddings(model, block)
         self.heads = anatomy.num_heads(model)
-        self.causal = block == "answer_decoder"
+        self.causal = block == ANSWER_DECODER
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -102,7 +119,7 @@ class TextStack:
         rows = h.reshape(s * c, t, d)
         ctx = attend(self._split(L.self_query(rows)), self._split(L.self_key(rows)), self._split(L.self_value(rows)), mask)
         sa = edit("self_attn", L.self_out(ctx.transpose(1, 2).reshape(s, c, t, d)))
-        h1 = L.self_norm(sa + h)
+        h1 = edit("post_self_attn", L.self_norm(sa + h))
 
         keys, values = cross
         q = L.cross_query(h1)
@@ -115,7 +132,7 @@ class TextStack:
             n = keys.shape[-2]
             ctx = attend(qh, keys.reshape(s * c, heads, n, head_dim), values.reshape(s * c, heads, n, head_dim), None)
         ca = edit("cross_attn", L.cross_out(ctx.transpose(1, 2).reshape(s, c, t, d)))
-        h2 = L.cross_norm(ca + h1)
+        h2 = edit("post_cross_attn", L.cross_norm(ca + h1))
 
         m = edit("mlp", L.mlp_out(L.mlp_act(L.mlp_in(h2))))
         return edit("hidden", L.mlp_norm(m + h2))
@@ -123,6 +140,8 @@ class TextStack:
 
 class VisionStack:
     """BLIP's vision encoder (a pre-LN ViT), layer by layer, in the same interface as :class:`TextStack`."""
+
+    kinds = VISION_KINDS
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.block = anatomy.VISION_BLOCK
@@ -144,7 +163,14 @@ class VisionStack:
     def no_cross(self) -> list[None]:
         return [None] * len(self)
 
-    def layer(self, j: int, h: torch.Tensor, cross: None = None, mask: None = None, edit: Edit = _no_edit) -> torch.Tensor:
+    def run(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The vision encoder's output (after its final LayerNorm) for ``pixels``, without recording."""
+        h = self.embed(pixels)[:, None]
+        for j in range(len(self)):
+            h = self.layer(j, h)
+        return self.post_norm(h[:, 0])
+
+    def layer(self, j: int, h: torch.Tensor, cross: Any = None, mask: Any = None, edit: Edit = _no_edit) -> torch.Tensor:
         """Layer j on ``h`` [S, C, N, D]; ``edit(kind, x)`` may replace the self-attention, MLP or layer output."""
         L = self.layers[j]
         s, c, n, d = h.shape
@@ -172,14 +198,10 @@ class Run:
         return self.inputs[-1]
 
 
-def record_run(
-    stack: TextStack,
-    h0: torch.Tensor,
-    cross: Sequence[tuple[torch.Tensor, torch.Tensor]],
-) -> Run:
+def record_run(stack: Stack, h0: torch.Tensor, cross: Sequence[Any]) -> Run:
     """Run ``stack`` on ``h0`` [S, T, D] without patches, keeping every state a trace restores."""
     mask = stack.self_mask(h0.shape[1], h0.dtype, h0.device)
-    run = Run(inputs=[h0], kinds={kind: [] for kind in anatomy.KINDS})
+    run = Run(inputs=[h0], kinds={kind: [] for kind in stack.kinds})
 
     def keep(kind: str, x: torch.Tensor) -> torch.Tensor:
         run.kinds[kind].append(x[:, 0])
@@ -220,47 +242,82 @@ def group_cells(groups: Sequence[Sequence[int]], num_layers: int, window: int) -
     ]
 
 
+def _pairs(cells: Sequence[Cell], device: torch.device, *, every_layer: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the (cell index, position) pairs as two index tensors.
+
+    ``every_layer``: key -1 holds each cell's positions once, for edits that apply at every layer.
+    """
+    pairs: dict[int, tuple[list[int], list[int]]] = {}
+    for ci, cell in enumerate(cells):
+        if every_layer:
+            for pos in sorted({pos for _, pos in cell}):
+                pairs.setdefault(-1, ([], []))[0].append(ci)
+                pairs[-1][1].append(pos)
+        else:
+            for layer, pos in cell:
+                pairs.setdefault(layer, ([], []))[0].append(ci)
+                pairs[layer][1].append(pos)
+    return {layer: (torch.tensor(c, device=device), torch.tensor(p, device=device)) for layer, (c, p) in pairs.items()}
+
+
+def _set(x: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor, first_cell: int) -> torch.Tensor:
+    """``x`` [S, C', T, D] with ``values`` [T, D] or [S, T, D] written at the index pairs of cells from ``first_cell``."""
+    cells, positions = index
+    keep = (cells >= first_cell) & (cells < first_cell + x.shape[1])
+    if not bool(keep.any()):
+        return x
+    cells, positions = cells[keep] - first_cell, positions[keep]
+    x = x.clone()
+    x[:, cells, positions] = values[..., positions, :]
+    return x
+
+
 @dataclass
 class _ChunkEdits:
-    """Which (cell, position) pairs each layer restores, as index tensors."""
+    """Which (cell, position) pairs each layer restores, and which it severs, as index tensors.
+
+    Severing holds the ``sever`` sublayer at its corrupted values at every layer: at the
+    positions each cell restores (``sever_at="restored"``, ROME's frozen-MLP procedure),
+    or at every position (``"all"``).
+    """
 
     kind: str
     clean: list[torch.Tensor]  # per layer, [T, D]
     by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]]
     sever: str | None = None
     severed: list[torch.Tensor] | None = None  # per layer, [S, T, D]
+    sever_at: str = "restored"
+    sever_index: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def build(cls, kind: str, clean: list[torch.Tensor], cells: Sequence[Cell], device: torch.device, **kw) -> "_ChunkEdits":
-        pairs: dict[int, tuple[list[int], list[int]]] = {}
-        for ci, cell in enumerate(cells):
-            for layer, pos in cell:
-                pairs.setdefault(layer, ([], []))
-                pairs[layer][0].append(ci)
-                pairs[layer][1].append(pos)
-        by_layer = {
-            layer: (torch.tensor(c, device=device), torch.tensor(p, device=device)) for layer, (c, p) in pairs.items()
-        }
-        return cls(kind=kind, clean=clean, by_layer=by_layer, **kw)
+    def build(cls, kind: str, clean: list[torch.Tensor], cells: Sequence[Cell], device: torch.device,
+              sever: str | None = None, severed: list[torch.Tensor] | None = None,
+              sever_at: str = "restored") -> "_ChunkEdits":
+        if sever_at not in SEVER_AT:
+            raise ValueError(f"unknown sever_at {sever_at!r}: use one of {', '.join(SEVER_AT)}")
+        sever_index = _pairs(cells, device, every_layer=True).get(-1) if sever and sever_at == "restored" else None
+        return cls(kind=kind, clean=clean, by_layer=_pairs(cells, device, every_layer=False), sever=sever,
+                   severed=severed, sever_at=sever_at, sever_index=sever_index)
 
     def restore(self, j: int, x: torch.Tensor, first_cell: int = 0) -> torch.Tensor:
         """Set restored positions of layer j in ``x`` [S, C', T, D] (cells from ``first_cell``)."""
         if j not in self.by_layer:
             return x
-        cells, positions = self.by_layer[j]
-        keep = (cells >= first_cell) & (cells < first_cell + x.shape[1])
-        if not bool(keep.any()):
+        return _set(x, self.by_layer[j], self.clean[j], first_cell)
+
+    def hold(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """The severed sublayer's output at layer j: its corrupted values where this edit severs."""
+        assert self.severed is not None
+        if self.sever_at == "all":
+            return self.severed[j][:, None].expand_as(x)
+        if self.sever_index is None:
             return x
-        cells, positions = cells[keep] - first_cell, positions[keep]
-        x = x.clone()
-        x[:, cells, positions] = self.clean[j][positions]
-        return x
+        return _set(x, self.sever_index, self.severed[j], 0)
 
     def at(self, j: int) -> Edit:
         def edit(kind: str, x: torch.Tensor) -> torch.Tensor:
             if kind == self.sever:
-                assert self.severed is not None
-                return self.severed[j][:, None].expand_as(x)
+                return self.hold(j, x)
             if kind == self.kind:
                 return self.restore(j, x)
             return x
@@ -269,7 +326,7 @@ class _ChunkEdits:
 
 
 def staircase(
-    stack: TextStack,
+    stack: Stack,
     corrupted: Run,
     cross: Sequence[tuple[torch.Tensor, torch.Tensor]],
     cells: Sequence[Cell],

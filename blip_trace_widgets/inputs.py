@@ -9,6 +9,7 @@ Every check raises a ValueError that names the fix, so widgets and the CLI can s
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -42,6 +43,11 @@ def to_rgb_image(image: Any) -> Image.Image:
     raise ValueError(
         f"unsupported image type {type(image).__name__}: pass a PIL image, an HxWx3 uint8 numpy array or a file path"
     )
+
+
+def image_digest(image: Image.Image) -> str:
+    """The sha1 of an RGB image's pixels and size: equal images, equal digests (for cache keys and ids)."""
+    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
 
 
 def check_question(question: Any) -> str:

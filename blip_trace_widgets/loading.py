@@ -51,10 +51,18 @@ class BlipBundle:
         return self.processor.tokenizer
 
     def num_layers(self, block: str = "question_encoder") -> int:
-        """Layers in ``block`` ("question_encoder" or "answer_decoder")."""
+        """Layers in ``block`` (question_encoder, answer_decoder or vision_encoder)."""
         from .anatomy import num_layers
 
         return num_layers(self.model, block)
+
+    @property
+    def patch_grid_side(self) -> int:
+        """Image patches per side of the vision encoder's input."""
+        from .anatomy import vision_config
+
+        vision = vision_config(self.model)
+        return int(vision.image_size) // int(vision.patch_size)
 
 
 def _dtype(dtype: DTypeLike) -> torch.dtype:

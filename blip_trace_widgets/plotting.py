@@ -8,27 +8,35 @@
     >>> heatmap_png(r)[:4] == b"\\x89PNG"
     True
 
-Plots read only results; they never touch a model.
+Plots read only results; they never touch a model. They follow ROME's conventions: the
+colour scale starts at the corrupted score, so "nothing restored" is white and colour
+means recovery, and ends at the clean score (or the data's maximum, ``top="max"``, which
+the colour bar then says); corrupted positions are marked ``*``; each figure says what
+was corrupted, how strongly, with how many noise samples, and the total effect
+(clean − corrupted). When the total effect is tiny the map is greyed out and says that it
+shows noise. Normalised maps use a fixed range from −1 to 1, white at 0.
 """
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .results import METRIC_LABELS, TraceResult
+from .names import BLOCK_LABELS, KIND_COLORMAPS, KIND_LABELS, METRIC_LABELS, STAGE_LABELS, TINY_EFFECT
 
-KIND_COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "self_attn": "Reds", "cross_attn": "Blues"}
-KIND_LABELS = {"hidden": "hidden states", "mlp": "MLP outputs", "self_attn": "self-attention outputs",
-               "cross_attn": "cross-attention outputs"}
-BLOCK_LABELS = {"question_encoder": "question encoder", "answer_decoder": "answer decoder",
-                "vision_encoder": "vision encoder"}
+if TYPE_CHECKING:
+    from .results import TraceResult
+
 MAX_LABELLED_ROWS = 30
+NORMALIZED_CMAP = "RdBu_r"
+TINY_TEXT = "corruption has almost no effect;\nthis map is noise"
+TOPS = ("clean", "max", "range")
 
 
-def _figure(figsize: tuple[float, float]):
+def _figure(figsize: tuple[float, float]) -> Any:
     """A pyplot-free figure that a notebook shows as a PNG when it is a cell's value."""
     from matplotlib.figure import Figure
 
@@ -39,142 +47,140 @@ def _figure(figsize: tuple[float, float]):
     return NotebookFigure(figsize=figsize, dpi=100, layout="constrained")
 
 
-def trace_title(result: TraceResult) -> str:
+def corruption_text(config: dict[str, Any]) -> str:
+    """What was corrupted and how strongly, from a result's config: "gaussian scale 3 on image embeddings"."""
+    info = dict(config.get("corruption") or {})
+    kind = str(info.pop("type", "custom"))
+    info.pop("repr", None)
+    region = info.pop("region", None)
+    levels = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+    stage = STAGE_LABELS.get(str(config.get("corrupt", "")), "")
+    text = kind + (f" {levels}" if levels else "") + (f" on {stage}" if stage else "")
+    return text + (" (in a region)" if region else "")
+
+
+def trace_title(result: TraceResult, width: int = 70) -> str:
+    """What a heatmap shows, what was done, and the total effect, wrapped to ``width`` characters."""
+    config = result.config
     window = f", window {result.window}" if result.window > 1 else ""
-    sever = result.config.get("sever")
-    severed = f", {KIND_LABELS[sever]} severed" if sever else ""
-    return (
-        f"Restoring {BLOCK_LABELS.get(result.block, result.block)} {KIND_LABELS.get(result.kind, result.kind)}"
-        f"{window}{severed}\nanswer {result.answer!r}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}"
-    )
+    sever = config.get("sever")
+    severed = f", {KIND_LABELS.get(sever, sever)} severed" if sever else ""
+    samples = config.get("samples")
+    fresh = ", fresh per cell" if config.get("fresh_noise") else ""
+    how = corruption_text(config) + (f", {samples} noise sample{'s' if samples != 1 else ''}{fresh}" if samples else "")
+    what = f"Restoring {BLOCK_LABELS.get(result.block, result.block)} {KIND_LABELS.get(result.kind, result.kind)}"
+    scores = (f"answer {result.answer!r}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, "
+              f"total effect {result.total_effect:.3g}")
+    lines = [what + window + severed, how, scores] if config.get("corruption") else [what + window + severed, scores]
+    return "\n".join(textwrap.fill(line, width) for line in lines)
 
 
-def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False, title: str | None = None) -> Any:
-    """Draw ``result`` on ``ax`` (a new figure when None): tokens down, layers across, with a colour bar."""
+def _labels(result: TraceResult) -> list[str]:
+    corrupted = set(result.config.get("corrupted_positions") or [])
+    return [f"{t}*" if i in corrupted else t for i, t in enumerate(result.tokens)]
+
+
+def _scale(result: TraceResult, data: np.ndarray, normalized: bool, top: str) -> tuple[float, float, str]:
+    """(vmin, vmax, colour-bar label) by ROME's convention."""
+    if normalized:
+        return -1.0, 1.0, "normalised effect (fixed range −1 to 1)"
+    if top not in TOPS:
+        raise ValueError(f"top must be one of {', '.join(TOPS)}, got {top!r}")
+    label = METRIC_LABELS.get(result.metric, result.metric)
+    low = result.low_score
+    finite = data[np.isfinite(data)]
+    if top == "range" and finite.size:  # averages: their real range
+        low, high = float(finite.min()), float(finite.max())
+        return low, (high if high > low else low + 1e-9), label + " (the data's range)"
+    if top == "max" and finite.size:
+        high = float(finite.max())
+        label += " (from corrupted to the maximum)"
+    else:
+        high = result.high_score
+        label += " (from corrupted to clean)"
+    if not high > low:  # the corruption raised the score: still start at the corrupted score
+        high = low + max(abs(low) * 1e-3, 1e-9)
+    return low, high, label
+
+
+def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False, title: str | None = None,
+               show: str = "scores", top: str = "clean", tiny: float | None = TINY_EFFECT) -> Any:
+    """Draw ``result`` on ``ax`` (a new figure when None): tokens down, layers across, with a colour bar.
+
+    ``show="stderr"`` draws each cell's standard error over noise samples. ``tiny`` is the
+    total effect, as a fraction of the clean score, below which the map is greyed and flagged
+    (None: never). ``top`` ends the colour scale at the clean score, the data's maximum, or
+    (``"range"``, for averages) spans the data's own range.
+    """
     if ax is None:
-        figure = _figure((2.0 + 0.45 * result.num_layers, 1.4 + 0.32 * min(len(result.tokens), MAX_LABELLED_ROWS)))
-        ax = figure.add_subplot()
-    data = result.normalized() if normalized else result.scores
-    image = ax.pcolormesh(data, cmap=KIND_COLORMAPS.get(result.kind, "viridis"), shading="flat",
-                          vmin=(0.0 if normalized else None), vmax=(1.0 if normalized else None))
+        rows = min(len(result.tokens), MAX_LABELLED_ROWS)
+        ax = _figure((max(6.4, 2.4 + 0.45 * result.num_layers), 2.1 + 0.3 * rows)).add_subplot()
+    flagged = tiny is not None and result.is_tiny(tiny)
+    if show == "stderr":
+        data = result.stderr if result.stderr is not None else np.full_like(result.scores, np.nan)
+        image = ax.pcolormesh(data, cmap="Greys", shading="flat", vmin=0.0)
+        bar_label = f"standard error of {METRIC_LABELS.get(result.metric, result.metric)} over noise samples"
+    elif show == "scores":
+        data = result.normalized() if normalized else result.scores
+        vmin, vmax, bar_label = _scale(result, data, normalized, top)
+        cmap = "Greys" if flagged else (NORMALIZED_CMAP if normalized else KIND_COLORMAPS.get(result.kind, "Purples"))
+        image = ax.pcolormesh(data, cmap=cmap, shading="flat", vmin=vmin, vmax=vmax, alpha=0.35 if flagged else 1.0)
+    else:
+        raise ValueError(f"show must be 'scores' or 'stderr', got {show!r}")
     ax.invert_yaxis()
     every = -(-len(result.tokens) // MAX_LABELLED_ROWS)  # many positions (image regions): label every k-th
     ax.set_yticks(np.arange(0, len(result.tokens), every) + 0.5)
-    ax.set_yticklabels(result.tokens[::every])
+    ax.set_yticklabels(_labels(result)[::every])
     step = max(1, result.num_layers // 12)
     ax.set_xticks(np.arange(0, result.num_layers, step) + 0.5)
     ax.set_xticklabels([str(i) for i in range(0, result.num_layers, step)])
-    ax.set_xlabel(f"layer of the {BLOCK_LABELS.get(result.block, result.block)}")
-    ax.set_title(trace_title(result) if title is None else title, fontsize=9)
+    ax.set_xlabel(f"layer of the {BLOCK_LABELS.get(result.block, result.block)}"
+                  + (f" (centre of {result.window} restored)" if result.window > 1 else ""))
+    ax.set_title(trace_title(result) if title is None else title, fontsize=8, loc="left")
+    if flagged and show == "scores":
+        ax.text(0.5, 0.5, TINY_TEXT, transform=ax.transAxes, ha="center", va="center", fontsize=10, color="#a00",
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "#a00"})
     colorbar = ax.figure.colorbar(image, ax=ax)
-    colorbar.set_label("normalised effect" if normalized else METRIC_LABELS.get(result.metric, result.metric))
+    colorbar.set_label(textwrap.fill(bar_label, 34), fontsize=8)
     return ax
 
 
-def plot_traces(results: Sequence[TraceResult], *, normalized: bool = False, figure: Any = None) -> Any:
-    """Several results side by side, one axes each (ROME's figure 1 layout); returns the figure."""
+def plot_traces(results: Sequence[TraceResult], *, normalized: bool = False, figure: Any = None,
+                shared_scale: bool = True) -> Any:
+    """Several results side by side, one axes each (ROME's figure 1 layout); returns the figure.
+
+    With ``shared_scale`` every panel's colour scale runs from the lowest corrupted score to
+    the highest clean score among them, so colours compare across panels.
+    """
+    results = list(results)
     if figure is None:
-        width = sum(2.0 + 0.45 * r.num_layers for r in results)
-        figure = _figure((width, 1.6 + 0.32 * max(len(r.tokens) for r in results)))
+        width = sum(max(3.6, 2.2 + 0.4 * r.num_layers) for r in results)
+        figure = _figure((width, 2.4 + 0.3 * max(min(len(r.tokens), MAX_LABELLED_ROWS) for r in results)))
     for i, result in enumerate(results):
-        plot_trace(result, ax=figure.add_subplot(1, len(results), i + 1), normalized=normalized)
+        ax = figure.add_subplot(1, len(results), i + 1)
+        plot_trace(result, ax=ax, normalized=normalized, title=trace_title(result, width=42))
+        if shared_scale and not normalized and not result.is_tiny():
+            low = min(r.low_score for r in results)
+            high = max(r.high_score for r in results)
+            for mesh in ax.collections:
+                mesh.set_clim(low, high if high > low else low + 1e-9)
     return figure
 
 
 def figure_png(figure: Any) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
 
 
-def heatmap_png(result: TraceResult, *, normalized: bool = False) -> bytes:
+def heatmap_png(result: TraceResult, *, normalized: bool = False, show: str = "scores") -> bytes:
     """The heatmap of ``result`` as PNG bytes (for Image widgets and files)."""
-    return figure_png(plot_trace(result, normalized=normalized).figure)
+    return figure_png(plot_trace(result, normalized=normalized, show=show).figure)
 
 
 def save_heatmap(result: TraceResult, path: str, *, normalized: bool = False) -> None:
     with open(path, "wb") as handle:
         handle.write(heatmap_png(result, normalized=normalized))
-
-
-# ----- sweeps: averages over many samples --------------------------------------------------
-
-FORM_LABELS = {"normalized": "normalised indirect effect", "rome": "indirect effect (score − low)"}
-
-
-def plot_average_heatmaps(table: Any, *, form: str = "normalized", correct_only: bool = False, by: str = "role",
-                          configs: Sequence[int] | None = None, figure: Any = None) -> Any:
-    """The paper's averaged heatmaps, one per configuration of a sweep table; returns the figure."""
-    from .aggregate import average_trace
-
-    configs = sorted(int(c) for c in table["config"].unique()) if configs is None else list(configs)
-    results = [average_trace(table, config=c, form=form, correct_only=correct_only, by=by) for c in configs]
-    if figure is None:
-        width = sum(2.4 + 0.45 * r.num_layers for r in results)
-        figure = _figure((width, 1.9 + 0.32 * max(len(r.tokens) for r in results)))
-    for i, result in enumerate(results):
-        ax = figure.add_subplot(1, len(results), i + 1)
-        window = f", window {result.window}" if result.window > 1 else ""
-        title = (f"{KIND_LABELS.get(result.kind, result.kind)}{window}\n"
-                 f"{BLOCK_LABELS.get(result.block, result.block)}, {result.config['samples']} samples")
-        plot_trace(result, ax=ax, normalized=False, title=title)
-    return figure
-
-
-def _role_lines(effects: Any, *, hue: str, form: str, roles: Sequence[str] | None, figure: Any,
-                title: Any) -> Any:
-    """Lines of ``effects`` (long form) against layer coloured by ``hue``, one panel per role, 95% CI bands."""
-    import seaborn as sns
-
-    from .aggregate import ROLES
-
-    roles = [r for r in (roles or ROLES) if r in set(effects["role"])]
-    if not roles:
-        raise ValueError("no token roles to plot: for an image-side sweep, average with "
-                         "aggregate.average_trace(table, config=...) and draw it with .plot_on_image(image=...)")
-    if figure is None:
-        figure = _figure((0.4 + 3.2 * len(roles), 2.8))
-    axes = [figure.add_subplot(1, len(roles), i + 1) for i in range(len(roles))]
-    for ax, role in zip(axes, roles):
-        sns.lineplot(data=effects[effects["role"] == role], x="layer", y="effect", hue=hue,
-                     errorbar=("ci", 95), seed=0, marker="o", ax=ax, legend=ax is axes[-1])
-        ax.set_title(title(role), fontsize=9)
-        ax.set_ylabel(FORM_LABELS[form] if ax is axes[0] else "")
-        ax.axhline(0, color="0.7", linewidth=0.8)
-    if axes and axes[-1].get_legend() is not None:
-        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1, 1), fontsize=8, title=None)
-    return figure
-
-
-def plot_effect_by_layer(table: Any, *, form: str = "normalized", correct_only: bool = False,
-                         roles: Sequence[str] | None = None, figure: Any = None) -> Any:
-    """Average indirect effect against layer, one line per kind, one panel per token role, with 95% CI bands."""
-    from .aggregate import sample_effects
-
-    effects = sample_effects(table, form=form, correct_only=correct_only)
-    effects["configuration"] = [
-        f"{KIND_LABELS.get(k, k)}" + (f" (w{w})" if w > 1 else "") for k, w in zip(effects["kind"], effects["window"])]
-    return _role_lines(effects, hue="configuration", form=form, roles=roles, figure=figure,
-                       title=lambda role: f"{role} token" + ("s" if role == "question words" else ""))
-
-
-def plot_subset_comparison(tables: dict[str, Any], *, kind: str = "hidden", form: str = "normalized",
-                           correct_only: bool = False, roles: Sequence[str] | None = None, figure: Any = None) -> Any:
-    """One line per subset (e.g. colour, count, location) for one kind, one panel per token role."""
-    import pandas as pd
-
-    from .aggregate import sample_effects
-
-    parts = []
-    for name, table in tables.items():
-        rows = table[table["kind"] == kind]
-        if rows.empty:
-            raise ValueError(f"the table for {name!r} has no {kind!r} traces")
-        effects = sample_effects(rows, form=form, correct_only=correct_only)
-        effects["subset"] = name
-        parts.append(effects)
-    return _role_lines(pd.concat(parts, ignore_index=True), hue="subset", form=form, roles=roles, figure=figure,
-                       title=lambda role: f"{KIND_LABELS.get(kind, kind)}: {role}")
 
 
 # ----- image-side traces: the effect painted on the image -----------------------------------
@@ -203,15 +209,29 @@ def effect_map(result: TraceResult, layer: int, size: tuple[int, int], *, normal
 
 
 def _effect_limits(result: TraceResult, normalized: bool) -> tuple[float, float]:
+    """One range for every layer of a figure: from 0 (transparent) to the largest effect."""
     values = (result.normalized() if normalized else result.indirect_effect())[1:]
     finite = values[np.isfinite(values)]
-    top = float(np.abs(finite).max()) if finite.size else 1.0
-    return (-top, top) if (finite < 0).any() else (0.0, top or 1.0)
+    top = float(finite.max()) if finite.size else 0.0
+    return 0.0, (top if top > 0 else 1.0)
 
 
-def overlay_image(result: TraceResult, image: Any = None, *, layer: int, normalized: bool = True, alpha: float = 0.55,
-                  cmap: str = "magma", limits: tuple[float, float] | None = None) -> Any:
-    """The image with each region's effect at ``layer`` blended over it, as a PIL image of the image's size."""
+def _corrupted_box(result: TraceResult) -> Any:
+    """The box (left, top, right, bottom) the corruption touched, and whether only outside it, or None."""
+    region = (result.config.get("corruption") or {}).get("region")
+    if not isinstance(region, dict):
+        return None
+    outside = isinstance(region.get("outside"), dict)
+    inner = region["outside"] if outside else region
+    return (inner["box"], outside) if "box" in inner else None
+
+
+def overlay_image(result: TraceResult, image: Any = None, *, layer: int, normalized: bool = True, alpha: float = 0.85,
+                  cmap: str = "YlOrRd", limits: tuple[float, float] | None = None) -> Any:
+    """Each region's effect at ``layer`` over a faint greyscale copy of the image, as a PIL RGB image.
+
+    No effect (or a negative one) is transparent; the colour grows with the effect up to ``limits``.
+    """
     from matplotlib import colormaps
     from PIL import Image
 
@@ -219,11 +239,13 @@ def overlay_image(result: TraceResult, image: Any = None, *, layer: int, normali
     values = effect_map(result, layer, picture.size, normalized=normalized)
     low, high = limits or _effect_limits(result, normalized)
     scaled = np.clip((values - low) / ((high - low) or 1.0), 0, 1)
-    colours = colormaps[cmap](np.nan_to_num(scaled))[..., :3]
-    base = np.asarray(picture, dtype=np.float64) / 255.0
-    weight = np.where(np.isnan(values), 0.0, alpha)[..., None]
+    scaled = np.where(np.isnan(values), 0.0, scaled)
+    colours = colormaps[cmap](0.25 + 0.75 * scaled)[..., :3]
+    grey = np.asarray(picture.convert("L"), dtype=np.float64)[..., None] / 255.0
+    base = 0.55 + 0.45 * grey  # faint: the picture stays recognisable under the colour
+    weight = (alpha * scaled)[..., None]
     blended = (1 - weight) * base + weight * colours
-    return Image.fromarray(np.round(blended * 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.round(np.clip(blended, 0, 1) * 255).astype(np.uint8), "RGB")
 
 
 def _trace_image(result: TraceResult, image: Any) -> Any:
@@ -236,31 +258,45 @@ def _trace_image(result: TraceResult, image: Any) -> Any:
 
 
 def plot_on_image(result: TraceResult, image: Any = None, *, layer: int | Sequence[int] | None = None,
-                  normalized: bool = True, alpha: float = 0.55, cmap: str = "magma", figure: Any = None) -> Any:
-    """The effect of each image region overlaid on the image, with a colour bar; one panel per layer.
+                  normalized: bool = True, alpha: float = 0.85, cmap: str = "YlOrRd", figure: Any = None) -> Any:
+    """The effect of each image region over the image, one panel per layer, on one colour scale.
 
-    ``layer=None`` draws every layer as small multiples on one colour scale.
+    ``layer=None`` draws every layer as small multiples. The corrupted box, when there is
+    one, is outlined (dashed when only the area outside it was corrupted).
     """
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+    from matplotlib.colors import LinearSegmentedColormap, Normalize
+    from matplotlib.patches import Rectangle
 
     picture = _trace_image(result, image)
     layers = list(range(result.num_layers)) if layer is None else ([layer] if isinstance(layer, (int, np.integer)) else list(layer))
     limits = _effect_limits(result, normalized)
     if figure is None:
-        figure = _figure((max(3.6, 0.8 + 2.2 * len(layers)), 3.1))
+        figure = _figure((max(6.4, 0.8 + 2.2 * len(layers)), 3.4))
     axes = [figure.add_subplot(1, len(layers), i + 1) for i in range(len(layers))]
+    box = _corrupted_box(result)
+    width, height = picture.size
     for ax, j in zip(axes, layers):
         ax.imshow(overlay_image(result, picture, layer=j, normalized=normalized, alpha=alpha, cmap=cmap, limits=limits))
+        if box is not None and box[0] is not None:
+            left, top, right, bottom = box[0]
+            ax.add_patch(Rectangle((left * width, top * height), (right - left) * width, (bottom - top) * height,
+                                   fill=False, edgecolor="#1f4e9e", linewidth=1.5, linestyle="--" if box[1] else "-"))
         ax.set_title(f"vision layer {j}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     cls = (result.normalized() if normalized else result.indirect_effect())[0]
+    flag = "  [corruption has almost no effect; this map is noise]" if result.is_tiny() else ""
     figure.suptitle(
-        f"{KIND_LABELS.get(result.kind, result.kind)} restored per region"
-        + (f", window {result.window}" if result.window > 1 else "")
-        + f"\nanswer {result.answer!r}; restoring CLS: " + ", ".join(f"{v:.2f}" for v in cls[layers]), fontsize=8)
-    bar = figure.colorbar(ScalarMappable(Normalize(*limits), colormaps[cmap]), ax=axes, shrink=0.85)
-    bar.set_label("normalised effect" if normalized else "indirect effect (score − low)")
+        textwrap.fill(f"{KIND_LABELS.get(result.kind, result.kind)} restored per region"
+                      + (f", window {result.window}" if result.window > 1 else "")
+                      + f"; {corruption_text(result.config)}, {result.config.get('samples', '?')} noise samples", 90)
+        + f"\nanswer {result.answer!r}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, total effect "
+        f"{result.total_effect:.3g}; restoring CLS: " + ", ".join(f"{v:.2f}" for v in cls[layers]) + flag, fontsize=8)
+    shown = colormaps[cmap]
+    bar_map = LinearSegmentedColormap.from_list("effect", [(0.9, 0.9, 0.9), *shown(np.linspace(0.25, 1.0, 8))[:, :3]])
+    bar = figure.colorbar(ScalarMappable(Normalize(*limits), bar_map), ax=axes, shrink=0.85)
+    bar.set_label("normalised effect (0 is transparent)" if normalized else "indirect effect, score − low "
+                  "(0 is transparent)", fontsize=8)
     return figure

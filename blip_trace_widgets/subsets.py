@@ -18,7 +18,6 @@ and cached; COCO images are fetched by id from COCO's image server and cached to
 from __future__ import annotations
 
 import ast
-import hashlib
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ from typing import Any
 from PIL import Image
 
 from .data import VQASample, easy_vqa_questions, question_type
-from .inputs import to_rgb_image
+from .inputs import image_digest, to_rgb_image
 
 #: Folder of the paper's CSVs (its repository's ``Datasets/``), read over HTTP(S);
 #: ``$BLIP_TRACE_PAPER_DATA_URL`` overrides it (a mirror).
@@ -113,7 +112,7 @@ def image_id(image: Any) -> str:
     if isinstance(image, (str, os.PathLike)):
         return str(image)
     pixels = to_rgb_image(image)
-    return "sha1:" + hashlib.sha1(pixels.tobytes() + repr(pixels.size).encode()).hexdigest()[:16]
+    return "sha1:" + image_digest(pixels)[:16]
 
 
 def _paper_csv(name: str, cache_dir: Path, csv_path: str | os.PathLike | None) -> Path:

@@ -18,7 +18,6 @@ clean pass.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import threading
 import traceback
@@ -32,24 +31,24 @@ import ipywidgets as W
 import numpy as np
 from PIL import Image
 
-from .corruption import from_name
-from .inputs import to_rgb_image
+from .cache import LRU
+from .corruption import BY_NAME, NOISE_NAMES, from_name
+from .errors import BlipTraceError
+from .inputs import image_digest, to_rgb_image
 from .loading import BlipBundle
+from .names import BLOCK_LABELS, KIND_SHORT_LABELS, SUBLAYER_KINDS, TEXT_BLOCKS, TEXT_KINDS, TINY_EFFECT, VISION_KINDS
 from .plotting import figure_png, heatmap_png, plot_traces
+from .procedures import default_corruption
 from .results import TraceResult
 from .tracing import TraceConfig, Tracer, default_config
 
 IPYWIDGETS_MAJOR = int(W.__version__.split(".")[0])
-KIND_OPTIONS = [("hidden states", "hidden"), ("MLP", "mlp"), ("self-attention", "self_attn"),
-                ("cross-attention", "cross_attn")]
-BLOCK_OPTIONS = [("question encoder", "question_encoder"), ("answer decoder", "answer_decoder")]
-CORRUPTION_OPTIONS = [("Gaussian (ROME)", "gaussian"), ("multiplicative (paper)", "multiplicative"),
-                      ("uniform", "uniform")]
-NOISE_TIPS = {
-    "gaussian": "add N(0, (s·σ)²), σ = std of the clean image embeddings; ROME uses s = 3",
-    "multiplicative": "multiply each value by N(1, s²); the paper uses s = 5",
-    "uniform": "add U(−s·σ, s·σ), σ = std of the clean image embeddings",
-}
+KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in TEXT_KINDS]
+BLOCK_OPTIONS = [(BLOCK_LABELS[b], b) for b in TEXT_BLOCKS]
+CORRUPTION_OPTIONS = [(BY_NAME[name].label, name) for name in NOISE_NAMES]
+NOISE_TIPS = {name: BY_NAME[name].tip for name in NOISE_NAMES}
+#: Tracers kept by an explorer (one per (image, question)): older ones are released.
+MAX_TRACERS = 4
 WINDOW_OFF_TIP = ("hidden states are restored one layer at a time, as in ROME; the window applies to "
                   "MLP and attention kinds")
 WINDOW_ON_TIP = "number of consecutive layers restored together, centred on each layer"
@@ -65,13 +64,20 @@ def set_tooltip(widget: W.Widget, text: str) -> None:
 
 def corruption_setting(corruption: Any) -> tuple[str, float]:
     """(dropdown name, slider level) of a built-in corruption."""
-    from .corruption import describe
+    name = getattr(corruption, "name", None)
+    if name not in NOISE_TIPS:
+        raise BlipTraceError(f"the explorer's controls offer {', '.join(NOISE_NAMES)}; got a {name or 'custom'} "
+                             "corruption")
+    return str(name), float(corruption.level)
 
-    info = describe(corruption)
-    if info["type"] not in NOISE_TIPS:
-        raise ValueError("the explorer's controls offer gaussian, multiplicative and uniform noise; "
-                         f"got a {info['type']} corruption")
-    return info["type"], float(info.get("scale", info.get("std")))
+
+def tiny_warning(result: TraceResult) -> str:
+    """HTML that says a map is noise, when the corruption barely changed the answer; else empty."""
+    if not result.is_tiny():
+        return ""
+    return ("<div style='color:#a00;border:1px solid #a00;padding:2px 8px;border-radius:4px'>"
+            f"<b>corruption has almost no effect; this map is noise</b>: total effect {result.total_effect:.3g} "
+            f"is under {TINY_EFFECT:g} of the clean score {result.high_score:.3g}. Raise the noise level.</div>")
 
 
 def tooltip_of(widget: W.Widget) -> str:
@@ -97,7 +103,7 @@ def png_width(png: bytes) -> int:
 
 
 def _image_key(image: Image.Image) -> str:
-    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
+    return image_digest(image)
 
 
 class _LiveView(W.VBox):
@@ -125,7 +131,7 @@ class _LiveView(W.VBox):
             image, question = self.samples[0][0], self.samples[0][1]
         self.background = background
         self.result: TraceResult | None = None
-        self._tracers: dict[tuple[str, str], Tracer] = {}
+        self._tracers: LRU[Tracer] = LRU(MAX_TRACERS)
         self._image = to_rgb_image(image)
         self._image_id = _image_key(self._image)
         self._job: threading.Event | None = None
@@ -158,9 +164,7 @@ class _LiveView(W.VBox):
     def tracer(self) -> Tracer:
         """The tracer of the current (image, question); raises ValueError for a bad question."""
         key = (self._image_id, self.question_box.value.strip())
-        if key not in self._tracers:
-            self._tracers[key] = Tracer(self.bundle, self._image, self.question_box.value)
-        return self._tracers[key]
+        return self._tracers.get_or_make(key, lambda: Tracer(self.bundle, self._image, self.question_box.value))
 
     def set_sample(self, image: Any, question: str) -> None:
         """Show a new (image, question); the clean pass is computed for it once."""
@@ -225,6 +229,8 @@ class _LiveView(W.VBox):
                 self.progress.value = self.progress.max
 
     def _show_error(self, error: Exception) -> None:
+        """One line for a user's mistake (a ValueError); the full traceback for anything else.
+        The map under it is hidden, since it no longer matches the controls."""
         self.error.value = (
             "<div style='color:#a00;border:1px solid #a00;padding:4px 8px;border-radius:4px'>"
             f"<b>{escape(type(error).__name__)}</b>: {escape(str(error))}</div>"
@@ -232,6 +238,15 @@ class _LiveView(W.VBox):
         if not isinstance(error, ValueError):
             self.error.value += f"<details><pre>{escape(traceback.format_exc())}</pre></details>"
         self.status.value = ""
+        self._dim(True)
+
+    def _dim(self, stale: bool) -> None:
+        """Hide the shown maps while they do not match the controls (after an error)."""
+        for view in self._maps():
+            view.layout.visibility = "hidden" if stale else "visible"
+
+    def _maps(self) -> list[W.Widget]:
+        return []
 
 
 class TraceExplorer(_LiveView):
@@ -273,12 +288,15 @@ class TraceExplorer(_LiveView):
         self.seed = W.BoundedIntText(value=config.seed, min=0, max=2**31 - 1, description="seed", style=style,
                                      layout=W.Layout(width="160px"))
         self.normalized = W.Checkbox(value=False, description="normalised", indent=False)
+        self.show_stderr = W.Checkbox(value=False, description="standard error", indent=False)
         self.view = W.ToggleButtons(options=[("one kind", "single"), ("compare kinds", "compare")], value="single")
         set_tooltip(self.noise, NOISE_TIPS[noise_name])
-        set_tooltip(self.normalized, "show (score − corrupted) / (clean − corrupted)")
+        set_tooltip(self.normalized, "show (score − corrupted) / (clean − corrupted), on a fixed range from −1 to 1")
+        set_tooltip(self.show_stderr, "show each cell's standard error over the noise samples instead of its score")
         set_tooltip(self.noise_samples, "noise draws averaged in each cell")
+        self.warning = W.HTML()
         self.heatmap = W.Image(format="png")
-        self.comparison = W.HBox([W.Image(format="png") for _ in KIND_OPTIONS],
+        self.comparison = W.HBox([W.Image(format="png") for _ in SUBLAYER_KINDS],
                                  layout=W.Layout(flex_flow="row wrap", display="none"))
         self.export_name = W.Text(value="trace", description="file", style=style, layout=W.Layout(width="220px"))
         self.export_buttons = [W.Button(description=f"save {fmt}", layout=W.Layout(width="110px"))
@@ -289,14 +307,14 @@ class TraceExplorer(_LiveView):
         controls = W.VBox([
             W.HBox([self.block, self.kind, self.view]),
             W.HBox([self.corruption, self.noise]),
-            W.HBox([self.window, self.noise_samples, self.seed, self.normalized]),
+            W.HBox([self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr]),
         ])
-        super().__init__([self._header(), controls, self.error, self.heatmap, self.comparison,
+        super().__init__([self._header(), controls, self.error, self.warning, self.heatmap, self.comparison,
                           W.HBox([self.export_name, *self.export_buttons])])
 
         self._update_enabled()
         for control in (self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
-                        self.seed, self.normalized, self.view):
+                        self.seed, self.normalized, self.show_stderr, self.view):
             control.observe(self._on_change, names="value")
         self.question_box.observe(self._on_change, names="value")
         self.refresh()
@@ -304,16 +322,10 @@ class TraceExplorer(_LiveView):
     # ----- state ------------------------------------------------------------------------
     @property
     def config(self) -> TraceConfig:
-        """The configuration the controls describe."""
-        kind = self.kind.value
-        return TraceConfig(
-            block=self.block.value,
-            kind=kind,
-            window=1 if kind == "hidden" else int(self.window.value),
-            corruption=from_name(self.corruption.value, round(float(self.noise.value), 4)),
-            samples=int(self.noise_samples.value),
-            seed=int(self.seed.value),
-        )
+        """The configuration the controls describe (see :func:`controls_config`)."""
+        return controls_config(block=self.block.value, kind=self.kind.value, window=int(self.window.value),
+                               corruption=self.corruption.value, level=float(self.noise.value),
+                               samples=int(self.noise_samples.value), seed=int(self.seed.value))
 
     def _update_enabled(self) -> None:
         hidden = self.kind.value == "hidden" and self.view.value == "single"
@@ -334,7 +346,7 @@ class TraceExplorer(_LiveView):
         self.answer_view.value = f"model's answer: <b>{escape(tracer.model_answer)}</b>"
         config = self.config
         if self.view.value == "compare":
-            kinds = [value for _, value in KIND_OPTIONS]
+            kinds = list(SUBLAYER_KINDS)
             window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
             results = [tracer.trace(replace(config, kind=k, window=1 if k == "hidden" else window),
                                     progress=self._progress(job)) for k in kinds]
@@ -346,15 +358,20 @@ class TraceExplorer(_LiveView):
         self.status.value = self._status_text(results[0])
 
     def _status_text(self, result: TraceResult) -> str:
-        stats = self.tracer.stats
         return (f"answer scored <b>{escape(result.answer)}</b>: clean {result.high_score:.3f}, "
-                f"corrupted {result.low_score:.3f} <span style='color:#888'>(cached traces: {stats['cache_hits']})</span>")
+                f"corrupted {result.low_score:.3f}, total effect {result.total_effect:.3f}")
+
+    def _maps(self) -> list[W.Widget]:
+        return [self.heatmap, self.comparison]
 
     def _show(self, results: list[TraceResult]) -> None:
         normalized = bool(self.normalized.value)
+        show = "stderr" if self.show_stderr.value else "scores"
+        self.warning.value = tiny_warning(results[0])
+        self._dim(False)
         if len(results) == 1:
             self.result = results[0]
-            self.heatmap.value = png = heatmap_png(results[0], normalized=normalized)
+            self.heatmap.value = png = heatmap_png(results[0], normalized=normalized, show=show)
             self.heatmap.layout.width = f"{png_width(png)}px"
             self.heatmap.layout.display = None
             self.comparison.layout.display = "none"
@@ -362,7 +379,7 @@ class TraceExplorer(_LiveView):
             self.result = results[0]
             self.results = {r.kind: r for r in results}
             for view, result in zip(self.comparison.children, results):
-                view.value = png = heatmap_png(result, normalized=normalized)
+                view.value = png = heatmap_png(result, normalized=normalized, show=show)
                 view.layout.width = f"{png_width(png)}px"
             self.heatmap.layout.display = "none"
             self.comparison.layout.display = "flex"
@@ -373,36 +390,39 @@ class TraceExplorer(_LiveView):
         if self.result is None:
             self.error.value = "<span style='color:#a00'>nothing to save yet</span>"
             return None
-        name = (self.export_name.value.strip() or "trace").replace("/", "_")
+        name = (self.export_name.value.strip() or "trace").replace("/", "_").lstrip("-.") or "trace"
         path = self.export_dir / f"{name}.{fmt}"
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if fmt == "png":
-                if self.view.value == "compare" and self.results:
-                    figure = plot_traces(list(self.results.values()), normalized=bool(self.normalized.value))
-                    path.write_bytes(figure_png(figure))
-                else:
-                    path.write_bytes(heatmap_png(self.result, normalized=bool(self.normalized.value)))
-            elif fmt == "json":
-                self.result.save(path)
-            elif fmt == "csv":
-                self.result.to_dataframe().to_csv(path, index=False)
+            if fmt == "png" and self.view.value == "compare" and self.results:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                figure = plot_traces(list(self.results.values()), normalized=bool(self.normalized.value))
+                path.write_bytes(figure_png(figure))
             else:
-                raise ValueError(f"unknown export format {fmt!r}: use png, json or csv")
+                self.result.export(path, fmt, normalized=bool(self.normalized.value))
         except (OSError, ValueError) as error:
-            self.error.value = f"<span style='color:#a00'>could not save: {escape(str(error))}</span>"
+            self.error.value = f"<span style='color:#a00'>could not save {escape(str(path))}: {escape(str(error))}</span>"
             return None
         self.status.value = f"saved <code>{escape(str(path))}</code>"
         return path
 
 
-VISION_KIND_OPTIONS = [("hidden states", "hidden"), ("MLP", "mlp"), ("self-attention", "self_attn")]
+def controls_config(*, block: str, kind: str, window: int, corruption: str, level: float, samples: int,
+                    seed: int) -> TraceConfig:
+    """The TraceConfig that the explorer's controls describe: a pure function, tested without a kernel.
+
+    Hidden states are restored one layer at a time (the window slider is off for them).
+    """
+    return TraceConfig(block=block, kind=kind, window=1 if kind == "hidden" else int(window),
+                       corruption=from_name(corruption, round(float(level), 4)), samples=int(samples), seed=int(seed))
+
+
+VISION_KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in VISION_KINDS]
 VISION_CORRUPTION_OPTIONS = [("noise on patch embeddings", "noise"), ("blur pixels", "blur"), ("grey pixels", "grey")]
 AREA_OPTIONS = [("whole image", "all"), ("inside the box", "inside"), ("outside the box", "outside")]
 VISION_LEVEL_TIPS = {
-    "noise": "Gaussian noise of s·σ on the patch embeddings (σ = their std), before the vision encoder",
-    "blur": "Gaussian blur of the pixels, s = its sigma in pixels of the model's input",
-    "grey": "pixels set to the processor's mean colour; no level",
+    "noise": "Gaussian noise of s·σ on the patch embeddings (σ = their std), before the vision encoder; ROME uses s = 3",
+    "blur": BY_NAME["blur"].tip,
+    "grey": BY_NAME["grey"].tip,
 }
 
 
@@ -429,9 +449,7 @@ class VisionTraceExplorer(_LiveView):
         background: bool = True,
     ) -> None:
         self._start_live(bundle, image, question, samples, background)
-        vision = bundle.model.config.vision_config
-        side = int(vision.image_size) // int(vision.patch_size)
-        layers = int(vision.num_hidden_layers)
+        side, layers = bundle.patch_grid_side, bundle.num_layers("vision_encoder")
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=VISION_KIND_OPTIONS, value="hidden", description="kind", style=style)
         self.window = W.IntSlider(value=1, min=1, max=layers, description="window", continuous_update=False, style=style)
@@ -439,7 +457,8 @@ class VisionTraceExplorer(_LiveView):
                                    continuous_update=False, style=style)
         self.corruption = W.Dropdown(options=VISION_CORRUPTION_OPTIONS, value="noise", description="corruption",
                                      style=style)
-        self.level = W.FloatLogSlider(value=float(bundle.noise_scale), base=10, min=-1, max=np.log10(30), step=0.02,
+        self.level = W.FloatLogSlider(value=float(default_corruption(bundle, "patches").level), base=10, min=-1,
+                                      max=np.log10(30), step=0.02,
                                       description="level", continuous_update=False, readout_format=".2f", style=style)
         self.area = W.ToggleButtons(options=AREA_OPTIONS, value="all")
         self.box_x = W.IntRangeSlider(value=(25, 75), min=0, max=100, description="box x %", continuous_update=False,
@@ -463,7 +482,8 @@ class VisionTraceExplorer(_LiveView):
             W.HBox([self.area, self.box_x, self.box_y]),
             W.HBox([self.layer, self.all_layers, self.normalized]),
         ])
-        super().__init__([self._header(), controls, self.error, self.overlay])
+        self.warning = W.HTML()
+        super().__init__([self._header(), controls, self.error, self.warning, self.overlay])
         self._update_enabled()
         for control in (self.kind, self.window, self.regions, self.corruption, self.level, self.area, self.box_x,
                         self.box_y, self.noise_samples, self.seed, self.question_box):
@@ -526,8 +546,13 @@ class VisionTraceExplorer(_LiveView):
             return
         self.result = result
         self._render(result)
+        self.warning.value = tiny_warning(result)
+        self._dim(False)
         self.status.value = (f"answer scored <b>{escape(result.answer)}</b>: clean {result.high_score:.3f}, "
-                             f"corrupted {result.low_score:.3f}")
+                             f"corrupted {result.low_score:.3f}, total effect {result.total_effect:.3f}")
+
+    def _maps(self) -> list[W.Widget]:
+        return [self.overlay]
 
     def _render(self, result: TraceResult) -> None:
         from .plotting import plot_on_image

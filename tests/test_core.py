@@ -21,21 +21,21 @@ from blip_trace_widgets import (
 def test_restoring_all_of_last_layer_gives_high_score(tiny_bundle, image, question):
     tracer = Tracer(tiny_bundle, image, question)
     config = TraceConfig(samples=4)
-    last = len(tracer.stacks["question_encoder"]) - 1
+    last = len(tracer.blocks["question_encoder"].stack) - 1
     everything = tuple((last, p) for p in range(len(tracer.question_ids)))
     low, high = tracer.baselines(config)
-    restored, nothing = tracer.restore([everything, ()], config)
+    (restored, nothing), _ = tracer.restore([everything, ()], config)
     assert low < high
-    assert restored == pytest.approx(high, rel=1e-6, abs=1e-7)
+    assert restored == pytest.approx(high, rel=1e-5, abs=1e-7)  # float32, two summation orders
     assert nothing == pytest.approx(low, rel=1e-6, abs=1e-7)
 
 
 def test_restoring_all_of_decoder_last_layer_gives_high_score(tiny_bundle, image, question):
     tracer = Tracer(tiny_bundle, image, question)
     config = TraceConfig(block="answer_decoder", samples=3, answer="red blue")
-    last = len(tracer.stacks["answer_decoder"]) - 1
+    last = len(tracer.blocks["answer_decoder"].stack) - 1
     low, high = tracer.baselines(config)
-    restored, nothing = tracer.restore([((last, 0), (last, 1)), ()], config)
+    (restored, nothing), _ = tracer.restore([((last, 0), (last, 1)), ()], config)
     assert restored == pytest.approx(high, rel=1e-6)
     assert nothing == pytest.approx(low, rel=1e-6)
 
@@ -130,7 +130,7 @@ def test_heatmap_plot(tiny_bundle, image, question):
     result = trace(tiny_bundle, image, question, samples=2, kind="cross_attn", window=3)
     ax = result.plot()
     assert [t.get_text() for t in ax.get_yticklabels()] == result.tokens
-    assert ax.figure.axes[-1].get_ylabel() == "p(answer)"
+    assert ax.figure.axes[-1].get_ylabel().startswith("p(answer)")
     assert heatmap_png(result).startswith(b"\x89PNG")
 
 

@@ -19,7 +19,7 @@ from tiny_blip import tiny_model, tiny_processor
 
 PREFIX = {"question_encoder": "text_encoder.encoder.layer", "answer_decoder": "text_decoder.bert.encoder.layer"}
 SUFFIX = {"hidden": "", "self_attn": ".attention.output.dense", "cross_attn": ".crossattention.output.dense",
-          "mlp": ".output.dense"}
+          "mlp": ".output.dense", "post_self_attn": ".attention", "post_cross_attn": ".crossattention"}
 
 
 def path(block: str, kind: str, layer: int) -> str:
@@ -106,13 +106,23 @@ class ReferenceLoop:
                 handle = self.model.get_submodule(name).register_forward_hook(hook)
                 stack.callback(handle.remove)
             if cfg.sever:
+                # ROME's frozen-MLP notebook: the sublayer at the restored token, every layer, held at its
+                # corrupted-run value (sever_at="restored"); or at every position (sever_at="all")
+                tokens = sorted({pos for _, pos in restore})
                 layers = len(self.model.get_submodule(PREFIX[cfg.block]))
                 for layer in range(layers):
                     name = path(cfg.block, cfg.sever, layer)
                     held = self.corrupted_states[name]
-                    handle = self.model.get_submodule(name).register_forward_hook(
-                        lambda m, i, o, held=held: _replace(o, held.clone())
-                    )
+
+                    def freeze(m, i, o, held=held):
+                        t = _tensor(o).clone()
+                        if cfg.sever_at == "all":
+                            t = held.clone()
+                        else:
+                            t[:, tokens] = held[:, tokens]
+                        return _replace(o, t)
+
+                    handle = self.model.get_submodule(name).register_forward_hook(freeze)
                     stack.callback(handle.remove)
             return self.score(self._forward(self.corrupted))
 
@@ -132,16 +142,17 @@ def bundle():
 
 
 CASES = [
-    (block, kind, window, None)
+    (block, kind, window, None, "restored")
     for block in PREFIX
     for kind in SUFFIX
     for window in (1, 3)
-] + [(block, "hidden", 1, sever) for block in PREFIX for sever in ("mlp", "self_attn", "cross_attn")]
+] + [(block, "hidden", 1, sever, at) for block in PREFIX for sever in ("mlp", "self_attn", "cross_attn")
+     for at in ("restored", "all")]
 
 
-@pytest.mark.parametrize("block,kind,window,sever", CASES)
-def test_engine_matches_per_cell_loop(bundle, image, question, block, kind, window, sever):
-    config = TraceConfig(block=block, kind=kind, window=window, sever=sever, samples=3, seed=5,
+@pytest.mark.parametrize("block,kind,window,sever,sever_at", CASES)
+def test_engine_matches_per_cell_loop(bundle, image, question, block, kind, window, sever, sever_at):
+    config = TraceConfig(block=block, kind=kind, window=window, sever=sever, sever_at=sever_at, samples=3, seed=5,
                          corruption=GaussianNoise(scale=2.0), metric="logprob")
     tracer = Tracer(bundle, image, question, max_batch_rows=7)  # several chunks, uneven
     result = tracer.trace(config)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer
 from blip_trace_widgets.aggregate import average_effect, average_trace, bootstrap_interval, sample_effects, token_roles
-from blip_trace_widgets.plotting import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
+from blip_trace_widgets.sweep_plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
 from blip_trace_widgets.subsets import load_vqa_subset
 from blip_trace_widgets.sweep import Shard, is_correct, load_sweep, result_from_row, sweep
 

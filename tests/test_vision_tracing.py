@@ -167,19 +167,20 @@ def test_question_corruption_matches_loop(bundle, image, question):
 def test_object_word_is_corrupted_by_name(bundle, image):
     tracer = Tracer(bundle, image, "what color is the circle?")
     config = TraceConfig(corrupt="question", corrupt_tokens="object", samples=2)
-    assert tracer.tokens("question_encoder")[tracer.corrupt_positions(config)[0]] == "circle"
+    tokens = tracer.bundle.tokenizer.convert_ids_to_tokens(tracer.question_ids)
+    assert tokens[tracer.corrupt_positions(config)[0]] == "circle"
 
 
 def test_restoring_every_patch_at_the_last_layer_gives_the_clean_score(bundle, image, question):
     tracer = Tracer(bundle, image, question)
     config = TraceConfig(block="vision_encoder", samples=2, corruption=GaussianNoise(5.0))
     low, high = tracer.baselines(config)
-    layers = tracer.stacks["vision_encoder"].__len__()
+    layers = tracer.blocks["vision_encoder"].stack.__len__()
     tokens = tracer.clean.image_embeds.shape[1]
-    [everything] = tracer.restore([tuple((layers - 1, p) for p in range(tokens))], config)
+    [everything], _ = tracer.restore([tuple((layers - 1, p) for p in range(tokens))], config)
     assert abs(high - low) > 1e-3
     assert everything == pytest.approx(high, rel=1e-5)
-    [nothing] = tracer.restore([()], config)
+    [nothing], _ = tracer.restore([()], config)
     assert nothing == pytest.approx(low, rel=1e-6)
 
 
@@ -242,9 +243,11 @@ def test_mask_regions_follow_the_pixels():
 def test_an_image_side_trace_runs_the_vision_encoder_once(bundle, image, question):
     tracer = Tracer(bundle, image, question)
     result = tracer.trace(block="vision_encoder", regions=2, samples=2)
-    assert tracer.stats["vision_passes"] == 0  # the clean pass reused the recorded vision run
+    # one clean pass (recorded, and reused by the clean text pass) and one corrupted pass
+    assert tracer.stats["vision_passes"] == 2
     reference = Tracer(bundle, image, question)
     assert tracer.model_answer == reference.model_answer
-    torch.testing.assert_close(tracer.clean.image_embeds, reference.clean.image_embeds, rtol=1e-5, atol=1e-5)
+    # the clean image embeddings do not depend on which trace ran first: one path, bit for bit
+    assert torch.equal(tracer.clean.image_embeds, reference.clean.image_embeds)
     assert result.high_score == pytest.approx(reference.baselines(TraceConfig(block="vision_encoder", samples=2))[1],
                                               rel=1e-5)

@@ -154,5 +154,5 @@ def test_explorer_rejects_a_corruption_its_controls_cannot_show(demo_bundle, dem
     from blip_trace_widgets import ImageSwap, TraceConfig
 
     image, question, _ = demo_sample
-    with pytest.raises(ValueError, match="gaussian, multiplicative and uniform"):
+    with pytest.raises(ValueError, match="gaussian, multiplicative, uniform, scale"):
         TraceExplorer(demo_bundle, image, question, config=TraceConfig(corruption=ImageSwap(image)), background=False)

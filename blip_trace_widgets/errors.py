@@ -1,0 +1,15 @@
+"""The error for a user's mistake: a ValueError whose message names the fix.
+
+    >>> from blip_trace_widgets.errors import BlipTraceError
+    >>> issubclass(BlipTraceError, ValueError)
+    True
+
+The command line and the widgets show a ``BlipTraceError`` (and any other ``ValueError``
+from a check) as one line; anything else is a bug or an environment problem, and they
+show its full traceback.
+"""
+from __future__ import annotations
+
+
+class BlipTraceError(ValueError):
+    """Bad input: the message says what was wrong and how to fix it."""

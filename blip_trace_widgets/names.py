@@ -1,0 +1,112 @@
+"""The vocabulary: every block, kind, corruption stage, metric and default, with its label.
+
+    >>> from blip_trace_widgets.names import BLOCKS, KIND_LABELS, kinds_of
+    >>> BLOCKS
+    ('question_encoder', 'answer_decoder', 'vision_encoder')
+    >>> kinds_of("vision_encoder")
+    ('hidden', 'self_attn', 'mlp')
+    >>> KIND_LABELS["post_cross_attn"]
+    'residual after cross-attention'
+
+This module is the one home of names, labels and defaults. The command line's choices,
+the widgets' options, the plots' labels and the checks in :class:`~.tracing.TraceConfig`
+are all derived from the tables here; :mod:`~.anatomy` maps the same names to BLIP's
+module paths. It imports nothing from the package.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+Block = Literal["question_encoder", "answer_decoder", "vision_encoder"]
+Kind = Literal["hidden", "self_attn", "cross_attn", "mlp", "post_self_attn", "post_cross_attn"]
+Stage = Literal["image", "patches", "pixels", "question"]
+Metric = Literal["prob", "logprob", "logit_diff"]
+SeverAt = Literal["restored", "all"]
+
+QUESTION_ENCODER: Block = "question_encoder"
+ANSWER_DECODER: Block = "answer_decoder"
+VISION_ENCODER: Block = "vision_encoder"
+
+TEXT_BLOCKS: tuple[Block, ...] = (QUESTION_ENCODER, ANSWER_DECODER)
+BLOCKS: tuple[Block, ...] = (*TEXT_BLOCKS, VISION_ENCODER)
+BLOCK_LABELS: dict[str, str] = {
+    QUESTION_ENCODER: "question encoder",
+    ANSWER_DECODER: "answer decoder",
+    VISION_ENCODER: "vision encoder",
+}
+
+#: Kinds of the text transformers (post-LN BERT layers: h1 = LN(h + SA(h)), h2 = LN(h1 + XA(h1)),
+#: h3 = LN(h2 + MLP(h2))). ``self_attn``, ``cross_attn`` and ``mlp`` are each sublayer's own output
+#: before its residual add; ``post_self_attn`` and ``post_cross_attn`` are h1 and h2, the residual
+#: stream after those sublayers (what the outputs of BLIP's ``.attention`` and ``.crossattention``
+#: modules are, and what the paper's attention notebook restores); ``hidden`` is h3.
+TEXT_KINDS: tuple[Kind, ...] = ("hidden", "self_attn", "cross_attn", "mlp", "post_self_attn", "post_cross_attn")
+#: The kinds that compare like ROME's figure 1 (state, MLP, attention), shown side by side.
+SUBLAYER_KINDS: tuple[Kind, ...] = ("hidden", "mlp", "self_attn", "cross_attn")
+VISION_KINDS: tuple[Kind, ...] = ("hidden", "self_attn", "mlp")
+KINDS: tuple[Kind, ...] = TEXT_KINDS
+#: Sublayers that severing can hold at their corrupted values.
+SEVERABLE: tuple[Kind, ...] = ("self_attn", "cross_attn", "mlp")
+KIND_LABELS: dict[str, str] = {
+    "hidden": "hidden states",
+    "self_attn": "self-attention outputs",
+    "cross_attn": "cross-attention outputs",
+    "mlp": "MLP outputs",
+    "post_self_attn": "residual after self-attention",
+    "post_cross_attn": "residual after cross-attention",
+}
+KIND_SHORT_LABELS: dict[str, str] = {
+    "hidden": "hidden states",
+    "self_attn": "self-attention",
+    "cross_attn": "cross-attention",
+    "mlp": "MLP",
+    "post_self_attn": "h1 (after self-attention)",
+    "post_cross_attn": "h2 (after cross-attention)",
+}
+KIND_COLORMAPS: dict[str, str] = {
+    "hidden": "Purples", "mlp": "Greens", "self_attn": "Reds", "cross_attn": "Blues",
+    "post_self_attn": "Oranges", "post_cross_attn": "PuBu",
+}
+
+#: Where a corruption acts: the vision encoder's output (the paper's choice), the patch embeddings
+#: before the vision encoder, the pixels, or the question's token embeddings (ROME's original).
+STAGES: tuple[Stage, ...] = ("image", "patches", "pixels", "question")
+STAGE_LABELS: dict[str, str] = {
+    "image": "image embeddings (vision encoder output)",
+    "patches": "patch embeddings",
+    "pixels": "pixels",
+    "question": "question tokens",
+}
+
+METRICS: tuple[Metric, ...] = ("prob", "logprob", "logit_diff")
+METRIC_LABELS: dict[str, str] = {
+    "prob": "p(answer)",
+    "logprob": "log p(answer)",
+    "logit_diff": "logit(answer) − logit(contrast)",
+    "effect": "indirect effect (score − low)",
+    "normalized": "normalised indirect effect",
+}
+
+SEVER_AT: tuple[SeverAt, ...] = ("restored", "all")
+SEVER_AT_LABELS: dict[str, str] = {
+    "restored": "at the restored positions (ROME's)",
+    "all": "at every position",
+}
+
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+ANSWER_MODES: tuple[str, ...] = ("model", "expected")
+
+# ----- defaults ---------------------------------------------------------------------------
+#: Gaussian noise in σ of what is corrupted: ROME's 3σ.
+ROME_NOISE_SCALE = 3.0
+#: The paper's multiplicative noise: each value times N(1, 5²).
+PAPER_NOISE_STD = 5.0
+DEFAULT_SAMPLES = 10
+#: Below this total effect, as a fraction of the clean score, a heatmap is mostly noise.
+TINY_EFFECT = 0.1
+MAX_ANSWER_TOKENS = 10
+
+
+def kinds_of(block: str) -> tuple[Kind, ...]:
+    """The kinds that ``block`` offers."""
+    return VISION_KINDS if block == VISION_ENCODER else TEXT_KINDS

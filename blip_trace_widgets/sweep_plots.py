@@ -1,0 +1,87 @@
+"""Figures of sweeps: averaged heatmaps and effect-by-layer lines over many questions.
+
+    >>> from blip_trace_widgets.sweep_plots import FORM_LABELS
+    >>> sorted(FORM_LABELS)
+    ['normalized', 'rome']
+
+Plots of one result live in :mod:`~.plotting`; these read a sweep table (see
+:mod:`~.sweep`) through :mod:`~.aggregate`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .aggregate import ROLES, average_trace, sample_effects
+from .names import BLOCK_LABELS, KIND_LABELS
+from .plotting import _figure, plot_trace
+
+
+FORM_LABELS = {"normalized": "normalised indirect effect", "rome": "indirect effect (score − low)"}
+
+
+def plot_average_heatmaps(table: Any, *, form: str = "normalized", correct_only: bool = False, by: str = "role",
+                          configs: Sequence[int] | None = None, figure: Any = None) -> Any:
+    """The paper's averaged heatmaps, one per configuration of a sweep table; returns the figure."""
+    configs = sorted(int(c) for c in table["config"].unique()) if configs is None else list(configs)
+    results = [average_trace(table, config=c, form=form, correct_only=correct_only, by=by) for c in configs]
+    if figure is None:
+        width = sum(2.4 + 0.45 * r.num_layers for r in results)
+        figure = _figure((width, 1.9 + 0.32 * max(len(r.tokens) for r in results)))
+    for i, result in enumerate(results):
+        ax = figure.add_subplot(1, len(results), i + 1)
+        window = f", window {result.window}" if result.window > 1 else ""
+        title = (f"{KIND_LABELS.get(result.kind, result.kind)}{window}\n"
+                 f"{BLOCK_LABELS.get(result.block, result.block)}, {result.config['questions']} questions")
+        plot_trace(result, ax=ax, normalized=False, title=title, top="range", tiny=None)
+    return figure
+
+
+def _role_lines(effects: Any, *, hue: str, form: str, roles: Sequence[str] | None, figure: Any,
+                title: Any) -> Any:
+    """Lines of ``effects`` (long form) against layer coloured by ``hue``, one panel per role, 95% CI bands."""
+    import seaborn as sns
+
+    roles = [r for r in (roles or ROLES) if r in set(effects["role"])]
+    if not roles:
+        raise ValueError("no token roles to plot: for an image-side sweep, average with "
+                         "aggregate.average_trace(table, config=...) and draw it with .plot_on_image(image=...)")
+    if figure is None:
+        figure = _figure((0.4 + 3.2 * len(roles), 2.8))
+    axes = [figure.add_subplot(1, len(roles), i + 1) for i in range(len(roles))]
+    for ax, role in zip(axes, roles):
+        sns.lineplot(data=effects[effects["role"] == role], x="layer", y="effect", hue=hue,
+                     errorbar=("ci", 95), seed=0, marker="o", ax=ax, legend=ax is axes[-1])
+        ax.set_title(title(role), fontsize=9)
+        ax.set_ylabel(FORM_LABELS[form] if ax is axes[0] else "")
+        ax.axhline(0, color="0.7", linewidth=0.8)
+    if axes and axes[-1].get_legend() is not None:
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1, 1), fontsize=8, title=None)
+    return figure
+
+
+def plot_effect_by_layer(table: Any, *, form: str = "normalized", correct_only: bool = False,
+                         roles: Sequence[str] | None = None, figure: Any = None) -> Any:
+    """Average indirect effect against layer, one line per kind, one panel per token role, with 95% CI bands."""
+    effects = sample_effects(table, form=form, correct_only=correct_only)
+    effects["configuration"] = [
+        f"{KIND_LABELS.get(k, k)}" + (f" (w{w})" if w > 1 else "") for k, w in zip(effects["kind"], effects["window"])]
+    return _role_lines(effects, hue="configuration", form=form, roles=roles, figure=figure,
+                       title=lambda role: f"{role} token" + ("s" if role == "question words" else ""))
+
+
+def plot_subset_comparison(tables: dict[str, Any], *, kind: str = "hidden", form: str = "normalized",
+                           correct_only: bool = False, roles: Sequence[str] | None = None, figure: Any = None) -> Any:
+    """One line per subset (e.g. colour, count, location) for one kind, one panel per token role."""
+    import pandas as pd
+
+    parts = []
+    for name, table in tables.items():
+        rows = table[table["kind"] == kind]
+        if rows.empty:
+            raise ValueError(f"the table for {name!r} has no {kind!r} traces")
+        effects = sample_effects(rows, form=form, correct_only=correct_only)
+        effects["subset"] = name
+        parts.append(effects)
+    return _role_lines(pd.concat(parts, ignore_index=True), hue="subset", form=form, roles=roles, figure=figure,
+                       title=lambda role: f"{KIND_LABELS.get(kind, kind)}: {role}")
