@@ -5,33 +5,54 @@
     blip-trace sweep --dataset easy-vqa-color --limit 50 --model demo --out sweep-output
     accelerate launch --multi_gpu --num_processes 2 -m blip_trace_widgets sweep --dataset coco-qa-color ...
 
-Each trace writes a PNG heatmap and a JSON result (``TraceResult.load`` reads it back).
-Bad arguments or missing files print one line and exit with status 2.
+Each trace writes a PNG heatmap and a JSON result (``TraceResult.load`` reads it back),
+named after the question, the image and the configuration, so runs never overwrite each
+other. A user's mistake (bad arguments, a missing file, a model that cannot be loaded)
+prints one line and exits with status 2; anything else is a bug or an environment
+problem, and prints its full traceback (exit status 1).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
-from . import anatomy
 from .corruption import BY_NAME, from_name
+from .errors import BlipTraceError
+from .names import (
+    ANSWER_DECODER, ANSWER_MODES, BLOCKS, DTYPES, KINDS, METRICS, QUESTION_ENCODER, SEVER_AT, SEVERABLE, STAGES,
+    VISION_ENCODER, VISION_KINDS, kinds_of,
+)
 
-DEFAULT_LEVEL = {"gaussian": 3.0, "multiplicative": 5.0, "uniform": 3.0}
-DEMO_TRACES = [("question_encoder", "hidden", 1), ("question_encoder", "mlp", 3), ("question_encoder", "self_attn", 3),
-               ("question_encoder", "cross_attn", 3), ("answer_decoder", "hidden", 1), ("vision_encoder", "hidden", 1)]
-DEMO_PATCH_NOISE = 3.0  # image-side demo trace: ROME's 3σ on the patch embeddings
+DEMO_TRACES = [(QUESTION_ENCODER, "hidden", 1), (QUESTION_ENCODER, "mlp", 3), (QUESTION_ENCODER, "self_attn", 3),
+               (QUESTION_ENCODER, "cross_attn", 3), (ANSWER_DECODER, "hidden", 1), (VISION_ENCODER, "hidden", 1)]
 
 
-class UsageError(Exception):
+class UsageError(BlipTraceError):
     """A problem with the user's input: reported in one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line gets one line and a pointer to --help, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "trace"
+
+
+def output_stem(question: str, image_key: str, config: Any) -> str:
+    """A file name per (question, image, configuration): unique, and never starting with '-'."""
+    digest = hashlib.sha1(json.dumps(config.to_json(), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{_slug(question)}-{image_key[:8]}-{config.block}-{config.kind}-{digest}"
 
 
 def _progress_bar(total_traces: int):
@@ -57,55 +78,86 @@ def _load(model: str, device: str | None, dtype: str | None):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from .corruption import GaussianNoise
     from .data import demo_samples
+    from .procedures import default_corruption
     from .tracing import Tracer, default_config
 
     started = time.perf_counter()
     bundle = _load("demo", args.device, None)
     samples = demo_samples(per_type=1)
-    print(f"demo model, Gaussian noise of {bundle.noise_scale:g}σ on the image embeddings "
-          f"({DEMO_PATCH_NOISE:g}σ on the patch embeddings for the image-side trace), {args.samples} samples")
+    print(f"demo model: Gaussian noise of {default_corruption(bundle, 'image').level:g}σ on the image embeddings "
+          f"({default_corruption(bundle, 'patches').level:g}σ on the patch embeddings for the image-side trace), "
+          f"{args.samples} noise samples")
     out = Path(args.out)
     bar = _progress_bar(len(samples) * len(DEMO_TRACES))
+    heatmaps, overlays = 0, 0
     for index, (image, question, expected) in enumerate(samples):
         tracer = Tracer(bundle, image, question)
         bar.write(f"\n[{index + 1}] question: {question}\n    model's answer: {tracer.model_answer!r} (expected {expected!r})")
         for block, kind, window in DEMO_TRACES:
             config = default_config(bundle, block=block, kind=kind, window=window, samples=args.samples, seed=args.seed)
-            if block == anatomy.VISION_BLOCK:
-                config = replace(config, corruption=GaussianNoise(DEMO_PATCH_NOISE))
             result = tracer.trace(config)
-            stem = f"{index + 1}-{_slug(question)}-{block}-{kind}"
+            stem = f"{index + 1}-{output_stem(question, tracer.image_key, config)}"
             png, js = _write(result, out, stem)
-            if block == anatomy.VISION_BLOCK:
+            heatmaps += 1
+            if block == VISION_ENCODER:
                 from .plotting import figure_png, plot_on_image
 
                 (out / f"{stem}-on-image.png").write_bytes(figure_png(plot_on_image(result, tracer.image)))
+                overlays += 1
             bar.update(1)
-            bar.write(f"    {block:16s} {kind:10s} -> {png} , {js.name}")
+            flag = "  (corruption has almost no effect: this map is noise)" if result.is_tiny() else ""
+            bar.write(f"    {block:16s} {kind:10s} -> {png} , {js.name}{flag}")
     bar.close()
-    print(f"\nwrote {len(samples) * len(DEMO_TRACES)} heatmaps and results to {out.resolve()} "
-          f"in {time.perf_counter() - started:.1f} s")
+    print(f"\nwrote {heatmaps} heatmaps with their JSON results, and {overlays} image overlays (*-on-image.png), "
+          f"to {out.resolve()} in {time.perf_counter() - started:.1f} s")
     return 0
 
 
+def _corrupt_tokens(text: str | None) -> Any:
+    if text is None or text == "object":
+        return text
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise UsageError(f"--corrupt-tokens must be 'object' or comma-separated positions such as 1,2; got {text!r}") from None
+
+
+def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
+    from .procedures import default_corruption, procedure_config
+
+    stage = args.corrupt or ("patches" if args.block == VISION_ENCODER else "image")
+    if args.noise is not None:
+        corruption = from_name(args.noise, args.scale)
+    elif args.scale is not None:
+        raise UsageError("--scale sets the level of --noise: pass --noise too")
+    elif args.procedure == "rome":
+        corruption = default_corruption(bundle, stage)
+    else:
+        corruption = None  # the procedure's own
+    return procedure_config(args.procedure, block=args.block, kind=args.kind, window=args.window,
+                            corruption=corruption, samples=args.samples, seed=args.seed, answer=args.answer,
+                            metric=args.metric, contrast=args.contrast, sever=args.sever, sever_at=args.sever_at,
+                            corrupt=args.corrupt, corrupt_tokens=_corrupt_tokens(args.corrupt_tokens),
+                            regions=args.regions)
+
+
 def run_trace(args: argparse.Namespace) -> int:
-    from .tracing import TraceConfig, Tracer
+    from .tracing import Tracer
 
     if args.model != "demo" and not Path(args.model).exists() and "/" not in args.model:
-        raise UsageError(f"--model {args.model!r} is neither 'demo', a folder, nor a hub id such as Salesforce/blip-vqa-base")
+        raise UsageError(f"--model {args.model!r} is neither 'demo', a folder, nor a hub id such as "
+                         "Salesforce/blip-vqa-base (did you mean a local folder?)")
     if not Path(args.image).is_file():
         raise UsageError(f"--image {args.image!r}: no such file")
-    level = args.scale if args.scale is not None else DEFAULT_LEVEL[args.noise]
-    config = TraceConfig(block=args.block, kind=args.kind, window=args.window, corruption=from_name(args.noise, level),
-                         samples=args.samples, seed=args.seed, answer=args.answer, sever=args.sever,
-                         corrupt=args.corrupt, regions=args.regions)
     bundle = _load(args.model, args.device, args.dtype)
+    config = _trace_config(args, bundle)
     tracer = Tracer(bundle, args.image, args.question)
     print(f"question: {tracer.question}\nmodel's answer: {tracer.model_answer!r}")
+    unknown = tracer.unknown_words
+    if unknown:
+        print(f"warning: the model's vocabulary lacks {', '.join(map(repr, unknown))}; it reads [UNK] there, "
+              "so its answer may not be about your words", file=sys.stderr)
     from tqdm.auto import tqdm
 
     with tqdm(total=1, unit="cell", file=sys.stderr, disable=None) as bar:
@@ -115,14 +167,19 @@ def run_trace(args: argparse.Namespace) -> int:
             bar.refresh()
 
         result = tracer.trace(config, progress=progress)
-    png, js = _write(result, Path(args.out), f"{_slug(tracer.question)}-{args.block}-{args.kind}")
-    if args.block == anatomy.VISION_BLOCK:
+    stem = output_stem(tracer.question, tracer.image_key, config)
+    png, js = _write(result, Path(args.out), stem)
+    if args.block == VISION_ENCODER:
         from .plotting import figure_png, plot_on_image
 
-        overlay = Path(args.out) / f"{_slug(tracer.question)}-{args.block}-{args.kind}-on-image.png"
+        overlay = Path(args.out) / f"{stem}-on-image.png"
         overlay.write_bytes(figure_png(plot_on_image(result, tracer.image)))
         print(f"wrote {overlay}")
-    print(f"scored answer: {result.answer!r}  clean {result.high_score:.4f}  corrupted {result.low_score:.4f}")
+    print(f"scored answer: {result.answer!r}  clean {result.high_score:.4f}  corrupted {result.low_score:.4f}  "
+          f"total effect {result.total_effect:.4f}")
+    if result.is_tiny():
+        print("warning: the corruption has almost no effect on this answer; the heatmap is noise. "
+              "Raise --scale.", file=sys.stderr)
     print(f"wrote {png} and {js}")
     return 0
 
@@ -133,8 +190,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from .sweep import _ProcessGroup, process_device, sweep
     from .tracing import TraceConfig
 
-    vision = args.block == anatomy.VISION_BLOCK
-    allowed = anatomy.VISION_KINDS if vision else anatomy.KINDS
+    vision = args.block == VISION_ENCODER
+    allowed = kinds_of(args.block)
     kinds = [k.strip() for k in (args.kinds or ",".join(allowed)).split(",") if k.strip()]
     for kind in kinds:
         if kind not in allowed:
@@ -151,11 +208,13 @@ def run_sweep(args: argparse.Namespace) -> int:
     if device is not None and device.startswith("cpu"):
         _share_cpu_threads()
     bundle = _load(args.model, device, args.dtype)
-    level = args.scale if args.scale is not None else (  # the model's own level is for its image embeddings
-        bundle.noise_scale if args.noise == "gaussian" and not vision else DEFAULT_LEVEL[args.noise])
+    from .procedures import default_corruption
+
+    stage = "patches" if vision else "image"
+    corruption = from_name(args.noise, args.scale) if args.noise else default_corruption(bundle, stage)
     configs = [TraceConfig(block=args.block, kind=kind, window=1 if kind == "hidden" else args.window,
-                           corruption=from_name(args.noise, level), samples=args.samples, seed=args.seed,
-                           regions=args.regions)
+                           corruption=corruption, samples=args.samples, seed=args.seed, regions=args.regions,
+                           metric=args.metric)
                for kind in kinds]
     out = Path(args.out)
     group = _ProcessGroup()
@@ -165,7 +224,7 @@ def run_sweep(args: argparse.Namespace) -> int:
               f"{len(range(shard.index, len(samples), shard.count))} of {len(samples)} questions", file=sys.stderr)
     if group.is_main:
         print(f"{len(samples)} questions from {args.dataset}; {len(configs)} traces each on {bundle.name}; "
-              f"{args.noise} noise {level:g}; results in {out}")
+              f"{configs[0].to_json()['corruption']}; results in {out}")
     started = time.perf_counter()
     table = sweep(bundle, samples, configs=configs, out=out, answer=args.answer, overwrite=args.overwrite)
     if not group.is_main:
@@ -198,15 +257,57 @@ def _share_cpu_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
 
+def _noise_help() -> str:
+    levels = ", ".join(f"{name} {cls.default_level:g}" for name, cls in BY_NAME.items() if hasattr(cls, "default_level"))
+    return f"noise level: the {{scale, std, factor, sigma}} of --noise (defaults: {levels})"
+
+
+def _add_trace_options(one: argparse.ArgumentParser) -> None:
+    from .procedures import PROCEDURES
+
+    one.add_argument("--procedure", choices=list(PROCEDURES), default="rome",
+                     help="preset to start from: " + "; ".join(f"{p.name}: {p.summary}" for p in PROCEDURES.values())
+                          + " (default: %(default)s); the options below override it")
+    one.add_argument("--block", choices=BLOCKS, default=QUESTION_ENCODER,
+                     help="which transformer to restore states in: the question encoder, the answer decoder or "
+                          "the vision encoder (default: %(default)s)")
+    one.add_argument("--kind", choices=KINDS, default=None,
+                     help="which state to restore: the layer output (hidden), a sublayer's own output (self_attn, "
+                          "cross_attn, mlp), or the residual after a sublayer (post_self_attn, post_cross_attn); "
+                          f"the vision encoder has {', '.join(VISION_KINDS)} (default: hidden)")
+    one.add_argument("--window", type=int, default=None, help="consecutive layers restored together (default: 1)")
+    one.add_argument("--noise", choices=list(BY_NAME), default=None,
+                     help="the corruption (default: gaussian, at the model's own level on image embeddings)")
+    one.add_argument("--scale", type=float, default=None, help=_noise_help())
+    one.add_argument("--samples", type=int, default=None, help="noise samples averaged per cell (default: 10)")
+    one.add_argument("--seed", type=int, default=None, help="noise seed (default: 0)")
+    one.add_argument("--answer", default=None, help="answer to score (default: the model's own first answer token)")
+    one.add_argument("--metric", choices=METRICS, default=None, help="what is scored (default: prob)")
+    one.add_argument("--contrast", default=None, help="with --metric logit_diff: the answer to compare against")
+    one.add_argument("--sever", choices=SEVERABLE, default=None,
+                     help="hold this sublayer at its corrupted values while restoring hidden states")
+    one.add_argument("--sever-at", choices=SEVER_AT, default=None,
+                     help="where --sever holds it: at the restored positions (ROME's) or at every position "
+                          "(default: restored)")
+    one.add_argument("--corrupt", choices=STAGES, default=None,
+                     help="where the noise goes: image embeddings (the paper's; default for text blocks), patch "
+                          "embeddings (default for --block vision_encoder), pixels, or the question's tokens")
+    one.add_argument("--corrupt-tokens", default=None,
+                     help="with --corrupt question: 'object' (the last content word, ROME's subject) or "
+                          "comma-separated positions (default: every token)")
+    one.add_argument("--regions", type=int, default=None,
+                     help="vision_encoder: regions per side restored as units (default: every patch)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="blip-trace", description="Causal tracing of BLIP visual question answering (ROME-style).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="blip-trace", description="Causal tracing of BLIP visual question answering (ROME-style).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="trace a few easy-VQA samples on the bundled demo model (offline)",
                           description="Offline: the bundled demo model on a few easy-VQA test samples. Traces hidden, "
-                                      "MLP, self-attention and cross-attention of the question encoder, and hidden "
-                                      "states of the answer decoder; writes a PNG and a JSON per trace.")
+                                      "MLP, self-attention and cross-attention of the question encoder, hidden states "
+                                      "of the answer decoder and of the vision encoder; writes a PNG and a JSON per "
+                                      "trace, and an overlay on the image for the vision encoder.")
     demo.add_argument("--out", default="trace-output", help="folder for the PNG and JSON files (default: %(default)s)")
     demo.add_argument("--samples", type=int, default=10, help="noise samples per trace (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
@@ -214,32 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=run_demo)
 
     one = sub.add_parser("trace", help="trace one image and question", description="Run one causal trace and write "
-                         "its heatmap (PNG) and result (JSON).")
+                         "its heatmap (PNG) and result (JSON), named after the question, image and configuration.")
     one.add_argument("--model", default="demo", help="'demo', a local folder, or a hub id such as "
                      "Salesforce/blip-vqa-base (default: %(default)s)")
     one.add_argument("--image", required=True, help="path of the image file")
     one.add_argument("--question", required=True, help="the question about the image")
-    one.add_argument("--block", choices=anatomy.BLOCKS, default="question_encoder",
-                     help="which text transformer to restore states in (default: %(default)s)")
-    one.add_argument("--kind", choices=anatomy.KINDS, default="hidden",
-                     help="which state to restore: layer output or a sublayer's own output (default: %(default)s)")
-    one.add_argument("--window", type=int, default=1, help="consecutive layers restored together (default: %(default)s)")
-    one.add_argument("--noise", choices=list(BY_NAME), default="gaussian",
-                     help="corruption of the image embeddings (default: %(default)s)")
-    one.add_argument("--scale", type=float, default=None,
-                     help="noise level: multiple of the embeddings' std for gaussian/uniform (default 3), "
-                          "std of the factor for multiplicative (default 5)")
-    one.add_argument("--samples", type=int, default=10, help="noise samples averaged per cell (default: %(default)s)")
-    one.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    one.add_argument("--answer", default=None, help="answer to score (default: the model's own first answer token)")
-    one.add_argument("--sever", choices=anatomy.SEVERABLE, default=None,
-                     help="hold this sublayer at its corrupted values while restoring hidden states")
-    one.add_argument("--corrupt", choices=["image", "patches", "pixels", "question"], default=None,
-                     help="where the noise goes: image embeddings (the paper's; default for text blocks), patch "
-                          "embeddings (default for --block vision_encoder), pixels, or the question's tokens")
-    one.add_argument("--regions", type=int, default=None,
-                     help="vision_encoder: regions per side restored as units (default: every patch)")
-    one.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="model dtype")
+    _add_trace_options(one)
+    one.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
     one.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     one.add_argument("--out", required=True, help="folder for the PNG and JSON files")
     one.set_defaults(run=run_trace)
@@ -257,30 +339,35 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep questions of exactly this many words (the paper used 7)")
     many.add_argument("--model", default="demo", help="'demo', a local folder or a hub id (default: %(default)s)")
     many.add_argument("--out", required=True, help="folder for the table and figures")
-    many.add_argument("--block", choices=anatomy.BLOCKS, default="question_encoder")
+    many.add_argument("--block", choices=BLOCKS, default=QUESTION_ENCODER, help="(default: %(default)s)")
     many.add_argument("--kinds", default=None,
-                      help=f"comma-separated kinds to trace (default: {','.join(anatomy.KINDS)}; "
-                           f"{','.join(anatomy.VISION_KINDS)} for the vision encoder)")
+                      help=f"comma-separated kinds to trace (default: {','.join(KINDS)}; "
+                           f"{','.join(VISION_KINDS)} for the vision encoder)")
     many.add_argument("--regions", type=int, default=None,
                       help="vision_encoder: regions per side restored as units (default: every patch)")
     many.add_argument("--window", type=int, default=3, help="window for the sublayer kinds (default: %(default)s)")
-    many.add_argument("--noise", choices=list(BY_NAME), default="gaussian")
-    many.add_argument("--scale", type=float, default=None,
-                      help="noise level (default: the model's own for gaussian noise on image embeddings, else 3 for "
-                           "gaussian/uniform, 5 for multiplicative)")
+    many.add_argument("--noise", choices=list(BY_NAME), default=None,
+                      help="the corruption (default: gaussian, at the model's own level on image embeddings, "
+                           "3σ on patch embeddings)")
+    many.add_argument("--scale", type=float, default=None, help=_noise_help())
+    many.add_argument("--metric", choices=METRICS, default="prob", help="what is scored (default: %(default)s)")
     many.add_argument("--samples", type=int, default=10, help="noise samples per trace (default: %(default)s)")
     many.add_argument("--seed", type=int, default=0)
-    many.add_argument("--answer", choices=["model", "expected"], default="model",
+    many.add_argument("--answer", choices=ANSWER_MODES, default="model",
                       help="score the model's own answer or the dataset's (default: %(default)s)")
     many.add_argument("--correct-only", action="store_true", help="average only correctly answered questions")
     many.add_argument("--overwrite", action="store_true", help="discard an earlier, different sweep in --out")
     many.add_argument("--cache-dir", default=None, help="where downloaded CSVs and images are kept")
     many.add_argument("--csv", default=None, help="a local copy of the paper's CSV for --dataset")
     many.add_argument("--image-dir", default=None, help="a local folder of the dataset's images")
-    many.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    many.add_argument("--dtype", choices=DTYPES, default=None)
     many.add_argument("--device", default=None, help="torch device (default: the launcher's, else cuda if present)")
     many.set_defaults(run=run_sweep)
     return parser
+
+
+#: Errors from the operating system that name a path the user gave: their fix is the user's.
+USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -288,10 +375,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (UsageError, ValueError, RuntimeError, OSError) as error:
+    except (ValueError, *USER_OS_ERRORS) as error:  # a user's mistake (BlipTraceError is a ValueError): one line
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"blip-trace: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `blip-trace ... | head`: the reader left; end quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 130
 

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from .errors import UnavailableError
+
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 
@@ -27,7 +29,7 @@ def _easy_vqa():
     try:
         import easy_vqa
     except ImportError:
-        raise RuntimeError("the easy-vqa package is missing: pip install easy-vqa") from None
+        raise UnavailableError("the easy-vqa package is missing: pip install easy-vqa") from None
     return easy_vqa
 
 

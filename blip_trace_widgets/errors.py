@@ -13,3 +13,8 @@ from __future__ import annotations
 
 class BlipTraceError(ValueError):
     """Bad input: the message says what was wrong and how to fix it."""
+
+
+class UnavailableError(BlipTraceError, RuntimeError):
+    """Something the user asked for cannot be had here (a model offline, a missing package or file);
+    the message says how to get it. A RuntimeError too, as these were before."""

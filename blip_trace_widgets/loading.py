@@ -20,6 +20,7 @@ from typing import Any, Union
 
 import torch
 
+from .errors import UnavailableError
 from .anatomy import check_blip
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
@@ -124,7 +125,7 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
     except (OSError, ValueError, ConnectionError) as error:
         if Path(source).exists():
             raise ValueError(f"{source!r} is not a Hugging Face model folder ({error})") from None
-        raise RuntimeError(_offline_help(source)) from None
+        raise UnavailableError(_offline_help(source)) from None
     architectures = getattr(config, "architectures", None) or []
     if config.model_type != "blip" or (architectures and "BlipForQuestionAnswering" not in architectures):
         raise ValueError(
@@ -136,7 +137,7 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
             model = BlipForQuestionAnswering.from_pretrained(source, dtype=dtype)
             processor = BlipProcessor.from_pretrained(source)
     except (OSError, ConnectionError):
-        raise RuntimeError(_offline_help(source)) from None
+        raise UnavailableError(_offline_help(source)) from None
     return model, processor
 
 
@@ -158,7 +159,7 @@ def load_model(
         name = str(source)
         path = DEMO_MODEL_DIR if name == "demo" else Path(name)
         if name == "demo" and not (path / "config.json").is_file():
-            raise RuntimeError(f"the bundled demo model is missing from {path}; reinstall blip-trace-widgets")
+            raise UnavailableError(f"the bundled demo model is missing from {path}; reinstall blip-trace-widgets")
         model, processor = _from_pretrained(str(path) if path.exists() else name, torch_dtype)
         if path.is_dir():
             noise_scale = _noise_scale(path)

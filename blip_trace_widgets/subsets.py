@@ -31,6 +31,7 @@ from typing import Any
 
 from PIL import Image
 
+from .errors import UnavailableError
 from .data import VQASample, easy_vqa_questions, question_type
 from .inputs import image_digest, to_rgb_image
 
@@ -76,7 +77,7 @@ def download(url: str, destination: Path, *, what: str, how_to_supply: str) -> P
         os.replace(partial, destination)
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", None) or error
-        raise RuntimeError(
+        raise UnavailableError(
             f"{what} is not cached at {destination} and could not be downloaded from {url} ({reason}); "
             f"{how_to_supply}"
         ) from None
@@ -95,7 +96,7 @@ class ImageRef:
     def open(self) -> Image.Image:
         if not self.path.is_file():
             if self.url is None:
-                raise RuntimeError(f"{self.label}: {self.path} not found; {self.how_to_supply}".rstrip("; "))
+                raise UnavailableError(f"{self.label}: {self.path} not found; {self.how_to_supply}".rstrip("; "))
             download(self.url, self.path, what=self.label, how_to_supply=self.how_to_supply)
         return to_rgb_image(self.path)
 
@@ -280,7 +281,7 @@ def _load_hf(path: str, config: str | None, split: str, streaming: bool) -> Any:
         return datasets.load_dataset(path, config, split=split, streaming=streaming)
     except Exception as error:  # datasets raises many types for a missing network or dataset
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RuntimeError(
+        raise UnavailableError(
             f"could not load the dataset {path!r} (config {config!r}, split {split!r}) from the Hugging Face hub: "
             f"{first}. Connect to the internet, or pass a local datasets.Dataset to hf_samples()"
         ) from None

@@ -239,6 +239,17 @@ class Tracer:
     def device(self) -> torch.device:
         return self.bundle.device
 
+    @property
+    def unknown_words(self) -> list[str]:
+        """Words of the question that the model's vocabulary lacks (it reads them as [UNK])."""
+        tokenizer = self.bundle.tokenizer
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is None or unk not in self.question_ids:
+            return []
+        words = tokenizer.basic_tokenizer.tokenize(self.question) if hasattr(tokenizer, "basic_tokenizer") \
+            else self.question.split()
+        return [w for w in words if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+
     def ids(self, ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor([list(ids)], device=self.device)
 
@@ -507,6 +518,9 @@ class Tracer:
             self.stats["cache_hits"] += 1
             return cached
         block = self.blocks[config.block]
+        if config.window > len(block.stack):
+            raise BlipTraceError(f"window {config.window} is wider than the {len(block.stack)} layers of the "
+                                 f"{config.block.replace('_', ' ')}: use at most {len(block.stack)}")
         if config.block == VISION_ENCODER:
             self.clean_vision  # recorded before the clean pass, which then reuses it  # noqa: B018
         answer_ids, _ = self._targets(config)

@@ -71,6 +71,16 @@ def corruption_setting(corruption: Any) -> tuple[str, float]:
     return str(name), float(corruption.level)
 
 
+def answer_html(tracer: Tracer) -> str:
+    """The model's answer, and a warning when the question has words the model cannot read."""
+    text = f"model's answer: <b>{escape(tracer.model_answer)}</b>"
+    unknown = tracer.unknown_words
+    if unknown:
+        text += (f"<br><span style='color:#a60'>the model's vocabulary lacks {escape(', '.join(unknown))}: "
+                 "it reads [UNK] there, so its answer may not be about these words</span>")
+    return text
+
+
 def tiny_warning(result: TraceResult) -> str:
     """HTML that says a map is noise, when the corruption barely changed the answer; else empty."""
     if not result.is_tiny():
@@ -343,7 +353,7 @@ class TraceExplorer(_LiveView):
     # ----- work ---------------------------------------------------------------------------
     def _run(self, job: threading.Event) -> None:
         tracer = self.tracer
-        self.answer_view.value = f"model's answer: <b>{escape(tracer.model_answer)}</b>"
+        self.answer_view.value = answer_html(tracer)
         config = self.config
         if self.view.value == "compare":
             kinds = list(SUBLAYER_KINDS)
@@ -540,7 +550,7 @@ class VisionTraceExplorer(_LiveView):
 
     def _run(self, job: threading.Event) -> None:
         tracer = self.tracer
-        self.answer_view.value = f"model's answer: <b>{escape(tracer.model_answer)}</b>"
+        self.answer_view.value = answer_html(tracer)
         result = tracer.trace(self.config, progress=self._progress(job))
         if job.is_set():
             return
