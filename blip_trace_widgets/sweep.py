@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .aggregate import position_roles
+from .roles import position_roles
 from .data import VQASample
 from .engine import DEFAULT_MEMORY_BUDGET
 from .loading import BlipBundle
@@ -159,9 +159,10 @@ def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
             "config": index, "block": config.block, "kind": config.kind, "window": int(config.window),
             "corruption": json.dumps(result.config["corruption"], sort_keys=True),
             "noise_samples": int(config.samples), "seed": int(config.seed), "metric": config.metric,
-            "sever": config.sever, "answer": result.answer, "scored": answer, "tokens": list(result.tokens),
-            "roles": position_roles(config.block, result.tokens), "scores": result.scores.tolist(), "low": result.low_score,
-            "high": result.high_score, "num_layers": result.num_layers, "model": tracer.bundle.name,
+            "sever": config.sever, "sever_at": config.sever_at, "fresh_noise": config.fresh_noise, "answer": result.answer, "scored": answer, "tokens": list(result.tokens),
+            "roles": position_roles(config.block, result.tokens), "scores": result.scores.tolist(),
+            "stderr": (result.stderr if result.stderr is not None else np.full_like(result.scores, np.nan)).tolist(),
+            "low": result.low_score, "high": result.high_score, "total_effect": result.total_effect, "num_layers": result.num_layers, "model": tracer.bundle.name,
             "grid": json.dumps(result.config["grid"]) if "grid" in result.config else None,
             "dtype": result.config["dtype"],
         })
