@@ -6,34 +6,65 @@
     >>> result = trace(bundle, image, question, samples=3)
     >>> result.block, result.kind
     ('question_encoder', 'hidden')
-"""
-from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, UniformNoise
-from .data import demo_samples
-from .loading import BlipBundle, load_model
-from .regions import Box, Mask, Outside
-from .results import TraceResult
-from .subsets import load_vqa_subset
-from .sweep import sweep
-from .tracing import TraceConfig, Tracer, trace
 
-__all__ = [
-    "BlipBundle",
-    "Blur",
-    "Box",
-    "Grey",
-    "Mask",
-    "Outside",
-    "GaussianNoise",
-    "ImageSwap",
-    "MultiplicativeNoise",
-    "TraceConfig",
-    "TraceResult",
-    "Tracer",
-    "UniformNoise",
-    "demo_samples",
-    "load_model",
-    "load_vqa_subset",
-    "sweep",
-    "trace",
-]
-__version__ = "0.2.0"
+Every public name is importable from here; each is loaded on first use, so
+``import blip_trace_widgets`` itself stays fast (it does not import torch).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.3.0"
+
+#: Public name -> the module that defines it.
+_PUBLIC: dict[str, str] = {
+    "BlipBundle": "loading", "load_model": "loading",
+    "Blur": "corruption", "GaussianNoise": "corruption", "Grey": "corruption", "ImageSwap": "corruption",
+    "MultiplicativeNoise": "corruption", "Scale": "corruption", "UniformNoise": "corruption",
+    "Box": "regions", "Mask": "regions", "Outside": "regions", "same_size_elsewhere": "regions",
+    "BlipTraceError": "errors",
+    "TraceResult": "results",
+    "TraceConfig": "tracing", "Tracer": "tracing", "trace": "tracing", "default_config": "tracing",
+    "PROCEDURES": "procedures", "procedure_config": "procedures",
+    "estimate_sigma": "noise_level",
+    "demo_samples": "data", "shape_box": "data",
+    "load_vqa_subset": "subsets", "open_image": "subsets",
+    "sweep": "sweep", "load_sweep": "sweep",
+    "average_effect": "aggregate", "average_trace": "aggregate", "bootstrap_interval": "aggregate",
+    "plot_traces": "plotting", "plot_on_image": "plotting",
+    "plot_average_heatmaps": "sweep_plots", "plot_effect_by_layer": "sweep_plots",
+    "plot_subset_comparison": "sweep_plots",
+    "TraceExplorer": "widgets", "VisionTraceExplorer": "widgets",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'blip_trace_widgets' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
+
+if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
+    from .aggregate import average_effect, average_trace, bootstrap_interval
+    from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, Scale, UniformNoise
+    from .data import demo_samples, shape_box
+    from .errors import BlipTraceError
+    from .loading import BlipBundle, load_model
+    from .noise_level import estimate_sigma
+    from .plotting import plot_on_image, plot_traces
+    from .procedures import PROCEDURES, procedure_config
+    from .regions import Box, Mask, Outside, same_size_elsewhere
+    from .results import TraceResult
+    from .subsets import load_vqa_subset, open_image
+    from .sweep import load_sweep, sweep
+    from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
+    from .tracing import TraceConfig, Tracer, default_config, trace
+    from .widgets import TraceExplorer, VisionTraceExplorer

@@ -1,8 +1,9 @@
 """Averages over a sweep: indirect effects per layer, kind and token role, with 95% intervals.
 
     >>> from blip_trace_widgets.aggregate import token_roles
-    >>> token_roles(["[CLS]", "what", "color", "is", "the", "sh", "##ape", "?", "[SEP]"])
-    ['first', 'question words', 'question words', 'question words', 'question words', 'object', 'object', 'question words', 'last']
+    >>> token_roles(["[CLS]", "what", "color", "is", "the", "sh", "##ape", "?", "[SEP]"])  # doctest: +NORMALIZE_WHITESPACE
+    ['first', 'question words', 'question words', 'question words', 'question words',
+     'object', 'object', 'question words', 'last']
 
 Questions differ in length, so positions are grouped into roles before averaging:
 the first token, the question words, the object noun (the last content word, or a

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from . import anatomy
+from .engine import Cell, Run, TextStack, VisionStack, group_cells, rows_per_chunk, vision_rows_per_chunk
 from .errors import BlipTraceError
-from .engine import Cell, Run, Stack, TextStack, VisionStack, group_cells, rows_per_chunk, vision_rows_per_chunk
 from .names import ANSWER_DECODER, QUESTION_ENCODER, VISION_ENCODER
 from .regions import patch_grid_size, region_grid
 
 if TYPE_CHECKING:
-    from .tracing import Tracer, TraceConfig
+    from .tracing import TraceConfig, Tracer
 
 Cross = Sequence[Any]  # per layer: (keys, values) [S, Ck, H, N, D/H] for text stacks, None for the ViT
 
@@ -60,7 +60,7 @@ class Block(Protocol):
     """What the tracer needs from a block."""
 
     name: str
-    stack: Stack
+    stack: Any  # a Stack: TextStack or VisionStack
 
     def layout(self, tracer: Tracer, config: TraceConfig, answer_ids: tuple[int, ...]) -> Layout: ...
 
@@ -90,7 +90,7 @@ def _text_rows(tracer: Tracer, config: TraceConfig, positions: int, cross_tokens
 class AnswerDecoder:
     """The answer decoder (``text_decoder.bert``): positions are [DEC] and the earlier answer tokens."""
 
-    name = ANSWER_DECODER
+    name: str = ANSWER_DECODER
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.stack = TextStack(model, ANSWER_DECODER)
@@ -136,7 +136,7 @@ class AnswerDecoder:
 class QuestionEncoder:
     """The question encoder (``text_encoder``): positions are the question's tokens, [CLS] and [SEP] included."""
 
-    name = QUESTION_ENCODER
+    name: str = QUESTION_ENCODER
 
     def __init__(self, model: torch.nn.Module, decoder: AnswerDecoder) -> None:
         self.stack = TextStack(model, QUESTION_ENCODER)
@@ -174,7 +174,7 @@ class QuestionEncoder:
 class VisionEncoder:
     """The vision encoder (a pre-LN ViT): positions are CLS and the patches, or regions of patches."""
 
-    name = VISION_ENCODER
+    name: str = VISION_ENCODER
 
     def __init__(self, model: torch.nn.Module, question: QuestionEncoder) -> None:
         self.stack = VisionStack(model)
@@ -221,8 +221,22 @@ BLOCK_CLASSES: dict[str, type] = {
 }
 
 
-def build_blocks(model: torch.nn.Module) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Blocks:
+    """One instance of each block of a model, by name and by role."""
+
+    decoder: AnswerDecoder
+    question: QuestionEncoder
+    vision: VisionEncoder
+
+    def __getitem__(self, name: str) -> Block:
+        blocks: dict[str, Block] = {ANSWER_DECODER: self.decoder, QUESTION_ENCODER: self.question,
+                                    VISION_ENCODER: self.vision}
+        return blocks[name]
+
+
+def build_blocks(model: torch.nn.Module) -> Blocks:
     """One instance of each block for ``model``."""
     decoder = AnswerDecoder(model)
     question = QuestionEncoder(model, decoder)
-    return {ANSWER_DECODER: decoder, QUESTION_ENCODER: question, VISION_ENCODER: VisionEncoder(model, question)}
+    return Blocks(decoder, question, VisionEncoder(model, question))

@@ -26,8 +26,19 @@ from typing import Any, NoReturn
 from .corruption import BY_NAME, from_name
 from .errors import BlipTraceError
 from .names import (
-    ANSWER_DECODER, ANSWER_MODES, BLOCKS, DTYPES, KINDS, METRICS, QUESTION_ENCODER, SEVER_AT, SEVERABLE, STAGES,
-    VISION_ENCODER, VISION_KINDS, kinds_of,
+    ANSWER_DECODER,
+    ANSWER_MODES,
+    BLOCKS,
+    DTYPES,
+    KINDS,
+    METRICS,
+    QUESTION_ENCODER,
+    SEVER_AT,
+    SEVERABLE,
+    STAGES,
+    VISION_ENCODER,
+    VISION_KINDS,
+    kinds_of,
 )
 
 DEMO_TRACES = [(QUESTION_ENCODER, "hidden", 1), (QUESTION_ENCODER, "mlp", 3), (QUESTION_ENCODER, "self_attn", 3),
@@ -85,8 +96,9 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     bundle = _load("demo", args.device, None)
     samples = demo_samples(per_type=1)
-    print(f"demo model: Gaussian noise of {default_corruption(bundle, 'image').level:g}σ on the image embeddings "
-          f"({default_corruption(bundle, 'patches').level:g}σ on the patch embeddings for the image-side trace), "
+    levels = [getattr(default_corruption(bundle, stage), "level", 0.0) for stage in ("image", "patches")]
+    print(f"demo model: Gaussian noise of {levels[0]:g}σ on the image embeddings "
+          f"({levels[1]:g}σ on the patch embeddings for the image-side trace), "
           f"{args.samples} noise samples")
     out = Path(args.out)
     bar = _progress_bar(len(samples) * len(DEMO_TRACES))
@@ -185,9 +197,9 @@ def run_trace(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer
     from .subsets import load_vqa_subset
     from .sweep import _ProcessGroup, process_device, sweep
+    from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer
     from .tracing import TraceConfig
 
     vision = args.block == VISION_ENCODER

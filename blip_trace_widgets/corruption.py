@@ -82,11 +82,11 @@ def _region_json(region: Any) -> dict[str, Any]:
 
 
 #: Built-in corruptions by name (filled by :func:`_named`): the CLI's and the widgets' choices.
-BY_NAME: dict[str, type] = {}
+BY_NAME: dict[str, Any] = {}
 
 
-def _named(cls: type) -> type:
-    BY_NAME[cls.name] = cls  # type: ignore[attr-defined]
+def _named(cls: Any) -> Any:
+    BY_NAME[cls.name] = cls
     return cls
 
 
@@ -235,7 +235,7 @@ class ImageSwap:
         object.__setattr__(self, "other_image", image)
         object.__setattr__(self, "key", image_digest(image)[:16])
 
-    def bind(self, embed_image: Callable[[Any], torch.Tensor]) -> "ImageSwap":
+    def bind(self, embed_image: Callable[[Any], torch.Tensor]) -> ImageSwap:
         """A copy that carries the other image's embeddings, computed by ``embed_image``."""
         bound = ImageSwap(self.other_image)
         object.__setattr__(bound, "embeddings", embed_image(self.other_image))

@@ -9,7 +9,7 @@ Images are read from the installed package, never from copies in this repository
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from PIL import Image
 
@@ -20,9 +20,12 @@ SHAPES = ("circle", "rectangle", "triangle")
 
 
 class VQASample(NamedTuple):
-    image: Image.Image
+    """One question: its image (a PIL image, or a reference that :func:`~.subsets.open_image` opens),
+    the question, and the expected answer when the dataset has one."""
+
+    image: Any
     question: str
-    answer: str
+    answer: str | None
 
 
 def _easy_vqa():

@@ -52,6 +52,8 @@ class Stack(Protocol):
 
     def __len__(self) -> int: ...
 
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor: ...
+
     def self_mask(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None: ...
 
     def layer(self, j: int, h: torch.Tensor, cross: Any, mask: torch.Tensor | None = None,
@@ -214,7 +216,7 @@ def record_run(stack: Stack, h0: torch.Tensor, cross: Sequence[Any]) -> Run:
     return run
 
 
-def shared_cross(stack: TextStack, states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def shared_cross(stack: Any, states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer cross K/V of ``states`` [S, N, D'], shaped [S, 1, H, N, D/H] for sharing."""
     out = []
     for j in range(len(stack)):
@@ -292,7 +294,7 @@ class _ChunkEdits:
     @classmethod
     def build(cls, kind: str, clean: list[torch.Tensor], cells: Sequence[Cell], device: torch.device,
               sever: str | None = None, severed: list[torch.Tensor] | None = None,
-              sever_at: str = "restored") -> "_ChunkEdits":
+              sever_at: str = "restored") -> _ChunkEdits:
         if sever_at not in SEVER_AT:
             raise ValueError(f"unknown sever_at {sever_at!r}: use one of {', '.join(SEVER_AT)}")
         sever_index = _pairs(cells, device, every_layer=True).get(-1) if sever and sever_at == "restored" else None

@@ -20,8 +20,8 @@ from typing import Any, Union
 
 import torch
 
-from .errors import UnavailableError
 from .anatomy import check_blip
+from .errors import UnavailableError
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 #: Optional file in a model folder: tracing defaults that suit that model.

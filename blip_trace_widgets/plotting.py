@@ -270,7 +270,10 @@ def plot_on_image(result: TraceResult, image: Any = None, *, layer: int | Sequen
     from matplotlib.patches import Rectangle
 
     picture = _trace_image(result, image)
-    layers = list(range(result.num_layers)) if layer is None else ([layer] if isinstance(layer, (int, np.integer)) else list(layer))
+    if layer is None:
+        layers = list(range(result.num_layers))
+    else:
+        layers = [int(layer)] if isinstance(layer, (int, np.integer)) else list(layer)
     limits = _effect_limits(result, normalized)
     if figure is None:
         figure = _figure((max(6.4, 0.8 + 2.2 * len(layers)), 3.4))

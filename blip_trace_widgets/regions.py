@@ -66,7 +66,7 @@ class Box:
             )
 
     @classmethod
-    def from_pixels(cls, left: int, top: int, right: int, bottom: int, size: tuple[int, int]) -> "Box":
+    def from_pixels(cls, left: int, top: int, right: int, bottom: int, size: tuple[int, int]) -> Box:
         """A box from pixel coordinates (right and bottom exclusive) in an image of ``size`` (width, height)."""
         width, height = size
         return cls(left / width, top / height, right / width, bottom / height)

@@ -70,6 +70,8 @@ class TraceResult:
     window: int
     config: dict[str, Any] = field(default_factory=dict)
     stderr: np.ndarray | None = None  # positions x layers
+    #: The traced image, kept for plot_on_image; not saved.
+    image: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float64)
@@ -127,7 +129,7 @@ class TraceResult:
         }
 
     @classmethod
-    def from_dict(cls, data: Any) -> "TraceResult":
+    def from_dict(cls, data: Any) -> TraceResult:
         required = ("scores", "low_score", "high_score", "answer", "tokens", "block", "kind", "window")
         if not isinstance(data, dict) or any(key not in data for key in required):
             missing = [k for k in required if not isinstance(data, dict) or k not in data]
@@ -160,7 +162,7 @@ class TraceResult:
         return path
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "TraceResult":
+    def load(cls, path: Union[str, os.PathLike]) -> TraceResult:
         try:
             text = Path(path).read_text()
         except OSError as error:

@@ -1,8 +1,9 @@
 """Token roles: which positions of a question are its first token, its words, its object noun, its last token.
 
     >>> from blip_trace_widgets.roles import token_roles
-    >>> token_roles(["[CLS]", "what", "color", "is", "the", "sh", "##ape", "?", "[SEP]"])
-    ['first', 'question words', 'question words', 'question words', 'question words', 'object', 'object', 'question words', 'last']
+    >>> token_roles(["[CLS]", "what", "color", "is", "the", "sh", "##ape", "?", "[SEP]"])  # doctest: +NORMALIZE_WHITESPACE
+    ['first', 'question words', 'question words', 'question words', 'question words',
+     'object', 'object', 'question words', 'last']
 
 Questions differ in length, so averages over many questions group positions into roles.
 The object noun is the last content word by default (or a rule of your own); corrupting

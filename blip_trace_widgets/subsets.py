@@ -31,8 +31,8 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import UnavailableError
 from .data import VQASample, easy_vqa_questions, question_type
+from .errors import UnavailableError
 from .inputs import image_digest, to_rgb_image
 
 #: Folder of the paper's CSVs (its repository's ``Datasets/``), read over HTTP(S);

@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from .roles import position_roles
 from .data import VQASample
 from .engine import DEFAULT_MEMORY_BUDGET
 from .loading import BlipBundle
 from .results import TraceResult
+from .roles import position_roles
 from .subsets import as_samples, image_id, open_image
 from .tracing import TraceConfig, Tracer
 
@@ -159,10 +159,12 @@ def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
             "config": index, "block": config.block, "kind": config.kind, "window": int(config.window),
             "corruption": json.dumps(result.config["corruption"], sort_keys=True),
             "noise_samples": int(config.samples), "seed": int(config.seed), "metric": config.metric,
-            "sever": config.sever, "sever_at": config.sever_at, "fresh_noise": config.fresh_noise, "answer": result.answer, "scored": answer, "tokens": list(result.tokens),
+            "sever": config.sever, "sever_at": config.sever_at, "fresh_noise": config.fresh_noise,
+            "answer": result.answer, "scored": answer, "tokens": list(result.tokens),
             "roles": position_roles(config.block, result.tokens), "scores": result.scores.tolist(),
             "stderr": (result.stderr if result.stderr is not None else np.full_like(result.scores, np.nan)).tolist(),
-            "low": result.low_score, "high": result.high_score, "total_effect": result.total_effect, "num_layers": result.num_layers, "model": tracer.bundle.name,
+            "low": result.low_score, "high": result.high_score, "total_effect": result.total_effect,
+            "num_layers": result.num_layers, "model": tracer.bundle.name,
             "grid": json.dumps(result.config["grid"]) if "grid" in result.config else None,
             "dtype": result.config["dtype"],
         })
@@ -268,7 +270,7 @@ def sweep(
                 continue
             tracer = Tracer(bundle, open_image(item.image), item.question, memory_budget=memory_budget)
             frame = _to_frame(_sample_rows(tracer, index, item, image_id(item.image), configs, answer))
-            _write_atomically(part, lambda p: frame.to_parquet(p, index=False))
+            _write_atomically(part, lambda p, frame=frame: frame.to_parquet(p, index=False))
             bar.update(1)
     finally:
         bar.close()

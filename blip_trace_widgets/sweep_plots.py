@@ -16,7 +16,6 @@ from .aggregate import ROLES, average_trace, sample_effects
 from .names import BLOCK_LABELS, KIND_LABELS
 from .plotting import _figure, plot_trace
 
-
 FORM_LABELS = {"normalized": "normalised indirect effect", "rome": "indirect effect (score − low)"}
 
 

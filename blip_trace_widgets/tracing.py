@@ -24,16 +24,37 @@ import numpy as np
 import torch
 
 from . import anatomy
-from .blocks import Block, Corrupted, build_blocks
+from .blocks import Block, Blocks, Corrupted, build_blocks
 from .cache import LRU
 from .corruption import GaussianNoise, ImageSwap, describe
-from .engine import DEFAULT_MEMORY_BUDGET, Cell, Progress, Run, _ChunkEdits, chunks, record_run, shared_cross, staircase, start_layer
+from .engine import (
+    DEFAULT_MEMORY_BUDGET,
+    Cell,
+    Progress,
+    Run,
+    _ChunkEdits,
+    chunks,
+    record_run,
+    shared_cross,
+    staircase,
+    start_layer,
+)
 from .errors import BlipTraceError
 from .inputs import ImageLike, check_question, encode_answer, encode_question, image_digest, to_rgb_image
 from .loading import BlipBundle
 from .names import (
-    ANSWER_DECODER, DEFAULT_SAMPLES, MAX_ANSWER_TOKENS, METRICS, QUESTION_ENCODER, ROME_NOISE_SCALE, SEVER_AT, STAGES,
-    VISION_ENCODER, Metric, SeverAt, Stage,
+    ANSWER_DECODER,
+    DEFAULT_SAMPLES,
+    MAX_ANSWER_TOKENS,
+    METRICS,
+    QUESTION_ENCODER,
+    ROME_NOISE_SCALE,
+    SEVER_AT,
+    STAGES,
+    VISION_ENCODER,
+    Metric,
+    SeverAt,
+    Stage,
 )
 from .results import TraceResult
 from .roles import last_content_word
@@ -222,7 +243,7 @@ class Tracer:
         self.question = check_question(question)
         self.question_ids = encode_question(bundle.tokenizer, self.question,
                                             int(anatomy.text_config(self.model).max_position_embeddings))
-        self.blocks: dict[str, Block] = build_blocks(self.model)
+        self.blocks: Blocks = build_blocks(self.model)
         self.memory_budget = memory_budget
         self.max_batch_rows = max_batch_rows
         self.stats: Counter[str] = Counter()
@@ -266,7 +287,7 @@ class Tracer:
 
     @property
     def vision(self) -> Any:
-        return self.blocks[VISION_ENCODER].stack
+        return self.blocks.vision.stack
 
     @torch.no_grad()
     def embed_image(self, image: ImageLike) -> torch.Tensor:
@@ -289,7 +310,7 @@ class Tracer:
                 # same as an unrecorded pass (the same arithmetic), so it is reused rather than recomputed
                 embeds = (self.vision.post_norm(self._clean_vision.output) if self._clean_vision is not None
                           else self.embed_image(self.image))
-                qstack = self.blocks[QUESTION_ENCODER].stack
+                qstack = self.blocks.question.stack
                 run = record_run(qstack, qstack.embed(self.ids(self.question_ids)), shared_cross(qstack, embeds))
                 self._clean = _Clean(embeds, run, self._greedy(run.output))
             self.stats["clean_passes"] += 1
@@ -306,7 +327,7 @@ class Tracer:
 
     def _greedy(self, question_states: torch.Tensor) -> list[int]:
         config = anatomy.text_config(self.model)
-        decoder = self.blocks[ANSWER_DECODER]
+        decoder = self.blocks.decoder
         ids = [int(config.bos_token_id)]
         cross = shared_cross(decoder.stack, question_states)
         for _ in range(MAX_ANSWER_TOKENS):
@@ -349,7 +370,7 @@ class Tracer:
         count = len(self.question_ids)
         if config.corrupt_tokens is None:
             return list(range(count))
-        if config.corrupt_tokens == "object":
+        if isinstance(config.corrupt_tokens, str):  # "object"
             tokens = self.bundle.tokenizer.convert_ids_to_tokens(self.question_ids)
             positions = last_content_word(tokens)
             if not positions:
@@ -377,7 +398,7 @@ class Tracer:
     def _corrupt(self, config: TraceConfig, generator: torch.Generator) -> Corrupted:
         """The corrupted runs for one draw of ``config.samples`` from ``generator``."""
         samples = int(config.samples)
-        qstack, vstack = self.blocks[QUESTION_ENCODER].stack, self.vision
+        qstack, vstack = self.blocks.question.stack, self.vision
         h0 = qstack.embed(self.ids(self.question_ids))
         vision = None
         if config.corrupt == "question":
@@ -407,12 +428,12 @@ class Tracer:
                                            lambda: self._corrupt(config, torch.Generator().manual_seed(int(config.seed))))
 
     def _decoder_run(self, config: TraceConfig, answer_ids: tuple[int, ...]) -> tuple[Run, Any]:
-        decoder = self.blocks[ANSWER_DECODER]
+        decoder = self.blocks.decoder
         return self._corrupted_decoder.get_or_make(
             (cache_key(config, "decoder"), answer_ids),
             lambda: decoder.corrupted_run(self, self.corrupted(config), answer_ids))
 
-    def _runs(self, block: Block, config: TraceConfig, answer_ids: tuple[int, ...],
+    def _runs(self, block: Any, config: TraceConfig, answer_ids: tuple[int, ...],
               corrupted: Corrupted | None) -> tuple[Run, Run, Any]:
         """Clean run, corrupted run and cross states of ``block``; ``corrupted=None`` means the cached first draw."""
         with torch.no_grad():
@@ -430,7 +451,7 @@ class Tracer:
     def baselines(self, config: TraceConfig) -> tuple[float, float]:
         """(low, high): the corrupted run with nothing restored (the seed's first draw), and the clean run."""
         answer_ids, contrast = self._targets(config)
-        decoder = self.blocks[ANSWER_DECODER]
+        decoder = self.blocks.decoder
         clean, low_run, _ = self._runs(decoder, config, answer_ids, None)
         high = _score_rows(decoder.head(clean.output), list(answer_ids), config.metric, contrast)
         low = _score_rows(decoder.head(low_run.output), list(answer_ids), config.metric, contrast)
@@ -502,7 +523,7 @@ class Tracer:
 
     def _corrupt_draw(self, config: TraceConfig, generator: torch.Generator) -> None:
         """Advance ``generator`` past the low score's draw without running the model."""
-        start = {"question": lambda: self.blocks[QUESTION_ENCODER].stack.embed(self.ids(self.question_ids)),
+        start = {"question": lambda: self.blocks.question.stack.embed(self.ids(self.question_ids)),
                  "image": lambda: self.clean.image_embeds, "pixels": lambda: self.pixels,
                  "patches": lambda: self.vision.embed(self.pixels)}[str(config.corrupt)]
         with torch.no_grad():

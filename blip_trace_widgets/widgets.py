@@ -101,7 +101,7 @@ class _Cancelled(Exception):
 def _png(image: Image.Image, width: int = 192) -> bytes:
     scale = width / image.width
     shown = image.resize((width, max(1, round(image.height * scale))),
-                         Image.NEAREST if image.width < 128 else Image.BICUBIC)
+                         Image.Resampling.NEAREST if image.width < 128 else Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
     shown.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -467,7 +467,7 @@ class VisionTraceExplorer(_LiveView):
                                    continuous_update=False, style=style)
         self.corruption = W.Dropdown(options=VISION_CORRUPTION_OPTIONS, value="noise", description="corruption",
                                      style=style)
-        self.level = W.FloatLogSlider(value=float(default_corruption(bundle, "patches").level), base=10, min=-1,
+        self.level = W.FloatLogSlider(value=float(getattr(default_corruption(bundle, "patches"), "level", 3.0)), base=10, min=-1,
                                       max=np.log10(30), step=0.02,
                                       description="level", continuous_update=False, readout_format=".2f", style=style)
         self.area = W.ToggleButtons(options=AREA_OPTIONS, value="all")
@@ -518,9 +518,10 @@ class VisionTraceExplorer(_LiveView):
         from .corruption import Blur, GaussianNoise, Grey
 
         level = round(float(self.level.value), 4)
-        corruption = {"noise": lambda: GaussianNoise(level, region=self.region),
-                      "blur": lambda: Blur(level, region=self.region),
-                      "grey": lambda: Grey(region=self.region)}[self.corruption.value]()
+        makers: dict[str, Callable[[], Any]] = {"noise": lambda: GaussianNoise(level, region=self.region),
+                                                "blur": lambda: Blur(level, region=self.region),
+                                                "grey": lambda: Grey(region=self.region)}
+        corruption = makers[self.corruption.value]()
         kind = self.kind.value
         return TraceConfig(block="vision_encoder", kind=kind, window=1 if kind == "hidden" else int(self.window.value),
                            regions=int(self.regions.value), corruption=corruption,

@@ -1,0 +1,56 @@
+"""The noise level's σ: per image (the default), or one σ for a model, estimated over a set of inputs as ROME does.
+
+    >>> from blip_trace_widgets import load_model, demo_samples, GaussianNoise
+    >>> from blip_trace_widgets.noise_level import estimate_sigma
+    >>> bundle = load_model("demo")
+    >>> sigma = estimate_sigma(bundle, demo_samples()[:4])
+    >>> GaussianNoise(3.0, sigma=sigma).sigma == sigma > 0
+    True
+
+ROME's σ is one number per model: the standard deviation of every value of the token
+embeddings of its dataset's subjects (``collect_embedding_std``), and its noise is 3σ.
+By default :class:`~.corruption.GaussianNoise` here uses the σ of the input it corrupts,
+for this one image (or question); ``estimate_sigma`` gives ROME's kind instead, over the
+images (or questions) you pass, at the stage the noise will act on.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .errors import BlipTraceError
+from .names import QUESTION_ENCODER, STAGES
+
+
+def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image", limit: int = 200) -> float:
+    """The standard deviation of every value of the clean ``stage`` input over ``samples`` (at most ``limit``).
+
+    ``samples`` are (image, question[, answer]) tuples or :class:`~.data.VQASample`; ``stage`` is
+    where the noise will act: ``"image"`` (vision encoder output), ``"patches"``, ``"pixels"`` or
+    ``"question"`` (token embeddings).
+    """
+    from .subsets import as_samples, open_image
+    from .tracing import Tracer
+
+    if stage not in STAGES:
+        raise BlipTraceError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
+    values = []
+    for count, item in enumerate(as_samples(samples)):
+        if count >= limit:
+            break
+        tracer = Tracer(bundle, open_image(item.image), item.question)
+        with torch.no_grad():
+            if stage == "image":
+                values.append(tracer.embed_image(tracer.image).float().flatten())
+            elif stage == "patches":
+                values.append(tracer.vision.embed(tracer.pixels).float().flatten())
+            elif stage == "pixels":
+                values.append(tracer.pixels.float().flatten())
+            else:
+                stack = tracer.blocks[QUESTION_ENCODER].stack
+                values.append(stack.embed(tracer.ids(tracer.question_ids)).float().flatten())
+    if not values:
+        raise BlipTraceError("estimate_sigma needs at least one (image, question) sample")
+    return float(torch.cat(values).std())
