@@ -270,7 +270,8 @@ def _share_cpu_threads() -> None:
 
 
 def _noise_help() -> str:
-    levels = ", ".join(f"{name} {cls.default_level:g}" for name, cls in BY_NAME.items() if hasattr(cls, "default_level"))
+    levels = ", ".join(f"{name} {cls.info.default_level:g}" for name, cls in BY_NAME.items()
+                       if cls.info.default_level is not None)
     return f"noise level: the {{scale, std, factor, sigma}} of --noise (defaults: {levels})"
 
 

@@ -81,18 +81,84 @@ def _region_json(region: Any) -> dict[str, Any]:
     return {"region": describe_region(region)} if region is not None else {}
 
 
+@dataclass(frozen=True)
+class Named:
+    """A corruption's own words: its name (in the CLI and JSON), its label and tooltip (in the widgets),
+    and the field that holds its level, with that level's default (None for corruptions without one)."""
+
+    name: str
+    label: str = ""
+    tip: str = ""
+    level_name: str | None = None
+    default_level: float | None = None
+
+
 #: Built-in corruptions by name (filled by :func:`_named`): the CLI's and the widgets' choices.
 BY_NAME: dict[str, Any] = {}
 
 
 def _named(cls: Any) -> Any:
-    BY_NAME[cls.name] = cls
+    BY_NAME[cls.info.name] = cls
     return cls
+
+
+class _Leveled:
+    """What every corruption with one level shares: its checked level, its name and its JSON form.
+
+    A subclass is a frozen dataclass whose field ``level_name`` holds the level; it declares
+    ``name`` (the CLI's and the JSON's), ``label`` and ``tip`` (the widgets'), ``default_level``.
+    """
+
+    info: ClassVar[Named]
+    positive: ClassVar[bool] = False  # whether the level must be > 0
+
+    @property
+    def level_name(self) -> str:
+        return str(self.info.level_name)
+
+    def __post_init__(self) -> None:
+        label = f"{type(self).__name__} {self.level_name}"
+        object.__setattr__(self, self.level_name, _finite(label, getattr(self, self.level_name), positive=self.positive))
+
+    @property
+    def level(self) -> float:
+        return float(getattr(self, self.level_name))
+
+    def _extra_json(self) -> dict[str, Any]:
+        return {}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.info.name, self.level_name: self.level, **self._extra_json(),
+                **_region_json(getattr(self, "region", None))}
+
+
+@dataclass(frozen=True)
+class _AdditiveNoise(_Leveled):
+    """Noise of ``scale``·σ added to the clean input (inside ``region`` when given); σ as documented below."""
+
+    scale: float = 3.0
+    region: Any = None
+    sigma: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sigma is not None:
+            object.__setattr__(self, "sigma", _finite(f"{type(self).__name__} sigma", self.sigma, positive=True))
+
+    def unit_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError  # each noise declares its distribution
+
+    def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
+        noise = _draw(clean, samples, lambda s: self.unit_noise(s, generator))
+        return _add_in_region(clean, noise * (self.scale * _std(clean, self.sigma)), self.region)
+
+    def _extra_json(self) -> dict[str, Any]:
+        return {"sigma": self.sigma} if self.sigma is not None else {}
 
 
 @_named
 @dataclass(frozen=True)
-class GaussianNoise:
+class GaussianNoise(_AdditiveNoise):
     """Add N(0, (scale·σ)²): σ is the std of the clean input (per image), or ``sigma`` when given.
 
     ROME adds 3σ with σ the std of token embeddings over a dataset (one number per
@@ -100,119 +166,54 @@ class GaussianNoise:
     image's own σ.
     """
 
-    scale: float = 3.0
-    region: Any = None
-    sigma: float | None = None
-    name: ClassVar[str] = "gaussian"
-    label: ClassVar[str] = "Gaussian (ROME)"
-    level_name: ClassVar[str] = "scale"
-    tip: ClassVar[str] = "add N(0, (s·σ)²), σ = std of the clean input (or a dataset σ); ROME uses s = 3"
-    default_level: ClassVar[float] = 3.0
+    info: ClassVar[Named] = Named("gaussian", "Gaussian (ROME)",
+                                  "add N(0, (s·σ)²), σ = std of the clean input (or a dataset σ); ROME uses s = 3", "scale", 3.0)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _finite("GaussianNoise scale", self.scale))
-        if self.sigma is not None:
-            object.__setattr__(self, "sigma", _finite("GaussianNoise sigma", self.sigma, positive=True))
-
-    @property
-    def level(self) -> float:
-        return self.scale
-
-    def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
-        noise = _draw(clean, samples, lambda s: torch.randn(s, generator=generator))
-        return _add_in_region(clean, noise * (self.scale * _std(clean, self.sigma)), self.region)
-
-    def to_json(self) -> dict[str, Any]:
-        sigma = {"sigma": self.sigma} if self.sigma is not None else {}
-        return {"type": self.name, "scale": self.scale, **sigma, **_region_json(self.region)}
+    def unit_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=generator)
 
 
 @_named
 @dataclass(frozen=True)
-class MultiplicativeNoise:
+class MultiplicativeNoise(_Leveled):
     """Multiply each value by N(1, std²): the paper's corruption (``torch.normal(1, 5)`` on the image embeddings)."""
 
     std: float = 5.0
     region: Any = None
-    name: ClassVar[str] = "multiplicative"
-    label: ClassVar[str] = "multiplicative (paper)"
-    level_name: ClassVar[str] = "std"
-    tip: ClassVar[str] = "multiply each value by N(1, s²); the paper uses s = 5"
-    default_level: ClassVar[float] = 5.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "std", _finite("MultiplicativeNoise std", self.std))
-
-    @property
-    def level(self) -> float:
-        return self.std
+    info: ClassVar[Named] = Named("multiplicative", "multiplicative (paper)",
+                                  "multiply each value by N(1, s²); the paper uses s = 5", "std", 5.0)
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         noise = _draw(clean, samples, lambda s: torch.randn(s, generator=generator))
         return _add_in_region(clean, clean * (self.std * noise), self.region)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"type": self.name, "std": self.std, **_region_json(self.region)}
-
 
 @_named
 @dataclass(frozen=True)
-class UniformNoise:
+class UniformNoise(_AdditiveNoise):
     """Add U(−scale·σ, scale·σ), σ as for :class:`GaussianNoise`."""
 
-    scale: float = 3.0
-    region: Any = None
-    sigma: float | None = None
-    name: ClassVar[str] = "uniform"
-    label: ClassVar[str] = "uniform"
-    level_name: ClassVar[str] = "scale"
-    tip: ClassVar[str] = "add U(−s·σ, s·σ), σ = std of the clean input (or a dataset σ)"
-    default_level: ClassVar[float] = 3.0
+    info: ClassVar[Named] = Named("uniform", "uniform",
+                                  "add U(−s·σ, s·σ), σ = std of the clean input (or a dataset σ)", "scale", 3.0)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _finite("UniformNoise scale", self.scale))
-        if self.sigma is not None:
-            object.__setattr__(self, "sigma", _finite("UniformNoise sigma", self.sigma, positive=True))
-
-    @property
-    def level(self) -> float:
-        return self.scale
-
-    def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
-        noise = _draw(clean, samples, lambda s: torch.rand(s, generator=generator) * 2 - 1)
-        return _add_in_region(clean, noise * (self.scale * _std(clean, self.sigma)), self.region)
-
-    def to_json(self) -> dict[str, Any]:
-        sigma = {"sigma": self.sigma} if self.sigma is not None else {}
-        return {"type": self.name, "scale": self.scale, **sigma, **_region_json(self.region)}
+    def unit_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(shape, generator=generator) * 2 - 1
 
 
 @_named
 @dataclass(frozen=True)
-class Scale:
+class Scale(_Leveled):
     """Multiply every value by ``factor``, with nothing random: the paper's attention notebook uses 0.7691."""
 
     factor: float = 0.7691
     region: Any = None
-    name: ClassVar[str] = "scale"
-    label: ClassVar[str] = "scale (paper's attention notebook)"
-    level_name: ClassVar[str] = "factor"
-    tip: ClassVar[str] = "multiply every value by s, with no noise; the paper's attention notebook uses s = 0.7691"
-    default_level: ClassVar[float] = 0.7691
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "factor", _finite("Scale factor", self.factor))
-
-    @property
-    def level(self) -> float:
-        return self.factor
+    info: ClassVar[Named] = Named("scale", "scale (paper's attention notebook)",
+                                  "multiply every value by s, with no noise; the paper's attention notebook uses s = 0.7691",
+                                  "factor", 0.7691)
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         scaled = _add_in_region(clean, clean * (self.factor - 1.0), self.region)
         return scaled.expand(samples, *clean.shape[1:]).clone()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"type": self.name, "factor": self.factor, **_region_json(self.region)}
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,7 @@ class ImageSwap:
     other_image: Any = field(compare=False, hash=False, repr=False)
     key: str = field(default="", init=False)
     embeddings: Any = field(default=None, compare=False, hash=False, repr=False)
-    name: ClassVar[str] = "image_swap"
+    info: ClassVar[Named] = Named(name="image_swap")
 
     def __post_init__(self) -> None:
         from .inputs import image_digest, to_rgb_image
@@ -253,7 +254,7 @@ class ImageSwap:
         return other.expand(samples, *clean.shape[1:]).clone()
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.name, "image_sha1": self.key}
+        return {"type": self.info.name, "image_sha1": self.key}
 
 
 def _check_pixels(name: str, clean: torch.Tensor) -> None:
@@ -263,32 +264,22 @@ def _check_pixels(name: str, clean: torch.Tensor) -> None:
 
 @_named
 @dataclass(frozen=True)
-class Blur:
+class Blur(_Leveled):
     """Gaussian blur of the pixels in ``region`` (the whole image when None), ``sigma`` in pixels of the model's input."""
 
     sigma: float = 4.0
     region: Any = None
     stage: ClassVar[str] = "pixels"
-    name: ClassVar[str] = "blur"
-    label: ClassVar[str] = "blur pixels"
-    level_name: ClassVar[str] = "sigma"
-    tip: ClassVar[str] = "Gaussian blur of the pixels, s = its sigma in pixels of the model's input"
-    default_level: ClassVar[float] = 4.0
+    info: ClassVar[Named] = Named("blur", "blur pixels",
+                                  "Gaussian blur of the pixels, s = its sigma in pixels of the model's input", "sigma", 4.0)
+    positive: ClassVar[bool] = True
     max_sigma: ClassVar[float] = 256.0
 
     def __post_init__(self) -> None:
-        sigma = _finite("Blur sigma", self.sigma, positive=True)
-        if sigma > self.max_sigma:
-            raise BlipTraceError(f"Blur sigma {sigma:g} is over {self.max_sigma:g} pixels, wider than any model input; "
-                                 "use Grey() to erase the area instead")
-        object.__setattr__(self, "sigma", sigma)
-
-    @property
-    def level(self) -> float:
-        return self.sigma
-
-    def to_json(self) -> dict[str, Any]:
-        return {"type": self.name, "sigma": self.sigma, **_region_json(self.region)}
+        super().__post_init__()
+        if self.sigma > self.max_sigma:
+            raise BlipTraceError(f"Blur sigma {self.sigma:g} is over {self.max_sigma:g} pixels, wider than any model "
+                                 "input; use Grey() to erase the area instead")
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         _check_pixels("Blur", clean)
@@ -313,12 +304,10 @@ class Grey:
 
     region: Any = None
     stage: ClassVar[str] = "pixels"
-    name: ClassVar[str] = "grey"
-    label: ClassVar[str] = "grey pixels"
-    tip: ClassVar[str] = "pixels set to the processor's mean colour; no level"
+    info: ClassVar[Named] = Named(name="grey", label="grey pixels", tip="pixels set to the processor's mean colour; no level")
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.name, **_region_json(self.region)}
+        return {"type": self.info.name, **_region_json(self.region)}
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         _check_pixels("Grey", clean)
@@ -344,6 +333,6 @@ def from_name(name: str, level: float | None = None) -> Callable[..., torch.Tens
     if name not in BY_NAME:
         raise BlipTraceError(f"unknown corruption {name!r}: use one of {', '.join(BY_NAME)}")
     cls = BY_NAME[name]
-    if not hasattr(cls, "default_level"):
+    if cls.info.default_level is None:
         return cls()
-    return cls(cls.default_level if level is None else level)
+    return cls(cls.info.default_level if level is None else level)

@@ -15,6 +15,7 @@ module paths. It imports nothing from the package.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 Block = Literal["question_encoder", "answer_decoder", "vision_encoder"]
@@ -47,26 +48,28 @@ VISION_KINDS: tuple[Kind, ...] = ("hidden", "self_attn", "mlp")
 KINDS: tuple[Kind, ...] = TEXT_KINDS
 #: Sublayers that severing can hold at their corrupted values.
 SEVERABLE: tuple[Kind, ...] = ("self_attn", "cross_attn", "mlp")
-KIND_LABELS: dict[str, str] = {
-    "hidden": "hidden states",
-    "self_attn": "self-attention outputs",
-    "cross_attn": "cross-attention outputs",
-    "mlp": "MLP outputs",
-    "post_self_attn": "residual after self-attention",
-    "post_cross_attn": "residual after cross-attention",
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    """How a kind is named in figures and controls."""
+
+    label: str  # in titles: "Restoring question encoder <label>"
+    short: str  # in dropdowns
+    colormap: str  # its heatmaps' colour map (ROME's: Purples for states, Greens for MLP, Reds for attention)
+
+
+KIND_INFO: dict[str, KindInfo] = {
+    "hidden": KindInfo("hidden states", "hidden states", "Purples"),
+    "self_attn": KindInfo("self-attention outputs", "self-attention", "Reds"),
+    "cross_attn": KindInfo("cross-attention outputs", "cross-attention", "Blues"),
+    "mlp": KindInfo("MLP outputs", "MLP", "Greens"),
+    "post_self_attn": KindInfo("residual after self-attention", "h1 (after self-attention)", "Oranges"),
+    "post_cross_attn": KindInfo("residual after cross-attention", "h2 (after cross-attention)", "PuBu"),
 }
-KIND_SHORT_LABELS: dict[str, str] = {
-    "hidden": "hidden states",
-    "self_attn": "self-attention",
-    "cross_attn": "cross-attention",
-    "mlp": "MLP",
-    "post_self_attn": "h1 (after self-attention)",
-    "post_cross_attn": "h2 (after cross-attention)",
-}
-KIND_COLORMAPS: dict[str, str] = {
-    "hidden": "Purples", "mlp": "Greens", "self_attn": "Reds", "cross_attn": "Blues",
-    "post_self_attn": "Oranges", "post_cross_attn": "PuBu",
-}
+KIND_LABELS: dict[str, str] = {kind: info.label for kind, info in KIND_INFO.items()}
+KIND_SHORT_LABELS: dict[str, str] = {kind: info.short for kind, info in KIND_INFO.items()}
+KIND_COLORMAPS: dict[str, str] = {kind: info.colormap for kind, info in KIND_INFO.items()}
 
 #: Where a corruption acts: the vision encoder's output (the paper's choice), the patch embeddings
 #: before the vision encoder, the pixels, or the question's token embeddings (ROME's original).

@@ -45,8 +45,8 @@ from .tracing import TraceConfig, Tracer, default_config
 IPYWIDGETS_MAJOR = int(W.__version__.split(".")[0])
 KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in TEXT_KINDS]
 BLOCK_OPTIONS = [(BLOCK_LABELS[b], b) for b in TEXT_BLOCKS]
-CORRUPTION_OPTIONS = [(BY_NAME[name].label, name) for name in NOISE_NAMES]
-NOISE_TIPS = {name: BY_NAME[name].tip for name in NOISE_NAMES}
+CORRUPTION_OPTIONS = [(BY_NAME[name].info.label, name) for name in NOISE_NAMES]
+NOISE_TIPS = {name: BY_NAME[name].info.tip for name in NOISE_NAMES}
 #: Tracers kept by an explorer (one per (image, question)): older ones are released.
 MAX_TRACERS = 4
 WINDOW_OFF_TIP = ("hidden states are restored one layer at a time, as in ROME; the window applies to "
@@ -64,7 +64,7 @@ def set_tooltip(widget: W.Widget, text: str) -> None:
 
 def corruption_setting(corruption: Any) -> tuple[str, float]:
     """(dropdown name, slider level) of a built-in corruption."""
-    name = getattr(corruption, "name", None)
+    name = getattr(getattr(corruption, "info", None), "name", None)
     if name not in NOISE_TIPS:
         raise BlipTraceError(f"the explorer's controls offer {', '.join(NOISE_NAMES)}; got a {name or 'custom'} "
                              "corruption")
@@ -431,8 +431,8 @@ VISION_CORRUPTION_OPTIONS = [("noise on patch embeddings", "noise"), ("blur pixe
 AREA_OPTIONS = [("whole image", "all"), ("inside the box", "inside"), ("outside the box", "outside")]
 VISION_LEVEL_TIPS = {
     "noise": "Gaussian noise of s·σ on the patch embeddings (σ = their std), before the vision encoder; ROME uses s = 3",
-    "blur": BY_NAME["blur"].tip,
-    "grey": BY_NAME["grey"].tip,
+    "blur": BY_NAME["blur"].info.tip,
+    "grey": BY_NAME["grey"].info.tip,
 }
 
 
