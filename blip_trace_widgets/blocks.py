@@ -30,7 +30,8 @@ from .names import ANSWER_DECODER, QUESTION_ENCODER, VISION_ENCODER
 from .regions import patch_grid_size, region_grid
 
 if TYPE_CHECKING:
-    from .tracing import TraceConfig, Tracer
+    from .clean import CleanPass as Tracer
+    from .config import TraceConfig
 
 Cross = Sequence[Any]  # per layer: (keys, values) [S, Ck, H, N, D/H] for text stacks, None for the ViT
 

@@ -1,0 +1,173 @@
+"""TraceConfig: everything that defines one heatmap besides the (image, question), and its cache keys.
+
+    >>> from blip_trace_widgets.config import TraceConfig, cache_key
+    >>> config = TraceConfig(kind="mlp", window=3)
+    >>> config.corrupt, config.sever_at
+    ('image', 'restored')
+    >>> cache_key(config, "corrupted") == cache_key(TraceConfig(kind="hidden"), "corrupted")  # same corrupted run
+    True
+
+Each field declares, in its metadata, the earliest piece of work it changes; every cache
+key is derived from those declarations by :func:`cache_key`, never written by hand.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import anatomy
+from .corruption import GaussianNoise, ImageSwap, describe
+from .errors import BlipTraceError
+from .names import (
+    DEFAULT_SAMPLES,
+    METRICS,
+    QUESTION_ENCODER,
+    ROME_NOISE_SCALE,
+    SEVER_AT,
+    STAGES,
+    VISION_ENCODER,
+    Metric,
+    SeverAt,
+    Stage,
+)
+
+#: What a TraceConfig field changes, from the earliest piece of work it touches: the corrupted
+#: input (and so every run after it), the scored answer (and so the decoder's runs), or only
+#: the restoring (the heatmap itself). :func:`cache_key` reads these.
+INPUT, ANSWER, RESTORE = "input", "answer", "restore"
+CACHE_PARTS: dict[str, tuple[str, ...]] = {
+    "corrupted": (INPUT,),
+    "decoder": (INPUT, ANSWER),
+    "result": (INPUT, ANSWER, RESTORE),
+}
+MAX_SAMPLES = 1000
+
+
+def _affects(part: str, **kw: Any) -> Any:
+    return field(metadata={"affects": part}, **kw)
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Everything that defines one heatmap besides the (image, question); hashable, so a cache key."""
+
+    block: str = _affects(RESTORE, default=QUESTION_ENCODER)
+    kind: str = _affects(RESTORE, default="hidden")
+    window: int = _affects(RESTORE, default=1)
+    corruption: Callable[..., torch.Tensor] = _affects(INPUT, default_factory=lambda: GaussianNoise(scale=ROME_NOISE_SCALE))
+    samples: int = _affects(INPUT, default=DEFAULT_SAMPLES)  # noise draws averaged per cell
+    seed: int = _affects(INPUT, default=0)
+    answer: str | None = _affects(ANSWER, default=None)
+    metric: Metric = _affects(RESTORE, default="prob")
+    contrast: str | None = _affects(RESTORE, default=None)
+    sever: str | None = _affects(RESTORE, default=None)
+    sever_at: SeverAt = _affects(RESTORE, default="restored")  # ROME's: only at the restored positions
+    corrupt: Stage | None = _affects(INPUT, default=None)  # None: the corruption's own stage, else patches (vision) or image
+    corrupt_tokens: tuple[int, ...] | str | None = _affects(INPUT, default=None)  # corrupt="question": positions or "object"
+    regions: int | None = _affects(RESTORE, default=None)  # vision block: regions per side restored as units
+    fresh_noise: bool = _affects(INPUT, default=False)  # the paper's: a new draw for every cell and for the low score
+
+    def __post_init__(self) -> None:
+        anatomy.check_block(self.block)
+        anatomy.check_kind(self.kind, self.block)
+        self._check_corruption_stage()
+        _check_int("window", self.window, 1)
+        _check_int("samples", self.samples, 1, MAX_SAMPLES)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        if not callable(self.corruption):
+            raise BlipTraceError(
+                "corruption must be GaussianNoise, MultiplicativeNoise, UniformNoise, Scale, ImageSwap, Blur, Grey "
+                "or a callable (clean, samples, generator) -> corrupted")
+        if self.metric not in METRICS:
+            raise BlipTraceError(f"unknown metric {self.metric!r}: use one of {', '.join(METRICS)}")
+        if self.metric == "logit_diff" and not self.contrast:
+            raise BlipTraceError("metric='logit_diff' needs contrast='...', the answer to compare against")
+        for name in ("answer", "contrast"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise BlipTraceError(f"{name} must be a string or None, got {type(value).__name__} {value!r}")
+        self._check_sever()
+        if self.regions is not None:
+            if self.block != VISION_ENCODER:
+                raise BlipTraceError("regions group image patches: use them with block='vision_encoder'")
+            _check_int("regions", self.regions, 1)
+        if not isinstance(self.fresh_noise, bool):
+            raise BlipTraceError(f"fresh_noise must be True or False, got {self.fresh_noise!r}")
+
+    def _check_sever(self) -> None:
+        if self.sever_at not in SEVER_AT:
+            raise BlipTraceError(f"unknown sever_at {self.sever_at!r}: use one of {', '.join(SEVER_AT)}")
+        if self.sever is None:
+            return
+        if self.sever not in anatomy.SEVERABLE:
+            raise BlipTraceError(f"unknown sever {self.sever!r}: use one of {', '.join(anatomy.SEVERABLE)}")
+        if self.kind != "hidden":
+            raise BlipTraceError("sever holds a sublayer while hidden states are restored: use it with kind='hidden'")
+        anatomy.check_kind(self.sever, self.block)
+
+    def _check_corruption_stage(self) -> None:
+        own = getattr(self.corruption, "stage", None)
+        stage = self.corrupt or own or ("patches" if self.block == VISION_ENCODER else "image")
+        if stage not in STAGES:
+            raise BlipTraceError(f"unknown corrupt {stage!r}: use one of {', '.join(STAGES)}")
+        if own is not None and own != stage:
+            raise BlipTraceError(f"{type(self.corruption).__name__} works on {own}: use corrupt={own!r}")
+        if isinstance(self.corruption, ImageSwap) and stage != "image":
+            raise BlipTraceError("ImageSwap replaces the image embeddings: use it with corrupt='image'")
+        if self.block == VISION_ENCODER and stage not in ("patches", "pixels"):
+            raise BlipTraceError(
+                f"restoring vision-encoder states undoes nothing when the corruption is on the {stage}: "
+                "corrupt the patches (corrupt='patches') or pixels (corrupt='pixels') before the vision encoder")
+        if getattr(self.corruption, "region", None) is not None and stage not in ("patches", "pixels"):
+            raise BlipTraceError(
+                f"a region picks image patches or pixels, but this corruption acts on the {stage}: use "
+                "corrupt='patches' or corrupt='pixels', or corrupt_tokens=... to pick question tokens")
+        object.__setattr__(self, "corrupt_tokens", _check_tokens(self.corrupt_tokens, stage))
+        object.__setattr__(self, "corrupt", stage)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "block": self.block, "kind": self.kind, "window": int(self.window), "corruption": describe(self.corruption),
+            "samples": int(self.samples), "seed": int(self.seed), "answer": self.answer, "metric": self.metric,
+            "contrast": self.contrast, "sever": self.sever, "sever_at": self.sever_at, "corrupt": self.corrupt,
+            "corrupt_tokens": list(self.corrupt_tokens) if isinstance(self.corrupt_tokens, tuple) else self.corrupt_tokens,
+            "regions": self.regions, "fresh_noise": self.fresh_noise,
+        }
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise BlipTraceError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise BlipTraceError(f"{name} must be {bound}, got {value}")
+
+
+def _check_tokens(tokens: Any, stage: str) -> tuple[int, ...] | str | None:
+    if tokens is None:
+        return None
+    if stage != "question":
+        raise BlipTraceError("corrupt_tokens chooses question tokens: use it with corrupt='question'")
+    if isinstance(tokens, str):
+        if tokens != "object":
+            raise BlipTraceError(f"corrupt_tokens must be positions or 'object', got {tokens!r}")
+        return tokens
+    if isinstance(tokens, (int, np.integer)) or not isinstance(tokens, (tuple, list, range)):
+        raise BlipTraceError(f"corrupt_tokens must be a list of positions or 'object', got {tokens!r}")
+    for t in tokens:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise BlipTraceError(f"corrupt_tokens positions must be integers, got {t!r}")
+    if not tokens:
+        raise BlipTraceError("corrupt_tokens is empty: pass positions, 'object', or None for every token")
+    return tuple(int(t) for t in tokens)
+
+
+def cache_key(config: TraceConfig, part: str) -> tuple[Any, ...]:
+    """The key of ``config`` in the cache of ``part`` ("corrupted", "decoder" or "result"): every field
+    whose declared effect reaches that part, by name. No cache key is written by hand."""
+    wanted = CACHE_PARTS[part]
+    return tuple((f.name, getattr(config, f.name)) for f in fields(config) if f.metadata["affects"] in wanted)

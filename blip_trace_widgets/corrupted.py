@@ -1,0 +1,132 @@
+"""Corrupted runs: the input corrupted as a TraceConfig says, and every state of the runs after it.
+
+    >>> from blip_trace_widgets import load_model, demo_samples, TraceConfig
+    >>> from blip_trace_widgets.corrupted import CorruptedRuns
+    >>> image, question, _ = demo_samples()[0]
+    >>> runs = CorruptedRuns(load_model("demo"), image, question)
+    >>> tuple(runs.corrupted(TraceConfig(samples=3)).question.output.shape[:1])
+    (3,)
+
+A draw of ``samples`` noise samples is made from a generator seeded with ``seed``; the
+first draw of a seed is cached (by :func:`~.config.cache_key`) and shared by every cell
+of every heatmap that asks for it, as in ROME. With ``fresh_noise`` each cell takes the
+next draw of the same generator instead, as in the paper.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .blocks import Corrupted
+from .cache import LRU
+from .clean import CleanPass
+from .config import TraceConfig, cache_key
+from .corruption import ImageSwap
+from .engine import DEFAULT_MEMORY_BUDGET, Run, record_run, shared_cross
+from .errors import BlipTraceError
+from .inputs import ImageLike
+from .loading import BlipBundle
+from .names import ANSWER_DECODER
+from .roles import last_content_word
+
+
+class CorruptedRuns(CleanPass):
+    """The clean pass of one (image, question), and its corrupted runs in bounded caches."""
+
+    def __init__(self, bundle: BlipBundle, image: ImageLike, question: str, *,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, max_batch_rows: int | None = None,
+                 corrupted_cache_size: int = 2) -> None:
+        super().__init__(bundle, image, question, memory_budget=memory_budget, max_batch_rows=max_batch_rows)
+        self._clean_decoder: LRU[Run] = LRU(8)
+        self._corrupted: LRU[Corrupted] = LRU(corrupted_cache_size)
+        self._corrupted_decoder: LRU[tuple[Run, Any]] = LRU(corrupted_cache_size)
+
+    def corrupt_positions(self, config: TraceConfig) -> list[int]:
+        """Question positions a corrupt='question' trace corrupts."""
+        count = len(self.question_ids)
+        if config.corrupt_tokens is None:
+            return list(range(count))
+        if isinstance(config.corrupt_tokens, str):  # "object"
+            tokens = self.bundle.tokenizer.convert_ids_to_tokens(self.question_ids)
+            positions = last_content_word(tokens)
+            if not positions:
+                raise BlipTraceError("the question has no content word to corrupt; pass corrupt_tokens=(positions...)")
+            return positions
+        for position in config.corrupt_tokens:
+            if not 0 <= position < count:
+                raise BlipTraceError(f"corrupt_tokens position {position} is outside the question's {count} tokens")
+        return list(config.corrupt_tokens)
+
+    def _apply(self, config: TraceConfig, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        corruption = config.corruption
+        if isinstance(corruption, ImageSwap) and corruption.embeddings is None:
+            corruption = corruption.bind(self.embed_image)
+        samples = int(config.samples)
+        out = corruption(clean, samples, generator)
+        if not isinstance(out, torch.Tensor) or out.shape != (samples, *clean.shape[1:]):
+            raise BlipTraceError(f"the corruption must return a tensor of shape {(samples, *clean.shape[1:])}, "
+                                 f"got {getattr(out, 'shape', type(out).__name__)}")
+        if not bool(torch.isfinite(out).all()):
+            raise BlipTraceError("the corruption returned NaN or infinite values: lower its level, or fix the callable")
+        return out.to(device=self.device, dtype=self.bundle.dtype)
+
+    @torch.no_grad()
+    def _corrupt(self, config: TraceConfig, generator: torch.Generator) -> Corrupted:
+        """The corrupted runs for one draw of ``config.samples`` from ``generator``."""
+        samples = int(config.samples)
+        qstack, vstack = self.blocks.question.stack, self.vision
+        h0 = qstack.embed(self.ids(self.question_ids))
+        vision = None
+        if config.corrupt == "question":
+            embeds = self.clean.image_embeds
+            positions = self.corrupt_positions(config)
+            noisy = self._apply(config, h0, generator)
+            h0 = h0.expand(samples, -1, -1).clone()
+            h0[:, positions] = noisy[:, positions]
+        elif config.corrupt == "image":
+            embeds = self._apply(config, self.clean.image_embeds, generator)
+            h0 = h0.expand(samples, -1, -1)
+        else:
+            start = self.pixels if config.corrupt == "pixels" else vstack.embed(self.pixels)
+            corrupted_input = self._apply(config, start, generator)
+            patches = vstack.embed(corrupted_input) if config.corrupt == "pixels" else corrupted_input
+            self.stats["vision_passes"] += 1
+            vision = record_run(vstack, patches, [None] * len(vstack))
+            embeds = vstack.post_norm(vision.output)
+            h0 = h0.expand(samples, -1, -1)
+        cross = shared_cross(qstack, embeds)
+        self.stats["corrupted_passes"] += 1
+        return Corrupted(embeds, cross, record_run(qstack, h0, cross), vision)
+
+    def corrupted(self, config: TraceConfig) -> Corrupted:
+        """The corrupted runs for ``config``'s corruption, samples and seed (cached): the first draw of the seed."""
+        return self._corrupted.get_or_make(cache_key(config, "corrupted"),
+                                           lambda: self._corrupt(config, torch.Generator().manual_seed(int(config.seed))))
+
+    def _decoder_run(self, config: TraceConfig, answer_ids: tuple[int, ...]) -> tuple[Run, Any]:
+        decoder = self.blocks.decoder
+        return self._corrupted_decoder.get_or_make(
+            (cache_key(config, "decoder"), answer_ids),
+            lambda: decoder.corrupted_run(self, self.corrupted(config), answer_ids))
+
+    def _runs(self, block: Any, config: TraceConfig, answer_ids: tuple[int, ...],
+              corrupted: Corrupted | None) -> tuple[Run, Run, Any]:
+        """Clean run, corrupted run and cross states of ``block``; ``corrupted=None`` means the cached first draw."""
+        with torch.no_grad():
+            if block.name == ANSWER_DECODER:
+                clean = self._clean_decoder.get_or_make(answer_ids, lambda: block.clean_run(self, answer_ids))
+                run, cross = self._decoder_run(config, answer_ids) if corrupted is None else block.corrupted_run(
+                    self, corrupted, answer_ids)
+            else:
+                clean = block.clean_run(self, answer_ids)
+                run, cross = block.corrupted_run(self, corrupted or self.corrupted(config), answer_ids)
+        return clean, run, cross
+
+    def _corrupt_draw(self, config: TraceConfig, generator: torch.Generator) -> None:
+        """Advance ``generator`` past the low score's draw without running the model."""
+        start = {"question": lambda: self.blocks.question.stack.embed(self.ids(self.question_ids)),
+                 "image": lambda: self.clean.image_embeds, "pixels": lambda: self.pixels,
+                 "patches": lambda: self.vision.embed(self.pixels)}[str(config.corrupt)]
+        with torch.no_grad():
+            self._apply(config, start(), generator)
