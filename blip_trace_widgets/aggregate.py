@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .names import TINY_EFFECT
+from .names import TINY_EFFECT, VISION_ENCODER
 from .results import TraceResult
 from .roles import ROLES, ObjectRule, position_roles, token_roles  # noqa: F401  (token_roles: public here too)
 
@@ -142,6 +142,18 @@ def average_effect(
     return pd.DataFrame.from_records(rows)
 
 
+def _row_labels(rows: Any, effects: Any, by: str) -> tuple[list[str], list[str]]:
+    """The averaged heatmap's rows: their keys in ``effects`` and their labels."""
+    first = list(rows["tokens"].iloc[0])
+    if by == "role" and rows["block"].iloc[0] == VISION_ENCODER:
+        return first, first
+    if by == "role":
+        roles = [role for role in ROLES if role in set(effects["role"])]
+        return roles, roles
+    same = all(list(t) == first for t in rows["tokens"])
+    return [str(p) for p in range(len(first))], first if same else [f"position {p}" for p in range(len(first))]
+
+
 def average_trace(
     table: Any,
     *,
@@ -175,19 +187,10 @@ def average_trace(
             )
     effects = sample_effects(rows, form=form, correct_only=correct_only, by=by, object_rule=object_rule,
                              min_total_effect=min_total_effect)
-    if by == "role" and rows["block"].iloc[0] == "vision_encoder":
-        labels = list(rows["tokens"].iloc[0])
-    elif by == "role":
-        labels = [role for role in ROLES if role in set(effects["role"])]
-    else:
-        labels = [str(p) for p in range(len(rows["tokens"].iloc[0]))]
+    keys, labels = _row_labels(rows, effects, by)
     mean = effects.groupby([by, "layer"])["effect"].mean()
     layers = int(rows["num_layers"].iloc[0])
-    scores = np.array([[mean.get((label, layer), np.nan) for layer in range(layers)] for label in labels])
-    if by == "position":
-        first = list(rows["tokens"].iloc[0])
-        same = all(list(t) == first for t in rows["tokens"])
-        labels = first if same else [f"position {p}" for p in range(len(first))]
+    scores = np.array([[mean.get((key, layer), np.nan) for layer in range(layers)] for key in keys])
     first_row = rows.iloc[0]
     used = effects["sample"].nunique()
     total = float(effects.drop_duplicates("sample")["total_effect"].mean())

@@ -24,13 +24,13 @@ from typing import Any
 from torch import nn
 
 from .errors import BlipTraceError
-from .names import BLOCKS, KINDS, SEVERABLE, TEXT_BLOCKS, VISION_KINDS, kinds_of  # noqa: F401  (re-exported)
+from .names import ANSWER_DECODER, BLOCKS, KINDS, QUESTION_ENCODER, SEVERABLE, TEXT_BLOCKS, VISION_KINDS, kinds_of  # noqa: F401  (re-exported)
 from .names import VISION_ENCODER as VISION_BLOCK
 
 #: Layer stack of each block; ``{layer}`` is the layer index.
 LAYERS: dict[str, str] = {
-    "question_encoder": "text_encoder.encoder.layer",
-    "answer_decoder": "text_decoder.bert.encoder.layer",
+    QUESTION_ENCODER: "text_encoder.encoder.layer",
+    ANSWER_DECODER: "text_decoder.bert.encoder.layer",
     VISION_BLOCK: "vision_model.encoder.layers",
 }
 
@@ -57,8 +57,8 @@ MODULES: dict[tuple[str, str], str] = {
 }
 
 EMBEDDINGS: dict[str, str] = {
-    "question_encoder": "text_encoder.embeddings",
-    "answer_decoder": "text_decoder.bert.embeddings",
+    QUESTION_ENCODER: "text_encoder.embeddings",
+    ANSWER_DECODER: "text_decoder.bert.embeddings",
 }
 VISION_ENCODER = "vision_model"
 VISION_EMBEDDINGS = "vision_model.embeddings"  # patch embeddings + CLS + positions: [B, 1 + g*g, D]

@@ -30,19 +30,22 @@ from .names import (
     ANSWER_MODES,
     BLOCKS,
     DTYPES,
+    HIDDEN,
     KINDS,
     METRICS,
     QUESTION_ENCODER,
     SEVER_AT,
     SEVERABLE,
     STAGES,
+    SUBLAYER_KINDS,
     VISION_ENCODER,
     VISION_KINDS,
     kinds_of,
+    window_for,
 )
 
-DEMO_TRACES = [(QUESTION_ENCODER, "hidden", 1), (QUESTION_ENCODER, "mlp", 3), (QUESTION_ENCODER, "self_attn", 3),
-               (QUESTION_ENCODER, "cross_attn", 3), (ANSWER_DECODER, "hidden", 1), (VISION_ENCODER, "hidden", 1)]
+DEMO_TRACES = [*((QUESTION_ENCODER, kind, window_for(kind, 3)) for kind in SUBLAYER_KINDS),
+               (ANSWER_DECODER, HIDDEN, 1), (VISION_ENCODER, HIDDEN, 1)]
 
 
 class UsageError(BlipTraceError):
@@ -224,7 +227,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     stage = "patches" if vision else "image"
     corruption = from_name(args.noise, args.scale) if args.noise else default_corruption(bundle, stage)
-    configs = [TraceConfig(block=args.block, kind=kind, window=1 if kind == "hidden" else args.window,
+    configs = [TraceConfig(block=args.block, kind=kind, window=window_for(kind, args.window),
                            corruption=corruption, samples=args.samples, seed=args.seed, regions=args.regions,
                            metric=args.metric)
                for kind in kinds]
@@ -312,33 +315,7 @@ def _add_trace_options(one: argparse.ArgumentParser) -> None:
                      help="vision_encoder: regions per side restored as units (default: every patch)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="blip-trace", description="Causal tracing of BLIP visual question answering (ROME-style).")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    demo = sub.add_parser("demo", help="trace a few easy-VQA samples on the bundled demo model (offline)",
-                          description="Offline: the bundled demo model on a few easy-VQA test samples. Traces hidden, "
-                                      "MLP, self-attention and cross-attention of the question encoder, hidden states "
-                                      "of the answer decoder and of the vision encoder; writes a PNG and a JSON per "
-                                      "trace, and an overlay on the image for the vision encoder.")
-    demo.add_argument("--out", default="trace-output", help="folder for the PNG and JSON files (default: %(default)s)")
-    demo.add_argument("--samples", type=int, default=10, help="noise samples per trace (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    demo.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if present)")
-    demo.set_defaults(run=run_demo)
-
-    one = sub.add_parser("trace", help="trace one image and question", description="Run one causal trace and write "
-                         "its heatmap (PNG) and result (JSON), named after the question, image and configuration.")
-    one.add_argument("--model", default="demo", help="'demo', a local folder, or a hub id such as "
-                     "Salesforce/blip-vqa-base (default: %(default)s)")
-    one.add_argument("--image", required=True, help="path of the image file")
-    one.add_argument("--question", required=True, help="the question about the image")
-    _add_trace_options(one)
-    one.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
-    one.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    one.add_argument("--out", required=True, help="folder for the PNG and JSON files")
-    one.set_defaults(run=run_trace)
-
+def _add_sweep_parser(sub: Any) -> None:
     from .subsets import SUBSETS
 
     many = sub.add_parser(
@@ -376,6 +353,36 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--dtype", choices=DTYPES, default=None)
     many.add_argument("--device", default=None, help="torch device (default: the launcher's, else cuda if present)")
     many.set_defaults(run=run_sweep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="blip-trace", description="Causal tracing of BLIP visual question answering (ROME-style).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="trace a few easy-VQA samples on the bundled demo model (offline)",
+                          description="Offline: the bundled demo model on a few easy-VQA test samples. Traces hidden, "
+                                      "MLP, self-attention and cross-attention of the question encoder, hidden states "
+                                      "of the answer decoder and of the vision encoder; writes a PNG and a JSON per "
+                                      "trace, and an overlay on the image for the vision encoder.")
+    demo.add_argument("--out", default="trace-output", help="folder for the PNG and JSON files (default: %(default)s)")
+    demo.add_argument("--samples", type=int, default=10, help="noise samples per trace (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    demo.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if present)")
+    demo.set_defaults(run=run_demo)
+
+    one = sub.add_parser("trace", help="trace one image and question", description="Run one causal trace and write "
+                         "its heatmap (PNG) and result (JSON), named after the question, image and configuration.")
+    one.add_argument("--model", default="demo", help="'demo', a local folder, or a hub id such as "
+                     "Salesforce/blip-vqa-base (default: %(default)s)")
+    one.add_argument("--image", required=True, help="path of the image file")
+    one.add_argument("--question", required=True, help="the question about the image")
+    _add_trace_options(one)
+    one.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
+    one.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    one.add_argument("--out", required=True, help="folder for the PNG and JSON files")
+    one.set_defaults(run=run_trace)
+
+    _add_sweep_parser(sub)
     return parser
 
 

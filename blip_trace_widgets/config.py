@@ -24,6 +24,7 @@ from .corruption import GaussianNoise, ImageSwap, describe
 from .errors import BlipTraceError
 from .names import (
     DEFAULT_SAMPLES,
+    HIDDEN,
     METRICS,
     QUESTION_ENCODER,
     ROME_NOISE_SCALE,
@@ -56,7 +57,7 @@ class TraceConfig:
     """Everything that defines one heatmap besides the (image, question); hashable, so a cache key."""
 
     block: str = _affects(RESTORE, default=QUESTION_ENCODER)
-    kind: str = _affects(RESTORE, default="hidden")
+    kind: str = _affects(RESTORE, default=HIDDEN)
     window: int = _affects(RESTORE, default=1)
     corruption: Callable[..., torch.Tensor] = _affects(INPUT, default_factory=lambda: GaussianNoise(scale=ROME_NOISE_SCALE))
     samples: int = _affects(INPUT, default=DEFAULT_SAMPLES)  # noise draws averaged per cell
@@ -105,7 +106,7 @@ class TraceConfig:
             return
         if self.sever not in anatomy.SEVERABLE:
             raise BlipTraceError(f"unknown sever {self.sever!r}: use one of {', '.join(anatomy.SEVERABLE)}")
-        if self.kind != "hidden":
+        if self.kind != HIDDEN:
             raise BlipTraceError("sever holds a sublayer while hidden states are restored: use it with kind='hidden'")
         anatomy.check_kind(self.sever, self.block)
 

@@ -22,6 +22,7 @@ import torch
 
 from .anatomy import check_blip
 from .errors import UnavailableError
+from .names import QUESTION_ENCODER
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 #: Optional file in a model folder: tracing defaults that suit that model.
@@ -51,7 +52,7 @@ class BlipBundle:
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    def num_layers(self, block: str = "question_encoder") -> int:
+    def num_layers(self, block: str = QUESTION_ENCODER) -> int:
         """Layers in ``block`` (question_encoder, answer_decoder or vision_encoder)."""
         from .anatomy import num_layers
 

@@ -24,6 +24,7 @@ Stage = Literal["image", "patches", "pixels", "question"]
 Metric = Literal["prob", "logprob", "logit_diff"]
 SeverAt = Literal["restored", "all"]
 
+HIDDEN: Kind = "hidden"
 QUESTION_ENCODER: Block = "question_encoder"
 ANSWER_DECODER: Block = "answer_decoder"
 VISION_ENCODER: Block = "vision_encoder"
@@ -108,6 +109,12 @@ DEFAULT_SAMPLES = 10
 #: Below this total effect, as a fraction of the clean score, a heatmap is mostly noise.
 TINY_EFFECT = 0.1
 MAX_ANSWER_TOKENS = 10
+
+
+def window_for(kind: str, window: int) -> int:
+    """The window a control's value means for ``kind``: hidden states are restored one layer at a time
+    (as in ROME's figures); sublayer kinds take the window."""
+    return 1 if kind == HIDDEN else int(window)
 
 
 def kinds_of(block: str) -> tuple[Kind, ...]:

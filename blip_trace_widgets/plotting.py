@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .names import BLOCK_LABELS, KIND_COLORMAPS, KIND_LABELS, METRIC_LABELS, STAGE_LABELS, TINY_EFFECT
+from .names import BLOCK_LABELS, KIND_COLORMAPS, KIND_LABELS, METRIC_LABELS, STAGE_LABELS, TINY_EFFECT, VISION_ENCODER
 
 if TYPE_CHECKING:
     from .results import TraceResult
@@ -187,7 +187,7 @@ def save_heatmap(result: TraceResult, path: str, *, normalized: bool = False) ->
 
 def _region_values(result: TraceResult, layer: int, normalized: bool) -> tuple[list, np.ndarray]:
     grid = result.config.get("grid")
-    if not grid or result.block != "vision_encoder":
+    if not grid or result.block != VISION_ENCODER:
         raise ValueError("plot_on_image needs an image-side trace: trace(..., block='vision_encoder')")
     if not 0 <= layer < result.num_layers:
         raise ValueError(f"layer must be between 0 and {result.num_layers - 1}, got {layer}")

@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
+from .config import TraceConfig
 from .corruption import GaussianNoise, MultiplicativeNoise, Scale
 from .errors import BlipTraceError
 from .names import PAPER_NOISE_STD, ROME_NOISE_SCALE
-from .tracing import TraceConfig
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,45 @@ def result_from_row(row: Any) -> TraceResult:
     )
 
 
+def _prepare(out: Path, wanted: dict[str, Any], overwrite: bool) -> None:
+    """Check that ``out`` holds this sweep (or nothing), or clear it when ``overwrite``; write the manifest."""
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file() and not overwrite:
+        found = json.loads(manifest_path.read_text())
+        if found != wanted:
+            raise ValueError(
+                f"{out} holds a different sweep ({MANIFEST} differs: model, dtype, answer or configs); "
+                "pick a new out folder, or pass overwrite=True to start again"
+            )
+    elif manifest_path.is_file() or (out / PARTS).exists():
+        for stale in (out / PARTS).glob("*.parquet"):
+            stale.unlink()
+        (out / TABLE).unlink(missing_ok=True)
+    _write_atomically(manifest_path, lambda p: Path(p).write_text(json.dumps(wanted, indent=1) + "\n"))
+
+
+def _run_shard(bundle: BlipBundle, samples: Iterable[Any], configs: Sequence[TraceConfig], out: Path, answer: str,
+               shard: Shard, progress: bool, memory_budget: int) -> None:
+    """Trace this process's samples that have no part yet, writing one part per sample."""
+    from tqdm.auto import tqdm
+
+    total = len(range(shard.index, len(samples), shard.count)) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
+    bar = tqdm(total=total, unit="sample", disable=not progress or None, position=shard.index,
+               desc=f"sweep {shard.index + 1}/{shard.count}" if shard.count > 1 else "sweep")
+    try:
+        for index, item in enumerate(as_samples(samples)):
+            if not shard.owns(index):
+                continue
+            part = _part_path(out, index)
+            if not part.is_file():
+                tracer = Tracer(bundle, open_image(item.image), item.question, memory_budget=memory_budget)
+                frame = _to_frame(_sample_rows(tracer, index, item, image_id(item.image), configs, answer))
+                _write_atomically(part, lambda p, frame=frame: frame.to_parquet(p, index=False))
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 def sweep(
     bundle: BlipBundle,
     samples: Iterable[Any],
@@ -238,42 +277,10 @@ def sweep(
     out = Path(out)
     group = _ProcessGroup()
     shard = shard or group.shard
-    wanted = manifest(bundle, configs, answer)
-    manifest_path = out / MANIFEST
     if group.is_main:
-        if manifest_path.is_file() and not overwrite:
-            found = json.loads(manifest_path.read_text())
-            if found != wanted:
-                raise ValueError(
-                    f"{out} holds a different sweep ({MANIFEST} differs: model, dtype, answer or configs); "
-                    "pick a new out folder, or pass overwrite=True to start again"
-                )
-        elif manifest_path.is_file() or (out / PARTS).exists():
-            for stale in (out / PARTS).glob("*.parquet"):
-                stale.unlink()
-            (out / TABLE).unlink(missing_ok=True)
-        _write_atomically(manifest_path, lambda p: Path(p).write_text(json.dumps(wanted, indent=1) + "\n"))
+        _prepare(out, manifest(bundle, configs, answer), overwrite)
     group.wait()
-
-    total = len(range(shard.index, len(samples), shard.count)) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="sample", disable=not progress or None, position=shard.index,
-               desc=f"sweep {shard.index + 1}/{shard.count}" if shard.count > 1 else "sweep")
-    try:
-        for index, item in enumerate(as_samples(samples)):
-            if not shard.owns(index):
-                continue
-            part = _part_path(out, index)
-            if part.is_file():
-                bar.update(1)
-                continue
-            tracer = Tracer(bundle, open_image(item.image), item.question, memory_budget=memory_budget)
-            frame = _to_frame(_sample_rows(tracer, index, item, image_id(item.image), configs, answer))
-            _write_atomically(part, lambda p, frame=frame: frame.to_parquet(p, index=False))
-            bar.update(1)
-    finally:
-        bar.close()
+    _run_shard(bundle, samples, configs, out, answer, shard, progress, memory_budget)
     group.wait()
     if group.is_main:
         table = read_parts(out)

@@ -36,7 +36,19 @@ from .corruption import BY_NAME, NOISE_NAMES, from_name
 from .errors import BlipTraceError
 from .inputs import image_digest, to_rgb_image
 from .loading import BlipBundle
-from .names import BLOCK_LABELS, KIND_SHORT_LABELS, SUBLAYER_KINDS, TEXT_BLOCKS, TEXT_KINDS, TINY_EFFECT, VISION_KINDS
+from .names import (
+    BLOCK_LABELS,
+    HIDDEN,
+    KIND_SHORT_LABELS,
+    QUESTION_ENCODER,
+    SUBLAYER_KINDS,
+    TEXT_BLOCKS,
+    TEXT_KINDS,
+    TINY_EFFECT,
+    VISION_ENCODER,
+    VISION_KINDS,
+    window_for,
+)
 from .plotting import figure_png, heatmap_png, plot_traces
 from .procedures import default_corruption
 from .results import TraceResult
@@ -283,7 +295,7 @@ class TraceExplorer(_LiveView):
         self.export_dir = Path(export_dir)
         self.results: dict[str, TraceResult] = {}
         config = config or default_config(bundle, samples=10)
-        layers = bundle.num_layers("question_encoder")
+        layers = bundle.num_layers(QUESTION_ENCODER)
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=KIND_OPTIONS, value=config.kind, description="kind", style=style)
         self.block = W.Dropdown(options=BLOCK_OPTIONS, value=config.block, description="block", style=style)
@@ -338,7 +350,7 @@ class TraceExplorer(_LiveView):
                                samples=int(self.noise_samples.value), seed=int(self.seed.value))
 
     def _update_enabled(self) -> None:
-        hidden = self.kind.value == "hidden" and self.view.value == "single"
+        hidden = self.kind.value == HIDDEN and self.view.value == "single"
         self.window.disabled = hidden
         set_tooltip(self.window, WINDOW_OFF_TIP if hidden else WINDOW_ON_TIP)
         self.kind.disabled = self.view.value == "compare"
@@ -358,7 +370,7 @@ class TraceExplorer(_LiveView):
         if self.view.value == "compare":
             kinds = list(SUBLAYER_KINDS)
             window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
-            results = [tracer.trace(replace(config, kind=k, window=1 if k == "hidden" else window),
+            results = [tracer.trace(replace(config, kind=k, window=window_for(k, window)),
                                     progress=self._progress(job)) for k in kinds]
         else:
             results = [tracer.trace(config, progress=self._progress(job))]
@@ -422,7 +434,7 @@ def controls_config(*, block: str, kind: str, window: int, corruption: str, leve
 
     Hidden states are restored one layer at a time (the window slider is off for them).
     """
-    return TraceConfig(block=block, kind=kind, window=1 if kind == "hidden" else int(window),
+    return TraceConfig(block=block, kind=kind, window=window_for(kind, window),
                        corruption=from_name(corruption, round(float(level), 4)), samples=int(samples), seed=int(seed))
 
 
@@ -459,9 +471,9 @@ class VisionTraceExplorer(_LiveView):
         background: bool = True,
     ) -> None:
         self._start_live(bundle, image, question, samples, background)
-        side, layers = bundle.patch_grid_side, bundle.num_layers("vision_encoder")
+        side, layers = bundle.patch_grid_side, bundle.num_layers(VISION_ENCODER)
         style = {"description_width": "initial"}
-        self.kind = W.Dropdown(options=VISION_KIND_OPTIONS, value="hidden", description="kind", style=style)
+        self.kind = W.Dropdown(options=VISION_KIND_OPTIONS, value=HIDDEN, description="kind", style=style)
         self.window = W.IntSlider(value=1, min=1, max=layers, description="window", continuous_update=False, style=style)
         self.regions = W.IntSlider(value=regions or min(side, 8), min=1, max=side, description="regions per side",
                                    continuous_update=False, style=style)
@@ -523,13 +535,13 @@ class VisionTraceExplorer(_LiveView):
                                                 "grey": lambda: Grey(region=self.region)}
         corruption = makers[self.corruption.value]()
         kind = self.kind.value
-        return TraceConfig(block="vision_encoder", kind=kind, window=1 if kind == "hidden" else int(self.window.value),
+        return TraceConfig(block=VISION_ENCODER, kind=kind, window=window_for(kind, self.window.value),
                            regions=int(self.regions.value), corruption=corruption,
                            samples=1 if self.corruption.value != "noise" else int(self.noise_samples.value),
                            seed=int(self.seed.value))
 
     def _update_enabled(self) -> None:
-        self.window.disabled = self.kind.value == "hidden"
+        self.window.disabled = self.kind.value == HIDDEN
         set_tooltip(self.window, WINDOW_OFF_TIP if self.window.disabled else WINDOW_ON_TIP)
         self.level.disabled = self.corruption.value == "grey"
         self.noise_samples.disabled = self.corruption.value != "noise"

@@ -1,0 +1,144 @@
+"""The package's shape: imports point one way, pieces stay small, names and module paths have one home."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "blip_trace_widgets"
+MODULES = sorted(p for p in PACKAGE.glob("*.py"))
+
+
+def _in_type_checking(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return True
+    return False
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports at run time, at the top or inside functions."""
+    graph: dict[str, set[str]] = {}
+    for path in MODULES:
+        tree = ast.parse(path.read_text())
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and not _in_type_checking(node, parents):
+                if node.module:
+                    edges.add(node.module.split(".")[0])
+                else:
+                    edges.update(alias.name for alias in node.names)
+        graph[path.stem] = edges - {path.stem}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_module_import_graph_has_no_cycle():
+    graph = import_graph()
+    assert graph["tracing"] and "names" in graph["anatomy"], "the graph reader found no imports: it is broken"
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+@pytest.mark.parametrize("low,high", [
+    ("names", "anatomy"), ("anatomy", "engine"), ("engine", "blocks"), ("results", "tracing"), ("tracing", "aggregate"),
+    ("aggregate", "sweep_plots"), ("plotting", "widgets"), ("tracing", "cli"),
+])
+def test_dependencies_point_one_way(low, high):
+    """``high`` may use ``low``; ``low`` never reaches ``high``, however indirectly."""
+    graph = import_graph()
+    seen, todo = set(), [low]
+    while todo:
+        node = todo.pop()
+        for nxt in graph.get(node, ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    assert high not in seen, f"{low} reaches {high}"
+
+
+def test_functions_and_classes_stay_small():
+    too_long = []
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            size = (node.end_lineno or 0) - node.lineno + 1
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > 60:
+                too_long.append(f"{path.name}:{node.name} ({size} lines)")
+            if isinstance(node, ast.ClassDef) and size > 200:
+                too_long.append(f"{path.name}:class {node.name} ({size} lines)")
+    assert not too_long, "split these: " + ", ".join(too_long)
+
+
+def test_only_anatomy_spells_blip_module_paths():
+    paths = re.compile(r"['\"](text_encoder|text_decoder|vision_model)\.[a-z_.]+")
+    offenders = [p.name for p in MODULES if p.name != "anatomy.py" and paths.search(p.read_text())]
+    assert not offenders, f"BLIP module paths outside anatomy.py: {offenders}"
+
+
+def test_block_and_kind_names_come_from_names_py():
+    """Block names are spelled as string literals only in names.py (and in docstrings and messages)."""
+    offenders = []
+    for path in MODULES:
+        if path.name == "names.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in ("question_encoder", "answer_decoder", "vision_encoder"):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, f"block names written out instead of taken from names.py: {offenders}"
+
+
+def test_importing_the_package_is_lazy():
+    code = "import sys, blip_trace_widgets; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_every_public_name_resolves():
+    import blip_trace_widgets
+
+    for name in blip_trace_widgets.__all__:
+        assert getattr(blip_trace_widgets, name) is not None
+    with pytest.raises(AttributeError):
+        blip_trace_widgets.no_such_name  # noqa: B018
+
+
+def test_one_version_source():
+    from importlib.metadata import version
+
+    import blip_trace_widgets
+
+    assert version("blip-trace-widgets") == blip_trace_widgets.__version__
+    assert 'dynamic = ["version"]' in (PACKAGE.parent / "pyproject.toml").read_text()
