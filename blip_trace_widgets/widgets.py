@@ -128,6 +128,18 @@ def _image_key(image: Image.Image) -> str:
     return image_digest(image)
 
 
+def _gallery(gallery: Sequence[tuple] | None, samples: Sequence[tuple] | None) -> Sequence[tuple] | None:
+    """``gallery=``, or the old ``samples=`` with a deprecation warning (one word per idea: samples are noise draws)."""
+    if samples is not None:
+        import warnings
+
+        warnings.warn("the explorers' samples= is now gallery= (samples means noise draws); samples= goes in 0.4",
+                      DeprecationWarning, stacklevel=3)
+        if gallery is None:
+            return samples
+    return gallery
+
+
 class _LiveView(W.VBox):
     """What the explorers share: an (image, question) with a gallery, one cached Tracer per pair,
     and background tracing where newer changes cancel older traces and errors show inside."""
@@ -139,18 +151,20 @@ class _LiveView(W.VBox):
     preview_width = 192
     _run: Callable[[threading.Event], None]  # each explorer's trace-and-show step, run by _work
 
-    def _start_live(self, bundle: BlipBundle, image: Any, question: str | None,
-                    samples: Sequence[tuple] | None, background: bool) -> None:
+    def __init__(self, bundle: BlipBundle, image: Any, question: str | None, *,
+                 gallery: Sequence[tuple] | None, background: bool) -> None:
+        """The parts both explorers share; each explorer then adds its controls and sets ``children``."""
+        super().__init__()
         if not isinstance(bundle, BlipBundle):
-            raise ValueError("pass the bundle returned by load_model(...)")
+            raise BlipTraceError("pass the bundle returned by load_model(...)")
         self.bundle = bundle
-        if image is None and samples is None:
+        if image is None and gallery is None:
             from .data import demo_samples
 
-            samples = demo_samples()
-        self.samples = [tuple(s) for s in samples] if samples else []
+            gallery = demo_samples()
+        self.gallery_items = [tuple(s) for s in gallery] if gallery else []
         if image is None:
-            image, question = self.samples[0][0], self.samples[0][1]
+            image, question = self.gallery_items[0][0], self.gallery_items[0][1]
         self.background = background
         self.result: TraceResult | None = None
         self._tracers: LRU[Tracer] = LRU(MAX_TRACERS)
@@ -161,9 +175,9 @@ class _LiveView(W.VBox):
         self._threads: list[threading.Thread] = []
         style = {"description_width": "initial"}
         self.gallery = W.Dropdown(description="sample", style=style,
-                                  options=[(f"{i + 1}: {s[1]}", i) for i, s in enumerate(self.samples)] or [("(none)", -1)],
-                                  disabled=not self.samples,
-                                  layout=W.Layout(width="340px", display=None if self.samples else "none"))
+                                  options=[(f"{i + 1}: {s[1]}", i) for i, s in enumerate(self.gallery_items)]
+                                  or [("(none)", -1)], disabled=not self.gallery_items,
+                                  layout=W.Layout(width="340px", display=None if self.gallery_items else "none"))
         self.image_view = W.Image(value=_png(self._image, self.preview_width), format="png",
                                   layout=W.Layout(width=f"{self.preview_width}px"))
         self.question_box = W.Text(value=question or "", description="question", style=style, continuous_update=False,
@@ -204,7 +218,7 @@ class _LiveView(W.VBox):
 
     def _on_sample(self, change: dict) -> None:
         if change["new"] is not None and change["new"] >= 0:
-            self.set_sample(*self.samples[change["new"]][:2])
+            self.set_sample(*self.gallery_items[change["new"]][:2])
 
     def refresh(self) -> None:
         """Trace the current configuration and show it (in a thread when ``background``)."""
@@ -286,12 +300,13 @@ class TraceExplorer(_LiveView):
         image: Any = None,
         question: str | None = None,
         *,
-        samples: Sequence[tuple] | None = None,
+        gallery: Sequence[tuple] | None = None,
         config: TraceConfig | None = None,
         background: bool = True,
         export_dir: str | Path = ".",
+        samples: Sequence[tuple] | None = None,
     ) -> None:
-        self._start_live(bundle, image, question, samples, background)
+        super().__init__(bundle, image, question, gallery=_gallery(gallery, samples), background=background)
         self.export_dir = Path(export_dir)
         self.results: dict[str, TraceResult] = {}
         config = config or default_config(bundle, samples=10)
@@ -331,8 +346,8 @@ class TraceExplorer(_LiveView):
             W.HBox([self.corruption, self.noise]),
             W.HBox([self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr]),
         ])
-        super().__init__([self._header(), controls, self.error, self.warning, self.heatmap, self.comparison,
-                          W.HBox([self.export_name, *self.export_buttons])])
+        self.children = [self._header(), controls, self.error, self.warning, self.heatmap, self.comparison,
+                         W.HBox([self.export_name, *self.export_buttons])]
 
         self._update_enabled()
         for control in (self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
@@ -465,12 +480,13 @@ class VisionTraceExplorer(_LiveView):
         image: Any = None,
         question: str | None = None,
         *,
-        samples: Sequence[tuple] | None = None,
+        gallery: Sequence[tuple] | None = None,
         regions: int | None = None,
         noise_samples: int = 5,
         background: bool = True,
+        samples: Sequence[tuple] | None = None,
     ) -> None:
-        self._start_live(bundle, image, question, samples, background)
+        super().__init__(bundle, image, question, gallery=_gallery(gallery, samples), background=background)
         side, layers = bundle.patch_grid_side, bundle.num_layers(VISION_ENCODER)
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=VISION_KIND_OPTIONS, value=HIDDEN, description="kind", style=style)
@@ -505,7 +521,7 @@ class VisionTraceExplorer(_LiveView):
             W.HBox([self.layer, self.all_layers, self.normalized]),
         ])
         self.warning = W.HTML()
-        super().__init__([self._header(), controls, self.error, self.warning, self.overlay])
+        self.children = [self._header(), controls, self.error, self.warning, self.overlay]
         self._update_enabled()
         for control in (self.kind, self.window, self.regions, self.corruption, self.level, self.area, self.box_x,
                         self.box_y, self.noise_samples, self.seed, self.question_box):

@@ -11,6 +11,9 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
 pip install "torch==2.13.0"
 pip install -e ".[test]"
+# ipywidgets 7.7.5 (which Colab has shipped) beside the venv, for tests/test_widgets_ipywidgets7.py:
+# installed here so that the test never reaches the package index while it runs
+[ -d .venv/ipywidgets7/ipywidgets ] || pip install --target .venv/ipywidgets7 --no-deps "ipywidgets==7.7.5" "ipython_genutils==0.2.0"
 if [ "${1:-}" = "--browser" ] && [ ! -x /usr/bin/chromium ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

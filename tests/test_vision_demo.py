@@ -115,7 +115,7 @@ def test_vision_explorer_follows_its_controls(demo_bundle):
     explorer.box_x.value = (10, 60)
     assert explorer.error.value == ""
     explorer.gallery.value = 1
-    assert explorer.result.config["question"] == explorer.samples[1][1]
+    assert explorer.result.config["question"] == explorer.gallery_items[1][1]
     explorer.all_layers.value = True
     assert explorer.layer.disabled
 
