@@ -115,6 +115,7 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
     if ax is None:
         rows = min(len(result.tokens), MAX_LABELLED_ROWS)
         ax = _figure((max(6.4, 2.4 + 0.45 * result.num_layers), 2.1 + 0.3 * rows)).add_subplot()
+        ax._repr_png_ = lambda: figure_png(ax.figure)  # as a notebook cell's value, the axes show their figure
     flagged = tiny is not None and result.is_tiny(tiny)
     if show == "stderr":
         data = result.stderr if result.stderr is not None else np.full_like(result.scores, np.nan)

@@ -224,14 +224,17 @@ class TraceResult:
         return path
 
     # ----- figures ---------------------------------------------------------------------------
-    def plot(self, ax: Any = None, *, normalized: bool = False, title: str | None = None, show: str = "scores") -> Any:
-        """A ROME-style heatmap (tokens down, layers across, colour bar of the score); returns the axes.
+    def plot(self, ax: Any = None, *, normalized: bool = False, title: str | None = None, show: str = "scores",
+             **options: Any) -> Any:
+        """A ROME-style heatmap (tokens down, layers across, colour bar of the score); returns the axes, which a
+        notebook shows as the figure when they are a cell's value.
 
-        ``show="stderr"`` draws each cell's standard error over noise samples instead.
+        ``show="stderr"`` draws each cell's standard error over noise samples instead; ``top`` and ``tiny``
+        are :func:`~.plotting.plot_trace`'s.
         """
         from .plotting import plot_trace
 
-        return plot_trace(self, ax=ax, normalized=normalized, title=title, show=show)
+        return plot_trace(self, ax=ax, normalized=normalized, title=title, show=show, **options)
 
     def plot_on_image(self, image: Any = None, *, layer: Any = None, normalized: bool = True, **kw: Any) -> Any:
         """For an image-side trace: each region's effect over the image, one panel per layer (see plotting)."""
