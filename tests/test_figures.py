@@ -1,0 +1,124 @@
+"""Figures that cannot mislead: ROME's colour scale, what was done on the figure's face, tiny effects flagged.
+
+Each check reads the figure's own objects (the colour mesh's limits and colour map, titles, texts, patches).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from blip_trace_widgets import Box, GaussianNoise, Tracer, default_config
+from blip_trace_widgets.aggregate import average_trace
+from blip_trace_widgets.plotting import TINY_TEXT, effect_map, overlay_image, plot_on_image, plot_trace, plot_traces
+
+
+@pytest.fixture(scope="module")
+def tracer(demo_bundle, demo_sample):
+    image, question, _ = demo_sample
+    return Tracer(demo_bundle, image, question)
+
+
+def _mesh(ax):
+    return next(c for c in ax.collections if hasattr(c, "get_clim"))
+
+
+def _texts(ax):
+    return [t.get_text() for t in ax.texts]
+
+
+def test_single_heatmap_scale_runs_from_corrupted_to_clean(tracer, demo_bundle):
+    result = tracer.trace(default_config(demo_bundle, samples=4))
+    ax = plot_trace(result)
+    assert _mesh(ax).get_clim() == pytest.approx((result.low_score, result.high_score))
+    assert "from corrupted to clean" in ax.figure.axes[-1].get_ylabel().replace("\n", " ")
+    title = ax.get_title(loc="left").replace("\n", " ")
+    assert "total effect" in title and "4 noise samples" in title and "gaussian" in title and "image embeddings" in title
+    assert not result.is_tiny() and TINY_TEXT not in _texts(ax)
+    assert ax.figure.get_size_inches()[0] * ax.figure.dpi >= 600  # legible at a glance
+
+
+def test_top_max_and_normalised_scales(tracer, demo_bundle):
+    result = tracer.trace(default_config(demo_bundle, samples=4))
+    top = plot_trace(result, top="max")
+    assert _mesh(top).get_clim()[1] == pytest.approx(result.scores.max())
+    assert "maximum" in top.figure.axes[-1].get_ylabel().replace("\n", " ")
+    normalized = plot_trace(result, normalized=True)
+    assert _mesh(normalized).get_clim() == (-1.0, 1.0)
+    assert _mesh(normalized).get_cmap().name == "RdBu_r"  # white at 0: nothing restored
+
+
+def test_tiny_total_effect_is_greyed_and_flagged(tracer):
+    result = tracer.trace(corruption=GaussianNoise(0.3), samples=4)
+    assert result.is_tiny()
+    ax = plot_trace(result)
+    assert TINY_TEXT in _texts(ax)
+    assert _mesh(ax).get_cmap().name == "Greys"
+    assert list(plot_trace(result, tiny=None).texts) == []  # the caller can switch the flag off
+
+
+def test_question_corruption_marks_the_corrupted_tokens(tracer):
+    result = tracer.trace(corrupt="question", corrupt_tokens="object", corruption=GaussianNoise(6.0), samples=3)
+    labels = [t.get_text() for t in plot_trace(result).get_yticklabels()]
+    marked = [i for i, label in enumerate(labels) if label.endswith("*")]
+    assert marked == result.config["corrupted_positions"] and marked
+
+
+def test_compare_view_shares_one_scale(tracer, demo_bundle):
+    results = [tracer.trace(default_config(demo_bundle, kind=k, window=1 if k == "hidden" else 3, samples=3))
+               for k in ("hidden", "mlp")]
+    figure = plot_traces(results)
+    limits = {tuple(np.round(_mesh(ax).get_clim(), 9)) for ax in figure.axes if ax.collections and ax.get_title(loc="left")}
+    assert len(limits) == 1
+
+
+def test_averaged_heatmap_shows_its_real_range():
+    import pandas as pd
+
+    rows = [{"sample": i, "config": 0, "block": "question_encoder", "kind": "hidden", "window": 1, "corruption": "{}",
+             "tokens": ["[CLS]", "a", "[SEP]"], "scores": s, "low": 0.1, "high": 0.9, "num_layers": 2, "correct": True}
+            for i, s in enumerate([[[0.1, 0.5], [0.2, 0.3], [0.1, 0.1]], [[0.3, 0.7], [0.1, 0.2], [0.1, 0.0]]])]
+    average = average_trace(pd.DataFrame(rows), form="rome", by="position")
+    from blip_trace_widgets.sweep_plots import plot_average_heatmaps
+
+    ax = plot_trace(average, top="range", tiny=None)
+    assert _mesh(ax).get_clim() == pytest.approx((np.nanmin(average.scores), np.nanmax(average.scores)))
+    assert "range" in ax.figure.axes[-1].get_ylabel().replace("\n", " ")
+    figure = plot_average_heatmaps(pd.DataFrame(rows), form="rome")
+    assert "2 questions" in figure.axes[0].get_title(loc="left")
+
+
+def test_vision_overlay_is_transparent_where_nothing_is_restored(tracer):
+    result = tracer.trace(block="vision_encoder", regions=2, samples=3, corruption=GaussianNoise(3.0, region=Box(0, 0, 0.5, 0.5)))
+    picture = np.asarray(overlay_image(result, layer=0), dtype=float) / 255
+    grey = np.asarray(result.image.convert("L"), dtype=float)[..., None] / 255
+    base = 0.55 + 0.45 * grey
+    values = result.normalized()[1:, 0]
+    field = effect_map(result, 0, result.image.size)
+    untouched = (field <= 0) | np.isnan(field)
+    if untouched.any():  # no effect: the faint grey image, uncoloured
+        np.testing.assert_allclose(picture[untouched], np.broadcast_to(base, picture.shape)[untouched], atol=1 / 255 + 1e-9)
+    assert (values > 0).any()
+    figure = plot_on_image(result)
+    assert "total effect" in figure._suptitle.get_text()
+    boxes = [p for ax in figure.axes for p in ax.patches]
+    assert len(boxes) == result.num_layers  # the corrupted box, outlined on every layer's panel
+
+
+def test_readme_snippet_shows_a_png_in_a_kernel(tmp_path):
+    """The README's Python example, run in a kernel: `result.plot()` as a cell's value shows the figure."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"In Python:\n\n```python\n(.*?)```", text, re.S).group(1)
+    lines = [line.split("#")[0].rstrip() for line in snippet.strip().splitlines()]
+    plot_at = next(i for i, line in enumerate(lines) if line.endswith(".plot()"))
+    cells = [nbformat.v4.new_code_cell("\n".join(lines[:plot_at])), nbformat.v4.new_code_cell(lines[plot_at])]
+    notebook = nbformat.v4.new_notebook(cells=cells)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = notebook.cells[1].outputs
+    assert any("image/png" in o.get("data", {}) for o in outputs), outputs
