@@ -331,6 +331,23 @@ class TraceExplorer(_LiveView):
         set_tooltip(self.normalized, "show (score − corrupted) / (clean − corrupted), on a fixed range from −1 to 1")
         set_tooltip(self.show_stderr, "show each cell's standard error over the noise samples instead of its score")
         set_tooltip(self.noise_samples, "noise draws averaged in each cell")
+        export_row = self._outputs(style)
+        controls = W.VBox([
+            W.HBox([self.block, self.kind, self.view]),
+            W.HBox([self.corruption, self.noise]),
+            W.HBox([self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr]),
+        ])
+        self.children = [self._header(), controls, self.error, self.warning, self.heatmap, self.comparison, export_row]
+
+        self._update_enabled()
+        for control in (self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
+                        self.seed, self.normalized, self.show_stderr, self.view):
+            control.observe(self._on_change, names="value")
+        self.question_box.observe(self._on_change, names="value")
+        self.refresh()
+
+    def _outputs(self, style: dict[str, str]) -> W.HBox:
+        """The warning, the heatmap views and the export row (returned)."""
         self.warning = W.HTML()
         self.heatmap = W.Image(format="png")
         self.comparison = W.HBox([W.Image(format="png") for _ in SUBLAYER_KINDS],
@@ -340,21 +357,7 @@ class TraceExplorer(_LiveView):
                                for fmt in ("PNG", "JSON", "CSV")]
         for button, fmt in zip(self.export_buttons, ("png", "json", "csv")):
             button.on_click(lambda _b, fmt=fmt: self.export(fmt))
-
-        controls = W.VBox([
-            W.HBox([self.block, self.kind, self.view]),
-            W.HBox([self.corruption, self.noise]),
-            W.HBox([self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr]),
-        ])
-        self.children = [self._header(), controls, self.error, self.warning, self.heatmap, self.comparison,
-                         W.HBox([self.export_name, *self.export_buttons])]
-
-        self._update_enabled()
-        for control in (self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
-                        self.seed, self.normalized, self.show_stderr, self.view):
-            control.observe(self._on_change, names="value")
-        self.question_box.observe(self._on_change, names="value")
-        self.refresh()
+        return W.HBox([self.export_name, *self.export_buttons])
 
     # ----- state ------------------------------------------------------------------------
     @property
