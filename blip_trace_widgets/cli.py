@@ -402,7 +402,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `blip-trace ... | head`: the reader left; end quietly
         import os
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:  # point stdout at /dev/null, so that Python's final flush does not complain
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 0
     except KeyboardInterrupt:
         return 130

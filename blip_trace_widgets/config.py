@@ -48,6 +48,10 @@ CACHE_PARTS: dict[str, tuple[str, ...]] = {
 MAX_SAMPLES = 1000
 
 
+#: Seeds are 0 to 2**32 - 1: torch's CPU generator gives the same draws for seeds 2**32 apart.
+MAX_SEED = 2**32 - 1
+
+
 def _affects(part: str, **kw: Any) -> Any:
     return field(metadata={"affects": part}, **kw)
 
@@ -78,7 +82,7 @@ class TraceConfig:
         self._check_corruption_stage()
         _check_int("window", self.window, 1)
         _check_int("samples", self.samples, 1, MAX_SAMPLES)
-        _check_int("seed", self.seed, 0, 2**63 - 1)
+        _check_int("seed", self.seed, 0, MAX_SEED)  # the CPU generator repeats past 2**32
         if not callable(self.corruption):
             raise BlipTraceError(
                 "corruption must be GaussianNoise, MultiplicativeNoise, UniformNoise, Scale, ImageSwap, Blur, Grey "

@@ -5,7 +5,7 @@
     >>> to_rgb_image(np.zeros((4, 6, 3), dtype=np.uint8)).size
     (6, 4)
 
-Every check raises a ValueError that names the fix, so widgets and the CLI can show it.
+Every check raises a BlipTraceError (a ValueError) that names the fix, so widgets and the CLI can show it.
 """
 from __future__ import annotations
 
@@ -15,34 +15,62 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import BlipTraceError
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 
 
+def _to_rgb(image: Image.Image, what: str) -> Image.Image:
+    """RGB from any PIL mode; 16-bit and float images are scaled by their real range, not clipped."""
+    if image.width == 0 or image.height == 0:
+        raise BlipTraceError(f"{what} is empty ({image.width}x{image.height} pixels); pass an image with pixels")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            raise BlipTraceError(f"{what} has no finite pixel values")
+        low, high = float(finite.min()), float(finite.max())
+        scaled = np.zeros_like(values) if high == low else (np.nan_to_num(values, nan=low) - low) / (high - low)
+        image = Image.fromarray(np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def to_rgb_image(image: Any) -> Image.Image:
-    """A PIL RGB image from a PIL image of any mode, an HxWx3 uint8 array, or a file path."""
+    """A PIL RGB image from a PIL image of any mode, an HxWx3 uint8 array, or a file path.
+
+    Files are turned upright by their EXIF orientation, as image viewers do; 16-bit and
+    floating-point images are scaled from their own lowest to their highest value.
+    """
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _to_rgb(image, "the image")
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(
+            raise BlipTraceError(
                 f"an image array must be HxWx3 uint8, got shape {image.shape} and dtype {image.dtype}; "
                 "convert with np.asarray(pil_image.convert('RGB'))"
             )
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise BlipTraceError(f"the image array is empty (shape {image.shape}); pass an image with pixels")
         return Image.fromarray(image, "RGB")
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"image file not found: {str(path)!r}; pass an existing path, a PIL image or an array")
-        try:
-            with Image.open(path) as opened:
-                return opened.convert("RGB")
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"cannot read {str(path)!r} as an image ({error}); pass a PNG or JPEG file") from None
-    raise ValueError(
+        return _open_file(Path(image))
+    raise BlipTraceError(
         f"unsupported image type {type(image).__name__}: pass a PIL image, an HxWx3 uint8 numpy array or a file path"
     )
+
+
+def _open_file(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise BlipTraceError(f"image file not found: {str(path)!r}; pass an existing path, a PIL image or an array")
+    try:
+        with Image.open(path) as opened:
+            return _to_rgb(ImageOps.exif_transpose(opened), repr(str(path)))
+    except Image.DecompressionBombError as error:
+        raise BlipTraceError(f"{str(path)!r} is too large to open safely ({error}); resize it first") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise BlipTraceError(f"cannot read {str(path)!r} as an image ({error}); pass a PNG or JPEG file") from None
 
 
 def image_digest(image: Image.Image) -> str:
@@ -52,10 +80,10 @@ def image_digest(image: Image.Image) -> str:
 
 def check_question(question: Any) -> str:
     if not isinstance(question, str):
-        raise ValueError(f"the question must be a string, got {type(question).__name__}")
+        raise BlipTraceError(f"the question must be a string, got {type(question).__name__}")
     text = question.strip()
     if not text:
-        raise ValueError("the question is empty: type a question about the image, such as 'what color is the shape?'")
+        raise BlipTraceError("the question is empty: type a question about the image, such as 'what color is the shape?'")
     return text
 
 
@@ -64,7 +92,7 @@ def encode_question(tokenizer: Any, question: str, max_length: int) -> list[int]
     text = check_question(question)
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     if len(ids) > max_length:
-        raise ValueError(
+        raise BlipTraceError(
             f"the question is {len(ids)} tokens long, more than the model's maximum of {max_length}; shorten it"
         )
     return ids
@@ -73,11 +101,11 @@ def encode_question(tokenizer: Any, question: str, max_length: int) -> list[int]
 def encode_answer(tokenizer: Any, answer: str) -> list[int]:
     """Token ids of an answer to score, without special tokens; it must not need [UNK]."""
     if not isinstance(answer, str) or not answer.strip():
-        raise ValueError("the answer to score is empty: pass answer=None to score the model's own answer")
+        raise BlipTraceError("the answer to score is empty: pass answer=None to score the model's own answer")
     ids = list(tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
     unk = getattr(tokenizer, "unk_token_id", None)
     if not ids or (unk is not None and unk in ids):
-        raise ValueError(
+        raise BlipTraceError(
             f"the tokenizer cannot encode the answer {answer!r} (it becomes [UNK]); "
             "pick an answer made of words in the model's vocabulary"
         )

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from typing import Any, Union
 import torch
 
 from .anatomy import check_blip
-from .errors import UnavailableError
+from .errors import BlipTraceError, UnavailableError
 from .names import QUESTION_ENCODER
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
@@ -82,7 +83,17 @@ def _dtype(dtype: DTypeLike) -> torch.dtype:
 def _device(device: Union[str, torch.device, None]) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise BlipTraceError(f"unknown device {device!r} ({error}); use cpu, cuda or cuda:N") from None
+    if target.type == "meta":
+        raise BlipTraceError("device='meta' holds no weights, so nothing can be traced; use cpu or cuda")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise BlipTraceError(f"device {device!r} asks for CUDA, but this machine has no CUDA GPU; use device='cpu'")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise BlipTraceError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return target
 
 
 def _offline_help(source: str) -> str:
@@ -114,7 +125,33 @@ def _noise_scale(folder: Path) -> float:
     path = folder / TRACE_DEFAULTS_FILE
     if not path.is_file():
         return ROME_NOISE_SCALE
-    return float(json.loads(path.read_text()).get("noise_scale", ROME_NOISE_SCALE))
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BlipTraceError(f"{path}: not readable JSON ({error}); fix or delete it") from None
+    value = data.get("noise_scale", ROME_NOISE_SCALE) if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise BlipTraceError(f"{path}: noise_scale must be a positive number (σ of the image embeddings), got {value!r}")
+    return float(value)
+
+
+#: Files a local model folder needs, and what each is for.
+MODEL_FILES = {"config.json": "the model's configuration", "tokenizer_config.json": "the tokenizer",
+               "preprocessor_config.json|processor_config.json": "the image processor",
+               "model.safetensors|pytorch_model.bin|model.safetensors.index.json": "the weights"}
+
+
+def _check_folder(folder: Path, files: tuple[str, ...] = tuple(MODEL_FILES)) -> None:
+    """A local folder must hold a whole model: name the first file that is missing."""
+    for names, what in ((names, MODEL_FILES[names]) for names in files):
+        if not any((folder / name).is_file() for name in names.split("|")):
+            raise UnavailableError(f"{folder} has no {names.replace('|', ' or ')} ({what}); copy the whole model "
+                                   "folder, or reinstall blip-trace-widgets for the demo model")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """Hub ids are 'owner/name'; anything else that is not a folder cannot be fetched."""
+    return name.count("/") == 1 and all(part.strip() for part in name.split("/")) and not name.startswith((".", "/"))
 
 
 def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -133,12 +170,22 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
             f"{source!r} is a {config.model_type} model ({', '.join(architectures) or 'unknown head'}), "
             "not BLIP for VQA; use a BlipForQuestionAnswering checkpoint such as Salesforce/blip-vqa-base"
         )
+    if Path(source).is_dir():
+        _check_folder(Path(source))
     try:
         with _quiet_transformers():
             model = BlipForQuestionAnswering.from_pretrained(source, dtype=dtype)
             processor = BlipProcessor.from_pretrained(source)
     except (OSError, ConnectionError):
+        if Path(source).is_dir():
+            raise UnavailableError(f"{source!r} could not be read: a file in it is damaged or incomplete; "
+                                   "copy the model folder again") from None
         raise UnavailableError(_offline_help(source)) from None
+    except Exception as error:  # safetensors and tokenizers raise their own types for damaged files
+        if not Path(source).is_dir() or type(error).__module__.split(".")[0] not in ("safetensors", "tokenizers"):
+            raise
+        raise UnavailableError(f"{source!r}: a file in it is damaged ({type(error).__name__}: {error}); "
+                               "copy the model folder again") from None
     return model, processor
 
 
@@ -153,14 +200,20 @@ def load_model(
     noise_scale = ROME_NOISE_SCALE
     if isinstance(source, tuple):
         if len(source) != 2:
-            raise ValueError("pass a (model, processor) pair")
+            raise BlipTraceError("pass a (model, processor) pair")
         model, processor = source
         name = getattr(getattr(model, "config", None), "_name_or_path", "") or "custom"
     elif isinstance(source, (str, os.PathLike)):
         name = str(source)
         path = DEMO_MODEL_DIR if name == "demo" else Path(name)
-        if name == "demo" and not (path / "config.json").is_file():
-            raise UnavailableError(f"the bundled demo model is missing from {path}; reinstall blip-trace-widgets")
+        if path.is_dir() or name == "demo":
+            _check_folder(path, ("config.json",))  # the rest once the configuration says it is BLIP VQA
+        elif path.exists():
+            raise BlipTraceError(f"{name!r} is a file; pass a model folder, a hub id such as Salesforce/blip-vqa-base, "
+                                 "or 'demo'")
+        elif not _looks_like_hub_id(name):
+            raise BlipTraceError(f"{name!r} is neither a folder nor a hub id such as Salesforce/blip-vqa-base "
+                                 "(did you mean a local folder?); offline, load_model('demo') loads the bundled model")
         model, processor = _from_pretrained(str(path) if path.exists() else name, torch_dtype)
         if path.is_dir():
             noise_scale = _noise_scale(path)

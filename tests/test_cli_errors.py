@@ -1,0 +1,126 @@
+"""Bad invocations of blip-trace: each exits with status 2 and one line on stderr, never a traceback."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip_trace_widgets import cli, demo_samples
+from blip_trace_widgets.loading import DEMO_MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    image = root / "shape.png"
+    demo_samples()[0].image.save(image)
+    text = root / "notes.txt"
+    text.write_text("not an image")
+    occupied = root / "occupied"
+    occupied.write_text("a file where --out wants a folder")
+    damaged = root / "damaged-model"
+    shutil.copytree(DEMO_MODEL_DIR, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    negative = root / "negative-noise-model"
+    shutil.copytree(DEMO_MODEL_DIR, negative)
+    (negative / "trace_defaults.json").write_text(json.dumps({"noise_scale": -5}))
+    blank = root / "blank.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(blank)
+    return {"image": str(image), "text": str(text), "occupied": str(occupied), "damaged": str(damaged),
+            "negative": str(negative), "root": str(root)}
+
+
+def trace(files, *extra):
+    return ["trace", "--image", files["image"], "--question", "what is the color of the triangle?",
+            "--out", files["root"] + "/out", *extra]
+
+
+BAD = {
+    "no image": lambda f: ["trace", "--question", "what?", "--out", f["root"]],
+    "missing image": lambda f: ["trace", "--image", f["root"] + "/nope.png", "--question", "what?", "--out", f["root"]],
+    "not an image": lambda f: ["trace", "--image", f["text"], "--question", "what?", "--out", f["root"]],
+    "empty question": lambda f: ["trace", "--image", f["image"], "--question", "  ", "--out", f["root"]],
+    "unknown kind": lambda f: trace(f, "--kind", "attention"),
+    "unknown block": lambda f: trace(f, "--block", "vision"),
+    "window 0": lambda f: trace(f, "--window", "0"),
+    "window 99": lambda f: trace(f, "--window", "99"),
+    "samples 0": lambda f: trace(f, "--samples", "0"),
+    "samples 10**5": lambda f: trace(f, "--samples", "100000"),
+    "negative seed": lambda f: trace(f, "--seed", "-1"),
+    "seed past 2**32": lambda f: trace(f, "--seed", str(2**40)),
+    "unknown noise": lambda f: trace(f, "--noise", "pink"),
+    "infinite scale": lambda f: trace(f, "--noise", "gaussian", "--scale", "inf"),
+    "negative scale": lambda f: trace(f, "--noise", "gaussian", "--scale", "-3"),
+    "nan scale": lambda f: trace(f, "--noise", "uniform", "--scale", "nan"),
+    "scale without noise": lambda f: trace(f, "--scale", "3"),
+    "logit_diff without contrast": lambda f: trace(f, "--metric", "logit_diff"),
+    "unknown answer word": lambda f: trace(f, "--answer", "zzqxj"),
+    "corrupt token out of range": lambda f: trace(f, "--corrupt", "question", "--corrupt-tokens", "99"),
+    "corrupt tokens not numbers": lambda f: trace(f, "--corrupt", "question", "--corrupt-tokens", "a,b"),
+    "corrupt tokens without question": lambda f: trace(f, "--corrupt-tokens", "1"),
+    "regions on a text block": lambda f: trace(f, "--regions", "3"),
+    "vision block, image stage": lambda f: trace(f, "--block", "vision_encoder", "--corrupt", "image"),
+    "sever with a sublayer kind": lambda f: trace(f, "--sever", "mlp", "--kind", "mlp"),
+    "unknown sever_at": lambda f: trace(f, "--sever", "mlp", "--sever-at", "nowhere"),
+    "blur on image embeddings": lambda f: trace(f, "--noise", "blur", "--corrupt", "image"),
+    "mistyped model name": lambda f: trace(f, "--model", "nosuchmodel"),
+    "missing model folder": lambda f: trace(f, "--model", f["root"] + "/no/such/folder/"),
+    "damaged weights": lambda f: trace(f, "--model", f["damaged"]),
+    "negative noise in trace_defaults.json": lambda f: trace(f, "--model", f["negative"]),
+    "cuda without a GPU": lambda f: trace(f, "--device", "cuda"),
+    "meta device": lambda f: trace(f, "--device", "meta"),
+    "unknown dtype": lambda f: trace(f, "--dtype", "int8"),
+    "out is a file": lambda f: ["trace", "--image", f["image"], "--question", "what is the color of the triangle?",
+                                "--out", f["occupied"] + "/sub"],
+    "unknown procedure": lambda f: trace(f, "--procedure", "mine"),
+    "sweep unknown kind": lambda f: ["sweep", "--dataset", "easy-vqa-color", "--kinds", "hidden,attention", "--out", f["root"]],
+    "sweep limit 0": lambda f: ["sweep", "--dataset", "easy-vqa-color", "--limit", "0", "--out", f["root"]],
+    "no command": lambda f: [],
+}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CUDA case needs a machine without a GPU")
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_invocation_is_one_line_and_exit_2(name, files, capsys):
+    try:
+        code = cli.main(BAD[name](files))
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (name, code, err)
+    assert err.count("\n") == 0 and err.startswith("blip-trace"), (name, err)
+    assert "Traceback" not in err
+
+
+def test_there_are_at_least_thirty_bad_invocations():
+    assert len(BAD) >= 30
+
+
+def test_a_broken_pipe_ends_quietly(files, monkeypatch, capsys):
+    def broken(_args):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(cli, "build_parser", _parser_calling(broken))
+    assert cli.main(["x"]) == 0
+
+
+def _parser_calling(run):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(run=run)
+    parser.add_argument("rest", nargs="*")
+    return lambda: parser
+
+
+def test_an_internal_error_keeps_its_traceback(files, monkeypatch):
+    def bug(_args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "build_parser", _parser_calling(bug))
+    with pytest.raises(KeyError):
+        cli.main(["x"])
