@@ -241,7 +241,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(f"{len(samples)} questions from {args.dataset}; {len(configs)} traces each on {bundle.name}; "
               f"{configs[0].to_json()['corruption']}; results in {out}")
     started = time.perf_counter()
-    table = sweep(bundle, samples, configs=configs, out=out, answer=args.answer, overwrite=args.overwrite)
+    dataset = {"name": args.dataset, "limit": args.limit, "words": args.words}
+    table = sweep(bundle, samples, configs=configs, out=out, answer=args.answer, overwrite=args.overwrite,
+                  dataset=dataset)
     if not group.is_main:
         return 0
     correct = table.drop_duplicates("sample")["correct"].dropna()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ import numpy as np
 
 from .data import VQASample
 from .engine import DEFAULT_MEMORY_BUDGET
+from .errors import BlipTraceError
+from .inputs import image_digest
 from .loading import BlipBundle
 from .results import TraceResult
 from .roles import position_roles
@@ -41,6 +44,7 @@ from .subsets import as_samples, image_id, open_image
 from .tracing import TraceConfig, Tracer
 
 MANIFEST = "sweep.json"
+DAMAGED = "damaged"
 TABLE = "sweep.parquet"
 PARTS = "parts"
 ANSWER_MODES = ("model", "expected")
@@ -122,10 +126,21 @@ def _check_configs(configs: TraceConfig | Sequence[TraceConfig]) -> list[TraceCo
     return configs
 
 
-def manifest(bundle: BlipBundle, configs: Sequence[TraceConfig], answer: str) -> dict[str, Any]:
-    """What defines a sweep's rows; a resumed sweep must match it."""
+def manifest(bundle: BlipBundle, configs: Sequence[TraceConfig], answer: str,
+             dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What defines a sweep's rows; a resumed sweep must match it. ``dataset`` says where the questions
+    came from (the command line records the subset, limit and filters); each part also records the
+    identity of its question (:func:`question_id`), checked on resume."""
     return {"model": bundle.name, "dtype": str(bundle.dtype).replace("torch.", ""), "answer": answer,
-            "configs": [config.to_json() for config in configs]}
+            "configs": [config.to_json() for config in configs], "dataset": dataset}
+
+
+def question_id(image: Any, question: str, expected: str | None) -> str:
+    """A question's identity by its content: the image's pixels, the question and the expected answer."""
+    import hashlib
+
+    text = json.dumps([image_digest(image), question, expected])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -180,11 +195,15 @@ def _to_frame(rows: list[dict[str, Any]]):
     return frame
 
 
-def read_parts(out: str | os.PathLike):
-    """Every finished sample's rows so far, in sample and configuration order."""
+def read_parts(out: str | os.PathLike, indices: Iterable[int] | None = None):
+    """The finished questions' rows so far (those of ``indices`` only, when given), in question and
+    configuration order."""
     import pandas as pd
 
-    paths = sorted((Path(out) / PARTS).glob("sample-*.parquet"))
+    if indices is None:
+        paths = sorted((Path(out) / PARTS).glob("sample-*.parquet"))
+    else:
+        paths = [p for p in (_part_path(Path(out), i) for i in indices) if p.is_file()]
     if not paths:
         return pd.DataFrame()
     frame = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
@@ -210,15 +229,34 @@ def result_from_row(row: Any) -> TraceResult:
     )
 
 
+def _read_manifest(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BlipTraceError(f"{path} is damaged ({error}); delete it, or rerun with --overwrite "
+                             "(overwrite=True) to start the sweep again") from None
+
+
+def _differences(found: Any, wanted: dict[str, Any]) -> str:
+    if not isinstance(found, dict):
+        return "the whole manifest"
+    return ", ".join(key for key in wanted if found.get(key) != wanted[key]) or "its layout"
+
+
 def _prepare(out: Path, wanted: dict[str, Any], overwrite: bool) -> None:
-    """Check that ``out`` holds this sweep (or nothing), or clear it when ``overwrite``; write the manifest."""
+    """Check that ``out`` holds this sweep (or nothing), or clear it when ``overwrite``; write the manifest.
+
+    Leftovers of a killed run (``.partial-*`` files) are removed.
+    """
+    for orphan in [*out.glob(".partial-*"), *(out / PARTS).glob(".partial-*")]:
+        orphan.unlink(missing_ok=True)
     manifest_path = out / MANIFEST
     if manifest_path.is_file() and not overwrite:
-        found = json.loads(manifest_path.read_text())
+        found = _read_manifest(manifest_path)
         if found != wanted:
-            raise ValueError(
-                f"{out} holds a different sweep ({MANIFEST} differs: model, dtype, answer or configs); "
-                "pick a new out folder, or pass overwrite=True to start again"
+            raise BlipTraceError(
+                f"{out} holds a different sweep: its {MANIFEST} differs in {_differences(found, wanted)}; "
+                "pick a new --out folder, or rerun with --overwrite (overwrite=True in Python) to start again"
             )
     elif manifest_path.is_file() or (out / PARTS).exists():
         for stale in (out / PARTS).glob("*.parquet"):
@@ -227,26 +265,57 @@ def _prepare(out: Path, wanted: dict[str, Any], overwrite: bool) -> None:
     _write_atomically(manifest_path, lambda p: Path(p).write_text(json.dumps(wanted, indent=1) + "\n"))
 
 
+def _finished(part: Path, qid: str, index: int, question: str, out: Path) -> bool:
+    """Whether ``part`` already holds this question's rows. A damaged part is moved aside (and redone);
+    a part that holds another question stops the sweep."""
+    import pandas as pd
+
+    if not part.is_file():
+        return False
+    try:
+        found = pd.read_parquet(part, columns=["question_id", "question"])
+        stored = str(found["question_id"].iloc[0])
+    except Exception as error:  # a truncated or foreign file: pyarrow raises several types
+        aside = out / DAMAGED / part.name
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        part.replace(aside)
+        warnings.warn(f"{part} was damaged ({type(error).__name__}); moved it to {aside} and tracing question "
+                      f"{index} again", stacklevel=3)
+        return False
+    if stored != qid:
+        raise BlipTraceError(
+            f"{out} holds another question at position {index}: {str(found['question'].iloc[0])!r} there, "
+            f"{question!r} here; pick a new --out folder, or rerun with --overwrite (overwrite=True) to start again")
+    return True
+
+
 def _run_shard(bundle: BlipBundle, samples: Iterable[Any], configs: Sequence[TraceConfig], out: Path, answer: str,
-               shard: Shard, progress: bool, memory_budget: int) -> None:
-    """Trace this process's samples that have no part yet, writing one part per sample."""
+               shard: Shard, progress: bool, memory_budget: int) -> int:
+    """Trace this process's questions that have no part yet, one part per question; returns how many
+    questions the sweep has (this process's and the others')."""
     from tqdm.auto import tqdm
 
     total = len(range(shard.index, len(samples), shard.count)) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, unit="sample", disable=not progress or None, position=shard.index,
                desc=f"sweep {shard.index + 1}/{shard.count}" if shard.count > 1 else "sweep")
+    count = 0
     try:
         for index, item in enumerate(as_samples(samples)):
+            count = index + 1
             if not shard.owns(index):
                 continue
+            picture = open_image(item.image)
+            qid = question_id(picture, item.question, item.answer)
             part = _part_path(out, index)
-            if not part.is_file():
-                tracer = Tracer(bundle, open_image(item.image), item.question, memory_budget=memory_budget)
-                frame = _to_frame(_sample_rows(tracer, index, item, image_id(item.image), configs, answer))
+            if not _finished(part, qid, index, item.question, out):
+                tracer = Tracer(bundle, picture, item.question, memory_budget=memory_budget)
+                rows = _sample_rows(tracer, index, item, image_id(item.image), configs, answer)
+                frame = _to_frame([{**row, "question_id": qid} for row in rows])
                 _write_atomically(part, lambda p, frame=frame: frame.to_parquet(p, index=False))
             bar.update(1)
     finally:
         bar.close()
+    return count
 
 
 def sweep(
@@ -260,6 +329,7 @@ def sweep(
     overwrite: bool = False,
     shard: Shard | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    dataset: dict[str, Any] | None = None,
 ):
     """Trace every configuration on every sample; returns the table (a pandas DataFrame).
 
@@ -278,12 +348,12 @@ def sweep(
     group = _ProcessGroup()
     shard = shard or group.shard
     if group.is_main:
-        _prepare(out, manifest(bundle, configs, answer), overwrite)
+        _prepare(out, manifest(bundle, configs, answer, dataset), overwrite)
     group.wait()
-    _run_shard(bundle, samples, configs, out, answer, shard, progress, memory_budget)
+    count = _run_shard(bundle, samples, configs, out, answer, shard, progress, memory_budget)
     group.wait()
     if group.is_main:
-        table = read_parts(out)
+        table = read_parts(out, range(count))  # only this sweep's questions: strays are not merged
         _write_atomically(out / TABLE, lambda p: table.to_parquet(p, index=False))
     group.wait()
     return pd.read_parquet(out / TABLE)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -272,3 +273,77 @@ def test_cli_image_side_sweep(tmp_path):
     bad = _cli("--dataset", "easy-vqa-shape", "--regions", "2", "--out", str(tmp_path / "x"))
     _, err = bad.communicate(timeout=120)
     assert bad.returncode == 2 and "--block vision_encoder" in err
+
+
+# ----- a folder that holds other questions, damaged parts, orphans (nothing silently wrong) ------------------
+
+def _quick(bundle, questions, out, **kw):
+    from blip_trace_widgets import GaussianNoise
+
+    config = TraceConfig(kind="hidden", samples=2, corruption=GaussianNoise(10.0))
+    return sweep(bundle, questions, configs=[config], out=out, progress=False, **kw)
+
+
+def test_another_question_set_in_a_finished_folder_is_refused(demo_bundle, tmp_path):
+    colour = load_vqa_subset("easy-vqa-color", limit=3)
+    shape = load_vqa_subset("easy-vqa-shape", limit=3)
+    _quick(demo_bundle, colour, tmp_path)
+    with pytest.raises(ValueError, match="another question at position 0.*--overwrite"):
+        _quick(demo_bundle, shape, tmp_path)
+    table = _quick(demo_bundle, shape, tmp_path, overwrite=True)
+    assert list(table["question"]) == [q.question for q in shape]
+
+
+def test_a_smaller_limit_into_a_larger_folder_writes_only_its_questions(demo_bundle, tmp_path):
+    questions = load_vqa_subset("easy-vqa-color", limit=6)
+    _quick(demo_bundle, questions, tmp_path)
+    table = _quick(demo_bundle, questions[:3], tmp_path)
+    assert len(table) == 3 and sorted(table["sample"]) == [0, 1, 2]
+
+
+def test_the_command_line_records_the_dataset_and_refuses_another_limit(tmp_path):
+    first = _cli("--dataset", "easy-vqa-color", "--limit", "2", "--kinds", "hidden", "--samples", "2", "--out", str(tmp_path))
+    first.communicate(timeout=600)
+    assert first.returncode == 0
+    assert json.loads((tmp_path / "sweep.json").read_text())["dataset"] == {"name": "easy-vqa-color", "limit": 2, "words": None}
+    again = _cli("--dataset", "easy-vqa-color", "--limit", "3", "--kinds", "hidden", "--samples", "2", "--out", str(tmp_path))
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 2 and "differs in dataset" in err and "--overwrite" in err
+
+
+def test_a_part_copied_over_another_is_caught(demo_bundle, tmp_path):
+    questions = load_vqa_subset("easy-vqa-color", limit=3)
+    _quick(demo_bundle, questions, tmp_path)
+    parts = tmp_path / "parts"
+    shutil.copy(parts / "sample-0000000.parquet", parts / "sample-0000001.parquet")
+    with pytest.raises(ValueError, match="another question at position 1"):
+        _quick(demo_bundle, questions, tmp_path)
+
+
+def test_a_stray_part_is_not_merged(demo_bundle, tmp_path):
+    questions = load_vqa_subset("easy-vqa-color", limit=2)
+    _quick(demo_bundle, questions, tmp_path)
+    shutil.copy(tmp_path / "parts" / "sample-0000000.parquet", tmp_path / "parts" / "sample-0000099.parquet")
+    assert len(_quick(demo_bundle, questions, tmp_path)) == 2
+
+
+def test_a_damaged_part_is_moved_aside_and_redone(demo_bundle, tmp_path):
+    questions = load_vqa_subset("easy-vqa-color", limit=2)
+    first = _quick(demo_bundle, questions, tmp_path)
+    part = tmp_path / "parts" / "sample-0000001.parquet"
+    part.write_bytes(part.read_bytes()[:100])
+    (tmp_path / ".partial-abc").write_text("left by a kill")
+    (tmp_path / "parts" / ".partial-def").write_text("left by a kill")
+    with pytest.warns(UserWarning, match="damaged"):
+        again = _quick(demo_bundle, questions, tmp_path)
+    pd.testing.assert_frame_equal(first, again)
+    assert (tmp_path / "damaged" / "sample-0000001.parquet").is_file()
+    assert not list(tmp_path.glob(".partial-*")) and not list((tmp_path / "parts").glob(".partial-*"))
+
+
+def test_a_damaged_manifest_is_named(demo_bundle, tmp_path):
+    questions = load_vqa_subset("easy-vqa-color", limit=1)
+    _quick(demo_bundle, questions, tmp_path)
+    (tmp_path / "sweep.json").write_text("{not json")
+    with pytest.raises(ValueError, match="sweep.json is damaged"):
+        _quick(demo_bundle, questions, tmp_path)
