@@ -17,12 +17,15 @@ V = TypeVar("V")
 
 
 class LRU(Generic[V]):
-    """At most ``size`` entries; the least recently used one is dropped first."""
+    """At most ``size`` entries, and (with ``weigh``) at most ``max_weight`` in all, the newest entry
+    excepted; the least recently used one is dropped first, so its memory is released."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, max_weight: int | None = None, weigh: Callable[[V], int] | None = None) -> None:
         if size < 1:
             raise ValueError(f"a cache needs room for at least one entry, got size {size}")
         self.size = size
+        self.max_weight = max_weight
+        self.weigh = weigh
         self._entries: OrderedDict[Hashable, V] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -40,10 +43,15 @@ class LRU(Generic[V]):
         self.hits += 1
         return self._entries[key]
 
+    def weight(self) -> int:
+        """The entries' total weight (0 without ``weigh``)."""
+        return sum(self.weigh(v) for v in self._entries.values()) if self.weigh is not None else 0
+
     def put(self, key: Hashable, value: V) -> V:
         self._entries[key] = value
         self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
+        while len(self._entries) > self.size or (
+                self.max_weight is not None and len(self._entries) > 1 and self.weight() > self.max_weight):
             self._entries.popitem(last=False)
         return value
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import anatomy
 from .blocks import Corrupted
 from .cache import LRU
 from .clean import CleanPass
@@ -29,6 +30,41 @@ from .inputs import ImageLike
 from .loading import BlipBundle
 from .names import ANSWER_DECODER
 from .roles import last_content_word
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def tensor_bytes(*objects: Any) -> int:
+    """Bytes of the tensors reachable from ``objects`` (dataclasses, lists, tuples, dicts), each storage once."""
+    import dataclasses
+
+    seen: set[int] = set()
+    total = 0
+    todo = list(objects)
+    while todo:
+        item = todo.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            todo.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+    return total
 
 
 class CorruptedRuns(CleanPass):
@@ -72,8 +108,35 @@ class CorruptedRuns(CleanPass):
         return out.to(device=self.device, dtype=self.bundle.dtype)
 
     @torch.no_grad()
+    def held_bytes(self) -> int:
+        """Bytes of the tensors this object keeps: its clean pass and cached runs."""
+        caches = [list(cache._entries.values()) for cache in (self._clean_decoder, self._corrupted, self._corrupted_decoder)]
+        return tensor_bytes(self._clean, self._clean_vision, self._pixels, *caches)
+
+    def run_bytes(self, samples: int, vision: bool) -> int:
+        """About how many bytes the corrupted runs of ``samples`` noise samples keep (every state a trace restores,
+        and the image keys and values of every text layer)."""
+        text, image = anatomy.text_config(self.model), anatomy.vision_config(self.model)
+        tokens = int((image.image_size // image.patch_size) ** 2 + 1)
+        layers = len(self.blocks.question.stack)
+        question = (layers + 1) * len(self.question_ids) * text.hidden_size * (1 + len(self.blocks.question.stack.kinds))
+        cross = layers * 2 * tokens * text.hidden_size + tokens * image.hidden_size
+        vit = (len(self.vision) + 1) * tokens * image.hidden_size * (1 + len(self.vision.kinds)) if vision else 0
+        return samples * (question + cross + vit) * self.bundle.dtype.itemsize
+
+    def _check_memory(self, config: TraceConfig) -> None:
+        """Refuse, before allocating anything, noise samples whose runs would not fit in the memory available."""
+        needed = self.run_bytes(int(config.samples), config.corrupt in ("patches", "pixels"))
+        free = available_memory()
+        if free is not None and needed > 0.8 * free:
+            per_sample = self.run_bytes(1, config.corrupt in ("patches", "pixels"))
+            raise BlipTraceError(
+                f"{config.samples} noise samples need about {needed / 2**30:.1f} GiB for the corrupted runs, and "
+                f"{free / 2**30:.1f} GiB are available: use at most {max(1, int(0.8 * free // per_sample))} samples")
+
     def _corrupt(self, config: TraceConfig, generator: torch.Generator) -> Corrupted:
         """The corrupted runs for one draw of ``config.samples`` from ``generator``."""
+        self._check_memory(config)
         samples = int(config.samples)
         qstack, vstack = self.blocks.question.stack, self.vision
         h0 = qstack.embed(self.ids(self.question_ids))

@@ -57,6 +57,11 @@ def _finite(name: str, value: Any, *, positive: bool = False) -> float:
     return value
 
 
+def _check_region(region: Any) -> None:
+    if region is not None and not (hasattr(region, "token_mask") and hasattr(region, "pixel_mask")):
+        raise BlipTraceError(f"region must be a Box, Mask or Outside (or None for everywhere), got {region!r}")
+
+
 def region_mask(region: Any, clean: torch.Tensor) -> torch.Tensor | None:
     """Where ``region`` covers ``clean``: tokens of [1, N, D] embeddings or pixels of [1, C, H, W] images."""
     if region is None:
@@ -119,6 +124,7 @@ class _Leveled:
     def __post_init__(self) -> None:
         label = f"{type(self).__name__} {self.level_name}"
         object.__setattr__(self, self.level_name, _finite(label, getattr(self, self.level_name), positive=self.positive))
+        _check_region(getattr(self, "region", None))
 
     @property
     def level(self) -> float:
@@ -305,6 +311,9 @@ class Grey:
     region: Any = None
     stage: ClassVar[str] = "pixels"
     info: ClassVar[Named] = Named(name="grey", label="grey pixels", tip="pixels set to the processor's mean colour; no level")
+
+    def __post_init__(self) -> None:
+        _check_region(self.region)
 
     def to_json(self) -> dict[str, Any]:
         return {"type": self.info.name, **_region_json(self.region)}

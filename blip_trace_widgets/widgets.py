@@ -59,8 +59,9 @@ KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in TEXT_KINDS]
 BLOCK_OPTIONS = [(BLOCK_LABELS[b], b) for b in TEXT_BLOCKS]
 CORRUPTION_OPTIONS = [(BY_NAME[name].info.label, name) for name in NOISE_NAMES]
 NOISE_TIPS = {name: BY_NAME[name].info.tip for name in NOISE_NAMES}
-#: Tracers kept by an explorer (one per (image, question)): older ones are released.
-MAX_TRACERS = 4
+#: An explorer keeps one Tracer per (image, question) it has shown, within this many bytes of tensors
+#: (the current one always); the least recently shown are released first.
+TRACER_MEMORY = 512 << 20
 WINDOW_OFF_TIP = ("hidden states are restored one layer at a time, as in ROME; the window applies to "
                   "MLP and attention kinds")
 WINDOW_ON_TIP = "number of consecutive layers restored together, centred on each layer"
@@ -167,7 +168,7 @@ class _LiveView(W.VBox):
             image, question = self.gallery_items[0][0], self.gallery_items[0][1]
         self.background = background
         self.result: TraceResult | None = None
-        self._tracers: LRU[Tracer] = LRU(MAX_TRACERS)
+        self._tracers: LRU[Tracer] = LRU(64, max_weight=TRACER_MEMORY, weigh=lambda tracer: tracer.held_bytes())
         self._image = to_rgb_image(image)
         self._image_id = _image_key(self._image)
         self._job: threading.Event | None = None

@@ -1,0 +1,147 @@
+"""No input gives a wrong answer quietly, and nothing grows without bound."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from blip_trace_widgets import BlipTraceError, Blur, Box, GaussianNoise, TraceConfig, TraceResult, Tracer, trace
+
+
+def test_noise_samples_that_would_not_fit_are_refused_before_allocating(tiny_bundle, image, question, monkeypatch):
+    from blip_trace_widgets import corrupted
+
+    tracer = Tracer(tiny_bundle, image, question)
+    monkeypatch.setattr(corrupted, "available_memory", lambda: tracer.run_bytes(4, False))
+    with pytest.raises(BlipTraceError, match="use at most 3 samples"):
+        tracer.trace(samples=10)
+    assert tracer.stats["corrupted_passes"] == 0
+    assert np.isfinite(tracer.trace(samples=3).scores).all()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TraceConfig(samples=100_000), "samples must be between 1 and 1000"),
+    (lambda: Blur(1e5), "wider than any model input"),
+    (lambda: GaussianNoise(float("inf")), "finite"),
+    (lambda: GaussianNoise(1e30 * 0 + float("nan")), "finite"),
+    (lambda: GaussianNoise("3"), "must be a number"),
+    (lambda: GaussianNoise(3.0, region="abc"), "region must be a Box"),
+    (lambda: TraceConfig(seed=2**32), "seed must be between 0 and 4294967295"),
+    (lambda: TraceConfig(seed=1.5), "seed must be an integer"),
+    (lambda: TraceConfig(samples=True), "samples must be an integer"),
+    (lambda: TraceConfig(answer=123), "answer must be a string"),
+    (lambda: TraceConfig(corrupt="question", corrupt_tokens=3), "corrupt_tokens must be a list"),
+    (lambda: TraceConfig(corrupt="question", corruption=GaussianNoise(3.0, region=Box(0, 0, 1, 1))), "a region picks"),
+])
+def test_bad_settings_are_refused_at_the_boundary(make, message):
+    with pytest.raises(BlipTraceError, match=message):
+        make()
+
+
+def test_a_corruption_returning_nan_is_refused(tiny_bundle, image, question):
+    def broken(clean, samples, generator):
+        return torch.full((samples, *clean.shape[1:]), float("nan"))
+
+    with pytest.raises(BlipTraceError, match="NaN or infinite"):
+        trace(tiny_bundle, image, question, corruption=broken, samples=2)
+
+
+def test_saved_results_are_strict_json(tiny_bundle, image, question, tmp_path):
+    result = trace(tiny_bundle, image, question, samples=1)  # one sample: standard errors are NaN
+    assert np.isnan(result.stderr).all()
+    path = result.save(tmp_path / "r.json")
+
+    def refuse(token):
+        raise ValueError(f"bare {token} in the JSON")
+
+    data = json.loads(path.read_text(), parse_constant=refuse)
+    assert data["format"] == 2 and data["stderr"][0][0] is None
+    assert TraceResult.load(path) == result
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "not valid JSON"), ('{"scores": [[1]]}', "not a saved TraceResult"), ("[1, 2]", "not a saved TraceResult"),
+])
+def test_foreign_or_truncated_json_is_a_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(BlipTraceError, match=message):
+        TraceResult.load(path)
+
+
+def test_long_answers_are_scored_in_log_space(tiny_bundle, image, question):
+    answer = " ".join(["red blue green"] * 4)  # 12 tokens: a product of 12 probabilities
+    prob = trace(tiny_bundle, image, question, answer=answer, metric="prob", samples=1)  # one sample: no mean of exps
+    logprob = trace(tiny_bundle, image, question, answer=answer, metric="logprob", samples=1)
+    assert (prob.scores > 0).all()  # no underflow to exactly 0
+    np.testing.assert_allclose(prob.scores, np.exp(logprob.scores), rtol=1e-5)
+    too_long = " ".join(["red"] * 40)  # the tiny model reads 16 positions
+    with pytest.raises(BlipTraceError, match="the decoder reads at most"):
+        trace(tiny_bundle, image, question, answer=too_long, samples=1)
+
+
+def test_blank_and_wide_range_images(tiny_bundle, question):
+    from PIL import Image
+
+    from blip_trace_widgets.inputs import to_rgb_image
+
+    sixteen = Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16))
+    assert sixteen.mode == "I;16" and np.asarray(to_rgb_image(sixteen)).std() > 10  # not all white
+    floating = Image.fromarray(np.linspace(0, 0.5, 1600, dtype=np.float32).reshape(40, 40))
+    assert np.asarray(to_rgb_image(floating)).max() == 255  # not all black
+    with pytest.raises(BlipTraceError, match="empty"):
+        to_rgb_image(np.zeros((0, 0, 3), dtype=np.uint8))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    from blip_trace_widgets.inputs import to_rgb_image
+
+    wide = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° when shown
+    wide.save(tmp_path / "rotated.jpg", exif=exif)
+    assert to_rgb_image(tmp_path / "rotated.jpg").size == (20, 40)
+
+
+def test_an_explorer_browsing_many_questions_keeps_memory_bounded(demo_bundle, monkeypatch):
+    from blip_trace_widgets import demo_samples, widgets
+
+    monkeypatch.setattr(widgets, "TRACER_MEMORY", 3 << 20)
+    gallery = [(s.image, s.question) for s in demo_samples(per_type=6)]
+    explorer = widgets.TraceExplorer(demo_bundle, gallery=gallery, background=False)
+    for index in range(len(gallery)):
+        explorer.gallery.value = index
+    kept = list(explorer._tracers._entries.values())
+    assert len(gallery) >= 12 and 1 <= len(kept) < len(gallery)
+    newest = kept[-1].held_bytes()
+    assert sum(t.held_bytes() for t in kept) <= (3 << 20) + newest  # the budget, plus the one on screen
+
+
+def test_export_errors_show_inside_the_widget(demo_bundle, tmp_path):
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    explorer = TraceExplorer(demo_bundle, background=False, export_dir=blocker / "sub")
+    assert explorer.export("png") is None
+    assert "could not save" in explorer.error.value
+
+
+def test_sweep_questions_are_named_by_content():
+    from PIL import Image
+
+    from blip_trace_widgets.sweep import question_id
+
+    one = Image.new("RGB", (8, 8), "red")
+    assert question_id(one, "what?", "red") == question_id(one.copy(), "what?", "red")
+    assert question_id(one, "what?", "red") != question_id(Image.new("RGB", (8, 8), "blue"), "what?", "red")
+    assert question_id(one, "what?", "red") != question_id(one, "what?", "blue")
+
+
+def test_results_of_infinite_levels_never_reach_json(tiny_bundle, image, question):
+    assert math.isfinite(trace(tiny_bundle, image, question, samples=2, corruption=GaussianNoise(1e3)).low_score)
