@@ -154,12 +154,40 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and all(part.strip() for part in name.split("/")) and not name.startswith((".", "/"))
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within ``timeout`` seconds ($HF_ENDPOINT respected)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_access(source: str) -> dict[str, Any]:
+    """For a hub id: read the local cache only when the Hub cannot be reached, and fail at once (instead of
+    after minutes of retries) when nothing is cached either."""
+    if Path(source).exists() or hub_reachable():
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return {"local_files_only": True}
+    raise UnavailableError(_offline_help(source))
+
+
 def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoConfig, BlipForQuestionAnswering, BlipProcessor
 
+    access = _hub_access(source)
     try:
         with _quiet_transformers():
-            config = AutoConfig.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source, **access)
     except (OSError, ValueError, ConnectionError) as error:
         if Path(source).exists():
             raise ValueError(f"{source!r} is not a Hugging Face model folder ({error})") from None
@@ -174,8 +202,8 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
         _check_folder(Path(source))
     try:
         with _quiet_transformers():
-            model = BlipForQuestionAnswering.from_pretrained(source, dtype=dtype)
-            processor = BlipProcessor.from_pretrained(source)
+            model = BlipForQuestionAnswering.from_pretrained(source, dtype=dtype, **access)
+            processor = BlipProcessor.from_pretrained(source, **access)
     except (OSError, ConnectionError):
         if Path(source).is_dir():
             raise UnavailableError(f"{source!r} could not be read: a file in it is damaged or incomplete; "

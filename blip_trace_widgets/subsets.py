@@ -40,9 +40,10 @@ from .inputs import image_digest, to_rgb_image
 PAPER_DATA_URL = (
     "https://raw.githubusercontent.com/vedantpalit/Towards-Vision-Language-Mechanistic-Interpretability/HEAD/Datasets/"
 )
-#: COCO images by zero-padded id (the paper's COCO-QA questions use train2017 ids);
+#: COCO images by zero-padded id, over https (the paper's notebook used http; the COCO-QA questions use
+#: train2017 ids);
 #: ``$BLIP_TRACE_COCO_IMAGE_URL`` overrides it.
-COCO_IMAGE_URL = "http://images.cocodataset.org/train2017/{id:012d}.jpg"
+COCO_IMAGE_URL = "https://images.cocodataset.org/train2017/{id:012d}.jpg"
 
 PAPER_FILES: dict[str, str] = {
     "coco-qa-color": "color_coco_qa.csv",
@@ -66,14 +67,48 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "blip-trace-widgets"
 
 
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached(path: Path) -> bool:
+    """Whether ``path`` holds a file fetched earlier, unchanged since: its checksum, recorded when it was
+    downloaded, still matches. A file that no longer matches is moved aside (``.damaged``) and counts as missing."""
+    if not path.is_file():
+        return False
+    record = _checksum_path(path)
+    if not record.is_file():
+        return True  # supplied by hand (or cached before checksums): trusted as it is
+    if record.read_text().strip() == _sha256(path):
+        return True
+    import warnings
+
+    path.replace(path.with_name(path.name + ".damaged"))
+    warnings.warn(f"{path} no longer matches the checksum recorded when it was downloaded; moved it aside "
+                  "and fetching it again", stacklevel=2)
+    return False
+
+
 def download(url: str, destination: Path, *, what: str, how_to_supply: str) -> Path:
-    """Fetch ``url`` into ``destination`` atomically; a failure says what is missing and how to supply it."""
+    """Fetch ``url`` into ``destination`` atomically, with its sha256 beside it (``.sha256``), checked on reuse
+    by :func:`cached`; a failure says what is missing and how to supply it."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             handle, partial = tempfile.mkstemp(dir=destination.parent, prefix=".download-")
             with os.fdopen(handle, "wb") as out:
                 shutil.copyfileobj(response, out)
+        _checksum_path(destination).write_text(_sha256(Path(partial)) + "\n")
         os.replace(partial, destination)
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", None) or error
@@ -94,7 +129,7 @@ class ImageRef:
     how_to_supply: str = ""
 
     def open(self) -> Image.Image:
-        if not self.path.is_file():
+        if not cached(self.path):
             if self.url is None:
                 raise UnavailableError(f"{self.label}: {self.path} not found; {self.how_to_supply}".rstrip("; "))
             download(self.url, self.path, what=self.label, how_to_supply=self.how_to_supply)
@@ -123,7 +158,7 @@ def _paper_csv(name: str, cache_dir: Path, csv_path: str | os.PathLike | None) -
             raise ValueError(f"csv_path {str(path)!r} does not exist; pass the paper's {PAPER_FILES[name]}")
         return path
     path = cache_dir / "paper-vqa-subsets" / PAPER_FILES[name]
-    if not path.is_file():
+    if not cached(path):
         base = os.environ.get("BLIP_TRACE_PAPER_DATA_URL") or PAPER_DATA_URL
         download(
             base + PAPER_FILES[name], path, what=f"the paper's {PAPER_FILES[name]}",

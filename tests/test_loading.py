@@ -90,3 +90,35 @@ def test_loading_leaves_transformers_logging_as_it_was(capsys):
         assert "Loading weights" not in capsys.readouterr().err
     finally:
         hf_logging.set_verbosity_warning()
+
+
+def test_offline_hub_ids_fail_at_once_without_retries(monkeypatch):
+    """No network and nothing cached: one clear error before transformers starts its retries."""
+    import transformers
+
+    from blip_trace_widgets import loading
+
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+
+    def never(*args, **kwargs):
+        raise AssertionError("from_pretrained was called: it would retry for half a minute")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", never)
+    with pytest.raises(RuntimeError, match="could not load 'Salesforce/blip-vqa-base'"):
+        load_model("Salesforce/blip-vqa-base")
+
+
+def test_offline_with_a_cached_copy_reads_the_cache_only(monkeypatch):
+    import huggingface_hub
+
+    from blip_trace_widgets import loading
+
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: "/cache/config.json")
+    assert loading._hub_access("Salesforce/blip-vqa-base") == {"local_files_only": True}
+
+
+@pytest.mark.parametrize("name", ["nosuchmodel", "a/b/c", "/no/such/folder"])
+def test_names_that_are_neither_folders_nor_hub_ids_fail_fast(name):
+    with pytest.raises(ValueError, match="neither a folder nor a hub id|did you mean a local folder"):
+        load_model(name)

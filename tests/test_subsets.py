@@ -185,3 +185,21 @@ def test_any_iterable_of_tuples_or_dicts():
     assert [s.answer for s in items] == [None, "red", None, "left"]
     with pytest.raises(ValueError, match="sample 0"):
         list(as_samples(["just a string"]))
+
+
+def test_fetched_files_are_checksummed_and_a_changed_one_is_fetched_again(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(subsets, "PAPER_DATA_URL", server + "/Datasets/")
+    monkeypatch.setattr(subsets, "COCO_IMAGE_URL", server + "/train2017/{id:012d}.jpg")
+    cache = tmp_path / "cache"
+    samples = load_vqa_subset("coco-qa-color", cache_dir=cache)
+    open_image(samples[0].image)
+    image = cache / "coco" / "train2017" / "000000023004.jpg"
+    assert (image.parent / (image.name + ".sha256")).is_file()
+    image.write_bytes(image.read_bytes()[:50])  # damaged on disk since it was fetched
+    with pytest.warns(UserWarning, match="no longer matches"):
+        assert open_image(samples[0].image).size == (32, 24)  # fetched again
+    assert (image.parent / (image.name + ".damaged")).is_file()
+
+
+def test_coco_images_are_fetched_over_https():
+    assert subsets.COCO_IMAGE_URL.startswith("https://") and subsets.PAPER_DATA_URL.startswith("https://")
