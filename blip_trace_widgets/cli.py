@@ -396,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from .threads import use_sensible_threads
+
+        use_sensible_threads()  # fewer threads than cores when other work is running (unless OMP_NUM_THREADS is set)
         return args.run(args)
     except (ValueError, *USER_OS_ERRORS) as error:  # a user's mistake (BlipTraceError is a ValueError): one line
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

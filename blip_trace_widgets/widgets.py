@@ -158,6 +158,9 @@ class _LiveView(W.VBox):
         super().__init__()
         if not isinstance(bundle, BlipBundle):
             raise BlipTraceError("pass the bundle returned by load_model(...)")
+        from .threads import use_sensible_threads
+
+        use_sensible_threads()  # on a shared CPU, one thread per core makes every trace wait
         self.bundle = bundle
         if image is None and gallery is None:
             from .data import demo_samples

@@ -145,3 +145,22 @@ def test_sweep_questions_are_named_by_content():
 
 def test_results_of_infinite_levels_never_reach_json(tiny_bundle, image, question):
     assert math.isfinite(trace(tiny_bundle, image, question, samples=2, corruption=GaussianNoise(1e3)).low_score)
+
+
+def test_threads_follow_the_free_cores(monkeypatch):
+    from blip_trace_widgets import threads
+
+    monkeypatch.delenv("BLIP_TRACE_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(threads, "_busy_now", lambda: 0.0)
+    assert threads.choose_threads() == 4
+    monkeypatch.setattr(threads, "_busy_now", lambda: 3.0)
+    assert threads.choose_threads() == 1
+    monkeypatch.setattr(threads, "_busy_now", lambda: 9.0)
+    assert threads.choose_threads() == 1  # never fewer than one
+    monkeypatch.setenv("BLIP_TRACE_THREADS", "3")
+    assert threads.choose_threads() == 3
+    monkeypatch.setattr(threads, "_APPLIED", False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("BLIP_TRACE_THREADS")
+    assert threads.use_sensible_threads() is None  # the user's OMP_NUM_THREADS is kept
