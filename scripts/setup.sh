@@ -14,6 +14,11 @@ pip install -e ".[test]"
 # ipywidgets 7.7.5 (which Colab has shipped) beside the venv, for tests/test_widgets_ipywidgets7.py:
 # installed here so that the test never reaches the package index while it runs
 [ -d .venv/ipywidgets7/ipywidgets ] || pip install --target .venv/ipywidgets7 --no-deps "ipywidgets==7.7.5" "ipython_genutils==0.2.0"
+# notebooks are committed without outputs: git strips them on commit (see .gitattributes)
+if git rev-parse --git-dir >/dev/null 2>&1; then
+  git config filter.strip-outputs.clean "python3 scripts/strip_notebook_outputs.py"
+  git config filter.strip-outputs.smudge cat
+fi
 if [ "${1:-}" = "--browser" ] && [ ! -x /usr/bin/chromium ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

@@ -14,9 +14,34 @@ def test_there_are_notebooks():
     assert NOTEBOOKS
 
 
+def _committed(path: Path) -> str:
+    """The notebook as git would commit it (through the strip-outputs filter), or the file outside git."""
+    import subprocess
+
+    root = path.parents[1]
+    staged = subprocess.run(["git", "show", f":notebooks/{path.name}"], cwd=root, capture_output=True, text=True)
+    return staged.stdout if staged.returncode == 0 and staged.stdout else path.read_text()
+
+
+def test_outputs_are_stripped_on_commit():
+    """Running a notebook in the repository leaves outputs in the file; the git filter strips them."""
+    import subprocess
+    import sys
+
+    root = NOTEBOOKS[0].parents[1]
+    assert (root / ".gitattributes").read_text().strip() == "*.ipynb filter=strip-outputs"
+    notebook = json.loads(NOTEBOOKS[0].read_text())
+    notebook["cells"][1]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["ran\n"]}]
+    notebook["cells"][1]["execution_count"] = 3
+    stripped = subprocess.run([sys.executable, str(root / "scripts" / "strip_notebook_outputs.py")], input=json.dumps(notebook),
+                              capture_output=True, text=True, check=True).stdout
+    cell = json.loads(stripped)["cells"][1]
+    assert cell["outputs"] == [] and cell["execution_count"] is None
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_committed_without_outputs(path):
-    cells = json.loads(path.read_text())["cells"]
+    cells = json.loads(_committed(path))["cells"]
     code = [c for c in cells if c["cell_type"] == "code"]
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
     assert 'MODEL = "demo"' in "".join(code[0]["source"])
