@@ -99,3 +99,19 @@ def test_trace_vision_encoder_writes_an_overlay(image_file, tmp_path):
     bad = run("trace", "--image", str(path), "--question", question, "--block", "vision_encoder", "--kind", "cross_attn",
               "--out", str(tmp_path))
     assert bad.returncode == 2 and "no 'cross_attn'" in bad.stderr
+
+
+def test_runs_with_other_settings_never_overwrite_each_other(image_file, tmp_path):
+    path, question = image_file
+    for window in ("1", "3"):
+        out = run("trace", "--image", str(path), "--question", question, "--kind", "mlp", "--window", window,
+                  "--samples", "2", "--out", str(tmp_path))
+        assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert len(names) == 2 and not any(name.startswith("-") for name in names)
+
+
+def test_unknown_words_are_named(tmp_path, image_file):
+    path, _ = image_file
+    out = run("trace", "--image", str(path), "--question", "what is the cat doing?", "--samples", "2", "--out", str(tmp_path))
+    assert out.returncode == 0 and "lacks" in out.stderr and "'cat'" in out.stderr

@@ -156,3 +156,35 @@ def test_explorer_rejects_a_corruption_its_controls_cannot_show(demo_bundle, dem
     image, question, _ = demo_sample
     with pytest.raises(ValueError, match="gaussian, multiplicative, uniform, scale"):
         TraceExplorer(demo_bundle, image, question, config=TraceConfig(corruption=ImageSwap(image)), background=False)
+
+
+def test_unknown_words_are_listed_in_the_explorer(demo_bundle, demo_sample):
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    image, _, _ = demo_sample
+    explorer = TraceExplorer(demo_bundle, image, "what is the cat doing?", background=False)
+    assert "lacks" in explorer.answer_view.value and "cat" in explorer.answer_view.value
+
+
+def test_controls_become_a_config_without_a_kernel():
+    from blip_trace_widgets.widgets import controls_config
+
+    config = controls_config(block="question_encoder", kind="hidden", window=5, corruption="multiplicative", level=5.0,
+                             samples=3, seed=2)
+    assert config.window == 1 and config.corruption.std == 5.0 and (config.samples, config.seed) == (3, 2)
+    assert controls_config(block="answer_decoder", kind="mlp", window=3, corruption="gaussian", level=2.5,
+                           samples=1, seed=0).window == 3
+
+
+def test_the_old_samples_keyword_still_works_with_a_warning(demo_bundle):
+    import warnings
+
+    from blip_trace_widgets import demo_samples
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    gallery = [(s.image, s.question) for s in demo_samples()[:2]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explorer = TraceExplorer(demo_bundle, samples=gallery, background=False)
+    assert any(issubclass(w.category, DeprecationWarning) and "gallery=" in str(w.message) for w in caught)
+    assert len(explorer.gallery_items) == 2
