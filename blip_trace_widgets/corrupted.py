@@ -28,20 +28,9 @@ from .engine import DEFAULT_MEMORY_BUDGET, Run, record_run, shared_cross
 from .errors import BlipTraceError
 from .inputs import ImageLike
 from .loading import BlipBundle
+from .memory import available_memory
 from .names import ANSWER_DECODER
 from .roles import last_content_word
-
-
-def available_memory() -> int | None:
-    """Bytes of memory the system can still give (Linux's MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def tensor_bytes(*objects: Any) -> int:

@@ -29,6 +29,8 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 #: Optional file in a model folder: tracing defaults that suit that model.
 TRACE_DEFAULTS_FILE = "trace_defaults.json"
 ROME_NOISE_SCALE = 3.0
+#: Memory a trace needs beside the weights (activations, corrupted runs; measured on a BLIP-base-sized model).
+TRACE_HEADROOM = 700 << 20
 
 DTypeLike = Union[torch.dtype, str, None]
 
@@ -181,10 +183,58 @@ def _hub_access(source: str) -> dict[str, Any]:
     raise UnavailableError(_offline_help(source))
 
 
+def _half_source(source: str, dtype: torch.dtype, access: dict[str, Any]) -> str:
+    """For half precision, a folder whose weights are already in ``dtype`` (converted tensor by tensor, once):
+    loading then never holds the float32 weights and their copy at the same time."""
+    from .memory import checkpoint_dtype, half_checkpoint
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        return source
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "model.safetensors"], **access))
+        except Exception:  # a hub layout this shortcut does not know: transformers loads it the usual way
+            return source
+    if checkpoint_dtype(folder) != torch.float32:
+        return str(folder)
+    return str(half_checkpoint(folder, dtype))
+
+
+def _warn_if_too_big(source: str, dtype: torch.dtype) -> None:
+    """Warn before loading when the weights alone would not leave room to trace, naming a dtype that would fit."""
+    import warnings
+
+    from .memory import available_memory
+
+    weights = Path(source) / "model.safetensors"
+    free = available_memory()
+    if not weights.is_file() or free is None:
+        return
+    stored = weights.stat().st_size
+    from .memory import checkpoint_dtype
+
+    stored_dtype = checkpoint_dtype(Path(source)) or torch.float32
+    need = stored * dtype.itemsize / stored_dtype.itemsize + TRACE_HEADROOM
+    if need <= free:
+        return
+    fits = [name for name, candidate in (("bfloat16", torch.bfloat16), ("float16", torch.float16))
+            if candidate.itemsize < dtype.itemsize and stored * candidate.itemsize / stored_dtype.itemsize
+            + TRACE_HEADROOM <= free]
+    hint = f"load_model(..., dtype={fits[0]!r}) would fit" if fits else "use a machine with more memory"
+    warnings.warn(f"{source}: the weights in {str(dtype).replace('torch.', '')} and room to trace need about "
+                  f"{need / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB are available; {hint}", ResourceWarning,
+                  stacklevel=3)
+
+
 def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoConfig, BlipForQuestionAnswering, BlipProcessor
 
     access = _hub_access(source)
+    source = _half_source(source, dtype, access)
+    _warn_if_too_big(source, dtype)
     try:
         with _quiet_transformers():
             config = AutoConfig.from_pretrained(source, **access)
