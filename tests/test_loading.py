@@ -122,3 +122,36 @@ def test_offline_with_a_cached_copy_reads_the_cache_only(monkeypatch):
 def test_names_that_are_neither_folders_nor_hub_ids_fail_fast(name):
     with pytest.raises(ValueError, match="neither a folder nor a hub id|did you mean a local folder"):
         load_model(name)
+
+
+@pytest.fixture
+def float32_folder(tmp_path):
+    folder = tmp_path / "tiny-float32"
+    tiny_model().save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    return folder
+
+
+def test_half_precision_loads_from_a_copy_converted_tensor_by_tensor(float32_folder, tmp_path, monkeypatch):
+    import torch
+    from transformers import BlipForQuestionAnswering
+
+    monkeypatch.setenv("BLIP_TRACE_CACHE", str(tmp_path / "cache"))
+    bundle = load_model(str(float32_folder), dtype="bfloat16")
+    direct = BlipForQuestionAnswering.from_pretrained(float32_folder, dtype=torch.bfloat16)
+    ours = dict(bundle.model.named_parameters())
+    for name, parameter in direct.named_parameters():
+        assert torch.equal(ours[name], parameter), name
+    copies = list((tmp_path / "cache" / "half").iterdir())
+    assert len(copies) == 1 and copies[0].name.startswith("tiny-float32-bf16-")
+    load_model(str(float32_folder), dtype="bfloat16")  # the cached copy serves again
+    assert len(list((tmp_path / "cache" / "half").iterdir())) == 1
+
+
+def test_short_memory_gives_a_warning_that_names_a_dtype_that_fits(float32_folder, monkeypatch):
+    from blip_trace_widgets import loading, memory
+
+    weights = (float32_folder / "model.safetensors").stat().st_size
+    monkeypatch.setattr(memory, "available_memory", lambda: int(weights * 0.6) + loading.TRACE_HEADROOM)
+    with pytest.warns(ResourceWarning, match=r"dtype='bfloat16'\) would fit"):
+        load_model(str(float32_folder))

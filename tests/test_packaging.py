@@ -1,0 +1,131 @@
+"""What a stranger installs: the wheel and sdist, the wheel alone in a fresh environment, and a Binder rehearsal.
+
+These build fresh virtual environments (about a minute each here: torch comes from the package index's
+CPU wheel), so they are marked slow; CI runs them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.packaging]
+GIB = 2**30
+RUN_NOTEBOOK = r"""
+import sys, nbformat
+from nbclient import NotebookClient
+notebook = nbformat.read(sys.argv[1], as_version=4)
+NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}}).execute()
+errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+print("errors:", len(errors))
+sys.exit(1 if errors else 0)
+"""
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    run = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(out), str(ROOT)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out
+
+
+def _venv(path: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
+    python = path / "bin" / "python"
+    _pip(python, "install", "--upgrade", "pip")
+    _pip(python, "install", "torch==2.13.0")  # the CPU build (a bare torch can pull a multi-GB CUDA one)
+    return python
+
+
+def _pip(python: Path, *args: str) -> None:
+    run = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "-q", *args],
+                         capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "PIP_RETRIES": "0", "PIP_TIMEOUT": "10"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+
+
+def test_wheel_and_sdist_pass_twine_and_the_wheel_holds_only_the_package(dist):
+    files = sorted(dist.iterdir())
+    assert {f.suffix for f in files} == {".whl", ".gz"}
+    check = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, files)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    wheel = next(f for f in files if f.suffix == ".whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    outside = [n for n in names if not n.startswith(("blip_trace_widgets/", "blip_trace_widgets-"))]
+    assert not outside, outside
+    assert "blip_trace_widgets/demo_model/model.safetensors" in names
+    assert "blip_trace_widgets/demo_model/README.md" in names  # the model card
+    assert not [n for n in names if "/tests/" in n or n.endswith(".ipynb")]
+
+
+def test_the_wheel_alone_runs_the_demo_and_notebook_1(dist, tmp_path):
+    python = _venv(tmp_path / "venv")
+    wheel = next(dist.glob("*.whl"))
+    _pip(python, "install", str(wheel), "nbclient", "ipykernel")
+    work = tmp_path / "elsewhere"  # no source tree here: the installed wheel is all there is
+    work.mkdir()
+    demo = subprocess.run([str(python.parent / "blip-trace"), "demo", "--out", "out", "--samples", "3"], cwd=work,
+                          capture_output=True, text=True, timeout=900)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert len(list((work / "out").glob("*.json"))) >= 6
+    notebook = work / "01_quickstart.ipynb"
+    shutil.copy(ROOT / "notebooks" / "01_quickstart.ipynb", notebook)
+    run = subprocess.run([str(python), "-c", RUN_NOTEBOOK, str(notebook), str(work)], cwd=work,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+
+
+def _memory_cgroup(limit: int) -> Path | None:
+    """A cgroup (v1) with a memory limit, where this machine allows one; None elsewhere."""
+    root = Path("/sys/fs/cgroup/memory")
+    group = root / f"blip-trace-binder-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        return group
+    except OSError:
+        return None
+
+
+def test_binder_rehearsal_runs_notebook_1_within_2_gb_on_one_thread(tmp_path):
+    """What repo2docker does with binder/: requirements.txt (constraints pinned), then postBuild in the
+    repository; then notebook 1 on the demo model with one CPU thread under Binder's 2 GB."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "__pycache__", "build",
+                                                               "dist", ".mypy_cache", ".ruff_cache", ".pytest_cache"))
+    python = tmp_path / "venv" / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "venv", str(python.parents[1])], check=True, timeout=300)
+    _pip(python, "install", "--upgrade", "pip")
+    requirements = [line for line in (repo / "binder" / "requirements.txt").read_text().splitlines()
+                    if not line.startswith("--extra-index-url")]  # PyTorch's own index is not reachable here
+    (repo / "binder" / "requirements-here.txt").write_text("\n".join(requirements) + "\n")
+    _pip(python, "install", "-r", str(repo / "binder" / "requirements-here.txt"))
+    env = {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ['PATH']}", "PIP_RETRIES": "0"}
+    post = subprocess.run(["bash", "binder/postBuild"], cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
+    assert post.returncode == 0, post.stdout[-2000:] + post.stderr[-3000:]
+    _pip(python, "install", "nbclient")
+    group = _memory_cgroup(2 * 10**9)
+    command = [str(python), "-c", RUN_NOTEBOOK, str(repo / "notebooks" / "01_quickstart.ipynb"), str(tmp_path)]
+    if group is not None:  # the kernel is a child: it inherits the cgroup and its limit
+        command = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *command]
+    try:
+        run = subprocess.run(command, cwd=repo, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                             timeout=900)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        if group is not None:
+            peak = int((group / "memory.max_usage_in_bytes").read_text())
+            print(json.dumps({"binder_rehearsal_peak_gib": round(peak / GIB, 2)}))
+            assert peak <= 2 * 10**9
+    finally:
+        if group is not None:
+            group.rmdir()
