@@ -202,7 +202,6 @@ def run_trace(args: argparse.Namespace) -> int:
 def run_sweep(args: argparse.Namespace) -> int:
     from .subsets import load_vqa_subset
     from .sweep import _ProcessGroup, process_device, sweep
-    from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer
     from .tracing import TraceConfig
 
     vision = args.block == VISION_ENCODER
@@ -244,14 +243,20 @@ def run_sweep(args: argparse.Namespace) -> int:
     dataset = {"name": args.dataset, "limit": args.limit, "words": args.words}
     table = sweep(bundle, samples, configs=configs, out=out, answer=args.answer, overwrite=args.overwrite,
                   dataset=dataset)
-    if not group.is_main:
-        return 0
+    if group.is_main:
+        _write_averages(table, out, args.correct_only, vision, started)
+    return 0
+
+
+def _write_averages(table: Any, out: Path, correct_only: bool, vision: bool, started: float) -> None:
+    """average_effect.csv and the averaged figures of a finished sweep."""
+    from .aggregate import average_effect
+    from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer
+
     correct = table.drop_duplicates("sample")["correct"].dropna()
     if len(correct):
         print(f"model answered {int(correct.sum())} of {len(correct)} questions correctly")
-    from .aggregate import average_effect
-
-    only = args.correct_only and bool(correct.any())
+    only = correct_only and bool(correct.any())
     average_effect(table, correct_only=only).to_csv(out / "average_effect.csv", index=False)
     plot_average_heatmaps(table, correct_only=only).savefig(out / "average_heatmaps.png")
     figures = ["average_heatmaps.png"]
@@ -260,7 +265,6 @@ def run_sweep(args: argparse.Namespace) -> int:
         figures.append("effect_by_layer.png")
     print(f"wrote {out / 'sweep.parquet'} ({len(table)} rows), average_effect.csv and {' and '.join(figures)} "
           f"in {time.perf_counter() - started:.1f} s")
-    return 0
 
 
 def _share_cpu_threads() -> None:

@@ -21,6 +21,7 @@ The built-in corruptions are frozen dataclasses, so they can serve as cache keys
 """
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,7 +140,7 @@ class _Leveled:
 
 
 @dataclass(frozen=True)
-class _AdditiveNoise(_Leveled):
+class _AdditiveNoise(_Leveled, abc.ABC):
     """Noise of ``scale``·σ added to the clean input (inside ``region`` when given); σ as documented below."""
 
     scale: float = 3.0
@@ -151,8 +152,9 @@ class _AdditiveNoise(_Leveled):
         if self.sigma is not None:
             object.__setattr__(self, "sigma", _finite(f"{type(self).__name__} sigma", self.sigma, positive=True))
 
+    @abc.abstractmethod
     def unit_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError  # each noise declares its distribution
+        """Noise of unit scale, of ``shape``, from ``generator``: each noise declares its distribution."""
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         noise = _draw(clean, samples, lambda s: self.unit_noise(s, generator))

@@ -180,8 +180,11 @@ SWEEP_ARGS = ["--dataset", "easy-vqa-color", "--kinds", "hidden,mlp", "--samples
 @pytest.mark.slow
 def test_killed_sweep_resumes_to_the_uninterrupted_table(tmp_path):
     limit = ["--limit", "12"]
-    whole = _cli(*SWEEP_ARGS, *limit, "--out", str(tmp_path / "whole"))
-    killed = _cli(*SWEEP_ARGS, *limit, "--out", str(tmp_path / "killed"))
+    # one thread each: the runs overlap, and the CLI would otherwise give each the cores the other leaves free,
+    # so they would sum in different orders
+    one = {"env": {**os.environ, "OMP_NUM_THREADS": "1"}}
+    whole = _cli(*SWEEP_ARGS, *limit, "--out", str(tmp_path / "whole"), **one)
+    killed = _cli(*SWEEP_ARGS, *limit, "--out", str(tmp_path / "killed"), **one)
     parts = tmp_path / "killed" / "parts"
     deadline = time.monotonic() + 300
     while len(list(parts.glob("*.parquet"))) < 3 and time.monotonic() < deadline and killed.poll() is None:
@@ -191,7 +194,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_table(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     done_before = len(list(parts.glob("*.parquet")))
     assert 3 <= done_before < 12 and not (tmp_path / "killed" / "sweep.parquet").exists()
-    resumed = _cli(*SWEEP_ARGS, *limit, "--out", str(tmp_path / "killed"))
+    resumed = _cli(*SWEEP_ARGS, *limit, "--out", str(tmp_path / "killed"), **one)
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     whole.communicate(timeout=600)
