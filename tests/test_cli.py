@@ -11,6 +11,8 @@ from PIL import Image
 from blip_trace_widgets import TraceResult, demo_samples
 from blip_trace_widgets.plotting import heatmap_png
 
+pytestmark = pytest.mark.slow  # each test starts the command in a subprocess; test_cli_errors.py has the fast ones
+
 
 def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "blip_trace_widgets", *args], capture_output=True, text=True,

@@ -106,6 +106,7 @@ def test_vision_overlay_is_transparent_where_nothing_is_restored(tracer):
     assert len(boxes) == result.num_layers  # the corrupted box, outlined on every layer's panel
 
 
+@pytest.mark.slow
 def test_readme_snippet_shows_a_png_in_a_kernel(tmp_path):
     """The README's Python example, run in a kernel: `result.plot()` as a cell's value shows the figure."""
     import nbformat

@@ -44,6 +44,7 @@ def test_bad_source_and_dtype():
         load_model((tiny_model(), tiny_processor()), dtype="int8")
 
 
+@pytest.mark.slow
 def test_hub_id_offline_gives_clear_error(tmp_path):
     code = (
         "from blip_trace_widgets import load_model\n"

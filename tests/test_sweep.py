@@ -234,12 +234,14 @@ def test_accelerate_two_processes_match_one(tmp_path):
                 assert list(a) == list(b)
 
 
+@pytest.mark.slow
 def test_cli_sweep_bad_kind_is_one_line(tmp_path):
     run = _cli("--dataset", "easy-vqa-color", "--kinds", "hidden,attention", "--out", str(tmp_path))
     out, err = run.communicate(timeout=120)
     assert run.returncode == 2 and err.strip().count("\n") == 0 and "unknown kind 'attention'" in err
 
 
+@pytest.mark.slow
 def test_cli_sweep_missing_csv_offline(tmp_path):
     env = {**os.environ, "BLIP_TRACE_CACHE": str(tmp_path / "empty-cache"),
            "BLIP_TRACE_PAPER_DATA_URL": "http://127.0.0.1:9/"}
@@ -263,6 +265,7 @@ def test_image_side_sweep_averages_per_region(tiny_bundle, tmp_path, image):
         plot_effect_by_layer(table)
 
 
+@pytest.mark.slow
 def test_cli_image_side_sweep(tmp_path):
     run = _cli("--dataset", "easy-vqa-shape", "--limit", "3", "--block", "vision_encoder", "--regions", "2",
                "--samples", "2", "--out", str(tmp_path))
@@ -304,6 +307,7 @@ def test_a_smaller_limit_into_a_larger_folder_writes_only_its_questions(demo_bun
     assert len(table) == 3 and sorted(table["sample"]) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_the_command_line_records_the_dataset_and_refuses_another_limit(tmp_path):
     first = _cli("--dataset", "easy-vqa-color", "--limit", "2", "--kinds", "hidden", "--samples", "2", "--out", str(tmp_path))
     first.communicate(timeout=600)
