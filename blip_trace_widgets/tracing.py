@@ -33,7 +33,6 @@ from .loading import BlipBundle
 from .names import QUESTION_ENCODER, VISION_ENCODER
 from .results import TraceResult
 
-MAX_SAMPLES = 1000
 
 
 def _score_rows(logits: torch.Tensor, targets: list[int], metric: str, contrast: int | None) -> torch.Tensor:
