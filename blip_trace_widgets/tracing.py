@@ -34,7 +34,6 @@ from .names import QUESTION_ENCODER, VISION_ENCODER
 from .results import TraceResult
 
 
-
 def _score_rows(logits: torch.Tensor, targets: list[int], metric: str, contrast: int | None) -> torch.Tensor:
     """Score each row of decoder logits [R, Td, V]; the Td-th position predicts targets[Td].
 
