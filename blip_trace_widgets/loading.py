@@ -229,6 +229,14 @@ def _warn_if_too_big(source: str, dtype: torch.dtype) -> None:
                   stacklevel=3)
 
 
+def _dtype_argument(dtype: torch.dtype) -> dict[str, Any]:
+    """``dtype=`` for transformers 4.56 and later, ``torch_dtype=`` before (4.x reads ``dtype`` as a config field)."""
+    import transformers
+
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    return {"dtype": dtype} if version >= (4, 56) else {"torch_dtype": dtype}
+
+
 def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoConfig, BlipForQuestionAnswering, BlipProcessor
 
@@ -252,19 +260,40 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
         _check_folder(Path(source))
     try:
         with _quiet_transformers():
-            model = BlipForQuestionAnswering.from_pretrained(source, dtype=dtype, **access)
+            options: dict[str, Any] = {**_dtype_argument(dtype), **access, "output_loading_info": True}
+            loaded: Any = BlipForQuestionAnswering.from_pretrained(source, **options)
+            model, info = loaded
             processor = BlipProcessor.from_pretrained(source, **access)
-    except (OSError, ConnectionError):
+    except (OSError, ConnectionError) as error:
         if Path(source).is_dir():
-            raise UnavailableError(f"{source!r} could not be read: a file in it is damaged or incomplete; "
-                                   "copy the model folder again") from None
+            import transformers
+
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UnavailableError(
+                f"{source!r} could not be read by transformers {transformers.__version__} ({detail}); the folder "
+                f"was saved by transformers {getattr(config, 'transformers_version', 'of another version')}: copy "
+                "it again if it is damaged, or install that transformers version") from None
         raise UnavailableError(_offline_help(source)) from None
     except Exception as error:  # safetensors and tokenizers raise their own types for damaged files
         if not Path(source).is_dir() or type(error).__module__.split(".")[0] not in ("safetensors", "tokenizers"):
             raise
         raise UnavailableError(f"{source!r}: a file in it is damaged ({type(error).__name__}: {error}); "
                                "copy the model folder again") from None
+    _check_complete(source, sorted(info.get("missing_keys") or []), config)
     return model, processor
+
+
+def _check_complete(source: str, missing: list[str], config: Any) -> None:
+    """Refuse a model some of whose weights the checkpoint lacks: they would be random, and every trace wrong."""
+    if not missing:
+        return
+    import transformers
+
+    saved = getattr(config, "transformers_version", None) or "an unknown version"
+    raise UnavailableError(
+        f"{source!r} lacks {len(missing)} weight(s) this transformers {transformers.__version__} expects "
+        f"({', '.join(missing[:3])}); they would be random. The checkpoint was saved by transformers {saved}: "
+        "install that version or newer (pip install -U transformers), or use a complete checkpoint")
 
 
 def load_model(

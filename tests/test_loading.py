@@ -156,3 +156,15 @@ def test_short_memory_gives_a_warning_that_names_a_dtype_that_fits(float32_folde
     monkeypatch.setattr(memory, "available_memory", lambda: int(weights * 0.6) + loading.TRACE_HEADROOM)
     with pytest.warns(ResourceWarning, match=r"dtype='bfloat16'\) would fit"):
         load_model(str(float32_folder))
+
+
+def test_a_checkpoint_missing_weights_is_refused(float32_folder):
+    """Random weights in place of missing ones would make every trace wrong: refuse, naming them."""
+    from safetensors.torch import load_file, save_file
+
+    weights = float32_folder / "model.safetensors"
+    tensors = load_file(weights)
+    dropped = "text_decoder.cls.predictions.transform.dense.weight"
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="lacks 1 weight.*they would be random"):
+        load_model(str(float32_folder))
