@@ -164,3 +164,15 @@ def test_threads_follow_the_free_cores(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.delenv("BLIP_TRACE_THREADS")
     assert threads.use_sensible_threads() is None  # the user's OMP_NUM_THREADS is kept
+
+
+def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from blip_trace_widgets.inputs import to_rgb_image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (200, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40,000 pixels is then more than twice the limit
+    with pytest.raises(BlipTraceError, match="too large to open safely"):
+        to_rgb_image(path)
