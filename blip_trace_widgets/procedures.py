@@ -10,9 +10,10 @@
 Each preset was checked against its source in this repository's history (see the README's
 table of procedures):
 
-* ``"rome"``: Meng et al.'s ``experiments/causal_trace.py`` adapted to BLIP: Gaussian
-  noise of 3σ, 10 noise samples drawn once and shared by every cell, the mean of
-  p(answer) over the samples. ROME corrupts the subject's token embeddings; for BLIP the
+* ``"rome"``: Meng et al.'s ``experiments/causal_trace.py`` adapted to BLIP, at the noise
+  level of ROME's notebooks (3σ, σ measured by ``collect_embedding_std``): 10 noise samples
+  drawn once (a generator seeded alike for every cell) and shared by every cell, the mean
+  of p(answer) over the samples. ROME corrupts the subject's token embeddings; for BLIP the
   image embeddings take their place (``corrupt="question"`` gives ROME's own choice).
 * ``"paper"``: Palit et al.'s notebook (``Cleaned_Corrected_Causal_Intervention_Code_VL_models``):
   each value of the vision encoder's output (after ``post_layernorm``) multiplied by
