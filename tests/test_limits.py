@@ -176,3 +176,20 @@ def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40,000 pixels is then more than twice the limit
     with pytest.raises(BlipTraceError, match="too large to open safely"):
         to_rgb_image(path)
+
+
+def test_a_dataset_sigma_sets_the_noise_level(demo_bundle):
+    """GaussianNoise(sigma=...) uses that σ, not the input's own; estimate_sigma gives ROME's kind of σ."""
+    from blip_trace_widgets import demo_samples, estimate_sigma
+
+    clean = torch.full((1, 50, 40), 7.0) + torch.randn(1, 50, 40, generator=torch.Generator().manual_seed(1))
+    drawn = GaussianNoise(2.0, sigma=0.5)(clean, 4, torch.Generator().manual_seed(0)) - clean
+    assert float(drawn.std()) == pytest.approx(1.0, rel=0.05)  # scale 2 × σ 0.5
+    own = GaussianNoise(2.0)(clean, 4, torch.Generator().manual_seed(0)) - clean
+    assert float(own.std()) == pytest.approx(2.0 * float(clean.std()), rel=0.05)
+    samples = demo_samples()[:3]
+    sigma = estimate_sigma(demo_bundle, samples)
+    embeds = [Tracer(demo_bundle, s.image, s.question).embed_image(s.image).flatten() for s in samples]
+    assert sigma == pytest.approx(float(torch.cat(embeds).std()), rel=1e-5)
+    with pytest.raises(BlipTraceError, match="unknown stage"):
+        estimate_sigma(demo_bundle, samples, stage="nowhere")
