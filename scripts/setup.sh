@@ -14,6 +14,9 @@ pip install -e ".[test]"
 # ipywidgets 7.7.5 (which Colab has shipped) beside the venv, for tests/test_widgets_ipywidgets7.py:
 # installed here so that the test never reaches the package index while it runs
 [ -d .venv/ipywidgets7/ipywidgets ] || pip install --target .venv/ipywidgets7 --no-deps "ipywidgets==7.7.5" "ipython_genutils==0.2.0"
+# transformers 4.40.2 (the oldest pyproject.toml allows) beside the venv, for tests/test_transformers4.py
+[ -d .venv/transformers4/transformers ] || pip install --target .venv/transformers4 --no-deps \
+  "transformers==4.40.2" "tokenizers==0.19.1" "huggingface_hub==0.24.6"
 # notebooks are committed without outputs: git strips them on commit (see .gitattributes)
 if git rev-parse --git-dir >/dev/null 2>&1; then
   git config filter.strip-outputs.clean "python3 scripts/strip_notebook_outputs.py"

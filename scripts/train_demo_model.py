@@ -29,6 +29,8 @@ from transformers import (
     BlipProcessor,
 )
 
+from blip_trace_widgets.portable import save_portable
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 SHAPES = ["circle", "rectangle", "triangle"]
 COLORS = ["red", "green", "blue", "black", "gray", "teal", "brown", "yellow"]
@@ -239,8 +241,7 @@ def main() -> None:
 
     model.eval()
     args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
+    save_portable(model, processor, args.out)  # readable by transformers 4.4x and 5.x
     info = {
         "command": "python scripts/train_demo_model.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
