@@ -20,6 +20,16 @@ def test_folder_is_standard_and_small():
     assert processor.image_processor.size["height"] == model.config.vision_config.image_size
 
 
+def test_folder_is_readable_by_transformers_4():
+    """Every weight stored (4.x does not tie the decoder's output matrix); the image processor where 4.x reads it."""
+    from blip_trace_widgets.portable import saved_keys
+
+    model = BlipForQuestionAnswering.from_pretrained(DEMO_MODEL_DIR)
+    assert saved_keys(DEMO_MODEL_DIR) == set(model.state_dict())
+    assert (DEMO_MODEL_DIR / "preprocessor_config.json").is_file()
+    assert not (DEMO_MODEL_DIR / "processor_config.json").exists()
+
+
 def test_tokens_round_trip(demo_bundle):
     tok = demo_bundle.tokenizer
     ids = tok("Does the image not contain a gray shape?")["input_ids"]

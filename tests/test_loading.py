@@ -169,3 +169,15 @@ def test_a_checkpoint_missing_weights_is_refused(float32_folder):
     save_file({k: v for k, v in tensors.items() if k != dropped}, str(weights), metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match="lacks 1 weight.*they would be random"):
         load_model(str(float32_folder))
+
+
+def test_portable_folder_loads_the_same_model(tmp_path):
+    from blip_trace_widgets.portable import save_portable, saved_keys
+
+    model, processor = tiny_model(), tiny_processor()
+    save_portable(model, processor, tmp_path)
+    assert saved_keys(tmp_path) == set(model.state_dict())
+    assert (tmp_path / "preprocessor_config.json").is_file() and not (tmp_path / "processor_config.json").exists()
+    bundle = load_model(str(tmp_path))
+    for name, value in model.state_dict().items():
+        assert torch.equal(bundle.model.state_dict()[name], value), name
