@@ -83,7 +83,7 @@ def _text_rows(tracer: Tracer, config: TraceConfig, positions: int, cross_tokens
     return rows_per_chunk(
         samples=config.samples, tokens=positions, cross_tokens=cross_tokens, hidden=text.hidden_size,
         intermediate=text.intermediate_size, heads=text.num_attention_heads, vocab=text.vocab_size,
-        decoder_tokens=len(answer_ids), element_size=tracer.bundle.dtype.itemsize,
+        decoder_tokens=len(answer_ids), element_size=tracer.bundle.working_itemsize,
         memory_budget=tracer.memory_budget, max_batch_rows=tracer.max_batch_rows,
     )
 
@@ -205,7 +205,7 @@ class VisionEncoder:
             samples=config.samples, patches=int(tracer.clean.image_embeds.shape[1]), vision_hidden=vision.hidden_size,
             vision_intermediate=vision.intermediate_size, vision_heads=vision.num_attention_heads,
             tokens=len(tracer.question_ids), text_hidden=text.hidden_size, text_intermediate=text.intermediate_size,
-            text_heads=text.num_attention_heads, element_size=tracer.bundle.dtype.itemsize,
+            text_heads=text.num_attention_heads, element_size=tracer.bundle.working_itemsize,
             memory_budget=tracer.memory_budget, max_batch_rows=tracer.max_batch_rows,
         )
 

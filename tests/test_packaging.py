@@ -66,12 +66,24 @@ def test_wheel_and_sdist_pass_twine_and_the_wheel_holds_only_the_package(dist):
     assert "blip_trace_widgets/demo_model/model.safetensors" in names
     assert "blip_trace_widgets/demo_model/README.md" in names  # the model card
     assert not [n for n in names if "/tests/" in n or n.endswith(".ipynb")]
+    info = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    metadata = zipfile.ZipFile(wheel).read(info).decode()
+    for field in ("License-Expression: MIT", "License-File: LICENSE", "Project-URL: Homepage,", "Requires-Python: >=3.10",
+                  "Classifier: Programming Language :: Python :: 3.11"):
+        assert field in metadata, field
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
 
-def test_the_wheel_alone_runs_the_demo_and_notebook_1(dist, tmp_path):
-    python = _venv(tmp_path / "venv")
-    wheel = next(dist.glob("*.whl"))
-    _pip(python, "install", str(wheel), "nbclient", "ipykernel")
+@pytest.fixture(scope="module")
+def wheel_venv(dist, tmp_path_factory):
+    """A fresh environment holding only the built wheel (and torch, nbclient, ipykernel)."""
+    python = _venv(tmp_path_factory.mktemp("wheel") / "venv")
+    _pip(python, "install", str(next(dist.glob("*.whl"))), "nbclient", "ipykernel")
+    return python
+
+
+def test_the_wheel_alone_runs_the_demo_and_notebook_1(wheel_venv, tmp_path):
+    python = wheel_venv
     work = tmp_path / "elsewhere"  # no source tree here: the installed wheel is all there is
     work.mkdir()
     demo = subprocess.run([str(python.parent / "blip-trace"), "demo", "--out", "out", "--samples", "3"], cwd=work,
@@ -83,6 +95,32 @@ def test_the_wheel_alone_runs_the_demo_and_notebook_1(dist, tmp_path):
     run = subprocess.run([str(python), "-c", RUN_NOTEBOOK, str(notebook), str(work)], cwd=work,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+
+
+def test_colab_first_cell_installs_the_wheel_then_notebook_1_runs(wheel_venv, dist, tmp_path):
+    """Colab: google.colab is imported when the kernel starts, torch and the dependencies are there, and
+    the first cell's ``%pip install blip-trace-widgets`` gets the built wheel in place of the index."""
+    python = wheel_venv
+    _pip(python, "uninstall", "-y", "blip-trace-widgets")  # its dependencies stay, as on Colab
+    gone = subprocess.run([str(python), "-c", "import blip_trace_widgets"], capture_output=True, text=True, cwd=tmp_path)
+    assert gone.returncode != 0
+    startup = tmp_path / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "00-colab.py").write_text("import google.colab\n")
+    stand_in = tmp_path / "colab_site" / "google" / "colab"  # a namespace package `google`, as protobuf's is
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text('"""A stand-in for Colab\'s google.colab package."""\n')
+    work = tmp_path / "content"
+    work.mkdir()
+    notebook = work / "01_quickstart.ipynb"
+    shutil.copy(ROOT / "notebooks" / "01_quickstart.ipynb", notebook)
+    env = {**os.environ, "IPYTHONDIR": str(tmp_path / "ipython"), "PYTHONPATH": str(tmp_path / "colab_site"),
+           "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(dist)}
+    run = subprocess.run([str(python), "-c", RUN_NOTEBOOK, str(notebook), str(work)], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    installed = subprocess.run([str(python), "-m", "pip", "show", "blip-trace-widgets"], capture_output=True, text=True)
+    assert installed.returncode == 0 and "Version:" in installed.stdout
 
 
 def _memory_cgroup(limit: int) -> Path | None:
