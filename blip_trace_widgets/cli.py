@@ -32,6 +32,9 @@ from .names import (
     DTYPES,
     HIDDEN,
     KINDS,
+    MAX_STEPS,
+    METHOD_LABELS,
+    METHODS,
     METRICS,
     QUESTION_ENCODER,
     SEVER_AT,
@@ -154,7 +157,7 @@ def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
                             corruption=corruption, samples=args.samples, seed=args.seed, answer=args.answer,
                             metric=args.metric, contrast=args.contrast, sever=args.sever, sever_at=args.sever_at,
                             corrupt=args.corrupt, corrupt_tokens=_corrupt_tokens(args.corrupt_tokens),
-                            regions=args.regions)
+                            regions=args.regions, method=args.method, steps=args.steps)
 
 
 def run_trace(args: argparse.Namespace) -> int:
@@ -228,7 +231,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     corruption = from_name(args.noise, args.scale) if args.noise else default_corruption(bundle, stage)
     configs = [TraceConfig(block=args.block, kind=kind, window=window_for(kind, args.window),
                            corruption=corruption, samples=args.samples, seed=args.seed, regions=args.regions,
-                           metric=args.metric)
+                           metric=args.metric, method=args.method or "exact", steps=1 if args.steps is None else args.steps)
                for kind in kinds]
     out = Path(args.out)
     group = _ProcessGroup()
@@ -284,6 +287,17 @@ def _noise_help() -> str:
     return f"noise level: the {{scale, std, factor, sigma}} of --noise (defaults: {levels})"
 
 
+def _add_method_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument("--method", choices=METHODS, default=default,
+                        help="; ".join(f"{m}: {METHOD_LABELS[m]}" for m in METHODS)
+                             + " (default: exact). An estimate takes one forward and one backward pass for every "
+                               "cell at once; it can be far from exact under strong noise (see the README)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"with --method estimate: points on each cell's path from corrupted to clean (1 to "
+                             f"{MAX_STEPS}; default 1, plain attribution patching; each further step costs about "
+                             "three exact traces)")
+
+
 def _add_trace_options(one: argparse.ArgumentParser) -> None:
     from .procedures import PROCEDURES
 
@@ -319,6 +333,7 @@ def _add_trace_options(one: argparse.ArgumentParser) -> None:
                           "comma-separated positions (default: every token)")
     one.add_argument("--regions", type=int, default=None,
                      help="vision_encoder: regions per side restored as units (default: every patch)")
+    _add_method_options(one, None)
 
 
 def _add_sweep_parser(sub: Any) -> None:
@@ -349,6 +364,7 @@ def _add_sweep_parser(sub: Any) -> None:
     many.add_argument("--metric", choices=METRICS, default="prob", help="what is scored (default: %(default)s)")
     many.add_argument("--samples", type=int, default=10, help="noise samples per trace (default: %(default)s)")
     many.add_argument("--seed", type=int, default=0)
+    _add_method_options(many, None)
     many.add_argument("--answer", choices=ANSWER_MODES, default="model",
                       help="score the model's own answer or the dataset's (default: %(default)s)")
     many.add_argument("--correct-only", action="store_true", help="average only correctly answered questions")

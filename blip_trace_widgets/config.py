@@ -25,12 +25,15 @@ from .errors import BlipTraceError
 from .names import (
     DEFAULT_SAMPLES,
     HIDDEN,
+    MAX_STEPS,
+    METHODS,
     METRICS,
     QUESTION_ENCODER,
     ROME_NOISE_SCALE,
     SEVER_AT,
     STAGES,
     VISION_ENCODER,
+    Method,
     Metric,
     SeverAt,
     Stage,
@@ -75,6 +78,8 @@ class TraceConfig:
     corrupt_tokens: tuple[int, ...] | str | None = _affects(INPUT, default=None)  # corrupt="question": positions or "object"
     regions: int | None = _affects(RESTORE, default=None)  # vision block: regions per side restored as units
     fresh_noise: bool = _affects(INPUT, default=False)  # the paper's: a new draw for every cell and for the low score
+    method: Method = _affects(RESTORE, default="exact")  # "estimate": attribution patching (see estimates.py)
+    steps: int = _affects(RESTORE, default=1)  # estimate: points on each cell's path from corrupted to clean
 
     def __post_init__(self) -> None:
         anatomy.check_block(self.block)
@@ -102,6 +107,22 @@ class TraceConfig:
             _check_int("regions", self.regions, 1)
         if not isinstance(self.fresh_noise, bool):
             raise BlipTraceError(f"fresh_noise must be True or False, got {self.fresh_noise!r}")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        if self.method not in METHODS:
+            raise BlipTraceError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        _check_int("steps", self.steps, 1, MAX_STEPS)
+        if self.method == "exact":
+            if self.steps != 1:
+                raise BlipTraceError("steps sets an estimate's integration points: use it with method='estimate'")
+            return
+        if self.sever is not None:
+            raise BlipTraceError("severing is not offered for estimates: use method='exact' with sever, "
+                                 "or drop sever")
+        if self.fresh_noise:
+            raise BlipTraceError("an estimate uses one draw of noise for every cell: use method='exact' with "
+                                 "fresh_noise=True (the paper's procedure)")
 
     def _check_sever(self) -> None:
         if self.sever_at not in SEVER_AT:
@@ -140,7 +161,7 @@ class TraceConfig:
             "samples": int(self.samples), "seed": int(self.seed), "answer": self.answer, "metric": self.metric,
             "contrast": self.contrast, "sever": self.sever, "sever_at": self.sever_at, "corrupt": self.corrupt,
             "corrupt_tokens": list(self.corrupt_tokens) if isinstance(self.corrupt_tokens, tuple) else self.corrupt_tokens,
-            "regions": self.regions, "fresh_noise": self.fresh_noise,
+            "regions": self.regions, "fresh_noise": self.fresh_noise, "method": self.method, "steps": int(self.steps),
         }
 
 

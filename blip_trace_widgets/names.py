@@ -23,6 +23,7 @@ Kind = Literal["hidden", "self_attn", "cross_attn", "mlp", "post_self_attn", "po
 Stage = Literal["image", "patches", "pixels", "question"]
 Metric = Literal["prob", "logprob", "logit_diff"]
 SeverAt = Literal["restored", "all"]
+Method = Literal["exact", "estimate"]
 
 HIDDEN: Kind = "hidden"
 QUESTION_ENCODER: Block = "question_encoder"
@@ -96,6 +97,14 @@ SEVER_AT_LABELS: dict[str, str] = {
     "restored": "at the restored positions (ROME's)",
     "all": "at every position",
 }
+
+METHODS: tuple[Method, ...] = ("exact", "estimate")
+METHOD_LABELS: dict[str, str] = {
+    "exact": "exact (one patched run per cell)",
+    "estimate": "estimate (attribution patching)",
+}
+#: Integration steps an estimate may take: each beyond the first costs about three exact traces.
+MAX_STEPS = 64
 
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 ANSWER_MODES: tuple[str, ...] = ("model", "expected")

@@ -59,6 +59,14 @@ def corruption_text(config: dict[str, Any]) -> str:
     return text + (" (in a region)" if region else "")
 
 
+def method_text(result: TraceResult) -> str:
+    """"exact", or "ESTIMATE (attribution patching, k steps), not patched runs" for an estimate."""
+    if not result.is_estimate:
+        return "exact"
+    steps = int(result.config.get("steps") or 1)
+    return f"ESTIMATE (attribution patching, {steps} step{'s' if steps != 1 else ''}), not patched runs"
+
+
 def trace_title(result: TraceResult, width: int = 70) -> str:
     """What a heatmap shows, what was done, and the total effect, wrapped to ``width`` characters."""
     config = result.config
@@ -69,6 +77,8 @@ def trace_title(result: TraceResult, width: int = 70) -> str:
     fresh = ", fresh per cell" if config.get("fresh_noise") else ""
     how = corruption_text(config) + (f", {samples} noise sample{'s' if samples != 1 else ''}{fresh}" if samples else "")
     what = f"Restoring {BLOCK_LABELS.get(result.block, result.block)} {KIND_LABELS.get(result.kind, result.kind)}"
+    if result.is_estimate:
+        what = method_text(result) + ": " + what
     scores = (f"answer {result.answer!r}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, "
               f"total effect {result.total_effect:.3g}")
     lines = [what + window + severed, how, scores] if config.get("corruption") else [what + window + severed, scores]
@@ -293,7 +303,8 @@ def plot_on_image(result: TraceResult, image: Any = None, *, layer: int | Sequen
     cls = (result.normalized() if normalized else result.indirect_effect())[0]
     flag = "  [corruption has almost no effect; this map is noise]" if result.is_tiny() else ""
     figure.suptitle(
-        textwrap.fill(f"{KIND_LABELS.get(result.kind, result.kind)} restored per region"
+        textwrap.fill(("" if not result.is_estimate else method_text(result) + ": ")
+                      + f"{KIND_LABELS.get(result.kind, result.kind)} restored per region"
                       + (f", window {result.window}" if result.window > 1 else "")
                       + f"; {corruption_text(result.config)}, {result.config.get('samples', '?')} noise samples", 90)
         + f"\nanswer {result.answer!r}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, total effect "

@@ -92,6 +92,11 @@ class TraceResult:
         return str(self.config.get("metric", "prob"))
 
     @property
+    def is_estimate(self) -> bool:
+        """Whether the scores are attribution-patching estimates (``method="estimate"``), not patched runs."""
+        return self.config.get("method") == "estimate"
+
+    @property
     def num_layers(self) -> int:
         return int(self.scores.shape[1])
 

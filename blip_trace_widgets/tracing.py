@@ -25,28 +25,15 @@ import torch
 from .blocks import Block, Corrupted
 from .cache import LRU
 from .config import CACHE_PARTS, TraceConfig, cache_key  # noqa: F401  (public here too)
-from .corrupted import CorruptedRuns
+from .corrupted import CorruptedRuns, tensor_bytes
 from .engine import DEFAULT_MEMORY_BUDGET, Cell, Progress, _ChunkEdits, chunks, staircase, start_layer
 from .errors import BlipTraceError
+from .estimates import Estimator
 from .inputs import ImageLike
 from .loading import BlipBundle
 from .names import QUESTION_ENCODER, VISION_ENCODER
 from .results import TraceResult
-
-
-def _score_rows(logits: torch.Tensor, targets: list[int], metric: str, contrast: int | None) -> torch.Tensor:
-    """Score each row of decoder logits [R, Td, V]; the Td-th position predicts targets[Td].
-
-    A multi-token answer's probability is the product of its tokens' probabilities, summed in
-    log space so that a long answer does not underflow before the exponential.
-    """
-    logits = logits.float()
-    if metric == "logit_diff":
-        return logits[:, 0, targets[0]] - logits[:, 0, contrast]
-    logprobs = torch.log_softmax(logits, dim=-1)
-    index = torch.tensor(targets, device=logits.device)
-    total = logprobs[:, torch.arange(len(targets), device=logits.device), index].sum(-1)
-    return total if metric == "logprob" else total.exp()
+from .scoring import score_rows
 
 
 class Tracer(CorruptedRuns):
@@ -66,6 +53,11 @@ class Tracer(CorruptedRuns):
         super().__init__(bundle, image, question, memory_budget=memory_budget, max_batch_rows=max_batch_rows,
                          corrupted_cache_size=corrupted_cache_size)
         self._results: LRU[TraceResult] = LRU(result_cache_size)
+        self.estimator = Estimator(self)
+
+    def held_bytes(self) -> int:
+        """Bytes of the tensors this object keeps: its clean pass, cached runs and estimates' gradients."""
+        return super().held_bytes() + tensor_bytes(*self.estimator.held())
 
     # ----- scoring -----------------------------------------------------------------------
     @torch.no_grad()
@@ -74,8 +66,8 @@ class Tracer(CorruptedRuns):
         answer_ids, contrast = self._targets(config)
         decoder = self.blocks.decoder
         clean, low_run, _ = self._runs(decoder, config, answer_ids, None)
-        high = _score_rows(decoder.head(clean.output), list(answer_ids), config.metric, contrast)
-        low = _score_rows(decoder.head(low_run.output), list(answer_ids), config.metric, contrast)
+        high = score_rows(decoder.head(clean.output), list(answer_ids), config.metric, contrast)
+        low = score_rows(decoder.head(low_run.output), list(answer_ids), config.metric, contrast)
         return float(low.mean()), float(high[0])
 
     def _check_cells(self, block: Block, cells: Sequence[Cell], positions: int) -> None:
@@ -105,7 +97,7 @@ class Tracer(CorruptedRuns):
                                       severed=severed, sever_at=config.sever_at)
             logits = block.logits(self, staircase(block.stack, corrupted_run, cross, chunk_cells, edits), answer_ids)
             s, c = logits.shape[:2]
-            scores = _score_rows(logits.reshape(s * c, *logits.shape[2:]), list(answer_ids), config.metric,
+            scores = score_rows(logits.reshape(s * c, *logits.shape[2:]), list(answer_ids), config.metric,
                                  contrast).view(s, c).double()
             mean[chunk] = scores.mean(0).cpu().numpy()
             stderr[chunk] = (scores.std(0) / np.sqrt(s)).cpu().numpy() if s > 1 else np.nan
@@ -131,6 +123,8 @@ class Tracer(CorruptedRuns):
                 progress(done, len(cells))
 
         self.stats["engine_calls"] += 1
+        if config.method == "estimate":
+            return self.estimator.estimate(block, cells, config, answer_ids, contrast, advance)
         if not config.fresh_noise:
             return self._score(block, cells, config, answer_ids, contrast, None, advance)
         generator = torch.Generator().manual_seed(int(config.seed))

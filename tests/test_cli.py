@@ -45,6 +45,16 @@ def test_trace_writes_png_and_json(image_file, tmp_path):
         assert written.size == expected and written.width > 200
 
 
+def test_trace_estimate_says_so(image_file, tmp_path):
+    path, question = image_file
+    out = run("trace", "--model", "demo", "--image", str(path), "--question", question, "--method", "estimate",
+              "--steps", "2", "--samples", "3", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    [js] = tmp_path.glob("*.json")
+    result = TraceResult.load(js)
+    assert result.is_estimate and result.config["steps"] == 2
+
+
 def test_demo_command(tmp_path):
     out = run("demo", "--out", str(tmp_path / "o"), "--samples", "4")
     assert out.returncode == 0, out.stderr

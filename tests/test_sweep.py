@@ -276,6 +276,12 @@ def test_cli_image_side_sweep(tmp_path):
     assert (tmp_path / "average_heatmaps.png").is_file() and not (tmp_path / "effect_by_layer.png").exists()
     summary = pd.read_csv(tmp_path / "average_effect.csv")
     assert set(summary["role"]) == {"[CLS]", "r0c0", "r0c1", "r1c0", "r1c1"}
+    estimate = _cli("--dataset", "easy-vqa-shape", "--limit", "3", "--method", "estimate", "--samples", "2",
+                    "--out", str(tmp_path / "estimate"))
+    _, err = estimate.communicate(timeout=300)
+    assert estimate.returncode == 0, err
+    rows = pd.read_parquet(tmp_path / "estimate" / "sweep.parquet")
+    assert set(rows["method"]) == {"estimate"} and len(rows) == 3 * 4
     bad = _cli("--dataset", "easy-vqa-shape", "--regions", "2", "--out", str(tmp_path / "x"))
     _, err = bad.communicate(timeout=120)
     assert bad.returncode == 2 and "--block vision_encoder" in err

@@ -1,0 +1,184 @@
+"""Attribution-patching estimates of a causal trace: every cell from one forward and one backward pass.
+
+    >>> from blip_trace_widgets import load_model, trace, demo_samples
+    >>> bundle = load_model("demo")
+    >>> image, question, _ = demo_samples()[0]
+    >>> result = trace(bundle, image, question, method="estimate", samples=3)
+    >>> result.is_estimate, result.scores.shape == (len(result.tokens), result.num_layers)
+    (True, True)
+
+Restoring a state ``a`` of the corrupted run to its clean value changes the score by about
+``(a_clean - a_corrupt) · ∂score/∂a``, the gradient taken at the corrupted run (attribution
+patching: Nanda 2023; Kramár et al. 2024). One forward and one backward pass per noise sample
+give that gradient for every layer, position and kind of a block at once; a cell (a window of
+layers, an image region) sums its states' terms. Each noise sample gets its own estimate, and
+the result averages them as an exact trace does.
+
+``steps=k`` integrates the gradient along each cell's own straight path from its corrupted to
+its clean states, at ``α = 0, 1/k, …, (k-1)/k`` (a left Riemann sum; ``k = 1`` is plain
+attribution patching). By the gradient theorem the sum tends to the exact restored score as
+``k`` grows. The point ``α = 0`` is shared by every cell; each further point runs every cell
+through the patching engine with a backward pass, so ``steps=k`` costs about ``3 (k - 1)``
+exact traces: it is for checking an estimate, not for speed.
+
+Where the linear approximation fails (saturated softmaxes in attention or in the answer's
+probability, large corruptions), the estimate can be far from exact: ``scripts/measure_estimates.py``
+measures how far on the demo model, and the README reports it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .cache import LRU
+from .config import TraceConfig, cache_key
+from .engine import Cell, _ChunkEdits, chunks, staircase, start_layer
+from .scoring import score_rows
+
+if TYPE_CHECKING:
+    from .blocks import Block
+    from .tracing import Tracer
+
+#: A backward pass keeps every activation of its forward pass: chunks of cells are this much smaller.
+BACKWARD_SHRINK = 4
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """The corrupted run of one block, scored per noise sample, with the gradient of that score with respect
+    to every state of every kind: ``by_kind[kind][layer]`` is [S, T, D]; ``deltas`` the clean minus corrupted
+    states, alike."""
+
+    scores: torch.Tensor  # [S]
+    by_kind: dict[str, list[torch.Tensor]]
+    deltas: dict[str, list[torch.Tensor]]
+
+    def terms(self, kind: str) -> torch.Tensor:
+        """First-order terms ``delta · gradient`` of every (layer, position): [S, L, T], float64."""
+        return torch.stack([(d.double() * g.double()).sum(-1) for d, g in zip(self.deltas[kind], self.by_kind[kind])], 1)
+
+
+def _scores(tracer: Tracer, block: Block, final: torch.Tensor, answer_ids: tuple[int, ...], config: TraceConfig,
+            contrast: int | None) -> torch.Tensor:
+    """Per-row scores [S, C] of final states [S, C, T, D]."""
+    logits = block.logits(tracer, final, answer_ids)
+    s, c = logits.shape[:2]
+    return score_rows(logits.reshape(s * c, *logits.shape[2:]), list(answer_ids), config.metric, contrast).view(s, c)
+
+
+def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, answer_ids: tuple[int, ...],
+                        contrast: int | None) -> Gradients:
+    """One forward and one backward pass of the corrupted run, with a zero added to every state so that its
+    gradient is the gradient with respect to that state. No parameter gradient is made or kept."""
+    clean, run, cross = tracer._runs(block, config, answer_ids, None)
+    stack = block.stack
+    leaves: dict[str, list[torch.Tensor]] = {kind: [] for kind in stack.kinds}
+
+    def edit(kind: str, x: torch.Tensor) -> torch.Tensor:
+        leaf = torch.zeros_like(x, requires_grad=True)
+        leaves[kind].append(leaf)
+        return x + leaf
+
+    h0 = run.inputs[0]
+    mask = stack.self_mask(h0.shape[1], h0.dtype, h0.device)
+    with torch.enable_grad():
+        h = h0[:, None]
+        for j in range(len(stack)):
+            h = stack.layer(j, h, cross[j], mask, edit)
+        scores = _scores(tracer, block, h, answer_ids, config, contrast)[:, 0]
+        flat = [leaf for kind in stack.kinds for leaf in leaves[kind]]
+        grads = iter(torch.autograd.grad(scores.sum(), flat))
+    by_kind = {kind: [next(grads)[:, 0] for _ in leaves[kind]] for kind in stack.kinds}
+    deltas = {kind: [c[:1] - r for c, r in zip(clean.kinds[kind], run.kinds[kind])] for kind in stack.kinds}
+    return Gradients(scores.detach(), by_kind, deltas)
+
+
+def _cell_sums(terms: torch.Tensor, cells: Sequence[Cell]) -> torch.Tensor:
+    """Per sample and cell, the sum of ``terms`` [S, L, T] over the cell's (layer, position) pairs: [S, C]."""
+    index = [(ci, layer, pos) for ci, cell in enumerate(cells) for layer, pos in cell]
+    out = torch.zeros(terms.shape[0], len(cells), dtype=terms.dtype)
+    if index:
+        c, layer, pos = (torch.tensor(v) for v in zip(*index))
+        out.index_add_(1, c, terms[:, layer, pos])
+    return out
+
+
+@dataclass
+class _PathEdits(_ChunkEdits):
+    """Restores each cell's states to a point on its path (``clean`` holds that point, [S, T, D] per layer),
+    adding a zero leaf there whose gradient is the gradient with respect to the restored states."""
+
+    leaves: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (layer, first cell, leaf)
+
+    def restore(self, j: int, x: torch.Tensor, first_cell: int = 0) -> torch.Tensor:
+        if j not in self.by_layer:
+            return x
+        x = super().restore(j, x, first_cell)
+        leaf = torch.zeros_like(x, requires_grad=True)
+        self.leaves.append((j, first_cell, leaf))
+        return x + leaf
+
+
+def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: TraceConfig, answer_ids: tuple[int, ...],
+                contrast: int | None, alpha: float, gradients: Gradients) -> torch.Tensor:
+    """Per sample and cell, ``delta · gradient`` at the point ``alpha`` of each cell's path: [S, C]."""
+    _, run, cross = tracer._runs(block, config, answer_ids, None)
+    kind, deltas = config.kind, gradients.deltas[config.kind]
+    points = [r + alpha * d for r, d in zip(run.kinds[kind], deltas)]
+    n_layers, samples = len(block.stack), int(config.samples)
+    order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], kind, n_layers))
+    out = torch.zeros(samples, len(cells), dtype=torch.float64)
+    rows = max(1, block.rows_per_chunk(tracer, config, answer_ids) // (samples * BACKWARD_SHRINK))
+    for chunk in chunks(order, rows):
+        chunk_cells = [cells[i] for i in chunk]
+        edits = _PathEdits.build(kind, points, chunk_cells, tracer.device)
+        assert isinstance(edits, _PathEdits)
+        with torch.enable_grad():
+            final = staircase(block.stack, run, cross, chunk_cells, edits)
+            scores = _scores(tracer, block, final, answer_ids, config, contrast)
+            grads = torch.autograd.grad(scores.sum(), [leaf for _, _, leaf in edits.leaves]) if edits.leaves else ()
+        terms = torch.zeros(samples, len(chunk), dtype=torch.float64)
+        for (j, first, leaf), grad in zip(edits.leaves, grads):
+            cell_index, positions = edits.by_layer[j]
+            keep = (cell_index >= first) & (cell_index < first + leaf.shape[1])
+            c, p = cell_index[keep], positions[keep]
+            values = (deltas[j][:, p].double() * grad[:, c - first, p].double()).sum(-1)
+            terms.index_add_(1, c.cpu(), values.cpu())
+        out[:, chunk] = terms
+    return out
+
+
+class Estimator:
+    """Estimates for one :class:`~.tracing.Tracer`, keeping each block's gradient pass (every kind at once)."""
+
+    def __init__(self, tracer: Tracer, cache_size: int = 2) -> None:
+        self.tracer = tracer
+        self._gradients: LRU[Gradients] = LRU(cache_size)
+
+    def held(self) -> list[Gradients]:
+        return list(self._gradients._entries.values())
+
+    def gradients(self, block: Block, config: TraceConfig, answer_ids: tuple[int, ...],
+                  contrast: int | None) -> Gradients:
+        key = (block.name, cache_key(config, "decoder"), answer_ids, config.metric, contrast)
+        return self._gradients.get_or_make(
+            key, lambda: corrupted_gradients(self.tracer, block, config, answer_ids, contrast))
+
+    def estimate(self, block: Block, cells: Sequence[Cell], config: TraceConfig, answer_ids: tuple[int, ...],
+                 contrast: int | None, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard error over noise samples of each cell's estimated score."""
+        gradients = self.gradients(block, config, answer_ids, contrast)
+        total = _cell_sums(gradients.terms(config.kind), cells)
+        for step in range(1, int(config.steps)):
+            total += _path_terms(self.tracer, block, cells, config, answer_ids, contrast, step / config.steps,
+                                 gradients)
+        estimates = gradients.scores.double()[:, None] + total / int(config.steps)
+        if progress is not None:
+            progress(len(cells))
+        samples = estimates.shape[0]
+        stderr = estimates.std(0) / np.sqrt(samples) if samples > 1 else torch.full((len(cells),), float("nan"))
+        return estimates.mean(0).numpy(), stderr.double().numpy()

@@ -1,0 +1,131 @@
+"""Attribution-patching estimates: equal to exact where the score is linear, converging with steps, no leaks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
+from blip_trace_widgets.names import VISION_KINDS, kinds_of
+
+from tiny_blip import tiny_model, tiny_processor
+
+TEXT_BLOCKS = ("question_encoder", "answer_decoder")
+
+
+def _linear_head_bundle():
+    """A tiny BLIP whose answer decoder is linear after its last layer's sublayers: linear activations and
+    no LayerNorm in the last layer's output or the prediction head. logit_diff is then linear in the last
+    layer's MLP, cross-attention and hidden states."""
+    config_model = tiny_model(seed=3)
+    text = config_model.config.text_config
+    text.hidden_act = "linear"
+    from transformers import BlipForQuestionAnswering
+
+    torch.manual_seed(3)
+    model = BlipForQuestionAnswering(config_model.config)
+    decoder = model.text_decoder
+    last = decoder.bert.encoder.layer[-1]
+    last.output.LayerNorm = torch.nn.Identity()
+    last.crossattention.output.LayerNorm = torch.nn.Identity()
+    decoder.cls.predictions.transform.LayerNorm = torch.nn.Identity()
+    return load_model((model, tiny_processor()), device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["hidden", "mlp", "cross_attn", "post_cross_attn"])
+def test_estimate_equals_exact_where_the_score_is_linear(image, question, kind):
+    bundle = _linear_head_bundle()
+    tracer = Tracer(bundle, image, question)
+    config = TraceConfig(block="answer_decoder", kind=kind, samples=3, metric="logit_diff", answer="red",
+                         contrast="blue", corruption=GaussianNoise(scale=3.0))
+    exact = tracer.trace(config)
+    estimate = tracer.trace(config, method="estimate")
+    assert estimate.is_estimate and not exact.is_estimate
+    last = exact.scores[:, -1]
+    assert np.abs(last - exact.low_score).max() > 1e-3  # the cells do something
+    np.testing.assert_allclose(estimate.scores[:, -1], last, atol=1e-4, rtol=1e-4)
+    # earlier layers reach the score through softmaxes and LayerNorms: there the estimate differs
+    assert np.abs(estimate.scores[:, :-1] - exact.scores[:, :-1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("block", [*TEXT_BLOCKS, "vision_encoder"])
+def test_every_block_and_kind_estimates(tiny_bundle, image, question, block):
+    tracer = Tracer(tiny_bundle, image, question)
+    for kind in kinds_of(block):
+        for window in (1, 2):
+            config = TraceConfig(block=block, kind=kind, window=window, samples=2)
+            exact, estimate = tracer.trace(config), tracer.trace(config, method="estimate")
+            assert estimate.scores.shape == exact.scores.shape and np.isfinite(estimate.scores).all()
+            assert estimate.low_score == exact.low_score and estimate.high_score == exact.high_score
+            assert estimate.config["method"] == "estimate" and estimate.config["steps"] == 1
+    assert set(kinds_of("vision_encoder")) == set(VISION_KINDS)
+
+
+def test_window_sums_the_layer_terms(tiny_bundle, image, question):
+    tracer = Tracer(tiny_bundle, image, question)
+    one = tracer.trace(TraceConfig(kind="mlp", samples=1, method="estimate"))
+    three = tracer.trace(TraceConfig(kind="mlp", window=3, samples=1, method="estimate"))
+    effect = one.scores - one.low_score
+    layers = one.num_layers
+    for layer in range(layers):
+        window = range(max(0, layer - 1), min(layers, layer + 2))
+        np.testing.assert_allclose(three.scores[:, layer] - three.low_score, effect[:, list(window)].sum(1), atol=1e-6)
+
+
+def test_steps_converge_toward_exact_on_the_demo_model(demo_bundle, demo_sample):
+    """The error of one cell's estimate shrinks as the path integral gets more points (a trend, not one value)."""
+    image, question, _ = demo_sample
+    tracer = Tracer(demo_bundle, image, question)
+    config = TraceConfig(kind="hidden", samples=3, corruption=GaussianNoise(scale=demo_bundle.noise_scale))
+    exact = tracer.trace(config)
+    cell_index = np.unravel_index(np.abs(exact.scores - exact.low_score).argmax(), exact.scores.shape)
+    cell = ((int(cell_index[1]), int(cell_index[0])),)
+    target = tracer.restore([cell], config)[0][0]
+    assert target == pytest.approx(exact.scores[cell_index])
+    errors = {steps: abs(tracer.restore([cell], TraceConfig(**{**config.__dict__, "method": "estimate",
+                                                                 "steps": steps}))[0][0] - target)
+              for steps in (1, 4, 16, 64)}
+    assert errors[1] > 0.05  # the plain estimate is off here, so the trend means something
+    assert errors[64] < errors[16] < errors[1] and errors[64] < errors[4]
+    assert errors[64] < 0.1 * errors[1]
+
+
+def test_gradients_never_leak(image, question):
+    model = tiny_model(seed=1)
+    bundle = load_model((model, tiny_processor()), device="cpu")
+    flipped = [p for i, p in enumerate(bundle.model.parameters()) if i % 2 == 0]
+    for p in flipped:  # whatever the caller set, it stays so, and no gradient is stored
+        p.requires_grad_(True)
+    before = [p.requires_grad for p in bundle.model.parameters()]
+    tracer = Tracer(bundle, image, question)
+    for block in (*TEXT_BLOCKS, "vision_encoder"):
+        tracer.trace(TraceConfig(block=block, samples=2, method="estimate", steps=2))
+    assert [p.requires_grad for p in bundle.model.parameters()] == before
+    assert all(p.grad is None for p in bundle.model.parameters())
+    assert not bundle.model.training
+    for gradients in tracer.estimator.held():
+        assert not gradients.scores.requires_grad
+        assert not any(g.requires_grad for grads in gradients.by_kind.values() for g in grads)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"method": "estimate", "sever": "mlp"}, "severing is not offered for estimates"),
+    ({"method": "estimate", "fresh_noise": True}, "one draw of noise"),
+    ({"method": "exact", "steps": 4}, "use it with method='estimate'"),
+    ({"method": "estimate", "steps": 0}, "steps must be between 1 and 64"),
+    ({"method": "guess"}, "unknown method 'guess'"),
+])
+def test_estimate_options_are_checked(fields, message):
+    with pytest.raises(BlipTraceError, match=message):
+        TraceConfig(**fields)
+
+
+def test_estimate_result_says_so_in_json_and_title(tiny_bundle, image, question, tmp_path):
+    from blip_trace_widgets import TraceResult
+    from blip_trace_widgets.plotting import trace_title
+
+    result = Tracer(tiny_bundle, image, question).trace(TraceConfig(samples=2, method="estimate", steps=2))
+    assert "ESTIMATE (attribution patching, 2 steps)" in trace_title(result, width=500)
+    path = tmp_path / "estimate.json"
+    result.save(str(path))
+    assert TraceResult.load(str(path)).is_estimate
