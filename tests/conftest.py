@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_blip import tiny_model, tiny_processor
 
 from blip_trace_widgets import load_model
-from tiny_blip import tiny_model, tiny_processor
 
 
 @pytest.fixture(scope="session")

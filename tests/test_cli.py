@@ -1,7 +1,6 @@
 """The blip-trace command line, run as a user would: in a subprocess."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 

@@ -1,7 +1,6 @@
 """The bundled demo model: a standard HF folder that loads offline and answers easy-VQA."""
 from __future__ import annotations
 
-import pytest
 from transformers import BlipForQuestionAnswering, BlipProcessor
 
 from blip_trace_widgets import demo_samples, trace

@@ -12,10 +12,9 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 import torch
+from tiny_blip import tiny_model, tiny_processor
 
 from blip_trace_widgets import GaussianNoise, MultiplicativeNoise, TraceConfig, Tracer, load_model
-
-from tiny_blip import tiny_model, tiny_processor
 
 PREFIX = {"question_encoder": "text_encoder.encoder.layer", "answer_decoder": "text_decoder.bert.encoder.layer"}
 SUFFIX = {"hidden": "", "self_attn": ".attention.output.dense", "cross_attn": ".crossattention.output.dense",

@@ -4,11 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_blip import tiny_model, tiny_processor
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
 from blip_trace_widgets.names import VISION_KINDS, kinds_of
-
-from tiny_blip import tiny_model, tiny_processor
 
 TEXT_BLOCKS = ("question_encoder", "answer_decoder")
 

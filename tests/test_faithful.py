@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_blip import tiny_model, tiny_processor
 
 from blip_trace_widgets import GaussianNoise, MultiplicativeNoise, TraceConfig, Tracer, load_model, trace
 from blip_trace_widgets.aggregate import average_effect, average_trace, sample_effects
@@ -15,8 +16,6 @@ from blip_trace_widgets.corruption import Blur, Grey, Scale, UniformNoise
 from blip_trace_widgets.procedures import PROCEDURES, procedure_config
 from blip_trace_widgets.regions import Box
 from blip_trace_widgets.tracing import CACHE_PARTS, cache_key
-
-from tiny_blip import tiny_model, tiny_processor
 
 
 @pytest.fixture(scope="module")

@@ -109,10 +109,10 @@ def test_vision_overlay_is_transparent_where_nothing_is_restored(tracer):
 @pytest.mark.slow
 def test_readme_snippet_shows_a_png_in_a_kernel(tmp_path):
     """The README's Python example, run in a kernel: `result.plot()` as a cell's value shows the figure."""
+    from pathlib import Path
+
     import nbformat
     from nbclient import NotebookClient
-
-    from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     snippet = re.search(r"In Python:\n\n```python\n(.*?)```", text, re.S).group(1)

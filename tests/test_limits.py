@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip_trace_widgets import BlipTraceError, Blur, Box, GaussianNoise, TraceConfig, TraceResult, Tracer, trace
+from blip_trace_widgets import BlipTraceError, Blur, Box, GaussianNoise, TraceConfig, Tracer, TraceResult, trace
 
 
 def test_noise_samples_that_would_not_fit_are_refused_before_allocating(tiny_bundle, image, question, monkeypatch):

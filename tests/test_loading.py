@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from tiny_blip import tiny_model, tiny_processor
 
 from blip_trace_widgets import load_model
 from blip_trace_widgets.loading import _dtype_argument
-from tiny_blip import tiny_model, tiny_processor
 
 
 def test_pair_is_eval_without_grad():

@@ -68,9 +68,9 @@ def test_runs_top_to_bottom(path, tmp_path):
 def test_colab_install_runs_only_on_colab(path, monkeypatch):
     """The first code cell installs the package through %pip on Colab, and does nothing elsewhere."""
     import sys
-    import tomllib
     import types
 
+    import tomllib
     from IPython.core.inputtransformer2 import TransformerManager
 
     cells = json.loads(path.read_text())["cells"]

@@ -16,9 +16,10 @@ from PIL import Image
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer
 from blip_trace_widgets.aggregate import average_effect, average_trace, bootstrap_interval, sample_effects, token_roles
-from blip_trace_widgets.sweep_plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
+from blip_trace_widgets.names import kinds_of
 from blip_trace_widgets.subsets import load_vqa_subset
 from blip_trace_widgets.sweep import Shard, is_correct, load_sweep, result_from_row, sweep
+from blip_trace_widgets.sweep_plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
 
 CONFIGS = [TraceConfig(kind="hidden", samples=2), TraceConfig(kind="mlp", window=3, samples=2, seed=1)]
 
@@ -281,7 +282,7 @@ def test_cli_image_side_sweep(tmp_path):
     _, err = estimate.communicate(timeout=300)
     assert estimate.returncode == 0, err
     rows = pd.read_parquet(tmp_path / "estimate" / "sweep.parquet")
-    assert set(rows["method"]) == {"estimate"} and len(rows) == 3 * 4
+    assert set(rows["method"]) == {"estimate"} and len(rows) == 3 * len(kinds_of("question_encoder"))
     bad = _cli("--dataset", "easy-vqa-shape", "--regions", "2", "--out", str(tmp_path / "x"))
     _, err = bad.communicate(timeout=120)
     assert bad.returncode == 2 and "--block vision_encoder" in err
@@ -290,7 +291,6 @@ def test_cli_image_side_sweep(tmp_path):
 # ----- a folder that holds other questions, damaged parts, orphans (nothing silently wrong) ------------------
 
 def _quick(bundle, questions, out, **kw):
-    from blip_trace_widgets import GaussianNoise
 
     config = TraceConfig(kind="hidden", samples=2, corruption=GaussianNoise(10.0))
     return sweep(bundle, questions, configs=[config], out=out, progress=False, **kw)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip_trace_widgets import GaussianNoise, TraceConfig, TraceResult, Tracer
+from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer, TraceResult
 from blip_trace_widgets.data import shape_box
 from blip_trace_widgets.plotting import effect_map, overlay_image
-from blip_trace_widgets.regions import Box, same_size_elsewhere
+from blip_trace_widgets.regions import same_size_elsewhere
 from blip_trace_widgets.subsets import load_vqa_subset, open_image
 
 

@@ -6,12 +6,11 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 import torch
+from tiny_blip import tiny_model, tiny_processor
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer, load_model
 from blip_trace_widgets.corruption import Blur, Grey
 from blip_trace_widgets.regions import Box, Mask, Outside, region_grid
-
-from tiny_blip import tiny_model, tiny_processor
 
 VISION_LAYER = "vision_model.encoder.layers.{layer}"
 VISION_SUFFIX = {"hidden": "", "self_attn": ".self_attn", "mlp": ".mlp"}

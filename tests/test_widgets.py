@@ -1,8 +1,6 @@
 """TraceExplorer driven from Python: controls in, heatmaps, caching and errors out."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -141,9 +139,11 @@ def test_set_sample_and_bad_image(explorer, demo_bundle):
 
 
 def test_heatmap_shown_at_natural_width(explorer):
-    from blip_trace_widgets.widgets import png_width
-    from PIL import Image
     import io
+
+    from PIL import Image
+
+    from blip_trace_widgets.widgets import png_width
 
     png = bytes(explorer.heatmap.value)
     assert explorer.heatmap.layout.width == f"{png_width(png)}px"
