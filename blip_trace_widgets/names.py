@@ -103,6 +103,12 @@ METHOD_LABELS: dict[str, str] = {
     "exact": "exact (one patched run per cell)",
     "estimate": "estimate (attribution patching)",
 }
+#: What an explorer shows when a control moves: the estimate at once, then the exact map; or one of them.
+EXPLORER_MODES: dict[str, str] = {
+    "both": "estimate, then exact",
+    "estimate": "estimate only",
+    "exact": "exact only",
+}
 #: Integration steps an estimate may take: each beyond the first costs about three exact traces.
 MAX_STEPS = 64
 

@@ -38,6 +38,7 @@ from .inputs import image_digest, to_rgb_image
 from .loading import BlipBundle
 from .names import (
     BLOCK_LABELS,
+    EXPLORER_MODES,
     HIDDEN,
     KIND_SHORT_LABELS,
     QUESTION_ENCODER,
@@ -190,7 +191,22 @@ class _LiveView(W.VBox):
         self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="240px"))
         self.status = W.HTML()
         self.error = W.HTML()
+        self.method = W.ToggleButtons(options=[(label, mode) for mode, label in EXPLORER_MODES.items()], value="both")
+        set_tooltip(self.method, "an estimate (attribution patching: one forward and one backward pass) appears at once, "
+                                 "labelled ESTIMATE; the exact map replaces it when it is done. 'estimate only' for "
+                                 "big models or many cells")
         self.gallery.observe(self._on_sample, names="value")
+
+    def _phases(self, config: TraceConfig) -> list[TraceConfig]:
+        """The configurations to show in turn for the method control: the estimate first, then the exact map."""
+        estimate = replace(config, method="estimate")
+        return {"both": [estimate, config], "estimate": [estimate], "exact": [config]}[self.method.value]
+
+    @staticmethod
+    def _method_note(config: TraceConfig, last: bool) -> str:
+        if config.method != "estimate":
+            return ""
+        return " · <b>ESTIMATE</b> (attribution patching)" + ("" if last else "; the exact map follows…")
 
     def _header(self) -> W.HBox:
         return W.HBox([self.image_view, W.VBox([self.gallery, self.question_box, self.answer_view,
@@ -338,14 +354,14 @@ class TraceExplorer(_LiveView):
         export_row = self._outputs(style)
         controls = W.VBox([
             W.HBox([self.block, self.kind, self.view]),
-            W.HBox([self.corruption, self.noise]),
+            W.HBox([self.corruption, self.noise, self.method]),
             W.HBox([self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr]),
         ])
         self.children = [self._header(), controls, self.error, self.warning, self.heatmap, self.comparison, export_row]
 
         self._update_enabled()
         for control in (self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
-                        self.seed, self.normalized, self.show_stderr, self.view):
+                        self.seed, self.normalized, self.show_stderr, self.view, self.method):
             control.observe(self._on_change, names="value")
         self.question_box.observe(self._on_change, names="value")
         self.refresh()
@@ -388,18 +404,18 @@ class TraceExplorer(_LiveView):
     def _run(self, job: threading.Event) -> None:
         tracer = self.tracer
         self.answer_view.value = answer_html(tracer)
-        config = self.config
-        if self.view.value == "compare":
-            kinds = list(SUBLAYER_KINDS)
-            window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
-            results = [tracer.trace(replace(config, kind=k, window=window_for(k, window)),
-                                    progress=self._progress(job)) for k in kinds]
-        else:
-            results = [tracer.trace(config, progress=self._progress(job))]
-        if job.is_set():
-            return
-        self._show(results)
-        self.status.value = self._status_text(results[0])
+        phases = self._phases(self.config)
+        for i, config in enumerate(phases):
+            if self.view.value == "compare":
+                window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
+                results = [tracer.trace(replace(config, kind=k, window=window_for(k, window)),
+                                        progress=self._progress(job)) for k in SUBLAYER_KINDS]
+            else:
+                results = [tracer.trace(config, progress=self._progress(job))]
+            if job.is_set():
+                return
+            self._show(results)
+            self.status.value = self._status_text(results[0]) + self._method_note(config, i == len(phases) - 1)
 
     def _status_text(self, result: TraceResult) -> str:
         return (f"answer scored <b>{escape(result.answer)}</b>: clean {result.high_score:.3f}, "
@@ -525,13 +541,13 @@ class VisionTraceExplorer(_LiveView):
             W.HBox([self.kind, self.window, self.regions]),
             W.HBox([self.corruption, self.level, self.noise_samples, self.seed]),
             W.HBox([self.area, self.box_x, self.box_y]),
-            W.HBox([self.layer, self.all_layers, self.normalized]),
+            W.HBox([self.layer, self.all_layers, self.normalized, self.method]),
         ])
         self.warning = W.HTML()
         self.children = [self._header(), controls, self.error, self.warning, self.overlay]
         self._update_enabled()
         for control in (self.kind, self.window, self.regions, self.corruption, self.level, self.area, self.box_x,
-                        self.box_y, self.noise_samples, self.seed, self.question_box):
+                        self.box_y, self.noise_samples, self.seed, self.question_box, self.method):
             control.observe(self._on_change, names="value")
         for control in (self.layer, self.all_layers, self.normalized):
             control.observe(self._on_view, names="value")
@@ -587,15 +603,18 @@ class VisionTraceExplorer(_LiveView):
     def _run(self, job: threading.Event) -> None:
         tracer = self.tracer
         self.answer_view.value = answer_html(tracer)
-        result = tracer.trace(self.config, progress=self._progress(job))
-        if job.is_set():
-            return
-        self.result = result
-        self._render(result)
-        self.warning.value = tiny_warning(result)
-        self._dim(False)
-        self.status.value = (f"answer scored <b>{escape(result.answer)}</b>: clean {result.high_score:.3f}, "
-                             f"corrupted {result.low_score:.3f}, total effect {result.total_effect:.3f}")
+        phases = self._phases(self.config)
+        for i, config in enumerate(phases):
+            result = tracer.trace(config, progress=self._progress(job))
+            if job.is_set():
+                return
+            self.result = result
+            self._render(result)
+            self.warning.value = tiny_warning(result)
+            self._dim(False)
+            self.status.value = (f"answer scored <b>{escape(result.answer)}</b>: clean {result.high_score:.3f}, "
+                                 f"corrupted {result.low_score:.3f}, total effect {result.total_effect:.3f}"
+                                 + self._method_note(config, i == len(phases) - 1))
 
     def _maps(self) -> list[W.Widget]:
         return [self.overlay]

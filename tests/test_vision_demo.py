@@ -130,3 +130,15 @@ def test_vision_explorer_in_the_background(demo_bundle):
     explorer.question_box.value = "   "
     explorer.wait()
     assert "question is empty" in explorer.error.value
+
+
+def test_vision_explorer_estimates_every_patch_at_every_layer(demo_bundle):
+    from blip_trace_widgets.widgets import VisionTraceExplorer
+
+    explorer = VisionTraceExplorer(demo_bundle, background=False, regions=2, noise_samples=2)
+    explorer.method.value = "estimate"
+    explorer.regions.value = demo_bundle.patch_grid_side  # every patch its own region
+    result = explorer.result
+    assert result.is_estimate and "ESTIMATE" in explorer.status.value
+    assert result.scores.shape == (demo_bundle.patch_grid_side ** 2 + 1, demo_bundle.num_layers("vision_encoder"))
+    assert np.isfinite(result.scores).all()

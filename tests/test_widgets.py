@@ -188,3 +188,28 @@ def test_the_old_samples_keyword_still_works_with_a_warning(demo_bundle):
         explorer = TraceExplorer(demo_bundle, samples=gallery, background=False)
     assert any(issubclass(w.category, DeprecationWarning) and "gallery=" in str(w.message) for w in caught)
     assert len(explorer.gallery_items) == 2
+
+
+def test_the_estimate_shows_first_then_the_exact_map(explorer):
+    shown = []
+    explorer.heatmap.observe(lambda change: shown.append(explorer.result.is_estimate), names="value")
+    statuses = []
+    explorer.status.observe(lambda change: statuses.append(change["new"]), names="value")
+    explorer.kind.value = "mlp"
+    assert shown == [True, False]  # estimate, then exact, in that order
+    assert any("ESTIMATE" in s and "exact map follows" in s for s in statuses)
+    assert "ESTIMATE" not in explorer.status.value and not explorer.result.is_estimate
+
+
+def test_estimate_only_never_runs_the_engine(explorer):
+    explorer.method.value = "estimate"
+    tracer = explorer.tracer
+    calls = tracer.stats["engine_chunks"]
+    explorer.kind.value = "cross_attn"
+    assert explorer.result.is_estimate and explorer.result.kind == "cross_attn"
+    assert tracer.stats["engine_chunks"] == calls  # no patched run: the estimate alone
+    assert "ESTIMATE" in explorer.status.value
+    explorer.view.value = "compare"
+    assert all(r.is_estimate for r in explorer.results.values())
+    explorer.method.value = "exact"
+    assert not explorer.result.is_estimate
