@@ -109,34 +109,47 @@ def _cell_sums(terms: torch.Tensor, cells: Sequence[Cell]) -> torch.Tensor:
 
 @dataclass
 class _PathEdits(_ChunkEdits):
-    """Restores each cell's states to a point on its path (``clean`` holds that point, [S, T, D] per layer),
-    adding a zero leaf there whose gradient is the gradient with respect to the restored states."""
+    """Sets each cell's states to the point ``alpha`` of the cell's path, ``corrupted + alpha * delta`` (each
+    cell its own alpha), adding a zero leaf there whose gradient is the gradient with respect to those states."""
 
+    corrupted: list[torch.Tensor] = field(default_factory=list)  # per layer, [S, T, D]
+    deltas: list[torch.Tensor] = field(default_factory=list)  # per layer, clean minus corrupted, [S, T, D]
+    alphas: torch.Tensor | None = None  # per cell of the chunk
     leaves: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (layer, first cell, leaf)
 
     def restore(self, j: int, x: torch.Tensor, first_cell: int = 0) -> torch.Tensor:
         if j not in self.by_layer:
             return x
-        x = super().restore(j, x, first_cell)
+        assert self.alphas is not None
+        cells, positions = self.by_layer[j]
+        keep = (cells >= first_cell) & (cells < first_cell + x.shape[1])
+        if bool(keep.any()):
+            cells, positions = cells[keep], positions[keep]
+            x = x.clone()
+            x[:, cells - first_cell, positions] = (self.corrupted[j][:, positions]
+                                                   + self.alphas[cells][None, :, None] * self.deltas[j][:, positions])
         leaf = torch.zeros_like(x, requires_grad=True)
         self.leaves.append((j, first_cell, leaf))
         return x + leaf
 
 
 def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: TraceConfig, answer_ids: tuple[int, ...],
-                contrast: int | None, alpha: float, gradients: Gradients) -> torch.Tensor:
-    """Per sample and cell, ``delta · gradient`` at the point ``alpha`` of each cell's path: [S, C]."""
+                contrast: int | None, gradients: Gradients) -> torch.Tensor:
+    """Per sample and cell, the sum over the path points ``alpha = 1/k, ..., (k-1)/k`` of ``delta · gradient``
+    there: [S, C]. Every (cell, point) pair is one row of the engine's batches."""
     _, run, cross = tracer._runs(block, config, answer_ids, None)
     kind, deltas = config.kind, gradients.deltas[config.kind]
-    points = [r + alpha * d for r, d in zip(run.kinds[kind], deltas)]
-    n_layers, samples = len(block.stack), int(config.samples)
-    order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], kind, n_layers))
+    steps, n_layers, samples = int(config.steps), len(block.stack), int(config.samples)
+    pairs = [(ci, step / steps) for step in range(1, steps) for ci in range(len(cells))]
+    order = sorted(range(len(pairs)), key=lambda i: start_layer(cells[pairs[i][0]], kind, n_layers))
     out = torch.zeros(samples, len(cells), dtype=torch.float64)
     rows = max(1, block.rows_per_chunk(tracer, config, answer_ids) // (samples * BACKWARD_SHRINK))
     for chunk in chunks(order, rows):
-        chunk_cells = [cells[i] for i in chunk]
-        edits = _PathEdits.build(kind, points, chunk_cells, tracer.device)
+        chunk_cells = [cells[pairs[i][0]] for i in chunk]
+        edits = _PathEdits.build(kind, deltas, chunk_cells, tracer.device)
         assert isinstance(edits, _PathEdits)
+        edits.corrupted, edits.deltas = list(run.kinds[kind]), list(deltas)
+        edits.alphas = torch.tensor([pairs[i][1] for i in chunk], dtype=deltas[0].dtype, device=tracer.device)
         with torch.enable_grad():
             final = staircase(block.stack, run, cross, chunk_cells, edits)
             scores = _scores(tracer, block, final, answer_ids, config, contrast)
@@ -148,7 +161,7 @@ def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tra
             c, p = cell_index[keep], positions[keep]
             values = (deltas[j][:, p].double() * grad[:, c - first, p].double()).sum(-1)
             terms.index_add_(1, c.cpu(), values.cpu())
-        out[:, chunk] = terms
+        out.index_add_(1, torch.tensor([pairs[i][0] for i in chunk]), terms)
     return out
 
 
@@ -173,9 +186,8 @@ class Estimator:
         """Mean and standard error over noise samples of each cell's estimated score."""
         gradients = self.gradients(block, config, answer_ids, contrast)
         total = _cell_sums(gradients.terms(config.kind), cells)
-        for step in range(1, int(config.steps)):
-            total += _path_terms(self.tracer, block, cells, config, answer_ids, contrast, step / config.steps,
-                                 gradients)
+        if config.steps > 1:
+            total += _path_terms(self.tracer, block, cells, config, answer_ids, contrast, gradients)
         estimates = gradients.scores.double()[:, None] + total / int(config.steps)
         if progress is not None:
             progress(len(cells))

@@ -226,8 +226,19 @@ def result_from_row(row: Any) -> TraceResult:
         scores=np.asarray([list(r) for r in get("scores")]), low_score=get("low"), high_score=get("high"),
         answer=get("answer"), tokens=list(get("tokens")), block=get("block"), kind=get("kind"),
         window=int(get("window")), config={"question": get("question"), "metric": get("metric"),
-                                           "corruption": json.loads(get("corruption")), "sever": get("sever")},
+                                           "corruption": json.loads(get("corruption")), "sever": get("sever"),
+                                           "method": _optional(get, "method", "exact"),
+                                           "steps": int(_optional(get, "steps", 1))},
     )
+
+
+def _optional(get: Any, column: str, default: Any) -> Any:
+    """A column that tables written before it existed lack."""
+    try:
+        value = get(column)
+    except (KeyError, AttributeError):
+        return default
+    return default if value is None else value
 
 
 def _read_manifest(path: Path) -> Any:

@@ -19,6 +19,14 @@ from .plotting import _figure, plot_trace
 FORM_LABELS = {"normalized": "normalised indirect effect", "rome": "indirect effect (score − low)"}
 
 
+def estimate_note(table: Any) -> str:
+    """"" for exact traces; a label saying the table holds attribution-patching estimates otherwise."""
+    if "method" not in table or not (table["method"] == "estimate").any():
+        return ""
+    steps = sorted({int(s) for s in table.loc[table["method"] == "estimate", "steps"]})
+    return f"ESTIMATE (attribution patching, {'/'.join(map(str, steps))} step{'s' if steps != [1] else ''})"
+
+
 def plot_average_heatmaps(table: Any, *, form: str = "normalized", correct_only: bool = False, by: str = "role",
                           configs: Sequence[int] | None = None, figure: Any = None) -> Any:
     """The paper's averaged heatmaps, one per configuration of a sweep table; returns the figure."""
@@ -30,7 +38,8 @@ def plot_average_heatmaps(table: Any, *, form: str = "normalized", correct_only:
     for i, result in enumerate(results):
         ax = figure.add_subplot(1, len(results), i + 1)
         window = f", window {result.window}" if result.window > 1 else ""
-        title = (f"{KIND_LABELS.get(result.kind, result.kind)}{window}\n"
+        note = estimate_note(table[table["config"] == configs[i]])
+        title = (f"{note + chr(10) if note else ''}{KIND_LABELS.get(result.kind, result.kind)}{window}\n"
                  f"{BLOCK_LABELS.get(result.block, result.block)}, {result.config['questions']} questions")
         plot_trace(result, ax=ax, normalized=False, title=title, top="range", tiny=None)
     return figure
@@ -63,8 +72,9 @@ def plot_effect_by_layer(table: Any, *, form: str = "normalized", correct_only: 
                          roles: Sequence[str] | None = None, figure: Any = None) -> Any:
     """Average indirect effect against layer, one line per kind, one panel per token role, with 95% CI bands."""
     effects = sample_effects(table, form=form, correct_only=correct_only)
+    note = " [estimate]" if estimate_note(table) else ""
     effects["configuration"] = [
-        f"{KIND_LABELS.get(k, k)}" + (f" (w{w})" if w > 1 else "") for k, w in zip(effects["kind"], effects["window"])]
+        f"{KIND_LABELS.get(k, k)}" + (f" (w{w})" if w > 1 else "") + note for k, w in zip(effects["kind"], effects["window"])]
     return _role_lines(effects, hue="configuration", form=form, roles=roles, figure=figure,
                        title=lambda role: f"{role} token" + ("s" if role == "question words" else ""))
 
@@ -80,7 +90,7 @@ def plot_subset_comparison(tables: dict[str, Any], *, kind: str = "hidden", form
         if rows.empty:
             raise ValueError(f"the table for {name!r} has no {kind!r} traces")
         effects = sample_effects(rows, form=form, correct_only=correct_only)
-        effects["subset"] = name
+        effects["subset"] = name + (" [estimate]" if estimate_note(rows) else "")
         parts.append(effects)
     return _role_lines(pd.concat(parts, ignore_index=True), hue="subset", form=form, roles=roles, figure=figure,
                        title=lambda role: f"{KIND_LABELS.get(kind, kind)}: {role}")

@@ -4,7 +4,8 @@
 
 For the first ``--per-type`` test questions of each type (colour, shape, yes/no; in the
 dataset's order, none left out), traces every kind of the question encoder and the answer
-decoder (window 1) and the vision encoder with regions of 2x2 patches, exactly and as an
+decoder (window 1) and the vision encoder's hidden states with regions of 2x2 patches (its
+other kinds with ``--vision-kinds``), exactly and as an
 estimate with each of ``--steps``, and reports per block and steps:
 
 * the Spearman correlation between the estimated and the exact map, per question (a map
@@ -57,7 +58,7 @@ def _compare(exact, estimate) -> dict:
 
 
 def _question(job: tuple) -> list[dict]:
-    index, kind_of_question, image_path, question, steps_list, samples = job
+    index, kind_of_question, image_path, question, steps_list, samples, vision_kinds = job
     import torch
 
     torch.set_num_threads(1)
@@ -69,7 +70,7 @@ def _question(job: tuple) -> list[dict]:
     tracer = Tracer(bundle, image_path, question)
     rows = []
     for block, regions in BLOCK_REGIONS.items():
-        for kind in kinds_of(block):
+        for kind in (vision_kinds if block == "vision_encoder" else kinds_of(block)):
             extra = {"regions": regions, "corruption": GaussianNoise(3.0)} if regions else {}
             config = default_config(bundle, block=block, kind=kind, samples=samples, **extra)
             started = time.perf_counter()
@@ -84,7 +85,7 @@ def _question(job: tuple) -> list[dict]:
     return rows
 
 
-def _jobs(per_type: int, steps: list[int], samples: int, cache: Path) -> list[tuple]:
+def _jobs(per_type: int, steps: list[int], samples: int, cache: Path, vision_kinds: list[str]) -> list[tuple]:
     from blip_trace_widgets.subsets import load_vqa_subset
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def _jobs(per_type: int, steps: list[int], samples: int, cache: Path) -> list[tu
             path = cache / f"{len(jobs)}.png"
             if not path.exists():
                 item.image.open().save(path)
-            jobs.append((len(jobs), kind_of_question, str(path), item.question, steps, samples))
+            jobs.append((len(jobs), kind_of_question, str(path), item.question, steps, samples, vision_kinds))
     return jobs
 
 
@@ -118,10 +119,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--samples", type=int, default=3, help="noise samples per trace (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--vision-kinds", nargs="+", default=["hidden"], choices=["hidden", "self_attn", "mlp"])
     parser.add_argument("--out", type=Path, default=Path("artifacts/estimates"))
     args = parser.parse_args()
     started = time.perf_counter()
-    jobs = _jobs(args.per_type, args.steps, args.samples, args.out / "images")
+    jobs = _jobs(args.per_type, args.steps, args.samples, args.out / "images", args.vision_kinds)
     rows: list[dict] = []
     with ProcessPoolExecutor(args.workers) as pool:
         for done, part in enumerate(pool.map(_question, jobs, chunksize=4), 1):

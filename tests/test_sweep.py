@@ -283,6 +283,9 @@ def test_cli_image_side_sweep(tmp_path):
     assert estimate.returncode == 0, err
     rows = pd.read_parquet(tmp_path / "estimate" / "sweep.parquet")
     assert set(rows["method"]) == {"estimate"} and len(rows) == 3 * len(kinds_of("question_encoder"))
+    assert result_from_row(rows.iloc[0]).is_estimate
+    titles = [ax.get_title(loc="left") for ax in plot_average_heatmaps(rows).axes if ax.get_title(loc="left")]
+    assert titles and all(t.startswith("ESTIMATE (attribution patching, 1 step)") for t in titles)
     bad = _cli("--dataset", "easy-vqa-shape", "--regions", "2", "--out", str(tmp_path / "x"))
     _, err = bad.communicate(timeout=120)
     assert bad.returncode == 2 and "--block vision_encoder" in err
