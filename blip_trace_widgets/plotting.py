@@ -114,13 +114,14 @@ def _scale(result: TraceResult, data: np.ndarray, normalized: bool, top: str) ->
 
 
 def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False, title: str | None = None,
-               show: str = "scores", top: str = "clean", tiny: float | None = TINY_EFFECT) -> Any:
+               show: str = "scores", top: str = "clean", tiny: float | None = TINY_EFFECT, cax: Any = None) -> Any:
     """Draw ``result`` on ``ax`` (a new figure when None): tokens down, layers across, with a colour bar.
 
     ``show="stderr"`` draws each cell's standard error over noise samples. ``tiny`` is the
     total effect, as a fraction of the clean score, below which the map is greyed and flagged
     (None: never). ``top`` ends the colour scale at the clean score, the data's maximum, or
-    (``"range"``, for averages) spans the data's own range.
+    (``"range"``, for averages) spans the data's own range. ``cax`` takes the colour bar (by
+    default it is carved out of ``ax``).
     """
     if ax is None:
         rows = min(len(result.tokens), MAX_LABELLED_ROWS)
@@ -151,7 +152,7 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
     if flagged and show == "scores":
         ax.text(0.5, 0.5, TINY_TEXT, transform=ax.transAxes, ha="center", va="center", fontsize=10, color="#a00",
                 bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "#a00"})
-    colorbar = ax.figure.colorbar(image, ax=ax)
+    colorbar = ax.figure.colorbar(image, ax=ax) if cax is None else ax.figure.colorbar(image, cax=cax)
     colorbar.set_label(textwrap.fill(bar_label, 34), fontsize=8)
     return ax
 
@@ -179,9 +180,62 @@ def plot_traces(results: Sequence[TraceResult], *, normalized: bool = False, fig
 
 
 def figure_png(figure: Any) -> bytes:
+    """The figure as PNG bytes at its own dpi: drawn once by Agg (``savefig`` draws it twice)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).save(buffer, format="png")
     return buffer.getvalue()
+
+
+class HeatmapRenderer:
+    """PNGs of successive heatmaps, laying a figure out once per shape: a redraw of the same question
+    with other settings reuses the axes' positions instead of running matplotlib's layout again
+    (about half of a demo heatmap's drawing time). A layout is reused only when every text that
+    sizes it (tokens, title lines, colour-bar ticks) is the same, so the pixels are those of
+    :func:`heatmap_png`."""
+
+    def __init__(self, size: int = 16) -> None:
+        from .cache import LRU
+
+        # per shape: the axes' and colour bar's positions, the figure size, and the colour bar's tick labels
+        self._layouts: LRU[tuple[Any, Any, tuple[float, float], tuple[str, ...]]] = LRU(size)
+        self.layouts = 0  # figures laid out in full; the others reused a layout
+
+    @staticmethod
+    def _key_of(result: TraceResult, show: str, normalized: bool) -> tuple[Any, ...]:
+        return (tuple(_labels(result)), result.num_layers, result.window > 1, result.block, show, normalized,
+                trace_title(result).count("\n"), bool(result.is_tiny()), result.kind, result.metric)
+
+    @staticmethod
+    def _tick_labels(cax: Any) -> tuple[str, ...]:
+        low, high = sorted(cax.get_ylim())
+        ticks = [t for t in cax.get_yticks() if low <= t <= high]
+        formatter = cax.yaxis.get_major_formatter()
+        formatter.set_locs(ticks)
+        return tuple(formatter(t) for t in ticks)
+
+    def png(self, result: TraceResult, *, normalized: bool = False, show: str = "scores") -> bytes:
+        key = self._key_of(result, show, normalized)
+        layout = self._layouts.get(key)
+        if layout is not None:
+            ax_box, cax_box, size, ticks = layout
+            figure = _figure(size)
+            figure.set_layout_engine("none")
+            ax, cax = figure.add_axes(ax_box), figure.add_axes(cax_box)
+            plot_trace(result, ax=ax, normalized=normalized, show=show, cax=cax)
+            if self._tick_labels(cax) == ticks:
+                return figure_png(figure)
+        ax = plot_trace(result, normalized=normalized, show=show)
+        png = figure_png(ax.figure)  # lays the figure out
+        self.layouts += 1
+        cax = ax.figure.axes[-1]
+        self._layouts.put(key, (ax.get_position(), cax.get_position(), tuple(ax.figure.get_size_inches()),
+                                self._tick_labels(cax)))
+        return png
 
 
 def heatmap_png(result: TraceResult, *, normalized: bool = False, show: str = "scores") -> bytes:

@@ -50,7 +50,7 @@ from .names import (
     VISION_KINDS,
     window_for,
 )
-from .plotting import figure_png, heatmap_png, plot_traces
+from .plotting import HeatmapRenderer, figure_png, plot_traces
 from .procedures import default_corruption
 from .results import TraceResult
 from .tracing import TraceConfig, Tracer, default_config
@@ -370,6 +370,7 @@ class TraceExplorer(_LiveView):
         """The warning, the heatmap views and the export row (returned)."""
         self.warning = W.HTML()
         self.heatmap = W.Image(format="png")
+        self._renderers = [HeatmapRenderer() for _ in range(1 + len(SUBLAYER_KINDS))]  # the map, then each panel
         self.comparison = W.HBox([W.Image(format="png") for _ in SUBLAYER_KINDS],
                                  layout=W.Layout(flex_flow="row wrap", display="none"))
         self.export_name = W.Text(value="trace", description="file", style=style, layout=W.Layout(width="220px"))
@@ -431,15 +432,15 @@ class TraceExplorer(_LiveView):
         self._dim(False)
         if len(results) == 1:
             self.result = results[0]
-            self.heatmap.value = png = heatmap_png(results[0], normalized=normalized, show=show)
+            self.heatmap.value = png = self._renderers[0].png(results[0], normalized=normalized, show=show)
             self.heatmap.layout.width = f"{png_width(png)}px"
             self.heatmap.layout.display = None
             self.comparison.layout.display = "none"
         else:
             self.result = results[0]
             self.results = {r.kind: r for r in results}
-            for view, result in zip(self.comparison.children, results):
-                view.value = png = heatmap_png(result, normalized=normalized, show=show)
+            for view, result, renderer in zip(self.comparison.children, results, self._renderers[1:]):
+                view.value = png = renderer.png(result, normalized=normalized, show=show)
                 view.layout.width = f"{png_width(png)}px"
             self.heatmap.layout.display = "none"
             self.comparison.layout.display = "flex"

@@ -123,3 +123,24 @@ def test_readme_snippet_shows_a_png_in_a_kernel(tmp_path):
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = notebook.cells[1].outputs
     assert any("image/png" in o.get("data", {}) for o in outputs), outputs
+
+
+def test_the_explorers_renderer_draws_what_heatmap_png_draws(tracer, demo_bundle):
+    """Reusing a layout must not change a pixel: other settings of one question, then another shape of map."""
+    import io
+
+    from PIL import Image
+
+    from blip_trace_widgets.plotting import HeatmapRenderer, heatmap_png
+
+    renderer = HeatmapRenderer()
+    config = default_config(demo_bundle, samples=3)
+    results = [tracer.trace(config, kind="mlp", window=3, seed=seed) for seed in (0, 1)]
+    results += [tracer.trace(config, kind="mlp", window=3, method="estimate"), tracer.trace(config, block="answer_decoder")]
+    for result in results:
+        for normalized in (False, True):
+            ours, theirs = (np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+                            for png in (renderer.png(result, normalized=normalized),
+                                        heatmap_png(result, normalized=normalized)))
+            assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (result.kind, result.block, normalized)
+    assert renderer.layouts < 2 * len(results)  # some redraws reused a layout
