@@ -198,8 +198,9 @@ def trace(
     ``procedure`` ("rome", "paper" or "paper_attention", see :mod:`~.procedures`) gives the
     defaults; any :class:`TraceConfig` field passed as a keyword (``block``, ``kind``,
     ``window``, ``corruption``, ``samples``, ``seed``, ``answer``, ``metric``, ``contrast``,
-    ``sever``, ``sever_at``, ``corrupt``, ``corrupt_tokens``, ``regions``, ``fresh_noise``)
-    overrides them.
+    ``sever``, ``sever_at``, ``corrupt``, ``corrupt_tokens``, ``regions``, ``fresh_noise``,
+    ``method``, ``steps``) overrides them. ``method="estimate"`` gives an attribution-patching
+    estimate of every cell from one forward and one backward pass (see :mod:`~.estimates`).
     """
     from .procedures import procedure_config
 
