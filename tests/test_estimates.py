@@ -128,3 +128,18 @@ def test_estimate_result_says_so_in_json_and_title(tiny_bundle, image, question,
     path = tmp_path / "estimate.json"
     result.save(str(path))
     assert TraceResult.load(str(path)).is_estimate
+
+
+@pytest.mark.parametrize("fields", [
+    {"corrupt": "question", "corruption": GaussianNoise(scale=3.0)},
+    {"metric": "logprob"},
+    {"answer": "red blue", "block": "answer_decoder"},
+    {"metric": "logit_diff", "answer": "red", "contrast": "blue", "kind": "mlp", "window": 2},
+    {"block": "vision_encoder", "regions": 2, "kind": "self_attn"},
+], ids=["question tokens", "logprob", "two-token answer", "logit_diff window 2", "vision regions"])
+def test_more_steps_come_closer_to_exact(tiny_bundle, image, question, fields):
+    tracer = Tracer(tiny_bundle, image, question)
+    config = TraceConfig(samples=2, **fields)
+    exact = tracer.trace(config)
+    errors = [np.abs(tracer.trace(config, method="estimate", steps=k).scores - exact.scores).mean() for k in (1, 48)]
+    assert errors[0] > 1e-5 and errors[1] < 0.5 * errors[0], errors
