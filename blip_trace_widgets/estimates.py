@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,17 +49,13 @@ BACKWARD_SHRINK = 4
 
 @dataclass(frozen=True)
 class Gradients:
-    """The corrupted run of one block, scored per noise sample, with the gradient of that score with respect
-    to every state of every kind: ``by_kind[kind][layer]`` is [S, T, D]; ``deltas`` the clean minus corrupted
-    states, alike."""
+    """The corrupted run of one block scored per noise sample, and for every kind the first-order term
+    ``(clean - corrupted) · ∂score/∂state`` of every (layer, position): ``terms[kind]`` is [S, L, T],
+    float64. The gradients themselves are not kept (for the vision encoder they would be larger than
+    the corrupted runs)."""
 
     scores: torch.Tensor  # [S]
-    by_kind: dict[str, list[torch.Tensor]]
-    deltas: dict[str, list[torch.Tensor]]
-
-    def terms(self, kind: str) -> torch.Tensor:
-        """First-order terms ``delta · gradient`` of every (layer, position): [S, L, T], float64."""
-        return torch.stack([(d.double() * g.double()).sum(-1) for d, g in zip(self.deltas[kind], self.by_kind[kind])], 1)
+    terms: dict[str, torch.Tensor]
 
 
 def _scores(tracer: Tracer, block: Block, final: torch.Tensor, answer_ids: tuple[int, ...], config: TraceConfig,
@@ -92,9 +88,16 @@ def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, answe
         scores = _scores(tracer, block, h, answer_ids, config, contrast)[:, 0]
         flat = [leaf for kind in stack.kinds for leaf in leaves[kind]]
         grads = iter(torch.autograd.grad(scores.sum(), flat))
-    by_kind = {kind: [next(grads)[:, 0] for _ in leaves[kind]] for kind in stack.kinds}
-    deltas = {kind: [c[:1] - r for c, r in zip(clean.kinds[kind], run.kinds[kind])] for kind in stack.kinds}
-    return Gradients(scores.detach(), by_kind, deltas)
+    terms = {}
+    for kind in stack.kinds:
+        deltas = _deltas(clean, run, kind)
+        terms[kind] = torch.stack([(d.double() * next(grads)[:, 0].double()).sum(-1) for d in deltas], 1).cpu()
+    return Gradients(scores.detach().double().cpu(), terms)
+
+
+def _deltas(clean: Any, run: Any, kind: str) -> list[torch.Tensor]:
+    """Per layer, the clean minus the corrupted states of ``kind``: [S, T, D]."""
+    return [c[:1] - r for c, r in zip(clean.kinds[kind], run.kinds[kind])]
 
 
 def _cell_sums(terms: torch.Tensor, cells: Sequence[Cell]) -> torch.Tensor:
@@ -134,11 +137,12 @@ class _PathEdits(_ChunkEdits):
 
 
 def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: TraceConfig, answer_ids: tuple[int, ...],
-                contrast: int | None, gradients: Gradients) -> torch.Tensor:
+                contrast: int | None) -> torch.Tensor:
     """Per sample and cell, the sum over the path points ``alpha = 1/k, ..., (k-1)/k`` of ``delta · gradient``
     there: [S, C]. Every (cell, point) pair is one row of the engine's batches."""
-    _, run, cross = tracer._runs(block, config, answer_ids, None)
-    kind, deltas = config.kind, gradients.deltas[config.kind]
+    clean, run, cross = tracer._runs(block, config, answer_ids, None)
+    kind = config.kind
+    deltas = _deltas(clean, run, kind)
     steps, n_layers, samples = int(config.steps), len(block.stack), int(config.samples)
     pairs = [(ci, step / steps) for step in range(1, steps) for ci in range(len(cells))]
     order = sorted(range(len(pairs)), key=lambda i: start_layer(cells[pairs[i][0]], kind, n_layers))
@@ -185,10 +189,10 @@ class Estimator:
                  contrast: int | None, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard error over noise samples of each cell's estimated score."""
         gradients = self.gradients(block, config, answer_ids, contrast)
-        total = _cell_sums(gradients.terms(config.kind), cells)
+        total = _cell_sums(gradients.terms[config.kind], cells)
         if config.steps > 1:
-            total += _path_terms(self.tracer, block, cells, config, answer_ids, contrast, gradients)
-        estimates = gradients.scores.double()[:, None] + total / int(config.steps)
+            total += _path_terms(self.tracer, block, cells, config, answer_ids, contrast)
+        estimates = gradients.scores[:, None] + total / int(config.steps)
         if progress is not None:
             progress(len(cells))
         samples = estimates.shape[0]

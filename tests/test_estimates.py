@@ -104,7 +104,7 @@ def test_gradients_never_leak(image, question):
     assert not bundle.model.training
     for gradients in tracer.estimator.held():
         assert not gradients.scores.requires_grad
-        assert not any(g.requires_grad for grads in gradients.by_kind.values() for g in grads)
+        assert not any(terms.requires_grad for terms in gradients.terms.values())
 
 
 @pytest.mark.parametrize("fields, message", [
