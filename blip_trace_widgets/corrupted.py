@@ -140,9 +140,7 @@ class CorruptedRuns(CleanPass):
             embeds = self._apply(config, self.clean.image_embeds, generator)
             h0 = h0.expand(samples, -1, -1)
         else:
-            start = self.pixels if config.corrupt == "pixels" else vstack.embed(self.pixels)
-            corrupted_input = self._apply(config, start, generator)
-            patches = vstack.embed(corrupted_input) if config.corrupt == "pixels" else corrupted_input
+            patches = self._corrupted_patches(config, generator)
             self.stats["vision_passes"] += 1
             vision = record_run(vstack, patches, [None] * len(vstack))
             embeds = vstack.post_norm(vision.output)
@@ -150,6 +148,19 @@ class CorruptedRuns(CleanPass):
         cross = shared_cross(qstack, embeds)
         self.stats["corrupted_passes"] += 1
         return Corrupted(embeds, cross, record_run(qstack, h0, cross), vision)
+
+    def _corrupted_patches(self, config: TraceConfig, generator: torch.Generator) -> torch.Tensor:
+        """The vision encoder's corrupted input (patch embeddings) [S, N, D] for the next draw of ``generator``."""
+        vstack = self.vision
+        start = self.pixels if config.corrupt == "pixels" else vstack.embed(self.pixels)
+        corrupted_input = self._apply(config, start, generator)
+        return vstack.embed(corrupted_input) if config.corrupt == "pixels" else corrupted_input
+
+    def corrupted_patches(self, config: TraceConfig) -> torch.Tensor:
+        """The seed's first draw of the vision encoder's corrupted input, without running the model on it."""
+        self._check_memory(config)
+        with torch.no_grad():
+            return self._corrupted_patches(config, torch.Generator().manual_seed(int(config.seed)))
 
     def corrupted(self, config: TraceConfig) -> Corrupted:
         """The corrupted runs for ``config``'s corruption, samples and seed (cached): the first draw of the seed."""

@@ -37,6 +37,7 @@ import torch
 from .cache import LRU
 from .config import TraceConfig, cache_key
 from .engine import Cell, _ChunkEdits, chunks, staircase, start_layer
+from .names import VISION_ENCODER
 from .scoring import score_rows
 
 if TYPE_CHECKING:
@@ -69,28 +70,37 @@ def _scores(tracer: Tracer, block: Block, final: torch.Tensor, answer_ids: tuple
 def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, answer_ids: tuple[int, ...],
                         contrast: int | None) -> Gradients:
     """One forward and one backward pass of the corrupted run, with a zero added to every state so that its
-    gradient is the gradient with respect to that state. No parameter gradient is made or kept."""
-    clean, run, cross = tracer._runs(block, config, answer_ids, None)
+    gradient is the gradient with respect to that state. No parameter gradient is made or kept.
+
+    For the vision encoder this pass is the corrupted run itself (its states are kept as it goes), so the
+    estimate costs no separate corrupted pass; the text blocks start from their cached corrupted runs."""
+    if block.name == VISION_ENCODER:
+        clean, start, cross = tracer.clean_vision, tracer.corrupted_patches(config), [None] * len(block.stack)
+        corrupted: Any = None
+    else:
+        clean, corrupted, cross = tracer._runs(block, config, answer_ids, None)
+        start = corrupted.inputs[0]
     stack = block.stack
     leaves: dict[str, list[torch.Tensor]] = {kind: [] for kind in stack.kinds}
+    states: dict[str, list[torch.Tensor]] = {kind: [] for kind in stack.kinds}
 
     def edit(kind: str, x: torch.Tensor) -> torch.Tensor:
+        states[kind].append(x[:, 0].detach())
         leaf = torch.zeros_like(x, requires_grad=True)
         leaves[kind].append(leaf)
         return x + leaf
 
-    h0 = run.inputs[0]
-    mask = stack.self_mask(h0.shape[1], h0.dtype, h0.device)
+    mask = stack.self_mask(start.shape[1], start.dtype, start.device)
     with torch.enable_grad():
-        h = h0[:, None]
+        h = start[:, None]
         for j in range(len(stack)):
             h = stack.layer(j, h, cross[j], mask, edit)
         scores = _scores(tracer, block, h, answer_ids, config, contrast)[:, 0]
-        flat = [leaf for kind in stack.kinds for leaf in leaves[kind]]
-        grads = iter(torch.autograd.grad(scores.sum(), flat))
+        grads = iter(torch.autograd.grad(scores.sum(), [leaf for kind in stack.kinds for leaf in leaves[kind]]))
     terms = {}
     for kind in stack.kinds:
-        deltas = _deltas(clean, run, kind)
+        corrupted_states = corrupted.kinds[kind] if corrupted is not None else states[kind]
+        deltas = [c[:1] - r for c, r in zip(clean.kinds[kind], corrupted_states)]
         terms[kind] = torch.stack([(d.double() * next(grads)[:, 0].double()).sum(-1) for d in deltas], 1).cpu()
     return Gradients(scores.detach().double().cpu(), terms)
 
