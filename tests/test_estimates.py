@@ -55,7 +55,9 @@ def test_every_block_and_kind_estimates(tiny_bundle, image, question, block):
             config = TraceConfig(block=block, kind=kind, window=window, samples=2)
             exact, estimate = tracer.trace(config), tracer.trace(config, method="estimate")
             assert estimate.scores.shape == exact.scores.shape and np.isfinite(estimate.scores).all()
-            assert estimate.low_score == exact.low_score and estimate.high_score == exact.high_score
+            # the estimate's low score comes from its own pass over the same corrupted draw
+            assert estimate.low_score == pytest.approx(exact.low_score, rel=1e-5, abs=1e-7)
+            assert estimate.high_score == exact.high_score
             assert estimate.config["method"] == "estimate" and estimate.config["steps"] == 1
     assert set(kinds_of("vision_encoder")) == set(VISION_KINDS)
 
