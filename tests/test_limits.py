@@ -108,6 +108,7 @@ def test_exif_orientation_is_applied(tmp_path):
     assert to_rgb_image(tmp_path / "rotated.jpg").size == (20, 40)
 
 
+@pytest.mark.slow
 def test_an_explorer_browsing_many_questions_keeps_memory_bounded(demo_bundle, monkeypatch):
     from blip_trace_widgets import demo_samples, widgets
 
