@@ -13,8 +13,8 @@
 
 transformers 5 leaves tied weights (the answer decoder's output matrix, tied to its word
 embeddings) out of ``model.safetensors``, and writes the image processor's settings inside
-``processor_config.json``. transformers 4.4x does not tie that matrix, so it would start it
-at random, and it reads the image processor only from ``preprocessor_config.json`` (a nested
+``processor_config.json``. transformers 4.44 (checked) does not tie that matrix, so it would start
+it at random, and it reads the image processor only from ``preprocessor_config.json`` (a nested
 one in ``processor_config.json`` makes ``BlipProcessor.from_pretrained`` fail). Hub
 checkpoints such as ``Salesforce/blip-vqa-base`` have the layout written here: every
 weight stored, and the image processor in ``preprocessor_config.json``.

@@ -181,3 +181,17 @@ def test_portable_folder_loads_the_same_model(tmp_path):
     bundle = load_model(str(tmp_path))
     for name, value in model.state_dict().items():
         assert torch.equal(bundle.model.state_dict()[name], value), name
+
+
+def test_half_precision_on_a_cpu_sizes_chunks_as_float32(image, question):
+    """bfloat16 on a CPU works through float32 temporaries: chunks hold as many rows as in float32, not twice."""
+    from blip_trace_widgets import TraceConfig, Tracer
+
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        bundle = load_model((tiny_model(), tiny_processor()), dtype=dtype)
+        assert bundle.working_itemsize == 4
+        tracer = Tracer(bundle, image, question, memory_budget=1 << 20)
+        config = TraceConfig(samples=2)
+        rows[dtype] = tracer.blocks.question.rows_per_chunk(tracer, config, tracer._targets(config)[0])
+    assert rows["bfloat16"] == rows["float32"]
