@@ -43,6 +43,10 @@ class LRU(Generic[V]):
         self.hits += 1
         return self._entries[key]
 
+    def values(self) -> list[V]:
+        """The entries, least recently used first (without touching their order)."""
+        return list(self._entries.values())
+
     def weight(self) -> int:
         """The entries' total weight (0 without ``weigh``)."""
         return sum(self.weigh(v) for v in self._entries.values()) if self.weigh is not None else 0

@@ -287,8 +287,8 @@ def _noise_help() -> str:
     return f"noise level: the {{scale, std, factor, sigma}} of --noise (defaults: {levels})"
 
 
-def _add_method_options(parser: argparse.ArgumentParser, default: str | None) -> None:
-    parser.add_argument("--method", choices=METHODS, default=default,
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=METHODS, default=None,
                         help="; ".join(f"{m}: {METHOD_LABELS[m]}" for m in METHODS)
                              + " (default: exact). An estimate takes one forward and one backward pass for every "
                                "cell at once; it can be far from exact under strong noise (see the README)")
@@ -333,7 +333,7 @@ def _add_trace_options(one: argparse.ArgumentParser) -> None:
                           "comma-separated positions (default: every token)")
     one.add_argument("--regions", type=int, default=None,
                      help="vision_encoder: regions per side restored as units (default: every patch)")
-    _add_method_options(one, None)
+    _add_method_options(one)
 
 
 def _add_sweep_parser(sub: Any) -> None:
@@ -364,7 +364,7 @@ def _add_sweep_parser(sub: Any) -> None:
     many.add_argument("--metric", choices=METRICS, default="prob", help="what is scored (default: %(default)s)")
     many.add_argument("--samples", type=int, default=10, help="noise samples per trace (default: %(default)s)")
     many.add_argument("--seed", type=int, default=0)
-    _add_method_options(many, None)
+    _add_method_options(many)
     many.add_argument("--answer", choices=ANSWER_MODES, default="model",
                       help="score the model's own answer or the dataset's (default: %(default)s)")
     many.add_argument("--correct-only", action="store_true", help="average only correctly answered questions")

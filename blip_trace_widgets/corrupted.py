@@ -99,7 +99,7 @@ class CorruptedRuns(CleanPass):
     @torch.no_grad()
     def held_bytes(self) -> int:
         """Bytes of the tensors this object keeps: its clean pass and cached runs."""
-        caches = [list(cache._entries.values()) for cache in (self._clean_decoder, self._corrupted, self._corrupted_decoder)]
+        caches = [cache.values() for cache in (self._clean_decoder, self._corrupted, self._corrupted_decoder)]
         return tensor_bytes(self._clean, self._clean_vision, self._pixels, *caches)
 
     def run_bytes(self, samples: int, vision: bool) -> int:
@@ -173,12 +173,18 @@ class CorruptedRuns(CleanPass):
             (cache_key(config, "decoder"), answer_ids),
             lambda: decoder.corrupted_run(self, self.corrupted(config), answer_ids))
 
+    def clean_decoder_run(self, answer_ids: tuple[int, ...]) -> Run:
+        """The answer decoder's clean run for ``answer_ids`` (cached)."""
+        decoder = self.blocks.decoder
+        with torch.no_grad():
+            return self._clean_decoder.get_or_make(answer_ids, lambda: decoder.clean_run(self, answer_ids))
+
     def _runs(self, block: Any, config: TraceConfig, answer_ids: tuple[int, ...],
               corrupted: Corrupted | None) -> tuple[Run, Run, Any]:
         """Clean run, corrupted run and cross states of ``block``; ``corrupted=None`` means the cached first draw."""
         with torch.no_grad():
             if block.name == ANSWER_DECODER:
-                clean = self._clean_decoder.get_or_make(answer_ids, lambda: block.clean_run(self, answer_ids))
+                clean = self.clean_decoder_run(answer_ids)
                 run, cross = self._decoder_run(config, answer_ids) if corrupted is None else block.corrupted_run(
                     self, corrupted, answer_ids)
             else:

@@ -36,7 +36,7 @@ import torch
 
 from .cache import LRU
 from .config import TraceConfig, cache_key
-from .engine import Cell, _ChunkEdits, chunks, staircase, start_layer
+from .engine import Cell, _ChunkEdits, _pairs, chunks, staircase, start_layer
 from .names import VISION_ENCODER
 from .scoring import score_rows
 
@@ -99,15 +99,14 @@ def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, answe
         grads = iter(torch.autograd.grad(scores.sum(), [leaf for kind in stack.kinds for leaf in leaves[kind]]))
     terms = {}
     for kind in stack.kinds:
-        corrupted_states = corrupted.kinds[kind] if corrupted is not None else states[kind]
-        deltas = [c[:1] - r for c, r in zip(clean.kinds[kind], corrupted_states)]
+        deltas = _deltas(clean.kinds[kind], corrupted.kinds[kind] if corrupted is not None else states[kind])
         terms[kind] = torch.stack([(d.double() * next(grads)[:, 0].double()).sum(-1) for d in deltas], 1).cpu()
     return Gradients(scores.detach().double().cpu(), terms)
 
 
-def _deltas(clean: Any, run: Any, kind: str) -> list[torch.Tensor]:
-    """Per layer, the clean minus the corrupted states of ``kind``: [S, T, D]."""
-    return [c[:1] - r for c, r in zip(clean.kinds[kind], run.kinds[kind])]
+def _deltas(clean: list[torch.Tensor], corrupted: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer, the clean [1, T, D] minus the corrupted states [S, T, D]."""
+    return [c[:1] - r for c, r in zip(clean, corrupted)]
 
 
 def _cell_sums(terms: torch.Tensor, cells: Sequence[Cell]) -> torch.Tensor:
@@ -152,7 +151,7 @@ def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tra
     there: [S, C]. Every (cell, point) pair is one row of the engine's batches."""
     clean, run, cross = tracer._runs(block, config, answer_ids, None)
     kind = config.kind
-    deltas = _deltas(clean, run, kind)
+    deltas = _deltas(clean.kinds[kind], run.kinds[kind])
     steps, n_layers, samples = int(config.steps), len(block.stack), int(config.samples)
     pairs = [(ci, step / steps) for step in range(1, steps) for ci in range(len(cells))]
     order = sorted(range(len(pairs)), key=lambda i: start_layer(cells[pairs[i][0]], kind, n_layers))
@@ -160,10 +159,9 @@ def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tra
     rows = max(1, block.rows_per_chunk(tracer, config, answer_ids) // (samples * BACKWARD_SHRINK))
     for chunk in chunks(order, rows):
         chunk_cells = [cells[pairs[i][0]] for i in chunk]
-        edits = _PathEdits.build(kind, deltas, chunk_cells, tracer.device)
-        assert isinstance(edits, _PathEdits)
-        edits.corrupted, edits.deltas = list(run.kinds[kind]), list(deltas)
-        edits.alphas = torch.tensor([pairs[i][1] for i in chunk], dtype=deltas[0].dtype, device=tracer.device)
+        alphas = torch.tensor([pairs[i][1] for i in chunk], dtype=deltas[0].dtype, device=tracer.device)
+        edits = _PathEdits(kind=kind, clean=[], by_layer=_pairs(chunk_cells, tracer.device, every_layer=False),
+                           corrupted=run.kinds[kind], deltas=deltas, alphas=alphas)
         with torch.enable_grad():
             final = staircase(block.stack, run, cross, chunk_cells, edits)
             scores = _scores(tracer, block, final, answer_ids, config, contrast)
@@ -187,7 +185,7 @@ class Estimator:
         self._gradients: LRU[Gradients] = LRU(cache_size)
 
     def held(self) -> list[Gradients]:
-        return list(self._gradients._entries.values())
+        return self._gradients.values()
 
     def gradients(self, block: Block, config: TraceConfig, answer_ids: tuple[int, ...],
                   contrast: int | None) -> Gradients:

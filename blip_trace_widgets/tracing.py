@@ -62,24 +62,22 @@ class Tracer(CorruptedRuns):
     # ----- scoring -----------------------------------------------------------------------
     @torch.no_grad()
     def baselines(self, config: TraceConfig) -> tuple[float, float]:
-        """(low, high): the corrupted run with nothing restored (the seed's first draw), and the clean run."""
-        answer_ids, contrast = self._targets(config)
-        decoder = self.blocks.decoder
-        clean, low_run, _ = self._runs(decoder, config, answer_ids, None)
-        high = score_rows(decoder.head(clean.output), list(answer_ids), config.metric, contrast)
-        low = score_rows(decoder.head(low_run.output), list(answer_ids), config.metric, contrast)
-        return float(low.mean()), float(high[0])
+        """(low, high): the corrupted run with nothing restored (the seed's first draw), and the clean run.
 
-    @torch.no_grad()
-    def _estimate_baselines(self, config: TraceConfig) -> tuple[float, float]:
-        """(low, high) for an estimate: the low score from the estimate's own pass over the corrupted run (the
-        same draw and arithmetic as :meth:`baselines`), so that no separate corrupted pass is made."""
+        For an estimate the low score comes from the estimate's own pass over the same corrupted draw
+        (the same arithmetic), so that no separate corrupted pass is made."""
         answer_ids, contrast = self._targets(config)
         decoder = self.blocks.decoder
-        clean = self._clean_decoder.get_or_make(answer_ids, lambda: decoder.clean_run(self, answer_ids))
-        high = score_rows(decoder.head(clean.output), list(answer_ids), config.metric, contrast)
-        gradients = self.estimator.gradients(self.blocks[config.block], config, answer_ids, contrast)
-        return float(gradients.scores.mean()), float(high[0])
+
+        def score(run: Any) -> torch.Tensor:
+            return score_rows(decoder.head(run.output), list(answer_ids), config.metric, contrast)
+
+        high = score(self.clean_decoder_run(answer_ids))
+        if config.method == "estimate":
+            low = self.estimator.gradients(self.blocks[config.block], config, answer_ids, contrast).scores
+        else:
+            low = score(self._runs(decoder, config, answer_ids, None)[1])
+        return float(low.mean()), float(high[0])
 
     def _check_cells(self, block: Block, cells: Sequence[Cell], positions: int) -> None:
         layers = len(block.stack)
@@ -169,7 +167,7 @@ class Tracer(CorruptedRuns):
             extra["corrupted_positions"] = self.corrupt_positions(config)
         mean, stderr = self.restore(layout.cells, config, progress)
         shape = (len(layout.labels), len(block.stack))
-        low, high = self._estimate_baselines(config) if config.method == "estimate" else self.baselines(config)
+        low, high = self.baselines(config)
         result = TraceResult(
             scores=mean.reshape(shape), low_score=low, high_score=high,
             answer=self.bundle.tokenizer.decode(list(answer_ids)).strip(), tokens=layout.labels, block=config.block,
