@@ -24,13 +24,28 @@ from typing import Any
 from torch import nn
 
 from .errors import BlipTraceError
-from .names import ANSWER_DECODER, BLOCKS, KINDS, QUESTION_ENCODER, SEVERABLE, TEXT_BLOCKS, VISION_KINDS, kinds_of  # noqa: F401  (re-exported)
+from .names import (  # noqa: F401  (re-exported)
+    ANSWER_DECODER,
+    BLOCKS,
+    BLOCKS_OF,
+    CAPTION_DECODER,
+    HEAD_INFO,
+    ITM_ENCODER,
+    KINDS,
+    QUESTION_ENCODER,
+    SEVERABLE,
+    TEXT_BLOCKS,
+    VISION_KINDS,
+    kinds_of,
+)
 from .names import VISION_ENCODER as VISION_BLOCK
 
 #: Layer stack of each block; ``{layer}`` is the layer index.
 LAYERS: dict[str, str] = {
     QUESTION_ENCODER: "text_encoder.encoder.layer",
     ANSWER_DECODER: "text_decoder.bert.encoder.layer",
+    CAPTION_DECODER: "text_decoder.bert.encoder.layer",  # BlipForConditionalGeneration's decoder
+    ITM_ENCODER: "text_encoder.encoder.layer",  # BlipForImageTextRetrieval's text encoder
     VISION_BLOCK: "vision_model.encoder.layers",
 }
 
@@ -59,11 +74,17 @@ MODULES: dict[tuple[str, str], str] = {
 EMBEDDINGS: dict[str, str] = {
     QUESTION_ENCODER: "text_encoder.embeddings",
     ANSWER_DECODER: "text_decoder.bert.embeddings",
+    CAPTION_DECODER: "text_decoder.bert.embeddings",
+    ITM_ENCODER: "text_encoder.embeddings",
 }
 VISION_ENCODER = "vision_model"
 VISION_EMBEDDINGS = "vision_model.embeddings"  # patch embeddings + CLS + positions: [B, 1 + g*g, D]
 VISION_POST_NORM = "vision_model.post_layernorm"
-ANSWER_HEAD = "text_decoder.cls.predictions"
+ANSWER_HEAD = "text_decoder.cls.predictions"  # the language-model head of the VQA and caption decoders
+ITM_HEAD = "itm_head"  # Linear(D, 2) on the ITM encoder's first state: (no match, match)
+TEXT_ENCODER = "text_encoder"  # the ITM model's text encoder, run without the image for ITC
+VISION_PROJECTION = "vision_proj"
+TEXT_PROJECTION = "text_proj"
 
 #: Pieces of one text layer, relative to the layer, that the engine computes with.
 TEXT_LAYER_PARTS: dict[str, str] = {
@@ -121,22 +142,37 @@ def get_module(model: nn.Module, name: str) -> Any:
     for part in name.split("."):
         if not hasattr(module, part):
             raise BlipTraceError(
-                f"this model has no module {name!r}: blip_trace_widgets needs a "
-                "transformers BlipForQuestionAnswering (for example Salesforce/blip-vqa-base)"
+                f"this model has no module {name!r}: blip_trace_widgets needs a transformers "
+                "BlipForQuestionAnswering, BlipForConditionalGeneration or BlipForImageTextRetrieval"
             )
         module = getattr(module, part)
     return module
 
 
-def check_blip(model: object) -> None:
-    """Raise a clear ValueError unless ``model`` looks like BLIP for VQA."""
-    from transformers import BlipForQuestionAnswering
+def head_of(model: object) -> str:
+    """Which BLIP head ``model`` is: "vqa", "caption" or "itm"; a clear error for anything else."""
+    import transformers
 
-    if not isinstance(model, BlipForQuestionAnswering):
-        raise BlipTraceError(
-            f"expected a transformers BlipForQuestionAnswering, got {type(model).__name__}; "
-            "load one with load_model('Salesforce/blip-vqa-base') or load_model('demo')"
-        )
+    for head, info in HEAD_INFO.items():
+        if isinstance(model, getattr(transformers, info.architecture)):
+            return head
+    names = ", ".join(info.architecture for info in HEAD_INFO.values())
+    raise BlipTraceError(
+        f"expected a transformers BLIP model ({names}), got {type(model).__name__}; "
+        "load one with load_model('Salesforce/blip-vqa-base') or load_model('demo')")
+
+
+def check_blip(model: object) -> None:
+    """Raise a clear ValueError unless ``model`` is BLIP for VQA, captioning or image-text matching."""
+    head_of(model)
+
+
+def check_head_block(head: str, block: str) -> str:
+    """``block`` if the ``head``'s model has it, else a clear error naming the blocks it has."""
+    if check_block(block) not in BLOCKS_OF[head]:
+        raise BlipTraceError(f"a {HEAD_INFO[head].label} model has no {block.replace('_', ' ')}: use one of "
+                             f"{', '.join(BLOCKS_OF[head])}")
+    return block
 
 
 def num_layers(model: nn.Module, block: str) -> int:
@@ -214,6 +250,21 @@ def vision_encoder(model: nn.Module) -> nn.Module:
 
 def answer_head(model: nn.Module) -> nn.Module:
     return get_module(model, ANSWER_HEAD)
+
+
+def itm_head(model: nn.Module) -> nn.Module:
+    return get_module(model, ITM_HEAD)
+
+
+def text_encoder(model: nn.Module) -> nn.Module:
+    return get_module(model, TEXT_ENCODER)
+
+
+def projections(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(vision projection, text projection) for ITC, or None when the checkpoint lacks them."""
+    if not all(hasattr(model, name) for name in (VISION_PROJECTION, TEXT_PROJECTION)):
+        return None
+    return get_module(model, VISION_PROJECTION), get_module(model, TEXT_PROJECTION)
 
 
 def text_config(model: Any) -> Any:

@@ -1,19 +1,24 @@
-"""One class per traced block of BLIP VQA, behind one small protocol.
+"""One class per traced block of BLIP, behind one small protocol.
 
     >>> from blip_trace_widgets.blocks import BLOCK_CLASSES
     >>> sorted(BLOCK_CLASSES)
-    ['answer_decoder', 'question_encoder', 'vision_encoder']
+    ['answer_decoder', 'caption_decoder', 'itm_encoder', 'question_encoder', 'vision_encoder']
 
 A block says what its positions are, how its clean and corrupted runs are made (from
 the :class:`~.tracing.Tracer`'s shared clean pass and corrupted input), how many rows fit
-a chunk, and how its final states become decoder logits. The tracer does the rest: cache,
+a chunk, and how its final states become the head's outputs. The tracer does the rest: cache,
 cells, chunks, staircase, score, result. Adding a block is one class here, its row in
 :data:`BLOCK_CLASSES`, and its module paths in :mod:`~.anatomy`.
 
-BLIP VQA runs vision encoder → question encoder (cross-attending to the image) →
-answer decoder (cross-attending to the question). Each block's :meth:`Block.logits`
-runs the blocks after it, so restoring a vision state reaches the answer through both
-text transformers.
+Every BLIP head has one *reader*, the text block that cross-attends to the image embeddings:
+
+* VQA: vision encoder → question encoder (the reader) → answer decoder (cross-attending to
+  the question);
+* captioning: vision encoder → caption decoder (the reader; its outputs are the caption's next tokens);
+* image-text matching: vision encoder → ITM encoder (the reader; the ITM head reads its first state).
+
+Each block's :meth:`Block.logits` runs the blocks after it, so restoring a vision state reaches
+the score through every text transformer after it.
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ import torch
 from . import anatomy
 from .engine import Cell, Run, TextStack, VisionStack, group_cells, rows_per_chunk, vision_rows_per_chunk
 from .errors import BlipTraceError
-from .names import ANSWER_DECODER, QUESTION_ENCODER, VISION_ENCODER
+from .names import ANSWER_DECODER, CAPTION_DECODER, ITM_ENCODER, QUESTION_ENCODER, VISION_ENCODER, VQA
 from .regions import patch_grid_size, region_grid
+from .scoring import Target
 
 if TYPE_CHECKING:
     from .clean import CleanPass as Tracer
@@ -38,13 +44,14 @@ Cross = Sequence[Any]  # per layer: (keys, values) [S, Ck, H, N, D/H] for text s
 
 @dataclass
 class Corrupted:
-    """The corrupted input's runs: image embeddings [S, N, D] ([1, N, D] when only the question is
-    corrupted), their cross keys and values for the question encoder, the question encoder's run, and
-    the vision encoder's run when the corruption acts before it."""
+    """The corrupted input's runs: image embeddings [S, N, D] ([1, N, D] when only the text is
+    corrupted), their cross keys and values for the reader, the reader's run (None when the reader's
+    tokens depend on the target, as a caption decoder's do), and the vision encoder's run when the
+    corruption acts before it."""
 
     image_embeds: torch.Tensor
     image_cross: list[tuple[torch.Tensor, torch.Tensor]]
-    question: Run
+    text: Run | None
     vision: Run | None = None
 
 
@@ -62,126 +69,210 @@ class Block(Protocol):
 
     name: str
     stack: Any  # a Stack: TextStack or VisionStack
+    reads_target: bool  # whether its runs depend on the target's tokens (then they are cached per target)
 
-    def layout(self, tracer: Tracer, config: TraceConfig, answer_ids: tuple[int, ...]) -> Layout: ...
+    def layout(self, tracer: Tracer, config: TraceConfig, target: Target) -> Layout: ...
 
-    def clean_run(self, tracer: Tracer, answer_ids: tuple[int, ...]) -> Run: ...
+    def clean_run(self, tracer: Tracer, target: Target) -> Run: ...
 
-    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, answer_ids: tuple[int, ...]) -> tuple[Run, Cross]: ...
+    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]: ...
 
-    def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, answer_ids: tuple[int, ...]) -> int: ...
+    def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, target: Target) -> int: ...
 
-    def logits(self, tracer: Tracer, final: torch.Tensor, answer_ids: tuple[int, ...]) -> torch.Tensor: ...
+    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor: ...
 
 
 def _text_layout(labels: list[str], layers: int, window: int) -> Layout:
     return Layout(labels, group_cells([[p] for p in range(len(labels))], layers, window), {})
 
 
-def _text_rows(tracer: Tracer, config: TraceConfig, positions: int, cross_tokens: int, answer_ids: tuple[int, ...]) -> int:
+def _text_rows(tracer: Tracer, config: TraceConfig, positions: int, cross_tokens: int, decoder_tokens: int) -> int:
     text = anatomy.text_config(tracer.model)
     return rows_per_chunk(
         samples=config.samples, tokens=positions, cross_tokens=cross_tokens, hidden=text.hidden_size,
         intermediate=text.intermediate_size, heads=text.num_attention_heads, vocab=text.vocab_size,
-        decoder_tokens=len(answer_ids), element_size=tracer.bundle.working_itemsize,
+        decoder_tokens=decoder_tokens, element_size=tracer.bundle.working_itemsize,
         memory_budget=tracer.memory_budget, max_batch_rows=tracer.max_batch_rows,
     )
 
 
+def _per_row_cross(stack: TextStack, j: int, states: torch.Tensor, s: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross keys and values at layer j when each of the S x C rows attends to its own states [S*C, N, D']."""
+    k, v = stack.cross_kv(j, states)
+    return k.view(s, c, *k.shape[1:]), v.view(s, c, *v.shape[1:])
+
+
 class AnswerDecoder:
-    """The answer decoder (``text_decoder.bert``): positions are [DEC] and the earlier answer tokens."""
+    """VQA's answer decoder (``text_decoder.bert``): positions are [DEC] and the earlier answer tokens."""
 
     name: str = ANSWER_DECODER
+    reads_target = True
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.stack = TextStack(model, ANSWER_DECODER)
         self.head = anatomy.answer_head(model)
 
-    def layout(self, tracer: Tracer, config: TraceConfig, answer_ids: tuple[int, ...]) -> Layout:
-        labels = list(tracer.bundle.tokenizer.convert_ids_to_tokens(tracer.decoder_ids(answer_ids)))
+    def layout(self, tracer: Tracer, config: TraceConfig, target: Target) -> Layout:
+        labels = list(tracer.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs)))
         return _text_layout(labels, len(self.stack), int(config.window))
 
-    def run(self, tracer: Tracer, question_states: torch.Tensor, answer_ids: tuple[int, ...]) -> tuple[Run, Cross]:
-        """The decoder's run [S, Td, D] on question states [S, T, D] (teacher-forced on ``answer_ids``)."""
+    def run(self, tracer: Tracer, question_states: torch.Tensor, target: Target) -> tuple[Run, Cross]:
+        """The decoder's run [S, Td, D] on question states [S, T, D] (teacher-forced on the target)."""
         from .engine import record_run, shared_cross
 
         cross = shared_cross(self.stack, question_states)
-        h0 = self.stack.embed(tracer.ids(tracer.decoder_ids(answer_ids))).expand(question_states.shape[0], -1, -1)
+        h0 = self.stack.embed(tracer.ids(target.inputs)).expand(question_states.shape[0], -1, -1)
         return record_run(self.stack, h0, cross), cross
 
-    def clean_run(self, tracer: Tracer, answer_ids: tuple[int, ...]) -> Run:
-        return self.run(tracer, tracer.clean.question.output, answer_ids)[0]
+    def clean_run(self, tracer: Tracer, target: Target) -> Run:
+        assert tracer.clean.text is not None
+        return self.run(tracer, tracer.clean.text.output, target)[0]
 
-    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, answer_ids: tuple[int, ...]) -> tuple[Run, Cross]:
-        return self.run(tracer, corrupted.question.output, answer_ids)
+    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+        assert corrupted.text is not None
+        return self.run(tracer, corrupted.text.output, target)
 
-    def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, answer_ids: tuple[int, ...]) -> int:
-        return _text_rows(tracer, config, len(answer_ids), len(tracer.question_ids), answer_ids)
+    def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, target: Target) -> int:
+        return _text_rows(tracer, config, len(target.inputs), len(tracer.question_ids), len(target.inputs))
 
-    def logits(self, tracer: Tracer, final: torch.Tensor, answer_ids: tuple[int, ...]) -> torch.Tensor:
+    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
         return self.head(final)
 
-    def decode_rows(self, tracer: Tracer, question_states: torch.Tensor, answer_ids: tuple[int, ...]) -> torch.Tensor:
+    def decode_rows(self, tracer: Tracer, question_states: torch.Tensor, target: Target) -> torch.Tensor:
         """Decoder logits [S, C, Td, V] when each row cross-attends to its own question states [S, C, T, D]."""
         stack = self.stack
         s, c, t, d = question_states.shape
         flat = question_states.reshape(s * c, t, d)
-        h = stack.embed(tracer.ids(tracer.decoder_ids(answer_ids)))[:, None].expand(s, c, -1, -1)
+        h = stack.embed(tracer.ids(target.inputs))[:, None].expand(s, c, -1, -1)
         mask = stack.self_mask(h.shape[2], h.dtype, h.device)
         for j in range(len(stack)):
-            k, v = stack.cross_kv(j, flat)
-            h = stack.layer(j, h, (k.view(s, c, *k.shape[1:]), v.view(s, c, *v.shape[1:])), mask)
+            h = stack.layer(j, h, _per_row_cross(stack, j, flat, s, c), mask)
         return self.head(h)
 
 
-class QuestionEncoder:
-    """The question encoder (``text_encoder``): positions are the question's tokens, [CLS] and [SEP] included."""
+class ImageReader:
+    """A text block that cross-attends to the image embeddings; each head has one (see the module's notes)."""
+
+    name: str
+    reads_target = False
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.stack = TextStack(model, self.name)
+
+    def input_ids(self, tracer: Tracer, target: Target) -> Sequence[int]:
+        """The tokens this block reads."""
+        return tracer.question_ids
+
+    def layout(self, tracer: Tracer, config: TraceConfig, target: Target) -> Layout:
+        labels = list(tracer.bundle.tokenizer.convert_ids_to_tokens(list(self.input_ids(tracer, target))))
+        return _text_layout(labels, len(self.stack), int(config.window))
+
+    def clean_run(self, tracer: Tracer, target: Target) -> Run:
+        assert tracer.clean.text is not None
+        return tracer.clean.text
+
+    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+        assert corrupted.text is not None
+        return corrupted.text, corrupted.image_cross
+
+    def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, target: Target) -> int:
+        cross_tokens = int(tracer.clean.image_embeds.shape[1])
+        positions = len(self.input_ids(tracer, target))
+        return _text_rows(tracer, config, positions, cross_tokens, self.decoder_tokens(target))
+
+    def decoder_tokens(self, target: Target) -> int:
+        """Positions of any decoder run after this block, per row (for sizing chunks)."""
+        return 0
+
+    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_rows(self, tracer: Tracer, image_embeds: torch.Tensor, target: Target) -> torch.Tensor:
+        """This block's final states [S, C, T, D] when each row cross-attends to its own image embeddings
+        [S, C, N, Dv]."""
+        stack = self.stack
+        s, c, n, dv = image_embeds.shape
+        flat = image_embeds.reshape(s * c, n, dv)
+        h = stack.embed(tracer.ids(self.input_ids(tracer, target)))[:, None].expand(s, c, -1, -1)
+        mask = stack.self_mask(h.shape[2], h.dtype, h.device)
+        for j in range(len(stack)):
+            h = stack.layer(j, h, _per_row_cross(stack, j, flat, s, c), mask)
+        return h
+
+
+class QuestionEncoder(ImageReader):
+    """VQA's question encoder (``text_encoder``): positions are the question's tokens, [CLS] and [SEP] included."""
 
     name: str = QUESTION_ENCODER
 
     def __init__(self, model: torch.nn.Module, decoder: AnswerDecoder) -> None:
-        self.stack = TextStack(model, QUESTION_ENCODER)
+        super().__init__(model)
         self.decoder = decoder
 
-    def layout(self, tracer: Tracer, config: TraceConfig, answer_ids: tuple[int, ...]) -> Layout:
-        labels = list(tracer.bundle.tokenizer.convert_ids_to_tokens(tracer.question_ids))
-        return _text_layout(labels, len(self.stack), int(config.window))
+    def decoder_tokens(self, target: Target) -> int:
+        return len(target.inputs)
 
-    def clean_run(self, tracer: Tracer, answer_ids: tuple[int, ...]) -> Run:
-        return tracer.clean.question
+    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
+        return self.decoder.decode_rows(tracer, final, target)
 
-    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, answer_ids: tuple[int, ...]) -> tuple[Run, Cross]:
-        return corrupted.question, corrupted.image_cross
 
-    def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, answer_ids: tuple[int, ...]) -> int:
-        cross_tokens = int(tracer.clean.image_embeds.shape[1])
-        return _text_rows(tracer, config, len(tracer.question_ids), cross_tokens, answer_ids)
+class ItmEncoder(ImageReader):
+    """The image-text matcher's text encoder: positions are the text's tokens; the ITM head reads the first."""
 
-    def logits(self, tracer: Tracer, final: torch.Tensor, answer_ids: tuple[int, ...]) -> torch.Tensor:
-        return self.decoder.decode_rows(tracer, final, answer_ids)
+    name: str = ITM_ENCODER
 
-    def encode_rows(self, tracer: Tracer, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Question states [S, C, T, D] when each row cross-attends to its own image embeddings [S, C, N, Dv]."""
-        stack = self.stack
-        s, c, n, dv = image_embeds.shape
-        flat = image_embeds.reshape(s * c, n, dv)
-        h = stack.embed(tracer.ids(tracer.question_ids))[:, None].expand(s, c, -1, -1)
-        for j in range(len(stack)):
-            k, v = stack.cross_kv(j, flat)
-            h = stack.layer(j, h, (k.view(s, c, *k.shape[1:]), v.view(s, c, *v.shape[1:])), None)
-        return h
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.head = anatomy.itm_head(model)
+
+    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
+        return self.head(final[..., 0, :])  # [S, C, 2]: (no match, match)
+
+
+class CaptionDecoder(ImageReader):
+    """The captioner's decoder: positions are [DEC], the prompt and the caption before the scored word."""
+
+    name: str = CAPTION_DECODER
+    reads_target = True
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.head = anatomy.answer_head(model)
+
+    def input_ids(self, tracer: Tracer, target: Target) -> Sequence[int]:
+        return target.inputs
+
+    def run(self, tracer: Tracer, image_cross: Cross, samples: int, target: Target) -> Run:
+        from .engine import record_run
+
+        h0 = self.stack.embed(tracer.ids(target.inputs)).expand(samples, -1, -1)
+        return record_run(self.stack, h0, image_cross)
+
+    def clean_run(self, tracer: Tracer, target: Target) -> Run:
+        from .engine import shared_cross
+
+        return self.run(tracer, shared_cross(self.stack, tracer.clean.image_embeds), 1, target)
+
+    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+        samples = int(corrupted.image_embeds.shape[0])
+        return self.run(tracer, corrupted.image_cross, samples, target), corrupted.image_cross
+
+    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
+        return self.head(final)
 
 
 class VisionEncoder:
     """The vision encoder (a pre-LN ViT): positions are CLS and the patches, or regions of patches."""
 
     name: str = VISION_ENCODER
+    reads_target = False
 
-    def __init__(self, model: torch.nn.Module, question: QuestionEncoder) -> None:
+    def __init__(self, model: torch.nn.Module, reader: ImageReader) -> None:
         self.stack = VisionStack(model)
-        self.question = question
+        self.reader = reader
+        self.projections = anatomy.projections(model)
 
-    def layout(self, tracer: Tracer, config: TraceConfig, answer_ids: tuple[int, ...]) -> Layout:
+    def layout(self, tracer: Tracer, config: TraceConfig, target: Target) -> Layout:
         side = patch_grid_size(int(tracer.clean.image_embeds.shape[1]))
         grid = region_grid(side, config.regions)
         extra = {"grid": {"patches_per_side": side, "regions_per_side": config.regions or side,
@@ -189,55 +280,76 @@ class VisionEncoder:
         return Layout([g.label for g in grid], group_cells([g.tokens for g in grid], len(self.stack), int(config.window)),
                       extra)
 
-    def clean_run(self, tracer: Tracer, answer_ids: tuple[int, ...]) -> Run:
+    def clean_run(self, tracer: Tracer, target: Target) -> Run:
         return tracer.clean_vision
 
-    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, answer_ids: tuple[int, ...]) -> tuple[Run, Cross]:
+    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         if corrupted.vision is None:
             raise BlipTraceError(
                 "restoring vision-encoder states needs a corruption before the vision encoder: "
                 "use corrupt='patches' or corrupt='pixels'")
         return corrupted.vision, [None] * len(self.stack)
 
-    def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, answer_ids: tuple[int, ...]) -> int:
+    def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, target: Target) -> int:
         vision, text = anatomy.vision_config(tracer.model), anatomy.text_config(tracer.model)
         return vision_rows_per_chunk(
             samples=config.samples, patches=int(tracer.clean.image_embeds.shape[1]), vision_hidden=vision.hidden_size,
             vision_intermediate=vision.intermediate_size, vision_heads=vision.num_attention_heads,
-            tokens=len(tracer.question_ids), text_hidden=text.hidden_size, text_intermediate=text.intermediate_size,
+            tokens=len(self.reader.input_ids(tracer, target)),
+            text_hidden=text.hidden_size, text_intermediate=text.intermediate_size,
             text_heads=text.num_attention_heads, element_size=tracer.bundle.working_itemsize,
             memory_budget=tracer.memory_budget, max_batch_rows=tracer.max_batch_rows,
         )
 
-    def logits(self, tracer: Tracer, final: torch.Tensor, answer_ids: tuple[int, ...]) -> torch.Tensor:
-        question_states = self.question.encode_rows(tracer, self.stack.post_norm(final))
-        return self.question.logits(tracer, question_states, answer_ids)
+    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
+        embeds = self.stack.post_norm(final)
+        if target.readout == "itc":
+            return self.itc(tracer, embeds)
+        return self.reader.logits(tracer, self.reader.encode_rows(tracer, embeds, target), target)
+
+    def itc(self, tracer: Tracer, image_embeds: torch.Tensor) -> torch.Tensor:
+        """ITC cosine similarity [...] of image embeddings [..., N, D] with the text (BLIP's projections of
+        the image's first state and of the text encoder's first state, the text read without the image)."""
+        if self.projections is None:
+            raise BlipTraceError("this checkpoint has no ITC projections (vision_proj, text_proj): use metric='prob'")
+        image_feature = torch.nn.functional.normalize(self.projections[0](image_embeds[..., 0, :]), dim=-1)
+        return (image_feature * tracer.itc_text_feature(self.projections[1]).to(image_feature.dtype)).sum(-1)
 
 
-#: Every block by name: the order of BLIP's forward pass, reversed (each is built on the one after it).
+#: Every block by name.
 BLOCK_CLASSES: dict[str, type] = {
     ANSWER_DECODER: AnswerDecoder,
     QUESTION_ENCODER: QuestionEncoder,
+    CAPTION_DECODER: CaptionDecoder,
+    ITM_ENCODER: ItmEncoder,
     VISION_ENCODER: VisionEncoder,
 }
 
 
 @dataclass(frozen=True)
 class Blocks:
-    """One instance of each block of a model, by name and by role."""
+    """One instance of each block of a model: by name, the reader of the image, the block whose output the
+    head reads (``last``), and the vision encoder."""
 
-    decoder: AnswerDecoder
-    question: QuestionEncoder
+    head: str
+    reader: ImageReader
+    last: Any  # AnswerDecoder, CaptionDecoder or ItmEncoder
     vision: VisionEncoder
 
     def __getitem__(self, name: str) -> Block:
-        blocks: dict[str, Block] = {ANSWER_DECODER: self.decoder, QUESTION_ENCODER: self.question,
+        anatomy.check_head_block(self.head, name)
+        blocks: dict[str, Block] = {self.reader.name: self.reader, self.last.name: self.last,
                                     VISION_ENCODER: self.vision}
         return blocks[name]
 
 
 def build_blocks(model: torch.nn.Module) -> Blocks:
-    """One instance of each block for ``model``."""
-    decoder = AnswerDecoder(model)
-    question = QuestionEncoder(model, decoder)
-    return Blocks(decoder, question, VisionEncoder(model, question))
+    """One instance of each block of ``model``'s head, wired in the order of its forward pass."""
+    head = anatomy.head_of(model)
+    if head == VQA:
+        last: Any = AnswerDecoder(model)
+        reader: ImageReader = QuestionEncoder(model, last)
+    else:
+        reader = BLOCK_CLASSES[anatomy.BLOCKS_OF[head][0]](model)
+        last = reader
+    return Blocks(head, reader, last, VisionEncoder(model, reader))

@@ -1,11 +1,15 @@
-"""The clean pass of one (image, question): inputs, image embeddings, question states and the model's answer.
+"""The clean pass of one (image, text): inputs, image embeddings, the reader's states and the model's output.
 
     >>> from blip_trace_widgets import load_model, demo_samples
     >>> from blip_trace_widgets.clean import CleanPass
     >>> image, question, _ = demo_samples()[0]
-    >>> clean = CleanPass(load_model("demo"), image, question)
-    >>> clean.model_answer
+    >>> CleanPass(load_model("demo"), image, question).model_answer
     'red'
+    >>> CleanPass(load_model("demo-caption"), image, "").model_answer   # the caption, after the prompt
+    'a red triangle'
+
+The text is a VQA model's question, a captioner's prompt (``""`` for none, or BLIP's
+``"a picture of"``), or the text an image-text matcher matches against the image.
 
 Everything here is computed once per (image, question) and shared by every trace of it.
 The image embeddings take one path, the vision encoder layer by layer (the same
@@ -23,36 +27,40 @@ import torch
 
 from . import anatomy
 from .blocks import Blocks, build_blocks
-from .config import TraceConfig
 from .engine import DEFAULT_MEMORY_BUDGET, Run, record_run, shared_cross
 from .errors import BlipTraceError
-from .inputs import ImageLike, check_question, encode_answer, encode_question, image_digest, to_rgb_image
+from .inputs import ImageLike, check_question, encode_prompt, encode_question, image_digest, to_rgb_image
 from .loading import BlipBundle
-from .names import MAX_ANSWER_TOKENS
+from .names import CAPTION, HEAD_INFO, ITM, MAX_ANSWER_TOKENS, MAX_CAPTION_TOKENS, VQA
+from .scoring import Target
 
 
 @dataclass
 class Clean:
     image_embeds: torch.Tensor  # [1, N, D]
-    question: Run
-    greedy_ids: list[int]
+    text: Run | None  # the reader's run, when its tokens do not depend on the target (VQA, ITM)
+    greedy_ids: list[int]  # VQA: the answer; captioning: the caption after the prompt; ITM: none
 
 
 class CleanPass:
-    """The clean pass of one (image, question), computed when first needed and kept."""
+    """The clean pass of one (image, text), computed when first needed and kept."""
 
     def __init__(self, bundle: BlipBundle, image: ImageLike, question: str, *,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, max_batch_rows: int | None = None) -> None:
         if not isinstance(bundle, BlipBundle):
             raise BlipTraceError("pass the bundle returned by load_model(...), not a bare model")
-        anatomy.check_blip(bundle.model)
+        self.head = anatomy.head_of(bundle.model)
         self.bundle = bundle
         self.model = bundle.model
         self.image = to_rgb_image(image)
         self.image_key = image_digest(self.image)
-        self.question = check_question(question)
-        self.question_ids = encode_question(bundle.tokenizer, self.question,
-                                            int(anatomy.text_config(self.model).max_position_embeddings))
+        limit = int(anatomy.text_config(self.model).max_position_embeddings)
+        if self.head == CAPTION:
+            self.question, self.question_ids = encode_prompt(bundle.tokenizer, question, limit,
+                                                             int(anatomy.text_config(self.model).bos_token_id))
+        else:
+            self.question = check_question(question, HEAD_INFO[self.head].text)
+            self.question_ids = encode_question(bundle.tokenizer, self.question, limit)
         self.blocks: Blocks = build_blocks(self.model)
         self.memory_budget = memory_budget
         self.max_batch_rows = max_batch_rows
@@ -60,6 +68,7 @@ class CleanPass:
         self._pixels: torch.Tensor | None = None
         self._clean: Clean | None = None
         self._clean_vision: Run | None = None
+        self._text_feature: torch.Tensor | None = None
 
     # ----- inputs ------------------------------------------------------------------------
     @property
@@ -68,7 +77,7 @@ class CleanPass:
 
     @property
     def unknown_words(self) -> list[str]:
-        """Words of the question that the model's vocabulary lacks (it reads them as [UNK])."""
+        """Words of the text that the model's vocabulary lacks (it reads them as [UNK])."""
         tokenizer = self.bundle.tokenizer
         unk = getattr(tokenizer, "unk_token_id", None)
         if unk is None or unk not in self.question_ids:
@@ -102,23 +111,31 @@ class CleanPass:
         self.stats["vision_passes"] += 1
         return self.vision.run(pixels)
 
-    def decoder_ids(self, answer_ids: Sequence[int]) -> list[int]:
-        """Decoder inputs: [DEC] then every answer token but the last (teacher forcing)."""
-        return [int(anatomy.text_config(self.model).bos_token_id), *answer_ids[:-1]]
-
     # ----- the clean pass ----------------------------------------------------------------
     @property
     def clean(self) -> Clean:
-        """The clean pass: image embeddings, question-encoder states and the greedy answer (once)."""
+        """The clean pass: image embeddings, the reader's states and the greedy answer or caption (once)."""
         if self._clean is None:
             with torch.no_grad():
                 # an image-side trace records the clean vision run first; its output is bitwise the
                 # same as an unrecorded pass (the same arithmetic), so it is reused rather than recomputed
                 embeds = (self.vision.post_norm(self._clean_vision.output) if self._clean_vision is not None
                           else self.embed_image(self.image))
-                qstack = self.blocks.question.stack
-                run = record_run(qstack, qstack.embed(self.ids(self.question_ids)), shared_cross(qstack, embeds))
-                self._clean = Clean(embeds, run, self._greedy(run.output))
+                reader = self.blocks.reader
+                cross = shared_cross(reader.stack, embeds)
+                run = None if reader.reads_target else record_run(reader.stack, reader.stack.embed(
+                    self.ids(self.question_ids)), cross)
+                if self.head == VQA:
+                    assert run is not None
+                    last = self.blocks.last
+                    greedy = self._greedy(last.stack, last.head, shared_cross(last.stack, run.output),
+                                          [int(anatomy.text_config(self.model).bos_token_id)], MAX_ANSWER_TOKENS)
+                elif self.head == CAPTION:
+                    greedy = self._greedy(reader.stack, self.blocks.last.head, cross, self.question_ids,
+                                          MAX_CAPTION_TOKENS)
+                else:
+                    greedy = []
+                self._clean = Clean(embeds, run, greedy)
             self.stats["clean_passes"] += 1
         return self._clean
 
@@ -131,41 +148,44 @@ class CleanPass:
                 self._clean_vision = record_run(self.vision, self.vision.embed(self.pixels), [None] * len(self.vision))
         return self._clean_vision
 
-    def _greedy(self, question_states: torch.Tensor) -> list[int]:
+    def _greedy(self, stack: Any, head: Any, cross: Any, start: Sequence[int], limit: int) -> list[int]:
+        """Greedy decoding from ``start`` until [SEP] or padding, at most ``limit`` new tokens (and never past
+        the decoder's positions): the tokens after ``start``."""
         config = anatomy.text_config(self.model)
-        decoder = self.blocks.decoder
-        ids = [int(config.bos_token_id)]
-        cross = shared_cross(decoder.stack, question_states)
-        for _ in range(MAX_ANSWER_TOKENS):
-            run = record_run(decoder.stack, decoder.stack.embed(self.ids(ids)), cross)
-            token = int(decoder.head(run.output[:, -1]).argmax(-1)[0])
+        ids = [int(i) for i in start]
+        room = int(config.max_position_embeddings) - len(ids)
+        for _ in range(min(limit, room)):
+            run = record_run(stack, stack.embed(self.ids(ids)), cross)
+            token = int(head(run.output[:, -1]).argmax(-1)[0])
             if token in (config.sep_token_id, config.pad_token_id):
                 break
             ids.append(token)
-        return ids[1:]
+        return ids[len(start):]
 
     @property
     def model_answer(self) -> str:
-        """The model's own greedy answer to the question, in full."""
+        """VQA: the model's own greedy answer, in full. Captioning: its greedy caption after the prompt.
+        Image-text matching: "match" or "no match", from the ITM head."""
+        if self.head == ITM:
+            return "match" if self.match_probability >= 0.5 else "no match"
         return self.bundle.tokenizer.decode(self.clean.greedy_ids, skip_special_tokens=True).strip()
 
-    def answer_ids(self, answer: str | None) -> tuple[int, ...]:
-        """Tokens scored: the clean greedy first token, or the given answer's tokens."""
-        if answer is None:
-            if not self.clean.greedy_ids:
-                raise BlipTraceError("the model gives an empty answer to this question; pass answer='...' to score one")
-            return (self.clean.greedy_ids[0],)
-        ids = tuple(encode_answer(self.bundle.tokenizer, answer))
-        limit = int(anatomy.text_config(self.model).max_position_embeddings)
-        if len(ids) >= limit:
-            raise BlipTraceError(f"the answer is {len(ids)} tokens long; the decoder reads at most {limit - 1}: shorten it")
-        return ids
+    @property
+    def match_probability(self) -> float:
+        """Image-text matching: the ITM head's p(match) for the clean image and the text."""
+        if self.head != ITM:
+            raise BlipTraceError("p(match) comes from an image-text matching model: load one such as demo-itm")
+        text = self.clean.text
+        assert text is not None
+        with torch.no_grad():
+            logits = self.blocks.last.logits(self, text.output[:, None], Target(tuple(self.question_ids)))
+        return float(torch.softmax(logits.float(), -1)[0, 0, 1])
 
-    def _targets(self, config: TraceConfig) -> tuple[tuple[int, ...], int | None]:
-        answer_ids = self.answer_ids(config.answer)
-        contrast = None
-        if config.metric == "logit_diff":
-            contrast = encode_answer(self.bundle.tokenizer, config.contrast or "")[0]
-            if contrast == answer_ids[0]:
-                raise BlipTraceError("the contrast answer starts with the same token as the answer; pick another contrast")
-        return answer_ids, contrast
+    def itc_text_feature(self, projection: Any) -> torch.Tensor:
+        """The text's normalised ITC feature [D'] (the text encoder's first state without the image, projected)."""
+        if self._text_feature is None:
+            with torch.no_grad():
+                states = anatomy.text_encoder(self.model)(input_ids=self.ids(self.question_ids))
+                first = states[0][0, 0] if isinstance(states, tuple) else states.last_hidden_state[0, 0]
+                self._text_feature = torch.nn.functional.normalize(projection(first), dim=-1)
+        return self._text_feature

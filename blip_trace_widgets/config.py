@@ -69,7 +69,8 @@ class TraceConfig:
     corruption: Callable[..., torch.Tensor] = _affects(INPUT, default_factory=lambda: GaussianNoise(scale=ROME_NOISE_SCALE))
     samples: int = _affects(INPUT, default=DEFAULT_SAMPLES)  # noise draws averaged per cell
     seed: int = _affects(INPUT, default=0)
-    answer: str | None = _affects(ANSWER, default=None)
+    answer: str | None = _affects(ANSWER, default=None)  # VQA: the answer scored; captioning: the caption
+    target: int | None = _affects(ANSWER, default=None)  # captioning: which word of the caption is scored (0: first)
     metric: Metric = _affects(RESTORE, default="prob")
     contrast: str | None = _affects(RESTORE, default=None)
     sever: str | None = _affects(RESTORE, default=None)
@@ -100,6 +101,8 @@ class TraceConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise BlipTraceError(f"{name} must be a string or None, got {type(value).__name__} {value!r}")
+        if self.target is not None:
+            _check_int("target", self.target, 0)
         self._check_sever()
         if self.regions is not None:
             if self.block != VISION_ENCODER:
@@ -158,7 +161,8 @@ class TraceConfig:
     def to_json(self) -> dict[str, Any]:
         return {
             "block": self.block, "kind": self.kind, "window": int(self.window), "corruption": describe(self.corruption),
-            "samples": int(self.samples), "seed": int(self.seed), "answer": self.answer, "metric": self.metric,
+            "samples": int(self.samples), "seed": int(self.seed), "answer": self.answer,
+            "target": None if self.target is None else int(self.target), "metric": self.metric,
             "contrast": self.contrast, "sever": self.sever, "sever_at": self.sever_at, "corrupt": self.corrupt,
             "corrupt_tokens": list(self.corrupt_tokens) if isinstance(self.corrupt_tokens, tuple) else self.corrupt_tokens,
             "regions": self.regions, "fresh_noise": self.fresh_noise, "method": self.method, "steps": int(self.steps),

@@ -4,7 +4,7 @@
     >>> from blip_trace_widgets.corrupted import CorruptedRuns
     >>> image, question, _ = demo_samples()[0]
     >>> runs = CorruptedRuns(load_model("demo"), image, question)
-    >>> tuple(runs.corrupted(TraceConfig(samples=3)).question.output.shape[:1])
+    >>> tuple(runs.corrupted(TraceConfig(samples=3)).text.output.shape[:1])
     (3,)
 
 A draw of ``samples`` noise samples is made from a generator seeded with ``seed``; the
@@ -21,7 +21,6 @@ import torch
 from . import anatomy
 from .blocks import Corrupted
 from .cache import LRU
-from .clean import CleanPass
 from .config import TraceConfig, cache_key
 from .corruption import ImageSwap
 from .engine import DEFAULT_MEMORY_BUDGET, Run, record_run, shared_cross
@@ -29,8 +28,9 @@ from .errors import BlipTraceError
 from .inputs import ImageLike
 from .loading import BlipBundle
 from .memory import available_memory
-from .names import ANSWER_DECODER
 from .roles import last_content_word
+from .scoring import Target
+from .targets import TargetedPass
 
 
 def tensor_bytes(*objects: Any) -> int:
@@ -56,16 +56,16 @@ def tensor_bytes(*objects: Any) -> int:
     return total
 
 
-class CorruptedRuns(CleanPass):
+class CorruptedRuns(TargetedPass):
     """The clean pass of one (image, question), and its corrupted runs in bounded caches."""
 
     def __init__(self, bundle: BlipBundle, image: ImageLike, question: str, *,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, max_batch_rows: int | None = None,
                  corrupted_cache_size: int = 2) -> None:
         super().__init__(bundle, image, question, memory_budget=memory_budget, max_batch_rows=max_batch_rows)
-        self._clean_decoder: LRU[Run] = LRU(8)
+        self._clean_target: LRU[Run] = LRU(8)
         self._corrupted: LRU[Corrupted] = LRU(corrupted_cache_size)
-        self._corrupted_decoder: LRU[tuple[Run, Any]] = LRU(corrupted_cache_size)
+        self._corrupted_target: LRU[tuple[Run, Any]] = LRU(corrupted_cache_size)
 
     def corrupt_positions(self, config: TraceConfig) -> list[int]:
         """Question positions a corrupt='question' trace corrupts."""
@@ -99,7 +99,7 @@ class CorruptedRuns(CleanPass):
     @torch.no_grad()
     def held_bytes(self) -> int:
         """Bytes of the tensors this object keeps: its clean pass and cached runs."""
-        caches = [cache.values() for cache in (self._clean_decoder, self._corrupted, self._corrupted_decoder)]
+        caches = [cache.values() for cache in (self._clean_target, self._corrupted, self._corrupted_target)]
         return tensor_bytes(self._clean, self._clean_vision, self._pixels, *caches)
 
     def run_bytes(self, samples: int, vision: bool) -> int:
@@ -107,8 +107,8 @@ class CorruptedRuns(CleanPass):
         and the image keys and values of every text layer)."""
         text, image = anatomy.text_config(self.model), anatomy.vision_config(self.model)
         tokens = int((image.image_size // image.patch_size) ** 2 + 1)
-        layers = len(self.blocks.question.stack)
-        question = (layers + 1) * len(self.question_ids) * text.hidden_size * (1 + len(self.blocks.question.stack.kinds))
+        layers = len(self.blocks.reader.stack)
+        question = (layers + 1) * len(self.question_ids) * text.hidden_size * (1 + len(self.blocks.reader.stack.kinds))
         cross = layers * 2 * tokens * text.hidden_size + tokens * image.hidden_size
         vit = (len(self.vision) + 1) * tokens * image.hidden_size * (1 + len(self.vision.kinds)) if vision else 0
         return samples * (question + cross + vit) * self.bundle.dtype.itemsize
@@ -126,8 +126,10 @@ class CorruptedRuns(CleanPass):
     def _corrupt(self, config: TraceConfig, generator: torch.Generator) -> Corrupted:
         """The corrupted runs for one draw of ``config.samples`` from ``generator``."""
         self._check_memory(config)
+        self.check_config(config)
         samples = int(config.samples)
-        qstack, vstack = self.blocks.question.stack, self.vision
+        reader, vstack = self.blocks.reader, self.vision
+        qstack = reader.stack
         h0 = qstack.embed(self.ids(self.question_ids))
         vision = None
         if config.corrupt == "question":
@@ -147,7 +149,7 @@ class CorruptedRuns(CleanPass):
             h0 = h0.expand(samples, -1, -1)
         cross = shared_cross(qstack, embeds)
         self.stats["corrupted_passes"] += 1
-        return Corrupted(embeds, cross, record_run(qstack, h0, cross), vision)
+        return Corrupted(embeds, cross, None if reader.reads_target else record_run(qstack, h0, cross), vision)
 
     def _corrupted_patches(self, config: TraceConfig, generator: torch.Generator) -> torch.Tensor:
         """The vision encoder's corrupted input (patch embeddings) [S, N, D] for the next draw of ``generator``."""
@@ -167,34 +169,32 @@ class CorruptedRuns(CleanPass):
         return self._corrupted.get_or_make(cache_key(config, "corrupted"),
                                            lambda: self._corrupt(config, torch.Generator().manual_seed(int(config.seed))))
 
-    def _decoder_run(self, config: TraceConfig, answer_ids: tuple[int, ...]) -> tuple[Run, Any]:
-        decoder = self.blocks.decoder
-        return self._corrupted_decoder.get_or_make(
-            (cache_key(config, "decoder"), answer_ids),
-            lambda: decoder.corrupted_run(self, self.corrupted(config), answer_ids))
+    def _target_run(self, block: Any, config: TraceConfig, target: Target) -> tuple[Run, Any]:
+        return self._corrupted_target.get_or_make(
+            (block.name, cache_key(config, "decoder"), target),
+            lambda: block.corrupted_run(self, self.corrupted(config), target))
 
-    def clean_decoder_run(self, answer_ids: tuple[int, ...]) -> Run:
-        """The answer decoder's clean run for ``answer_ids`` (cached)."""
-        decoder = self.blocks.decoder
+    def clean_run(self, block: Any, target: Target) -> Run:
+        """The clean run of ``block`` for ``target`` (cached when it depends on the target)."""
         with torch.no_grad():
-            return self._clean_decoder.get_or_make(answer_ids, lambda: decoder.clean_run(self, answer_ids))
+            if not block.reads_target:
+                return block.clean_run(self, target)
+            return self._clean_target.get_or_make((block.name, target), lambda: block.clean_run(self, target))
 
-    def _runs(self, block: Any, config: TraceConfig, answer_ids: tuple[int, ...],
+    def _runs(self, block: Any, config: TraceConfig, target: Target,
               corrupted: Corrupted | None) -> tuple[Run, Run, Any]:
         """Clean run, corrupted run and cross states of ``block``; ``corrupted=None`` means the cached first draw."""
         with torch.no_grad():
-            if block.name == ANSWER_DECODER:
-                clean = self.clean_decoder_run(answer_ids)
-                run, cross = self._decoder_run(config, answer_ids) if corrupted is None else block.corrupted_run(
-                    self, corrupted, answer_ids)
+            clean = self.clean_run(block, target)
+            if block.reads_target and corrupted is None:
+                run, cross = self._target_run(block, config, target)
             else:
-                clean = block.clean_run(self, answer_ids)
-                run, cross = block.corrupted_run(self, corrupted or self.corrupted(config), answer_ids)
+                run, cross = block.corrupted_run(self, corrupted or self.corrupted(config), target)
         return clean, run, cross
 
     def _corrupt_draw(self, config: TraceConfig, generator: torch.Generator) -> None:
         """Advance ``generator`` past the low score's draw without running the model."""
-        start = {"question": lambda: self.blocks.question.stack.embed(self.ids(self.question_ids)),
+        start = {"question": lambda: self.blocks.reader.stack.embed(self.ids(self.question_ids)),
                  "image": lambda: self.clean.image_embeds, "pixels": lambda: self.pixels,
                  "patches": lambda: self.vision.embed(self.pixels)}[str(config.corrupt)]
         with torch.no_grad():

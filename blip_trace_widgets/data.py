@@ -4,11 +4,18 @@
     >>> image, question, answer = demo_samples()[0]
     >>> image.size, isinstance(question, str)
     ((64, 64), True)
+    >>> easy_vqa_captions("test")[0][1]
+    'a red triangle'
+
+Captions ("a red circle") are built from what the dataset's own questions say about an image
+(:func:`image_facts`); an image whose questions do not settle both its colour and its shape,
+or contradict each other, gets none.
 
 Images are read from the installed package, never from copies in this repository.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 from PIL import Image
@@ -48,6 +55,67 @@ def easy_vqa_questions(split: str = "test") -> list[tuple[str, str, str]]:
     else:
         raise ValueError(f"unknown easy-VQA split {split!r}: use 'train' or 'test'")
     return [(paths[i], t, a) for t, a, i in zip(texts, answers, ids)]
+
+
+_COLOR_WORD = re.compile(r"\b(" + "|".join(COLORS) + r")\b")
+_SHAPE_WORD = re.compile(r"\b(" + "|".join(SHAPES) + r")\b")
+_NEGATION = re.compile(r"\b(not|no)\b")
+
+
+class ImageFacts(NamedTuple):
+    """What an image's questions establish: colours and shapes present, and those said to be absent."""
+
+    colors: frozenset[str]
+    shapes: frozenset[str]
+    absent: frozenset[str]
+
+    @property
+    def caption(self) -> str | None:
+        """'a <colour> <shape>' when exactly one of each is established and nothing contradicts it."""
+        if len(self.colors) != 1 or len(self.shapes) != 1 or (self.colors | self.shapes) & self.absent:
+            return None
+        return f"a {next(iter(self.colors))} {next(iter(self.shapes))}"
+
+
+def image_facts(questions: list[tuple[str, str]]) -> ImageFacts:
+    """Facts from one image's (question, answer) pairs.
+
+    A colour or shape answer is a fact, and so is a colour or shape the question takes for granted
+    ("what color is the circle?" says there is a circle). A yes/no question states presence or absence:
+    "is there a red shape?" → yes means red is present, and "is there not a circle?" → no means a circle is.
+    """
+    colors: set[str] = set()
+    shapes: set[str] = set()
+    absent: set[str] = set()
+    for question, answer in questions:
+        named = set(_COLOR_WORD.findall(question)) | set(_SHAPE_WORD.findall(question))
+        if answer in ("yes", "no"):
+            present = (answer == "yes") != bool(_NEGATION.search(question))
+            if not present:
+                absent |= named
+                continue
+        elif answer in COLORS:
+            colors.add(answer)
+        elif answer in SHAPES:
+            shapes.add(answer)
+        colors |= named & set(COLORS)
+        shapes |= named & set(SHAPES)
+    return ImageFacts(frozenset(colors), frozenset(shapes), frozenset(absent))
+
+
+def easy_vqa_captions(split: str = "test") -> list[tuple[str, str]]:
+    """(image path, caption) for every easy-VQA image of ``split`` whose questions settle its caption,
+    in the order of the image ids."""
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    for path, question, answer in easy_vqa_questions(split):
+        by_image.setdefault(path, []).append((question, answer))
+    pairs = [(path, image_facts(questions).caption) for path, questions in by_image.items()]
+    return sorted(((path, caption) for path, caption in pairs if caption is not None), key=lambda pair: _image_number(pair[0]))
+
+
+def _image_number(path: str) -> int:
+    digits = re.findall(r"\d+", path.rsplit("/", 1)[-1])
+    return int(digits[-1]) if digits else 0
 
 
 def question_type(answer: str) -> str:

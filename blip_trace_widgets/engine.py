@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from . import anatomy
-from .names import ANSWER_DECODER, SEVER_AT, TEXT_KINDS, VISION_KINDS, Kind
+from .names import CAUSAL_BLOCKS, SEVER_AT, TEXT_KINDS, VISION_KINDS, Kind
 
 Cell = tuple[tuple[int, int], ...]  # ((layer, position), ...)
 Edit = Callable[[str, torch.Tensor], torch.Tensor]
@@ -69,7 +69,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 class TextStack:
-    """One of BLIP's text transformers (question encoder or answer decoder), layer by layer."""
+    """One of BLIP's text transformers (question encoder, answer or caption decoder, ITM encoder), layer by layer."""
 
     kinds = TEXT_KINDS
 
@@ -78,7 +78,7 @@ class TextStack:
         self.layers = anatomy.text_layers(model, block)
         self.embeddings = anatomy.text_embeddings(model, block)
         self.heads = anatomy.num_heads(model)
-        self.causal = block == ANSWER_DECODER
+        self.causal = block in CAUSAL_BLOCKS
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -38,7 +38,7 @@ from .cache import LRU
 from .config import TraceConfig, cache_key
 from .engine import Cell, _ChunkEdits, _pairs, chunks, staircase, start_layer
 from .names import VISION_ENCODER
-from .scoring import score_rows
+from .scoring import Target, score_rows
 
 if TYPE_CHECKING:
     from .blocks import Block
@@ -59,16 +59,14 @@ class Gradients:
     terms: dict[str, torch.Tensor]
 
 
-def _scores(tracer: Tracer, block: Block, final: torch.Tensor, answer_ids: tuple[int, ...], config: TraceConfig,
-            contrast: int | None) -> torch.Tensor:
+def _scores(tracer: Tracer, block: Block, final: torch.Tensor, target: Target, config: TraceConfig) -> torch.Tensor:
     """Per-row scores [S, C] of final states [S, C, T, D]."""
-    logits = block.logits(tracer, final, answer_ids)
+    logits = block.logits(tracer, final, target)
     s, c = logits.shape[:2]
-    return score_rows(logits.reshape(s * c, *logits.shape[2:]), list(answer_ids), config.metric, contrast).view(s, c)
+    return score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c)
 
 
-def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, answer_ids: tuple[int, ...],
-                        contrast: int | None) -> Gradients:
+def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, target: Target) -> Gradients:
     """One forward and one backward pass of the corrupted run, with a zero added to every state so that its
     gradient is the gradient with respect to that state. No parameter gradient is made or kept.
 
@@ -78,7 +76,7 @@ def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, answe
         clean, start, cross = tracer.clean_vision, tracer.corrupted_patches(config), [None] * len(block.stack)
         corrupted: Any = None
     else:
-        clean, corrupted, cross = tracer._runs(block, config, answer_ids, None)
+        clean, corrupted, cross = tracer._runs(block, config, target, None)
         start = corrupted.inputs[0]
     stack = block.stack
     leaves: dict[str, list[torch.Tensor]] = {kind: [] for kind in stack.kinds}
@@ -95,7 +93,7 @@ def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, answe
         h = start[:, None]
         for j in range(len(stack)):
             h = stack.layer(j, h, cross[j], mask, edit)
-        scores = _scores(tracer, block, h, answer_ids, config, contrast)[:, 0]
+        scores = _scores(tracer, block, h, target, config)[:, 0]
         grads = iter(torch.autograd.grad(scores.sum(), [leaf for kind in stack.kinds for leaf in leaves[kind]]))
     terms = {}
     for kind in stack.kinds:
@@ -145,18 +143,17 @@ class _PathEdits(_ChunkEdits):
         return x + leaf
 
 
-def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: TraceConfig, answer_ids: tuple[int, ...],
-                contrast: int | None) -> torch.Tensor:
+def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target) -> torch.Tensor:
     """Per sample and cell, the sum over the path points ``alpha = 1/k, ..., (k-1)/k`` of ``delta · gradient``
     there: [S, C]. Every (cell, point) pair is one row of the engine's batches."""
-    clean, run, cross = tracer._runs(block, config, answer_ids, None)
+    clean, run, cross = tracer._runs(block, config, target, None)
     kind = config.kind
     deltas = _deltas(clean.kinds[kind], run.kinds[kind])
     steps, n_layers, samples = int(config.steps), len(block.stack), int(config.samples)
     pairs = [(ci, step / steps) for step in range(1, steps) for ci in range(len(cells))]
     order = sorted(range(len(pairs)), key=lambda i: start_layer(cells[pairs[i][0]], kind, n_layers))
     out = torch.zeros(samples, len(cells), dtype=torch.float64)
-    rows = max(1, block.rows_per_chunk(tracer, config, answer_ids) // (samples * BACKWARD_SHRINK))
+    rows = max(1, block.rows_per_chunk(tracer, config, target) // (samples * BACKWARD_SHRINK))
     for chunk in chunks(order, rows):
         chunk_cells = [cells[pairs[i][0]] for i in chunk]
         alphas = torch.tensor([pairs[i][1] for i in chunk], dtype=deltas[0].dtype, device=tracer.device)
@@ -164,7 +161,7 @@ def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tra
                            corrupted=run.kinds[kind], deltas=deltas, alphas=alphas)
         with torch.enable_grad():
             final = staircase(block.stack, run, cross, chunk_cells, edits)
-            scores = _scores(tracer, block, final, answer_ids, config, contrast)
+            scores = _scores(tracer, block, final, target, config)
             grads = torch.autograd.grad(scores.sum(), [leaf for _, _, leaf in edits.leaves]) if edits.leaves else ()
         terms = torch.zeros(samples, len(chunk), dtype=torch.float64)
         for (j, first, leaf), grad in zip(edits.leaves, grads):
@@ -187,19 +184,17 @@ class Estimator:
     def held(self) -> list[Gradients]:
         return self._gradients.values()
 
-    def gradients(self, block: Block, config: TraceConfig, answer_ids: tuple[int, ...],
-                  contrast: int | None) -> Gradients:
-        key = (block.name, cache_key(config, "decoder"), answer_ids, config.metric, contrast)
-        return self._gradients.get_or_make(
-            key, lambda: corrupted_gradients(self.tracer, block, config, answer_ids, contrast))
+    def gradients(self, block: Block, config: TraceConfig, target: Target) -> Gradients:
+        key = (block.name, cache_key(config, "decoder"), target, config.metric)
+        return self._gradients.get_or_make(key, lambda: corrupted_gradients(self.tracer, block, config, target))
 
-    def estimate(self, block: Block, cells: Sequence[Cell], config: TraceConfig, answer_ids: tuple[int, ...],
-                 contrast: int | None, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def estimate(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+                 progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard error over noise samples of each cell's estimated score."""
-        gradients = self.gradients(block, config, answer_ids, contrast)
+        gradients = self.gradients(block, config, target)
         total = _cell_sums(gradients.terms[config.kind], cells)
         if config.steps > 1:
-            total += _path_terms(self.tracer, block, cells, config, answer_ids, contrast)
+            total += _path_terms(self.tracer, block, cells, config, target)
         estimates = gradients.scores[:, None] + total / int(config.steps)
         if progress is not None:
             progress(len(cells))

@@ -78,13 +78,33 @@ def image_digest(image: Image.Image) -> str:
     return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
 
 
-def check_question(question: Any) -> str:
+EXAMPLES = {"question": "a question about the image, such as 'what color is the shape?'",
+            "text": "the text to match with the image, such as 'a red circle'"}
+
+
+def check_question(question: Any, what: str = "question") -> str:
+    """The question (or, for image-text matching, the text), stripped; a clear error when it is not text."""
     if not isinstance(question, str):
-        raise BlipTraceError(f"the question must be a string, got {type(question).__name__}")
+        raise BlipTraceError(f"the {what} must be a string, got {type(question).__name__}")
     text = question.strip()
     if not text:
-        raise BlipTraceError("the question is empty: type a question about the image, such as 'what color is the shape?'")
+        raise BlipTraceError(f"the {what} is empty: type {EXAMPLES.get(what, 'some text')}")
     return text
+
+
+def encode_prompt(tokenizer: Any, prompt: Any, max_length: int, start_token: int) -> tuple[str, list[int]]:
+    """A captioner's prompt and its decoder start: as BLIP's ``generate()`` does it, the tokenizer's ids
+    with the first ([CLS]) replaced by the decoder's start token and the last ([SEP]) dropped."""
+    if prompt is None:
+        prompt = ""
+    if not isinstance(prompt, str):
+        raise BlipTraceError(f"the prompt must be a string (\"\" for none), got {type(prompt).__name__}")
+    text = prompt.strip()
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    start = [start_token, *ids[1:-1]]
+    if len(start) >= max_length:
+        raise BlipTraceError(f"the prompt is {len(start)} tokens long; the decoder reads at most {max_length}: shorten it")
+    return text, start
 
 
 def encode_question(tokenizer: Any, question: str, max_length: int) -> list[int]:

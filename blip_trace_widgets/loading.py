@@ -1,12 +1,15 @@
-"""Load BLIP for visual question answering into a :class:`BlipBundle`.
+"""Load BLIP (visual question answering, captioning or image-text matching) into a :class:`BlipBundle`.
 
     >>> from blip_trace_widgets import load_model
     >>> bundle = load_model("demo")            # the bundled easy-VQA model, offline
-    >>> bundle.model.training, bundle.device.type
-    (False, 'cpu')
+    >>> bundle.model.training, bundle.device.type, bundle.head
+    (False, 'cpu', 'vqa')
+    >>> load_model("demo-caption").head, load_model("demo-itm").head
+    ('caption', 'itm')
 
-``source`` may be a hub id such as ``"Salesforce/blip-vqa-base"``, a local folder,
-``"demo"``, or a ``(model, processor)`` pair built in code.
+``source`` may be a hub id such as ``"Salesforce/blip-vqa-base"``,
+``"Salesforce/blip-image-captioning-base"`` or ``"Salesforce/blip-itm-base-coco"``, a local
+folder, ``"demo"``, ``"demo-caption"``, ``"demo-itm"``, or a ``(model, processor)`` pair built in code.
 """
 from __future__ import annotations
 
@@ -23,9 +26,12 @@ import torch
 
 from .anatomy import check_blip
 from .errors import BlipTraceError, UnavailableError
-from .names import QUESTION_ENCODER
+from .names import DEMO_MODELS, HEAD_INFO, HUB_MODELS, QUESTION_ENCODER
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+#: The bundled demo models by name: VQA, captioning and image-text matching, all trained on easy-VQA.
+DEMO_DIRS: dict[str, Path] = {name: Path(__file__).resolve().parent / folder for name, folder in
+                              {"demo": "demo_model", "demo-caption": "demo_caption", "demo-itm": "demo_itm"}.items()}
 #: Optional file in a model folder: tracing defaults that suit that model.
 TRACE_DEFAULTS_FILE = "trace_defaults.json"
 ROME_NOISE_SCALE = 3.0
@@ -37,7 +43,8 @@ DTypeLike = Union[torch.dtype, str, None]
 
 @dataclass
 class BlipBundle:
-    """A BLIP VQA model with its processor, on one device, in eval mode without gradients."""
+    """A BLIP model (VQA, captioning or image-text matching) with its processor, on one device, in eval mode
+    without gradients."""
 
     model: Any
     processor: Any
@@ -50,6 +57,13 @@ class BlipBundle:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def head(self) -> str:
+        """Which BLIP head the model is: "vqa", "caption" or "itm"."""
+        from .anatomy import head_of
+
+        return head_of(self.model)
 
     @property
     def tokenizer(self) -> Any:
@@ -111,7 +125,7 @@ def _offline_help(source: str) -> str:
         f"could not load {source!r}: it is not a local folder, and the Hugging Face Hub could not provide it "
         "(no network, no cached copy, or a wrong id). Connect to the internet once, or download it elsewhere "
         f"with `huggingface-cli download {source}` and pass the folder; set HF_HUB_OFFLINE=1 to use the cache. "
-        "Offline, load_model('demo') loads the bundled easy-VQA model."
+        "Offline, load_model('demo'), 'demo-caption' or 'demo-itm' loads a bundled easy-VQA model."
     )
 
 
@@ -245,8 +259,23 @@ def _dtype_argument(dtype: torch.dtype) -> dict[str, Any]:
     return {"dtype": dtype} if version >= (4, 56) else {"torch_dtype": dtype}
 
 
+def _head_class(source: str, config: Any) -> Any:
+    """The transformers class of the checkpoint's head, or a clear error for anything but BLIP's three heads."""
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    known = {info.architecture for info in HEAD_INFO.values()}
+    found = [name for name in architectures if name in known]
+    if config.model_type != "blip" or (architectures and not found):
+        raise ValueError(
+            f"{source!r} is a {config.model_type} model ({', '.join(architectures) or 'unknown head'}), not one of "
+            f"BLIP's heads ({', '.join(sorted(known))}); use a checkpoint such as {', '.join(HUB_MODELS.values())}")
+    # a BLIP configuration that names no head: VQA, as this package did before it traced the other heads
+    return getattr(transformers, found[0] if found else HEAD_INFO["vqa"].architecture)
+
+
 def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoConfig, BlipForQuestionAnswering, BlipProcessor
+    from transformers import AutoConfig, BlipProcessor
 
     access = _hub_access(source)
     source = _half_source(source, dtype, access)
@@ -258,18 +287,13 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
         if Path(source).exists():
             raise ValueError(f"{source!r} is not a Hugging Face model folder ({error})") from None
         raise UnavailableError(_offline_help(source)) from None
-    architectures = getattr(config, "architectures", None) or []
-    if config.model_type != "blip" or (architectures and "BlipForQuestionAnswering" not in architectures):
-        raise ValueError(
-            f"{source!r} is a {config.model_type} model ({', '.join(architectures) or 'unknown head'}), "
-            "not BLIP for VQA; use a BlipForQuestionAnswering checkpoint such as Salesforce/blip-vqa-base"
-        )
+    head_class = _head_class(source, config)
     if Path(source).is_dir():
         _check_folder(Path(source))
     try:
         with _quiet_transformers():
             options: dict[str, Any] = {**_dtype_argument(dtype), **access, "output_loading_info": True}
-            loaded: Any = BlipForQuestionAnswering.from_pretrained(source, **options)
+            loaded: Any = head_class.from_pretrained(source, **options)
             model, info = loaded
             processor = BlipProcessor.from_pretrained(source, **access)
     except (OSError, ConnectionError) as error:
@@ -310,7 +334,8 @@ def load_model(
     device: Union[str, torch.device, None] = None,
     dtype: DTypeLike = None,
 ) -> BlipBundle:
-    """Load BLIP VQA from a hub id, a folder, ``"demo"`` or a ``(model, processor)`` pair."""
+    """Load BLIP from a hub id, a folder, a demo name (``"demo"``, ``"demo-caption"``, ``"demo-itm"``) or a
+    ``(model, processor)`` pair. The bundle's ``head`` says which of BLIP's heads it is."""
     torch_dtype = _dtype(dtype)
     noise_scale = ROME_NOISE_SCALE
     if isinstance(source, tuple):
@@ -320,15 +345,15 @@ def load_model(
         name = getattr(getattr(model, "config", None), "_name_or_path", "") or "custom"
     elif isinstance(source, (str, os.PathLike)):
         name = str(source)
-        path = DEMO_MODEL_DIR if name == "demo" else Path(name)
-        if path.is_dir() or name == "demo":
-            _check_folder(path, ("config.json",))  # the rest once the configuration says it is BLIP VQA
+        path = DEMO_DIRS.get(name, Path(name))
+        if path.is_dir() or name in DEMO_DIRS:
+            _check_folder(path, ("config.json",))  # the rest once the configuration says it is BLIP
         elif path.exists():
             raise BlipTraceError(f"{name!r} is a file; pass a model folder, a hub id such as Salesforce/blip-vqa-base, "
-                                 "or 'demo'")
+                                 f"or one of {', '.join(DEMO_MODELS)}")
         elif not _looks_like_hub_id(name):
             raise BlipTraceError(f"{name!r} is neither a folder nor a hub id such as Salesforce/blip-vqa-base "
-                                 "(did you mean a local folder?); offline, load_model('demo') loads the bundled model")
+                                 f"(did you mean a local folder?); offline, {', '.join(DEMO_MODELS)} are bundled")
         model, processor = _from_pretrained(str(path) if path.exists() else name, torch_dtype)
         if path.is_dir():
             noise_scale = _noise_scale(path)

@@ -2,7 +2,9 @@
 
     >>> from blip_trace_widgets.names import BLOCKS, KIND_LABELS, kinds_of
     >>> BLOCKS
-    ('question_encoder', 'answer_decoder', 'vision_encoder')
+    ('question_encoder', 'answer_decoder', 'caption_decoder', 'itm_encoder', 'vision_encoder')
+    >>> BLOCKS_OF["caption"]
+    ('caption_decoder', 'vision_encoder')
     >>> kinds_of("vision_encoder")
     ('hidden', 'self_attn', 'mlp')
     >>> KIND_LABELS["post_cross_attn"]
@@ -18,10 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Block = Literal["question_encoder", "answer_decoder", "vision_encoder"]
+Block = Literal["question_encoder", "answer_decoder", "caption_decoder", "itm_encoder", "vision_encoder"]
+Head = Literal["vqa", "caption", "itm"]
 Kind = Literal["hidden", "self_attn", "cross_attn", "mlp", "post_self_attn", "post_cross_attn"]
 Stage = Literal["image", "patches", "pixels", "question"]
-Metric = Literal["prob", "logprob", "logit_diff"]
+Metric = Literal["prob", "logprob", "logit_diff", "itc"]
 SeverAt = Literal["restored", "all"]
 Method = Literal["exact", "estimate"]
 
@@ -29,14 +32,54 @@ HIDDEN: Kind = "hidden"
 QUESTION_ENCODER: Block = "question_encoder"
 ANSWER_DECODER: Block = "answer_decoder"
 VISION_ENCODER: Block = "vision_encoder"
+CAPTION_DECODER: Block = "caption_decoder"
+ITM_ENCODER: Block = "itm_encoder"
 
-TEXT_BLOCKS: tuple[Block, ...] = (QUESTION_ENCODER, ANSWER_DECODER)
+TEXT_BLOCKS: tuple[Block, ...] = (QUESTION_ENCODER, ANSWER_DECODER, CAPTION_DECODER, ITM_ENCODER)
 BLOCKS: tuple[Block, ...] = (*TEXT_BLOCKS, VISION_ENCODER)
 BLOCK_LABELS: dict[str, str] = {
     QUESTION_ENCODER: "question encoder",
     ANSWER_DECODER: "answer decoder",
+    CAPTION_DECODER: "caption decoder",
+    ITM_ENCODER: "ITM encoder",
     VISION_ENCODER: "vision encoder",
 }
+#: Text blocks whose self-attention is causal (each position sees only those before it).
+CAUSAL_BLOCKS: tuple[Block, ...] = (ANSWER_DECODER, CAPTION_DECODER)
+
+# ----- heads ------------------------------------------------------------------------------
+#: BLIP's three heads: visual question answering, captioning, image-text matching.
+VQA: Head = "vqa"
+CAPTION: Head = "caption"
+ITM: Head = "itm"
+HEADS: tuple[Head, ...] = (VQA, CAPTION, ITM)
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """How a head is named, which transformers class it is, what its text box holds and what it scores."""
+
+    label: str
+    architecture: str
+    blocks: tuple[Block, ...]  # the first is the default block
+    text: str  # what the text input is, in controls
+    scored: str  # what a trace scores, in titles
+    metrics: tuple[Metric, ...]
+
+
+HEAD_INFO: dict[str, HeadInfo] = {
+    VQA: HeadInfo("visual question answering", "BlipForQuestionAnswering", (QUESTION_ENCODER, ANSWER_DECODER,
+                  VISION_ENCODER), "question", "answer", ("prob", "logprob", "logit_diff")),
+    CAPTION: HeadInfo("captioning", "BlipForConditionalGeneration", (CAPTION_DECODER, VISION_ENCODER), "prompt",
+                      "caption word", ("prob", "logprob", "logit_diff")),
+    ITM: HeadInfo("image-text matching", "BlipForImageTextRetrieval", (ITM_ENCODER, VISION_ENCODER), "text",
+                  "match", ("prob", "logprob", "itc")),
+}
+BLOCKS_OF: dict[str, tuple[Block, ...]] = {head: info.blocks for head, info in HEAD_INFO.items()}
+#: Hub checkpoints of each head, and the bundled demo models (``load_model("demo-caption")``).
+HUB_MODELS: dict[str, str] = {VQA: "Salesforce/blip-vqa-base", CAPTION: "Salesforce/blip-image-captioning-base",
+                              ITM: "Salesforce/blip-itm-base-coco"}
+DEMO_MODELS: dict[str, str] = {"demo": VQA, "demo-caption": CAPTION, "demo-itm": ITM}
 
 #: Kinds of the text transformers (post-LN BERT layers: h1 = LN(h + SA(h)), h2 = LN(h1 + XA(h1)),
 #: h3 = LN(h2 + MLP(h2))). ``self_attn``, ``cross_attn`` and ``mlp`` are each sublayer's own output
@@ -83,11 +126,12 @@ STAGE_LABELS: dict[str, str] = {
     "question": "question tokens",
 }
 
-METRICS: tuple[Metric, ...] = ("prob", "logprob", "logit_diff")
+METRICS: tuple[Metric, ...] = ("prob", "logprob", "logit_diff", "itc")
 METRIC_LABELS: dict[str, str] = {
     "prob": "p(answer)",
     "logprob": "log p(answer)",
     "logit_diff": "logit(answer) − logit(contrast)",
+    "itc": "ITC cosine similarity",
     "effect": "indirect effect (score − low)",
     "normalized": "normalised indirect effect",
 }
@@ -124,12 +168,22 @@ DEFAULT_SAMPLES = 10
 #: Below this total effect, as a fraction of the clean score, a heatmap is mostly noise.
 TINY_EFFECT = 0.1
 MAX_ANSWER_TOKENS = 10
+#: Longest caption the clean pass generates (tokens after the prompt), as ``generate(max_new_tokens=20)``.
+MAX_CAPTION_TOKENS = 20
+#: The base captioner's prompt (its model card's conditional captioning example).
+CAPTION_PROMPT = "a picture of"
 
 
 def window_for(kind: str, window: int) -> int:
     """The window a control's value means for ``kind``: hidden states are restored one layer at a time
     (as in ROME's figures); sublayer kinds take the window."""
     return 1 if kind == HIDDEN else int(window)
+
+
+def metric_label(metric: str, head: str = VQA) -> str:
+    """The label of ``metric`` for ``head``: p(answer), p(caption word), p(match), ..."""
+    label = METRIC_LABELS.get(metric, metric)
+    return label.replace("answer", HEAD_INFO[head].scored) if head in HEAD_INFO else label
 
 
 def kinds_of(block: str) -> tuple[Kind, ...]:

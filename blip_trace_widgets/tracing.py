@@ -1,4 +1,4 @@
-"""Causal tracing of BLIP VQA: corrupt the input, restore one state at a time, score the answer.
+"""Causal tracing of BLIP: corrupt the input, restore one state at a time, score the answer, caption word or match.
 
     >>> from blip_trace_widgets import load_model, trace, demo_samples
     >>> bundle = load_model("demo")
@@ -31,13 +31,15 @@ from .errors import BlipTraceError
 from .estimates import Estimator
 from .inputs import ImageLike
 from .loading import BlipBundle
-from .names import QUESTION_ENCODER, VISION_ENCODER
+from .names import HEAD_INFO, VISION_ENCODER
 from .results import TraceResult
-from .scoring import score_rows
+from .scoring import Target, score_rows
 
 
 class Tracer(CorruptedRuns):
-    """Causal traces of one (image, question), sharing the clean pass and corrupted runs between them."""
+    """Causal traces of one (image, text), sharing the clean pass and corrupted runs between them.
+
+    The text is a VQA model's question, a captioner's prompt ("" for none) or an image-text matcher's text."""
 
     def __init__(
         self,
@@ -66,17 +68,17 @@ class Tracer(CorruptedRuns):
 
         For an estimate the low score comes from the estimate's own pass over the same corrupted draw
         (the same arithmetic), so that no separate corrupted pass is made."""
-        answer_ids, contrast = self._targets(config)
-        decoder = self.blocks.decoder
+        target = self.target(config)
+        last = self.blocks.vision if target.readout == "itc" else self.blocks.last
 
         def score(run: Any) -> torch.Tensor:
-            return score_rows(decoder.head(run.output), list(answer_ids), config.metric, contrast)
+            return score_rows(last.logits(self, run.output[:, None], target)[:, 0], target, config.metric)
 
-        high = score(self.clean_decoder_run(answer_ids))
+        high = score(self.clean_run(last, target))
         if config.method == "estimate":
-            low = self.estimator.gradients(self.blocks[config.block], config, answer_ids, contrast).scores
+            low = self.estimator.gradients(self.blocks[config.block], config, target).scores
         else:
-            low = score(self._runs(decoder, config, answer_ids, None)[1])
+            low = score(self._runs(last, config, target, None)[1])
         return float(low.mean()), float(high[0])
 
     def _check_cells(self, block: Block, cells: Sequence[Cell], positions: int) -> None:
@@ -88,26 +90,25 @@ class Tracer(CorruptedRuns):
                         f"cell entry (layer={layer}, position={pos}) is outside {layers} layers x {positions} positions")
 
     @torch.no_grad()
-    def _score(self, block: Block, cells: Sequence[Cell], config: TraceConfig, answer_ids: tuple[int, ...],
-               contrast: int | None, corrupted: Corrupted | None, progress: Callable[[int], None] | None = None,
+    def _score(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+               corrupted: Corrupted | None, progress: Callable[[int], None] | None = None,
                ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard error over noise samples of each cell's score, against one corrupted draw."""
-        clean_run, corrupted_run, cross = self._runs(block, config, answer_ids, corrupted)
+        clean_run, corrupted_run, cross = self._runs(block, config, target, corrupted)
         self._check_cells(block, cells, int(clean_run.inputs[0].shape[1]))
         clean_states = [x[0] for x in clean_run.kinds[config.kind]]
         severed = corrupted_run.kinds[config.sever] if config.sever else None
         n_layers, samples = len(block.stack), int(config.samples)
         order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], config.kind, n_layers))
         mean, stderr = np.empty(len(cells)), np.empty(len(cells))
-        rows = block.rows_per_chunk(self, config, answer_ids)
+        rows = block.rows_per_chunk(self, config, target)
         for chunk in chunks(order, max(1, rows // samples)):
             chunk_cells = [cells[i] for i in chunk]
             edits = _ChunkEdits.build(config.kind, clean_states, chunk_cells, self.device, sever=config.sever,
                                       severed=severed, sever_at=config.sever_at)
-            logits = block.logits(self, staircase(block.stack, corrupted_run, cross, chunk_cells, edits), answer_ids)
+            logits = block.logits(self, staircase(block.stack, corrupted_run, cross, chunk_cells, edits), target)
             s, c = logits.shape[:2]
-            scores = score_rows(logits.reshape(s * c, *logits.shape[2:]), list(answer_ids), config.metric,
-                                 contrast).view(s, c).double()
+            scores = score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c).double()
             mean[chunk] = scores.mean(0).cpu().numpy()
             stderr[chunk] = (scores.std(0) / np.sqrt(s)).cpu().numpy() if s > 1 else np.nan
             self.stats["engine_chunks"] += 1
@@ -122,7 +123,7 @@ class Tracer(CorruptedRuns):
         With ``fresh_noise`` each cell gets its own draw, in order after the low score's draw (the paper's).
         """
         block = self.blocks[config.block]
-        answer_ids, contrast = self._targets(config)
+        target = self.target(config)
         done = 0
 
         def advance(count: int) -> None:
@@ -133,22 +134,29 @@ class Tracer(CorruptedRuns):
 
         self.stats["engine_calls"] += 1
         if config.method == "estimate":
-            return self.estimator.estimate(block, cells, config, answer_ids, contrast, advance)
+            return self.estimator.estimate(block, cells, config, target, advance)
         if not config.fresh_noise:
-            return self._score(block, cells, config, answer_ids, contrast, None, advance)
+            return self._score(block, cells, config, target, None, advance)
         generator = torch.Generator().manual_seed(int(config.seed))
         self._corrupt_draw(config, generator)
         mean, stderr = np.empty(len(cells)), np.empty(len(cells))
         for i, cell in enumerate(cells):
             corrupted = self._corrupt(config, generator)
-            m, e = self._score(block, [cell], config, answer_ids, contrast, corrupted, advance)
+            m, e = self._score(block, [cell], config, target, corrupted, advance)
             mean[i], stderr[i] = m[0], e[0]
         return mean, stderr
+
+    def scored_text(self, target: Target) -> str:
+        """What a result scores, in words: the answer, the caption word, or "match"."""
+        if target.readout != "decoder":
+            return "match" if target.readout == "match" else "ITC similarity"
+        return str(self.bundle.tokenizer.decode(list(target.tokens))).strip()
 
     # ----- results -----------------------------------------------------------------------
     def trace(self, config: TraceConfig | None = None, *, progress: Progress | None = None, **overrides: Any) -> TraceResult:
         """The heatmap for ``config`` (or :class:`TraceConfig` fields as keywords); cached per config."""
-        config = replace(config, **overrides) if config is not None else TraceConfig(**overrides)
+        config = replace(config, **overrides) if config is not None else TraceConfig(
+            **{"block": HEAD_INFO[self.head].blocks[0], **overrides})
         key = cache_key(config, "result")
         cached = self._results.get(key)
         if cached is not None:
@@ -160,8 +168,8 @@ class Tracer(CorruptedRuns):
                                  f"{config.block.replace('_', ' ')}: use at most {len(block.stack)}")
         if config.block == VISION_ENCODER:
             self.clean_vision  # recorded before the clean pass, which then reuses it  # noqa: B018
-        answer_ids, _ = self._targets(config)
-        layout = block.layout(self, config, answer_ids)
+        target = self.target(config)
+        layout = block.layout(self, config, target)
         extra = dict(layout.extra)
         if config.corrupt == "question":
             extra["corrupted_positions"] = self.corrupt_positions(config)
@@ -170,10 +178,11 @@ class Tracer(CorruptedRuns):
         low, high = self.baselines(config)
         result = TraceResult(
             scores=mean.reshape(shape), low_score=low, high_score=high,
-            answer=self.bundle.tokenizer.decode(list(answer_ids)).strip(), tokens=layout.labels, block=config.block,
+            answer=self.scored_text(target), tokens=layout.labels, block=config.block,
             kind=config.kind, window=int(config.window), stderr=stderr.reshape(shape),
             config={**config.to_json(), "question": self.question, "model": self.bundle.name,
-                    "model_answer": self.model_answer, "answer_ids": [int(i) for i in answer_ids],
+                    "head": self.head, "model_answer": self.model_answer,
+                    "answer_ids": [int(i) for i in target.tokens],
                     "dtype": str(self.bundle.dtype).replace("torch.", ""), **extra},
         )
         result.image = self.image  # for plot_on_image; not serialised
@@ -183,9 +192,10 @@ class Tracer(CorruptedRuns):
 def default_config(bundle: BlipBundle, **overrides: Any) -> TraceConfig:
     """A TraceConfig whose Gaussian noise is the bundle's ``noise_scale`` on the image embeddings
     (ROME's 3σ unless the model folder says otherwise); image-side traces keep ROME's 3σ on the patches."""
+    from .anatomy import head_of
     from .procedures import default_corruption
 
-    block = overrides.get("block", QUESTION_ENCODER)
+    block = overrides.setdefault("block", HEAD_INFO[head_of(bundle.model)].blocks[0])
     stage = overrides.get("corrupt") or ("patches" if block == VISION_ENCODER else "image")
     overrides.setdefault("corruption", default_corruption(bundle, stage))
     return TraceConfig(**overrides)
@@ -202,17 +212,23 @@ def trace(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     **fields: Any,
 ) -> TraceResult:
-    """Causal trace of one image and question.
+    """Causal trace of one image and text: a VQA model's question, a captioner's prompt ("" for none), or the
+    text an image-text matcher matches. The default block is the head's reader (question encoder, caption
+    decoder or ITM encoder). For a captioner ``answer`` is the caption to score (teacher-forced; the model's
+    own greedy caption by default) and ``target=k`` scores its word k; see :func:`~.captioning.trace_caption`
+    for every word at once.
 
     ``procedure`` ("rome", "paper" or "paper_attention", see :mod:`~.procedures`) gives the
     defaults; any :class:`TraceConfig` field passed as a keyword (``block``, ``kind``,
     ``window``, ``corruption``, ``samples``, ``seed``, ``answer``, ``metric``, ``contrast``,
     ``sever``, ``sever_at``, ``corrupt``, ``corrupt_tokens``, ``regions``, ``fresh_noise``,
-    ``method``, ``steps``) overrides them. ``method="estimate"`` gives an attribution-patching
+    ``method``, ``steps``, ``target``) overrides them. ``method="estimate"`` gives an attribution-patching
     estimate of every cell from one forward and one backward pass (see :mod:`~.estimates`).
     """
     from .procedures import procedure_config
 
+    if isinstance(bundle, BlipBundle) and fields.get("block") is None:
+        fields["block"] = HEAD_INFO[bundle.head].blocks[0]
     config = procedure_config(procedure, **fields)
     tracer = Tracer(bundle, image, question, max_batch_rows=max_batch_rows, memory_budget=memory_budget)
     return tracer.trace(config, progress=progress)

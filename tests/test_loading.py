@@ -34,7 +34,7 @@ def test_non_blip_folder_is_a_value_error(tmp_path):
     from transformers import BertConfig, BertModel
 
     BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="not BLIP for VQA"):
+    with pytest.raises(ValueError, match="not one of BLIP.s heads"):
         load_model(str(tmp_path))
 
 
@@ -193,5 +193,5 @@ def test_half_precision_on_a_cpu_sizes_chunks_as_float32(image, question):
         assert bundle.working_itemsize == 4
         tracer = Tracer(bundle, image, question, memory_budget=1 << 20)
         config = TraceConfig(samples=2)
-        rows[dtype] = tracer.blocks.question.rows_per_chunk(tracer, config, tracer._targets(config)[0])
+        rows[dtype] = tracer.blocks.reader.rows_per_chunk(tracer, config, tracer.target(config))
     assert rows["bfloat16"] == rows["float32"]

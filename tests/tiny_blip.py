@@ -2,7 +2,15 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertTokenizer, BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipForQuestionAnswering,
+    BlipImageProcessor,
+    BlipProcessor,
+)
 
 WORDS = ["what", "color", "is", "the", "shape", "?", "red", "blue", "green", "circle", "yes", "no", "a", "there"]
 VOCAB = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *WORDS])}
@@ -33,10 +41,10 @@ def tiny_processor(image_size: int = 32) -> BlipProcessor:
     return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def tiny_config(layers: int = 3, width: int = 32, image_size: int = 32) -> BlipConfig:
+def tiny_config(layers: int = 3, width: int = 32, image_size: int = 32, positions: int = 16) -> BlipConfig:
     text = dict(
         vocab_size=len(VOCAB), hidden_size=width, encoder_hidden_size=width, intermediate_size=2 * width,
-        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=16, initializer_range=0.3,
+        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=positions, initializer_range=0.3,
         bos_token_id=VOCAB["[DEC]"], pad_token_id=0, sep_token_id=VOCAB["[SEP]"], eos_token_id=VOCAB["[SEP]"],
     )
     vision = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
@@ -47,3 +55,15 @@ def tiny_config(layers: int = 3, width: int = 32, image_size: int = 32) -> BlipC
 def tiny_model(seed: int = 0, **kw) -> BlipForQuestionAnswering:
     torch.manual_seed(seed)
     return BlipForQuestionAnswering(tiny_config(**kw))
+
+
+def tiny_captioner(seed: int = 0, **kw) -> BlipForConditionalGeneration:
+    torch.manual_seed(seed)
+    return BlipForConditionalGeneration(tiny_config(**kw))
+
+
+def tiny_matcher(seed: int = 0, **kw) -> BlipForImageTextRetrieval:
+    torch.manual_seed(seed)
+    config = tiny_config(**kw)
+    config.image_text_hidden_size = 16
+    return BlipForImageTextRetrieval(config)

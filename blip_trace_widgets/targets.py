@@ -1,0 +1,109 @@
+"""What a trace scores for each head: a VQA answer, a word of a caption, or the match of a text.
+
+    >>> from blip_trace_widgets import load_model, demo_samples, TraceConfig
+    >>> from blip_trace_widgets.targets import TargetedPass
+    >>> image, _, _ = demo_samples()[0]
+    >>> captioned = TargetedPass(load_model("demo-caption"), image, "")
+    >>> captioned.caption_words()
+    ['a', 'red', 'triangle']
+    >>> target = captioned.target(TraceConfig(block="caption_decoder", target=1))
+    >>> target.tokens == tuple(captioned.bundle.tokenizer.convert_tokens_to_ids(["red"])), target.offset
+    (True, 1)
+
+Settings that mean nothing for a head (a caption word for VQA, an answer for image-text
+matching, ITC restored through the ITM encoder) are refused here with an error naming what to use.
+"""
+from __future__ import annotations
+
+from . import anatomy
+from .clean import CleanPass
+from .config import TraceConfig
+from .errors import BlipTraceError
+from .inputs import encode_answer
+from .names import CAPTION, HEAD_INFO, ITM, VISION_ENCODER, VQA
+from .roles import words_of
+from .scoring import Target
+
+
+class TargetedPass(CleanPass):
+    """The clean pass of one (image, text), and what each :class:`TraceConfig` scores on it."""
+
+    # ----- what is scored ----------------------------------------------------------------
+    def caption_ids(self, caption: str | None) -> tuple[int, ...]:
+        """Captioning: the caption's tokens after the prompt, the model's greedy caption or ``caption``."""
+        if caption is None:
+            if not self.clean.greedy_ids:
+                raise BlipTraceError("the model gives an empty caption; pass answer='...' to score a caption")
+            return tuple(self.clean.greedy_ids)
+        return tuple(encode_answer(self.bundle.tokenizer, caption))
+
+    def caption_words(self, caption: str | None = None) -> list[str]:
+        """Captioning: the words of the caption (the model's, or ``caption``), in order; ``target=k`` scores word k."""
+        tokens = self.bundle.tokenizer.convert_ids_to_tokens(list(self.caption_ids(caption)))
+        return [self.bundle.tokenizer.convert_tokens_to_string([tokens[i] for i in word]).strip()
+                for word in words_of(tokens)]
+
+    def answer_ids(self, answer: str | None) -> tuple[int, ...]:
+        """VQA: tokens scored: the clean greedy first token, or the given answer's tokens."""
+        if answer is None:
+            if not self.clean.greedy_ids:
+                raise BlipTraceError("the model gives an empty answer to this question; pass answer='...' to score one")
+            return (self.clean.greedy_ids[0],)
+        ids = tuple(encode_answer(self.bundle.tokenizer, answer))
+        limit = int(anatomy.text_config(self.model).max_position_embeddings)
+        if len(ids) >= limit:
+            raise BlipTraceError(f"the answer is {len(ids)} tokens long; the decoder reads at most {limit - 1}: shorten it")
+        return ids
+
+    def target(self, config: TraceConfig) -> Target:
+        """What ``config`` scores for this model's head."""
+        self.check_config(config)
+        contrast = None
+        if config.metric == "logit_diff":
+            contrast = encode_answer(self.bundle.tokenizer, config.contrast or "")[0]
+        if self.head == ITM:
+            return Target(tuple(self.question_ids), readout="itc" if config.metric == "itc" else "match")
+        bos = int(anatomy.text_config(self.model).bos_token_id)
+        if self.head == VQA:
+            tokens = self.answer_ids(config.answer)
+            target = Target((bos, *tokens[:-1]), tokens, 0, contrast)
+        else:
+            target = self._caption_target(config, contrast)
+        if contrast is not None and contrast == target.tokens[0]:
+            raise BlipTraceError(f"the contrast starts with the same token as the {HEAD_INFO[self.head].scored}; "
+                                 "pick another contrast")
+        return target
+
+    def _caption_target(self, config: TraceConfig, contrast: int | None) -> Target:
+        ids = self.caption_ids(config.answer)
+        words = words_of(self.bundle.tokenizer.convert_ids_to_tokens(list(ids)))
+        k = int(config.target or 0)
+        if k >= len(words):
+            raise BlipTraceError(f"target={k}, but the caption {self.bundle.tokenizer.decode(list(ids))!r} has "
+                                 f"{len(words)} words: use 0 to {len(words) - 1}")
+        start, end = words[k][0], words[k][-1] + 1
+        inputs = (*self.question_ids, *ids[: end - 1])
+        limit = int(anatomy.text_config(self.model).max_position_embeddings)
+        if len(inputs) > limit:
+            raise BlipTraceError(f"the prompt and caption up to word {k} are {len(inputs)} tokens; the decoder reads "
+                                 f"at most {limit}: shorten them")
+        return Target(inputs, ids[start:end], len(self.question_ids) - 1 + start, contrast)
+
+    def check_config(self, config: TraceConfig) -> None:
+        """Refuse settings that mean nothing for this model's head, naming what to use."""
+        anatomy.check_head_block(self.head, config.block)
+        info = HEAD_INFO[self.head]
+        if config.metric not in info.metrics:
+            raise BlipTraceError(f"metric {config.metric!r} does not apply to a {info.label} model: use one of "
+                                 f"{', '.join(info.metrics)}")
+        if config.target is not None and self.head != CAPTION:
+            raise BlipTraceError("target picks a word of a caption: use it with a captioning model")
+        if self.head == ITM and config.answer is not None:
+            raise BlipTraceError("image-text matching scores the match of the text itself: pass the caption to "
+                                 "match as the text, and no answer")
+        if config.metric == "itc" and config.block != VISION_ENCODER:
+            raise BlipTraceError("ITC compares the image with the text read without the image, so restoring the "
+                                 "ITM encoder cannot change it: trace block='vision_encoder', or use metric='prob'")
+        if config.corrupt == "question" and self.blocks.reader.reads_target:
+            raise BlipTraceError("a captioner has no question to corrupt: corrupt the image (corrupt='image', "
+                                 "'patches' or 'pixels')")
