@@ -1,4 +1,4 @@
-"""blip-trace-widgets: live causal tracing of BLIP visual question answering.
+"""blip-trace-widgets: live causal tracing of BLIP: visual question answering, captioning, image-text matching.
 
     >>> from blip_trace_widgets import load_model, trace, demo_samples
     >>> bundle = load_model("demo")
@@ -26,9 +26,10 @@ _PUBLIC: dict[str, str] = {
     "BlipTraceError": "errors",
     "TraceResult": "results",
     "TraceConfig": "tracing", "Tracer": "tracing", "trace": "tracing", "default_config": "tracing",
+    "CaptionTrace": "captioning", "trace_caption": "captioning",
     "PROCEDURES": "procedures", "procedure_config": "procedures",
     "estimate_sigma": "noise_level",
-    "demo_samples": "data", "shape_box": "data",
+    "demo_samples": "data", "shape_box": "data", "easy_vqa_captions": "data",
     "load_vqa_subset": "subsets", "open_image": "subsets",
     "sweep": "sweep", "load_sweep": "sweep",
     "average_effect": "aggregate", "average_trace": "aggregate", "bootstrap_interval": "aggregate",
@@ -54,8 +55,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
     from .aggregate import average_effect, average_trace, bootstrap_interval
+    from .captioning import CaptionTrace, trace_caption
     from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, Scale, UniformNoise
-    from .data import demo_samples, shape_box
+    from .data import demo_samples, easy_vqa_captions, shape_box
     from .errors import BlipTraceError
     from .loading import BlipBundle, load_model
     from .noise_level import estimate_sigma

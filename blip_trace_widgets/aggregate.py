@@ -204,5 +204,6 @@ def average_trace(
         config={"form": form, "by": by, "questions": int(used), "left_out": effects.attrs["left_out"],
                 "total_effect": total, "correct_only": correct_only,
                 "corruption": json.loads(corruption) if isinstance(corruption, str) else corruption,
-                "metric": "effect" if form == "rome" else "normalized", **extra},
+                "metric": "effect" if form == "rome" else "normalized",
+                "head": str(first_row.get("head") or "vqa"), **extra},
     )

@@ -2,6 +2,8 @@
 
     blip-trace demo --out trace-output
     blip-trace trace --model demo --image cat.png --question "what color is the cat?" --out out/
+    blip-trace trace --model demo-caption --image cat.png --out out/          # every word of the caption
+    blip-trace trace --model demo-itm --image cat.png --text "a red circle" --out out/
     blip-trace sweep --dataset easy-vqa-color --limit 50 --model demo --out sweep-output
     accelerate launch --multi_gpu --num_processes 2 -m blip_trace_widgets sweep --dataset coco-qa-color ...
 
@@ -29,8 +31,15 @@ from .names import (
     ANSWER_DECODER,
     ANSWER_MODES,
     BLOCKS,
+    CAPTION,
+    CAPTION_DECODER,
+    DEMO_MODELS,
     DTYPES,
+    HEAD_INFO,
     HIDDEN,
+    HUB_MODELS,
+    ITM,
+    ITM_ENCODER,
     KINDS,
     MAX_STEPS,
     METHOD_LABELS,
@@ -49,6 +58,8 @@ from .names import (
 
 DEMO_TRACES = [*((QUESTION_ENCODER, kind, window_for(kind, 3)) for kind in SUBLAYER_KINDS),
                (ANSWER_DECODER, HIDDEN, 1), (VISION_ENCODER, HIDDEN, 1)]
+#: The demo's traces of the other two heads: (model, block, kind, window).
+DEMO_HEAD_TRACES = [("demo-caption", CAPTION_DECODER, "mlp", 3), ("demo-itm", ITM_ENCODER, "mlp", 3)]
 
 
 class UsageError(BlipTraceError):
@@ -107,7 +118,7 @@ def run_demo(args: argparse.Namespace) -> int:
           f"({levels[1]:g}σ on the patch embeddings for the image-side trace), "
           f"{args.samples} noise samples")
     out = Path(args.out)
-    bar = _progress_bar(len(samples) * len(DEMO_TRACES))
+    bar = _progress_bar(len(samples) * len(DEMO_TRACES) + len(DEMO_HEAD_TRACES))
     heatmaps, overlays = 0, 0
     for index, (image, question, expected) in enumerate(samples):
         tracer = Tracer(bundle, image, question)
@@ -126,10 +137,36 @@ def run_demo(args: argparse.Namespace) -> int:
             bar.update(1)
             flag = "  (corruption has almost no effect: this map is noise)" if result.is_tiny() else ""
             bar.write(f"    {block:16s} {kind:10s} -> {png} , {js.name}{flag}")
+    heatmaps += _demo_heads(args, samples[0][0], out, bar)
     bar.close()
     print(f"\nwrote {heatmaps} heatmaps with their JSON results, and {overlays} image overlays (*-on-image.png), "
           f"to {out.resolve()} in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _demo_heads(args: argparse.Namespace, image: Any, out: Path, bar: Any) -> int:
+    """The demo's captioning trace (the caption's colour word) and image-text matching trace (its own caption)."""
+    from .tracing import Tracer, default_config
+
+    written = 0
+    for model, block, kind, window in DEMO_HEAD_TRACES:
+        bundle = _load(model, args.device, None)
+        caption_model = bundle.head == CAPTION
+        tracer = Tracer(bundle, image, "" if caption_model else Tracer(_load("demo-caption", args.device, None),
+                                                                         image, "").model_answer)
+        fields = {"target": 1} if caption_model else {}
+        config = default_config(bundle, block=block, kind=kind, window=window, samples=args.samples, seed=args.seed,
+                                **fields)
+        result = tracer.trace(config)
+        what = (f"caption {tracer.model_answer!r}, word {result.answer!r}" if caption_model
+                else f"text {tracer.question!r}: {tracer.model_answer} (p {tracer.match_probability:.3f})")
+        bar.write(f"\n[{model}] {HEAD_INFO[bundle.head].label}: {what}")
+        png, js = _write(result, out, f"{model}-{output_stem(tracer.question or 'caption', tracer.image_key, config)}")
+        bar.update(1)
+        flag = "  (corruption has almost no effect: this map is noise)" if result.is_tiny() else ""
+        bar.write(f"    {block:16s} {kind:10s} -> {png} , {js.name}{flag}")
+        written += 1
+    return written
 
 
 def _corrupt_tokens(text: str | None) -> Any:
@@ -144,6 +181,7 @@ def _corrupt_tokens(text: str | None) -> Any:
 def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
     from .procedures import default_corruption, procedure_config
 
+    args.block = args.block or HEAD_INFO[bundle.head].blocks[0]
     stage = args.corrupt or ("patches" if args.block == VISION_ENCODER else "image")
     if args.noise is not None:
         corruption = from_name(args.noise, args.scale)
@@ -157,21 +195,27 @@ def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
                             corruption=corruption, samples=args.samples, seed=args.seed, answer=args.answer,
                             metric=args.metric, contrast=args.contrast, sever=args.sever, sever_at=args.sever_at,
                             corrupt=args.corrupt, corrupt_tokens=_corrupt_tokens(args.corrupt_tokens),
-                            regions=args.regions, method=args.method, steps=args.steps)
+                            regions=args.regions, method=args.method, steps=args.steps, target=args.target)
 
 
 def run_trace(args: argparse.Namespace) -> int:
     from .tracing import Tracer
 
-    if args.model != "demo" and not Path(args.model).exists() and "/" not in args.model:
-        raise UsageError(f"--model {args.model!r} is neither 'demo', a folder, nor a hub id such as "
-                         "Salesforce/blip-vqa-base (did you mean a local folder?)")
+    if args.model not in DEMO_MODELS and not Path(args.model).exists() and "/" not in args.model:
+        raise UsageError(f"--model {args.model!r} is neither {', '.join(DEMO_MODELS)}, a folder, nor a hub id such as "
+                         f"{', '.join(HUB_MODELS.values())} (did you mean a local folder?)")
     if not Path(args.image).is_file():
         raise UsageError(f"--image {args.image!r}: no such file")
     bundle = _load(args.model, args.device, args.dtype)
+    head = bundle.head
+    if args.question is None and head != CAPTION:
+        option = "--question" if head != ITM else "--text"
+        raise UsageError(f"{option} is required for a {HEAD_INFO[head].label} model: the {HEAD_INFO[head].text}")
     config = _trace_config(args, bundle)
-    tracer = Tracer(bundle, args.image, args.question)
-    print(f"question: {tracer.question}\nmodel's answer: {tracer.model_answer!r}")
+    tracer = Tracer(bundle, args.image, args.question or "")
+    if head == CAPTION and args.target is None:
+        return _trace_every_word(args, tracer, config)
+    print(_what_the_model_says(tracer))
     unknown = tracer.unknown_words
     if unknown:
         print(f"warning: the model's vocabulary lacks {', '.join(map(repr, unknown))}; it reads [UNK] there, "
@@ -193,7 +237,7 @@ def run_trace(args: argparse.Namespace) -> int:
         overlay = Path(args.out) / f"{stem}-on-image.png"
         overlay.write_bytes(figure_png(plot_on_image(result, tracer.image)))
         print(f"wrote {overlay}")
-    print(f"scored answer: {result.answer!r}  clean {result.high_score:.4f}  corrupted {result.low_score:.4f}  "
+    print(f"scored {result.scored}  clean {result.high_score:.4f}  corrupted {result.low_score:.4f}  "
           f"total effect {result.total_effect:.4f}")
     if result.is_tiny():
         print("warning: the corruption has almost no effect on this answer; the heatmap is noise. "
@@ -202,11 +246,42 @@ def run_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _what_the_model_says(tracer: Any) -> str:
+    if tracer.head == CAPTION:
+        return f"prompt: {tracer.question!r}\nmodel's caption: {tracer.model_answer!r}"
+    if tracer.head == ITM:
+        return f"text: {tracer.question}\nmodel: {tracer.model_answer} (p(match) {tracer.match_probability:.4f})"
+    return f"question: {tracer.question}\nmodel's answer: {tracer.model_answer!r}"
+
+
+def _trace_every_word(args: argparse.Namespace, tracer: Any, config: Any) -> int:
+    """A captioner without --target: one heatmap per word of the caption, and the summary."""
+    from dataclasses import replace
+
+    from .captioning import CaptionTrace
+
+    print(_what_the_model_says(tracer))
+    words = tracer.caption_words(config.answer)
+    results = []
+    for k, word in enumerate(words):
+        one = replace(config, target=k)
+        result = tracer.trace(one)
+        png, js = _write(result, Path(args.out), f"word{k}-{output_stem(word, tracer.image_key, one)}")
+        print(f"word {k} {word!r}: clean {result.high_score:.4f}  corrupted {result.low_score:.4f}  total effect "
+              f"{result.total_effect:.4f}  -> {png}")
+        results.append(result)
+    print(CaptionTrace(tracer.question, words, results).describe())
+    return 0
+
+
 def run_sweep(args: argparse.Namespace) -> int:
     from .subsets import load_vqa_subset
     from .sweep import _ProcessGroup, process_device, sweep
     from .tracing import TraceConfig
 
+    bundle = _load(args.model, args.device or process_device(), args.dtype)
+    args.block = args.block or HEAD_INFO[bundle.head].blocks[0]
+    _check_sweep_dataset(args.dataset, bundle.head)
     vision = args.block == VISION_ENCODER
     allowed = kinds_of(args.block)
     kinds = [k.strip() for k in (args.kinds or ",".join(allowed)).split(",") if k.strip()]
@@ -221,18 +296,17 @@ def run_sweep(args: argparse.Namespace) -> int:
                               csv_path=args.csv, image_dir=args.image_dir)
     if not samples:
         raise UsageError(f"no questions in {args.dataset} match --words {args.words}")
-    device = args.device or process_device()
-    if device is not None and device.startswith("cpu"):
+    if bundle.device.type == "cpu":
         _share_cpu_threads()
-    bundle = _load(args.model, device, args.dtype)
     from .procedures import default_corruption
 
     stage = "patches" if vision else "image"
     corruption = from_name(args.noise, args.scale) if args.noise else default_corruption(bundle, stage)
     configs = [TraceConfig(block=args.block, kind=kind, window=window_for(kind, args.window),
                            corruption=corruption, samples=args.samples, seed=args.seed, regions=args.regions,
-                           metric=args.metric, method=args.method or "exact", steps=1 if args.steps is None else args.steps)
-               for kind in kinds]
+                           metric=args.metric, method=args.method or "exact", steps=1 if args.steps is None else args.steps,
+                           target=target)
+               for target in _targets(args.targets, bundle.head) for kind in kinds]
     out = Path(args.out)
     group = _ProcessGroup()
     shard = group.shard
@@ -249,6 +323,29 @@ def run_sweep(args: argparse.Namespace) -> int:
     if group.is_main:
         _write_averages(table, out, args.correct_only, vision, started)
     return 0
+
+
+def _check_sweep_dataset(dataset: str, head: str) -> None:
+    from .subsets import CAPTION_SUBSETS
+
+    if (dataset in CAPTION_SUBSETS) != (head != "vqa"):
+        wanted = ", ".join(CAPTION_SUBSETS) if head != "vqa" else "a question set"
+        raise UsageError(f"--dataset {dataset} does not suit a {HEAD_INFO[head].label} model: use {wanted}")
+
+
+def _targets(text: str | None, head: str) -> list[int | None]:
+    """--targets: the caption words each captioning configuration scores (default: words 0, 1 and 2)."""
+    if head != CAPTION:
+        if text is not None:
+            raise UsageError("--targets picks caption words: use it with a captioning model")
+        return [None]
+    try:
+        targets = [int(t) for t in (text or "0,1,2").split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--targets must be comma-separated word indices such as 1,2; got {text!r}") from None
+    if not targets or min(targets) < 0:
+        raise UsageError(f"--targets must be word indices 0 or above; got {text!r}")
+    return list(dict.fromkeys(targets))
 
 
 def _write_averages(table: Any, out: Path, correct_only: bool, vision: bool, started: float) -> None:
@@ -304,9 +401,10 @@ def _add_trace_options(one: argparse.ArgumentParser) -> None:
     one.add_argument("--procedure", choices=list(PROCEDURES), default="rome",
                      help="preset to start from: " + "; ".join(f"{p.name}: {p.summary}" for p in PROCEDURES.values())
                           + " (default: %(default)s); the options below override it")
-    one.add_argument("--block", choices=BLOCKS, default=QUESTION_ENCODER,
-                     help="which transformer to restore states in: the question encoder, the answer decoder or "
-                          "the vision encoder (default: %(default)s)")
+    one.add_argument("--block", choices=BLOCKS, default=None,
+                     help="which transformer to restore states in: "
+                          + "; ".join(f"{info.label}: {', '.join(info.blocks)}" for info in HEAD_INFO.values())
+                          + " (default: the first of the model's)")
     one.add_argument("--kind", choices=KINDS, default=None,
                      help="which state to restore: the layer output (hidden), a sublayer's own output (self_attn, "
                           "cross_attn, mlp), or the residual after a sublayer (post_self_attn, post_cross_attn); "
@@ -317,7 +415,11 @@ def _add_trace_options(one: argparse.ArgumentParser) -> None:
     one.add_argument("--scale", type=float, default=None, help=_noise_help())
     one.add_argument("--samples", type=int, default=None, help="noise samples averaged per cell (default: 10)")
     one.add_argument("--seed", type=int, default=None, help="noise seed (default: 0)")
-    one.add_argument("--answer", default=None, help="answer to score (default: the model's own first answer token)")
+    one.add_argument("--answer", default=None,
+                     help="VQA: the answer to score (default: the model's own first answer token); captioning: the "
+                          "caption to score, teacher-forced (default: the model's own greedy caption)")
+    one.add_argument("--target", type=int, default=None,
+                     help="captioning: the word of the caption to score, from 0 (default: every word in turn)")
     one.add_argument("--metric", choices=METRICS, default=None, help="what is scored (default: prob)")
     one.add_argument("--contrast", default=None, help="with --metric logit_diff: the answer to compare against")
     one.add_argument("--sever", choices=SEVERABLE, default=None,
@@ -348,9 +450,13 @@ def _add_sweep_parser(sub: Any) -> None:
     many.add_argument("--limit", type=int, default=None, help="at most this many questions")
     many.add_argument("--words", type=int, default=None,
                       help="keep questions of exactly this many words (the paper used 7)")
-    many.add_argument("--model", default="demo", help="'demo', a local folder or a hub id (default: %(default)s)")
+    many.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder or a hub id "
+                      "(default: %(default)s)")
     many.add_argument("--out", required=True, help="folder for the table and figures")
-    many.add_argument("--block", choices=BLOCKS, default=QUESTION_ENCODER, help="(default: %(default)s)")
+    many.add_argument("--block", choices=BLOCKS, default=None, help="(default: the first of the model's)")
+    many.add_argument("--targets", default=None,
+                      help="captioning: comma-separated caption words to score, from 0 (default: 0,1,2); a caption "
+                           "without such a word is skipped for it")
     many.add_argument("--kinds", default=None,
                       help=f"comma-separated kinds to trace (default: {','.join(KINDS)}; "
                            f"{','.join(VISION_KINDS)} for the vision encoder)")
@@ -378,14 +484,17 @@ def _add_sweep_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="blip-trace", description="Causal tracing of BLIP visual question answering (ROME-style).")
+    parser = _Parser(prog="blip-trace", description="Causal tracing of BLIP (ROME-style): visual question answering, "
+                     "captioning and image-text matching.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="trace a few easy-VQA samples on the bundled demo model (offline)",
-                          description="Offline: the bundled demo model on a few easy-VQA test samples. Traces hidden, "
+                          description="Offline: the bundled demo models on a few easy-VQA test samples. Traces hidden, "
                                       "MLP, self-attention and cross-attention of the question encoder, hidden states "
-                                      "of the answer decoder and of the vision encoder; writes a PNG and a JSON per "
-                                      "trace, and an overlay on the image for the vision encoder.")
+                                      "of the answer decoder and of the vision encoder; then the demo captioner's "
+                                      "colour word and the demo matcher's p(match) for that caption (MLP, window 3); "
+                                      "writes a PNG and a JSON per trace, and an overlay on the image for the vision "
+                                      "encoder.")
     demo.add_argument("--out", default="trace-output", help="folder for the PNG and JSON files (default: %(default)s)")
     demo.add_argument("--samples", type=int, default=10, help="noise samples per trace (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
@@ -394,10 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     one = sub.add_parser("trace", help="trace one image and question", description="Run one causal trace and write "
                          "its heatmap (PNG) and result (JSON), named after the question, image and configuration.")
-    one.add_argument("--model", default="demo", help="'demo', a local folder, or a hub id such as "
-                     "Salesforce/blip-vqa-base (default: %(default)s)")
+    one.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder, or a hub id such as "
+                     f"{', '.join(HUB_MODELS.values())} (default: %(default)s)")
     one.add_argument("--image", required=True, help="path of the image file")
-    one.add_argument("--question", required=True, help="the question about the image")
+    one.add_argument("--question", "--prompt", "--text", dest="question", default=None,
+                     help="VQA: the question about the image (required); captioning: the prompt, such as "
+                          "'a picture of' (default: none); image-text matching: the text to match (required)")
     _add_trace_options(one)
     one.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
     one.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")

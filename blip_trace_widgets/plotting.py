@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .names import BLOCK_LABELS, KIND_COLORMAPS, KIND_LABELS, METRIC_LABELS, STAGE_LABELS, TINY_EFFECT, VISION_ENCODER
+from .names import BLOCK_LABELS, KIND_COLORMAPS, KIND_LABELS, STAGE_LABELS, TINY_EFFECT, VISION_ENCODER, metric_label
 
 if TYPE_CHECKING:
     from .results import TraceResult
@@ -79,7 +79,7 @@ def trace_title(result: TraceResult, width: int = 70) -> str:
     what = f"Restoring {BLOCK_LABELS.get(result.block, result.block)} {KIND_LABELS.get(result.kind, result.kind)}"
     if result.is_estimate:
         what = method_text(result) + ": " + what
-    scores = (f"answer {result.answer!r}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, "
+    scores = (f"{result.scored}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, "
               f"total effect {result.total_effect:.3g}")
     lines = [what + window + severed, how, scores] if config.get("corruption") else [what + window + severed, scores]
     return "\n".join(textwrap.fill(line, width) for line in lines)
@@ -96,7 +96,7 @@ def _scale(result: TraceResult, data: np.ndarray, normalized: bool, top: str) ->
         return -1.0, 1.0, "normalised effect (fixed range −1 to 1)"
     if top not in TOPS:
         raise ValueError(f"top must be one of {', '.join(TOPS)}, got {top!r}")
-    label = METRIC_LABELS.get(result.metric, result.metric)
+    label = metric_label(result.metric, result.head)
     low = result.low_score
     finite = data[np.isfinite(data)]
     if top == "range" and finite.size:  # averages: their real range
@@ -131,7 +131,7 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
     if show == "stderr":
         data = result.stderr if result.stderr is not None else np.full_like(result.scores, np.nan)
         image = ax.pcolormesh(data, cmap="Greys", shading="flat", vmin=0.0)
-        bar_label = f"standard error of {METRIC_LABELS.get(result.metric, result.metric)} over noise samples"
+        bar_label = f"standard error of {metric_label(result.metric, result.head)} over noise samples"
     elif show == "scores":
         data = result.normalized() if normalized else result.scores
         vmin, vmax, bar_label = _scale(result, data, normalized, top)
@@ -361,7 +361,7 @@ def plot_on_image(result: TraceResult, image: Any = None, *, layer: int | Sequen
                       + f"{KIND_LABELS.get(result.kind, result.kind)} restored per region"
                       + (f", window {result.window}" if result.window > 1 else "")
                       + f"; {corruption_text(result.config)}, {result.config.get('samples', '?')} noise samples", 90)
-        + f"\nanswer {result.answer!r}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, total effect "
+        + f"\n{result.scored}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, total effect "
         f"{result.total_effect:.3g}; restoring CLS: " + ", ".join(f"{v:.2f}" for v in cls[layers]) + flag, fontsize=8)
     shown = colormaps[cmap]
     bar_map = LinearSegmentedColormap.from_list("effect", [(0.9, 0.9, 0.9), *shown(np.linspace(0.25, 1.0, 8))[:, :3]])

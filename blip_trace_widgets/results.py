@@ -92,6 +92,20 @@ class TraceResult:
         return str(self.config.get("metric", "prob"))
 
     @property
+    def head(self) -> str:
+        """The model's head: "vqa", "caption" or "itm" (results saved before captioning was traced are VQA)."""
+        return str(self.config.get("head") or "vqa")
+
+    @property
+    def scored(self) -> str:
+        """What the scores are of, in words: "answer 'red'", "caption word 'red'" or "match with 'a red circle'"."""
+        if "questions" in self.config:  # an average over a sweep
+            return str(self.answer)
+        if self.head == "itm":
+            return f"match with {self.config.get('question', '')!r}"
+        return f"{'caption word' if self.head == 'caption' else 'answer'} {self.answer!r}"
+
+    @property
     def is_estimate(self) -> bool:
         """Whether the scores are attribution-patching estimates (``method="estimate"``), not patched runs."""
         return self.config.get("method") == "estimate"

@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image
 
-from .data import VQASample, easy_vqa_questions, question_type
+from .data import VQASample, easy_vqa_captions, easy_vqa_questions, question_type
 from .errors import UnavailableError
 from .inputs import image_digest, to_rgb_image
 
@@ -54,9 +54,11 @@ PAPER_FILES: dict[str, str] = {
 EASY_VQA_SUBSETS: dict[str, str | None] = {
     "easy-vqa": None, "easy-vqa-color": "color", "easy-vqa-shape": "shape", "easy-vqa-yes-no": "yes/no",
 }
+#: Captioning subsets: samples are (image, prompt "", reference caption).
+CAPTION_SUBSETS: tuple[str, ...] = ("easy-vqa-captions",)
 CAULDRON = "HuggingFaceM4/the_cauldron"
 CAULDRON_SUBSETS: dict[str, str] = {"cauldron-cocoqa": "cocoqa", "cauldron-clevr": "clevr"}
-SUBSETS: tuple[str, ...] = (*PAPER_FILES, *EASY_VQA_SUBSETS, *CAULDRON_SUBSETS)
+SUBSETS: tuple[str, ...] = (*PAPER_FILES, *EASY_VQA_SUBSETS, *CAPTION_SUBSETS, *CAULDRON_SUBSETS)
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
@@ -218,6 +220,12 @@ def _easy_vqa_samples(kind: str | None) -> Iterator[VQASample]:
             yield VQASample(ImageRef(Path(path), label=f"easy-VQA {Path(path).name}"), question, answer)
 
 
+def _easy_vqa_caption_samples() -> Iterator[VQASample]:
+    """easy-VQA test images with the captions their own questions settle (see :func:`~.data.easy_vqa_captions`)."""
+    for path, caption in easy_vqa_captions("test"):
+        yield VQASample(ImageRef(Path(path), label=f"easy-VQA {Path(path).name}"), "", caption)
+
+
 def load_vqa_subset(
     name: str,
     *,
@@ -242,6 +250,8 @@ def load_vqa_subset(
     folder = Path(image_dir) if image_dir is not None else None
     if name in EASY_VQA_SUBSETS:
         stream: Iterable[VQASample] = _easy_vqa_samples(EASY_VQA_SUBSETS[name])
+    elif name in CAPTION_SUBSETS:
+        stream = _easy_vqa_caption_samples()
     elif name in CAULDRON_SUBSETS:
         stream = hf_samples(CAULDRON, config=CAULDRON_SUBSETS[name], split="train", streaming=True)
     elif name == "clevr-spatial":
@@ -307,6 +317,35 @@ def hf_samples(
             count += 1
             if limit is not None and count >= limit:
                 return
+
+
+def hf_caption_samples(
+    dataset: Any,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    streaming: bool = True,
+    image: str = "image",
+    caption: str = "caption",
+    prompt: str = "",
+    limit: int | None = None,
+) -> Iterator[VQASample]:
+    """Captioning samples (image, ``prompt``, reference caption) from any ``datasets`` captioning dataset, by
+    its column names; a column holding several captions per image gives its first."""
+    if isinstance(dataset, str):
+        dataset = _load_hf(dataset, config, split, streaming)
+    for count, row in enumerate(dataset):
+        if image not in row or caption not in row:
+            raise ValueError(f"the dataset has columns {sorted(row)}; name its image and caption columns, "
+                             "e.g. hf_caption_samples(ds, image='img', caption='sentences')")
+        text = row[caption]
+        if isinstance(text, (list, tuple)):
+            text = text[0] if text else ""
+        if isinstance(text, Mapping):  # e.g. {"raw": "..."}
+            text = text.get("raw") or next(iter(text.values()), "")
+        yield VQASample(row[image], prompt, str(text).strip())
+        if limit is not None and count + 1 >= limit:
+            return
 
 
 def _load_hf(path: str, config: str | None, split: str, streaming: bool) -> Any:

@@ -38,6 +38,7 @@ from .engine import DEFAULT_MEMORY_BUDGET
 from .errors import BlipTraceError
 from .inputs import image_digest
 from .loading import BlipBundle
+from .names import CAPTION, ITM
 from .results import TraceResult
 from .roles import position_roles
 from .subsets import as_samples, image_id, open_image
@@ -159,23 +160,37 @@ def _part_path(out: Path, sample: int) -> Path:
     return out / PARTS / f"sample-{sample:07d}.parquet"
 
 
+def text_of(head: str, item: VQASample) -> str:
+    """The text a model reads for a sample: the question (VQA), the prompt (captioning), or for image-text
+    matching the reference caption (the text matched against the image)."""
+    if head == ITM:
+        if not item.answer:
+            raise ValueError("an image-text matching sweep matches each sample's caption: give samples one")
+        return item.answer
+    return item.question
+
+
 def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
                  configs: Sequence[TraceConfig], answer: str) -> list[dict[str, Any]]:
     rows = []
     model_answer = tracer.model_answer
     for index, config in enumerate(configs):
-        scored = item.answer if answer == "expected" else None
-        if answer == "expected" and not scored:
+        scored = item.answer if answer == "expected" and tracer.head != ITM else None
+        if answer == "expected" and tracer.head != ITM and not scored:
             raise ValueError(f"sample {sample} has no expected answer to score; use answer='model'")
+        if tracer.head == CAPTION and int(config.target or 0) >= len(tracer.caption_words(scored)):
+            continue  # this caption has no word at that index
         result = tracer.trace(config, answer=scored)
         rows.append({
             "sample": sample, "image_id": picture_id, "question": tracer.question, "expected": item.answer,
-            "model_answer": model_answer, "correct": is_correct(model_answer, item.answer),
+            "model_answer": model_answer,
+            "correct": (model_answer == "match") if tracer.head == ITM else is_correct(model_answer, item.answer),
             "config": index, "block": config.block, "kind": config.kind, "window": int(config.window),
             "corruption": json.dumps(result.config["corruption"], sort_keys=True),
             "noise_samples": int(config.samples), "seed": int(config.seed), "metric": config.metric,
             "sever": config.sever, "sever_at": config.sever_at, "fresh_noise": config.fresh_noise,
-            "method": config.method, "steps": int(config.steps),
+            "method": config.method, "steps": int(config.steps), "head": tracer.head,
+            "target": None if config.target is None else int(config.target),
             "answer": result.answer, "scored": answer, "tokens": list(result.tokens),
             "roles": position_roles(config.block, result.tokens), "scores": result.scores.tolist(),
             "stderr": (result.stderr if result.stderr is not None else np.full_like(result.scores, np.nan)).tolist(),
@@ -191,7 +206,7 @@ def _to_frame(rows: list[dict[str, Any]]):
     import pandas as pd
 
     frame = pd.DataFrame.from_records(rows)
-    for column in ("expected", "sever", "correct", "grid"):
+    for column in ("expected", "sever", "correct", "grid", "target"):
         frame[column] = frame[column].astype(object)
     return frame
 
@@ -228,7 +243,8 @@ def result_from_row(row: Any) -> TraceResult:
         window=int(get("window")), config={"question": get("question"), "metric": get("metric"),
                                            "corruption": json.loads(get("corruption")), "sever": get("sever"),
                                            "method": _optional(get, "method", "exact"),
-                                           "steps": int(_optional(get, "steps", 1))},
+                                           "steps": int(_optional(get, "steps", 1)),
+                                           "head": _optional(get, "head", "vqa"), "target": _optional(get, "target", None)},
     )
 
 
@@ -320,10 +336,11 @@ def _run_shard(bundle: BlipBundle, samples: Iterable[Any], configs: Sequence[Tra
             qid = question_id(picture, item.question, item.answer)
             part = _part_path(out, index)
             if not _finished(part, qid, index, item.question, out):
-                tracer = Tracer(bundle, picture, item.question, memory_budget=memory_budget)
+                tracer = Tracer(bundle, picture, text_of(bundle.head, item), memory_budget=memory_budget)
                 rows = _sample_rows(tracer, index, item, image_id(item.image), configs, answer)
-                frame = _to_frame([{**row, "question_id": qid} for row in rows])
-                _write_atomically(part, lambda p, frame=frame: frame.to_parquet(p, index=False))
+                if rows:  # none when every configuration asks for a caption word this caption lacks
+                    frame = _to_frame([{**row, "question_id": qid} for row in rows])
+                    _write_atomically(part, lambda p, frame=frame: frame.to_parquet(p, index=False))
             bar.update(1)
     finally:
         bar.close()
