@@ -23,7 +23,7 @@ import numpy as np
 from .errors import BlipTraceError
 from .inputs import ImageLike
 from .loading import BlipBundle
-from .names import BLOCK_LABELS, CAPTION, KIND_LABELS
+from .names import BLOCK_LABELS, CAPTION, CAPTION_DECODER, KIND_LABELS, VISION_ENCODER
 from .results import TraceResult
 
 
@@ -51,7 +51,7 @@ class CaptionTrace:
             total = result.total_effect
             row: dict[str, Any] = {"index": k, "word": word, "clean": result.high_score, "corrupted": result.low_score,
                                    "total_effect": total, "tiny": result.is_tiny()}
-            for prefix, part in (("peak", effect), ("earlier", effect[:-1] if result.block != "vision_encoder" else None)):
+            for prefix, part in (("peak", effect), ("earlier", effect[:-1] if result.block != VISION_ENCODER else None)):
                 if part is None or part.size == 0 or not np.isfinite(part).any():
                     row.update({f"{prefix}_layer": None, f"{prefix}_token": None, f"{prefix}_share": None})
                     continue
@@ -113,7 +113,7 @@ def trace_caption(bundle: BlipBundle, image: ImageLike, prompt: str = "", captio
                              "load_model('Salesforce/blip-image-captioning-base')")
     if "target" in fields or "answer" in fields:
         raise BlipTraceError("trace_caption traces every word: pass the caption as caption='...', and no target")
-    fields.setdefault("block", "caption_decoder")
+    fields.setdefault("block", CAPTION_DECODER)
     tracer = Tracer(bundle, image, prompt)
     words = tracer.caption_words(caption)
     results = [tracer.trace(procedure_config(procedure, answer=caption, target=k, **fields)) for k in range(len(words))]

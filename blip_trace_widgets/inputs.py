@@ -118,15 +118,15 @@ def encode_question(tokenizer: Any, question: str, max_length: int) -> list[int]
     return ids
 
 
-def encode_answer(tokenizer: Any, answer: str) -> list[int]:
-    """Token ids of an answer to score, without special tokens; it must not need [UNK]."""
+def encode_answer(tokenizer: Any, answer: str, what: str = "answer") -> list[int]:
+    """Token ids of an answer (or a caption) to score, without special tokens; it must not need [UNK]."""
     if not isinstance(answer, str) or not answer.strip():
-        raise BlipTraceError("the answer to score is empty: pass answer=None to score the model's own answer")
+        raise BlipTraceError(f"the {what} to score is empty: pass answer=None to score the model's own {what}")
     ids = list(tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
     unk = getattr(tokenizer, "unk_token_id", None)
     if not ids or (unk is not None and unk in ids):
         raise BlipTraceError(
-            f"the tokenizer cannot encode the answer {answer!r} (it becomes [UNK]); "
-            "pick an answer made of words in the model's vocabulary"
+            f"the tokenizer cannot encode the {what} {answer!r} (it becomes [UNK]); "
+            f"pick {'an' if what[0] in 'aeiou' else 'a'} {what} made of words in the model's vocabulary"
         )
     return ids

@@ -52,6 +52,19 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+def _checked_arrays(scores: Any, stderr: Any, positions: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scores (and standard errors) as float64 positions x layers arrays, or a clear error."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[0] != positions:
+        raise BlipTraceError(f"scores must be positions x layers with one token label per position, "
+                             f"got {scores.shape} for {positions} tokens")
+    if stderr is not None:
+        stderr = np.asarray(stderr, dtype=np.float64)
+        if stderr.shape != scores.shape:
+            raise BlipTraceError(f"stderr has shape {stderr.shape}, scores {scores.shape}")
+    return scores, stderr
+
+
 @dataclass(eq=False)
 class TraceResult:
     """Scores of restoring each (position, layer) cell, with the clean and corrupted baselines.
@@ -74,16 +87,7 @@ class TraceResult:
     image: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.scores = np.asarray(self.scores, dtype=np.float64)
-        if self.scores.ndim != 2 or self.scores.shape[0] != len(self.tokens):
-            raise BlipTraceError(
-                f"scores must be positions x layers with one token label per position, "
-                f"got {self.scores.shape} for {len(self.tokens)} tokens"
-            )
-        if self.stderr is not None:
-            self.stderr = np.asarray(self.stderr, dtype=np.float64)
-            if self.stderr.shape != self.scores.shape:
-                raise BlipTraceError(f"stderr has shape {self.stderr.shape}, scores {self.scores.shape}")
+        self.scores, self.stderr = _checked_arrays(self.scores, self.stderr, len(self.tokens))
         self.low_score = float(self.low_score)
         self.high_score = float(self.high_score)
 
@@ -204,25 +208,13 @@ class TraceResult:
             corners = np.array([box if box else [np.nan] * 4 for box in boxes], dtype=np.float64)[positions.ravel()]
             regions = {name: corners[:, i] for i, name in enumerate(("left", "top", "right", "bottom"))}
         stderr = self.stderr if self.stderr is not None else np.full_like(self.scores, np.nan)
-        return pd.DataFrame(
-            {
-                "position": positions.ravel(),
-                "token": [self.tokens[p] for p in positions.ravel()],
-                "layer": layers.ravel(),
-                "score": self.scores.ravel(),
-                "stderr": stderr.ravel(),
-                "normalized": self.normalized().ravel(),
-                "low_score": self.low_score,
-                "high_score": self.high_score,
-                "total_effect": self.total_effect,
-                "answer": self.answer,
-                "block": self.block,
-                "kind": self.kind,
-                "window": self.window,
-                "metric": self.metric,
-                **regions,
-            }
-        )
+        return pd.DataFrame({
+            "position": positions.ravel(), "token": [self.tokens[p] for p in positions.ravel()], "layer": layers.ravel(),
+            "score": self.scores.ravel(), "stderr": stderr.ravel(), "normalized": self.normalized().ravel(),
+            "low_score": self.low_score, "high_score": self.high_score, "total_effect": self.total_effect,
+            "answer": self.answer, "block": self.block, "kind": self.kind, "window": self.window, "metric": self.metric,
+            "head": self.head, **regions,
+        })
 
     def export(self, path: Union[str, os.PathLike], fmt: str | None = None, *, normalized: bool = False) -> Path:
         """Write the heatmap (``png``), the result (``json``) or its DataFrame (``csv``); ``fmt`` defaults

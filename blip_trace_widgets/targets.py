@@ -35,7 +35,7 @@ class TargetedPass(CleanPass):
             if not self.clean.greedy_ids:
                 raise BlipTraceError("the model gives an empty caption; pass answer='...' to score a caption")
             return tuple(self.clean.greedy_ids)
-        return tuple(encode_answer(self.bundle.tokenizer, caption))
+        return tuple(encode_answer(self.bundle.tokenizer, caption, "caption"))
 
     def caption_words(self, caption: str | None = None) -> list[str]:
         """Captioning: the words of the caption (the model's, or ``caption``), in order; ``target=k`` scores word k."""

@@ -5,6 +5,14 @@
     >>> explorer = TraceExplorer(load_model("demo"), background=False)   # demo samples in a gallery
     >>> explorer.result.kind
     'hidden'
+    >>> captions = TraceExplorer(load_model("demo-caption"), background=False)
+    >>> captions.word.options, captions.result.answer   # it starts at the first content word
+    ((('0: a', 0), ('1: red', 1), ('2: triangle', 2)), 'red')
+
+The explorers work with all three of BLIP's heads. For a captioner the text box holds the
+prompt, the answer box shows the caption, a dropdown picks the caption word that is scored,
+and a second box takes a caption of your own to score (teacher-forced). For an image-text
+matcher the text box holds the text matched against the image, and p(match) is scored.
 
 In a notebook, end a cell with ``explorer`` to show it. Only core ipywidgets are used
 (no ipympl, no custom JavaScript): heatmaps are PNG bytes in ``Image`` widgets, which
@@ -38,12 +46,14 @@ from .inputs import image_digest, to_rgb_image
 from .loading import BlipBundle
 from .names import (
     BLOCK_LABELS,
+    BLOCKS_OF,
+    CAPTION,
     EXPLORER_MODES,
+    HEAD_INFO,
     HIDDEN,
+    ITM,
     KIND_SHORT_LABELS,
-    QUESTION_ENCODER,
     SUBLAYER_KINDS,
-    TEXT_BLOCKS,
     TEXT_KINDS,
     TINY_EFFECT,
     VISION_ENCODER,
@@ -57,7 +67,8 @@ from .tracing import TraceConfig, Tracer, default_config
 
 IPYWIDGETS_MAJOR = int(W.__version__.split(".")[0])
 KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in TEXT_KINDS]
-BLOCK_OPTIONS = [(BLOCK_LABELS[b], b) for b in TEXT_BLOCKS]
+#: The text blocks TraceExplorer offers for each head (the vision encoder has its own explorer).
+BLOCK_OPTIONS = {head: [(BLOCK_LABELS[b], b) for b in blocks if b != VISION_ENCODER] for head, blocks in BLOCKS_OF.items()}
 CORRUPTION_OPTIONS = [(BY_NAME[name].info.label, name) for name in NOISE_NAMES]
 NOISE_TIPS = {name: BY_NAME[name].info.tip for name in NOISE_NAMES}
 #: An explorer keeps one Tracer per (image, question) it has shown, within this many bytes of tensors
@@ -86,8 +97,14 @@ def corruption_setting(corruption: Any) -> tuple[str, float]:
 
 
 def answer_html(tracer: Tracer) -> str:
-    """The model's answer, and a warning when the question has words the model cannot read."""
-    text = f"model's answer: <b>{escape(tracer.model_answer)}</b>"
+    """The model's answer (its caption, or whether it matches), and a warning when the text has words the model
+    cannot read."""
+    if tracer.head == CAPTION:
+        text = f"model's caption: <b>{escape((tracer.question + ' ' + tracer.model_answer).strip())}</b>"
+    elif tracer.head == ITM:
+        text = f"model: <b>{escape(tracer.model_answer)}</b> (p(match) {tracer.match_probability:.3f})"
+    else:
+        text = f"model's answer: <b>{escape(tracer.model_answer)}</b>"
     unknown = tracer.unknown_words
     if unknown:
         text += (f"<br><span style='color:#a60'>the model's vocabulary lacks {escape(', '.join(unknown))}: "
@@ -163,10 +180,9 @@ class _LiveView(W.VBox):
 
         use_sensible_threads()  # on a shared CPU, one thread per core makes every trace wait
         self.bundle = bundle
+        self.head = bundle.head
         if image is None and gallery is None:
-            from .data import demo_samples
-
-            gallery = demo_samples()
+            gallery = default_gallery(self.head)
         self.gallery_items = [tuple(s) for s in gallery] if gallery else []
         if image is None:
             image, question = self.gallery_items[0][0], self.gallery_items[0][1]
@@ -180,13 +196,23 @@ class _LiveView(W.VBox):
         self._threads: list[threading.Thread] = []
         style = {"description_width": "initial"}
         self.gallery = W.Dropdown(description="sample", style=style,
-                                  options=[(f"{i + 1}: {s[1]}", i) for i, s in enumerate(self.gallery_items)]
+                                  options=[(f"{i + 1}: {s[1] or (s[2] if len(s) > 2 else '')}", i)
+                                           for i, s in enumerate(self.gallery_items)]
                                   or [("(none)", -1)], disabled=not self.gallery_items,
                                   layout=W.Layout(width="340px", display=None if self.gallery_items else "none"))
         self.image_view = W.Image(value=_png(self._image, self.preview_width), format="png",
                                   layout=W.Layout(width=f"{self.preview_width}px"))
-        self.question_box = W.Text(value=question or "", description="question", style=style, continuous_update=False,
-                                   layout=W.Layout(width="340px"))
+        self.question_box = W.Text(value=question or "", description=HEAD_INFO[self.head].text, style=style,
+                                   continuous_update=False, layout=W.Layout(width="340px"))
+        captioning = {} if self.head == CAPTION else {"display": "none"}
+        self.caption_box = W.Text(value="", description="caption to score", placeholder="(the model's own)",
+                                  style=style, continuous_update=False, layout=W.Layout(width="340px", **captioning))
+        self.word = W.Dropdown(options=[("0", 0)], value=0, description="word", style=style,
+                               layout=W.Layout(width="220px", **captioning))
+        set_tooltip(self.word, "the word of the caption whose probability is scored, given the words before it")
+        set_tooltip(self.caption_box, "a caption of your own, scored word by word (teacher-forced); empty: the "
+                                      "model's own greedy caption")
+        self._syncing = False
         self.answer_view = W.HTML()
         self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="240px"))
         self.status = W.HTML()
@@ -209,8 +235,35 @@ class _LiveView(W.VBox):
         return " · <b>ESTIMATE</b> (attribution patching)" + ("" if last else "; the exact map follows…")
 
     def _header(self) -> W.HBox:
-        return W.HBox([self.image_view, W.VBox([self.gallery, self.question_box, self.answer_view,
-                                                W.HBox([self.progress, self.status])])])
+        return W.HBox([self.image_view, W.VBox([self.gallery, self.question_box, self.answer_view, self.caption_box,
+                                                self.word, W.HBox([self.progress, self.status])])])
+
+    @property
+    def scored(self) -> dict[str, Any]:
+        """The TraceConfig fields that say what is scored: a captioner's caption and word; nothing otherwise."""
+        if self.head != CAPTION:
+            return {}
+        return {"answer": self.caption_box.value.strip() or None, "target": int(self.word.value or 0)}
+
+    def _sync_words(self, tracer: Tracer) -> None:
+        """A captioner's word dropdown lists the words of the caption scored (keeping the chosen index if it exists)."""
+        if self.head != CAPTION:
+            return
+        words = tracer.caption_words(self.caption_box.value.strip() or None)
+        options = [(f"{i}: {w}", i) for i, w in enumerate(words)]
+        if list(self.word.options) == options:
+            return
+        self._syncing = True
+        try:
+            keep = int(self.word.value or 0) if len(self.word.options) > 1 else _first_content_word(words)
+            self.word.options = options
+            self.word.value = keep if keep < len(options) else 0
+        finally:
+            self._syncing = False
+
+    def _watch(self, controls: Sequence[W.Widget]) -> None:
+        for control in (*controls, self.caption_box, self.word):
+            control.observe(self._on_change, names="value")
 
     @property
     def image(self) -> Image.Image:
@@ -330,10 +383,10 @@ class TraceExplorer(_LiveView):
         self.export_dir = Path(export_dir)
         self.results: dict[str, TraceResult] = {}
         config = config or default_config(bundle, samples=10)
-        layers = bundle.num_layers(QUESTION_ENCODER)
+        layers = bundle.num_layers(HEAD_INFO[self.head].blocks[0])
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=KIND_OPTIONS, value=config.kind, description="kind", style=style)
-        self.block = W.Dropdown(options=BLOCK_OPTIONS, value=config.block, description="block", style=style)
+        self.block = W.Dropdown(options=BLOCK_OPTIONS[self.head], value=config.block, description="block", style=style)
         noise_name, noise_level = corruption_setting(config.corruption)
         self.corruption = W.Dropdown(options=CORRUPTION_OPTIONS, value=noise_name, description="corruption", style=style)
         self.noise = W.FloatLogSlider(value=noise_level, base=10, min=-1, max=np.log10(20), step=0.02, description="noise scale",
@@ -360,10 +413,8 @@ class TraceExplorer(_LiveView):
         self.children = [self._header(), controls, self.error, self.warning, self.heatmap, self.comparison, export_row]
 
         self._update_enabled()
-        for control in (self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
-                        self.seed, self.normalized, self.show_stderr, self.view, self.method):
-            control.observe(self._on_change, names="value")
-        self.question_box.observe(self._on_change, names="value")
+        self._watch([self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
+                     self.seed, self.normalized, self.show_stderr, self.view, self.method, self.question_box])
         self.refresh()
 
     def _outputs(self, style: dict[str, str]) -> W.HBox:
@@ -386,7 +437,7 @@ class TraceExplorer(_LiveView):
         """The configuration the controls describe (see :func:`controls_config`)."""
         return controls_config(block=self.block.value, kind=self.kind.value, window=int(self.window.value),
                                corruption=self.corruption.value, level=float(self.noise.value),
-                               samples=int(self.noise_samples.value), seed=int(self.seed.value))
+                               samples=int(self.noise_samples.value), seed=int(self.seed.value), **self.scored)
 
     def _update_enabled(self) -> None:
         hidden = self.kind.value == HIDDEN and self.view.value == "single"
@@ -398,6 +449,8 @@ class TraceExplorer(_LiveView):
         set_tooltip(self.noise, NOISE_TIPS[self.corruption.value])
 
     def _on_change(self, _change: dict) -> None:
+        if self._syncing:
+            return
         self._update_enabled()
         self.refresh()
 
@@ -405,6 +458,7 @@ class TraceExplorer(_LiveView):
     def _run(self, job: threading.Event) -> None:
         tracer = self.tracer
         self.answer_view.value = answer_html(tracer)
+        self._sync_words(tracer)
         phases = self._phases(self.config)
         for i, config in enumerate(phases):
             if self.view.value == "compare":
@@ -419,7 +473,7 @@ class TraceExplorer(_LiveView):
             self.status.value = self._status_text(results[0]) + self._method_note(config, i == len(phases) - 1)
 
     def _status_text(self, result: TraceResult) -> str:
-        return (f"answer scored <b>{escape(result.answer)}</b>: clean {result.high_score:.3f}, "
+        return (f"scored {escape(result.scored)}: clean {result.high_score:.3f}, "
                 f"corrupted {result.low_score:.3f}, total effect {result.total_effect:.3f}")
 
     def _maps(self) -> list[W.Widget]:
@@ -468,13 +522,33 @@ class TraceExplorer(_LiveView):
 
 
 def controls_config(*, block: str, kind: str, window: int, corruption: str, level: float, samples: int,
-                    seed: int) -> TraceConfig:
+                    seed: int, answer: str | None = None, target: int | None = None) -> TraceConfig:
     """The TraceConfig that the explorer's controls describe: a pure function, tested without a kernel.
 
-    Hidden states are restored one layer at a time (the window slider is off for them).
+    Hidden states are restored one layer at a time (the window slider is off for them). ``answer`` and
+    ``target`` are a captioner's caption to score and its word.
     """
     return TraceConfig(block=block, kind=kind, window=window_for(kind, window),
-                       corruption=from_name(corruption, round(float(level), 4)), samples=int(samples), seed=int(seed))
+                       corruption=from_name(corruption, round(float(level), 4)), samples=int(samples), seed=int(seed),
+                       answer=answer, target=target)
+
+
+def _first_content_word(words: Sequence[str]) -> int:
+    """Where a captioner's explorer starts: the first word that is not a stop word ("red" in "a red circle")."""
+    from .roles import STOPWORDS
+
+    return next((i for i, word in enumerate(words) if word.lower() not in STOPWORDS and word.isalpha()), 0)
+
+
+def default_gallery(head: str, count: int = 6) -> list[tuple]:
+    """The explorers' gallery when none is given: easy-VQA demo questions, or for a captioner (prompt "") and
+    an image-text matcher (the image's own caption as the text) easy-VQA test images with their captions."""
+    from .data import demo_samples, easy_vqa_captions
+
+    if head not in (CAPTION, ITM):
+        return [tuple(s) for s in demo_samples()]
+    pairs = easy_vqa_captions("test")[:count]
+    return [(Image.open(path).convert("RGB"), "" if head == CAPTION else caption, caption) for path, caption in pairs]
 
 
 VISION_KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in VISION_KINDS]
@@ -547,9 +621,8 @@ class VisionTraceExplorer(_LiveView):
         self.warning = W.HTML()
         self.children = [self._header(), controls, self.error, self.warning, self.overlay]
         self._update_enabled()
-        for control in (self.kind, self.window, self.regions, self.corruption, self.level, self.area, self.box_x,
-                        self.box_y, self.noise_samples, self.seed, self.question_box, self.method):
-            control.observe(self._on_change, names="value")
+        self._watch([self.kind, self.window, self.regions, self.corruption, self.level, self.area, self.box_x,
+                     self.box_y, self.noise_samples, self.seed, self.question_box, self.method])
         for control in (self.layer, self.all_layers, self.normalized):
             control.observe(self._on_view, names="value")
         self.refresh()
@@ -578,7 +651,7 @@ class VisionTraceExplorer(_LiveView):
         return TraceConfig(block=VISION_ENCODER, kind=kind, window=window_for(kind, self.window.value),
                            regions=int(self.regions.value), corruption=corruption,
                            samples=1 if self.corruption.value != "noise" else int(self.noise_samples.value),
-                           seed=int(self.seed.value))
+                           seed=int(self.seed.value), **self.scored)
 
     def _update_enabled(self) -> None:
         self.window.disabled = self.kind.value == HIDDEN
@@ -590,6 +663,8 @@ class VisionTraceExplorer(_LiveView):
         self.layer.disabled = bool(self.all_layers.value)
 
     def _on_change(self, _change: dict) -> None:
+        if self._syncing:
+            return
         self._update_enabled()
         self.refresh()
 
@@ -604,6 +679,7 @@ class VisionTraceExplorer(_LiveView):
     def _run(self, job: threading.Event) -> None:
         tracer = self.tracer
         self.answer_view.value = answer_html(tracer)
+        self._sync_words(tracer)
         phases = self._phases(self.config)
         for i, config in enumerate(phases):
             result = tracer.trace(config, progress=self._progress(job))
@@ -613,7 +689,7 @@ class VisionTraceExplorer(_LiveView):
             self._render(result)
             self.warning.value = tiny_warning(result)
             self._dim(False)
-            self.status.value = (f"answer scored <b>{escape(result.answer)}</b>: clean {result.high_score:.3f}, "
+            self.status.value = (f"scored {escape(result.scored)}: clean {result.high_score:.3f}, "
                                  f"corrupted {result.low_score:.3f}, total effect {result.total_effect:.3f}"
                                  + self._method_note(config, i == len(phases) - 1))
 

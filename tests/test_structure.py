@@ -115,7 +115,7 @@ def test_block_and_kind_names_come_from_names_py():
         if path.name == "names.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and node.value in ("question_encoder", "answer_decoder", "vision_encoder"):
+            if isinstance(node, ast.Constant) and node.value in ("question_encoder", "answer_decoder", "vision_encoder", "caption_decoder", "itm_encoder"):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, f"block names written out instead of taken from names.py: {offenders}"
 
