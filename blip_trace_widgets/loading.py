@@ -251,7 +251,7 @@ def _warn_if_too_big(source: str, dtype: torch.dtype) -> None:
                   stacklevel=3)
 
 
-def _dtype_argument(dtype: torch.dtype) -> dict[str, Any]:
+def dtype_argument(dtype: torch.dtype) -> dict[str, Any]:
     """``dtype=`` for transformers 4.56 and later, ``torch_dtype=`` before (4.x reads ``dtype`` as a config field)."""
     import transformers
 
@@ -292,7 +292,7 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
         _check_folder(Path(source))
     try:
         with _quiet_transformers():
-            options: dict[str, Any] = {**_dtype_argument(dtype), **access, "output_loading_info": True}
+            options: dict[str, Any] = {**dtype_argument(dtype), **access, "output_loading_info": True}
             loaded: Any = head_class.from_pretrained(source, **options)
             model, info = loaded
             processor = BlipProcessor.from_pretrained(source, **access)

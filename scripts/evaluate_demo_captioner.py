@@ -24,6 +24,7 @@ from PIL import Image
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
 from blip_trace_widgets.data import COLORS, SHAPES, easy_vqa_captions
+from blip_trace_widgets.loading import dtype_argument
 
 PACKAGE = Path(__file__).resolve().parents[1] / "blip_trace_widgets"
 
@@ -41,7 +42,7 @@ def mismatched(caption: str, index: int) -> tuple[str, str]:
 
 
 def caption_accuracy(folder: Path, pairs: list[tuple[str, str]], images: list[Image.Image], batch: int) -> dict:
-    model = BlipForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    model = BlipForConditionalGeneration.from_pretrained(folder, **dtype_argument(torch.float32)).eval()
     processor = BlipProcessor.from_pretrained(folder)
     right, wrong_examples = 0, []
     with torch.no_grad():
@@ -57,7 +58,7 @@ def caption_accuracy(folder: Path, pairs: list[tuple[str, str]], images: list[Im
 
 
 def itm_accuracy(folder: Path, pairs: list[tuple[str, str]], images: list[Image.Image], batch: int) -> dict:
-    model = BlipForImageTextRetrieval.from_pretrained(folder, dtype=torch.float32).eval()
+    model = BlipForImageTextRetrieval.from_pretrained(folder, **dtype_argument(torch.float32)).eval()
     processor = BlipProcessor.from_pretrained(folder)
     matched, by_change = [], {"color": [], "shape": [], "both": []}
     every = sorted({f"a {c} {s}" for c in COLORS for s in SHAPES})

@@ -59,10 +59,13 @@ def test_demo_command(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("question:") == 3 and "model's answer" in out.stdout
     pngs, jsons = sorted((tmp_path / "o").glob("*.png")), sorted((tmp_path / "o").glob("*.json"))
-    assert len(jsons) == 18 and len(pngs) == 18 + 3  # a heatmap per trace, and the image-side ones on the image
+    # a heatmap per trace, the image-side ones on the image too, and one captioning and one ITM trace
+    assert len(jsons) == 18 + 2 and len(pngs) == 18 + 3 + 2
     kinds = {(TraceResult.load(j).block, TraceResult.load(j).kind) for j in jsons}
     assert kinds == {("question_encoder", k) for k in ("hidden", "mlp", "self_attn", "cross_attn")} | {
-        ("answer_decoder", "hidden"), ("vision_encoder", "hidden")}
+        ("answer_decoder", "hidden"), ("vision_encoder", "hidden"), ("caption_decoder", "mlp"), ("itm_encoder", "mlp")}
+    assert "[demo-caption] captioning: caption 'a red triangle', word 'red'" in out.stdout
+    assert "[demo-itm] image-text matching: text 'a red triangle': match" in out.stdout
     assert len(list((tmp_path / "o").glob("*-on-image.png"))) == 3
     for png in pngs:
         with Image.open(png) as im:
@@ -126,3 +129,21 @@ def test_unknown_words_are_named(tmp_path, image_file):
     path, _ = image_file
     out = run("trace", "--image", str(path), "--question", "what is the cat doing?", "--samples", "2", "--out", str(tmp_path))
     assert out.returncode == 0 and "lacks" in out.stderr and "'cat'" in out.stderr
+
+
+def test_trace_a_caption_word_by_word_and_a_match(image_file, tmp_path):
+    path, _ = image_file
+    out = run("trace", "--model", "demo-caption", "--image", str(path), "--samples", "2", "--out", str(tmp_path / "c"))
+    assert out.returncode == 0, out.stderr
+    assert "model's caption: 'a red triangle'" in out.stdout and out.stdout.count("total effect") == 3
+    results = sorted((TraceResult.load(j) for j in (tmp_path / "c").glob("*.json")), key=lambda r: r.config["target"])
+    assert [r.answer for r in results] == ["a", "red", "triangle"]
+    assert all(r.block == "caption_decoder" and r.head == "caption" for r in results)
+    assert "'red': restoring caption decoder hidden states" in out.stdout
+    out = run("trace", "--model", "demo-itm", "--image", str(path), "--text", "a red triangle", "--block",
+              "vision_encoder", "--metric", "itc", "--regions", "2", "--samples", "2", "--out", str(tmp_path / "i"))
+    assert out.returncode == 0, out.stderr
+    [js] = (tmp_path / "i").glob("*.json")
+    result = TraceResult.load(js)
+    assert result.metric == "itc" and result.head == "itm" and result.high_score > 0.5
+    assert len(list((tmp_path / "i").glob("*-on-image.png"))) == 1

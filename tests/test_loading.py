@@ -9,7 +9,7 @@ import torch
 from tiny_blip import tiny_model, tiny_processor
 
 from blip_trace_widgets import load_model
-from blip_trace_widgets.loading import _dtype_argument
+from blip_trace_widgets.loading import dtype_argument
 
 
 def test_pair_is_eval_without_grad():
@@ -140,7 +140,7 @@ def test_half_precision_loads_from_a_copy_converted_tensor_by_tensor(float32_fol
 
     monkeypatch.setenv("BLIP_TRACE_CACHE", str(tmp_path / "cache"))
     bundle = load_model(str(float32_folder), dtype="bfloat16")
-    direct = BlipForQuestionAnswering.from_pretrained(float32_folder, **_dtype_argument(torch.bfloat16))
+    direct = BlipForQuestionAnswering.from_pretrained(float32_folder, **dtype_argument(torch.bfloat16))
     ours = dict(bundle.model.named_parameters())
     for name, parameter in direct.named_parameters():
         assert torch.equal(ours[name], parameter), name

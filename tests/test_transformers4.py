@@ -20,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 OLDEST = "4.40.2"
 SUITES = ["test_core.py", "test_engine_equivalence.py", "test_faithful.py", "test_vision_tracing.py",
           "test_vision_demo.py", "test_widgets.py", "test_limits.py", "test_loading.py", "test_demo_model.py",
-          "test_figures.py", "test_cli.py", "test_cli_errors.py", "test_estimates.py"]
+          "test_figures.py", "test_cli.py", "test_cli_errors.py", "test_estimates.py", "test_heads.py",
+          "test_captioning.py", "test_demo_captioner.py"]
 
 
 def test_core_and_widget_suites_pass_under_the_oldest_transformers():

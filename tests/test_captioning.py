@@ -1,0 +1,147 @@
+"""Captioning and image-text matching through the public API: trace_caption, explorers, sweeps, data, demo models."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from blip_trace_widgets import GaussianNoise, TraceResult, load_model, sweep, trace, trace_caption
+from blip_trace_widgets.data import easy_vqa_captions, image_facts
+from blip_trace_widgets.errors import BlipTraceError
+from blip_trace_widgets.subsets import hf_caption_samples, load_vqa_subset
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    return load_model("demo-caption")
+
+
+@pytest.fixture(scope="module")
+def matcher():
+    return load_model("demo-itm")
+
+
+def test_captions_come_only_from_what_the_questions_settle():
+    facts = image_facts([("what color is the circle?", "red"), ("is there not a triangle?", "yes")])
+    assert facts.caption == "a red circle" and "triangle" in facts.absent
+    assert image_facts([("what color is the shape?", "red")]).caption is None  # no shape: no caption
+    assert image_facts([("what shape is present?", "circle"), ("is there a blue shape?", "yes"),
+                        ("what color is the shape?", "red")]).caption is None  # two colours: contradiction
+    assert image_facts([("is no circle present?", "no"), ("what is the color of the shape?", "teal")]).caption == \
+        "a teal circle"
+    test = easy_vqa_captions("test")
+    assert len(test) == 880 and len({path for path, _ in test}) == 880
+    assert all(caption.split()[0] == "a" and len(caption.split()) == 3 for _, caption in test)
+
+
+def test_trace_caption_traces_every_word_with_one_clean_pass(captioner, demo_sample):
+    traced = trace_caption(captioner, demo_sample.image, samples=2, corruption=GaussianNoise(5.0))
+    assert traced.words == ["a", "red", "triangle"] and traced.caption == "a red triangle"
+    assert [r.config["target"] for r in traced.results] == [0, 1, 2]
+    summary = traced.summary()
+    assert [row["word"] for row in summary] == traced.words
+    red = summary[1]
+    assert red["total_effect"] == pytest.approx(traced.results[1].total_effect)
+    effect = traced.results[1].indirect_effect()
+    assert red["peak_share"] == pytest.approx(effect.max() / red["total_effect"])
+    assert json.loads(traced.to_json())["words"] == traced.words
+    assert list(traced.to_frame()["word"]) == traced.words
+    assert "'red'" in traced.describe()
+
+
+def test_a_supplied_caption_is_scored_teacher_forced(captioner, demo_sample):
+    own = trace(captioner, demo_sample.image, "", target=1, samples=2)
+    other = trace(captioner, demo_sample.image, "", answer="a blue triangle", target=1, samples=2)
+    assert own.answer == "red" and other.answer == "blue"
+    assert own.high_score > 0.5 > other.high_score  # the model says red, not blue
+    with pytest.raises(BlipTraceError, match="trace_caption traces every word"):
+        trace_caption(captioner, demo_sample.image, target=1)
+    with pytest.raises(BlipTraceError, match="needs a captioning model"):
+        trace_caption(load_model("demo"), demo_sample.image)
+
+
+def test_a_prompt_is_part_of_the_positions(captioner, demo_sample):
+    result = trace(captioner, demo_sample.image, "a", target=0, samples=2)
+    assert result.tokens == ["[DEC]", "a"] and result.answer == "red"
+
+
+def test_restoring_the_caption_decoder_brings_the_colour_back(captioner, demo_sample):
+    result = trace(captioner, demo_sample.image, "", target=1, samples=3, corruption=GaussianNoise(5.0))
+    assert not result.is_tiny() and result.high_score > 0.9
+    assert result.scores[-1, -1] == pytest.approx(result.high_score, abs=1e-5)  # last state at the predicting token
+
+
+def test_matcher_matches_its_caption_and_not_another(matcher, demo_sample):
+    right = trace(matcher, demo_sample.image, "a red triangle", samples=2)
+    wrong = trace(matcher, demo_sample.image, "a blue triangle", samples=2)
+    assert right.high_score > 0.9 > 0.1 > wrong.high_score
+    assert right.answer == "match" and right.config["model_answer"] == "match"
+
+
+def test_explorers_with_a_captioner_and_a_matcher(captioner, matcher):
+    from blip_trace_widgets.widgets import TraceExplorer, VisionTraceExplorer
+
+    explorer = TraceExplorer(captioner, background=False)
+    assert explorer.question_box.description == "prompt" and "model's caption" in explorer.answer_view.value
+    assert explorer.result.answer == "red" and explorer.word.value == 1
+    explorer.word.value = 2
+    assert explorer.result.answer == "triangle" and explorer.result.tokens == ["[DEC]", "a", "red"]
+    explorer.caption_box.value = "a blue circle"
+    assert [label for label, _ in explorer.word.options] == ["0: a", "1: blue", "2: circle"]
+    assert explorer.result.answer == "circle"
+    explorer.caption_box.value = "a zzqxj circle"
+    assert "cannot encode the caption" in explorer.error.value
+    explorer.caption_box.value = ""
+    assert explorer.error.value == "" and explorer.result.answer == "triangle"
+    explorer.view.value = "compare"
+    assert set(explorer.results) == {"hidden", "mlp", "self_attn", "cross_attn"}
+    matching = TraceExplorer(matcher, background=False)
+    assert matching.question_box.description == "text" and matching.word.layout.display == "none"
+    assert [b for _, b in matching.block.options] == ["itm_encoder"] and "p(match)" in matching.answer_view.value
+    matching.question_box.value = "a blue circle"
+    assert "no match" in matching.answer_view.value
+    vision = VisionTraceExplorer(captioner, background=False)
+    assert vision.result.block == "vision_encoder" and vision.result.answer == "red"
+
+
+def test_a_caption_sweep_and_a_matching_sweep(captioner, matcher, tmp_path):
+    samples = load_vqa_subset("easy-vqa-captions", limit=2)
+    assert samples[0].question == "" and samples[0].answer == "a red triangle"
+    from blip_trace_widgets import TraceConfig
+
+    configs = [TraceConfig(block="caption_decoder", kind="mlp", window=3, samples=2, target=k) for k in (1, 2)]
+    table = sweep(captioner, samples, configs=configs, out=tmp_path / "c", answer="expected", progress=False)
+    assert len(table) == 4 and set(table["target"]) == {1, 2} and set(table["head"]) == {"caption"}
+    assert list(table["answer"][:2]) == ["red", "triangle"] and table["correct"].all()
+    single = trace(captioner, samples[0].image.open(), "", answer="a red triangle", target=1, kind="mlp", window=3,
+                   samples=2)
+    np.testing.assert_allclose(np.asarray([list(r) for r in table["scores"][0]]), single.scores)
+    itm = sweep(matcher, samples, configs=[TraceConfig(block="itm_encoder", samples=2)], out=tmp_path / "i",
+                progress=False)
+    assert list(itm["question"]) == ["a red triangle", samples[1].answer] and itm["correct"].all()
+    from blip_trace_widgets.aggregate import average_trace
+
+    averaged = average_trace(table, config=0)
+    assert averaged.head == "caption" and averaged.scored.startswith("average of")
+
+
+def test_captioning_rows_of_any_datasets_dataset():
+    rows = [{"img": "x.png", "sentences": ["a cat", "a dog"]}, {"img": "y.png", "sentences": {"raw": "a bird"}}]
+    samples = list(hf_caption_samples(rows, image="img", caption="sentences", prompt="a picture of"))
+    assert [(s.image, s.question, s.answer) for s in samples] == [("x.png", "a picture of", "a cat"),
+                                                                 ("y.png", "a picture of", "a bird")]
+    with pytest.raises(ValueError, match="name its image and caption columns"):
+        list(hf_caption_samples(rows))
+
+
+def test_results_say_what_they_score(captioner, matcher, demo_sample, tmp_path):
+    from blip_trace_widgets.plotting import trace_title
+
+    result = trace(captioner, demo_sample.image, "", target=1, samples=2)
+    assert "caption word 'red'" in trace_title(result)
+    saved = TraceResult.load(result.save(tmp_path / "r.json"))
+    assert saved.head == "caption" and saved.scored == "caption word 'red'"
+    match = trace(matcher, demo_sample.image, "a red triangle", samples=2)
+    assert "match with 'a red triangle'" in trace_title(match)
+    assert match.plot().get_figure().axes[-1].get_ylabel().startswith("p(match)")
