@@ -135,7 +135,7 @@ def test_trace_a_caption_word_by_word_and_a_match(image_file, tmp_path):
     path, _ = image_file
     out = run("trace", "--model", "demo-caption", "--image", str(path), "--samples", "2", "--out", str(tmp_path / "c"))
     assert out.returncode == 0, out.stderr
-    assert "model's caption: 'a red triangle'" in out.stdout and out.stdout.count("total effect") == 3
+    assert "model's caption: 'a red triangle'" in out.stdout and out.stdout.count("  total effect ") == 3
     results = sorted((TraceResult.load(j) for j in (tmp_path / "c").glob("*.json")), key=lambda r: r.config["target"])
     assert [r.answer for r in results] == ["a", "red", "triangle"]
     assert all(r.block == "caption_decoder" and r.head == "caption" for r in results)
