@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from PIL import Image
 
 from .errors import UnavailableError
+from .names import ITM
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -33,6 +34,16 @@ class VQASample(NamedTuple):
     image: Any
     question: str
     answer: str | None
+
+
+def text_of(head: str, item: VQASample) -> str:
+    """The text a model reads for a sample: the question (VQA), the prompt (captioning), or for image-text
+    matching the reference caption (the text matched against the image)."""
+    if head == ITM:
+        if not item.answer:
+            raise ValueError("an image-text matching sweep matches each sample's caption: give samples one")
+        return item.answer
+    return item.question
 
 
 def _easy_vqa():

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import BlipTraceError
-from .names import QUESTION_ENCODER, STAGES
+from .names import STAGES
 
 
 def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image", limit: int = 200) -> float:
@@ -31,6 +31,7 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
     where the noise will act: ``"image"`` (vision encoder output), ``"patches"``, ``"pixels"`` or
     ``"question"`` (token embeddings).
     """
+    from .data import text_of
     from .subsets import as_samples, open_image
     from .tracing import Tracer
 
@@ -40,7 +41,7 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
     for count, item in enumerate(as_samples(samples)):
         if count >= limit:
             break
-        tracer = Tracer(bundle, open_image(item.image), item.question)
+        tracer = Tracer(bundle, open_image(item.image), text_of(bundle.head, item))
         with torch.no_grad():
             if stage == "image":
                 values.append(tracer.embed_image(tracer.image).float().flatten())
@@ -49,7 +50,7 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
             elif stage == "pixels":
                 values.append(tracer.pixels.float().flatten())
             else:
-                stack = tracer.blocks[QUESTION_ENCODER].stack
+                stack = tracer.blocks.reader.stack  # the text block that reads the image (question or ITM text)
                 values.append(stack.embed(tracer.ids(tracer.question_ids)).float().flatten())
     if not values:
         raise BlipTraceError("estimate_sigma needs at least one (image, question) sample")

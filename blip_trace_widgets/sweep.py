@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import VQASample
+from .data import VQASample, text_of
 from .engine import DEFAULT_MEMORY_BUDGET
 from .errors import BlipTraceError
 from .inputs import image_digest
@@ -158,16 +158,6 @@ def _write_atomically(path: Path, write) -> None:
 
 def _part_path(out: Path, sample: int) -> Path:
     return out / PARTS / f"sample-{sample:07d}.parquet"
-
-
-def text_of(head: str, item: VQASample) -> str:
-    """The text a model reads for a sample: the question (VQA), the prompt (captioning), or for image-text
-    matching the reference caption (the text matched against the image)."""
-    if head == ITM:
-        if not item.answer:
-            raise ValueError("an image-text matching sweep matches each sample's caption: give samples one")
-        return item.answer
-    return item.question
 
 
 def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,

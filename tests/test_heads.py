@@ -265,3 +265,16 @@ def test_itc_matches_the_models_own_similarity(matcher, image):
         p_match = float(torch.softmax(matcher.model(**inputs).itm_score, -1)[0, 1])
     assert result.high_score == pytest.approx(expected, abs=1e-5)
     assert tracer.match_probability == pytest.approx(p_match, abs=1e-6)
+
+
+@pytest.mark.parametrize("head,block,metric", [("caption", "caption_decoder", "prob"), ("itm", "itm_encoder", "prob"),
+                                               ("itm", "vision_encoder", "itc")])
+@pytest.mark.parametrize("kind", ["hidden", "mlp"])
+def test_estimates_of_the_new_heads_tend_to_the_exact_map(captioner, matcher, image, head, block, metric, kind):
+    bundle, text, extra = ((captioner, "the", {"answer": "a red circle", "target": 2}) if head == "caption"
+                           else (matcher, "a red circle", {"corrupt": "patches"} if block == "vision_encoder" else {}))
+    tracer = Tracer(bundle, image, text)
+    config = TraceConfig(block=block, kind=kind, samples=3, corruption=GaussianNoise(1.0), metric=metric, **extra)
+    exact = tracer.trace(config).scores
+    errors = [np.abs(tracer.trace(config, method="estimate", steps=steps).scores - exact).max() for steps in (1, 32)]
+    assert errors[0] > 1e-4 and errors[1] < 0.3 * errors[0], errors
