@@ -26,7 +26,7 @@ import numpy as np
 
 from .names import TINY_EFFECT, VISION_ENCODER
 from .results import TraceResult
-from .roles import ROLES, ObjectRule, position_roles, token_roles  # noqa: F401  (token_roles: public here too)
+from .roles import ROLES, ObjectRule, position_roles, role_label, token_roles  # noqa: F401  (token_roles: public here too)
 
 FORMS = ("normalized", "rome")
 
@@ -87,6 +87,7 @@ def sample_effects(
             for layer, value in enumerate(mean):
                 records.append({
                     "sample": row.sample, "config": row.config, "block": row.block, "kind": row.kind,
+                    "target": getattr(row, "target", None),
                     "window": row.window, "corruption": row.corruption, by: label, "layer": layer, "effect": value,
                     "total_effect": total,
                 })
@@ -149,9 +150,15 @@ def _row_labels(rows: Any, effects: Any, by: str) -> tuple[list[str], list[str]]
         return first, first
     if by == "role":
         roles = [role for role in ROLES if role in set(effects["role"])]
-        return roles, roles
+        return roles, [role_label(role, str(rows["block"].iloc[0])) for role in roles]
     same = all(list(t) == first for t in rows["tokens"])
     return [str(p) for p in range(len(first))], first if same else [f"position {p}" for p in range(len(first))]
+
+
+def _target_of(row: Any) -> int | None:
+    """A captioning row's scored word index (None for other heads and for tables written before captioning)."""
+    value = row.get("target") if hasattr(row, "get") else None
+    return None if value is None or value != value else int(value)
 
 
 def average_trace(
@@ -205,5 +212,5 @@ def average_trace(
                 "total_effect": total, "correct_only": correct_only,
                 "corruption": json.loads(corruption) if isinstance(corruption, str) else corruption,
                 "metric": "effect" if form == "rome" else "normalized",
-                "head": str(first_row.get("head") or "vqa"), **extra},
+                "head": str(first_row.get("head") or "vqa"), "target": _target_of(first_row), **extra},
     )

@@ -170,7 +170,8 @@ TINY_EFFECT = 0.1
 MAX_ANSWER_TOKENS = 10
 #: Longest caption the clean pass generates (tokens after the prompt), as ``generate(max_new_tokens=20)``.
 MAX_CAPTION_TOKENS = 20
-#: The base captioner's prompt (its model card's conditional captioning example).
+#: BLIP's captioning prompt: BLIP's captioners were fine-tuned with it (``prompt: "a picture of "`` in LAVIS's
+#: ``blip_caption_base_coco.yaml``). Pass it as the text of a captioning trace; the demo captioner takes none.
 CAPTION_PROMPT = "a picture of"
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .names import VISION_ENCODER
+from .names import CAPTION_DECODER, ITM_ENCODER, VISION_ENCODER
 
 ROLES: tuple[str, ...] = ("first", "question words", "object", "last")
 STOPWORDS = frozenset(
@@ -57,6 +57,20 @@ def token_roles(tokens: Sequence[str], object_rule: ObjectRule | None = None) ->
     roles[-1] = "last"
     roles[0] = "first"
     return roles
+
+
+#: How roles are named in figures where the positions are not a question's: a caption decoder's positions are the
+#: caption before the scored word, an ITM encoder's the text matched.
+ROLE_LABELS: dict[str, dict[str, str]] = {
+    CAPTION_DECODER: {"first": "[DEC]", "question words": "earlier words", "object": "last content word",
+                      "last": "last (predicting)"},
+    ITM_ENCODER: {"question words": "text words", "object": "last content word"},
+}
+
+
+def role_label(role: str, block: str) -> str:
+    """The name of ``role`` in figures of ``block``'s positions."""
+    return ROLE_LABELS.get(block, {}).get(role, role)
 
 
 def position_roles(block: str, tokens: Sequence[str], object_rule: ObjectRule | None = None) -> list[str]:

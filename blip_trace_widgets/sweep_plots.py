@@ -15,6 +15,7 @@ from typing import Any
 from .aggregate import ROLES, average_trace, sample_effects
 from .names import BLOCK_LABELS, KIND_LABELS
 from .plotting import _figure, plot_trace
+from .roles import role_label
 
 FORM_LABELS = {"normalized": "normalised indirect effect", "rome": "indirect effect (score − low)"}
 
@@ -25,6 +26,10 @@ def estimate_note(table: Any) -> str:
         return ""
     steps = sorted({int(s) for s in table.loc[table["method"] == "estimate", "steps"]})
     return f"ESTIMATE (attribution patching, {'/'.join(map(str, steps))} step{'s' if steps != [1] else ''})"
+
+
+#: What a sweep's samples are, per head, in figure titles.
+UNITS = {"vqa": "questions", "caption": "captions", "itm": "image-text pairs"}
 
 
 def plot_average_heatmaps(table: Any, *, form: str = "normalized", correct_only: bool = False, by: str = "role",
@@ -39,8 +44,10 @@ def plot_average_heatmaps(table: Any, *, form: str = "normalized", correct_only:
         ax = figure.add_subplot(1, len(results), i + 1)
         window = f", window {result.window}" if result.window > 1 else ""
         note = estimate_note(table[table["config"] == configs[i]])
-        title = (f"{note + chr(10) if note else ''}{KIND_LABELS.get(result.kind, result.kind)}{window}\n"
-                 f"{BLOCK_LABELS.get(result.block, result.block)}, {result.config['questions']} questions")
+        word = f", caption word {result.config['target']}" if result.config.get("target") is not None else ""
+        title = (f"{note + chr(10) if note else ''}{KIND_LABELS.get(result.kind, result.kind)}{window}{word}\n"
+                 f"{BLOCK_LABELS.get(result.block, result.block)}, {result.config['questions']} "
+                 f"{UNITS.get(result.head, 'questions')}")
         plot_trace(result, ax=ax, normalized=False, title=title, top="range", tiny=None)
     return figure
 
@@ -73,10 +80,14 @@ def plot_effect_by_layer(table: Any, *, form: str = "normalized", correct_only: 
     """Average indirect effect against layer, one line per kind, one panel per token role, with 95% CI bands."""
     effects = sample_effects(table, form=form, correct_only=correct_only)
     note = " [estimate]" if estimate_note(table) else ""
+    targets = effects["target"] if "target" in effects else [None] * len(effects)
     effects["configuration"] = [
-        f"{KIND_LABELS.get(k, k)}" + (f" (w{w})" if w > 1 else "") + note for k, w in zip(effects["kind"], effects["window"])]
+        f"{KIND_LABELS.get(k, k)}" + (f" (w{w})" if w > 1 else "") + (f", word {int(t)}" if t == t and t is not None
+                                                                       else "") + note
+        for k, w, t in zip(effects["kind"], effects["window"], targets)]
+    block = str(table["block"].iloc[0])
     return _role_lines(effects, hue="configuration", form=form, roles=roles, figure=figure,
-                       title=lambda role: f"{role} token" + ("s" if role == "question words" else ""))
+                       title=lambda role: f"{role_label(role, block)} token" + ("s" if role == "question words" else ""))
 
 
 def plot_subset_comparison(tables: dict[str, Any], *, kind: str = "hidden", form: str = "normalized",
@@ -85,6 +96,7 @@ def plot_subset_comparison(tables: dict[str, Any], *, kind: str = "hidden", form
     import pandas as pd
 
     parts = []
+    block = str(next(iter(tables.values()))["block"].iloc[0]) if tables else ""
     for name, table in tables.items():
         rows = table[table["kind"] == kind]
         if rows.empty:
@@ -93,4 +105,4 @@ def plot_subset_comparison(tables: dict[str, Any], *, kind: str = "hidden", form
         effects["subset"] = name + (" [estimate]" if estimate_note(rows) else "")
         parts.append(effects)
     return _role_lines(pd.concat(parts, ignore_index=True), hue="subset", form=form, roles=roles, figure=figure,
-                       title=lambda role: f"{KIND_LABELS.get(kind, kind)}: {role}")
+                       title=lambda role: f"{KIND_LABELS.get(kind, kind)}: {role_label(role, block)}")

@@ -122,8 +122,15 @@ def test_a_caption_sweep_and_a_matching_sweep(captioner, matcher, tmp_path):
     assert list(itm["question"]) == ["a red triangle", samples[1].answer] and itm["correct"].all()
     from blip_trace_widgets.aggregate import average_trace
 
-    averaged = average_trace(table, config=0)
-    assert averaged.head == "caption" and averaged.scored.startswith("average of")
+    averaged = average_trace(table, config=0, form="rome")
+    assert averaged.head == "caption" and averaged.scored.startswith("average of") and averaged.config["target"] == 1
+    assert averaged.tokens == ["[DEC]", "last (predicting)"]
+    from blip_trace_widgets import plot_average_heatmaps, plot_effect_by_layer
+
+    titles = [t for ax in plot_average_heatmaps(table, form="rome").axes for t in (ax.get_title(loc="left"), ax.get_title()) if t]
+    assert titles[0].startswith("MLP outputs, window 3, caption word 1") and titles[0].endswith("2 captions")
+    legend = plot_effect_by_layer(table, form="rome").axes[-1].get_legend()
+    assert {t.get_text() for t in legend.get_texts()} == {"MLP outputs (w3), word 1", "MLP outputs (w3), word 2"}
 
 
 def test_captioning_rows_of_any_datasets_dataset():

@@ -171,7 +171,7 @@ def test_itm_encoder_matches_loop(matcher, image, kind, window):
 
 
 @pytest.mark.parametrize("head,metric", [("caption", "prob"), ("itm", "prob"), ("itm", "itc")])
-@pytest.mark.parametrize("kind,window", [("hidden", 1), ("self_attn", 2), ("mlp", 1)])
+@pytest.mark.parametrize("kind,window", [(kind, window) for kind in VISION_SUFFIX for window in (1, 2)])
 def test_vision_encoder_matches_loop(captioner, matcher, image, head, metric, kind, window):
     bundle, text = (captioner, "") if head == "caption" else (matcher, "a red circle")
     config = TraceConfig(block="vision_encoder", kind=kind, window=window, samples=2, seed=1, metric=metric,
