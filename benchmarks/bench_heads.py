@@ -9,7 +9,7 @@ the weights) and prints wall times of:
 * a whole caption traced word by word (``trace_caption``, the caption decoder's hidden states, window 1)
   after BLIP's prompt "a picture of", for a supplied 7-word caption, exact and estimated;
 * the ITM encoder's hidden-state map of a 7-word text, exact and estimated;
-* one vision-encoder map with 6x6 regions for each head.
+* one vision-encoder map with 3x3 regions (and CLS) for each head, at 3 noise samples.
 
 Each figure is the first run in a fresh Tracer (clean pass included). Reports torch's thread count and the
 load average.
@@ -63,9 +63,9 @@ def main() -> None:
         timed(f"caption decoder, {len(CAPTION.split())} words after '{PROMPT}', hidden, {method}",
               lambda: trace_caption(captioner, image, PROMPT, CAPTION, samples=args.samples, corruption=noise,
                                     method=method))
-    timed("caption: vision encoder, 6x6 regions + CLS, one word, hidden, exact",
-          lambda: Tracer(captioner, image, PROMPT).trace(block="vision_encoder", answer=CAPTION, target=4, regions=6,
-                                                         samples=args.samples, corruption=noise))
+    timed("caption: vision encoder, 3x3 regions + CLS, one word, hidden, 3 samples, exact",
+          lambda: Tracer(captioner, image, PROMPT).trace(block="vision_encoder", answer=CAPTION, target=4, regions=3,
+                                                         samples=3, corruption=noise))
     del captioner
     matcher = bundle_of(BlipForImageTextRetrieval)
     for method in ("exact", "estimate"):
@@ -73,9 +73,9 @@ def main() -> None:
               lambda: Tracer(matcher, image, CAPTION).trace(block="itm_encoder", samples=args.samples,
                                                             corruption=noise, method=method))
     for metric in ("prob", "itc"):
-        timed(f"ITM: vision encoder, 6x6 regions + CLS, hidden, {metric}, exact",
-              lambda: Tracer(matcher, image, CAPTION).trace(block="vision_encoder", regions=6, metric=metric,
-                                                            samples=args.samples, corruption=noise))
+        timed(f"ITM: vision encoder, 3x3 regions + CLS, hidden, {metric}, 3 samples, exact",
+              lambda: Tracer(matcher, image, CAPTION).trace(block="vision_encoder", regions=3, metric=metric,
+                                                            samples=3, corruption=noise))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .names import TINY_EFFECT, VISION_ENCODER
+from .names import TINY_EFFECT, VISION_ENCODER, VQA
 from .results import TraceResult
 from .roles import ROLES, ObjectRule, position_roles, role_label, token_roles  # noqa: F401  (token_roles: public here too)
 
@@ -212,5 +212,5 @@ def average_trace(
                 "total_effect": total, "correct_only": correct_only,
                 "corruption": json.loads(corruption) if isinstance(corruption, str) else corruption,
                 "metric": "effect" if form == "rome" else "normalized",
-                "head": str(first_row.get("head") or "vqa"), "target": _target_of(first_row), **extra},
+                "head": str(first_row.get("head") or VQA), "target": _target_of(first_row), **extra},
     )

@@ -52,6 +52,7 @@ from .names import (
     SUBLAYER_KINDS,
     VISION_ENCODER,
     VISION_KINDS,
+    VQA,
     kinds_of,
     window_for,
 )
@@ -328,8 +329,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 def _check_sweep_dataset(dataset: str, head: str) -> None:
     from .subsets import CAPTION_SUBSETS
 
-    if (dataset in CAPTION_SUBSETS) != (head != "vqa"):
-        wanted = ", ".join(CAPTION_SUBSETS) if head != "vqa" else "a question set"
+    if (dataset in CAPTION_SUBSETS) != (head != VQA):
+        wanted = ", ".join(CAPTION_SUBSETS) if head != VQA else "a question set"
         raise UsageError(f"--dataset {dataset} does not suit a {HEAD_INFO[head].label} model: use {wanted}")
 
 

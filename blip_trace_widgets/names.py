@@ -65,15 +65,16 @@ class HeadInfo:
     text: str  # what the text input is, in controls
     scored: str  # what a trace scores, in titles
     metrics: tuple[Metric, ...]
+    unit: str  # what a sweep's samples are, in titles
 
 
 HEAD_INFO: dict[str, HeadInfo] = {
     VQA: HeadInfo("visual question answering", "BlipForQuestionAnswering", (QUESTION_ENCODER, ANSWER_DECODER,
-                  VISION_ENCODER), "question", "answer", ("prob", "logprob", "logit_diff")),
+                  VISION_ENCODER), "question", "answer", ("prob", "logprob", "logit_diff"), "questions"),
     CAPTION: HeadInfo("captioning", "BlipForConditionalGeneration", (CAPTION_DECODER, VISION_ENCODER), "prompt",
-                      "caption word", ("prob", "logprob", "logit_diff")),
+                      "caption word", ("prob", "logprob", "logit_diff"), "captions"),
     ITM: HeadInfo("image-text matching", "BlipForImageTextRetrieval", (ITM_ENCODER, VISION_ENCODER), "text",
-                  "match", ("prob", "logprob", "itc")),
+                  "match", ("prob", "logprob", "itc"), "image-text pairs"),
 }
 BLOCKS_OF: dict[str, tuple[Block, ...]] = {head: info.blocks for head, info in HEAD_INFO.items()}
 #: Hub checkpoints of each head, and the bundled demo models (``load_model("demo-caption")``).

@@ -23,7 +23,7 @@ from typing import Any, Union
 import numpy as np
 
 from .errors import BlipTraceError
-from .names import METRIC_LABELS, TINY_EFFECT  # noqa: F401  (METRIC_LABELS: public here too)
+from .names import HEAD_INFO, ITM, METRIC_LABELS, TINY_EFFECT, VQA  # noqa: F401  (METRIC_LABELS: public here too)
 
 #: Version of the saved JSON layout; files without one are version 1 (no stderr, NaN as bare tokens).
 FORMAT_VERSION = 2
@@ -98,16 +98,16 @@ class TraceResult:
     @property
     def head(self) -> str:
         """The model's head: "vqa", "caption" or "itm" (results saved before captioning was traced are VQA)."""
-        return str(self.config.get("head") or "vqa")
+        return str(self.config.get("head") or VQA)
 
     @property
     def scored(self) -> str:
         """What the scores are of, in words: "answer 'red'", "caption word 'red'" or "match with 'a red circle'"."""
         if "questions" in self.config:  # an average over a sweep
             return str(self.answer)
-        if self.head == "itm":
+        if self.head == ITM:
             return f"match with {self.config.get('question', '')!r}"
-        return f"{'caption word' if self.head == 'caption' else 'answer'} {self.answer!r}"
+        return f"{HEAD_INFO[self.head].scored if self.head in HEAD_INFO else 'answer'} {self.answer!r}"
 
     @property
     def is_estimate(self) -> bool:

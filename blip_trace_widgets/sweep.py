@@ -38,7 +38,7 @@ from .engine import DEFAULT_MEMORY_BUDGET
 from .errors import BlipTraceError
 from .inputs import image_digest
 from .loading import BlipBundle
-from .names import CAPTION, ITM
+from .names import CAPTION, ITM, VQA
 from .results import TraceResult
 from .roles import position_roles
 from .subsets import as_samples, image_id, open_image
@@ -234,7 +234,7 @@ def result_from_row(row: Any) -> TraceResult:
                                            "corruption": json.loads(get("corruption")), "sever": get("sever"),
                                            "method": _optional(get, "method", "exact"),
                                            "steps": int(_optional(get, "steps", 1)),
-                                           "head": _optional(get, "head", "vqa"), "target": _optional(get, "target", None)},
+                                           "head": _optional(get, "head", VQA), "target": _optional(get, "target", None)},
     )
 
 

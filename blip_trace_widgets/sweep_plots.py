@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .aggregate import ROLES, average_trace, sample_effects
-from .names import BLOCK_LABELS, KIND_LABELS
+from .names import BLOCK_LABELS, HEAD_INFO, KIND_LABELS
 from .plotting import _figure, plot_trace
 from .roles import role_label
 
@@ -26,10 +26,6 @@ def estimate_note(table: Any) -> str:
         return ""
     steps = sorted({int(s) for s in table.loc[table["method"] == "estimate", "steps"]})
     return f"ESTIMATE (attribution patching, {'/'.join(map(str, steps))} step{'s' if steps != [1] else ''})"
-
-
-#: What a sweep's samples are, per head, in figure titles.
-UNITS = {"vqa": "questions", "caption": "captions", "itm": "image-text pairs"}
 
 
 def plot_average_heatmaps(table: Any, *, form: str = "normalized", correct_only: bool = False, by: str = "role",
@@ -47,7 +43,7 @@ def plot_average_heatmaps(table: Any, *, form: str = "normalized", correct_only:
         word = f", caption word {result.config['target']}" if result.config.get("target") is not None else ""
         title = (f"{note + chr(10) if note else ''}{KIND_LABELS.get(result.kind, result.kind)}{window}{word}\n"
                  f"{BLOCK_LABELS.get(result.block, result.block)}, {result.config['questions']} "
-                 f"{UNITS.get(result.head, 'questions')}")
+                 f"{HEAD_INFO[result.head].unit if result.head in HEAD_INFO else 'questions'}")
         plot_trace(result, ax=ax, normalized=False, title=title, top="range", tiny=None)
     return figure
 

@@ -152,3 +152,14 @@ def test_results_say_what_they_score(captioner, matcher, demo_sample, tmp_path):
     match = trace(matcher, demo_sample.image, "a red triangle", samples=2)
     assert "match with 'a red triangle'" in trace_title(match)
     assert match.plot().get_figure().axes[-1].get_ylabel().startswith("p(match)")
+
+
+def test_the_command_line_sweeps_captions(tmp_path, capsys):
+    from blip_trace_widgets import cli, load_sweep
+
+    code = cli.main(["sweep", "--model", "demo-caption", "--dataset", "easy-vqa-captions", "--limit", "2", "--targets",
+                     "1,2", "--kinds", "hidden", "--samples", "2", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    table = load_sweep(tmp_path)
+    assert sorted(set(table["target"])) == [1, 2] and set(table["block"]) == {"caption_decoder"}
+    assert (tmp_path / "average_heatmaps.png").is_file() and (tmp_path / "effect_by_layer.png").is_file()
