@@ -79,6 +79,7 @@ def test_matcher_matches_its_caption_and_not_another(matcher, demo_sample):
     assert right.answer == "match" and right.config["model_answer"] == "match"
 
 
+@pytest.mark.slow  # a few seconds; the fast subset stays under a minute
 def test_explorers_with_a_captioner_and_a_matcher(captioner, matcher):
     from blip_trace_widgets.widgets import TraceExplorer, VisionTraceExplorer
 
@@ -105,6 +106,7 @@ def test_explorers_with_a_captioner_and_a_matcher(captioner, matcher):
     assert vision.result.block == "vision_encoder" and vision.result.answer == "red"
 
 
+@pytest.mark.slow  # a few seconds; the fast subset stays under a minute
 def test_a_caption_sweep_and_a_matching_sweep(captioner, matcher, tmp_path):
     samples = load_vqa_subset("easy-vqa-captions", limit=2)
     assert samples[0].question == "" and samples[0].answer == "a red triangle"
@@ -154,6 +156,7 @@ def test_results_say_what_they_score(captioner, matcher, demo_sample, tmp_path):
     assert match.plot().get_figure().axes[-1].get_ylabel().startswith("p(match)")
 
 
+@pytest.mark.slow  # a few seconds; the fast subset stays under a minute
 def test_the_command_line_sweeps_captions(tmp_path, capsys):
     from blip_trace_widgets import cli, load_sweep
 
