@@ -22,6 +22,7 @@ the score through every text transformer after it.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -150,7 +151,7 @@ class AnswerDecoder:
         return self.head(h)
 
 
-class ImageReader:
+class ImageReader(ABC):
     """A text block that cross-attends to the image embeddings; each head has one (see the module's notes)."""
 
     name: str
@@ -184,8 +185,9 @@ class ImageReader:
         """Positions of any decoder run after this block, per row (for sizing chunks)."""
         return 0
 
+    @abstractmethod
     def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
-        raise NotImplementedError
+        """The head's outputs for this block's final states [S, C, T, D] (each reader has its own head)."""
 
     def encode_rows(self, tracer: Tracer, image_embeds: torch.Tensor, target: Target) -> torch.Tensor:
         """This block's final states [S, C, T, D] when each row cross-attends to its own image embeddings
