@@ -162,7 +162,8 @@ class TraceConfig:
         return {
             "block": self.block, "kind": self.kind, "window": int(self.window), "corruption": describe(self.corruption),
             "samples": int(self.samples), "seed": int(self.seed), "answer": self.answer,
-            "target": None if self.target is None else int(self.target), "metric": self.metric,
+            # a caption word only where one is set, so that VQA sweeps begun before captioning resume
+            **({"target": int(self.target)} if self.target is not None else {}), "metric": self.metric,
             "contrast": self.contrast, "sever": self.sever, "sever_at": self.sever_at, "corrupt": self.corrupt,
             "corrupt_tokens": list(self.corrupt_tokens) if isinstance(self.corrupt_tokens, tuple) else self.corrupt_tokens,
             "regions": self.regions, "fresh_noise": self.fresh_noise, "method": self.method, "steps": int(self.steps),

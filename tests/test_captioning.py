@@ -61,6 +61,13 @@ def test_a_supplied_caption_is_scored_teacher_forced(captioner, demo_sample):
         trace_caption(load_model("demo"), demo_sample.image)
 
 
+def test_a_captioning_result_records_its_word_and_a_vqa_config_has_none(captioner, demo_sample):
+    from blip_trace_widgets import TraceConfig
+
+    assert trace(captioner, demo_sample.image, "", samples=2).config["target"] == 0  # word 0 when none is set
+    assert "target" not in TraceConfig().to_json()  # VQA sweeps begun before captioning keep their manifest
+
+
 def test_a_prompt_is_part_of_the_positions(captioner, demo_sample):
     result = trace(captioner, demo_sample.image, "a", target=0, samples=2)
     assert result.tokens == ["[DEC]", "a"] and result.answer == "red"
