@@ -106,7 +106,8 @@ class TraceResult:
         if "questions" in self.config:  # an average over a sweep
             return str(self.answer)
         if self.head == ITM:
-            return f"match with {self.config.get('question', '')!r}"
+            what = "ITC similarity" if self.metric == "itc" else "match"
+            return f"{what} with {self.config.get('question', '')!r}"
         return f"{HEAD_INFO[self.head].scored if self.head in HEAD_INFO else 'answer'} {self.answer!r}"
 
     @property

@@ -58,6 +58,7 @@ from .names import (
     TINY_EFFECT,
     VISION_ENCODER,
     VISION_KINDS,
+    metric_label,
     window_for,
 )
 from .plotting import HeatmapRenderer, figure_png, plot_traces
@@ -552,6 +553,8 @@ def default_gallery(head: str, count: int = 6) -> list[tuple]:
 
 
 VISION_KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in VISION_KINDS]
+#: What an image-text matcher's image-side trace can score.
+MATCH_METRICS = ("prob", "itc")
 VISION_CORRUPTION_OPTIONS = [("noise on patch embeddings", "noise"), ("blur pixels", "blur"), ("grey pixels", "grey")]
 AREA_OPTIONS = [("whole image", "all"), ("inside the box", "inside"), ("outside the box", "outside")]
 VISION_LEVEL_TIPS = {
@@ -608,6 +611,11 @@ class VisionTraceExplorer(_LiveView):
                                          continuous_update=False, style=style)
         self.seed = W.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed", style=style,
                                      layout=W.Layout(width="160px"))
+        matching = {} if self.head == ITM else {"display": "none"}
+        self.metric = W.ToggleButtons(options=[(metric_label(m, self.head), m) for m in MATCH_METRICS], value="prob",
+                                      layout=W.Layout(**matching))
+        set_tooltip(self.metric, "p(match) from the ITM head, or the ITC similarity of the image's projected CLS "
+                                 "state with the text read without the image")
         set_tooltip(self.regions, "the patch grid is split into this many regions per side; each is restored as a unit")
         set_tooltip(self.area, "which part of the image the corruption touches")
         set_tooltip(self.layer, "which vision layer's effects to paint; redraws without tracing again")
@@ -617,12 +625,13 @@ class VisionTraceExplorer(_LiveView):
             W.HBox([self.corruption, self.level, self.noise_samples, self.seed]),
             W.HBox([self.area, self.box_x, self.box_y]),
             W.HBox([self.layer, self.all_layers, self.normalized, self.method]),
+            self.metric,
         ])
         self.warning = W.HTML()
         self.children = [self._header(), controls, self.error, self.warning, self.overlay]
         self._update_enabled()
         self._watch([self.kind, self.window, self.regions, self.corruption, self.level, self.area, self.box_x,
-                     self.box_y, self.noise_samples, self.seed, self.question_box, self.method])
+                     self.box_y, self.noise_samples, self.seed, self.question_box, self.method, self.metric])
         for control in (self.layer, self.all_layers, self.normalized):
             control.observe(self._on_view, names="value")
         self.refresh()
@@ -651,7 +660,7 @@ class VisionTraceExplorer(_LiveView):
         return TraceConfig(block=VISION_ENCODER, kind=kind, window=window_for(kind, self.window.value),
                            regions=int(self.regions.value), corruption=corruption,
                            samples=1 if self.corruption.value != "noise" else int(self.noise_samples.value),
-                           seed=int(self.seed.value), **self.scored)
+                           seed=int(self.seed.value), metric=self.metric.value, **self.scored)
 
     def _update_enabled(self) -> None:
         self.window.disabled = self.kind.value == HIDDEN

@@ -109,8 +109,12 @@ def test_explorers_with_a_captioner_and_a_matcher(captioner, matcher):
     assert [b for _, b in matching.block.options] == ["itm_encoder"] and "p(match)" in matching.answer_view.value
     matching.question_box.value = "a blue circle"
     assert "no match" in matching.answer_view.value
-    vision = VisionTraceExplorer(captioner, background=False)
+    vision = VisionTraceExplorer(captioner, background=False, regions=2)
     assert vision.result.block == "vision_encoder" and vision.result.answer == "red"
+    assert vision.metric.layout.display == "none"
+    similarity = VisionTraceExplorer(matcher, background=False, regions=2)
+    similarity.metric.value = "itc"
+    assert similarity.result.metric == "itc" and "ITC similarity with &#x27;a red triangle&#x27;" in similarity.status.value
 
 
 @pytest.mark.slow  # a few seconds; the fast subset stays under a minute
