@@ -149,12 +149,13 @@ def _demo_heads(args: argparse.Namespace, image: Any, out: Path, bar: Any) -> in
     """The demo's captioning trace (the caption's colour word) and image-text matching trace (its own caption)."""
     from .tracing import Tracer, default_config
 
-    written = 0
-    for model, block, kind, window in DEMO_HEAD_TRACES:
+    written, caption = 0, ""
+    for model, block, kind, window in DEMO_HEAD_TRACES:  # the captioner first: the matcher matches its caption
         bundle = _load(model, args.device, None)
         caption_model = bundle.head == CAPTION
-        tracer = Tracer(bundle, image, "" if caption_model else Tracer(_load("demo-caption", args.device, None),
-                                                                         image, "").model_answer)
+        tracer = Tracer(bundle, image, "" if caption_model else caption)
+        if caption_model:
+            caption = tracer.model_answer
         fields = {"target": 1} if caption_model else {}
         config = default_config(bundle, block=block, kind=kind, window=window, samples=args.samples, seed=args.seed,
                                 **fields)
