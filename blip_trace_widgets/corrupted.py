@@ -181,8 +181,8 @@ class CorruptedRuns(TargetedPass):
                 return block.clean_run(self, target)
             return self._clean_target.get_or_make((block.name, target), lambda: block.clean_run(self, target))
 
-    def _runs(self, block: Any, config: TraceConfig, target: Target,
-              corrupted: Corrupted | None) -> tuple[Run, Run, Any]:
+    def runs(self, block: Any, config: TraceConfig, target: Target,
+              corrupted: Corrupted | None = None) -> tuple[Run, Run, Any]:
         """Clean run, corrupted run and cross states of ``block``; ``corrupted=None`` means the cached first draw."""
         with torch.no_grad():
             clean = self.clean_run(block, target)

@@ -76,7 +76,7 @@ def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, targe
         clean, start, cross = tracer.clean_vision, tracer.corrupted_patches(config), [None] * len(block.stack)
         corrupted: Any = None
     else:
-        clean, corrupted, cross = tracer._runs(block, config, target, None)
+        clean, corrupted, cross = tracer.runs(block, config, target)
         start = corrupted.inputs[0]
     stack = block.stack
     leaves: dict[str, list[torch.Tensor]] = {kind: [] for kind in stack.kinds}
@@ -143,14 +143,23 @@ class _PathEdits(_ChunkEdits):
         return x + leaf
 
 
-def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target) -> torch.Tensor:
-    """Per sample and cell, the sum over the path points ``alpha = 1/k, ..., (k-1)/k`` of ``delta · gradient``
-    there: [S, C]. Every (cell, point) pair is one row of the engine's batches."""
-    clean, run, cross = tracer._runs(block, config, target, None)
+def _layers(cell: Cell) -> int:
+    return len({layer for layer, _ in cell})
+
+
+def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+                first_step: int) -> torch.Tensor:
+    """Per sample and cell, the sum over the path points ``alpha = first_step/k, ..., (k-1)/k`` of
+    ``delta · gradient`` there: [S, C]. Every (cell, point) pair is one row of the engine's batches.
+
+    Each gradient is taken with the cell's other states held at their path values (free variables of the
+    score): restoring a state overrides whatever an earlier state of the same cell sent through it, so a
+    path through a later restored state must not be counted again."""
+    clean, run, cross = tracer.runs(block, config, target)
     kind = config.kind
     deltas = _deltas(clean.kinds[kind], run.kinds[kind])
     steps, n_layers, samples = int(config.steps), len(block.stack), int(config.samples)
-    pairs = [(ci, step / steps) for step in range(1, steps) for ci in range(len(cells))]
+    pairs = [(ci, step / steps) for step in range(first_step, steps) for ci in range(len(cells))]
     order = sorted(range(len(pairs)), key=lambda i: start_layer(cells[pairs[i][0]], kind, n_layers))
     out = torch.zeros(samples, len(cells), dtype=torch.float64)
     rows = max(1, block.rows_per_chunk(tracer, config, target) // (samples * BACKWARD_SHRINK))
@@ -192,9 +201,20 @@ class Estimator:
                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard error over noise samples of each cell's estimated score."""
         gradients = self.gradients(block, config, target)
-        total = _cell_sums(gradients.terms[config.kind], cells)
-        if config.steps > 1:
-            total += _path_terms(self.tracer, block, cells, config, target)
+        total = torch.zeros(gradients.scores.shape[0], len(cells), dtype=torch.float64)
+        # A cell of one layer (one state per position, or a region at one layer) needs no held gradient: no state
+        # of the cell lies on another's path, so the shared pass's gradients are the held ones. A window's
+        # layers do lie on each other's paths: every point of its path is run with the cell's states held.
+        single = [i for i, cell in enumerate(cells) if _layers(cell) <= 1]
+        windows = [i for i, cell in enumerate(cells) if _layers(cell) > 1]
+        if single:
+            part = _cell_sums(gradients.terms[config.kind], [cells[i] for i in single])
+            if config.steps > 1:
+                part += _path_terms(self.tracer, block, [cells[i] for i in single], config, target, first_step=1)
+            total[:, single] = part
+        if windows:
+            total[:, windows] = _path_terms(self.tracer, block, [cells[i] for i in windows], config, target,
+                                            first_step=0)
         estimates = gradients.scores[:, None] + total / int(config.steps)
         if progress is not None:
             progress(len(cells))

@@ -78,7 +78,7 @@ class Tracer(CorruptedRuns):
         if config.method == "estimate":
             low = self.estimator.gradients(self.blocks[config.block], config, target).scores
         else:
-            low = score(self._runs(last, config, target, None)[1])
+            low = score(self.runs(last, config, target)[1])
         return float(low.mean()), float(high[0])
 
     def _check_cells(self, block: Block, cells: Sequence[Cell], positions: int) -> None:
@@ -94,7 +94,7 @@ class Tracer(CorruptedRuns):
                corrupted: Corrupted | None, progress: Callable[[int], None] | None = None,
                ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard error over noise samples of each cell's score, against one corrupted draw."""
-        clean_run, corrupted_run, cross = self._runs(block, config, target, corrupted)
+        clean_run, corrupted_run, cross = self.runs(block, config, target, corrupted)
         self._check_cells(block, cells, int(clean_run.inputs[0].shape[1]))
         clean_states = [x[0] for x in clean_run.kinds[config.kind]]
         severed = corrupted_run.kinds[config.sever] if config.sever else None

@@ -4,7 +4,7 @@
 
 For the first ``--per-type`` test questions of each type (colour, shape, yes/no; in the
 dataset's order, none left out), traces every kind of the question encoder and the answer
-decoder (window 1) and the vision encoder's hidden states with regions of 2x2 patches (its
+decoder (each of ``--windows``, default 1) and the vision encoder's hidden states with regions of 2x2 patches (its
 other kinds with ``--vision-kinds``), exactly and as an
 estimate with each of ``--steps``, and reports per block and steps:
 
@@ -53,12 +53,15 @@ def _compare(exact, estimate) -> dict:
     total = exact.total_effect
     tiny = exact.is_tiny()
     mae = float(np.mean(np.abs(effect_estimate - effect_exact)) / abs(total)) if not tiny else float("nan")
+    relative = float(np.abs(effect_estimate - effect_exact).sum() / max(np.abs(effect_exact).sum(), 1e-300))
     return {"spearman": _spearman(effect_exact, effect_estimate), "top_in_top3": top in top3, "mae_normalised": mae,
+            "relative_error": relative, "ratio": float(np.median(effect_estimate[np.abs(effect_exact) > 0]
+                                                                  / effect_exact[np.abs(effect_exact) > 0])),
             "tiny": tiny, "total_effect": float(total), "cells": int(effect_exact.size)}
 
 
 def _question(job: tuple) -> list[dict]:
-    index, kind_of_question, image_path, question, steps_list, samples, vision_kinds = job
+    index, kind_of_question, image_path, question, steps_list, samples, vision_kinds, windows, blocks, noise = job
     import torch
 
     torch.set_num_threads(1)
@@ -69,23 +72,28 @@ def _question(job: tuple) -> list[dict]:
     bundle = load_model("demo")
     tracer = Tracer(bundle, image_path, question)
     rows = []
-    for block, regions in BLOCK_REGIONS.items():
-        for kind in (vision_kinds if block == "vision_encoder" else kinds_of(block)):
+    for block in blocks:
+        regions = BLOCK_REGIONS[block]
+        for kind, window in ((k, w) for k in (vision_kinds if block == "vision_encoder" else kinds_of(block))
+                             for w in windows):
             extra = {"regions": regions, "corruption": GaussianNoise(3.0)} if regions else {}
-            config = default_config(bundle, block=block, kind=kind, samples=samples, **extra)
+            if noise is not None:
+                extra["corruption"] = GaussianNoise(noise)
+            config = default_config(bundle, block=block, kind=kind, window=window, samples=samples, **extra)
             started = time.perf_counter()
             exact = tracer.trace(config)
             exact_s = time.perf_counter() - started
             for steps in steps_list:
                 started = time.perf_counter()
                 estimate = tracer.trace(config, method="estimate", steps=steps)
-                rows.append({"question": index, "type": kind_of_question, "block": block, "kind": kind, "steps": steps,
-                             "exact_s": exact_s, "estimate_s": time.perf_counter() - started,
-                             **_compare(exact, estimate)})
+                rows.append({"question": index, "type": kind_of_question, "block": block, "kind": kind,
+                             "window": window, "steps": steps, "exact_s": exact_s,
+                             "estimate_s": time.perf_counter() - started, **_compare(exact, estimate)})
     return rows
 
 
-def _jobs(per_type: int, steps: list[int], samples: int, cache: Path, vision_kinds: list[str]) -> list[tuple]:
+def _jobs(per_type: int, steps: list[int], samples: int, cache: Path, vision_kinds: list[str], windows: list[int],
+          blocks: list[str], noise: float | None) -> list[tuple]:
     from blip_trace_widgets.subsets import load_vqa_subset
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -95,19 +103,22 @@ def _jobs(per_type: int, steps: list[int], samples: int, cache: Path, vision_kin
             path = cache / f"{len(jobs)}.png"
             if not path.exists():
                 item.image.open().save(path)
-            jobs.append((len(jobs), kind_of_question, str(path), item.question, steps, samples, vision_kinds))
+            jobs.append((len(jobs), kind_of_question, str(path), item.question, steps, samples, vision_kinds, windows,
+                         blocks, noise))
     return jobs
 
 
 def summarise(frame) -> str:
-    lines = ["| block | steps | maps | Spearman median | Spearman 10th pct | no Spearman | exact top cell in estimate's top 3 "
-             "| MAE of normalised effect | estimate / exact time |", "|---|---|---|---|---|---|---|---|---|"]
-    for (block, steps), group in frame.groupby(["block", "steps"], sort=False):
+    lines = ["| block | window | steps | maps | Spearman median | Spearman 10th pct | no Spearman | exact top cell in "
+             "estimate's top 3 | MAE of normalised effect | Σ|est − exact| / Σ|exact| (effects) | estimate / exact time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (block, window, steps), group in frame.groupby(["block", "window", "steps"], sort=False):
         rho = group["spearman"].dropna()
         lines.append(
-            f"| {block.replace('_', ' ')} | {steps} | {len(group)} | {rho.median():.2f} | {rho.quantile(0.1):.2f} | "
-            f"{group['spearman'].isna().sum()} | {group['top_in_top3'].mean():.0%} | "
-            f"{group['mae_normalised'].mean():.3f} | {group['estimate_s'].sum() / group['exact_s'].sum():.2f} |")
+            f"| {block.replace('_', ' ')} | {window} | {steps} | {len(group)} | {rho.median():.2f} | "
+            f"{rho.quantile(0.1):.2f} | {group['spearman'].isna().sum()} | {group['top_in_top3'].mean():.0%} | "
+            f"{group['mae_normalised'].mean():.3f} | {group['relative_error'].median():.3f} (median) | "
+            f"{group['estimate_s'].sum() / group['exact_s'].sum():.2f} |")
     return "\n".join(lines)
 
 
@@ -120,10 +131,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3, help="noise samples per trace (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vision-kinds", nargs="+", default=["hidden"], choices=["hidden", "self_attn", "mlp"])
+    parser.add_argument("--windows", type=int, nargs="+", default=[1], help="windows of layers (default: %(default)s)")
+    parser.add_argument("--blocks", nargs="+", default=list(BLOCK_REGIONS), choices=list(BLOCK_REGIONS))
+    parser.add_argument("--noise", type=float, default=None,
+                        help="Gaussian noise in σ for every block (default: the model's own level; 3σ on patches)")
     parser.add_argument("--out", type=Path, default=Path("artifacts/estimates"))
     args = parser.parse_args()
     started = time.perf_counter()
-    jobs = _jobs(args.per_type, args.steps, args.samples, args.out / "images", args.vision_kinds)
+    jobs = _jobs(args.per_type, args.steps, args.samples, args.out / "images", args.vision_kinds, args.windows,
+                 args.blocks, args.noise)
     rows: list[dict] = []
     with ProcessPoolExecutor(args.workers) as pool:
         for done, part in enumerate(pool.map(_question, jobs, chunksize=4), 1):
@@ -133,12 +149,15 @@ def main() -> None:
     frame = pd.DataFrame(rows)
     frame.to_csv(args.out / "rows.csv", index=False)
     table = summarise(frame)
-    by_kind = frame[frame["steps"] == 1].groupby(["block", "kind"], sort=False)["spearman"].median().round(2)
+    by_kind = frame[frame["steps"] == 1].groupby(["block", "kind", "window"], sort=False)[
+        ["spearman", "relative_error", "ratio"]].median().round(3)
     head = (f"demo model, {len(jobs)} easy-VQA test questions ({args.per_type} per type), {args.samples} noise "
-            f"samples, window 1; {time.perf_counter() - started:.0f} s with {args.workers} workers, load average "
+            f"samples, windows {args.windows}, noise {args.noise or 'the model default'}; "
+            f"{time.perf_counter() - started:.0f} s with {args.workers} workers, load average "
             f"{os.getloadavg()[0]:.2f}; tiny-effect maps (left out of the MAE): "
             f"{int(frame.drop_duplicates(['question', 'block', 'kind'])['tiny'].sum())}")
-    text = f"{head}\n\n{table}\n\nSpearman median at steps=1, per kind:\n\n{by_kind.to_string()}\n"
+    text = (f"{head}\n\n{table}\n\nMedians at steps=1, per kind (relative error; est/exact effect ratio):\n\n"
+            f"{by_kind.to_string()}\n")
     (args.out / "summary.md").write_text(text)
     print(text)
     print(json.dumps({"rows": len(frame)}))
