@@ -22,26 +22,62 @@ from .errors import BlipTraceError
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 
 
+#: PIL modes whose values are not 8-bit: BLIP's processor converts them as PIL does, clipping at 0 and 255.
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+class ImageRangeWarning(UserWarning):
+    """A 16-bit, 32-bit or floating-point image whose values BLIP's processor clips or truncates."""
+
+
+def processor_rgb(image: Image.Image) -> Image.Image:
+    """RGB as BLIP's image processor makes it (transformers' ``convert_to_rgb``, whichever version is installed):
+    transparency composited onto white in transformers 5 (onto black, by PIL's plain conversion, in 4.x), and
+    other modes converted by PIL."""
+    from transformers.image_transforms import convert_to_rgb
+
+    try:
+        converted: Any = convert_to_rgb(image, return_numpy=True)
+    except TypeError:  # transformers 4.x: no return_numpy, returns a PIL image
+        converted = convert_to_rgb(image)
+    return converted if isinstance(converted, Image.Image) else Image.fromarray(np.asarray(converted, dtype=np.uint8))
+
+
+def _check_range(image: Image.Image, what: str) -> None:
+    """Refuse non-finite pixels; warn when the processor's 8-bit conversion clips or truncates the values."""
+    import warnings
+
+    values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise BlipTraceError(f"{what} has NaN or infinite pixel values: replace them (np.nan_to_num) before tracing")
+    low, high = float(values.min()), float(values.max())
+    if low >= 0 and high <= 255 and not (image.mode == "F" and 0 < high <= 1):
+        return
+    seen = ("values 0 to 1 truncated to 0 or 1 of 255, so it looks black" if high <= 1
+            else "values below 0 or above 255 clipped, so much of it may look black or white")
+    warnings.warn(
+        f"{what} (mode {image.mode}) has values from {low:g} to {high:g}; BLIP's image processor converts it "
+        f"to 8 bits as PIL does ({seen}). Traces see what the model sees. To use its full range, scale it first: "
+        "Image.fromarray(np.uint8(255 * (a - a.min()) / max(np.ptp(a), 1)))", ImageRangeWarning, stacklevel=4)
+
+
 def _to_rgb(image: Image.Image, what: str) -> Image.Image:
-    """RGB from any PIL mode; 16-bit and float images are scaled by their real range, not clipped."""
+    """RGB exactly as BLIP's image processor makes it from ``image`` (see :func:`processor_rgb`), so that a trace's
+    clean answer is the one ``generate()`` gives for the same image."""
     if image.width == 0 or image.height == 0:
         raise BlipTraceError(f"{what} is empty ({image.width}x{image.height} pixels); pass an image with pixels")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        if finite.size == 0:
-            raise BlipTraceError(f"{what} has no finite pixel values")
-        low, high = float(finite.min()), float(finite.max())
-        scaled = np.zeros_like(values) if high == low else (np.nan_to_num(values, nan=low) - low) / (high - low)
-        image = Image.fromarray(np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8), "L")
-    return image.convert("RGB")
+    if image.mode in WIDE_MODES:
+        _check_range(image, what)
+    return processor_rgb(image)
 
 
 def to_rgb_image(image: Any) -> Image.Image:
     """A PIL RGB image from a PIL image of any mode, an HxWx3 uint8 array, or a file path.
 
-    Files are turned upright by their EXIF orientation, as image viewers do; 16-bit and
-    floating-point images are scaled from their own lowest to their highest value.
+    The conversion is BLIP's image processor's own (transparency onto white in transformers 5; 16-bit
+    and floating-point values clipped to 0..255, with an :class:`ImageRangeWarning`), so a trace sees
+    the image the model's ``generate()`` sees. Files are turned upright by their EXIF orientation, as
+    image viewers do.
     """
     if isinstance(image, Image.Image):
         return _to_rgb(image, "the image")

@@ -88,10 +88,20 @@ def test_blank_and_wide_range_images(tiny_bundle, question):
 
     from blip_trace_widgets.inputs import to_rgb_image
 
+    from blip_trace_widgets.inputs import ImageRangeWarning
+
+    # as BLIP's processor converts them (PIL's 8-bit conversion), with a warning that says so and how to rescale
     sixteen = Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16))
-    assert sixteen.mode == "I;16" and np.asarray(to_rgb_image(sixteen)).std() > 10  # not all white
+    with pytest.warns(ImageRangeWarning, match="values from 0 to 63960.*clipped"):
+        assert sixteen.mode == "I;16" and np.asarray(to_rgb_image(sixteen)).mean() > 250  # as the model sees it
+    white = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    with pytest.warns(ImageRangeWarning):
+        assert np.asarray(to_rgb_image(white)).min() == 255  # a flat white 16-bit image is white, not black
     floating = Image.fromarray(np.linspace(0, 0.5, 1600, dtype=np.float32).reshape(40, 40))
-    assert np.asarray(to_rgb_image(floating)).max() == 255  # not all black
+    with pytest.warns(ImageRangeWarning, match="truncated"):
+        assert np.asarray(to_rgb_image(floating)).max() == 0
+    with pytest.raises(BlipTraceError, match="NaN or infinite"):
+        to_rgb_image(Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32)))
     with pytest.raises(BlipTraceError, match="empty"):
         to_rgb_image(np.zeros((0, 0, 3), dtype=np.uint8))
 
