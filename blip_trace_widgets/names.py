@@ -168,6 +168,13 @@ PAPER_NOISE_STD = 5.0
 DEFAULT_SAMPLES = 10
 #: Below this total effect, as a fraction of the clean score, a heatmap is mostly noise.
 TINY_EFFECT = 0.1
+#: Below this total effect, in the metric's own units, a heatmap is noise whatever the clean score: a model
+#: that would not say the scored text (p(answer) of 1e-4) moves it by float noise. Colour scales never span
+#: less than this either, so that float noise is never drawn in full colour.
+TINY_ABSOLUTE: dict[str, float] = {"prob": 0.01, "logprob": 0.05, "logit_diff": 0.1, "itc": 0.01}
+#: A cell is drawn as a negative effect when it falls below the corrupted score by more than this many
+#: standard errors over the noise samples, and by more than this fraction of the metric's floor.
+NEGATIVE_STDERRS = 2.0
 MAX_ANSWER_TOKENS = 10
 #: Longest caption the clean pass generates (tokens after the prompt), as ``generate(max_new_tokens=20)``.
 MAX_CAPTION_TOKENS = 20

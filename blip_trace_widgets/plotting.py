@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 MAX_LABELLED_ROWS = 30
 NORMALIZED_CMAP = "RdBu_r"
+NEGATIVE_OVERLAY = "Blues"  # negative effects painted on an image
 TINY_TEXT = "corruption has almost no effect;\nthis map is noise"
 TOPS = ("clean", "max", "range")
 
@@ -81,6 +82,8 @@ def trace_title(result: TraceResult, width: int = 70) -> str:
         what = method_text(result) + ": " + what
     scores = (f"{result.scored}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, "
               f"total effect {result.total_effect:.3g}")
+    negative = negative_text(result)
+    scores += f"; {negative}" if negative else ""
     lines = [what + window + severed, how, scores] if config.get("corruption") else [what + window + severed, scores]
     return "\n".join(textwrap.fill(line, width) for line in lines)
 
@@ -91,7 +94,8 @@ def _labels(result: TraceResult) -> list[str]:
 
 
 def _scale(result: TraceResult, data: np.ndarray, normalized: bool, top: str) -> tuple[float, float, str]:
-    """(vmin, vmax, colour-bar label) by ROME's convention."""
+    """(vmin, vmax, colour-bar label) by ROME's convention; the span is never under the metric's floor
+    (:attr:`~.results.TraceResult.floor`), so that float noise is never drawn in full colour."""
     if normalized:
         return -1.0, 1.0, "normalised effect (fixed range −1 to 1)"
     if top not in TOPS:
@@ -99,8 +103,11 @@ def _scale(result: TraceResult, data: np.ndarray, normalized: bool, top: str) ->
     label = metric_label(result.metric, result.head)
     low = result.low_score
     finite = data[np.isfinite(data)]
+    floor = result.floor
     if top == "range" and finite.size:  # averages: their real range
         low, high = float(finite.min()), float(finite.max())
+        if high - low < floor:
+            return low, low + floor, label + f" (the data's range, widened to the floor {floor:g})"
         return low, (high if high > low else low + 1e-9), label + " (the data's range)"
     if top == "max" and finite.size:
         high = float(finite.max())
@@ -110,7 +117,26 @@ def _scale(result: TraceResult, data: np.ndarray, normalized: bool, top: str) ->
         label += " (from corrupted to clean)"
     if not high > low:  # the corruption raised the score: still start at the corrupted score
         high = low + max(abs(low) * 1e-3, 1e-9)
+    if high - low < floor:
+        high = low + floor
+        label += f"; widened to the floor {floor:g}"
     return low, high, label
+
+
+def negative_text(result: TraceResult) -> str:
+    """"N cells below the corrupted score" when restoring some cells pushes the score further from the
+    clean one than noise does; else empty."""
+    count = int(result.negative_cells().sum())
+    return f"{count} cell{'s' if count != 1 else ''} below the corrupted score" if count else ""
+
+
+def _diverging(result: TraceResult, data: np.ndarray, vmin: float, vmax: float) -> Any:
+    """A colour norm white at the corrupted score, up to ``vmax`` in red and down to the lowest cell in blue."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    finite = data[np.isfinite(data)]
+    lowest = float(finite.min()) if finite.size else vmin
+    return TwoSlopeNorm(vcenter=vmin, vmin=min(lowest, vmin - 1e-9), vmax=vmax)
 
 
 def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False, title: str | None = None,
@@ -136,7 +162,13 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
         data = result.normalized() if normalized else result.scores
         vmin, vmax, bar_label = _scale(result, data, normalized, top)
         cmap = "Greys" if flagged else (NORMALIZED_CMAP if normalized else KIND_COLORMAPS.get(result.kind, "Purples"))
-        image = ax.pcolormesh(data, cmap=cmap, shading="flat", vmin=vmin, vmax=vmax, alpha=0.35 if flagged else 1.0)
+        if (not flagged and not normalized and top != "range" and result.total_effect >= 0
+                and bool(result.negative_cells().any())):
+            # negative effects stay visible: a diverging scale, white at the corrupted score
+            image = ax.pcolormesh(data, cmap=NORMALIZED_CMAP, shading="flat", norm=_diverging(result, data, vmin, vmax))
+            bar_label += "; below the corrupted score in blue"
+        else:
+            image = ax.pcolormesh(data, cmap=cmap, shading="flat", vmin=vmin, vmax=vmax, alpha=0.35 if flagged else 1.0)
     else:
         raise ValueError(f"show must be 'scores' or 'stderr', got {show!r}")
     ax.invert_yaxis()
@@ -150,7 +182,9 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
                   + (f" (centre of {result.window} restored)" if result.window > 1 else ""))
     ax.set_title(trace_title(result) if title is None else title, fontsize=8, loc="left")
     if flagged and show == "scores":
-        ax.text(0.5, 0.5, TINY_TEXT, transform=ax.transAxes, ha="center", va="center", fontsize=10, color="#a00",
+        below = result.metric == "prob" and abs(result.high_score) < result.floor
+        ax.text(0.5, 0.5, TINY_TEXT + ("\n(the clean score is below the floor)" if below else ""),
+                transform=ax.transAxes, ha="center", va="center", fontsize=10, color="#a00",
                 bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "#a00"})
     colorbar = ax.figure.colorbar(image, ax=ax) if cax is None else ax.figure.colorbar(image, cax=cax)
     colorbar.set_label(textwrap.fill(bar_label, 34), fontsize=8)
@@ -208,7 +242,8 @@ class HeatmapRenderer:
     @staticmethod
     def _key_of(result: TraceResult, show: str, normalized: bool) -> tuple[Any, ...]:
         return (tuple(_labels(result)), result.num_layers, result.window > 1, result.block, show, normalized,
-                trace_title(result).count("\n"), bool(result.is_tiny()), result.kind, result.metric)
+                trace_title(result).count("\n"), bool(result.is_tiny()), result.kind, result.metric,
+                bool(result.negative_cells().any()), _scale(result, result.scores, normalized, "clean")[2])
 
     @staticmethod
     def _tick_labels(cax: Any) -> tuple[str, ...]:
@@ -274,11 +309,14 @@ def effect_map(result: TraceResult, layer: int, size: tuple[int, int], *, normal
 
 
 def _effect_limits(result: TraceResult, normalized: bool) -> tuple[float, float]:
-    """One range for every layer of a figure: from 0 (transparent) to the largest effect."""
+    """One range for every layer of a figure: from 0 (transparent) to the largest effect, and down to the most
+    negative effect when some region falls below the corrupted score by more than noise."""
     values = (result.normalized() if normalized else result.indirect_effect())[1:]
     finite = values[np.isfinite(values)]
     top = float(finite.max()) if finite.size else 0.0
-    return 0.0, (top if top > 0 else 1.0)
+    negative = result.negative_cells()[1:] & np.isfinite(values)
+    bottom = min(0.0, float(values[negative].min())) if negative.any() else 0.0
+    return bottom, (top if top > 0 else 1.0)
 
 
 def _corrupted_box(result: TraceResult) -> Any:
@@ -295,7 +333,9 @@ def overlay_image(result: TraceResult, image: Any = None, *, layer: int, normali
                   cmap: str = "YlOrRd", limits: tuple[float, float] | None = None) -> Any:
     """Each region's effect at ``layer`` over a faint greyscale copy of the image, as a PIL RGB image.
 
-    No effect (or a negative one) is transparent; the colour grows with the effect up to ``limits``.
+    No effect is transparent; the colour grows with the effect up to the top of ``limits``. A negative
+    effect (below the corrupted score), when ``limits`` reach below 0, is painted in blue, growing down to
+    the bottom of ``limits``; otherwise it is transparent.
     """
     from matplotlib import colormaps
     from PIL import Image
@@ -303,12 +343,14 @@ def overlay_image(result: TraceResult, image: Any = None, *, layer: int, normali
     picture = _trace_image(result, image)
     values = effect_map(result, layer, picture.size, normalized=normalized)
     low, high = limits or _effect_limits(result, normalized)
-    scaled = np.clip((values - low) / ((high - low) or 1.0), 0, 1)
-    scaled = np.where(np.isnan(values), 0.0, scaled)
-    colours = colormaps[cmap](0.25 + 0.75 * scaled)[..., :3]
+    finite = np.where(np.isnan(values), 0.0, values)
+    up = np.clip(finite / (high or 1.0), 0, 1)
+    down = np.clip(finite / low, 0, 1) if low < 0 else np.zeros_like(finite)
+    colours = np.where((down > 0)[..., None], colormaps[NEGATIVE_OVERLAY](0.25 + 0.75 * down)[..., :3],
+                       colormaps[cmap](0.25 + 0.75 * up)[..., :3])
     grey = np.asarray(picture.convert("L"), dtype=np.float64)[..., None] / 255.0
     base = 0.55 + 0.45 * grey  # faint: the picture stays recognisable under the colour
-    weight = (alpha * scaled)[..., None]
+    weight = (alpha * np.maximum(up, down))[..., None]
     blended = (1 - weight) * base + weight * colours
     return Image.fromarray(np.round(np.clip(blended, 0, 1) * 255).astype(np.uint8), "RGB")
 
@@ -355,6 +397,7 @@ def plot_on_image(result: TraceResult, image: Any = None, *, layer: int | Sequen
         ax.set_xticks([])
         ax.set_yticks([])
     cls = (result.normalized() if normalized else result.indirect_effect())[0]
+    negatives = negative_text(result)
     flag = "  [corruption has almost no effect; this map is noise]" if result.is_tiny() else ""
     figure.suptitle(
         textwrap.fill(("" if not result.is_estimate else method_text(result) + ": ")
@@ -362,10 +405,19 @@ def plot_on_image(result: TraceResult, image: Any = None, *, layer: int | Sequen
                       + (f", window {result.window}" if result.window > 1 else "")
                       + f"; {corruption_text(result.config)}, {result.config.get('samples', '?')} noise samples", 90)
         + f"\n{result.scored}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, total effect "
-        f"{result.total_effect:.3g}; restoring CLS: " + ", ".join(f"{v:.2f}" for v in cls[layers]) + flag, fontsize=8)
+        f"{result.total_effect:.3g}; restoring CLS: " + ", ".join(f"{v:.2f}" for v in cls[layers]) + flag
+        + (f"\n{negatives} (blue)" if negatives else ""), fontsize=8)
     shown = colormaps[cmap]
-    bar_map = LinearSegmentedColormap.from_list("effect", [(0.9, 0.9, 0.9), *shown(np.linspace(0.25, 1.0, 8))[:, :3]])
-    bar = figure.colorbar(ScalarMappable(Normalize(*limits), bar_map), ax=axes, shrink=0.85)
-    bar.set_label("normalised effect (0 is transparent)" if normalized else "indirect effect, score − low "
-                  "(0 is transparent)", fontsize=8)
+    positive = [(0.9, 0.9, 0.9), *shown(np.linspace(0.25, 1.0, 8))[:, :3]]
+    if limits[0] < 0:  # negative effects in blue, below a transparent 0
+        from matplotlib.colors import TwoSlopeNorm
+
+        negative = colormaps[NEGATIVE_OVERLAY](np.linspace(1.0, 0.25, 8))[:, :3]
+        bar_map = LinearSegmentedColormap.from_list("effect", [*negative, *positive])
+        norm: Any = TwoSlopeNorm(vcenter=0.0, vmin=limits[0], vmax=limits[1])
+    else:
+        bar_map, norm = LinearSegmentedColormap.from_list("effect", positive), Normalize(*limits)
+    bar = figure.colorbar(ScalarMappable(norm, bar_map), ax=axes, shrink=0.85)
+    bar.set_label(textwrap.fill(("normalised effect (0 is transparent)" if normalized else "indirect effect, score − low "
+                                 "(0 is transparent)") + ("; negative in blue" if limits[0] < 0 else ""), 40), fontsize=8)
     return figure

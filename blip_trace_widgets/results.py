@@ -7,9 +7,10 @@
     >>> r.normalized().tolist(), r.total_effect
     ([[0.0, 0.5]], 0.5)
 
-Results serialise to strict JSON (floats with full precision; NaN and infinities, which
-strict parsers reject, are written as ``null``) and to a long-form pandas DataFrame, one
-row per (position, layer).
+Results serialise to strict JSON (floats with full precision; NaN, which strict parsers
+reject, is written as ``null``, and infinities as the strings ``"inf"`` and ``"-inf"``, so
+that every value loads back as it was) and to a long-form pandas DataFrame, one row per
+(position, layer).
 """
 from __future__ import annotations
 
@@ -23,28 +24,45 @@ from typing import Any, Union
 import numpy as np
 
 from .errors import BlipTraceError
-from .names import HEAD_INFO, ITM, METRIC_LABELS, TINY_EFFECT, VQA  # noqa: F401  (METRIC_LABELS: public here too)
+from .names import HEAD_INFO, ITM, METRIC_LABELS, NEGATIVE_STDERRS, TINY_ABSOLUTE, TINY_EFFECT, VQA, metric_label  # noqa: F401  (METRIC_LABELS: public here too)
 
 #: Version of the saved JSON layout; files without one are version 1 (no stderr, NaN as bare tokens).
 FORMAT_VERSION = 2
 EXPORT_FORMATS = ("png", "json", "csv")
 
 
+def _json_number(value: float) -> Any:
+    """A float for strict JSON: itself when finite, None for NaN, "inf" or "-inf" for infinities."""
+    if math.isfinite(value):
+        return value
+    return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _number(value: Any, name: str) -> float:
+    """The float a strict-JSON value stands for (see :func:`_json_number`), or a clear error."""
+    if value is None:
+        return float("nan")
+    if value in ("inf", "-inf"):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BlipTraceError(f"the saved result's {name!r} holds {value!r}, not a number")
+    return float(value)
+
+
 def _json_array(values: np.ndarray) -> list[Any]:
-    """Nested lists with every non-finite float as None, for strict JSON."""
-    return [[v if math.isfinite(v) else None for v in row] for row in values.tolist()]
+    """Nested lists of strict-JSON numbers (see :func:`_json_number`)."""
+    return [[_json_number(v) for v in row] for row in values.tolist()]
 
 
 def _from_json_array(values: Any, name: str) -> np.ndarray:
-    try:
-        return np.array([[np.nan if v is None else v for v in row] for row in values], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise BlipTraceError(f"the saved result's {name!r} is not a table of numbers") from None
+    if not isinstance(values, list) or not all(isinstance(row, list) for row in values):
+        raise BlipTraceError(f"the saved result's {name!r} is not a table of numbers")
+    return np.array([[_number(v, name) for v in row] for row in values], dtype=np.float64).reshape(len(values), -1)
 
 
 def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return _json_number(value)
     if isinstance(value, dict):
         return {k: _finite_or_none(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -63,6 +81,43 @@ def _checked_arrays(scores: Any, stderr: Any, positions: int) -> tuple[np.ndarra
         if stderr.shape != scores.shape:
             raise BlipTraceError(f"stderr has shape {stderr.shape}, scores {scores.shape}")
     return scores, stderr
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    """A clear error when a saved result's fields have the wrong types."""
+    for key in ("answer", "block", "kind"):
+        if not isinstance(data[key], str):
+            raise BlipTraceError(f"the saved result's {key!r} must be text, got {data[key]!r}")
+    if not isinstance(data["tokens"], list) or not all(isinstance(t, str) for t in data["tokens"]):
+        raise BlipTraceError("the saved result's 'tokens' must be a list of texts")
+    window = data["window"]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise BlipTraceError(f"the saved result's 'window' must be a whole number >= 1, got {window!r}")
+    if data.get("config") is not None and not isinstance(data["config"], dict):
+        raise BlipTraceError("the saved result's 'config' must be an object")
+
+
+def _fields_of(data: Any) -> dict[str, Any]:
+    """TraceResult's fields from a saved result's JSON, checked."""
+    required = ("scores", "low_score", "high_score", "answer", "tokens", "block", "kind", "window")
+    if not isinstance(data, dict) or any(key not in data for key in required):
+        missing = [k for k in required if not isinstance(data, dict) or k not in data]
+        raise BlipTraceError(f"not a saved TraceResult (missing {', '.join(missing)}); "
+                             "load a file written by TraceResult.save or blip-trace")
+    version = data.get("format", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise BlipTraceError(f"this result's format is {version!r}, not a version (1 to {FORMAT_VERSION}); "
+                             "load a file written by TraceResult.save or blip-trace")
+    if version > FORMAT_VERSION:
+        raise BlipTraceError(f"this result was saved in format {version!r}, newer than this version reads "
+                             f"({FORMAT_VERSION}); upgrade blip-trace-widgets")
+    _check_types(data)
+    stderr = data.get("stderr")
+    return {"scores": _from_json_array(data["scores"], "scores"), "low_score": _number(data["low_score"], "low_score"),
+            "high_score": _number(data["high_score"], "high_score"), "answer": data["answer"],
+            "tokens": list(data["tokens"]), "block": data["block"], "kind": data["kind"], "window": data["window"],
+            "config": dict(data.get("config") or {}),
+            "stderr": None if stderr is None else _from_json_array(stderr, "stderr")}
 
 
 @dataclass(eq=False)
@@ -124,12 +179,28 @@ class TraceResult:
         """ROME's total effect: the clean score minus the corrupted one."""
         return self.high_score - self.low_score
 
+    @property
+    def floor(self) -> float:
+        """The smallest total effect, in the metric's units, that is not noise (:data:`~.names.TINY_ABSOLUTE`)."""
+        return TINY_ABSOLUTE.get(self.metric, 0.0)
+
     def is_tiny(self, threshold: float = TINY_EFFECT) -> bool:
-        """Whether the corruption barely changes the score: |total effect| < threshold · |clean score|.
+        """Whether the corruption barely changes the score: |total effect| < threshold · |clean score|, or
+        |total effect| below the metric's floor (:attr:`floor`: 0.01 for probabilities).
 
         Then the heatmap shows noise, and dividing by the total effect magnifies it.
         """
-        return abs(self.total_effect) < threshold * abs(self.high_score) or self.total_effect == 0
+        return self.tiny_reason(threshold) is not None
+
+    def tiny_reason(self, threshold: float = TINY_EFFECT) -> str | None:
+        """Why the map is noise, naming the fix, or None when it is not."""
+        return tiny_reason(self, threshold)
+
+    def negative_cells(self) -> np.ndarray:
+        """Cells that fall below the corrupted score (away from the clean one) by more than noise: by more than
+        NEGATIVE_STDERRS standard errors over the noise samples and more than a tenth of the metric's floor
+        (none when the map is tiny)."""
+        return negative_cells(self)
 
     def normalized(self) -> np.ndarray:
         """(score − low) / (high − low): 0 is the corrupted run, 1 the clean run (NaN when they are equal)."""
@@ -154,26 +225,8 @@ class TraceResult:
 
     @classmethod
     def from_dict(cls, data: Any) -> TraceResult:
-        required = ("scores", "low_score", "high_score", "answer", "tokens", "block", "kind", "window")
-        if not isinstance(data, dict) or any(key not in data for key in required):
-            missing = [k for k in required if not isinstance(data, dict) or k not in data]
-            raise BlipTraceError(f"not a saved TraceResult (missing {', '.join(missing)}); "
-                                 "load a file written by TraceResult.save or blip-trace")
-        version = data.get("format", 1)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise BlipTraceError(f"this result was saved in format {version!r}, newer than this version reads "
-                                 f"({FORMAT_VERSION}); upgrade blip-trace-widgets")
-        stderr = data.get("stderr")
-
-        def number(key: str) -> float:
-            value = data[key]
-            return float("nan") if value is None else float(value)
-
-        return cls(scores=_from_json_array(data["scores"], "scores"), low_score=number("low_score"),
-                   high_score=number("high_score"), answer=str(data["answer"]), tokens=list(data["tokens"]),
-                   block=str(data["block"]), kind=str(data["kind"]), window=int(data["window"]),
-                   config=dict(data.get("config") or {}),
-                   stderr=None if stderr is None else _from_json_array(stderr, "stderr"))
+        """The result a :meth:`to_dict` (or a saved file's JSON) describes; a clear error for anything else."""
+        return cls(**_fields_of(data))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, allow_nan=False)
@@ -188,9 +241,12 @@ class TraceResult:
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> TraceResult:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as error:
             raise BlipTraceError(f"cannot read {str(path)!r}: {error.strerror or error}") from None
+        except UnicodeDecodeError:
+            raise BlipTraceError(f"{str(path)!r} is not a text file; load a JSON file written by TraceResult.save "
+                                 "or blip-trace") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
@@ -260,3 +316,29 @@ class TraceResult:
         return self.to_json() == other.to_json()
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def tiny_reason(result: TraceResult, threshold: float = TINY_EFFECT) -> str | None:
+    """Why ``result``'s map is noise, naming the fix, or None when it is not (see :meth:`TraceResult.is_tiny`)."""
+    total, label = abs(result.total_effect), metric_label(result.metric, result.head)
+    if total == 0 or total < threshold * abs(result.high_score):
+        return (f"total effect {result.total_effect:.3g} is under {threshold:g} of the clean score "
+                f"{result.high_score:.3g}: raise the noise level")
+    if total < result.floor:
+        reason = f"total effect {result.total_effect:.3g} is under {result.floor:g}, the floor of {label}"
+        if result.metric == "prob" and abs(result.high_score) < result.floor:
+            return (reason + f": the clean {label} is itself only {result.high_score:.3g}, so there is almost nothing "
+                    "to bring back; score what the model says, or use metric='logprob'")
+        return reason + ": raise the noise level"
+    return None
+
+
+def negative_cells(result: TraceResult) -> np.ndarray:
+    """The cells of ``result`` below its corrupted score by more than noise (see :meth:`TraceResult.negative_cells`)."""
+    if result.is_tiny():
+        return np.zeros(result.scores.shape, dtype=bool)
+    stderr = np.nan_to_num(result.stderr, nan=0.0) if result.stderr is not None else np.zeros_like(result.scores)
+    margin = np.maximum(NEGATIVE_STDERRS * stderr, 0.1 * result.floor)
+    toward_clean = 1.0 if result.total_effect >= 0 else -1.0  # a corruption that raised the score: mirrored
+    with np.errstate(invalid="ignore"):
+        return toward_clean * (result.low_score - result.scores) > margin

@@ -31,7 +31,12 @@ def _texts(ax):
 def test_single_heatmap_scale_runs_from_corrupted_to_clean(tracer, demo_bundle):
     result = tracer.trace(default_config(demo_bundle, samples=4))
     ax = plot_trace(result)
-    assert _mesh(ax).get_clim() == pytest.approx((result.low_score, result.high_score))
+    norm = _mesh(ax).norm
+    if result.negative_cells().any():  # a diverging scale: white at the corrupted score, blue below it
+        assert (norm.vcenter, norm.vmax) == pytest.approx((result.low_score, result.high_score))
+        assert norm.vmin == pytest.approx(result.scores.min())
+    else:
+        assert _mesh(ax).get_clim() == pytest.approx((result.low_score, result.high_score))
     assert "from corrupted to clean" in ax.figure.axes[-1].get_ylabel().replace("\n", " ")
     title = ax.get_title(loc="left").replace("\n", " ")
     assert "total effect" in title and "4 noise samples" in title and "gaussian" in title and "image embeddings" in title
