@@ -3,9 +3,9 @@
     >>> import torch
     >>> from blip_trace_widgets.scoring import Target, score_rows
     >>> logits = torch.zeros(1, 1, 4)  # one row, one decoder position, a vocabulary of 4
-    >>> float(score_rows(logits, Target(inputs=(0,), tokens=(2,)), "prob")[0])
+    >>> round(float(score_rows(logits, Target(inputs=(0,), tokens=(2,)), "prob")[0]), 6)
     0.25
-    >>> float(score_rows(torch.tensor([[0.0, 0.0]]), Target(inputs=(1, 2), readout="match"), "prob")[0])
+    >>> round(float(score_rows(torch.tensor([[0.0, 0.0]]), Target(inputs=(1, 2), readout="match"), "prob")[0]), 6)
     0.5
 
 A target says which tokens a text block reads (``inputs``), and what is scored from the
@@ -49,18 +49,19 @@ def score_rows(outputs: torch.Tensor, target: Target, metric: str) -> torch.Tens
     """Score each row of a head's outputs: decoder logits [R, T, V], ITM logits [R, 2] or ITC cosines [R].
 
     A multi-token answer's probability is the product of its tokens' probabilities, summed in
-    log space so that a long answer does not underflow before the exponential.
+    log space and in float64, so that a long answer does not underflow before the exponential (a
+    float32 probability is 0 below 1e-45; a float64 one below 1e-308).
     """
     outputs = outputs.float()
     if target.readout == "itc":
         return outputs
     if target.readout == "match":
-        logprobs = torch.log_softmax(outputs, dim=-1)[:, 1]
+        logprobs = torch.log_softmax(outputs, dim=-1)[:, 1].double()
         return logprobs if metric == "logprob" else logprobs.exp()
     first = target.offset
     if metric == "logit_diff":
         return outputs[:, first, target.tokens[0]] - outputs[:, first, target.contrast]
     logprobs = torch.log_softmax(outputs[:, first : first + len(target.tokens)], dim=-1)
     index = torch.tensor(target.tokens, device=outputs.device)
-    total = logprobs[:, torch.arange(len(target.tokens), device=outputs.device), index].sum(-1)
+    total = logprobs[:, torch.arange(len(target.tokens), device=outputs.device), index].double().sum(-1)
     return total if metric == "logprob" else total.exp()

@@ -176,6 +176,7 @@ class Tracer(CorruptedRuns):
         mean, stderr = self.restore(layout.cells, config, progress)
         shape = (len(layout.labels), len(block.stack))
         low, high = self.baselines(config)
+        _check_finite(config, low, high, mean)
         result = TraceResult(
             scores=mean.reshape(shape), low_score=low, high_score=high,
             answer=self.scored_text(target), tokens=layout.labels, block=config.block,
@@ -188,6 +189,27 @@ class Tracer(CorruptedRuns):
         )
         result.image = self.image  # for plot_on_image; not serialised
         return self._results.put(key, result)
+
+
+def _check_finite(config: TraceConfig, low: float, high: float, mean: np.ndarray) -> None:
+    """Refuse a map whose scores are not numbers (a corruption so large that the runs overflow), and warn when
+    the clean probability is below float64's range."""
+    import warnings
+
+    from .corruption import describe
+
+    if not np.isfinite(high):
+        raise BlipTraceError(f"the clean run's {config.metric} is not finite ({high}); the model's outputs overflow: "
+                             "use metric='logprob' or a float32 model")
+    if not (np.isfinite(low) and np.isfinite(mean).all()):
+        level = {k: v for k, v in describe(config.corruption).items() if k not in ("repr", "region")}
+        raise BlipTraceError(
+            f"the corrupted runs' scores are not finite (NaN or infinite) with {level}: the corruption is so large "
+            "that the model's activations overflow. Lower its level (ROME's is GaussianNoise(3.0); the paper's "
+            "MultiplicativeNoise(5.0))")
+    if config.metric == "prob" and high == 0.0:
+        warnings.warn("the clean probability of what is scored is below 1e-308, float64's range, and reads as 0: "
+                      "use metric='logprob'", RuntimeWarning, stacklevel=3)
 
 
 def default_config(bundle: BlipBundle, **overrides: Any) -> TraceConfig:
