@@ -60,7 +60,7 @@ class CleanPass:
                                                              int(anatomy.text_config(self.model).bos_token_id))
         else:
             self.question = check_question(question, HEAD_INFO[self.head].text)
-            self.question_ids = encode_question(bundle.tokenizer, self.question, limit)
+            self.question_ids = encode_question(bundle.tokenizer, self.question, limit, HEAD_INFO[self.head].text)
         self.blocks: Blocks = build_blocks(self.model)
         self.memory_budget = memory_budget
         self.max_batch_rows = max_batch_rows

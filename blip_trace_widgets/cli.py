@@ -118,6 +118,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"demo model: Gaussian noise of {levels[0]:g}σ on the image embeddings "
           f"({levels[1]:g}σ on the patch embeddings for the image-side trace), "
           f"{args.samples} noise samples")
+    _check_out(args.out)
     out = Path(args.out)
     bar = _progress_bar(len(samples) * len(DEMO_TRACES) + len(DEMO_HEAD_TRACES))
     heatmaps, overlays = 0, 0
@@ -200,14 +201,23 @@ def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
                             regions=args.regions, method=args.method, steps=args.steps, target=args.target)
 
 
+def _check_out(out: str) -> None:
+    """--out must be a folder (made when missing), not a file."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out!r} is a file: name a folder to write the results into")
+
+
 def run_trace(args: argparse.Namespace) -> int:
     from .tracing import Tracer
 
     if args.model not in DEMO_MODELS and not Path(args.model).exists() and "/" not in args.model:
         raise UsageError(f"--model {args.model!r} is neither {', '.join(DEMO_MODELS)}, a folder, nor a hub id such as "
                          f"{', '.join(HUB_MODELS.values())} (did you mean a local folder?)")
+    if Path(args.image).is_dir():
+        raise UsageError(f"--image {args.image!r} is a folder: name an image file in it")
     if not Path(args.image).is_file():
         raise UsageError(f"--image {args.image!r}: no such file")
+    _check_out(args.out)
     bundle = _load(args.model, args.device, args.dtype)
     head = bundle.head
     if args.question is None and head != CAPTION:
@@ -309,6 +319,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                            metric=args.metric, method=args.method or "exact", steps=1 if args.steps is None else args.steps,
                            target=target)
                for target in _targets(args.targets, bundle.head) for kind in kinds]
+    _check_out(args.out)
     out = Path(args.out)
     group = _ProcessGroup()
     shard = group.shard
@@ -322,6 +333,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     dataset = {"name": args.dataset, "limit": args.limit, "words": args.words}
     table = sweep(bundle, samples, configs=configs, out=out, answer=args.answer, overwrite=args.overwrite,
                   dataset=dataset)
+    if group.is_main and len(table) == 0:
+        raise UsageError("the sweep made no trace: " + (
+            f"no caption has the words --targets {args.targets} picks; pick smaller word indices (from 0)"
+            if args.targets else "no question could be traced"))
     if group.is_main:
         _write_averages(table, out, args.correct_only, vision, started)
     return 0

@@ -86,9 +86,9 @@ class TraceConfig:
         anatomy.check_block(self.block)
         anatomy.check_kind(self.kind, self.block)
         self._check_corruption_stage()
-        _check_int("window", self.window, 1)
-        _check_int("samples", self.samples, 1, MAX_SAMPLES)
-        _check_int("seed", self.seed, 0, MAX_SEED)  # the CPU generator repeats past 2**32
+        check_int("window", self.window, 1)
+        check_int("samples", self.samples, 1, MAX_SAMPLES)
+        check_int("seed", self.seed, 0, MAX_SEED)  # the CPU generator repeats past 2**32
         if not callable(self.corruption):
             raise BlipTraceError(
                 "corruption must be GaussianNoise, MultiplicativeNoise, UniformNoise, Scale, ImageSwap, Blur, Grey "
@@ -102,12 +102,12 @@ class TraceConfig:
             if value is not None and not isinstance(value, str):
                 raise BlipTraceError(f"{name} must be a string or None, got {type(value).__name__} {value!r}")
         if self.target is not None:
-            _check_int("target", self.target, 0)
+            check_int("target", self.target, 0)
         self._check_sever()
         if self.regions is not None:
             if self.block != VISION_ENCODER:
                 raise BlipTraceError("regions group image patches: use them with block='vision_encoder'")
-            _check_int("regions", self.regions, 1)
+            check_int("regions", self.regions, 1)
         if not isinstance(self.fresh_noise, bool):
             raise BlipTraceError(f"fresh_noise must be True or False, got {self.fresh_noise!r}")
         self._check_method()
@@ -115,7 +115,7 @@ class TraceConfig:
     def _check_method(self) -> None:
         if self.method not in METHODS:
             raise BlipTraceError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
-        _check_int("steps", self.steps, 1, MAX_STEPS)
+        check_int("steps", self.steps, 1, MAX_STEPS)
         if self.method == "exact":
             if self.steps != 1:
                 raise BlipTraceError("steps sets an estimate's integration points: use it with method='estimate'")
@@ -170,7 +170,8 @@ class TraceConfig:
         }
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """A clear error unless ``value`` is a whole number from ``low`` to ``high`` (the same check everywhere)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise BlipTraceError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     if value < low or (high is not None and value > high):

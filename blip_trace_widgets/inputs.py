@@ -139,17 +139,18 @@ def encode_prompt(tokenizer: Any, prompt: Any, max_length: int, start_token: int
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     start = [start_token, *ids[1:-1]]
     if len(start) >= max_length:
-        raise BlipTraceError(f"the prompt is {len(start)} tokens long; the decoder reads at most {max_length}: shorten it")
+        raise BlipTraceError(f"the prompt is {len(start)} tokens long with the decoder's start token; the decoder reads "
+                             f"{max_length} positions and needs one for the caption: use at most {max_length - 1}")
     return text, start
 
 
-def encode_question(tokenizer: Any, question: str, max_length: int) -> list[int]:
-    """Token ids of the question as the model sees it, special tokens included."""
-    text = check_question(question)
+def encode_question(tokenizer: Any, question: str, max_length: int, what: str = "question") -> list[int]:
+    """Token ids of the question (or a matcher's text) as the model sees it, special tokens included."""
+    text = check_question(question, what)
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     if len(ids) > max_length:
         raise BlipTraceError(
-            f"the question is {len(ids)} tokens long, more than the model's maximum of {max_length}; shorten it"
+            f"the {what} is {len(ids)} tokens long, more than the model's maximum of {max_length}; shorten it"
         )
     return ids
 

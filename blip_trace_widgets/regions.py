@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .errors import BlipTraceError
+
 
 def patch_grid_size(tokens: int) -> int:
     """Patches per side of a CLS + g×g token sequence."""
@@ -161,7 +163,7 @@ def region_grid(side: int, regions: int | None = None) -> list[GridRegion]:
     """CLS, then ``regions``×``regions`` blocks of a ``side``×``side`` patch grid (every patch when None)."""
     regions = side if regions is None else int(regions)
     if not 1 <= regions <= side:
-        raise ValueError(f"regions must be between 1 and {side} (the patches per side), got {regions}")
+        raise BlipTraceError(f"regions must be between 1 and {side} (the patches per side), got {regions}")
     bounds = [round(i * side / regions) for i in range(regions + 1)]
     out = [GridRegion("[CLS]", (0,), None)]
     for r in range(regions):

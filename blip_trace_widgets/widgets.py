@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from .cache import LRU
+from .config import MAX_SAMPLES, MAX_SEED, check_int
 from .corruption import BY_NAME, NOISE_NAMES, from_name
 from .errors import BlipTraceError
 from .inputs import image_digest, to_rgb_image
@@ -55,7 +56,6 @@ from .names import (
     KIND_SHORT_LABELS,
     SUBLAYER_KINDS,
     TEXT_KINDS,
-    TINY_EFFECT,
     VISION_ENCODER,
     VISION_KINDS,
     metric_label,
@@ -113,13 +113,35 @@ def answer_html(tracer: Tracer) -> str:
     return text
 
 
+def level_slider(value: float, low: float, high: float, description: str, style: dict[str, str]) -> W.FloatLogSlider:
+    """A log slider over ``low`` to ``high``, widened to hold ``value`` exactly: a level that trace() accepts is
+    shown as it is, never moved to the slider's end."""
+    low, high = min(low, value), max(high, value)
+    return W.FloatLogSlider(value=value, base=10, min=float(np.log10(low)), max=float(np.log10(high)), step=0.02,
+                            description=description, continuous_update=False, readout_format=".3g", style=style)
+
+
+def samples_box(value: int, style: dict[str, str]) -> W.BoundedIntText:
+    """Noise samples, 1 to MAX_SAMPLES as trace() takes them (a slider to 1000 would have no usable track)."""
+    check_int("samples", value, 1, MAX_SAMPLES)
+    return W.BoundedIntText(value=value, min=1, max=MAX_SAMPLES, description="noise samples", style=style,
+                            layout=W.Layout(width="190px"))
+
+
+def seed_box(value: int, style: dict[str, str]) -> W.BoundedIntText:
+    """The noise seed, 0 to MAX_SEED as trace() takes it."""
+    check_int("seed", value, 0, MAX_SEED)
+    return W.BoundedIntText(value=value, min=0, max=MAX_SEED, description="seed", style=style,
+                            layout=W.Layout(width="190px"))
+
+
 def tiny_warning(result: TraceResult) -> str:
     """HTML that says a map is noise, when the corruption barely changed the answer; else empty."""
-    if not result.is_tiny():
+    reason = result.tiny_reason()
+    if reason is None:
         return ""
     return ("<div style='color:#a00;border:1px solid #a00;padding:2px 8px;border-radius:4px'>"
-            f"<b>corruption has almost no effect; this map is noise</b>: total effect {result.total_effect:.3g} "
-            f"is under {TINY_EFFECT:g} of the clean score {result.high_score:.3g}. Raise the noise level.</div>")
+            f"<b>corruption has almost no effect; this map is noise</b>: {escape(reason)}.</div>")
 
 
 def tooltip_of(widget: W.Widget) -> str:
@@ -146,6 +168,27 @@ def png_width(png: bytes) -> int:
 
 def _image_key(image: Image.Image) -> str:
     return image_digest(image)
+
+
+def check_gallery(gallery: Any, head: str) -> list[tuple]:
+    """The gallery as (image, text[, answer]) tuples, or a clear error naming the form it must take."""
+    what = HEAD_INFO[head].text
+    form = f"a list of (image, {what}) or (image, {what}, answer) tuples"
+    if gallery is None:
+        return []
+    if isinstance(gallery, (str, bytes)) or not isinstance(gallery, (list, tuple, Sequence)):
+        raise BlipTraceError(f"gallery must be {form}, got {type(gallery).__name__}")
+    if len(gallery) == 0:
+        raise BlipTraceError(f"the gallery is empty: pass {form}, or an image and a {what}")
+    items = []
+    for i, item in enumerate(gallery):
+        if isinstance(item, (str, bytes)) or not isinstance(item, (tuple, list)) or not 2 <= len(item) <= 3:
+            raise BlipTraceError(f"gallery item {i} is {item!r:.80}: each must be (image, {what}) or (image, {what}, "
+                                 "answer)")
+        if not isinstance(item[1], str):
+            raise BlipTraceError(f"gallery item {i}'s {what} must be a string, got {type(item[1]).__name__}")
+        items.append(tuple(item))
+    return items
 
 
 def _gallery(gallery: Sequence[tuple] | None, samples: Sequence[tuple] | None) -> Sequence[tuple] | None:
@@ -184,7 +227,7 @@ class _LiveView(W.VBox):
         self.head = bundle.head
         if image is None and gallery is None:
             gallery = default_gallery(self.head)
-        self.gallery_items = [tuple(s) for s in gallery] if gallery else []
+        self.gallery_items = check_gallery(gallery, self.head)
         if image is None:
             image, question = self.gallery_items[0][0], self.gallery_items[0][1]
         self.background = background
@@ -384,20 +427,22 @@ class TraceExplorer(_LiveView):
         self.export_dir = Path(export_dir)
         self.results: dict[str, TraceResult] = {}
         config = config or default_config(bundle, samples=10)
+        offered = [block for _, block in BLOCK_OPTIONS[self.head]]
+        if config.block not in offered:
+            raise BlipTraceError(f"this explorer traces the {HEAD_INFO[self.head].label} model's "
+                                 f"{' or '.join(offered)}, not {config.block}"
+                                 + ("; use VisionTraceExplorer for the vision encoder" if config.block == VISION_ENCODER
+                                    else ""))
         layers = bundle.num_layers(HEAD_INFO[self.head].blocks[0])
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=KIND_OPTIONS, value=config.kind, description="kind", style=style)
         self.block = W.Dropdown(options=BLOCK_OPTIONS[self.head], value=config.block, description="block", style=style)
         noise_name, noise_level = corruption_setting(config.corruption)
         self.corruption = W.Dropdown(options=CORRUPTION_OPTIONS, value=noise_name, description="corruption", style=style)
-        self.noise = W.FloatLogSlider(value=noise_level, base=10, min=-1, max=np.log10(20), step=0.02, description="noise scale",
-                                      continuous_update=False, readout_format=".2f", style=style)
+        self.noise = level_slider(noise_level, 0.1, 20, "noise scale", style)
         self.window = W.IntSlider(value=max(1, min(config.window, layers)), min=1, max=layers, description="window",
                                   continuous_update=False, style=style)
-        self.noise_samples = W.IntSlider(value=config.samples, min=1, max=50, description="noise samples",
-                                         continuous_update=False, style=style)
-        self.seed = W.BoundedIntText(value=config.seed, min=0, max=2**31 - 1, description="seed", style=style,
-                                     layout=W.Layout(width="160px"))
+        self.noise_samples, self.seed = samples_box(config.samples, style), seed_box(config.seed, style)
         self.normalized = W.Checkbox(value=False, description="normalised", indent=False)
         self.show_stderr = W.Checkbox(value=False, description="standard error", indent=False)
         self.view = W.ToggleButtons(options=[("one kind", "single"), ("compare kinds", "compare")], value="single")
@@ -589,16 +634,19 @@ class VisionTraceExplorer(_LiveView):
     ) -> None:
         super().__init__(bundle, image, question, gallery=_gallery(gallery, samples), background=background)
         side, layers = bundle.patch_grid_side, bundle.num_layers(VISION_ENCODER)
+        if regions is not None:  # as trace() checks them: refused, never changed
+            check_int("regions", regions, 1, side)
+        check_int("noise_samples", noise_samples, 1, MAX_SAMPLES)
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=VISION_KIND_OPTIONS, value=HIDDEN, description="kind", style=style)
         self.window = W.IntSlider(value=1, min=1, max=layers, description="window", continuous_update=False, style=style)
-        self.regions = W.IntSlider(value=regions or min(side, 8), min=1, max=side, description="regions per side",
+        self.regions = W.IntSlider(value=regions if regions is not None else min(side, 8), min=1, max=side,
+                                   description="regions per side",
                                    continuous_update=False, style=style)
         self.corruption = W.Dropdown(options=VISION_CORRUPTION_OPTIONS, value="noise", description="corruption",
                                      style=style)
-        self.level = W.FloatLogSlider(value=float(getattr(default_corruption(bundle, "patches"), "level", 3.0)), base=10, min=-1,
-                                      max=np.log10(30), step=0.02,
-                                      description="level", continuous_update=False, readout_format=".2f", style=style)
+        self.level = level_slider(float(getattr(default_corruption(bundle, "patches"), "level", 3.0)), 0.1, 30, "level",
+                                  style)
         self.area = W.ToggleButtons(options=AREA_OPTIONS, value="all")
         self.box_x = W.IntRangeSlider(value=(25, 75), min=0, max=100, description="box x %", continuous_update=False,
                                       style=style)
@@ -607,10 +655,7 @@ class VisionTraceExplorer(_LiveView):
         self.layer = W.IntSlider(value=0, min=0, max=layers - 1, description="vision layer", style=style)
         self.all_layers = W.Checkbox(value=False, description="all layers", indent=False)
         self.normalized = W.Checkbox(value=True, description="normalised", indent=False)
-        self.noise_samples = W.IntSlider(value=noise_samples, min=1, max=50, description="noise samples",
-                                         continuous_update=False, style=style)
-        self.seed = W.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed", style=style,
-                                     layout=W.Layout(width="160px"))
+        self.noise_samples, self.seed = samples_box(noise_samples, style), seed_box(0, style)
         matching = {} if self.head == ITM else {"display": "none"}
         self.metric = W.ToggleButtons(options=[(metric_label(m, self.head), m) for m in MATCH_METRICS], value="prob",
                                       layout=W.Layout(**matching))

@@ -105,6 +105,14 @@ BAD = {
     "VQA sweep of captions": lambda f: ["sweep", "--dataset", "easy-vqa-captions", "--out", f["root"]],
     "sweep targets on a VQA model": lambda f: ["sweep", "--dataset", "easy-vqa-color", "--targets", "1",
                                                "--out", f["root"]],
+    "out names a file": lambda f: ["trace", "--image", f["image"], "--question", "what?", "--out", f["occupied"]],
+    "image is a folder": lambda f: ["trace", "--image", f["root"], "--question", "what?", "--out", f["root"] + "/out"],
+    "noise that overflows": lambda f: trace(f, "--noise", "gaussian", "--scale", "1e30", "--samples", "2"),
+    "sweep targets no caption has": lambda f: ["sweep", "--model", "demo-caption", "--dataset", "easy-vqa-captions",
+                                               "--limit", "2", "--targets", "50", "--samples", "1",
+                                               "--out", f["root"] + "/sweep-targets"],
+    "prompt too long": lambda f: ["trace", "--model", "demo-caption", "--image", f["image"], "--prompt",
+                                  " ".join(["a"] * 40), "--out", f["root"] + "/out"],
     "sweep targets not numbers": lambda f: ["sweep", "--model", "demo-caption", "--dataset", "easy-vqa-captions",
                                             "--targets", "red", "--out", f["root"]],
 }
@@ -121,6 +129,25 @@ def test_bad_invocation_is_one_line_and_exit_2(name, files, capsys):
     assert code == 2, (name, code, err)
     assert err.count("\n") == 0 and err.startswith("blip-trace"), (name, err)
     assert "Traceback" not in err
+
+
+MESSAGES = {
+    "out names a file": "is a file: name a folder",
+    "image is a folder": "is a folder: name an image file",
+    "noise that overflows": "not finite",
+    "sweep targets no caption has": "made no trace: no caption has the words --targets 50",
+    "prompt too long": "needs one for the caption: use at most",
+    "matcher without a text": "--text is required",
+}
+
+
+@pytest.mark.parametrize("name", list(MESSAGES))
+def test_messages_name_what_is_wrong(name, files, capsys):
+    try:
+        cli.main(BAD[name](files))
+    except SystemExit:
+        pass
+    assert MESSAGES[name] in capsys.readouterr().err, name
 
 
 def test_there_are_at_least_thirty_bad_invocations():
