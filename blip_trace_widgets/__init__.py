@@ -33,6 +33,7 @@ _PUBLIC: dict[str, str] = {
     "load_vqa_subset": "subsets", "open_image": "subsets",
     "sweep": "sweep", "load_sweep": "sweep",
     "average_effect": "aggregate", "average_trace": "aggregate", "bootstrap_interval": "aggregate",
+    "top_heads": "aggregate",
     "plot_traces": "plotting", "plot_on_image": "plotting",
     "plot_average_heatmaps": "sweep_plots", "plot_effect_by_layer": "sweep_plots",
     "plot_subset_comparison": "sweep_plots",
@@ -54,7 +55,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
-    from .aggregate import average_effect, average_trace, bootstrap_interval
+    from .aggregate import average_effect, average_trace, bootstrap_interval, top_heads
     from .captioning import CaptionTrace, trace_caption
     from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, Scale, UniformNoise
     from .data import demo_samples, easy_vqa_captions, shape_box

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .names import TINY_EFFECT, VISION_ENCODER, VQA
+from .names import TINY_EFFECT, VISION_ENCODER, VQA, is_head_kind
 from .results import TraceResult
 from .roles import ROLES, ObjectRule, position_roles, role_label, token_roles  # noqa: F401  (token_roles: public here too)
 
@@ -78,7 +78,8 @@ def sample_effects(
         if form == "normalized":
             effect = effect / total
         tokens = list(row.tokens)
-        labels = position_roles(row.block, tokens, object_rule) if by == "role" else [str(p) for p in range(len(tokens))]
+        labels = (position_roles(row.block, tokens, object_rule, kind=row.kind) if by == "role"
+                  else [str(p) for p in range(len(tokens))])
         groups: dict[str, list[int]] = {}
         for position, label in enumerate(labels):
             groups.setdefault(label, []).append(position)
@@ -146,7 +147,7 @@ def average_effect(
 def _row_labels(rows: Any, effects: Any, by: str) -> tuple[list[str], list[str]]:
     """The averaged heatmap's rows: their keys in ``effects`` and their labels."""
     first = list(rows["tokens"].iloc[0])
-    if by == "role" and rows["block"].iloc[0] == VISION_ENCODER:
+    if by == "role" and (rows["block"].iloc[0] == VISION_ENCODER or is_head_kind(str(rows["kind"].iloc[0]))):
         return first, first
     if by == "role":
         roles = [role for role in ROLES if role in set(effects["role"])]
@@ -214,3 +215,18 @@ def average_trace(
                 "metric": "effect" if form == "rome" else "normalized",
                 "head": str(first_row.get("head") or VQA), "target": _target_of(first_row), **extra},
     )
+
+
+def top_heads(table: Any, k: int = 10, *, form: str = "normalized", correct_only: bool = False,
+              confidence: float = 0.95) -> Any:
+    """The ``k`` (layer, head) cells of a sweep's head maps with the largest average indirect effect, ranked,
+    with their bootstrap intervals and question counts: one row per (configuration, layer, head).
+
+        >>> top_heads(table, 5)[["kind", "layer", "head", "mean", "ci_low", "ci_high", "n"]]  # doctest: +SKIP
+    """
+    heads = table[table["kind"].map(lambda kind: is_head_kind(str(kind)))]
+    if heads.empty:
+        raise ValueError("the table holds no head maps: sweep a head kind (--kinds cross_attn_head)")
+    averaged = average_effect(heads, form=form, correct_only=correct_only, confidence=confidence)
+    ranked = averaged.rename(columns={"role": "head"}).sort_values("mean", ascending=False, kind="stable")
+    return ranked.head(int(k)).reset_index(drop=True)

@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from . import anatomy
-from .engine import Cell, Run, TextStack, VisionStack, group_cells, rows_per_chunk, vision_rows_per_chunk
+from .engine import Cell, Run, TextStack, VisionStack, group_cells, head_unit, rows_per_chunk, vision_rows_per_chunk
 from .errors import BlipTraceError
-from .names import ANSWER_DECODER, CAPTION_DECODER, ITM_ENCODER, QUESTION_ENCODER, VISION_ENCODER, VQA
+from .names import ANSWER_DECODER, CAPTION_DECODER, ITM_ENCODER, QUESTION_ENCODER, VISION_ENCODER, VQA, is_head_kind
 from .regions import patch_grid_size, region_grid
+from .roles import token_roles
 from .scoring import Target
 
 if TYPE_CHECKING:
@@ -83,8 +84,38 @@ class Block(Protocol):
     def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor: ...
 
 
-def _text_layout(labels: list[str], layers: int, window: int) -> Layout:
-    return Layout(labels, group_cells([[p] for p in range(len(labels))], layers, window), {})
+def _text_layout(labels: list[str], stack: Any, config: TraceConfig) -> Layout:
+    if is_head_kind(config.kind):
+        return head_layout(labels, stack.heads, len(stack), config)
+    return Layout(labels, group_cells([[p] for p in range(len(labels))], len(stack), int(config.window)), {})
+
+
+def restored_positions(position: Any, labels: Sequence[str], text: bool) -> list[int]:
+    """The positions a head map restores: every one (None), one, several, or a token role's (text blocks)."""
+    count = len(labels)
+    if position is None:
+        return list(range(count))
+    if isinstance(position, str):
+        if not text:
+            raise BlipTraceError("roles name question tokens: on the vision encoder pass position=0 for CLS, or "
+                                 "patch positions from 1")
+        picked = [p for p, role in enumerate(token_roles(list(labels))) if role == position]
+        if not picked:
+            raise BlipTraceError(f"no token of {' '.join(labels)!r} has the role {position!r}: pick positions instead")
+        return picked
+    picked = [position] if isinstance(position, int) else list(position)
+    for p in picked:
+        if not 0 <= p < count:
+            raise BlipTraceError(f"position {p} is outside the {count} positions of this block (0 to {count - 1})")
+    return picked
+
+
+def head_layout(labels: Sequence[str], heads: int, layers: int, config: TraceConfig, text: bool = True) -> Layout:
+    """Rows are heads ``h0``…; each cell restores one head at the chosen positions over a window of layers."""
+    positions = restored_positions(config.position, labels, text)
+    units = [[head_unit(h, p, len(labels)) for p in positions] for h in range(heads)]
+    extra = {"restored_positions": positions, "restored_labels": [labels[p] for p in positions]}
+    return Layout([f"h{h}" for h in range(heads)], group_cells(units, layers, int(config.window)), extra)
 
 
 def _text_rows(tracer: Tracer, config: TraceConfig, positions: int, cross_tokens: int, decoder_tokens: int) -> int:
@@ -115,7 +146,7 @@ class AnswerDecoder:
 
     def layout(self, tracer: Tracer, config: TraceConfig, target: Target) -> Layout:
         labels = list(tracer.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs)))
-        return _text_layout(labels, len(self.stack), int(config.window))
+        return _text_layout(labels, self.stack, config)
 
     def run(self, tracer: Tracer, question_states: torch.Tensor, target: Target) -> tuple[Run, Cross]:
         """The decoder's run [S, Td, D] on question states [S, T, D] (teacher-forced on the target)."""
@@ -166,7 +197,7 @@ class ImageReader(ABC):
 
     def layout(self, tracer: Tracer, config: TraceConfig, target: Target) -> Layout:
         labels = list(tracer.bundle.tokenizer.convert_ids_to_tokens(list(self.input_ids(tracer, target))))
-        return _text_layout(labels, len(self.stack), int(config.window))
+        return _text_layout(labels, self.stack, config)
 
     def clean_run(self, tracer: Tracer, target: Target) -> Run:
         assert tracer.clean.text is not None
@@ -276,6 +307,9 @@ class VisionEncoder:
 
     def layout(self, tracer: Tracer, config: TraceConfig, target: Target) -> Layout:
         side = patch_grid_size(int(tracer.clean.image_embeds.shape[1]))
+        if is_head_kind(config.kind):
+            labels = ["[CLS]", *(f"p{r}c{c}" for r in range(side) for c in range(side))]
+            return head_layout(labels, self.stack.heads, len(self.stack), config, text=False)
         grid = region_grid(side, config.regions)
         extra = {"grid": {"patches_per_side": side, "regions_per_side": config.regions or side,
                           "boxes": [list(g.box) if g.box else None for g in grid]}}

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .config import parse_position
 from .corruption import BY_NAME, from_name
 from .errors import BlipTraceError
 from .names import (
@@ -36,6 +37,7 @@ from .names import (
     DEMO_MODELS,
     DTYPES,
     HEAD_INFO,
+    HEAD_KINDS,
     HIDDEN,
     HUB_MODELS,
     ITM,
@@ -53,9 +55,11 @@ from .names import (
     VISION_ENCODER,
     VISION_KINDS,
     VQA,
+    is_head_kind,
     kinds_of,
     window_for,
 )
+from .roles import ROLES
 
 DEMO_TRACES = [*((QUESTION_ENCODER, kind, window_for(kind, 3)) for kind in SUBLAYER_KINDS),
                (ANSWER_DECODER, HIDDEN, 1), (VISION_ENCODER, HIDDEN, 1)]
@@ -198,7 +202,8 @@ def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
                             corruption=corruption, samples=args.samples, seed=args.seed, answer=args.answer,
                             metric=args.metric, contrast=args.contrast, sever=args.sever, sever_at=args.sever_at,
                             corrupt=args.corrupt, corrupt_tokens=_corrupt_tokens(args.corrupt_tokens),
-                            regions=args.regions, method=args.method, steps=args.steps, target=args.target)
+                            regions=args.regions, method=args.method, steps=args.steps, target=args.target,
+                            position=parse_position(args.position))
 
 
 def _check_out(out: str) -> None:
@@ -296,7 +301,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     _check_sweep_dataset(args.dataset, bundle.head)
     vision = args.block == VISION_ENCODER
     allowed = kinds_of(args.block)
-    kinds = [k.strip() for k in (args.kinds or ",".join(allowed)).split(",") if k.strip()]
+    positional = [k for k in allowed if not is_head_kind(k)]  # the default: head maps only when asked for
+    kinds = [k.strip() for k in (args.kinds or ",".join(positional)).split(",") if k.strip()]
     for kind in kinds:
         if kind not in allowed:
             raise UsageError(f"--kinds: unknown kind {kind!r} for {args.block}; use some of {','.join(allowed)}")
@@ -424,8 +430,9 @@ def _add_trace_options(one: argparse.ArgumentParser) -> None:
                           + " (default: the first of the model's)")
     one.add_argument("--kind", choices=KINDS, default=None,
                      help="which state to restore: the layer output (hidden), a sublayer's own output (self_attn, "
-                          "cross_attn, mlp), or the residual after a sublayer (post_self_attn, post_cross_attn); "
-                          f"the vision encoder has {', '.join(VISION_KINDS)} (default: hidden)")
+                          "cross_attn, mlp), the residual after a sublayer (post_self_attn, post_cross_attn), or "
+                          "attention heads as rows (self_attn_head, cross_attn_head); "
+                          f"the vision encoder has {', '.join(kinds_of(VISION_ENCODER))} (default: hidden)")
     one.add_argument("--window", type=int, default=None, help="consecutive layers restored together (default: 1)")
     one.add_argument("--noise", choices=list(BY_NAME), default=None,
                      help="the corruption (default: gaussian, at the model's own level on image embeddings)")
@@ -452,6 +459,9 @@ def _add_trace_options(one: argparse.ArgumentParser) -> None:
                           "comma-separated positions (default: every token)")
     one.add_argument("--regions", type=int, default=None,
                      help="vision_encoder: regions per side restored as units (default: every patch)")
+    one.add_argument("--position", default=None,
+                     help=f"head kinds ({', '.join(HEAD_KINDS)}): restore the heads only at this position, these "
+                          f"comma-separated positions, or a token role ({', '.join(ROLES)}) (default: every position)")
     _add_method_options(one)
 
 

@@ -24,6 +24,7 @@ from .corruption import GaussianNoise, ImageSwap, describe
 from .errors import BlipTraceError
 from .names import (
     DEFAULT_SAMPLES,
+    HEAD_KINDS,
     HIDDEN,
     MAX_STEPS,
     METHODS,
@@ -37,7 +38,9 @@ from .names import (
     Metric,
     SeverAt,
     Stage,
+    is_head_kind,
 )
+from .roles import ROLES
 
 #: What a TraceConfig field changes, from the earliest piece of work it touches: the corrupted
 #: input (and so every run after it), the scored answer (and so the decoder's runs), or only
@@ -81,6 +84,7 @@ class TraceConfig:
     fresh_noise: bool = _affects(INPUT, default=False)  # the paper's: a new draw for every cell and for the low score
     method: Method = _affects(RESTORE, default="exact")  # "estimate": attribution patching (see estimates.py)
     steps: int = _affects(RESTORE, default=1)  # estimate: points on each cell's path from corrupted to clean
+    position: int | tuple[int, ...] | str | None = _affects(RESTORE, default=None)  # head kinds: positions restored
 
     def __post_init__(self) -> None:
         anatomy.check_block(self.block)
@@ -111,6 +115,10 @@ class TraceConfig:
         if not isinstance(self.fresh_noise, bool):
             raise BlipTraceError(f"fresh_noise must be True or False, got {self.fresh_noise!r}")
         self._check_method()
+        object.__setattr__(self, "position", _check_position(self.position, self.kind))
+        if self.regions is not None and is_head_kind(self.kind):
+            raise BlipTraceError("a head map's rows are heads, not image regions: drop regions, and pass "
+                                 "position=... to restore the heads at some patches only")
 
     def _check_method(self) -> None:
         if self.method not in METHODS:
@@ -167,6 +175,9 @@ class TraceConfig:
             "contrast": self.contrast, "sever": self.sever, "sever_at": self.sever_at, "corrupt": self.corrupt,
             "corrupt_tokens": list(self.corrupt_tokens) if isinstance(self.corrupt_tokens, tuple) else self.corrupt_tokens,
             "regions": self.regions, "fresh_noise": self.fresh_noise, "method": self.method, "steps": int(self.steps),
+            # the positions a head map restores, only where they are set (so that earlier sweeps resume)
+            **({"position": list(self.position) if isinstance(self.position, tuple) else self.position}
+               if self.position is not None else {}),
         }
 
 
@@ -196,6 +207,44 @@ def _check_tokens(tokens: Any, stage: str) -> tuple[int, ...] | str | None:
     if not tokens:
         raise BlipTraceError("corrupt_tokens is empty: pass positions, 'object', or None for every token")
     return tuple(int(t) for t in tokens)
+
+
+def parse_position(text: str | None) -> int | tuple[int, ...] | str | None:
+    """A head map's positions from text, as the command line and the explorer take them: "" or None for every
+    position, "3", "1,2", or a token role such as "object"."""
+    text = (text or "").strip()
+    if not text or text == "all":
+        return None
+    if text in ROLES:
+        return text
+    try:
+        picked = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise BlipTraceError(f"positions must be numbers such as 3 or 1,2, or a role ({', '.join(ROLES)}); "
+                             f"got {text!r}") from None
+    return picked[0] if len(picked) == 1 else picked
+
+
+def _check_position(position: Any, kind: str) -> int | tuple[int, ...] | str | None:
+    """``position`` of a head kind: None (every position), a position, positions, or a token role."""
+    if position is None:
+        return None
+    if not is_head_kind(kind):
+        raise BlipTraceError(f"position restricts a head map to some positions: use it with a head kind "
+                             f"({', '.join(HEAD_KINDS)}); kind {kind!r} restores every position in turn")
+    if isinstance(position, str):
+        if position not in ROLES:
+            raise BlipTraceError(f"position must be a position, positions, or a role ({', '.join(ROLES)}); "
+                                 f"got {position!r}")
+        return position
+    if isinstance(position, (int, np.integer)) and not isinstance(position, bool):
+        check_int("position", position, 0)
+        return int(position)
+    if not isinstance(position, (tuple, list, range)) or not position:
+        raise BlipTraceError(f"position must be a position, a non-empty list of positions, or a role; got {position!r}")
+    for p in position:
+        check_int("position", p, 0)
+    return tuple(sorted({int(p) for p in position}))
 
 
 def cache_key(config: TraceConfig, part: str) -> tuple[Any, ...]:

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from . import anatomy
-from .names import CAUSAL_BLOCKS, SEVER_AT, TEXT_KINDS, VISION_KINDS, Kind
+from .names import CAUSAL_BLOCKS, SEVER_AT, TEXT_HEAD_KINDS, TEXT_KINDS, VISION_HEAD_KINDS, VISION_KINDS, Kind
 
 Cell = tuple[tuple[int, int], ...]  # ((layer, position), ...)
 Edit = Callable[[str, torch.Tensor], torch.Tensor]
@@ -60,6 +60,26 @@ class Stack(Protocol):
               edit: Edit = ...) -> torch.Tensor: ...
 
 
+def edit_heads(edit: Edit, kind: str, ctx: torch.Tensor, heads: int) -> torch.Tensor:
+    """``edit`` applied to an attention context [S, C, T, D] seen per head: as [S, C, H·T, D/H], unit ``h·T + t``
+    being head h at position t. The engine's cells then index heads like positions; the context comes back
+    [S, C, T, D] (the same tensor when nothing was edited)."""
+    wanted = getattr(edit, "kinds", None)  # the kinds an edit touches, when it says
+    if edit is _no_edit or (wanted is not None and kind not in wanted):
+        return ctx
+    s, c, t, d = ctx.shape
+    flat = ctx.reshape(s, c, t, heads, d // heads).transpose(2, 3).reshape(s, c, heads * t, d // heads)
+    out = edit(kind, flat)
+    if out is flat:
+        return ctx
+    return out.reshape(s, c, heads, t, d // heads).transpose(2, 3).reshape(s, c, t, d)
+
+
+def head_unit(head: int, position: int, positions: int) -> int:
+    """The unit of head ``head`` at ``position`` in :func:`edit_heads`'s per-head view."""
+    return head * positions + position
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Scaled dot-product attention as BLIP computes it (eager, additive mask)."""
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
@@ -71,7 +91,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 class TextStack:
     """One of BLIP's text transformers (question encoder, answer or caption decoder, ITM encoder), layer by layer."""
 
-    kinds = TEXT_KINDS
+    kinds = (*TEXT_KINDS, *TEXT_HEAD_KINDS)
 
     def __init__(self, model: torch.nn.Module, block: str) -> None:
         self.block = anatomy.check_block(block)
@@ -114,13 +134,15 @@ class TextStack:
 
         ``cross`` holds keys and values [S, Ck, H, N, D/H], with Ck == 1 when every
         cell of a sample attends to the same states, or Ck == C.  ``edit(kind, x)``
-        may replace each sublayer's output (see anatomy.KINDS).
+        may replace each sublayer's output (see anatomy.KINDS), and each attention context per head
+        (see :func:`edit_heads`).
         """
         L = self.layers[j]
         s, c, t, d = h.shape
         rows = h.reshape(s * c, t, d)
         ctx = attend(self._split(L.self_query(rows)), self._split(L.self_key(rows)), self._split(L.self_value(rows)), mask)
-        sa = edit("self_attn", L.self_out(ctx.transpose(1, 2).reshape(s, c, t, d)))
+        ctx = edit_heads(edit, "self_attn_head", ctx.transpose(1, 2).reshape(s, c, t, d), self.heads)
+        sa = edit("self_attn", L.self_out(ctx))
         h1 = edit("post_self_attn", L.self_norm(sa + h))
 
         keys, values = cross
@@ -133,7 +155,8 @@ class TextStack:
             qh = q.view(s * c, t, heads, head_dim).transpose(1, 2)
             n = keys.shape[-2]
             ctx = attend(qh, keys.reshape(s * c, heads, n, head_dim), values.reshape(s * c, heads, n, head_dim), None)
-        ca = edit("cross_attn", L.cross_out(ctx.transpose(1, 2).reshape(s, c, t, d)))
+        ctx = edit_heads(edit, "cross_attn_head", ctx.transpose(1, 2).reshape(s, c, t, d), heads)
+        ca = edit("cross_attn", L.cross_out(ctx))
         h2 = edit("post_cross_attn", L.cross_norm(ca + h1))
 
         m = edit("mlp", L.mlp_out(L.mlp_act(L.mlp_in(h2))))
@@ -143,7 +166,7 @@ class TextStack:
 class VisionStack:
     """BLIP's vision encoder (a pre-LN ViT), layer by layer, in the same interface as :class:`TextStack`."""
 
-    kinds = VISION_KINDS
+    kinds = (*VISION_KINDS, *VISION_HEAD_KINDS)
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.block = anatomy.VISION_BLOCK
@@ -179,7 +202,8 @@ class VisionStack:
         rows = h.reshape(s * c, n, d)
         qkv = L.qkv(L.norm1(rows)).reshape(s * c, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         ctx = attend(qkv[0], qkv[1], qkv[2], None)
-        sa = edit("self_attn", L.attn_out(ctx.transpose(1, 2).reshape(s, c, n, d)))
+        ctx = edit_heads(edit, "attn_head", ctx.transpose(1, 2).reshape(s, c, n, d), self.heads)
+        sa = edit("self_attn", L.attn_out(ctx))
         h1 = h + sa
         m = edit("mlp", L.fc2(L.act(L.fc1(L.norm2(h1)))))
         return edit("hidden", h1 + m)
@@ -324,6 +348,7 @@ class _ChunkEdits:
                 return self.restore(j, x)
             return x
 
+        edit.kinds = frozenset({self.kind, self.sever})  # type: ignore[attr-defined]
         return edit
 
 

@@ -6,7 +6,7 @@
     >>> BLOCKS_OF["caption"]
     ('caption_decoder', 'vision_encoder')
     >>> kinds_of("vision_encoder")
-    ('hidden', 'self_attn', 'mlp')
+    ('hidden', 'self_attn', 'mlp', 'attn_head')
     >>> KIND_LABELS["post_cross_attn"]
     'residual after cross-attention'
 
@@ -22,7 +22,8 @@ from typing import Literal
 
 Block = Literal["question_encoder", "answer_decoder", "caption_decoder", "itm_encoder", "vision_encoder"]
 Head = Literal["vqa", "caption", "itm"]
-Kind = Literal["hidden", "self_attn", "cross_attn", "mlp", "post_self_attn", "post_cross_attn"]
+Kind = Literal["hidden", "self_attn", "cross_attn", "mlp", "post_self_attn", "post_cross_attn", "self_attn_head",
+               "cross_attn_head", "attn_head"]
 Stage = Literal["image", "patches", "pixels", "question"]
 Metric = Literal["prob", "logprob", "logit_diff", "itc"]
 SeverAt = Literal["restored", "all"]
@@ -91,7 +92,16 @@ TEXT_KINDS: tuple[Kind, ...] = ("hidden", "self_attn", "cross_attn", "mlp", "pos
 #: The kinds that compare like ROME's figure 1 (state, MLP, attention), shown side by side.
 SUBLAYER_KINDS: tuple[Kind, ...] = ("hidden", "mlp", "self_attn", "cross_attn")
 VISION_KINDS: tuple[Kind, ...] = ("hidden", "self_attn", "mlp")
-KINDS: tuple[Kind, ...] = TEXT_KINDS
+#: Attention heads as cells: restoring head h sets its slice (dims h·d_head to (h+1)·d_head) of the attention
+#: context, the input of the output projection (``attention.output.dense``, ``crossattention.output.dense``, the
+#: ViT's ``self_attn.projection``): TransformerLens's ``z``. A head map's rows are heads, its columns layers.
+TEXT_HEAD_KINDS: tuple[Kind, ...] = ("self_attn_head", "cross_attn_head")
+VISION_HEAD_KINDS: tuple[Kind, ...] = ("attn_head",)
+HEAD_KINDS: tuple[Kind, ...] = (*TEXT_HEAD_KINDS, *VISION_HEAD_KINDS)
+#: The sublayer kind whose output a head kind's heads make, all heads together.
+HEAD_SUBLAYER: dict[str, Kind] = {"self_attn_head": "self_attn", "cross_attn_head": "cross_attn",
+                                  "attn_head": "self_attn"}
+KINDS: tuple[Kind, ...] = (*TEXT_KINDS, *HEAD_KINDS)
 #: Sublayers that severing can hold at their corrupted values.
 SEVERABLE: tuple[Kind, ...] = ("self_attn", "cross_attn", "mlp")
 
@@ -112,6 +122,9 @@ KIND_INFO: dict[str, KindInfo] = {
     "mlp": KindInfo("MLP outputs", "MLP", "Greens"),
     "post_self_attn": KindInfo("residual after self-attention", "h1 (after self-attention)", "Oranges"),
     "post_cross_attn": KindInfo("residual after cross-attention", "h2 (after cross-attention)", "PuBu"),
+    "self_attn_head": KindInfo("self-attention heads", "self-attention heads", "Reds"),
+    "cross_attn_head": KindInfo("cross-attention heads", "cross-attention heads", "Blues"),
+    "attn_head": KindInfo("attention heads", "attention heads", "Reds"),
 }
 KIND_LABELS: dict[str, str] = {kind: info.label for kind, info in KIND_INFO.items()}
 KIND_SHORT_LABELS: dict[str, str] = {kind: info.short for kind, info in KIND_INFO.items()}
@@ -196,5 +209,10 @@ def metric_label(metric: str, head: str = VQA) -> str:
 
 
 def kinds_of(block: str) -> tuple[Kind, ...]:
-    """The kinds that ``block`` offers."""
-    return VISION_KINDS if block == VISION_ENCODER else TEXT_KINDS
+    """The kinds that ``block`` offers: its position kinds, then its head kinds."""
+    return (*VISION_KINDS, *VISION_HEAD_KINDS) if block == VISION_ENCODER else (*TEXT_KINDS, *TEXT_HEAD_KINDS)
+
+
+def is_head_kind(kind: str) -> bool:
+    """Whether ``kind``'s cells are attention heads (rows: heads) rather than positions."""
+    return kind in HEAD_KINDS

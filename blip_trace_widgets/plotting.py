@@ -78,6 +78,10 @@ def trace_title(result: TraceResult, width: int = 70) -> str:
     fresh = ", fresh per cell" if config.get("fresh_noise") else ""
     how = corruption_text(config) + (f", {samples} noise sample{'s' if samples != 1 else ''}{fresh}" if samples else "")
     what = f"Restoring {BLOCK_LABELS.get(result.block, result.block)} {KIND_LABELS.get(result.kind, result.kind)}"
+    if "restored_labels" in config:  # a head map: where its heads are restored
+        labels = list(config["restored_labels"])
+        what += (" at every position" if config.get("position") is None
+                 else " at " + ", ".join(repr(label) for label in labels[:6]) + (" …" if len(labels) > 6 else ""))
     if result.is_estimate:
         what = method_text(result) + ": " + what
     scores = (f"{result.scored}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, "
@@ -131,12 +135,13 @@ def negative_text(result: TraceResult) -> str:
 
 
 def _diverging(result: TraceResult, data: np.ndarray, vmin: float, vmax: float) -> Any:
-    """A colour norm white at the corrupted score, up to ``vmax`` in red and down to the lowest cell in blue."""
+    """A colour norm white at the corrupted score ``vmin``, red up to ``vmax`` and blue below: one scale for both
+    sides (the wider of the two), so that a colour's depth means the same size of effect either way."""
     from matplotlib.colors import TwoSlopeNorm
 
     finite = data[np.isfinite(data)]
     lowest = float(finite.min()) if finite.size else vmin
-    return TwoSlopeNorm(vcenter=vmin, vmin=min(lowest, vmin - 1e-9), vmax=vmax)
+    return TwoSlopeNorm(vcenter=vmin, vmin=vmin - max(vmax - vmin, vmin - lowest, 1e-9), vmax=vmax)
 
 
 def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False, title: str | None = None,

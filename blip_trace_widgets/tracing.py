@@ -31,7 +31,7 @@ from .errors import BlipTraceError
 from .estimates import Estimator
 from .inputs import ImageLike
 from .loading import BlipBundle
-from .names import CAPTION, HEAD_INFO, VISION_ENCODER
+from .names import CAPTION, HEAD_INFO, VISION_ENCODER, is_head_kind
 from .results import TraceResult
 from .scoring import Target, score_rows
 
@@ -95,7 +95,7 @@ class Tracer(CorruptedRuns):
                ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard error over noise samples of each cell's score, against one corrupted draw."""
         clean_run, corrupted_run, cross = self.runs(block, config, target, corrupted)
-        self._check_cells(block, cells, int(clean_run.inputs[0].shape[1]))
+        self._check_cells(block, cells, int(clean_run.kinds[config.kind][0].shape[1]))  # positions, or head units
         clean_states = [x[0] for x in clean_run.kinds[config.kind]]
         severed = corrupted_run.kinds[config.sever] if config.sever else None
         n_layers, samples = len(block.stack), int(config.samples)
@@ -171,7 +171,7 @@ class Tracer(CorruptedRuns):
         target = self.target(config)
         layout = block.layout(self, config, target)
         extra = dict(layout.extra)
-        if config.corrupt == "question":
+        if config.corrupt == "question" and not is_head_kind(config.kind):  # a head map's rows are heads
             extra["corrupted_positions"] = self.corrupt_positions(config)
         mean, stderr = self.restore(layout.cells, config, progress)
         shape = (len(layout.labels), len(block.stack))

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from .cache import LRU
-from .config import MAX_SAMPLES, MAX_SEED, check_int
+from .config import MAX_SAMPLES, MAX_SEED, check_int, parse_position
 from .corruption import BY_NAME, NOISE_NAMES, from_name
 from .errors import BlipTraceError
 from .inputs import image_digest, to_rgb_image
@@ -55,9 +55,11 @@ from .names import (
     ITM,
     KIND_SHORT_LABELS,
     SUBLAYER_KINDS,
+    TEXT_HEAD_KINDS,
     TEXT_KINDS,
     VISION_ENCODER,
     VISION_KINDS,
+    is_head_kind,
     metric_label,
     window_for,
 )
@@ -67,7 +69,7 @@ from .results import TraceResult
 from .tracing import TraceConfig, Tracer, default_config
 
 IPYWIDGETS_MAJOR = int(W.__version__.split(".")[0])
-KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in TEXT_KINDS]
+KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in (*TEXT_KINDS, *TEXT_HEAD_KINDS)]
 #: The text blocks TraceExplorer offers for each head (the vision encoder has its own explorer).
 BLOCK_OPTIONS = {head: [(BLOCK_LABELS[b], b) for b in blocks if b != VISION_ENCODER] for head, blocks in BLOCKS_OF.items()}
 CORRUPTION_OPTIONS = [(BY_NAME[name].info.label, name) for name in NOISE_NAMES]
@@ -270,6 +272,8 @@ class _LiveView(W.VBox):
     def _phases(self, config: TraceConfig) -> list[TraceConfig]:
         """The configurations to show in turn for the method control: the estimate first, then the exact map."""
         estimate = replace(config, method="estimate")
+        if self.method.value == "both" and config.window > 1:  # a window's estimate costs about 2x the exact map
+            return [config]
         return {"both": [estimate, config], "estimate": [estimate], "exact": [config]}[self.method.value]
 
     @staticmethod
@@ -443,6 +447,10 @@ class TraceExplorer(_LiveView):
         self.window = W.IntSlider(value=max(1, min(config.window, layers)), min=1, max=layers, description="window",
                                   continuous_update=False, style=style)
         self.noise_samples, self.seed = samples_box(config.samples, style), seed_box(config.seed, style)
+        self.position = W.Text(value="", description="heads at", placeholder="every position", style=style,
+                               continuous_update=False, layout=W.Layout(width="220px"))
+        set_tooltip(self.position, "head kinds: restore the heads only at these positions (3, or 1,2) or a token's "
+                                   "role (first, object, last); empty: every position")
         self.normalized = W.Checkbox(value=False, description="normalised", indent=False)
         self.show_stderr = W.Checkbox(value=False, description="standard error", indent=False)
         self.view = W.ToggleButtons(options=[("one kind", "single"), ("compare kinds", "compare")], value="single")
@@ -452,7 +460,7 @@ class TraceExplorer(_LiveView):
         set_tooltip(self.noise_samples, "noise draws averaged in each cell")
         export_row = self._outputs(style)
         controls = W.VBox([
-            W.HBox([self.block, self.kind, self.view]),
+            W.HBox([self.block, self.kind, self.position, self.view]),
             W.HBox([self.corruption, self.noise, self.method]),
             W.HBox([self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr]),
         ])
@@ -460,7 +468,8 @@ class TraceExplorer(_LiveView):
 
         self._update_enabled()
         self._watch([self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
-                     self.seed, self.normalized, self.show_stderr, self.view, self.method, self.question_box])
+                     self.seed, self.normalized, self.show_stderr, self.view, self.method, self.question_box,
+                     self.position])
         self.refresh()
 
     def _outputs(self, style: dict[str, str]) -> W.HBox:
@@ -483,11 +492,13 @@ class TraceExplorer(_LiveView):
         """The configuration the controls describe (see :func:`controls_config`)."""
         return controls_config(block=self.block.value, kind=self.kind.value, window=int(self.window.value),
                                corruption=self.corruption.value, level=float(self.noise.value),
-                               samples=int(self.noise_samples.value), seed=int(self.seed.value), **self.scored)
+                               samples=int(self.noise_samples.value), seed=int(self.seed.value),
+                               position=self.position.value, **self.scored)
 
     def _update_enabled(self) -> None:
         hidden = self.kind.value == HIDDEN and self.view.value == "single"
         self.window.disabled = hidden
+        self.position.layout.display = None if is_head_kind(self.kind.value) and self.view.value == "single" else "none"
         set_tooltip(self.window, WINDOW_OFF_TIP if hidden else WINDOW_ON_TIP)
         self.kind.disabled = self.view.value == "compare"
         set_tooltip(self.kind, "the comparison view shows all four kinds" if self.kind.disabled
@@ -568,15 +579,16 @@ class TraceExplorer(_LiveView):
 
 
 def controls_config(*, block: str, kind: str, window: int, corruption: str, level: float, samples: int,
-                    seed: int, answer: str | None = None, target: int | None = None) -> TraceConfig:
+                    seed: int, answer: str | None = None, target: int | None = None, position: str = "") -> TraceConfig:
     """The TraceConfig that the explorer's controls describe: a pure function, tested without a kernel.
 
     Hidden states are restored one layer at a time (the window slider is off for them). ``answer`` and
-    ``target`` are a captioner's caption to score and its word.
+    ``target`` are a captioner's caption to score and its word; ``position`` is where a head map restores
+    its heads ("" for every position, "3", "1,2" or a role), read only for head kinds.
     """
     return TraceConfig(block=block, kind=kind, window=window_for(kind, window),
                        corruption=from_name(corruption, round(float(level), 4)), samples=int(samples), seed=int(seed),
-                       answer=answer, target=target)
+                       answer=answer, target=target, position=parse_position(position) if is_head_kind(kind) else None)
 
 
 def _first_content_word(words: Sequence[str]) -> int:
@@ -597,6 +609,7 @@ def default_gallery(head: str, count: int = 6) -> list[tuple]:
     return [(Image.open(path).convert("RGB"), "" if head == CAPTION else caption, caption) for path, caption in pairs]
 
 
+#: The image-side explorer paints regions on the image; vision heads (attn_head) are traced with trace() and the CLI.
 VISION_KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in VISION_KINDS]
 #: What an image-text matcher's image-side trace can score.
 MATCH_METRICS = ("prob", "itc")
