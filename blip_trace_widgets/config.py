@@ -24,6 +24,7 @@ from .corruption import GaussianNoise, ImageSwap, describe
 from .errors import BlipTraceError
 from .names import (
     DEFAULT_SAMPLES,
+    DEFAULT_VERIFY,
     HEAD_KINDS,
     HIDDEN,
     MAX_STEPS,
@@ -85,6 +86,7 @@ class TraceConfig:
     method: Method = _affects(RESTORE, default="exact")  # "estimate": attribution patching (see estimates.py)
     steps: int = _affects(RESTORE, default=1)  # estimate: points on each cell's path from corrupted to clean
     position: int | tuple[int, ...] | str | None = _affects(RESTORE, default=None)  # head kinds: positions restored
+    verify: int = _affects(RESTORE, default=DEFAULT_VERIFY)  # method="verified": the estimate's top cells made exact
 
     def __post_init__(self) -> None:
         anatomy.check_block(self.block)
@@ -124,6 +126,10 @@ class TraceConfig:
         if self.method not in METHODS:
             raise BlipTraceError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         check_int("steps", self.steps, 1, MAX_STEPS)
+        check_int("verify", self.verify, 1)
+        if self.verify != DEFAULT_VERIFY and self.method != "verified":
+            raise BlipTraceError("verify sets how many top cells a verified estimate computes exactly: use it with "
+                                 "method='verified'")
         if self.method == "exact":
             if self.steps != 1:
                 raise BlipTraceError("steps sets an estimate's integration points: use it with method='estimate'")
@@ -178,6 +184,7 @@ class TraceConfig:
             # the positions a head map restores, only where they are set (so that earlier sweeps resume)
             **({"position": list(self.position) if isinstance(self.position, tuple) else self.position}
                if self.position is not None else {}),
+            **({"verify": int(self.verify)} if self.method == "verified" else {}),
         }
 
 

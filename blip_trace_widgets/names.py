@@ -27,7 +27,7 @@ Kind = Literal["hidden", "self_attn", "cross_attn", "mlp", "post_self_attn", "po
 Stage = Literal["image", "patches", "pixels", "question"]
 Metric = Literal["prob", "logprob", "logit_diff", "itc"]
 SeverAt = Literal["restored", "all"]
-Method = Literal["exact", "estimate"]
+Method = Literal["exact", "estimate", "verified"]
 
 HIDDEN: Kind = "hidden"
 QUESTION_ENCODER: Block = "question_encoder"
@@ -156,13 +156,17 @@ SEVER_AT_LABELS: dict[str, str] = {
     "all": "at every position",
 }
 
-METHODS: tuple[Method, ...] = ("exact", "estimate")
+METHODS: tuple[Method, ...] = ("exact", "estimate", "verified")
 METHOD_LABELS: dict[str, str] = {
     "exact": "exact (one patched run per cell)",
     "estimate": "estimate (attribution patching)",
+    "verified": "estimate, then the exact value of its top cells (verify=k, default 5)",
 }
+#: Cells a verified estimate computes exactly: the estimate's top ones.
+DEFAULT_VERIFY = 5
 #: What an explorer shows when a control moves: the estimate at once, then the exact map; or one of them.
 EXPLORER_MODES: dict[str, str] = {
+    "verified": "estimate, top cells exact",
     "both": "estimate, then exact",
     "estimate": "estimate only",
     "exact": "exact only",

@@ -65,7 +65,11 @@ def method_text(result: TraceResult) -> str:
     if not result.is_estimate:
         return "exact"
     steps = int(result.config.get("steps") or 1)
-    return f"ESTIMATE (attribution patching, {steps} step{'s' if steps != 1 else ''}), not patched runs"
+    how = f"ESTIMATE (attribution patching, {steps} step{'s' if steps != 1 else ''})"
+    if result.config.get("method") == "verified":
+        count = int(result.exact_cells.sum())
+        return how + f", its top {count} cell{'s' if count != 1 else ''} exact (outlined)"
+    return how + ", not patched runs"
 
 
 def trace_title(result: TraceResult, width: int = 70) -> str:
@@ -176,6 +180,11 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
             image = ax.pcolormesh(data, cmap=cmap, shading="flat", vmin=vmin, vmax=vmax, alpha=0.35 if flagged else 1.0)
     else:
         raise ValueError(f"show must be 'scores' or 'stderr', got {show!r}")
+    if show == "scores" and result.config.get("method") == "verified":
+        from matplotlib.patches import Rectangle
+
+        for row, layer in np.argwhere(result.exact_cells):
+            ax.add_patch(Rectangle((layer, row), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
     ax.invert_yaxis()
     every = -(-len(result.tokens) // MAX_LABELLED_ROWS)  # many positions (image regions): label every k-th
     ax.set_yticks(np.arange(0, len(result.tokens), every) + 0.5)

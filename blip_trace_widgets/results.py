@@ -167,8 +167,20 @@ class TraceResult:
 
     @property
     def is_estimate(self) -> bool:
-        """Whether the scores are attribution-patching estimates (``method="estimate"``), not patched runs."""
-        return self.config.get("method") == "estimate"
+        """Whether the scores are attribution-patching estimates (``method="estimate"``, or ``"verified"``:
+        estimates except the :attr:`exact_cells`), not patched runs."""
+        return self.config.get("method") in ("estimate", "verified")
+
+    @property
+    def exact_cells(self) -> np.ndarray:
+        """Which cells are patched runs: all for an exact trace, none for an estimate, the top ``verify`` cells
+        of a verified one."""
+        if self.config.get("method") == "verified":
+            mask = np.zeros(self.scores.shape, dtype=bool)
+            for row, layer in self.config.get("exact_cells") or []:
+                mask[int(row), int(layer)] = True
+            return mask
+        return np.full(self.scores.shape, not self.is_estimate)
 
     @property
     def num_layers(self) -> int:

@@ -122,6 +122,12 @@ class Tracer(CorruptedRuns):
 
         With ``fresh_noise`` each cell gets its own draw, in order after the low score's draw (the paper's).
         """
+        mean, stderr, _ = self.restore_marked(cells, config, progress)
+        return mean, stderr
+
+    def restore_marked(self, cells: Sequence[Cell], config: TraceConfig, progress: Progress | None = None,
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`restore`, and which cells are exact (patched runs) rather than estimated."""
         block = self.blocks[config.block]
         target = self.target(config)
         done = 0
@@ -134,9 +140,11 @@ class Tracer(CorruptedRuns):
 
         self.stats["engine_calls"] += 1
         if config.method == "estimate":
-            return self.estimator.estimate(block, cells, config, target, advance)
+            return (*self.estimator.estimate(block, cells, config, target, advance), np.zeros(len(cells), bool))
+        if config.method == "verified":
+            return self._verified(block, cells, config, target, advance)
         if not config.fresh_noise:
-            return self._score(block, cells, config, target, None, advance)
+            return (*self._score(block, cells, config, target, None, advance), np.ones(len(cells), bool))
         generator = torch.Generator().manual_seed(int(config.seed))
         self._corrupt_draw(config, generator)
         mean, stderr = np.empty(len(cells)), np.empty(len(cells))
@@ -144,7 +152,20 @@ class Tracer(CorruptedRuns):
             corrupted = self._corrupt(config, generator)
             m, e = self._score(block, [cell], config, target, corrupted, advance)
             mean[i], stderr[i] = m[0], e[0]
-        return mean, stderr
+        return mean, stderr, np.ones(len(cells), bool)
+
+    def _verified(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+                  advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The estimate of every cell, then the exact score of the ``config.verify`` cells it puts furthest from
+        the corrupted score (either way), over the same noise draw."""
+        mean, stderr = self.estimator.estimate(block, cells, config, target, advance)
+        low = float(self.estimator.gradients(block, config, target).scores.mean())
+        picked = np.argsort(-np.abs(mean - low), kind="stable")[: int(config.verify)]
+        exact_mean, exact_stderr = self._score(block, [cells[i] for i in picked], config, target, None, None)
+        mean[picked], stderr[picked] = exact_mean, exact_stderr
+        marked = np.zeros(len(cells), bool)
+        marked[picked] = True
+        return mean, stderr, marked
 
     def scored_text(self, target: Target) -> str:
         """What a result scores, in words: the answer, the caption word, or "match"."""
@@ -173,8 +194,10 @@ class Tracer(CorruptedRuns):
         extra = dict(layout.extra)
         if config.corrupt == "question" and not is_head_kind(config.kind):  # a head map's rows are heads
             extra["corrupted_positions"] = self.corrupt_positions(config)
-        mean, stderr = self.restore(layout.cells, config, progress)
+        mean, stderr, exact = self.restore_marked(layout.cells, config, progress)
         shape = (len(layout.labels), len(block.stack))
+        if config.method == "verified":  # which cells are exact: [row, layer] pairs
+            extra["exact_cells"] = [[int(i) // shape[1], int(i) % shape[1]] for i in np.flatnonzero(exact)]
         low, high = self.baselines(config)
         _check_finite(config, low, high, mean)
         result = TraceResult(

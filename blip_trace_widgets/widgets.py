@@ -263,7 +263,7 @@ class _LiveView(W.VBox):
         self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="240px"))
         self.status = W.HTML()
         self.error = W.HTML()
-        self.method = W.ToggleButtons(options=[(label, mode) for mode, label in EXPLORER_MODES.items()], value="both")
+        self.method = W.ToggleButtons(options=[(label, mode) for mode, label in EXPLORER_MODES.items()], value="verified")
         set_tooltip(self.method, "an estimate (attribution patching: one forward and one backward pass) appears at once, "
                                  "labelled ESTIMATE; the exact map replaces it when it is done. 'estimate only' for "
                                  "big models or many cells")
@@ -272,12 +272,15 @@ class _LiveView(W.VBox):
     def _phases(self, config: TraceConfig) -> list[TraceConfig]:
         """The configurations to show in turn for the method control: the estimate first, then the exact map."""
         estimate = replace(config, method="estimate")
-        if self.method.value == "both" and config.window > 1:  # a window's estimate costs about 2x the exact map
+        if self.method.value in ("both", "verified") and config.window > 1:  # a window's estimate costs ~2x exact
             return [config]
-        return {"both": [estimate, config], "estimate": [estimate], "exact": [config]}[self.method.value]
+        return {"verified": [estimate, replace(config, method="verified")], "both": [estimate, config],
+                "estimate": [estimate], "exact": [config]}[self.method.value]
 
     @staticmethod
     def _method_note(config: TraceConfig, last: bool) -> str:
+        if config.method == "verified":
+            return f" · <b>ESTIMATE</b>, its top {config.verify} cells exact (outlined)"
         if config.method != "estimate":
             return ""
         return " · <b>ESTIMATE</b> (attribution patching)" + ("" if last else "; the exact map follows…")

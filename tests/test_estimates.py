@@ -199,3 +199,41 @@ def test_more_steps_come_closer_to_exact(tiny_bundle, image, question, fields):
     exact = tracer.trace(config)
     errors = [np.abs(tracer.trace(config, method="estimate", steps=k).scores - exact.scores).mean() for k in (1, 48)]
     assert errors[0] > 1e-5 and errors[1] < 0.5 * errors[0], errors
+
+
+@pytest.mark.parametrize("block", ["question_encoder", "answer_decoder", "vision_encoder"])
+def test_verified_cells_equal_exact_and_the_rest_the_estimate(tiny_bundle, image, question, block):
+    tracer = Tracer(tiny_bundle, image, question)
+    config = TraceConfig(block=block, kind="mlp", samples=2)
+    exact, estimate = tracer.trace(config), tracer.trace(config, method="estimate")
+    verified = tracer.trace(config, method="verified", verify=3)
+    marked = verified.exact_cells
+    assert marked.sum() == min(3, marked.size) and verified.is_estimate
+    np.testing.assert_allclose(verified.scores[marked], exact.scores[marked], atol=1e-6)
+    np.testing.assert_array_equal(verified.scores[~marked], estimate.scores[~marked])
+    picked = np.argsort(-np.abs(estimate.scores - estimate.low_score).ravel(), kind="stable")[:3]
+    assert set(np.flatnonzero(marked.ravel())) == set(picked.tolist())  # the estimate's top cells
+    assert verified.low_score == pytest.approx(exact.low_score, abs=1e-7)
+    assert not exact.exact_cells.size or exact.exact_cells.all() and not estimate.exact_cells.any()
+
+
+def test_verified_result_round_trips_and_says_so(tiny_bundle, image, question, tmp_path):
+    from blip_trace_widgets import TraceResult
+    from blip_trace_widgets.plotting import plot_trace, trace_title
+
+    result = Tracer(tiny_bundle, image, question).trace(TraceConfig(samples=2, method="verified", verify=2))
+    assert "its top 2 cells exact (outlined)" in trace_title(result, width=500)
+    loaded = TraceResult.load(result.save(tmp_path / "v.json"))
+    assert (loaded.exact_cells == result.exact_cells).all() and loaded.config["verify"] == 2
+    ax = plot_trace(result)
+    outlines = [p for p in ax.patches if not p.get_fill()]
+    assert len(outlines) == 2
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"verify": 3}, "use it with method='verified'"), ({"method": "verified", "verify": 0}, "verify must be"),
+    ({"method": "verified", "sever": "mlp"}, "severing is not offered for estimates"),
+])
+def test_verify_options_are_checked(fields, message):
+    with pytest.raises(BlipTraceError, match=message):
+        TraceConfig(**fields)
