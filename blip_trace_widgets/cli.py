@@ -34,6 +34,7 @@ from .names import (
     BLOCKS,
     CAPTION,
     CAPTION_DECODER,
+    DEFAULT_VERIFY,
     DEMO_MODELS,
     DTYPES,
     HEAD_INFO,
@@ -186,23 +187,21 @@ def _corrupt_tokens(text: str | None) -> Any:
 
 
 def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
-    from .procedures import default_corruption, procedure_config
+    from .procedures import resolve_config
 
     args.block = args.block or HEAD_INFO[bundle.head].blocks[0]
-    stage = args.corrupt or ("patches" if args.block == VISION_ENCODER else "image")
     if args.noise is not None:
         corruption = from_name(args.noise, args.scale)
     elif args.scale is not None:
         raise UsageError("--scale sets the level of --noise: pass --noise too")
-    elif args.procedure == "rome":
-        corruption = default_corruption(bundle, stage)
     else:
-        corruption = None  # the procedure's own
-    return procedure_config(args.procedure, block=args.block, kind=args.kind, window=args.window,
+        corruption = None  # the procedure's own, at the model's level for ROME's (resolve_config)
+    return resolve_config(bundle, args.procedure, block=args.block, kind=args.kind, window=args.window,
                             corruption=corruption, samples=args.samples, seed=args.seed, answer=args.answer,
                             metric=args.metric, contrast=args.contrast, sever=args.sever, sever_at=args.sever_at,
                             corrupt=args.corrupt, corrupt_tokens=_corrupt_tokens(args.corrupt_tokens),
                             regions=args.regions, method=args.method, steps=args.steps, target=args.target,
+                            verify=args.verify,
                             position=parse_position(args.position))
 
 
@@ -323,6 +322,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     configs = [TraceConfig(block=args.block, kind=kind, window=window_for(kind, args.window),
                            corruption=corruption, samples=args.samples, seed=args.seed, regions=args.regions,
                            metric=args.metric, method=args.method or "exact", steps=1 if args.steps is None else args.steps,
+                           verify=DEFAULT_VERIFY if args.verify is None else args.verify,
                            target=target)
                for target in _targets(args.targets, bundle.head) for kind in kinds]
     _check_out(args.out)
@@ -416,6 +416,9 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
                         help=f"with --method estimate: points on each cell's path from corrupted to clean (1 to "
                              f"{MAX_STEPS}; default 1, plain attribution patching; each further step costs about "
                              "three exact traces)")
+    parser.add_argument("--verify", type=int, default=None,
+                        help=f"with --method verified: how many of the estimate's top cells are made exact "
+                             f"(default {DEFAULT_VERIFY})")
 
 
 def _add_trace_options(one: argparse.ArgumentParser) -> None:

@@ -89,3 +89,25 @@ def default_corruption(bundle: Any, stage: str) -> Callable[..., torch.Tensor]:
     """
     scale = float(getattr(bundle, "noise_scale", ROME_NOISE_SCALE)) if stage == "image" else ROME_NOISE_SCALE
     return GaussianNoise(scale)
+
+
+def resolve_config(bundle: Any, procedure: str = "rome", **fields: Any) -> TraceConfig:
+    """The one way a trace's settings are resolved, shared by ``trace()``, ``Tracer.trace``, the explorers and the
+    command line: ``procedure``'s preset, then the bundle's defaults (its head's first block; for ROME's
+    procedure, the model folder's noise level on the image embeddings, ROME's 3σ elsewhere), then ``fields``
+    (a field passed as None keeps its default).
+
+        >>> from blip_trace_widgets import load_model
+        >>> resolve_config(load_model("demo")).corruption.level   # the demo model's trace_defaults.json: 10σ
+        10.0
+    """
+    from .names import HEAD_INFO, VISION_ENCODER
+
+    head = getattr(bundle, "head", None)
+    if fields.get("block") is None and head in HEAD_INFO:
+        fields["block"] = HEAD_INFO[head].blocks[0]
+    if procedure == "rome" and fields.get("corruption") is None:
+        block = fields.get("block") or PROCEDURES["rome"].defaults.get("block")
+        stage = fields.get("corrupt") or ("patches" if block == VISION_ENCODER else "image")
+        fields["corruption"] = default_corruption(bundle, stage)
+    return procedure_config(procedure, **fields)

@@ -31,7 +31,7 @@ from .errors import BlipTraceError
 from .estimates import Estimator
 from .inputs import ImageLike
 from .loading import BlipBundle
-from .names import CAPTION, HEAD_INFO, VISION_ENCODER, is_head_kind
+from .names import CAPTION, RELIABILITY_TOLERANCE, TINY_ABSOLUTE, VISION_ENCODER, is_head_kind
 from .results import TraceResult
 from .scoring import Target, score_rows
 
@@ -161,11 +161,22 @@ class Tracer(CorruptedRuns):
         mean, stderr = self.estimator.estimate(block, cells, config, target, advance)
         low = float(self.estimator.gradients(block, config, target).scores.mean())
         picked = np.argsort(-np.abs(mean - low), kind="stable")[: int(config.verify)]
+        if config.order == 2:  # every flagged cell is made exact too
+            picked = np.union1d(picked, np.flatnonzero(self.unreliable(config)))
         exact_mean, exact_stderr = self._score(block, [cells[i] for i in picked], config, target, None, None)
         mean[picked], stderr[picked] = exact_mean, exact_stderr
         marked = np.zeros(len(cells), bool)
         marked[picked] = True
         return mean, stderr, marked
+
+    def unreliable(self, config: TraceConfig) -> np.ndarray:
+        """Per cell of the last order=2 estimate: whether its second-order term (averaged over the noise samples)
+        exceeds RELIABILITY_TOLERANCE of the total effect, or of the metric's floor when that is larger."""
+        second = self.estimator.second_order
+        assert second is not None and config.order == 2
+        low, high = self.baselines(config)
+        tolerance = RELIABILITY_TOLERANCE * max(abs(high - low), TINY_ABSOLUTE.get(config.metric, 0.0))
+        return np.abs(second.mean(0).numpy()) > tolerance
 
     def scored_text(self, target: Target) -> str:
         """What a result scores, in words: the answer, the caption word, or "match"."""
@@ -176,8 +187,9 @@ class Tracer(CorruptedRuns):
     # ----- results -----------------------------------------------------------------------
     def trace(self, config: TraceConfig | None = None, *, progress: Progress | None = None, **overrides: Any) -> TraceResult:
         """The heatmap for ``config`` (or :class:`TraceConfig` fields as keywords); cached per config."""
-        config = replace(config, **overrides) if config is not None else TraceConfig(
-            **{"block": HEAD_INFO[self.head].blocks[0], **overrides})
+        from .procedures import resolve_config
+
+        config = replace(config, **overrides) if config is not None else resolve_config(self.bundle, **overrides)
         key = cache_key(config, "result")
         cached = self._results.get(key)
         if cached is not None:
@@ -198,6 +210,9 @@ class Tracer(CorruptedRuns):
         shape = (len(layout.labels), len(block.stack))
         if config.method == "verified":  # which cells are exact: [row, layer] pairs
             extra["exact_cells"] = [[int(i) // shape[1], int(i) % shape[1]] for i in np.flatnonzero(exact)]
+        if config.order == 2:  # flagged cells that were not made exact
+            flagged = self.unreliable(config) & ~exact
+            extra["unreliable_cells"] = [[int(i) // shape[1], int(i) % shape[1]] for i in np.flatnonzero(flagged)]
         low, high = self.baselines(config)
         _check_finite(config, low, high, mean)
         result = TraceResult(
@@ -237,14 +252,11 @@ def _check_finite(config: TraceConfig, low: float, high: float, mean: np.ndarray
 
 def default_config(bundle: BlipBundle, **overrides: Any) -> TraceConfig:
     """A TraceConfig whose Gaussian noise is the bundle's ``noise_scale`` on the image embeddings
-    (ROME's 3σ unless the model folder says otherwise); image-side traces keep ROME's 3σ on the patches."""
-    from .anatomy import head_of
-    from .procedures import default_corruption
+    (ROME's 3σ unless the model folder says otherwise); image-side traces keep ROME's 3σ on the patches.
+    The same as ``resolve_config(bundle, "rome", **overrides)``."""
+    from .procedures import resolve_config
 
-    block = overrides.setdefault("block", HEAD_INFO[head_of(bundle.model)].blocks[0])
-    stage = overrides.get("corrupt") or ("patches" if block == VISION_ENCODER else "image")
-    overrides.setdefault("corruption", default_corruption(bundle, stage))
-    return TraceConfig(**overrides)
+    return resolve_config(bundle, "rome", **overrides)
 
 
 def trace(
@@ -271,10 +283,10 @@ def trace(
     ``method``, ``steps``, ``target``) overrides them. ``method="estimate"`` gives an attribution-patching
     estimate of every cell from one forward and one backward pass (see :mod:`~.estimates`).
     """
-    from .procedures import procedure_config
+    from .procedures import resolve_config
 
-    if isinstance(bundle, BlipBundle) and fields.get("block") is None:
-        fields["block"] = HEAD_INFO[bundle.head].blocks[0]
-    config = procedure_config(procedure, **fields)
+    if not isinstance(bundle, BlipBundle):
+        raise BlipTraceError("pass the bundle returned by load_model(...), not a bare model")
+    config = resolve_config(bundle, procedure, **fields)
     tracer = Tracer(bundle, image, question, max_batch_rows=max_batch_rows, memory_budget=memory_budget)
     return tracer.trace(config, progress=progress)

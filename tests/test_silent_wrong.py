@@ -201,3 +201,25 @@ def test_an_explorer_config_for_a_block_the_head_lacks_is_a_clear_error(demo_sam
     captioner = load_model("demo-caption")
     with pytest.raises(BlipTraceError, match="traces the captioning model's caption_decoder, not question_encoder"):
         TraceExplorer(captioner, demo_sample[0], "", config=TraceConfig(block="question_encoder"), background=False)
+
+
+def test_every_entry_point_resolves_the_same_config(demo_bundle, demo_sample, tmp_path, monkeypatch):
+    """trace(), Tracer.trace, the explorer and the CLI start from one resolver: the demo model's 10σ, not 3σ in one
+    and 10σ in another."""
+    from blip_trace_widgets import Tracer
+    from blip_trace_widgets.cli import _trace_config, build_parser
+    from blip_trace_widgets.procedures import resolve_config
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    image, question, _ = demo_sample
+    expected = resolve_config(demo_bundle, samples=2)
+    assert expected.corruption.level == demo_bundle.noise_scale == 10.0
+    via_trace = trace(demo_bundle, image, question, samples=2).config
+    via_tracer = Tracer(demo_bundle, image, question).trace(samples=2).config
+    explorer = TraceExplorer(demo_bundle, image, question, background=False)
+    explorer.noise_samples.value = 2
+    args = build_parser().parse_args(["trace", "--image", "x.png", "--samples", "2", "--out", str(tmp_path)])
+    via_cli = _trace_config(args, demo_bundle)
+    for config in (via_trace, via_tracer, explorer.result.config, via_cli.to_json()):
+        assert {k: config[k] for k in ("block", "corruption", "samples", "seed", "window", "kind", "metric")} == {
+            k: expected.to_json()[k] for k in ("block", "corruption", "samples", "seed", "window", "kind", "metric")}
