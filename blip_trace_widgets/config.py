@@ -87,6 +87,7 @@ class TraceConfig:
     steps: int = _affects(RESTORE, default=1)  # estimate: points on each cell's path from corrupted to clean
     position: int | tuple[int, ...] | str | None = _affects(RESTORE, default=None)  # head kinds: positions restored
     verify: int = _affects(RESTORE, default=DEFAULT_VERIFY)  # method="verified": the estimate's top cells made exact
+    order: int = _affects(RESTORE, default=1)  # estimates: 2 adds each cell's second-order term (and a flag)
 
     def __post_init__(self) -> None:
         anatomy.check_block(self.block)
@@ -130,6 +131,12 @@ class TraceConfig:
         if self.verify != DEFAULT_VERIFY and self.method != "verified":
             raise BlipTraceError("verify sets how many top cells a verified estimate computes exactly: use it with "
                                  "method='verified'")
+        if self.order not in (1, 2) or isinstance(self.order, bool):
+            raise BlipTraceError(f"order must be 1 (attribution patching) or 2 (with the second-order term), got "
+                                 f"{self.order!r}")
+        if self.order == 2 and (self.method == "exact" or self.steps != 1):
+            raise BlipTraceError("order=2 is a second-order estimate: use it with method='estimate' or 'verified' "
+                                 "and steps=1")
         if self.method == "exact":
             if self.steps != 1:
                 raise BlipTraceError("steps sets an estimate's integration points: use it with method='estimate'")
@@ -185,6 +192,7 @@ class TraceConfig:
             **({"position": list(self.position) if isinstance(self.position, tuple) else self.position}
                if self.position is not None else {}),
             **({"verify": int(self.verify)} if self.method == "verified" else {}),
+            **({"order": 2} if self.order == 2 else {}),
         }
 
 

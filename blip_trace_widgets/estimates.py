@@ -14,6 +14,11 @@ give that gradient for every layer, position and kind of a block at once; a cell
 layers, an image region) sums its states' terms. Each noise sample gets its own estimate, and
 the result averages them as an exact trace does.
 
+``order=2`` adds the second-order term ``δᵀHδ / 2`` of each cell (``H`` the Hessian of the score in the
+cell's states, taken along the cell's own ``δ``): every cell runs through the engine with a backward pass
+and a second backward pass through it. A cell whose second-order term is large against the map's total
+effect is flagged: its first-order estimate is not to be trusted there.
+
 ``steps=k`` integrates the gradient along each cell's own straight path from its corrupted to
 its clean states, at ``α = 0, 1/k, …, (k-1)/k`` (a left Riemann sum; ``k = 1`` is plain
 attribution patching). By the gradient theorem the sum tends to the exact restored score as
@@ -183,12 +188,69 @@ def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tra
     return out
 
 
+@dataclass
+class _TaylorEdits(_ChunkEdits):
+    """Sets each cell's states to ``corrupted + alpha * delta``, one ``alpha`` per (noise sample, cell), so that
+    the score's derivatives in ``alpha`` at 0 are the cell's first- and second-order terms (the cell's other
+    states held, as every state of a cell is set)."""
+
+    corrupted: list[torch.Tensor] = field(default_factory=list)  # per layer, [S, T, D]
+    deltas: list[torch.Tensor] = field(default_factory=list)  # per layer, clean minus corrupted, [S, T, D]
+    alphas: torch.Tensor | None = None  # [S, cells of the chunk], zeros that require grad
+
+    def restore(self, j: int, x: torch.Tensor, first_cell: int = 0) -> torch.Tensor:
+        if j not in self.by_layer:
+            return x
+        assert self.alphas is not None
+        cells, positions = self.by_layer[j]
+        keep = (cells >= first_cell) & (cells < first_cell + x.shape[1])
+        if not bool(keep.any()):
+            return x
+        cells, positions = cells[keep], positions[keep]
+        x = x.clone()
+        x[:, cells - first_cell, positions] = (self.corrupted[j][:, positions]
+                                               + self.alphas[:, cells, None].to(x.dtype) * self.deltas[j][:, positions])
+        return x
+
+
+def taylor_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: TraceConfig,
+                 target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and cell, the first-order term ``f'(0)`` and the second-order term ``f''(0) / 2`` of the score
+    ``f(alpha)`` with the cell's states at ``corrupted + alpha * delta`` ([S, C] each): one forward pass of every
+    cell through the engine, a backward pass, and a second backward pass through it (a Hessian-vector product
+    along each cell's own delta)."""
+    clean, run, cross = tracer.runs(block, config, target)
+    kind = config.kind
+    deltas = _deltas(clean.kinds[kind], run.kinds[kind])
+    n_layers, samples = len(block.stack), int(config.samples)
+    order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], kind, n_layers))
+    first_terms = torch.zeros(samples, len(cells), dtype=torch.float64)
+    second_terms = torch.zeros(samples, len(cells), dtype=torch.float64)
+    rows = max(1, block.rows_per_chunk(tracer, config, target) // (samples * 2 * BACKWARD_SHRINK))
+    for chunk in chunks(order, rows):
+        chunk_cells = [cells[i] for i in chunk]
+        alphas = torch.zeros(samples, len(chunk), dtype=torch.float64, device=tracer.device, requires_grad=True)
+        edits = _TaylorEdits(kind=kind, clean=[], by_layer=_pairs(chunk_cells, tracer.device, every_layer=False),
+                             corrupted=run.kinds[kind], deltas=deltas, alphas=alphas)
+        with torch.enable_grad():
+            scores = _scores(tracer, block, staircase(block.stack, run, cross, chunk_cells, edits), target, config)
+            (first,) = torch.autograd.grad(scores.sum(), [alphas], create_graph=True)
+            second = (torch.autograd.grad(first.sum(), [alphas])[0] if first.requires_grad
+                      else torch.zeros_like(first))  # a score linear in alpha has no second-order term
+        index = torch.tensor(chunk)
+        first_terms[:, index] = first.detach().double().cpu()
+        second_terms[:, index] = 0.5 * second.double().cpu()
+    return first_terms, second_terms
+
+
 class Estimator:
     """Estimates for one :class:`~.tracing.Tracer`, keeping each block's gradient pass (every kind at once)."""
 
     def __init__(self, tracer: Tracer, cache_size: int = 2) -> None:
         self.tracer = tracer
         self._gradients: LRU[Gradients] = LRU(cache_size)
+        #: The last order=2 estimate's second-order terms [S, C], for the reliability flag.
+        self.second_order: torch.Tensor | None = None
 
     def held(self) -> list[Gradients]:
         return self._gradients.values()
@@ -201,6 +263,10 @@ class Estimator:
                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard error over noise samples of each cell's estimated score."""
         gradients = self.gradients(block, config, target)
+        if config.order == 2:
+            first, second = taylor_terms(self.tracer, block, cells, config, target)
+            self.second_order = second
+            return self._summary(gradients.scores[:, None] + first + second, cells, progress)
         total = torch.zeros(gradients.scores.shape[0], len(cells), dtype=torch.float64)
         # A cell of one layer (one state per position, or a region at one layer) needs no held gradient: no state
         # of the cell lies on another's path, so the shared pass's gradients are the held ones. A window's
@@ -215,7 +281,12 @@ class Estimator:
         if windows:
             total[:, windows] = _path_terms(self.tracer, block, [cells[i] for i in windows], config, target,
                                             first_step=0)
-        estimates = gradients.scores[:, None] + total / int(config.steps)
+        return self._summary(gradients.scores[:, None] + total / int(config.steps), cells, progress)
+
+    @staticmethod
+    def _summary(estimates: torch.Tensor, cells: Sequence[Cell], progress: Callable[[int], None] | None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard error over noise samples of per-sample estimates [S, C]."""
         if progress is not None:
             progress(len(cells))
         samples = estimates.shape[0]

@@ -164,6 +164,9 @@ METHOD_LABELS: dict[str, str] = {
 }
 #: Cells a verified estimate computes exactly: the estimate's top ones.
 DEFAULT_VERIFY = 5
+#: An order=2 estimate flags a cell whose second-order term exceeds this fraction of the map's total effect
+#: (or of the metric's floor, when that is larger): its first-order value is not to be trusted.
+RELIABILITY_TOLERANCE = 0.1
 #: What an explorer shows when a control moves: the estimate at once, then the exact map; or one of them.
 EXPLORER_MODES: dict[str, str] = {
     "verified": "estimate, top cells exact",

@@ -66,9 +66,13 @@ def method_text(result: TraceResult) -> str:
         return "exact"
     steps = int(result.config.get("steps") or 1)
     how = f"ESTIMATE (attribution patching, {steps} step{'s' if steps != 1 else ''})"
+    if int(result.config.get("order") or 1) == 2:
+        how = how.replace("patching, ", "patching, second order, ")
+        flagged = int(result.unreliable_cells.sum())
+        how += f", {flagged} cell{'s' if flagged != 1 else ''} flagged unreliable (hatched)" if flagged else ""
     if result.config.get("method") == "verified":
         count = int(result.exact_cells.sum())
-        return how + f", its top {count} cell{'s' if count != 1 else ''} exact (outlined)"
+        return how + f", {count} cell{'s' if count != 1 else ''} exact (outlined)"
     return how + ", not patched runs"
 
 
@@ -180,11 +184,15 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
             image = ax.pcolormesh(data, cmap=cmap, shading="flat", vmin=vmin, vmax=vmax, alpha=0.35 if flagged else 1.0)
     else:
         raise ValueError(f"show must be 'scores' or 'stderr', got {show!r}")
-    if show == "scores" and result.config.get("method") == "verified":
+    if show == "scores" and result.is_estimate:
         from matplotlib.patches import Rectangle
 
-        for row, layer in np.argwhere(result.exact_cells):
-            ax.add_patch(Rectangle((layer, row), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
+        if result.config.get("method") == "verified":
+            for row, layer in np.argwhere(result.exact_cells):
+                ax.add_patch(Rectangle((layer, row), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
+        for row, layer in np.argwhere(result.unreliable_cells):  # flagged: greyed and hatched
+            ax.add_patch(Rectangle((layer, row), 1, 1, facecolor=(0.6, 0.6, 0.6, 0.6), edgecolor="#555",
+                                   hatch="//", linewidth=0.5))
     ax.invert_yaxis()
     every = -(-len(result.tokens) // MAX_LABELLED_ROWS)  # many positions (image regions): label every k-th
     ax.set_yticks(np.arange(0, len(result.tokens), every) + 0.5)

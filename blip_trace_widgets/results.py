@@ -83,6 +83,14 @@ def _checked_arrays(scores: Any, stderr: Any, positions: int) -> tuple[np.ndarra
     return scores, stderr
 
 
+def _cell_mask(pairs: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A boolean map of ``shape`` true at the [row, layer] ``pairs`` of a result's config."""
+    mask = np.zeros(shape, dtype=bool)
+    for row, layer in pairs or []:
+        mask[int(row), int(layer)] = True
+    return mask
+
+
 def _check_types(data: dict[str, Any]) -> None:
     """A clear error when a saved result's fields have the wrong types."""
     for key in ("answer", "block", "kind"):
@@ -172,14 +180,16 @@ class TraceResult:
         return self.config.get("method") in ("estimate", "verified")
 
     @property
+    def unreliable_cells(self) -> np.ndarray:
+        """Cells an order=2 estimate flags: second-order term above RELIABILITY_TOLERANCE of the total effect."""
+        return _cell_mask(self.config.get("unreliable_cells"), self.scores.shape)
+
+    @property
     def exact_cells(self) -> np.ndarray:
         """Which cells are patched runs: all for an exact trace, none for an estimate, the top ``verify`` cells
-        of a verified one."""
+        (and any flagged ones) of a verified one."""
         if self.config.get("method") == "verified":
-            mask = np.zeros(self.scores.shape, dtype=bool)
-            for row, layer in self.config.get("exact_cells") or []:
-                mask[int(row), int(layer)] = True
-            return mask
+            return _cell_mask(self.config.get("exact_cells"), self.scores.shape)
         return np.full(self.scores.shape, not self.is_estimate)
 
     @property
@@ -267,23 +277,9 @@ class TraceResult:
         return cls.from_dict(data)
 
     def to_dataframe(self) -> Any:
-        """Long form: one row per (position, layer) with token, score, normalised score and the trace's labels."""
-        import pandas as pd
-
-        positions, layers = np.meshgrid(np.arange(self.scores.shape[0]), np.arange(self.scores.shape[1]), indexing="ij")
-        boxes = (self.config.get("grid") or {}).get("boxes")
-        regions = {}
-        if boxes:  # image-side traces: where each position is, in fractions of the image (NaN for CLS)
-            corners = np.array([box if box else [np.nan] * 4 for box in boxes], dtype=np.float64)[positions.ravel()]
-            regions = {name: corners[:, i] for i, name in enumerate(("left", "top", "right", "bottom"))}
-        stderr = self.stderr if self.stderr is not None else np.full_like(self.scores, np.nan)
-        return pd.DataFrame({
-            "position": positions.ravel(), "token": [self.tokens[p] for p in positions.ravel()], "layer": layers.ravel(),
-            "score": self.scores.ravel(), "stderr": stderr.ravel(), "normalized": self.normalized().ravel(),
-            "low_score": self.low_score, "high_score": self.high_score, "total_effect": self.total_effect,
-            "answer": self.answer, "block": self.block, "kind": self.kind, "window": self.window, "metric": self.metric,
-            "head": self.head, **regions,
-        })
+        """Long form: one row per (position, layer) with token, score, normalised score and the trace's labels
+        (with ``exact``: whether the cell is a patched run, and ``unreliable``: flagged by an order=2 estimate)."""
+        return _frame(self)
 
     def export(self, path: Union[str, os.PathLike], fmt: str | None = None, *, normalized: bool = False) -> Path:
         """Write the heatmap (``png``), the result (``json``) or its DataFrame (``csv``); ``fmt`` defaults
@@ -354,3 +350,23 @@ def negative_cells(result: TraceResult) -> np.ndarray:
     toward_clean = 1.0 if result.total_effect >= 0 else -1.0  # a corruption that raised the score: mirrored
     with np.errstate(invalid="ignore"):
         return toward_clean * (result.low_score - result.scores) > margin
+
+
+def _frame(result: TraceResult) -> Any:
+    """TraceResult.to_dataframe."""
+    import pandas as pd
+
+    positions, layers = np.meshgrid(np.arange(result.scores.shape[0]), np.arange(result.scores.shape[1]), indexing="ij")
+    boxes = (result.config.get("grid") or {}).get("boxes")
+    regions = {}
+    if boxes:  # image-side traces: where each position is, in fractions of the image (NaN for CLS)
+        corners = np.array([box if box else [np.nan] * 4 for box in boxes], dtype=np.float64)[positions.ravel()]
+        regions = {name: corners[:, i] for i, name in enumerate(("left", "top", "right", "bottom"))}
+    stderr = result.stderr if result.stderr is not None else np.full_like(result.scores, np.nan)
+    return pd.DataFrame({
+        "position": positions.ravel(), "token": [result.tokens[p] for p in positions.ravel()], "layer": layers.ravel(),
+        "score": result.scores.ravel(), "stderr": stderr.ravel(), "normalized": result.normalized().ravel(),
+        "low_score": result.low_score, "high_score": result.high_score, "total_effect": result.total_effect,
+        "answer": result.answer, "block": result.block, "kind": result.kind, "window": result.window, "metric": result.metric,
+        "head": result.head, "exact": result.exact_cells.ravel(), "unreliable": result.unreliable_cells.ravel(), **regions,
+    })

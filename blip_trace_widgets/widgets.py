@@ -279,11 +279,9 @@ class _LiveView(W.VBox):
 
     @staticmethod
     def _method_note(config: TraceConfig, last: bool) -> str:
-        if config.method == "verified":
-            return f" · <b>ESTIMATE</b>, its top {config.verify} cells exact (outlined)"
-        if config.method != "estimate":
-            return ""
-        return " · <b>ESTIMATE</b> (attribution patching)" + ("" if last else "; the exact map follows…")
+        notes = {"verified": f" · <b>ESTIMATE</b>, its top {config.verify} cells exact (outlined)",
+                 "estimate": " · <b>ESTIMATE</b> (attribution patching)" + ("" if last else "; the exact map follows…")}
+        return notes.get(config.method, "")
 
     def _header(self) -> W.HBox:
         return W.HBox([self.image_view, W.VBox([self.gallery, self.question_box, self.answer_view, self.caption_box,

@@ -67,7 +67,7 @@ def _compare(exact, estimate) -> dict:
 
 
 def _question(job: tuple) -> list[dict]:
-    index, kind_of_question, image_path, question, steps_list, samples, vision_kinds, windows, blocks, noise = job
+    index, kind_of_question, image_path, question, steps_list, samples, vision_kinds, windows, blocks, noise, orders = job
     import torch
 
     torch.set_num_threads(1)
@@ -91,20 +91,21 @@ def _question(job: tuple) -> list[dict]:
             started = time.perf_counter()
             exact = tracer.trace(config)
             exact_s = time.perf_counter() - started
-            for steps in steps_list:
+            for steps, order in [(k, 1) for k in steps_list] + [(1, 2)] * (2 in orders):
                 started = time.perf_counter()
-                estimate = tracer.trace(config, method="estimate", steps=steps)
+                estimate = tracer.trace(config, method="estimate", steps=steps, order=order)
                 estimate_s = time.perf_counter() - started
                 started = time.perf_counter()  # the verified map reuses the estimate's gradients: add its time
-                tracer.trace(config, method="verified", steps=steps)
+                tracer.trace(config, method="verified", steps=steps, order=order)
                 rows.append({"question": index, "type": kind_of_question, "block": block, "kind": kind,
-                             "window": window, "steps": steps, "exact_s": exact_s, "estimate_s": estimate_s,
-                             "verified_s": estimate_s + time.perf_counter() - started, **_compare(exact, estimate)})
+                             "window": window, "steps": steps, "order": order, "exact_s": exact_s,
+                             "estimate_s": estimate_s, "verified_s": estimate_s + time.perf_counter() - started,
+                             "flagged": int(estimate.unreliable_cells.sum()), **_compare(exact, estimate)})
     return rows
 
 
 def _jobs(per_type: int, steps: list[int], samples: int, cache: Path, vision_kinds: list[str], windows: list[int],
-          blocks: list[str], noise: float | None) -> list[tuple]:
+          blocks: list[str], noise: float | None, orders: list[int]) -> list[tuple]:
     from blip_trace_widgets.subsets import load_vqa_subset
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -115,19 +116,19 @@ def _jobs(per_type: int, steps: list[int], samples: int, cache: Path, vision_kin
             if not path.exists():
                 item.image.open().save(path)
             jobs.append((len(jobs), kind_of_question, str(path), item.question, steps, samples, vision_kinds, windows,
-                         blocks, noise))
+                         blocks, noise, orders))
     return jobs
 
 
 def summarise(frame) -> str:
-    lines = ["| block | window | steps | maps | Spearman median | Spearman 10th pct | no Spearman | exact top cell in "
+    lines = ["| block | window | steps | order | maps | Spearman median | Spearman 10th pct | no Spearman | exact top cell in "
              "estimate's top 3 | MAE of normalised effect | Σ|est − exact| / Σ|exact| (effects) | estimate / exact time "
              "| verified (5): reported top cell is exact top | verified / exact time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (block, window, steps), group in frame.groupby(["block", "window", "steps"], sort=False):
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (block, window, steps, order), group in frame.groupby(["block", "window", "steps", "order"], sort=False):
         rho = group["spearman"].dropna()
         lines.append(
-            f"| {block.replace('_', ' ')} | {window} | {steps} | {len(group)} | {rho.median():.2f} | "
+            f"| {block.replace('_', ' ')} | {window} | {steps} | {order} | {len(group)} | {rho.median():.2f} | "
             f"{rho.quantile(0.1):.2f} | {group['spearman'].isna().sum()} | {group['top_in_top3'].mean():.0%} | "
             f"{group['mae_normalised'].mean():.3f} | {group['relative_error'].median():.3f} (median) | "
             f"{group['estimate_s'].sum() / group['exact_s'].sum():.2f} | {group['verified_top'].mean():.0%} | "
@@ -145,6 +146,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vision-kinds", nargs="+", default=["hidden"], choices=["hidden", "self_attn", "mlp", "attn_head"])
     parser.add_argument("--windows", type=int, nargs="+", default=[1], help="windows of layers (default: %(default)s)")
+    parser.add_argument("--orders", type=int, nargs="+", default=[1], choices=[1, 2],
+                        help="2: also the second-order estimate at steps=1 (default: %(default)s)")
     parser.add_argument("--blocks", nargs="+", default=list(BLOCK_REGIONS), choices=list(BLOCK_REGIONS))
     parser.add_argument("--noise", type=float, default=None,
                         help="Gaussian noise in σ for every block (default: the model's own level; 3σ on patches)")
@@ -152,7 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     jobs = _jobs(args.per_type, args.steps, args.samples, args.out / "images", args.vision_kinds, args.windows,
-                 args.blocks, args.noise)
+                 args.blocks, args.noise, args.orders)
     rows: list[dict] = []
     with ProcessPoolExecutor(args.workers) as pool:
         for done, part in enumerate(pool.map(_question, jobs, chunksize=4), 1):
@@ -162,10 +165,10 @@ def main() -> None:
     frame = pd.DataFrame(rows)
     frame.to_csv(args.out / "rows.csv", index=False)
     table = summarise(frame)
-    by_kind = frame[frame["steps"] == 1].groupby(["block", "kind", "window"], sort=False).agg(
+    by_kind = frame[frame["steps"] == 1].groupby(["block", "kind", "window", "order"], sort=False).agg(
         spearman=("spearman", "median"), spearman_p10=("spearman", lambda x: x.quantile(0.1)),
         top_in_top3=("top_in_top3", "mean"), relative_error=("relative_error", "median"), ratio=("ratio", "median"),
-        verified_top=("verified_top", "mean")).round(3)
+        verified_top=("verified_top", "mean"), flagged=("flagged", "mean")).round(3)
     head = (f"demo model, {len(jobs)} easy-VQA test questions ({args.per_type} per type), {args.samples} noise "
             f"samples, windows {args.windows}, noise {args.noise or 'the model default'}; "
             f"{time.perf_counter() - started:.0f} s with {args.workers} workers, load average "

@@ -222,7 +222,7 @@ def test_verified_result_round_trips_and_says_so(tiny_bundle, image, question, t
     from blip_trace_widgets.plotting import plot_trace, trace_title
 
     result = Tracer(tiny_bundle, image, question).trace(TraceConfig(samples=2, method="verified", verify=2))
-    assert "its top 2 cells exact (outlined)" in trace_title(result, width=500)
+    assert "2 cells exact (outlined)" in trace_title(result, width=500)
     loaded = TraceResult.load(result.save(tmp_path / "v.json"))
     assert (loaded.exact_cells == result.exact_cells).all() and loaded.config["verify"] == 2
     ax = plot_trace(result)
@@ -235,5 +235,54 @@ def test_verified_result_round_trips_and_says_so(tiny_bundle, image, question, t
     ({"method": "verified", "sever": "mlp"}, "severing is not offered for estimates"),
 ])
 def test_verify_options_are_checked(fields, message):
+    with pytest.raises(BlipTraceError, match=message):
+        TraceConfig(**fields)
+
+
+@pytest.mark.parametrize("kind, window", [("hidden", 1), ("mlp", 3), ("cross_attn_head", 1)])
+def test_second_order_equals_exact_where_the_score_is_quadratic_and_beats_first_order(image, question, kind, window):
+    """On the decoder that is linear in its states, logit_diff is linear: order 2 equals order 1 equals exact.
+    On a real score, order 2 comes closer to exact than order 1 at small noise (the quadratic term is the leading
+    error of the first-order estimate there)."""
+    tracer = Tracer(_linear_decoder_bundle(), image, question)
+    config = TraceConfig(block="answer_decoder", kind=kind, window=window, samples=2, metric="logit_diff",
+                         answer="red", contrast="blue", corruption=GaussianNoise(scale=3.0))
+    exact = tracer.trace(config)
+    np.testing.assert_allclose(tracer.trace(config, method="estimate", order=2).scores, exact.scores, atol=2e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["question_encoder", "vision_encoder"])
+def test_second_order_comes_closer_than_first(image, question, block):
+    model = tiny_model(seed=1).double()
+    tracer = Tracer(load_model((model, tiny_processor()), device="cpu"), image, question)
+    for kind in ("hidden", "mlp"):
+        config = TraceConfig(block=block, kind=kind, samples=2, metric="logprob", corruption=GaussianNoise(0.03),
+                             regions=2 if block == "vision_encoder" else None)
+        exact = tracer.trace(config)
+        errors = [_relative_error(tracer.trace(config, method="estimate", order=k), exact) for k in (1, 2)]
+        assert errors[1] < 0.5 * errors[0], (kind, errors)
+
+
+def test_second_order_flags_cells_and_verified_makes_them_exact(tiny_bundle, image, question):
+    from blip_trace_widgets.plotting import trace_title
+
+    tracer = Tracer(tiny_bundle, image, question)
+    config = TraceConfig(kind="mlp", samples=2, corruption=GaussianNoise(3.0))
+    estimate = tracer.trace(config, method="estimate", order=2)
+    flagged = estimate.unreliable_cells
+    assert flagged.any() and estimate.config["order"] == 2
+    assert f"{int(flagged.sum())} cell" in trace_title(estimate, width=500) and "hatched" in trace_title(estimate, 500)
+    verified = tracer.trace(config, method="verified", order=2, verify=1)
+    assert (verified.exact_cells | ~flagged).all()  # every flagged cell is exact
+    assert not verified.unreliable_cells.any()
+    exact = tracer.trace(config)
+    np.testing.assert_allclose(verified.scores[verified.exact_cells], exact.scores[verified.exact_cells], atol=1e-6)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"method": "estimate", "order": 3}, "order must be 1"), ({"order": 2}, "use it with method='estimate'"),
+    ({"method": "estimate", "order": 2, "steps": 4}, "steps=1"),
+])
+def test_order_is_checked(fields, message):
     with pytest.raises(BlipTraceError, match=message):
         TraceConfig(**fields)

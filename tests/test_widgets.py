@@ -12,6 +12,7 @@ from blip_trace_widgets.widgets import TraceExplorer, tooltip_of
 def explorer(demo_bundle, demo_sample, tmp_path):
     image, question, _ = demo_sample
     ex = TraceExplorer(demo_bundle, image, question, background=False, export_dir=tmp_path)
+    ex.method.value = "both"  # estimate, then the exact map (the default, "verified", is tested on its own)
     ex.noise_samples.value = 4
     return ex
 
@@ -96,6 +97,7 @@ def test_exports(explorer, tmp_path):
 def test_gallery_switches_samples(demo_bundle, tmp_path):
     ex = TraceExplorer(demo_bundle, background=False)
     assert len(ex.gallery.options) == len(demo_samples())
+    ex.method.value = "exact"
     ex.noise_samples.value = 3
     ex.gallery.value = 2
     image, question, _ = demo_samples()[2]
@@ -199,6 +201,22 @@ def test_the_estimate_shows_first_then_the_exact_map(explorer):
     assert shown == [True, False]  # estimate, then exact, in that order
     assert any("ESTIMATE" in s and "exact map follows" in s for s in statuses)
     assert "ESTIMATE" not in explorer.status.value and not explorer.result.is_estimate
+
+
+def test_the_default_shows_the_estimate_then_its_top_cells_exact(demo_bundle, demo_sample):
+    image, question, _ = demo_sample
+    explorer = TraceExplorer(demo_bundle, image, question, background=False)
+    assert explorer.method.value == "verified"
+    shown = []
+    explorer.heatmap.observe(lambda change: shown.append(explorer.result.config["method"]), names="value")
+    explorer.kind.value = "mlp"
+    assert shown == ["estimate", "verified"]
+    result = explorer.result
+    assert result.exact_cells.sum() == 5 and "5 cells exact (outlined)" in explorer.status.value
+    exact = explorer.tracer.trace(result.config and explorer.config)
+    np.testing.assert_allclose(result.scores[result.exact_cells], exact.scores[result.exact_cells], atol=1e-6)
+    explorer.window.value = 3  # a window's estimate costs more than the exact map: exact at once
+    assert explorer.result.config["method"] == "exact"
 
 
 def test_estimate_only_never_runs_the_engine(explorer):
