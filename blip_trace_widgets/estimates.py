@@ -142,7 +142,16 @@ class _PathEdits(_ChunkEdits):
             cells, positions = cells[keep], positions[keep]
             x = x.clone()
             x[:, cells - first_cell, positions] = (self.corrupted[j][:, positions]
-                                                   + self.alphas[cells][None, :, None] * self.deltas[j][:, positions])
+                                                   + self.alpha(cells, x) * self.deltas[j][:, positions])
+        return self.leaf(j, first_cell, x)
+
+    def alpha(self, cells: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The path point of each (sample, cell) pair at ``cells``, broadcastable to [S, K, D]."""
+        assert self.alphas is not None
+        return self.alphas[cells][None, :, None]
+
+    def leaf(self, j: int, first_cell: int, x: torch.Tensor) -> torch.Tensor:
+        """``x`` plus a zero leaf whose gradient is the gradient with respect to these states."""
         leaf = torch.zeros_like(x, requires_grad=True)
         self.leaves.append((j, first_cell, leaf))
         return x + leaf
@@ -189,27 +198,16 @@ def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tra
 
 
 @dataclass
-class _TaylorEdits(_ChunkEdits):
-    """Sets each cell's states to ``corrupted + alpha * delta``, one ``alpha`` per (noise sample, cell), so that
-    the score's derivatives in ``alpha`` at 0 are the cell's first- and second-order terms (the cell's other
-    states held, as every state of a cell is set)."""
+class _TaylorEdits(_PathEdits):
+    """Sets each cell's states to ``corrupted + alpha * delta``, one ``alpha`` per (noise sample, cell) ([S, C],
+    zeros that require grad), so that the score's derivatives in ``alpha`` at 0 are the cell's first- and
+    second-order terms (the cell's other states held, as every state of a cell is set). No leaves."""
 
-    corrupted: list[torch.Tensor] = field(default_factory=list)  # per layer, [S, T, D]
-    deltas: list[torch.Tensor] = field(default_factory=list)  # per layer, clean minus corrupted, [S, T, D]
-    alphas: torch.Tensor | None = None  # [S, cells of the chunk], zeros that require grad
-
-    def restore(self, j: int, x: torch.Tensor, first_cell: int = 0) -> torch.Tensor:
-        if j not in self.by_layer:
-            return x
+    def alpha(self, cells: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         assert self.alphas is not None
-        cells, positions = self.by_layer[j]
-        keep = (cells >= first_cell) & (cells < first_cell + x.shape[1])
-        if not bool(keep.any()):
-            return x
-        cells, positions = cells[keep], positions[keep]
-        x = x.clone()
-        x[:, cells - first_cell, positions] = (self.corrupted[j][:, positions]
-                                               + self.alphas[:, cells, None].to(x.dtype) * self.deltas[j][:, positions])
+        return self.alphas[:, cells, None].to(x.dtype)
+
+    def leaf(self, j: int, first_cell: int, x: torch.Tensor) -> torch.Tensor:
         return x
 
 

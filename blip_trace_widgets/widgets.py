@@ -263,7 +263,8 @@ class _LiveView(W.VBox):
         self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="240px"))
         self.status = W.HTML()
         self.error = W.HTML()
-        self.method = W.ToggleButtons(options=[(label, mode) for mode, label in EXPLORER_MODES.items()], value="verified")
+        self.method = W.ToggleButtons(options=[(label, mode) for mode, label in EXPLORER_MODES.items()], value="verified",
+                                      style={"button_width": "auto"})  # labels in full, not cut
         set_tooltip(self.method, "an estimate (attribution patching: one forward and one backward pass) appears at once, "
                                  "labelled ESTIMATE; the exact map replaces it when it is done. 'estimate only' for "
                                  "big models or many cells")

@@ -89,6 +89,15 @@ def _heatmap_src(page) -> str:
     return page.locator(".jp-OutputArea-output img").nth(1).get_attribute("src") or ""
 
 
+def _dismiss_dialogs(page) -> None:
+    """Accept a dialog that blocks the notebook (JupyterLab's "Select Kernel" appears now and then): its default
+    choice is the notebook's own kernel."""
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count() and dialog.first.is_visible():
+        accept = dialog.first.locator(".jp-Dialog-button.jp-mod-accept")
+        (accept.first if accept.count() else dialog.first.locator("button").last).click(timeout=5_000)
+
+
 def _run_first_cell(page) -> None:
     """Shift+Enter on the first cell, again if the kernel was not ready to take it."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -96,6 +105,7 @@ def _run_first_cell(page) -> None:
     started = "() => { const p = document.querySelector('.jp-Cell .jp-InputPrompt');" \
               " return p && /\\[(\\*|\\d+)\\]/.test(p.textContent); }"
     for _ in range(12):
+        _dismiss_dialogs(page)
         page.locator(".jp-Cell .jp-InputArea-editor").first.click()
         page.keyboard.press("Shift+Enter")
         try:
