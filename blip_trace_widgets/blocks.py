@@ -79,6 +79,8 @@ class Block(Protocol):
 
     def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]: ...
 
+    def clean_cross(self, tracer: Tracer, target: Target) -> Cross: ...
+
     def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, target: Target) -> int: ...
 
     def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor: ...
@@ -160,6 +162,13 @@ class AnswerDecoder:
         assert tracer.clean.text is not None
         return self.run(tracer, tracer.clean.text.output, target)[0]
 
+    def clean_cross(self, tracer: Tracer, target: Target) -> Cross:
+        """Cross keys and values of the clean question states (what the clean run attends to)."""
+        from .engine import shared_cross
+
+        assert tracer.clean.text is not None
+        return shared_cross(self.stack, tracer.clean.text.output)
+
     def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
         return self.run(tracer, corrupted.text.output, target)
@@ -202,6 +211,12 @@ class ImageReader(ABC):
     def clean_run(self, tracer: Tracer, target: Target) -> Run:
         assert tracer.clean.text is not None
         return tracer.clean.text
+
+    def clean_cross(self, tracer: Tracer, target: Target) -> Cross:
+        """Cross keys and values of the clean image embeddings."""
+        from .engine import shared_cross
+
+        return shared_cross(self.stack, tracer.clean.image_embeds)
 
     def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
@@ -318,6 +333,9 @@ class VisionEncoder:
 
     def clean_run(self, tracer: Tracer, target: Target) -> Run:
         return tracer.clean_vision
+
+    def clean_cross(self, tracer: Tracer, target: Target) -> Cross:
+        return [None] * len(self.stack)
 
     def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         if corrupted.vision is None:

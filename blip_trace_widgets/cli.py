@@ -36,6 +36,8 @@ from .names import (
     CAPTION_DECODER,
     DEFAULT_VERIFY,
     DEMO_MODELS,
+    DIRECTION_LABELS,
+    DIRECTIONS,
     DTYPES,
     HEAD_INFO,
     HEAD_KINDS,
@@ -201,7 +203,7 @@ def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
                             metric=args.metric, contrast=args.contrast, sever=args.sever, sever_at=args.sever_at,
                             corrupt=args.corrupt, corrupt_tokens=_corrupt_tokens(args.corrupt_tokens),
                             regions=args.regions, method=args.method, steps=args.steps, target=args.target,
-                            verify=args.verify,
+                            verify=args.verify, direction=args.direction,
                             position=parse_position(args.position))
 
 
@@ -462,6 +464,8 @@ def _add_trace_options(one: argparse.ArgumentParser) -> None:
                           "comma-separated positions (default: every token)")
     one.add_argument("--regions", type=int, default=None,
                      help="vision_encoder: regions per side restored as units (default: every patch)")
+    one.add_argument("--direction", choices=DIRECTIONS, default=None,
+                     help="; ".join(f"{d}: {DIRECTION_LABELS[d]}" for d in DIRECTIONS) + " (default: denoise)")
     one.add_argument("--position", default=None,
                      help=f"head kinds ({', '.join(HEAD_KINDS)}): restore the heads only at this position, these "
                           f"comma-separated positions, or a token role ({', '.join(ROLES)}) (default: every position)")

@@ -25,6 +25,7 @@ from .errors import BlipTraceError
 from .names import (
     DEFAULT_SAMPLES,
     DEFAULT_VERIFY,
+    DIRECTIONS,
     HEAD_KINDS,
     HIDDEN,
     MAX_STEPS,
@@ -35,6 +36,7 @@ from .names import (
     SEVER_AT,
     STAGES,
     VISION_ENCODER,
+    Direction,
     Method,
     Metric,
     SeverAt,
@@ -88,6 +90,7 @@ class TraceConfig:
     position: int | tuple[int, ...] | str | None = _affects(RESTORE, default=None)  # head kinds: positions restored
     verify: int = _affects(RESTORE, default=DEFAULT_VERIFY)  # method="verified": the estimate's top cells made exact
     order: int = _affects(RESTORE, default=1)  # estimates: 2 adds each cell's second-order term (and a flag)
+    direction: Direction = _affects(RESTORE, default="denoise")  # "noise": corrupted states into the clean run
 
     def __post_init__(self) -> None:
         anatomy.check_block(self.block)
@@ -119,9 +122,22 @@ class TraceConfig:
             raise BlipTraceError(f"fresh_noise must be True or False, got {self.fresh_noise!r}")
         self._check_method()
         object.__setattr__(self, "position", _check_position(self.position, self.kind))
+        self._check_direction()
         if self.regions is not None and is_head_kind(self.kind):
             raise BlipTraceError("a head map's rows are heads, not image regions: drop regions, and pass "
                                  "position=... to restore the heads at some patches only")
+
+    def _check_direction(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise BlipTraceError(f"unknown direction {self.direction!r}: use one of {', '.join(DIRECTIONS)}")
+        if self.direction == "denoise":
+            return
+        for name, value, fix in (("method", self.method != "exact", "method='exact'"),
+                                 ("sever", self.sever is not None, "no sever"),
+                                 ("fresh_noise", self.fresh_noise, "fresh_noise=False")):
+            if value:
+                raise BlipTraceError(f"direction='noise' is traced exactly, with one draw of noise and without "
+                                     f"severing for now: use {fix} (got {name}={getattr(self, name)!r})")
 
     def _check_method(self) -> None:
         if self.method not in METHODS:
@@ -193,6 +209,7 @@ class TraceConfig:
                if self.position is not None else {}),
             **({"verify": int(self.verify)} if self.method == "verified" else {}),
             **({"order": 2} if self.order == 2 else {}),
+            **({"direction": self.direction} if self.direction != "denoise" else {}),
         }
 
 

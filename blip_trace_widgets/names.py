@@ -28,6 +28,7 @@ Stage = Literal["image", "patches", "pixels", "question"]
 Metric = Literal["prob", "logprob", "logit_diff", "itc"]
 SeverAt = Literal["restored", "all"]
 Method = Literal["exact", "estimate", "verified"]
+Direction = Literal["denoise", "noise"]
 
 HIDDEN: Kind = "hidden"
 QUESTION_ENCODER: Block = "question_encoder"
@@ -161,6 +162,13 @@ METHOD_LABELS: dict[str, str] = {
     "exact": "exact (one patched run per cell)",
     "estimate": "estimate (attribution patching)",
     "verified": "estimate, then the exact value of its top cells (verify=k, default 5)",
+}
+#: Which way a cell is patched: clean states into the corrupted run (denoising: what is sufficient, ROME's), or
+#: corrupted states into the clean run (noising: what is necessary).
+DIRECTIONS: tuple[Direction, ...] = ("denoise", "noise")
+DIRECTION_LABELS: dict[str, str] = {
+    "denoise": "restoring clean states into the corrupted run (what suffices)",
+    "noise": "patching corrupted states into the clean run (what is necessary)",
 }
 #: Cells a verified estimate computes exactly: the estimate's top ones.
 DEFAULT_VERIFY = 5

@@ -86,6 +86,9 @@ def trace_title(result: TraceResult, width: int = 70) -> str:
     fresh = ", fresh per cell" if config.get("fresh_noise") else ""
     how = corruption_text(config) + (f", {samples} noise sample{'s' if samples != 1 else ''}{fresh}" if samples else "")
     what = f"Restoring {BLOCK_LABELS.get(result.block, result.block)} {KIND_LABELS.get(result.kind, result.kind)}"
+    if result.direction == "noise":
+        what = (f"Noising: corrupted {BLOCK_LABELS.get(result.block, result.block)} "
+                f"{KIND_LABELS.get(result.kind, result.kind)} patched into the clean run")
     if "restored_labels" in config:  # a head map: where its heads are restored
         labels = list(config["restored_labels"])
         what += (" at every position" if config.get("position") is None
@@ -139,17 +142,23 @@ def negative_text(result: TraceResult) -> str:
     """"N cells below the corrupted score" when restoring some cells pushes the score further from the
     clean one than noise does; else empty."""
     count = int(result.negative_cells().sum())
-    return f"{count} cell{'s' if count != 1 else ''} below the corrupted score" if count else ""
+    where = "above the clean score" if result.direction == "noise" else "below the corrupted score"
+    return f"{count} cell{'s' if count != 1 else ''} {where}" if count else ""
 
 
-def _diverging(result: TraceResult, data: np.ndarray, vmin: float, vmax: float) -> Any:
-    """A colour norm white at the corrupted score ``vmin``, red up to ``vmax`` and blue below: one scale for both
-    sides (the wider of the two), so that a colour's depth means the same size of effect either way."""
+def _diverging(result: TraceResult, data: np.ndarray, vmin: float, vmax: float) -> tuple[str, Any]:
+    """A colour map and norm white where nothing is patched (the corrupted score ``vmin`` when denoising, the clean
+    score ``vmax`` when noising), red for effects in the trace's direction and blue against it, on one scale for
+    both sides (the wider of the two), so that a colour's depth means the same size of effect either way."""
     from matplotlib.colors import TwoSlopeNorm
 
     finite = data[np.isfinite(data)]
+    if result.direction == "noise":
+        highest = float(finite.max()) if finite.size else vmax
+        span = max(vmax - vmin, highest - vmax, 1e-9)
+        return NORMALIZED_CMAP.removesuffix("_r"), TwoSlopeNorm(vcenter=vmax, vmin=vmax - span, vmax=vmax + span)
     lowest = float(finite.min()) if finite.size else vmin
-    return TwoSlopeNorm(vcenter=vmin, vmin=vmin - max(vmax - vmin, vmin - lowest, 1e-9), vmax=vmax)
+    return NORMALIZED_CMAP, TwoSlopeNorm(vcenter=vmin, vmin=vmin - max(vmax - vmin, vmin - lowest, 1e-9), vmax=vmax)
 
 
 def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False, title: str | None = None,
@@ -175,11 +184,17 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
         data = result.normalized() if normalized else result.scores
         vmin, vmax, bar_label = _scale(result, data, normalized, top)
         cmap = "Greys" if flagged else (NORMALIZED_CMAP if normalized else KIND_COLORMAPS.get(result.kind, "Purples"))
+        noising = result.direction == "noise" and not normalized
         if (not flagged and not normalized and top != "range" and result.total_effect >= 0
                 and bool(result.negative_cells().any())):
-            # negative effects stay visible: a diverging scale, white at the corrupted score
-            image = ax.pcolormesh(data, cmap=NORMALIZED_CMAP, shading="flat", norm=_diverging(result, data, vmin, vmax))
-            bar_label += "; below the corrupted score in blue"
+            # negative effects stay visible: a diverging scale, white where nothing is patched
+            diverging, norm = _diverging(result, data, vmin, vmax)
+            image = ax.pcolormesh(data, cmap=diverging, shading="flat", norm=norm)
+            bar_label += "; above the clean score in blue" if noising else "; below the corrupted score in blue"
+        elif noising:  # white at the clean score: colour is what patching the corruption in takes away
+            image = ax.pcolormesh(data, cmap=cmap + "_r", shading="flat", vmin=vmin, vmax=vmax,
+                                  alpha=0.35 if flagged else 1.0)
+            bar_label += "; noising: white at clean"
         else:
             image = ax.pcolormesh(data, cmap=cmap, shading="flat", vmin=vmin, vmax=vmax, alpha=0.35 if flagged else 1.0)
     else:

@@ -225,15 +225,22 @@ class TraceResult:
         return negative_cells(self)
 
     def normalized(self) -> np.ndarray:
-        """(score − low) / (high − low): 0 is the corrupted run, 1 the clean run (NaN when they are equal)."""
+        """The indirect effect over the total effect: (score − low) / (high − low) when denoising (0 is the
+        corrupted run, 1 the clean run); (high − score) / (high − low) when noising (1: patching this cell alone
+        takes the whole answer away). NaN when clean and corrupted are equal."""
         span = self.high_score - self.low_score
         if span == 0:
             return np.full_like(self.scores, np.nan)
-        return (self.scores - self.low_score) / span
+        return self.indirect_effect() / span
 
     def indirect_effect(self) -> np.ndarray:
-        """ROME's indirect effect: score − low."""
-        return self.scores - self.low_score
+        """ROME's indirect effect, score − low; when noising, what a cell takes away, high − score."""
+        return self.high_score - self.scores if self.direction == "noise" else self.scores - self.low_score
+
+    @property
+    def direction(self) -> str:
+        """"denoise" (clean states restored into the corrupted run) or "noise" (corrupted into clean)."""
+        return str(self.config.get("direction") or "denoise")
 
     # ----- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -349,6 +356,8 @@ def negative_cells(result: TraceResult) -> np.ndarray:
     margin = np.maximum(NEGATIVE_STDERRS * stderr, 0.1 * result.floor)
     toward_clean = 1.0 if result.total_effect >= 0 else -1.0  # a corruption that raised the score: mirrored
     with np.errstate(invalid="ignore"):
+        if result.direction == "noise":  # patching a corrupted state in pushes the score past the clean one
+            return toward_clean * (result.scores - result.high_score) > margin
         return toward_clean * (result.low_score - result.scores) > margin
 
 

@@ -124,6 +124,9 @@ def _check_configs(configs: TraceConfig | Sequence[TraceConfig]) -> list[TraceCo
         if config.answer is not None:
             raise ValueError("a sweep scores each sample's own answer: leave TraceConfig.answer as None "
                              "and use answer='model' or answer='expected' in sweep()")
+        if config.direction != "denoise":
+            raise BlipTraceError("sweeps average denoising traces only for now: trace direction='noise' one "
+                                 "question at a time (trace(..., direction='noise'))")
     return configs
 
 

@@ -26,7 +26,7 @@ from .blocks import Block, Corrupted
 from .cache import LRU
 from .config import CACHE_PARTS, TraceConfig, cache_key  # noqa: F401  (public here too)
 from .corrupted import CorruptedRuns, tensor_bytes
-from .engine import DEFAULT_MEMORY_BUDGET, Cell, Progress, _ChunkEdits, chunks, staircase, start_layer
+from .engine import DEFAULT_MEMORY_BUDGET, Cell, Progress, Run, _ChunkEdits, chunks, staircase, start_layer
 from .errors import BlipTraceError
 from .estimates import Estimator
 from .inputs import ImageLike
@@ -98,6 +98,11 @@ class Tracer(CorruptedRuns):
         self._check_cells(block, cells, int(clean_run.kinds[config.kind][0].shape[1]))  # positions, or head units
         clean_states = [x[0] for x in clean_run.kinds[config.kind]]
         severed = corrupted_run.kinds[config.sever] if config.sever else None
+        if config.direction == "noise":  # the clean run is the base; each sample's corrupted states are patched in
+            samples = int(corrupted_run.inputs[0].shape[0])
+            clean_states = list(corrupted_run.kinds[config.kind])
+            corrupted_run = Run([x.expand(samples, *x.shape[1:]) for x in clean_run.inputs])
+            cross = block.clean_cross(self, target)
         n_layers, samples = len(block.stack), int(config.samples)
         order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], config.kind, n_layers))
         mean, stderr = np.empty(len(cells)), np.empty(len(cells))

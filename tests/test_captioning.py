@@ -128,7 +128,7 @@ def test_a_caption_sweep_and_a_matching_sweep(captioner, matcher, tmp_path):
     assert len(table) == 4 and set(table["target"]) == {1, 2} and set(table["head"]) == {"caption"}
     assert list(table["answer"][:2]) == ["red", "triangle"] and table["correct"].all()
     single = trace(captioner, samples[0].image.open(), "", answer="a red triangle", target=1, kind="mlp", window=3,
-                   samples=2)
+                   samples=2, corruption=configs[0].corruption)  # trace() alone starts at the model's own level
     np.testing.assert_allclose(np.asarray([list(r) for r in table["scores"][0]]), single.scores)
     itm = sweep(matcher, samples, configs=[TraceConfig(block="itm_encoder", samples=2)], out=tmp_path / "i",
                 progress=False)

@@ -1,0 +1,190 @@
+"""direction="noise" (issue 27): each sample's corrupted states patched into the clean run, against a per-cell loop
+of the model's own forward pass with hooks written here (module paths spelled out), on tiny BLIP models."""
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+import torch
+from tiny_blip import tiny_captioner, tiny_matcher, tiny_model, tiny_processor
+
+from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
+
+LAYERS = {"question_encoder": "text_encoder.encoder.layer", "answer_decoder": "text_decoder.bert.encoder.layer",
+          "caption_decoder": "text_decoder.bert.encoder.layer", "itm_encoder": "text_encoder.encoder.layer",
+          "vision_encoder": "vision_model.encoder.layers"}
+TEXT = {"hidden": "", "self_attn": ".attention.output.dense", "cross_attn": ".crossattention.output.dense",
+        "mlp": ".output.dense", "post_cross_attn": ".crossattention"}
+VISION = {"hidden": "", "self_attn": ".self_attn", "mlp": ".mlp"}
+
+
+def _tensor(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace(out, new):
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+class NoiseLoop:
+    """The clean input (S copies), with one cell's modules set to each sample's corrupted output."""
+
+    def __init__(self, tracer: Tracer, config: TraceConfig):
+        self.tracer, self.config, self.model = tracer, config, tracer.model
+        self.target = tracer.target(config)
+        self.question = torch.tensor([list(tracer.question_ids)])
+        self.pixels = tracer.bundle.processor.image_processor(tracer.image, return_tensors="pt")["pixel_values"]
+        self.vision = config.block == "vision_encoder"
+        self.corrupted_input = tracer.corrupted_patches(config) if self.vision else tracer.corrupted(config).image_embeds
+        self.samples = self.corrupted_input.shape[0]
+        self.corrupted = self._record()
+
+    def path(self, layer: int) -> str:
+        suffix = (VISION if self.vision else TEXT)[self.config.kind]
+        return f"{LAYERS[self.config.block]}.{layer}{suffix}"
+
+    def layers(self) -> int:
+        return len(self.model.get_submodule(LAYERS[self.config.block]))
+
+    def _record(self) -> dict[int, torch.Tensor]:
+        seen, handles = {}, []
+        for layer in range(self.layers()):
+            module = self.model.get_submodule(self.path(layer))
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, layer=layer: seen.__setitem__(layer, _tensor(o).clone())))
+        try:
+            with torch.no_grad():
+                self.forward(corrupted=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return seen
+
+    def forward(self, corrupted: bool) -> torch.Tensor:
+        model, n = self.model, self.samples
+        with ExitStack() as stack:
+            if self.vision:
+                if corrupted:
+                    handle = model.vision_model.embeddings.register_forward_hook(lambda m, i, o: self.corrupted_input)
+                    stack.callback(handle.remove)
+                embeds = model.vision_model(pixel_values=self.pixels.expand(n, -1, -1, -1))[0]
+            else:
+                embeds = self.corrupted_input if corrupted else model.vision_model(
+                    pixel_values=self.pixels)[0].expand(n, -1, -1)
+            return self._score(embeds)
+
+    def _score(self, embeds: torch.Tensor) -> torch.Tensor:
+        model, target, n, head = self.model, self.target, embeds.shape[0], self.tracer.head
+        if head == "itm":
+            states = model.text_encoder(input_ids=self.question.expand(n, -1), encoder_hidden_states=embeds)[0]
+            return torch.softmax(model.itm_head(states[:, 0]), -1)[:, 1]
+        states = (model.text_encoder(input_ids=self.question.expand(n, -1), encoder_hidden_states=embeds)[0]
+                  if head == "vqa" else embeds)
+        inputs = torch.tensor([list(target.inputs)]).expand(n, -1)
+        logprobs = torch.log_softmax(model.text_decoder(input_ids=inputs, encoder_hidden_states=states).logits.double(), -1)
+        total = sum(logprobs[:, target.offset + k, t] for k, t in enumerate(target.tokens))
+        return total if self.config.metric == "logprob" else total.exp()
+
+    def cell(self, cells: list[tuple[int, int]]) -> float:
+        with ExitStack() as stack, torch.no_grad():
+            for layer, pos in cells:
+                held = self.corrupted[layer]
+
+                def hook(m, i, o, held=held, pos=pos):
+                    t = _tensor(o).clone()
+                    t[:, pos] = held[:, pos]
+                    return _replace(o, t)
+
+                handle = self.model.get_submodule(self.path(layer)).register_forward_hook(hook)
+                stack.callback(handle.remove)
+            return float(self.forward(corrupted=False).mean())
+
+
+@pytest.fixture(scope="module")
+def bundles():
+    return {"vqa": load_model((tiny_model(seed=1), tiny_processor()), device="cpu"),
+            "caption": load_model((tiny_captioner(seed=2), tiny_processor()), device="cpu"),
+            "itm": load_model((tiny_matcher(seed=3), tiny_processor()), device="cpu")}
+
+
+CASES = [("vqa", "question_encoder", kind) for kind in TEXT] + [("vqa", "answer_decoder", kind) for kind in TEXT] + [
+    ("caption", "caption_decoder", "hidden"), ("caption", "caption_decoder", "cross_attn"), ("itm", "itm_encoder", "mlp"),
+    ("vqa", "vision_encoder", "hidden"), ("vqa", "vision_encoder", "mlp"), ("itm", "vision_encoder", "self_attn")]
+
+
+def _tracer(bundles, image, question, head):
+    return Tracer(bundles[head], image, "" if head == "caption" else ("a red circle" if head == "itm" else question))
+
+
+def _config(head, block, kind, window):
+    extra = {"target": 1, "answer": "red blue circle"} if head == "caption" else {}
+    if block == "answer_decoder":  # log p: p changes little in a random tiny decoder
+        extra = {"answer": "red blue", "metric": "logprob"}
+    return TraceConfig(block=block, kind=kind, window=window, samples=3, seed=3, direction="noise",
+                       corruption=GaussianNoise(3.0), **extra)
+
+
+@pytest.mark.parametrize("head,block,kind", CASES)
+@pytest.mark.parametrize("window", [1, 2])
+def test_noising_matches_a_per_cell_loop(bundles, image, question, head, block, kind, window):
+    tracer = _tracer(bundles, image, question, head)
+    config = _config(head, block, kind, window)
+    result = tracer.trace(config)
+    loop = NoiseLoop(tracer, config)
+    layers, positions = loop.layers(), result.scores.shape[0]
+    expected = np.array([[loop.cell([(j, p) for j in range(max(0, layer - window // 2),
+                                                           min(layers, layer - (-window // 2)))])
+                          for layer in range(layers)] for p in range(positions)])
+    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
+    assert abs(result.high_score - float(loop.forward(corrupted=False).mean())) < 1e-5
+    assert np.abs(expected - result.high_score).max() > 1e-4  # the cells do something: the check could fail
+
+
+@pytest.mark.parametrize("head,block", sorted({(head, block) for head, block, _ in CASES}))
+def test_noising_every_cell_gives_the_corrupted_score_and_none_the_clean(bundles, image, question, head, block):
+    """Every hidden state patched: the corrupted run itself (a sublayer's outputs alone are not the whole state)."""
+    kind = "hidden"
+    tracer = _tracer(bundles, image, question, head)
+    config = _config(head, block, kind, 1)
+    result = tracer.trace(config)
+    layers = result.num_layers
+    units = int(tracer.runs(tracer.blocks[block], config, tracer.target(config))[0].kinds[kind][0].shape[1])
+    everything = tuple((j, p) for j in range(layers) for p in range(units))
+    mean, _ = tracer.restore([everything, ()], config)
+    assert mean[0] == pytest.approx(result.low_score, abs=1e-5)
+    assert mean[1] == pytest.approx(result.high_score, abs=1e-5)
+    assert result.config["direction"] == "noise"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"direction": "sideways"}, "unknown direction"), ({"direction": "noise", "method": "estimate"}, "method='exact'"),
+    ({"direction": "noise", "sever": "mlp"}, "no sever"), ({"direction": "noise", "fresh_noise": True}, "fresh_noise"),
+])
+def test_direction_settings_are_checked(fields, message):
+    with pytest.raises(BlipTraceError, match=message):
+        TraceConfig(**fields)
+
+
+def test_noising_figures_say_so_and_start_white_at_clean(bundles, image, question, tmp_path, capsys):
+    from blip_trace_widgets import sweep
+    from blip_trace_widgets.cli import main
+    from blip_trace_widgets.plotting import plot_trace, trace_title
+
+    tracer = _tracer(bundles, image, question, "vqa")
+    result = tracer.trace(_config("vqa", "question_encoder", "hidden", 1))
+    assert trace_title(result, width=300).startswith("Noising: corrupted question encoder hidden states patched")
+    assert result.direction == "noise"
+    np.testing.assert_allclose(result.indirect_effect(), result.high_score - result.scores)
+    ax = plot_trace(result, tiny=None)
+    mesh = ax.collections[0]
+    top = mesh.norm.vcenter if hasattr(mesh.norm, "vcenter") else mesh.norm.vmax
+    assert top == pytest.approx(result.high_score)  # white where nothing was taken away
+    assert mesh.to_rgba([result.high_score])[0][:3].min() > 0.9
+    with pytest.raises(BlipTraceError, match="sweeps average denoising"):
+        sweep(bundles["vqa"], [(image, question, "red")], configs=[_config("vqa", "question_encoder", "hidden", 1)],
+              out=tmp_path / "s")
+    image.save(tmp_path / "image.png")
+    code = main(["trace", "--model", "demo", "--image", str(tmp_path / "image.png"), "--question", question,
+                 "--direction", "noise", "--samples", "2", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
