@@ -86,9 +86,7 @@ def test_long_answers_are_scored_in_log_space(tiny_bundle, image, question):
 def test_blank_and_wide_range_images(tiny_bundle, question):
     from PIL import Image
 
-    from blip_trace_widgets.inputs import to_rgb_image
-
-    from blip_trace_widgets.inputs import ImageRangeWarning
+    from blip_trace_widgets.inputs import ImageRangeWarning, to_rgb_image
 
     # as BLIP's processor converts them (PIL's 8-bit conversion), with a warning that says so and how to rescale
     sixteen = Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16))
