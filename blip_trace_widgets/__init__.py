@@ -21,7 +21,7 @@ __version__ = "0.3.0"
 _PUBLIC: dict[str, str] = {
     "BlipBundle": "loading", "load_model": "loading",
     "Blur": "corruption", "GaussianNoise": "corruption", "Grey": "corruption", "ImageSwap": "corruption",
-    "MultiplicativeNoise": "corruption", "Scale": "corruption", "UniformNoise": "corruption",
+    "WordSwap": "corruption", "MultiplicativeNoise": "corruption", "Scale": "corruption", "UniformNoise": "corruption",
     "Box": "regions", "Mask": "regions", "Outside": "regions", "same_size_elsewhere": "regions",
     "BlipTraceError": "errors",
     "TraceResult": "results",
@@ -57,7 +57,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
     from .aggregate import average_effect, average_trace, bootstrap_interval, top_heads
     from .captioning import CaptionTrace, trace_caption
-    from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, Scale, UniformNoise
+    from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, Scale, UniformNoise, WordSwap
     from .data import demo_samples, easy_vqa_captions, shape_box
     from .errors import BlipTraceError
     from .loading import BlipBundle, load_model

@@ -22,7 +22,7 @@ from . import anatomy
 from .blocks import Corrupted
 from .cache import LRU
 from .config import TraceConfig, cache_key
-from .corruption import ImageSwap
+from .corruption import ImageSwap, WordSwap
 from .engine import DEFAULT_MEMORY_BUDGET, Run, record_run, shared_cross
 from .errors import BlipTraceError
 from .inputs import ImageLike
@@ -67,9 +67,17 @@ class CorruptedRuns(TargetedPass):
         self._corrupted: LRU[Corrupted] = LRU(corrupted_cache_size)
         self._corrupted_target: LRU[tuple[Run, Any]] = LRU(corrupted_cache_size)
 
+    def bound_swap(self, swap: WordSwap) -> WordSwap:
+        """``swap`` bound to this question, the model's tokenizer and the reader's token embeddings."""
+        stack = self.blocks.reader.stack
+        return swap.bind(self.bundle.tokenizer, self.question, self.question_ids, lambda ids: stack.embed(self.ids(ids)))
+
     def corrupt_positions(self, config: TraceConfig) -> list[int]:
-        """Question positions a corrupt='question' trace corrupts."""
+        """Question positions a corrupt='question' trace corrupts (a word swap's: where the tokens differ)."""
         count = len(self.question_ids)
+        if config.corrupt_tokens is None and isinstance(config.corruption, WordSwap):
+            other = self.bound_swap(config.corruption)._ids  # type: ignore[attr-defined]
+            return [p for p, (a, b) in enumerate(zip(self.question_ids, other)) if a != b]
         if config.corrupt_tokens is None:
             return list(range(count))
         if isinstance(config.corrupt_tokens, str):  # "object"
@@ -87,6 +95,8 @@ class CorruptedRuns(TargetedPass):
         corruption = config.corruption
         if isinstance(corruption, ImageSwap) and corruption.embeddings is None:
             corruption = corruption.bind(self.embed_image)
+        if isinstance(corruption, WordSwap) and corruption.embeddings is None:
+            corruption = self.bound_swap(corruption)
         samples = int(config.samples)
         out = corruption(clean, samples, generator)
         if not isinstance(out, torch.Tensor) or out.shape != (samples, *clean.shape[1:]):

@@ -265,6 +265,79 @@ class ImageSwap:
         return {"type": self.info.name, "image_sha1": self.key}
 
 
+@dataclass(frozen=True)
+class WordSwap:
+    """Symmetric token replacement: the question's token embeddings replaced by those of a counterfactual
+    question of the same length in tokens, the same in every sample (Zhang & Nanda's recommended corruption).
+
+    ``WordSwap({"circle": "triangle"})`` swaps whole words of the traced question (case-insensitive);
+    ``WordSwap(question="what color is the triangle?")`` names the counterfactual question itself. The tracer
+    binds it to the model's tokenizer and embeddings; a swap that changes the number of tokens, or a word the
+    question lacks, is refused, naming the tokens.
+    """
+
+    swap: Any = None  # {word: replacement}, stored as sorted pairs
+    question: str | None = None
+    embeddings: Any = field(default=None, compare=False, hash=False, repr=False)
+    stage: ClassVar[str] = "question"
+    info: ClassVar[Named] = Named(name="word_swap")
+
+    def __post_init__(self) -> None:
+        if (self.swap is None) == (self.question is None):
+            raise BlipTraceError("WordSwap takes a swap such as {'circle': 'triangle'} or question='...', one of them")
+        if self.swap is not None:
+            pairs = self.swap.items() if isinstance(self.swap, dict) else self.swap
+            try:
+                swap = tuple(sorted((str(a).strip().lower(), str(b).strip().lower()) for a, b in pairs))
+            except (TypeError, ValueError):
+                raise BlipTraceError(f"WordSwap's swap must map words to words, got {self.swap!r}") from None
+            if not swap or any(not a or not b or a == b for a, b in swap):
+                raise BlipTraceError(f"WordSwap's swap must map words to other words, got {self.swap!r}")
+            object.__setattr__(self, "swap", swap)
+        elif not isinstance(self.question, str) or not self.question.strip():
+            raise BlipTraceError("WordSwap's question must be the counterfactual question, as text")
+
+    def counterfactual(self, question: str) -> str:
+        """The counterfactual question for ``question``."""
+        if self.question is not None:
+            return self.question.strip()
+        words = question.split()
+        for old, new in self.swap:
+            hits = [i for i, word in enumerate(words) if word.rstrip("?.,!").lower() == old]
+            if not hits:
+                raise BlipTraceError(f"the swap word {old!r} is not in the question {question!r}: swap a word it has")
+            for i in hits:  # the word replaced, its trailing punctuation kept
+                words[i] = new + words[i][len(words[i].rstrip("?.,!")):]
+        return " ".join(words)
+
+    def bind(self, tokenizer: Any, question: str, question_ids: Any, embed: Callable[[list[int]], torch.Tensor],
+             ) -> WordSwap:
+        """A copy that carries the counterfactual question's embeddings, checked to tokenize to as many tokens."""
+        other = self.counterfactual(question)
+        ids = list(tokenizer(other, add_special_tokens=True)["input_ids"])
+        if len(ids) != len(question_ids):
+            mine = tokenizer.convert_ids_to_tokens(list(question_ids))
+            theirs = tokenizer.convert_ids_to_tokens(ids)
+            raise BlipTraceError(f"the counterfactual question {other!r} is {len(ids)} tokens ({' '.join(theirs)}) "
+                                 f"and the question {len(mine)} ({' '.join(mine)}): a swap must keep the length")
+        if ids == list(question_ids):
+            raise BlipTraceError(f"the counterfactual question {other!r} tokenizes as the question itself: swap a word")
+        bound = WordSwap(swap=self.swap, question=self.question)
+        object.__setattr__(bound, "embeddings", embed(ids))
+        object.__setattr__(bound, "_ids", tuple(ids))
+        return bound
+
+    def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
+        if self.embeddings is None:
+            raise BlipTraceError("WordSwap needs the model to embed its question: pass it to trace(), which binds it")
+        return self.embeddings.to(device=clean.device, dtype=clean.dtype).expand(samples, *clean.shape[1:]).clone()
+
+    def to_json(self) -> dict[str, Any]:
+        if self.question is not None:
+            return {"type": self.info.name, "question": self.question}
+        return {"type": self.info.name, "swap": dict(self.swap)}
+
+
 def _check_pixels(name: str, clean: torch.Tensor) -> None:
     if clean.ndim != 4:
         raise ValueError(f"{name} works on pixels: use it with corrupt='pixels' (got a tensor of shape {tuple(clean.shape)})")

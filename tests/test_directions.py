@@ -188,3 +188,90 @@ def test_noising_figures_say_so_and_start_white_at_clean(bundles, image, questio
     code = main(["trace", "--model", "demo", "--image", str(tmp_path / "image.png"), "--question", question,
                  "--direction", "noise", "--samples", "2", "--out", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err
+
+
+# ----- symmetric token replacement ------------------------------------------------------------------------------
+
+class SwapLoop:
+    """The model's own forward pass on the counterfactual question's tokens, one cell at a time restored to the
+    clean question's run, with hooks on the question encoder's modules (either direction)."""
+
+    def __init__(self, bundle, image, question, other, config):
+        self.model, self.config = bundle.model, config
+        tok = bundle.processor.tokenizer
+        self.ids = torch.tensor([tok(question)["input_ids"]])
+        self.other = torch.tensor([tok(other)["input_ids"]])
+        pixels = bundle.processor.image_processor(image, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            self.embeds = self.model.vision_model(pixel_values=pixels)[0]
+        self.answer = Tracer(bundle, image, question).target(config).tokens[0]
+        self.clean, self.corrupted = self._record(self.ids), self._record(self.other)
+
+    def path(self, layer):
+        return f"{LAYERS['question_encoder']}.{layer}{TEXT[self.config.kind]}"
+
+    def _record(self, ids):
+        seen, handles = {}, []
+        for layer in range(len(self.model.text_encoder.encoder.layer)):
+            handles.append(self.model.get_submodule(self.path(layer)).register_forward_hook(
+                lambda m, i, o, layer=layer: seen.__setitem__(layer, _tensor(o).clone())))
+        try:
+            with torch.no_grad():
+                self._forward(ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return seen
+
+    def _forward(self, ids):
+        states = self.model.text_encoder(input_ids=ids, encoder_hidden_states=self.embeds)[0]
+        bos = self.model.config.text_config.bos_token_id
+        logits = self.model.text_decoder(input_ids=torch.tensor([[bos]]), encoder_hidden_states=states).logits
+        return float(torch.softmax(logits[0, 0].double(), -1)[self.answer])
+
+    def cell(self, cells, noise: bool):
+        source, base = (self.corrupted, self.ids) if noise else (self.clean, self.other)
+        with ExitStack() as stack, torch.no_grad():
+            for layer, pos in cells:
+                def hook(m, i, o, held=source[layer], pos=pos):
+                    t = _tensor(o).clone()
+                    t[:, pos] = held[:, pos]
+                    return _replace(o, t)
+
+                handle = self.model.get_submodule(self.path(layer)).register_forward_hook(hook)
+                stack.callback(handle.remove)
+            return self._forward(base)
+
+
+@pytest.mark.parametrize("kind", list(TEXT))
+@pytest.mark.parametrize("window", [1, 3])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_a_word_swap_matches_a_per_cell_loop(bundles, image, kind, window, direction):
+    from blip_trace_widgets import WordSwap
+
+    question = "what color is the circle?"
+    config = TraceConfig(kind=kind, window=window, samples=1, corruption=WordSwap({"circle": "triangle"}),
+                         direction=direction)
+    tracer = Tracer(bundles["vqa"], image, question)
+    result = tracer.trace(config)
+    assert result.config["corrupt"] == "question" and result.config["corrupted_positions"] == [5]
+    loop = SwapLoop(bundles["vqa"], image, question, "what color is the triangle?", config)
+    layers = result.num_layers
+    expected = np.array([[loop.cell([(j, p) for j in range(max(0, layer - window // 2),
+                                                          min(layers, layer - (-window // 2)))], direction == "noise")
+                          for layer in range(layers)] for p in range(result.scores.shape[0])])
+    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
+    assert result.low_score == pytest.approx(loop._forward(loop.other), abs=1e-6)
+    assert np.abs(expected - expected.mean()).max() > 1e-6  # the cells differ: the check could fail
+
+
+@pytest.mark.parametrize("swap, message", [
+    ({"circle": "big triangle"}, "a swap must keep the length"),
+    ({"square": "triangle"}, "swap word 'square' is not in the question"),
+    ({"circle": "circle"}, "to other words"),
+])
+def test_bad_word_swaps_are_clear_errors(bundles, image, swap, message):
+    from blip_trace_widgets import WordSwap
+
+    with pytest.raises(BlipTraceError, match=message):
+        Tracer(bundles["vqa"], image, "what color is the circle?").trace(corruption=WordSwap(swap), samples=1)
