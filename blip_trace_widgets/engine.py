@@ -80,12 +80,15 @@ def head_unit(head: int, position: int, positions: int) -> int:
     return head * positions + position
 
 
+def _weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention weights as BLIP computes them: softmax(q k^T / sqrt(d) + mask)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores if mask is None else scores + mask, dim=-1)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Scaled dot-product attention as BLIP computes it (eager, additive mask)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        scores = scores + mask
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
+    return torch.matmul(_weights(q, k, mask), v)
 
 
 class TextStack:
@@ -116,6 +119,16 @@ class TextStack:
         """[B, M, D] -> [B, H, M, D/H]."""
         b, m, d = x.shape
         return x.view(b, m, self.heads, d // self.heads).transpose(1, 2)
+
+    def self_attention(self, j: int, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer j's self-attention weights for its input ``h`` [B, T, D]: [B, H, T, T]."""
+        L = self.layers[j]
+        return _weights(self._split(L.self_query(h)), self._split(L.self_key(h)), mask)
+
+    def cross_attention(self, j: int, h1: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Layer j's cross-attention weights for its residual ``h1`` [B, T, D] over ``keys`` [B, H, N, D/H]:
+        [B, H, T, N]."""
+        return _weights(self._split(self.layers[j].cross_query(h1)), keys, None)
 
     def cross_kv(self, j: int, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values of ``states`` [B, N, D'] at layer j: [B, H, N, D/H] each."""
@@ -194,6 +207,13 @@ class VisionStack:
         for j in range(len(self)):
             h = self.layer(j, h)
         return self.post_norm(h[:, 0])
+
+    def self_attention(self, j: int, h: torch.Tensor, mask: Any = None) -> torch.Tensor:
+        """Layer j's self-attention weights for its input ``h`` [B, N, D]: [B, H, N, N]."""
+        L = self.layers[j]
+        b, n, d = h.shape
+        qkv = L.qkv(L.norm1(h)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return _weights(qkv[0], qkv[1], None)
 
     def layer(self, j: int, h: torch.Tensor, cross: Any = None, mask: Any = None, edit: Edit = _no_edit) -> torch.Tensor:
         """Layer j on ``h`` [S, C, N, D]; ``edit(kind, x)`` may replace the self-attention, MLP or layer output."""

@@ -161,6 +161,37 @@ def _diverging(result: TraceResult, data: np.ndarray, vmin: float, vmax: float) 
     return NORMALIZED_CMAP, TwoSlopeNorm(vcenter=vmin, vmin=vmin - max(vmax - vmin, vmin - lowest, 1e-9), vmax=vmax)
 
 
+def _score_mesh(ax: Any, result: TraceResult, normalized: bool, top: str, flagged: bool) -> tuple[Any, str]:
+    """The scores' colour mesh on ``ax`` and its colour-bar label, by the conventions above."""
+    data = result.normalized() if normalized else result.scores
+    vmin, vmax, bar_label = _scale(result, data, normalized, top)
+    cmap = "Greys" if flagged else (NORMALIZED_CMAP if normalized else KIND_COLORMAPS.get(result.kind, "Purples"))
+    noising = result.direction == "noise" and not normalized
+    if (not flagged and not normalized and top != "range" and result.total_effect >= 0
+            and bool(result.negative_cells().any())):
+        # negative effects stay visible: a diverging scale, white where nothing is patched
+        diverging, norm = _diverging(result, data, vmin, vmax)
+        where = "above the clean score" if noising else "below the corrupted score"
+        return ax.pcolormesh(data, cmap=diverging, shading="flat", norm=norm), bar_label + f"; {where} in blue"
+    alpha = 0.35 if flagged else 1.0
+    if noising:  # white at the clean score: colour is what patching the corruption in takes away
+        mesh = ax.pcolormesh(data, cmap=cmap + "_r", shading="flat", vmin=vmin, vmax=vmax, alpha=alpha)
+        return mesh, bar_label + "; noising: white at clean"
+    return ax.pcolormesh(data, cmap=cmap, shading="flat", vmin=vmin, vmax=vmax, alpha=alpha), bar_label
+
+
+def _mark_cells(ax: Any, result: TraceResult) -> None:
+    """Outline a verified estimate's exact cells; grey and hatch the cells an order-2 estimate flags."""
+    from matplotlib.patches import Rectangle
+
+    if result.config.get("method") == "verified":
+        for row, layer in np.argwhere(result.exact_cells):
+            ax.add_patch(Rectangle((layer, row), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
+    for row, layer in np.argwhere(result.unreliable_cells):  # flagged: greyed and hatched
+        ax.add_patch(Rectangle((layer, row), 1, 1, facecolor=(0.6, 0.6, 0.6, 0.6), edgecolor="#555",
+                               hatch="//", linewidth=0.5))
+
+
 def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False, title: str | None = None,
                show: str = "scores", top: str = "clean", tiny: float | None = TINY_EFFECT, cax: Any = None) -> Any:
     """Draw ``result`` on ``ax`` (a new figure when None): tokens down, layers across, with a colour bar.
@@ -181,33 +212,11 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
         image = ax.pcolormesh(data, cmap="Greys", shading="flat", vmin=0.0)
         bar_label = f"standard error of {metric_label(result.metric, result.head)} over noise samples"
     elif show == "scores":
-        data = result.normalized() if normalized else result.scores
-        vmin, vmax, bar_label = _scale(result, data, normalized, top)
-        cmap = "Greys" if flagged else (NORMALIZED_CMAP if normalized else KIND_COLORMAPS.get(result.kind, "Purples"))
-        noising = result.direction == "noise" and not normalized
-        if (not flagged and not normalized and top != "range" and result.total_effect >= 0
-                and bool(result.negative_cells().any())):
-            # negative effects stay visible: a diverging scale, white where nothing is patched
-            diverging, norm = _diverging(result, data, vmin, vmax)
-            image = ax.pcolormesh(data, cmap=diverging, shading="flat", norm=norm)
-            bar_label += "; above the clean score in blue" if noising else "; below the corrupted score in blue"
-        elif noising:  # white at the clean score: colour is what patching the corruption in takes away
-            image = ax.pcolormesh(data, cmap=cmap + "_r", shading="flat", vmin=vmin, vmax=vmax,
-                                  alpha=0.35 if flagged else 1.0)
-            bar_label += "; noising: white at clean"
-        else:
-            image = ax.pcolormesh(data, cmap=cmap, shading="flat", vmin=vmin, vmax=vmax, alpha=0.35 if flagged else 1.0)
+        image, bar_label = _score_mesh(ax, result, normalized, top, flagged)
     else:
         raise ValueError(f"show must be 'scores' or 'stderr', got {show!r}")
     if show == "scores" and result.is_estimate:
-        from matplotlib.patches import Rectangle
-
-        if result.config.get("method") == "verified":
-            for row, layer in np.argwhere(result.exact_cells):
-                ax.add_patch(Rectangle((layer, row), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
-        for row, layer in np.argwhere(result.unreliable_cells):  # flagged: greyed and hatched
-            ax.add_patch(Rectangle((layer, row), 1, 1, facecolor=(0.6, 0.6, 0.6, 0.6), edgecolor="#555",
-                                   hatch="//", linewidth=0.5))
+        _mark_cells(ax, result)
     ax.invert_yaxis()
     every = -(-len(result.tokens) // MAX_LABELLED_ROWS)  # many positions (image regions): label every k-th
     ax.set_yticks(np.arange(0, len(result.tokens), every) + 0.5)
@@ -389,6 +398,30 @@ def overlay_image(result: TraceResult, image: Any = None, *, layer: int, normali
     base = 0.55 + 0.45 * grey  # faint: the picture stays recognisable under the colour
     weight = (alpha * np.maximum(up, down))[..., None]
     blended = (1 - weight) * base + weight * colours
+    return Image.fromarray(np.round(np.clip(blended, 0, 1) * 255).astype(np.uint8), "RGB")
+
+
+def attention_overlay(image: Any, weights: np.ndarray, *, alpha: float = 0.85, cmap: str = "YlOrRd") -> Any:
+    """Attention weights over image tokens [1 + g*g] (CLS first, then the patches row by row) painted on
+    ``image``, as a PIL RGB image: the colour grows with the weight, up to the largest patch weight."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from .inputs import to_rgb_image
+    from .regions import patch_grid_size
+
+    picture = to_rgb_image(image)
+    side = patch_grid_size(len(weights))
+    grid = np.asarray(weights[1:], dtype=np.float64).reshape(side, side)
+    scaled = grid / grid.max() if grid.max() > 0 else grid
+    width, height = picture.size
+    rows = np.minimum((np.arange(height) * side) // height, side - 1)
+    cols = np.minimum((np.arange(width) * side) // width, side - 1)
+    values = scaled[rows][:, cols]
+    colours = colormaps[cmap](0.25 + 0.75 * values)[..., :3]
+    grey = np.asarray(picture.convert("L"), dtype=np.float64)[..., None] / 255.0
+    weight = (alpha * values)[..., None]
+    blended = (1 - weight) * (0.55 + 0.45 * grey) + weight * colours
     return Image.fromarray(np.round(np.clip(blended, 0, 1) * 255).astype(np.uint8), "RGB")
 
 

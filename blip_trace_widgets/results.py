@@ -180,8 +180,7 @@ class TraceResult:
         return self.config.get("method") in ("estimate", "verified")
 
     @property
-    def unreliable_cells(self) -> np.ndarray:
-        """Cells an order=2 estimate flags: second-order term above RELIABILITY_TOLERANCE of the total effect."""
+    def unreliable_cells(self) -> np.ndarray:  # flagged by an order=2 estimate (see tracing.Tracer.unreliable)
         return _cell_mask(self.config.get("unreliable_cells"), self.scores.shape)
 
     @property
@@ -238,8 +237,7 @@ class TraceResult:
         return self.high_score - self.scores if self.direction == "noise" else self.scores - self.low_score
 
     @property
-    def direction(self) -> str:
-        """"denoise" (clean states restored into the corrupted run) or "noise" (corrupted into clean)."""
+    def direction(self) -> str:  # "denoise": clean states restored into the corrupted run; "noise": the reverse
         return str(self.config.get("direction") or "denoise")
 
     # ----- serialisation -------------------------------------------------------------------

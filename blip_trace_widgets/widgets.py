@@ -46,6 +46,7 @@ from .errors import BlipTraceError
 from .inputs import image_digest, to_rgb_image
 from .loading import BlipBundle
 from .names import (
+    ANSWER_DECODER,
     BLOCK_LABELS,
     BLOCKS_OF,
     CAPTION,
@@ -265,9 +266,8 @@ class _LiveView(W.VBox):
         self.error = W.HTML()
         self.method = W.ToggleButtons(options=[(label, mode) for mode, label in EXPLORER_MODES.items()], value="verified",
                                       style={"button_width": "auto"})  # labels in full, not cut
-        set_tooltip(self.method, "an estimate (attribution patching: one forward and one backward pass) appears at once, "
-                                 "labelled ESTIMATE; the exact map replaces it when it is done. 'estimate only' for "
-                                 "big models or many cells")
+        set_tooltip(self.method, "an estimate (attribution patching) appears at once, labelled ESTIMATE; then its top "
+                                 "cells are made exact (outlined), or the whole exact map replaces it")
         self.gallery.observe(self._on_sample, names="value")
 
     def _phases(self, config: TraceConfig) -> list[TraceConfig]:
@@ -408,6 +408,44 @@ class _LiveView(W.VBox):
         return []
 
 
+class HeadPattern(W.HBox):
+    """What a cross-attention head reads: pick a layer and a head of the head map, and see the clean run's attention
+    of the restored positions over the image patches, painted on the image (a block that reads the image only)."""
+
+    def __init__(self, layers: int, heads: int) -> None:
+        style = {"description_width": "initial"}
+        self.layer = W.Dropdown(options=[(f"layer {j}", j) for j in range(layers)], value=0, description="pattern of",
+                                style=style, layout=W.Layout(width="180px"))
+        self.head = W.Dropdown(options=[(f"h{h}", h) for h in range(heads)], value=0, description="head",
+                               style=style, layout=W.Layout(width="120px"))
+        self.view = W.Image(format="png")
+        set_tooltip(self.layer, "the clean run's cross-attention of this head, from the restored positions to the "
+                                "image patches, painted on the image")
+        super().__init__([W.VBox([self.layer, self.head]), self.view], layout=W.Layout(display="none"))
+        self._shown: tuple[Any, TraceResult] | None = None
+        for control in (self.layer, self.head):
+            control.observe(lambda _change: self.redraw(), names="value")
+
+    def show(self, tracer: Tracer, result: TraceResult | None) -> None:
+        """Follow ``result``: shown for a cross-attention head map of a block that reads the image, else hidden."""
+        reads_image = result is not None and result.kind == "cross_attn_head" and result.block != ANSWER_DECODER
+        self.layout.display = None if reads_image else "none"
+        self._shown = (tracer, result) if result is not None and reads_image else None
+        self.redraw()
+
+    def redraw(self) -> None:
+        if self._shown is None:
+            return
+        from .patterns import attention_pattern
+        from .plotting import attention_overlay
+
+        tracer, result = self._shown
+        weights = attention_pattern(tracer, result.block, result.kind, int(self.layer.value))
+        positions = list(result.config.get("restored_positions") or range(weights.shape[1]))
+        picture = attention_overlay(tracer.image, weights[int(self.head.value), positions].mean(0))
+        self.view.value = _png(picture, 160)
+
+
 class TraceExplorer(_LiveView):
     """Image, question, answer and a causal-trace heatmap that follows the controls.
 
@@ -466,7 +504,9 @@ class TraceExplorer(_LiveView):
             W.HBox([self.corruption, self.noise, self.method]),
             W.HBox([self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr]),
         ])
-        self.children = [self._header(), controls, self.error, self.warning, self.heatmap, self.comparison, export_row]
+        self.pattern = HeadPattern(layers, bundle.model.config.text_config.num_attention_heads)
+        self.children = [self._header(), controls, self.error, self.warning, self.heatmap, self.pattern,
+                         self.comparison, export_row]
 
         self._update_enabled()
         self._watch([self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
@@ -543,6 +583,7 @@ class TraceExplorer(_LiveView):
         show = "stderr" if self.show_stderr.value else "scores"
         self.warning.value = tiny_warning(results[0])
         self._dim(False)
+        self.pattern.show(self.tracer, results[0] if len(results) == 1 else None)
         if len(results) == 1:
             self.result = results[0]
             self.heatmap.value = png = self._renderers[0].png(results[0], normalized=normalized, show=show)

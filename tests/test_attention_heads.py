@@ -260,3 +260,57 @@ def test_head_sweeps_average_per_head_and_rank(demo_bundle, tmp_path):
     assert ranked["mean"].is_monotonic_decreasing and (ranked["ci_low"] <= ranked["mean"]).all()
     with pytest.raises(ValueError, match="no head maps"):
         top_heads(table[table["kind"] == "mlp"], 3)
+
+
+def test_patterns_are_the_models_own_attention(bundles, image, question):
+    """The pattern of a head equals the attention probabilities the model's own modules compute."""
+    from blip_trace_widgets.patterns import attention_pattern
+
+    tracer = Tracer(bundles["vqa"], image, question)
+    model = bundles["vqa"].model
+    seen = {}
+    layer = model.text_encoder.encoder.layer[1]
+    handle = layer.crossattention.self.register_forward_hook(lambda m, i, o: seen.__setitem__("cross", o[1]))
+    handle_self = layer.attention.self.register_forward_hook(lambda m, i, o: seen.__setitem__("self", o[1]))
+    try:
+        pixels = bundles["vqa"].processor.image_processor(tracer.image, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            embeds = model.vision_model(pixel_values=pixels)[0]
+            model.text_encoder(input_ids=torch.tensor([list(tracer.question_ids)]), encoder_hidden_states=embeds,
+                               output_attentions=True)
+    finally:
+        handle.remove()
+        handle_self.remove()
+    np.testing.assert_allclose(attention_pattern(tracer, "question_encoder", "cross_attn_head", 1),
+                               seen["cross"][0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(attention_pattern(tracer, "question_encoder", "self_attn_head", 1),
+                               seen["self"][0].numpy(), atol=1e-5)
+    vision = attention_pattern(tracer, "vision_encoder", "attn_head", 0)
+    assert vision.shape[1] == vision.shape[2] and np.allclose(vision.sum(-1), 1, atol=1e-5)
+
+
+def test_the_explorer_paints_the_chosen_heads_pattern(demo_bundle, demo_sample):
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    image, question, _ = demo_sample
+    explorer = TraceExplorer(demo_bundle, image, question, background=False)
+    assert explorer.pattern.layout.display == "none"
+    explorer.kind.value = "cross_attn_head"
+    assert explorer.pattern.layout.display is None and bytes(explorer.pattern.view.value).startswith(b"\x89PNG")
+    before = bytes(explorer.pattern.view.value)
+    explorer.pattern.head.value = 2
+    assert bytes(explorer.pattern.view.value) != before  # another head reads other patches
+    explorer.block.value = "answer_decoder"  # it cross-attends to the question, not the image
+    assert explorer.pattern.layout.display == "none"
+
+
+def test_heads_noise_in_both_directions(bundles, image, question):
+    tracer = Tracer(bundles["vqa"], image, question)
+    config = TraceConfig(kind="cross_attn_head", samples=2, direction="noise", corruption=GaussianNoise(3.0))
+    result = tracer.trace(config)
+    heads, positions = len(result.tokens), len(result.config["restored_positions"])
+    everything = tuple((j, h * positions + p) for j in range(result.num_layers) for h in range(heads)
+                       for p in range(positions))
+    none_patched = tracer.restore([()], config)[0][0]
+    assert none_patched == pytest.approx(result.high_score, abs=1e-5)
+    assert tracer.restore([everything], config)[0][0] != pytest.approx(result.high_score, abs=1e-4)
