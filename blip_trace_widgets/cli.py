@@ -413,7 +413,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="; ".join(f"{m}: {METHOD_LABELS[m]}" for m in METHODS)
                              + " (default: exact). An estimate takes one forward and one backward pass for every "
-                               "cell at once; it can be far from exact under strong noise (see the README)")
+                               "cell at once; it can be far from exact under strong noise (see docs/reference.md)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"with --method estimate: points on each cell's path from corrupted to clean (1 to "
                              f"{MAX_STEPS}; default 1, plain attribution patching; each further step costs about "

@@ -28,7 +28,7 @@ exact traces: it is for checking an estimate, not for speed.
 
 Where the linear approximation fails (saturated softmaxes in attention or in the answer's
 probability, large corruptions), the estimate can be far from exact: ``scripts/measure_estimates.py``
-measures how far on the demo model, and the README reports it.
+measures how far on the demo model, and docs/reference.md reports it.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@
     >>> procedure_config("paper", kind="mlp", window=3).kind
     'mlp'
 
-Each preset was checked against its source in this repository's history (see the README's
+Each preset was checked against its source in this repository's history (see docs/reference.md's
 table of procedures):
 
 * ``"rome"``: Meng et al.'s ``experiments/causal_trace.py`` adapted to BLIP, at the noise
