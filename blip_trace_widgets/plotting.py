@@ -132,8 +132,8 @@ def _scale(result: TraceResult, data: np.ndarray, normalized: bool, top: str) ->
         label += " (from corrupted to clean)"
     if not high > low:  # the corruption raised the score: still start at the corrupted score
         high = low + max(abs(low) * 1e-3, 1e-9)
-    if high - low < floor:
-        high = low + floor
+    if high - low < floor:  # widened away from where nothing is patched, which stays white
+        low, high = (high - floor, high) if result.direction == "noise" else (low, low + floor)
         label += f"; widened to the floor {floor:g}"
     return low, high, label
 
