@@ -173,6 +173,13 @@ def _image_key(image: Image.Image) -> str:
     return image_digest(image)
 
 
+def explorer_mode(mode: str) -> str:
+    """``mode``, the explorers' method toggle (EXPLORER_MODES), or a clear error naming the choices."""
+    if mode not in EXPLORER_MODES:
+        raise BlipTraceError(f"unknown mode {mode!r}: use one of {', '.join(EXPLORER_MODES)}")
+    return mode
+
+
 def check_gallery(gallery: Any, head: str) -> list[tuple]:
     """The gallery as (image, text[, answer]) tuples, or a clear error naming the form it must take."""
     what = HEAD_INFO[head].text
@@ -466,8 +473,10 @@ class TraceExplorer(_LiveView):
         background: bool = True,
         export_dir: str | Path = ".",
         samples: Sequence[tuple] | None = None,
+        mode: str = "verified",
     ) -> None:
         super().__init__(bundle, image, question, gallery=_gallery(gallery, samples), background=background)
+        self.method.value = explorer_mode(mode)
         self.export_dir = Path(export_dir)
         self.results: dict[str, TraceResult] = {}
         config = config or default_config(bundle, samples=10)

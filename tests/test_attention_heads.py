@@ -139,6 +139,7 @@ def _config(head: str, block: str, kind: str, window: int, position) -> TraceCon
                        corruption=GaussianNoise(3.0), **extra)
 
 
+@pytest.mark.slow  # many per-cell loops; the fast subset keeps the rest of this file
 @pytest.mark.parametrize("head,block,kind", CASES)
 @pytest.mark.parametrize("window", [1, 3])
 @pytest.mark.parametrize("position", [None, 1, (0, 2)], ids=["every position", "one", "two"])

@@ -125,6 +125,7 @@ def _config(head, block, kind, window):
                        corruption=GaussianNoise(3.0), **extra)
 
 
+@pytest.mark.slow  # many per-cell loops; the fast subset keeps the rest of this file
 @pytest.mark.parametrize("head,block,kind", CASES)
 @pytest.mark.parametrize("window", [1, 2])
 def test_noising_matches_a_per_cell_loop(bundles, image, question, head, block, kind, window):
@@ -243,6 +244,7 @@ class SwapLoop:
             return self._forward(base)
 
 
+@pytest.mark.slow  # many per-cell loops; the fast subset keeps the rest of this file
 @pytest.mark.parametrize("kind", list(TEXT))
 @pytest.mark.parametrize("window", [1, 3])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])

@@ -11,8 +11,8 @@ from blip_trace_widgets.widgets import TraceExplorer, tooltip_of
 @pytest.fixture()
 def explorer(demo_bundle, demo_sample, tmp_path):
     image, question, _ = demo_sample
-    ex = TraceExplorer(demo_bundle, image, question, background=False, export_dir=tmp_path)
-    ex.method.value = "both"  # estimate, then the exact map (the default, "verified", is tested on its own)
+    # estimate, then the exact map (the default, "verified", is tested on its own)
+    ex = TraceExplorer(demo_bundle, image, question, background=False, export_dir=tmp_path, mode="both")
     ex.noise_samples.value = 4
     return ex
 
@@ -95,9 +95,8 @@ def test_exports(explorer, tmp_path):
 
 
 def test_gallery_switches_samples(demo_bundle, tmp_path):
-    ex = TraceExplorer(demo_bundle, background=False)
+    ex = TraceExplorer(demo_bundle, background=False, mode="exact")
     assert len(ex.gallery.options) == len(demo_samples())
-    ex.method.value = "exact"
     ex.noise_samples.value = 3
     ex.gallery.value = 2
     image, question, _ = demo_samples()[2]
