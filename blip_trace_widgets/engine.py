@@ -37,6 +37,7 @@ from .names import CAUSAL_BLOCKS, SEVER_AT, TEXT_HEAD_KINDS, TEXT_KINDS, VISION_
 Cell = tuple[tuple[int, int], ...]  # ((layer, position), ...)
 Edit = Callable[[str, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
+Cuts = tuple[Any, Any]  # (self-attention, cross-attention): a Cut, a Dial or None each
 
 DEFAULT_MEMORY_BUDGET = 128 << 20  # bytes of activations per chunk: faster than larger chunks on a CPU, and lean
 
@@ -57,7 +58,7 @@ class Stack(Protocol):
     def self_mask(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None: ...
 
     def layer(self, j: int, h: torch.Tensor, cross: Any, mask: torch.Tensor | None = None,
-              edit: Edit = ...) -> torch.Tensor: ...
+              edit: Edit = ..., cuts: Cuts = ...) -> torch.Tensor: ...
 
 
 def edit_heads(edit: Edit, kind: str, ctx: torch.Tensor, heads: int) -> torch.Tensor:
@@ -80,15 +81,65 @@ def head_unit(head: int, position: int, positions: int) -> int:
     return head * positions + position
 
 
-def _weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention weights as BLIP computes them: softmax(q k^T / sqrt(d) + mask)."""
+def _weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, cut: Cut | Dial | None = None) -> torch.Tensor:
+    """Attention weights as BLIP computes them: softmax(q k^T / sqrt(d) + mask), with ``cut`` edges knocked out."""
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    return torch.softmax(scores if mask is None else scores + mask, dim=-1)
+    if mask is not None:
+        scores = scores + mask
+    if cut is None:
+        return torch.softmax(scores, dim=-1)
+    return cut.apply(scores)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Scaled dot-product attention as BLIP computes it (eager, additive mask)."""
-    return torch.matmul(_weights(q, k, mask), v)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           cut: Cut | Dial | None = None) -> torch.Tensor:
+    """Scaled dot-product attention as BLIP computes it (eager, additive mask), ``cut`` edges knocked out."""
+    return torch.matmul(_weights(q, k, mask, cut), v)
+
+
+@dataclass
+class Cut:
+    """Attention edges knocked out at one layer: ``edges`` [R, T, M] is True where query t of row r may not read
+    key m (R rows; the scores' batch holds S x R rows, or S rows with the R rows folded into the query axis).
+
+    A knocked-out edge's logit is set to the dtype's minimum before the softmax. A query left with no edge at all
+    reads nothing (a zero context), not the uniform average that a softmax over equal minimum logits would give.
+    """
+
+    edges: torch.Tensor
+
+    def shaped(self, scores: torch.Tensor) -> torch.Tensor:
+        """``edges`` broadcastable to ``scores`` [B, H, Q, M]."""
+        r, t, m = self.edges.shape
+        if scores.shape[-2] == t:  # one row of the batch per row
+            return self.edges.repeat(scores.shape[0] // r, 1, 1)[:, None]
+        return self.edges.reshape(r * t, m)  # rows folded into the query axis
+
+    def apply(self, scores: torch.Tensor) -> torch.Tensor:
+        low = torch.finfo(scores.dtype).min
+        cut = scores.masked_fill(self.shaped(scores), low)
+        return torch.softmax(cut, dim=-1).masked_fill(cut.amax(-1, keepdim=True) <= low / 2, 0.0)
+
+
+@dataclass
+class Dial:
+    """Edge groups whose weights are scaled, for gradients: ``edges`` [G, T, M] and ``scales`` [G] (1 is the clean
+    run, 0 knocks the group out), applied in turn to every row. A query that keeps an edge of a group is
+    renormalised, as the knockout's softmax is; one that keeps none shrinks with the scale (toward the zero
+    context of :class:`Cut`). At scale 0, one group alone gives :class:`Cut`'s weights."""
+
+    edges: torch.Tensor
+    scales: torch.Tensor
+
+    def apply(self, scores: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(scores, dim=-1)
+        for edges, scale in zip(self.edges, self.scales):
+            kept = (weights * ~edges).sum(-1, keepdim=True)
+            scaled = weights * torch.where(edges, scale, torch.ones_like(scale))
+            # renormalised to the mass it came with, so that a group at scale 1 is the identity for the others
+            mass = weights.sum(-1, keepdim=True) / scaled.sum(-1, keepdim=True)
+            weights = torch.where(kept > 0, scaled * mass, scaled)
+        return weights
 
 
 class TextStack:
@@ -142,18 +193,20 @@ class TextStack:
         cross: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None = None,
         edit: Edit = _no_edit,
+        cuts: Cuts = (None, None),
     ) -> torch.Tensor:
         """Layer j on ``h`` [S, C, T, D]: S samples x C cells.
 
         ``cross`` holds keys and values [S, Ck, H, N, D/H], with Ck == 1 when every
         cell of a sample attends to the same states, or Ck == C.  ``edit(kind, x)``
         may replace each sublayer's output (see anatomy.KINDS), and each attention context per head
-        (see :func:`edit_heads`).
+        (see :func:`edit_heads`). ``cuts`` knocks attention edges out of the (self-, cross-) attention.
         """
         L = self.layers[j]
         s, c, t, d = h.shape
         rows = h.reshape(s * c, t, d)
-        ctx = attend(self._split(L.self_query(rows)), self._split(L.self_key(rows)), self._split(L.self_value(rows)), mask)
+        ctx = attend(self._split(L.self_query(rows)), self._split(L.self_key(rows)), self._split(L.self_value(rows)), mask,
+                     cuts[0])
         ctx = edit_heads(edit, "self_attn_head", ctx.transpose(1, 2).reshape(s, c, t, d), self.heads)
         sa = edit("self_attn", L.self_out(ctx))
         h1 = edit("post_self_attn", L.self_norm(sa + h))
@@ -163,11 +216,12 @@ class TextStack:
         heads, head_dim = keys.shape[2], keys.shape[-1]
         if keys.shape[1] == 1:  # fold the cells into the query axis: one K/V per sample
             qh = q.view(s, c * t, heads, head_dim).transpose(1, 2)
-            ctx = attend(qh, keys[:, 0], values[:, 0], None)
+            ctx = attend(qh, keys[:, 0], values[:, 0], None, cuts[1])
         else:
             qh = q.view(s * c, t, heads, head_dim).transpose(1, 2)
             n = keys.shape[-2]
-            ctx = attend(qh, keys.reshape(s * c, heads, n, head_dim), values.reshape(s * c, heads, n, head_dim), None)
+            ctx = attend(qh, keys.reshape(s * c, heads, n, head_dim), values.reshape(s * c, heads, n, head_dim), None,
+                         cuts[1])
         ctx = edit_heads(edit, "cross_attn_head", ctx.transpose(1, 2).reshape(s, c, t, d), heads)
         ca = edit("cross_attn", L.cross_out(ctx))
         h2 = edit("post_cross_attn", L.cross_norm(ca + h1))
@@ -215,13 +269,15 @@ class VisionStack:
         qkv = L.qkv(L.norm1(h)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         return _weights(qkv[0], qkv[1], None)
 
-    def layer(self, j: int, h: torch.Tensor, cross: Any = None, mask: Any = None, edit: Edit = _no_edit) -> torch.Tensor:
-        """Layer j on ``h`` [S, C, N, D]; ``edit(kind, x)`` may replace the self-attention, MLP or layer output."""
+    def layer(self, j: int, h: torch.Tensor, cross: Any = None, mask: Any = None, edit: Edit = _no_edit,
+              cuts: Cuts = (None, None)) -> torch.Tensor:
+        """Layer j on ``h`` [S, C, N, D]; ``edit(kind, x)`` may replace the self-attention, MLP or layer output;
+        ``cuts[0]`` knocks self-attention edges out."""
         L = self.layers[j]
         s, c, n, d = h.shape
         rows = h.reshape(s * c, n, d)
         qkv = L.qkv(L.norm1(rows)).reshape(s * c, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        ctx = attend(qkv[0], qkv[1], qkv[2], None)
+        ctx = attend(qkv[0], qkv[1], qkv[2], None, cuts[0])
         ctx = edit_heads(edit, "attn_head", ctx.transpose(1, 2).reshape(s, c, n, d), self.heads)
         sa = edit("self_attn", L.attn_out(ctx))
         h1 = h + sa
@@ -409,6 +465,34 @@ def staircase(
         h = stack.layer(j, h, cross[j], mask, edits.at(j))
     join(n_layers)
     assert h is not None and h.shape[1] == len(cells)
+    return h
+
+
+def cut_staircase(
+    stack: Stack,
+    clean: Run,
+    cross: Sequence[Any],
+    starts: Sequence[int],
+    cuts_at: Callable[[int, int], Cuts],
+) -> torch.Tensor:
+    """Final states [S, R, T, D] of R knockout rows on the clean run [S, T, D]: row r follows the clean run up to
+    layer ``starts[r]`` (sorted), so no row recomputes the layers before its first cut; ``cuts_at(j, rows)`` gives
+    layer j's cuts for the first ``rows`` rows."""
+    n_layers = len(stack)
+    s, t, d = clean.inputs[0].shape
+    mask = stack.self_mask(t, clean.inputs[0].dtype, clean.inputs[0].device)
+    h: torch.Tensor | None = None
+    joined = 0
+    for j in range(starts[0], n_layers + 1):
+        count = sum(1 for start in starts[joined:] if start == j)
+        if count:
+            new = clean.inputs[j][:, None].expand(s, count, t, d)
+            h = new if h is None else torch.cat([h, new], dim=1)
+            joined += count
+        if j < n_layers:
+            assert h is not None
+            h = stack.layer(j, h, cross[j], mask, cuts=cuts_at(j, joined))
+    assert h is not None and h.shape[1] == len(starts)
     return h
 
 

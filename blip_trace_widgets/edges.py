@@ -1,0 +1,126 @@
+"""Attention edges to knock out: which tokens stop reading what, in which attention of which block.
+
+    >>> from blip_trace_widgets.edges import Edges
+    >>> from blip_trace_widgets.regions import Box, Outside
+    >>> Edges().describe()                       # every question token stops reading the image
+    'image → question'
+    >>> Edges(keys=Box(0.25, 0.25, 0.75, 0.75)).describe()
+    'box (0.25, 0.25, 0.75, 0.75) → question'
+    >>> Edges(keys=Outside(Box(0.25, 0.25, 0.75, 0.75)), queries="object").describe()
+    'outside box (0.25, 0.25, 0.75, 0.75) → object'
+    >>> Edges(attention="self", keys=0).describe()
+    'token 0 → question (self-attention)'
+
+An edge is (query token, key) in one attention of one text block. Labels follow Zhang et al.'s
+convention (``"Image->Question"`` in their scripts): information flows from the keys to the queries, so
+"image → question" cuts every question token's cross-attention to the image. ``queries`` names the reading
+tokens: ``None`` (every token), a position, positions, a token role (``"object"``, ``"question word"``, ...)
+or ``"each"`` (one group per token). ``keys`` names what they read:
+
+* cross-attention of an image reader (question encoder, caption decoder, ITM encoder): ``None`` (every image
+  token), ``"cls"`` (the ViT's [CLS]), a region (:class:`~.regions.Box`, :class:`~.regions.Outside`,
+  :class:`~.regions.Mask`) or image token positions;
+* self-attention, and the answer decoder's cross-attention (to the question's positions): ``None``, a
+  position, positions or a role of the tokens read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BlipTraceError
+from .names import ANSWER_DECODER, ATTENTION_LABELS, ATTENTIONS, BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, TEXT_BLOCKS
+from .regions import describe_region
+
+Tokens = Any  # None, an int, a tuple of ints, or a role
+
+
+def _tokens(value: Any, name: str) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise BlipTraceError(f"{name}={value!r}: pass None, a position, positions or a role")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise BlipTraceError(f"{name} is an empty group of tokens: name at least one position, or None for all")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise BlipTraceError(f"{name}={value!r}: positions are integers")
+        return tuple(int(v) for v in value)
+    if hasattr(value, "token_mask"):
+        return value
+    raise BlipTraceError(f"{name}={value!r}: pass None, a position, positions, a role or (keys) an image region")
+
+
+@dataclass(frozen=True)
+class Edges:
+    """One group of attention edges, cut together (see the module's notes)."""
+
+    queries: Tokens = None
+    keys: Any = None
+    attention: str = "cross"
+    block: str | None = None  # None: the head's image reader
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise BlipTraceError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTIONS)}")
+        if self.block is not None and self.block not in TEXT_BLOCKS:
+            raise BlipTraceError(f"knockout cuts the attention of a text block, not {self.block!r}: use one of "
+                                 f"{', '.join(TEXT_BLOCKS)}")
+        object.__setattr__(self, "queries", _tokens(self.queries, "queries"))
+        object.__setattr__(self, "keys", _tokens(self.keys, "keys"))
+        if hasattr(self.queries, "token_mask"):
+            raise BlipTraceError("queries are text tokens; an image region can only be keys")
+        if self.keys == EACH_TOKEN:
+            raise BlipTraceError(f"keys={EACH_TOKEN!r} is not a group: 'each' splits the queries, one group per token")
+
+    @property
+    def reads_image(self) -> bool:
+        """Whether the keys are image tokens (cross-attention of an image reader)."""
+        return self.attention == "cross" and self.block != ANSWER_DECODER
+
+    def describe(self, reader: str = "question", keys_text: str = "question") -> str:
+        """The label: keys → queries (the flow of information), the attention when it is self-attention."""
+        if self.label is not None:
+            return self.label
+        flow = f"{self._name(self.keys, 'image' if self.reads_image else keys_text)} → {self._name(self.queries, reader)}"
+        if self.attention == "self":
+            flow += f" ({ATTENTION_LABELS['self']})"
+        if self.block == ANSWER_DECODER:
+            flow += f" in the {BLOCK_LABELS[ANSWER_DECODER]}"
+        return flow
+
+    @staticmethod
+    def _name(tokens: Any, everything: str) -> str:
+        if tokens is None:
+            return everything
+        if tokens == IMAGE_CLS:
+            return "image [CLS]"
+        if isinstance(tokens, int):
+            return f"token {tokens}"
+        if isinstance(tokens, tuple):
+            return "tokens " + ",".join(map(str, tokens))
+        if isinstance(tokens, str):
+            return tokens
+        return _region_name(tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description."""
+        def plain(value: Any) -> Any:
+            if value is None or isinstance(value, (str, int)):
+                return value
+            return list(value) if isinstance(value, tuple) else describe_region(value)
+
+        return {"queries": plain(self.queries), "keys": plain(self.keys), "attention": self.attention,
+                "block": self.block, "label": self.label}
+
+
+def _region_name(region: Any) -> str:
+    described = describe_region(region)
+    if "box" in described:
+        return "box (" + ", ".join(f"{v:g}" for v in described["box"]) + ")"
+    if "outside" in described:
+        return "outside " + _region_name(region.region)
+    return "masked region"

@@ -1,0 +1,297 @@
+"""Attention knockout: cut attention edges over a window of layers on the clean input, and see what the answer loses.
+
+    >>> from blip_trace_widgets import load_model, demo_samples
+    >>> from blip_trace_widgets.knockout import Edges, knockout
+    >>> image, question, _ = demo_samples()[0]
+    >>> result = knockout(load_model("demo"), image, question, edges=[Edges(), Edges(keys="cls")])
+    >>> result.labels
+    ['image → question', 'image [CLS] → question']
+    >>> result.changes.shape == (2, result.num_layers)
+    True
+
+Causal tracing shows which states carry the answer; knockout shows when information moves. For each edge
+group (see :mod:`~.edges`) and each layer l, the group's edges are cut in a window of layers centred on l
+(ROME's window rule, :func:`~.engine.window_layers`): a cut edge's attention logit is set to the dtype's
+minimum before the softmax, as in Zhang et al.'s ``set_block_attn_hooks_llava``. A query left with no edge
+reads nothing: its attention context is zero (the softmax over equal minimum logits would instead read the
+uniform average of what it was told not to read). Each row scores p(answer) (p(caption word), p(match)); the
+result's ``changes`` are (p_cut − p_clean) / p_clean. Nothing is corrupted.
+
+Every (group, layer) is one row of a batch with its own edges, run by the engine's layer-by-layer arithmetic
+(:func:`~.engine.cut_staircase`): a row follows the clean run up to its first cut layer, and the image's
+cross-attention keys and values are computed once for every row. ``method="estimate"`` gives every row from
+one forward and one backward pass: minus the gradient of p with respect to a multiplier on each group's edges
+at each layer (the first-order term of edge attribution patching), summed over the window.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .blocks import Block
+from .cache import LRU
+from .config import TraceConfig
+from .edges import Edges
+from .engine import Cut, Dial, chunks, cut_staircase, window_layers
+from .errors import BlipTraceError
+from .inputs import ImageLike
+from .knockout_result import KnockoutResult
+from .loading import BlipBundle
+from .names import ANSWER_DECODER, EACH_TOKEN, HEAD_INFO, IMAGE_CLS, ITM, KNOCKOUT_WINDOW, VQA
+from .scoring import Target, score_rows
+from .tracing import Tracer
+
+KNOCKOUT_METHODS = ("exact", "estimate")
+
+
+@dataclass(frozen=True)
+class KnockoutConfig:
+    """What a knockout cuts and scores. Frozen, so it keys the cache of results."""
+
+    edges: tuple[Edges, ...] = (Edges(),)
+    window: int = KNOCKOUT_WINDOW
+    answer: str | None = None  # the answer or caption scored (None: the model's own)
+    target: int = 0  # captioning: the caption word scored
+    method: str = "exact"
+
+    def __post_init__(self) -> None:
+        edges = (self.edges,) if isinstance(self.edges, Edges) else tuple(self.edges)
+        if not edges or not all(isinstance(e, Edges) for e in edges):
+            raise BlipTraceError("edges is one Edges(...) or a list of them: name at least one group to cut")
+        object.__setattr__(self, "edges", edges)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise BlipTraceError(f"window={self.window!r}: a knockout cuts a window of at least 1 layer")
+        if self.method not in KNOCKOUT_METHODS:
+            raise BlipTraceError(f"unknown knockout method {self.method!r}: use one of {', '.join(KNOCKOUT_METHODS)}")
+
+
+@dataclass(frozen=True)
+class Group:
+    """An edge group resolved on one input: its block, attention and boolean edges [T, M] (query x key)."""
+
+    label: str
+    block: str
+    attention: str
+    edges: torch.Tensor
+    spec: dict[str, Any]
+
+    @property
+    def count(self) -> int:
+        return int(self.edges.sum())
+
+
+class Knockout:
+    """Knockouts of one (image, text), sharing the clean pass between them and caching results."""
+
+    def __init__(self, tracer: Tracer, cache_size: int = 64) -> None:
+        self.tracer = tracer
+        self._results: LRU[KnockoutResult] = LRU(cache_size)
+
+    @classmethod
+    def of(cls, bundle: BlipBundle, image: ImageLike, text: str) -> Knockout:
+        return cls(Tracer(bundle, image, text))
+
+    # ----- resolving edges ----------------------------------------------------------------
+    def target(self, config: KnockoutConfig) -> Target:
+        head = self.tracer.head
+        settings: dict[str, Any] = {"block": HEAD_INFO[head].blocks[0], "metric": "prob"}
+        if head != ITM:
+            settings["answer"] = config.answer
+        if head not in (VQA, ITM):
+            settings["target"] = config.target
+        return self.tracer.target(TraceConfig(**settings))
+
+    def block_of(self, edges: Edges) -> Block:
+        return self.tracer.blocks[edges.block or self.tracer.blocks.reader.name]  # refuses a block the head lacks
+
+    def tokens(self, block: Block, target: Target) -> list[str]:
+        """The tokens ``block`` reads (its queries)."""
+        ids = target.inputs if block.reads_target else self.tracer.question_ids
+        return list(self.tracer.bundle.tokenizer.convert_ids_to_tokens(list(ids)))
+
+    def groups(self, config: KnockoutConfig, target: Target) -> list[Group]:
+        """Every edge group of ``config`` resolved to boolean edges ("each" queries split into one per token)."""
+        from .blocks import restored_positions
+
+        out = []
+        for edges in config.edges:
+            block = self.block_of(edges)
+            labels = self.tokens(block, target)
+            keys = self._keys(edges, block, labels)
+            queries = range(len(labels)) if edges.queries == EACH_TOKEN else [None]
+            for single in queries:
+                spec = edges if single is None else Edges(single, edges.keys, edges.attention, edges.block)
+                picked = restored_positions(spec.queries, labels, True)
+                matrix = torch.zeros(len(labels), keys[1], dtype=torch.bool, device=self.tracer.device)
+                matrix[torch.tensor(picked)[:, None], torch.tensor(keys[0])[None, :]] = True
+                label = labels[single] if single is not None else spec.describe(*self._texts(block))
+                out.append(Group(label, block.name, spec.attention, matrix,
+                                 {**spec.to_dict(), "block": block.name, "query_positions": picked,
+                                  "key_positions": keys[0]}))
+        self._check_layers(out, config.window)
+        return out
+
+    def _texts(self, block: Block) -> tuple[str, str]:
+        head = self.tracer.head
+        if block.name == ANSWER_DECODER:
+            return HEAD_INFO[head].scored, HEAD_INFO[head].text
+        return HEAD_INFO[head].text, HEAD_INFO[head].text
+
+    def _keys(self, edges: Edges, block: Block, labels: list[str]) -> tuple[list[int], int]:
+        """The key positions ``edges`` cuts, and how many keys there are."""
+        from .blocks import restored_positions
+
+        if not edges.reads_image:
+            key_labels = labels if edges.attention == "self" else \
+                list(self.tracer.bundle.tokenizer.convert_ids_to_tokens(list(self.tracer.question_ids)))
+            return restored_positions(edges.keys, key_labels, True), len(key_labels)
+        count = int(self.tracer.clean.image_embeds.shape[1])
+        keys = edges.keys
+        if keys is None:
+            return list(range(count)), count
+        if keys == IMAGE_CLS:
+            return [0], count
+        if isinstance(keys, str):
+            raise BlipTraceError(f"keys={keys!r}: the image's keys are None (all), {IMAGE_CLS!r}, a region or positions")
+        if hasattr(keys, "token_mask"):
+            picked = keys.token_mask(count).nonzero().flatten().tolist()
+            if not picked:
+                raise BlipTraceError(f"{edges.describe()}: the region holds no image patch; make it larger")
+            return picked, count
+        return restored_positions(keys, ["image"] * count, True), count
+
+    def _check_layers(self, groups: Sequence[Group], window: int) -> None:
+        for group in groups:
+            layers = len(self.tracer.blocks[group.block].stack)
+            if window > layers:
+                raise BlipTraceError(f"window={window} is wider than the {layers} layers of the {group.block}: "
+                                     f"use at most {layers}")
+
+    # ----- running ------------------------------------------------------------------------
+    def run(self, config: KnockoutConfig | None = None, **fields: Any) -> KnockoutResult:
+        """The knockout of ``config`` (or of a KnockoutConfig built from ``fields``), cached."""
+        config = config if config is not None else KnockoutConfig(**fields)
+        cached = self._results.get(config)
+        if cached is not None:
+            return cached
+        target = self.target(config)
+        groups = self.groups(config, target)
+        clean = self.clean_score(target)
+        scores = np.empty((len(groups), self.layers(groups)))
+        for name in dict.fromkeys(g.block for g in groups):
+            index = [i for i, g in enumerate(groups) if g.block == name]
+            picked = [groups[i] for i in index]
+            block = self.tracer.blocks[name]
+            scores[index] = self._estimate(block, picked, config.window, target, clean) \
+                if config.method == "estimate" else self._exact(block, picked, config.window, target)
+        result = KnockoutResult.build(self.tracer, config, groups, target, clean, scores)
+        self._results.put(config, result)
+        return result
+
+    def layers(self, groups: Sequence[Group]) -> int:
+        counts = {len(self.tracer.blocks[g.block].stack) for g in groups}
+        if len(counts) > 1:
+            raise BlipTraceError("these edge groups cut blocks with different numbers of layers: knock them out "
+                                 "in separate calls")
+        return counts.pop()
+
+    @torch.no_grad()
+    def clean_score(self, target: Target) -> float:
+        last = self.tracer.blocks.last
+        run = last.clean_run(self.tracer, target)
+        return float(score_rows(last.logits(self.tracer, run.output[:, None], target)[:, 0], target, "prob")[0])
+
+    @torch.no_grad()
+    def _exact(self, block: Block, groups: Sequence[Group], window: int, target: Target) -> np.ndarray:
+        tracer, layers = self.tracer, len(block.stack)
+        clean, cross = block.clean_run(tracer, target), block.clean_cross(tracer, target)
+        rows = [(g, layer) for g in range(len(groups)) for layer in range(layers)]
+        spans = [window_layers(layer, window, layers) for _, layer in rows]
+        order = sorted(range(len(rows)), key=lambda r: spans[r].start)
+        out = np.empty(len(rows))
+        per_chunk = block.rows_per_chunk(tracer, TraceConfig(block=block.name, samples=1), target)
+        for chunk in chunks(order, per_chunk):
+            cuts_at = _RowCuts(groups, [rows[r][0] for r in chunk], [spans[r] for r in chunk], tracer.device)
+            final = cut_staircase(block.stack, clean, cross, [spans[r].start for r in chunk], cuts_at)
+            logits = block.logits(tracer, final, target)
+            out[chunk] = score_rows(logits.reshape(-1, *logits.shape[2:]), target, "prob").double().cpu().numpy()
+            tracer.stats["knockout_chunks"] += 1
+        return out.reshape(len(groups), layers)
+
+    def _estimate(self, block: Block, groups: Sequence[Group], window: int, target: Target,
+                  clean_score: float) -> np.ndarray:
+        """p_clean − Σ over the window of ∂p/∂(multiplier of the group's edges at each layer), from one pass."""
+        tracer, stack = self.tracer, block.stack
+        layers = len(stack)
+        clean, cross = block.clean_run(tracer, target), block.clean_cross(tracer, target)
+        scales = torch.ones(len(groups), layers, dtype=torch.float32, device=tracer.device, requires_grad=True)
+        kinds = {a: [i for i, g in enumerate(groups) if g.attention == a] for a in ("self", "cross")}
+        stacked = {a: torch.stack([groups[i].edges for i in picked]) if picked else None for a, picked in kinds.items()}
+        with torch.enable_grad():
+            h = clean.inputs[0][:, None]
+            mask = stack.self_mask(h.shape[2], h.dtype, h.device)
+            for j in range(layers):
+                cuts = tuple(None if edges is None else Dial(edges, scales[kinds[a], j].to(h.dtype))
+                             for a, edges in stacked.items())
+                h = stack.layer(j, h, cross[j], mask, cuts=cuts)
+            logits = block.logits(tracer, h, target)
+            score = score_rows(logits.reshape(-1, *logits.shape[2:]), target, "prob")[0]
+            (grad,) = torch.autograd.grad(score, scales)
+        per_layer = grad.double().cpu().numpy()
+        summed = np.stack([[per_layer[g, list(window_layers(layer, window, layers))].sum() for layer in range(layers)]
+                           for g in range(len(groups))])
+        return clean_score - summed
+
+
+class _RowCuts:
+    """Each row's cuts at a layer: its group's edges inside its window, none outside."""
+
+    def __init__(self, groups: Sequence[Group], row_groups: list[int], spans: list[range], device: torch.device):
+        self.attention = [groups[g].attention for g in row_groups]
+        self.lo = torch.tensor([s.start for s in spans], device=device)
+        self.hi = torch.tensor([s.stop for s in spans], device=device)
+        self.edges: dict[str, torch.Tensor | None] = {}
+        for attention in ("self", "cross"):
+            shapes = [groups[g].edges.shape for g in row_groups if groups[g].attention == attention]
+            if not shapes:
+                self.edges[attention] = None
+                continue
+            blank = torch.zeros(shapes[0], dtype=torch.bool, device=device)
+            self.edges[attention] = torch.stack([groups[g].edges if groups[g].attention == attention else blank
+                                                 for g in row_groups])
+
+    def __call__(self, j: int, count: int) -> tuple[Cut | None, Cut | None]:
+        active = (self.lo[:count] <= j) & (j < self.hi[:count])
+        cuts: list[Cut | None] = []
+        for attention in ("self", "cross"):
+            edges = self.edges[attention]
+            if edges is None or not bool(active.any()):
+                cuts.append(None)
+                continue
+            cuts.append(Cut(edges[:count] & active[:, None, None]))
+        return cuts[0], cuts[1]
+
+
+def knockout(
+    bundle: BlipBundle,
+    image: ImageLike,
+    text: str,
+    *,
+    edges: Edges | Sequence[Edges] = (Edges(),),
+    window: int = KNOCKOUT_WINDOW,
+    answer: str | None = None,
+    target: int = 0,
+    method: str = "exact",
+) -> KnockoutResult:
+    """Cut each group of ``edges`` in a window of layers around every layer, on the clean (image, text), and score.
+
+    ``text`` is a VQA question, a captioner's prompt or a matcher's text; ``answer`` the answer or caption scored
+    (the model's own by default); ``target`` the caption word. See the module's notes.
+    """
+    config = KnockoutConfig(edges=(edges,) if isinstance(edges, Edges) else tuple(edges), window=window, answer=answer,
+                            target=target, method=method)
+    return Knockout.of(bundle, image, text).run(config)

@@ -1,0 +1,259 @@
+"""Attention knockout (issue 28), against a loop of the model's own forward pass, one pass per row.
+
+The loop cuts edges with forward hooks on each attention's probability dropout (``.self.dropout``, the module
+BLIP applies to the softmax's output): the cut edges' probabilities are zeroed and the rest renormalised, and a
+query with nothing left reads nothing. It spells the module paths out itself and shares nothing with the engine
+but the resolved edge groups (whose resolution is checked on its own below) and the tokens scored.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+import torch
+from tiny_blip import tiny_captioner, tiny_matcher, tiny_model, tiny_processor
+
+from blip_trace_widgets import BlipTraceError, load_model
+from blip_trace_widgets.edges import Edges
+from blip_trace_widgets.knockout import Knockout, KnockoutConfig, knockout
+from blip_trace_widgets.knockout_result import KnockoutResult
+from blip_trace_widgets.regions import Box, Outside
+
+LAYERS = {"question_encoder": "text_encoder.encoder.layer", "answer_decoder": "text_decoder.bert.encoder.layer",
+          "caption_decoder": "text_decoder.bert.encoder.layer", "itm_encoder": "text_encoder.encoder.layer"}
+ATTENTION = {"cross": "crossattention", "self": "attention"}
+TEXTS = {"vqa": "what color is the shape?", "caption": "", "itm": "a red circle"}
+
+
+@pytest.fixture(scope="module")
+def bundles():
+    return {"vqa": load_model((tiny_model(seed=1, layers=4), tiny_processor()), device="cpu"),
+            "caption": load_model((tiny_captioner(seed=2, layers=4), tiny_processor()), device="cpu"),
+            "itm": load_model((tiny_matcher(seed=3, layers=4), tiny_processor()), device="cpu")}
+
+
+class KnockLoop:
+    """p(answer) from the model's own forward pass with edges cut by hooks."""
+
+    def __init__(self, knock: Knockout, config: KnockoutConfig):
+        self.tracer, self.model = knock.tracer, knock.tracer.model
+        self.target = knock.target(config)
+        self.groups = knock.groups(config, self.target)
+        pixels = self.tracer.bundle.processor.image_processor(self.tracer.image, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            self.embeds = self.model.vision_model(pixel_values=pixels)[0]
+        self.question = torch.tensor([list(self.tracer.question_ids)])
+
+    def forward(self) -> float:
+        model, target, head = self.model, self.target, self.tracer.head
+        with torch.no_grad():
+            if head == "itm":
+                states = model.text_encoder(input_ids=self.question, encoder_hidden_states=self.embeds)[0]
+                return float(torch.softmax(model.itm_head(states[:, 0]).double(), -1)[0, 1])
+            states = self.embeds
+            if head == "vqa":
+                states = model.text_encoder(input_ids=self.question, encoder_hidden_states=self.embeds)[0]
+            logits = model.text_decoder(input_ids=torch.tensor([list(target.inputs)]), encoder_hidden_states=states).logits
+            logprobs = torch.log_softmax(logits.double(), -1)
+            return float(sum(logprobs[0, target.offset + k, t] for k, t in enumerate(target.tokens)).exp())
+
+    def cut(self, group, layers) -> float:
+        with ExitStack() as stack:
+            for j in layers:
+                name = f"{LAYERS[group.block]}.{j}.{ATTENTION[group.attention]}.self.dropout"
+
+                def hook(module, inputs, probs, edges=group.edges):
+                    kept = probs * ~edges
+                    total = kept.sum(-1, keepdim=True)
+                    return torch.where(total > 0, kept / total.clamp_min(1e-30), torch.zeros_like(kept))
+
+                stack.callback(self.model.get_submodule(name).register_forward_hook(hook).remove)
+            return self.forward()
+
+    def grid(self, window: int) -> np.ndarray:
+        layers = len(self.model.get_submodule(LAYERS[self.groups[0].block]))
+        return np.array([[self.cut(g, range(max(0, layer - window // 2), min(layers, layer - (-window // 2))))
+                          for layer in range(layers)] for g in self.groups])
+
+
+CASES = [
+    ("vqa", Edges()), ("vqa", Edges(keys="cls")), ("vqa", Edges(keys=Box(0.0, 0.0, 0.5, 0.5))),
+    ("vqa", Edges(keys=Outside(Box(0.0, 0.0, 0.5, 0.5)), queries=(0, 2))), ("vqa", Edges(queries="each")),
+    ("vqa", Edges(attention="self", keys=0)), ("vqa", Edges(attention="self", queries=3, keys=(1, 2))),
+    ("vqa", Edges(block="answer_decoder")), ("vqa", Edges(block="answer_decoder", keys=(1, 2))),
+    ("vqa", Edges(block="answer_decoder", attention="self", keys=0)),
+    ("caption", Edges()), ("caption", Edges(keys=Box(0.5, 0.5, 1.0, 1.0))), ("caption", Edges(attention="self", keys=0)),
+    ("itm", Edges()), ("itm", Edges(queries=0, keys="cls")), ("itm", Edges(attention="self", keys=(1, 2))),
+]
+
+
+@pytest.mark.parametrize("head,edges", CASES, ids=[f"{h}-{e.describe()}" for h, e in CASES])
+@pytest.mark.parametrize("window", [1, 3])
+def test_knockout_matches_a_loop_of_the_model_forward(bundles, image, head, edges, window):
+    answer = {"caption": "red blue circle", "vqa": "red blue"}.get(head)
+    knock = Knockout.of(bundles[head], image, TEXTS[head])
+    config = KnockoutConfig(edges=(edges,), window=window, answer=answer, target=1 if head == "caption" else 0)
+    result = knock.run(config)
+    loop = KnockLoop(knock, config)
+    np.testing.assert_allclose(result.scores, loop.grid(window), atol=1e-5, rtol=1e-5)
+    assert abs(result.clean_score - loop.forward()) < 1e-6
+    if edges == Edges():  # cutting the whole image does something: the comparison could fail
+        assert np.abs(result.changes).max() > 0.05
+
+
+def test_groups_resolve_to_the_edges_they_name(bundles, image):
+    knock = Knockout.of(bundles["vqa"], image, TEXTS["vqa"])
+    config = KnockoutConfig(edges=(Edges(keys=Box(0.0, 0.0, 0.5, 0.5)), Edges(keys=Outside(Box(0.0, 0.0, 0.5, 0.5))),
+                                   Edges(keys="cls", queries="object"), Edges(block="answer_decoder", keys=1)))
+    groups = knock.groups(config, knock.target(config))
+    tokens = list(bundles["vqa"].tokenizer.convert_ids_to_tokens(list(knock.tracer.question_ids)))
+    # a 32-pixel image in 8-pixel patches: 4 x 4 patches after [CLS]; the top-left quarter is patches 1, 2, 5, 6
+    assert groups[0].edges.shape == (len(tokens), 17)
+    assert groups[0].edges.all(0).nonzero().flatten().tolist() == [1, 2, 5, 6]
+    assert groups[1].edges.all(0).nonzero().flatten().tolist() == [3, 4, 7, 8, *range(9, 17)]
+    assert groups[2].edges.any(1).nonzero().flatten().tolist() == [tokens.index("shape")]
+    assert groups[2].edges.any(0).nonzero().flatten().tolist() == [0]
+    assert groups[3].edges.shape[1] == len(tokens) and groups[3].edges.all(0).nonzero().flatten().tolist() == [1]
+    assert [g.label for g in groups] == ["box (0, 0, 0.5, 0.5) → question", "outside box (0, 0, 0.5, 0.5) → question",
+                                         "image [CLS] → object", "token 1 → answer in the answer decoder"]
+
+
+def test_cutting_nothing_is_the_clean_run_exactly(bundles, image):
+    from blip_trace_widgets.engine import Cut, cut_staircase
+
+    knock = Knockout.of(bundles["vqa"], image, TEXTS["vqa"])
+    tracer = knock.tracer
+    block = tracer.blocks.reader
+    clean = block.clean_run(tracer, knock.target(KnockoutConfig()))
+    cross = block.clean_cross(tracer, None)
+    t, n = clean.inputs[0].shape[1], tracer.clean.image_embeds.shape[1]
+    none = torch.zeros(1, t, n, dtype=torch.bool)
+    final = cut_staircase(block.stack, clean, cross, [0], lambda j, rows: (None, Cut(none)))
+    assert torch.equal(final[0, 0], clean.output[0])
+
+
+def test_a_query_that_reads_nothing_gets_a_zero_context(bundles, image):
+    """Every image token cut at a layer: that layer's cross-attention adds only its output bias (a zero context),
+    not the projection of the uniform average of the image's values."""
+    from blip_trace_widgets.engine import Cut, _weights
+
+    tracer = Knockout.of(bundles["vqa"], image, TEXTS["vqa"]).tracer
+    stack = tracer.blocks.reader.stack
+    clean = tracer.clean.text
+    keys, values = stack.cross_kv(0, tracer.clean.image_embeds)
+    t, n = clean.inputs[0].shape[1], keys.shape[2]
+    every = torch.ones(1, t, n, dtype=torch.bool)
+    h1 = stack.layers[0].self_norm(stack.layers[0].self_out(torch.zeros(1, t, keys.shape[1] * keys.shape[-1]))
+                                   + clean.inputs[0])
+    q = stack._split(stack.layers[0].cross_query(h1))
+    assert torch.count_nonzero(_weights(q, keys, None, Cut(every))) == 0
+    seen = {}
+
+    def edit(kind, x):
+        seen[kind] = x
+        return x
+
+    edit.kinds = frozenset({"cross_attn"})
+    stack.layer(0, clean.inputs[0][:, None], (keys[:, None], values[:, None]), None, edit, cuts=(None, Cut(every)))
+    bias = stack.layers[0].cross_out.bias
+    torch.testing.assert_close(seen["cross_attn"][0, 0], bias.expand(t, -1))
+    uniform = stack.layers[0].cross_out(values.mean(2).transpose(0, 1).reshape(1, -1))
+    assert (uniform - bias).abs().max() > 1e-3  # the uniform average would differ
+
+
+@pytest.mark.parametrize("edges, window, message", [
+    (Edges(keys=Outside(Box(0.0, 0.0, 1.0, 1.0))), 1, "no image patch"),
+    (Edges(), 9, "wider than the 4 layers"),
+    (Edges(queries="verb"), 1, "role"),
+    (Edges(keys="middle"), 1, "keys='middle'"),
+    (Edges(block="caption_decoder"), 1, "caption"),
+])
+def test_bad_edges_get_one_clear_error(bundles, image, edges, window, message):
+    with pytest.raises(BlipTraceError, match=message):
+        knockout(bundles["vqa"], image, TEXTS["vqa"], edges=edges, window=window)
+
+
+def test_bad_settings_are_refused_before_running():
+    with pytest.raises(BlipTraceError, match="empty group"):
+        Edges(queries=())
+    with pytest.raises(BlipTraceError, match="unknown attention"):
+        Edges(attention="mlp")
+    with pytest.raises(BlipTraceError, match="text block"):
+        Edges(block="vision_encoder")
+    with pytest.raises(BlipTraceError, match="at least 1 layer"):
+        KnockoutConfig(window=0)
+    with pytest.raises(BlipTraceError, match="at least one group"):
+        KnockoutConfig(edges=())
+    with pytest.raises(BlipTraceError, match="an image region can only be keys"):
+        Edges(queries=Box(0, 0, 1, 1))
+
+
+def test_dial_at_zero_is_the_cut_and_its_gradient_is_the_estimate(bundles, image):
+    """The estimate's multiplier: at 0 it gives the knockout's weights; its gradient matches a finite difference."""
+    from blip_trace_widgets.engine import Cut, Dial
+
+    torch.manual_seed(0)
+    scores = torch.randn(2, 3, 4, 5)
+    edges = torch.zeros(4, 5, dtype=torch.bool)
+    edges[0] = True
+    edges[1, 2:] = True
+    dialled = Dial(edges[None], torch.tensor([0.0])).apply(scores)
+    torch.testing.assert_close(dialled, Cut(edges[None]).apply(scores), atol=1e-6, rtol=0)
+    torch.testing.assert_close(Dial(edges[None], torch.tensor([1.0])).apply(scores), torch.softmax(scores, -1))
+
+    knock = Knockout.of(bundles["vqa"], image, TEXTS["vqa"])
+    config = KnockoutConfig(edges=(Edges(keys=Box(0.0, 0.0, 0.5, 0.5)),), window=1, answer="red blue")
+    estimate = knock.run(KnockoutConfig(config.edges, 1, "red blue", 0, "estimate"))
+    exact = knock.run(config)
+    assert estimate.is_estimate and not exact.is_estimate
+    slope = (exact.clean_score - estimate.scores)  # = Σ ∂p/∂scale over the window (one layer)
+    eps = 1e-3
+    group = knock.groups(config, knock.target(config))[0]
+    block = knock.tracer.blocks.reader
+    target = knock.target(config)
+    for layer in range(4):
+        clean = block.clean_run(knock.tracer, target)
+        h = clean.inputs[0][:, None]
+        cross = block.clean_cross(knock.tracer, target)
+        with torch.no_grad():
+            for j in range(4):
+                dial = Dial(group.edges[None], torch.tensor([1.0 - eps if j == layer else 1.0]))
+                h = block.stack.layer(j, h, cross[j], None, cuts=(None, dial))
+            logits = block.logits(knock.tracer, h, target)
+        from blip_trace_widgets.scoring import score_rows
+
+        p = float(score_rows(logits.reshape(-1, *logits.shape[2:]), target, "prob")[0])
+        assert abs((exact.clean_score - p) / eps - slope[0, layer]) < 1e-3 * max(1.0, abs(slope[0, layer])) + 1e-4
+
+
+def test_results_round_trip_and_refuse_what_is_not_one(bundles, image, tmp_path):
+    result = knockout(bundles["vqa"], image, TEXTS["vqa"], edges=[Edges(), Edges(queries="each")], window=3)
+    path = result.save(tmp_path / "k.json")
+    again = KnockoutResult.load(path)
+    assert again == result and np.array_equal(again.changes, result.changes)
+    frame = result.to_dataframe()
+    assert len(frame) == len(result.labels) * result.num_layers
+    assert set(frame.columns) >= {"group", "layer", "p", "change", "tiny"}
+    (tmp_path / "bad.json").write_bytes(b"\x89PNG\x00\xff")
+    with pytest.raises(BlipTraceError, match="not"):
+        KnockoutResult.load(tmp_path / "bad.json")
+    for broken in ({"kind": "knockout", "format": True}, {"kind": "trace"}, {**result.to_dict(), "window": 0},
+                   {**result.to_dict(), "scores": [["x"]]}):
+        with pytest.raises(BlipTraceError):
+            KnockoutResult.from_dict(broken)
+
+
+def test_plots_flag_groups_without_effect(bundles, image):
+    result = KnockoutResult(["a", "b"], np.array([[0.2, 0.5], [0.8995, 0.9]]), 0.9, window=1, answer="red")
+    assert result.tiny().tolist() == [False, True]
+    ax = result.plot()
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels[:2] == ["a", "b (no effect)"]
+    title = ax.get_title().replace("\n", " ")
+    assert "1 group moves p by < 0.01" in title and "clean p = 0.9" in title
+    rising = KnockoutResult(["up"], np.array([[0.95, 0.9]]), 0.5, window=1, answer="red")
+    assert rising.plot().get_ylim()[1] >= 90  # a rise stays visible
+    per_token = knockout(bundles["vqa"], image, TEXTS["vqa"], edges=Edges(queries="each"))
+    ax = per_token.plot_tokens()
+    assert [t.get_text() for t in ax.get_yticklabels()] == per_token.labels
