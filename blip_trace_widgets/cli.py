@@ -5,6 +5,7 @@
     blip-trace trace --model demo-caption --image cat.png --out out/          # every word of the caption
     blip-trace trace --model demo-itm --image cat.png --text "a red circle" --out out/
     blip-trace sweep --dataset easy-vqa-color --limit 50 --model demo --out sweep-output
+    blip-trace knockout --image cat.png --question "what color is the cat?" --edges image --edges cls --out out/
     accelerate launch --multi_gpu --num_processes 2 -m blip_trace_widgets sweep --dataset coco-qa-color ...
 
 Each trace writes a PNG heatmap and a JSON result (``TraceResult.load`` reads it back),
@@ -517,6 +518,118 @@ def _add_sweep_parser(sub: Any) -> None:
     many.set_defaults(run=run_sweep)
 
 
+def _knockout_edges(args: argparse.Namespace, image: Any) -> tuple[Any, ...]:
+    from .edges import parse_edges
+    from .names import EACH_TOKEN
+
+    queries = parse_position(args.queries) if args.queries not in (None, EACH_TOKEN) else args.queries
+    return tuple(parse_edges(name, image, queries) for name in (args.edges or ["image", "cls"]))
+
+
+def run_knockout(args: argparse.Namespace) -> int:
+    from .knockout import Knockout, KnockoutConfig
+
+    _check_out(args.out)
+    if (args.image is None) == (args.dataset is None):
+        raise UsageError("give --image (one knockout) or --dataset (a sweep), not both or neither")
+    if args.image is not None and not Path(args.image).is_file():
+        raise UsageError(f"--image {args.image!r}: no such file" + (" (it is a folder)" if Path(args.image).is_dir()
+                                                                    else ""))
+    bundle = _load(args.model, args.device, args.dtype)
+    out = Path(args.out)
+    if args.dataset is not None:
+        return _knockout_sweep(args, bundle, out)
+    if args.question is None and bundle.head != CAPTION:
+        raise UsageError(f"--question is required for a {HEAD_INFO[bundle.head].label} model")
+    knock = Knockout.of(bundle, args.image, args.question or "")
+    print(_what_the_model_says(knock.tracer))
+    config = KnockoutConfig(edges=_knockout_edges(args, knock.tracer.image), window=args.window,
+                            answer=args.answer, target=args.target or 0, method=args.method)
+    result = knock.run(config)
+    out.mkdir(parents=True, exist_ok=True)
+    asked = json.dumps([[e.to_dict() for e in config.edges], config.window, config.method, config.answer,
+                        config.target], sort_keys=True)
+    stem = (f"knockout-{_slug(knock.tracer.question or 'caption')}-{knock.tracer.image_key[:8]}-"
+            f"{hashlib.sha1(asked.encode()).hexdigest()[:8]}")
+    json_path = result.save(out / f"{stem}.json")
+    from .plotting import figure_png
+
+    png = out / f"{stem}.png"
+    png.write_bytes(figure_png((result.plot_tokens() if args.queries == "each" else result.plot()).figure))
+    print(f"scored {result.answer}  clean p {result.clean_score:.4f}  window {result.window}  ({result.method})")
+    for (label, layer, change), tiny in zip(result.strongest(), result.tiny()):
+        print(f"  {label}: strongest at layer {layer}, {change:+.1%}" + ("  (no effect)" if tiny else ""))
+    print(f"wrote {png} and {json_path}")
+    return 0
+
+
+def _knockout_sweep(args: argparse.Namespace, bundle: Any, out: Path) -> int:
+    from .knockout_sweep import knockout_average, knockout_sweep, plot_knockout_average
+    from .plotting import figure_png
+    from .subsets import load_vqa_subset
+
+    _check_sweep_dataset(args.dataset, bundle.head)
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    samples = load_vqa_subset(args.dataset, cache_dir=args.cache_dir, limit=args.limit)
+    edges = args.edges or ["image", "cls"]
+    print(f"{len(samples)} questions from {args.dataset}; edges {', '.join(edges)}; window {args.window}")
+    started = time.perf_counter()
+    with _progress_bar(len(samples)) as bar:
+        table = knockout_sweep(bundle, samples, edges=edges, window=args.window, method=args.method,
+                               answer="expected" if args.answer == "expected" else "model",
+                               progress=lambda done: bar.update(1))
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "knockout_sweep.csv", index=False)
+    averages = knockout_average(table, correct_only=args.correct_only)
+    averages.to_csv(out / "knockout_average.csv", index=False)
+    (out / "knockout_average.png").write_bytes(figure_png(plot_knockout_average(averages).figure))
+    print(f"wrote knockout_sweep.csv ({len(table)} rows), knockout_average.csv and knockout_average.png in {out} "
+          f"in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _add_knockout_parser(sub: Any) -> None:
+    from .edges import SHORTHANDS
+    from .knockout import KNOCKOUT_METHODS
+    from .names import KNOCKOUT_WINDOW
+    from .subsets import SUBSETS
+
+    ko = sub.add_parser(
+        "knockout", help="cut attention edges around each layer and see what the answer loses (attention knockout)",
+        description="Attention knockout on the clean input: for each edge group and layer, cut the group's edges in "
+                    "a window of layers around it and score p(answer). One image (--image) writes a line plot (PNG) "
+                    "and the result (JSON); a dataset (--dataset) writes every row, the averages with 95%% intervals "
+                    "and their plot.")
+    ko.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder or a hub id "
+                    "(default: %(default)s)")
+    ko.add_argument("--image", default=None, help="path of the image file")
+    ko.add_argument("--question", "--prompt", "--text", dest="question", default=None,
+                    help="the question (VQA), prompt (captioning) or text (image-text matching)")
+    ko.add_argument("--edges", action="append", default=None,
+                    help="an edge group to cut (repeat for several; default: image and cls): "
+                         + "; ".join(f"{k}: {v}" for k, v in SHORTHANDS.items()))
+    ko.add_argument("--queries", default=None,
+                    help="which tokens' attention is cut: a position, comma-separated positions, a role "
+                         f"({', '.join(ROLES)}), or 'each' for a tokens x layers map (default: every token)")
+    ko.add_argument("--window", type=int, default=KNOCKOUT_WINDOW,
+                    help="layers cut around each layer (default: %(default)s)")
+    ko.add_argument("--answer", default=None, help="the answer or caption to score (default: the model's own); "
+                    "with --dataset, 'expected' scores the dataset's answers")
+    ko.add_argument("--target", type=int, default=None, help="captioning: the caption word scored (default: 0)")
+    ko.add_argument("--method", choices=KNOCKOUT_METHODS, default="exact",
+                    help="exact: cut runs; estimate: one forward and backward pass (first order, can be far off "
+                         "for large effects) (default: %(default)s)")
+    ko.add_argument("--dataset", choices=SUBSETS, default=None, help="sweep a question set instead of one image")
+    ko.add_argument("--limit", type=int, default=None, help="with --dataset: at most this many questions")
+    ko.add_argument("--correct-only", action="store_true", help="with --dataset: average correct answers only")
+    ko.add_argument("--cache-dir", default=None, help="where downloaded CSVs and images are kept")
+    ko.add_argument("--dtype", choices=DTYPES, default=None)
+    ko.add_argument("--device", default=None)
+    ko.add_argument("--out", required=True, help="folder for the figures and results")
+    ko.set_defaults(run=run_knockout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="blip-trace", description="Causal tracing of BLIP (ROME-style): visual question answering, "
                      "captioning and image-text matching.")
@@ -550,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     one.set_defaults(run=run_trace)
 
     _add_sweep_parser(sub)
+    _add_knockout_parser(sub)
     return parser
 
 

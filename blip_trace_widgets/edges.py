@@ -124,3 +124,75 @@ def _region_name(region: Any) -> str:
     if "outside" in described:
         return "outside " + _region_name(region.region)
     return "masked region"
+
+
+#: Edge groups by name, for the command line and the explorer: what each cuts.
+SHORTHANDS: dict[str, str] = {
+    "image": "every token ↛ every image token (cross-attention)",
+    "cls": "every token ↛ the image's [CLS]",
+    "box:L,T,R,B": "every token ↛ the patches of a box, in fractions of the image",
+    "outside:L,T,R,B": "every token ↛ the patches outside a box",
+    "object": "every token ↛ the shape's box (found as on easy-VQA's one-shape images)",
+    "background": "every token ↛ the patches outside the shape's box",
+    "self:KEYS": "every token ↛ KEYS of the text by self-attention (positions such as 0 or 1,2, or a role)",
+    "decoder[:KEYS]": "the answer decoder ↛ the question (all, or KEYS)",
+}
+
+
+def _keys_of(text: str) -> Any:
+    if not text:
+        return None
+    try:
+        picked = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        return text  # a role
+    return picked[0] if len(picked) == 1 else picked
+
+
+def _box(text: str) -> Any:
+    from .regions import Box
+
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise BlipTraceError(f"a box is four fractions L,T,R,B such as 0.25,0.25,0.75,0.75; got {text!r}")
+    return Box(*values)
+
+
+def parse_edges(text: str, image: Any = None, queries: Tokens = None) -> Edges:
+    """The edge group a name stands for (see :data:`SHORTHANDS`); ``object`` and ``background`` need the image.
+
+        >>> parse_edges("box:0,0,0.5,0.5").describe()
+        'box (0, 0, 0.5, 0.5) → question'
+        >>> parse_edges("decoder:1").describe()
+        'token 1 → answer in the answer decoder'
+    """
+    from .regions import Outside
+
+    name, _, rest = text.strip().partition(":")
+    if name == "image" and not rest:
+        return Edges(queries=queries)
+    if name == "cls" and not rest:
+        return Edges(queries=queries, keys=IMAGE_CLS)
+    if name in ("box", "outside"):
+        box = _box(rest)
+        return Edges(queries=queries, keys=box if name == "box" else Outside(box))
+    if name in ("object", "background") and not rest:
+        if image is None:
+            raise BlipTraceError(f"edges {name!r} find the shape in the image: give an image")
+        from .data import shape_box
+        from .inputs import to_rgb_image
+
+        try:
+            box = shape_box(to_rgb_image(image))
+        except ValueError as error:
+            raise BlipTraceError(f"edges {name!r}: {error}; name a box instead (box:L,T,R,B)") from None
+        label = f"{'object' if name == 'object' else 'background'} → question"
+        return Edges(queries=queries, keys=box if name == "object" else Outside(box), label=label)
+    if name == "self" and rest:
+        return Edges(queries=queries, keys=_keys_of(rest), attention="self")
+    if name == "decoder":
+        return Edges(keys=_keys_of(rest), block=ANSWER_DECODER)
+    raise BlipTraceError(f"unknown edges {text!r}: use one of {', '.join(SHORTHANDS)}")

@@ -41,7 +41,7 @@ from .errors import BlipTraceError
 from .inputs import ImageLike
 from .knockout_result import KnockoutResult
 from .loading import BlipBundle
-from .names import ANSWER_DECODER, EACH_TOKEN, HEAD_INFO, IMAGE_CLS, ITM, KNOCKOUT_WINDOW, VQA
+from .names import ANSWER_DECODER, BLOCK_LABELS, EACH_TOKEN, HEAD_INFO, IMAGE_CLS, ITM, KNOCKOUT_WINDOW, VQA
 from .scoring import Target, score_rows
 from .tracing import Tracer
 
@@ -128,7 +128,9 @@ class Knockout:
                 picked = restored_positions(spec.queries, labels, True)
                 matrix = torch.zeros(len(labels), keys[1], dtype=torch.bool, device=self.tracer.device)
                 matrix[torch.tensor(picked)[:, None], torch.tensor(keys[0])[None, :]] = True
-                label = labels[single] if single is not None else spec.describe(*self._texts(block))
+                texts = self._texts(block)
+                label = spec.describe(*texts) if single is None else \
+                    Edges(None, edges.keys, edges.attention, edges.block).describe(labels[single], texts[1])
                 out.append(Group(label, block.name, spec.attention, matrix,
                                  {**spec.to_dict(), "block": block.name, "query_positions": picked,
                                   "key_positions": keys[0]}))
@@ -168,7 +170,8 @@ class Knockout:
         for group in groups:
             layers = len(self.tracer.blocks[group.block].stack)
             if window > layers:
-                raise BlipTraceError(f"window={window} is wider than the {layers} layers of the {group.block}: "
+                raise BlipTraceError(f"window={window} is wider than the {layers} layers of the "
+                                     f"{BLOCK_LABELS[group.block]}: "
                                      f"use at most {layers}")
 
     # ----- running ------------------------------------------------------------------------

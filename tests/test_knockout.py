@@ -164,7 +164,7 @@ def test_a_query_that_reads_nothing_gets_a_zero_context(bundles, image):
 
 @pytest.mark.parametrize("edges, window, message", [
     (Edges(keys=Outside(Box(0.0, 0.0, 1.0, 1.0))), 1, "no image patch"),
-    (Edges(), 9, "wider than the 4 layers"),
+    (Edges(), 9, "wider than the 4 layers of the question encoder"),
     (Edges(queries="verb"), 1, "role"),
     (Edges(keys="middle"), 1, "keys='middle'"),
     (Edges(block="caption_decoder"), 1, "caption"),
@@ -257,3 +257,45 @@ def test_plots_flag_groups_without_effect(bundles, image):
     per_token = knockout(bundles["vqa"], image, TEXTS["vqa"], edges=Edges(queries="each"))
     ax = per_token.plot_tokens()
     assert [t.get_text() for t in ax.get_yticklabels()] == per_token.labels
+
+
+def test_the_command_line_writes_a_plot_and_a_result(tmp_path, demo_sample, capsys):
+    from blip_trace_widgets.cli import main
+
+    image, question, _ = demo_sample
+    image.save(tmp_path / "shape.png")
+    args = ["knockout", "--image", str(tmp_path / "shape.png"), "--question", question, "--out", str(tmp_path / "out")]
+    assert main([*args, "--edges", "image", "--edges", "object", "--edges", "decoder"]) == 0
+    assert main([*args, "--queries", "each"]) == 0
+    saved = sorted((tmp_path / "out").glob("*.json"))
+    assert len(saved) == 2 and len(list((tmp_path / "out").glob("*.png"))) == 2
+    results = [KnockoutResult.load(path) for path in saved]
+    assert sorted(len(r.labels) for r in results) == [3, 2 * len(results[0].config["tokens"])]
+    printed = capsys.readouterr().out
+    assert "image → question: strongest at layer" in printed
+    assert main([*args, "--window", "99"]) == 2
+    assert main([*args, "--edges", "box:1,2"]) == 2
+    assert main(["knockout", "--out", str(tmp_path / "out")]) == 2  # neither --image nor --dataset
+    assert "give --image" in capsys.readouterr().err
+
+
+def test_a_sweep_averages_groups_with_intervals(demo_bundle, tmp_path):
+    from blip_trace_widgets import demo_samples
+    from blip_trace_widgets.cli import main
+    from blip_trace_widgets.knockout_sweep import knockout_average, knockout_sweep, plot_knockout_average
+
+    samples = demo_samples(per_type=1)
+    table = knockout_sweep(demo_bundle, samples, edges=["image", "object", Edges(keys="cls")], window=1)
+    assert len(table) == len(samples) * 3 * table["layer"].nunique()
+    averages = knockout_average(table)
+    first = averages[(averages.group == "image → question") & (averages.layer == 1)].iloc[0]
+    rows = table[(table.group == "image → question") & (table.layer == 1)]
+    assert first.change == pytest.approx(rows.change.mean()) and first.low <= first.change <= first.high
+    assert first.questions == len(samples)
+    assert len(plot_knockout_average(averages).get_lines()) >= 3
+    with pytest.raises(BlipTraceError, match="each"):
+        knockout_sweep(demo_bundle, samples, edges=[Edges(queries="each")])
+    assert main(["knockout", "--dataset", "easy-vqa-color", "--limit", "2", "--edges", "image",
+                 "--out", str(tmp_path)]) == 0
+    assert {p.name for p in tmp_path.iterdir()} >= {"knockout_sweep.csv", "knockout_average.csv",
+                                                    "knockout_average.png"}

@@ -1,0 +1,113 @@
+"""Knockouts over a dataset: one table row per (question, edge group, layer), averages with 95% intervals.
+
+    >>> from blip_trace_widgets import load_model, demo_samples
+    >>> from blip_trace_widgets.knockout_sweep import knockout_sweep, knockout_average
+    >>> table = knockout_sweep(load_model("demo"), demo_samples(per_type=1), edges=["image", "cls"])
+    >>> sorted(table["group"].unique())
+    ['image [CLS] → question', 'image → question']
+    >>> averages = knockout_average(table)
+    >>> list(averages.columns)
+    ['group', 'layer', 'change', 'low', 'high', 'questions']
+
+``edges`` are :class:`~.edges.Edges` or the names of :data:`~.edges.SHORTHANDS`; ``"object"`` and
+``"background"`` find each image's shape (easy-VQA's one-shape images), so a group means the same part of
+every image. A group's label names it in the table: groups are averaged by label. The average is of the
+relative change (p_cut − p_clean) / p_clean, with a percentile bootstrap interval over questions.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from .edges import Edges, parse_edges
+from .errors import BlipTraceError
+from .knockout import Knockout, KnockoutConfig
+from .loading import BlipBundle
+from .names import EACH_TOKEN, KNOCKOUT_WINDOW
+
+EdgeNames = Sequence[Any]  # Edges, or names of SHORTHANDS
+
+
+def _edges_for(edges: EdgeNames, image: Any) -> tuple[Edges, ...]:
+    out = tuple(e if isinstance(e, Edges) else parse_edges(str(e), image) for e in edges)
+    if any(e.queries == EACH_TOKEN for e in out):
+        raise BlipTraceError("a sweep averages groups by label, and 'each' token differs between questions: pick "
+                             "the tokens by role instead (queries='object', ...)")
+    return out
+
+
+def knockout_sweep(
+    bundle: BlipBundle,
+    samples: Iterable[Any],
+    *,
+    edges: EdgeNames = ("image",),
+    window: int = KNOCKOUT_WINDOW,
+    answer: str = "model",
+    method: str = "exact",
+    progress: Callable[[int], None] | None = None,
+) -> Any:
+    """A DataFrame of every (question, group, layer): p, change, the clean p, the model's answer and whether it
+    is the expected one. ``answer="expected"`` scores the dataset's answer instead of the model's."""
+    import pandas as pd
+
+    from .data import text_of
+    from .subsets import as_samples, open_image
+    from .sweep import is_correct
+
+    if answer not in ("model", "expected"):
+        raise BlipTraceError(f"answer={answer!r}: use 'model' or 'expected'")
+    rows: list[dict[str, Any]] = []
+    for index, item in enumerate(as_samples(samples)):
+        image = open_image(item.image)
+        knock = Knockout.of(bundle, image, text_of(bundle.head, item))
+        config = KnockoutConfig(edges=_edges_for(edges, image), window=window, method=method,
+                                answer=item.answer if answer == "expected" else None)
+        result = knock.run(config)
+        correct = is_correct(knock.tracer.model_answer, item.answer)
+        frame = result.to_dataframe()
+        for record in frame.to_dict("records"):
+            rows.append({"sample": index, "question": item.question, "expected": item.answer,
+                         "model_answer": knock.tracer.model_answer, "correct": correct,
+                         "clean_p": result.clean_score, "window": window, **record})
+        if progress is not None:
+            progress(index + 1)
+    if not rows:
+        raise BlipTraceError("the knockout sweep had no question to run: pass at least one sample")
+    return pd.DataFrame(rows)
+
+
+def knockout_average(table: Any, *, correct_only: bool = False, confidence: float = 0.95) -> Any:
+    """Per (group, layer): the mean relative change over questions, its bootstrap interval and the count."""
+    import pandas as pd
+
+    from .aggregate import bootstrap_interval
+
+    if correct_only:
+        table = table[table["correct"] == True]  # noqa: E712  (None: no expected answer)
+        if not len(table):
+            raise BlipTraceError("no question was answered correctly: drop correct_only")
+    out = []
+    for (group, layer), rows in table.groupby(["group", "layer"], sort=False):
+        low, high = bootstrap_interval(rows["change"].to_numpy(), confidence=confidence)
+        out.append({"group": group, "layer": int(layer), "change": float(rows["change"].mean()), "low": low,
+                    "high": high, "questions": int(rows["sample"].nunique())})
+    return pd.DataFrame(out)
+
+
+def plot_knockout_average(averages: Any, ax: Any = None, *, title: str | None = None) -> Any:
+    """The averaged line plot: mean relative change (%) per layer, one line per group, 95% intervals shaded."""
+    from .plotting import _figure
+
+    if ax is None:
+        ax = _figure((7.5, 4.2)).add_subplot()
+    for group, rows in averages.groupby("group", sort=False):
+        line, = ax.plot(rows["layer"], 100 * rows["change"], marker="o", markersize=3.5, label=group)
+        ax.fill_between(rows["layer"], 100 * rows["low"], 100 * rows["high"], color=line.get_color(), alpha=0.2)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("layer (centre of the cut window)")
+    ax.set_ylabel("mean change of p, % of clean")
+    ax.legend(fontsize=8)
+    questions = int(averages["questions"].max()) if len(averages) else 0
+    ax.set_title(title or f"Attention knockout over {questions} questions: mean change of p with 95% intervals",
+                 fontsize=9)
+    return ax
