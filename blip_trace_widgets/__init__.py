@@ -38,6 +38,9 @@ _PUBLIC: dict[str, str] = {
     "plot_average_heatmaps": "sweep_plots", "plot_effect_by_layer": "sweep_plots",
     "plot_subset_comparison": "sweep_plots",
     "TraceExplorer": "widgets", "VisionTraceExplorer": "widgets",
+    "Edges": "edges", "knockout": "knockout", "Knockout": "knockout", "KnockoutConfig": "knockout",
+    "KnockoutResult": "knockout_result", "knockout_sweep": "knockout_sweep", "knockout_average": "knockout_sweep",
+    "KnockoutExplorer": "knockout_widgets",
 }
 __all__ = sorted(_PUBLIC)
 
@@ -59,7 +62,12 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .captioning import CaptionTrace, trace_caption
     from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, Scale, UniformNoise, WordSwap
     from .data import demo_samples, easy_vqa_captions, shape_box
+    from .edges import Edges
     from .errors import BlipTraceError
+    from .knockout import Knockout, KnockoutConfig, knockout
+    from .knockout_result import KnockoutResult
+    from .knockout_sweep import knockout_average, knockout_sweep
+    from .knockout_widgets import KnockoutExplorer
     from .loading import BlipBundle, load_model
     from .noise_level import estimate_sigma
     from .plotting import plot_on_image, plot_traces

@@ -81,10 +81,12 @@ class Edges:
         """Whether the keys are image tokens (cross-attention of an image reader)."""
         return self.attention == "cross" and self.block != ANSWER_DECODER
 
-    def describe(self, reader: str = "question", keys_text: str = "question") -> str:
-        """The label: keys → queries (the flow of information), the attention when it is self-attention."""
+    def describe(self, reader: str | None = None, keys_text: str = "question") -> str:
+        """The label: keys → queries (the flow of information), the attention when it is self-attention.
+        ``reader`` names every query token (default: "question", or "answer" in the answer decoder)."""
         if self.label is not None:
             return self.label
+        reader = reader or ("answer" if self.block == ANSWER_DECODER else "question")
         flow = f"{self._name(self.keys, 'image' if self.reads_image else keys_text)} → {self._name(self.queries, reader)}"
         if self.attention == "self":
             flow += f" ({ATTENTION_LABELS['self']})"

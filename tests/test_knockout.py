@@ -299,3 +299,32 @@ def test_a_sweep_averages_groups_with_intervals(demo_bundle, tmp_path):
                  "--out", str(tmp_path)]) == 0
     assert {p.name for p in tmp_path.iterdir()} >= {"knockout_sweep.csv", "knockout_average.csv",
                                                     "knockout_average.png"}
+
+
+def test_the_explorer_follows_its_controls_and_shows_errors_inside(demo_bundle):
+    from blip_trace_widgets.knockout_widgets import KnockoutExplorer
+
+    explorer = KnockoutExplorer(demo_bundle, background=False)
+    assert explorer.result.labels == ["image → question", "box (0, 0, 0.5, 0.5) → question",
+                                      "outside box (0, 0, 0.5, 0.5) → question"]
+    assert explorer.plot.value[:4] == b"\x89PNG" and "clean p(" in explorer.status.value
+    side = explorer.columns.max
+    explorer.columns.value, explorer.rows.value = (side // 2, side), (side // 2, side)
+    assert explorer.result.labels[1] == "box (0.5, 0.5, 1, 1) → question"
+    explorer.window.value = 1
+    assert explorer.result.window == 1
+    explorer.groups.value = ("image", "decoder")
+    assert explorer.result.labels[1] == "question → answer in the answer decoder"
+    explorer.queries.value = "each"
+    tokens = len(explorer.queries.options) - 2  # less "every token" and "each token"
+    assert len(explorer.result.labels) == tokens + 1  # each token reading the image, and the decoder's group
+    explorer.queries.value = None
+    explorer.method.value = "estimate"
+    assert explorer.result.is_estimate
+    explorer.groups.value = ("region",)
+    explorer.columns.value = (1, 1)  # an empty region: one clear error inside the explorer, the plot hidden
+    assert "region is empty" in explorer.error.value and explorer.plot.layout.visibility == "hidden"
+    explorer.columns.value = (0, 2)
+    assert explorer.error.value == "" and explorer.plot.layout.visibility == "visible"
+    explorer.question_box.value = "what shape is in the image?"
+    assert explorer.result.question == "what shape is in the image?"

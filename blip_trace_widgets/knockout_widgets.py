@@ -1,0 +1,152 @@
+"""KnockoutExplorer: pick edge groups, an image region and a window, and watch the knockout's line plot update.
+
+    >>> from blip_trace_widgets import load_model
+    >>> from blip_trace_widgets.knockout_widgets import KnockoutExplorer
+    >>> explorer = KnockoutExplorer(load_model("demo"), background=False)   # demo samples in a gallery
+    >>> explorer.result.labels[:2]
+    ['image → question', 'box (0, 0, 0.5, 0.5) → question']
+    >>> explorer.groups.value = ("image", "cls")
+    >>> explorer.result.labels
+    ['image → question', 'image [CLS] → question']
+
+The region is picked on the patch grid painted over the image (columns and rows of patches); "region" cuts
+the question's cross-attention to its patches, "outside" to every other patch. "queries" picks which tokens
+stop reading: every token, one token, or each token in turn (a tokens x layers map). Knockouts run on the
+clean input, exactly by default (cheap: every (group, layer) row is one batch row) or as a first-order
+estimate. Errors show inside the explorer, which carries on.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import ipywidgets as W
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .cache import LRU
+from .edges import Edges
+from .knockout import KNOCKOUT_METHODS, Knockout, KnockoutConfig
+from .knockout_result import KnockoutResult
+from .names import ANSWER_DECODER, BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW, VQA
+from .plotting import figure_png
+from .regions import Box, Outside, patch_grid_size
+from .widgets import _LiveView, _png, answer_html, png_width, set_tooltip
+
+#: The explorer's edge groups: (label, name).
+GROUP_OPTIONS = [("whole image", "image"), ("region", "region"), ("outside region", "outside"),
+                 ("image [CLS]", "cls"), ("answer ↛ question", "decoder")]
+
+
+class KnockoutExplorer(_LiveView):
+    """Live attention knockout of one (image, text) of a BLIP bundle (see the module's notes)."""
+
+    def __init__(self, bundle: Any, image: Any = None, question: str | None = None, *,
+                 gallery: Any = None, window: int = KNOCKOUT_WINDOW, background: bool = True) -> None:
+        super().__init__(bundle, image, question, gallery=gallery, background=background)
+        self._knockouts: LRU[Knockout] = LRU(16)
+        self.result: KnockoutResult | None = None  # type: ignore[assignment]
+        style = {"description_width": "initial"}
+        options = [o for o in GROUP_OPTIONS if o[1] != "decoder" or self.head == VQA]
+        self.groups = W.SelectMultiple(options=options, value=("image", "region", "outside"), rows=len(options),
+                                       description="cut", style=style, layout=W.Layout(width="260px"))
+        set_tooltip(self.groups, "edge groups to cut, one line each (ctrl/cmd-click for several)")
+        side = self._side()
+        self.columns = W.IntRangeSlider(value=(0, side // 2), min=0, max=side, description="region columns",
+                                        style=style, continuous_update=False)
+        self.rows = W.IntRangeSlider(value=(0, side // 2), min=0, max=side, description="region rows", style=style,
+                                     continuous_update=False)
+        self.queries = W.Dropdown(description="queries", style=style, layout=W.Layout(width="260px"))
+        layers = len(self.tracer.blocks.reader.stack)
+        self.window = W.IntSlider(value=min(window, layers), min=1, max=layers, description="window", style=style,
+                                  continuous_update=False)
+        self.method = W.ToggleButtons(options=list(KNOCKOUT_METHODS), value="exact", style={"button_width": "auto"})
+        set_tooltip(self.method, "exact: cut runs (cheap); estimate: one forward and backward pass, first order")
+        self.plot = W.Image(format="png")
+        self._sync_queries()
+        for control in (self.groups, self.columns, self.rows, self.queries, self.window, self.method,
+                        self.question_box, self.caption_box, self.word):
+            control.observe(self._on_change, names="value")
+        self.children = [self._header(), W.HBox([self.groups, W.VBox([self.columns, self.rows, self.queries,
+                                                                      self.window, self.method])]),
+                         self.error, self.plot]
+        self.refresh()
+
+    def _side(self) -> int:
+        return patch_grid_size(int(self.tracer.clean.image_embeds.shape[1]))
+
+    def _sync_queries(self) -> None:
+        tokens = self.tracer.bundle.tokenizer.convert_ids_to_tokens(list(self.tracer.question_ids))
+        options = [("every token", None), *((f"{i}: {t}", i) for i, t in enumerate(tokens)),
+                   ("each token (map)", EACH_TOKEN)]
+        if list(self.queries.options) != options:
+            keep = self.queries.value
+            self._syncing = True
+            try:
+                self.queries.options = options
+                self.queries.value = keep if keep in [v for _, v in options] else None
+            finally:
+                self._syncing = False
+
+    @property
+    def region(self) -> Box:
+        """The region picked on the patch grid, in fractions of the image."""
+        side = self._side()
+        (left, right), (top, bottom) = self.columns.value, self.rows.value
+        if right <= left or bottom <= top:
+            from .errors import BlipTraceError
+
+            raise BlipTraceError("the region is empty: give it at least one column and one row of patches")
+        return Box(left / side, top / side, right / side, bottom / side)
+
+    @property
+    def config(self) -> KnockoutConfig:
+        queries = self.queries.value
+        by_name = {"image": lambda: Edges(queries), "cls": lambda: Edges(queries, IMAGE_CLS),
+                   "region": lambda: Edges(queries, self.region), "outside": lambda: Edges(queries, Outside(self.region)),
+                   "decoder": lambda: Edges(block=ANSWER_DECODER)}
+        edges = tuple(by_name[name]() for name in self.groups.value)
+        return KnockoutConfig(edges=edges, window=int(self.window.value), method=str(self.method.value),
+                              **self.scored)
+
+    def _on_change(self, _change: dict) -> None:
+        if not self._syncing:
+            self.refresh()
+
+    def _run(self, job: threading.Event) -> None:
+        tracer = self.tracer
+        self.answer_view.value = answer_html(tracer)
+        self._sync_words(tracer)
+        self._sync_queries()
+        self.image_view.value = _png(self._painted(), self.preview_width)
+        key = (self._image_id, self.question_box.value.strip())
+        knock = self._knockouts.get_or_make(key, lambda: Knockout(tracer))
+        result = knock.run(self.config)
+        if job.is_set():
+            return
+        self.result = result
+        figure = (result.plot_tokens() if self.queries.value == EACH_TOKEN else result.plot()).figure
+        self.plot.value = png = figure_png(figure)
+        self.plot.layout.width = f"{png_width(png)}px"
+        self._dim(False)
+        strongest = ", ".join(f"{label}: {change:+.0%} at layer {layer}"
+                              for (label, layer, change), tiny in zip(result.strongest(), result.tiny()) if not tiny)
+        self.status.value = (f"clean p({result.answer}) {result.clean_score:.3f}; strongest: {strongest or 'none'}"
+                             f" · window {result.window} of the {BLOCK_LABELS[tracer.blocks.reader.name]}")
+
+    def _painted(self) -> Image.Image:
+        """The image with the patch grid and the picked region drawn on it."""
+        image = self.image.convert("RGB").resize((384, 384))
+        draw = ImageDraw.Draw(image)
+        side = self._side()
+        for k in np.linspace(0, 384, side + 1):
+            draw.line([(k, 0), (k, 384)], fill=(200, 200, 200), width=1)
+            draw.line([(0, k), (384, k)], fill=(200, 200, 200), width=1)
+        (left, right), (top, bottom) = self.columns.value, self.rows.value
+        if right > left and bottom > top:
+            cell = 384 / side
+            draw.rectangle([left * cell, top * cell, right * cell, bottom * cell], outline=(255, 0, 0), width=4)
+        return image
+
+    def _maps(self) -> list[W.Widget]:
+        return [self.plot]
