@@ -91,3 +91,26 @@ def test_colab_install_runs_only_on_colab(path, monkeypatch):
     assert calls == [("pip", "install --quiet {PACKAGE}")]
     project = tomllib.loads((path.parents[1] / "pyproject.toml").read_text())["project"]["name"]
     assert namespace["PACKAGE"] == project
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_a_failed_colab_install_says_what_to_do(path, monkeypatch):
+    """While the package is unpublished, pip fails on Colab: the first cell then stops with a clear message."""
+    import importlib.util
+    import sys
+    import types
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    cells = json.loads(path.read_text())["cells"]
+    python = TransformerManager().transform_cell("".join(next(c for c in cells if c["cell_type"] == "code")["source"]))
+
+    class Shell:
+        def run_line_magic(self, name, line, _stack_depth=1):
+            pass  # pip "fails": nothing is installed
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "blip_trace_widgets" else real(name, *a))
+    with pytest.raises(RuntimeError, match="did not install: blip-trace-widgets may not be published yet"):
+        exec(python, {"get_ipython": Shell})
