@@ -217,8 +217,8 @@ Attention = Literal["cross", "self"]
 #: question) and its self-attention.
 ATTENTIONS: tuple[Attention, ...] = ("cross", "self")
 ATTENTION_LABELS: dict[str, str] = {"cross": "cross-attention", "self": "self-attention"}
-#: Layers a knockout cuts around each layer: Zhang et al.'s script (``current_window=9``) cuts 9 of LLaVA-1.5's
-#: 32 decoder layers, 28%; 3 of BLIP's 12 text layers is the nearest share.
+#: Layers a knockout cuts around each layer: Zhang et al.'s script (``current_window=9``) cuts 9 layers of
+#: LLaVA-1.5 (32 layers in the 7B model, 40 in the 13B: 28% and 23%); 3 of BLIP's 12 text layers is 25%.
 KNOCKOUT_WINDOW = 3
 #: The image's first token, the ViT's [CLS], as a knockout's keys.
 IMAGE_CLS = "cls"
