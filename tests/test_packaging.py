@@ -69,7 +69,7 @@ def test_wheel_and_sdist_pass_twine_and_the_wheel_holds_only_the_package(dist):
     assert not [n for n in names if "/tests/" in n or n.endswith(".ipynb")]
     info = next(n for n in names if n.endswith(".dist-info/METADATA"))
     metadata = zipfile.ZipFile(wheel).read(info).decode()
-    for field in ("License-Expression: MIT", "License-File: LICENSE", "Project-URL: Homepage,", "Requires-Python: >=3.10",
+    for field in ("License-Expression: MIT", "License-File: LICENSE", "Project-URL: Homepage,", "Requires-Python: >=3.11",
                   "Classifier: Programming Language :: Python :: 3.11"):
         assert field in metadata, field
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
