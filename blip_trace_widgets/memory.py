@@ -67,6 +67,10 @@ def checkpoint_dtype(folder: Path) -> torch.dtype | None:
     return floats[0] if len(floats) == 1 else None
 
 
+#: Bytes of half-precision copies kept (the least recently used beyond it are removed after each conversion).
+HALF_CACHE_BYTES = 3 << 30
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("BLIP_TRACE_CACHE") or Path.home() / ".cache" / "blip-trace-widgets") / "half"
 
@@ -79,6 +83,7 @@ def half_checkpoint(folder: Path, dtype: torch.dtype) -> Path:
     key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
     target = _cache_root() / f"{folder.name}-{NAMES[dtype].lower()}-{key}"
     if (target / "model.safetensors").is_file():
+        os.utime(target)  # used now: pruning keeps the most recently used copies
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
@@ -90,7 +95,34 @@ def half_checkpoint(folder: Path, dtype: torch.dtype) -> Path:
         os.replace(partial, target)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    prune_half_cache(keep=target)
     return target
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def prune_half_cache(budget: int | None = None, keep: Path | None = None) -> list[Path]:
+    """Remove the least recently used half-precision copies beyond ``budget`` bytes (``BLIP_TRACE_HALF_CACHE_GB``,
+    default :data:`HALF_CACHE_BYTES`: about three of BLIP-base's); never ``keep`` (the copy in use). Returns
+    what was removed. To clear the cache yourself, delete ``~/.cache/blip-trace-widgets/half`` (or
+    ``$BLIP_TRACE_CACHE/half``)."""
+    if budget is None:
+        gigabytes = os.environ.get("BLIP_TRACE_HALF_CACHE_GB")
+        budget = int(float(gigabytes) * (1 << 30)) if gigabytes else HALF_CACHE_BYTES
+    root = _cache_root()
+    if not root.is_dir():
+        return []
+    copies = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".partial-")),
+                    key=lambda d: d.stat().st_mtime, reverse=True)
+    removed, total = [], 0
+    for copy in copies:
+        total += _size(copy)
+        if total > budget and copy != keep:
+            shutil.rmtree(copy, ignore_errors=True)
+            removed.append(copy)
+    return removed
 
 
 def _convert(source: Path, destination: Path, dtype: torch.dtype) -> None:

@@ -195,3 +195,23 @@ def test_half_precision_on_a_cpu_sizes_chunks_as_float32(image, question):
         config = TraceConfig(samples=2)
         rows[dtype] = tracer.blocks.reader.rows_per_chunk(tracer, config, tracer.target(config))
     assert rows["bfloat16"] == rows["float32"]
+
+
+def test_the_half_precision_cache_is_bounded(float32_folder, tmp_path, monkeypatch):
+    """Conversions beyond the budget remove the least recently used copies, never the one in use."""
+    import os
+    import time
+
+    from blip_trace_widgets.memory import prune_half_cache
+
+    monkeypatch.setenv("BLIP_TRACE_CACHE", str(tmp_path / "cache"))
+    load_model(str(float32_folder), dtype="bfloat16")
+    first = next((tmp_path / "cache" / "half").iterdir())
+    size = sum(f.stat().st_size for f in first.iterdir())
+    old = time.time() - 3600
+    os.utime(first, (old, old))
+    monkeypatch.setenv("BLIP_TRACE_HALF_CACHE_GB", str(1.5 * size / (1 << 30)))  # room for one copy, not two
+    load_model(str(float32_folder), dtype="float16")
+    left = [p.name for p in (tmp_path / "cache" / "half").iterdir()]
+    assert len(left) == 1 and "-f16-" in left[0], left
+    assert len(prune_half_cache(budget=0)) == 1 and not list((tmp_path / "cache" / "half").iterdir())
