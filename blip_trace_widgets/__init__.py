@@ -41,6 +41,7 @@ _PUBLIC: dict[str, str] = {
     "Edges": "edges", "knockout": "knockout", "Knockout": "knockout", "KnockoutConfig": "knockout",
     "KnockoutResult": "knockout_result", "knockout_sweep": "knockout_sweep", "knockout_average": "knockout_sweep",
     "KnockoutExplorer": "knockout_widgets",
+    "trace_cost": "cost",
 }
 __all__ = sorted(_PUBLIC)
 
@@ -61,6 +62,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .aggregate import average_effect, average_trace, bootstrap_interval, top_heads
     from .captioning import CaptionTrace, trace_caption
     from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, Scale, UniformNoise, WordSwap
+    from .cost import trace_cost
     from .data import demo_samples, easy_vqa_captions, shape_box
     from .edges import Edges
     from .errors import BlipTraceError

@@ -235,6 +235,11 @@ def run_trace(args: argparse.Namespace) -> int:
     if head == CAPTION and args.target is None:
         return _trace_every_word(args, tracer, config)
     print(_what_the_model_says(tracer))
+    from .cost import trace_cost
+
+    warning = trace_cost(tracer, config).warning()
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     unknown = tracer.unknown_words
     if unknown:
         print(f"warning: the model's vocabulary lacks {', '.join(map(repr, unknown))}; it reads [UNK] there, "

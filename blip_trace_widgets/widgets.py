@@ -213,6 +213,33 @@ def _gallery(gallery: Sequence[tuple] | None, samples: Sequence[tuple] | None) -
     return gallery
 
 
+def _reporter(view: Any, job: threading.Event) -> Callable[[int, int], None]:
+    """Progress of one trace in ``view``'s bar, and after a few seconds the time left in its status line."""
+    import time
+
+    started = time.perf_counter()
+    notice = view.status.value if "large" in view.status.value else ""
+
+    def report(done: int, total: int) -> None:
+        if job.is_set():
+            raise _Cancelled
+        view.progress.max, view.progress.value = max(total, 1), done
+        elapsed = time.perf_counter() - started
+        if 0 < done < total and elapsed > 2:
+            left = elapsed * (total - done) / done
+            view.status.value = f"<i>tracing… {done} of {total} cells, about {left:.0f} s left</i>{notice}"
+
+    return report
+
+
+def cost_notice(tracer: Tracer, config: TraceConfig) -> str:
+    """The status line before a trace: a warning naming its size when it is large, else "tracing…"."""
+    from .cost import trace_cost
+
+    warning = trace_cost(tracer, config).warning()
+    return "<i>tracing…</i>" + (f"<br><b>{escape(warning)}</b>" if warning else "")
+
+
 class _LiveView(W.VBox):
     """What the explorers share: an (image, question) with a gallery, one cached Tracer per pair,
     and background tracing where newer changes cancel older traces and errors show inside."""
@@ -371,12 +398,7 @@ class _LiveView(W.VBox):
             thread.join(timeout)
 
     def _progress(self, job: threading.Event):
-        def report(done: int, total: int) -> None:
-            if job.is_set():
-                raise _Cancelled
-            self.progress.max, self.progress.value = max(total, 1), done
-
-        return report
+        return _reporter(self, job)
 
     def _work(self, job: threading.Event) -> None:
         self.status.value = "<i>tracing…</i>"
@@ -569,6 +591,7 @@ class TraceExplorer(_LiveView):
         self._sync_words(tracer)
         phases = self._phases(self.config)
         for i, config in enumerate(phases):
+            self.status.value = cost_notice(tracer, config)
             if self.view.value == "compare":
                 window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
                 results = [tracer.trace(replace(config, kind=k, window=window_for(k, window)),
@@ -801,6 +824,7 @@ class VisionTraceExplorer(_LiveView):
         self._sync_words(tracer)
         phases = self._phases(self.config)
         for i, config in enumerate(phases):
+            self.status.value = cost_notice(tracer, config)
             result = tracer.trace(config, progress=self._progress(job))
             if job.is_set():
                 return
