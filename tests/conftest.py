@@ -1,6 +1,14 @@
 """Shared fixtures: a tiny BLIP built from BlipConfig (random weights), an image and a question."""
 from __future__ import annotations
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share the cores: one torch thread each, in subprocesses too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 import numpy as np
 import pytest
 from PIL import Image

@@ -124,6 +124,34 @@ def test_colab_first_cell_installs_the_wheel_then_notebook_1_runs(wheel_venv, di
     assert installed.returncode == 0 and "Version:" in installed.stdout
 
 
+def _versions(python: Path) -> dict[str, str]:
+    frozen = subprocess.run([str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True,
+                            check=True).stdout
+    return {p["name"].lower(): p["version"] for p in json.loads(frozen)}
+
+
+def test_colabs_package_list_is_kept_and_notebooks_run_on_it(dist, tmp_path):
+    """Colab's preinstalled versions of what this project touches (tests/colab-packages.txt) first, then the wheel:
+    it must change none of them, and notebooks 01, 02 and 09 must run there."""
+    pins = [line.strip() for line in (ROOT / "tests" / "colab-packages.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    python = _venv(tmp_path / "colab")
+    _pip(python, "install", *pins, "nbclient")
+    before = _versions(python)
+    _pip(python, "install", str(next(dist.glob("*.whl"))))
+    after = _versions(python)
+    for pin in pins:
+        name, version = pin.split("==")
+        assert before[name.lower()] == version and after[name.lower()] == version, (pin, after.get(name.lower()))
+    work = tmp_path / "content"
+    work.mkdir()
+    for name in ("01_quickstart.ipynb", "02_question_encoder.ipynb", "09_image_conditioned_generation.ipynb"):
+        shutil.copy(ROOT / "notebooks" / name, work / name)
+        run = subprocess.run([str(python), "-c", RUN_NOTEBOOK, str(work / name), str(work)], cwd=work,
+                             capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0, name + run.stdout[-2000:] + run.stderr[-3000:]
+
+
 def _memory_cgroup(limit: int) -> Path | None:
     """A cgroup (v1) with a memory limit, where this machine allows one; None elsewhere."""
     root = Path("/sys/fs/cgroup/memory")

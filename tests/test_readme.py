@@ -29,3 +29,13 @@ def test_each_snippet_runs_on_its_own(snippet, tmp_path):
                          env={"MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
                               "HOME": str(tmp_path)})
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_ci_runs_the_readmes_two_set_up_commands():
+    """.ci/run installs everything with the README's set-up and then runs the README's test command."""
+    readme = (ROOT / "README.md").read_text()
+    commands = [line.strip() for line in re.findall(r"```bash\n(.*?)```", readme, re.S)[:2]]
+    assert commands[0].startswith("bash scripts/setup.sh && .venv/bin/blip-trace demo")
+    assert commands[1].startswith("bash scripts/setup.sh --browser && .venv/bin/python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci.splitlines()
