@@ -125,7 +125,8 @@ def run_demo(args: argparse.Namespace) -> int:
     levels = [getattr(default_corruption(bundle, stage), "level", 0.0) for stage in ("image", "patches")]
     print(f"demo model: Gaussian noise of {levels[0]:g}σ on the image embeddings "
           f"({levels[1]:g}σ on the patch embeddings for the image-side trace), "
-          f"{args.samples} noise samples")
+          f"{args.samples} noise samples. Each model is traced at its own level: the one its folder's "
+          "trace_defaults.json names, where its maps show a clear effect (ROME's 3σ where it names none)")
     _check_out(args.out)
     out = Path(args.out)
     bar = _progress_bar(len(samples) * len(DEMO_TRACES) + len(DEMO_HEAD_TRACES))
@@ -171,6 +172,9 @@ def _demo_heads(args: argparse.Namespace, image: Any, out: Path, bar: Any) -> in
         result = tracer.trace(config)
         what = (f"caption {tracer.model_answer!r}, word {result.answer!r}" if caption_model
                 else f"text {tracer.question!r}: {tracer.model_answer} (p {tracer.match_probability:.3f})")
+        level = getattr(config.corruption, "level", None)
+        why = "its trace_defaults.json" if getattr(bundle, "noise_scale", 3.0) != 3.0 else "ROME's, as it names none"
+        what += f"; noise {level:g}σ ({why})" if level is not None else ""
         bar.write(f"\n[{model}] {HEAD_INFO[bundle.head].label}: {what}")
         png, js = _write(result, out, f"{model}-{output_stem(tracer.question or 'caption', tracer.image_key, config)}")
         bar.update(1)
