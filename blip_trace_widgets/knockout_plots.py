@@ -32,7 +32,8 @@ KNOCKOUT_CMAP = "RdBu_r"
 
 def knockout_title(result: KnockoutResult, width: int = 72) -> str:
     """What the figure shows: the scored text, its clean p, the window, exact or estimate."""
-    how = "exact" if not result.is_estimate else "ESTIMATE (gradient of an edge multiplier), not cut runs"
+    how = "exact" if not result.is_estimate else ("ESTIMATE (first order in an edge multiplier: far off where a cut "
+                                                  "removes much of p), not cut runs")
     text = (f"Attention knockout, window {result.window}: change of p({result.answer}) "
             f"(clean p = {result.clean_score:.3g}); {how}")
     if result.question:
