@@ -29,7 +29,8 @@ _PUBLIC: dict[str, str] = {
     "CaptionTrace": "captioning", "trace_caption": "captioning",
     "PROCEDURES": "procedures", "procedure_config": "procedures",
     "estimate_sigma": "noise_level",
-    "demo_samples": "data", "shape_box": "data", "easy_vqa_captions": "data",
+    "demo_samples": "data", "shape_box": "data", "easy_vqa_captions": "data", "easy_vqa_pairs": "data",
+    "PairSample": "data", "hf_pairs": "subsets",
     "load_vqa_subset": "subsets", "open_image": "subsets",
     "sweep": "sweep", "load_sweep": "sweep",
     "average_effect": "aggregate", "average_trace": "aggregate", "bootstrap_interval": "aggregate",
@@ -63,7 +64,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .captioning import CaptionTrace, trace_caption
     from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, Scale, UniformNoise, WordSwap
     from .cost import trace_cost
-    from .data import demo_samples, easy_vqa_captions, shape_box
+    from .data import PairSample, demo_samples, easy_vqa_captions, easy_vqa_pairs, shape_box
     from .edges import Edges
     from .errors import BlipTraceError
     from .knockout import Knockout, KnockoutConfig, knockout
@@ -76,7 +77,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .procedures import PROCEDURES, procedure_config
     from .regions import Box, Mask, Outside, same_size_elsewhere
     from .results import TraceResult
-    from .subsets import load_vqa_subset, open_image
+    from .subsets import hf_pairs, load_vqa_subset, open_image
     from .sweep import load_sweep, sweep
     from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
     from .tracing import TraceConfig, Tracer, default_config, trace

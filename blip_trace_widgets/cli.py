@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import parse_position
-from .corruption import BY_NAME, from_name
+from .corruption import BY_NAME, WordSwap, from_name
 from .errors import BlipTraceError
 from .names import (
     ANSWER_DECODER,
@@ -197,12 +197,19 @@ def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
     from .procedures import resolve_config
 
     args.block = args.block or HEAD_INFO[bundle.head].blocks[0]
-    if args.noise is not None:
+    counterfactual = _counterfactual(args)
+    if counterfactual is not None and (args.noise is not None or args.scale is not None):
+        raise UsageError("--counterfactual-image and --swap replace the noise: drop --noise and --scale")
+    if counterfactual is not None:
+        corruption = counterfactual
+    elif args.noise is not None:
         corruption = from_name(args.noise, args.scale)
     elif args.scale is not None:
         raise UsageError("--scale sets the level of --noise: pass --noise too")
     else:
         corruption = None  # the procedure's own, at the model's level for ROME's (resolve_config)
+    if isinstance(corruption, WordSwap):
+        args.corrupt = args.corrupt or "question"
     return resolve_config(bundle, args.procedure, block=args.block, kind=args.kind, window=args.window,
                             corruption=corruption, samples=args.samples, seed=args.seed, answer=args.answer,
                             metric=args.metric, contrast=args.contrast, sever=args.sever, sever_at=args.sever_at,
@@ -210,6 +217,24 @@ def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
                             regions=args.regions, method=args.method, steps=args.steps, target=args.target,
                             verify=args.verify, direction=args.direction,
                             position=parse_position(args.position))
+
+
+def _counterfactual(args: argparse.Namespace) -> Any:
+    """--counterfactual-image PATH or --swap OLD=NEW[,OLD=NEW]: an ImageSwap or a WordSwap, else None."""
+    from .corruption import ImageSwap
+
+    if args.counterfactual_image is not None and args.swap is not None:
+        raise UsageError("--counterfactual-image swaps the image, --swap the question's words: pick one")
+    if args.counterfactual_image is not None:
+        if not Path(args.counterfactual_image).is_file():
+            raise UsageError(f"--counterfactual-image {args.counterfactual_image!r}: no such file")
+        return ImageSwap(args.counterfactual_image)
+    if args.swap is None:
+        return None
+    pairs = [item.split("=") for item in args.swap.split(",") if item.strip()]
+    if not pairs or any(len(pair) != 2 or not all(w.strip() for w in pair) for pair in pairs):
+        raise UsageError(f"--swap takes OLD=NEW words, comma-separated, such as circle=triangle; got {args.swap!r}")
+    return WordSwap({old.strip(): new.strip() for old, new in pairs})
 
 
 def _check_out(out: str) -> None:
@@ -452,6 +477,13 @@ def _add_trace_options(one: argparse.ArgumentParser) -> None:
     one.add_argument("--noise", choices=list(BY_NAME), default=None,
                      help="the corruption (default: gaussian, at the model's own level on image embeddings)")
     one.add_argument("--scale", type=float, default=None, help=_noise_help())
+    one.add_argument("--counterfactual-image", default=None,
+                     help="corrupt by swapping in this image instead of noise (at --corrupt image, patches or pixels); "
+                          "with --metric logit_diff the model's answer on it is the contrast by default")
+    one.add_argument("--swap", default=None,
+                     help="corrupt by swapping question words instead of noise, OLD=NEW[,OLD=NEW] such as "
+                          "circle=triangle (same length in tokens; the model's answer to the swapped question is "
+                          "logit_diff's default contrast)")
     one.add_argument("--samples", type=int, default=None, help="noise samples averaged per cell (default: 10)")
     one.add_argument("--seed", type=int, default=None, help="noise seed (default: 0)")
     one.add_argument("--answer", default=None,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import anatomy
-from .corruption import GaussianNoise, ImageSwap, describe
+from .corruption import GaussianNoise, ImageSwap, WordSwap, describe
 from .errors import BlipTraceError
 from .names import (
     DEFAULT_SAMPLES,
@@ -105,8 +105,10 @@ class TraceConfig:
                 "or a callable (clean, samples, generator) -> corrupted")
         if self.metric not in METRICS:
             raise BlipTraceError(f"unknown metric {self.metric!r}: use one of {', '.join(METRICS)}")
-        if self.metric == "logit_diff" and not self.contrast:
-            raise BlipTraceError("metric='logit_diff' needs contrast='...', the answer to compare against")
+        paired = isinstance(self.corruption, (ImageSwap, WordSwap))
+        if self.metric == "logit_diff" and not self.contrast and not paired:
+            raise BlipTraceError("metric='logit_diff' needs contrast='...', the answer to compare against (a "
+                                 "counterfactual, ImageSwap or WordSwap, supplies its own on a VQA model)")
         for name in ("answer", "contrast"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -182,8 +184,9 @@ class TraceConfig:
             raise BlipTraceError(f"unknown corrupt {stage!r}: use one of {', '.join(STAGES)}")
         if own is not None and own != stage:
             raise BlipTraceError(f"{type(self.corruption).__name__} works on {own}: use corrupt={own!r}")
-        if isinstance(self.corruption, ImageSwap) and stage != "image":
-            raise BlipTraceError("ImageSwap replaces the image embeddings: use it with corrupt='image'")
+        if isinstance(self.corruption, ImageSwap) and stage == "question":
+            raise BlipTraceError("ImageSwap replaces the image: use it with corrupt='image', 'patches' or 'pixels' "
+                                 "(WordSwap replaces the question's words)")
         if self.block == VISION_ENCODER and stage not in ("patches", "pixels"):
             raise BlipTraceError(
                 f"restoring vision-encoder states undoes nothing when the corruption is on the {stage}: "

@@ -93,8 +93,10 @@ class CorruptedRuns(TargetedPass):
 
     def _apply(self, config: TraceConfig, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         corruption = config.corruption
-        if isinstance(corruption, ImageSwap) and corruption.embeddings is None:
-            corruption = corruption.bind(self.embed_image)
+        if isinstance(corruption, ImageSwap) and corruption.embeddings is None:  # the other image at this stage
+            corruption = corruption.bind({"image": self.embed_image, "pixels": self.pixel_values,
+                                          "patches": lambda image: self.vision.embed(self.pixel_values(image)),
+                                          }[str(config.corrupt)])
         if isinstance(corruption, WordSwap) and corruption.embeddings is None:
             corruption = self.bound_swap(corruption)
         samples = int(config.samples)

@@ -226,10 +226,12 @@ class Scale(_Leveled):
 
 @dataclass(frozen=True)
 class ImageSwap:
-    """Replace the embeddings with those of a counterfactual image (the same in every sample).
+    """Replace the image with a counterfactual image (the same in every sample), at the stage the trace corrupts:
+    its image embeddings (``corrupt="image"``), its patch embeddings (``"patches"``, before the vision encoder) or
+    its pixels (``"pixels"``).
 
-    The tracer embeds ``other_image`` with the model's own vision encoder through
-    :meth:`bind`; equal images give equal keys, so swaps cache like the other corruptions.
+    The tracer computes ``other_image``'s input at that stage with the model's own processor and vision encoder
+    through :meth:`bind`; equal images give equal keys, so swaps cache like the other corruptions.
     """
 
     other_image: Any = field(compare=False, hash=False, repr=False)

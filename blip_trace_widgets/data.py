@@ -124,6 +124,61 @@ def easy_vqa_captions(split: str = "test") -> list[tuple[str, str]]:
     return sorted(((path, caption) for path, caption in pairs if caption is not None), key=lambda pair: _image_number(pair[0]))
 
 
+class PairSample(NamedTuple):
+    """A semantic image pair: two images that differ in one attribute, one question, and each image's own answer
+    to it, both from the dataset's questions."""
+
+    image: Any
+    counterfactual_image: Any
+    question: str
+    answer: str
+    counterfactual_answer: str
+    sources: tuple[str, str] = ("", "")  # where the two images came from (the dataset's files), when known
+
+
+PAIR_KINDS = {"color": COLORS, "shape": SHAPES}
+
+
+def easy_vqa_pairs(kind: str = "color", split: str = "test", limit: int | None = None) -> list[PairSample]:
+    """easy-VQA image pairs that differ in exactly ``kind`` ("color" or "shape"): the same shape in another colour,
+    or the same colour on another shape (each image's colour and shape settled by its own questions), asked the
+    same question, which the dataset answers for both images, differently. Each image is used once, in the order
+    of the image ids; nothing is guessed: a pair exists only where the dataset asks both images that question.
+
+        >>> pair = easy_vqa_pairs("color", limit=1)[0]
+        >>> pair.answer != pair.counterfactual_answer
+        True
+    """
+    if kind not in PAIR_KINDS:
+        raise ValueError(f"unknown pair kind {kind!r}: use one of {', '.join(PAIR_KINDS)}")
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    for path, question, answer in easy_vqa_questions(split):
+        by_image.setdefault(path, []).append((question, answer))
+    facts = {path: image_facts(qs) for path, qs in by_image.items()}
+    settled = sorted((p for p, f in facts.items() if f.caption is not None), key=_image_number)
+    keep = "shapes" if kind == "color" else "colors"
+    used: set[str] = set()
+    pairs: list[PairSample] = []
+    for path in settled:
+        if path in used:
+            continue
+        asked = {q: a for q, a in by_image[path] if a in PAIR_KINDS[kind]}
+        for other in settled:
+            if other in used or other == path or getattr(facts[other], keep) != getattr(facts[path], keep):
+                continue
+            theirs = {q: a for q, a in by_image[other] if a in PAIR_KINDS[kind]}
+            shared = [q for q in asked if q in theirs and theirs[q] != asked[q]]
+            if shared:
+                question = shared[0]
+                pairs.append(PairSample(Image.open(path).convert("RGB"), Image.open(other).convert("RGB"), question,
+                                        asked[question], theirs[question], (path, other)))
+                used |= {path, other}
+                break
+        if limit is not None and len(pairs) >= limit:
+            break
+    return pairs
+
+
 def _image_number(path: str) -> int:
     digits = re.findall(r"\d+", path.rsplit("/", 1)[-1])
     return int(digits[-1]) if digits else 0

@@ -95,7 +95,10 @@ def trace_title(result: TraceResult, width: int = 70) -> str:
                  else " at " + ", ".join(repr(label) for label in labels[:6]) + (" …" if len(labels) > 6 else ""))
     if result.is_estimate:
         what = method_text(result) + ": " + what
-    scores = (f"{result.scored}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, "
+    contrast = config.get("contrast_answer")
+    against = f" against {contrast!r}" if contrast and result.metric == "logit_diff" else ""
+    against += " (the counterfactual's answer)" if against and config.get("counterfactual_answer") else ""
+    scores = (f"{result.scored}{against}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, "
               f"total effect {result.total_effect:.3g}")
     negative = negative_text(result)
     scores += f"; {negative}" if negative else ""

@@ -319,6 +319,40 @@ def hf_samples(
                 return
 
 
+def hf_pairs(
+    dataset: Any,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    streaming: bool = True,
+    image: str = "image",
+    counterfactual_image: str = "counterfactual_image",
+    question: str = "question",
+    answer: str = "answer",
+    counterfactual_answer: str = "counterfactual_answer",
+    limit: int | None = None,
+) -> Iterator[Any]:
+    """Semantic image pairs (:class:`~.data.PairSample`) from any ``datasets`` dataset (or a hub id) with columns for
+    both images and both answers, named through the keywords. A row whose answers are equal is refused: it is no
+    pair."""
+    from .data import PairSample
+
+    if isinstance(dataset, str):
+        dataset = _load_hf(dataset, config, split, streaming)
+    wanted = [image, counterfactual_image, question, answer, counterfactual_answer]
+    for count, row in enumerate(dataset):
+        missing = [c for c in wanted if c not in row]
+        if missing:
+            raise ValueError(f"the dataset's rows have no column {', '.join(map(repr, missing))} (they have "
+                             f"{sorted(row)}): name the columns, e.g. hf_pairs(ds, counterfactual_image='image_b')")
+        if str(row[answer]).strip() == str(row[counterfactual_answer]).strip():
+            raise ValueError(f"row {count} gives both images the answer {row[answer]!r}: a pair's answers differ")
+        yield PairSample(row[image], row[counterfactual_image], str(row[question]), str(row[answer]),
+                         str(row[counterfactual_answer]))
+        if limit is not None and count + 1 >= limit:
+            return
+
+
 def hf_caption_samples(
     dataset: Any,
     *,

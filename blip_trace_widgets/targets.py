@@ -60,7 +60,7 @@ class TargetedPass(CleanPass):
         self.check_config(config)
         contrast = None
         if config.metric == "logit_diff":
-            contrast = encode_answer(self.bundle.tokenizer, config.contrast or "")[0]
+            contrast = self.contrast_id(config)
         if self.head == ITM:
             return Target(tuple(self.question_ids), readout="itc" if config.metric == "itc" else "match")
         bos = int(anatomy.text_config(self.model).bos_token_id)
@@ -69,10 +69,36 @@ class TargetedPass(CleanPass):
             target = Target((bos, *tokens[:-1]), tokens, 0, contrast)
         else:
             target = self._caption_target(config, contrast)
+        if contrast is not None and contrast == target.tokens[0] and config.contrast is None:
+            said = self.bundle.tokenizer.decode([contrast]).strip()
+            raise BlipTraceError(f"the model answers {said!r} on the counterfactual too, so the pair has no contrast: "
+                                 "pick a counterfactual that changes its answer, or pass contrast='...'")
         if contrast is not None and contrast == target.tokens[0]:
             raise BlipTraceError(f"the contrast starts with the same token as the {HEAD_INFO[self.head].scored}; "
                                  "pick another contrast")
         return target
+
+    def contrast_id(self, config: TraceConfig) -> int:
+        """A logit difference's contrast token: ``config.contrast``'s first token, or for a counterfactual (an
+        ``ImageSwap`` or ``WordSwap``, VQA) the first token of the model's own answer on the counterfactual input."""
+        if config.contrast is not None:
+            return int(encode_answer(self.bundle.tokenizer, config.contrast)[0])
+        counterfactual = self.counterfactual_pass(config)
+        if counterfactual is None or not counterfactual.clean.greedy_ids:
+            raise BlipTraceError("metric='logit_diff' compares the answer with a contrast: pass contrast='...' (a "
+                                 "counterfactual image or word swap on a VQA model supplies its own answer)")
+        return int(counterfactual.clean.greedy_ids[0])
+
+    def counterfactual_pass(self, config: TraceConfig) -> CleanPass | None:
+        """The clean pass of the counterfactual input of an ``ImageSwap`` or ``WordSwap`` (VQA), else None."""
+        from .corruption import ImageSwap, WordSwap
+
+        corruption = config.corruption
+        if self.head != VQA or not isinstance(corruption, (ImageSwap, WordSwap)):
+            return None
+        if isinstance(corruption, ImageSwap):
+            return CleanPass(self.bundle, corruption.other_image, self.question)
+        return CleanPass(self.bundle, self.image, corruption.counterfactual(self.question))
 
     def _caption_target(self, config: TraceConfig, contrast: int | None) -> Target:
         ids = self.caption_ids(config.answer)

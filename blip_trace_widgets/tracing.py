@@ -227,11 +227,21 @@ class Tracer(CorruptedRuns):
             config={**config.to_json(), "question": self.question, "model": self.bundle.name,
                     "head": self.head, "model_answer": self.model_answer,
                     **({"target": int(config.target or 0)} if self.head == CAPTION else {}),
-                    "answer_ids": [int(i) for i in target.tokens],
+                    "answer_ids": [int(i) for i in target.tokens], **_contrast_text(self, config, target),
                     "dtype": str(self.bundle.dtype).replace("torch.", ""), **extra},
         )
         result.image = self.image  # for plot_on_image; not serialised
         return self._results.put(key, result)
+
+
+def _contrast_text(tracer: Any, config: TraceConfig, target: Target) -> dict[str, Any]:
+    """A logit difference's contrast as said, and the counterfactual's own answer when a pair supplied it."""
+    if target.contrast is None:
+        return {}
+    fields: dict[str, Any] = {"contrast_answer": str(tracer.bundle.tokenizer.decode([target.contrast])).strip()}
+    if config.contrast is None:
+        fields["counterfactual_answer"] = fields["contrast_answer"]
+    return fields
 
 
 def _check_finite(config: TraceConfig, low: float, high: float, mean: np.ndarray) -> None:

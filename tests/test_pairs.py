@@ -1,0 +1,88 @@
+"""Counterfactual pairs (issue 27): easy-VQA image pairs, a pair's own contrast, ImageSwap at every image stage,
+and the command line's --counterfactual-image and --swap."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from blip_trace_widgets import BlipTraceError, ImageSwap, Tracer, WordSwap, trace
+from blip_trace_widgets.data import COLORS, SHAPES, easy_vqa_pairs, easy_vqa_questions, image_facts
+
+
+@pytest.mark.parametrize("kind", ["color", "shape"])
+def test_pairs_differ_in_one_attribute_and_take_both_answers_from_the_dataset(kind):
+    pairs = easy_vqa_pairs(kind, limit=25)
+    assert len(pairs) == 25
+    asked: dict[str, dict[str, str]] = {}
+    for path, question, answer in easy_vqa_questions("test"):
+        asked.setdefault(path, {})[question] = answer
+    used = [p for pair in pairs for p in pair.sources]
+    assert len(used) == len(set(used))  # each image once
+    for pair in pairs:
+        first, second = (image_facts(list(asked[p].items())) for p in pair.sources)
+        changed, kept = ("colors", "shapes") if kind == "color" else ("shapes", "colors")
+        assert getattr(first, kept) == getattr(second, kept) and len(getattr(first, kept)) == 1
+        assert getattr(first, changed) != getattr(second, changed)
+        assert asked[pair.sources[0]][pair.question] == pair.answer  # the dataset's own answers, never guessed
+        assert asked[pair.sources[1]][pair.question] == pair.counterfactual_answer
+        assert pair.answer != pair.counterfactual_answer and pair.answer in (COLORS if kind == "color" else SHAPES)
+        assert pair.image.size == pair.counterfactual_image.size
+    with pytest.raises(ValueError, match="unknown pair kind"):
+        easy_vqa_pairs("size")
+
+
+@pytest.mark.parametrize("stage", ["image", "patches", "pixels"])
+def test_image_swap_at_every_stage_runs_the_counterfactual_image(demo_bundle, stage):
+    """With nothing restored, a swap is the counterfactual image's own run; with the last layer restored, the clean."""
+    from blip_trace_widgets.procedures import resolve_config
+
+    pair = easy_vqa_pairs("color", limit=1)[0]
+    block = "question_encoder" if stage == "image" else "vision_encoder"
+    tracer = Tracer(demo_bundle, pair.image, pair.question)
+    config = resolve_config(demo_bundle, corruption=ImageSwap(pair.counterfactual_image), corrupt=stage, block=block,
+                            samples=1, answer=pair.answer)
+    result = tracer.trace(config)
+    other = Tracer(demo_bundle, pair.counterfactual_image, pair.question)
+    own = other.baselines(resolve_config(demo_bundle, answer=pair.answer, samples=1))[1]
+    assert result.low_score == pytest.approx(own, abs=1e-5)
+    layers, positions = result.num_layers, len(result.tokens) if block != "vision_encoder" else \
+        int(tracer.clean.image_embeds.shape[1])
+    everything, _ = tracer.restore([tuple((layers - 1, p) for p in range(positions))], config)
+    assert everything[0] == pytest.approx(result.high_score, abs=1e-5)  # every last-layer state restored: clean
+    assert result.high_score - result.low_score > 0.1  # the pair changes the answer: the check could fail
+
+
+def test_a_pair_supplies_its_own_contrast(demo_bundle):
+    pair = easy_vqa_pairs("color", limit=1)[0]
+    swapped = trace(demo_bundle, pair.image, pair.question, corruption=ImageSwap(pair.counterfactual_image),
+                    metric="logit_diff", samples=1)
+    other = Tracer(demo_bundle, pair.counterfactual_image, pair.question).model_answer
+    assert swapped.config["contrast_answer"] == swapped.config["counterfactual_answer"] == other.split()[0]
+    assert swapped.high_score > 0 > swapped.low_score  # the model prefers each image's own answer
+    normalized = (swapped.scores - swapped.low_score) / (swapped.high_score - swapped.low_score)
+    np.testing.assert_allclose(swapped.normalized(), normalized)  # (LD_patched - LD_corrupted) / (LD_clean - LD_corrupted)
+    assert pair.question == "what is the color of the triangle?"
+    with pytest.raises(BlipTraceError, match="on the counterfactual too"):  # the demo says 'red' for either question
+        trace(demo_bundle, pair.image, pair.question, corruption=WordSwap({"triangle": "circle"}), corrupt="question",
+              metric="logit_diff", samples=1)
+    with pytest.raises(BlipTraceError, match="needs contrast"):
+        trace(demo_bundle, pair.image, pair.question, metric="logit_diff", samples=1)
+
+
+def test_the_command_line_takes_a_counterfactual_image_or_a_swap(tmp_path, capsys):
+    from blip_trace_widgets.cli import main
+
+    pair = easy_vqa_pairs("color", limit=1)[0]
+    pair.image.save(tmp_path / "a.png")
+    pair.counterfactual_image.save(tmp_path / "b.png")
+    base = ["trace", "--image", str(tmp_path / "a.png"), "--question", pair.question, "--samples", "1",
+            "--out", str(tmp_path / "out")]
+    assert main([*base, "--counterfactual-image", str(tmp_path / "b.png"), "--metric", "logit_diff"]) == 0
+    from blip_trace_widgets import TraceResult
+
+    saved = TraceResult.load(next((tmp_path / "out").glob("*.json")))
+    assert saved.config["corruption"]["type"] == "image_swap" and saved.config["counterfactual_answer"]
+    assert main([*base, "--swap", "triangle"]) == 2
+    assert main([*base, "--swap", "a=b", "--counterfactual-image", str(tmp_path / "b.png")]) == 2
+    assert main([*base, "--counterfactual-image", str(tmp_path / "none.png")]) == 2
+    assert "no such file" in capsys.readouterr().err
