@@ -334,15 +334,17 @@ class TraceResult:
 def tiny_reason(result: TraceResult, threshold: float = TINY_EFFECT) -> str | None:
     """Why ``result``'s map is noise, naming the fix, or None when it is not (see :meth:`TraceResult.is_tiny`)."""
     total, label = abs(result.total_effect), metric_label(result.metric, result.head)
+    swap = str((result.config.get("corruption") or {}).get("type", "")) in ("image_swap", "word_swap")
+    fix = "pick a counterfactual that changes the answer" if swap else "raise the noise level"
     if total == 0 or total < threshold * abs(result.high_score):
         return (f"total effect {result.total_effect:.3g} is under {threshold:g} of the clean score "
-                f"{result.high_score:.3g}: raise the noise level")
+                f"{result.high_score:.3g}: {fix}")
     if total < result.floor:
         reason = f"total effect {result.total_effect:.3g} is under {result.floor:g}, the floor of {label}"
         if result.metric == "prob" and abs(result.high_score) < result.floor:
             return (reason + f": the clean {label} is itself only {result.high_score:.3g}, so there is almost nothing "
                     "to bring back; score what the model says, or use metric='logprob'")
-        return reason + ": raise the noise level"
+        return reason + f": {fix}"
     return None
 
 

@@ -86,3 +86,11 @@ def test_the_command_line_takes_a_counterfactual_image_or_a_swap(tmp_path, capsy
     assert main([*base, "--swap", "a=b", "--counterfactual-image", str(tmp_path / "b.png")]) == 2
     assert main([*base, "--counterfactual-image", str(tmp_path / "none.png")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_counterfactual_without_effect_is_flagged_naming_the_fix(demo_bundle):
+    pair = easy_vqa_pairs("shape", limit=1)[0]
+    assert pair.question == "what is the red shape?"
+    swapped = trace(demo_bundle, pair.image, pair.question, corruption=WordSwap({"red": "teal"}), corrupt="question",
+                    samples=1)
+    assert "pick a counterfactual that changes the answer" in swapped.tiny_reason()
