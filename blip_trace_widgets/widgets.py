@@ -42,6 +42,7 @@ from PIL import Image
 from .cache import LRU
 from .config import MAX_SAMPLES, MAX_SEED, check_int, parse_position
 from .corruption import BY_NAME, NOISE_NAMES, from_name
+from .counterfactual_controls import Counterfactual
 from .errors import BlipTraceError
 from .inputs import image_digest, to_rgb_image
 from .loading import BlipBundle
@@ -183,7 +184,7 @@ def explorer_mode(mode: str) -> str:
 def check_gallery(gallery: Any, head: str) -> list[tuple]:
     """The gallery as (image, text[, answer]) tuples, or a clear error naming the form it must take."""
     what = HEAD_INFO[head].text
-    form = f"a list of (image, {what}) or (image, {what}, answer) tuples"
+    form = f"a list of (image, {what}), (image, {what}, answer) or (image, {what}, answer, partner image) tuples"
     if gallery is None:
         return []
     if isinstance(gallery, (str, bytes)) or not isinstance(gallery, (list, tuple, Sequence)):
@@ -192,9 +193,11 @@ def check_gallery(gallery: Any, head: str) -> list[tuple]:
         raise BlipTraceError(f"the gallery is empty: pass {form}, or an image and a {what}")
     items = []
     for i, item in enumerate(gallery):
-        if isinstance(item, (str, bytes)) or not isinstance(item, (tuple, list)) or not 2 <= len(item) <= 3:
-            raise BlipTraceError(f"gallery item {i} is {item!r:.80}: each must be (image, {what}) or (image, {what}, "
-                                 "answer)")
+        if hasattr(item, "counterfactual_image"):  # a PairSample: its partner image is the fourth element
+            item = (item.image, item.question, item.answer, item.counterfactual_image)
+        if isinstance(item, (str, bytes)) or not isinstance(item, (tuple, list)) or not 2 <= len(item) <= 4:
+            raise BlipTraceError(f"gallery item {i} is {item!r:.80}: each must be (image, {what}), (image, {what}, "
+                                 "answer) or (image, {what}, answer, partner image)")
         if not isinstance(item[1], str):
             raise BlipTraceError(f"gallery item {i}'s {what} must be a string, got {type(item[1]).__name__}")
         items.append(tuple(item))
@@ -306,6 +309,8 @@ class _LiveView(W.VBox):
 
     def _phases(self, config: TraceConfig) -> list[TraceConfig]:
         """The configurations to show in turn for the method control: the estimate first, then the exact map."""
+        if config.direction == "noise":  # estimates refuse noising: exact only
+            return [config]
         estimate = replace(config, method="estimate")
         if self.method.value in ("both", "verified") and config.window > 1:  # a window's estimate costs ~2x exact
             return [config]
@@ -525,13 +530,11 @@ class TraceExplorer(_LiveView):
         self.normalized = W.Checkbox(value=False, description="normalised", indent=False)
         self.show_stderr = W.Checkbox(value=False, description="standard error", indent=False)
         self.view = W.ToggleButtons(options=[("one kind", "single"), ("compare kinds", "compare")], value="single")
-        set_tooltip(self.noise, NOISE_TIPS[noise_name])
-        set_tooltip(self.normalized, "show (score − corrupted) / (clean − corrupted), on a fixed range from −1 to 1")
-        set_tooltip(self.show_stderr, "show each cell's standard error over the noise samples instead of its score")
-        set_tooltip(self.noise_samples, "noise draws averaged in each cell")
+        self._tips(noise_name)
         export_row = self._outputs(style)
+        self.counterfactual = Counterfactual(self.gallery_items)
         controls = W.VBox([
-            W.HBox([self.block, self.kind, self.position, self.view]),
+            W.HBox([self.block, self.kind, self.position, self.view]), self.counterfactual,
             W.HBox([self.corruption, self.noise, self.method]),
             W.HBox([self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr]),
         ])
@@ -542,8 +545,14 @@ class TraceExplorer(_LiveView):
         self._update_enabled()
         self._watch([self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
                      self.seed, self.normalized, self.show_stderr, self.view, self.method, self.question_box,
-                     self.position])
+                     self.position, *self.counterfactual.controls])
         self.refresh()
+
+    def _tips(self, noise_name: str) -> None:
+        set_tooltip(self.noise, NOISE_TIPS[noise_name])
+        set_tooltip(self.normalized, "show (score − corrupted) / (clean − corrupted), on a fixed range from −1 to 1")
+        set_tooltip(self.show_stderr, "show each cell's standard error over the noise samples instead of its score")
+        set_tooltip(self.noise_samples, "noise draws averaged in each cell")
 
     def _outputs(self, style: dict[str, str]) -> W.HBox:
         """The warning, the heatmap views and the export row (returned)."""
@@ -563,12 +572,16 @@ class TraceExplorer(_LiveView):
     @property
     def config(self) -> TraceConfig:
         """The configuration the controls describe (see :func:`controls_config`)."""
-        return controls_config(block=self.block.value, kind=self.kind.value, window=int(self.window.value),
-                               corruption=self.corruption.value, level=float(self.noise.value),
-                               samples=int(self.noise_samples.value), seed=int(self.seed.value),
-                               position=self.position.value, **self.scored)
+        config = controls_config(block=self.block.value, kind=self.kind.value, window=int(self.window.value),
+                                 corruption=self.corruption.value, level=float(self.noise.value),
+                                 samples=int(self.noise_samples.value), seed=int(self.seed.value),
+                                 position=self.position.value, **self.scored)
+        return self.counterfactual.apply(config, int(self.gallery.value or 0))
 
     def _update_enabled(self) -> None:
+        self.counterfactual.sync(int(self.gallery.value or 0))
+        for control in (self.corruption, self.noise, self.noise_samples, self.seed):
+            control.disabled = self.counterfactual.source.value != "noise"  # a counterfactual is one fixed sample
         hidden = self.kind.value == HIDDEN and self.view.value == "single"
         self.window.disabled = hidden
         self.position.layout.display = None if is_head_kind(self.kind.value) and self.view.value == "single" else "none"
@@ -589,6 +602,7 @@ class TraceExplorer(_LiveView):
         tracer = self.tracer
         self.answer_view.value = answer_html(tracer)
         self._sync_words(tracer)
+        self.counterfactual.sync(int(self.gallery.value or 0))
         phases = self._phases(self.config)
         for i, config in enumerate(phases):
             self.status.value = cost_notice(tracer, config)

@@ -94,3 +94,35 @@ def test_a_counterfactual_without_effect_is_flagged_naming_the_fix(demo_bundle):
     swapped = trace(demo_bundle, pair.image, pair.question, corruption=WordSwap({"red": "teal"}), corrupt="question",
                     samples=1)
     assert "pick a counterfactual that changes the answer" in swapped.tiny_reason()
+
+
+def test_the_explorer_swaps_in_a_partner_or_a_question_in_either_direction(demo_bundle):
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    pairs = easy_vqa_pairs("color", limit=3)
+    explorer = TraceExplorer(demo_bundle, gallery=pairs, background=False, mode="exact")
+    controls = explorer.counterfactual
+    assert explorer.result.config["corruption"]["type"] == "gaussian"
+    assert controls.partner.options[0] == ("its pair's partner", -1) and controls.partner.layout.display == "none"
+    controls.source.value = "pair"  # the pair's own partner: the map starts at the partner's own p(answer)
+    own = Tracer(demo_bundle, pairs[0].counterfactual_image, pairs[0].question)
+    from blip_trace_widgets.procedures import resolve_config
+
+    expected = own.baselines(resolve_config(demo_bundle, answer=explorer.result.answer, samples=1))[1]
+    assert explorer.result.config["corruption"]["type"] == "image_swap"
+    assert explorer.result.low_score == pytest.approx(expected, abs=1e-5)
+    assert explorer.noise.disabled and explorer.noise_samples.disabled and controls.partner.layout.display is None
+    controls.partner.value = 2  # another gallery image
+    assert explorer.result.config["corruption"]["image_sha1"] != own.image_key[:16]
+    controls.direction.value = "noise"
+    assert explorer.result.direction == "noise" and explorer.error.value == ""
+    controls.source.value = "swap"
+    assert "type the counterfactual question" in explorer.error.value  # one clear error inside the explorer
+    controls.swapped.value = "what is the color of the circle?"
+    assert explorer.result.config["corruption"] == {"type": "word_swap", "question": "what is the color of the circle?"}
+    controls.swapped.value = "what is the colour of the big circle?"
+    assert "must keep the length" in explorer.error.value
+    controls.source.value, controls.direction.value = "noise", "denoise"
+    assert explorer.result.config["corruption"]["type"] == "gaussian" and not explorer.noise.disabled
+    explorer.gallery.value = 1
+    assert [v for _, v in controls.partner.options] == [-1, 0, 2]
