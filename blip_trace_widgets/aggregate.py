@@ -68,7 +68,8 @@ def sample_effects(
     left_out = 0
     for row in rows.itertuples(index=False):
         scores = np.asarray([list(r) for r in row.scores], dtype=np.float64)
-        effect = scores - row.low
+        noising = (getattr(row, "direction", None) or "denoise") == "noise"
+        effect = row.high - scores if noising else scores - row.low  # noising: what the cell takes away
         total = row.high - row.low
         floor = min_total_effect if min_total_effect is not None else (
             TINY_EFFECT * abs(row.high) if form == "normalized" else None)
@@ -207,7 +208,9 @@ def average_trace(
     corruption = first_row["corruption"]
     return TraceResult(
         scores=scores, low_score=0.0, high_score=1.0 if form == "normalized" else total,
-        answer=f"average of {used} questions", tokens=list(labels), block=str(first_row["block"]),
+        answer=f"average of {used} questions" + (", noising: what each cell takes away"
+                                                   if first_row.get("direction") == "noise" else ""),
+        tokens=list(labels), block=str(first_row["block"]),
         kind=str(first_row["kind"]), window=int(first_row["window"]),
         config={"form": form, "by": by, "questions": int(used), "left_out": effects.attrs["left_out"],
                 "total_effect": total, "correct_only": correct_only,

@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 
 from .config import parse_position
 from .corruption import BY_NAME, WordSwap, from_name
+from .data import PAIR_KINDS
 from .errors import BlipTraceError
 from .names import (
     ANSWER_DECODER,
@@ -332,9 +333,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     from .sweep import _ProcessGroup, process_device, sweep
     from .tracing import TraceConfig
 
+    if (args.dataset is None) == (args.pairs is None):
+        raise UsageError("give --dataset (a question set) or --pairs (color or shape image pairs), one of them")
     bundle = _load(args.model, args.device or process_device(), args.dtype)
     args.block = args.block or HEAD_INFO[bundle.head].blocks[0]
-    _check_sweep_dataset(args.dataset, bundle.head)
+    if args.pairs is not None and bundle.head != VQA:
+        raise UsageError("--pairs are easy-VQA questions: use a visual question answering model")
+    if args.dataset is not None:
+        _check_sweep_dataset(args.dataset, bundle.head)
     vision = args.block == VISION_ENCODER
     allowed = kinds_of(args.block)
     positional = [k for k in allowed if not is_head_kind(k)]  # the default: head maps only when asked for
@@ -346,8 +352,13 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise UsageError("--regions groups image patches: use it with --block vision_encoder")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
-    samples = load_vqa_subset(args.dataset, cache_dir=args.cache_dir, limit=args.limit, words=args.words,
-                              csv_path=args.csv, image_dir=args.image_dir)
+    if args.pairs is not None:
+        from .data import easy_vqa_pairs
+
+        samples: Any = easy_vqa_pairs(args.pairs, limit=args.limit)
+    else:
+        samples = load_vqa_subset(args.dataset, cache_dir=args.cache_dir, limit=args.limit, words=args.words,
+                                  csv_path=args.csv, image_dir=args.image_dir)
     if not samples:
         raise UsageError(f"no questions in {args.dataset} match --words {args.words}")
     if bundle.device.type == "cpu":
@@ -360,7 +371,8 @@ def run_sweep(args: argparse.Namespace) -> int:
                            corruption=corruption, samples=args.samples, seed=args.seed, regions=args.regions,
                            metric=args.metric, method=args.method or "exact", steps=1 if args.steps is None else args.steps,
                            verify=DEFAULT_VERIFY if args.verify is None else args.verify,
-                           target=target)
+                           target=target, direction=args.direction,
+                           contrast="(the pair's)" if args.pairs and args.metric == "logit_diff" else None)
                for target in _targets(args.targets, bundle.head) for kind in kinds]
     _check_out(args.out)
     out = Path(args.out)
@@ -370,10 +382,12 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(f"process {shard.index + 1}/{shard.count} on {bundle.device}: "
               f"{len(range(shard.index, len(samples), shard.count))} of {len(samples)} questions", file=sys.stderr)
     if group.is_main:
-        print(f"{len(samples)} questions from {args.dataset}; {len(configs)} traces each on {bundle.name}; "
-              f"{configs[0].to_json()['corruption']}; results in {out}")
+        source = f"easy-VQA {args.pairs} pairs" if args.pairs else args.dataset
+        how = ("each with its partner image swapped in" if args.pairs else str(configs[0].to_json()["corruption"]))
+        print(f"{len(samples)} questions from {source}; {len(configs)} traces each on {bundle.name}, "
+              f"{args.direction}; {how}; results in {out}")
     started = time.perf_counter()
-    dataset = {"name": args.dataset, "limit": args.limit, "words": args.words}
+    dataset = {"name": args.dataset or f"easy-vqa {args.pairs} pairs", "limit": args.limit, "words": args.words}
     table = sweep(bundle, samples, configs=configs, out=out, answer=args.answer, overwrite=args.overwrite,
                   dataset=dataset)
     if group.is_main and len(table) == 0:
@@ -522,7 +536,12 @@ def _add_sweep_parser(sub: Any) -> None:
         description="Trace each question of a subset with each kind, write sweep.parquet (resumable: run the same "
                     "command again to continue), average_effect.csv and the averaged figures. Under `accelerate "
                     "launch --multi_gpu --num_processes N -m blip_trace_widgets sweep ...` each process takes a disjoint shard.")
-    many.add_argument("--dataset", required=True, choices=SUBSETS, help="the question set")
+    many.add_argument("--dataset", default=None, choices=SUBSETS, help="the question set (or --pairs)")
+    many.add_argument("--pairs", default=None, choices=list(PAIR_KINDS),
+                      help="instead of --dataset: easy-VQA image pairs that differ in this attribute, each traced with "
+                           "its partner image swapped in (with --metric logit_diff, against the partner's answer)")
+    many.add_argument("--direction", choices=DIRECTIONS, default="denoise",
+                      help="; ".join(f"{d}: {DIRECTION_LABELS[d]}" for d in DIRECTIONS) + " (default: %(default)s)")
     many.add_argument("--limit", type=int, default=None, help="at most this many questions")
     many.add_argument("--words", type=int, default=None,
                       help="keep questions of exactly this many words (the paper used 7)")

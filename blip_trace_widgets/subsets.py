@@ -398,7 +398,7 @@ def _load_hf(path: str, config: str | None, split: str, streaming: bool) -> Any:
 def as_samples(items: Iterable[Any]) -> Iterator[VQASample]:
     """VQASamples from any iterable of samples, (image, question[, answer]) tuples or dicts with those keys."""
     for index, item in enumerate(items):
-        if isinstance(item, VQASample):
+        if isinstance(item, VQASample) or hasattr(item, "counterfactual_image"):  # a PairSample reads as one too
             yield item
         elif isinstance(item, Mapping):
             if "image" not in item or "question" not in item:

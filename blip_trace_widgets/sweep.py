@@ -124,10 +124,22 @@ def _check_configs(configs: TraceConfig | Sequence[TraceConfig]) -> list[TraceCo
         if config.answer is not None:
             raise ValueError("a sweep scores each sample's own answer: leave TraceConfig.answer as None "
                              "and use answer='model' or answer='expected' in sweep()")
-        if config.direction != "denoise":
-            raise BlipTraceError("sweeps average denoising traces only for now: trace direction='noise' one "
-                                 "question at a time (trace(..., direction='noise'))")
     return configs
+
+
+def pair_configs(configs: Sequence[TraceConfig], item: Any) -> list[TraceConfig]:
+    """For a semantic pair (a :class:`~.data.PairSample`): each configuration with the partner image swapped in
+    (one sample) and, for a logit difference, the pair's counterfactual answer as the contrast; else unchanged."""
+    if not hasattr(item, "counterfactual_image"):
+        return list(configs)
+    from dataclasses import replace
+
+    from .corruption import ImageSwap
+    from .subsets import open_image
+
+    swap = ImageSwap(open_image(item.counterfactual_image))
+    return [replace(c, corruption=swap, samples=1, corrupt=c.corrupt if c.corrupt != "question" else "image",
+                    contrast=item.counterfactual_answer if c.metric == "logit_diff" else c.contrast) for c in configs]
 
 
 def manifest(bundle: BlipBundle, configs: Sequence[TraceConfig], answer: str,
@@ -167,7 +179,7 @@ def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
                  configs: Sequence[TraceConfig], answer: str) -> list[dict[str, Any]]:
     rows = []
     model_answer = tracer.model_answer
-    for index, config in enumerate(configs):
+    for index, config in enumerate(pair_configs(configs, item)):
         scored = item.answer if answer == "expected" and tracer.head != ITM else None
         if answer == "expected" and tracer.head != ITM and not scored:
             raise ValueError(f"sample {sample} has no expected answer to score; use answer='model'")
@@ -179,7 +191,10 @@ def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
             "model_answer": model_answer,
             "correct": (model_answer == "match") if tracer.head == ITM else is_correct(model_answer, item.answer),
             "config": index, "block": config.block, "kind": config.kind, "window": int(config.window),
-            "corruption": json.dumps(result.config["corruption"], sort_keys=True),
+            "corruption": json.dumps({"type": "image_pair"} if hasattr(item, "counterfactual_image")  # one group
+                                     else result.config["corruption"], sort_keys=True),
+            "partner_image": result.config["corruption"].get("image_sha1") if hasattr(item, "counterfactual_image")
+            else None,
             "noise_samples": int(config.samples), "seed": int(config.seed), "metric": config.metric,
             "sever": config.sever, "sever_at": config.sever_at, "fresh_noise": config.fresh_noise,
             "method": config.method, "steps": int(config.steps), "head": tracer.head,
@@ -190,7 +205,9 @@ def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
             "low": result.low_score, "high": result.high_score, "total_effect": result.total_effect,
             "num_layers": result.num_layers, "model": tracer.bundle.name,
             "grid": json.dumps(result.config["grid"]) if "grid" in result.config else None,
-            "dtype": result.config["dtype"],
+            "dtype": result.config["dtype"], "direction": config.direction,
+            "counterfactual_answer": getattr(item, "counterfactual_answer", None),
+            "contrast": result.config.get("contrast_answer"),
         })
     return rows
 
@@ -237,7 +254,8 @@ def result_from_row(row: Any) -> TraceResult:
                                            "corruption": json.loads(get("corruption")), "sever": get("sever"),
                                            "method": _optional(get, "method", "exact"),
                                            "steps": int(_optional(get, "steps", 1)),
-                                           "head": _optional(get, "head", VQA), "target": _optional(get, "target", None)},
+                                           "head": _optional(get, "head", VQA), "target": _optional(get, "target", None),
+                                           "direction": _optional(get, "direction", "denoise")},
     )
 
 

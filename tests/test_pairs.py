@@ -126,3 +126,41 @@ def test_the_explorer_swaps_in_a_partner_or_a_question_in_either_direction(demo_
     assert explorer.result.config["corruption"]["type"] == "gaussian" and not explorer.noise.disabled
     explorer.gallery.value = 1
     assert [v for _, v in controls.partner.options] == [-1, 0, 2]
+
+
+def test_a_pair_sweep_records_both_answers_and_direction_and_averages_over_pairs(demo_bundle, tmp_path):
+    from blip_trace_widgets import TraceConfig, average_effect, sweep
+    from blip_trace_widgets.aggregate import sample_effects
+
+    pairs = easy_vqa_pairs("color", limit=3)
+    configs = [TraceConfig(kind="mlp", window=3, metric="logit_diff", contrast="placeholder"),
+               TraceConfig(kind="hidden", direction="noise")]
+    table = sweep(demo_bundle, pairs, configs=configs, out=tmp_path / "s", progress=False)
+    assert len(table) == 2 * len(pairs)
+    first = table[table.config == 0]
+    assert list(first.counterfactual_answer) == [p.counterfactual_answer for p in pairs]
+    assert list(first.contrast) == list(first.counterfactual_answer)  # the pair's answer, not the placeholder
+    assert set(table.corruption) == {'{"type": "image_pair"}'} and table.partner_image.notna().all()
+    assert set(table.direction) == {"denoise", "noise"} and set(table.noise_samples) == {1}
+    averages = average_effect(table)
+    assert set(averages.n) == {len(pairs)}  # pairs with different partners average together
+    noised = table[table.config == 1].iloc[0]
+    effects = sample_effects(table[table.config == 1], by="position")
+    row = effects[(effects["sample"] == noised["sample"]) & (effects.position == "0") & (effects.layer == 0)].iloc[0]
+    expected = (noised.high - noised.scores[0][0]) / (noised.high - noised.low)  # noising: what the cell takes away
+    assert row.effect == pytest.approx(expected)
+
+
+def test_the_command_line_sweeps_pairs_in_either_direction(tmp_path, capsys):
+    from blip_trace_widgets.cli import main
+
+    base = ["sweep", "--limit", "2", "--kinds", "mlp", "--model", "demo"]
+    assert main([*base, "--pairs", "shape", "--direction", "noise", "--out", str(tmp_path / "a")]) == 0
+    assert "easy-VQA shape pairs" in capsys.readouterr().out
+    import pandas as pd
+
+    table = pd.read_parquet(tmp_path / "a" / "sweep.parquet")
+    assert set(table.direction) == {"noise"} and table.counterfactual_answer.notna().all()
+    assert main([*base, "--out", str(tmp_path / "b")]) == 2  # neither --dataset nor --pairs
+    assert main([*base, "--pairs", "color", "--dataset", "easy-vqa-color", "--out", str(tmp_path / "c")]) == 2
+    assert "one of them" in capsys.readouterr().err
