@@ -134,12 +134,15 @@ class TraceConfig:
             raise BlipTraceError(f"unknown direction {self.direction!r}: use one of {', '.join(DIRECTIONS)}")
         if self.direction == "denoise":
             return
-        for name, value, fix in (("method", self.method != "exact", "method='exact'"),
-                                 ("sever", self.sever is not None, "no sever"),
+        for name, value, fix in (("sever", self.sever is not None, "no sever"),
                                  ("fresh_noise", self.fresh_noise, "fresh_noise=False")):
             if value:
-                raise BlipTraceError(f"direction='noise' is traced exactly, with one draw of noise and without "
-                                     f"severing for now: use {fix} (got {name}={getattr(self, name)!r})")
+                raise BlipTraceError(f"direction='noise' is traced with one draw of noise and without severing for "
+                                     f"now: use {fix} (got {name}={getattr(self, name)!r})")
+        one_layer = int(self.window) == 1
+        if self.method != "exact" and (self.steps != 1 or self.order != 1 or not one_layer):
+            raise BlipTraceError("a noising estimate is first order, one layer per cell, for now: use window=1, "
+                                 "steps=1 and order=1, or method='exact'")
 
     def _check_method(self) -> None:
         if self.method not in METHODS:

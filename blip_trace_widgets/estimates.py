@@ -107,6 +107,36 @@ def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, targe
     return Gradients(scores.detach().double().cpu(), terms)
 
 
+def clean_gradients(tracer: Tracer, block: Block, config: TraceConfig, target: Target) -> Gradients:
+    """Noising's first-order terms: one forward and one backward pass of the clean run give ∂score/∂state there,
+    and each noise sample's ``(corrupted - clean) · ∂score/∂state`` is what patching that state in would change.
+    ``scores`` are the clean score (the base a noising cell starts from), once per sample."""
+    stack = block.stack
+    clean, corrupted, _ = tracer.runs(block, config, target)
+    cross = block.clean_cross(tracer, target)  # what the clean run attends to ([None] per layer for the ViT)
+    leaves: dict[str, list[torch.Tensor]] = {kind: [] for kind in stack.kinds}
+
+    def edit(kind: str, x: torch.Tensor) -> torch.Tensor:
+        leaf = torch.zeros_like(x, requires_grad=True)
+        leaves[kind].append(leaf)
+        return x + leaf
+
+    start = clean.inputs[0]
+    mask = stack.self_mask(start.shape[1], start.dtype, start.device)
+    with torch.enable_grad():
+        h = start[:, None]
+        for j in range(len(stack)):
+            h = stack.layer(j, h, cross[j], mask, edit)
+        score = _scores(tracer, block, h, target, config)[:, 0]
+        grads = iter(torch.autograd.grad(score.sum(), [leaf for kind in stack.kinds for leaf in leaves[kind]]))
+    terms = {}
+    for kind in stack.kinds:
+        deltas = [-d for d in _deltas(clean.kinds[kind], corrupted.kinds[kind])]  # corrupted - clean, [S, T, D]
+        terms[kind] = torch.stack([(d.double() * next(grads)[:, 0].double()).sum(-1) for d in deltas], 1).cpu()
+    samples = int(corrupted.inputs[0].shape[0])
+    return Gradients(score.detach().double().cpu().expand(samples), terms)
+
+
 def _deltas(clean: list[torch.Tensor], corrupted: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per layer, the clean [1, T, D] minus the corrupted states [S, T, D]."""
     return [c[:1] - r for c, r in zip(clean, corrupted)]
@@ -254,8 +284,11 @@ class Estimator:
         return self._gradients.values()
 
     def gradients(self, block: Block, config: TraceConfig, target: Target) -> Gradients:
-        key = (block.name, cache_key(config, "decoder"), target, config.metric)
-        return self._gradients.get_or_make(key, lambda: corrupted_gradients(self.tracer, block, config, target))
+        """The first-order terms at the run a trace patches into: the corrupted run (denoising) or the clean
+        run (noising); ``scores`` are that run's."""
+        key = (block.name, cache_key(config, "decoder"), target, config.metric, config.direction)
+        make = clean_gradients if config.direction == "noise" else corrupted_gradients
+        return self._gradients.get_or_make(key, lambda: make(self.tracer, block, config, target))
 
     def estimate(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:

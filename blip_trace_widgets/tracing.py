@@ -75,7 +75,7 @@ class Tracer(CorruptedRuns):
             return score_rows(last.logits(self, run.output[:, None], target)[:, 0], target, config.metric)
 
         high = score(self.clean_run(last, target))
-        if config.method == "estimate":
+        if config.method == "estimate" and config.direction == "denoise":
             low = self.estimator.gradients(self.blocks[config.block], config, target).scores
         else:
             low = score(self.runs(last, config, target)[1])
@@ -164,7 +164,7 @@ class Tracer(CorruptedRuns):
         """The estimate of every cell, then the exact score of the ``config.verify`` cells it puts furthest from
         the corrupted score (either way), over the same noise draw."""
         mean, stderr = self.estimator.estimate(block, cells, config, target, advance)
-        low = float(self.estimator.gradients(block, config, target).scores.mean())
+        low = float(self.estimator.gradients(block, config, target).scores.mean())  # the base: corrupted, or clean
         picked = np.argsort(-np.abs(mean - low), kind="stable")[: int(config.verify)]
         if config.order == 2:  # every flagged cell is made exact too
             picked = np.union1d(picked, np.flatnonzero(self.unreliable(config)))

@@ -159,7 +159,8 @@ def test_noising_every_cell_gives_the_corrupted_score_and_none_the_clean(bundles
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"direction": "sideways"}, "unknown direction"), ({"direction": "noise", "method": "estimate"}, "method='exact'"),
+    ({"direction": "sideways"}, "unknown direction"),
+    ({"direction": "noise", "method": "estimate", "steps": 4}, "one layer per cell"),
     ({"direction": "noise", "sever": "mlp"}, "no sever"), ({"direction": "noise", "fresh_noise": True}, "fresh_noise"),
 ])
 def test_direction_settings_are_checked(fields, message):
@@ -277,3 +278,23 @@ def test_bad_word_swaps_are_clear_errors(bundles, image, swap, message):
 
     with pytest.raises(BlipTraceError, match=message):
         Tracer(bundles["vqa"], image, "what color is the circle?").trace(corruption=WordSwap(swap), samples=1)
+
+
+@pytest.mark.parametrize("block,kind", [("question_encoder", "hidden"), ("question_encoder", "mlp"),
+                                        ("answer_decoder", "hidden"), ("question_encoder", "cross_attn_head")])
+def test_a_noising_estimate_is_first_order_at_the_clean_run(demo_bundle, demo_sample, block, kind):
+    """Noising's attribution patching: the clean run's gradient times (corrupted - clean), per sample. Under weak
+    noise it is the exact noising map to first order; under strong noise it need not be (reported, not hidden)."""
+    image, question, _ = demo_sample
+    tracer = Tracer(demo_bundle, image, question)
+    weak = dict(block=block, kind=kind, direction="noise", samples=3, corruption=GaussianNoise(0.3), window=1)
+    exact, estimate = tracer.trace(**weak), tracer.trace(method="estimate", **weak)
+    effect = np.abs(exact.scores - exact.high_score).max()
+    assert effect > 5e-4  # the noise does something: the comparison could fail
+    assert np.abs(exact.scores - estimate.scores).max() < 0.25 * effect
+    assert estimate.high_score == exact.high_score and estimate.low_score == pytest.approx(exact.low_score)
+    assert estimate.is_estimate and estimate.direction == "noise"
+    verified = tracer.trace(method="verified", verify=3, **weak)
+    assert int(verified.exact_cells.sum()) == 3
+    with pytest.raises(BlipTraceError, match="one layer per cell"):
+        tracer.trace(method="estimate", **{**weak, "window": 3, "kind": "mlp"})
