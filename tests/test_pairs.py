@@ -164,3 +164,27 @@ def test_the_command_line_sweeps_pairs_in_either_direction(tmp_path, capsys):
     assert main([*base, "--out", str(tmp_path / "b")]) == 2  # neither --dataset nor --pairs
     assert main([*base, "--pairs", "color", "--dataset", "easy-vqa-color", "--out", str(tmp_path / "c")]) == 2
     assert "one of them" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage,block,kind", [("image", "question_encoder", "cross_attn_head"),
+                                              ("image", "question_encoder", "self_attn_head"),
+                                              ("patches", "vision_encoder", "attn_head"),
+                                              ("pixels", "vision_encoder", "attn_head")])
+@pytest.mark.parametrize("window", [1, 2])
+def test_image_swap_cells_match_a_per_cell_loop(image, question, stage, block, kind, window):
+    """ImageSwap at each stage, against test_attention_heads' loop of the model's own forward pass with hooks."""
+    from test_attention_heads import HeadLoop
+    from tiny_blip import tiny_model, tiny_processor
+
+    from blip_trace_widgets import TraceConfig, load_model
+
+    bundle = load_model((tiny_model(seed=4), tiny_processor()), device="cpu")
+    other = image.transpose(0)  # the same picture mirrored: a counterfactual of the same size
+    tracer = Tracer(bundle, image, question)
+    config = TraceConfig(block=block, kind=kind, window=window, corruption=ImageSwap(other), corrupt=stage,
+                         samples=1, metric="logprob")
+    result = tracer.trace(config)
+    loop = HeadLoop(tracer, config)
+    expected = loop.grid(result.config["restored_positions"])
+    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
+    assert np.abs(expected - result.low_score).max() > 1e-4  # the swap does something: the check could fail
