@@ -13,6 +13,8 @@ Every public name is importable from here; each is loaded on first use, so
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.3.0"
@@ -57,6 +59,20 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_PUBLIC])
+
+
+class _Package(types.ModuleType):
+    """This package, where importing a submodule named like a public function (``sweep``, ``knockout``,
+    ``knockout_sweep``) never replaces the function: Python's import sets the submodule as an attribute of
+    the package, and ``from blip_trace_widgets import sweep`` would then give the module."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly

@@ -38,6 +38,13 @@ def _check_form(form: str) -> str:
     return form
 
 
+def _indirect_effect(row: Any) -> np.ndarray:
+    """A table row's indirect effect per cell: score − low, or when noising what the cell takes away, high − score."""
+    scores = np.asarray([list(r) for r in row.scores], dtype=np.float64)
+    noising = (getattr(row, "direction", None) or "denoise") == "noise"
+    return row.high - scores if noising else scores - row.low
+
+
 def sample_effects(
     table: Any,
     *,
@@ -67,9 +74,7 @@ def sample_effects(
     records: list[dict[str, Any]] = []
     left_out = 0
     for row in rows.itertuples(index=False):
-        scores = np.asarray([list(r) for r in row.scores], dtype=np.float64)
-        noising = (getattr(row, "direction", None) or "denoise") == "noise"
-        effect = row.high - scores if noising else scores - row.low  # noising: what the cell takes away
+        effect = _indirect_effect(row)
         total = row.high - row.low
         floor = min_total_effect if min_total_effect is not None else (
             TINY_EFFECT * abs(row.high) if form == "normalized" else None)

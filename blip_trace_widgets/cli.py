@@ -329,7 +329,6 @@ def _trace_every_word(args: argparse.Namespace, tracer: Any, config: Any) -> int
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from .subsets import load_vqa_subset
     from .sweep import _ProcessGroup, process_device, sweep
     from .tracing import TraceConfig
 
@@ -350,17 +349,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             raise UsageError(f"--kinds: unknown kind {kind!r} for {args.block}; use some of {','.join(allowed)}")
     if args.regions is not None and not vision:
         raise UsageError("--regions groups image patches: use it with --block vision_encoder")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be >= 1, got {args.limit}")
-    if args.pairs is not None:
-        from .data import easy_vqa_pairs
-
-        samples: Any = easy_vqa_pairs(args.pairs, limit=args.limit)
-    else:
-        samples = load_vqa_subset(args.dataset, cache_dir=args.cache_dir, limit=args.limit, words=args.words,
-                                  csv_path=args.csv, image_dir=args.image_dir)
-    if not samples:
-        raise UsageError(f"no questions in {args.dataset} match --words {args.words}")
+    samples = _sweep_samples(args)
     if bundle.device.type == "cpu":
         _share_cpu_threads()
     from .procedures import default_corruption
@@ -397,6 +386,23 @@ def run_sweep(args: argparse.Namespace) -> int:
     if group.is_main:
         _write_averages(table, out, args.correct_only, vision, started)
     return 0
+
+
+def _sweep_samples(args: argparse.Namespace) -> Any:
+    """The sweep's questions: --pairs' easy-VQA image pairs, or --dataset's questions."""
+    from .subsets import load_vqa_subset
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    if args.pairs is not None:
+        from .data import easy_vqa_pairs
+
+        return easy_vqa_pairs(args.pairs, limit=args.limit)
+    samples = load_vqa_subset(args.dataset, cache_dir=args.cache_dir, limit=args.limit, words=args.words,
+                              csv_path=args.csv, image_dir=args.image_dir)
+    if not samples:
+        raise UsageError(f"no questions in {args.dataset} match --words {args.words}")
+    return samples
 
 
 def _check_sweep_dataset(dataset: str, head: str) -> None:

@@ -142,3 +142,15 @@ def test_one_version_source():
 
     assert version("blip-trace-widgets") == blip_trace_widgets.__version__
     assert 'dynamic = ["version"]' in (PACKAGE.parent / "pyproject.toml").read_text()
+
+
+def test_public_functions_named_like_their_modules_survive_importing_the_modules():
+    """sweep, knockout and knockout_sweep are functions and modules: importing the module first must not hide
+    the function (Python's import sets the submodule as the package's attribute)."""
+    code = ("import blip_trace_widgets.sweep, blip_trace_widgets.knockout, blip_trace_widgets.knockout_sweep\n"
+            "from blip_trace_widgets import knockout, knockout_sweep, sweep\n"
+            "import blip_trace_widgets as package, types\n"
+            "print(all(callable(f) and not isinstance(f, types.ModuleType) for f in (sweep, knockout, knockout_sweep,"
+            " package.sweep)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True"]
