@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import BlipTraceError
 from .names import TINY_EFFECT, VISION_ENCODER, VQA, is_head_kind
 from .results import TraceResult
 from .roles import ROLES, ObjectRule, position_roles, role_label, token_roles  # noqa: F401  (token_roles: public here too)
@@ -33,7 +34,7 @@ FORMS = ("normalized", "rome")
 
 def _check_form(form: str) -> str:
     if form not in FORMS:
-        raise ValueError(f"unknown form {form!r}: use 'normalized' ((score − low) / (high − low)) or 'rome' "
+        raise BlipTraceError(f"unknown form {form!r}: use 'normalized' ((score − low) / (high − low)) or 'rome' "
                          "(score − low, averaged as in ROME and the paper)")
     return form
 
@@ -67,10 +68,11 @@ def sample_effects(
 
     _check_form(form)
     if by not in ("role", "position"):
-        raise ValueError(f"by must be 'role' or 'position', got {by!r}")
+        raise BlipTraceError(f"by must be 'role' or 'position', got {by!r}")
     rows = table[table["correct"].fillna(False).astype(bool)] if correct_only else table
     if rows.empty:
-        raise ValueError("no samples to average" + (" (none answered correctly; try correct_only=False)" if correct_only else ""))
+        raise BlipTraceError("no samples to average"
+                             + (" (none answered correctly; try correct_only=False)" if correct_only else ""))
     records: list[dict[str, Any]] = []
     left_out = 0
     for row in rows.itertuples(index=False):
@@ -100,7 +102,7 @@ def sample_effects(
                 })
     frame = pd.DataFrame.from_records(records)
     if frame.empty:
-        raise ValueError(f"every question was left out: all {left_out} have a total effect below the threshold; "
+        raise BlipTraceError(f"every question was left out: all {left_out} have a total effect below the threshold; "
                          "raise the noise level, or lower min_total_effect")
     frame.attrs["left_out"] = left_out
     return frame
@@ -187,15 +189,15 @@ def average_trace(
     if config is None:
         configs = sorted(table["config"].unique())
         if len(configs) != 1:
-            raise ValueError(f"the table holds configurations {configs}; pick one with config=")
+            raise BlipTraceError(f"the table holds configurations {configs}; pick one with config=")
         config = int(configs[0])
     rows = table[table["config"] == config]
     if rows.empty:
-        raise ValueError(f"no rows for configuration {config}")
+        raise BlipTraceError(f"no rows for configuration {config}")
     if by == "position":
         lengths = sorted({len(t) for t in rows["tokens"]})
         if len(lengths) > 1:
-            raise ValueError(
+            raise BlipTraceError(
                 f"questions have {lengths} tokens; averaging by position needs one length: "
                 "use by='role', or load questions of one length (e.g. load_vqa_subset(..., words=7))"
             )
@@ -234,7 +236,7 @@ def top_heads(table: Any, k: int = 10, *, form: str = "normalized", correct_only
     """
     heads = table[table["kind"].map(lambda kind: is_head_kind(str(kind)))]
     if heads.empty:
-        raise ValueError("the table holds no head maps: sweep a head kind (--kinds cross_attn_head)")
+        raise BlipTraceError("the table holds no head maps: sweep a head kind (--kinds cross_attn_head)")
     averaged = average_effect(heads, form=form, correct_only=correct_only, confidence=confidence)
     ranked = averaged.rename(columns={"role": "head"}).sort_values("mean", ascending=False, kind="stable")
     return ranked.head(int(k)).reset_index(drop=True)

@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+from .errors import BlipTraceError
+
 V = TypeVar("V")
 
 
@@ -22,7 +24,7 @@ class LRU(Generic[V]):
 
     def __init__(self, size: int, *, max_weight: int | None = None, weigh: Callable[[V], int] | None = None) -> None:
         if size < 1:
-            raise ValueError(f"a cache needs room for at least one entry, got size {size}")
+            raise BlipTraceError(f"a cache needs room for at least one entry, got size {size}")
         self.size = size
         self.max_weight = max_weight
         self.weigh = weigh

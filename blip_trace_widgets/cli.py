@@ -745,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         use_sensible_threads()  # fewer threads than cores when other work is running (unless OMP_NUM_THREADS is set)
         return args.run(args)
-    except (ValueError, *USER_OS_ERRORS) as error:  # a user's mistake (BlipTraceError is a ValueError): one line
+    except (BlipTraceError, *USER_OS_ERRORS) as error:  # a user's mistake: one line (any other error: a traceback)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"blip-trace: error: {message}", file=sys.stderr)
         return 2

@@ -72,7 +72,7 @@ def region_mask(region: Any, clean: torch.Tensor) -> torch.Tensor | None:
     elif clean.ndim == 4:
         mask = region.pixel_mask(clean.shape[2], clean.shape[3])[None, None]
     else:
-        raise ValueError(f"a region applies to [1, N, D] embeddings or [1, C, H, W] pixels, got shape {tuple(clean.shape)}")
+        raise BlipTraceError(f"a region applies to [1, N, D] embeddings or [1, C, H, W] pixels, got shape {tuple(clean.shape)}")
     return mask.to(clean.device)
 
 
@@ -254,10 +254,10 @@ class ImageSwap:
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         if self.embeddings is None:
-            raise ValueError("ImageSwap needs the model to embed its image: pass it to trace(), which binds it")
+            raise BlipTraceError("ImageSwap needs the model to embed its image: pass it to trace(), which binds it")
         other = self.embeddings.to(device=clean.device, dtype=clean.dtype)
         if other.shape[1:] != clean.shape[1:]:
-            raise ValueError(
+            raise BlipTraceError(
                 f"ImageSwap image gives embeddings of shape {tuple(other.shape[1:])}, "
                 f"but the traced image gives {tuple(clean.shape[1:])}"
             )
@@ -342,7 +342,7 @@ class WordSwap:
 
 def _check_pixels(name: str, clean: torch.Tensor) -> None:
     if clean.ndim != 4:
-        raise ValueError(f"{name} works on pixels: use it with corrupt='pixels' (got a tensor of shape {tuple(clean.shape)})")
+        raise BlipTraceError(f"{name} works on pixels: use it with corrupt='pixels' (got a tensor of shape {tuple(clean.shape)})")
 
 
 @_named

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
-from .errors import UnavailableError
+from .errors import BlipTraceError, UnavailableError
 from .names import ITM
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
@@ -41,7 +41,7 @@ def text_of(head: str, item: VQASample) -> str:
     matching the reference caption (the text matched against the image)."""
     if head == ITM:
         if not item.answer:
-            raise ValueError("an image-text matching sweep matches each sample's caption: give samples one")
+            raise BlipTraceError("an image-text matching sweep matches each sample's caption: give samples one")
         return item.answer
     return item.question
 
@@ -64,7 +64,7 @@ def easy_vqa_questions(split: str = "test") -> list[tuple[str, str, str]]:
         texts, answers, ids = easy_vqa.get_test_questions()
         paths = easy_vqa.get_test_image_paths()
     else:
-        raise ValueError(f"unknown easy-VQA split {split!r}: use 'train' or 'test'")
+        raise BlipTraceError(f"unknown easy-VQA split {split!r}: use 'train' or 'test'")
     return [(paths[i], t, a) for t, a, i in zip(texts, answers, ids)]
 
 
@@ -150,7 +150,7 @@ def easy_vqa_pairs(kind: str = "color", split: str = "test", limit: int | None =
         True
     """
     if kind not in PAIR_KINDS:
-        raise ValueError(f"unknown pair kind {kind!r}: use one of {', '.join(PAIR_KINDS)}")
+        raise BlipTraceError(f"unknown pair kind {kind!r}: use one of {', '.join(PAIR_KINDS)}")
     by_image: dict[str, list[tuple[str, str]]] = {}
     for path, question, answer in easy_vqa_questions(split):
         by_image.setdefault(path, []).append((question, answer))
@@ -194,7 +194,7 @@ def question_type(answer: str) -> str:
 def demo_samples(per_type: int = 2, split: str = "test") -> list[VQASample]:
     """A few easy-VQA test questions, spread across colour, shape and yes/no questions (fixed choice)."""
     if per_type < 1:
-        raise ValueError(f"per_type must be >= 1, got {per_type}")
+        raise BlipTraceError(f"per_type must be >= 1, got {per_type}")
     picked: dict[str, list[tuple[str, str, str]]] = {"color": [], "shape": [], "yes/no": []}
     for path, question, answer in easy_vqa_questions(split):
         bucket = picked[question_type(answer)]
@@ -221,7 +221,7 @@ def shape_box(image: Image.Image, *, tolerance: int = 40):
     background = colours[counts.argmax()]
     shape = np.abs(pixels - background).max(axis=2) > tolerance
     if not shape.any():
-        raise ValueError("no shape found: every pixel is within the tolerance of the background colour")
+        raise BlipTraceError("no shape found: every pixel is within the tolerance of the background colour")
     rows, cols = np.nonzero(shape)
     return Box.from_pixels(int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1,
                            (image.width, image.height))

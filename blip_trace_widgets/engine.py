@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from . import anatomy
+from .errors import BlipTraceError
 from .names import CAUSAL_BLOCKS, SEVER_AT, TEXT_HEAD_KINDS, TEXT_KINDS, VISION_HEAD_KINDS, VISION_KINDS, Kind
 
 Cell = tuple[tuple[int, int], ...]  # ((layer, position), ...)
@@ -396,7 +397,7 @@ class _ChunkEdits:
               sever: str | None = None, severed: list[torch.Tensor] | None = None,
               sever_at: str = "restored") -> _ChunkEdits:
         if sever_at not in SEVER_AT:
-            raise ValueError(f"unknown sever_at {sever_at!r}: use one of {', '.join(SEVER_AT)}")
+            raise BlipTraceError(f"unknown sever_at {sever_at!r}: use one of {', '.join(SEVER_AT)}")
         sever_index = _pairs(cells, device, every_layer=True).get(-1) if sever and sever_at == "restored" else None
         return cls(kind=kind, clean=clean, by_layer=_pairs(cells, device, every_layer=False), sever=sever,
                    severed=severed, sever_at=sever_at, sever_index=sever_index)
@@ -530,7 +531,7 @@ def _rows_within(per_row: int, samples: int, memory_budget: int, max_batch_rows:
     rows = max(samples, memory_budget // max(per_row, 1))
     if max_batch_rows is not None:
         if max_batch_rows < 1:
-            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+            raise BlipTraceError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
         rows = min(rows, max_batch_rows)
     return max(1, rows)
 

@@ -4,9 +4,9 @@
     >>> issubclass(BlipTraceError, ValueError)
     True
 
-The command line and the widgets show a ``BlipTraceError`` (and any other ``ValueError``
-from a check) as one line; anything else is a bug or an environment problem, and they
-show its full traceback.
+Every check in this package raises a ``BlipTraceError``. The command line and the widgets show
+one as a line; anything else, a plain ``ValueError`` from torch included, is a bug or an
+environment problem, and they show its full traceback.
 """
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def _dtype(dtype: DTypeLike) -> torch.dtype:
     names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
              "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16")
+        raise BlipTraceError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16")
     return names[dtype]
 
 
@@ -267,7 +267,7 @@ def _head_class(source: str, config: Any) -> Any:
     known = {info.architecture for info in HEAD_INFO.values()}
     found = [name for name in architectures if name in known]
     if config.model_type != "blip" or (architectures and not found):
-        raise ValueError(
+        raise BlipTraceError(
             f"{source!r} is a {config.model_type} model ({', '.join(architectures) or 'unknown head'}), not one of "
             f"BLIP's heads ({', '.join(sorted(known))}); use a checkpoint such as {', '.join(HUB_MODELS.values())}")
     # a BLIP configuration that names no head: VQA, as this package did before it traced the other heads
@@ -285,7 +285,7 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
             config = AutoConfig.from_pretrained(source, **access)
     except (OSError, ValueError, ConnectionError) as error:
         if Path(source).exists():
-            raise ValueError(f"{source!r} is not a Hugging Face model folder ({error})") from None
+            raise BlipTraceError(f"{source!r} is not a Hugging Face model folder ({error})") from None
         raise UnavailableError(_offline_help(source)) from None
     head_class = _head_class(source, config)
     if Path(source).is_dir():
@@ -358,14 +358,14 @@ def load_model(
         if path.is_dir():
             noise_scale = _noise_scale(path)
     else:
-        raise ValueError(
+        raise BlipTraceError(
             f"unsupported model source {type(source).__name__}: pass a hub id, a folder, 'demo' or (model, processor)"
         )
     check_blip(model)
     if dtype is None and isinstance(source, tuple):
         torch_dtype = next(model.parameters()).dtype  # a model built in code keeps its dtype
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
-        raise ValueError("the processor must be a BlipProcessor (with .tokenizer and .image_processor)")
+        raise BlipTraceError("the processor must be a BlipProcessor (with .tokenizer and .image_processor)")
     target = _device(device)
     model = model.to(device=target, dtype=torch_dtype)
     model.eval()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import BlipTraceError
 from .names import BLOCK_LABELS, KIND_COLORMAPS, KIND_LABELS, STAGE_LABELS, TINY_EFFECT, VISION_ENCODER, metric_label
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ def _scale(result: TraceResult, data: np.ndarray, normalized: bool, top: str) ->
     if normalized:
         return -1.0, 1.0, "normalised effect (fixed range −1 to 1)"
     if top not in TOPS:
-        raise ValueError(f"top must be one of {', '.join(TOPS)}, got {top!r}")
+        raise BlipTraceError(f"top must be one of {', '.join(TOPS)}, got {top!r}")
     label = metric_label(result.metric, result.head)
     low = result.low_score
     finite = data[np.isfinite(data)]
@@ -217,7 +218,7 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
     elif show == "scores":
         image, bar_label = _score_mesh(ax, result, normalized, top, flagged)
     else:
-        raise ValueError(f"show must be 'scores' or 'stderr', got {show!r}")
+        raise BlipTraceError(f"show must be 'scores' or 'stderr', got {show!r}")
     if show == "scores" and result.is_estimate:
         _mark_cells(ax, result)
     ax.invert_yaxis()
@@ -337,9 +338,9 @@ def save_heatmap(result: TraceResult, path: str, *, normalized: bool = False) ->
 def _region_values(result: TraceResult, layer: int, normalized: bool) -> tuple[list, np.ndarray]:
     grid = result.config.get("grid")
     if not grid or result.block != VISION_ENCODER:
-        raise ValueError("plot_on_image needs an image-side trace: trace(..., block='vision_encoder')")
+        raise BlipTraceError("plot_on_image needs an image-side trace: trace(..., block='vision_encoder')")
     if not 0 <= layer < result.num_layers:
-        raise ValueError(f"layer must be between 0 and {result.num_layers - 1}, got {layer}")
+        raise BlipTraceError(f"layer must be between 0 and {result.num_layers - 1}, got {layer}")
     values = result.normalized() if normalized else result.indirect_effect()
     return grid["boxes"], values[:, layer]
 
@@ -433,7 +434,7 @@ def _trace_image(result: TraceResult, image: Any) -> Any:
 
     image = image if image is not None else getattr(result, "image", None)
     if image is None:
-        raise ValueError("this result carries no image (it was loaded from a file): pass image=...")
+        raise BlipTraceError("this result carries no image (it was loaded from a file): pass image=...")
     return to_rgb_image(image)
 
 

@@ -29,7 +29,7 @@ def patch_grid_size(tokens: int) -> int:
     """Patches per side of a CLS + g×g token sequence."""
     side = math.isqrt(max(tokens - 1, 0))
     if side * side != tokens - 1 or side == 0:
-        raise ValueError(f"{tokens} tokens are not a CLS token plus a square grid of patches")
+        raise BlipTraceError(f"{tokens} tokens are not a CLS token plus a square grid of patches")
     return side
 
 
@@ -62,7 +62,7 @@ class Box:
     def __post_init__(self) -> None:
         values = (self.left, self.top, self.right, self.bottom)
         if not all(0.0 <= v <= 1.0 for v in values) or self.left >= self.right or self.top >= self.bottom:
-            raise ValueError(
+            raise BlipTraceError(
                 f"a Box is (left, top, right, bottom) in fractions of the image with left < right and top < bottom, "
                 f"got {values}"
             )
@@ -101,10 +101,10 @@ class Mask:
     def __post_init__(self) -> None:
         array = np.asarray(self.array)
         if array.ndim != 2 or not array.size:
-            raise ValueError(f"a Mask is a 2-D boolean array (height x width), got shape {array.shape}")
+            raise BlipTraceError(f"a Mask is a 2-D boolean array (height x width), got shape {array.shape}")
         array = array.astype(bool)
         if not array.any():
-            raise ValueError("the Mask covers no pixel; mark the area to corrupt with True")
+            raise BlipTraceError("the Mask covers no pixel; mark the area to corrupt with True")
         object.__setattr__(self, "array", array)
         digest = hashlib.sha1(np.packbits(array).tobytes() + repr(array.shape).encode()).hexdigest()[:16]
         object.__setattr__(self, "key", digest)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from .errors import BlipTraceError
 from .names import CAPTION_DECODER, ITM_ENCODER, VISION_ENCODER, is_head_kind
 
 ROLES: tuple[str, ...] = ("first", "question words", "object", "last")
@@ -52,7 +53,7 @@ def token_roles(tokens: Sequence[str], object_rule: ObjectRule | None = None) ->
     roles = ["question words"] * count
     for position in (object_rule or last_content_word)(tokens):
         if not 0 <= position < count:
-            raise ValueError(f"the object rule gave position {position} for {count} tokens")
+            raise BlipTraceError(f"the object rule gave position {position} for {count} tokens")
         roles[position] = "object"
     roles[-1] = "last"
     roles[0] = "first"

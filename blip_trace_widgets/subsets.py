@@ -32,7 +32,7 @@ from typing import Any
 from PIL import Image
 
 from .data import VQASample, easy_vqa_captions, easy_vqa_questions, question_type
-from .errors import UnavailableError
+from .errors import BlipTraceError, UnavailableError
 from .inputs import image_digest, to_rgb_image
 
 #: Folder of the paper's CSVs (its repository's ``Datasets/``), read over HTTP(S);
@@ -157,7 +157,7 @@ def _paper_csv(name: str, cache_dir: Path, csv_path: str | os.PathLike | None) -
     if csv_path is not None:
         path = Path(csv_path)
         if not path.is_file():
-            raise ValueError(f"csv_path {str(path)!r} does not exist; pass the paper's {PAPER_FILES[name]}")
+            raise BlipTraceError(f"csv_path {str(path)!r} does not exist; pass the paper's {PAPER_FILES[name]}")
         return path
     path = cache_dir / "paper-vqa-subsets" / PAPER_FILES[name]
     if not cached(path):
@@ -180,7 +180,7 @@ def _coco_samples(csv: Path, cache_dir: Path, image_dir: Path | None) -> Iterato
     frame = pd.read_csv(csv)
     expected = {"train_image_id_count", "question_count", "answer_count"}
     if not expected <= set(frame.columns):
-        raise ValueError(f"{csv} is not a COCO-QA subset of the paper: it needs the columns {sorted(expected)}")
+        raise BlipTraceError(f"{csv} is not a COCO-QA subset of the paper: it needs the columns {sorted(expected)}")
     hint = (
         "connect to the internet once to fill the cache, copy COCO train2017 images there, "
         "or pass image_dir= a folder of COCO train2017 images (blip-trace sweep --image-dir)"
@@ -200,13 +200,13 @@ def _clevr_samples(csv: Path, image_dir: Path | None) -> Iterator[VQASample]:
     import pandas as pd
 
     if image_dir is None:
-        raise ValueError(
+        raise BlipTraceError(
             "clevr-spatial needs CLEVR's validation images, which are not served one by one: download "
             "CLEVR_v1.0 and pass image_dir='.../CLEVR_v1.0/images/val', or use 'cauldron-clevr' from the Hugging Face hub"
         )
     frame = pd.read_csv(csv)
     if not {"Image_IDs", "Questions_Answers"} <= set(frame.columns):
-        raise ValueError(f"{csv} is not the paper's CLEVR subset: it needs the columns Image_IDs and Questions_Answers")
+        raise BlipTraceError(f"{csv} is not the paper's CLEVR subset: it needs the columns Image_IDs and Questions_Answers")
     for image, pairs in zip(frame["Image_IDs"], frame["Questions_Answers"]):
         ref = ImageRef(path=Path(image_dir) / f"{image}.png", label=f"CLEVR image {image}.png",
                        how_to_supply=f"put CLEVR's validation images in {image_dir}")
@@ -241,11 +241,11 @@ def load_vqa_subset(
     ``load_vqa_subset("coco-qa-color", words=7, limit=200)``.
     """
     if name not in SUBSETS:
-        raise ValueError(f"unknown subset {name!r}: use one of {', '.join(SUBSETS)}")
+        raise BlipTraceError(f"unknown subset {name!r}: use one of {', '.join(SUBSETS)}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise BlipTraceError(f"limit must be >= 1, got {limit}")
     if words is not None and words < 1:
-        raise ValueError(f"words must be >= 1, got {words}")
+        raise BlipTraceError(f"words must be >= 1, got {words}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = Path(image_dir) if image_dir is not None else None
     if name in EASY_VQA_SUBSETS:
@@ -307,7 +307,7 @@ def hf_samples(
         columns = columns or set(row)
         cauldron = {"images", "texts"} <= columns
         if not cauldron and not {image, question} <= columns:
-            raise ValueError(
+            raise BlipTraceError(
                 f"the dataset has columns {sorted(columns)}; name its image and question columns, "
                 "e.g. hf_samples(ds, image='img', question='query', answer='label')"
             )
@@ -343,10 +343,10 @@ def hf_pairs(
     for count, row in enumerate(dataset):
         missing = [c for c in wanted if c not in row]
         if missing:
-            raise ValueError(f"the dataset's rows have no column {', '.join(map(repr, missing))} (they have "
+            raise BlipTraceError(f"the dataset's rows have no column {', '.join(map(repr, missing))} (they have "
                              f"{sorted(row)}): name the columns, e.g. hf_pairs(ds, counterfactual_image='image_b')")
         if str(row[answer]).strip() == str(row[counterfactual_answer]).strip():
-            raise ValueError(f"row {count} gives both images the answer {row[answer]!r}: a pair's answers differ")
+            raise BlipTraceError(f"row {count} gives both images the answer {row[answer]!r}: a pair's answers differ")
         yield PairSample(row[image], row[counterfactual_image], str(row[question]), str(row[answer]),
                          str(row[counterfactual_answer]))
         if limit is not None and count + 1 >= limit:
@@ -370,7 +370,7 @@ def hf_caption_samples(
         dataset = _load_hf(dataset, config, split, streaming)
     for count, row in enumerate(dataset):
         if image not in row or caption not in row:
-            raise ValueError(f"the dataset has columns {sorted(row)}; name its image and caption columns, "
+            raise BlipTraceError(f"the dataset has columns {sorted(row)}; name its image and caption columns, "
                              "e.g. hf_caption_samples(ds, image='img', caption='sentences')")
         text = row[caption]
         if isinstance(text, (list, tuple)):
@@ -402,12 +402,12 @@ def as_samples(items: Iterable[Any]) -> Iterator[VQASample]:
             yield item
         elif isinstance(item, Mapping):
             if "image" not in item or "question" not in item:
-                raise ValueError(f"sample {index} is a dict without 'image' and 'question' keys")
+                raise BlipTraceError(f"sample {index} is a dict without 'image' and 'question' keys")
             yield VQASample(item["image"], item["question"], item.get("answer"))
         elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
             yield VQASample(item[0], item[1], item[2] if len(item) == 3 else None)
         else:
-            raise ValueError(
+            raise BlipTraceError(
                 f"sample {index} is a {type(item).__name__}; pass (image, question) or (image, question, answer) "
                 "tuples, dicts with those keys, or VQASample"
             )

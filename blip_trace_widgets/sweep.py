@@ -75,7 +75,7 @@ class Shard:
 
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.count:
-            raise ValueError(f"shard index must be in [0, {self.count}), got {self.index}")
+            raise BlipTraceError(f"shard index must be in [0, {self.count}), got {self.index}")
 
     def owns(self, sample: int) -> bool:
         return sample % self.count == self.index
@@ -117,12 +117,12 @@ def process_device() -> str | None:
 def _check_configs(configs: TraceConfig | Sequence[TraceConfig]) -> list[TraceConfig]:
     configs = [configs] if isinstance(configs, TraceConfig) else list(configs)
     if not configs:
-        raise ValueError("configs is empty: pass one TraceConfig or a list of them")
+        raise BlipTraceError("configs is empty: pass one TraceConfig or a list of them")
     for config in configs:
         if not isinstance(config, TraceConfig):
-            raise ValueError(f"configs must be TraceConfig objects, got {type(config).__name__}")
+            raise BlipTraceError(f"configs must be TraceConfig objects, got {type(config).__name__}")
         if config.answer is not None:
-            raise ValueError("a sweep scores each sample's own answer: leave TraceConfig.answer as None "
+            raise BlipTraceError("a sweep scores each sample's own answer: leave TraceConfig.answer as None "
                              "and use answer='model' or answer='expected' in sweep()")
     return configs
 
@@ -182,7 +182,7 @@ def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
     for index, config in enumerate(pair_configs(configs, item)):
         scored = item.answer if answer == "expected" and tracer.head != ITM else None
         if answer == "expected" and tracer.head != ITM and not scored:
-            raise ValueError(f"sample {sample} has no expected answer to score; use answer='model'")
+            raise BlipTraceError(f"sample {sample} has no expected answer to score; use answer='model'")
         if tracer.head == CAPTION and int(config.target or 0) >= len(tracer.caption_words(scored)):
             continue  # this caption has no word at that index
         result = tracer.trace(config, answer=scored)
@@ -380,9 +380,9 @@ def sweep(
     import pandas as pd
 
     if not isinstance(bundle, BlipBundle):
-        raise ValueError("pass the bundle returned by load_model(...), not a bare model")
+        raise BlipTraceError("pass the bundle returned by load_model(...), not a bare model")
     if answer not in ANSWER_MODES:
-        raise ValueError(f"answer must be 'model' or 'expected', got {answer!r}")
+        raise BlipTraceError(f"answer must be 'model' or 'expected', got {answer!r}")
     configs = _check_configs(configs)
     out = Path(out)
     group = _ProcessGroup()

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .aggregate import ROLES, average_trace, sample_effects
+from .errors import BlipTraceError
 from .names import BLOCK_LABELS, HEAD_INFO, KIND_LABELS
 from .plotting import _figure, plot_trace
 from .roles import role_label
@@ -55,7 +56,7 @@ def _role_lines(effects: Any, *, hue: str, form: str, roles: Sequence[str] | Non
 
     roles = [r for r in (roles or ROLES) if r in set(effects["role"])]
     if not roles:
-        raise ValueError("no token roles to plot: for an image-side sweep, average with "
+        raise BlipTraceError("no token roles to plot: for an image-side sweep, average with "
                          "aggregate.average_trace(table, config=...) and draw it with .plot_on_image(image=...)")
     if figure is None:
         figure = _figure((0.4 + 3.2 * len(roles), 2.8))
@@ -96,7 +97,7 @@ def plot_subset_comparison(tables: dict[str, Any], *, kind: str = "hidden", form
     for name, table in tables.items():
         rows = table[table["kind"] == kind]
         if rows.empty:
-            raise ValueError(f"the table for {name!r} has no {kind!r} traces")
+            raise BlipTraceError(f"the table for {name!r} has no {kind!r} traces")
         effects = sample_effects(rows, form=form, correct_only=correct_only)
         effects["subset"] = name + (" [estimate]" if estimate_note(rows) else "")
         parts.append(effects)

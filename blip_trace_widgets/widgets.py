@@ -422,13 +422,13 @@ class _LiveView(W.VBox):
                 self.progress.value = self.progress.max
 
     def _show_error(self, error: Exception) -> None:
-        """One line for a user's mistake (a ValueError); the full traceback for anything else.
+        """One line for a user's mistake (a BlipTraceError); the full traceback for anything else.
         The map under it is hidden, since it no longer matches the controls."""
         self.error.value = (
             "<div style='color:#a00;border:1px solid #a00;padding:4px 8px;border-radius:4px'>"
             f"<b>{escape(type(error).__name__)}</b>: {escape(str(error))}</div>"
         )
-        if not isinstance(error, ValueError):
+        if not isinstance(error, BlipTraceError):
             self.error.value += f"<details><pre>{escape(traceback.format_exc())}</pre></details>"
         self.status.value = ""
         self._dim(True)

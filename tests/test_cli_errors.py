@@ -178,3 +178,26 @@ def test_an_internal_error_keeps_its_traceback(files, monkeypatch):
     monkeypatch.setattr(cli, "build_parser", _parser_calling(bug))
     with pytest.raises(KeyError):
         cli.main(["x"])
+
+
+def test_a_plain_value_error_from_inside_is_a_bug_with_its_traceback(files, monkeypatch):
+    """Only BlipTraceError is a user's mistake: a ValueError from torch or numpy inside is a bug, not one line."""
+    def bug(_args):
+        raise ValueError("shapes (2,3) and (4,5) not aligned")
+
+    monkeypatch.setattr(cli, "build_parser", _parser_calling(bug))
+    with pytest.raises(ValueError, match="not aligned"):
+        cli.main(["x"])
+
+
+def test_every_check_in_the_package_raises_blip_trace_error():
+    import ast
+    from pathlib import Path
+
+    plain = []
+    for path in sorted((Path(cli.__file__).parent).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and \
+                    getattr(node.exc.func, "id", None) == "ValueError":
+                plain.append(f"{path.name}:{node.lineno}")
+    assert not plain, f"raise BlipTraceError (a ValueError that names the fix) instead: {plain}"

@@ -230,3 +230,18 @@ def test_estimate_only_never_runs_the_engine(explorer):
     assert all(r.is_estimate for r in explorer.results.values())
     explorer.method.value = "exact"
     assert not explorer.result.is_estimate
+
+
+def test_a_bug_inside_shows_its_traceback_and_a_mistake_one_line(demo_bundle, demo_sample, monkeypatch):
+    from blip_trace_widgets import BlipTraceError
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    image, question, _ = demo_sample
+    explorer = TraceExplorer(demo_bundle, image, question, background=False)
+    explorer._show_error(BlipTraceError("the question is empty: type one"))
+    assert "the question is empty" in explorer.error.value and "<details>" not in explorer.error.value
+    try:
+        raise ValueError("shapes (2,3) and (4,5) not aligned")
+    except ValueError as error:
+        explorer._show_error(error)
+    assert "<details>" in explorer.error.value and "Traceback" in explorer.error.value
