@@ -17,6 +17,7 @@ or noising (corrupted states patched into the clean run: what is necessary).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -34,11 +35,12 @@ OWN_PARTNER = -1
 class Counterfactual(W.VBox):
     """What corrupts the input (noise, a partner image, a swapped question) and the direction of patching."""
 
-    def __init__(self, gallery: list[tuple]) -> None:
+    def __init__(self, gallery: list[tuple], sources: Sequence[str] = ("noise", "pair", "swap")) -> None:
         super().__init__()
         style = {"description_width": "initial"}
         self.gallery = gallery
-        self.source = W.ToggleButtons(options=SOURCES, value="noise", description="corrupt with", style=style)
+        self.source = W.ToggleButtons(options=[o for o in SOURCES if o[1] in sources], value="noise",
+                                      description="corrupt with", style=style)
         self.partner = W.Dropdown(description="partner image", style=style, layout=W.Layout(width="340px"))
         self.swapped = W.Text(value="", description="counterfactual question", placeholder="the question, one word "
                               "changed", style=style, continuous_update=False, layout=W.Layout(width="420px"))

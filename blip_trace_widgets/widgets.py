@@ -761,14 +761,11 @@ class VisionTraceExplorer(_LiveView):
         matching = {} if self.head == ITM else {"display": "none"}
         self.metric = W.ToggleButtons(options=[(metric_label(m, self.head), m) for m in MATCH_METRICS], value="prob",
                                       layout=W.Layout(**matching))
-        set_tooltip(self.metric, "p(match) from the ITM head, or the ITC similarity of the image's projected CLS "
-                                 "state with the text read without the image")
-        set_tooltip(self.regions, "the patch grid is split into this many regions per side; each is restored as a unit")
-        set_tooltip(self.area, "which part of the image the corruption touches")
-        set_tooltip(self.layer, "which vision layer's effects to paint; redraws without tracing again")
+        self._tips()
         self.overlay = W.Image(format="png")
+        self.counterfactual = Counterfactual(self.gallery_items, sources=("noise", "pair"))  # a swap acts after the ViT
         controls = W.VBox([
-            W.HBox([self.kind, self.window, self.regions]),
+            W.HBox([self.kind, self.window, self.regions]), self.counterfactual,
             W.HBox([self.corruption, self.level, self.noise_samples, self.seed]),
             W.HBox([self.area, self.box_x, self.box_y]),
             W.HBox([self.layer, self.all_layers, self.normalized, self.method]),
@@ -778,10 +775,18 @@ class VisionTraceExplorer(_LiveView):
         self.children = [self._header(), controls, self.error, self.warning, self.overlay]
         self._update_enabled()
         self._watch([self.kind, self.window, self.regions, self.corruption, self.level, self.area, self.box_x,
-                     self.box_y, self.noise_samples, self.seed, self.question_box, self.method, self.metric])
+                     self.box_y, self.noise_samples, self.seed, self.question_box, self.method, self.metric,
+                     *self.counterfactual.controls])
         for control in (self.layer, self.all_layers, self.normalized):
             control.observe(self._on_view, names="value")
         self.refresh()
+
+    def _tips(self) -> None:
+        set_tooltip(self.metric, "p(match) from the ITM head, or the ITC similarity of the image's projected CLS "
+                                 "state with the text read without the image")
+        set_tooltip(self.regions, "the patch grid is split into this many regions per side; each is restored as a unit")
+        set_tooltip(self.area, "which part of the image the corruption touches")
+        set_tooltip(self.layer, "which vision layer's effects to paint; redraws without tracing again")
 
     @property
     def region(self) -> Any:
@@ -804,18 +809,22 @@ class VisionTraceExplorer(_LiveView):
                                                 "grey": lambda: Grey(region=self.region)}
         corruption = makers[self.corruption.value]()
         kind = self.kind.value
-        return TraceConfig(block=VISION_ENCODER, kind=kind, window=window_for(kind, self.window.value),
-                           regions=int(self.regions.value), corruption=corruption,
-                           samples=1 if self.corruption.value != "noise" else int(self.noise_samples.value),
-                           seed=int(self.seed.value), metric=self.metric.value, **self.scored)
+        config = TraceConfig(block=VISION_ENCODER, kind=kind, window=window_for(kind, self.window.value),
+                             regions=int(self.regions.value), corruption=corruption,
+                             samples=1 if self.corruption.value != "noise" else int(self.noise_samples.value),
+                             seed=int(self.seed.value), metric=self.metric.value, **self.scored)
+        return self.counterfactual.apply(config, int(self.gallery.value or 0))  # a partner's patches, a direction
 
     def _update_enabled(self) -> None:
+        self.counterfactual.sync(int(self.gallery.value or 0))
+        paired = self.counterfactual.source.value != "noise"  # the partner image replaces every corruption control
         self.window.disabled = self.kind.value == HIDDEN
         set_tooltip(self.window, WINDOW_OFF_TIP if self.window.disabled else WINDOW_ON_TIP)
-        self.level.disabled = self.corruption.value == "grey"
-        self.noise_samples.disabled = self.corruption.value != "noise"
+        self.level.disabled = self.corruption.value == "grey" or paired
+        self.noise_samples.disabled = self.corruption.value != "noise" or paired
+        self.corruption.disabled = self.seed.disabled = self.area.disabled = paired
         set_tooltip(self.level, VISION_LEVEL_TIPS[self.corruption.value])
-        self.box_x.disabled = self.box_y.disabled = self.area.value == "all"
+        self.box_x.disabled = self.box_y.disabled = self.area.value == "all" or paired
         self.layer.disabled = bool(self.all_layers.value)
 
     def _on_change(self, _change: dict) -> None:
@@ -836,6 +845,7 @@ class VisionTraceExplorer(_LiveView):
         tracer = self.tracer
         self.answer_view.value = answer_html(tracer)
         self._sync_words(tracer)
+        self.counterfactual.sync(int(self.gallery.value or 0))
         phases = self._phases(self.config)
         for i, config in enumerate(phases):
             self.status.value = cost_notice(tracer, config)

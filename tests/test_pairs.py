@@ -188,3 +188,24 @@ def test_image_swap_cells_match_a_per_cell_loop(image, question, stage, block, k
     expected = loop.grid(result.config["restored_positions"])
     np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
     assert np.abs(expected - result.low_score).max() > 1e-4  # the swap does something: the check could fail
+
+
+def test_the_vision_explorer_swaps_in_a_partners_patches_in_either_direction(demo_bundle):
+    from blip_trace_widgets.widgets import VisionTraceExplorer
+
+    pairs = easy_vqa_pairs("color", limit=2)
+    explorer = VisionTraceExplorer(demo_bundle, gallery=pairs, regions=2, noise_samples=2, background=False)
+    controls = explorer.counterfactual
+    assert [v for _, v in controls.source.options] == ["noise", "pair"]  # a word swap acts after the vision encoder
+    controls.source.value = "pair"
+    result = explorer.result
+    assert result.config["corruption"]["type"] == "image_swap" and result.config["corrupt"] == "patches"
+    assert explorer.corruption.disabled and explorer.area.disabled and explorer.level.disabled
+    own = Tracer(demo_bundle, pairs[0].counterfactual_image, pairs[0].question)
+    from blip_trace_widgets.procedures import resolve_config
+
+    assert result.low_score == pytest.approx(
+        own.baselines(resolve_config(demo_bundle, answer=result.answer, samples=1))[1], abs=1e-5)
+    controls.direction.value = "noise"
+    assert explorer.result.direction == "noise" and explorer.error.value == ""
+    assert explorer.overlay.value[:4] == b"\x89PNG"
