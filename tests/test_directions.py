@@ -161,7 +161,8 @@ def test_noising_every_cell_gives_the_corrupted_score_and_none_the_clean(bundles
 @pytest.mark.parametrize("fields, message", [
     ({"direction": "sideways"}, "unknown direction"),
     ({"direction": "noise", "method": "estimate", "steps": 4}, "one layer per cell"),
-    ({"direction": "noise", "sever": "mlp"}, "no sever"), ({"direction": "noise", "fresh_noise": True}, "fresh_noise"),
+    ({"direction": "noise", "sever": "mlp"}, "no sever"),
+    ({"direction": "noise", "fresh_noise": True, "method": "estimate"}, "fresh"),
 ])
 def test_direction_settings_are_checked(fields, message):
     with pytest.raises(BlipTraceError, match=message):
@@ -298,3 +299,22 @@ def test_a_noising_estimate_is_first_order_at_the_clean_run(demo_bundle, demo_sa
     assert int(verified.exact_cells.sum()) == 3
     with pytest.raises(BlipTraceError, match="one layer per cell"):
         tracer.trace(method="estimate", **{**weak, "window": 3, "kind": "mlp"})
+
+
+def test_the_papers_fresh_noise_noises_each_cell_with_its_own_draw(bundles, image, question):
+    """The paper's procedure in the noising direction: cell i patches the (i+1)-th draw of the seed (after the low
+    score's) into the clean run; checked against NoiseLoop run on that draw."""
+    from blip_trace_widgets import procedure_config
+
+    tracer = _tracer(bundles, image, question, "vqa")
+    config = procedure_config("paper", direction="noise", kind="mlp", window=1, block="question_encoder")
+    result = tracer.trace(config)
+    cells = tracer.blocks["question_encoder"].layout(tracer, config, tracer.target(config)).cells
+    generator = torch.Generator().manual_seed(int(config.seed))
+    tracer._corrupt_draw(config, generator)
+    loop = NoiseLoop(tracer, config)
+    for index, cell in enumerate(cells[:6]):
+        loop.corrupted_input = tracer._corrupt(config, generator).image_embeds
+        loop.corrupted = loop._record()
+        assert result.scores.ravel()[index] == pytest.approx(loop.cell(list(cell)), abs=1e-5)
+    assert result.direction == "noise" and np.abs(result.scores - result.high_score).max() > 1e-4
