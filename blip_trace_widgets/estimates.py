@@ -71,18 +71,11 @@ def _scores(tracer: Tracer, block: Block, final: torch.Tensor, target: Target, c
     return score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c)
 
 
-def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, target: Target) -> Gradients:
-    """One forward and one backward pass of the corrupted run, with a zero added to every state so that its
-    gradient is the gradient with respect to that state. No parameter gradient is made or kept.
-
-    For the vision encoder this pass is the corrupted run itself (its states are kept as it goes), so the
-    estimate costs no separate corrupted pass; the text blocks start from their cached corrupted runs."""
-    if block.name == VISION_ENCODER:
-        clean, start, cross = tracer.clean_vision, tracer.corrupted_patches(config), [None] * len(block.stack)
-        corrupted: Any = None
-    else:
-        clean, corrupted, cross = tracer.runs(block, config, target)
-        start = corrupted.inputs[0]
+def _state_gradients(tracer: Tracer, block: Block, start: torch.Tensor, cross: Any, target: Target,
+                     config: TraceConfig) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]], dict[str, list]]:
+    """One forward and one backward pass of ``block`` from ``start`` [S, T, D], with a zero added to every state
+    so that its gradient is the gradient with respect to that state (no parameter gradient is made or kept):
+    the scores [S], and per kind the gradients and the states of every layer, [S, T, D] each."""
     stack = block.stack
     leaves: dict[str, list[torch.Tensor]] = {kind: [] for kind in stack.kinds}
     states: dict[str, list[torch.Tensor]] = {kind: [] for kind in stack.kinds}
@@ -100,41 +93,43 @@ def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, targe
             h = stack.layer(j, h, cross[j], mask, edit)
         scores = _scores(tracer, block, h, target, config)[:, 0]
         grads = iter(torch.autograd.grad(scores.sum(), [leaf for kind in stack.kinds for leaf in leaves[kind]]))
-    terms = {}
-    for kind in stack.kinds:
-        deltas = _deltas(clean.kinds[kind], corrupted.kinds[kind] if corrupted is not None else states[kind])
-        terms[kind] = torch.stack([(d.double() * next(grads)[:, 0].double()).sum(-1) for d in deltas], 1).cpu()
-    return Gradients(scores.detach().double().cpu(), terms)
+    gradients = {kind: [next(grads)[:, 0] for _ in leaves[kind]] for kind in stack.kinds}
+    return scores.detach(), gradients, states
+
+
+def _terms(deltas: list[torch.Tensor], gradients: list[torch.Tensor]) -> torch.Tensor:
+    """Per sample, layer and position, ``delta · gradient`` in float64: [S, L, T]."""
+    return torch.stack([(d.double() * g.double()).sum(-1) for d, g in zip(deltas, gradients)], 1).cpu()
+
+
+def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, target: Target) -> Gradients:
+    """Denoising's first-order terms: the corrupted run's gradient times ``(clean - corrupted)`` per state.
+
+    For the vision encoder this pass is the corrupted run itself (its states are kept as it goes), so the
+    estimate costs no separate corrupted pass; the text blocks start from their cached corrupted runs."""
+    if block.name == VISION_ENCODER:
+        clean, start, cross = tracer.clean_vision, tracer.corrupted_patches(config), [None] * len(block.stack)
+        corrupted: Any = None
+    else:
+        clean, corrupted, cross = tracer.runs(block, config, target)
+        start = corrupted.inputs[0]
+    scores, gradients, states = _state_gradients(tracer, block, start, cross, target, config)
+    terms = {kind: _terms(_deltas(clean.kinds[kind], corrupted.kinds[kind] if corrupted is not None else states[kind]),
+                          gradients[kind]) for kind in block.stack.kinds}
+    return Gradients(scores.double().cpu(), terms)
 
 
 def clean_gradients(tracer: Tracer, block: Block, config: TraceConfig, target: Target) -> Gradients:
     """Noising's first-order terms: one forward and one backward pass of the clean run give ∂score/∂state there,
     and each noise sample's ``(corrupted - clean) · ∂score/∂state`` is what patching that state in would change.
     ``scores`` are the clean score (the base a noising cell starts from), once per sample."""
-    stack = block.stack
     clean, corrupted, _ = tracer.runs(block, config, target)
     cross = block.clean_cross(tracer, target)  # what the clean run attends to ([None] per layer for the ViT)
-    leaves: dict[str, list[torch.Tensor]] = {kind: [] for kind in stack.kinds}
-
-    def edit(kind: str, x: torch.Tensor) -> torch.Tensor:
-        leaf = torch.zeros_like(x, requires_grad=True)
-        leaves[kind].append(leaf)
-        return x + leaf
-
-    start = clean.inputs[0]
-    mask = stack.self_mask(start.shape[1], start.dtype, start.device)
-    with torch.enable_grad():
-        h = start[:, None]
-        for j in range(len(stack)):
-            h = stack.layer(j, h, cross[j], mask, edit)
-        score = _scores(tracer, block, h, target, config)[:, 0]
-        grads = iter(torch.autograd.grad(score.sum(), [leaf for kind in stack.kinds for leaf in leaves[kind]]))
-    terms = {}
-    for kind in stack.kinds:
-        deltas = [-d for d in _deltas(clean.kinds[kind], corrupted.kinds[kind])]  # corrupted - clean, [S, T, D]
-        terms[kind] = torch.stack([(d.double() * next(grads)[:, 0].double()).sum(-1) for d in deltas], 1).cpu()
+    score, gradients, _ = _state_gradients(tracer, block, clean.inputs[0], cross, target, config)
+    terms = {kind: _terms([-d for d in _deltas(clean.kinds[kind], corrupted.kinds[kind])], gradients[kind])
+             for kind in block.stack.kinds}
     samples = int(corrupted.inputs[0].shape[0])
-    return Gradients(score.detach().double().cpu().expand(samples), terms)
+    return Gradients(score.double().cpu().expand(samples), terms)
 
 
 def _deltas(clean: list[torch.Tensor], corrupted: list[torch.Tensor]) -> list[torch.Tensor]:
