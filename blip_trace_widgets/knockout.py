@@ -205,13 +205,13 @@ class Knockout:
     @torch.no_grad()
     def clean_score(self, target: Target) -> float:
         last = self.tracer.blocks.last
-        run = last.clean_run(self.tracer, target)
+        run = self.tracer.clean_run(last, target)  # cached per target, shared with the traces
         return float(score_rows(last.logits(self.tracer, run.output[:, None], target)[:, 0], target, "prob")[0])
 
     @torch.no_grad()
     def _exact(self, block: Block, groups: Sequence[Group], window: int, target: Target) -> np.ndarray:
         tracer, layers = self.tracer, len(block.stack)
-        clean, cross = block.clean_run(tracer, target), block.clean_cross(tracer, target)
+        clean, cross = tracer.clean_run(block, target), block.clean_cross(tracer, target)
         rows = [(g, layer) for g in range(len(groups)) for layer in range(layers)]
         spans = [window_layers(layer, window, layers) for _, layer in rows]
         order = sorted(range(len(rows)), key=lambda r: spans[r].start)
@@ -230,7 +230,7 @@ class Knockout:
         """p_clean − Σ over the window of ∂p/∂(multiplier of the group's edges at each layer), from one pass."""
         tracer, stack = self.tracer, block.stack
         layers = len(stack)
-        clean, cross = block.clean_run(tracer, target), block.clean_cross(tracer, target)
+        clean, cross = tracer.clean_run(block, target), block.clean_cross(tracer, target)
         scales = torch.ones(len(groups), layers, dtype=torch.float32, device=tracer.device, requires_grad=True)
         kinds = {a: [i for i, g in enumerate(groups) if g.attention == a] for a in ("self", "cross")}
         stacked = {a: torch.stack([groups[i].edges for i in picked]) if picked else None for a, picked in kinds.items()}
