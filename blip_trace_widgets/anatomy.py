@@ -24,12 +24,12 @@ from typing import Any
 from torch import nn
 
 from .errors import BlipTraceError
+from .heads import BLOCKS_OF, head_of_model
+from .heads import of as head_named
 from .names import (  # noqa: F401  (re-exported)
     ANSWER_DECODER,
     BLOCKS,
-    BLOCKS_OF,
     CAPTION_DECODER,
-    HEAD_INFO,
     ITM_ENCODER,
     KINDS,
     QUESTION_ENCODER,
@@ -151,15 +151,7 @@ def get_module(model: nn.Module, name: str) -> Any:
 
 def head_of(model: object) -> str:
     """Which BLIP head ``model`` is: "vqa", "caption" or "itm"; a clear error for anything else."""
-    import transformers
-
-    for head, info in HEAD_INFO.items():
-        if isinstance(model, getattr(transformers, info.architecture)):
-            return head
-    names = ", ".join(info.architecture for info in HEAD_INFO.values())
-    raise BlipTraceError(
-        f"expected a transformers BLIP model ({names}), got {type(model).__name__}; "
-        "load one with load_model('Salesforce/blip-vqa-base') or load_model('demo')")
+    return head_of_model(model).name
 
 
 def check_blip(model: object) -> None:
@@ -170,7 +162,7 @@ def check_blip(model: object) -> None:
 def check_head_block(head: str, block: str) -> str:
     """``block`` if the ``head``'s model has it, else a clear error naming the blocks it has."""
     if check_block(block) not in BLOCKS_OF[head]:
-        raise BlipTraceError(f"a {HEAD_INFO[head].label} model has no {block.replace('_', ' ')}: use one of "
+        raise BlipTraceError(f"a {head_named(head).label} model has no {block.replace('_', ' ')}: use one of "
                              f"{', '.join(BLOCKS_OF[head])}")
     return block
 

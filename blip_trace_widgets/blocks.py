@@ -25,21 +25,41 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from . import anatomy
+from .config import TraceConfig
 from .engine import Cell, Run, TextStack, VisionStack, group_cells, head_unit, rows_per_chunk, vision_rows_per_chunk
 from .errors import BlipTraceError
-from .names import ANSWER_DECODER, CAPTION_DECODER, ITM_ENCODER, QUESTION_ENCODER, VISION_ENCODER, VQA, is_head_kind
+from .heads import head_of_model
+from .names import ANSWER_DECODER, CAPTION_DECODER, ITM_ENCODER, QUESTION_ENCODER, VISION_ENCODER, is_head_kind
 from .regions import patch_grid_size, region_grid
 from .roles import token_roles
 from .scoring import Target
 
-if TYPE_CHECKING:
-    from .clean import CleanPass as Tracer
-    from .config import TraceConfig
+
+class Pass(Protocol):
+    """What a block reads from the clean pass of one (image, text): the model and its tokens, the clean runs,
+    and the memory settings that size its chunks (a :class:`~.clean.CleanPass` or the tracer built on it)."""
+
+    bundle: Any
+    model: torch.nn.Module
+    question_ids: list[int]
+    memory_budget: int
+    max_batch_rows: int | None
+
+    @property
+    def clean(self) -> Any: ...
+
+    @property
+    def clean_vision(self) -> Run: ...
+
+    def ids(self, ids: Sequence[int]) -> torch.Tensor: ...
+
+    def itc_text_feature(self, projection: Any) -> torch.Tensor: ...
+
 
 Cross = Sequence[Any]  # per layer: (keys, values) [S, Ck, H, N, D/H] for text stacks, None for the ViT
 
@@ -73,17 +93,17 @@ class Block(Protocol):
     stack: Any  # a Stack: TextStack or VisionStack
     reads_target: bool  # whether its runs depend on the target's tokens (then they are cached per target)
 
-    def layout(self, tracer: Tracer, config: TraceConfig, target: Target) -> Layout: ...
+    def layout(self, tracer: Pass, config: TraceConfig, target: Target) -> Layout: ...
 
-    def clean_run(self, tracer: Tracer, target: Target) -> Run: ...
+    def clean_run(self, tracer: Pass, target: Target) -> Run: ...
 
-    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]: ...
+    def corrupted_run(self, tracer: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]: ...
 
-    def clean_cross(self, tracer: Tracer, target: Target) -> Cross: ...
+    def clean_cross(self, tracer: Pass, target: Target) -> Cross: ...
 
-    def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, target: Target) -> int: ...
+    def rows_per_chunk(self, tracer: Pass, config: TraceConfig, target: Target) -> int: ...
 
-    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor: ...
+    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor: ...
 
 
 def _text_layout(labels: list[str], stack: Any, config: TraceConfig) -> Layout:
@@ -120,7 +140,7 @@ def head_layout(labels: Sequence[str], heads: int, layers: int, config: TraceCon
     return Layout([f"h{h}" for h in range(heads)], group_cells(units, layers, int(config.window)), extra)
 
 
-def _text_rows(tracer: Tracer, config: TraceConfig, positions: int, cross_tokens: int, decoder_tokens: int) -> int:
+def _text_rows(tracer: Pass, config: TraceConfig, positions: int, cross_tokens: int, decoder_tokens: int) -> int:
     text = anatomy.text_config(tracer.model)
     return rows_per_chunk(
         samples=config.samples, tokens=positions, cross_tokens=cross_tokens, hidden=text.hidden_size,
@@ -146,11 +166,11 @@ class AnswerDecoder:
         self.stack = TextStack(model, ANSWER_DECODER)
         self.head = anatomy.answer_head(model)
 
-    def layout(self, tracer: Tracer, config: TraceConfig, target: Target) -> Layout:
+    def layout(self, tracer: Pass, config: TraceConfig, target: Target) -> Layout:
         labels = list(tracer.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs)))
         return _text_layout(labels, self.stack, config)
 
-    def run(self, tracer: Tracer, question_states: torch.Tensor, target: Target) -> tuple[Run, Cross]:
+    def run(self, tracer: Pass, question_states: torch.Tensor, target: Target) -> tuple[Run, Cross]:
         """The decoder's run [S, Td, D] on question states [S, T, D] (teacher-forced on the target)."""
         from .engine import record_run, shared_cross
 
@@ -158,28 +178,28 @@ class AnswerDecoder:
         h0 = self.stack.embed(tracer.ids(target.inputs)).expand(question_states.shape[0], -1, -1)
         return record_run(self.stack, h0, cross), cross
 
-    def clean_run(self, tracer: Tracer, target: Target) -> Run:
+    def clean_run(self, tracer: Pass, target: Target) -> Run:
         assert tracer.clean.text is not None
         return self.run(tracer, tracer.clean.text.output, target)[0]
 
-    def clean_cross(self, tracer: Tracer, target: Target) -> Cross:
+    def clean_cross(self, tracer: Pass, target: Target) -> Cross:
         """Cross keys and values of the clean question states (what the clean run attends to)."""
         from .engine import shared_cross
 
         assert tracer.clean.text is not None
         return shared_cross(self.stack, tracer.clean.text.output)
 
-    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+    def corrupted_run(self, tracer: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
         return self.run(tracer, corrupted.text.output, target)
 
-    def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, target: Target) -> int:
+    def rows_per_chunk(self, tracer: Pass, config: TraceConfig, target: Target) -> int:
         return _text_rows(tracer, config, len(target.inputs), len(tracer.question_ids), len(target.inputs))
 
-    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         return self.head(final)
 
-    def decode_rows(self, tracer: Tracer, question_states: torch.Tensor, target: Target) -> torch.Tensor:
+    def decode_rows(self, tracer: Pass, question_states: torch.Tensor, target: Target) -> torch.Tensor:
         """Decoder logits [S, C, Td, V] when each row cross-attends to its own question states [S, C, T, D]."""
         stack = self.stack
         s, c, t, d = question_states.shape
@@ -200,29 +220,29 @@ class ImageReader(ABC):
     def __init__(self, model: torch.nn.Module) -> None:
         self.stack = TextStack(model, self.name)
 
-    def input_ids(self, tracer: Tracer, target: Target) -> Sequence[int]:
+    def input_ids(self, tracer: Pass, target: Target) -> Sequence[int]:
         """The tokens this block reads."""
         return tracer.question_ids
 
-    def layout(self, tracer: Tracer, config: TraceConfig, target: Target) -> Layout:
+    def layout(self, tracer: Pass, config: TraceConfig, target: Target) -> Layout:
         labels = list(tracer.bundle.tokenizer.convert_ids_to_tokens(list(self.input_ids(tracer, target))))
         return _text_layout(labels, self.stack, config)
 
-    def clean_run(self, tracer: Tracer, target: Target) -> Run:
+    def clean_run(self, tracer: Pass, target: Target) -> Run:
         assert tracer.clean.text is not None
         return tracer.clean.text
 
-    def clean_cross(self, tracer: Tracer, target: Target) -> Cross:
+    def clean_cross(self, tracer: Pass, target: Target) -> Cross:
         """Cross keys and values of the clean image embeddings."""
         from .engine import shared_cross
 
         return shared_cross(self.stack, tracer.clean.image_embeds)
 
-    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+    def corrupted_run(self, tracer: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
         return corrupted.text, corrupted.image_cross
 
-    def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, target: Target) -> int:
+    def rows_per_chunk(self, tracer: Pass, config: TraceConfig, target: Target) -> int:
         cross_tokens = int(tracer.clean.image_embeds.shape[1])
         positions = len(self.input_ids(tracer, target))
         return _text_rows(tracer, config, positions, cross_tokens, self.decoder_tokens(target))
@@ -232,10 +252,10 @@ class ImageReader(ABC):
         return 0
 
     @abstractmethod
-    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         """The head's outputs for this block's final states [S, C, T, D] (each reader has its own head)."""
 
-    def encode_rows(self, tracer: Tracer, image_embeds: torch.Tensor, target: Target) -> torch.Tensor:
+    def encode_rows(self, tracer: Pass, image_embeds: torch.Tensor, target: Target) -> torch.Tensor:
         """This block's final states [S, C, T, D] when each row cross-attends to its own image embeddings
         [S, C, N, Dv]."""
         stack = self.stack
@@ -260,7 +280,7 @@ class QuestionEncoder(ImageReader):
     def decoder_tokens(self, target: Target) -> int:
         return len(target.inputs)
 
-    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         return self.decoder.decode_rows(tracer, final, target)
 
 
@@ -273,7 +293,7 @@ class ItmEncoder(ImageReader):
         super().__init__(model)
         self.head = anatomy.itm_head(model)
 
-    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         return self.head(final[..., 0, :])  # [S, C, 2]: (no match, match)
 
 
@@ -287,25 +307,25 @@ class CaptionDecoder(ImageReader):
         super().__init__(model)
         self.head = anatomy.answer_head(model)
 
-    def input_ids(self, tracer: Tracer, target: Target) -> Sequence[int]:
+    def input_ids(self, tracer: Pass, target: Target) -> Sequence[int]:
         return target.inputs
 
-    def run(self, tracer: Tracer, image_cross: Cross, samples: int, target: Target) -> Run:
+    def run(self, tracer: Pass, image_cross: Cross, samples: int, target: Target) -> Run:
         from .engine import record_run
 
         h0 = self.stack.embed(tracer.ids(target.inputs)).expand(samples, -1, -1)
         return record_run(self.stack, h0, image_cross)
 
-    def clean_run(self, tracer: Tracer, target: Target) -> Run:
+    def clean_run(self, tracer: Pass, target: Target) -> Run:
         from .engine import shared_cross
 
         return self.run(tracer, shared_cross(self.stack, tracer.clean.image_embeds), 1, target)
 
-    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+    def corrupted_run(self, tracer: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         samples = int(corrupted.image_embeds.shape[0])
         return self.run(tracer, corrupted.image_cross, samples, target), corrupted.image_cross
 
-    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         return self.head(final)
 
 
@@ -320,7 +340,7 @@ class VisionEncoder:
         self.reader = reader
         self.projections = anatomy.projections(model)
 
-    def layout(self, tracer: Tracer, config: TraceConfig, target: Target) -> Layout:
+    def layout(self, tracer: Pass, config: TraceConfig, target: Target) -> Layout:
         side = patch_grid_size(int(tracer.clean.image_embeds.shape[1]))
         if is_head_kind(config.kind):
             labels = ["[CLS]", *(f"p{r}c{c}" for r in range(side) for c in range(side))]
@@ -331,20 +351,20 @@ class VisionEncoder:
         return Layout([g.label for g in grid], group_cells([g.tokens for g in grid], len(self.stack), int(config.window)),
                       extra)
 
-    def clean_run(self, tracer: Tracer, target: Target) -> Run:
+    def clean_run(self, tracer: Pass, target: Target) -> Run:
         return tracer.clean_vision
 
-    def clean_cross(self, tracer: Tracer, target: Target) -> Cross:
+    def clean_cross(self, tracer: Pass, target: Target) -> Cross:
         return [None] * len(self.stack)
 
-    def corrupted_run(self, tracer: Tracer, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+    def corrupted_run(self, tracer: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         if corrupted.vision is None:
             raise BlipTraceError(
                 "restoring vision-encoder states needs a corruption before the vision encoder: "
                 "use corrupt='patches' or corrupt='pixels'")
         return corrupted.vision, [None] * len(self.stack)
 
-    def rows_per_chunk(self, tracer: Tracer, config: TraceConfig, target: Target) -> int:
+    def rows_per_chunk(self, tracer: Pass, config: TraceConfig, target: Target) -> int:
         vision, text = anatomy.vision_config(tracer.model), anatomy.text_config(tracer.model)
         return vision_rows_per_chunk(
             samples=config.samples, patches=int(tracer.clean.image_embeds.shape[1]), vision_hidden=vision.hidden_size,
@@ -355,13 +375,13 @@ class VisionEncoder:
             memory_budget=tracer.memory_budget, max_batch_rows=tracer.max_batch_rows,
         )
 
-    def logits(self, tracer: Tracer, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         embeds = self.stack.post_norm(final)
         if target.readout == "itc":
             return self.itc(tracer, embeds)
         return self.reader.logits(tracer, self.reader.encode_rows(tracer, embeds, target), target)
 
-    def itc(self, tracer: Tracer, image_embeds: torch.Tensor) -> torch.Tensor:
+    def itc(self, tracer: Pass, image_embeds: torch.Tensor) -> torch.Tensor:
         """ITC cosine similarity [...] of image embeddings [..., N, D] with the text (BLIP's projections of
         the image's first state and of the text encoder's first state, the text read without the image)."""
         if self.projections is None:
@@ -399,11 +419,11 @@ class Blocks:
 
 def build_blocks(model: torch.nn.Module) -> Blocks:
     """One instance of each block of ``model``'s head, wired in the order of its forward pass."""
-    head = anatomy.head_of(model)
-    if head == VQA:
-        last: Any = AnswerDecoder(model)
-        reader: ImageReader = QuestionEncoder(model, last)
+    task = head_of_model(model)
+    if task.decoder is not None:  # the reader feeds a decoder, which the reader's class is given
+        last: Any = BLOCK_CLASSES[task.decoder](model)
+        reader: ImageReader = BLOCK_CLASSES[task.reader](model, last)
     else:
-        reader = BLOCK_CLASSES[anatomy.BLOCKS_OF[head][0]](model)
+        reader = BLOCK_CLASSES[task.reader](model)
         last = reader
-    return Blocks(head, reader, last, VisionEncoder(model, reader))
+    return Blocks(task.name, reader, last, VisionEncoder(model, reader))

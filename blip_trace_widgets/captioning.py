@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from . import heads
 from .errors import BlipTraceError
 from .inputs import ImageLike
 from .loading import BlipBundle
-from .names import BLOCK_LABELS, CAPTION, CAPTION_DECODER, KIND_LABELS, VISION_ENCODER
+from .names import BLOCK_LABELS, CAPTION_DECODER, KIND_LABELS, VISION_ENCODER
 from .results import TraceResult
 
 
@@ -108,7 +109,7 @@ def trace_caption(bundle: BlipBundle, image: ImageLike, prompt: str = "", captio
     from .procedures import procedure_config
     from .tracing import Tracer
 
-    if not isinstance(bundle, BlipBundle) or bundle.head != CAPTION:
+    if not isinstance(bundle, BlipBundle) or not isinstance(heads.of(bundle), heads.CaptionHead):
         raise BlipTraceError("trace_caption needs a captioning model: load_model('demo-caption') or "
                              "load_model('Salesforce/blip-image-captioning-base')")
     if "target" in fields or "answer" in fields:

@@ -29,9 +29,9 @@ from . import anatomy
 from .blocks import Blocks, build_blocks
 from .engine import DEFAULT_MEMORY_BUDGET, Run, record_run, shared_cross
 from .errors import BlipTraceError
-from .inputs import ImageLike, check_question, encode_prompt, encode_question, image_digest, to_rgb_image
+from .heads import Head, ItmHead, head_of_model
+from .inputs import ImageLike, image_digest, to_rgb_image
 from .loading import BlipBundle
-from .names import CAPTION, HEAD_INFO, ITM, MAX_ANSWER_TOKENS, MAX_CAPTION_TOKENS, VQA
 from .scoring import Target
 
 
@@ -49,18 +49,15 @@ class CleanPass:
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, max_batch_rows: int | None = None) -> None:
         if not isinstance(bundle, BlipBundle):
             raise BlipTraceError("pass the bundle returned by load_model(...), not a bare model")
-        self.head = anatomy.head_of(bundle.model)
+        #: The model's task head (what it reads, says and scores), and its name.
+        self.task: Head = head_of_model(bundle.model)
+        self.head = self.task.name
         self.bundle = bundle
         self.model = bundle.model
         self.image = to_rgb_image(image)
         self.image_key = image_digest(self.image)
-        limit = int(anatomy.text_config(self.model).max_position_embeddings)
-        if self.head == CAPTION:
-            self.question, self.question_ids = encode_prompt(bundle.tokenizer, question, limit,
-                                                             int(anatomy.text_config(self.model).bos_token_id))
-        else:
-            self.question = check_question(question, HEAD_INFO[self.head].text)
-            self.question_ids = encode_question(bundle.tokenizer, self.question, limit, HEAD_INFO[self.head].text)
+        self.question, self.question_ids = self.task.encode(bundle.tokenizer, question, self.position_limit,
+                                                            self.bos_id)
         self.blocks: Blocks = build_blocks(self.model)
         self.memory_budget = memory_budget
         self.max_batch_rows = max_batch_rows
@@ -74,6 +71,16 @@ class CleanPass:
     @property
     def device(self) -> torch.device:
         return self.bundle.device
+
+    @property
+    def position_limit(self) -> int:
+        """The most tokens the text transformers read."""
+        return int(anatomy.text_config(self.model).max_position_embeddings)
+
+    @property
+    def bos_id(self) -> int:
+        """The decoders' start token."""
+        return int(anatomy.text_config(self.model).bos_token_id)
 
     @property
     def unknown_words(self) -> list[str]:
@@ -125,17 +132,7 @@ class CleanPass:
                 cross = shared_cross(reader.stack, embeds)
                 run = None if reader.reads_target else record_run(reader.stack, reader.stack.embed(
                     self.ids(self.question_ids)), cross)
-                if self.head == VQA:
-                    assert run is not None
-                    last = self.blocks.last
-                    greedy = self._greedy(last.stack, last.head, shared_cross(last.stack, run.output),
-                                          [int(anatomy.text_config(self.model).bos_token_id)], MAX_ANSWER_TOKENS)
-                elif self.head == CAPTION:
-                    greedy = self._greedy(reader.stack, self.blocks.last.head, cross, self.question_ids,
-                                          MAX_CAPTION_TOKENS)
-                else:
-                    greedy = []
-                self._clean = Clean(embeds, run, greedy)
+                self._clean = Clean(embeds, run, self.task.greedy(self, embeds, run))
             self.stats["clean_passes"] += 1
         return self._clean
 
@@ -148,10 +145,13 @@ class CleanPass:
                 self._clean_vision = record_run(self.vision, self.vision.embed(self.pixels), [None] * len(self.vision))
         return self._clean_vision
 
-    def _greedy(self, stack: Any, head: Any, cross: Any, start: Sequence[int], limit: int) -> list[int]:
-        """Greedy decoding from ``start`` until [SEP] or padding, at most ``limit`` new tokens (and never past
-        the decoder's positions): the tokens after ``start``."""
+    @torch.no_grad()
+    def decode(self, block: Any, states: torch.Tensor, start: Sequence[int], limit: int) -> list[int]:
+        """Greedy decoding by ``block`` (its stack and output head), attending to ``states`` [1, N, D], from
+        ``start`` until [SEP] or padding, at most ``limit`` new tokens (and never past the decoder's
+        positions): the tokens after ``start``."""
         config = anatomy.text_config(self.model)
+        stack, head, cross = block.stack, block.head, shared_cross(block.stack, states)
         ids = [int(i) for i in start]
         room = int(config.max_position_embeddings) - len(ids)
         for _ in range(min(limit, room)):
@@ -166,14 +166,12 @@ class CleanPass:
     def model_answer(self) -> str:
         """VQA: the model's own greedy answer, in full. Captioning: its greedy caption after the prompt.
         Image-text matching: "match" or "no match", from the ITM head."""
-        if self.head == ITM:
-            return "match" if self.match_probability >= 0.5 else "no match"
-        return self.bundle.tokenizer.decode(self.clean.greedy_ids, skip_special_tokens=True).strip()
+        return self.task.model_answer(self)
 
     @property
     def match_probability(self) -> float:
         """Image-text matching: the ITM head's p(match) for the clean image and the text."""
-        if self.head != ITM:
+        if not isinstance(self.task, ItmHead):
             raise BlipTraceError("p(match) comes from an image-text matching model: load one such as demo-itm")
         text = self.clean.text
         assert text is not None

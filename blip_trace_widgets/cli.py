@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import heads
 from .config import parse_position
 from .corruption import BY_NAME, WordSwap, from_name
 from .data import PAIR_KINDS
@@ -34,18 +35,15 @@ from .names import (
     ANSWER_DECODER,
     ANSWER_MODES,
     BLOCKS,
-    CAPTION,
     CAPTION_DECODER,
     DEFAULT_VERIFY,
     DEMO_MODELS,
     DIRECTION_LABELS,
     DIRECTIONS,
     DTYPES,
-    HEAD_INFO,
     HEAD_KINDS,
     HIDDEN,
     HUB_MODELS,
-    ITM,
     ITM_ENCODER,
     KINDS,
     MAX_STEPS,
@@ -59,7 +57,6 @@ from .names import (
     SUBLAYER_KINDS,
     VISION_ENCODER,
     VISION_KINDS,
-    VQA,
     is_head_kind,
     kinds_of,
     window_for,
@@ -163,7 +160,8 @@ def _demo_heads(args: argparse.Namespace, image: Any, out: Path, bar: Any) -> in
     written, caption = 0, ""
     for model, block, kind, window in DEMO_HEAD_TRACES:  # the captioner first: the matcher matches its caption
         bundle = _load(model, args.device, None)
-        caption_model = bundle.head == CAPTION
+        task = heads.of(bundle)
+        caption_model = isinstance(task, heads.CaptionHead)
         tracer = Tracer(bundle, image, "" if caption_model else caption)
         if caption_model:
             caption = tracer.model_answer
@@ -176,7 +174,7 @@ def _demo_heads(args: argparse.Namespace, image: Any, out: Path, bar: Any) -> in
         level = getattr(config.corruption, "level", None)
         why = "its trace_defaults.json" if getattr(bundle, "noise_scale", 3.0) != 3.0 else "ROME's, as it names none"
         what += f"; noise {level:g}σ ({why})" if level is not None else ""
-        bar.write(f"\n[{model}] {HEAD_INFO[bundle.head].label}: {what}")
+        bar.write(f"\n[{model}] {task.label}: {what}")
         png, js = _write(result, out, f"{model}-{output_stem(tracer.question or 'caption', tracer.image_key, config)}")
         bar.update(1)
         flag = "  (corruption has almost no effect: this map is noise)" if result.is_tiny() else ""
@@ -197,7 +195,7 @@ def _corrupt_tokens(text: str | None) -> Any:
 def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
     from .procedures import resolve_config
 
-    args.block = args.block or HEAD_INFO[bundle.head].blocks[0]
+    args.block = args.block or heads.of(bundle).default_block
     counterfactual = _counterfactual(args)
     if counterfactual is not None and (args.noise is not None or args.scale is not None):
         raise UsageError("--counterfactual-image and --swap replace the noise: drop --noise and --scale")
@@ -256,13 +254,12 @@ def run_trace(args: argparse.Namespace) -> int:
         raise UsageError(f"--image {args.image!r}: no such file")
     _check_out(args.out)
     bundle = _load(args.model, args.device, args.dtype)
-    head = bundle.head
-    if args.question is None and head != CAPTION:
-        option = "--question" if head != ITM else "--text"
-        raise UsageError(f"{option} is required for a {HEAD_INFO[head].label} model: the {HEAD_INFO[head].text}")
+    task = heads.of(bundle)
+    if args.question is None and task.needs_text:
+        raise UsageError(f"{task.text_option} is required for a {task.label} model: the {task.text}")
     config = _trace_config(args, bundle)
     tracer = Tracer(bundle, args.image, args.question or "")
-    if head == CAPTION and args.target is None:
+    if isinstance(task, heads.CaptionHead) and args.target is None:
         return _trace_every_word(args, tracer, config)
     print(_what_the_model_says(tracer))
     from .cost import trace_cost
@@ -301,11 +298,7 @@ def run_trace(args: argparse.Namespace) -> int:
 
 
 def _what_the_model_says(tracer: Any) -> str:
-    if tracer.head == CAPTION:
-        return f"prompt: {tracer.question!r}\nmodel's caption: {tracer.model_answer!r}"
-    if tracer.head == ITM:
-        return f"text: {tracer.question}\nmodel: {tracer.model_answer} (p(match) {tracer.match_probability:.4f})"
-    return f"question: {tracer.question}\nmodel's answer: {tracer.model_answer!r}"
+    return tracer.task.describe(tracer)
 
 
 def _trace_every_word(args: argparse.Namespace, tracer: Any, config: Any) -> int:
@@ -335,8 +328,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     if (args.dataset is None) == (args.pairs is None):
         raise UsageError("give --dataset (a question set) or --pairs (color or shape image pairs), one of them")
     bundle = _load(args.model, args.device or process_device(), args.dtype)
-    args.block = args.block or HEAD_INFO[bundle.head].blocks[0]
-    if args.pairs is not None and bundle.head != VQA:
+    args.block = args.block or heads.of(bundle).default_block
+    if args.pairs is not None and not heads.of(bundle).reads_questions:
         raise UsageError("--pairs are easy-VQA questions: use a visual question answering model")
     if args.dataset is not None:
         _check_sweep_dataset(args.dataset, bundle.head)
@@ -408,14 +401,15 @@ def _sweep_samples(args: argparse.Namespace) -> Any:
 def _check_sweep_dataset(dataset: str, head: str) -> None:
     from .subsets import CAPTION_SUBSETS
 
-    if (dataset in CAPTION_SUBSETS) != (head != VQA):
-        wanted = ", ".join(CAPTION_SUBSETS) if head != VQA else "a question set"
-        raise UsageError(f"--dataset {dataset} does not suit a {HEAD_INFO[head].label} model: use {wanted}")
+    task = heads.of(head)
+    if (dataset in CAPTION_SUBSETS) == task.reads_questions:
+        wanted = "a question set" if task.reads_questions else ", ".join(CAPTION_SUBSETS)
+        raise UsageError(f"--dataset {dataset} does not suit a {task.label} model: use {wanted}")
 
 
 def _targets(text: str | None, head: str) -> list[int | None]:
     """--targets: the caption words each captioning configuration scores (default: words 0, 1 and 2)."""
-    if head != CAPTION:
+    if not isinstance(heads.of(head), heads.CaptionHead):
         if text is not None:
             raise UsageError("--targets picks caption words: use it with a captioning model")
         return [None]
@@ -486,7 +480,7 @@ def _add_trace_options(one: argparse.ArgumentParser) -> None:
                           + " (default: %(default)s); the options below override it")
     one.add_argument("--block", choices=BLOCKS, default=None,
                      help="which transformer to restore states in: "
-                          + "; ".join(f"{info.label}: {', '.join(info.blocks)}" for info in HEAD_INFO.values())
+                          + "; ".join(f"{task.label}: {', '.join(task.blocks)}" for task in heads.BY_NAME.values())
                           + " (default: the first of the model's)")
     one.add_argument("--kind", choices=KINDS, default=None,
                      help="which state to restore: the layer output (hidden), a sublayer's own output (self_attn, "
@@ -605,8 +599,9 @@ def run_knockout(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.dataset is not None:
         return _knockout_sweep(args, bundle, out)
-    if args.question is None and bundle.head != CAPTION:
-        raise UsageError(f"--question is required for a {HEAD_INFO[bundle.head].label} model")
+    task = heads.of(bundle)
+    if args.question is None and task.needs_text:
+        raise UsageError(f"{task.text_option} is required for a {task.label} model")
     knock = Knockout.of(bundle, args.image, args.question or "")
     print(_what_the_model_says(knock.tracer))
     config = KnockoutConfig(edges=_knockout_edges(args, knock.tracer.image), window=args.window,

@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 from PIL import Image
 
 from .errors import BlipTraceError, UnavailableError
-from .names import ITM
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -39,11 +38,9 @@ class VQASample(NamedTuple):
 def text_of(head: str, item: VQASample) -> str:
     """The text a model reads for a sample: the question (VQA), the prompt (captioning), or for image-text
     matching the reference caption (the text matched against the image)."""
-    if head == ITM:
-        if not item.answer:
-            raise BlipTraceError("an image-text matching sweep matches each sample's caption: give samples one")
-        return item.answer
-    return item.question
+    from .heads import of
+
+    return of(head).item_text(item)
 
 
 def _easy_vqa():

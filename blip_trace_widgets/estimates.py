@@ -34,20 +34,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from .blocks import Block, Pass
 from .cache import LRU
 from .config import TraceConfig, cache_key
 from .engine import Cell, _ChunkEdits, _pairs, chunks, staircase, start_layer
 from .names import VISION_ENCODER
 from .scoring import Target, score_rows
 
-if TYPE_CHECKING:
-    from .blocks import Block
-    from .tracing import Tracer
+
+class Tracer(Pass, Protocol):
+    """What an estimate reads from the tracer: a block's clean and corrupted runs (and what they attend to), the
+    corrupted patches of an image-side trace, and the device (a :class:`~.tracing.Tracer`)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def runs(self, block: Block, config: TraceConfig, target: Target) -> tuple[Any, Any, Any]: ...
+
+    def corrupted_patches(self, config: TraceConfig) -> torch.Tensor: ...
 
 #: A backward pass keeps every activation of its forward pass: chunks of cells are this much smaller.
 BACKWARD_SHRINK = 4

@@ -41,7 +41,7 @@ from .errors import BlipTraceError
 from .inputs import ImageLike
 from .knockout_result import KnockoutResult
 from .loading import BlipBundle
-from .names import ANSWER_DECODER, BLOCK_LABELS, EACH_TOKEN, HEAD_INFO, IMAGE_CLS, ITM, KNOCKOUT_WINDOW, VQA
+from .names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW
 from .scoring import Target, score_rows
 from .tracing import Tracer
 
@@ -97,13 +97,9 @@ class Knockout:
 
     # ----- resolving edges ----------------------------------------------------------------
     def target(self, config: KnockoutConfig) -> Target:
-        head = self.tracer.head
-        settings: dict[str, Any] = {"block": HEAD_INFO[head].blocks[0], "metric": "prob"}
-        if head != ITM:
-            settings["answer"] = config.answer
-        if head not in (VQA, ITM):
-            settings["target"] = config.target
-        return self.tracer.target(TraceConfig(**settings))
+        task = self.tracer.task
+        return self.tracer.target(TraceConfig(block=task.default_block, metric="prob",
+                                              **task.knockout_fields(config.answer, config.target)))
 
     def block_of(self, edges: Edges) -> Block:
         return self.tracer.blocks[edges.block or self.tracer.blocks.reader.name]  # refuses a block the head lacks
@@ -138,10 +134,8 @@ class Knockout:
         return out
 
     def _texts(self, block: Block) -> tuple[str, str]:
-        head = self.tracer.head
-        if block.name == ANSWER_DECODER:
-            return HEAD_INFO[head].scored, HEAD_INFO[head].text
-        return HEAD_INFO[head].text, HEAD_INFO[head].text
+        task = self.tracer.task
+        return (task.scored if block.name == task.decoder else task.text), task.text
 
     def _keys(self, edges: Edges, block: Block, labels: list[str]) -> tuple[list[int], int]:
         """The key positions ``edges`` cuts, and how many keys there are."""

@@ -17,14 +17,33 @@ says what was scored, the clean p, the window and whether the values are exact o
 from __future__ import annotations
 
 import textwrap
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .names import TINY_ABSOLUTE, TINY_CHANGE
 
-if TYPE_CHECKING:
-    from .knockout_result import KnockoutResult
+
+class KnockoutResult(Protocol):
+    """What a knockout figure reads from a result (a :class:`~.knockout_result.KnockoutResult`)."""
+
+    @property
+    def labels(self) -> list[str]: ...
+    @property
+    def clean_score(self) -> float: ...
+    @property
+    def window(self) -> int: ...
+    @property
+    def answer(self) -> str: ...
+    @property
+    def question(self) -> str: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def changes(self) -> np.ndarray: ...
+    @property
+    def is_estimate(self) -> bool: ...
+    def tiny(self) -> np.ndarray: ...
 
 TINY_LABEL = " (no effect)"
 KNOCKOUT_CMAP = "RdBu_r"

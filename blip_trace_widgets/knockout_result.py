@@ -15,16 +15,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import numpy as np
 
 from .errors import BlipTraceError
 from .names import TINY_ABSOLUTE, TINY_CHANGE, VQA
 from .results import _from_json_array, _json_array, _number
-
-if TYPE_CHECKING:
-    from .scoring import Target
+from .scoring import Target
 
 #: Version of the saved JSON layout.
 KNOCKOUT_FORMAT = 1

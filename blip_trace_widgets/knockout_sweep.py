@@ -52,7 +52,6 @@ def knockout_sweep(
 
     from .data import text_of
     from .subsets import as_samples, open_image
-    from .sweep import is_correct
 
     if answer not in ("model", "expected"):
         raise BlipTraceError(f"answer={answer!r}: use 'model' or 'expected'")
@@ -63,7 +62,7 @@ def knockout_sweep(
         config = KnockoutConfig(edges=_edges_for(edges, image), window=window, method=method,
                                 answer=item.answer if answer == "expected" else None)
         result = knock.run(config)
-        correct = is_correct(knock.tracer.model_answer, item.answer)
+        correct = knock.tracer.task.correct(knock.tracer.model_answer, item.answer)
         frame = result.to_dataframe()
         for record in frame.to_dict("records"):
             rows.append({"sample": index, "question": item.question, "expected": item.answer,

@@ -24,11 +24,12 @@ import ipywidgets as W
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import heads
 from .cache import LRU
 from .edges import Edges
 from .knockout import KNOCKOUT_METHODS, Knockout, KnockoutConfig
 from .knockout_result import KnockoutResult
-from .names import ANSWER_DECODER, BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW, VQA
+from .names import ANSWER_DECODER, BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW
 from .plotting import figure_png
 from .regions import Box, Outside, patch_grid_size
 from .widgets import _LiveView, _png, answer_html, png_width, set_tooltip
@@ -47,7 +48,7 @@ class KnockoutExplorer(_LiveView):
         self._knockouts: LRU[Knockout] = LRU(16)
         self.result: KnockoutResult | None = None  # type: ignore[assignment]
         style = {"description_width": "initial"}
-        options = [o for o in GROUP_OPTIONS if o[1] != "decoder" or self.head == VQA]
+        options = [o for o in GROUP_OPTIONS if o[1] != "decoder" or heads.of(self.head).decoder is not None]
         self.groups = W.SelectMultiple(options=options, value=("image", "region", "outside"), rows=len(options),
                                        description="cut", style=style, layout=W.Layout(width="260px"))
         set_tooltip(self.groups, "edge groups to cut, one line each (ctrl/cmd-click for several)")

@@ -26,7 +26,8 @@ import torch
 
 from .anatomy import check_blip
 from .errors import BlipTraceError, UnavailableError
-from .names import DEMO_MODELS, HEAD_INFO, HUB_MODELS, QUESTION_ENCODER, VQA
+from .heads import BY_NAME
+from .names import DEMO_MODELS, HUB_MODELS, QUESTION_ENCODER, VQA
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 #: The bundled demo models by name: VQA, captioning and image-text matching, all trained on easy-VQA.
@@ -264,14 +265,14 @@ def _head_class(source: str, config: Any) -> Any:
     import transformers
 
     architectures = getattr(config, "architectures", None) or []
-    known = {info.architecture for info in HEAD_INFO.values()}
+    known = {head.architecture for head in BY_NAME.values()}
     found = [name for name in architectures if name in known]
     if config.model_type != "blip" or (architectures and not found):
         raise BlipTraceError(
             f"{source!r} is a {config.model_type} model ({', '.join(architectures) or 'unknown head'}), not one of "
             f"BLIP's heads ({', '.join(sorted(known))}); use a checkpoint such as {', '.join(HUB_MODELS.values())}")
     # a BLIP configuration that names no head: VQA, as this package did before it traced the other heads
-    return getattr(transformers, found[0] if found else HEAD_INFO[VQA].architecture)
+    return getattr(transformers, found[0] if found else BY_NAME[VQA].architecture)
 
 
 def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:

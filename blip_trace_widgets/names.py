@@ -3,8 +3,6 @@
     >>> from blip_trace_widgets.names import BLOCKS, KIND_LABELS, kinds_of
     >>> BLOCKS
     ('question_encoder', 'answer_decoder', 'caption_decoder', 'itm_encoder', 'vision_encoder')
-    >>> BLOCKS_OF["caption"]
-    ('caption_decoder', 'vision_encoder')
     >>> kinds_of("vision_encoder")
     ('hidden', 'self_attn', 'mlp', 'attn_head')
     >>> KIND_LABELS["post_cross_attn"]
@@ -57,28 +55,6 @@ ITM: Head = "itm"
 HEADS: tuple[Head, ...] = (VQA, CAPTION, ITM)
 
 
-@dataclass(frozen=True)
-class HeadInfo:
-    """How a head is named, which transformers class it is, what its text box holds and what it scores."""
-
-    label: str
-    architecture: str
-    blocks: tuple[Block, ...]  # the first is the default block
-    text: str  # what the text input is, in controls
-    scored: str  # what a trace scores, in titles
-    metrics: tuple[Metric, ...]
-    unit: str  # what a sweep's samples are, in titles
-
-
-HEAD_INFO: dict[str, HeadInfo] = {
-    VQA: HeadInfo("visual question answering", "BlipForQuestionAnswering", (QUESTION_ENCODER, ANSWER_DECODER,
-                  VISION_ENCODER), "question", "answer", ("prob", "logprob", "logit_diff"), "questions"),
-    CAPTION: HeadInfo("captioning", "BlipForConditionalGeneration", (CAPTION_DECODER, VISION_ENCODER), "prompt",
-                      "caption word", ("prob", "logprob", "logit_diff"), "captions"),
-    ITM: HeadInfo("image-text matching", "BlipForImageTextRetrieval", (ITM_ENCODER, VISION_ENCODER), "text",
-                  "match", ("prob", "logprob", "itc"), "image-text pairs"),
-}
-BLOCKS_OF: dict[str, tuple[Block, ...]] = {head: info.blocks for head, info in HEAD_INFO.items()}
 #: Hub checkpoints of each head, and the bundled demo models (``load_model("demo-caption")``).
 HUB_MODELS: dict[str, str] = {VQA: "Salesforce/blip-vqa-base", CAPTION: "Salesforce/blip-image-captioning-base",
                               ITM: "Salesforce/blip-itm-base-coco"}
@@ -231,12 +207,6 @@ def window_for(kind: str, window: int) -> int:
     """The window a control's value means for ``kind``: hidden states are restored one layer at a time
     (as in ROME's figures); sublayer kinds take the window."""
     return 1 if kind == HIDDEN else int(window)
-
-
-def metric_label(metric: str, head: str = VQA) -> str:
-    """The label of ``metric`` for ``head``: p(answer), p(caption word), p(match), ..."""
-    label = METRIC_LABELS.get(metric, metric)
-    return label.replace("answer", HEAD_INFO[head].scored) if head in HEAD_INFO else label
 
 
 def kinds_of(block: str) -> tuple[Kind, ...]:

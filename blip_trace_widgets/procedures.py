@@ -101,11 +101,12 @@ def resolve_config(bundle: Any, procedure: str = "rome", **fields: Any) -> Trace
         >>> resolve_config(load_model("demo")).corruption.level   # the demo model's trace_defaults.json: 10σ
         10.0
     """
-    from .names import HEAD_INFO, VISION_ENCODER
+    from .heads import BY_NAME
+    from .names import VISION_ENCODER
 
     head = getattr(bundle, "head", None)
-    if fields.get("block") is None and head in HEAD_INFO:
-        fields["block"] = HEAD_INFO[head].blocks[0]
+    if fields.get("block") is None and head in BY_NAME:
+        fields["block"] = BY_NAME[head].default_block
     if procedure == "rome" and fields.get("corruption") is None:
         block = fields.get("block") or PROCEDURES["rome"].defaults.get("block")
         stage = fields.get("corrupt") or ("patches" if block == VISION_ENCODER else "image")

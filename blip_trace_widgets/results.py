@@ -23,8 +23,10 @@ from typing import Any, Union
 
 import numpy as np
 
+from . import heads
 from .errors import BlipTraceError
-from .names import HEAD_INFO, ITM, METRIC_LABELS, NEGATIVE_STDERRS, TINY_ABSOLUTE, TINY_EFFECT, VQA, metric_label  # noqa: F401  (METRIC_LABELS: public here too)
+from .heads import metric_label
+from .names import METRIC_LABELS, NEGATIVE_STDERRS, TINY_ABSOLUTE, TINY_EFFECT, VQA  # noqa: F401  (METRIC_LABELS: public here too)
 
 #: Version of the saved JSON layout; files without one are version 1 (no stderr, NaN as bare tokens).
 FORMAT_VERSION = 2
@@ -168,10 +170,7 @@ class TraceResult:
         """What the scores are of, in words: "answer 'red'", "caption word 'red'" or "match with 'a red circle'"."""
         if "questions" in self.config:  # an average over a sweep
             return str(self.answer)
-        if self.head == ITM:
-            what = "ITC similarity" if self.metric == "itc" else "match"
-            return f"{what} with {self.config.get('question', '')!r}"
-        return f"{HEAD_INFO[self.head].scored if self.head in HEAD_INFO else 'answer'} {self.answer!r}"
+        return heads.of(self.head).scored_words(self.answer, self.config, self.metric)
 
     @property
     def is_estimate(self) -> bool:

@@ -33,12 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from . import heads
 from .data import VQASample, text_of
 from .engine import DEFAULT_MEMORY_BUDGET
 from .errors import BlipTraceError
 from .inputs import image_digest
 from .loading import BlipBundle
-from .names import CAPTION, ITM, VQA
+from .names import VQA
 from .results import TraceResult
 from .roles import position_roles
 from .subsets import as_samples, image_id, open_image
@@ -49,21 +50,11 @@ DAMAGED = "damaged"
 TABLE = "sweep.parquet"
 PARTS = "parts"
 ANSWER_MODES = ("model", "expected")
-NUMBER_WORDS = {word: str(i) for i, word in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
-    "eighteen nineteen twenty".split())}
-
-
-def normalize_answer(text: str | None) -> str:
-    """Lower case, no surrounding punctuation, number words as digits ('Two.' and '2' match)."""
-    if text is None:
-        return ""
-    words = text.strip().lower().strip(".!?,;: ").split()
-    return " ".join(NUMBER_WORDS.get(w, w) for w in words)
 
 
 def is_correct(model_answer: str, expected: str | None) -> bool | None:
-    return None if expected is None else normalize_answer(model_answer) == normalize_answer(expected)
+    """Whether a VQA answer is the expected one (see :meth:`~.heads.Head.correct` for every head)."""
+    return heads.of(VQA).correct(model_answer, expected)
 
 
 @dataclass(frozen=True)
@@ -180,16 +171,15 @@ def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
     rows = []
     model_answer = tracer.model_answer
     for index, config in enumerate(pair_configs(configs, item)):
-        scored = item.answer if answer == "expected" and tracer.head != ITM else None
-        if answer == "expected" and tracer.head != ITM and not scored:
-            raise BlipTraceError(f"sample {sample} has no expected answer to score; use answer='model'")
-        if tracer.head == CAPTION and int(config.target or 0) >= len(tracer.caption_words(scored)):
+        scored = tracer.task.sweep_answer(item, answer, sample)
+        word = tracer.task.config_fields(config).get("target")
+        if word is not None and word >= len(tracer.caption_words(scored)):
             continue  # this caption has no word at that index
         result = tracer.trace(config, answer=scored)
         rows.append({
             "sample": sample, "image_id": picture_id, "question": tracer.question, "expected": item.answer,
             "model_answer": model_answer,
-            "correct": (model_answer == "match") if tracer.head == ITM else is_correct(model_answer, item.answer),
+            "correct": tracer.task.correct(model_answer, item.answer),
             "config": index, "block": config.block, "kind": config.kind, "window": int(config.window),
             "corruption": json.dumps({"type": "image_pair"} if hasattr(item, "counterfactual_image")  # one group
                                      else result.config["corruption"], sort_keys=True),

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from . import heads
 from .aggregate import ROLES, average_trace, sample_effects
 from .errors import BlipTraceError
-from .names import BLOCK_LABELS, HEAD_INFO, KIND_LABELS
+from .names import BLOCK_LABELS, KIND_LABELS
 from .plotting import _figure, plot_trace
 from .roles import role_label
 
@@ -44,7 +45,7 @@ def plot_average_heatmaps(table: Any, *, form: str = "normalized", correct_only:
         word = f", caption word {result.config['target']}" if result.config.get("target") is not None else ""
         title = (f"{note + chr(10) if note else ''}{KIND_LABELS.get(result.kind, result.kind)}{window}{word}\n"
                  f"{BLOCK_LABELS.get(result.block, result.block)}, {result.config['questions']} "
-                 f"{HEAD_INFO[result.head].unit if result.head in HEAD_INFO else 'questions'}")
+                 f"{heads.of(result.head).unit}")
         plot_trace(result, ax=ax, normalized=False, title=title, top="range", tiny=None)
     return figure
 

@@ -20,7 +20,6 @@ from .clean import CleanPass
 from .config import TraceConfig
 from .errors import BlipTraceError
 from .inputs import encode_answer
-from .names import CAPTION, HEAD_INFO, ITM, VISION_ENCODER, VQA
 from .roles import words_of
 from .scoring import Target
 
@@ -50,7 +49,7 @@ class TargetedPass(CleanPass):
                 raise BlipTraceError("the model gives an empty answer to this question; pass answer='...' to score one")
             return (self.clean.greedy_ids[0],)
         ids = tuple(encode_answer(self.bundle.tokenizer, answer))
-        limit = int(anatomy.text_config(self.model).max_position_embeddings)
+        limit = self.position_limit
         if len(ids) >= limit:
             raise BlipTraceError(f"the answer is {len(ids)} tokens long; the decoder reads at most {limit - 1}: shorten it")
         return ids
@@ -61,20 +60,13 @@ class TargetedPass(CleanPass):
         contrast = None
         if config.metric == "logit_diff":
             contrast = self.contrast_id(config)
-        if self.head == ITM:
-            return Target(tuple(self.question_ids), readout="itc" if config.metric == "itc" else "match")
-        bos = int(anatomy.text_config(self.model).bos_token_id)
-        if self.head == VQA:
-            tokens = self.answer_ids(config.answer)
-            target = Target((bos, *tokens[:-1]), tokens, 0, contrast)
-        else:
-            target = self._caption_target(config, contrast)
+        target = self.task.target(self, config, contrast)
         if contrast is not None and contrast == target.tokens[0] and config.contrast is None:
             said = self.bundle.tokenizer.decode([contrast]).strip()
             raise BlipTraceError(f"the model answers {said!r} on the counterfactual too, so the pair has no contrast: "
                                  "pick a counterfactual that changes its answer, or pass contrast='...'")
         if contrast is not None and contrast == target.tokens[0]:
-            raise BlipTraceError(f"the contrast starts with the same token as the {HEAD_INFO[self.head].scored}; "
+            raise BlipTraceError(f"the contrast starts with the same token as the {self.task.scored}; "
                                  "pick another contrast")
         return target
 
@@ -94,42 +86,13 @@ class TargetedPass(CleanPass):
         from .corruption import ImageSwap, WordSwap
 
         corruption = config.corruption
-        if self.head != VQA or not isinstance(corruption, (ImageSwap, WordSwap)):
+        if not self.task.answers_counterfactuals or not isinstance(corruption, (ImageSwap, WordSwap)):
             return None
         if isinstance(corruption, ImageSwap):
             return CleanPass(self.bundle, corruption.other_image, self.question)
         return CleanPass(self.bundle, self.image, corruption.counterfactual(self.question))
 
-    def _caption_target(self, config: TraceConfig, contrast: int | None) -> Target:
-        ids = self.caption_ids(config.answer)
-        words = words_of(self.bundle.tokenizer.convert_ids_to_tokens(list(ids)))
-        k = int(config.target or 0)
-        if k >= len(words):
-            raise BlipTraceError(f"target={k}, but the caption {self.bundle.tokenizer.decode(list(ids))!r} has "
-                                 f"{len(words)} words: use 0 to {len(words) - 1}")
-        start, end = words[k][0], words[k][-1] + 1
-        inputs = (*self.question_ids, *ids[: end - 1])
-        limit = int(anatomy.text_config(self.model).max_position_embeddings)
-        if len(inputs) > limit:
-            raise BlipTraceError(f"the prompt and caption up to word {k} are {len(inputs)} tokens; the decoder reads "
-                                 f"at most {limit}: shorten them")
-        return Target(inputs, ids[start:end], len(self.question_ids) - 1 + start, contrast)
-
     def check_config(self, config: TraceConfig) -> None:
         """Refuse settings that mean nothing for this model's head, naming what to use."""
         anatomy.check_head_block(self.head, config.block)
-        info = HEAD_INFO[self.head]
-        if config.metric not in info.metrics:
-            raise BlipTraceError(f"metric {config.metric!r} does not apply to a {info.label} model: use one of "
-                                 f"{', '.join(info.metrics)}")
-        if config.target is not None and self.head != CAPTION:
-            raise BlipTraceError("target picks a word of a caption: use it with a captioning model")
-        if self.head == ITM and config.answer is not None:
-            raise BlipTraceError("image-text matching scores the match of the text itself: pass the caption to "
-                                 "match as the text, and no answer")
-        if config.metric == "itc" and config.block != VISION_ENCODER:
-            raise BlipTraceError("ITC compares the image with the text read without the image, so restoring the "
-                                 "ITM encoder cannot change it: trace block='vision_encoder', or use metric='prob'")
-        if config.corrupt == "question" and self.blocks.reader.reads_target:
-            raise BlipTraceError("a captioner has no question to corrupt: corrupt the image (corrupt='image', "
-                                 "'patches' or 'pixels')")
+        self.task.check(config)

@@ -31,7 +31,7 @@ from .errors import BlipTraceError
 from .estimates import Estimator
 from .inputs import ImageLike
 from .loading import BlipBundle
-from .names import CAPTION, RELIABILITY_TOLERANCE, TINY_ABSOLUTE, VISION_ENCODER, is_head_kind
+from .names import RELIABILITY_TOLERANCE, TINY_ABSOLUTE, VISION_ENCODER, is_head_kind
 from .results import TraceResult
 from .scoring import Target, score_rows
 
@@ -226,7 +226,7 @@ class Tracer(CorruptedRuns):
             kind=config.kind, window=int(config.window), stderr=stderr.reshape(shape),
             config={**config.to_json(), "question": self.question, "model": self.bundle.name,
                     "head": self.head, "model_answer": self.model_answer,
-                    **({"target": int(config.target or 0)} if self.head == CAPTION else {}),
+                    **self.task.config_fields(config),
                     "answer_ids": [int(i) for i in target.tokens], **_contrast_text(self, config, target),
                     "dtype": str(self.bundle.dtype).replace("torch.", ""), **extra},
         )

@@ -39,22 +39,20 @@ import ipywidgets as W
 import numpy as np
 from PIL import Image
 
+from . import heads
 from .cache import LRU
 from .config import MAX_SAMPLES, MAX_SEED, check_int, parse_position
 from .corruption import BY_NAME, NOISE_NAMES, from_name
 from .counterfactual_controls import Counterfactual
 from .errors import BlipTraceError
+from .heads import BLOCKS_OF, metric_label
 from .inputs import image_digest, to_rgb_image
 from .loading import BlipBundle
 from .names import (
     ANSWER_DECODER,
     BLOCK_LABELS,
-    BLOCKS_OF,
-    CAPTION,
     EXPLORER_MODES,
-    HEAD_INFO,
     HIDDEN,
-    ITM,
     KIND_SHORT_LABELS,
     SUBLAYER_KINDS,
     TEXT_HEAD_KINDS,
@@ -62,7 +60,6 @@ from .names import (
     VISION_ENCODER,
     VISION_KINDS,
     is_head_kind,
-    metric_label,
     window_for,
 )
 from .plotting import HeatmapRenderer, figure_png, plot_traces
@@ -104,12 +101,7 @@ def corruption_setting(corruption: Any) -> tuple[str, float]:
 def answer_html(tracer: Tracer) -> str:
     """The model's answer (its caption, or whether it matches), and a warning when the text has words the model
     cannot read."""
-    if tracer.head == CAPTION:
-        text = f"model's caption: <b>{escape((tracer.question + ' ' + tracer.model_answer).strip())}</b>"
-    elif tracer.head == ITM:
-        text = f"model: <b>{escape(tracer.model_answer)}</b> (p(match) {tracer.match_probability:.3f})"
-    else:
-        text = f"model's answer: <b>{escape(tracer.model_answer)}</b>"
+    text = tracer.task.describe(tracer, html=True)
     unknown = tracer.unknown_words
     if unknown:
         text += (f"<br><span style='color:#a60'>the model's vocabulary lacks {escape(', '.join(unknown))}: "
@@ -183,7 +175,7 @@ def explorer_mode(mode: str) -> str:
 
 def check_gallery(gallery: Any, head: str) -> list[tuple]:
     """The gallery as (image, text[, answer]) tuples, or a clear error naming the form it must take."""
-    what = HEAD_INFO[head].text
+    what = heads.of(head).text
     form = f"a list of (image, {what}), (image, {what}, answer) or (image, {what}, answer, partner image) tuples"
     if gallery is None:
         return []
@@ -265,6 +257,8 @@ class _LiveView(W.VBox):
         use_sensible_threads()  # on a shared CPU, one thread per core makes every trace wait
         self.bundle = bundle
         self.head = bundle.head
+        self.task = heads.of(bundle)
+        self.captions = isinstance(self.task, heads.CaptionHead)  # a caption's words are scored, one at a time
         if image is None and gallery is None:
             gallery = default_gallery(self.head)
         self.gallery_items = check_gallery(gallery, self.head)
@@ -286,9 +280,9 @@ class _LiveView(W.VBox):
                                   layout=W.Layout(width="340px", display=None if self.gallery_items else "none"))
         self.image_view = W.Image(value=_png(self._image, self.preview_width), format="png",
                                   layout=W.Layout(width=f"{self.preview_width}px"))
-        self.question_box = W.Text(value=question or "", description=HEAD_INFO[self.head].text, style=style,
+        self.question_box = W.Text(value=question or "", description=self.task.text, style=style,
                                    continuous_update=False, layout=W.Layout(width="340px"))
-        captioning = {} if self.head == CAPTION else {"display": "none"}
+        captioning = {} if self.captions else {"display": "none"}
         self.caption_box = W.Text(value="", description="caption to score", placeholder="(the model's own)",
                                   style=style, continuous_update=False, layout=W.Layout(width="340px", **captioning))
         self.word = W.Dropdown(options=[("0", 0)], value=0, description="word", style=style,
@@ -330,13 +324,13 @@ class _LiveView(W.VBox):
     @property
     def scored(self) -> dict[str, Any]:
         """The TraceConfig fields that say what is scored: a captioner's caption and word; nothing otherwise."""
-        if self.head != CAPTION:
+        if not self.captions:
             return {}
         return {"answer": self.caption_box.value.strip() or None, "target": int(self.word.value or 0)}
 
     def _sync_words(self, tracer: Tracer) -> None:
         """A captioner's word dropdown lists the words of the caption scored (keeping the chosen index if it exists)."""
-        if self.head != CAPTION:
+        if not self.captions:
             return
         words = tracer.caption_words(self.caption_box.value.strip() or None)
         options = [(f"{i}: {w}", i) for i, w in enumerate(words)]
@@ -509,11 +503,11 @@ class TraceExplorer(_LiveView):
         config = config or default_config(bundle, samples=10)
         offered = [block for _, block in BLOCK_OPTIONS[self.head]]
         if config.block not in offered:
-            raise BlipTraceError(f"this explorer traces the {HEAD_INFO[self.head].label} model's "
+            raise BlipTraceError(f"this explorer traces the {self.task.label} model's "
                                  f"{' or '.join(offered)}, not {config.block}"
                                  + ("; use VisionTraceExplorer for the vision encoder" if config.block == VISION_ENCODER
                                     else ""))
-        layers = bundle.num_layers(HEAD_INFO[self.head].blocks[0])
+        layers = bundle.num_layers(self.task.default_block)
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=KIND_OPTIONS, value=config.kind, description="kind", style=style)
         self.block = W.Dropdown(options=BLOCK_OPTIONS[self.head], value=config.block, description="block", style=style)
@@ -692,10 +686,11 @@ def default_gallery(head: str, count: int = 6) -> list[tuple]:
     an image-text matcher (the image's own caption as the text) easy-VQA test images with their captions."""
     from .data import demo_samples, easy_vqa_captions
 
-    if head not in (CAPTION, ITM):
+    task = heads.of(head)
+    if task.reads_questions:
         return [tuple(s) for s in demo_samples()]
-    pairs = easy_vqa_captions("test")[:count]
-    return [(Image.open(path).convert("RGB"), "" if head == CAPTION else caption, caption) for path, caption in pairs]
+    return [task.gallery_entry(Image.open(path).convert("RGB"), caption)
+            for path, caption in easy_vqa_captions("test")[:count]]
 
 
 #: The image-side explorer paints regions on the image; vision heads (attn_head) are traced with trace() and the CLI.
@@ -758,7 +753,7 @@ class VisionTraceExplorer(_LiveView):
         self.all_layers = W.Checkbox(value=False, description="all layers", indent=False)
         self.normalized = W.Checkbox(value=True, description="normalised", indent=False)
         self.noise_samples, self.seed = samples_box(noise_samples, style), seed_box(0, style)
-        matching = {} if self.head == ITM else {"display": "none"}
+        matching = {} if "itc" in self.task.metrics else {"display": "none"}
         self.metric = W.ToggleButtons(options=[(metric_label(m, self.head), m) for m in MATCH_METRICS], value="prob",
                                       layout=W.Layout(**matching))
         self._tips()

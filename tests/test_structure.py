@@ -13,23 +13,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "blip_trace_widgets"
 MODULES = sorted(p for p in PACKAGE.glob("*.py"))
 
 
-def _in_type_checking(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
-    while node in parents:
-        node = parents[node]
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            return True
-    return False
-
-
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the package modules it imports at run time, at the top or inside functions."""
+    """Module -> the package modules it imports, at the top, inside functions or only for type checkers (an import
+    under ``TYPE_CHECKING`` that would close a cycle is a cycle: the modules still depend on each other)."""
     graph: dict[str, set[str]] = {}
     for path in MODULES:
         tree = ast.parse(path.read_text())
-        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         edges = set()
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and not _in_type_checking(node, parents):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
                 if node.module:
                     edges.add(node.module.split(".")[0])
                 else:
@@ -115,7 +107,8 @@ def test_block_and_kind_names_come_from_names_py():
         if path.name == "names.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and node.value in ("question_encoder", "answer_decoder", "vision_encoder", "caption_decoder", "itm_encoder"):
+            if isinstance(node, ast.Constant) and node.value in ("question_encoder", "answer_decoder", "vision_encoder",
+                                                                 "caption_decoder", "itm_encoder"):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, f"block names written out instead of taken from names.py: {offenders}"
 
@@ -154,3 +147,45 @@ def test_public_functions_named_like_their_modules_survive_importing_the_modules
             " package.sweep)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True"]
+
+
+def import_depths(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Each module's level: 0 when it imports no package module, else one more than the highest it imports."""
+    depths: dict[str, int] = {}
+
+    def depth(module: str) -> int:
+        if module not in depths:
+            depths[module] = 1 + max((depth(m) for m in graph.get(module, ()) if m in graph), default=-1)
+        return depths[module]
+
+    for module in graph:
+        depth(module)
+    return depths
+
+
+def layout_rows(text: str) -> list[tuple[int, str]]:
+    """The (level, module) rows of the reference's Layout table."""
+    section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    return [(int(level), name) for level, name in re.findall(r"^\| (\d+) \| `([\w]+)\.py` \|", section, re.M)]
+
+
+def test_the_reference_lists_every_module_in_import_order(capsys):
+    """docs/reference.md's Layout table is the import graph's order: every module, each at its level (a module
+    sits above everything it imports), as this test prints it."""
+    depths = import_depths(import_graph())
+    expected = sorted((level, name) for name, level in depths.items())
+    with capsys.disabled():
+        print("\nimport order (level: modules):")
+        for level in sorted(set(depths.values())):
+            print(f"  {level}: {', '.join(name for lvl, name in expected if lvl == level)}")
+    rows = layout_rows((PACKAGE.parent / "docs" / "reference.md").read_text())
+    missing = sorted(set(depths) - {name for _, name in rows})
+    assert not missing, f"docs/reference.md's Layout has no row for {missing}"
+    assert rows == expected, ("docs/reference.md's Layout must list (level, module) as "
+                              f"{[f'{lvl} {name}' for lvl, name in expected]}")
+
+
+def test_the_layout_reader_sees_a_wrong_order():
+    text = "## Layout\n| 0 | `names.py` | x |\n| 3 | `anatomy.py` | y |\n## Next\n"
+    assert layout_rows(text) == [(0, "names"), (3, "anatomy")]
+    assert import_depths({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == {"a": 1, "b": 0, "c": 2}
