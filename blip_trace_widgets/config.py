@@ -134,15 +134,8 @@ class TraceConfig:
             raise BlipTraceError(f"unknown direction {self.direction!r}: use one of {', '.join(DIRECTIONS)}")
         if self.direction == "denoise":
             return
-        if self.sever is not None:
-            raise BlipTraceError(f"direction='noise' is traced without severing for now: use no sever (got "
-                                 f"sever={self.sever!r})")
         if self.fresh_noise and self.method != "exact":
             raise BlipTraceError("a noising trace with fresh noise per cell is exact: use method='exact'")
-        one_layer = int(self.window) == 1
-        if self.method != "exact" and (self.steps != 1 or self.order != 1 or not one_layer):
-            raise BlipTraceError("a noising estimate is first order, one layer per cell, for now: use window=1, "
-                                 "steps=1 and order=1, or method='exact'")
 
     def _check_method(self) -> None:
         if self.method not in METHODS:

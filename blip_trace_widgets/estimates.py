@@ -42,7 +42,7 @@ import torch
 from .blocks import Block, Pass
 from .cache import LRU
 from .config import TraceConfig, cache_key
-from .engine import Cell, _ChunkEdits, _pairs, chunks, staircase, start_layer
+from .engine import Cell, Run, _ChunkEdits, _pairs, chunks, staircase, start_layer
 from .names import VISION_ENCODER
 from .scoring import Target, score_rows
 
@@ -146,6 +146,22 @@ def _deltas(clean: list[torch.Tensor], corrupted: list[torch.Tensor]) -> list[to
     return [c[:1] - r for c, r in zip(clean, corrupted)]
 
 
+def _base(tracer: Tracer, block: Block, config: TraceConfig, target: Target,
+          ) -> tuple[Run, Any, list[torch.Tensor], list[torch.Tensor]]:
+    """The run a trace patches into (the corrupted run when denoising, the clean run once per sample when
+    noising), what it attends to, its states of ``config.kind`` per layer, and per layer the patched states minus
+    those ([S, T, D]): each cell's path runs from the base states to the patched ones."""
+    clean, run, cross = tracer.runs(block, config, target)
+    kind = config.kind
+    deltas = _deltas(clean.kinds[kind], run.kinds[kind])
+    if config.direction != "noise":
+        return run, cross, run.kinds[kind], deltas
+    samples = int(run.inputs[0].shape[0])
+    base = Run([x.expand(samples, *x.shape[1:]) for x in clean.inputs])
+    states = [x.expand(samples, *x.shape[1:]) for x in clean.kinds[kind]]
+    return base, block.clean_cross(tracer, target), states, [-d for d in deltas]
+
+
 def _cell_sums(terms: torch.Tensor, cells: Sequence[Cell]) -> torch.Tensor:
     """Per sample and cell, the sum of ``terms`` [S, L, T] over the cell's (layer, position) pairs: [S, C]."""
     index = [(ci, layer, pos) for ci, cell in enumerate(cells) for layer, pos in cell]
@@ -158,11 +174,12 @@ def _cell_sums(terms: torch.Tensor, cells: Sequence[Cell]) -> torch.Tensor:
 
 @dataclass
 class _PathEdits(_ChunkEdits):
-    """Sets each cell's states to the point ``alpha`` of the cell's path, ``corrupted + alpha * delta`` (each
-    cell its own alpha), adding a zero leaf there whose gradient is the gradient with respect to those states."""
+    """Sets each cell's states to the point ``alpha`` of the cell's path, ``base + alpha * delta`` (each cell its
+    own alpha; the base is the corrupted run when denoising, the clean run when noising), adding a zero leaf there
+    whose gradient is the gradient with respect to those states."""
 
-    corrupted: list[torch.Tensor] = field(default_factory=list)  # per layer, [S, T, D]
-    deltas: list[torch.Tensor] = field(default_factory=list)  # per layer, clean minus corrupted, [S, T, D]
+    base: list[torch.Tensor] = field(default_factory=list)  # per layer, the base run's states, [S, T, D]
+    deltas: list[torch.Tensor] = field(default_factory=list)  # per layer, patched minus base states, [S, T, D]
     alphas: torch.Tensor | None = None  # per cell of the chunk
     leaves: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (layer, first cell, leaf)
 
@@ -175,7 +192,7 @@ class _PathEdits(_ChunkEdits):
         if bool(keep.any()):
             cells, positions = cells[keep], positions[keep]
             x = x.clone()
-            x[:, cells - first_cell, positions] = (self.corrupted[j][:, positions]
+            x[:, cells - first_cell, positions] = (self.base[j][:, positions]
                                                    + self.alpha(cells, x) * self.deltas[j][:, positions])
         return self.leaf(j, first_cell, x)
 
@@ -203,9 +220,8 @@ def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tra
     Each gradient is taken with the cell's other states held at their path values (free variables of the
     score): restoring a state overrides whatever an earlier state of the same cell sent through it, so a
     path through a later restored state must not be counted again."""
-    clean, run, cross = tracer.runs(block, config, target)
+    run, cross, states, deltas = _base(tracer, block, config, target)
     kind = config.kind
-    deltas = _deltas(clean.kinds[kind], run.kinds[kind])
     steps, n_layers, samples = int(config.steps), len(block.stack), int(config.samples)
     pairs = [(ci, step / steps) for step in range(first_step, steps) for ci in range(len(cells))]
     order = sorted(range(len(pairs)), key=lambda i: start_layer(cells[pairs[i][0]], kind, n_layers))
@@ -215,7 +231,7 @@ def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tra
         chunk_cells = [cells[pairs[i][0]] for i in chunk]
         alphas = torch.tensor([pairs[i][1] for i in chunk], dtype=deltas[0].dtype, device=tracer.device)
         edits = _PathEdits(kind=kind, clean=[], by_layer=_pairs(chunk_cells, tracer.device, every_layer=False),
-                           corrupted=run.kinds[kind], deltas=deltas, alphas=alphas)
+                           base=states, deltas=deltas, alphas=alphas)
         with torch.enable_grad():
             final = staircase(block.stack, run, cross, chunk_cells, edits)
             scores = _scores(tracer, block, final, target, config)
@@ -233,7 +249,7 @@ def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tra
 
 @dataclass
 class _TaylorEdits(_PathEdits):
-    """Sets each cell's states to ``corrupted + alpha * delta``, one ``alpha`` per (noise sample, cell) ([S, C],
+    """Sets each cell's states to ``base + alpha * delta``, one ``alpha`` per (noise sample, cell) ([S, C],
     zeros that require grad), so that the score's derivatives in ``alpha`` at 0 are the cell's first- and
     second-order terms (the cell's other states held, as every state of a cell is set). No leaves."""
 
@@ -248,12 +264,11 @@ class _TaylorEdits(_PathEdits):
 def taylor_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: TraceConfig,
                  target: Target) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample and cell, the first-order term ``f'(0)`` and the second-order term ``f''(0) / 2`` of the score
-    ``f(alpha)`` with the cell's states at ``corrupted + alpha * delta`` ([S, C] each): one forward pass of every
+    ``f(alpha)`` with the cell's states at ``base + alpha * delta`` ([S, C] each): one forward pass of every
     cell through the engine, a backward pass, and a second backward pass through it (a Hessian-vector product
     along each cell's own delta)."""
-    clean, run, cross = tracer.runs(block, config, target)
+    run, cross, states, deltas = _base(tracer, block, config, target)
     kind = config.kind
-    deltas = _deltas(clean.kinds[kind], run.kinds[kind])
     n_layers, samples = len(block.stack), int(config.samples)
     order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], kind, n_layers))
     first_terms = torch.zeros(samples, len(cells), dtype=torch.float64)
@@ -263,7 +278,7 @@ def taylor_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tr
         chunk_cells = [cells[i] for i in chunk]
         alphas = torch.zeros(samples, len(chunk), dtype=torch.float64, device=tracer.device, requires_grad=True)
         edits = _TaylorEdits(kind=kind, clean=[], by_layer=_pairs(chunk_cells, tracer.device, every_layer=False),
-                             corrupted=run.kinds[kind], deltas=deltas, alphas=alphas)
+                             base=states, deltas=deltas, alphas=alphas)
         with torch.enable_grad():
             scores = _scores(tracer, block, staircase(block.stack, run, cross, chunk_cells, edits), target, config)
             (first,) = torch.autograd.grad(scores.sum(), [alphas], create_graph=True)

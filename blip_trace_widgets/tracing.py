@@ -101,6 +101,8 @@ class Tracer(CorruptedRuns):
         if config.direction == "noise":  # the clean run is the base; each sample's corrupted states are patched in
             samples = int(corrupted_run.inputs[0].shape[0])
             clean_states = list(corrupted_run.kinds[config.kind])
+            if config.sever:  # the severed sublayer is held at the base run's values: the clean ones
+                severed = [x.expand(samples, *x.shape[1:]) for x in clean_run.kinds[config.sever]]
             corrupted_run = Run([x.expand(samples, *x.shape[1:]) for x in clean_run.inputs])
             cross = block.clean_cross(self, target)
         n_layers, samples = len(block.stack), int(config.samples)
