@@ -303,7 +303,7 @@ class _LiveView(W.VBox):
 
     def _phases(self, config: TraceConfig) -> list[TraceConfig]:
         """The configurations to show in turn for the method control: the estimate first, then the exact map."""
-        if config.direction == "noise":  # estimates refuse noising: exact only
+        if config.fresh_noise:  # a fresh draw per cell has no one corrupted run to take gradients at: exact only
             return [config]
         estimate = replace(config, method="estimate")
         if self.method.value in ("both", "verified") and config.window > 1:  # a window's estimate costs ~2x exact

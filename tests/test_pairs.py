@@ -209,3 +209,13 @@ def test_the_vision_explorer_swaps_in_a_partners_patches_in_either_direction(dem
     controls.direction.value = "noise"
     assert explorer.result.direction == "noise" and explorer.error.value == ""
     assert explorer.overlay.value[:4] == b"\x89PNG"
+
+
+def test_the_explorer_estimates_and_verifies_noising_too(demo_bundle):
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    explorer = TraceExplorer(demo_bundle, background=False, mode="verified")
+    explorer.counterfactual.direction.value = "noise"
+    result = explorer.result
+    assert explorer.error.value == "" and result.direction == "noise"
+    assert result.config["method"] == "verified" and int(result.exact_cells.sum()) == result.config["verify"]
