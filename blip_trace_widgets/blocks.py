@@ -75,6 +75,9 @@ class Corrupted:
     image_cross: list[tuple[torch.Tensor, torch.Tensor]]
     text: Run | None
     vision: Run | None = None
+    #: A reader that reads the target (a captioner): its corrupted text input [S, P, D], the first P positions of
+    #: its input (the prompt), when the text is corrupted; None otherwise.
+    prompt: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -310,10 +313,15 @@ class CaptionDecoder(ImageReader):
     def input_ids(self, tracer: Pass, target: Target) -> Sequence[int]:
         return target.inputs
 
-    def run(self, tracer: Pass, image_cross: Cross, samples: int, target: Target) -> Run:
+    def run(self, tracer: Pass, image_cross: Cross, samples: int, target: Target,
+            prompt: torch.Tensor | None = None) -> Run:
+        """The decoder's run over ``target.inputs``, its first positions replaced by ``prompt`` [S, P, D] if given
+        (a corrupted prompt: the embeddings are per position, so the rest is as in the clean run)."""
         from .engine import record_run
 
         h0 = self.stack.embed(tracer.ids(target.inputs)).expand(samples, -1, -1)
+        if prompt is not None:
+            h0 = torch.cat([prompt.expand(samples, -1, -1), h0[:, prompt.shape[1]:]], 1)
         return record_run(self.stack, h0, image_cross)
 
     def clean_run(self, tracer: Pass, target: Target) -> Run:
@@ -322,8 +330,9 @@ class CaptionDecoder(ImageReader):
         return self.run(tracer, shared_cross(self.stack, tracer.clean.image_embeds), 1, target)
 
     def corrupted_run(self, tracer: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
-        samples = int(corrupted.image_embeds.shape[0])
-        return self.run(tracer, corrupted.image_cross, samples, target), corrupted.image_cross
+        prompt = corrupted.prompt
+        samples = int(corrupted.image_embeds.shape[0] if prompt is None else prompt.shape[0])
+        return self.run(tracer, corrupted.image_cross, samples, target, prompt), corrupted.image_cross
 
     def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         return self.head(final)

@@ -290,9 +290,10 @@ def run_trace(args: argparse.Namespace) -> int:
         print(f"wrote {overlay}")
     print(f"scored {result.scored}  clean {result.high_score:.4f}  corrupted {result.low_score:.4f}  "
           f"total effect {result.total_effect:.4f}")
-    if result.is_tiny():
-        print("warning: the corruption has almost no effect on this answer; the heatmap is noise. "
-              "Raise --scale.", file=sys.stderr)
+    reason = result.tiny_reason()
+    if reason is not None:
+        print(f"warning: the corruption has almost no effect on this answer, so the heatmap is noise ({reason}).",
+              file=sys.stderr)
     print(f"wrote {png} and {js}")
     return 0
 

@@ -69,8 +69,9 @@ class CorruptedRuns(TargetedPass):
 
     def bound_swap(self, swap: WordSwap) -> WordSwap:
         """``swap`` bound to this question, the model's tokenizer and the reader's token embeddings."""
-        stack = self.blocks.reader.stack
-        return swap.bind(self.bundle.tokenizer, self.question, self.question_ids, lambda ids: stack.embed(self.ids(ids)))
+        stack, tokenizer = self.blocks.reader.stack, self.bundle.tokenizer
+        return swap.bind(tokenizer, self.question, self.question_ids, lambda ids: stack.embed(self.ids(ids)),
+                         lambda text: self.task.encode(tokenizer, text, self.position_limit, self.bos_id)[1])
 
     def corrupt_positions(self, config: TraceConfig) -> list[int]:
         """Question positions a corrupt='question' trace corrupts (a word swap's: where the tokens differ)."""
@@ -161,7 +162,9 @@ class CorruptedRuns(TargetedPass):
             h0 = h0.expand(samples, -1, -1)
         cross = shared_cross(qstack, embeds)
         self.stats["corrupted_passes"] += 1
-        return Corrupted(embeds, cross, None if reader.reads_target else record_run(qstack, h0, cross), vision)
+        if reader.reads_target:  # its run depends on the target: kept is the text's corrupted input, if corrupted
+            return Corrupted(embeds, cross, None, vision, h0 if config.corrupt == "question" else None)
+        return Corrupted(embeds, cross, record_run(qstack, h0, cross), vision)
 
     def _corrupted_patches(self, config: TraceConfig, generator: torch.Generator) -> torch.Tensor:
         """The vision encoder's corrupted input (patch embeddings) [S, N, D] for the next draw of ``generator``."""

@@ -313,10 +313,12 @@ class WordSwap:
         return " ".join(words)
 
     def bind(self, tokenizer: Any, question: str, question_ids: Any, embed: Callable[[list[int]], torch.Tensor],
-             ) -> WordSwap:
-        """A copy that carries the counterfactual question's embeddings, checked to tokenize to as many tokens."""
+             encode: Callable[[str], list[int]] | None = None) -> WordSwap:
+        """A copy that carries the counterfactual question's embeddings, checked to tokenize to as many tokens.
+        ``encode`` turns a text into the ids the model reads (a captioner's prompt starts with its decoder's start
+        token and has no [SEP]); by default the tokenizer's ids with special tokens."""
         other = self.counterfactual(question)
-        ids = list(tokenizer(other, add_special_tokens=True)["input_ids"])
+        ids = list(encode(other)) if encode is not None else list(tokenizer(other, add_special_tokens=True)["input_ids"])
         if len(ids) != len(question_ids):
             mine = tokenizer.convert_ids_to_tokens(list(question_ids))
             theirs = tokenizer.convert_ids_to_tokens(ids)

@@ -35,14 +35,16 @@ OWN_PARTNER = -1
 class Counterfactual(W.VBox):
     """What corrupts the input (noise, a partner image, a swapped question) and the direction of patching."""
 
-    def __init__(self, gallery: list[tuple], sources: Sequence[str] = ("noise", "pair", "swap")) -> None:
+    def __init__(self, gallery: list[tuple], sources: Sequence[str] = ("noise", "pair", "swap"),
+                 text: str = "question") -> None:
         super().__init__()
+        self.text = text  # what the model reads: a question, a captioner's prompt or a matcher's text
         style = {"description_width": "initial"}
         self.gallery = gallery
         self.source = W.ToggleButtons(options=[o for o in SOURCES if o[1] in sources], value="noise",
                                       description="corrupt with", style=style)
         self.partner = W.Dropdown(description="partner image", style=style, layout=W.Layout(width="340px"))
-        self.swapped = W.Text(value="", description="counterfactual question", placeholder="the question, one word "
+        self.swapped = W.Text(value="", description=f"counterfactual {text}", placeholder=f"the {text}, one word "
                               "changed", style=style, continuous_update=False, layout=W.Layout(width="420px"))
         self.direction = W.ToggleButtons(options=[(d, d) for d in DIRECTIONS], value="denoise",
                                          description="direction", style=style)
@@ -80,7 +82,7 @@ class Counterfactual(W.VBox):
         if self.source.value == "swap":
             question = self.swapped.value.strip()
             if not question:
-                raise BlipTraceError("type the counterfactual question: the question with a word changed, as many "
-                                     "tokens long")
+                raise BlipTraceError(f"type the counterfactual {self.text}: the {self.text} with a word changed, "
+                                     "as many tokens long")
             return replace(config, corruption=WordSwap(question=question), corrupt="question", samples=1)
         return config

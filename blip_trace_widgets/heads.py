@@ -237,12 +237,6 @@ class CaptionHead(Head):
     def check_word(self, word: int | None) -> None:
         pass  # any word: the target checks it against the caption
 
-    def check(self, config: Any) -> None:
-        super().check(config)
-        if config.corrupt == "question":
-            raise BlipTraceError("a captioner has no question to corrupt: corrupt the image (corrupt='image', "
-                                 "'patches' or 'pixels')")
-
     def target(self, reading: Scoring, config: Any, contrast: int | None) -> Target:
         tokenizer = reading.bundle.tokenizer
         ids = reading.caption_ids(config.answer)

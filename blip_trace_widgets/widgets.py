@@ -526,7 +526,7 @@ class TraceExplorer(_LiveView):
         self.view = W.ToggleButtons(options=[("one kind", "single"), ("compare kinds", "compare")], value="single")
         self._tips(noise_name)
         export_row = self._outputs(style)
-        self.counterfactual = Counterfactual(self.gallery_items)
+        self.counterfactual = Counterfactual(self.gallery_items, text=self.task.text)
         controls = W.VBox([
             W.HBox([self.block, self.kind, self.position, self.view]), self.counterfactual,
             W.HBox([self.corruption, self.noise, self.method]),

@@ -320,6 +320,84 @@ def test_a_word_swap_matches_a_per_cell_loop(bundles, image, kind, window, direc
     assert np.abs(expected - expected.mean()).max() > 1e-6  # the cells differ: the check could fail
 
 
+class TextSwapLoop:
+    """A captioner's prompt or a matcher's text with words swapped: the model's own decoder (or ITM encoder and
+    head) on the counterfactual tokens, one cell at a time restored to the clean text's run (or the reverse)."""
+
+    def __init__(self, tracer: Tracer, other: list[int], config: TraceConfig):
+        self.model, self.config, self.head = tracer.model, config, tracer.head
+        self.target = tracer.target(config)
+        clean = list(self.target.inputs) if self.head == "caption" else list(tracer.question_ids)
+        self.ids = torch.tensor([clean])
+        self.other = torch.tensor([list(other) + clean[len(other):]])
+        pixels = tracer.bundle.processor.image_processor(tracer.image, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            self.embeds = self.model.vision_model(pixel_values=pixels)[0]
+        self.clean, self.corrupted = self._record(self.ids), self._record(self.other)
+
+    def path(self, layer):
+        return f"{LAYERS[self.config.block]}.{layer}{TEXT[self.config.kind]}"
+
+    def _record(self, ids):
+        seen, handles = {}, []
+        for layer in range(len(self.model.get_submodule(LAYERS[self.config.block]))):
+            handles.append(self.model.get_submodule(self.path(layer)).register_forward_hook(
+                lambda m, i, o, layer=layer: seen.__setitem__(layer, _tensor(o).clone())))
+        try:
+            with torch.no_grad():
+                self.forward(ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return seen
+
+    def forward(self, ids):
+        if self.head == "itm":
+            states = self.model.text_encoder(input_ids=ids, encoder_hidden_states=self.embeds)[0]
+            return float(torch.softmax(self.model.itm_head(states[:, 0]).double(), -1)[0, 1])
+        logits = self.model.text_decoder(input_ids=ids, encoder_hidden_states=self.embeds).logits.double()
+        return float(torch.softmax(logits[0, self.target.offset], -1)[self.target.tokens[0]])
+
+    def cell(self, cells, noise: bool):
+        source, base = (self.corrupted, self.ids) if noise else (self.clean, self.other)
+        with ExitStack() as stack, torch.no_grad():
+            for layer, pos in cells:
+                def hook(m, i, o, held=source[layer], pos=pos):
+                    t = _tensor(o).clone()
+                    t[:, pos] = held[:, pos]
+                    return _replace(o, t)
+
+                handle = self.model.get_submodule(self.path(layer)).register_forward_hook(hook)
+                stack.callback(handle.remove)
+            return self.forward(base)
+
+
+@pytest.mark.parametrize("head, text, swap", [("caption", "a red", {"red": "blue"}),
+                                              ("itm", "a red circle", {"red": "green"})])
+@pytest.mark.parametrize("kind, window", [("hidden", 1), ("mlp", 2), ("cross_attn", 1)])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_a_word_swap_of_a_prompt_or_a_matched_text_matches_a_per_cell_loop(bundles, image, head, text, swap, kind,
+                                                                           window, direction):
+    from blip_trace_widgets import WordSwap
+
+    tracer = Tracer(bundles[head], image, text)
+    extra = {"answer": "red blue circle", "target": 1} if head == "caption" else {}
+    config = TraceConfig(block="caption_decoder" if head == "caption" else "itm_encoder", kind=kind, window=window,
+                         samples=1, corruption=WordSwap(swap), direction=direction, **extra)
+    result = tracer.trace(config)
+    assert result.config["corrupt"] == "question" and result.config["corrupted_positions"] == [2]
+    other = tracer.bound_swap(config.corruption)._ids
+    loop = TextSwapLoop(tracer, other, config)
+    layers = result.num_layers
+    expected = np.array([[loop.cell([(j, p) for j in range(max(0, layer - window // 2),
+                                                          min(layers, layer - (-window // 2)))], direction == "noise")
+                          for layer in range(layers)] for p in range(result.scores.shape[0])])
+    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
+    assert result.low_score == pytest.approx(loop.forward(loop.other), abs=1e-6)
+    assert result.high_score == pytest.approx(loop.forward(loop.ids), abs=1e-6)
+    assert np.abs(expected - expected.mean()).max() > 1e-6  # the cells differ: the check could fail
+
+
 @pytest.mark.parametrize("swap, message", [
     ({"circle": "big triangle"}, "a swap must keep the length"),
     ({"square": "triangle"}, "swap word 'square' is not in the question"),

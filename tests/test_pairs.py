@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blip_trace_widgets import BlipTraceError, ImageSwap, Tracer, WordSwap, trace
+from blip_trace_widgets import BlipTraceError, ImageSwap, Tracer, WordSwap, load_model, trace
 from blip_trace_widgets.data import COLORS, SHAPES, easy_vqa_pairs, easy_vqa_questions, image_facts
 
 
@@ -219,3 +219,35 @@ def test_the_explorer_estimates_and_verifies_noising_too(demo_bundle):
     result = explorer.result
     assert explorer.error.value == "" and result.direction == "noise"
     assert result.config["method"] == "verified" and int(result.exact_cells.sum()) == result.config["verify"]
+
+
+def test_the_explorer_swaps_a_captioners_prompt_words():
+    from blip_trace_widgets import demo_samples
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    image, _, _ = demo_samples()[0]
+    explorer = TraceExplorer(load_model("demo-caption"), image, "a red", background=False, mode="exact")
+    controls = explorer.counterfactual
+    assert controls.swapped.description == "counterfactual prompt"
+    controls.source.value = "swap"
+    assert "type the counterfactual prompt" in explorer.error.value
+    controls.swapped.value = "a blue"
+    result = explorer.result
+    assert explorer.error.value == "" and result.config["corruption"] == {"type": "word_swap", "question": "a blue"}
+    assert result.config["corrupted_positions"] == [2] and result.total_effect != 0
+
+
+def test_the_cli_swaps_a_prompts_words_and_names_the_fix_when_nothing_changes(tmp_path, capsys):
+    from blip_trace_widgets import demo_samples
+    from blip_trace_widgets.cli import main
+
+    demo_samples()[0][0].save(tmp_path / "image.png")
+    base = ["trace", "--model", "demo-caption", "--image", str(tmp_path / "image.png"), "--target", "0",
+            "--out", str(tmp_path / "out")]
+    assert main([*base, "--prompt", "a red", "--swap", "red=blue"]) == 0
+    captured = capsys.readouterr()
+    assert "prompt: 'a red'" in captured.out
+    # the demo captioner's caption word barely moves when the prompt's colour is swapped: the warning names the fix
+    assert "pick a counterfactual that changes the answer" in captured.err and "Raise --scale" not in captured.err
+    assert main([*base, "--prompt", "a red", "--swap", "red=big blue"]) == 2
+    assert "a swap must keep the length" in capsys.readouterr().err
