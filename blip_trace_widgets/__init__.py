@@ -23,6 +23,7 @@ __version__ = "0.3.0"
 _PUBLIC: dict[str, str] = {
     "BlipBundle": "loading", "load_model": "loading",
     "Blur": "corruption", "GaussianNoise": "corruption", "Grey": "corruption", "ImageSwap": "corruption",
+    "PairSwap": "corruption",
     "WordSwap": "corruption", "MultiplicativeNoise": "corruption", "Scale": "corruption", "UniformNoise": "corruption",
     "Box": "regions", "Mask": "regions", "Outside": "regions", "same_size_elsewhere": "regions",
     "BlipTraceError": "errors",
@@ -78,7 +79,7 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
     from .aggregate import average_effect, average_trace, bootstrap_interval, top_heads
     from .captioning import CaptionTrace, trace_caption
-    from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, Scale, UniformNoise, WordSwap
+    from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, PairSwap, Scale, UniformNoise, WordSwap
     from .cost import trace_cost
     from .data import PairSample, demo_samples, easy_vqa_captions, easy_vqa_pairs, shape_box
     from .edges import Edges

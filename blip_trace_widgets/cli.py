@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 from . import heads
 from .config import parse_position
-from .corruption import BY_NAME, WordSwap, from_name
+from .corruption import BY_NAME, PairSwap, WordSwap, from_name
 from .data import PAIR_KINDS
 from .errors import BlipTraceError
 from .names import (
@@ -349,13 +349,15 @@ def run_sweep(args: argparse.Namespace) -> int:
     from .procedures import default_corruption
 
     stage = "patches" if vision else "image"
-    corruption = from_name(args.noise, args.scale) if args.noise else default_corruption(bundle, stage)
+    if args.pairs is not None and args.noise is not None:
+        raise UsageError("--pairs swaps in each pair's partner image instead of noise: drop --noise and --scale")
+    corruption = (PairSwap() if args.pairs is not None else from_name(args.noise, args.scale) if args.noise
+                  else default_corruption(bundle, stage))
     configs = [TraceConfig(block=args.block, kind=kind, window=window_for(kind, args.window),
                            corruption=corruption, samples=args.samples, seed=args.seed, regions=args.regions,
                            metric=args.metric, method=args.method or "exact", steps=1 if args.steps is None else args.steps,
                            verify=DEFAULT_VERIFY if args.verify is None else args.verify,
-                           target=target, direction=args.direction,
-                           contrast="(the pair's)" if args.pairs and args.metric == "logit_diff" else None)
+                           target=target, direction=args.direction)
                for target in _targets(args.targets, bundle.head) for kind in kinds]
     _check_out(args.out)
     out = Path(args.out)

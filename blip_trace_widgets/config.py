@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import anatomy
-from .corruption import GaussianNoise, ImageSwap, WordSwap, describe
+from .corruption import GaussianNoise, ImageSwap, PairSwap, WordSwap, describe
 from .errors import BlipTraceError
 from .names import (
     DEFAULT_SAMPLES,
@@ -105,7 +105,7 @@ class TraceConfig:
                 "or a callable (clean, samples, generator) -> corrupted")
         if self.metric not in METRICS:
             raise BlipTraceError(f"unknown metric {self.metric!r}: use one of {', '.join(METRICS)}")
-        paired = isinstance(self.corruption, (ImageSwap, WordSwap))
+        paired = isinstance(self.corruption, (ImageSwap, PairSwap, WordSwap))
         if self.metric == "logit_diff" and not self.contrast and not paired:
             raise BlipTraceError("metric='logit_diff' needs contrast='...', the answer to compare against (a "
                                  "counterfactual, ImageSwap or WordSwap, supplies its own on a VQA model)")

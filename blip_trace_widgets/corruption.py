@@ -268,6 +268,22 @@ class ImageSwap:
 
 
 @dataclass(frozen=True)
+class PairSwap:
+    """Each semantic pair's own partner image, in a sweep over pairs (:func:`~.data.easy_vqa_pairs`): the sweep
+    traces every pair with ``ImageSwap(pair.counterfactual_image)`` and, for ``metric="logit_diff"``, the pair's
+    counterfactual answer as the contrast. To trace one pair, pass that ``ImageSwap`` yourself."""
+
+    info: ClassVar[Named] = Named(name="image_pair")
+
+    def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
+        raise BlipTraceError("PairSwap stands for each pair's partner image in a sweep over pairs: trace one pair "
+                             "with corruption=ImageSwap(pair.counterfactual_image)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.info.name}
+
+
+@dataclass(frozen=True)
 class WordSwap:
     """Symmetric token replacement: the question's token embeddings replaced by those of a counterfactual
     question of the same length in tokens, the same in every sample (Zhang & Nanda's recommended corruption).

@@ -133,13 +133,15 @@ def test_a_pair_sweep_records_both_answers_and_direction_and_averages_over_pairs
     from blip_trace_widgets.aggregate import sample_effects
 
     pairs = easy_vqa_pairs("color", limit=3)
-    configs = [TraceConfig(kind="mlp", window=3, metric="logit_diff", contrast="placeholder"),
-               TraceConfig(kind="hidden", direction="noise")]
+    from blip_trace_widgets import PairSwap
+
+    configs = [TraceConfig(kind="mlp", window=3, metric="logit_diff", corruption=PairSwap()),
+               TraceConfig(kind="hidden", direction="noise", corruption=PairSwap())]
     table = sweep(demo_bundle, pairs, configs=configs, out=tmp_path / "s", progress=False)
     assert len(table) == 2 * len(pairs)
     first = table[table.config == 0]
     assert list(first.counterfactual_answer) == [p.counterfactual_answer for p in pairs]
-    assert list(first.contrast) == list(first.counterfactual_answer)  # the pair's answer, not the placeholder
+    assert list(first.contrast) == list(first.counterfactual_answer)  # each pair's own counterfactual answer
     assert set(table.corruption) == {'{"type": "image_pair"}'} and table.partner_image.notna().all()
     assert set(table.direction) == {"denoise", "noise"} and set(table.noise_samples) == {1}
     averages = average_effect(table)
@@ -149,6 +151,14 @@ def test_a_pair_sweep_records_both_answers_and_direction_and_averages_over_pairs
     row = effects[(effects["sample"] == noised["sample"]) & (effects.position == "0") & (effects.layer == 0)].iloc[0]
     expected = (noised.high - noised.scores[0][0]) / (noised.high - noised.low)  # noising: what the cell takes away
     assert row.effect == pytest.approx(expected)
+
+
+def test_a_pair_swap_alone_is_refused_by_name(demo_bundle, demo_sample):
+    from blip_trace_widgets import PairSwap
+
+    image, question, _ = demo_sample
+    with pytest.raises(BlipTraceError, match="trace one pair with corruption=ImageSwap"):
+        trace(demo_bundle, image, question, corruption=PairSwap(), samples=1)
 
 
 def test_the_command_line_sweeps_pairs_in_either_direction(tmp_path, capsys):
@@ -161,6 +171,9 @@ def test_the_command_line_sweeps_pairs_in_either_direction(tmp_path, capsys):
 
     table = pd.read_parquet(tmp_path / "a" / "sweep.parquet")
     assert set(table.direction) == {"noise"} and table.counterfactual_answer.notna().all()
+    assert main([*base, "--pairs", "color", "--metric", "logit_diff", "--out", str(tmp_path / "d")]) == 0
+    table = pd.read_parquet(tmp_path / "d" / "sweep.parquet")
+    assert list(table.contrast) == list(table.counterfactual_answer) and (table.high > 0).all()
     assert main([*base, "--out", str(tmp_path / "b")]) == 2  # neither --dataset nor --pairs
     assert main([*base, "--pairs", "color", "--dataset", "easy-vqa-color", "--out", str(tmp_path / "c")]) == 2
     assert "one of them" in capsys.readouterr().err
