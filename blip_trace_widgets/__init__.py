@@ -33,7 +33,7 @@ _PUBLIC: dict[str, str] = {
     "PROCEDURES": "procedures", "procedure_config": "procedures",
     "estimate_sigma": "noise_level",
     "demo_samples": "data", "shape_box": "data", "easy_vqa_captions": "data", "easy_vqa_pairs": "data",
-    "PairSample": "data", "hf_pairs": "subsets",
+    "PairSample": "data", "hf_pairs": "subsets", "question_pairs": "subsets",
     "load_vqa_subset": "subsets", "open_image": "subsets",
     "sweep": "sweep", "load_sweep": "sweep",
     "average_effect": "aggregate", "average_trace": "aggregate", "bootstrap_interval": "aggregate",
@@ -94,7 +94,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .procedures import PROCEDURES, procedure_config
     from .regions import Box, Mask, Outside, same_size_elsewhere
     from .results import TraceResult
-    from .subsets import hf_pairs, load_vqa_subset, open_image
+    from .subsets import hf_pairs, load_vqa_subset, open_image, question_pairs
     from .sweep import load_sweep, sweep
     from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
     from .tracing import TraceConfig, Tracer, default_config, trace

@@ -51,6 +51,8 @@ from .names import (
     METHODS,
     METRICS,
     QUESTION_ENCODER,
+    QUESTION_PAIRS,
+    QUESTIONS_PER_PAIR,
     SEVER_AT,
     SEVERABLE,
     STAGES,
@@ -326,8 +328,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     from .sweep import _ProcessGroup, process_device, sweep
     from .tracing import TraceConfig
 
-    if (args.dataset is None) == (args.pairs is None):
-        raise UsageError("give --dataset (a question set) or --pairs (color or shape image pairs), one of them")
+    by_question = args.pairs == QUESTION_PAIRS
+    if by_question and args.dataset is None:
+        raise UsageError(f"--pairs {QUESTION_PAIRS} pairs the questions of --dataset: give --dataset too")
+    if not by_question and (args.dataset is None) == (args.pairs is None):
+        raise UsageError("give --dataset (a question set) or --pairs (color or shape image pairs), one of them "
+                         f"(or both, with --pairs {QUESTION_PAIRS})")
     bundle = _load(args.model, args.device or process_device(), args.dtype)
     args.block = args.block or heads.of(bundle).default_block
     if args.pairs is not None and not heads.of(bundle).reads_questions:
@@ -367,12 +373,14 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(f"process {shard.index + 1}/{shard.count} on {bundle.device}: "
               f"{len(range(shard.index, len(samples), shard.count))} of {len(samples)} questions", file=sys.stderr)
     if group.is_main:
-        source = f"easy-VQA {args.pairs} pairs" if args.pairs else args.dataset
+        source = (f"{args.dataset}, paired by question" if by_question else f"easy-VQA {args.pairs} pairs"
+                  if args.pairs else args.dataset)
         how = ("each with its partner image swapped in" if args.pairs else str(configs[0].to_json()["corruption"]))
         print(f"{len(samples)} questions from {source}; {len(configs)} traces each on {bundle.name}, "
               f"{args.direction}; {how}; results in {out}")
     started = time.perf_counter()
-    dataset = {"name": args.dataset or f"easy-vqa {args.pairs} pairs", "limit": args.limit, "words": args.words}
+    dataset = {"name": args.dataset or f"easy-vqa {args.pairs} pairs", "limit": args.limit, "words": args.words,
+               **({"pairs": QUESTION_PAIRS} if by_question else {})}
     table = sweep(bundle, samples, configs=configs, out=out, answer=args.answer, overwrite=args.overwrite,
                   dataset=dataset)
     if group.is_main and len(table) == 0:
@@ -390,14 +398,22 @@ def _sweep_samples(args: argparse.Namespace) -> Any:
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
-    if args.pairs is not None:
+    if args.pairs is not None and args.pairs != QUESTION_PAIRS:
         from .data import easy_vqa_pairs
 
         return easy_vqa_pairs(args.pairs, limit=args.limit)
-    samples = load_vqa_subset(args.dataset, cache_dir=args.cache_dir, limit=args.limit, words=args.words,
+    by_question = args.pairs == QUESTION_PAIRS
+    looked_at = args.limit * QUESTIONS_PER_PAIR if by_question and args.limit is not None else args.limit
+    samples = load_vqa_subset(args.dataset, cache_dir=args.cache_dir, limit=looked_at, words=args.words,
                               csv_path=args.csv, image_dir=args.image_dir)
     if not samples:
         raise UsageError(f"no questions in {args.dataset} match --words {args.words}")
+    if by_question:
+        from .subsets import question_pairs
+
+        samples = question_pairs(samples, limit=args.limit)
+        if not samples:
+            raise UsageError(f"no two questions of {args.dataset} ask the same thing with different answers")
     return samples
 
 
@@ -540,9 +556,12 @@ def _add_sweep_parser(sub: Any) -> None:
                     "command again to continue), average_effect.csv and the averaged figures. Under `accelerate "
                     "launch --multi_gpu --num_processes N -m blip_trace_widgets sweep ...` each process takes a disjoint shard.")
     many.add_argument("--dataset", default=None, choices=SUBSETS, help="the question set (or --pairs)")
-    many.add_argument("--pairs", default=None, choices=list(PAIR_KINDS),
-                      help="instead of --dataset: easy-VQA image pairs that differ in this attribute, each traced with "
-                           "its partner image swapped in (with --metric logit_diff, against the partner's answer)")
+    many.add_argument("--pairs", default=None, choices=[*PAIR_KINDS, QUESTION_PAIRS],
+                      help="instead of --dataset: easy-VQA image pairs that differ in this attribute; or, with "
+                           f"--dataset, '{QUESTION_PAIRS}': the dataset's images paired where they are asked the same "
+                           f"question and answer it differently (looking at {QUESTIONS_PER_PAIR} x --limit questions). "
+                           "Each is traced with its partner image swapped in (with --metric logit_diff, against the "
+                           "partner's answer)")
     many.add_argument("--direction", choices=DIRECTIONS, default="denoise",
                       help="; ".join(f"{d}: {DIRECTION_LABELS[d]}" for d in DIRECTIONS) + " (default: %(default)s)")
     many.add_argument("--limit", type=int, default=None, help="at most this many questions")

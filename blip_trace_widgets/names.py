@@ -198,6 +198,10 @@ ATTENTION_LABELS: dict[str, str] = {"cross": "cross-attention", "self": "self-at
 KNOCKOUT_WINDOW = 3
 #: The image's first token, the ViT's [CLS], as a knockout's keys.
 IMAGE_CLS = "cls"
+#: ``sweep --pairs question``: a question set's images paired where the same question has different answers, looking
+#: at this many questions per pair wanted (``--limit``).
+QUESTION_PAIRS = "question"
+QUESTIONS_PER_PAIR = 20
 #: A knockout's queries "each": one edge group per token (the token x layer map).
 EACH_TOKEN = "each"
 #: Below this relative change of p (and :data:`TINY_ABSOLUTE`'s 0.01 in p), a knockout line is drawn as no effect.

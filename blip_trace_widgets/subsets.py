@@ -353,6 +353,45 @@ def hf_pairs(
             return
 
 
+def question_pairs(items: Iterable[Any], limit: int | None = None) -> list[Any]:
+    """Image pairs from any question set: two items that ask the same question (compared in lower case, without
+    surrounding punctuation) and that the dataset answers differently, as :class:`~.data.PairSample` items (the first
+    item's image and answer, then the other's). Each item is used once, in order; an item without an answer is
+    skipped; nothing is guessed.
+
+        >>> from blip_trace_widgets.subsets import question_pairs
+        >>> pairs = question_pairs([("a.png", "What colour is the dog?", "black"), ("b.png", "what colour is the dog",
+        ...                         "black"), ("c.png", "what colour is the dog", "brown")])
+        >>> [(p.image, p.counterfactual_image, p.answer, p.counterfactual_answer) for p in pairs]
+        [('a.png', 'c.png', 'black', 'brown')]
+
+    These pairs are looser than :func:`~.data.easy_vqa_pairs`'s: two photographs that answer "what is the color
+    of the dog" differently differ in the dog's colour and in everything else in them too."""
+    from .data import PairSample
+
+    waiting: dict[str, list[VQASample]] = {}
+    pairs: list[Any] = []
+    for item in as_samples(items):
+        if not item.answer:
+            continue
+        key = " ".join(item.question.lower().strip(" .?!").split())
+        partner = next((other for other in waiting.get(key, []) if _answer_key(other.answer) != _answer_key(item.answer)),
+                       None)
+        if partner is None:
+            waiting.setdefault(key, []).append(item)
+            continue
+        waiting[key].remove(partner)
+        pairs.append(PairSample(partner.image, item.image, partner.question, str(partner.answer), str(item.answer),
+                                (image_id(partner.image), image_id(item.image))))
+        if limit is not None and len(pairs) >= limit:
+            break
+    return pairs
+
+
+def _answer_key(answer: Any) -> str:
+    return " ".join(str(answer).lower().strip(" .!?").split())
+
+
 def hf_caption_samples(
     dataset: Any,
     *,

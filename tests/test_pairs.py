@@ -264,3 +264,29 @@ def test_the_cli_swaps_a_prompts_words_and_names_the_fix_when_nothing_changes(tm
     assert "pick a counterfactual that changes the answer" in captured.err and "Raise --scale" not in captured.err
     assert main([*base, "--prompt", "a red", "--swap", "red=big blue"]) == 2
     assert "a swap must keep the length" in capsys.readouterr().err
+
+
+def test_question_pairs_pair_a_question_sets_images_by_their_answers(tmp_path, capsys):
+    import pandas as pd
+
+    from blip_trace_widgets.cli import main
+    from blip_trace_widgets.subsets import question_pairs
+
+    questions = [(path, q, a) for path, q, a in easy_vqa_questions("test") if q.startswith("what color")][:40]
+    pairs = question_pairs(questions)
+    assert len(pairs) >= 10
+    for pair in pairs:  # the same question, both answers the dataset's own, and different
+        asked = {(path, a) for path, q, a in questions if q == pair.question}
+        assert {(pair.image, pair.answer), (pair.counterfactual_image, pair.counterfactual_answer)} <= asked
+        assert pair.answer != pair.counterfactual_answer
+    used = [(p.image, p.question) for p in pairs] + [(p.counterfactual_image, p.question) for p in pairs]
+    assert len(used) == len(set(used))  # each item (an image and its question) once
+    assert question_pairs(questions, limit=2) == pairs[:2]
+    out = tmp_path / "q"
+    assert main(["sweep", "--dataset", "easy-vqa-color", "--pairs", "question", "--limit", "2", "--kinds", "mlp",
+                 "--metric", "logit_diff", "--out", str(out)]) == 0
+    assert "easy-vqa-color, paired by question" in capsys.readouterr().out
+    table = pd.read_parquet(out / "sweep.parquet")
+    assert len(table) == 2 and list(table.contrast) == list(table.counterfactual_answer)
+    assert main(["sweep", "--pairs", "question", "--out", str(tmp_path / "x")]) == 2
+    assert "give --dataset too" in capsys.readouterr().err
