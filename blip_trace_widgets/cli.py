@@ -34,28 +34,16 @@ from .errors import BlipTraceError
 from .names import (
     ANSWER_DECODER,
     ANSWER_MODES,
-    BLOCKS,
     CAPTION_DECODER,
-    DEFAULT_VERIFY,
     DEMO_MODELS,
-    DIRECTION_LABELS,
-    DIRECTIONS,
     DTYPES,
-    HEAD_KINDS,
     HIDDEN,
     HUB_MODELS,
     ITM_ENCODER,
     KINDS,
-    MAX_STEPS,
-    METHOD_LABELS,
-    METHODS,
-    METRICS,
     QUESTION_ENCODER,
     QUESTION_PAIRS,
     QUESTIONS_PER_PAIR,
-    SEVER_AT,
-    SEVERABLE,
-    STAGES,
     SUBLAYER_KINDS,
     VISION_ENCODER,
     VISION_KINDS,
@@ -216,7 +204,7 @@ def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
                             metric=args.metric, contrast=args.contrast, sever=args.sever, sever_at=args.sever_at,
                             corrupt=args.corrupt, corrupt_tokens=_corrupt_tokens(args.corrupt_tokens),
                             regions=args.regions, method=args.method, steps=args.steps, target=args.target,
-                            verify=args.verify, direction=args.direction,
+                            verify=args.verify, direction=args.direction, order=args.order,
                             position=parse_position(args.position))
 
 
@@ -326,7 +314,6 @@ def _trace_every_word(args: argparse.Namespace, tracer: Any, config: Any) -> int
 
 def run_sweep(args: argparse.Namespace) -> int:
     from .sweep import _ProcessGroup, process_device, sweep
-    from .tracing import TraceConfig
 
     by_question = args.pairs == QUESTION_PAIRS
     if by_question and args.dataset is None:
@@ -341,30 +328,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         _check_sweep_dataset(args.dataset, bundle.head)
     vision = args.block == VISION_ENCODER
-    allowed = kinds_of(args.block)
-    positional = [k for k in allowed if not is_head_kind(k)]  # the default: head maps only when asked for
-    kinds = [k.strip() for k in (args.kinds or ",".join(positional)).split(",") if k.strip()]
-    for kind in kinds:
-        if kind not in allowed:
-            raise UsageError(f"--kinds: unknown kind {kind!r} for {args.block}; use some of {','.join(allowed)}")
-    if args.regions is not None and not vision:
-        raise UsageError("--regions groups image patches: use it with --block vision_encoder")
+    configs = _sweep_configs(args, bundle)
     samples = _sweep_samples(args)
     if bundle.device.type == "cpu":
         _share_cpu_threads()
-    from .procedures import default_corruption
-
-    stage = "patches" if vision else "image"
-    if args.pairs is not None and args.noise is not None:
-        raise UsageError("--pairs swaps in each pair's partner image instead of noise: drop --noise and --scale")
-    corruption = (PairSwap() if args.pairs is not None else from_name(args.noise, args.scale) if args.noise
-                  else default_corruption(bundle, stage))
-    configs = [TraceConfig(block=args.block, kind=kind, window=window_for(kind, args.window),
-                           corruption=corruption, samples=args.samples, seed=args.seed, regions=args.regions,
-                           metric=args.metric, method=args.method or "exact", steps=1 if args.steps is None else args.steps,
-                           verify=DEFAULT_VERIFY if args.verify is None else args.verify,
-                           target=target, direction=args.direction)
-               for target in _targets(args.targets, bundle.head) for kind in kinds]
+    scored = _scored_mode(args)
     _check_out(args.out)
     out = Path(args.out)
     group = _ProcessGroup()
@@ -381,7 +349,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     dataset = {"name": args.dataset or f"easy-vqa {args.pairs} pairs", "limit": args.limit, "words": args.words,
                **({"pairs": QUESTION_PAIRS} if by_question else {})}
-    table = sweep(bundle, samples, configs=configs, out=out, answer=args.answer, overwrite=args.overwrite,
+    table = sweep(bundle, samples, configs=configs, out=out, answer=scored, overwrite=args.overwrite,
                   dataset=dataset)
     if group.is_main and len(table) == 0:
         raise UsageError("the sweep made no trace: " + (
@@ -390,6 +358,40 @@ def run_sweep(args: argparse.Namespace) -> int:
     if group.is_main:
         _write_averages(table, out, args.correct_only, vision, started)
     return 0
+
+
+def _sweep_configs(args: argparse.Namespace, bundle: Any) -> list[Any]:
+    """The sweep's configurations: each --kinds kind (and caption word) through the one resolver."""
+    from .procedures import resolve_config
+
+    block = args.block or heads.of(bundle).default_block
+    allowed = kinds_of(block)
+    positional = [k for k in allowed if not is_head_kind(k)]  # the default: head maps only when asked for
+    kinds = [k.strip() for k in (args.kinds or ",".join(positional)).split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in allowed:
+            raise UsageError(f"--kinds: unknown kind {kind!r} for {block}; use some of {','.join(allowed)}")
+    if args.regions is not None and block != VISION_ENCODER:
+        raise UsageError("--regions groups image patches: use it with --block vision_encoder")
+    if args.pairs is not None and args.noise is not None:
+        raise UsageError("--pairs swaps in each pair's partner image instead of noise: drop --noise and --scale")
+    if args.scale is not None and args.noise is None:
+        raise UsageError("--scale sets the level of --noise: pass --noise too")
+    corruption = PairSwap() if args.pairs is not None else from_name(args.noise, args.scale) if args.noise else None
+    return [resolve_config(bundle, "rome", block=block, kind=kind, corruption=corruption,
+                           window=None if args.window is None else window_for(kind, args.window),
+                           samples=args.samples, seed=args.seed, regions=args.regions, metric=args.metric,
+                           method=args.method, steps=args.steps, verify=args.verify, order=args.order,
+                           target=target, direction=args.direction)
+            for target in _targets(args.targets, bundle.head) for kind in kinds]
+
+
+def _scored_mode(args: argparse.Namespace) -> str:
+    """--scored (model or expected); the old --answer spelling still works for one release, with a warning."""
+    if args.answer_mode is None:
+        return str(args.scored)
+    print("warning: sweep --answer is now --scored (--answer will be removed in the next release)", file=sys.stderr)
+    return str(args.answer_mode)
 
 
 def _sweep_samples(args: argparse.Namespace) -> Any:
@@ -477,18 +479,27 @@ def _noise_help() -> str:
     return f"noise level: the {{scale, std, factor, sigma}} of --noise (defaults: {levels})"
 
 
-def _add_method_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=METHODS, default=None,
-                        help="; ".join(f"{m}: {METHOD_LABELS[m]}" for m in METHODS)
-                             + " (default: exact). An estimate takes one forward and one backward pass for every "
-                               "cell at once; it can be far from exact under strong noise (see docs/reference.md)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"with --method estimate: points on each cell's path from corrupted to clean (1 to "
-                             f"{MAX_STEPS}; default 1, plain attribution patching; each further step costs about "
-                             "three exact traces)")
-    parser.add_argument("--verify", type=int, default=None,
-                        help=f"with --method verified: how many of the estimate's top cells are made exact "
-                             f"(default {DEFAULT_VERIFY})")
+#: The TraceConfig fields that both ``trace`` and ``sweep`` offer as options, with one default each (the
+#: configuration's own, through :func:`~.procedures.resolve_config`); ``trace`` offers TRACE_FIELDS too.
+SHARED_FIELDS = ("block", "window", "samples", "seed", "metric", "regions", "direction", "method", "steps", "verify",
+                 "order")
+TRACE_FIELDS = ("kind", "answer", "target", "contrast", "sever", "sever_at", "corrupt", "corrupt_tokens", "position")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """One option per TraceConfig field in ``names``, built from the field's help, choices, type and default."""
+    from dataclasses import MISSING
+
+    from .config import TraceConfig
+
+    fields = TraceConfig.__dataclass_fields__
+    for name in names:
+        field, meta = fields[name], fields[name].metadata
+        default = "" if field.default is MISSING or field.default is None else f" (default: {field.default})"
+        if not meta.get("help"):
+            raise AssertionError(f"TraceConfig.{name} has no help text for its command-line option")
+        parser.add_argument("--" + name.replace("_", "-"), type=meta["type"], choices=meta["choices"], default=None,
+                            help=meta["help"] + ("" if "(default" in meta["help"] else default))
 
 
 def _add_trace_options(one: argparse.ArgumentParser) -> None:
@@ -497,54 +508,22 @@ def _add_trace_options(one: argparse.ArgumentParser) -> None:
     one.add_argument("--procedure", choices=list(PROCEDURES), default="rome",
                      help="preset to start from: " + "; ".join(f"{p.name}: {p.summary}" for p in PROCEDURES.values())
                           + " (default: %(default)s); the options below override it")
-    one.add_argument("--block", choices=BLOCKS, default=None,
-                     help="which transformer to restore states in: "
-                          + "; ".join(f"{task.label}: {', '.join(task.blocks)}" for task in heads.BY_NAME.values())
-                          + " (default: the first of the model's)")
-    one.add_argument("--kind", choices=KINDS, default=None,
-                     help="which state to restore: the layer output (hidden), a sublayer's own output (self_attn, "
-                          "cross_attn, mlp), the residual after a sublayer (post_self_attn, post_cross_attn), or "
-                          "attention heads as rows (self_attn_head, cross_attn_head); "
-                          f"the vision encoder has {', '.join(kinds_of(VISION_ENCODER))} (default: hidden)")
-    one.add_argument("--window", type=int, default=None, help="consecutive layers restored together (default: 1)")
-    one.add_argument("--noise", choices=list(BY_NAME), default=None,
-                     help="the corruption (default: gaussian, at the model's own level on image embeddings)")
-    one.add_argument("--scale", type=float, default=None, help=_noise_help())
+    _add_noise_options(one)
     one.add_argument("--counterfactual-image", default=None,
                      help="corrupt by swapping in this image instead of noise (at --corrupt image, patches or pixels); "
                           "with --metric logit_diff the model's answer on it is the contrast by default")
     one.add_argument("--swap", default=None,
-                     help="corrupt by swapping question words instead of noise, OLD=NEW[,OLD=NEW] such as "
+                     help="corrupt by swapping the text's words instead of noise, OLD=NEW[,OLD=NEW] such as "
                           "circle=triangle (same length in tokens; the model's answer to the swapped question is "
                           "logit_diff's default contrast)")
-    one.add_argument("--samples", type=int, default=None, help="noise samples averaged per cell (default: 10)")
-    one.add_argument("--seed", type=int, default=None, help="noise seed (default: 0)")
-    one.add_argument("--answer", default=None,
-                     help="VQA: the answer to score (default: the model's own first answer token); captioning: the "
-                          "caption to score, teacher-forced (default: the model's own greedy caption)")
-    one.add_argument("--target", type=int, default=None,
-                     help="captioning: the word of the caption to score, from 0 (default: every word in turn)")
-    one.add_argument("--metric", choices=METRICS, default=None, help="what is scored (default: prob)")
-    one.add_argument("--contrast", default=None, help="with --metric logit_diff: the answer to compare against")
-    one.add_argument("--sever", choices=SEVERABLE, default=None,
-                     help="hold this sublayer at its corrupted values while restoring hidden states")
-    one.add_argument("--sever-at", choices=SEVER_AT, default=None,
-                     help="where --sever holds it: at the restored positions (ROME's) or at every position "
-                          "(default: restored)")
-    one.add_argument("--corrupt", choices=STAGES, default=None,
-                     help="where the noise goes: image embeddings (the paper's; default for text blocks), patch "
-                          "embeddings (default for --block vision_encoder), pixels, or the question's tokens")
-    one.add_argument("--corrupt-tokens", default=None,
-                     help="with --corrupt question: 'object' (the last content word, ROME's subject) or "
-                          "comma-separated positions (default: every token)")
-    one.add_argument("--regions", type=int, default=None,
-                     help="vision_encoder: regions per side restored as units (default: every patch)")
-    one.add_argument("--direction", choices=DIRECTIONS, default=None,
-                     help="; ".join(f"{d}: {DIRECTION_LABELS[d]}" for d in DIRECTIONS) + " (default: denoise)")
-    one.add_argument("--position", default=None,
-                     help=f"head kinds ({', '.join(HEAD_KINDS)}): restore the heads only at this position, these "
-                          f"comma-separated positions, or a token role ({', '.join(ROLES)}) (default: every position)")
-    _add_method_options(one)
+    _add_config_options(one, (*SHARED_FIELDS, *TRACE_FIELDS))
+
+
+def _add_noise_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--noise", choices=list(BY_NAME), default=None,
+                        help="the corruption (default: gaussian, at the model's own level on image embeddings, "
+                             "3σ on patch embeddings)")
+    parser.add_argument("--scale", type=float, default=None, help=_noise_help())
 
 
 def _add_sweep_parser(sub: Any) -> None:
@@ -562,34 +541,23 @@ def _add_sweep_parser(sub: Any) -> None:
                            f"question and answer it differently (looking at {QUESTIONS_PER_PAIR} x --limit questions). "
                            "Each is traced with its partner image swapped in (with --metric logit_diff, against the "
                            "partner's answer)")
-    many.add_argument("--direction", choices=DIRECTIONS, default="denoise",
-                      help="; ".join(f"{d}: {DIRECTION_LABELS[d]}" for d in DIRECTIONS) + " (default: %(default)s)")
     many.add_argument("--limit", type=int, default=None, help="at most this many questions")
     many.add_argument("--words", type=int, default=None,
                       help="keep questions of exactly this many words (the paper used 7)")
     many.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder or a hub id "
                       "(default: %(default)s)")
     many.add_argument("--out", required=True, help="folder for the table and figures")
-    many.add_argument("--block", choices=BLOCKS, default=None, help="(default: the first of the model's)")
     many.add_argument("--targets", default=None,
                       help="captioning: comma-separated caption words to score, from 0 (default: 0,1,2); a caption "
                            "without such a word is skipped for it")
     many.add_argument("--kinds", default=None,
                       help=f"comma-separated kinds to trace (default: {','.join(KINDS)}; "
                            f"{','.join(VISION_KINDS)} for the vision encoder)")
-    many.add_argument("--regions", type=int, default=None,
-                      help="vision_encoder: regions per side restored as units (default: every patch)")
-    many.add_argument("--window", type=int, default=3, help="window for the sublayer kinds (default: %(default)s)")
-    many.add_argument("--noise", choices=list(BY_NAME), default=None,
-                      help="the corruption (default: gaussian, at the model's own level on image embeddings, "
-                           "3σ on patch embeddings)")
-    many.add_argument("--scale", type=float, default=None, help=_noise_help())
-    many.add_argument("--metric", choices=METRICS, default="prob", help="what is scored (default: %(default)s)")
-    many.add_argument("--samples", type=int, default=10, help="noise samples per trace (default: %(default)s)")
-    many.add_argument("--seed", type=int, default=0)
-    _add_method_options(many)
-    many.add_argument("--answer", choices=ANSWER_MODES, default="model",
-                      help="score the model's own answer or the dataset's (default: %(default)s)")
+    _add_noise_options(many)
+    _add_config_options(many, SHARED_FIELDS)
+    many.add_argument("--scored", choices=ANSWER_MODES, default="model",
+                      help="which answer each trace scores: the model's own or the dataset's (default: %(default)s)")
+    many.add_argument("--answer", choices=ANSWER_MODES, default=None, dest="answer_mode", help=argparse.SUPPRESS)
     many.add_argument("--correct-only", action="store_true", help="average only correctly answered questions")
     many.add_argument("--overwrite", action="store_true", help="discard an earlier, different sweep in --out")
     many.add_argument("--cache-dir", default=None, help="where downloaded CSVs and images are kept")

@@ -22,18 +22,24 @@ import torch
 from . import anatomy
 from .corruption import GaussianNoise, ImageSwap, PairSwap, WordSwap, describe
 from .errors import BlipTraceError
+from .heads import BY_NAME
 from .names import (
+    BLOCKS,
     DEFAULT_SAMPLES,
     DEFAULT_VERIFY,
+    DIRECTION_LABELS,
     DIRECTIONS,
     HEAD_KINDS,
     HIDDEN,
+    KINDS,
     MAX_STEPS,
+    METHOD_LABELS,
     METHODS,
     METRICS,
     QUESTION_ENCODER,
     ROME_NOISE_SCALE,
     SEVER_AT,
+    SEVERABLE,
     STAGES,
     VISION_ENCODER,
     Direction,
@@ -42,6 +48,7 @@ from .names import (
     SeverAt,
     Stage,
     is_head_kind,
+    kinds_of,
 )
 from .roles import ROLES
 
@@ -61,36 +68,65 @@ MAX_SAMPLES = 1000
 MAX_SEED = 2**32 - 1
 
 
-def _affects(part: str, **kw: Any) -> Any:
-    return field(metadata={"affects": part}, **kw)
+def _affects(part: str, *, help: str = "", choices: Any = None, type: Any = str, **kw: Any) -> Any:
+    """A field, with what it changes (for cache keys) and, for the fields the command line offers, its help, its
+    choices and the type its option parses to (the command line builds its options from these)."""
+    return field(metadata={"affects": part, "help": help, "choices": choices, "type": type}, **kw)
 
 
 @dataclass(frozen=True)
 class TraceConfig:
     """Everything that defines one heatmap besides the (image, question); hashable, so a cache key."""
 
-    block: str = _affects(RESTORE, default=QUESTION_ENCODER)
-    kind: str = _affects(RESTORE, default=HIDDEN)
-    window: int = _affects(RESTORE, default=1)
+    block: str = _affects(RESTORE, default=QUESTION_ENCODER, choices=BLOCKS,
+                          help="which transformer to restore states in: " + "; ".join(
+                              f"{head.label}: {', '.join(head.blocks)}" for head in BY_NAME.values())
+                          + " (default: the first of the model's)")
+    kind: str = _affects(RESTORE, default=HIDDEN, choices=KINDS, help=(
+        "which state to restore: the layer output (hidden), a sublayer's own output (self_attn, cross_attn, mlp), the "
+        "residual after a sublayer (post_self_attn, post_cross_attn), or attention heads as rows (self_attn_head, "
+        f"cross_attn_head); the vision encoder has {', '.join(kinds_of(VISION_ENCODER))}"))
+    window: int = _affects(RESTORE, default=1, type=int,
+                           help="consecutive layers restored together (hidden states: always 1)")
     corruption: Callable[..., torch.Tensor] = _affects(INPUT, default_factory=lambda: GaussianNoise(scale=ROME_NOISE_SCALE))
-    samples: int = _affects(INPUT, default=DEFAULT_SAMPLES)  # noise draws averaged per cell
-    seed: int = _affects(INPUT, default=0)
-    answer: str | None = _affects(ANSWER, default=None)  # VQA: the answer scored; captioning: the caption
-    target: int | None = _affects(ANSWER, default=None)  # captioning: which word of the caption is scored (0: first)
-    metric: Metric = _affects(RESTORE, default="prob")
-    contrast: str | None = _affects(RESTORE, default=None)
-    sever: str | None = _affects(RESTORE, default=None)
-    sever_at: SeverAt = _affects(RESTORE, default="restored")  # ROME's: only at the restored positions
-    corrupt: Stage | None = _affects(INPUT, default=None)  # None: the corruption's own stage, else patches (vision) or image
-    corrupt_tokens: tuple[int, ...] | str | None = _affects(INPUT, default=None)  # corrupt="question": positions or "object"
-    regions: int | None = _affects(RESTORE, default=None)  # vision block: regions per side restored as units
+    samples: int = _affects(INPUT, default=DEFAULT_SAMPLES, type=int, help="noise samples averaged per cell")
+    seed: int = _affects(INPUT, default=0, type=int, help="noise seed")
+    answer: str | None = _affects(ANSWER, default=None, help=(
+        "VQA: the answer to score (default: the model's own first answer token); captioning: the caption to score, "
+        "teacher-forced (default: the model's own greedy caption)"))
+    target: int | None = _affects(ANSWER, default=None, type=int,
+                                  help="captioning: the word of the caption to score, from 0")
+    metric: Metric = _affects(RESTORE, default="prob", choices=METRICS, help="what is scored")
+    contrast: str | None = _affects(RESTORE, default=None,
+                                    help="with --metric logit_diff: the answer to compare against")
+    sever: str | None = _affects(RESTORE, default=None, choices=SEVERABLE,
+                                 help="hold this sublayer at its corrupted values while restoring hidden states")
+    sever_at: SeverAt = _affects(RESTORE, default="restored", choices=SEVER_AT, help=(
+        "where --sever holds it: at the restored positions (ROME's) or at every position"))
+    corrupt: Stage | None = _affects(INPUT, default=None, choices=STAGES, help=(
+        "where the noise goes: image embeddings (the paper's; default for text blocks), patch embeddings (default for "
+        "the vision encoder), pixels, or the text's tokens"))
+    corrupt_tokens: tuple[int, ...] | str | None = _affects(INPUT, default=None, help=(
+        "with --corrupt question: 'object' (the last content word, ROME's subject) or comma-separated positions "
+        "(default: every token)"))
+    regions: int | None = _affects(RESTORE, default=None, type=int,
+                                   help="vision_encoder: regions per side restored as units (default: every patch)")
     fresh_noise: bool = _affects(INPUT, default=False)  # the paper's: a new draw for every cell and for the low score
-    method: Method = _affects(RESTORE, default="exact")  # "estimate": attribution patching (see estimates.py)
-    steps: int = _affects(RESTORE, default=1)  # estimate: points on each cell's path from corrupted to clean
-    position: int | tuple[int, ...] | str | None = _affects(RESTORE, default=None)  # head kinds: positions restored
-    verify: int = _affects(RESTORE, default=DEFAULT_VERIFY)  # method="verified": the estimate's top cells made exact
-    order: int = _affects(RESTORE, default=1)  # estimates: 2 adds each cell's second-order term (and a flag)
-    direction: Direction = _affects(RESTORE, default="denoise")  # "noise": corrupted states into the clean run
+    method: Method = _affects(RESTORE, default="exact", choices=METHODS, help=(
+        "; ".join(f"{m}: {METHOD_LABELS[m]}" for m in METHODS) + ". An estimate takes one forward and one backward "
+        "pass for every cell at once; it can be far from exact under strong noise (see docs/reference.md)"))
+    steps: int = _affects(RESTORE, default=1, type=int, help=(
+        f"with --method estimate: points on each cell's path from corrupted to clean (1 to {MAX_STEPS}; 1 is plain "
+        "attribution patching; each further step costs about three exact traces)"))
+    position: int | tuple[int, ...] | str | None = _affects(RESTORE, default=None, help=(
+        f"head kinds ({', '.join(HEAD_KINDS)}): restore the heads only at this position, these comma-separated "
+        f"positions, or a token role ({', '.join(ROLES)}) (default: every position)"))
+    verify: int = _affects(RESTORE, default=DEFAULT_VERIFY, type=int,
+                           help="with --method verified: how many of the estimate's top cells are made exact")
+    order: int = _affects(RESTORE, default=1, type=int, choices=(1, 2), help=(
+        "estimates: 2 adds each cell's second-order term and flags the cells where it is large"))
+    direction: Direction = _affects(RESTORE, default="denoise", choices=DIRECTIONS,
+                                    help="; ".join(f"{d}: {DIRECTION_LABELS[d]}" for d in DIRECTIONS))
 
     def __post_init__(self) -> None:
         anatomy.check_block(self.block)

@@ -90,8 +90,9 @@ BAD = {
     "caption word on a VQA model": lambda f: trace(f, "--target", "1"),
     "captioner with a question block": lambda f: ["trace", "--model", "demo-caption", "--image", f["image"],
                                                   "--block", "question_encoder", "--out", f["root"] + "/out"],
-    "captioner, question corrupted": lambda f: ["trace", "--model", "demo-caption", "--image", f["image"],
-                                                "--corrupt", "question", "--out", f["root"] + "/out"],
+    "captioner, prompt swapped to another length": lambda f: [
+        "trace", "--model", "demo-caption", "--image", f["image"], "--prompt", "a red", "--swap", "red=big blue",
+        "--target", "0", "--out", f["root"] + "/out"],
     "caption of unknown words": lambda f: ["trace", "--model", "demo-caption", "--image", f["image"], "--answer",
                                            "a zzqxj circle", "--target", "1", "--out", f["root"] + "/out"],
     "matcher without a text": lambda f: ["trace", "--model", "demo-itm", "--image", f["image"], "--out", f["root"]],

@@ -220,6 +220,46 @@ def test_every_entry_point_resolves_the_same_config(demo_bundle, demo_sample, tm
     explorer.noise_samples.value = 2
     args = build_parser().parse_args(["trace", "--image", "x.png", "--samples", "2", "--out", str(tmp_path)])
     via_cli = _trace_config(args, demo_bundle)
-    for config in (via_trace, via_tracer, explorer.result.config, via_cli.to_json()):
+    from blip_trace_widgets.cli import _sweep_configs
+
+    swept = build_parser().parse_args(["sweep", "--dataset", "easy-vqa-color", "--kinds", "hidden", "--samples", "2",
+                                       "--out", str(tmp_path)])
+    (via_sweep,) = _sweep_configs(swept, demo_bundle)
+    for config in (via_trace, via_tracer, explorer.result.config, via_cli.to_json(), via_sweep.to_json()):
         assert {k: config[k] for k in ("block", "corruption", "samples", "seed", "window", "kind", "metric")} == {
             k: expected.to_json()[k] for k in ("block", "corruption", "samples", "seed", "window", "kind", "metric")}
+
+
+def test_trace_and_sweep_offer_the_shared_options_alike():
+    """One option per TraceConfig field, built from the field's own help, choices and default: the same in both."""
+    from blip_trace_widgets.cli import SHARED_FIELDS, TRACE_FIELDS, build_parser
+
+    parser = build_parser()
+    commands = {name: action for action in parser._subparsers._group_actions for name, action in  # noqa: SLF001
+                action.choices.items()}
+
+    def options(command):
+        return {a.dest: (a.help, a.default, a.choices, a.type) for a in commands[command]._actions}
+
+    trace_options, sweep_options = options("trace"), options("sweep")
+    for name in SHARED_FIELDS:
+        assert trace_options[name] == sweep_options[name], name
+        assert trace_options[name][1] is None  # the configuration's own default, applied by the resolver
+    assert set(TRACE_FIELDS) <= set(trace_options) and not set(TRACE_FIELDS) & set(sweep_options) - {"kind"}
+    from blip_trace_widgets import TraceConfig
+
+    assert "(default: 1)" in trace_options["window"][0] and TraceConfig().window == 1
+    assert trace_options["metric"][2] == sweep_options["metric"][2] and "logit_diff" in trace_options["metric"][2]
+
+
+def test_the_sweeps_answer_mode_is_scored_and_the_old_spelling_warns(tmp_path, capsys):
+    from blip_trace_widgets.cli import main
+
+    base = ["sweep", "--dataset", "easy-vqa-color", "--limit", "1", "--kinds", "hidden", "--samples", "1"]
+    assert main([*base, "--scored", "expected", "--out", str(tmp_path / "a")]) == 0
+    assert "--answer is now --scored" not in capsys.readouterr().err
+    assert main([*base, "--answer", "expected", "--out", str(tmp_path / "b")]) == 0
+    assert "warning: sweep --answer is now --scored" in capsys.readouterr().err
+    import json
+
+    assert json.loads((tmp_path / "b" / "sweep.json").read_text())["answer"] == "expected"
