@@ -236,7 +236,7 @@ def test_caption_words_and_targets(captioner, image):
 @pytest.mark.parametrize("head,fields,message", [
     ("caption", {"block": "question_encoder"}, "has no question encoder"),
     ("caption", {"metric": "itc", "block": "vision_encoder", "corrupt": "patches"}, "does not apply to a captioning"),
-    ("caption", {"corrupt": "question"}, "no question to corrupt"),
+    ("caption", {"metric": "itc"}, "does not apply to a captioning model"),
     ("itm", {"answer": "red"}, "no answer"),
     ("itm", {"target": 1}, "with a captioning model"),
     ("itm", {"metric": "itc"}, "cannot change it"),

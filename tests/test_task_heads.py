@@ -76,7 +76,7 @@ def test_correctness_per_head():
     ("vqa", {"target": 1}, "target picks a word of a caption"),
     ("itm", {"answer": "yes"}, "scores the match of the text itself"),
     ("itm", {"metric": "logit_diff", "contrast": "no"}, "does not apply to a image-text matching model"),
-    ("caption", {"corrupt": "question"}, "a captioner has no question to corrupt"),
+    ("caption", {"metric": "itc"}, "does not apply to a captioning model"),
 ])
 def test_each_head_refuses_what_means_nothing_for_it(name, field, message):
     from blip_trace_widgets import TraceConfig
