@@ -28,7 +28,6 @@ from . import heads
 from .cache import LRU
 from .edges import Edges
 from .knockout import KNOCKOUT_METHODS, Knockout, KnockoutConfig
-from .knockout_result import KnockoutResult
 from .names import ANSWER_DECODER, BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW
 from .plotting import figure_png
 from .regions import Box, Outside, patch_grid_size
@@ -46,7 +45,6 @@ class KnockoutExplorer(_LiveView):
                  gallery: Any = None, window: int = KNOCKOUT_WINDOW, background: bool = True) -> None:
         super().__init__(bundle, image, question, gallery=gallery, background=background)
         self._knockouts: LRU[Knockout] = LRU(16)
-        self.result: KnockoutResult | None = None  # type: ignore[assignment]
         style = {"description_width": "initial"}
         options = [o for o in GROUP_OPTIONS if o[1] != "decoder" or heads.of(self.head).decoder is not None]
         self.groups = W.SelectMultiple(options=options, value=("image", "region", "outside"), rows=len(options),
@@ -100,8 +98,8 @@ class KnockoutExplorer(_LiveView):
             raise BlipTraceError("the region is empty: give it at least one column and one row of patches")
         return Box(left / side, top / side, right / side, bottom / side)
 
-    @property
-    def config(self) -> KnockoutConfig:
+    def controls_config(self) -> KnockoutConfig:
+        """The knockout the controls describe."""
         queries = self.queries.value
         by_name = {"image": lambda: Edges(queries), "cls": lambda: Edges(queries, IMAGE_CLS),
                    "region": lambda: Edges(queries, self.region), "outside": lambda: Edges(queries, Outside(self.region)),
@@ -122,7 +120,8 @@ class KnockoutExplorer(_LiveView):
         self.image_view.value = _png(self._painted(), self.preview_width)
         key = (self._image_id, self.question_box.value.strip())
         knock = self._knockouts.get_or_make(key, lambda: Knockout(tracer))
-        result = knock.run(self.config)
+        self.config = config = self.controls_config()
+        result = knock.run(config)
         if job.is_set():
             return
         self.result = result

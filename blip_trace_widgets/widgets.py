@@ -37,6 +37,7 @@ from typing import Any
 
 import ipywidgets as W
 import numpy as np
+import traitlets
 from PIL import Image
 
 from . import heads
@@ -239,6 +240,11 @@ class _LiveView(W.VBox):
     """What the explorers share: an (image, question) with a gallery, one cached Tracer per pair,
     and background tracing where newer changes cancel older traces and errors show inside."""
 
+    #: The result on screen and the configuration it was traced with, as traitlets: ``explorer.observe(callback,
+    #: names="result")`` is called with every new map (estimates and exact maps alike). ``controls_config()`` is
+    #: what the controls describe now, before any trace.
+    result = traitlets.Any(None, allow_none=True)
+    config = traitlets.Any(None, allow_none=True)
     background: bool
     progress: W.IntProgress
     status: W.HTML
@@ -265,7 +271,6 @@ class _LiveView(W.VBox):
         if image is None:
             image, question = self.gallery_items[0][0], self.gallery_items[0][1]
         self.background = background
-        self.result: TraceResult | None = None
         self._tracers: LRU[Tracer] = LRU(64, max_weight=TRACER_MEMORY, weigh=lambda tracer: tracer.held_bytes())
         self._image = to_rgb_image(image)
         self._image_id = _image_key(self._image)
@@ -563,8 +568,7 @@ class TraceExplorer(_LiveView):
         return W.HBox([self.export_name, *self.export_buttons])
 
     # ----- state ------------------------------------------------------------------------
-    @property
-    def config(self) -> TraceConfig:
+    def controls_config(self) -> TraceConfig:
         """The configuration the controls describe (see :func:`controls_config`)."""
         config = controls_config(block=self.block.value, kind=self.kind.value, window=int(self.window.value),
                                  corruption=self.corruption.value, level=float(self.noise.value),
@@ -597,7 +601,8 @@ class TraceExplorer(_LiveView):
         self.answer_view.value = answer_html(tracer)
         self._sync_words(tracer)
         self.counterfactual.sync(int(self.gallery.value or 0))
-        phases = self._phases(self.config)
+        self.config = config = self.controls_config()
+        phases = self._phases(config)
         for i, config in enumerate(phases):
             self.status.value = cost_notice(tracer, config)
             if self.view.value == "compare":
@@ -794,8 +799,8 @@ class VisionTraceExplorer(_LiveView):
         box = Box(x0 / 100, y0 / 100, x1 / 100, y1 / 100)
         return box if self.area.value == "inside" else Outside(box)
 
-    @property
-    def config(self) -> TraceConfig:
+    def controls_config(self) -> TraceConfig:
+        """The configuration the controls describe."""
         from .corruption import Blur, GaussianNoise, Grey
 
         level = round(float(self.level.value), 4)
@@ -841,7 +846,8 @@ class VisionTraceExplorer(_LiveView):
         self.answer_view.value = answer_html(tracer)
         self._sync_words(tracer)
         self.counterfactual.sync(int(self.gallery.value or 0))
-        phases = self._phases(self.config)
+        self.config = config = self.controls_config()
+        phases = self._phases(config)
         for i, config in enumerate(phases):
             self.status.value = cost_notice(tracer, config)
             result = tracer.trace(config, progress=self._progress(job))

@@ -245,3 +245,18 @@ def test_a_bug_inside_shows_its_traceback_and_a_mistake_one_line(demo_bundle, de
     except ValueError as error:
         explorer._show_error(error)
     assert "<details>" in explorer.error.value and "Traceback" in explorer.error.value
+
+
+def test_result_and_config_are_traitlets_that_users_can_observe(demo_bundle, demo_sample):
+    from blip_trace_widgets import TraceConfig
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    image, question, _ = demo_sample
+    explorer = TraceExplorer(demo_bundle, image, question, background=False, mode="exact")
+    seen, configs = [], []
+    explorer.observe(lambda change: seen.append(change["new"]), names="result")
+    explorer.observe(lambda change: configs.append(change["new"]), names="config")
+    explorer.kind.value = "mlp"
+    assert [r.kind for r in seen] == ["mlp"] and seen[-1] is explorer.result
+    assert isinstance(configs[-1], TraceConfig) and configs[-1].kind == "mlp" == explorer.config.kind
+    assert explorer.controls_config() == explorer.config
