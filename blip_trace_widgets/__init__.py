@@ -44,7 +44,7 @@ _PUBLIC: dict[str, str] = {
     "TraceExplorer": "widgets", "VisionTraceExplorer": "widgets",
     "Edges": "edges", "knockout": "knockout", "Knockout": "knockout", "KnockoutConfig": "knockout",
     "KnockoutResult": "knockout_result", "knockout_sweep": "knockout_sweep", "knockout_average": "knockout_sweep",
-    "KnockoutExplorer": "knockout_widgets",
+    "KnockoutExplorer": "widgets",
     "trace_cost": "cost",
 }
 __all__ = sorted(_PUBLIC)
@@ -87,7 +87,6 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .knockout import Knockout, KnockoutConfig, knockout
     from .knockout_result import KnockoutResult
     from .knockout_sweep import knockout_average, knockout_sweep
-    from .knockout_widgets import KnockoutExplorer
     from .loading import BlipBundle, load_model
     from .noise_level import estimate_sigma
     from .plotting import plot_on_image, plot_traces
@@ -98,4 +97,4 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .sweep import load_sweep, sweep
     from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
     from .tracing import TraceConfig, Tracer, default_config, trace
-    from .widgets import TraceExplorer, VisionTraceExplorer
+    from .widgets import KnockoutExplorer, TraceExplorer, VisionTraceExplorer

@@ -196,7 +196,7 @@ def test_every_check_in_the_package_raises_blip_trace_error():
     from pathlib import Path
 
     plain = []
-    for path in sorted((Path(cli.__file__).parent).glob("*.py")):
+    for path in sorted((Path(cli.__file__).parent).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and \
                     getattr(node.exc.func, "id", None) == "ValueError":

@@ -53,6 +53,7 @@ def test_the_command_line_warns_before_a_large_trace(demo_sample, tmp_path, caps
 
 def test_the_explorers_say_the_cost_and_the_time_left(demo_bundle, demo_sample, monkeypatch):
     from blip_trace_widgets import cost, widgets
+    from blip_trace_widgets.widgets import live
 
     image, question, _ = demo_sample
     tracer = Tracer(demo_bundle, image, question)
@@ -66,13 +67,13 @@ def test_the_explorers_say_the_cost_and_the_time_left(demo_bundle, demo_sample, 
     clock = iter([0.0, 5.0, 10.0, 20.0, 25.0])
     monkeypatch.setattr("time.perf_counter", lambda: next(clock))
     view = SimpleNamespace(status=SimpleNamespace(value=""), progress=SimpleNamespace(max=1, value=0))
-    report = widgets._reporter(view, threading.Event())
+    report = live.reporter(view, threading.Event())
     report(1, 4)  # 5 s for 1 of 4 cells: 15 s left
     assert "1 of 4 cells, about 15 s left" in view.status.value
     report(2, 4)
     assert "about 10 s left" in view.status.value
     cancelled = threading.Event()
     cancelled.set()
-    with pytest.raises(widgets._Cancelled):
-        widgets._reporter(view, cancelled)(1, 2)
+    with pytest.raises(live.Cancelled):
+        live.reporter(view, cancelled)(1, 2)
 

@@ -302,7 +302,7 @@ def test_a_sweep_averages_groups_with_intervals(demo_bundle, tmp_path):
 
 
 def test_the_explorer_follows_its_controls_and_shows_errors_inside(demo_bundle):
-    from blip_trace_widgets.knockout_widgets import KnockoutExplorer
+    from blip_trace_widgets.widgets import KnockoutExplorer
 
     explorer = KnockoutExplorer(demo_bundle, background=False)
     assert explorer.result.labels == ["image → question", "box (0, 0, 0.5, 0.5) → question",

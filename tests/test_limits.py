@@ -120,7 +120,7 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_an_explorer_browsing_many_questions_keeps_memory_bounded(demo_bundle, monkeypatch):
     from blip_trace_widgets import demo_samples, widgets
 
-    monkeypatch.setattr(widgets, "TRACER_MEMORY", 3 << 20)
+    monkeypatch.setattr(widgets.live, "TRACER_MEMORY", 3 << 20)  # read when an explorer is made
     gallery = [(s.image, s.question) for s in demo_samples(per_type=6)]
     explorer = widgets.TraceExplorer(demo_bundle, gallery=gallery, background=False)
     for index in range(len(gallery)):

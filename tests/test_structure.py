@@ -10,23 +10,39 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "blip_trace_widgets"
-MODULES = sorted(p for p in PACKAGE.glob("*.py"))
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    """"tracing" for tracing.py, "widgets.live" for widgets/live.py, "widgets" for widgets/__init__.py (the package's
+    own __init__.py is "__init__")."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _package_of(name: str, path: Path) -> list[str]:
+    parts = name.split(".") if name != "__init__" else []
+    return parts if path.name == "__init__.py" else parts[:-1]
 
 
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package modules it imports, at the top, inside functions or only for type checkers (an import
     under ``TYPE_CHECKING`` that would close a cycle is a cycle: the modules still depend on each other)."""
+    names = {module_name(path) for path in MODULES}
     graph: dict[str, set[str]] = {}
     for path in MODULES:
-        tree = ast.parse(path.read_text())
+        name = module_name(path)
+        base = _package_of(name, path)
         edges = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    edges.add(node.module.split(".")[0])
-                else:
-                    edges.update(alias.name for alias in node.names)
-        graph[path.stem] = edges - {path.stem}
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                start = base[: len(base) - (node.level - 1)]
+                targets = ([".".join([*start, *node.module.split(".")])] if node.module
+                           else [".".join([*start, alias.name]) for alias in node.names])
+                edges.update(t if t in names else t.rsplit(".", 1)[0] for t in targets)
+        graph[name] = edges - {name}
     return graph
 
 
@@ -166,7 +182,8 @@ def import_depths(graph: dict[str, set[str]]) -> dict[str, int]:
 def layout_rows(text: str) -> list[tuple[int, str]]:
     """The (level, module) rows of the reference's Layout table."""
     section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    return [(int(level), name) for level, name in re.findall(r"^\| (\d+) \| `([\w]+)\.py` \|", section, re.M)]
+    rows = re.findall(r"^\| (\d+) \| `([\w/]+)\.py` \|", section, re.M)
+    return [(int(level), name.removesuffix("/__init__").replace("/", ".")) for level, name in rows]
 
 
 def test_the_reference_lists_every_module_in_import_order(capsys):

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "blip_trace_widgets"
 def test_no_module_branches_on_the_head_name():
     """Heads differ only in heads.py: no other module compares a head's name (names.py only names them)."""
     branch = re.compile(r"head ==|head !=|\.head in|HEAD_INFO")
-    offenders = [f"{p.name}:{i}" for p in PACKAGE.glob("*.py") if p.name not in ("heads.py", "names.py")
+    offenders = [f"{p.name}:{i}" for p in PACKAGE.rglob("*.py") if p.name not in ("heads.py", "names.py")
                  for i, line in enumerate(p.read_text().splitlines(), 1) if branch.search(line)]
     assert not offenders, f"branches on a head's name outside heads.py: {offenders}"
 

@@ -1,6 +1,6 @@
 """The explorer's counterfactual controls: noise, an image pair or a word swap, and the patching direction.
 
-    >>> from blip_trace_widgets.counterfactual_controls import Counterfactual
+    >>> from blip_trace_widgets.widgets.counterfactual import Counterfactual
     >>> from blip_trace_widgets import TraceConfig
     >>> controls = Counterfactual(gallery=[])
     >>> controls.source.value = "swap"
@@ -23,10 +23,10 @@ from typing import Any
 
 import ipywidgets as W
 
-from .config import TraceConfig
-from .corruption import ImageSwap, WordSwap
-from .errors import BlipTraceError
-from .names import DIRECTION_LABELS, DIRECTIONS
+from ..config import TraceConfig
+from ..corruption import ImageSwap, WordSwap
+from ..errors import BlipTraceError
+from ..names import DIRECTION_LABELS, DIRECTIONS
 
 SOURCES = [("noise", "noise"), ("image pair", "pair"), ("word swap", "swap")]
 OWN_PARTNER = -1

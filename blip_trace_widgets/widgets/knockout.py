@@ -1,7 +1,7 @@
 """KnockoutExplorer: pick edge groups, an image region and a window, and watch the knockout's line plot update.
 
     >>> from blip_trace_widgets import load_model
-    >>> from blip_trace_widgets.knockout_widgets import KnockoutExplorer
+    >>> from blip_trace_widgets.widgets import KnockoutExplorer
     >>> explorer = KnockoutExplorer(load_model("demo"), background=False)   # demo samples in a gallery
     >>> explorer.result.labels[:2]
     ['image → question', 'box (0, 0, 0.5, 0.5) → question']
@@ -24,21 +24,22 @@ import ipywidgets as W
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import heads
-from .cache import LRU
-from .edges import Edges
-from .knockout import KNOCKOUT_METHODS, Knockout, KnockoutConfig
-from .names import ANSWER_DECODER, BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW
-from .plotting import figure_png
-from .regions import Box, Outside, patch_grid_size
-from .widgets import _LiveView, _png, answer_html, png_width, set_tooltip
+from .. import heads
+from ..cache import LRU
+from ..edges import Edges
+from ..knockout import KNOCKOUT_METHODS, Knockout, KnockoutConfig
+from ..names import ANSWER_DECODER, BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW
+from ..plotting import figure_png
+from ..regions import Box, Outside, patch_grid_size
+from .controls import set_tooltip
+from .live import LiveView, answer_html, image_png, png_width
 
 #: The explorer's edge groups: (label, name).
 GROUP_OPTIONS = [("whole image", "image"), ("region", "region"), ("outside region", "outside"),
                  ("image [CLS]", "cls"), ("answer ↛ question", "decoder")]
 
 
-class KnockoutExplorer(_LiveView):
+class KnockoutExplorer(LiveView):
     """Live attention knockout of one (image, text) of a BLIP bundle (see the module's notes)."""
 
     def __init__(self, bundle: Any, image: Any = None, question: str | None = None, *,
@@ -93,7 +94,7 @@ class KnockoutExplorer(_LiveView):
         side = self._side()
         (left, right), (top, bottom) = self.columns.value, self.rows.value
         if right <= left or bottom <= top:
-            from .errors import BlipTraceError
+            from ..errors import BlipTraceError
 
             raise BlipTraceError("the region is empty: give it at least one column and one row of patches")
         return Box(left / side, top / side, right / side, bottom / side)
@@ -117,7 +118,7 @@ class KnockoutExplorer(_LiveView):
         self.answer_view.value = answer_html(tracer)
         self._sync_words(tracer)
         self._sync_queries()
-        self.image_view.value = _png(self._painted(), self.preview_width)
+        self.image_view.value = image_png(self._painted(), self.preview_width)
         key = (self._image_id, self.question_box.value.strip())
         knock = self._knockouts.get_or_make(key, lambda: Knockout(tracer))
         self.config = config = self.controls_config()

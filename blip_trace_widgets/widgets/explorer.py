@@ -1,0 +1,278 @@
+"""TraceExplorer: ipywidgets controls that drive a live causal-trace heatmap of a text block.
+
+    >>> from blip_trace_widgets import load_model
+    >>> from blip_trace_widgets.widgets import TraceExplorer
+    >>> TraceExplorer(load_model("demo"), background=False).result.kind
+    'hidden'
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as W
+
+from ..errors import BlipTraceError
+from ..loading import BlipBundle
+from ..names import (
+    ANSWER_DECODER,
+    HIDDEN,
+    SUBLAYER_KINDS,
+    VISION_ENCODER,
+    is_head_kind,
+    window_for,
+)
+from ..plotting import HeatmapRenderer, figure_png, plot_traces
+from ..results import TraceResult
+from ..tracing import TraceConfig, Tracer, default_config
+from .controls import (
+    BLOCK_OPTIONS,
+    CORRUPTION_OPTIONS,
+    KIND_OPTIONS,
+    NOISE_TIPS,
+    WINDOW_OFF_TIP,
+    WINDOW_ON_TIP,
+    controls_config,
+    corruption_setting,
+    explorer_mode,
+    level_slider,
+    merged_gallery,
+    method_note,
+    phases,
+    samples_box,
+    seed_box,
+    set_tooltip,
+)
+from .counterfactual import Counterfactual
+from .live import LiveView, answer_html, cost_notice, image_png, png_width, tiny_warning
+
+
+class HeadPattern(W.HBox):
+    """What a cross-attention head reads: pick a layer and a head of the head map, and see the clean run's attention
+    of the restored positions over the image patches, painted on the image (a block that reads the image only)."""
+
+    def __init__(self, layers: int, heads: int) -> None:
+        style = {"description_width": "initial"}
+        self.layer = W.Dropdown(options=[(f"layer {j}", j) for j in range(layers)], value=0, description="pattern of",
+                                style=style, layout=W.Layout(width="180px"))
+        self.head = W.Dropdown(options=[(f"h{h}", h) for h in range(heads)], value=0, description="head",
+                               style=style, layout=W.Layout(width="120px"))
+        self.view = W.Image(format="png")
+        set_tooltip(self.layer, "the clean run's cross-attention of this head, from the restored positions to the "
+                                "image patches, painted on the image")
+        super().__init__([W.VBox([self.layer, self.head]), self.view], layout=W.Layout(display="none"))
+        self._shown: tuple[Any, TraceResult] | None = None
+        for control in (self.layer, self.head):
+            control.observe(lambda _change: self.redraw(), names="value")
+
+    def show(self, tracer: Tracer, result: TraceResult | None) -> None:
+        """Follow ``result``: shown for a cross-attention head map of a block that reads the image, else hidden."""
+        reads_image = result is not None and result.kind == "cross_attn_head" and result.block != ANSWER_DECODER
+        self.layout.display = None if reads_image else "none"
+        self._shown = (tracer, result) if result is not None and reads_image else None
+        self.redraw()
+
+    def redraw(self) -> None:
+        if self._shown is None:
+            return
+        from ..patterns import attention_pattern
+        from ..plotting import attention_overlay
+
+        tracer, result = self._shown
+        weights = attention_pattern(tracer, result.block, result.kind, int(self.layer.value))
+        positions = list(result.config.get("restored_positions") or range(weights.shape[1]))
+        picture = attention_overlay(tracer.image, weights[int(self.head.value), positions].mean(0))
+        self.view.value = image_png(picture, 160)
+
+
+class TraceExplorer(LiveView):
+    """Image, question, answer and a causal-trace heatmap that follows the controls.
+
+    ``samples`` is an optional gallery of (image, question[, answer]) tuples; with no
+    image it defaults to the easy-VQA demo samples. ``background=True`` traces in a
+    thread so the controls stay responsive on a slow model; a newer change cancels an
+    older trace in flight.
+    """
+
+    def __init__(
+        self,
+        bundle: BlipBundle,
+        image: Any = None,
+        question: str | None = None,
+        *,
+        gallery: Sequence[tuple] | None = None,
+        config: TraceConfig | None = None,
+        background: bool = True,
+        export_dir: str | Path = ".",
+        samples: Sequence[tuple] | None = None,
+        mode: str = "verified",
+    ) -> None:
+        super().__init__(bundle, image, question, gallery=merged_gallery(gallery, samples), background=background)
+        self.method.value = explorer_mode(mode)
+        self.export_dir = Path(export_dir)
+        self.results: dict[str, TraceResult] = {}
+        config = config or default_config(bundle, samples=10)
+        offered = [block for _, block in BLOCK_OPTIONS[self.head]]
+        if config.block not in offered:
+            raise BlipTraceError(f"this explorer traces the {self.task.label} model's "
+                                 f"{' or '.join(offered)}, not {config.block}"
+                                 + ("; use VisionTraceExplorer for the vision encoder" if config.block == VISION_ENCODER
+                                    else ""))
+        layers = bundle.num_layers(self.task.default_block)
+        style = {"description_width": "initial"}
+        self.kind = W.Dropdown(options=KIND_OPTIONS, value=config.kind, description="kind", style=style)
+        self.block = W.Dropdown(options=BLOCK_OPTIONS[self.head], value=config.block, description="block", style=style)
+        noise_name, noise_level = corruption_setting(config.corruption)
+        self.corruption = W.Dropdown(options=CORRUPTION_OPTIONS, value=noise_name, description="corruption", style=style)
+        self.noise = level_slider(noise_level, 0.1, 20, "noise scale", style)
+        self.window = W.IntSlider(value=max(1, min(config.window, layers)), min=1, max=layers, description="window",
+                                  continuous_update=False, style=style)
+        self.noise_samples, self.seed = samples_box(config.samples, style), seed_box(config.seed, style)
+        self.position = W.Text(value="", description="heads at", placeholder="every position", style=style,
+                               continuous_update=False, layout=W.Layout(width="220px"))
+        set_tooltip(self.position, "head kinds: restore the heads only at these positions (3, or 1,2) or a token's "
+                                   "role (first, object, last); empty: every position")
+        self.normalized = W.Checkbox(value=False, description="normalised", indent=False)
+        self.show_stderr = W.Checkbox(value=False, description="standard error", indent=False)
+        self.view = W.ToggleButtons(options=[("one kind", "single"), ("compare kinds", "compare")], value="single")
+        self._tips(noise_name)
+        export_row = self._outputs(style)
+        self.counterfactual = Counterfactual(self.gallery_items, text=self.task.text)
+        controls = W.VBox([
+            W.HBox([self.block, self.kind, self.position, self.view]), self.counterfactual,
+            W.HBox([self.corruption, self.noise, self.method]),
+            W.HBox([self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr]),
+        ])
+        self.pattern = HeadPattern(layers, bundle.model.config.text_config.num_attention_heads)
+        self.children = [self._header(), controls, self.error, self.warning, self.heatmap, self.pattern,
+                         self.comparison, export_row]
+
+        self._update_enabled()
+        self._watch([self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
+                     self.seed, self.normalized, self.show_stderr, self.view, self.method, self.question_box,
+                     self.position, *self.counterfactual.controls])
+        self.refresh()
+
+    def _tips(self, noise_name: str) -> None:
+        set_tooltip(self.noise, NOISE_TIPS[noise_name])
+        set_tooltip(self.normalized, "show (score − corrupted) / (clean − corrupted), on a fixed range from −1 to 1")
+        set_tooltip(self.show_stderr, "show each cell's standard error over the noise samples instead of its score")
+        set_tooltip(self.noise_samples, "noise draws averaged in each cell")
+
+    def _outputs(self, style: dict[str, str]) -> W.HBox:
+        """The warning, the heatmap views and the export row (returned)."""
+        self.warning = W.HTML()
+        self.heatmap = W.Image(format="png")
+        self._renderers = [HeatmapRenderer() for _ in range(1 + len(SUBLAYER_KINDS))]  # the map, then each panel
+        self.comparison = W.HBox([W.Image(format="png") for _ in SUBLAYER_KINDS],
+                                 layout=W.Layout(flex_flow="row wrap", display="none"))
+        self.export_name = W.Text(value="trace", description="file", style=style, layout=W.Layout(width="220px"))
+        self.export_buttons = [W.Button(description=f"save {fmt}", layout=W.Layout(width="110px"))
+                               for fmt in ("PNG", "JSON", "CSV")]
+        for button, fmt in zip(self.export_buttons, ("png", "json", "csv")):
+            button.on_click(lambda _b, fmt=fmt: self.export(fmt))
+        return W.HBox([self.export_name, *self.export_buttons])
+
+    # ----- state ------------------------------------------------------------------------
+    def controls_config(self) -> TraceConfig:
+        """The configuration the controls describe (see :func:`controls_config`)."""
+        config = controls_config(block=self.block.value, kind=self.kind.value, window=int(self.window.value),
+                                 corruption=self.corruption.value, level=float(self.noise.value),
+                                 samples=int(self.noise_samples.value), seed=int(self.seed.value),
+                                 position=self.position.value, **self.scored)
+        return self.counterfactual.apply(config, int(self.gallery.value or 0))
+
+    def _update_enabled(self) -> None:
+        self.counterfactual.sync(int(self.gallery.value or 0))
+        for control in (self.corruption, self.noise, self.noise_samples, self.seed):
+            control.disabled = self.counterfactual.source.value != "noise"  # a counterfactual is one fixed sample
+        hidden = self.kind.value == HIDDEN and self.view.value == "single"
+        self.window.disabled = hidden
+        self.position.layout.display = None if is_head_kind(self.kind.value) and self.view.value == "single" else "none"
+        set_tooltip(self.window, WINDOW_OFF_TIP if hidden else WINDOW_ON_TIP)
+        self.kind.disabled = self.view.value == "compare"
+        set_tooltip(self.kind, "the comparison view shows all four kinds" if self.kind.disabled
+                    else "which state is restored to its clean value")
+        set_tooltip(self.noise, NOISE_TIPS[self.corruption.value])
+
+    def _on_change(self, _change: dict) -> None:
+        if self._syncing:
+            return
+        self._update_enabled()
+        self.refresh()
+
+    # ----- work ---------------------------------------------------------------------------
+    def _run(self, job: threading.Event) -> None:
+        tracer = self.tracer
+        self.answer_view.value = answer_html(tracer)
+        self._sync_words(tracer)
+        self.counterfactual.sync(int(self.gallery.value or 0))
+        self.config = config = self.controls_config()
+        steps = phases(config, self.method.value)
+        for i, config in enumerate(steps):
+            self.status.value = cost_notice(tracer, config)
+            if self.view.value == "compare":
+                window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
+                results = [tracer.trace(replace(config, kind=k, window=window_for(k, window)),
+                                        progress=self._progress(job)) for k in SUBLAYER_KINDS]
+            else:
+                results = [tracer.trace(config, progress=self._progress(job))]
+            if job.is_set():
+                return
+            self._show(results)
+            self.status.value = self._status_text(results[0]) + method_note(config, i == len(steps) - 1)
+
+    def _status_text(self, result: TraceResult) -> str:
+        return (f"scored {escape(result.scored)}: clean {result.high_score:.3f}, "
+                f"corrupted {result.low_score:.3f}, total effect {result.total_effect:.3f}")
+
+    def _maps(self) -> list[W.Widget]:
+        return [self.heatmap, self.comparison]
+
+    def _show(self, results: list[TraceResult]) -> None:
+        normalized = bool(self.normalized.value)
+        show = "stderr" if self.show_stderr.value else "scores"
+        self.warning.value = tiny_warning(results[0])
+        self._dim(False)
+        self.pattern.show(self.tracer, results[0] if len(results) == 1 else None)
+        if len(results) == 1:
+            self.result = results[0]
+            self.heatmap.value = png = self._renderers[0].png(results[0], normalized=normalized, show=show)
+            self.heatmap.layout.width = f"{png_width(png)}px"
+            self.heatmap.layout.display = None
+            self.comparison.layout.display = "none"
+        else:
+            self.result = results[0]
+            self.results = {r.kind: r for r in results}
+            for view, result, renderer in zip(self.comparison.children, results, self._renderers[1:]):
+                view.value = png = renderer.png(result, normalized=normalized, show=show)
+                view.layout.width = f"{png_width(png)}px"
+            self.heatmap.layout.display = "none"
+            self.comparison.layout.display = "flex"
+
+    # ----- export -------------------------------------------------------------------------
+    def export(self, fmt: str) -> Path | None:
+        """Save the current heatmap (png) or result (json, csv) under ``export_dir``."""
+        if self.result is None:
+            self.error.value = "<span style='color:#a00'>nothing to save yet</span>"
+            return None
+        name = (self.export_name.value.strip() or "trace").replace("/", "_").lstrip("-.") or "trace"
+        path = self.export_dir / f"{name}.{fmt}"
+        try:
+            if fmt == "png" and self.view.value == "compare" and self.results:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                figure = plot_traces(list(self.results.values()), normalized=bool(self.normalized.value))
+                path.write_bytes(figure_png(figure))
+            else:
+                self.result.export(path, fmt, normalized=bool(self.normalized.value))
+        except (OSError, ValueError) as error:
+            self.error.value = f"<span style='color:#a00'>could not save {escape(str(path))}: {escape(str(error))}</span>"
+            return None
+        self.status.value = f"saved <code>{escape(str(path))}</code>"
+        return path
+
+

@@ -1,0 +1,208 @@
+"""VisionTraceExplorer: the image side, live: vision-encoder states restored by region, painted on the image.
+
+    >>> from blip_trace_widgets import load_model
+    >>> from blip_trace_widgets.widgets import VisionTraceExplorer
+    >>> VisionTraceExplorer(load_model("demo"), background=False).result.block
+    'vision_encoder'
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from html import escape
+from typing import Any
+
+import ipywidgets as W
+
+from ..config import MAX_SAMPLES, check_int
+from ..heads import metric_label
+from ..loading import BlipBundle
+from ..names import (
+    HIDDEN,
+    VISION_ENCODER,
+    window_for,
+)
+from ..plotting import figure_png
+from ..procedures import default_corruption
+from ..results import TraceResult
+from ..tracing import TraceConfig
+from .controls import (
+    AREA_OPTIONS,
+    MATCH_METRICS,
+    VISION_CORRUPTION_OPTIONS,
+    VISION_KIND_OPTIONS,
+    VISION_LEVEL_TIPS,
+    WINDOW_OFF_TIP,
+    WINDOW_ON_TIP,
+    level_slider,
+    merged_gallery,
+    method_note,
+    phases,
+    samples_box,
+    seed_box,
+    set_tooltip,
+)
+from .counterfactual import Counterfactual
+from .live import LiveView, answer_html, cost_notice, png_width, tiny_warning
+
+
+class VisionTraceExplorer(LiveView):
+    """Where in the picture, and how deep in the vision encoder, the answer lives: effects painted on the image.
+
+    The corruption acts before the vision encoder (noise on patch embeddings, or blurred
+    or greyed pixels), on the whole image or a box set with two range sliders; each
+    region of a grid is then restored as a unit at each vision layer. Moving the layer
+    slider only redraws: one trace covers every layer.
+    """
+
+    preview_width = 128
+
+    def __init__(
+        self,
+        bundle: BlipBundle,
+        image: Any = None,
+        question: str | None = None,
+        *,
+        gallery: Sequence[tuple] | None = None,
+        regions: int | None = None,
+        noise_samples: int = 5,
+        background: bool = True,
+        samples: Sequence[tuple] | None = None,
+    ) -> None:
+        super().__init__(bundle, image, question, gallery=merged_gallery(gallery, samples), background=background)
+        side, layers = bundle.patch_grid_side, bundle.num_layers(VISION_ENCODER)
+        if regions is not None:  # as trace() checks them: refused, never changed
+            check_int("regions", regions, 1, side)
+        check_int("noise_samples", noise_samples, 1, MAX_SAMPLES)
+        style = {"description_width": "initial"}
+        self.kind = W.Dropdown(options=VISION_KIND_OPTIONS, value=HIDDEN, description="kind", style=style)
+        self.window = W.IntSlider(value=1, min=1, max=layers, description="window", continuous_update=False, style=style)
+        self.regions = W.IntSlider(value=regions if regions is not None else min(side, 8), min=1, max=side,
+                                   description="regions per side",
+                                   continuous_update=False, style=style)
+        self.corruption = W.Dropdown(options=VISION_CORRUPTION_OPTIONS, value="noise", description="corruption",
+                                     style=style)
+        self.level = level_slider(float(getattr(default_corruption(bundle, "patches"), "level", 3.0)), 0.1, 30, "level",
+                                  style)
+        self.area = W.ToggleButtons(options=AREA_OPTIONS, value="all")
+        self.box_x = W.IntRangeSlider(value=(25, 75), min=0, max=100, description="box x %", continuous_update=False,
+                                      style=style)
+        self.box_y = W.IntRangeSlider(value=(25, 75), min=0, max=100, description="box y %", continuous_update=False,
+                                      style=style)
+        self.layer = W.IntSlider(value=0, min=0, max=layers - 1, description="vision layer", style=style)
+        self.all_layers = W.Checkbox(value=False, description="all layers", indent=False)
+        self.normalized = W.Checkbox(value=True, description="normalised", indent=False)
+        self.noise_samples, self.seed = samples_box(noise_samples, style), seed_box(0, style)
+        matching = {} if "itc" in self.task.metrics else {"display": "none"}
+        self.metric = W.ToggleButtons(options=[(metric_label(m, self.head), m) for m in MATCH_METRICS], value="prob",
+                                      layout=W.Layout(**matching))
+        self._tips()
+        self.overlay = W.Image(format="png")
+        self.counterfactual = Counterfactual(self.gallery_items, sources=("noise", "pair"))  # a swap acts after the ViT
+        controls = W.VBox([
+            W.HBox([self.kind, self.window, self.regions]), self.counterfactual,
+            W.HBox([self.corruption, self.level, self.noise_samples, self.seed]),
+            W.HBox([self.area, self.box_x, self.box_y]),
+            W.HBox([self.layer, self.all_layers, self.normalized, self.method]),
+            self.metric,
+        ])
+        self.warning = W.HTML()
+        self.children = [self._header(), controls, self.error, self.warning, self.overlay]
+        self._update_enabled()
+        self._watch([self.kind, self.window, self.regions, self.corruption, self.level, self.area, self.box_x,
+                     self.box_y, self.noise_samples, self.seed, self.question_box, self.method, self.metric,
+                     *self.counterfactual.controls])
+        for control in (self.layer, self.all_layers, self.normalized):
+            control.observe(self._on_view, names="value")
+        self.refresh()
+
+    def _tips(self) -> None:
+        set_tooltip(self.metric, "p(match) from the ITM head, or the ITC similarity of the image's projected CLS "
+                                 "state with the text read without the image")
+        set_tooltip(self.regions, "the patch grid is split into this many regions per side; each is restored as a unit")
+        set_tooltip(self.area, "which part of the image the corruption touches")
+        set_tooltip(self.layer, "which vision layer's effects to paint; redraws without tracing again")
+
+    @property
+    def region(self) -> Any:
+        """The area the corruption touches (None for the whole image)."""
+        from ..regions import Box, Outside
+
+        if self.area.value == "all":
+            return None
+        (x0, x1), (y0, y1) = self.box_x.value, self.box_y.value
+        box = Box(x0 / 100, y0 / 100, x1 / 100, y1 / 100)
+        return box if self.area.value == "inside" else Outside(box)
+
+    def controls_config(self) -> TraceConfig:
+        """The configuration the controls describe."""
+        from ..corruption import Blur, GaussianNoise, Grey
+
+        level = round(float(self.level.value), 4)
+        makers: dict[str, Callable[[], Any]] = {"noise": lambda: GaussianNoise(level, region=self.region),
+                                                "blur": lambda: Blur(level, region=self.region),
+                                                "grey": lambda: Grey(region=self.region)}
+        corruption = makers[self.corruption.value]()
+        kind = self.kind.value
+        config = TraceConfig(block=VISION_ENCODER, kind=kind, window=window_for(kind, self.window.value),
+                             regions=int(self.regions.value), corruption=corruption,
+                             samples=1 if self.corruption.value != "noise" else int(self.noise_samples.value),
+                             seed=int(self.seed.value), metric=self.metric.value, **self.scored)
+        return self.counterfactual.apply(config, int(self.gallery.value or 0))  # a partner's patches, a direction
+
+    def _update_enabled(self) -> None:
+        self.counterfactual.sync(int(self.gallery.value or 0))
+        paired = self.counterfactual.source.value != "noise"  # the partner image replaces every corruption control
+        self.window.disabled = self.kind.value == HIDDEN
+        set_tooltip(self.window, WINDOW_OFF_TIP if self.window.disabled else WINDOW_ON_TIP)
+        self.level.disabled = self.corruption.value == "grey" or paired
+        self.noise_samples.disabled = self.corruption.value != "noise" or paired
+        self.corruption.disabled = self.seed.disabled = self.area.disabled = paired
+        set_tooltip(self.level, VISION_LEVEL_TIPS[self.corruption.value])
+        self.box_x.disabled = self.box_y.disabled = self.area.value == "all" or paired
+        self.layer.disabled = bool(self.all_layers.value)
+
+    def _on_change(self, _change: dict) -> None:
+        if self._syncing:
+            return
+        self._update_enabled()
+        self.refresh()
+
+    def _on_view(self, _change: dict) -> None:
+        self._update_enabled()
+        if self.result is not None:
+            try:
+                self._render(self.result)
+            except Exception as error:  # shown in the widget
+                self._show_error(error)
+
+    def _run(self, job: threading.Event) -> None:
+        tracer = self.tracer
+        self.answer_view.value = answer_html(tracer)
+        self._sync_words(tracer)
+        self.counterfactual.sync(int(self.gallery.value or 0))
+        self.config = config = self.controls_config()
+        steps = phases(config, self.method.value)
+        for i, config in enumerate(steps):
+            self.status.value = cost_notice(tracer, config)
+            result = tracer.trace(config, progress=self._progress(job))
+            if job.is_set():
+                return
+            self.result = result
+            self._render(result)
+            self.warning.value = tiny_warning(result)
+            self._dim(False)
+            self.status.value = (f"scored {escape(result.scored)}: clean {result.high_score:.3f}, "
+                                 f"corrupted {result.low_score:.3f}, total effect {result.total_effect:.3f}"
+                                 + method_note(config, i == len(steps) - 1))
+
+    def _maps(self) -> list[W.Widget]:
+        return [self.overlay]
+
+    def _render(self, result: TraceResult) -> None:
+        from ..plotting import plot_on_image
+
+        layer = None if self.all_layers.value else int(self.layer.value)
+        figure = plot_on_image(result, self._image, layer=layer, normalized=bool(self.normalized.value))
+        self.overlay.value = png = figure_png(figure)
+        self.overlay.layout.width = f"{png_width(png)}px"
