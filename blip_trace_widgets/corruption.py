@@ -97,6 +97,7 @@ class Named:
     tip: str = ""
     level_name: str | None = None
     default_level: float | None = None
+    random: bool = True  # False for a corruption that draws nothing: one sample is all there is
 
 
 #: Built-in corruptions by name (filled by :func:`_named`): the CLI's and the widgets' choices.
@@ -217,7 +218,7 @@ class Scale(_Leveled):
     region: Any = None
     info: ClassVar[Named] = Named("scale", "scale (paper's attention notebook)",
                                   "multiply every value by s, with no noise; the paper's attention notebook uses s = 0.7691",
-                                  "factor", 0.7691)
+                                  "factor", 0.7691, random=False)
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         scaled = _add_in_region(clean, clean * (self.factor - 1.0), self.region)
@@ -372,7 +373,8 @@ class Blur(_Leveled):
     region: Any = None
     stage: ClassVar[str] = "pixels"
     info: ClassVar[Named] = Named("blur", "blur pixels",
-                                  "Gaussian blur of the pixels, s = its sigma in pixels of the model's input", "sigma", 4.0)
+                                  "Gaussian blur of the pixels, s = its sigma in pixels of the model's input", "sigma", 4.0,
+                                  random=False)
     positive: ClassVar[bool] = True
     max_sigma: ClassVar[float] = 256.0
 
@@ -405,7 +407,8 @@ class Grey:
 
     region: Any = None
     stage: ClassVar[str] = "pixels"
-    info: ClassVar[Named] = Named(name="grey", label="grey pixels", tip="pixels set to the processor's mean colour; no level")
+    info: ClassVar[Named] = Named(name="grey", label="grey pixels", tip="pixels set to the processor's mean colour; no level",
+                                  random=False)
 
     def __post_init__(self) -> None:
         _check_region(self.region)
@@ -432,11 +435,13 @@ def describe(corruption: Callable[..., torch.Tensor]) -> dict[str, Any]:
 NOISE_NAMES: tuple[str, ...] = ("gaussian", "multiplicative", "uniform", "scale")
 
 
-def from_name(name: str, level: float | None = None) -> Callable[..., torch.Tensor]:
-    """``from_name("gaussian", 3.0)`` is ``GaussianNoise(3.0)``; likewise the others in :data:`BY_NAME`."""
+def from_name(name: str, level: float | None = None, region: Any = None) -> Callable[..., torch.Tensor]:
+    """``from_name("gaussian", 3.0)`` is ``GaussianNoise(3.0)``; likewise the others in :data:`BY_NAME`, with
+    ``region`` (a :class:`~.regions.Box`, ``Outside`` or ``Mask``) for those that take one."""
     if name not in BY_NAME:
         raise BlipTraceError(f"unknown corruption {name!r}: use one of {', '.join(BY_NAME)}")
     cls = BY_NAME[name]
+    where = {} if region is None else {"region": region}
     if cls.info.default_level is None:
-        return cls()
-    return cls(cls.info.default_level if level is None else level)
+        return cls(**where)
+    return cls(cls.info.default_level if level is None else level, **where)

@@ -260,3 +260,18 @@ def test_result_and_config_are_traitlets_that_users_can_observe(demo_bundle, dem
     assert [r.kind for r in seen] == ["mlp"] and seen[-1] is explorer.result
     assert isinstance(configs[-1], TraceConfig) and configs[-1].kind == "mlp" == explorer.config.kind
     assert explorer.controls_config() == explorer.config
+
+
+def test_the_vision_explorer_names_corruptions_as_everything_else_does():
+    """Its controls go through one pure function and corruption.from_name: 'gaussian', not a name of its own."""
+    from blip_trace_widgets.corruption import BY_NAME, Blur, GaussianNoise, Grey
+    from blip_trace_widgets.regions import Box
+    from blip_trace_widgets.widgets.controls import VISION_CORRUPTION_OPTIONS, VISION_LEVEL_TIPS, vision_config
+
+    assert {name for _, name in VISION_CORRUPTION_OPTIONS} == set(VISION_LEVEL_TIPS) <= set(BY_NAME)
+    box = Box(0, 0, 0.5, 0.5)
+    common = dict(kind="mlp", window=2, regions=4, level=3.0, region=box, samples=5, seed=7, metric="prob")
+    noisy, blurred, grey = (vision_config(corruption=name, **common) for name in ("gaussian", "blur", "grey"))
+    assert noisy.corruption == GaussianNoise(3.0, region=box) and noisy.samples == 5 and noisy.window == 2
+    assert blurred.corruption == Blur(3.0, region=box) and grey.corruption == Grey(region=box)
+    assert blurred.samples == grey.samples == 1  # nothing is drawn: one sample is all there is

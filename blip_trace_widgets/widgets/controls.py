@@ -31,6 +31,7 @@ from ..names import (
     TEXT_KINDS,
     VISION_ENCODER,
     VISION_KINDS,
+    Metric,
     is_head_kind,
     window_for,
 )
@@ -168,10 +169,10 @@ def default_gallery(head: str, count: int = 6) -> list[tuple]:
 VISION_KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in VISION_KINDS]
 #: What an image-text matcher's image-side trace can score.
 MATCH_METRICS = ("prob", "itc")
-VISION_CORRUPTION_OPTIONS = [("noise on patch embeddings", "noise"), ("blur pixels", "blur"), ("grey pixels", "grey")]
+VISION_CORRUPTION_OPTIONS = [("noise on patch embeddings", "gaussian"), ("blur pixels", "blur"), ("grey pixels", "grey")]
 AREA_OPTIONS = [("whole image", "all"), ("inside the box", "inside"), ("outside the box", "outside")]
 VISION_LEVEL_TIPS = {
-    "noise": "Gaussian noise of s·σ on the patch embeddings (σ = their std), before the vision encoder; ROME uses s = 3",
+    "gaussian": "Gaussian noise of s·σ on the patch embeddings (σ = their std), before the vision encoder; ROME uses s = 3",
     "blur": BY_NAME["blur"].info.tip,
     "grey": BY_NAME["grey"].info.tip,
 }
@@ -196,3 +197,15 @@ def method_note(config: TraceConfig, last: bool) -> str:
     notes = {"verified": f" · <b>ESTIMATE</b>, its top {config.verify} cells exact (outlined)",
              "estimate": " · <b>ESTIMATE</b> (attribution patching)" + ("" if last else "; the exact map follows…")}
     return notes.get(config.method, "")
+
+
+def vision_config(*, kind: str, window: int, regions: int, corruption: str, level: float, region: Any,
+                  samples: int, seed: int, metric: Metric, answer: str | None = None,
+                  target: int | None = None) -> TraceConfig:
+    """The TraceConfig that the vision explorer's controls describe: a corruption named as in
+    :data:`~blip_trace_widgets.corruption.BY_NAME` over ``region`` (None: the whole image), one sample for a
+    corruption that draws nothing (blur, grey)."""
+    made = from_name(corruption, round(float(level), 4), region=region)
+    return TraceConfig(block=VISION_ENCODER, kind=kind, window=window_for(kind, window), regions=int(regions),
+                       corruption=made, samples=int(samples) if BY_NAME[corruption].info.random else 1,
+                       seed=int(seed), metric=metric, answer=answer, target=target)

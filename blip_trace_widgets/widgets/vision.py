@@ -8,19 +8,19 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from html import escape
 from typing import Any
 
 import ipywidgets as W
 
 from ..config import MAX_SAMPLES, check_int
+from ..corruption import BY_NAME
 from ..heads import metric_label
 from ..loading import BlipBundle
 from ..names import (
     HIDDEN,
     VISION_ENCODER,
-    window_for,
 )
 from ..plotting import figure_png
 from ..procedures import default_corruption
@@ -41,6 +41,7 @@ from .controls import (
     samples_box,
     seed_box,
     set_tooltip,
+    vision_config,
 )
 from .counterfactual import Counterfactual
 from .live import LiveView, answer_html, cost_notice, png_width, tiny_warning
@@ -80,7 +81,7 @@ class VisionTraceExplorer(LiveView):
         self.regions = W.IntSlider(value=regions if regions is not None else min(side, 8), min=1, max=side,
                                    description="regions per side",
                                    continuous_update=False, style=style)
-        self.corruption = W.Dropdown(options=VISION_CORRUPTION_OPTIONS, value="noise", description="corruption",
+        self.corruption = W.Dropdown(options=VISION_CORRUPTION_OPTIONS, value="gaussian", description="corruption",
                                      style=style)
         self.level = level_slider(float(getattr(default_corruption(bundle, "patches"), "level", 3.0)), 0.1, 30, "level",
                                   style)
@@ -136,18 +137,10 @@ class VisionTraceExplorer(LiveView):
 
     def controls_config(self) -> TraceConfig:
         """The configuration the controls describe."""
-        from ..corruption import Blur, GaussianNoise, Grey
-
-        level = round(float(self.level.value), 4)
-        makers: dict[str, Callable[[], Any]] = {"noise": lambda: GaussianNoise(level, region=self.region),
-                                                "blur": lambda: Blur(level, region=self.region),
-                                                "grey": lambda: Grey(region=self.region)}
-        corruption = makers[self.corruption.value]()
-        kind = self.kind.value
-        config = TraceConfig(block=VISION_ENCODER, kind=kind, window=window_for(kind, self.window.value),
-                             regions=int(self.regions.value), corruption=corruption,
-                             samples=1 if self.corruption.value != "noise" else int(self.noise_samples.value),
-                             seed=int(self.seed.value), metric=self.metric.value, **self.scored)
+        config = vision_config(kind=self.kind.value, window=int(self.window.value), regions=int(self.regions.value),
+                               corruption=self.corruption.value, level=float(self.level.value), region=self.region,
+                               samples=int(self.noise_samples.value), seed=int(self.seed.value),
+                               metric=self.metric.value, **self.scored)
         return self.counterfactual.apply(config, int(self.gallery.value or 0))  # a partner's patches, a direction
 
     def _update_enabled(self) -> None:
@@ -156,7 +149,7 @@ class VisionTraceExplorer(LiveView):
         self.window.disabled = self.kind.value == HIDDEN
         set_tooltip(self.window, WINDOW_OFF_TIP if self.window.disabled else WINDOW_ON_TIP)
         self.level.disabled = self.corruption.value == "grey" or paired
-        self.noise_samples.disabled = self.corruption.value != "noise" or paired
+        self.noise_samples.disabled = not BY_NAME[self.corruption.value].info.random or paired
         self.corruption.disabled = self.seed.disabled = self.area.disabled = paired
         set_tooltip(self.level, VISION_LEVEL_TIPS[self.corruption.value])
         self.box_x.disabled = self.box_y.disabled = self.area.value == "all" or paired
