@@ -349,7 +349,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     dataset = {"name": args.dataset or f"easy-vqa {args.pairs} pairs", "limit": args.limit, "words": args.words,
                **({"pairs": QUESTION_PAIRS} if by_question else {})}
-    table = sweep(bundle, samples, configs=configs, out=out, answer=scored, overwrite=args.overwrite,
+    table = sweep(bundle, samples, configs=configs, out=out, scored=scored, overwrite=args.overwrite,
                   dataset=dataset)
     if group.is_main and len(table) == 0:
         raise UsageError("the sweep made no trace: " + (
@@ -628,7 +628,7 @@ def _knockout_sweep(args: argparse.Namespace, bundle: Any, out: Path) -> int:
     started = time.perf_counter()
     with _progress_bar(len(samples)) as bar:
         table = knockout_sweep(bundle, samples, edges=edges, window=args.window, method=args.method,
-                               answer="expected" if args.answer == "expected" else "model",
+                               scored="expected" if args.answer == "expected" else "model",
                                progress=lambda done: bar.update(1))
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "knockout_sweep.csv", index=False)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .edges import Edges, parse_edges
-from .errors import BlipTraceError
+from .errors import BlipTraceError, renamed
 from .knockout import Knockout, KnockoutConfig
 from .loading import BlipBundle
 from .names import EACH_TOKEN, KNOCKOUT_WINDOW
@@ -38,25 +38,32 @@ def _edges_for(edges: EdgeNames, image: Any) -> tuple[Edges, ...]:
 
 def knockout_sweep(
     bundle: BlipBundle,
-    samples: Iterable[Any],
+    items: Iterable[Any] | None = None,
     *,
     edges: EdgeNames = ("image",),
     window: int = KNOCKOUT_WINDOW,
-    answer: str = "model",
+    scored: str | None = None,
     method: str = "exact",
     progress: Callable[[int], None] | None = None,
+    samples: Iterable[Any] | None = None,
+    answer: str | None = None,
 ) -> Any:
     """A DataFrame of every (question, group, layer): p, change, the clean p, the model's answer and whether it
-    is the expected one. ``answer="expected"`` scores the dataset's answer instead of the model's."""
+    is the expected one. ``scored="expected"`` scores the dataset's answer instead of the model's. (``samples=``
+    and ``answer=`` are the old names of ``items=`` and ``scored=``: they still work, with a warning.)"""
     import pandas as pd
 
     from .data import text_of
     from .subsets import as_samples, open_image
 
+    items = renamed(items, samples, "samples", "items")
+    answer = renamed(scored, answer, "answer", "scored") or "model"
+    if items is None:
+        raise BlipTraceError("knockout_sweep needs the dataset's items: knockout_sweep(bundle, items, ...)")
     if answer not in ("model", "expected"):
-        raise BlipTraceError(f"answer={answer!r}: use 'model' or 'expected'")
+        raise BlipTraceError(f"scored={answer!r}: use 'model' or 'expected'")
     rows: list[dict[str, Any]] = []
-    for index, item in enumerate(as_samples(samples)):
+    for index, item in enumerate(as_samples(items)):
         image = open_image(item.image)
         knock = Knockout.of(bundle, image, text_of(bundle.head, item))
         config = KnockoutConfig(edges=_edges_for(edges, image), window=window, method=method,

@@ -36,7 +36,7 @@ import numpy as np
 from . import heads
 from .data import VQASample, text_of
 from .engine import DEFAULT_MEMORY_BUDGET
-from .errors import BlipTraceError
+from .errors import BlipTraceError, renamed
 from .inputs import image_digest
 from .loading import BlipBundle
 from .names import VQA
@@ -350,29 +350,36 @@ def _run_shard(bundle: BlipBundle, samples: Iterable[Any], configs: Sequence[Tra
 
 def sweep(
     bundle: BlipBundle,
-    samples: Iterable[Any],
+    items: Iterable[Any] | None = None,
     *,
     configs: TraceConfig | Sequence[TraceConfig],
     out: str | os.PathLike,
-    answer: str = "model",
+    scored: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
     shard: Shard | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     dataset: dict[str, Any] | None = None,
+    samples: Iterable[Any] | None = None,
+    answer: str | None = None,
 ):
-    """Trace every configuration on every sample; returns the table (a pandas DataFrame).
+    """Trace every configuration on every dataset item; returns the table (a pandas DataFrame).
 
-    ``answer="model"`` scores the model's own first answer token (ROME's choice);
+    ``scored="model"`` (the default) scores the model's own first answer token (ROME's choice);
     ``"expected"`` scores the dataset's answer. ``correct`` records whether the model's
-    answer matches the expected one, for averages over correctly answered samples.
+    answer matches the expected one, for averages over correctly answered items. (``samples=`` and
+    ``answer=`` are the old names of ``items=`` and ``scored=``: they still work, with a warning.)
     """
     import pandas as pd
 
+    items = renamed(items, samples, "samples", "items")
+    answer = renamed(scored, answer, "answer", "scored") or "model"
+    if items is None:
+        raise BlipTraceError("sweep needs the dataset's items: sweep(bundle, items, configs=..., out=...)")
     if not isinstance(bundle, BlipBundle):
         raise BlipTraceError("pass the bundle returned by load_model(...), not a bare model")
     if answer not in ANSWER_MODES:
-        raise BlipTraceError(f"answer must be 'model' or 'expected', got {answer!r}")
+        raise BlipTraceError(f"scored must be 'model' or 'expected', got {answer!r}")
     configs = _check_configs(configs)
     out = Path(out)
     group = _ProcessGroup()
@@ -380,7 +387,7 @@ def sweep(
     if group.is_main:
         _prepare(out, manifest(bundle, configs, answer, dataset), overwrite)
     group.wait()
-    count = _run_shard(bundle, samples, configs, out, answer, shard, progress, memory_budget)
+    count = _run_shard(bundle, items, configs, out, answer, shard, progress, memory_budget)
     group.wait()
     if group.is_main:
         table = read_parts(out, range(count))  # only this sweep's questions: strays are not merged

@@ -124,7 +124,7 @@ def test_a_caption_sweep_and_a_matching_sweep(captioner, matcher, tmp_path):
     from blip_trace_widgets import TraceConfig
 
     configs = [TraceConfig(block="caption_decoder", kind="mlp", window=3, samples=2, target=k) for k in (1, 2)]
-    table = sweep(captioner, samples, configs=configs, out=tmp_path / "c", answer="expected", progress=False)
+    table = sweep(captioner, samples, configs=configs, out=tmp_path / "c", scored="expected", progress=False)
     assert len(table) == 4 and set(table["target"]) == {1, 2} and set(table["head"]) == {"caption"}
     assert list(table["answer"][:2]) == ["red", "triangle"] and table["correct"].all()
     single = trace(captioner, samples[0].image.open(), "", answer="a red triangle", target=1, kind="mlp", window=3,

@@ -93,7 +93,7 @@ def test_sweep_rejects_bad_arguments(tiny_bundle, tmp_path):
     with pytest.raises(ValueError, match="load_model"):
         sweep(object(), samples, configs=CONFIGS, out=tmp_path, progress=False)
     with pytest.raises(ValueError, match="no expected answer"):
-        sweep(tiny_bundle, samples, configs=CONFIGS, out=tmp_path / "x", progress=False, answer="expected")
+        sweep(tiny_bundle, samples, configs=CONFIGS, out=tmp_path / "x", progress=False, scored="expected")
 
 
 # ----- aggregates ------------------------------------------------------------------------------
@@ -364,3 +364,18 @@ def test_a_damaged_manifest_is_named(demo_bundle, tmp_path):
     (tmp_path / "sweep.json").write_text("{not json")
     with pytest.raises(ValueError, match="sweep.json is damaged"):
         _quick(demo_bundle, questions, tmp_path)
+
+
+def test_the_old_keywords_samples_and_answer_still_work_with_a_warning(tiny_bundle, image, question, tmp_path):
+    items = [(image, question, "red")]
+    config = TraceConfig(samples=1)
+    with pytest.warns(DeprecationWarning, match="samples= is now items="):
+        old = sweep(tiny_bundle, samples=items, configs=config, out=tmp_path / "a", progress=False)
+    with pytest.warns(DeprecationWarning, match="answer= is now scored="):
+        expected = sweep(tiny_bundle, items, configs=config, out=tmp_path / "b", progress=False, answer="expected")
+    new = sweep(tiny_bundle, items, configs=config, out=tmp_path / "c", progress=False, scored="expected")
+    assert list(old.scores[0][0]) != [] and list(expected.scores[0][0]) == list(new.scores[0][0])
+    from blip_trace_widgets import BlipTraceError
+
+    with pytest.raises(BlipTraceError, match="pass items= alone"):
+        sweep(tiny_bundle, items, samples=items, configs=config, out=tmp_path / "d", progress=False)
