@@ -313,7 +313,7 @@ def _trace_every_word(args: argparse.Namespace, tracer: Any, config: Any) -> int
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from .sweep import _ProcessGroup, process_device, sweep
+    from .sweep import ProcessGroup, process_device, sweep
 
     by_question = args.pairs == QUESTION_PAIRS
     if by_question and args.dataset is None:
@@ -335,7 +335,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     scored = _scored_mode(args)
     _check_out(args.out)
     out = Path(args.out)
-    group = _ProcessGroup()
+    group = ProcessGroup()
     shard = group.shard
     if shard.count > 1:
         print(f"process {shard.index + 1}/{shard.count} on {bundle.device}: "

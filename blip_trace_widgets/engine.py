@@ -345,7 +345,7 @@ def group_cells(groups: Sequence[Sequence[int]], num_layers: int, window: int) -
     ]
 
 
-def _pairs(cells: Sequence[Cell], device: torch.device, *, every_layer: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def cell_pairs(cells: Sequence[Cell], device: torch.device, *, every_layer: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, the (cell index, position) pairs as two index tensors.
 
     ``every_layer``: key -1 holds each cell's positions once, for edits that apply at every layer.
@@ -376,7 +376,7 @@ def _set(x: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor], values: torc
 
 
 @dataclass
-class _ChunkEdits:
+class ChunkEdits:
     """Which (cell, position) pairs each layer restores, and which it severs, as index tensors.
 
     Severing holds the ``sever`` sublayer at its corrupted values at every layer: at the
@@ -395,11 +395,11 @@ class _ChunkEdits:
     @classmethod
     def build(cls, kind: str, clean: list[torch.Tensor], cells: Sequence[Cell], device: torch.device,
               sever: str | None = None, severed: list[torch.Tensor] | None = None,
-              sever_at: str = "restored") -> _ChunkEdits:
+              sever_at: str = "restored") -> ChunkEdits:
         if sever_at not in SEVER_AT:
             raise BlipTraceError(f"unknown sever_at {sever_at!r}: use one of {', '.join(SEVER_AT)}")
-        sever_index = _pairs(cells, device, every_layer=True).get(-1) if sever and sever_at == "restored" else None
-        return cls(kind=kind, clean=clean, by_layer=_pairs(cells, device, every_layer=False), sever=sever,
+        sever_index = cell_pairs(cells, device, every_layer=True).get(-1) if sever and sever_at == "restored" else None
+        return cls(kind=kind, clean=clean, by_layer=cell_pairs(cells, device, every_layer=False), sever=sever,
                    severed=severed, sever_at=sever_at, sever_index=sever_index)
 
     def restore(self, j: int, x: torch.Tensor, first_cell: int = 0) -> torch.Tensor:
@@ -434,7 +434,7 @@ def staircase(
     corrupted: Run,
     cross: Sequence[tuple[torch.Tensor, torch.Tensor]],
     cells: Sequence[Cell],
-    edits: _ChunkEdits,
+    edits: ChunkEdits,
 ) -> torch.Tensor:
     """Final states [S, C, T, D] of ``cells``, each starting from the corrupted run where it first differs.
 

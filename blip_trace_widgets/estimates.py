@@ -42,7 +42,7 @@ import torch
 from .blocks import Block, Pass
 from .cache import LRU
 from .config import TraceConfig, cache_key
-from .engine import Cell, Run, _ChunkEdits, _pairs, chunks, staircase, start_layer
+from .engine import Cell, ChunkEdits, Run, cell_pairs, chunks, staircase, start_layer
 from .names import VISION_ENCODER
 from .scoring import Target, score_rows
 
@@ -173,7 +173,7 @@ def _cell_sums(terms: torch.Tensor, cells: Sequence[Cell]) -> torch.Tensor:
 
 
 @dataclass
-class _PathEdits(_ChunkEdits):
+class _PathEdits(ChunkEdits):
     """Sets each cell's states to the point ``alpha`` of the cell's path, ``base + alpha * delta`` (each cell its
     own alpha; the base is the corrupted run when denoising, the clean run when noising), adding a zero leaf there
     whose gradient is the gradient with respect to those states."""
@@ -230,7 +230,7 @@ def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tra
     for chunk in chunks(order, rows):
         chunk_cells = [cells[pairs[i][0]] for i in chunk]
         alphas = torch.tensor([pairs[i][1] for i in chunk], dtype=deltas[0].dtype, device=tracer.device)
-        edits = _PathEdits(kind=kind, clean=[], by_layer=_pairs(chunk_cells, tracer.device, every_layer=False),
+        edits = _PathEdits(kind=kind, clean=[], by_layer=cell_pairs(chunk_cells, tracer.device, every_layer=False),
                            base=states, deltas=deltas, alphas=alphas)
         with torch.enable_grad():
             final = staircase(block.stack, run, cross, chunk_cells, edits)
@@ -277,7 +277,7 @@ def taylor_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tr
     for chunk in chunks(order, rows):
         chunk_cells = [cells[i] for i in chunk]
         alphas = torch.zeros(samples, len(chunk), dtype=torch.float64, device=tracer.device, requires_grad=True)
-        edits = _TaylorEdits(kind=kind, clean=[], by_layer=_pairs(chunk_cells, tracer.device, every_layer=False),
+        edits = _TaylorEdits(kind=kind, clean=[], by_layer=cell_pairs(chunk_cells, tracer.device, every_layer=False),
                              base=states, deltas=deltas, alphas=alphas)
         with torch.enable_grad():
             scores = _scores(tracer, block, staircase(block.stack, run, cross, chunk_cells, edits), target, config)

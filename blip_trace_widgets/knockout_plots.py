@@ -66,10 +66,10 @@ def knockout_title(result: KnockoutResult, width: int = 72) -> str:
 
 def plot_knockout(result: KnockoutResult, ax: Any = None, *, title: str | None = None) -> Any:
     """Relative change of p (%) per layer, one line per edge group, on one shared scale; returns the axes."""
-    from .plotting import _figure
+    from .plotting import new_figure
 
     if ax is None:
-        ax = _figure((7.5, 4.2)).add_subplot()
+        ax = new_figure((7.5, 4.2)).add_subplot()
     layers = np.arange(result.num_layers)
     tiny = result.tiny()
     for g, label in enumerate(result.labels):
@@ -95,10 +95,10 @@ def plot_knockout_tokens(result: KnockoutResult, ax: Any = None, *, title: str |
     diverging scale centred at 0 that never spans less than the no-effect floor; returns the axes."""
     from matplotlib.colors import TwoSlopeNorm
 
-    from .plotting import _figure
+    from .plotting import new_figure
 
     if ax is None:
-        ax = _figure((7.5, 0.35 * len(result.labels) + 2)).add_subplot()
+        ax = new_figure((7.5, 0.35 * len(result.labels) + 2)).add_subplot()
     data = 100 * result.changes
     floor = 100 * TINY_CHANGE
     span = max(floor, float(np.nanmax(np.abs(data))))

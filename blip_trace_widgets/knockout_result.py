@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import BlipTraceError
 from .names import TINY_ABSOLUTE, TINY_CHANGE, VQA
-from .results import _from_json_array, _json_array, _number
+from .results import array_from_json, json_array, json_number
 from .scoring import Target
 
 #: Version of the saved JSON layout.
@@ -102,7 +102,7 @@ class KnockoutResult:
     # ----- saving ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"format": KNOCKOUT_FORMAT, "kind": "knockout", "labels": list(self.labels),
-                "scores": _json_array(self.scores), "clean_score": self.clean_score, "window": self.window,
+                "scores": json_array(self.scores), "clean_score": self.clean_score, "window": self.window,
                 **{name: getattr(self, name) for name in _TEXTS}, "specs": self.specs, "config": self.config}
 
     @classmethod
@@ -125,8 +125,8 @@ class KnockoutResult:
         specs, config = data.get("specs", []), data.get("config", {})
         if not isinstance(specs, list) or not isinstance(config, dict):
             raise BlipTraceError("the saved knockout's 'specs' must be a list and its 'config' an object")
-        return cls(labels=labels, scores=_from_json_array(data.get("scores"), "scores"), window=window,
-                   clean_score=_number(data.get("clean_score"), "clean_score"), specs=specs, config=config, **texts)
+        return cls(labels=labels, scores=array_from_json(data.get("scores"), "scores"), window=window,
+                   clean_score=json_number(data.get("clean_score"), "clean_score"), specs=specs, config=config, **texts)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, allow_nan=False, ensure_ascii=False)

@@ -102,10 +102,10 @@ def knockout_average(table: Any, *, correct_only: bool = False, confidence: floa
 
 def plot_knockout_average(averages: Any, ax: Any = None, *, title: str | None = None) -> Any:
     """The averaged line plot: mean relative change (%) per layer, one line per group, 95% intervals shaded."""
-    from .plotting import _figure
+    from .plotting import new_figure
 
     if ax is None:
-        ax = _figure((7.5, 4.2)).add_subplot()
+        ax = new_figure((7.5, 4.2)).add_subplot()
     for group, rows in averages.groupby("group", sort=False):
         line, = ax.plot(rows["layer"], 100 * rows["change"], marker="o", markersize=3.5, label=group)
         ax.fill_between(rows["layer"], 100 * rows["low"], 100 * rows["high"], color=line.get_color(), alpha=0.2)

@@ -85,7 +85,7 @@ TINY_TEXT = "corruption has almost no effect;\nthis map is noise"
 TOPS = ("clean", "max", "range")
 
 
-def _figure(figsize: tuple[float, float]) -> Any:
+def new_figure(figsize: tuple[float, float]) -> Any:
     """A pyplot-free figure that a notebook shows as a PNG when it is a cell's value."""
     from matplotlib.figure import Figure
 
@@ -255,7 +255,7 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
     """
     if ax is None:
         rows = min(len(result.tokens), MAX_LABELLED_ROWS)
-        ax = _figure((max(6.4, 2.4 + 0.45 * result.num_layers), 2.1 + 0.3 * rows)).add_subplot()
+        ax = new_figure((max(6.4, 2.4 + 0.45 * result.num_layers), 2.1 + 0.3 * rows)).add_subplot()
         ax._repr_png_ = lambda: figure_png(ax.figure)  # as a notebook cell's value, the axes show their figure
     flagged = tiny is not None and result.is_tiny(tiny)
     if show == "stderr":
@@ -298,7 +298,7 @@ def plot_traces(results: Sequence[TraceResult], *, normalized: bool = False, fig
     results = list(results)
     if figure is None:
         width = sum(max(3.6, 2.2 + 0.4 * r.num_layers) for r in results)
-        figure = _figure((width, 2.4 + 0.3 * max(min(len(r.tokens), MAX_LABELLED_ROWS) for r in results)))
+        figure = new_figure((width, 2.4 + 0.3 * max(min(len(r.tokens), MAX_LABELLED_ROWS) for r in results)))
     for i, result in enumerate(results):
         ax = figure.add_subplot(1, len(results), i + 1)
         plot_trace(result, ax=ax, normalized=normalized, title=trace_title(result, width=42))
@@ -355,7 +355,7 @@ class HeatmapRenderer:
         layout = self._layouts.get(key)
         if layout is not None:
             ax_box, cax_box, size, ticks = layout
-            figure = _figure(size)
+            figure = new_figure(size)
             figure.set_layout_engine("none")
             ax, cax = figure.add_axes(ax_box), figure.add_axes(cax_box)
             plot_trace(result, ax=ax, normalized=normalized, show=show, cax=cax)
@@ -504,7 +504,7 @@ def plot_on_image(result: TraceResult, image: Any = None, *, layer: int | Sequen
         layers = [int(layer)] if isinstance(layer, (int, np.integer)) else list(layer)
     limits = _effect_limits(result, normalized)
     if figure is None:
-        figure = _figure((max(6.4, 0.8 + 2.2 * len(layers)), 3.4))
+        figure = new_figure((max(6.4, 0.8 + 2.2 * len(layers)), 3.4))
     axes = [figure.add_subplot(1, len(layers), i + 1) for i in range(len(layers))]
     box = _corrupted_box(result)
     width, height = picture.size

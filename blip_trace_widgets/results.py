@@ -40,7 +40,7 @@ def _json_number(value: float) -> Any:
     return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
-def _number(value: Any, name: str) -> float:
+def json_number(value: Any, name: str) -> float:
     """The float a strict-JSON value stands for (see :func:`_json_number`), or a clear error."""
     if value is None:
         return float("nan")
@@ -51,15 +51,15 @@ def _number(value: Any, name: str) -> float:
     return float(value)
 
 
-def _json_array(values: np.ndarray) -> list[Any]:
+def json_array(values: np.ndarray) -> list[Any]:
     """Nested lists of strict-JSON numbers (see :func:`_json_number`)."""
     return [[_json_number(v) for v in row] for row in values.tolist()]
 
 
-def _from_json_array(values: Any, name: str) -> np.ndarray:
+def array_from_json(values: Any, name: str) -> np.ndarray:
     if not isinstance(values, list) or not all(isinstance(row, list) for row in values):
         raise BlipTraceError(f"the saved result's {name!r} is not a table of numbers")
-    return np.array([[_number(v, name) for v in row] for row in values], dtype=np.float64).reshape(len(values), -1)
+    return np.array([[json_number(v, name) for v in row] for row in values], dtype=np.float64).reshape(len(values), -1)
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -123,11 +123,11 @@ def _fields_of(data: Any) -> dict[str, Any]:
                              f"({FORMAT_VERSION}); upgrade blip-trace-widgets")
     _check_types(data)
     stderr = data.get("stderr")
-    return {"scores": _from_json_array(data["scores"], "scores"), "low_score": _number(data["low_score"], "low_score"),
-            "high_score": _number(data["high_score"], "high_score"), "answer": data["answer"],
+    return {"scores": array_from_json(data["scores"], "scores"), "low_score": json_number(data["low_score"], "low_score"),
+            "high_score": json_number(data["high_score"], "high_score"), "answer": data["answer"],
             "tokens": list(data["tokens"]), "block": data["block"], "kind": data["kind"], "window": data["window"],
             "config": dict(data.get("config") or {}),
-            "stderr": None if stderr is None else _from_json_array(stderr, "stderr")}
+            "stderr": None if stderr is None else array_from_json(stderr, "stderr")}
 
 
 @dataclass(eq=False)
@@ -242,8 +242,8 @@ class TraceResult:
     # ----- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT_VERSION, "scores": _json_array(self.scores),
-            "stderr": None if self.stderr is None else _json_array(self.stderr),
+            "format": FORMAT_VERSION, "scores": json_array(self.scores),
+            "stderr": None if self.stderr is None else json_array(self.stderr),
             "low_score": _finite_or_none(self.low_score), "high_score": _finite_or_none(self.high_score),
             "answer": self.answer, "tokens": list(self.tokens), "block": self.block, "kind": self.kind,
             "window": int(self.window), "config": _finite_or_none(self.config),

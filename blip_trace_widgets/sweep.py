@@ -72,7 +72,7 @@ class Shard:
         return sample % self.count == self.index
 
 
-class _ProcessGroup:
+class ProcessGroup:
     """The processes of an ``accelerate launch`` (or a single process)."""
 
     def __init__(self) -> None:
@@ -101,7 +101,7 @@ class _ProcessGroup:
 
 def process_device() -> str | None:
     """The device this process should use under ``accelerate launch`` (None outside it)."""
-    group = _ProcessGroup()
+    group = ProcessGroup()
     return None if group.state is None else str(group.state.device)
 
 
@@ -382,7 +382,7 @@ def sweep(
         raise BlipTraceError(f"scored must be 'model' or 'expected', got {answer!r}")
     configs = _check_configs(configs)
     out = Path(out)
-    group = _ProcessGroup()
+    group = ProcessGroup()
     shard = shard or group.shard
     if group.is_main:
         _prepare(out, manifest(bundle, configs, answer, dataset), overwrite)

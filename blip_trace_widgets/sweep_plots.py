@@ -16,7 +16,7 @@ from . import heads
 from .aggregate import ROLES, average_trace, sample_effects
 from .errors import BlipTraceError
 from .names import BLOCK_LABELS, KIND_LABELS
-from .plotting import _figure, plot_trace
+from .plotting import new_figure, plot_trace
 from .roles import role_label
 
 FORM_LABELS = {"normalized": "normalised indirect effect", "rome": "indirect effect (score − low)"}
@@ -37,7 +37,7 @@ def plot_average_heatmaps(table: Any, *, form: str = "normalized", correct_only:
     results = [average_trace(table, config=c, form=form, correct_only=correct_only, by=by) for c in configs]
     if figure is None:
         width = sum(2.4 + 0.45 * r.num_layers for r in results)
-        figure = _figure((width, 1.9 + 0.32 * max(len(r.tokens) for r in results)))
+        figure = new_figure((width, 1.9 + 0.32 * max(len(r.tokens) for r in results)))
     for i, result in enumerate(results):
         ax = figure.add_subplot(1, len(results), i + 1)
         window = f", window {result.window}" if result.window > 1 else ""
@@ -60,7 +60,7 @@ def _role_lines(effects: Any, *, hue: str, form: str, roles: Sequence[str] | Non
         raise BlipTraceError("no token roles to plot: for an image-side sweep, average with "
                          "aggregate.average_trace(table, config=...) and draw it with .plot_on_image(image=...)")
     if figure is None:
-        figure = _figure((0.4 + 3.2 * len(roles), 2.8))
+        figure = new_figure((0.4 + 3.2 * len(roles), 2.8))
     axes = [figure.add_subplot(1, len(roles), i + 1) for i in range(len(roles))]
     for ax, role in zip(axes, roles):
         sns.lineplot(data=effects[effects["role"] == role], x="layer", y="effect", hue=hue,

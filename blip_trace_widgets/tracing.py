@@ -26,7 +26,7 @@ from .blocks import Block, Corrupted
 from .cache import LRU
 from .config import CACHE_PARTS, TraceConfig, cache_key  # noqa: F401  (public here too)
 from .corrupted import CorruptedRuns, tensor_bytes
-from .engine import DEFAULT_MEMORY_BUDGET, Cell, Progress, Run, _ChunkEdits, chunks, staircase, start_layer
+from .engine import DEFAULT_MEMORY_BUDGET, Cell, ChunkEdits, Progress, Run, chunks, staircase, start_layer
 from .errors import BlipTraceError
 from .estimates import Estimator
 from .inputs import ImageLike
@@ -111,7 +111,7 @@ class Tracer(CorruptedRuns):
         rows = block.rows_per_chunk(self, config, target)
         for chunk in chunks(order, max(1, rows // samples)):
             chunk_cells = [cells[i] for i in chunk]
-            edits = _ChunkEdits.build(config.kind, clean_states, chunk_cells, self.device, sever=config.sever,
+            edits = ChunkEdits.build(config.kind, clean_states, chunk_cells, self.device, sever=config.sever,
                                       severed=severed, sever_at=config.sever_at)
             logits = block.logits(self, staircase(block.stack, corrupted_run, cross, chunk_cells, edits), target)
             s, c = logits.shape[:2]

@@ -206,3 +206,14 @@ def test_the_layout_reader_sees_a_wrong_order():
     text = "## Layout\n| 0 | `names.py` | x |\n| 3 | `anatomy.py` | y |\n## Next\n"
     assert layout_rows(text) == [(0, "names"), (3, "anatomy")]
     assert import_depths({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == {"a": 1, "b": 0, "c": 2}
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A name a module shares is public: no ``from .other import _name`` inside the package."""
+    offenders = []
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                offenders += [f"{module_name(path)}: {alias.name}" for alias in node.names
+                              if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not offenders, f"private names imported across modules: {offenders}"
