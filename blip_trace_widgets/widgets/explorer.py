@@ -41,14 +41,12 @@ from .controls import (
     explorer_mode,
     level_slider,
     merged_gallery,
-    method_note,
-    phases,
     samples_box,
     seed_box,
     set_tooltip,
 )
 from .counterfactual import Counterfactual
-from .live import LiveView, answer_html, cost_notice, image_png, png_width, tiny_warning
+from .live import LiveView, image_png, png_width, tiny_warning, trace_in_phases
 
 
 class HeadPattern(W.HBox):
@@ -207,28 +205,14 @@ class TraceExplorer(LiveView):
 
     # ----- work ---------------------------------------------------------------------------
     def _run(self, job: threading.Event) -> None:
-        tracer = self.tracer
-        self.answer_view.value = answer_html(tracer)
-        self._sync_words(tracer)
-        self.counterfactual.sync(int(self.gallery.value or 0))
-        self.config = config = self.controls_config()
-        steps = phases(config, self.method.value)
-        for i, config in enumerate(steps):
-            self.status.value = cost_notice(tracer, config)
-            if self.view.value == "compare":
-                window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
-                results = [tracer.trace(replace(config, kind=k, window=window_for(k, window)),
-                                        progress=self._progress(job)) for k in SUBLAYER_KINDS]
-            else:
-                results = [tracer.trace(config, progress=self._progress(job))]
-            if job.is_set():
-                return
-            self._show(results)
-            self.status.value = self._status_text(results[0]) + method_note(config, i == len(steps) - 1)
+        def trace(tracer: Tracer, config: TraceConfig) -> list[TraceResult]:
+            if self.view.value != "compare":
+                return [tracer.trace(config, progress=self._progress(job))]
+            window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
+            return [tracer.trace(replace(config, kind=k, window=window_for(k, window)), progress=self._progress(job))
+                    for k in SUBLAYER_KINDS]
 
-    def _status_text(self, result: TraceResult) -> str:
-        return (f"scored {escape(result.scored)}: clean {result.high_score:.3f}, "
-                f"corrupted {result.low_score:.3f}, total effect {result.total_effect:.3f}")
+        trace_in_phases(self, job, trace, self._show)
 
     def _maps(self) -> list[W.Widget]:
         return [self.heatmap, self.comparison]

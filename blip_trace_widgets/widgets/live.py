@@ -29,7 +29,7 @@ from ..names import (
 )
 from ..results import TraceResult
 from ..tracing import TraceConfig, Tracer
-from .controls import check_gallery, default_gallery, first_content_word, set_tooltip
+from .controls import check_gallery, default_gallery, first_content_word, method_note, phases, set_tooltip
 
 
 def answer_html(tracer: Tracer) -> str:
@@ -104,6 +104,32 @@ def cost_notice(tracer: Tracer, config: TraceConfig) -> str:
 
     warning = trace_cost(tracer, config).warning()
     return "<i>tracing…</i>" + (f"<br><b>{escape(warning)}</b>" if warning else "")
+
+
+def status_text(result: TraceResult) -> str:
+    """The status line under a map: what was scored, the clean and corrupted scores and the total effect."""
+    return (f"scored {escape(result.scored)}: clean {result.high_score:.3f}, "
+            f"corrupted {result.low_score:.3f}, total effect {result.total_effect:.3f}")
+
+
+def trace_in_phases(view: Any, job: threading.Event, trace: Callable[[Any, TraceConfig], list[TraceResult]],
+                    show: Callable[[list[TraceResult]], None]) -> None:
+    """A trace explorer's work: the controls' configuration, then its phases for the method control (the estimate,
+    then the verified or exact map), each traced by ``trace`` and shown by ``show`` as it comes, unless a newer
+    change has cancelled ``job``."""
+    tracer = view.tracer
+    view.answer_view.value = answer_html(tracer)
+    view._sync_words(tracer)
+    view.counterfactual.sync(int(view.gallery.value or 0))
+    view.config = config = view.controls_config()
+    steps = phases(config, view.method.value)
+    for i, step in enumerate(steps):
+        view.status.value = cost_notice(tracer, step)
+        results = trace(tracer, step)
+        if job.is_set():
+            return
+        show(results)
+        view.status.value = status_text(results[0]) + method_note(step, i == len(steps) - 1)
 
 
 class LiveView(W.VBox):

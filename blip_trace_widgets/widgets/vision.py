@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from html import escape
 from typing import Any
 
 import ipywidgets as W
@@ -36,15 +35,13 @@ from .controls import (
     WINDOW_ON_TIP,
     level_slider,
     merged_gallery,
-    method_note,
-    phases,
     samples_box,
     seed_box,
     set_tooltip,
     vision_config,
 )
 from .counterfactual import Counterfactual
-from .live import LiveView, answer_html, cost_notice, png_width, tiny_warning
+from .live import LiveView, png_width, tiny_warning, trace_in_phases
 
 
 class VisionTraceExplorer(LiveView):
@@ -170,24 +167,14 @@ class VisionTraceExplorer(LiveView):
                 self._show_error(error)
 
     def _run(self, job: threading.Event) -> None:
-        tracer = self.tracer
-        self.answer_view.value = answer_html(tracer)
-        self._sync_words(tracer)
-        self.counterfactual.sync(int(self.gallery.value or 0))
-        self.config = config = self.controls_config()
-        steps = phases(config, self.method.value)
-        for i, config in enumerate(steps):
-            self.status.value = cost_notice(tracer, config)
-            result = tracer.trace(config, progress=self._progress(job))
-            if job.is_set():
-                return
-            self.result = result
-            self._render(result)
-            self.warning.value = tiny_warning(result)
-            self._dim(False)
-            self.status.value = (f"scored {escape(result.scored)}: clean {result.high_score:.3f}, "
-                                 f"corrupted {result.low_score:.3f}, total effect {result.total_effect:.3f}"
-                                 + method_note(config, i == len(steps) - 1))
+        trace_in_phases(self, job, lambda tracer, config: [tracer.trace(config, progress=self._progress(job))],
+                        self._show)
+
+    def _show(self, results: list[TraceResult]) -> None:
+        self.result = results[0]
+        self._render(results[0])
+        self.warning.value = tiny_warning(results[0])
+        self._dim(False)
 
     def _maps(self) -> list[W.Widget]:
         return [self.overlay]
