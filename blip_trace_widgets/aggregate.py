@@ -39,11 +39,22 @@ def _check_form(form: str) -> str:
     return form
 
 
+#: Sweep tables written before the score columns had their results' names (old sweep folders still load).
+OLD_COLUMNS = {"low": "low_score", "high": "high_score"}
+
+
+def upgrade_table(table: Any) -> Any:
+    """``table`` with an older sweep's column names brought up to date (``low`` and ``high`` are ``low_score`` and
+    ``high_score``, as in :class:`~.results.TraceResult`)."""
+    old = {name: new for name, new in OLD_COLUMNS.items() if name in table.columns and new not in table.columns}
+    return table.rename(columns=old) if old else table
+
+
 def _indirect_effect(row: Any) -> np.ndarray:
     """A table row's indirect effect per cell: score − low, or when noising what the cell takes away, high − score."""
     scores = np.asarray([list(r) for r in row.scores], dtype=np.float64)
     noising = (getattr(row, "direction", None) or "denoise") == "noise"
-    return row.high - scores if noising else scores - row.low
+    return row.high_score - scores if noising else scores - row.low_score
 
 
 def sample_effects(
@@ -56,7 +67,7 @@ def sample_effects(
     min_total_effect: float | None = None,
 ):
     """Long form: one row per (sample, configuration, role or position, layer) with its ``effect``
-    and the question's ``total_effect`` (high − low).
+    and the question's ``total_effect`` (high_score − low_score).
 
     A sample's effect for a role is the mean over that role's positions, so every
     sample weighs the same however long its question is. Questions whose total effect is
@@ -69,7 +80,7 @@ def sample_effects(
     _check_form(form)
     if by not in ("role", "position"):
         raise BlipTraceError(f"by must be 'role' or 'position', got {by!r}")
-    rows = table[table["correct"].fillna(False).astype(bool)] if correct_only else table
+    rows = upgrade_table(table[table["correct"].fillna(False).astype(bool)] if correct_only else table)
     if rows.empty:
         raise BlipTraceError("no samples to average"
                              + (" (none answered correctly; try correct_only=False)" if correct_only else ""))
@@ -77,9 +88,9 @@ def sample_effects(
     left_out = 0
     for row in rows.itertuples(index=False):
         effect = _indirect_effect(row)
-        total = row.high - row.low
+        total = row.high_score - row.low_score
         floor = min_total_effect if min_total_effect is not None else (
-            TINY_EFFECT * abs(row.high) if form == "normalized" else None)
+            TINY_EFFECT * abs(row.high_score) if form == "normalized" else None)
         if floor is not None and (not abs(total) >= floor or total == 0):
             left_out += 1
             continue

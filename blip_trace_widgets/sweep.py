@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import heads
+from .aggregate import upgrade_table
 from .data import VQASample, text_of
 from .engine import DEFAULT_MEMORY_BUDGET
 from .errors import BlipTraceError, renamed
@@ -192,7 +193,7 @@ def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
             "answer": result.answer, "scored": answer, "tokens": list(result.tokens),
             "roles": position_roles(config.block, result.tokens, kind=config.kind), "scores": result.scores.tolist(),
             "stderr": (result.stderr if result.stderr is not None else np.full_like(result.scores, np.nan)).tolist(),
-            "low": result.low_score, "high": result.high_score, "total_effect": result.total_effect,
+            "low_score": result.low_score, "high_score": result.high_score, "total_effect": result.total_effect,
             "num_layers": result.num_layers, "model": tracer.bundle.name,
             "grid": json.dumps(result.config["grid"]) if "grid" in result.config else None,
             "dtype": result.config["dtype"], "direction": config.direction,
@@ -222,7 +223,7 @@ def read_parts(out: str | os.PathLike, indices: Iterable[int] | None = None):
         paths = [p for p in (_part_path(Path(out), i) for i in indices) if p.is_file()]
     if not paths:
         return pd.DataFrame()
-    frame = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+    frame = pd.concat([upgrade_table(pd.read_parquet(p)) for p in paths], ignore_index=True)
     return frame.sort_values(["sample", "config"], kind="stable").reset_index(drop=True)
 
 
@@ -231,14 +232,14 @@ def load_sweep(out: str | os.PathLike):
     import pandas as pd
 
     path = Path(out) / TABLE
-    return pd.read_parquet(path) if path.is_file() else read_parts(out)
+    return upgrade_table(pd.read_parquet(path)) if path.is_file() else read_parts(out)
 
 
 def result_from_row(row: Any) -> TraceResult:
     """One table row back as a :class:`TraceResult` (to plot a single sample's heatmap)."""
     get = row.__getitem__ if hasattr(row, "__getitem__") else lambda k: getattr(row, k)
     return TraceResult(
-        scores=np.asarray([list(r) for r in get("scores")]), low_score=get("low"), high_score=get("high"),
+        scores=np.asarray([list(r) for r in get("scores")]), low_score=get("low_score"), high_score=get("high_score"),
         answer=get("answer"), tokens=list(get("tokens")), block=get("block"), kind=get("kind"),
         window=int(get("window")), config={"question": get("question"), "metric": get("metric"),
                                            "corruption": json.loads(get("corruption")), "sever": get("sever"),

@@ -70,6 +70,12 @@ class TargetedPass(CleanPass):
                                  "pick another contrast")
         return target
 
+    def scored_text(self, target: Target) -> str:
+        """What a result scores, in words: the answer, the caption word, or "match"."""
+        if target.readout != "decoder":
+            return "match" if target.readout == "match" else "ITC similarity"
+        return str(self.bundle.tokenizer.decode(list(target.tokens))).strip()
+
     def contrast_id(self, config: TraceConfig) -> int:
         """A logit difference's contrast token: ``config.contrast``'s first token, or for a counterfactual (an
         ``ImageSwap`` or ``WordSwap``, VQA) the first token of the model's own answer on the counterfactual input."""

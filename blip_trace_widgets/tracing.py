@@ -146,10 +146,18 @@ class Tracer(CorruptedRuns):
                 progress(done, len(cells))
 
         self.stats["engine_calls"] += 1
-        if config.method == "estimate":
-            return (*self.estimator.estimate(block, cells, config, target, advance), np.zeros(len(cells), bool))
-        if config.method == "verified":
-            return self._verified(block, cells, config, target, advance)
+        method = {"exact": self._exact, "estimate": self._estimated, "verified": self._verified}[config.method]
+        return method(block, cells, config, target, advance)
+
+    # Each method scores ``cells`` as (mean, standard error, which cells are exact), picked by config.method.
+    def _estimated(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+                   advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Attribution patching for every cell (see :mod:`~.estimates`): no cell is exact."""
+        return (*self.estimator.estimate(block, cells, config, target, advance), np.zeros(len(cells), bool))
+
+    def _exact(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+               advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Patched runs for every cell: one draw shared by every cell, or (``fresh_noise``) a draw per cell."""
         if not config.fresh_noise:
             return (*self._score(block, cells, config, target, None, advance), np.ones(len(cells), bool))
         generator = torch.Generator().manual_seed(int(config.seed))
@@ -184,12 +192,6 @@ class Tracer(CorruptedRuns):
         low, high = self.baselines(config)
         tolerance = RELIABILITY_TOLERANCE * max(abs(high - low), TINY_ABSOLUTE.get(config.metric, 0.0))
         return np.abs(second.mean(0).numpy()) > tolerance
-
-    def scored_text(self, target: Target) -> str:
-        """What a result scores, in words: the answer, the caption word, or "match"."""
-        if target.readout != "decoder":
-            return "match" if target.readout == "match" else "ITC similarity"
-        return str(self.bundle.tokenizer.decode(list(target.tokens))).strip()
 
     # ----- results -----------------------------------------------------------------------
     def trace(self, config: TraceConfig | None = None, *, progress: Progress | None = None, **overrides: Any) -> TraceResult:

@@ -210,6 +210,7 @@ def test_a_position_outside_the_block_is_a_clear_error(bundles, image, question)
         tracer.trace(kind="cross_attn_head", position=40, samples=2)
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_explorer_traces_heads_at_the_positions_typed(demo_bundle, demo_sample):
     from blip_trace_widgets.widgets import TraceExplorer, controls_config
 
@@ -290,6 +291,7 @@ def test_patterns_are_the_models_own_attention(bundles, image, question):
     assert vision.shape[1] == vision.shape[2] and np.allclose(vision.sum(-1), 1, atol=1e-5)
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_explorer_paints_the_chosen_heads_pattern(demo_bundle, demo_sample):
     from blip_trace_widgets.widgets import TraceExplorer
 

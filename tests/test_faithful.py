@@ -76,6 +76,7 @@ def _random_configs(rng: random.Random, count: int) -> list[TraceConfig]:
     return configs
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_one_tracer_gives_what_a_fresh_tracer_gives_for_any_sequence(bundle, image):
     """A random walk through every block, kind, stage, corrupt_tokens, window, sever, answer, metric and
     region setting: a long-lived Tracer (its caches full of earlier runs) must agree with a fresh one."""
@@ -210,7 +211,7 @@ def test_paper_attention_preset(bundle, image, question):
 def _table(rows):
     return pd.DataFrame.from_records([
         {"sample": i, "config": 0, "block": "question_encoder", "kind": "hidden", "window": 1, "corruption": "{}",
-         "tokens": ["[CLS]", "a", "[SEP]"], "scores": s, "low": low, "high": high, "num_layers": 2, "correct": True}
+         "tokens": ["[CLS]", "a", "[SEP]"], "scores": s, "low_score": low, "high_score": high, "num_layers": 2, "correct": True}
         for i, (s, low, high) in enumerate(rows)])
 
 

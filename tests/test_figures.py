@@ -82,7 +82,7 @@ def test_averaged_heatmap_shows_its_real_range():
     import pandas as pd
 
     rows = [{"sample": i, "config": 0, "block": "question_encoder", "kind": "hidden", "window": 1, "corruption": "{}",
-             "tokens": ["[CLS]", "a", "[SEP]"], "scores": s, "low": 0.1, "high": 0.9, "num_layers": 2, "correct": True}
+             "tokens": ["[CLS]", "a", "[SEP]"], "scores": s, "low_score": 0.1, "high_score": 0.9, "num_layers": 2, "correct": True}
             for i, s in enumerate([[[0.1, 0.5], [0.2, 0.3], [0.1, 0.1]], [[0.3, 0.7], [0.1, 0.2], [0.1, 0.0]]])]
     average = average_trace(pd.DataFrame(rows), form="rome", by="position")
     from blip_trace_widgets.sweep_plots import plot_average_heatmaps
@@ -130,6 +130,7 @@ def test_readme_snippet_shows_a_png_in_a_kernel(tmp_path):
     assert any("image/png" in o.get("data", {}) for o in outputs), outputs
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_explorers_renderer_draws_what_heatmap_png_draws(tracer, demo_bundle):
     """Reusing a layout must not change a pixel: other settings of one question, then another shape of map."""
     import io

@@ -259,6 +259,7 @@ def test_plots_flag_groups_without_effect(bundles, image):
     assert [t.get_text() for t in ax.get_yticklabels()] == per_token.labels
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_command_line_writes_a_plot_and_a_result(tmp_path, demo_sample, capsys):
     from blip_trace_widgets.cli import main
 
@@ -301,6 +302,7 @@ def test_a_sweep_averages_groups_with_intervals(demo_bundle, tmp_path):
                                                     "knockout_average.png"}
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_explorer_follows_its_controls_and_shows_errors_inside(demo_bundle):
     from blip_trace_widgets.widgets import KnockoutExplorer
 

@@ -96,6 +96,7 @@ def test_a_counterfactual_without_effect_is_flagged_naming_the_fix(demo_bundle):
     assert "pick a counterfactual that changes the answer" in swapped.tiny_reason()
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_explorer_swaps_in_a_partner_or_a_question_in_either_direction(demo_bundle):
     from blip_trace_widgets.widgets import TraceExplorer
 
@@ -149,7 +150,7 @@ def test_a_pair_sweep_records_both_answers_and_direction_and_averages_over_pairs
     noised = table[table.config == 1].iloc[0]
     effects = sample_effects(table[table.config == 1], by="position")
     row = effects[(effects["sample"] == noised["sample"]) & (effects.position == "0") & (effects.layer == 0)].iloc[0]
-    expected = (noised.high - noised.scores[0][0]) / (noised.high - noised.low)  # noising: what the cell takes away
+    expected = (noised.high_score - noised.scores[0][0]) / (noised.high_score - noised.low_score)  # noising: what the cell takes away
     assert row.effect == pytest.approx(expected)
 
 
@@ -161,6 +162,7 @@ def test_a_pair_swap_alone_is_refused_by_name(demo_bundle, demo_sample):
         trace(demo_bundle, image, question, corruption=PairSwap(), samples=1)
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_command_line_sweeps_pairs_in_either_direction(tmp_path, capsys):
     from blip_trace_widgets.cli import main
 
@@ -173,7 +175,7 @@ def test_the_command_line_sweeps_pairs_in_either_direction(tmp_path, capsys):
     assert set(table.direction) == {"noise"} and table.counterfactual_answer.notna().all()
     assert main([*base, "--pairs", "color", "--metric", "logit_diff", "--out", str(tmp_path / "d")]) == 0
     table = pd.read_parquet(tmp_path / "d" / "sweep.parquet")
-    assert list(table.contrast) == list(table.counterfactual_answer) and (table.high > 0).all()
+    assert list(table.contrast) == list(table.counterfactual_answer) and (table.high_score > 0).all()
     assert main([*base, "--out", str(tmp_path / "b")]) == 2  # neither --dataset nor --pairs
     assert main([*base, "--pairs", "color", "--dataset", "easy-vqa-color", "--out", str(tmp_path / "c")]) == 2
     assert "one of them" in capsys.readouterr().err
@@ -203,6 +205,7 @@ def test_image_swap_cells_match_a_per_cell_loop(image, question, stage, block, k
     assert np.abs(expected - result.low_score).max() > 1e-4  # the swap does something: the check could fail
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_vision_explorer_swaps_in_a_partners_patches_in_either_direction(demo_bundle):
     from blip_trace_widgets.widgets import VisionTraceExplorer
 
@@ -224,6 +227,7 @@ def test_the_vision_explorer_swaps_in_a_partners_patches_in_either_direction(dem
     assert explorer.overlay.value[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_explorer_estimates_and_verifies_noising_too(demo_bundle):
     from blip_trace_widgets.widgets import TraceExplorer
 
@@ -266,6 +270,7 @@ def test_the_cli_swaps_a_prompts_words_and_names_the_fix_when_nothing_changes(tm
     assert "a swap must keep the length" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_question_pairs_pair_a_question_sets_images_by_their_answers(tmp_path, capsys):
     import pandas as pd
 

@@ -252,6 +252,7 @@ def test_trace_and_sweep_offer_the_shared_options_alike():
     assert trace_options["metric"][2] == sweep_options["metric"][2] and "logit_diff" in trace_options["metric"][2]
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_sweeps_answer_mode_is_scored_and_the_old_spelling_warns(tmp_path, capsys):
     from blip_trace_widgets.cli import main
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -27,6 +28,7 @@ def _package_of(name: str, path: Path) -> list[str]:
     return parts if path.name == "__init__.py" else parts[:-1]
 
 
+@functools.lru_cache(maxsize=1)
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package modules it imports, at the top, inside functions or only for type checkers (an import
     under ``TYPE_CHECKING`` that would close a cycle is a cycle: the modules still depend on each other)."""

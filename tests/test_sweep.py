@@ -41,7 +41,7 @@ def test_table_rows_equal_single_traces(tiny_bundle, tmp_path):
         tracer = Tracer(tiny_bundle, image, question)
         expected_result = tracer.trace(CONFIGS[row.config])
         np.testing.assert_allclose(np.array([list(r) for r in row.scores]), expected_result.scores, rtol=1e-6, atol=1e-9)
-        assert row.low == pytest.approx(expected_result.low_score) and row.high == pytest.approx(expected_result.high_score)
+        assert row.low_score == pytest.approx(expected_result.low_score) and row.high_score == pytest.approx(expected_result.high_score)
         assert list(row.tokens) == expected_result.tokens and row.model_answer == tracer.model_answer
         assert row.correct == is_correct(tracer.model_answer, expected)
     assert table.loc[4, "correct"] is None or pd.isna(table.loc[4, "correct"])
@@ -108,7 +108,7 @@ def _synthetic_table():
         scores = np.full((len(tokens), 3), base)
         scores[-1] = [base, base + 0.1, base + 0.3]
         rows.append({"sample": sample, "config": 0, "block": "question_encoder", "kind": "hidden", "window": 1,
-                     "corruption": "{}", "tokens": tokens, "scores": scores.tolist(), "low": base, "high": base + 0.4,
+                     "corruption": "{}", "tokens": tokens, "scores": scores.tolist(), "low_score": base, "high_score": base + 0.4,
                      "correct": correct, "num_layers": 3})
     return pd.DataFrame(rows)
 
@@ -154,6 +154,7 @@ def test_average_trace_by_role_and_by_position():
     assert same.tokens[0] == "[CLS]" and same.scores.shape == (8, 3)
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_sweep_plots(tiny_bundle, tmp_path):
     table = sweep(tiny_bundle, _tiny_samples(), configs=CONFIGS, out=tmp_path, progress=False)
     heatmaps = plot_average_heatmaps(table)
@@ -258,7 +259,7 @@ def test_image_side_sweep_averages_per_region(tiny_bundle, tmp_path, image):
     assert list(table["roles"].iloc[0]) == ["[CLS]", "r0c0", "r0c1", "r1c0", "r1c1"]
     average = average_trace(table)
     assert average.tokens == ["[CLS]", "r0c0", "r0c1", "r1c0", "r1c1"]
-    expected = np.mean([(np.array([list(r) for r in row.scores]) - row.low) / (row.high - row.low)
+    expected = np.mean([(np.array([list(r) for r in row.scores]) - row.low_score) / (row.high_score - row.low_score)
                         for row in table.itertuples()], axis=0)
     np.testing.assert_allclose(average.scores, expected)
     assert average.plot_on_image(image, layer=0)._repr_png_()[:4] == b"\x89PNG"
@@ -379,3 +380,19 @@ def test_the_old_keywords_samples_and_answer_still_work_with_a_warning(tiny_bund
 
     with pytest.raises(BlipTraceError, match="pass items= alone"):
         sweep(tiny_bundle, items, samples=items, configs=config, out=tmp_path / "d", progress=False)
+
+
+def test_an_old_sweep_with_low_and_high_columns_still_loads_and_averages(tiny_bundle, image, question, tmp_path):
+    from blip_trace_widgets import average_effect
+    from blip_trace_widgets.sweep import load_sweep, read_parts
+
+    out = tmp_path / "old"
+    new = sweep(tiny_bundle, [(image, question, "red")], configs=TraceConfig(samples=1), out=out, progress=False)
+    assert {"low_score", "high_score"} <= set(new.columns) and not {"low", "high"} & set(new.columns)
+    for path in [*(out / "parts").glob("*.parquet"), out / "sweep.parquet"]:  # as an earlier release wrote them
+        pd.read_parquet(path).rename(columns={"low_score": "low", "high_score": "high"}).to_parquet(path, index=False)
+    for table in (load_sweep(out), read_parts(out)):
+        assert list(table.low_score) == list(new.low_score) and list(table.high_score) == list(new.high_score)
+    old = pd.read_parquet(out / "sweep.parquet")
+    assert "low" in old.columns
+    pd.testing.assert_frame_equal(average_effect(old), average_effect(new))

@@ -93,6 +93,7 @@ def test_plot_on_image_refuses_text_traces(demo_bundle, demo_sample):
         overlay_image(text, demo_sample.image, layer=0)
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_vision_explorer_follows_its_controls(demo_bundle):
     from blip_trace_widgets.widgets import VisionTraceExplorer
 

@@ -17,6 +17,7 @@ def explorer(demo_bundle, demo_sample, tmp_path):
     return ex
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_controls_drive_the_heatmap(explorer, demo_bundle, demo_sample):
     image, question, _ = demo_sample
     first_png = explorer.heatmap.value
@@ -37,6 +38,7 @@ def test_controls_drive_the_heatmap(explorer, demo_bundle, demo_sample):
     assert explorer.result.block == "answer_decoder" and explorer.result.tokens == ["[DEC]"]
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_repeat_configuration_hits_the_cache(explorer):
     tracer = explorer.tracer
     explorer.kind.value = "mlp"
@@ -49,6 +51,7 @@ def test_repeat_configuration_hits_the_cache(explorer):
     assert explorer.result.scores is mlp_scores
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_noise_changes_do_not_redo_the_clean_pass(explorer):
     tracer = explorer.tracer
     for value in (1.0, 5.0, 0.5):
@@ -59,6 +62,7 @@ def test_noise_changes_do_not_redo_the_clean_pass(explorer):
     assert tracer.stats["corrupted_passes"] >= 4
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_new_question_recomputes_the_clean_pass(explorer):
     old = explorer.tracer
     explorer.question_box.value = "what shape is present?"
@@ -76,6 +80,7 @@ def test_errors_show_inside_and_widget_recovers(explorer):
     assert explorer.result.config["question"] == good
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_window_disabled_for_hidden_with_reason(explorer):
     explorer.kind.value = "hidden"
     assert explorer.window.disabled and "one layer at a time" in tooltip_of(explorer.window)
@@ -84,6 +89,7 @@ def test_window_disabled_for_hidden_with_reason(explorer):
     assert explorer.window.max == explorer.bundle.num_layers()
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_exports(explorer, tmp_path):
     explorer.kind.value = "self_attn"
     png, js, csv = (explorer.export(fmt) for fmt in ("png", "json", "csv"))
@@ -94,6 +100,7 @@ def test_exports(explorer, tmp_path):
     assert "saved" in explorer.status.value
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_gallery_switches_samples(demo_bundle, tmp_path):
     ex = TraceExplorer(demo_bundle, background=False, mode="exact")
     assert len(ex.gallery.options) == len(demo_samples())
@@ -106,6 +113,7 @@ def test_gallery_switches_samples(demo_bundle, tmp_path):
                                                                   corruption=GaussianNoise(demo_bundle.noise_scale)).scores)
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_compare_view_shows_four_kinds(explorer, demo_bundle, demo_sample):
     image, question, _ = demo_sample
     explorer.window.value = 2
@@ -129,6 +137,7 @@ def test_background_mode_updates(demo_bundle, demo_sample):
     assert ex.progress.value == ex.progress.max
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_set_sample_and_bad_image(explorer, demo_bundle):
     image, question, _ = demo_samples()[1]
     explorer.set_sample(image, question)
@@ -139,6 +148,7 @@ def test_set_sample_and_bad_image(explorer, demo_bundle):
     assert explorer.result.kind == "mlp" and explorer.result.config["question"] == question
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_heatmap_shown_at_natural_width(explorer):
     import io
 
@@ -191,6 +201,7 @@ def test_the_old_samples_keyword_still_works_with_a_warning(demo_bundle):
     assert len(explorer.gallery_items) == 2
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_estimate_shows_first_then_the_exact_map(explorer):
     shown = []
     explorer.heatmap.observe(lambda change: shown.append(explorer.result.is_estimate), names="value")
@@ -202,6 +213,7 @@ def test_the_estimate_shows_first_then_the_exact_map(explorer):
     assert "ESTIMATE" not in explorer.status.value and not explorer.result.is_estimate
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_default_shows_the_estimate_then_its_top_cells_exact(demo_bundle, demo_sample):
     image, question, _ = demo_sample
     explorer = TraceExplorer(demo_bundle, image, question, background=False)
@@ -218,6 +230,7 @@ def test_the_default_shows_the_estimate_then_its_top_cells_exact(demo_bundle, de
     assert explorer.result.config["method"] == "exact"
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_estimate_only_never_runs_the_engine(explorer):
     explorer.method.value = "estimate"
     tracer = explorer.tracer
