@@ -262,11 +262,11 @@ class SwapLoop:
         self.clean, self.corrupted = self._record(self.ids), self._record(self.other)
 
     def path(self, layer):
-        return f"{LAYERS['question_encoder']}.{layer}{TEXT[self.config.kind]}"
+        return f"{LAYERS[self.config.block]}.{layer}{TEXT[self.config.kind]}"
 
     def _record(self, ids):
         seen, handles = {}, []
-        for layer in range(len(self.model.text_encoder.encoder.layer)):
+        for layer in range(len(self.model.get_submodule(LAYERS[self.config.block]))):
             handles.append(self.model.get_submodule(self.path(layer)).register_forward_hook(
                 lambda m, i, o, layer=layer: seen.__setitem__(layer, _tensor(o).clone())))
         try:
@@ -320,7 +320,7 @@ def test_a_word_swap_matches_a_per_cell_loop(bundles, image, kind, window, direc
     assert np.abs(expected - expected.mean()).max() > 1e-6  # the cells differ: the check could fail
 
 
-class TextSwapLoop:
+class TextSwapLoop(SwapLoop):
     """A captioner's prompt or a matcher's text with words swapped: the model's own decoder (or ITM encoder and
     head) on the counterfactual tokens, one cell at a time restored to the clean text's run (or the reverse)."""
 
@@ -335,41 +335,12 @@ class TextSwapLoop:
             self.embeds = self.model.vision_model(pixel_values=pixels)[0]
         self.clean, self.corrupted = self._record(self.ids), self._record(self.other)
 
-    def path(self, layer):
-        return f"{LAYERS[self.config.block]}.{layer}{TEXT[self.config.kind]}"
-
-    def _record(self, ids):
-        seen, handles = {}, []
-        for layer in range(len(self.model.get_submodule(LAYERS[self.config.block]))):
-            handles.append(self.model.get_submodule(self.path(layer)).register_forward_hook(
-                lambda m, i, o, layer=layer: seen.__setitem__(layer, _tensor(o).clone())))
-        try:
-            with torch.no_grad():
-                self.forward(ids)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return seen
-
-    def forward(self, ids):
+    def _forward(self, ids):
         if self.head == "itm":
             states = self.model.text_encoder(input_ids=ids, encoder_hidden_states=self.embeds)[0]
             return float(torch.softmax(self.model.itm_head(states[:, 0]).double(), -1)[0, 1])
         logits = self.model.text_decoder(input_ids=ids, encoder_hidden_states=self.embeds).logits.double()
         return float(torch.softmax(logits[0, self.target.offset], -1)[self.target.tokens[0]])
-
-    def cell(self, cells, noise: bool):
-        source, base = (self.corrupted, self.ids) if noise else (self.clean, self.other)
-        with ExitStack() as stack, torch.no_grad():
-            for layer, pos in cells:
-                def hook(m, i, o, held=source[layer], pos=pos):
-                    t = _tensor(o).clone()
-                    t[:, pos] = held[:, pos]
-                    return _replace(o, t)
-
-                handle = self.model.get_submodule(self.path(layer)).register_forward_hook(hook)
-                stack.callback(handle.remove)
-            return self.forward(base)
 
 
 @pytest.mark.parametrize("head, text, swap", [("caption", "a red", {"red": "blue"}),
@@ -393,8 +364,8 @@ def test_a_word_swap_of_a_prompt_or_a_matched_text_matches_a_per_cell_loop(bundl
                                                           min(layers, layer - (-window // 2)))], direction == "noise")
                           for layer in range(layers)] for p in range(result.scores.shape[0])])
     np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
-    assert result.low_score == pytest.approx(loop.forward(loop.other), abs=1e-6)
-    assert result.high_score == pytest.approx(loop.forward(loop.ids), abs=1e-6)
+    assert result.low_score == pytest.approx(loop._forward(loop.other), abs=1e-6)
+    assert result.high_score == pytest.approx(loop._forward(loop.ids), abs=1e-6)
     assert np.abs(expected - expected.mean()).max() > 1e-6  # the cells differ: the check could fail
 
 
