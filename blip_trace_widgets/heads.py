@@ -17,6 +17,7 @@ above the names, so that every module can ask a head what it does without a cycl
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from html import escape
 from typing import Any, ClassVar, Protocol
@@ -88,7 +89,7 @@ class Scoring(Reading, Protocol):
     def answer_ids(self, answer: str | None) -> tuple[int, ...]: ...
 
 
-class Head:
+class Head(ABC):
     """One BLIP task head. Subclasses set the attributes and override what their head does differently."""
 
     name: ClassVar[str]
@@ -158,8 +159,9 @@ class Head:
         if word is not None:
             raise BlipTraceError("target picks a word of a caption: use it with a captioning model")
 
+    @abstractmethod
     def target(self, reading: Scoring, config: Any, contrast: int | None) -> Target:
-        raise NotImplementedError
+        """What ``config`` scores on ``reading``, with a logit difference's ``contrast`` token (None otherwise)."""
 
     def scored_words(self, answer: str, config: dict[str, Any], metric: str) -> str:
         """What a result's scores are of, in words: "answer 'red'", "caption word 'red'", "match with '…'"."""
