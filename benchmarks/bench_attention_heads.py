@@ -35,8 +35,7 @@ from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer  # noqa: E402
 def timed(tracer: Tracer, config: TraceConfig, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
-        tracer._results.clear()  # the result and gradient caches would answer at once
-        tracer.estimator._gradients.clear()
+        tracer.clear()  # the result and gradient caches would answer at once
         started = time.perf_counter()
         tracer.trace(config)
         best = min(best, time.perf_counter() - started)

@@ -41,14 +41,27 @@ from .scoring import Target
 
 
 class Pass(Protocol):
-    """What a block reads from the clean pass of one (image, text): the model and its tokens, the clean runs,
-    and the memory settings that size its chunks (a :class:`~.clean.CleanPass` or the tracer built on it)."""
+    """What a block reads from the clean pass of one (image, text), read-only: the model and its tokens, the
+    clean runs, and the memory settings that size its chunks (a :class:`~.clean.CleanPass`, the session a
+    :class:`~.tracing.Tracer` holds; never the tracer itself)."""
 
-    bundle: Any
-    model: torch.nn.Module
-    question_ids: list[int]
-    memory_budget: int
-    max_batch_rows: int | None
+    @property
+    def bundle(self) -> Any: ...
+
+    @property
+    def model(self) -> torch.nn.Module: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def question_ids(self) -> list[int]: ...
+
+    @property
+    def memory_budget(self) -> int: ...
+
+    @property
+    def max_batch_rows(self) -> int | None: ...
 
     @property
     def clean(self) -> Any: ...
@@ -96,17 +109,17 @@ class Block(Protocol):
     stack: Any  # a Stack: TextStack or VisionStack
     reads_target: bool  # whether its runs depend on the target's tokens (then they are cached per target)
 
-    def layout(self, tracer: Pass, config: TraceConfig, target: Target) -> Layout: ...
+    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout: ...
 
-    def clean_run(self, tracer: Pass, target: Target) -> Run: ...
+    def clean_run(self, session: Pass, target: Target) -> Run: ...
 
-    def corrupted_run(self, tracer: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]: ...
+    def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]: ...
 
-    def clean_cross(self, tracer: Pass, target: Target) -> Cross: ...
+    def clean_cross(self, session: Pass, target: Target) -> Cross: ...
 
-    def rows_per_chunk(self, tracer: Pass, config: TraceConfig, target: Target) -> int: ...
+    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int: ...
 
-    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor: ...
+    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor: ...
 
 
 def _text_layout(labels: list[str], stack: Any, config: TraceConfig) -> Layout:
@@ -143,13 +156,13 @@ def head_layout(labels: Sequence[str], heads: int, layers: int, config: TraceCon
     return Layout([f"h{h}" for h in range(heads)], group_cells(units, layers, int(config.window)), extra)
 
 
-def _text_rows(tracer: Pass, config: TraceConfig, positions: int, cross_tokens: int, decoder_tokens: int) -> int:
-    text = anatomy.text_config(tracer.model)
+def _text_rows(session: Pass, config: TraceConfig, positions: int, cross_tokens: int, decoder_tokens: int) -> int:
+    text = anatomy.text_config(session.model)
     return rows_per_chunk(
         samples=config.samples, tokens=positions, cross_tokens=cross_tokens, hidden=text.hidden_size,
         intermediate=text.intermediate_size, heads=text.num_attention_heads, vocab=text.vocab_size,
-        decoder_tokens=decoder_tokens, element_size=tracer.bundle.working_itemsize,
-        memory_budget=tracer.memory_budget, max_batch_rows=tracer.max_batch_rows,
+        decoder_tokens=decoder_tokens, element_size=session.bundle.working_itemsize,
+        memory_budget=session.memory_budget, max_batch_rows=session.max_batch_rows,
     )
 
 
@@ -169,45 +182,45 @@ class AnswerDecoder:
         self.stack = TextStack(model, ANSWER_DECODER)
         self.head = anatomy.answer_head(model)
 
-    def layout(self, tracer: Pass, config: TraceConfig, target: Target) -> Layout:
-        labels = list(tracer.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs)))
+    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+        labels = list(session.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs)))
         return _text_layout(labels, self.stack, config)
 
-    def run(self, tracer: Pass, question_states: torch.Tensor, target: Target) -> tuple[Run, Cross]:
+    def run(self, session: Pass, question_states: torch.Tensor, target: Target) -> tuple[Run, Cross]:
         """The decoder's run [S, Td, D] on question states [S, T, D] (teacher-forced on the target)."""
         from .engine import record_run, shared_cross
 
         cross = shared_cross(self.stack, question_states)
-        h0 = self.stack.embed(tracer.ids(target.inputs)).expand(question_states.shape[0], -1, -1)
+        h0 = self.stack.embed(session.ids(target.inputs)).expand(question_states.shape[0], -1, -1)
         return record_run(self.stack, h0, cross), cross
 
-    def clean_run(self, tracer: Pass, target: Target) -> Run:
-        assert tracer.clean.text is not None
-        return self.run(tracer, tracer.clean.text.output, target)[0]
+    def clean_run(self, session: Pass, target: Target) -> Run:
+        assert session.clean.text is not None
+        return self.run(session, session.clean.text.output, target)[0]
 
-    def clean_cross(self, tracer: Pass, target: Target) -> Cross:
+    def clean_cross(self, session: Pass, target: Target) -> Cross:
         """Cross keys and values of the clean question states (what the clean run attends to)."""
         from .engine import shared_cross
 
-        assert tracer.clean.text is not None
-        return shared_cross(self.stack, tracer.clean.text.output)
+        assert session.clean.text is not None
+        return shared_cross(self.stack, session.clean.text.output)
 
-    def corrupted_run(self, tracer: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+    def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
-        return self.run(tracer, corrupted.text.output, target)
+        return self.run(session, corrupted.text.output, target)
 
-    def rows_per_chunk(self, tracer: Pass, config: TraceConfig, target: Target) -> int:
-        return _text_rows(tracer, config, len(target.inputs), len(tracer.question_ids), len(target.inputs))
+    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
+        return _text_rows(session, config, len(target.inputs), len(session.question_ids), len(target.inputs))
 
-    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         return self.head(final)
 
-    def decode_rows(self, tracer: Pass, question_states: torch.Tensor, target: Target) -> torch.Tensor:
+    def decode_rows(self, session: Pass, question_states: torch.Tensor, target: Target) -> torch.Tensor:
         """Decoder logits [S, C, Td, V] when each row cross-attends to its own question states [S, C, T, D]."""
         stack = self.stack
         s, c, t, d = question_states.shape
         flat = question_states.reshape(s * c, t, d)
-        h = stack.embed(tracer.ids(target.inputs))[:, None].expand(s, c, -1, -1)
+        h = stack.embed(session.ids(target.inputs))[:, None].expand(s, c, -1, -1)
         mask = stack.self_mask(h.shape[2], h.dtype, h.device)
         for j in range(len(stack)):
             h = stack.layer(j, h, _per_row_cross(stack, j, flat, s, c), mask)
@@ -223,48 +236,48 @@ class ImageReader(ABC):
     def __init__(self, model: torch.nn.Module) -> None:
         self.stack = TextStack(model, self.name)
 
-    def input_ids(self, tracer: Pass, target: Target) -> Sequence[int]:
+    def input_ids(self, session: Pass, target: Target) -> Sequence[int]:
         """The tokens this block reads."""
-        return tracer.question_ids
+        return session.question_ids
 
-    def layout(self, tracer: Pass, config: TraceConfig, target: Target) -> Layout:
-        labels = list(tracer.bundle.tokenizer.convert_ids_to_tokens(list(self.input_ids(tracer, target))))
+    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+        labels = list(session.bundle.tokenizer.convert_ids_to_tokens(list(self.input_ids(session, target))))
         return _text_layout(labels, self.stack, config)
 
-    def clean_run(self, tracer: Pass, target: Target) -> Run:
-        assert tracer.clean.text is not None
-        return tracer.clean.text
+    def clean_run(self, session: Pass, target: Target) -> Run:
+        assert session.clean.text is not None
+        return session.clean.text
 
-    def clean_cross(self, tracer: Pass, target: Target) -> Cross:
+    def clean_cross(self, session: Pass, target: Target) -> Cross:
         """Cross keys and values of the clean image embeddings."""
         from .engine import shared_cross
 
-        return shared_cross(self.stack, tracer.clean.image_embeds)
+        return shared_cross(self.stack, session.clean.image_embeds)
 
-    def corrupted_run(self, tracer: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+    def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
         return corrupted.text, corrupted.image_cross
 
-    def rows_per_chunk(self, tracer: Pass, config: TraceConfig, target: Target) -> int:
-        cross_tokens = int(tracer.clean.image_embeds.shape[1])
-        positions = len(self.input_ids(tracer, target))
-        return _text_rows(tracer, config, positions, cross_tokens, self.decoder_tokens(target))
+    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
+        cross_tokens = int(session.clean.image_embeds.shape[1])
+        positions = len(self.input_ids(session, target))
+        return _text_rows(session, config, positions, cross_tokens, self.decoder_tokens(target))
 
     def decoder_tokens(self, target: Target) -> int:
         """Positions of any decoder run after this block, per row (for sizing chunks)."""
         return 0
 
     @abstractmethod
-    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         """The head's outputs for this block's final states [S, C, T, D] (each reader has its own head)."""
 
-    def encode_rows(self, tracer: Pass, image_embeds: torch.Tensor, target: Target) -> torch.Tensor:
+    def encode_rows(self, session: Pass, image_embeds: torch.Tensor, target: Target) -> torch.Tensor:
         """This block's final states [S, C, T, D] when each row cross-attends to its own image embeddings
         [S, C, N, Dv]."""
         stack = self.stack
         s, c, n, dv = image_embeds.shape
         flat = image_embeds.reshape(s * c, n, dv)
-        h = stack.embed(tracer.ids(self.input_ids(tracer, target)))[:, None].expand(s, c, -1, -1)
+        h = stack.embed(session.ids(self.input_ids(session, target)))[:, None].expand(s, c, -1, -1)
         mask = stack.self_mask(h.shape[2], h.dtype, h.device)
         for j in range(len(stack)):
             h = stack.layer(j, h, _per_row_cross(stack, j, flat, s, c), mask)
@@ -283,8 +296,8 @@ class QuestionEncoder(ImageReader):
     def decoder_tokens(self, target: Target) -> int:
         return len(target.inputs)
 
-    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
-        return self.decoder.decode_rows(tracer, final, target)
+    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+        return self.decoder.decode_rows(session, final, target)
 
 
 class ItmEncoder(ImageReader):
@@ -296,7 +309,7 @@ class ItmEncoder(ImageReader):
         super().__init__(model)
         self.head = anatomy.itm_head(model)
 
-    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         return self.head(final[..., 0, :])  # [S, C, 2]: (no match, match)
 
 
@@ -310,31 +323,31 @@ class CaptionDecoder(ImageReader):
         super().__init__(model)
         self.head = anatomy.answer_head(model)
 
-    def input_ids(self, tracer: Pass, target: Target) -> Sequence[int]:
+    def input_ids(self, session: Pass, target: Target) -> Sequence[int]:
         return target.inputs
 
-    def run(self, tracer: Pass, image_cross: Cross, samples: int, target: Target,
+    def run(self, session: Pass, image_cross: Cross, samples: int, target: Target,
             prompt: torch.Tensor | None = None) -> Run:
         """The decoder's run over ``target.inputs``, its first positions replaced by ``prompt`` [S, P, D] if given
         (a corrupted prompt: the embeddings are per position, so the rest is as in the clean run)."""
         from .engine import record_run
 
-        h0 = self.stack.embed(tracer.ids(target.inputs)).expand(samples, -1, -1)
+        h0 = self.stack.embed(session.ids(target.inputs)).expand(samples, -1, -1)
         if prompt is not None:
             h0 = torch.cat([prompt.expand(samples, -1, -1), h0[:, prompt.shape[1]:]], 1)
         return record_run(self.stack, h0, image_cross)
 
-    def clean_run(self, tracer: Pass, target: Target) -> Run:
+    def clean_run(self, session: Pass, target: Target) -> Run:
         from .engine import shared_cross
 
-        return self.run(tracer, shared_cross(self.stack, tracer.clean.image_embeds), 1, target)
+        return self.run(session, shared_cross(self.stack, session.clean.image_embeds), 1, target)
 
-    def corrupted_run(self, tracer: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+    def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         prompt = corrupted.prompt
         samples = int(corrupted.image_embeds.shape[0] if prompt is None else prompt.shape[0])
-        return self.run(tracer, corrupted.image_cross, samples, target, prompt), corrupted.image_cross
+        return self.run(session, corrupted.image_cross, samples, target, prompt), corrupted.image_cross
 
-    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         return self.head(final)
 
 
@@ -349,8 +362,8 @@ class VisionEncoder:
         self.reader = reader
         self.projections = anatomy.projections(model)
 
-    def layout(self, tracer: Pass, config: TraceConfig, target: Target) -> Layout:
-        side = patch_grid_size(int(tracer.clean.image_embeds.shape[1]))
+    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+        side = patch_grid_size(int(session.clean.image_embeds.shape[1]))
         if is_head_kind(config.kind):
             labels = ["[CLS]", *(f"p{r}c{c}" for r in range(side) for c in range(side))]
             return head_layout(labels, self.stack.heads, len(self.stack), config, text=False)
@@ -360,43 +373,43 @@ class VisionEncoder:
         return Layout([g.label for g in grid], group_cells([g.tokens for g in grid], len(self.stack), int(config.window)),
                       extra)
 
-    def clean_run(self, tracer: Pass, target: Target) -> Run:
-        return tracer.clean_vision
+    def clean_run(self, session: Pass, target: Target) -> Run:
+        return session.clean_vision
 
-    def clean_cross(self, tracer: Pass, target: Target) -> Cross:
+    def clean_cross(self, session: Pass, target: Target) -> Cross:
         return [None] * len(self.stack)
 
-    def corrupted_run(self, tracer: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+    def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         if corrupted.vision is None:
             raise BlipTraceError(
                 "restoring vision-encoder states needs a corruption before the vision encoder: "
                 "use corrupt='patches' or corrupt='pixels'")
         return corrupted.vision, [None] * len(self.stack)
 
-    def rows_per_chunk(self, tracer: Pass, config: TraceConfig, target: Target) -> int:
-        vision, text = anatomy.vision_config(tracer.model), anatomy.text_config(tracer.model)
+    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
+        vision, text = anatomy.vision_config(session.model), anatomy.text_config(session.model)
         return vision_rows_per_chunk(
-            samples=config.samples, patches=int(tracer.clean.image_embeds.shape[1]), vision_hidden=vision.hidden_size,
+            samples=config.samples, patches=int(session.clean.image_embeds.shape[1]), vision_hidden=vision.hidden_size,
             vision_intermediate=vision.intermediate_size, vision_heads=vision.num_attention_heads,
-            tokens=len(self.reader.input_ids(tracer, target)),
+            tokens=len(self.reader.input_ids(session, target)),
             text_hidden=text.hidden_size, text_intermediate=text.intermediate_size,
-            text_heads=text.num_attention_heads, element_size=tracer.bundle.working_itemsize,
-            memory_budget=tracer.memory_budget, max_batch_rows=tracer.max_batch_rows,
+            text_heads=text.num_attention_heads, element_size=session.bundle.working_itemsize,
+            memory_budget=session.memory_budget, max_batch_rows=session.max_batch_rows,
         )
 
-    def logits(self, tracer: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         embeds = self.stack.post_norm(final)
         if target.readout == "itc":
-            return self.itc(tracer, embeds)
-        return self.reader.logits(tracer, self.reader.encode_rows(tracer, embeds, target), target)
+            return self.itc(session, embeds)
+        return self.reader.logits(session, self.reader.encode_rows(session, embeds, target), target)
 
-    def itc(self, tracer: Pass, image_embeds: torch.Tensor) -> torch.Tensor:
+    def itc(self, session: Pass, image_embeds: torch.Tensor) -> torch.Tensor:
         """ITC cosine similarity [...] of image embeddings [..., N, D] with the text (BLIP's projections of
         the image's first state and of the text encoder's first state, the text read without the image)."""
         if self.projections is None:
             raise BlipTraceError("this checkpoint has no ITC projections (vision_proj, text_proj): use metric='prob'")
         image_feature = torch.nn.functional.normalize(self.projections[0](image_embeds[..., 0, :]), dim=-1)
-        return (image_feature * tracer.itc_text_feature(self.projections[1]).to(image_feature.dtype)).sum(-1)
+        return (image_feature * session.itc_text_feature(self.projections[1]).to(image_feature.dtype)).sum(-1)
 
 
 #: Every block by name.

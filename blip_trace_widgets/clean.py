@@ -67,6 +67,10 @@ class CleanPass:
         self._clean_vision: Run | None = None
         self._text_feature: torch.Tensor | None = None
 
+    def held(self) -> list[Any]:
+        """What this pass keeps: its clean pass, clean vision run, pixels and ITC text feature (None until made)."""
+        return [self._clean, self._clean_vision, self._pixels, self._text_feature]
+
     # ----- inputs ------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

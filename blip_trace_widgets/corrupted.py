@@ -1,9 +1,12 @@
 """Corrupted runs: the input corrupted as a TraceConfig says, and every state of the runs after it.
 
     >>> from blip_trace_widgets import load_model, demo_samples, TraceConfig
+    >>> from blip_trace_widgets.clean import CleanPass
     >>> from blip_trace_widgets.corrupted import CorruptedRuns
+    >>> from blip_trace_widgets.targets import Targets
     >>> image, question, _ = demo_samples()[0]
-    >>> runs = CorruptedRuns(load_model("demo"), image, question)
+    >>> session = CleanPass(load_model("demo"), image, question)
+    >>> runs = CorruptedRuns(session, Targets(session))
     >>> tuple(runs.corrupted(TraceConfig(samples=3)).text.output.shape[:1])
     (3,)
 
@@ -21,16 +24,15 @@ import torch
 from . import anatomy
 from .blocks import Corrupted
 from .cache import LRU
+from .clean import CleanPass
 from .config import TraceConfig, cache_key
 from .corruption import ImageSwap, WordSwap
-from .engine import DEFAULT_MEMORY_BUDGET, Run, record_run, shared_cross
+from .engine import Run, record_run, shared_cross
 from .errors import BlipTraceError
-from .inputs import ImageLike
-from .loading import BlipBundle
 from .memory import available_memory
 from .roles import last_content_word
 from .scoring import Target
-from .targets import TargetedPass
+from .targets import Targets
 
 
 def tensor_bytes(*objects: Any) -> int:
@@ -56,33 +58,33 @@ def tensor_bytes(*objects: Any) -> int:
     return total
 
 
-class CorruptedRuns(TargetedPass):
-    """The clean pass of one (image, question), and its corrupted runs in bounded caches."""
+class CorruptedRuns:
+    """The corrupted runs of one (image, text)'s clean pass, in bounded caches."""
 
-    def __init__(self, bundle: BlipBundle, image: ImageLike, question: str, *,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET, max_batch_rows: int | None = None,
-                 corrupted_cache_size: int = 2) -> None:
-        super().__init__(bundle, image, question, memory_budget=memory_budget, max_batch_rows=max_batch_rows)
+    def __init__(self, session: CleanPass, targets: Targets, corrupted_cache_size: int = 2) -> None:
+        self.session = session
+        self.targets = targets
         self._clean_target: LRU[Run] = LRU(8)
         self._corrupted: LRU[Corrupted] = LRU(corrupted_cache_size)
         self._corrupted_target: LRU[tuple[Run, Any]] = LRU(corrupted_cache_size)
 
     def bound_swap(self, swap: WordSwap) -> WordSwap:
         """``swap`` bound to this question, the model's tokenizer and the reader's token embeddings."""
-        stack, tokenizer = self.blocks.reader.stack, self.bundle.tokenizer
-        return swap.bind(tokenizer, self.question, self.question_ids, lambda ids: stack.embed(self.ids(ids)),
-                         lambda text: self.task.encode(tokenizer, text, self.position_limit, self.bos_id)[1])
+        session = self.session
+        stack, tokenizer = session.blocks.reader.stack, session.bundle.tokenizer
+        return swap.bind(tokenizer, session.question, session.question_ids, lambda ids: stack.embed(session.ids(ids)),
+                         lambda text: session.task.encode(tokenizer, text, session.position_limit, session.bos_id)[1])
 
     def corrupt_positions(self, config: TraceConfig) -> list[int]:
         """Question positions a corrupt='question' trace corrupts (a word swap's: where the tokens differ)."""
-        count = len(self.question_ids)
+        count = len(self.session.question_ids)
         if config.corrupt_tokens is None and isinstance(config.corruption, WordSwap):
-            other = self.bound_swap(config.corruption)._ids  # type: ignore[attr-defined]
-            return [p for p, (a, b) in enumerate(zip(self.question_ids, other)) if a != b]
+            other = self.bound_swap(config.corruption).ids or ()
+            return [p for p, (a, b) in enumerate(zip(self.session.question_ids, other)) if a != b]
         if config.corrupt_tokens is None:
             return list(range(count))
         if isinstance(config.corrupt_tokens, str):  # "object"
-            tokens = self.bundle.tokenizer.convert_ids_to_tokens(self.question_ids)
+            tokens = self.session.bundle.tokenizer.convert_ids_to_tokens(self.session.question_ids)
             positions = last_content_word(tokens)
             if not positions:
                 raise BlipTraceError("the question has no content word to corrupt; pass corrupt_tokens=(positions...)")
@@ -95,8 +97,8 @@ class CorruptedRuns(TargetedPass):
     def _apply(self, config: TraceConfig, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         corruption = config.corruption
         if isinstance(corruption, ImageSwap) and corruption.embeddings is None:  # the other image at this stage
-            corruption = corruption.bind({"image": self.embed_image, "pixels": self.pixel_values,
-                                          "patches": lambda image: self.vision.embed(self.pixel_values(image)),
+            corruption = corruption.bind({"image": self.session.embed_image, "pixels": self.session.pixel_values,
+                                          "patches": lambda image: self.session.vision.embed(self.session.pixel_values(image)),
                                           }[str(config.corrupt)])
         if isinstance(corruption, WordSwap) and corruption.embeddings is None:
             corruption = self.bound_swap(corruption)
@@ -107,24 +109,24 @@ class CorruptedRuns(TargetedPass):
                                  f"got {getattr(out, 'shape', type(out).__name__)}")
         if not bool(torch.isfinite(out).all()):
             raise BlipTraceError("the corruption returned NaN or infinite values: lower its level, or fix the callable")
-        return out.to(device=self.device, dtype=self.bundle.dtype)
+        return out.to(device=self.session.device, dtype=self.session.bundle.dtype)
 
     @torch.no_grad()
-    def held_bytes(self) -> int:
-        """Bytes of the tensors this object keeps: its clean pass and cached runs."""
-        caches = [cache.values() for cache in (self._clean_target, self._corrupted, self._corrupted_target)]
-        return tensor_bytes(self._clean, self._clean_vision, self._pixels, *caches)
+    def held(self) -> list[Any]:
+        """What this object keeps: its cached runs."""
+        return [cache.values() for cache in (self._clean_target, self._corrupted, self._corrupted_target)]
 
     def run_bytes(self, samples: int, vision: bool) -> int:
         """About how many bytes the corrupted runs of ``samples`` noise samples keep (every state a trace restores,
         and the image keys and values of every text layer)."""
-        text, image = anatomy.text_config(self.model), anatomy.vision_config(self.model)
+        text, image = anatomy.text_config(self.session.model), anatomy.vision_config(self.session.model)
         tokens = int((image.image_size // image.patch_size) ** 2 + 1)
-        layers = len(self.blocks.reader.stack)
-        question = (layers + 1) * len(self.question_ids) * text.hidden_size * (1 + len(self.blocks.reader.stack.kinds))
+        layers = len(self.session.blocks.reader.stack)
+        reader = self.session.blocks.reader.stack
+        question = (layers + 1) * len(self.session.question_ids) * text.hidden_size * (1 + len(reader.kinds))
         cross = layers * 2 * tokens * text.hidden_size + tokens * image.hidden_size
-        vit = (len(self.vision) + 1) * tokens * image.hidden_size * (1 + len(self.vision.kinds)) if vision else 0
-        return samples * (question + cross + vit) * self.bundle.dtype.itemsize
+        vit = (len(self.session.vision) + 1) * tokens * image.hidden_size * (1 + len(self.session.vision.kinds)) if vision else 0
+        return samples * (question + cross + vit) * self.session.bundle.dtype.itemsize
 
     def _check_memory(self, config: TraceConfig) -> None:
         """Refuse, before allocating anything, noise samples whose runs would not fit in the memory available."""
@@ -136,40 +138,40 @@ class CorruptedRuns(TargetedPass):
                 f"{config.samples} noise samples need about {needed / 2**30:.1f} GiB for the corrupted runs, and "
                 f"{free / 2**30:.1f} GiB are available: use at most {max(1, int(0.8 * free // per_sample))} samples")
 
-    def _corrupt(self, config: TraceConfig, generator: torch.Generator) -> Corrupted:
+    def draw(self, config: TraceConfig, generator: torch.Generator) -> Corrupted:
         """The corrupted runs for one draw of ``config.samples`` from ``generator``."""
         self._check_memory(config)
-        self.check_config(config)
+        self.targets.check_config(config)
         samples = int(config.samples)
-        reader, vstack = self.blocks.reader, self.vision
+        reader, vstack = self.session.blocks.reader, self.session.vision
         qstack = reader.stack
-        h0 = qstack.embed(self.ids(self.question_ids))
+        h0 = qstack.embed(self.session.ids(self.session.question_ids))
         vision = None
         if config.corrupt == "question":
-            embeds = self.clean.image_embeds
+            embeds = self.session.clean.image_embeds
             positions = self.corrupt_positions(config)
             noisy = self._apply(config, h0, generator)
             h0 = h0.expand(samples, -1, -1).clone()
             h0[:, positions] = noisy[:, positions]
         elif config.corrupt == "image":
-            embeds = self._apply(config, self.clean.image_embeds, generator)
+            embeds = self._apply(config, self.session.clean.image_embeds, generator)
             h0 = h0.expand(samples, -1, -1)
         else:
             patches = self._corrupted_patches(config, generator)
-            self.stats["vision_passes"] += 1
+            self.session.stats["vision_passes"] += 1
             vision = record_run(vstack, patches, [None] * len(vstack))
             embeds = vstack.post_norm(vision.output)
             h0 = h0.expand(samples, -1, -1)
         cross = shared_cross(qstack, embeds)
-        self.stats["corrupted_passes"] += 1
+        self.session.stats["corrupted_passes"] += 1
         if reader.reads_target:  # its run depends on the target: kept is the text's corrupted input, if corrupted
             return Corrupted(embeds, cross, None, vision, h0 if config.corrupt == "question" else None)
         return Corrupted(embeds, cross, record_run(qstack, h0, cross), vision)
 
     def _corrupted_patches(self, config: TraceConfig, generator: torch.Generator) -> torch.Tensor:
         """The vision encoder's corrupted input (patch embeddings) [S, N, D] for the next draw of ``generator``."""
-        vstack = self.vision
-        start = self.pixels if config.corrupt == "pixels" else vstack.embed(self.pixels)
+        vstack = self.session.vision
+        start = self.session.pixels if config.corrupt == "pixels" else vstack.embed(self.session.pixels)
         corrupted_input = self._apply(config, start, generator)
         return vstack.embed(corrupted_input) if config.corrupt == "pixels" else corrupted_input
 
@@ -182,19 +184,19 @@ class CorruptedRuns(TargetedPass):
     def corrupted(self, config: TraceConfig) -> Corrupted:
         """The corrupted runs for ``config``'s corruption, samples and seed (cached): the first draw of the seed."""
         return self._corrupted.get_or_make(cache_key(config, "corrupted"),
-                                           lambda: self._corrupt(config, torch.Generator().manual_seed(int(config.seed))))
+                                           lambda: self.draw(config, torch.Generator().manual_seed(int(config.seed))))
 
     def _target_run(self, block: Any, config: TraceConfig, target: Target) -> tuple[Run, Any]:
         return self._corrupted_target.get_or_make(
             (block.name, cache_key(config, "decoder"), target),
-            lambda: block.corrupted_run(self, self.corrupted(config), target))
+            lambda: block.corrupted_run(self.session, self.corrupted(config), target))
 
     def clean_run(self, block: Any, target: Target) -> Run:
         """The clean run of ``block`` for ``target`` (cached when it depends on the target)."""
         with torch.no_grad():
             if not block.reads_target:
-                return block.clean_run(self, target)
-            return self._clean_target.get_or_make((block.name, target), lambda: block.clean_run(self, target))
+                return block.clean_run(self.session, target)
+            return self._clean_target.get_or_make((block.name, target), lambda: block.clean_run(self.session, target))
 
     def runs(self, block: Any, config: TraceConfig, target: Target,
               corrupted: Corrupted | None = None) -> tuple[Run, Run, Any]:
@@ -204,13 +206,13 @@ class CorruptedRuns(TargetedPass):
             if block.reads_target and corrupted is None:
                 run, cross = self._target_run(block, config, target)
             else:
-                run, cross = block.corrupted_run(self, corrupted or self.corrupted(config), target)
+                run, cross = block.corrupted_run(self.session, corrupted or self.corrupted(config), target)
         return clean, run, cross
 
-    def _corrupt_draw(self, config: TraceConfig, generator: torch.Generator) -> None:
+    def skip_draw(self, config: TraceConfig, generator: torch.Generator) -> None:
         """Advance ``generator`` past the low score's draw without running the model."""
-        start = {"question": lambda: self.blocks.reader.stack.embed(self.ids(self.question_ids)),
-                 "image": lambda: self.clean.image_embeds, "pixels": lambda: self.pixels,
-                 "patches": lambda: self.vision.embed(self.pixels)}[str(config.corrupt)]
+        start = {"question": lambda: self.session.blocks.reader.stack.embed(self.session.ids(self.session.question_ids)),
+                 "image": lambda: self.session.clean.image_embeds, "pixels": lambda: self.session.pixels,
+                 "patches": lambda: self.session.vision.embed(self.session.pixels)}[str(config.corrupt)]
         with torch.no_grad():
             self._apply(config, start(), generator)

@@ -298,6 +298,8 @@ class WordSwap:
     swap: Any = None  # {word: replacement}, stored as sorted pairs
     question: str | None = None
     embeddings: Any = field(default=None, compare=False, hash=False, repr=False)
+    #: Once bound: the counterfactual's token ids, as the model reads them.
+    ids: tuple[int, ...] | None = field(default=None, compare=False, hash=False, repr=False)
     stage: ClassVar[str] = "question"
     info: ClassVar[Named] = Named(name="word_swap")
 
@@ -345,7 +347,7 @@ class WordSwap:
             raise BlipTraceError(f"the counterfactual question {other!r} tokenizes as the question itself: swap a word")
         bound = WordSwap(swap=self.swap, question=self.question)
         object.__setattr__(bound, "embeddings", embed(ids))
-        object.__setattr__(bound, "_ids", tuple(ids))
+        object.__setattr__(bound, "ids", tuple(ids))
         return bound
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:

@@ -43,16 +43,16 @@ from .blocks import Block, Pass
 from .cache import LRU
 from .config import TraceConfig, cache_key
 from .engine import Cell, ChunkEdits, Run, cell_pairs, chunks, staircase, start_layer
-from .names import VISION_ENCODER
-from .scoring import Target, score_rows
+from .names import RELIABILITY_TOLERANCE, TINY_ABSOLUTE, VISION_ENCODER
+from .scoring import Scores, Target, score_rows
 
 
-class Tracer(Pass, Protocol):
-    """What an estimate reads from the tracer: a block's clean and corrupted runs (and what they attend to), the
-    corrupted patches of an image-side trace, and the device (a :class:`~.tracing.Tracer`)."""
+class Runs(Protocol):
+    """What an estimate reads: the clean pass, a block's clean and corrupted runs (and what they attend to), and
+    the corrupted patches of an image-side trace (a :class:`~.corrupted.CorruptedRuns`)."""
 
     @property
-    def device(self) -> torch.device: ...
+    def session(self) -> Pass: ...
 
     def runs(self, block: Block, config: TraceConfig, target: Target) -> tuple[Any, Any, Any]: ...
 
@@ -73,14 +73,14 @@ class Gradients:
     terms: dict[str, torch.Tensor]
 
 
-def _scores(tracer: Tracer, block: Block, final: torch.Tensor, target: Target, config: TraceConfig) -> torch.Tensor:
+def _scores(runs: Runs, block: Block, final: torch.Tensor, target: Target, config: TraceConfig) -> torch.Tensor:
     """Per-row scores [S, C] of final states [S, C, T, D]."""
-    logits = block.logits(tracer, final, target)
+    logits = block.logits(runs.session, final, target)
     s, c = logits.shape[:2]
     return score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c)
 
 
-def _state_gradients(tracer: Tracer, block: Block, start: torch.Tensor, cross: Any, target: Target,
+def _state_gradients(runs: Runs, block: Block, start: torch.Tensor, cross: Any, target: Target,
                      config: TraceConfig) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]], dict[str, list]]:
     """One forward and one backward pass of ``block`` from ``start`` [S, T, D], with a zero added to every state
     so that its gradient is the gradient with respect to that state (no parameter gradient is made or kept):
@@ -100,7 +100,7 @@ def _state_gradients(tracer: Tracer, block: Block, start: torch.Tensor, cross: A
         h = start[:, None]
         for j in range(len(stack)):
             h = stack.layer(j, h, cross[j], mask, edit)
-        scores = _scores(tracer, block, h, target, config)[:, 0]
+        scores = _scores(runs, block, h, target, config)[:, 0]
         grads = iter(torch.autograd.grad(scores.sum(), [leaf for kind in stack.kinds for leaf in leaves[kind]]))
     gradients = {kind: [next(grads)[:, 0] for _ in leaves[kind]] for kind in stack.kinds}
     return scores.detach(), gradients, states
@@ -111,30 +111,30 @@ def _terms(deltas: list[torch.Tensor], gradients: list[torch.Tensor]) -> torch.T
     return torch.stack([(d.double() * g.double()).sum(-1) for d, g in zip(deltas, gradients)], 1).cpu()
 
 
-def corrupted_gradients(tracer: Tracer, block: Block, config: TraceConfig, target: Target) -> Gradients:
+def corrupted_gradients(runs: Runs, block: Block, config: TraceConfig, target: Target) -> Gradients:
     """Denoising's first-order terms: the corrupted run's gradient times ``(clean - corrupted)`` per state.
 
     For the vision encoder this pass is the corrupted run itself (its states are kept as it goes), so the
     estimate costs no separate corrupted pass; the text blocks start from their cached corrupted runs."""
     if block.name == VISION_ENCODER:
-        clean, start, cross = tracer.clean_vision, tracer.corrupted_patches(config), [None] * len(block.stack)
+        clean, start, cross = runs.session.clean_vision, runs.corrupted_patches(config), [None] * len(block.stack)
         corrupted: Any = None
     else:
-        clean, corrupted, cross = tracer.runs(block, config, target)
+        clean, corrupted, cross = runs.runs(block, config, target)
         start = corrupted.inputs[0]
-    scores, gradients, states = _state_gradients(tracer, block, start, cross, target, config)
+    scores, gradients, states = _state_gradients(runs, block, start, cross, target, config)
     terms = {kind: _terms(_deltas(clean.kinds[kind], corrupted.kinds[kind] if corrupted is not None else states[kind]),
                           gradients[kind]) for kind in block.stack.kinds}
     return Gradients(scores.double().cpu(), terms)
 
 
-def clean_gradients(tracer: Tracer, block: Block, config: TraceConfig, target: Target) -> Gradients:
+def clean_gradients(runs: Runs, block: Block, config: TraceConfig, target: Target) -> Gradients:
     """Noising's first-order terms: one forward and one backward pass of the clean run give ∂score/∂state there,
     and each noise sample's ``(corrupted - clean) · ∂score/∂state`` is what patching that state in would change.
     ``scores`` are the clean score (the base a noising cell starts from), once per sample."""
-    clean, corrupted, _ = tracer.runs(block, config, target)
-    cross = block.clean_cross(tracer, target)  # what the clean run attends to ([None] per layer for the ViT)
-    score, gradients, _ = _state_gradients(tracer, block, clean.inputs[0], cross, target, config)
+    clean, corrupted, _ = runs.runs(block, config, target)
+    cross = block.clean_cross(runs.session, target)  # what the clean run attends to ([None] per layer for the ViT)
+    score, gradients, _ = _state_gradients(runs, block, clean.inputs[0], cross, target, config)
     terms = {kind: _terms([-d for d in _deltas(clean.kinds[kind], corrupted.kinds[kind])], gradients[kind])
              for kind in block.stack.kinds}
     samples = int(corrupted.inputs[0].shape[0])
@@ -146,12 +146,12 @@ def _deltas(clean: list[torch.Tensor], corrupted: list[torch.Tensor]) -> list[to
     return [c[:1] - r for c, r in zip(clean, corrupted)]
 
 
-def _base(tracer: Tracer, block: Block, config: TraceConfig, target: Target,
+def _base(runs: Runs, block: Block, config: TraceConfig, target: Target,
           ) -> tuple[Run, Any, list[torch.Tensor], list[torch.Tensor]]:
     """The run a trace patches into (the corrupted run when denoising, the clean run once per sample when
     noising), what it attends to, its states of ``config.kind`` per layer, and per layer the patched states minus
     those ([S, T, D]): each cell's path runs from the base states to the patched ones."""
-    clean, run, cross = tracer.runs(block, config, target)
+    clean, run, cross = runs.runs(block, config, target)
     kind = config.kind
     deltas = _deltas(clean.kinds[kind], run.kinds[kind])
     if config.direction != "noise":
@@ -159,7 +159,7 @@ def _base(tracer: Tracer, block: Block, config: TraceConfig, target: Target,
     samples = int(run.inputs[0].shape[0])
     base = Run([x.expand(samples, *x.shape[1:]) for x in clean.inputs])
     states = [x.expand(samples, *x.shape[1:]) for x in clean.kinds[kind]]
-    return base, block.clean_cross(tracer, target), states, [-d for d in deltas]
+    return base, block.clean_cross(runs.session, target), states, [-d for d in deltas]
 
 
 def _cell_sums(terms: torch.Tensor, cells: Sequence[Cell]) -> torch.Tensor:
@@ -212,7 +212,7 @@ def _layers(cell: Cell) -> int:
     return len({layer for layer, _ in cell})
 
 
-def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+def _path_terms(runs: Runs, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
                 first_step: int) -> torch.Tensor:
     """Per sample and cell, the sum over the path points ``alpha = first_step/k, ..., (k-1)/k`` of
     ``delta · gradient`` there: [S, C]. Every (cell, point) pair is one row of the engine's batches.
@@ -220,21 +220,21 @@ def _path_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tra
     Each gradient is taken with the cell's other states held at their path values (free variables of the
     score): restoring a state overrides whatever an earlier state of the same cell sent through it, so a
     path through a later restored state must not be counted again."""
-    run, cross, states, deltas = _base(tracer, block, config, target)
+    run, cross, states, deltas = _base(runs, block, config, target)
     kind = config.kind
     steps, n_layers, samples = int(config.steps), len(block.stack), int(config.samples)
     pairs = [(ci, step / steps) for step in range(first_step, steps) for ci in range(len(cells))]
     order = sorted(range(len(pairs)), key=lambda i: start_layer(cells[pairs[i][0]], kind, n_layers))
     out = torch.zeros(samples, len(cells), dtype=torch.float64)
-    rows = max(1, block.rows_per_chunk(tracer, config, target) // (samples * BACKWARD_SHRINK))
+    rows = max(1, block.rows_per_chunk(runs.session, config, target) // (samples * BACKWARD_SHRINK))
     for chunk in chunks(order, rows):
         chunk_cells = [cells[pairs[i][0]] for i in chunk]
-        alphas = torch.tensor([pairs[i][1] for i in chunk], dtype=deltas[0].dtype, device=tracer.device)
-        edits = _PathEdits(kind=kind, clean=[], by_layer=cell_pairs(chunk_cells, tracer.device, every_layer=False),
+        alphas = torch.tensor([pairs[i][1] for i in chunk], dtype=deltas[0].dtype, device=runs.session.device)
+        edits = _PathEdits(kind=kind, clean=[], by_layer=cell_pairs(chunk_cells, runs.session.device, every_layer=False),
                            base=states, deltas=deltas, alphas=alphas)
         with torch.enable_grad():
             final = staircase(block.stack, run, cross, chunk_cells, edits)
-            scores = _scores(tracer, block, final, target, config)
+            scores = _scores(runs, block, final, target, config)
             grads = torch.autograd.grad(scores.sum(), [leaf for _, _, leaf in edits.leaves]) if edits.leaves else ()
         terms = torch.zeros(samples, len(chunk), dtype=torch.float64)
         for (j, first, leaf), grad in zip(edits.leaves, grads):
@@ -261,26 +261,26 @@ class _TaylorEdits(_PathEdits):
         return x
 
 
-def taylor_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: TraceConfig,
+def taylor_terms(runs: Runs, block: Block, cells: Sequence[Cell], config: TraceConfig,
                  target: Target) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample and cell, the first-order term ``f'(0)`` and the second-order term ``f''(0) / 2`` of the score
     ``f(alpha)`` with the cell's states at ``base + alpha * delta`` ([S, C] each): one forward pass of every
     cell through the engine, a backward pass, and a second backward pass through it (a Hessian-vector product
     along each cell's own delta)."""
-    run, cross, states, deltas = _base(tracer, block, config, target)
+    run, cross, states, deltas = _base(runs, block, config, target)
     kind = config.kind
     n_layers, samples = len(block.stack), int(config.samples)
     order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], kind, n_layers))
     first_terms = torch.zeros(samples, len(cells), dtype=torch.float64)
     second_terms = torch.zeros(samples, len(cells), dtype=torch.float64)
-    rows = max(1, block.rows_per_chunk(tracer, config, target) // (samples * 2 * BACKWARD_SHRINK))
+    rows = max(1, block.rows_per_chunk(runs.session, config, target) // (samples * 2 * BACKWARD_SHRINK))
     for chunk in chunks(order, rows):
         chunk_cells = [cells[i] for i in chunk]
-        alphas = torch.zeros(samples, len(chunk), dtype=torch.float64, device=tracer.device, requires_grad=True)
-        edits = _TaylorEdits(kind=kind, clean=[], by_layer=cell_pairs(chunk_cells, tracer.device, every_layer=False),
+        alphas = torch.zeros(samples, len(chunk), dtype=torch.float64, device=runs.session.device, requires_grad=True)
+        edits = _TaylorEdits(kind=kind, clean=[], by_layer=cell_pairs(chunk_cells, runs.session.device, every_layer=False),
                              base=states, deltas=deltas, alphas=alphas)
         with torch.enable_grad():
-            scores = _scores(tracer, block, staircase(block.stack, run, cross, chunk_cells, edits), target, config)
+            scores = _scores(runs, block, staircase(block.stack, run, cross, chunk_cells, edits), target, config)
             (first,) = torch.autograd.grad(scores.sum(), [alphas], create_graph=True)
             second = (torch.autograd.grad(first.sum(), [alphas])[0] if first.requires_grad
                       else torch.zeros_like(first))  # a score linear in alpha has no second-order term
@@ -293,8 +293,8 @@ def taylor_terms(tracer: Tracer, block: Block, cells: Sequence[Cell], config: Tr
 class Estimator:
     """Estimates for one :class:`~.tracing.Tracer`, keeping each block's gradient pass (every kind at once)."""
 
-    def __init__(self, tracer: Tracer, cache_size: int = 2) -> None:
-        self.tracer = tracer
+    def __init__(self, runs: Runs, cache_size: int = 2) -> None:
+        self.source = runs
         self._gradients: LRU[Gradients] = LRU(cache_size)
         #: The last order=2 estimate's second-order terms [S, C], for the reliability flag.
         self.second_order: torch.Tensor | None = None
@@ -307,14 +307,26 @@ class Estimator:
         run (noising); ``scores`` are that run's."""
         key = (block.name, cache_key(config, "decoder"), target, config.metric, config.direction)
         make = clean_gradients if config.direction == "noise" else corrupted_gradients
-        return self._gradients.get_or_make(key, lambda: make(self.tracer, block, config, target))
+        return self._gradients.get_or_make(key, lambda: make(self.source, block, config, target))
 
-    def estimate(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
-                 progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard error over noise samples of each cell's estimated score."""
+    def clear(self) -> None:
+        """Forget the kept gradient passes."""
+        self._gradients.clear()
+
+    def flagged(self, config: TraceConfig, low: float, high: float) -> np.ndarray:
+        """Per cell of the last order=2 estimate: whether its second-order term (averaged over the noise samples)
+        exceeds RELIABILITY_TOLERANCE of the total effect ``high - low``, or of the metric's floor when that is
+        larger."""
+        assert self.second_order is not None and config.order == 2, "flagged() follows an order=2 estimate"
+        tolerance = RELIABILITY_TOLERANCE * max(abs(high - low), TINY_ABSOLUTE.get(config.metric, 0.0))
+        return np.abs(self.second_order.mean(0).numpy()) > tolerance
+
+    def score(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+              progress: Callable[[int], None] | None = None) -> Scores:
+        """Mean and standard error over noise samples of each cell's estimated score; no cell is exact."""
         gradients = self.gradients(block, config, target)
         if config.order == 2:
-            first, second = taylor_terms(self.tracer, block, cells, config, target)
+            first, second = taylor_terms(self.source, block, cells, config, target)
             self.second_order = second
             return self._summary(gradients.scores[:, None] + first + second, cells, progress)
         total = torch.zeros(gradients.scores.shape[0], len(cells), dtype=torch.float64)
@@ -326,19 +338,18 @@ class Estimator:
         if single:
             part = _cell_sums(gradients.terms[config.kind], [cells[i] for i in single])
             if config.steps > 1:
-                part += _path_terms(self.tracer, block, [cells[i] for i in single], config, target, first_step=1)
+                part += _path_terms(self.source, block, [cells[i] for i in single], config, target, first_step=1)
             total[:, single] = part
         if windows:
-            total[:, windows] = _path_terms(self.tracer, block, [cells[i] for i in windows], config, target,
+            total[:, windows] = _path_terms(self.source, block, [cells[i] for i in windows], config, target,
                                             first_step=0)
         return self._summary(gradients.scores[:, None] + total / int(config.steps), cells, progress)
 
     @staticmethod
-    def _summary(estimates: torch.Tensor, cells: Sequence[Cell], progress: Callable[[int], None] | None,
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def _summary(estimates: torch.Tensor, cells: Sequence[Cell], progress: Callable[[int], None] | None) -> Scores:
         """Mean and standard error over noise samples of per-sample estimates [S, C]."""
         if progress is not None:
             progress(len(cells))
         samples = estimates.shape[0]
         stderr = estimates.std(0) / np.sqrt(samples) if samples > 1 else torch.full((len(cells),), float("nan"))
-        return estimates.mean(0).numpy(), stderr.double().numpy()
+        return Scores(estimates.mean(0).numpy(), stderr.double().numpy(), np.zeros(len(cells), bool))

@@ -81,8 +81,11 @@ class Reading(Protocol):
     def decode(self, block: Any, states: Any, start: Sequence[int], limit: int) -> list[int]: ...
 
 
-class Scoring(Reading, Protocol):
-    """A reading that also says which tokens an answer or a caption is (what a target is built from)."""
+class Scoring(Protocol):
+    """A reading's targets: which tokens an answer or a caption is (what a target is built from)."""
+
+    @property
+    def session(self) -> Reading: ...
 
     def caption_ids(self, caption: str | None) -> tuple[int, ...]: ...
 
@@ -160,8 +163,9 @@ class Head(ABC):
             raise BlipTraceError("target picks a word of a caption: use it with a captioning model")
 
     @abstractmethod
-    def target(self, reading: Scoring, config: Any, contrast: int | None) -> Target:
-        """What ``config`` scores on ``reading``, with a logit difference's ``contrast`` token (None otherwise)."""
+    def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
+        """What ``config`` scores on ``scoring.session``, with a logit difference's ``contrast`` token (None
+        otherwise)."""
 
     def scored_words(self, answer: str, config: dict[str, Any], metric: str) -> str:
         """What a result's scores are of, in words: "answer 'red'", "caption word 'red'", "match with '…'"."""
@@ -213,8 +217,9 @@ class VqaHead(Head):
     def greedy(self, reading: Reading, image_embeds: Any, run: Any) -> list[int]:
         return reading.decode(reading.blocks.last, run.output, [reading.bos_id], MAX_ANSWER_TOKENS)
 
-    def target(self, reading: Scoring, config: Any, contrast: int | None) -> Target:
-        tokens = reading.answer_ids(config.answer)
+    def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
+        reading = scoring.session
+        tokens = scoring.answer_ids(config.answer)
         return Target((reading.bos_id, *tokens[:-1]), tokens, 0, contrast)
 
 
@@ -239,9 +244,10 @@ class CaptionHead(Head):
     def check_word(self, word: int | None) -> None:
         pass  # any word: the target checks it against the caption
 
-    def target(self, reading: Scoring, config: Any, contrast: int | None) -> Target:
+    def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
+        reading = scoring.session
         tokenizer = reading.bundle.tokenizer
-        ids = reading.caption_ids(config.answer)
+        ids = scoring.caption_ids(config.answer)
         words = words_of(tokenizer.convert_ids_to_tokens(list(ids)))
         k = int(config.target or 0)
         if k >= len(words):
@@ -287,8 +293,8 @@ class ItmHead(Head):
             raise BlipTraceError("ITC compares the image with the text read without the image, so restoring the "
                                  "ITM encoder cannot change it: trace block='vision_encoder', or use metric='prob'")
 
-    def target(self, reading: Scoring, config: Any, contrast: int | None) -> Target:
-        return Target(tuple(reading.question_ids), readout="itc" if config.metric == "itc" else "match")
+    def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
+        return Target(tuple(scoring.session.question_ids), readout="itc" if config.metric == "itc" else "match")
 
     def scored_words(self, answer: str, config: dict[str, Any], metric: str) -> str:
         what = "ITC similarity" if metric == "itc" else "match"

@@ -31,9 +31,9 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
     where the noise will act: ``"image"`` (vision encoder output), ``"patches"``, ``"pixels"`` or
     ``"question"`` (token embeddings).
     """
+    from .clean import CleanPass
     from .data import text_of
     from .subsets import as_samples, open_image
-    from .tracing import Tracer
 
     if stage not in STAGES:
         raise BlipTraceError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
@@ -41,17 +41,17 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
     for count, item in enumerate(as_samples(samples)):
         if count >= limit:
             break
-        tracer = Tracer(bundle, open_image(item.image), text_of(bundle.head, item))
+        session = CleanPass(bundle, open_image(item.image), text_of(bundle.head, item))
         with torch.no_grad():
             if stage == "image":
-                values.append(tracer.embed_image(tracer.image).float().flatten())
+                values.append(session.embed_image(session.image).float().flatten())
             elif stage == "patches":
-                values.append(tracer.vision.embed(tracer.pixels).float().flatten())
+                values.append(session.vision.embed(session.pixels).float().flatten())
             elif stage == "pixels":
-                values.append(tracer.pixels.float().flatten())
+                values.append(session.pixels.float().flatten())
             else:
-                stack = tracer.blocks.reader.stack  # the text block that reads the image (question or ITM text)
-                values.append(stack.embed(tracer.ids(tracer.question_ids)).float().flatten())
+                stack = session.blocks.reader.stack  # the text block that reads the image (question or ITM text)
+                values.append(stack.embed(session.ids(session.question_ids)).float().flatten())
     if not values:
         raise BlipTraceError("estimate_sigma needs at least one (image, question) sample")
     return float(torch.cat(values).std())

@@ -16,11 +16,22 @@ head's p(match), or the ITC cosine similarity. Targets are frozen, so they key c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 
 Readout = Literal["decoder", "match", "itc"]
+
+
+class Scores(NamedTuple):
+    """Per cell: the mean score over noise samples, its standard error, and whether it is exact (a patched run)
+    rather than estimated. What every scorer returns (:class:`~.exact.ExactScorer`,
+    :class:`~.estimates.Estimator`, :class:`~.exact.VerifiedScorer`)."""
+
+    mean: np.ndarray
+    stderr: np.ndarray
+    exact: np.ndarray
 
 
 @dataclass(frozen=True)

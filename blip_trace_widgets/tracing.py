@@ -15,31 +15,67 @@ results, each in a bounded cache whose key :func:`cache_key` derives from the
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from .blocks import Block, Corrupted
 from .cache import LRU
+from .clean import CleanPass
 from .config import CACHE_PARTS, TraceConfig, cache_key  # noqa: F401  (public here too)
 from .corrupted import CorruptedRuns, tensor_bytes
-from .engine import DEFAULT_MEMORY_BUDGET, Cell, ChunkEdits, Progress, Run, chunks, staircase, start_layer
+from .engine import DEFAULT_MEMORY_BUDGET, Cell, Progress
 from .errors import BlipTraceError
 from .estimates import Estimator
+from .exact import ExactScorer, Scorer, VerifiedScorer
 from .inputs import ImageLike
 from .loading import BlipBundle
-from .names import RELIABILITY_TOLERANCE, TINY_ABSOLUTE, VISION_ENCODER, is_head_kind
+from .names import VISION_ENCODER, is_head_kind
 from .results import TraceResult
-from .scoring import Target, score_rows
+from .scoring import Scores, Target, score_rows
+from .targets import Targets
 
 
-class Tracer(CorruptedRuns):
+def _forward(part: str, name: str) -> Any:
+    """A read-only attribute of the tracer that is ``name`` of its ``part``."""
+    return property(lambda self: getattr(getattr(self, part), name), doc=f"``{part}.{name}``")
+
+
+class Tracer:
     """Causal traces of one (image, text), sharing the clean pass and corrupted runs between them.
 
-    The text is a VQA model's question, a captioner's prompt ("" for none) or an image-text matcher's text."""
+    The text is a VQA model's question, a captioner's prompt ("" for none) or an image-text matcher's text.
+    A tracer is made of parts, each with one job: ``session`` (the clean pass, a :class:`~.clean.CleanPass`; the
+    blocks read it and nothing else), ``targets`` (what a config scores), ``corrupted_runs`` (the corrupted
+    input and runs, cached) and ``scorers`` (exact, estimated, or estimated then verified, one interface, picked
+    by ``config.method``). Their public attributes that users read are forwarded here."""
+
+    bundle = _forward("session", "bundle")
+    model = _forward("session", "model")
+    device = _forward("session", "device")
+    image = _forward("session", "image")
+    image_key = _forward("session", "image_key")
+    question = _forward("session", "question")
+    question_ids = _forward("session", "question_ids")
+    task = _forward("session", "task")
+    head = _forward("session", "head")
+    blocks = _forward("session", "blocks")
+    stats = _forward("session", "stats")
+    clean = _forward("session", "clean")
+    clean_vision = _forward("session", "clean_vision")
+    model_answer = _forward("session", "model_answer")
+    match_probability = _forward("session", "match_probability")
+    unknown_words = _forward("session", "unknown_words")
+    target = _forward("targets", "target")
+    caption_words = _forward("targets", "caption_words")
+    scored_text = _forward("targets", "scored_text")
+    runs = _forward("corrupted_runs", "runs")
+    clean_run = _forward("corrupted_runs", "clean_run")
+    corrupted = _forward("corrupted_runs", "corrupted")
+    corrupted_patches = _forward("corrupted_runs", "corrupted_patches")
+    corrupt_positions = _forward("corrupted_runs", "corrupt_positions")
 
     def __init__(
         self,
@@ -52,14 +88,23 @@ class Tracer(CorruptedRuns):
         result_cache_size: int = 256,
         corrupted_cache_size: int = 2,
     ) -> None:
-        super().__init__(bundle, image, question, memory_budget=memory_budget, max_batch_rows=max_batch_rows,
-                         corrupted_cache_size=corrupted_cache_size)
+        self.session = CleanPass(bundle, image, question, memory_budget=memory_budget, max_batch_rows=max_batch_rows)
+        self.targets = Targets(self.session)
+        self.corrupted_runs = CorruptedRuns(self.session, self.targets, corrupted_cache_size)
+        self.estimator = Estimator(self.corrupted_runs)
+        exact = ExactScorer(self.corrupted_runs)
+        self.scorers: dict[str, Scorer] = {"exact": exact, "estimate": self.estimator,
+                                           "verified": VerifiedScorer(exact, self.estimator, self.unreliable)}
         self._results: LRU[TraceResult] = LRU(result_cache_size)
-        self.estimator = Estimator(self)
 
     def held_bytes(self) -> int:
         """Bytes of the tensors this object keeps: its clean pass, cached runs and estimates' gradients."""
-        return super().held_bytes() + tensor_bytes(*self.estimator.held())
+        return tensor_bytes(*self.session.held(), *self.corrupted_runs.held(), *self.estimator.held())
+
+    def clear(self) -> None:
+        """Forget finished results and kept gradient passes (the clean pass and corrupted runs stay)."""
+        self._results.clear()
+        self.estimator.clear()
 
     # ----- scoring -----------------------------------------------------------------------
     @torch.no_grad()
@@ -72,7 +117,7 @@ class Tracer(CorruptedRuns):
         last = self.blocks.vision if target.readout == "itc" else self.blocks.last
 
         def score(run: Any) -> torch.Tensor:
-            return score_rows(last.logits(self, run.output[:, None], target)[:, 0], target, config.metric)
+            return score_rows(last.logits(self.session, run.output[:, None], target)[:, 0], target, config.metric)
 
         high = score(self.clean_run(last, target))
         if config.method == "estimate" and config.direction == "denoise":
@@ -80,48 +125,6 @@ class Tracer(CorruptedRuns):
         else:
             low = score(self.runs(last, config, target)[1])
         return float(low.mean()), float(high[0])
-
-    def _check_cells(self, block: Block, cells: Sequence[Cell], positions: int) -> None:
-        layers = len(block.stack)
-        for cell in cells:
-            for layer, pos in cell:
-                if not (0 <= layer < layers and 0 <= pos < positions):
-                    raise BlipTraceError(
-                        f"cell entry (layer={layer}, position={pos}) is outside {layers} layers x {positions} positions")
-
-    @torch.no_grad()
-    def _score(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
-               corrupted: Corrupted | None, progress: Callable[[int], None] | None = None,
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard error over noise samples of each cell's score, against one corrupted draw."""
-        clean_run, corrupted_run, cross = self.runs(block, config, target, corrupted)
-        self._check_cells(block, cells, int(clean_run.kinds[config.kind][0].shape[1]))  # positions, or head units
-        clean_states = [x[0] for x in clean_run.kinds[config.kind]]
-        severed = corrupted_run.kinds[config.sever] if config.sever else None
-        if config.direction == "noise":  # the clean run is the base; each sample's corrupted states are patched in
-            samples = int(corrupted_run.inputs[0].shape[0])
-            clean_states = list(corrupted_run.kinds[config.kind])
-            if config.sever:  # the severed sublayer is held at the base run's values: the clean ones
-                severed = [x.expand(samples, *x.shape[1:]) for x in clean_run.kinds[config.sever]]
-            corrupted_run = Run([x.expand(samples, *x.shape[1:]) for x in clean_run.inputs])
-            cross = block.clean_cross(self, target)
-        n_layers, samples = len(block.stack), int(config.samples)
-        order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], config.kind, n_layers))
-        mean, stderr = np.empty(len(cells)), np.empty(len(cells))
-        rows = block.rows_per_chunk(self, config, target)
-        for chunk in chunks(order, max(1, rows // samples)):
-            chunk_cells = [cells[i] for i in chunk]
-            edits = ChunkEdits.build(config.kind, clean_states, chunk_cells, self.device, sever=config.sever,
-                                      severed=severed, sever_at=config.sever_at)
-            logits = block.logits(self, staircase(block.stack, corrupted_run, cross, chunk_cells, edits), target)
-            s, c = logits.shape[:2]
-            scores = score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c).double()
-            mean[chunk] = scores.mean(0).cpu().numpy()
-            stderr[chunk] = (scores.std(0) / np.sqrt(s)).cpu().numpy() if s > 1 else np.nan
-            self.stats["engine_chunks"] += 1
-            if progress is not None:
-                progress(len(chunk))
-        return mean, stderr
 
     def restore(self, cells: Sequence[Cell], config: TraceConfig, progress: Progress | None = None,
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -132,11 +135,8 @@ class Tracer(CorruptedRuns):
         mean, stderr, _ = self.restore_marked(cells, config, progress)
         return mean, stderr
 
-    def restore_marked(self, cells: Sequence[Cell], config: TraceConfig, progress: Progress | None = None,
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def restore_marked(self, cells: Sequence[Cell], config: TraceConfig, progress: Progress | None = None) -> Scores:
         """:meth:`restore`, and which cells are exact (patched runs) rather than estimated."""
-        block = self.blocks[config.block]
-        target = self.target(config)
         done = 0
 
         def advance(count: int) -> None:
@@ -146,52 +146,13 @@ class Tracer(CorruptedRuns):
                 progress(done, len(cells))
 
         self.stats["engine_calls"] += 1
-        method = {"exact": self._exact, "estimate": self._estimated, "verified": self._verified}[config.method]
-        return method(block, cells, config, target, advance)
-
-    # Each method scores ``cells`` as (mean, standard error, which cells are exact), picked by config.method.
-    def _estimated(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
-                   advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Attribution patching for every cell (see :mod:`~.estimates`): no cell is exact."""
-        return (*self.estimator.estimate(block, cells, config, target, advance), np.zeros(len(cells), bool))
-
-    def _exact(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
-               advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Patched runs for every cell: one draw shared by every cell, or (``fresh_noise``) a draw per cell."""
-        if not config.fresh_noise:
-            return (*self._score(block, cells, config, target, None, advance), np.ones(len(cells), bool))
-        generator = torch.Generator().manual_seed(int(config.seed))
-        self._corrupt_draw(config, generator)
-        mean, stderr = np.empty(len(cells)), np.empty(len(cells))
-        for i, cell in enumerate(cells):
-            corrupted = self._corrupt(config, generator)
-            m, e = self._score(block, [cell], config, target, corrupted, advance)
-            mean[i], stderr[i] = m[0], e[0]
-        return mean, stderr, np.ones(len(cells), bool)
-
-    def _verified(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
-                  advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The estimate of every cell, then the exact score of the ``config.verify`` cells it puts furthest from
-        the corrupted score (either way), over the same noise draw."""
-        mean, stderr = self.estimator.estimate(block, cells, config, target, advance)
-        low = float(self.estimator.gradients(block, config, target).scores.mean())  # the base: corrupted, or clean
-        picked = np.argsort(-np.abs(mean - low), kind="stable")[: int(config.verify)]
-        if config.order == 2:  # every flagged cell is made exact too
-            picked = np.union1d(picked, np.flatnonzero(self.unreliable(config)))
-        exact_mean, exact_stderr = self._score(block, [cells[i] for i in picked], config, target, None, None)
-        mean[picked], stderr[picked] = exact_mean, exact_stderr
-        marked = np.zeros(len(cells), bool)
-        marked[picked] = True
-        return mean, stderr, marked
+        scorer = self.scorers[config.method]
+        return scorer.score(self.blocks[config.block], cells, config, self.target(config), advance)
 
     def unreliable(self, config: TraceConfig) -> np.ndarray:
         """Per cell of the last order=2 estimate: whether its second-order term (averaged over the noise samples)
         exceeds RELIABILITY_TOLERANCE of the total effect, or of the metric's floor when that is larger."""
-        second = self.estimator.second_order
-        assert second is not None and config.order == 2
-        low, high = self.baselines(config)
-        tolerance = RELIABILITY_TOLERANCE * max(abs(high - low), TINY_ABSOLUTE.get(config.metric, 0.0))
-        return np.abs(second.mean(0).numpy()) > tolerance
+        return self.estimator.flagged(config, *self.baselines(config))
 
     # ----- results -----------------------------------------------------------------------
     def trace(self, config: TraceConfig | None = None, *, progress: Progress | None = None, **overrides: Any) -> TraceResult:
@@ -211,7 +172,7 @@ class Tracer(CorruptedRuns):
         if config.block == VISION_ENCODER:
             self.clean_vision  # recorded before the clean pass, which then reuses it  # noqa: B018
         target = self.target(config)
-        layout = block.layout(self, config, target)
+        layout = block.layout(self.session, config, target)
         extra = dict(layout.extra)
         if config.corrupt == "question" and not is_head_kind(config.kind):  # a head map's rows are heads
             extra["corrupted_positions"] = self.corrupt_positions(config)

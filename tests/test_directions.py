@@ -357,7 +357,7 @@ def test_a_word_swap_of_a_prompt_or_a_matched_text_matches_a_per_cell_loop(bundl
                          samples=1, corruption=WordSwap(swap), direction=direction, **extra)
     result = tracer.trace(config)
     assert result.config["corrupt"] == "question" and result.config["corrupted_positions"] == [2]
-    other = tracer.bound_swap(config.corruption)._ids
+    other = tracer.corrupted_runs.bound_swap(config.corruption).ids
     loop = TextSwapLoop(tracer, other, config)
     layers = result.num_layers
     expected = np.array([[loop.cell([(j, p) for j in range(max(0, layer - window // 2),
@@ -407,12 +407,12 @@ def test_the_papers_fresh_noise_noises_each_cell_with_its_own_draw(bundles, imag
     tracer = _tracer(bundles, image, question, "vqa")
     config = procedure_config("paper", direction="noise", kind="mlp", window=1, block="question_encoder")
     result = tracer.trace(config)
-    cells = tracer.blocks["question_encoder"].layout(tracer, config, tracer.target(config)).cells
+    cells = tracer.blocks["question_encoder"].layout(tracer.session, config, tracer.target(config)).cells
     generator = torch.Generator().manual_seed(int(config.seed))
-    tracer._corrupt_draw(config, generator)
+    tracer.corrupted_runs.skip_draw(config, generator)
     loop = NoiseLoop(tracer, config)
     for index, cell in enumerate(cells[:6]):
-        loop.corrupted_input = tracer._corrupt(config, generator).image_embeds
+        loop.corrupted_input = tracer.corrupted_runs.draw(config, generator).image_embeds
         loop.corrupted = loop._record()
         assert result.scores.ravel()[index] == pytest.approx(loop.cell(list(cell)), abs=1e-5)
     assert result.direction == "noise" and np.abs(result.scores - result.high_score).max() > 1e-4

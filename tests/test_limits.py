@@ -15,7 +15,7 @@ def test_noise_samples_that_would_not_fit_are_refused_before_allocating(tiny_bun
     from blip_trace_widgets import corrupted
 
     tracer = Tracer(tiny_bundle, image, question)
-    monkeypatch.setattr(corrupted, "available_memory", lambda: tracer.run_bytes(4, False))
+    monkeypatch.setattr(corrupted, "available_memory", lambda: tracer.corrupted_runs.run_bytes(4, False))
     with pytest.raises(BlipTraceError, match="use at most 3 samples"):
         tracer.trace(samples=10)
     assert tracer.stats["corrupted_passes"] == 0
@@ -198,7 +198,7 @@ def test_a_dataset_sigma_sets_the_noise_level(demo_bundle):
     assert float(own.std()) == pytest.approx(2.0 * float(clean.std()), rel=0.05)
     samples = demo_samples()[:3]
     sigma = estimate_sigma(demo_bundle, samples)
-    embeds = [Tracer(demo_bundle, s.image, s.question).embed_image(s.image).flatten() for s in samples]
+    embeds = [Tracer(demo_bundle, s.image, s.question).session.embed_image(s.image).flatten() for s in samples]
     assert sigma == pytest.approx(float(torch.cat(embeds).std()), rel=1e-5)
     with pytest.raises(BlipTraceError, match="unknown stage"):
         estimate_sigma(demo_bundle, samples, stage="nowhere")

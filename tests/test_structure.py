@@ -193,10 +193,15 @@ def test_the_reference_lists_every_module_in_import_order(capsys):
     sits above everything it imports), as this test prints it."""
     depths = import_depths(import_graph())
     expected = sorted((level, name) for name, level in depths.items())
+    lines = [f"{level}: {', '.join(name for lvl, name in expected if lvl == level)}"
+             for level in sorted(set(depths.values()))]
     with capsys.disabled():
         print("\nimport order (level: modules):")
-        for level in sorted(set(depths.values())):
-            print(f"  {level}: {', '.join(name for lvl, name in expected if lvl == level)}")
+        print("\n".join(f"  {line}" for line in lines))
+    readme = (PACKAGE.parent / "README.md").read_text().split("<!-- import order -->", 2)
+    assert len(readme) == 3 and readme[1].strip("\n`") == "\n".join(lines), \
+        "README.md's import order (between the <!-- import order --> marks) must be, as this test prints it:\n" + \
+        "\n".join(lines)
     rows = layout_rows((PACKAGE.parent / "docs" / "reference.md").read_text())
     missing = sorted(set(depths) - {name for _, name in rows})
     assert not missing, f"docs/reference.md's Layout has no row for {missing}"
@@ -219,3 +224,22 @@ def test_no_private_name_is_imported_across_modules():
                 offenders += [f"{module_name(path)}: {alias.name}" for alias in node.names
                               if alias.name.startswith("_") and not alias.name.startswith("__")]
     assert not offenders, f"private names imported across modules: {offenders}"
+
+
+def private_reaches(source: str) -> list[str]:
+    """``x._name`` where ``x`` is not ``self`` or ``cls``: a private member of another object (dunders and
+    IPython's ``_repr_png_``-style display hooks aside)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.endswith("_"):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append(f"{ast.unparse(node)} (line {node.lineno})")
+    return found
+
+
+def test_no_private_member_of_another_object_is_reached():
+    """A tracer's parts talk through public members: no ``tracer._runs`` or ``swap._ids`` inside the package."""
+    offenders = {module_name(path): private_reaches(path.read_text()) for path in MODULES}
+    offenders = {name: found for name, found in offenders.items() if found}
+    assert not offenders, f"private members reached from outside their object: {offenders}"
+    assert private_reaches("a._b\nself._c\nx.__len__\ncls._d\nax._repr_png_") == ["a._b (line 1)"]

@@ -51,7 +51,7 @@ def test_what_the_model_says_is_one_method_for_the_cli_and_the_widgets(demo_bund
     class Terse(H.VqaHead):  # a head's class alone decides what is said, everywhere
         said = "says"
 
-    tracer.task = Terse()
+    tracer.session.task = Terse()
     assert _what_the_model_says(tracer).endswith("\nsays: 'red'")
     assert answer_html(tracer) == "says: <b>red</b>"
 

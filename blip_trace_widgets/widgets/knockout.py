@@ -116,7 +116,7 @@ class KnockoutExplorer(LiveView):
     def _run(self, job: threading.Event) -> None:
         tracer = self.tracer
         self.answer_view.value = answer_html(tracer)
-        self._sync_words(tracer)
+        self.sync_words(tracer)
         self._sync_queries()
         self.image_view.value = image_png(self._painted(), self.preview_width)
         key = (self._image_id, self.question_box.value.strip())

@@ -119,7 +119,7 @@ def trace_in_phases(view: Any, job: threading.Event, trace: Callable[[Any, Trace
     change has cancelled ``job``."""
     tracer = view.tracer
     view.answer_view.value = answer_html(tracer)
-    view._sync_words(tracer)
+    view.sync_words(tracer)
     view.counterfactual.sync(int(view.gallery.value or 0))
     view.config = config = view.controls_config()
     steps = phases(config, view.method.value)
@@ -213,7 +213,7 @@ class LiveView(W.VBox):
             return {}
         return {"answer": self.caption_box.value.strip() or None, "target": int(self.word.value or 0)}
 
-    def _sync_words(self, tracer: Tracer) -> None:
+    def sync_words(self, tracer: Tracer) -> None:
         """A captioner's word dropdown lists the words of the caption scored (keeping the chosen index if it exists)."""
         if not self.captions:
             return

@@ -1,0 +1,128 @@
+"""Exact scores of cells: the corrupted run patched with each cell's clean states, run to the score.
+
+    >>> from blip_trace_widgets import load_model, demo_samples, TraceConfig
+    >>> from blip_trace_widgets.tracing import Tracer
+    >>> image, question, _ = demo_samples()[0]
+    >>> tracer = Tracer(load_model("demo"), image, question)
+    >>> config = TraceConfig(samples=2)
+    >>> block = tracer.blocks[config.block]
+    >>> scores = tracer.scorers["exact"].score(block, [((0, 1),)], config, tracer.target(config))
+    >>> scores.mean.shape, bool(scores.exact[0])
+    ((1,), True)
+
+Every scorer (:class:`ExactScorer`, :class:`VerifiedScorer` here and :class:`~.estimates.Estimator`) has one
+method, ``score(block, cells, config, target, progress)``, returning :class:`~.scoring.Scores`; the tracer
+picks one by ``config.method``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .blocks import Block, Corrupted
+from .config import TraceConfig
+from .corrupted import CorruptedRuns
+from .engine import Cell, ChunkEdits, Run, chunks, staircase, start_layer
+from .errors import BlipTraceError
+from .estimates import Estimator
+from .scoring import Scores, Target, score_rows
+
+Advance = Callable[[int], None]  # told how many more cells are done
+
+
+class Scorer(Protocol):
+    """What the tracer asks of a scorer."""
+
+    def score(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+              progress: Advance | None = None) -> Scores: ...
+
+
+def _check_cells(block: Block, cells: Sequence[Cell], positions: int) -> None:
+    layers = len(block.stack)
+    for cell in cells:
+        for layer, pos in cell:
+            if not (0 <= layer < layers and 0 <= pos < positions):
+                raise BlipTraceError(
+                    f"cell entry (layer={layer}, position={pos}) is outside {layers} layers x {positions} positions")
+
+
+class ExactScorer:
+    """Patched runs for every cell: one draw shared by every cell, or (``fresh_noise``) a draw per cell."""
+
+    def __init__(self, runs: CorruptedRuns) -> None:
+        self.runs = runs
+
+    def score(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+              progress: Advance | None = None) -> Scores:
+        exact = np.ones(len(cells), bool)
+        if not config.fresh_noise:
+            return Scores(*self.patched(block, cells, config, target, None, progress), exact)
+        generator = torch.Generator().manual_seed(int(config.seed))
+        self.runs.skip_draw(config, generator)  # the low score's draw comes first, as in the paper
+        mean, stderr = np.empty(len(cells)), np.empty(len(cells))
+        for i, cell in enumerate(cells):
+            m, e = self.patched(block, [cell], config, target, self.runs.draw(config, generator), progress)
+            mean[i], stderr[i] = m[0], e[0]
+        return Scores(mean, stderr, exact)
+
+    @torch.no_grad()
+    def patched(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+                corrupted: Corrupted | None, progress: Advance | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard error over noise samples of each cell's score, against one corrupted draw
+        (``None``: the seed's first, cached)."""
+        session = self.runs.session
+        clean_run, corrupted_run, cross = self.runs.runs(block, config, target, corrupted)
+        _check_cells(block, cells, int(clean_run.kinds[config.kind][0].shape[1]))  # positions, or head units
+        clean_states = [x[0] for x in clean_run.kinds[config.kind]]
+        severed = corrupted_run.kinds[config.sever] if config.sever else None
+        if config.direction == "noise":  # the clean run is the base; each sample's corrupted states are patched in
+            samples = int(corrupted_run.inputs[0].shape[0])
+            clean_states = list(corrupted_run.kinds[config.kind])
+            if config.sever:  # the severed sublayer is held at the base run's values: the clean ones
+                severed = [x.expand(samples, *x.shape[1:]) for x in clean_run.kinds[config.sever]]
+            corrupted_run = Run([x.expand(samples, *x.shape[1:]) for x in clean_run.inputs])
+            cross = block.clean_cross(session, target)
+        n_layers, samples = len(block.stack), int(config.samples)
+        order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], config.kind, n_layers))
+        mean, stderr = np.empty(len(cells)), np.empty(len(cells))
+        rows = block.rows_per_chunk(session, config, target)
+        for chunk in chunks(order, max(1, rows // samples)):
+            chunk_cells = [cells[i] for i in chunk]
+            edits = ChunkEdits.build(config.kind, clean_states, chunk_cells, session.device, sever=config.sever,
+                                      severed=severed, sever_at=config.sever_at)
+            logits = block.logits(session, staircase(block.stack, corrupted_run, cross, chunk_cells, edits), target)
+            s, c = logits.shape[:2]
+            scores = score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c).double()
+            mean[chunk] = scores.mean(0).cpu().numpy()
+            stderr[chunk] = (scores.std(0) / np.sqrt(s)).cpu().numpy() if s > 1 else np.nan
+            session.stats["engine_chunks"] += 1
+            if progress is not None:
+                progress(len(chunk))
+        return mean, stderr
+
+
+class VerifiedScorer:
+    """The estimate of every cell, then the exact score of the ``config.verify`` cells it puts furthest from the
+    estimate's base score (either way), and with ``order=2`` of every flagged cell, over the same noise draw."""
+
+    def __init__(self, exact: ExactScorer, estimator: Estimator,
+                 unreliable: Callable[[TraceConfig], np.ndarray]) -> None:
+        self.exact = exact
+        self.estimator = estimator
+        self.unreliable = unreliable
+
+    def score(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+              progress: Advance | None = None) -> Scores:
+        mean, stderr, _ = self.estimator.score(block, cells, config, target, progress)
+        low = float(self.estimator.gradients(block, config, target).scores.mean())  # the base: corrupted, or clean
+        picked = np.argsort(-np.abs(mean - low), kind="stable")[: int(config.verify)]
+        if config.order == 2:  # every flagged cell is made exact too
+            picked = np.union1d(picked, np.flatnonzero(self.unreliable(config)))
+        exact_mean, exact_stderr = self.exact.patched(block, [cells[i] for i in picked], config, target, None)
+        mean[picked], stderr[picked] = exact_mean, exact_stderr
+        marked = np.zeros(len(cells), bool)
+        marked[picked] = True
+        return Scores(mean, stderr, marked)
