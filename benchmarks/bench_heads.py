@@ -64,7 +64,7 @@ def main() -> None:
               lambda: trace_caption(captioner, image, PROMPT, CAPTION, samples=args.samples, corruption=noise,
                                     method=method))
     timed("caption: vision encoder, 3x3 regions + CLS, one word, hidden, 3 samples, exact",
-          lambda: Tracer(captioner, image, PROMPT).trace(block="vision_encoder", answer=CAPTION, target=4, regions=3,
+          lambda: Tracer(captioner, image, PROMPT).trace(block="vision_encoder", answer=CAPTION, word=4, regions=3,
                                                          samples=3, corruption=noise))
     del captioner
     matcher = bundle_of(BlipForImageTextRetrieval)

@@ -29,7 +29,7 @@ _PUBLIC: dict[str, str] = {
     "BlipTraceError": "errors",
     "TraceResult": "results",
     "TraceConfig": "tracing", "Tracer": "tracing", "trace": "tracing", "default_config": "tracing",
-    "CaptionTrace": "captioning", "trace_caption": "captioning",
+    "CaptionTrace": "captioning", "trace_caption": "tracing",
     "PROCEDURES": "procedures", "procedure_config": "procedures",
     "estimate_sigma": "noise_level",
     "demo_samples": "data", "shape_box": "data", "easy_vqa_captions": "data", "easy_vqa_pairs": "data",
@@ -78,7 +78,7 @@ sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
     from .aggregate import average_effect, average_trace, bootstrap_interval, top_heads
-    from .captioning import CaptionTrace, trace_caption
+    from .captioning import CaptionTrace
     from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, PairSwap, Scale, UniformNoise, WordSwap
     from .cost import trace_cost
     from .data import PairSample, demo_samples, easy_vqa_captions, easy_vqa_pairs, shape_box
@@ -96,5 +96,5 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .subsets import hf_pairs, load_vqa_subset, open_image, question_pairs
     from .sweep import load_sweep, sweep
     from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
-    from .tracing import TraceConfig, Tracer, default_config, trace
+    from .tracing import TraceConfig, Tracer, default_config, trace, trace_caption
     from .widgets import KnockoutExplorer, TraceExplorer, VisionTraceExplorer

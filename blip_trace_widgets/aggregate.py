@@ -40,12 +40,12 @@ def _check_form(form: str) -> str:
 
 
 #: Sweep tables written before the score columns had their results' names (old sweep folders still load).
-OLD_COLUMNS = {"low": "low_score", "high": "high_score"}
+OLD_COLUMNS = {"low": "low_score", "high": "high_score", "target": "word"}
 
 
 def upgrade_table(table: Any) -> Any:
     """``table`` with an older sweep's column names brought up to date (``low`` and ``high`` are ``low_score`` and
-    ``high_score``, as in :class:`~.results.TraceResult`)."""
+    ``high_score``, as in :class:`~.results.TraceResult`; a caption's ``target`` is its ``word``)."""
     old = {name: new for name, new in OLD_COLUMNS.items() if name in table.columns and new not in table.columns}
     return table.rename(columns=old) if old else table
 
@@ -107,7 +107,7 @@ def sample_effects(
             for layer, value in enumerate(mean):
                 records.append({
                     "sample": row.sample, "config": row.config, "block": row.block, "kind": row.kind,
-                    "target": getattr(row, "target", None),
+                    "word": getattr(row, "word", None),
                     "window": row.window, "corruption": row.corruption, by: label, "layer": layer, "effect": value,
                     "total_effect": total,
                 })
@@ -175,9 +175,9 @@ def _row_labels(rows: Any, effects: Any, by: str) -> tuple[list[str], list[str]]
     return [str(p) for p in range(len(first))], first if same else [f"position {p}" for p in range(len(first))]
 
 
-def _target_of(row: Any) -> int | None:
+def _word_of(row: Any) -> int | None:
     """A captioning row's scored word index (None for other heads and for tables written before captioning)."""
-    value = row.get("target") if hasattr(row, "get") else None
+    value = row.get("word") if hasattr(row, "get") else None
     return None if value is None or value != value else int(value)
 
 
@@ -234,7 +234,7 @@ def average_trace(
                 "total_effect": total, "correct_only": correct_only,
                 "corruption": json.loads(corruption) if isinstance(corruption, str) else corruption,
                 "metric": "effect" if form == "rome" else "normalized",
-                "head": str(first_row.get("head") or VQA), "target": _target_of(first_row), **extra},
+                "head": str(first_row.get("head") or VQA), "word": _word_of(first_row), **extra},
     )
 
 

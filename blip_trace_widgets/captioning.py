@@ -9,22 +9,21 @@
     ['a', 'red', 'triangle']
 
 Each word k of the caption (the model's own greedy caption, or one you supply, teacher-forced)
-is scored given the prefix before it: ``trace(..., target=k)``. One :class:`~.tracing.Tracer`
+is scored given the prefix before it: ``trace(..., word=k)``; ``trace(..., word="all")`` and
+:func:`~.tracing.trace_caption` give every word. One :class:`~.tracing.Tracer`
 serves every word, so the clean pass and the corrupted image are computed once.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import numpy as np
 
-from . import heads
-from .errors import BlipTraceError
-from .inputs import ImageLike
-from .loading import BlipBundle
-from .names import BLOCK_LABELS, CAPTION_DECODER, KIND_LABELS, VISION_ENCODER
+from .config import TraceConfig
+from .names import BLOCK_LABELS, KIND_LABELS, VISION_ENCODER
 from .results import TraceResult
 
 
@@ -101,21 +100,26 @@ class CaptionTrace:
         return plot_traces(self.results, normalized=normalized)
 
 
-def trace_caption(bundle: BlipBundle, image: ImageLike, prompt: str = "", caption: str | None = None, *,
-                  procedure: str = "rome", **fields: Any) -> CaptionTrace:
-    """Trace every word of a caption: the model's own greedy caption after ``prompt``, or ``caption`` (scored
-    teacher-forced). ``fields`` are :class:`~.config.TraceConfig` fields (``block``, ``kind``, ``window``,
-    ``corruption``, ``samples``, ...), the same for every word."""
-    from .procedures import procedure_config
-    from .tracing import Tracer
+class WordTracer(Protocol):
+    """What tracing a caption word by word needs (a :class:`~.tracing.Tracer`)."""
 
-    if not isinstance(bundle, BlipBundle) or not isinstance(heads.of(bundle), heads.CaptionHead):
-        raise BlipTraceError("trace_caption needs a captioning model: load_model('demo-caption') or "
-                             "load_model('Salesforce/blip-image-captioning-base')")
-    if "target" in fields or "answer" in fields:
-        raise BlipTraceError("trace_caption traces every word: pass the caption as caption='...', and no target")
-    fields.setdefault("block", CAPTION_DECODER)
-    tracer = Tracer(bundle, image, prompt)
-    words = tracer.caption_words(caption)
-    results = [tracer.trace(procedure_config(procedure, answer=caption, target=k, **fields)) for k in range(len(words))]
+    @property
+    def question(self) -> str: ...
+
+    def caption_words(self, caption: str | None = None) -> list[str]: ...
+
+    def trace(self, config: TraceConfig | None = None, **overrides: Any) -> TraceResult: ...
+
+
+def trace_words(tracer: WordTracer, config: TraceConfig,
+                each: Callable[[int, str, TraceResult], None] | None = None) -> CaptionTrace:
+    """Every word of the caption ``config`` scores (``config.answer``, or the model's own), ``config.word`` set to
+    each in turn, on one tracer (the clean pass and the corrupted image are computed once); ``each(k, word,
+    result)`` is told of every word as it is traced."""
+    words = tracer.caption_words(config.answer)
+    results = []
+    for k, word in enumerate(words):
+        results.append(tracer.trace(replace(config, word=k)))
+        if each is not None:
+            each(k, word, results[-1])
     return CaptionTrace(tracer.question, words, results)

@@ -155,9 +155,7 @@ def _demo_heads(args: argparse.Namespace, image: Any, out: Path, bar: Any) -> in
         tracer = Tracer(bundle, image, "" if caption_model else caption)
         if caption_model:
             caption = tracer.model_answer
-        fields = {"target": 1} if caption_model else {}
-        config = default_config(bundle, block=block, kind=kind, window=window, samples=args.samples, seed=args.seed,
-                                **fields)
+        config = default_config(bundle, block=block, kind=kind, window=window, samples=args.samples, seed=args.seed)
         result = tracer.trace(config)
         what = (f"caption {tracer.model_answer!r}, word {result.answer!r}" if caption_model
                 else f"text {tracer.question!r}: {tracer.model_answer} (p {tracer.match_probability:.3f})")
@@ -203,7 +201,8 @@ def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
                             corruption=corruption, samples=args.samples, seed=args.seed, answer=args.answer,
                             metric=args.metric, contrast=args.contrast, sever=args.sever, sever_at=args.sever_at,
                             corrupt=args.corrupt, corrupt_tokens=_corrupt_tokens(args.corrupt_tokens),
-                            regions=args.regions, method=args.method, steps=args.steps, target=args.target,
+                            regions=args.regions, method=args.method, steps=args.steps,
+                            word=None if args.word == "all" else args.word,
                             verify=args.verify, direction=args.direction, order=args.order,
                             position=parse_position(args.position))
 
@@ -249,7 +248,9 @@ def run_trace(args: argparse.Namespace) -> int:
         raise UsageError(f"{task.text_option} is required for a {task.label} model: the {task.text}")
     config = _trace_config(args, bundle)
     tracer = Tracer(bundle, args.image, args.question or "")
-    if isinstance(task, heads.CaptionHead) and args.target is None:
+    if args.word == "all":
+        if not isinstance(task, heads.CaptionHead):
+            raise UsageError("--word all traces every word of a caption: use it with a captioning model")
         return _trace_every_word(args, tracer, config)
     print(_what_the_model_says(tracer))
     from .cost import trace_cost
@@ -293,22 +294,19 @@ def _what_the_model_says(tracer: Any) -> str:
 
 
 def _trace_every_word(args: argparse.Namespace, tracer: Any, config: Any) -> int:
-    """A captioner without --target: one heatmap per word of the caption, and the summary."""
+    """A captioner with --word all: one heatmap per word of the caption, and the summary."""
     from dataclasses import replace
 
-    from .captioning import CaptionTrace
+    from .captioning import trace_words
 
     print(_what_the_model_says(tracer))
-    words = tracer.caption_words(config.answer)
-    results = []
-    for k, word in enumerate(words):
-        one = replace(config, target=k)
-        result = tracer.trace(one)
-        png, js = _write(result, Path(args.out), f"word{k}-{output_stem(word, tracer.image_key, one)}")
+
+    def write(k: int, word: str, result: Any) -> None:
+        png, _ = _write(result, Path(args.out), f"word{k}-{output_stem(word, tracer.image_key, replace(config, word=k))}")
         print(f"word {k} {word!r}: clean {result.high_score:.4f}  corrupted {result.low_score:.4f}  total effect "
               f"{result.total_effect:.4f}  -> {png}")
-        results.append(result)
-    print(CaptionTrace(tracer.question, words, results).describe())
+
+    print(trace_words(tracer, config, write).describe())
     return 0
 
 
@@ -353,8 +351,8 @@ def run_sweep(args: argparse.Namespace) -> int:
                   dataset=dataset)
     if group.is_main and len(table) == 0:
         raise UsageError("the sweep made no trace: " + (
-            f"no caption has the words --targets {args.targets} picks; pick smaller word indices (from 0)"
-            if args.targets else "no question could be traced"))
+            f"no caption has the words --caption-words {args.caption_words} picks; pick smaller word indices "
+            "(from 0)" if args.caption_words else "no question could be traced"))
     if group.is_main:
         _write_averages(table, out, args.correct_only, vision, started)
     return 0
@@ -382,8 +380,8 @@ def _sweep_configs(args: argparse.Namespace, bundle: Any) -> list[Any]:
                            window=None if args.window is None else window_for(kind, args.window),
                            samples=args.samples, seed=args.seed, regions=args.regions, metric=args.metric,
                            method=args.method, steps=args.steps, verify=args.verify, order=args.order,
-                           target=target, direction=args.direction)
-            for target in _targets(args.targets, bundle.head) for kind in kinds]
+                           word=word, direction=args.direction)
+            for word in _caption_words(args.caption_words, bundle.head) for kind in kinds]
 
 
 def _scored_mode(args: argparse.Namespace) -> str:
@@ -428,19 +426,22 @@ def _check_sweep_dataset(dataset: str, head: str) -> None:
         raise UsageError(f"--dataset {dataset} does not suit a {task.label} model: use {wanted}")
 
 
-def _targets(text: str | None, head: str) -> list[int | None]:
-    """--targets: the caption words each captioning configuration scores (default: words 0, 1 and 2)."""
+def _caption_words(text: str | None, head: str) -> list[int | None]:
+    """--caption-words: the caption words each captioning configuration scores (default: each caption's first
+    content word, as everywhere)."""
     if not isinstance(heads.of(head), heads.CaptionHead):
         if text is not None:
-            raise UsageError("--targets picks caption words: use it with a captioning model")
+            raise UsageError("--caption-words picks caption words: use it with a captioning model")
+        return [None]
+    if text is None:
         return [None]
     try:
-        targets = [int(t) for t in (text or "0,1,2").split(",") if t.strip()]
+        words = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise UsageError(f"--targets must be comma-separated word indices such as 1,2; got {text!r}") from None
-    if not targets or min(targets) < 0:
-        raise UsageError(f"--targets must be word indices 0 or above; got {text!r}")
-    return list(dict.fromkeys(targets))
+        raise UsageError(f"--caption-words must be comma-separated word indices such as 1,2; got {text!r}") from None
+    if not words or min(words) < 0:
+        raise UsageError(f"--caption-words must be word indices 0 or above; got {text!r}")
+    return list(dict.fromkeys(words))
 
 
 def _write_averages(table: Any, out: Path, correct_only: bool, vision: bool, started: float) -> None:
@@ -483,7 +484,9 @@ def _noise_help() -> str:
 #: configuration's own, through :func:`~.procedures.resolve_config`); ``trace`` offers TRACE_FIELDS too.
 SHARED_FIELDS = ("block", "window", "samples", "seed", "metric", "regions", "direction", "method", "steps", "verify",
                  "order")
-TRACE_FIELDS = ("kind", "answer", "target", "contrast", "sever", "sever_at", "corrupt", "corrupt_tokens", "position")
+#: Options' old names, still taken for one release (argparse gives both the same destination).
+OLD_OPTIONS = {"word": ("--target",)}
+TRACE_FIELDS = ("kind", "answer", "word", "contrast", "sever", "sever_at", "corrupt", "corrupt_tokens", "position")
 
 
 def _add_config_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
@@ -498,7 +501,8 @@ def _add_config_options(parser: argparse.ArgumentParser, names: Sequence[str]) -
         default = "" if field.default is MISSING or field.default is None else f" (default: {field.default})"
         if not meta.get("help"):
             raise AssertionError(f"TraceConfig.{name} has no help text for its command-line option")
-        parser.add_argument("--" + name.replace("_", "-"), type=meta["type"], choices=meta["choices"], default=None,
+        parser.add_argument("--" + name.replace("_", "-"), *OLD_OPTIONS.get(name, ()), dest=name, type=meta["type"],
+                            choices=meta["choices"], default=None,
                             help=meta["help"] + ("" if "(default" in meta["help"] else default))
 
 
@@ -547,9 +551,9 @@ def _add_sweep_parser(sub: Any) -> None:
     many.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder or a hub id "
                       "(default: %(default)s)")
     many.add_argument("--out", required=True, help="folder for the table and figures")
-    many.add_argument("--targets", default=None,
-                      help="captioning: comma-separated caption words to score, from 0 (default: 0,1,2); a caption "
-                           "without such a word is skipped for it")
+    many.add_argument("--caption-words", "--targets", default=None, dest="caption_words",
+                      help="captioning: comma-separated caption words to score, from 0 (default: each caption's first "
+                           "content word); a caption without such a word is skipped for it (--targets: old name)")
     many.add_argument("--kinds", default=None,
                       help=f"comma-separated kinds to trace (default: {','.join(KINDS)}; "
                            f"{','.join(VISION_KINDS)} for the vision encoder)")
@@ -595,11 +599,11 @@ def run_knockout(args: argparse.Namespace) -> int:
     knock = Knockout.of(bundle, args.image, args.question or "")
     print(_what_the_model_says(knock.tracer))
     config = KnockoutConfig(edges=_knockout_edges(args, knock.tracer.image), window=args.window,
-                            answer=args.answer, target=args.target or 0, method=args.method)
+                            answer=args.answer, word=args.word, method=args.method)
     result = knock.run(config)
     out.mkdir(parents=True, exist_ok=True)
     asked = json.dumps([[e.to_dict() for e in config.edges], config.window, config.method, config.answer,
-                        config.target], sort_keys=True)
+                        config.word], sort_keys=True)
     stem = (f"knockout-{_slug(knock.tracer.question or 'caption')}-{knock.tracer.image_key[:8]}-"
             f"{hashlib.sha1(asked.encode()).hexdigest()[:8]}")
     json_path = result.save(out / f"{stem}.json")
@@ -667,7 +671,8 @@ def _add_knockout_parser(sub: Any) -> None:
                     help="layers cut around each layer (default: %(default)s)")
     ko.add_argument("--answer", default=None, help="the answer or caption to score (default: the model's own); "
                     "with --dataset, 'expected' scores the dataset's answers")
-    ko.add_argument("--target", type=int, default=None, help="captioning: the caption word scored (default: 0)")
+    ko.add_argument("--word", "--target", type=int, default=None, dest="word",
+                    help="captioning: the caption word scored (default: its first content word; --target: old name)")
     ko.add_argument("--method", choices=KNOCKOUT_METHODS, default="exact",
                     help="exact: cut runs; estimate: one forward and backward pass (first order, can be far off "
                          "for large effects) (default: %(default)s)")

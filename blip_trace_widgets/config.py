@@ -13,7 +13,7 @@ key is derived from those declarations by :func:`cache_key`, never written by ha
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 
 from . import anatomy
 from .corruption import GaussianNoise, ImageSwap, PairSwap, WordSwap, describe
-from .errors import BlipTraceError
+from .errors import BlipTraceError, renamed
 from .heads import BY_NAME
 from .names import (
     BLOCKS,
@@ -74,6 +74,16 @@ def _affects(part: str, *, help: str = "", choices: Any = None, type: Any = str,
     return field(metadata={"affects": part, "help": help, "choices": choices, "type": type}, **kw)
 
 
+def word_option(text: str) -> int | str:
+    """A caption word as the command line takes it: an index from 0, or "all"."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise BlipTraceError(f"a caption word is an index from 0 or 'all', got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class TraceConfig:
     """Everything that defines one heatmap besides the (image, question); hashable, so a cache key."""
@@ -94,8 +104,9 @@ class TraceConfig:
     answer: str | None = _affects(ANSWER, default=None, help=(
         "VQA: the answer to score (default: the model's own first answer token); captioning: the caption to score, "
         "teacher-forced (default: the model's own greedy caption)"))
-    target: int | None = _affects(ANSWER, default=None, type=int,
-                                  help="captioning: the word of the caption to score, from 0")
+    word: int | None = _affects(ANSWER, default=None, type=word_option, help=(
+        "captioning: the word of the caption to score, from 0, or 'all' for every word in turn (default: its first "
+        "content word)"))
     metric: Metric = _affects(RESTORE, default="prob", choices=METRICS, help="what is scored")
     contrast: str | None = _affects(RESTORE, default=None,
                                     help="with --metric logit_diff: the answer to compare against")
@@ -128,7 +139,12 @@ class TraceConfig:
     direction: Direction = _affects(RESTORE, default="denoise", choices=DIRECTIONS,
                                     help="; ".join(f"{d}: {DIRECTION_LABELS[d]}" for d in DIRECTIONS))
 
-    def __post_init__(self) -> None:
+    #: The old name of ``word`` (a DeprecationWarning names the new one; goes in the next release).
+    target: InitVar[int | None] = None
+
+    def __post_init__(self, target: int | None = None) -> None:
+        if target is not None:
+            object.__setattr__(self, "word", renamed(self.word, target, "target", "word", stacklevel=4))
         anatomy.check_block(self.block)
         anatomy.check_kind(self.kind, self.block)
         self._check_corruption_stage()
@@ -149,8 +165,8 @@ class TraceConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise BlipTraceError(f"{name} must be a string or None, got {type(value).__name__} {value!r}")
-        if self.target is not None:
-            check_int("target", self.target, 0)
+        if self.word is not None:
+            check_int("word", self.word, 0)
         self._check_sever()
         if self.regions is not None:
             if self.block != VISION_ENCODER:
@@ -235,7 +251,7 @@ class TraceConfig:
             "block": self.block, "kind": self.kind, "window": int(self.window), "corruption": describe(self.corruption),
             "samples": int(self.samples), "seed": int(self.seed), "answer": self.answer,
             # a caption word only where one is set, so that VQA sweeps begun before captioning resume
-            **({"target": int(self.target)} if self.target is not None else {}), "metric": self.metric,
+            **({"word": int(self.word)} if self.word is not None else {}), "metric": self.metric,
             "contrast": self.contrast, "sever": self.sever, "sever_at": self.sever_at, "corrupt": self.corrupt,
             "corrupt_tokens": list(self.corrupt_tokens) if isinstance(self.corrupt_tokens, tuple) else self.corrupt_tokens,
             "regions": self.regions, "fresh_noise": self.fresh_noise, "method": self.method, "steps": int(self.steps),

@@ -91,6 +91,8 @@ class Scoring(Protocol):
 
     def answer_ids(self, answer: str | None) -> tuple[int, ...]: ...
 
+    def caption_word(self, config: Any) -> int: ...
+
 
 class Head(ABC):
     """One BLIP task head. Subclasses set the attributes and override what their head does differently."""
@@ -155,12 +157,12 @@ class Head(ABC):
         if config.metric not in self.metrics:
             raise BlipTraceError(f"metric {config.metric!r} does not apply to a {self.label} model: use one of "
                                  f"{', '.join(self.metrics)}")
-        self.check_word(config.target)
+        self.check_word(config.word)
 
     def check_word(self, word: int | None) -> None:
         """Refuse a caption word for a head that scores no caption."""
         if word is not None:
-            raise BlipTraceError("target picks a word of a caption: use it with a captioning model")
+            raise BlipTraceError("word picks a word of a caption: use it with a captioning model")
 
     @abstractmethod
     def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
@@ -175,8 +177,8 @@ class Head(ABC):
         """The label of ``metric`` for this head: p(answer), p(caption word), p(match), ..."""
         return METRIC_LABELS.get(metric, metric).replace("answer", self.scored)
 
-    def config_fields(self, config: Any) -> dict[str, Any]:
-        """The fields a result records besides the configuration's own (a captioner's word)."""
+    def config_fields(self, config: Any, scoring: Scoring) -> dict[str, Any]:
+        """The fields a result records besides the configuration's own (a captioner's word, resolved)."""
         return {}
 
     def knockout_fields(self, answer: str | None, word: int | None) -> dict[str, Any]:
@@ -249,9 +251,9 @@ class CaptionHead(Head):
         tokenizer = reading.bundle.tokenizer
         ids = scoring.caption_ids(config.answer)
         words = words_of(tokenizer.convert_ids_to_tokens(list(ids)))
-        k = int(config.target or 0)
+        k = scoring.caption_word(config)
         if k >= len(words):
-            raise BlipTraceError(f"target={k}, but the caption {tokenizer.decode(list(ids))!r} has "
+            raise BlipTraceError(f"word={k}, but the caption {tokenizer.decode(list(ids))!r} has "
                                  f"{len(words)} words: use 0 to {len(words) - 1}")
         start, end = words[k][0], words[k][-1] + 1
         inputs = (*reading.question_ids, *ids[: end - 1])
@@ -260,11 +262,11 @@ class CaptionHead(Head):
                                  f"at most {reading.position_limit}: shorten them")
         return Target(inputs, ids[start:end], len(reading.question_ids) - 1 + start, contrast)
 
-    def config_fields(self, config: Any) -> dict[str, Any]:
-        return {"target": int(config.target or 0)}
+    def config_fields(self, config: Any, scoring: Scoring) -> dict[str, Any]:
+        return {"word": scoring.caption_word(config)}
 
     def knockout_fields(self, answer: str | None, word: int | None) -> dict[str, Any]:
-        return {"answer": answer, "target": word}
+        return {"answer": answer, "word": word}
 
 class ItmHead(Head):
     name, label, architecture = ITM, "image-text matching", "BlipForImageTextRetrieval"

@@ -26,7 +26,7 @@ at each layer (the first-order term of edge attribution patching), summed over t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ from .cache import LRU
 from .config import TraceConfig
 from .edges import Edges
 from .engine import Cut, Dial, chunks, cut_staircase, window_layers
-from .errors import BlipTraceError
+from .errors import BlipTraceError, renamed
 from .inputs import ImageLike
 from .knockout_result import KnockoutResult
 from .loading import BlipBundle
@@ -55,10 +55,14 @@ class KnockoutConfig:
     edges: tuple[Edges, ...] = (Edges(),)
     window: int = KNOCKOUT_WINDOW
     answer: str | None = None  # the answer or caption scored (None: the model's own)
-    target: int = 0  # captioning: the caption word scored
+    word: int | None = None  # captioning: the caption word scored (None: its first content word)
     method: str = "exact"
+    #: The old name of ``word`` (a DeprecationWarning names the new one; goes in the next release).
+    target: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, target: int | None = None) -> None:
+        if target is not None:
+            object.__setattr__(self, "word", renamed(self.word, target, "target", "word", stacklevel=4))
         edges = (self.edges,) if isinstance(self.edges, Edges) else tuple(self.edges)
         if not edges or not all(isinstance(e, Edges) for e in edges):
             raise BlipTraceError("edges is one Edges(...) or a list of them: name at least one group to cut")
@@ -99,7 +103,7 @@ class Knockout:
     def target(self, config: KnockoutConfig) -> Target:
         task = self.tracer.task
         return self.tracer.target(TraceConfig(block=task.default_block, metric="prob",
-                                              **task.knockout_fields(config.answer, config.target)))
+                                              **task.knockout_fields(config.answer, config.word)))
 
     def block_of(self, edges: Edges) -> Block:
         return self.tracer.blocks[edges.block or self.tracer.blocks.reader.name]  # refuses a block the head lacks
@@ -281,14 +285,16 @@ def knockout(
     edges: Edges | Sequence[Edges] = (Edges(),),
     window: int = KNOCKOUT_WINDOW,
     answer: str | None = None,
-    target: int = 0,
+    word: int | None = None,
     method: str = "exact",
+    target: int | None = None,
 ) -> KnockoutResult:
     """Cut each group of ``edges`` in a window of layers around every layer, on the clean (image, text), and score.
 
     ``text`` is a VQA question, a captioner's prompt or a matcher's text; ``answer`` the answer or caption scored
-    (the model's own by default); ``target`` the caption word. See the module's notes.
+    (the model's own by default); ``word`` the caption word (its first content word by default; ``target`` is its
+    old name). See the module's notes.
     """
     config = KnockoutConfig(edges=(edges,) if isinstance(edges, Edges) else tuple(edges), window=window, answer=answer,
-                            target=target, method=method)
+                            word=renamed(word, target, "target", "word"), method=method)
     return Knockout.of(bundle, image, text).run(config)

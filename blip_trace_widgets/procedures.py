@@ -28,7 +28,7 @@ table of procedures):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -49,10 +49,11 @@ class Procedure:
 
     def config(self, **overrides: Any) -> TraceConfig:
         """A TraceConfig with this procedure's defaults, then ``overrides``."""
-        unknown = set(overrides) - {f for f in TraceConfig.__dataclass_fields__}
+        names = [f.name for f in fields(TraceConfig)]
+        unknown = set(overrides) - {*names, "target"}  # target: word's old name, still taken (with a warning)
         if unknown:
             raise BlipTraceError(f"unknown trace setting {', '.join(sorted(unknown))}: use the fields of TraceConfig "
-                                 f"({', '.join(TraceConfig.__dataclass_fields__)})")
+                                 f"({', '.join(names)})")
         settings = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
         tokens = settings.get("corrupt_tokens")
         if isinstance(tokens, list):

@@ -82,3 +82,9 @@ def position_roles(block: str, tokens: Sequence[str], object_rule: ObjectRule | 
     if block == VISION_ENCODER or (kind is not None and is_head_kind(kind)):
         return list(tokens)
     return token_roles(tokens, object_rule)
+
+
+def first_content_word(words: Sequence[str]) -> int:
+    """The caption word a trace scores by default: the first that is not a stop word ("red" in "a red circle";
+    0 when every word is one)."""
+    return next((i for i, word in enumerate(words) if word.lower() not in STOPWORDS and word.isalpha()), 0)

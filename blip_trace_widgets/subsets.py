@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,20 +337,13 @@ def hf_pairs(
     pair."""
     from .data import PairSample
 
-    if isinstance(dataset, str):
-        dataset = _load_hf(dataset, config, split, streaming)
     wanted = [image, counterfactual_image, question, answer, counterfactual_answer]
-    for count, row in enumerate(dataset):
-        missing = [c for c in wanted if c not in row]
-        if missing:
-            raise BlipTraceError(f"the dataset's rows have no column {', '.join(map(repr, missing))} (they have "
-                             f"{sorted(row)}): name the columns, e.g. hf_pairs(ds, counterfactual_image='image_b')")
+    for count, row in _hf_rows(dataset, config, split, streaming, limit, wanted,
+                               "hf_pairs(ds, counterfactual_image='image_b')"):
         if str(row[answer]).strip() == str(row[counterfactual_answer]).strip():
             raise BlipTraceError(f"row {count} gives both images the answer {row[answer]!r}: a pair's answers differ")
         yield PairSample(row[image], row[counterfactual_image], str(row[question]), str(row[answer]),
                          str(row[counterfactual_answer]))
-        if limit is not None and count + 1 >= limit:
-            return
 
 
 def question_pairs(items: Iterable[Any], limit: int | None = None) -> list[Any]:
@@ -405,18 +398,28 @@ def hf_caption_samples(
 ) -> Iterator[VQASample]:
     """Captioning samples (image, ``prompt``, reference caption) from any ``datasets`` captioning dataset, by
     its column names; a column holding several captions per image gives its first."""
-    if isinstance(dataset, str):
-        dataset = _load_hf(dataset, config, split, streaming)
-    for count, row in enumerate(dataset):
-        if image not in row or caption not in row:
-            raise BlipTraceError(f"the dataset has columns {sorted(row)}; name its image and caption columns, "
-                             "e.g. hf_caption_samples(ds, image='img', caption='sentences')")
+    for _, row in _hf_rows(dataset, config, split, streaming, limit, [image, caption],
+                           "hf_caption_samples(ds, image='img', caption='sentences')"):
         text = row[caption]
         if isinstance(text, (list, tuple)):
             text = text[0] if text else ""
         if isinstance(text, Mapping):  # e.g. {"raw": "..."}
             text = text.get("raw") or next(iter(text.values()), "")
         yield VQASample(row[image], prompt, str(text).strip())
+
+
+def _hf_rows(dataset: Any, config: str | None, split: str, streaming: bool, limit: int | None,
+             wanted: Sequence[str], example: str) -> Iterator[tuple[int, Any]]:
+    """Each row of a ``datasets`` dataset (or a hub id, loaded), with its index, up to ``limit`` rows; a row without
+    a ``wanted`` column is refused, naming the columns it has and ``example``, a call that names them."""
+    if isinstance(dataset, str):
+        dataset = _load_hf(dataset, config, split, streaming)
+    for count, row in enumerate(dataset):
+        missing = [c for c in wanted if c not in row]
+        if missing:
+            raise BlipTraceError(f"the dataset's rows have no column {', '.join(map(repr, missing))} (they have "
+                                 f"{sorted(row)}): name its columns, e.g. {example}")
+        yield count, row
         if limit is not None and count + 1 >= limit:
             return
 

@@ -173,8 +173,7 @@ def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
     model_answer = tracer.model_answer
     for index, config in enumerate(pair_configs(configs, item)):
         scored = tracer.task.sweep_answer(item, answer, sample)
-        word = tracer.task.config_fields(config).get("target")
-        if word is not None and word >= len(tracer.caption_words(scored)):
+        if config.word is not None and config.word >= len(tracer.caption_words(scored)):
             continue  # this caption has no word at that index
         result = tracer.trace(config, answer=scored)
         rows.append({
@@ -189,7 +188,7 @@ def _sample_rows(tracer: Tracer, sample: int, item: VQASample, picture_id: str,
             "noise_samples": int(config.samples), "seed": int(config.seed), "metric": config.metric,
             "sever": config.sever, "sever_at": config.sever_at, "fresh_noise": config.fresh_noise,
             "method": config.method, "steps": int(config.steps), "head": tracer.head,
-            "target": None if config.target is None else int(config.target),
+            "word": result.config.get("word"),  # a captioner's scored word (its first content word by default)
             "answer": result.answer, "scored": answer, "tokens": list(result.tokens),
             "roles": position_roles(config.block, result.tokens, kind=config.kind), "scores": result.scores.tolist(),
             "stderr": (result.stderr if result.stderr is not None else np.full_like(result.scores, np.nan)).tolist(),
@@ -207,7 +206,7 @@ def _to_frame(rows: list[dict[str, Any]]):
     import pandas as pd
 
     frame = pd.DataFrame.from_records(rows)
-    for column in ("expected", "sever", "correct", "grid", "target"):
+    for column in ("expected", "sever", "correct", "grid", "word"):
         frame[column] = frame[column].astype(object)
     return frame
 
@@ -245,7 +244,7 @@ def result_from_row(row: Any) -> TraceResult:
                                            "corruption": json.loads(get("corruption")), "sever": get("sever"),
                                            "method": _optional(get, "method", "exact"),
                                            "steps": int(_optional(get, "steps", 1)),
-                                           "head": _optional(get, "head", VQA), "target": _optional(get, "target", None),
+                                           "head": _optional(get, "head", VQA), "word": _optional(get, "word", None),
                                            "direction": _optional(get, "direction", "denoise")},
     )
 
@@ -267,6 +266,14 @@ def _read_manifest(path: Path) -> Any:
                              "(overwrite=True) to start the sweep again") from None
 
 
+def _upgrade_manifest(found: Any) -> Any:
+    """An older sweep's manifest in today's names (a caption's ``target`` is its ``word``), so that it resumes."""
+    for config in found.get("configs", []) if isinstance(found, dict) else []:
+        if isinstance(config, dict) and "target" in config:
+            config["word"] = config.pop("target")
+    return found
+
+
 def _differences(found: Any, wanted: dict[str, Any]) -> str:
     if not isinstance(found, dict):
         return "the whole manifest"
@@ -282,7 +289,7 @@ def _prepare(out: Path, wanted: dict[str, Any], overwrite: bool) -> None:
         orphan.unlink(missing_ok=True)
     manifest_path = out / MANIFEST
     if manifest_path.is_file() and not overwrite:
-        found = _read_manifest(manifest_path)
+        found = _upgrade_manifest(_read_manifest(manifest_path))
         if found != wanted:
             raise BlipTraceError(
                 f"{out} holds a different sweep: its {MANIFEST} differs in {_differences(found, wanted)}; "

@@ -42,7 +42,7 @@ def plot_average_heatmaps(table: Any, *, form: str = "normalized", correct_only:
         ax = figure.add_subplot(1, len(results), i + 1)
         window = f", window {result.window}" if result.window > 1 else ""
         note = estimate_note(table[table["config"] == configs[i]])
-        word = f", caption word {result.config['target']}" if result.config.get("target") is not None else ""
+        word = f", caption word {result.config['word']}" if result.config.get("word") is not None else ""
         title = (f"{note + chr(10) if note else ''}{KIND_LABELS.get(result.kind, result.kind)}{window}{word}\n"
                  f"{BLOCK_LABELS.get(result.block, result.block)}, {result.config['questions']} "
                  f"{heads.of(result.head).unit}")
@@ -78,11 +78,11 @@ def plot_effect_by_layer(table: Any, *, form: str = "normalized", correct_only: 
     """Average indirect effect against layer, one line per kind, one panel per token role, with 95% CI bands."""
     effects = sample_effects(table, form=form, correct_only=correct_only)
     note = " [estimate]" if estimate_note(table) else ""
-    targets = effects["target"] if "target" in effects else [None] * len(effects)
+    words = effects["word"] if "word" in effects else [None] * len(effects)
     effects["configuration"] = [
         f"{KIND_LABELS.get(k, k)}" + (f" (w{w})" if w > 1 else "") + (f", word {int(t)}" if t == t and t is not None
                                                                        else "") + note
-        for k, w, t in zip(effects["kind"], effects["window"], targets)]
+        for k, w, t in zip(effects["kind"], effects["window"], words)]
     block = str(table["block"].iloc[0])
     return _role_lines(effects, hue="configuration", form=form, roles=roles, figure=figure,
                        title=lambda role: f"{role_label(role, block)} token" + ("s" if role == "question words" else ""))

@@ -7,7 +7,7 @@
     >>> session = CleanPass(load_model("demo-caption"), image, "")
     >>> Targets(session).caption_words()
     ['a', 'red', 'triangle']
-    >>> target = Targets(session).target(TraceConfig(block="caption_decoder", target=1))
+    >>> target = Targets(session).target(TraceConfig(block="caption_decoder", word=1))
     >>> target.tokens == tuple(session.bundle.tokenizer.convert_tokens_to_ids(["red"])), target.offset
     (True, 1)
 
@@ -21,7 +21,7 @@ from .clean import CleanPass
 from .config import TraceConfig
 from .errors import BlipTraceError
 from .inputs import encode_answer
-from .roles import words_of
+from .roles import first_content_word, words_of
 from .scoring import Target
 
 
@@ -41,10 +41,17 @@ class Targets:
         return tuple(encode_answer(self.session.bundle.tokenizer, caption, "caption"))
 
     def caption_words(self, caption: str | None = None) -> list[str]:
-        """Captioning: the words of the caption (the model's, or ``caption``), in order; ``target=k`` scores word k."""
+        """Captioning: the words of the caption (the model's, or ``caption``), in order; ``word=k`` scores word k."""
         tokens = self.session.bundle.tokenizer.convert_ids_to_tokens(list(self.caption_ids(caption)))
         return [self.session.bundle.tokenizer.convert_tokens_to_string([tokens[i] for i in word]).strip()
                 for word in words_of(tokens)]
+
+    def caption_word(self, config: TraceConfig) -> int:
+        """Captioning: the index of the caption word ``config`` scores: ``config.word``, or by default the first
+        content word of the caption (the model's, or ``config.answer``)."""
+        if config.word is not None:
+            return int(config.word)
+        return first_content_word(self.caption_words(config.answer))
 
     def answer_ids(self, answer: str | None) -> tuple[int, ...]:
         """VQA: tokens scored: the clean greedy first token, or the given answer's tokens."""

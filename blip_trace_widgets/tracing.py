@@ -17,19 +17,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
 
+from . import heads
 from .cache import LRU
+from .captioning import CaptionTrace, trace_words
 from .clean import CleanPass
 from .config import CACHE_PARTS, TraceConfig, cache_key  # noqa: F401  (public here too)
 from .corrupted import CorruptedRuns, tensor_bytes
 from .engine import DEFAULT_MEMORY_BUDGET, Cell, Progress
-from .errors import BlipTraceError
+from .errors import BlipTraceError, renamed
 from .estimates import Estimator
 from .exact import ExactScorer, Scorer, VerifiedScorer
+from .heads import CaptionHead
 from .inputs import ImageLike
 from .loading import BlipBundle
 from .names import VISION_ENCODER, is_head_kind
@@ -81,14 +84,16 @@ class Tracer:
         self,
         bundle: BlipBundle,
         image: ImageLike,
-        question: str,
+        text: str | None = None,
         *,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         max_batch_rows: int | None = None,
         result_cache_size: int = 256,
         corrupted_cache_size: int = 2,
+        question: str | None = None,
     ) -> None:
-        self.session = CleanPass(bundle, image, question, memory_budget=memory_budget, max_batch_rows=max_batch_rows)
+        text = _text(text, question)
+        self.session = CleanPass(bundle, image, text, memory_budget=memory_budget, max_batch_rows=max_batch_rows)
         self.targets = Targets(self.session)
         self.corrupted_runs = CorruptedRuns(self.session, self.targets, corrupted_cache_size)
         self.estimator = Estimator(self.corrupted_runs)
@@ -191,7 +196,7 @@ class Tracer:
             kind=config.kind, window=int(config.window), stderr=stderr.reshape(shape),
             config={**config.to_json(), "question": self.question, "model": self.bundle.name,
                     "head": self.head, "model_answer": self.model_answer,
-                    **self.task.config_fields(config),
+                    **self.task.config_fields(config, self.targets),
                     "answer_ids": [int(i) for i in target.tokens], **_contrast_text(self, config, target),
                     "dtype": str(self.bundle.dtype).replace("torch.", ""), **extra},
         )
@@ -239,34 +244,76 @@ def default_config(bundle: BlipBundle, **overrides: Any) -> TraceConfig:
     return resolve_config(bundle, "rome", **overrides)
 
 
+def _text(text: str | None, question: str | None) -> str:
+    """The model's text input, passed as ``text`` (or under its old keyword, ``question``)."""
+    text = renamed(text, question, "question", "text", stacklevel=4)
+    if text is None:
+        raise BlipTraceError("the text must be a string: a VQA question, a captioner's prompt (\"\" for none) or "
+                             "a matcher's text")
+    return text
+
+
+@overload
+def trace(bundle: BlipBundle, image: ImageLike, text: str | None = None, *, word: Literal["all"],
+          procedure: str = "rome", progress: Progress | None = None, max_batch_rows: int | None = None,
+          memory_budget: int = DEFAULT_MEMORY_BUDGET, question: str | None = None, **fields: Any) -> CaptionTrace: ...
+
+
+@overload
+def trace(bundle: BlipBundle, image: ImageLike, text: str | None = None, *, procedure: str = "rome",
+          progress: Progress | None = None, max_batch_rows: int | None = None,
+          memory_budget: int = DEFAULT_MEMORY_BUDGET, question: str | None = None, **fields: Any) -> TraceResult: ...
+
+
 def trace(
     bundle: BlipBundle,
     image: ImageLike,
-    question: str,
+    text: str | None = None,
     *,
     procedure: str = "rome",
     progress: Progress | None = None,
     max_batch_rows: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    question: str | None = None,
     **fields: Any,
-) -> TraceResult:
+) -> TraceResult | CaptionTrace:
     """Causal trace of one image and text: a VQA model's question, a captioner's prompt ("" for none), or the
-    text an image-text matcher matches. The default block is the head's reader (question encoder, caption
-    decoder or ITM encoder). For a captioner ``answer`` is the caption to score (teacher-forced; the model's
-    own greedy caption by default) and ``target=k`` scores its word k; see :func:`~.captioning.trace_caption`
-    for every word at once.
+    text an image-text matcher matches (``question=`` is the old name of ``text``). The default block is the
+    head's reader (question encoder, caption decoder or ITM encoder). For a captioner ``answer`` is the caption
+    to score (teacher-forced; the model's own greedy caption by default) and ``word=k`` scores its word k (by
+    default its first content word); ``word="all"`` traces every word and returns a
+    :class:`~.captioning.CaptionTrace`.
 
     ``procedure`` ("rome", "paper" or "paper_attention", see :mod:`~.procedures`) gives the
     defaults; any :class:`TraceConfig` field passed as a keyword (``block``, ``kind``,
     ``window``, ``corruption``, ``samples``, ``seed``, ``answer``, ``metric``, ``contrast``,
     ``sever``, ``sever_at``, ``corrupt``, ``corrupt_tokens``, ``regions``, ``fresh_noise``,
-    ``method``, ``steps``, ``target``) overrides them. ``method="estimate"`` gives an attribution-patching
+    ``method``, ``steps``, ``word``) overrides them. ``method="estimate"`` gives an attribution-patching
     estimate of every cell from one forward and one backward pass (see :mod:`~.estimates`).
     """
     from .procedures import resolve_config
 
     if not isinstance(bundle, BlipBundle):
         raise BlipTraceError("pass the bundle returned by load_model(...), not a bare model")
-    config = resolve_config(bundle, procedure, **fields)
-    tracer = Tracer(bundle, image, question, max_batch_rows=max_batch_rows, memory_budget=memory_budget)
+    every_word = fields.get("word") == "all"
+    config = resolve_config(bundle, procedure, **{**fields, "word": None if every_word else fields.get("word")})
+    tracer = Tracer(bundle, image, _text(text, question), max_batch_rows=max_batch_rows, memory_budget=memory_budget)
+    if every_word:
+        if not isinstance(tracer.task, CaptionHead):
+            raise BlipTraceError('word="all" traces every word of a caption: use it with a captioning model')
+        return trace_words(tracer, config)
     return tracer.trace(config, progress=progress)
+
+
+def trace_caption(bundle: BlipBundle, image: ImageLike, prompt: str = "", caption: str | None = None, *,
+                  procedure: str = "rome", **fields: Any) -> CaptionTrace:
+    """Trace every word of a caption: the model's own greedy caption after ``prompt``, or ``caption`` (scored
+    teacher-forced); the same as ``trace(bundle, image, prompt, answer=caption, word="all", ...)``. ``fields``
+    are :class:`~.config.TraceConfig` fields (``block``, ``kind``, ``window``, ``corruption``, ``samples``, ...),
+    the same for every word, with the same defaults as :func:`trace`."""
+    if not isinstance(bundle, BlipBundle) or not isinstance(heads.of(bundle), CaptionHead):
+        raise BlipTraceError("trace_caption needs a captioning model: load_model('demo-caption') or "
+                             "load_model('Salesforce/blip-image-captioning-base')")
+    if {"word", "target", "answer"} & set(fields):
+        raise BlipTraceError("trace_caption traces every word: pass the caption as caption='...', and no word")
+    return trace(bundle, image, prompt, procedure=procedure, answer=caption, word="all", **fields)

@@ -38,7 +38,7 @@ def test_captions_come_only_from_what_the_questions_settle():
 def test_trace_caption_traces_every_word_with_one_clean_pass(captioner, demo_sample):
     traced = trace_caption(captioner, demo_sample.image, samples=2, corruption=GaussianNoise(5.0))
     assert traced.words == ["a", "red", "triangle"] and traced.caption == "a red triangle"
-    assert [r.config["target"] for r in traced.results] == [0, 1, 2]
+    assert [r.config["word"] for r in traced.results] == [0, 1, 2]
     summary = traced.summary()
     assert [row["word"] for row in summary] == traced.words
     red = summary[1]
@@ -51,12 +51,12 @@ def test_trace_caption_traces_every_word_with_one_clean_pass(captioner, demo_sam
 
 
 def test_a_supplied_caption_is_scored_teacher_forced(captioner, demo_sample):
-    own = trace(captioner, demo_sample.image, "", target=1, samples=2)
-    other = trace(captioner, demo_sample.image, "", answer="a blue triangle", target=1, samples=2)
+    own = trace(captioner, demo_sample.image, "", word=1, samples=2)
+    other = trace(captioner, demo_sample.image, "", answer="a blue triangle", word=1, samples=2)
     assert own.answer == "red" and other.answer == "blue"
     assert own.high_score > 0.5 > other.high_score  # the model says red, not blue
     with pytest.raises(BlipTraceError, match="trace_caption traces every word"):
-        trace_caption(captioner, demo_sample.image, target=1)
+        trace_caption(captioner, demo_sample.image, word=1)
     with pytest.raises(BlipTraceError, match="needs a captioning model"):
         trace_caption(load_model("demo"), demo_sample.image)
 
@@ -64,17 +64,17 @@ def test_a_supplied_caption_is_scored_teacher_forced(captioner, demo_sample):
 def test_a_captioning_result_records_its_word_and_a_vqa_config_has_none(captioner, demo_sample):
     from blip_trace_widgets import TraceConfig
 
-    assert trace(captioner, demo_sample.image, "", samples=2).config["target"] == 0  # word 0 when none is set
-    assert "target" not in TraceConfig().to_json()  # VQA sweeps begun before captioning keep their manifest
+    assert trace(captioner, demo_sample.image, "", samples=2).config["word"] == 1  # the first content word, "red"
+    assert "word" not in TraceConfig().to_json()  # VQA sweeps begun before captioning keep their manifest
 
 
 def test_a_prompt_is_part_of_the_positions(captioner, demo_sample):
-    result = trace(captioner, demo_sample.image, "a", target=0, samples=2)
+    result = trace(captioner, demo_sample.image, "a", word=0, samples=2)
     assert result.tokens == ["[DEC]", "a"] and result.answer == "red"
 
 
 def test_restoring_the_caption_decoder_brings_the_colour_back(captioner, demo_sample):
-    result = trace(captioner, demo_sample.image, "", target=1, samples=3, corruption=GaussianNoise(5.0))
+    result = trace(captioner, demo_sample.image, "", word=1, samples=3, corruption=GaussianNoise(5.0))
     assert not result.is_tiny() and result.high_score > 0.9
     assert result.scores[-1, -1] == pytest.approx(result.high_score, abs=1e-5)  # last state at the predicting token
 
@@ -123,11 +123,11 @@ def test_a_caption_sweep_and_a_matching_sweep(captioner, matcher, tmp_path):
     assert samples[0].question == "" and samples[0].answer == "a red triangle"
     from blip_trace_widgets import TraceConfig
 
-    configs = [TraceConfig(block="caption_decoder", kind="mlp", window=3, samples=2, target=k) for k in (1, 2)]
+    configs = [TraceConfig(block="caption_decoder", kind="mlp", window=3, samples=2, word=k) for k in (1, 2)]
     table = sweep(captioner, samples, configs=configs, out=tmp_path / "c", scored="expected", progress=False)
-    assert len(table) == 4 and set(table["target"]) == {1, 2} and set(table["head"]) == {"caption"}
+    assert len(table) == 4 and set(table["word"]) == {1, 2} and set(table["head"]) == {"caption"}
     assert list(table["answer"][:2]) == ["red", "triangle"] and table["correct"].all()
-    single = trace(captioner, samples[0].image.open(), "", answer="a red triangle", target=1, kind="mlp", window=3,
+    single = trace(captioner, samples[0].image.open(), "", answer="a red triangle", word=1, kind="mlp", window=3,
                    samples=2, corruption=configs[0].corruption)  # trace() alone starts at the model's own level
     np.testing.assert_allclose(np.asarray([list(r) for r in table["scores"][0]]), single.scores)
     itm = sweep(matcher, samples, configs=[TraceConfig(block="itm_encoder", samples=2)], out=tmp_path / "i",
@@ -136,7 +136,7 @@ def test_a_caption_sweep_and_a_matching_sweep(captioner, matcher, tmp_path):
     from blip_trace_widgets.aggregate import average_trace
 
     averaged = average_trace(table, config=0, form="rome")
-    assert averaged.head == "caption" and averaged.scored.startswith("average of") and averaged.config["target"] == 1
+    assert averaged.head == "caption" and averaged.scored.startswith("average of") and averaged.config["word"] == 1
     assert averaged.tokens == ["[DEC]", "last (predicting)"]
     from blip_trace_widgets import plot_average_heatmaps, plot_effect_by_layer
 
@@ -151,14 +151,14 @@ def test_captioning_rows_of_any_datasets_dataset():
     samples = list(hf_caption_samples(rows, image="img", caption="sentences", prompt="a picture of"))
     assert [(s.image, s.question, s.answer) for s in samples] == [("x.png", "a picture of", "a cat"),
                                                                  ("y.png", "a picture of", "a bird")]
-    with pytest.raises(ValueError, match="name its image and caption columns"):
+    with pytest.raises(ValueError, match="have no column .image., .caption.*name its columns"):
         list(hf_caption_samples(rows))
 
 
 def test_results_say_what_they_score(captioner, matcher, demo_sample, tmp_path):
     from blip_trace_widgets.plotting import trace_title
 
-    result = trace(captioner, demo_sample.image, "", target=1, samples=2)
+    result = trace(captioner, demo_sample.image, "", word=1, samples=2)
     assert "caption word 'red'" in trace_title(result)
     saved = TraceResult.load(result.save(tmp_path / "r.json"))
     assert saved.head == "caption" and saved.scored == "caption word 'red'"
@@ -175,5 +175,5 @@ def test_the_command_line_sweeps_captions(tmp_path, capsys):
                      "1,2", "--kinds", "hidden", "--samples", "2", "--out", str(tmp_path)])
     assert code == 0, capsys.readouterr().err
     table = load_sweep(tmp_path)
-    assert sorted(set(table["target"])) == [1, 2] and set(table["block"]) == {"caption_decoder"}
+    assert sorted(set(table["word"])) == [1, 2] and set(table["block"]) == {"caption_decoder"}
     assert (tmp_path / "average_heatmaps.png").is_file() and (tmp_path / "effect_by_layer.png").is_file()

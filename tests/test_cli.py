@@ -133,10 +133,14 @@ def test_unknown_words_are_named(tmp_path, image_file):
 
 def test_trace_a_caption_word_by_word_and_a_match(image_file, tmp_path):
     path, _ = image_file
-    out = run("trace", "--model", "demo-caption", "--image", str(path), "--samples", "2", "--out", str(tmp_path / "c"))
+    out = run("trace", "--model", "demo-caption", "--image", str(path), "--samples", "2", "--out", str(tmp_path / "one"))
+    assert out.returncode == 0, out.stderr  # by default the first content word, as everywhere
+    assert "scored caption word 'red'" in out.stdout and len(list((tmp_path / "one").glob("*.json"))) == 1
+    out = run("trace", "--model", "demo-caption", "--image", str(path), "--samples", "2", "--word", "all",
+              "--out", str(tmp_path / "c"))
     assert out.returncode == 0, out.stderr
     assert "model's caption: 'a red triangle'" in out.stdout and out.stdout.count("  total effect ") == 3
-    results = sorted((TraceResult.load(j) for j in (tmp_path / "c").glob("*.json")), key=lambda r: r.config["target"])
+    results = sorted((TraceResult.load(j) for j in (tmp_path / "c").glob("*.json")), key=lambda r: r.config["word"])
     assert [r.answer for r in results] == ["a", "red", "triangle"]
     assert all(r.block == "caption_decoder" and r.head == "caption" for r in results)
     assert "'red': restoring caption decoder hidden states" in out.stdout

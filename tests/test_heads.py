@@ -156,7 +156,7 @@ TEXT_CASES = [(kind, window) for kind in SUFFIX for window in (1, 3)]
 
 @pytest.mark.parametrize("kind,window", TEXT_CASES)
 def test_caption_decoder_matches_loop(captioner, image, kind, window):
-    config = TraceConfig(block="caption_decoder", kind=kind, window=window, samples=3, seed=4, target=1,
+    config = TraceConfig(block="caption_decoder", kind=kind, window=window, samples=3, seed=4, word=1,
                          answer="a red circle", corruption=GaussianNoise(2.0), metric="logprob")
     _, result = _check(captioner, image, "the", config)
     assert result.tokens == ["[DEC]", "the", "a"] and result.answer == "red"
@@ -226,11 +226,11 @@ def test_demo_caption_is_generate_with_and_without_prompt(demo_sample):
 def test_caption_words_and_targets(captioner, image):
     tracer = Tracer(captioner, image, "")
     assert tracer.caption_words("a red circle") == ["a", "red", "circle"]
-    results = [tracer.trace(block="caption_decoder", answer="a red circle", target=k, samples=2) for k in range(3)]
+    results = [tracer.trace(block="caption_decoder", answer="a red circle", word=k, samples=2) for k in range(3)]
     assert [r.answer for r in results] == ["a", "red", "circle"]
     assert [r.tokens for r in results] == [["[DEC]"], ["[DEC]", "a"], ["[DEC]", "a", "red"]]
     with pytest.raises(BlipTraceError, match="has 3 words: use 0 to 2"):
-        tracer.trace(block="caption_decoder", answer="a red circle", target=3)
+        tracer.trace(block="caption_decoder", answer="a red circle", word=3)
 
 
 @pytest.mark.parametrize("head,fields,message", [

@@ -93,7 +93,7 @@ CASES = [
 def test_knockout_matches_a_loop_of_the_model_forward(bundles, image, head, edges, window):
     answer = {"caption": "red blue circle", "vqa": "red blue"}.get(head)
     knock = Knockout.of(bundles[head], image, TEXTS[head])
-    config = KnockoutConfig(edges=(edges,), window=window, answer=answer, target=1 if head == "caption" else 0)
+    config = KnockoutConfig(edges=(edges,), window=window, answer=answer, word=1 if head == "caption" else 0)
     result = knock.run(config)
     loop = KnockLoop(knock, config)
     np.testing.assert_allclose(result.scores, loop.grid(window), atol=1e-5, rtol=1e-5)

@@ -259,7 +259,7 @@ def test_the_cli_swaps_a_prompts_words_and_names_the_fix_when_nothing_changes(tm
     from blip_trace_widgets.cli import main
 
     demo_samples()[0][0].save(tmp_path / "image.png")
-    base = ["trace", "--model", "demo-caption", "--image", str(tmp_path / "image.png"), "--target", "0",
+    base = ["trace", "--model", "demo-caption", "--image", str(tmp_path / "image.png"), "--word", "0",
             "--out", str(tmp_path / "out")]
     assert main([*base, "--prompt", "a red", "--swap", "red=blue"]) == 0
     captured = capsys.readouterr()

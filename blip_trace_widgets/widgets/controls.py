@@ -134,23 +134,16 @@ def merged_gallery(gallery: Sequence[tuple] | None, samples: Sequence[tuple] | N
 
 
 def controls_config(*, block: str, kind: str, window: int, corruption: str, level: float, samples: int,
-                    seed: int, answer: str | None = None, target: int | None = None, position: str = "") -> TraceConfig:
+                    seed: int, answer: str | None = None, word: int | None = None, position: str = "") -> TraceConfig:
     """The TraceConfig that the explorer's controls describe: a pure function, tested without a kernel.
 
     Hidden states are restored one layer at a time (the window slider is off for them). ``answer`` and
-    ``target`` are a captioner's caption to score and its word; ``position`` is where a head map restores
+    ``word`` are a captioner's caption to score and its word; ``position`` is where a head map restores
     its heads ("" for every position, "3", "1,2" or a role), read only for head kinds.
     """
     return TraceConfig(block=block, kind=kind, window=window_for(kind, window),
                        corruption=from_name(corruption, round(float(level), 4)), samples=int(samples), seed=int(seed),
-                       answer=answer, target=target, position=parse_position(position) if is_head_kind(kind) else None)
-
-
-def first_content_word(words: Sequence[str]) -> int:
-    """Where a captioner's explorer starts: the first word that is not a stop word ("red" in "a red circle")."""
-    from ..roles import STOPWORDS
-
-    return next((i for i, word in enumerate(words) if word.lower() not in STOPWORDS and word.isalpha()), 0)
+                       answer=answer, word=word, position=parse_position(position) if is_head_kind(kind) else None)
 
 
 def default_gallery(head: str, count: int = 6) -> list[tuple]:
@@ -201,11 +194,11 @@ def method_note(config: TraceConfig, last: bool) -> str:
 
 def vision_config(*, kind: str, window: int, regions: int, corruption: str, level: float, region: Any,
                   samples: int, seed: int, metric: Metric, answer: str | None = None,
-                  target: int | None = None) -> TraceConfig:
+                  word: int | None = None) -> TraceConfig:
     """The TraceConfig that the vision explorer's controls describe: a corruption named as in
     :data:`~blip_trace_widgets.corruption.BY_NAME` over ``region`` (None: the whole image), one sample for a
     corruption that draws nothing (blur, grey)."""
     made = from_name(corruption, round(float(level), 4), region=region)
     return TraceConfig(block=VISION_ENCODER, kind=kind, window=window_for(kind, window), regions=int(regions),
                        corruption=made, samples=int(samples) if BY_NAME[corruption].info.random else 1,
-                       seed=int(seed), metric=metric, answer=answer, target=target)
+                       seed=int(seed), metric=metric, answer=answer, word=word)

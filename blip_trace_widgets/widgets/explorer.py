@@ -16,7 +16,7 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..errors import BlipTraceError
+from ..errors import BlipTraceError, renamed
 from ..loading import BlipBundle
 from ..names import (
     ANSWER_DECODER,
@@ -100,7 +100,7 @@ class TraceExplorer(LiveView):
         self,
         bundle: BlipBundle,
         image: Any = None,
-        question: str | None = None,
+        text: str | None = None,
         *,
         gallery: Sequence[tuple] | None = None,
         config: TraceConfig | None = None,
@@ -108,8 +108,10 @@ class TraceExplorer(LiveView):
         export_dir: str | Path = ".",
         samples: Sequence[tuple] | None = None,
         mode: str = "verified",
+        question: str | None = None,
     ) -> None:
-        super().__init__(bundle, image, question, gallery=merged_gallery(gallery, samples), background=background)
+        text = renamed(text, question, "question", "text")
+        super().__init__(bundle, image, text, gallery=merged_gallery(gallery, samples), background=background)
         self.method.value = explorer_mode(mode)
         self.export_dir = Path(export_dir)
         self.results: dict[str, TraceResult] = {}

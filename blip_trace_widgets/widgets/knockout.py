@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from .. import heads
 from ..cache import LRU
 from ..edges import Edges
+from ..errors import renamed
 from ..knockout import KNOCKOUT_METHODS, Knockout, KnockoutConfig
 from ..names import ANSWER_DECODER, BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW
 from ..plotting import figure_png
@@ -42,9 +43,11 @@ GROUP_OPTIONS = [("whole image", "image"), ("region", "region"), ("outside regio
 class KnockoutExplorer(LiveView):
     """Live attention knockout of one (image, text) of a BLIP bundle (see the module's notes)."""
 
-    def __init__(self, bundle: Any, image: Any = None, question: str | None = None, *,
-                 gallery: Any = None, window: int = KNOCKOUT_WINDOW, background: bool = True) -> None:
-        super().__init__(bundle, image, question, gallery=gallery, background=background)
+    def __init__(self, bundle: Any, image: Any = None, text: str | None = None, *,
+                 gallery: Any = None, window: int = KNOCKOUT_WINDOW, background: bool = True,
+                 question: str | None = None) -> None:
+        text = renamed(text, question, "question", "text")
+        super().__init__(bundle, image, text, gallery=gallery, background=background)
         self._knockouts: LRU[Knockout] = LRU(16)
         style = {"description_width": "initial"}
         options = [o for o in GROUP_OPTIONS if o[1] != "decoder" or heads.of(self.head).decoder is not None]

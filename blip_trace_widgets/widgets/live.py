@@ -28,8 +28,9 @@ from ..names import (
     EXPLORER_MODES,
 )
 from ..results import TraceResult
+from ..roles import first_content_word
 from ..tracing import TraceConfig, Tracer
-from .controls import check_gallery, default_gallery, first_content_word, method_note, phases, set_tooltip
+from .controls import check_gallery, default_gallery, method_note, phases, set_tooltip
 
 
 def answer_html(tracer: Tracer) -> str:
@@ -211,7 +212,7 @@ class LiveView(W.VBox):
         """The TraceConfig fields that say what is scored: a captioner's caption and word; nothing otherwise."""
         if not self.captions:
             return {}
-        return {"answer": self.caption_box.value.strip() or None, "target": int(self.word.value or 0)}
+        return {"answer": self.caption_box.value.strip() or None, "word": int(self.word.value or 0)}
 
     def sync_words(self, tracer: Tracer) -> None:
         """A captioner's word dropdown lists the words of the caption scored (keeping the chosen index if it exists)."""

@@ -15,6 +15,7 @@ import ipywidgets as W
 
 from ..config import MAX_SAMPLES, check_int
 from ..corruption import BY_NAME
+from ..errors import renamed
 from ..heads import metric_label
 from ..loading import BlipBundle
 from ..names import (
@@ -59,15 +60,17 @@ class VisionTraceExplorer(LiveView):
         self,
         bundle: BlipBundle,
         image: Any = None,
-        question: str | None = None,
+        text: str | None = None,
         *,
         gallery: Sequence[tuple] | None = None,
         regions: int | None = None,
         noise_samples: int = 5,
         background: bool = True,
         samples: Sequence[tuple] | None = None,
+        question: str | None = None,
     ) -> None:
-        super().__init__(bundle, image, question, gallery=merged_gallery(gallery, samples), background=background)
+        text = renamed(text, question, "question", "text")
+        super().__init__(bundle, image, text, gallery=merged_gallery(gallery, samples), background=background)
         side, layers = bundle.patch_grid_side, bundle.num_layers(VISION_ENCODER)
         if regions is not None:  # as trace() checks them: refused, never changed
             check_int("regions", regions, 1, side)
