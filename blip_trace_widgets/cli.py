@@ -203,7 +203,8 @@ def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
                             corrupt=args.corrupt, corrupt_tokens=_corrupt_tokens(args.corrupt_tokens),
                             regions=args.regions, method=args.method, steps=args.steps,
                             word=None if args.word == "all" else args.word,
-                            verify=args.verify, direction=args.direction, order=args.order,
+                            verify=args.verify, direction=args.direction, order=args.order, qk_fix=args.qk_fix,
+                            grad_drop=args.grad_drop,
                             position=parse_position(args.position))
 
 
@@ -376,11 +377,14 @@ def _sweep_configs(args: argparse.Namespace, bundle: Any) -> list[Any]:
     if args.scale is not None and args.noise is None:
         raise UsageError("--scale sets the level of --noise: pass --noise too")
     corruption = PairSwap() if args.pairs is not None else from_name(args.noise, args.scale) if args.noise else None
+    if args.qk_fix and HIDDEN not in kinds:
+        raise UsageError("--qk-fix corrects estimates of hidden states: add hidden to --kinds")
     return [resolve_config(bundle, "rome", block=block, kind=kind, corruption=corruption,
                            window=None if args.window is None else window_for(kind, args.window),
                            samples=args.samples, seed=args.seed, regions=args.regions, metric=args.metric,
                            method=args.method, steps=args.steps, verify=args.verify, order=args.order,
-                           word=word, direction=args.direction)
+                           qk_fix=args.qk_fix if kind == HIDDEN else None, grad_drop=args.grad_drop, word=word,
+                           direction=args.direction)
             for word in _caption_words(args.caption_words, bundle.head) for kind in kinds]
 
 
@@ -483,7 +487,7 @@ def _noise_help() -> str:
 #: The TraceConfig fields that both ``trace`` and ``sweep`` offer as options, with one default each (the
 #: configuration's own, through :func:`~.procedures.resolve_config`); ``trace`` offers TRACE_FIELDS too.
 SHARED_FIELDS = ("block", "window", "samples", "seed", "metric", "regions", "direction", "method", "steps", "verify",
-                 "order")
+                 "order", "qk_fix", "grad_drop")
 #: Options' old names, still taken for one release (argparse gives both the same destination).
 OLD_OPTIONS = {"word": ("--target",)}
 TRACE_FIELDS = ("kind", "answer", "word", "contrast", "sever", "sever_at", "corrupt", "corrupt_tokens", "position")
@@ -501,8 +505,11 @@ def _add_config_options(parser: argparse.ArgumentParser, names: Sequence[str]) -
         default = "" if field.default is MISSING or field.default is None else f" (default: {field.default})"
         if not meta.get("help"):
             raise AssertionError(f"TraceConfig.{name} has no help text for its command-line option")
-        parser.add_argument("--" + name.replace("_", "-"), *OLD_OPTIONS.get(name, ()), dest=name, type=meta["type"],
-                            choices=meta["choices"], default=None,
+        flags = ("--" + name.replace("_", "-"), *OLD_OPTIONS.get(name, ()))
+        if meta["type"] is bool:  # a switch: given or not (None keeps the configuration's default)
+            parser.add_argument(*flags, dest=name, action="store_const", const=True, default=None, help=meta["help"])
+            continue
+        parser.add_argument(*flags, dest=name, type=meta["type"], choices=meta["choices"], default=None,
                             help=meta["help"] + ("" if "(default" in meta["help"] else default))
 
 

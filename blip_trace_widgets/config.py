@@ -138,6 +138,12 @@ class TraceConfig:
         "estimates: 2 adds each cell's second-order term and flags the cells where it is large"))
     direction: Direction = _affects(RESTORE, default="denoise", choices=DIRECTIONS,
                                     help="; ".join(f"{d}: {DIRECTION_LABELS[d]}" for d in DIRECTIONS))
+    qk_fix: bool = _affects(RESTORE, default=False, type=bool, help=(
+        "estimates of hidden states of text blocks: recompute the next layer's attention softmax exactly (AtP*'s QK "
+        "fix), instead of linearising through it"))
+    grad_drop: bool = _affects(RESTORE, default=False, type=bool, help=(
+        "estimates: flag the cells whose paths may cancel (AtP*'s GradDrop: the estimate taken again with each "
+        "layer dropped from the backward pass; one more pass per layer); --method verified makes them exact"))
 
     #: The old name of ``word`` (a DeprecationWarning names the new one; goes in the next release).
     target: InitVar[int | None] = None
@@ -200,6 +206,7 @@ class TraceConfig:
         if self.order not in (1, 2) or isinstance(self.order, bool):
             raise BlipTraceError(f"order must be 1 (attribution patching) or 2 (with the second-order term), got "
                                  f"{self.order!r}")
+        _check_atp_star(self)
         if self.order == 2 and (self.method == "exact" or self.steps != 1):
             raise BlipTraceError("order=2 is a second-order estimate: use it with method='estimate' or 'verified' "
                                  "and steps=1")
@@ -246,6 +253,11 @@ class TraceConfig:
         object.__setattr__(self, "corrupt_tokens", _check_tokens(self.corrupt_tokens, stage))
         object.__setattr__(self, "corrupt", stage)
 
+    @property
+    def flags_cells(self) -> bool:
+        """Whether an estimate with this configuration flags unreliable cells (``order=2`` or ``grad_drop``)."""
+        return self.method != "exact" and (self.order == 2 or self.grad_drop)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "block": self.block, "kind": self.kind, "window": int(self.window), "corruption": describe(self.corruption),
@@ -261,7 +273,26 @@ class TraceConfig:
             **({"verify": int(self.verify)} if self.method == "verified" else {}),
             **({"order": 2} if self.order == 2 else {}),
             **({"direction": self.direction} if self.direction != "denoise" else {}),
+            **({"qk_fix": True} if self.qk_fix else {}),
+            **({"grad_drop": True} if self.grad_drop else {}),
         }
+
+
+def _check_atp_star(config: TraceConfig) -> None:
+    """AtP*'s two options apply to one-step estimates: the QK fix to hidden states of text blocks, GradDrop's flag
+    to cells of one layer."""
+    if not isinstance(config.qk_fix, bool):
+        raise BlipTraceError(f"qk_fix must be True or False, got {config.qk_fix!r}")
+    if config.qk_fix and (config.method == "exact" or config.kind != HIDDEN or config.block == VISION_ENCODER
+                          or config.steps != 1 or config.order != 1):
+        raise BlipTraceError("qk_fix corrects a one-step estimate of hidden states of a text block (they feed the "
+                             "next layer's attention): use it with method='estimate' or 'verified', kind='hidden', "
+                             "steps=1 and order=1, outside the vision encoder")
+    if not isinstance(config.grad_drop, bool):
+        raise BlipTraceError(f"grad_drop must be True or False, got {config.grad_drop!r}")
+    if config.grad_drop and (config.method == "exact" or config.window != 1 or config.steps != 1 or config.order != 1):
+        raise BlipTraceError("grad_drop flags cells of a one-step estimate of one layer each: use it with "
+                             "method='estimate' or 'verified', window=1, steps=1 and order=1")
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:

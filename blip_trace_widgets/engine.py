@@ -59,7 +59,7 @@ class Stack(Protocol):
     def self_mask(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None: ...
 
     def layer(self, j: int, h: torch.Tensor, cross: Any, mask: torch.Tensor | None = None,
-              edit: Edit = ..., cuts: Cuts = ...) -> torch.Tensor: ...
+              edit: Edit = ..., cuts: Cuts = ..., drop: bool = ...) -> torch.Tensor: ...
 
 
 def edit_heads(edit: Edit, kind: str, ctx: torch.Tensor, heads: int) -> torch.Tensor:
@@ -172,10 +172,14 @@ class TextStack:
         b, m, d = x.shape
         return x.view(b, m, self.heads, d // self.heads).transpose(1, 2)
 
+    def self_qk(self, j: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer j's self-attention queries and keys for its input ``h`` [B, T, D]: [B, H, T, D/H] each."""
+        L = self.layers[j]
+        return self._split(L.self_query(h)), self._split(L.self_key(h))
+
     def self_attention(self, j: int, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Layer j's self-attention weights for its input ``h`` [B, T, D]: [B, H, T, T]."""
-        L = self.layers[j]
-        return _weights(self._split(L.self_query(h)), self._split(L.self_key(h)), mask)
+        return _weights(*self.self_qk(j, h), mask)
 
     def cross_attention(self, j: int, h1: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Layer j's cross-attention weights for its residual ``h1`` [B, T, D] over ``keys`` [B, H, N, D/H]:
@@ -195,25 +199,29 @@ class TextStack:
         mask: torch.Tensor | None = None,
         edit: Edit = _no_edit,
         cuts: Cuts = (None, None),
+        drop: bool = False,
     ) -> torch.Tensor:
         """Layer j on ``h`` [S, C, T, D]: S samples x C cells.
 
         ``cross`` holds keys and values [S, Ck, H, N, D/H], with Ck == 1 when every
         cell of a sample attends to the same states, or Ck == C.  ``edit(kind, x)``
         may replace each sublayer's output (see anatomy.KINDS), and each attention context per head
-        (see :func:`edit_heads`). ``cuts`` knocks attention edges out of the (self-, cross-) attention.
+        (see :func:`edit_heads`). ``cuts`` knocks attention edges out of the (self-, cross-) attention. With
+        ``drop`` the sublayers read their inputs detached: a backward pass then reaches the layer's input only along
+        its skip connections (GradDrop's "layer dropped", see :mod:`~.estimates`); the forward values are the same.
         """
         L = self.layers[j]
         s, c, t, d = h.shape
         rows = h.reshape(s * c, t, d)
-        ctx = attend(self._split(L.self_query(rows)), self._split(L.self_key(rows)), self._split(L.self_value(rows)), mask,
+        read = rows.detach() if drop else rows
+        ctx = attend(self._split(L.self_query(read)), self._split(L.self_key(read)), self._split(L.self_value(read)), mask,
                      cuts[0])
         ctx = edit_heads(edit, "self_attn_head", ctx.transpose(1, 2).reshape(s, c, t, d), self.heads)
         sa = edit("self_attn", L.self_out(ctx))
         h1 = edit("post_self_attn", L.self_norm(sa + h))
 
         keys, values = cross
-        q = L.cross_query(h1)
+        q = L.cross_query(h1.detach() if drop else h1)
         heads, head_dim = keys.shape[2], keys.shape[-1]
         if keys.shape[1] == 1:  # fold the cells into the query axis: one K/V per sample
             qh = q.view(s, c * t, heads, head_dim).transpose(1, 2)
@@ -227,7 +235,7 @@ class TextStack:
         ca = edit("cross_attn", L.cross_out(ctx))
         h2 = edit("post_cross_attn", L.cross_norm(ca + h1))
 
-        m = edit("mlp", L.mlp_out(L.mlp_act(L.mlp_in(h2))))
+        m = edit("mlp", L.mlp_out(L.mlp_act(L.mlp_in(h2.detach() if drop else h2))))
         return edit("hidden", L.mlp_norm(m + h2))
 
 
@@ -271,18 +279,19 @@ class VisionStack:
         return _weights(qkv[0], qkv[1], None)
 
     def layer(self, j: int, h: torch.Tensor, cross: Any = None, mask: Any = None, edit: Edit = _no_edit,
-              cuts: Cuts = (None, None)) -> torch.Tensor:
+              cuts: Cuts = (None, None), drop: bool = False) -> torch.Tensor:
         """Layer j on ``h`` [S, C, N, D]; ``edit(kind, x)`` may replace the self-attention, MLP or layer output;
-        ``cuts[0]`` knocks self-attention edges out."""
+        ``cuts[0]`` knocks self-attention edges out; ``drop`` detaches the sublayers' inputs (as for text layers)."""
         L = self.layers[j]
         s, c, n, d = h.shape
         rows = h.reshape(s * c, n, d)
-        qkv = L.qkv(L.norm1(rows)).reshape(s * c, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        read = rows.detach() if drop else rows
+        qkv = L.qkv(L.norm1(read)).reshape(s * c, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         ctx = attend(qkv[0], qkv[1], qkv[2], None, cuts[0])
         ctx = edit_heads(edit, "attn_head", ctx.transpose(1, 2).reshape(s, c, n, d), self.heads)
         sa = edit("self_attn", L.attn_out(ctx))
         h1 = h + sa
-        m = edit("mlp", L.fc2(L.act(L.fc1(L.norm2(h1)))))
+        m = edit("mlp", L.fc2(L.act(L.fc1(L.norm2(h1.detach() if drop else h1)))))
         return edit("hidden", h1 + m)
 
 

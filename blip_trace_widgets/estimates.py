@@ -44,6 +44,7 @@ from .cache import LRU
 from .config import TraceConfig, cache_key
 from .engine import Cell, ChunkEdits, Run, cell_pairs, chunks, staircase, start_layer
 from .names import RELIABILITY_TOLERANCE, TINY_ABSOLUTE, VISION_ENCODER
+from .qk_fix import attention_gradients, qk_correction
 from .scoring import Scores, Target, score_rows
 
 
@@ -81,10 +82,12 @@ def _scores(runs: Runs, block: Block, final: torch.Tensor, target: Target, confi
 
 
 def _state_gradients(runs: Runs, block: Block, start: torch.Tensor, cross: Any, target: Target,
-                     config: TraceConfig) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]], dict[str, list]]:
+                     config: TraceConfig, dropped: int | None = None,
+                     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]], dict[str, list]]:
     """One forward and one backward pass of ``block`` from ``start`` [S, T, D], with a zero added to every state
     so that its gradient is the gradient with respect to that state (no parameter gradient is made or kept):
-    the scores [S], and per kind the gradients and the states of every layer, [S, T, D] each."""
+    the scores [S], and per kind the gradients and the states of every layer, [S, T, D] each. With ``dropped``,
+    the backward pass reaches that layer's input only along its skip connections (GradDrop)."""
     stack = block.stack
     leaves: dict[str, list[torch.Tensor]] = {kind: [] for kind in stack.kinds}
     states: dict[str, list[torch.Tensor]] = {kind: [] for kind in stack.kinds}
@@ -99,7 +102,7 @@ def _state_gradients(runs: Runs, block: Block, start: torch.Tensor, cross: Any, 
     with torch.enable_grad():
         h = start[:, None]
         for j in range(len(stack)):
-            h = stack.layer(j, h, cross[j], mask, edit)
+            h = stack.layer(j, h, cross[j], mask, edit, drop=j == dropped)
         scores = _scores(runs, block, h, target, config)[:, 0]
         grads = iter(torch.autograd.grad(scores.sum(), [leaf for kind in stack.kinds for leaf in leaves[kind]]))
     gradients = {kind: [next(grads)[:, 0] for _ in leaves[kind]] for kind in stack.kinds}
@@ -160,6 +163,40 @@ def _base(runs: Runs, block: Block, config: TraceConfig, target: Target,
     base = Run([x.expand(samples, *x.shape[1:]) for x in clean.inputs])
     states = [x.expand(samples, *x.shape[1:]) for x in clean.kinds[kind]]
     return base, block.clean_cross(runs.session, target), states, [-d for d in deltas]
+
+
+def cancellation(runs: Runs, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+                 plain: torch.Tensor) -> torch.Tensor:
+    """GradDrop's sign of cancelling paths, per sample and cell [S, C]: the first-order term taken again with each
+    layer's sublayers dropped from the backward pass in turn (one more forward and backward pass per layer),
+    ``Σ_l |term_l| / (L - 1)`` (Kramár et al.'s AtP*, in ``koayon/atp_star``'s form), less ``|plain|``, the cell's
+    own first-order term. Where a cell's paths cancel, dropping one of them shows the other: the gap is large while
+    the estimate is small. Cells of one layer only (a window's states lie on each other's paths)."""
+    run, cross, _, deltas = _base(runs, block, config, target)
+    layers = len(block.stack)
+    dropped = []
+    for layer in range(layers):
+        _, gradients, _ = _state_gradients(runs, block, run.inputs[0], cross, target, config, dropped=layer)
+        dropped.append(_cell_sums(_terms(deltas, gradients[config.kind]), cells).abs())
+    return torch.stack(dropped).sum(0) / max(layers - 1, 1) - plain.abs()
+
+
+def qk_terms(runs: Runs, block: Block, config: TraceConfig, target: Target) -> torch.Tensor:
+    """What the QK fix adds to each hidden state's first-order term (see :mod:`~.qk_fix`), per sample, layer and
+    position: [S, L, T], float64 (zero at the last layer, whose states feed no attention of the block)."""
+    run, cross, states, deltas = _base(runs, block, config, target)
+    stack = block.stack
+    attention = attention_gradients(stack, run.inputs[0], cross,
+                                    lambda final: _scores(runs, block, final, target, config)[:, 0])
+    out = torch.zeros(states[0].shape[0], len(stack), states[0].shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        for layer in range(len(stack) - 1):
+            q, k = stack.self_qk(layer + 1, states[layer])
+            q2, k2 = stack.self_qk(layer + 1, states[layer] + deltas[layer])
+            seen = attention[layer + 1]
+            out[:, layer] = qk_correction(q, k, q2 - q, k2 - k, seen.scores, seen.weights, seen.grad_scores,
+                                          seen.grad_weights).cpu()
+    return out
 
 
 def _cell_sums(terms: torch.Tensor, cells: Sequence[Cell]) -> torch.Tensor:
@@ -296,11 +333,14 @@ class Estimator:
     def __init__(self, runs: Runs, cache_size: int = 2) -> None:
         self.source = runs
         self._gradients: LRU[Gradients] = LRU(cache_size)
+        self._qk: LRU[torch.Tensor] = LRU(cache_size)
         #: The last order=2 estimate's second-order terms [S, C], for the reliability flag.
         self.second_order: torch.Tensor | None = None
+        #: The last grad_drop estimate's GradDrop gaps [S, C] (see :func:`cancellation`), for the reliability flag.
+        self.cancelling: torch.Tensor | None = None
 
-    def held(self) -> list[Gradients]:
-        return self._gradients.values()
+    def held(self) -> list[Any]:
+        return [*self._gradients.values(), *self._qk.values()]
 
     def gradients(self, block: Block, config: TraceConfig, target: Target) -> Gradients:
         """The first-order terms at the run a trace patches into: the corrupted run (denoising) or the clean
@@ -312,14 +352,25 @@ class Estimator:
     def clear(self) -> None:
         """Forget the kept gradient passes."""
         self._gradients.clear()
+        self._qk.clear()
+
+    def qk_terms(self, block: Block, config: TraceConfig, target: Target) -> torch.Tensor:
+        """Per sample, layer and position, what the QK fix adds to a hidden state's estimate (see :mod:`~.qk_fix`):
+        [S, L, T], float64; kept per block and corruption as the gradient pass is."""
+        key = (block.name, cache_key(config, "decoder"), target, config.metric, config.direction)
+        return self._qk.get_or_make(key, lambda: qk_terms(self.source, block, config, target))
 
     def flagged(self, config: TraceConfig, low: float, high: float) -> np.ndarray:
-        """Per cell of the last order=2 estimate: whether its second-order term (averaged over the noise samples)
-        exceeds RELIABILITY_TOLERANCE of the total effect ``high - low``, or of the metric's floor when that is
-        larger."""
-        assert self.second_order is not None and config.order == 2, "flagged() follows an order=2 estimate"
+        """Per cell of the last estimate with flags (``order=2`` or ``grad_drop``): whether its second-order term,
+        or its GradDrop gap, averaged over the noise samples, exceeds RELIABILITY_TOLERANCE of the total effect
+        ``high - low`` (or of the metric's floor when that is larger)."""
+        assert config.flags_cells, "flagged() follows an estimate with order=2 or grad_drop"
         tolerance = RELIABILITY_TOLERANCE * max(abs(high - low), TINY_ABSOLUTE.get(config.metric, 0.0))
-        return np.abs(self.second_order.mean(0).numpy()) > tolerance
+        signs = [self.second_order.mean(0).abs() if config.order == 2 and self.second_order is not None else None,
+                 self.cancelling.mean(0) if config.grad_drop and self.cancelling is not None else None]
+        present = [sign.numpy() > tolerance for sign in signs if sign is not None]
+        assert present, "flagged() follows the estimate it flags"
+        return np.logical_or.reduce(present)
 
     def score(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
               progress: Callable[[int], None] | None = None) -> Scores:
@@ -336,7 +387,14 @@ class Estimator:
         single = [i for i, cell in enumerate(cells) if _layers(cell) <= 1]
         windows = [i for i, cell in enumerate(cells) if _layers(cell) > 1]
         if single:
-            part = _cell_sums(gradients.terms[config.kind], [cells[i] for i in single])
+            terms = gradients.terms[config.kind]
+            if config.qk_fix:
+                terms = terms + self.qk_terms(block, config, target)
+            part = _cell_sums(terms, [cells[i] for i in single])
+            if config.grad_drop:
+                self.cancelling = torch.zeros(part.shape[0], len(cells), dtype=torch.float64)
+                self.cancelling[:, single] = cancellation(self.source, block, [cells[i] for i in single], config,
+                                                          target, part)
             if config.steps > 1:
                 part += _path_terms(self.source, block, [cells[i] for i in single], config, target, first_step=1)
             total[:, single] = part

@@ -119,7 +119,7 @@ class VerifiedScorer:
         mean, stderr, _ = self.estimator.score(block, cells, config, target, progress)
         low = float(self.estimator.gradients(block, config, target).scores.mean())  # the base: corrupted, or clean
         picked = np.argsort(-np.abs(mean - low), kind="stable")[: int(config.verify)]
-        if config.order == 2:  # every flagged cell is made exact too
+        if config.flags_cells:  # every flagged cell is made exact too
             picked = np.union1d(picked, np.flatnonzero(self.unreliable(config)))
         exact_mean, exact_stderr = self.exact.patched(block, [cells[i] for i in picked], config, target, None)
         mean[picked], stderr[picked] = exact_mean, exact_stderr

@@ -179,7 +179,7 @@ class TraceResult:
         return self.config.get("method") in ("estimate", "verified")
 
     @property
-    def unreliable_cells(self) -> np.ndarray:  # flagged by an order=2 estimate (see tracing.Tracer.unreliable)
+    def unreliable_cells(self) -> np.ndarray:  # flagged by an order=2 or grad_drop estimate (Tracer.unreliable)
         return _cell_mask(self.config.get("unreliable_cells"), self.scores.shape)
 
     @property
@@ -282,7 +282,7 @@ class TraceResult:
 
     def to_dataframe(self) -> Any:
         """Long form: one row per (position, layer) with token, score, normalised score and the trace's labels
-        (with ``exact``: whether the cell is a patched run, and ``unreliable``: flagged by an order=2 estimate)."""
+        (with ``exact``: whether the cell is a patched run, and ``unreliable``: flagged by an order=2 or grad_drop estimate)."""
         return _frame(self)
 
     def export(self, path: Union[str, os.PathLike], fmt: str | None = None, *, normalized: bool = False) -> Path:

@@ -185,7 +185,7 @@ class Tracer:
         shape = (len(layout.labels), len(block.stack))
         if config.method == "verified":  # which cells are exact: [row, layer] pairs
             extra["exact_cells"] = [[int(i) // shape[1], int(i) % shape[1]] for i in np.flatnonzero(exact)]
-        if config.order == 2:  # flagged cells that were not made exact
+        if config.flags_cells:  # flagged cells that were not made exact
             flagged = self.unreliable(config) & ~exact
             extra["unreliable_cells"] = [[int(i) // shape[1], int(i) % shape[1]] for i in np.flatnonzero(flagged)]
         low, high = self.baselines(config)

@@ -1,0 +1,149 @@
+"""The QK fix: the next layer's attention recomputed exactly in an estimate (see blip_trace_widgets.qk_fix)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tiny_blip import tiny_model, tiny_processor
+
+from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
+from blip_trace_widgets.qk_fix import qk_correction
+
+
+def _attention_score(h, wq, wk, grad, mask):
+    """A score that reaches ``h`` [S, T, D] only through one attention softmax's queries and keys."""
+    s, t, _ = h.shape
+    q = (h @ wq).view(s, t, 2, -1).transpose(1, 2)
+    k = (h @ wk).view(s, t, 2, -1).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask
+    return q, k, scores, scores.softmax(-1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_fix_is_exact_for_a_pure_query_and_key_change(causal):
+    """score = Σ G ⊙ softmax(QKᵀ/√d): restoring one position's input changes only its query and key. Plain
+    attribution patching is off there; plain + the correction equals the exact change, position by position."""
+    g = torch.Generator().manual_seed(0)
+    s, t, d = 3, 5, 8
+    h = torch.randn(s, t, d, generator=g, dtype=torch.float64)
+    delta = 2.0 * torch.randn(s, t, d, generator=g, dtype=torch.float64)  # large: the softmax is far from linear
+    wq, wk = (torch.randn(d, d, generator=g, dtype=torch.float64) for _ in range(2))
+    grad = torch.randn(s, 2, t, t, generator=g, dtype=torch.float64)
+    mask = torch.full((t, t), -1e9, dtype=torch.float64).triu(1) if causal else torch.zeros(t, t, dtype=torch.float64)
+
+    leaf = h.clone().requires_grad_(True)
+    q, k, scores, weights = _attention_score(leaf, wq, wk, grad, mask)
+    scores.retain_grad()
+    weights.retain_grad()
+    (weights * grad).sum().backward()
+    q2, k2, _, _ = _attention_score(h + delta, wq, wk, grad, mask)
+    correction = qk_correction(q.detach(), k.detach(), q2 - q.detach(), k2 - k.detach(), scores.detach(),
+                               weights.detach(), scores.grad, weights.grad)
+    for p in range(t):
+        patched = h.clone()
+        patched[:, p] = h[:, p] + delta[:, p]
+        exact = ((_attention_score(patched, wq, wk, grad, mask)[3] - weights.detach()) * grad).sum((1, 2, 3))
+        plain = (delta[:, p] * leaf.grad[:, p]).sum(-1)
+        np.testing.assert_allclose(plain + correction[:, p], exact, rtol=1e-10, atol=1e-12)
+        assert float((plain - exact).abs().max()) > 1e-3  # the plain estimate really is off
+
+
+@pytest.fixture(scope="module")
+def tracer(image, question):
+    return Tracer(load_model((tiny_model(seed=1).double(), tiny_processor()), device="cpu"), image, question)
+
+
+@pytest.mark.parametrize("block", ["question_encoder", "answer_decoder"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_the_correction_matches_a_loop_over_the_models_own_attention(tracer, block, direction):
+    """Each cell's correction, recomputed one position at a time from the layer's own attention module on the
+    patched input: the exact change of its weights times ∂score/∂weights, minus the logits' first-order change
+    times ∂score/∂logits (the logits are bilinear, so that is their change less the Δq·Δk term)."""
+    from blip_trace_widgets.estimates import qk_terms
+    from blip_trace_widgets.qk_fix import attention_gradients
+
+    config = TraceConfig(block=block, samples=2, corruption=GaussianNoise(1.0), direction=direction,
+                         method="estimate", qk_fix=True, metric="logprob")
+    blk, target = tracer.blocks[block], tracer.target(config)
+    terms = qk_terms(tracer.corrupted_runs, blk, config, target)
+    clean, corrupted, _ = tracer.runs(blk, config, target)
+    base, other = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    stack = blk.stack
+    start = base.inputs[0].expand(2, -1, -1)
+    cross = tracer.corrupted_runs.runs(blk, config, target)[2] if direction == "denoise" else \
+        blk.clean_cross(tracer.session, target)
+    from blip_trace_widgets.exact import ExactScorer  # noqa: F401  (the scorer the estimate stands in for)
+
+    def score(final):
+        from blip_trace_widgets.scoring import score_rows
+
+        logits = blk.logits(tracer.session, final, target)
+        return score_rows(logits.reshape(-1, *logits.shape[2:]), target, "logprob")
+
+    attention = attention_gradients(stack, start, cross, score)
+    mask = stack.self_mask(start.shape[1], start.dtype, start.device)
+    assert float(terms[:, -1].abs().max()) == 0.0  # the last layer feeds no attention of its block
+    for layer in range(len(stack) - 1):
+        h = base.kinds["hidden"][layer].expand(2, -1, -1)
+        target_states = other.kinds["hidden"][layer].expand(2, -1, -1)
+        seen = attention[layer + 1]
+        q, k = stack.self_qk(layer + 1, h)
+        for p in range(h.shape[1]):
+            patched = h.clone()
+            patched[:, p] = target_states[:, p]
+            with torch.no_grad():
+                weights = stack.self_attention(layer + 1, patched, mask)
+                q2, k2 = stack.self_qk(layer + 1, patched)
+                logits = q2 @ k2.transpose(-1, -2) / math.sqrt(q.shape[-1]) + (0 if mask is None else mask)
+            both = ((q2[:, :, p] - q[:, :, p]) * (k2[:, :, p] - k[:, :, p])).sum(-1) / math.sqrt(q.shape[-1])
+            first = ((logits - seen.scores) * seen.grad_scores).sum((1, 2, 3)) - (both * seen.grad_scores[:, :, p, p]).sum(1)
+            exact = ((weights - seen.weights) * seen.grad_weights).sum((1, 2, 3))
+            np.testing.assert_allclose(terms[:, layer, p].numpy(), (exact - first).numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_fixed_estimates_tend_to_exact_and_verified_cells_are_exact(tracer):
+    errors = []
+    for scale in (0.03, 0.003):
+        config = TraceConfig(samples=2, corruption=GaussianNoise(scale), metric="logprob")
+        exact = tracer.trace(config)
+        fixed = tracer.trace(config, method="estimate", qk_fix=True)
+        effect = np.abs(exact.scores - exact.low_score).sum()
+        errors.append(np.abs(fixed.scores - exact.scores).sum() / effect)
+    assert errors[1] < 0.01 and errors[1] < errors[0] / 5, errors  # 0.034 and 0.0034 here: first-order error
+    config = TraceConfig(samples=2, corruption=GaussianNoise(3.0), method="verified", qk_fix=True)
+    verified = tracer.trace(config)
+    exact = tracer.trace(config, method="exact", qk_fix=False)
+    for row, layer in verified.config["exact_cells"]:
+        assert verified.scores[row, layer] == pytest.approx(exact.scores[row, layer], abs=1e-6)
+    assert verified.config["qk_fix"] is True
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"qk_fix": True}, "use it with method='estimate' or 'verified'"),
+    ({"qk_fix": True, "method": "estimate", "kind": "mlp"}, "kind='hidden'"),
+    ({"qk_fix": True, "method": "estimate", "block": "vision_encoder"}, "outside the vision encoder"),
+    ({"qk_fix": True, "method": "estimate", "steps": 2}, "steps=1"),
+    ({"qk_fix": "yes", "method": "estimate"}, "True or False"),
+])
+def test_the_fix_is_refused_where_it_does_not_apply(fields, message):
+    with pytest.raises(BlipTraceError, match=message):
+        TraceConfig(**fields)
+
+
+def test_the_command_line_offers_the_fix(tmp_path, demo_sample):
+    import json
+
+    from blip_trace_widgets import cli
+
+    demo_sample.image.save(tmp_path / "image.png")
+    base = ["trace", "--model", "demo", "--image", str(tmp_path / "image.png"), "--question", demo_sample.question,
+            "--samples", "2", "--method", "estimate"]
+    assert cli.main([*base, "--qk-fix", "--out", str(tmp_path / "fixed")]) == 0
+    assert cli.main([*base, "--out", str(tmp_path / "plain")]) == 0
+    [fixed], [plain] = ((tmp_path / name).glob("*.json") for name in ("fixed", "plain"))
+    fixed, plain = json.loads(fixed.read_text()), json.loads(plain.read_text())
+    assert fixed["config"]["qk_fix"] is True and "qk_fix" not in plain["config"]
+    assert fixed["scores"] != plain["scores"] and fixed["low_score"] == plain["low_score"]
+    assert cli.main([*base, "--qk-fix", "--kind", "mlp", "--out", str(tmp_path / "bad")]) == 2
