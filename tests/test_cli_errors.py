@@ -202,3 +202,19 @@ def test_every_check_in_the_package_raises_blip_trace_error():
                     getattr(node.exc.func, "id", None) == "ValueError":
                 plain.append(f"{path.name}:{node.lineno}")
     assert not plain, f"raise BlipTraceError (a ValueError that names the fix) instead: {plain}"
+
+
+@pytest.mark.parametrize("planted", [RuntimeError("planted bug"), ValueError("a bug inside torch")])
+def test_an_internal_error_keeps_its_traceback(planted, files, monkeypatch, capsys):
+    """Only a user's mistake (BlipTraceError, a missing file) is one line: a bug, even a plain ValueError from inside
+    torch, propagates with its traceback instead of passing for bad input."""
+    from blip_trace_widgets import tracing
+
+    def broken(*args, **kwargs):
+        raise planted
+
+    monkeypatch.setattr(tracing.Tracer, "trace", broken)
+    with pytest.raises(type(planted), match=str(planted)):
+        cli.main(["trace", "--model", "demo", "--image", files["image"], "--question", "what color is the shape?",
+                  "--samples", "1", "--out", files["root"] + "/out"])
+    assert "blip-trace: error" not in capsys.readouterr().err
