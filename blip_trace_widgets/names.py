@@ -154,6 +154,7 @@ RELIABILITY_TOLERANCE = 0.1
 #: What an explorer shows when a control moves: the estimate at once, then the exact map; or one of them.
 EXPLORER_MODES: dict[str, str] = {
     "verified": "estimate, top cells exact",
+    "flagged": "estimate, top and flagged cells exact",
     "both": "estimate, then exact",
     "estimate": "estimate only",
     "exact": "exact only",

@@ -33,6 +33,7 @@ def test_target_is_the_old_name_of_word():
         assert "target" not in TraceConfig(block="caption_decoder", word=2).to_json()
 
 
+@pytest.mark.slow  # the command line, a sweep and an explorer: the full suite runs it
 def test_every_entry_point_scores_the_first_content_word_by_default(captioner, demo_sample, tmp_path):
     """'a red triangle': word 1, "red", from trace(), Tracer.trace, knockout(), the CLI and a sweep alike."""
     from blip_trace_widgets import cli, load_sweep

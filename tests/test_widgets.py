@@ -288,3 +288,20 @@ def test_the_vision_explorer_names_corruptions_as_everything_else_does():
     assert noisy.corruption == GaussianNoise(3.0, region=box) and noisy.samples == 5 and noisy.window == 2
     assert blurred.corruption == Blur(3.0, region=box) and grey.corruption == Grey(region=box)
     assert blurred.samples == grey.samples == 1  # nothing is drawn: one sample is all there is
+
+
+@pytest.mark.slow  # an explorer round trip with GradDrop: the full suite runs it
+def test_the_flagged_mode_makes_the_cells_graddrop_flags_exact(demo_bundle, demo_sample):
+    image, question, _ = demo_sample
+    explorer = TraceExplorer(demo_bundle, image, question, background=False, mode="flagged")
+    result = explorer.result
+    assert result.config["method"] == "verified" and result.config["grad_drop"] is True
+    assert "cells and its flagged cells exact" in explorer.status.value
+    estimate = explorer.tracer.trace(explorer.config, method="estimate", grad_drop=True)
+    flagged = estimate.unreliable_cells
+    assert result.exact_cells[flagged].all() and result.exact_cells.sum() >= 5
+    exact = explorer.tracer.trace(explorer.config, method="exact", grad_drop=False)
+    np.testing.assert_allclose(result.scores[result.exact_cells], exact.scores[result.exact_cells], atol=1e-6)
+    explorer.kind.value = "mlp"
+    explorer.window.value = 3  # no GradDrop for windows: the exact map at once
+    assert explorer.result.config["method"] == "exact"

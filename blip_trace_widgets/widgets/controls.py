@@ -175,19 +175,23 @@ VISION_LEVEL_TIPS = {
 
 def phases(config: TraceConfig, mode: str) -> list[TraceConfig]:
     """The configurations an explorer shows in turn for its method control (``mode``): the estimate first, then
-    the verified or exact map."""
+    the verified or exact map. ``"flagged"`` adds GradDrop's flags (cells whose paths may cancel), which the
+    verified map makes exact too."""
     if config.fresh_noise:  # a fresh draw per cell has no one corrupted run to take gradients at: exact only
         return [config]
     estimate = replace(config, method="estimate")
-    if mode in ("both", "verified") and config.window > 1:  # a window's estimate costs ~2x exact
+    if mode in ("both", "verified", "flagged") and config.window > 1:  # a window's estimate costs ~2x exact
         return [config]
+    flagged = replace(estimate, grad_drop=True)
     return {"verified": [estimate, replace(config, method="verified")], "both": [estimate, config],
+            "flagged": [flagged, replace(flagged, method="verified")],
             "estimate": [estimate], "exact": [config]}[mode]
 
 
 def method_note(config: TraceConfig, last: bool) -> str:
     """What the status line adds for an estimated map (``last``: no exact map follows)."""
-    notes = {"verified": f" · <b>ESTIMATE</b>, its top {config.verify} cells exact (outlined)",
+    flags = " and its flagged cells" if config.grad_drop else ""
+    notes = {"verified": f" · <b>ESTIMATE</b>, its top {config.verify} cells{flags} exact (outlined)",
              "estimate": " · <b>ESTIMATE</b> (attribution patching)" + ("" if last else "; the exact map follows…")}
     return notes.get(config.method, "")
 
