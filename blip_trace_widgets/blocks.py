@@ -23,8 +23,8 @@ the score through every text transformer after it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -55,7 +55,7 @@ class Pass(Protocol):
     def device(self) -> torch.device: ...
 
     @property
-    def question_ids(self) -> list[int]: ...
+    def question_ids(self) -> Sequence[int]: ...
 
     @property
     def memory_budget(self) -> int: ...
@@ -72,6 +72,34 @@ class Pass(Protocol):
     def ids(self, ids: Sequence[int]) -> torch.Tensor: ...
 
     def itc_text_feature(self, projection: Any) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a block reads, frozen: one (image, text)'s model and tokens, its clean pass, and the memory settings
+    that size chunks (a :class:`~.clean.CleanPass` makes it once its clean pass exists). The clean vision-encoder
+    run with every state kept is recorded only when an image-side trace first asks (``clean_vision``): it is the
+    largest thing a trace keeps."""
+
+    bundle: Any
+    model: torch.nn.Module
+    device: torch.device
+    question_ids: tuple[int, ...]
+    memory_budget: int
+    max_batch_rows: int | None
+    clean: Any  # a clean.Clean
+    record_vision: Callable[[], Run] = field(repr=False)
+    text_feature: Callable[[Any], torch.Tensor] = field(repr=False)
+
+    @property
+    def clean_vision(self) -> Run:
+        return self.record_vision()
+
+    def ids(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([list(ids)], device=self.device)
+
+    def itc_text_feature(self, projection: Any) -> torch.Tensor:
+        return self.text_feature(projection)
 
 
 Cross = Sequence[Any]  # per layer: (keys, values) [S, Ck, H, N, D/H] for text stacks, None for the ViT

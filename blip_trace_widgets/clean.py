@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import anatomy
-from .blocks import Blocks, build_blocks
+from .blocks import Blocks, Context, build_blocks
 from .engine import DEFAULT_MEMORY_BUDGET, Run, record_run, shared_cross
 from .errors import BlipTraceError
 from .heads import Head, ItmHead, head_of_model
@@ -66,6 +66,15 @@ class CleanPass:
         self._clean: Clean | None = None
         self._clean_vision: Run | None = None
         self._text_feature: torch.Tensor | None = None
+        self._context: Context | None = None
+
+    @property
+    def context(self) -> Context:
+        """What blocks read, frozen (made once, after the clean pass)."""
+        if self._context is None:
+            self._context = Context(self.bundle, self.model, self.device, tuple(self.question_ids), self.memory_budget,
+                                    self.max_batch_rows, self.clean, lambda: self.clean_vision, self.itc_text_feature)
+        return self._context
 
     def held(self) -> list[Any]:
         """What this pass keeps: its clean pass, clean vision run, pixels and ITC text feature (None until made)."""
@@ -180,7 +189,7 @@ class CleanPass:
         text = self.clean.text
         assert text is not None
         with torch.no_grad():
-            logits = self.blocks.last.logits(self, text.output[:, None], Target(tuple(self.question_ids)))
+            logits = self.blocks.last.logits(self.context, text.output[:, None], Target(tuple(self.question_ids)))
         return float(torch.softmax(logits.float(), -1)[0, 0, 1])
 
     def itc_text_feature(self, projection: Any) -> torch.Tensor:

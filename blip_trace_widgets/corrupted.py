@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import anatomy
-from .blocks import Corrupted
+from .blocks import Context, Corrupted
 from .cache import LRU
 from .clean import CleanPass
 from .config import TraceConfig, cache_key
@@ -67,6 +67,11 @@ class CorruptedRuns:
         self._clean_target: LRU[Run] = LRU(8)
         self._corrupted: LRU[Corrupted] = LRU(corrupted_cache_size)
         self._corrupted_target: LRU[tuple[Run, Any]] = LRU(corrupted_cache_size)
+
+    @property
+    def context(self) -> Context:
+        """What blocks read: the session's frozen context."""
+        return self.session.context
 
     def bound_swap(self, swap: WordSwap) -> WordSwap:
         """``swap`` bound to this question, the model's tokenizer and the reader's token embeddings."""
@@ -189,14 +194,14 @@ class CorruptedRuns:
     def _target_run(self, block: Any, config: TraceConfig, target: Target) -> tuple[Run, Any]:
         return self._corrupted_target.get_or_make(
             (block.name, cache_key(config, "decoder"), target),
-            lambda: block.corrupted_run(self.session, self.corrupted(config), target))
+            lambda: block.corrupted_run(self.session.context, self.corrupted(config), target))
 
     def clean_run(self, block: Any, target: Target) -> Run:
         """The clean run of ``block`` for ``target`` (cached when it depends on the target)."""
         with torch.no_grad():
             if not block.reads_target:
-                return block.clean_run(self.session, target)
-            return self._clean_target.get_or_make((block.name, target), lambda: block.clean_run(self.session, target))
+                return block.clean_run(self.session.context, target)
+            return self._clean_target.get_or_make((block.name, target), lambda: block.clean_run(self.session.context, target))
 
     def runs(self, block: Any, config: TraceConfig, target: Target,
               corrupted: Corrupted | None = None) -> tuple[Run, Run, Any]:
@@ -206,7 +211,7 @@ class CorruptedRuns:
             if block.reads_target and corrupted is None:
                 run, cross = self._target_run(block, config, target)
             else:
-                run, cross = block.corrupted_run(self.session, corrupted or self.corrupted(config), target)
+                run, cross = block.corrupted_run(self.session.context, corrupted or self.corrupted(config), target)
         return clean, run, cross
 
     def skip_draw(self, config: TraceConfig, generator: torch.Generator) -> None:

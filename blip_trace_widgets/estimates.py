@@ -49,11 +49,11 @@ from .scoring import Scores, Target, score_rows
 
 
 class Runs(Protocol):
-    """What an estimate reads: the clean pass, a block's clean and corrupted runs (and what they attend to), and
+    """What an estimate reads: the clean pass's context, a block's clean and corrupted runs (and what they attend to), and
     the corrupted patches of an image-side trace (a :class:`~.corrupted.CorruptedRuns`)."""
 
     @property
-    def session(self) -> Pass: ...
+    def context(self) -> Pass: ...
 
     def runs(self, block: Block, config: TraceConfig, target: Target) -> tuple[Any, Any, Any]: ...
 
@@ -76,7 +76,7 @@ class Gradients:
 
 def _scores(runs: Runs, block: Block, final: torch.Tensor, target: Target, config: TraceConfig) -> torch.Tensor:
     """Per-row scores [S, C] of final states [S, C, T, D]."""
-    logits = block.logits(runs.session, final, target)
+    logits = block.logits(runs.context, final, target)
     s, c = logits.shape[:2]
     return score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c)
 
@@ -120,7 +120,7 @@ def corrupted_gradients(runs: Runs, block: Block, config: TraceConfig, target: T
     For the vision encoder this pass is the corrupted run itself (its states are kept as it goes), so the
     estimate costs no separate corrupted pass; the text blocks start from their cached corrupted runs."""
     if block.name == VISION_ENCODER:
-        clean, start, cross = runs.session.clean_vision, runs.corrupted_patches(config), [None] * len(block.stack)
+        clean, start, cross = runs.context.clean_vision, runs.corrupted_patches(config), [None] * len(block.stack)
         corrupted: Any = None
     else:
         clean, corrupted, cross = runs.runs(block, config, target)
@@ -136,7 +136,7 @@ def clean_gradients(runs: Runs, block: Block, config: TraceConfig, target: Targe
     and each noise sample's ``(corrupted - clean) · ∂score/∂state`` is what patching that state in would change.
     ``scores`` are the clean score (the base a noising cell starts from), once per sample."""
     clean, corrupted, _ = runs.runs(block, config, target)
-    cross = block.clean_cross(runs.session, target)  # what the clean run attends to ([None] per layer for the ViT)
+    cross = block.clean_cross(runs.context, target)  # what the clean run attends to ([None] per layer for the ViT)
     score, gradients, _ = _state_gradients(runs, block, clean.inputs[0], cross, target, config)
     terms = {kind: _terms([-d for d in _deltas(clean.kinds[kind], corrupted.kinds[kind])], gradients[kind])
              for kind in block.stack.kinds}
@@ -162,7 +162,7 @@ def _base(runs: Runs, block: Block, config: TraceConfig, target: Target,
     samples = int(run.inputs[0].shape[0])
     base = Run([x.expand(samples, *x.shape[1:]) for x in clean.inputs])
     states = [x.expand(samples, *x.shape[1:]) for x in clean.kinds[kind]]
-    return base, block.clean_cross(runs.session, target), states, [-d for d in deltas]
+    return base, block.clean_cross(runs.context, target), states, [-d for d in deltas]
 
 
 def cancellation(runs: Runs, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
@@ -263,11 +263,11 @@ def _path_terms(runs: Runs, block: Block, cells: Sequence[Cell], config: TraceCo
     pairs = [(ci, step / steps) for step in range(first_step, steps) for ci in range(len(cells))]
     order = sorted(range(len(pairs)), key=lambda i: start_layer(cells[pairs[i][0]], kind, n_layers))
     out = torch.zeros(samples, len(cells), dtype=torch.float64)
-    rows = max(1, block.rows_per_chunk(runs.session, config, target) // (samples * BACKWARD_SHRINK))
+    rows = max(1, block.rows_per_chunk(runs.context, config, target) // (samples * BACKWARD_SHRINK))
     for chunk in chunks(order, rows):
         chunk_cells = [cells[pairs[i][0]] for i in chunk]
-        alphas = torch.tensor([pairs[i][1] for i in chunk], dtype=deltas[0].dtype, device=runs.session.device)
-        edits = _PathEdits(kind=kind, clean=[], by_layer=cell_pairs(chunk_cells, runs.session.device, every_layer=False),
+        alphas = torch.tensor([pairs[i][1] for i in chunk], dtype=deltas[0].dtype, device=runs.context.device)
+        edits = _PathEdits(kind=kind, clean=[], by_layer=cell_pairs(chunk_cells, runs.context.device, every_layer=False),
                            base=states, deltas=deltas, alphas=alphas)
         with torch.enable_grad():
             final = staircase(block.stack, run, cross, chunk_cells, edits)
@@ -310,11 +310,11 @@ def taylor_terms(runs: Runs, block: Block, cells: Sequence[Cell], config: TraceC
     order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], kind, n_layers))
     first_terms = torch.zeros(samples, len(cells), dtype=torch.float64)
     second_terms = torch.zeros(samples, len(cells), dtype=torch.float64)
-    rows = max(1, block.rows_per_chunk(runs.session, config, target) // (samples * 2 * BACKWARD_SHRINK))
+    rows = max(1, block.rows_per_chunk(runs.context, config, target) // (samples * 2 * BACKWARD_SHRINK))
     for chunk in chunks(order, rows):
         chunk_cells = [cells[i] for i in chunk]
-        alphas = torch.zeros(samples, len(chunk), dtype=torch.float64, device=runs.session.device, requires_grad=True)
-        edits = _TaylorEdits(kind=kind, clean=[], by_layer=cell_pairs(chunk_cells, runs.session.device, every_layer=False),
+        alphas = torch.zeros(samples, len(chunk), dtype=torch.float64, device=runs.context.device, requires_grad=True)
+        edits = _TaylorEdits(kind=kind, clean=[], by_layer=cell_pairs(chunk_cells, runs.context.device, every_layer=False),
                              base=states, deltas=deltas, alphas=alphas)
         with torch.enable_grad():
             scores = _scores(runs, block, staircase(block.stack, run, cross, chunk_cells, edits), target, config)

@@ -73,7 +73,7 @@ class ExactScorer:
                 corrupted: Corrupted | None, progress: Advance | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard error over noise samples of each cell's score, against one corrupted draw
         (``None``: the seed's first, cached)."""
-        session = self.runs.session
+        session = self.runs.context
         clean_run, corrupted_run, cross = self.runs.runs(block, config, target, corrupted)
         _check_cells(block, cells, int(clean_run.kinds[config.kind][0].shape[1]))  # positions, or head units
         clean_states = [x[0] for x in clean_run.kinds[config.kind]]
@@ -98,7 +98,7 @@ class ExactScorer:
             scores = score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c).double()
             mean[chunk] = scores.mean(0).cpu().numpy()
             stderr[chunk] = (scores.std(0) / np.sqrt(s)).cpu().numpy() if s > 1 else np.nan
-            session.stats["engine_chunks"] += 1
+            self.runs.session.stats["engine_chunks"] += 1
             if progress is not None:
                 progress(len(chunk))
         return mean, stderr

@@ -204,21 +204,21 @@ class Knockout:
     def clean_score(self, target: Target) -> float:
         last = self.tracer.blocks.last
         run = self.tracer.clean_run(last, target)  # cached per target, shared with the traces
-        return float(score_rows(last.logits(self.tracer.session, run.output[:, None], target)[:, 0], target, "prob")[0])
+        return float(score_rows(last.logits(self.tracer.session.context, run.output[:, None], target)[:, 0], target, "prob")[0])
 
     @torch.no_grad()
     def _exact(self, block: Block, groups: Sequence[Group], window: int, target: Target) -> np.ndarray:
         tracer, layers = self.tracer, len(block.stack)
-        clean, cross = tracer.clean_run(block, target), block.clean_cross(tracer.session, target)
+        clean, cross = tracer.clean_run(block, target), block.clean_cross(tracer.session.context, target)
         rows = [(g, layer) for g in range(len(groups)) for layer in range(layers)]
         spans = [window_layers(layer, window, layers) for _, layer in rows]
         order = sorted(range(len(rows)), key=lambda r: spans[r].start)
         out = np.empty(len(rows))
-        per_chunk = block.rows_per_chunk(tracer.session, TraceConfig(block=block.name, samples=1), target)
+        per_chunk = block.rows_per_chunk(tracer.session.context, TraceConfig(block=block.name, samples=1), target)
         for chunk in chunks(order, per_chunk):
             cuts_at = _RowCuts(groups, [rows[r][0] for r in chunk], [spans[r] for r in chunk], tracer.device)
             final = cut_staircase(block.stack, clean, cross, [spans[r].start for r in chunk], cuts_at)
-            logits = block.logits(tracer.session, final, target)
+            logits = block.logits(tracer.session.context, final, target)
             out[chunk] = score_rows(logits.reshape(-1, *logits.shape[2:]), target, "prob").double().cpu().numpy()
             tracer.stats["knockout_chunks"] += 1
         return out.reshape(len(groups), layers)
@@ -228,7 +228,7 @@ class Knockout:
         """p_clean − Σ over the window of ∂p/∂(multiplier of the group's edges at each layer), from one pass."""
         tracer, stack = self.tracer, block.stack
         layers = len(stack)
-        clean, cross = tracer.clean_run(block, target), block.clean_cross(tracer.session, target)
+        clean, cross = tracer.clean_run(block, target), block.clean_cross(tracer.session.context, target)
         scales = torch.ones(len(groups), layers, dtype=torch.float32, device=tracer.device, requires_grad=True)
         kinds = {a: [i for i, g in enumerate(groups) if g.attention == a] for a in ("self", "cross")}
         stacked = {a: torch.stack([groups[i].edges for i in picked]) if picked else None for a, picked in kinds.items()}
@@ -239,7 +239,7 @@ class Knockout:
                 cuts = tuple(None if edges is None else Dial(edges, scales[kinds[a], j].to(h.dtype))
                              for a, edges in stacked.items())
                 h = stack.layer(j, h, cross[j], mask, cuts=cuts)
-            logits = block.logits(tracer.session, h, target)
+            logits = block.logits(tracer.session.context, h, target)
             score = score_rows(logits.reshape(-1, *logits.shape[2:]), target, "prob")[0]
             (grad,) = torch.autograd.grad(score, scales)
         per_layer = grad.double().cpu().numpy()

@@ -122,7 +122,7 @@ class Tracer:
         last = self.blocks.vision if target.readout == "itc" else self.blocks.last
 
         def score(run: Any) -> torch.Tensor:
-            return score_rows(last.logits(self.session, run.output[:, None], target)[:, 0], target, config.metric)
+            return score_rows(last.logits(self.session.context, run.output[:, None], target)[:, 0], target, config.metric)
 
         high = score(self.clean_run(last, target))
         if config.method == "estimate" and config.direction == "denoise":
@@ -177,7 +177,7 @@ class Tracer:
         if config.block == VISION_ENCODER:
             self.clean_vision  # recorded before the clean pass, which then reuses it  # noqa: B018
         target = self.target(config)
-        layout = block.layout(self.session, config, target)
+        layout = block.layout(self.session.context, config, target)
         extra = dict(layout.extra)
         if config.corrupt == "question" and not is_head_kind(config.kind):  # a head map's rows are heads
             extra["corrupted_positions"] = self.corrupt_positions(config)

@@ -224,3 +224,30 @@ def test_max_batch_rows_does_not_change_results(tiny_bundle, image, question):
     np.testing.assert_allclose(one.scores, many.scores, atol=1e-6)
     with pytest.raises(ValueError, match="max_batch_rows"):
         Tracer(tiny_bundle, image, question, max_batch_rows=0).trace(samples=1)
+
+
+def test_blocks_read_a_frozen_context_never_the_tracer(demo_bundle, demo_sample, monkeypatch):
+    """Every block method of a trace (exact, estimated, verified, image-side) gets the clean pass's frozen Context."""
+    import dataclasses
+
+    from blip_trace_widgets import blocks
+    from blip_trace_widgets.tracing import Tracer
+
+    seen = []
+    for cls in (blocks.QuestionEncoder, blocks.AnswerDecoder, blocks.VisionEncoder):
+        for name in ("layout", "clean_run", "corrupted_run", "clean_cross", "rows_per_chunk", "logits"):
+            original = getattr(cls, name)
+
+            def spy(self, context, *args, _original=original, **kwargs):
+                seen.append(type(context))
+                return _original(self, context, *args, **kwargs)
+
+            monkeypatch.setattr(cls, name, spy)
+    tracer = Tracer(demo_bundle, demo_sample.image, demo_sample.question)
+    for method in ("exact", "estimate", "verified"):
+        tracer.trace(samples=2, method=method)
+        tracer.trace(samples=2, method=method, block="answer_decoder")
+    tracer.trace(samples=1, block="vision_encoder", regions=2)
+    assert seen and set(seen) == {blocks.Context}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tracer.session.context.question_ids = (1,)
