@@ -51,7 +51,7 @@ class Tracer:
 
     The text is a VQA model's question, a captioner's prompt ("" for none) or an image-text matcher's text.
     A tracer is made of parts, each with one job: ``session`` (the clean pass, a :class:`~.clean.CleanPass`; the
-    blocks read it and nothing else), ``targets`` (what a config scores), ``corrupted_runs`` (the corrupted
+    blocks read only its frozen :class:`~.blocks.Context`), ``targets`` (what a config scores), ``corrupted_runs`` (the corrupted
     input and runs, cached) and ``scorers`` (exact, estimated, or estimated then verified, one interface, picked
     by ``config.method``). Their public attributes that users read are forwarded here."""
 
