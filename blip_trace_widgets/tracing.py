@@ -185,10 +185,10 @@ class Tracer:
         shape = (len(layout.labels), len(block.stack))
         if config.method == "verified":  # which cells are exact: [row, layer] pairs
             extra["exact_cells"] = [[int(i) // shape[1], int(i) % shape[1]] for i in np.flatnonzero(exact)]
-        if config.flags_cells:  # flagged cells that were not made exact
-            flagged = self.unreliable(config) & ~exact
-            extra["unreliable_cells"] = [[int(i) // shape[1], int(i) % shape[1]] for i in np.flatnonzero(flagged)]
         low, high = self.baselines(config)
+        if config.flags_cells:  # flagged cells that were not made exact
+            flagged = self.estimator.flagged(config, low, high) & ~exact
+            extra["unreliable_cells"] = [[int(i) // shape[1], int(i) % shape[1]] for i in np.flatnonzero(flagged)]
         _check_finite(config, low, high, mean)
         result = TraceResult(
             scores=mean.reshape(shape), low_score=low, high_score=high,
