@@ -35,11 +35,13 @@ def test_a_dropped_layer_keeps_its_values_and_passes_gradient_only_along_its_ski
     assert torch.equal(plain, dropped)
     v = torch.randn(plain.shape, generator=torch.Generator().manual_seed(0), dtype=plain.dtype)
     (got,) = torch.autograd.grad((dropped * v).sum(), h)
-    L = stack.layers[1]
     if block == "vision_encoder":  # pre-norm: h + sa + m
         skips = h + kept["self_attn"] + kept["mlp"]
-    else:  # post-norm: LN3(m + LN2(ca + LN1(sa + h)))
-        skips = L.mlp_norm(kept["mlp"] + L.cross_norm(kept["cross_attn"] + L.self_norm(kept["self_attn"] + h)))
+    else:  # post-norm: LN3(m + LN2(ca + LN1(sa + h))), with the layer's own LayerNorms by transformers' names
+        model = tracer.model
+        own = (model.text_encoder if block == "question_encoder" else model.text_decoder.bert).encoder.layer[1]
+        skips = own.output.LayerNorm(kept["mlp"] + own.crossattention.output.LayerNorm(
+            kept["cross_attn"] + own.attention.output.LayerNorm(kept["self_attn"] + h)))
     (want,) = torch.autograd.grad((skips * v).sum(), h)
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-12)
     (full,) = torch.autograd.grad((stack.layer(1, h, cross, mask) * v).sum(), h)

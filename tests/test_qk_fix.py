@@ -12,7 +12,7 @@ from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Trace
 from blip_trace_widgets.qk_fix import qk_correction
 
 
-def _attention_score(h, wq, wk, grad, mask):
+def _attention_score(h, wq, wk, mask):
     """A score that reaches ``h`` [S, T, D] only through one attention softmax's queries and keys."""
     s, t, _ = h.shape
     q = (h @ wq).view(s, t, 2, -1).transpose(1, 2)
@@ -34,17 +34,17 @@ def test_the_fix_is_exact_for_a_pure_query_and_key_change(causal):
     mask = torch.full((t, t), -1e9, dtype=torch.float64).triu(1) if causal else torch.zeros(t, t, dtype=torch.float64)
 
     leaf = h.clone().requires_grad_(True)
-    q, k, scores, weights = _attention_score(leaf, wq, wk, grad, mask)
+    q, k, scores, weights = _attention_score(leaf, wq, wk, mask)
     scores.retain_grad()
     weights.retain_grad()
     (weights * grad).sum().backward()
-    q2, k2, _, _ = _attention_score(h + delta, wq, wk, grad, mask)
+    q2, k2, _, _ = _attention_score(h + delta, wq, wk, mask)
     correction = qk_correction(q.detach(), k.detach(), q2 - q.detach(), k2 - k.detach(), scores.detach(),
                                weights.detach(), scores.grad, weights.grad)
     for p in range(t):
         patched = h.clone()
         patched[:, p] = h[:, p] + delta[:, p]
-        exact = ((_attention_score(patched, wq, wk, grad, mask)[3] - weights.detach()) * grad).sum((1, 2, 3))
+        exact = ((_attention_score(patched, wq, wk, mask)[3] - weights.detach()) * grad).sum((1, 2, 3))
         plain = (delta[:, p] * leaf.grad[:, p]).sum(-1)
         np.testing.assert_allclose(plain + correction[:, p], exact, rtol=1e-10, atol=1e-12)
         assert float((plain - exact).abs().max()) > 1e-3  # the plain estimate really is off
@@ -55,52 +55,67 @@ def tracer(image, question):
     return Tracer(load_model((tiny_model(seed=1).double(), tiny_processor()), device="cpu"), image, question)
 
 
+#: The self-attention modules of each text block, by transformers' own names (not the package's anatomy table).
+SELF_ATTENTION = {"question_encoder": lambda m: [layer.attention.self for layer in m.text_encoder.encoder.layer],
+                  "answer_decoder": lambda m: [layer.attention.self for layer in m.text_decoder.bert.encoder.layer]}
+
+
+def _own_attention(module, h, heads, causal):
+    """Queries, keys, logits (mask included) and weights of one BLIP self-attention module on ``h`` [S, T, D],
+    computed here from its own query and key layers."""
+    s, t, d = h.shape
+    q = module.query(h).view(s, t, heads, d // heads).transpose(1, 2)
+    k = module.key(h).view(s, t, heads, d // heads).transpose(1, 2)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(d // heads)
+    if causal:
+        logits = logits + torch.full((t, t), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)
+    return q, k, logits, logits.softmax(-1)
+
+
 @pytest.mark.parametrize("block", ["question_encoder", "answer_decoder"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_the_correction_matches_a_loop_over_the_models_own_attention(tracer, block, direction):
-    """Each cell's correction, recomputed one position at a time from the layer's own attention module on the
-    patched input: the exact change of its weights times ∂score/∂weights, minus the logits' first-order change
-    times ∂score/∂logits (the logits are bilinear, so that is their change less the Δq·Δk term)."""
+    """Each cell's correction, recomputed one position at a time from the model's own attention modules (by
+    transformers' names) on the patched input: the exact change of the weights times ∂score/∂weights, minus the
+    logits' first-order change times ∂score/∂logits (the logits are bilinear, so that is their change less the
+    Δq·Δk term)."""
     from blip_trace_widgets.estimates import qk_terms
     from blip_trace_widgets.qk_fix import attention_gradients
+    from blip_trace_widgets.scoring import score_rows
 
     config = TraceConfig(block=block, samples=2, corruption=GaussianNoise(1.0), direction=direction,
                          method="estimate", qk_fix=True, metric="logprob")
     blk, target = tracer.blocks[block], tracer.target(config)
     terms = qk_terms(tracer.corrupted_runs, blk, config, target)
-    clean, corrupted, _ = tracer.runs(blk, config, target)
+    clean, corrupted, cross = tracer.runs(blk, config, target)
     base, other = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
-    stack = blk.stack
-    start = base.inputs[0].expand(2, -1, -1)
-    cross = tracer.corrupted_runs.runs(blk, config, target)[2] if direction == "denoise" else \
-        blk.clean_cross(tracer.session, target)
-    from blip_trace_widgets.exact import ExactScorer  # noqa: F401  (the scorer the estimate stands in for)
+    if direction == "noise":
+        cross = blk.clean_cross(tracer.session, target)
 
     def score(final):
-        from blip_trace_widgets.scoring import score_rows
-
         logits = blk.logits(tracer.session, final, target)
         return score_rows(logits.reshape(-1, *logits.shape[2:]), target, "logprob")
 
-    attention = attention_gradients(stack, start, cross, score)
-    mask = stack.self_mask(start.shape[1], start.dtype, start.device)
+    # ∂score/∂logits and ∂score/∂weights at the base run: the gradients the correction multiplies
+    attention = attention_gradients(blk.stack, base.inputs[0].expand(2, -1, -1), cross, score)
+    modules = SELF_ATTENTION[block](tracer.model)
+    heads = tracer.model.config.text_config.num_attention_heads
     assert float(terms[:, -1].abs().max()) == 0.0  # the last layer feeds no attention of its block
-    for layer in range(len(stack) - 1):
+    for layer in range(len(modules) - 1):
         h = base.kinds["hidden"][layer].expand(2, -1, -1)
-        target_states = other.kinds["hidden"][layer].expand(2, -1, -1)
         seen = attention[layer + 1]
-        q, k = stack.self_qk(layer + 1, h)
-        for p in range(h.shape[1]):
-            patched = h.clone()
-            patched[:, p] = target_states[:, p]
-            with torch.no_grad():
-                weights = stack.self_attention(layer + 1, patched, mask)
-                q2, k2 = stack.self_qk(layer + 1, patched)
-                logits = q2 @ k2.transpose(-1, -2) / math.sqrt(q.shape[-1]) + (0 if mask is None else mask)
-            both = ((q2[:, :, p] - q[:, :, p]) * (k2[:, :, p] - k[:, :, p])).sum(-1) / math.sqrt(q.shape[-1])
-            first = ((logits - seen.scores) * seen.grad_scores).sum((1, 2, 3)) - (both * seen.grad_scores[:, :, p, p]).sum(1)
-            exact = ((weights - seen.weights) * seen.grad_weights).sum((1, 2, 3))
-            np.testing.assert_allclose(terms[:, layer, p].numpy(), (exact - first).numpy(), rtol=1e-6, atol=1e-9)
+        with torch.no_grad():
+            q, k, logits, weights = _own_attention(modules[layer + 1], h, heads, block == "answer_decoder")
+            np.testing.assert_allclose(weights.numpy(), seen.weights.numpy(), atol=1e-12)  # the same base run
+            for p in range(h.shape[1]):
+                patched = h.clone()
+                patched[:, p] = other.kinds["hidden"][layer].expand(2, -1, -1)[:, p]
+                q2, k2, logits2, weights2 = _own_attention(modules[layer + 1], patched, heads, block == "answer_decoder")
+                both = ((q2[:, :, p] - q[:, :, p]) * (k2[:, :, p] - k[:, :, p])).sum(-1) / math.sqrt(q.shape[-1])
+                first = (((logits2 - logits) * seen.grad_scores).sum((1, 2, 3))
+                         - (both * seen.grad_scores[:, :, p, p]).sum(1))
+                exact = ((weights2 - weights) * seen.grad_weights).sum((1, 2, 3))
+                np.testing.assert_allclose(terms[:, layer, p].numpy(), (exact - first).numpy(), rtol=1e-6, atol=1e-9)
 
 
 def test_fixed_estimates_tend_to_exact_and_verified_cells_are_exact(tracer):
