@@ -32,6 +32,8 @@ from .names import (  # noqa: F401  (re-exported)
     CAPTION_DECODER,
     ITM_ENCODER,
     KINDS,
+    LANGUAGE_MODEL,
+    QFORMER,
     QUESTION_ENCODER,
     SEVERABLE,
     TEXT_BLOCKS,
@@ -46,29 +48,36 @@ LAYERS: dict[str, str] = {
     ANSWER_DECODER: "text_decoder.bert.encoder.layer",
     CAPTION_DECODER: "text_decoder.bert.encoder.layer",  # BlipForConditionalGeneration's decoder
     ITM_ENCODER: "text_encoder.encoder.layer",  # BlipForImageTextRetrieval's text encoder
-    VISION_BLOCK: "vision_model.encoder.layers",
+    VISION_BLOCK: "vision_model.encoder.layers",  # BLIP's ViT, and BLIP-2's (the same module names)
+    QFORMER: "qformer.encoder.layer",  # Blip2ForConditionalGeneration's querying transformer
+    LANGUAGE_MODEL: "language_model.model.decoder.layers",  # BLIP-2's OPT decoder
+}
+
+#: Where a text layer's sublayers are, per kind; the Q-Former's queries run their own feed-forward
+#: (``intermediate_query``/``output_query``: the module that really runs at a query position).
+TEXT_SUFFIXES: dict[str, str] = {
+    "hidden": "",
+    "self_attn": ".attention.output.dense",
+    "cross_attn": ".crossattention.output.dense",
+    "mlp": ".output.dense",
+    "post_self_attn": ".attention",  # h1 = LN(h + SA(h)): the output of BLIP's attention module
+    "post_cross_attn": ".crossattention",  # h2 = LN(h1 + XA(h1))
+}
+BLOCK_SUFFIXES: dict[str, dict[str, str]] = {
+    **{block: TEXT_SUFFIXES for block in TEXT_BLOCKS},
+    QFORMER: {**TEXT_SUFFIXES, "mlp": ".output_query.dense"},
+    # The ViT is pre-LN: h1 = h + SA(LN1(h)), h2 = h1 + MLP(LN2(h1)); .self_attn and .mlp
+    # output exactly what each sublayer adds to the residual stream.
+    VISION_BLOCK: {"hidden": "", "self_attn": ".self_attn", "mlp": ".mlp"},
+    # OPT is pre-LN too: out_proj and fc2 output what each sublayer adds to the residual stream.
+    LANGUAGE_MODEL: {"hidden": "", "self_attn": ".self_attn.out_proj", "mlp": ".fc2"},
 }
 
 #: The table: (block, kind) -> module whose output is restored.
 MODULES: dict[tuple[str, str], str] = {
-    **{
-        (block, kind): LAYERS[block] + ".{layer}" + suffix
-        for block in TEXT_BLOCKS
-        for kind, suffix in {
-            "hidden": "",
-            "self_attn": ".attention.output.dense",
-            "cross_attn": ".crossattention.output.dense",
-            "mlp": ".output.dense",
-            "post_self_attn": ".attention",  # h1 = LN(h + SA(h)): the output of BLIP's attention module
-            "post_cross_attn": ".crossattention",  # h2 = LN(h1 + XA(h1))
-        }.items()
-    },
-    # The ViT is pre-LN: h1 = h + SA(LN1(h)), h2 = h1 + MLP(LN2(h1)); .self_attn and .mlp
-    # output exactly what each sublayer adds to the residual stream.
-    **{
-        (VISION_BLOCK, kind): LAYERS[VISION_BLOCK] + ".{layer}" + suffix
-        for kind, suffix in {"hidden": "", "self_attn": ".self_attn", "mlp": ".mlp"}.items()
-    },
+    (block, kind): LAYERS[block] + ".{layer}" + suffix
+    for block, suffixes in BLOCK_SUFFIXES.items()
+    for kind, suffix in suffixes.items()
 }
 
 EMBEDDINGS: dict[str, str] = {
@@ -83,6 +92,13 @@ VISION_POST_NORM = "vision_model.post_layernorm"
 ANSWER_HEAD = "text_decoder.cls.predictions"  # the language-model head of the VQA and caption decoders
 ITM_HEAD = "itm_head"  # Linear(D, 2) on the ITM encoder's first state: (no match, match)
 TEXT_ENCODER = "text_encoder"  # the ITM model's text encoder, run without the image for ITC
+QUERY_TOKENS = "query_tokens"  # BLIP-2's learned queries [1, Q, D]
+QFORMER_NORM = "qformer.layernorm"  # the LayerNorm the queries pass before the Q-Former's first layer
+LANGUAGE_PROJECTION = "language_projection"  # Q-Former output -> the language model's width
+LM_TOKENS = "language_model.model.decoder.embed_tokens"
+LM_POSITIONS = "language_model.model.decoder.embed_positions"
+LM_FINAL_NORM = "language_model.model.decoder.final_layer_norm"
+LM_HEAD = "language_model.lm_head"
 VISION_PROJECTION = "vision_proj"
 TEXT_PROJECTION = "text_proj"
 
@@ -102,6 +118,29 @@ TEXT_LAYER_PARTS: dict[str, str] = {
     "mlp_act": "intermediate.intermediate_act_fn",
     "mlp_out": "output.dense",
     "mlp_norm": "output.LayerNorm",
+}
+#: The Q-Former's layer: as BLIP's, but the queries' feed-forward, and cross-attention only every
+#: ``cross_attention_frequency`` layers (the cross parts are None where a layer has none).
+QFORMER_LAYER_PARTS: dict[str, str] = {
+    **{role: path.replace(".self.", ".attention.") for role, path in TEXT_LAYER_PARTS.items()},
+    "mlp_in": "intermediate_query.dense",
+    "mlp_act": "intermediate_query.intermediate_act_fn",
+    "mlp_out": "output_query.dense",
+    "mlp_norm": "output_query.LayerNorm",
+}
+CROSS_PARTS = ("cross_query", "cross_key", "cross_value", "cross_out", "cross_norm")
+
+#: Pieces of one OPT decoder layer (pre-LN, causal), relative to the layer.
+DECODER_LAYER_PARTS: dict[str, str] = {
+    "norm1": "self_attn_layer_norm",
+    "query": "self_attn.q_proj",
+    "key": "self_attn.k_proj",
+    "value": "self_attn.v_proj",
+    "attn_out": "self_attn.out_proj",
+    "norm2": "final_layer_norm",
+    "fc1": "fc1",
+    "act": "activation_fn",
+    "fc2": "fc2",
 }
 
 
@@ -143,7 +182,8 @@ def get_module(model: nn.Module, name: str) -> Any:
         if not hasattr(module, part):
             raise BlipTraceError(
                 f"this model has no module {name!r}: blip_trace_widgets needs a transformers "
-                "BlipForQuestionAnswering, BlipForConditionalGeneration or BlipForImageTextRetrieval"
+                "BlipForQuestionAnswering, BlipForConditionalGeneration, BlipForImageTextRetrieval or "
+                "Blip2ForConditionalGeneration (with an OPT language model)"
             )
         module = getattr(module, part)
     return module
@@ -180,11 +220,11 @@ class TextLayer:
     self_value: nn.Linear
     self_out: nn.Linear
     self_norm: nn.LayerNorm
-    cross_query: nn.Linear
-    cross_key: nn.Linear
-    cross_value: nn.Linear
-    cross_out: nn.Linear
-    cross_norm: nn.LayerNorm
+    cross_query: nn.Linear | None  # None: a Q-Former layer without cross-attention
+    cross_key: nn.Linear | None
+    cross_value: nn.Linear | None
+    cross_out: nn.Linear | None
+    cross_norm: nn.LayerNorm | None
     mlp_in: nn.Linear
     mlp_act: nn.Module
     mlp_out: nn.Linear
@@ -192,14 +232,44 @@ class TextLayer:
 
 
 def text_layers(model: nn.Module, block: str) -> list[TextLayer]:
-    """Every layer of ``block`` as a :class:`TextLayer`."""
+    """Every layer of ``block`` as a :class:`TextLayer` (a Q-Former layer without cross-attention has None there)."""
     if check_block(block) not in TEXT_BLOCKS:
         raise BlipTraceError(f"{block} is not a text block: use one of {', '.join(TEXT_BLOCKS)}")
-    stack = get_module(model, LAYERS[block])
-    return [
-        TextLayer(**{role: get_module(layer, path) for role, path in TEXT_LAYER_PARTS.items()})
-        for layer in stack
-    ]
+    parts = QFORMER_LAYER_PARTS if block == QFORMER else TEXT_LAYER_PARTS
+    layers = []
+    for layer in get_module(model, LAYERS[block]):
+        absent = block == QFORMER and not getattr(layer, "has_cross_attention", True)
+        layers.append(TextLayer(**{role: None if absent and role in CROSS_PARTS else get_module(layer, path)
+                                   for role, path in parts.items()}))
+    return layers
+
+
+@dataclass(frozen=True)
+class DecoderLayer:
+    """The modules of one OPT decoder layer (pre-LN, causal) that a forward pass needs."""
+
+    norm1: nn.LayerNorm
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    attn_out: nn.Linear
+    norm2: nn.LayerNorm
+    fc1: nn.Linear
+    act: nn.Module
+    fc2: nn.Linear
+
+
+def decoder_layers(model: nn.Module) -> list[DecoderLayer]:
+    """Every layer of BLIP-2's language model; a clear error for a language model this package cannot run."""
+    config = text_config(model)
+    if getattr(config, "model_type", None) != "opt":
+        raise BlipTraceError(f"BLIP-2 with a {getattr(config, 'model_type', '?')} language model is not supported "
+                             "yet: use an OPT one, such as Salesforce/blip2-opt-2.7b")
+    if not config.do_layer_norm_before or int(config.word_embed_proj_dim) != int(config.hidden_size):
+        raise BlipTraceError("this OPT language model is post-LN or projects its embeddings (as OPT-350m does); "
+                             "only pre-LN OPT (125m, 1.3b, 2.7b, 6.7b and up) is supported")
+    return [DecoderLayer(**{role: get_module(layer, path) for role, path in DECODER_LAYER_PARTS.items()})
+            for layer in get_module(model, LAYERS[LANGUAGE_MODEL])]
 
 
 @dataclass(frozen=True)
@@ -263,9 +333,34 @@ def text_config(model: Any) -> Any:
     return model.config.text_config
 
 
+def block_config(model: Any, block: str) -> Any:
+    """The configuration of ``block``'s transformer (BLIP-2's Q-Former has its own)."""
+    if block == QFORMER:
+        return model.config.qformer_config
+    return vision_config(model) if block == VISION_BLOCK else text_config(model)
+
+
+def feed_forward_size(config: Any) -> int:
+    """The width of a configuration's MLP (BERT's ``intermediate_size``, OPT's ``ffn_dim``)."""
+    return int(getattr(config, "intermediate_size", None) or config.ffn_dim)
+
+
+def queries(model: nn.Module) -> Any:
+    """BLIP-2's learned queries [1, Q, D] and the LayerNorm the Q-Former applies to them first."""
+    return get_module(model, QUERY_TOKENS), get_module(model, QFORMER_NORM)
+
+
+def language_model_parts(model: nn.Module) -> dict[str, Any]:
+    """BLIP-2's language model around its layers: the query projection, token and position embeddings, the final
+    LayerNorm and the language-model head."""
+    names = {"projection": LANGUAGE_PROJECTION, "tokens": LM_TOKENS, "positions": LM_POSITIONS,
+             "final_norm": LM_FINAL_NORM, "head": LM_HEAD}
+    return {role: get_module(model, name) for role, name in names.items()}
+
+
 def vision_config(model: Any) -> Any:
     return model.config.vision_config
 
 
-def num_heads(model: nn.Module) -> int:
-    return int(text_config(model).num_attention_heads)
+def num_heads(model: nn.Module, block: str = QUESTION_ENCODER) -> int:
+    return int(block_config(model, block).num_attention_heads)

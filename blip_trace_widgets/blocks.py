@@ -31,10 +31,32 @@ import torch
 
 from . import anatomy
 from .config import TraceConfig
-from .engine import Cell, Run, TextStack, VisionStack, group_cells, head_unit, rows_per_chunk, vision_rows_per_chunk
+from .engine import (
+    Cell,
+    DecoderStack,
+    QFormerStack,
+    Run,
+    TextStack,
+    VisionStack,
+    group_cells,
+    head_unit,
+    record_run,
+    rows_per_chunk,
+    shared_cross,
+    vision_rows_per_chunk,
+)
 from .errors import BlipTraceError
 from .heads import head_of_model
-from .names import ANSWER_DECODER, CAPTION_DECODER, ITM_ENCODER, QUESTION_ENCODER, VISION_ENCODER, is_head_kind
+from .names import (
+    ANSWER_DECODER,
+    CAPTION_DECODER,
+    ITM_ENCODER,
+    LANGUAGE_MODEL,
+    QFORMER,
+    QUESTION_ENCODER,
+    VISION_ENCODER,
+    is_head_kind,
+)
 from .regions import patch_grid_size, region_grid
 from .roles import token_roles
 from .scoring import Target
@@ -151,9 +173,12 @@ class Block(Protocol):
 
 
 def _text_layout(labels: list[str], stack: Any, config: TraceConfig) -> Layout:
+    absent = stack.absent.get(config.kind, [])
+    extra = {"absent_layers": absent} if absent else {}
     if is_head_kind(config.kind):
-        return head_layout(labels, stack.heads, len(stack), config)
-    return Layout(labels, group_cells([[p] for p in range(len(labels))], len(stack), int(config.window)), {})
+        layout = head_layout(labels, stack.heads, len(stack), config)
+        return Layout(layout.labels, layout.cells, {**layout.extra, **extra})
+    return Layout(labels, group_cells([[p] for p in range(len(labels))], len(stack), int(config.window)), extra)
 
 
 def restored_positions(position: Any, labels: Sequence[str], text: bool) -> list[int]:
@@ -184,19 +209,25 @@ def head_layout(labels: Sequence[str], heads: int, layers: int, config: TraceCon
     return Layout([f"h{h}" for h in range(heads)], group_cells(units, layers, int(config.window)), extra)
 
 
-def _text_rows(session: Pass, config: TraceConfig, positions: int, cross_tokens: int, decoder_tokens: int) -> int:
-    text = anatomy.text_config(session.model)
+def _text_rows(session: Pass, config: TraceConfig, positions: int, cross_tokens: int, decoder_tokens: int,
+               block: str = QUESTION_ENCODER) -> int:
+    text = anatomy.block_config(session.model, block)
+    vocab = anatomy.text_config(session.model).vocab_size
     return rows_per_chunk(
         samples=config.samples, tokens=positions, cross_tokens=cross_tokens, hidden=text.hidden_size,
-        intermediate=text.intermediate_size, heads=text.num_attention_heads, vocab=text.vocab_size,
+        intermediate=anatomy.feed_forward_size(text), heads=text.num_attention_heads, vocab=vocab,
         decoder_tokens=decoder_tokens, element_size=session.bundle.working_itemsize,
         memory_budget=session.memory_budget, max_batch_rows=session.max_batch_rows,
     )
 
 
-def _per_row_cross(stack: TextStack, j: int, states: torch.Tensor, s: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross keys and values at layer j when each of the S x C rows attends to its own states [S*C, N, D']."""
-    k, v = stack.cross_kv(j, states)
+def _per_row_cross(stack: TextStack, j: int, states: torch.Tensor, s: int, c: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Cross keys and values at layer j when each of the S x C rows attends to its own states [S*C, N, D'] (None
+    at a layer without cross-attention)."""
+    kv = stack.cross_kv(j, states)
+    if kv is None:
+        return None
+    k, v = kv
     return k.view(s, c, *k.shape[1:]), v.view(s, c, *v.shape[1:])
 
 
@@ -216,8 +247,6 @@ class AnswerDecoder:
 
     def run(self, session: Pass, question_states: torch.Tensor, target: Target) -> tuple[Run, Cross]:
         """The decoder's run [S, Td, D] on question states [S, T, D] (teacher-forced on the target)."""
-        from .engine import record_run, shared_cross
-
         cross = shared_cross(self.stack, question_states)
         h0 = self.stack.embed(session.ids(target.inputs)).expand(question_states.shape[0], -1, -1)
         return record_run(self.stack, h0, cross), cross
@@ -228,8 +257,6 @@ class AnswerDecoder:
 
     def clean_cross(self, session: Pass, target: Target) -> Cross:
         """Cross keys and values of the clean question states (what the clean run attends to)."""
-        from .engine import shared_cross
-
         assert session.clean.text is not None
         return shared_cross(self.stack, session.clean.text.output)
 
@@ -268,9 +295,21 @@ class ImageReader(ABC):
         """The tokens this block reads."""
         return session.question_ids
 
+    def labels(self, session: Pass, target: Target) -> list[str]:
+        """Its positions' labels: the tokens it reads."""
+        return list(session.bundle.tokenizer.convert_ids_to_tokens(list(self.input_ids(session, target))))
+
+    def first_states(self, session: Any) -> torch.Tensor:
+        """Its input on the text alone, [1, T, D] (the question's or prompt's embeddings): what a corruption of the
+        text corrupts."""
+        return self.stack.embed(session.ids(session.question_ids))
+
+    def input_states(self, session: Pass, target: Target) -> torch.Tensor:
+        """Its input for ``target``, [1, T, D]."""
+        return self.stack.embed(session.ids(self.input_ids(session, target)))
+
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
-        labels = list(session.bundle.tokenizer.convert_ids_to_tokens(list(self.input_ids(session, target))))
-        return _text_layout(labels, self.stack, config)
+        return _text_layout(self.labels(session, target), self.stack, config)
 
     def clean_run(self, session: Pass, target: Target) -> Run:
         assert session.clean.text is not None
@@ -278,8 +317,6 @@ class ImageReader(ABC):
 
     def clean_cross(self, session: Pass, target: Target) -> Cross:
         """Cross keys and values of the clean image embeddings."""
-        from .engine import shared_cross
-
         return shared_cross(self.stack, session.clean.image_embeds)
 
     def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
@@ -288,8 +325,8 @@ class ImageReader(ABC):
 
     def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
         cross_tokens = int(session.clean.image_embeds.shape[1])
-        positions = len(self.input_ids(session, target))
-        return _text_rows(session, config, positions, cross_tokens, self.decoder_tokens(target))
+        positions = len(self.labels(session, target))
+        return _text_rows(session, config, positions, cross_tokens, self.decoder_tokens(target), self.name)
 
     def decoder_tokens(self, target: Target) -> int:
         """Positions of any decoder run after this block, per row (for sizing chunks)."""
@@ -305,7 +342,7 @@ class ImageReader(ABC):
         stack = self.stack
         s, c, n, dv = image_embeds.shape
         flat = image_embeds.reshape(s * c, n, dv)
-        h = stack.embed(session.ids(self.input_ids(session, target)))[:, None].expand(s, c, -1, -1)
+        h = self.input_states(session, target)[:, None].expand(s, c, -1, -1)
         mask = stack.self_mask(h.shape[2], h.dtype, h.device)
         for j in range(len(stack)):
             h = stack.layer(j, h, _per_row_cross(stack, j, flat, s, c), mask)
@@ -358,16 +395,12 @@ class CaptionDecoder(ImageReader):
             prompt: torch.Tensor | None = None) -> Run:
         """The decoder's run over ``target.inputs``, its first positions replaced by ``prompt`` [S, P, D] if given
         (a corrupted prompt: the embeddings are per position, so the rest is as in the clean run)."""
-        from .engine import record_run
-
         h0 = self.stack.embed(session.ids(target.inputs)).expand(samples, -1, -1)
         if prompt is not None:
             h0 = torch.cat([prompt.expand(samples, -1, -1), h0[:, prompt.shape[1]:]], 1)
         return record_run(self.stack, h0, image_cross)
 
     def clean_run(self, session: Pass, target: Target) -> Run:
-        from .engine import shared_cross
-
         return self.run(session, shared_cross(self.stack, session.clean.image_embeds), 1, target)
 
     def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
@@ -377,6 +410,95 @@ class CaptionDecoder(ImageReader):
 
     def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         return self.head(final)
+
+
+class LanguageModel:
+    """BLIP-2's language model (OPT): positions are the projected queries q0… (the image, as the language model
+    reads it), then the prompt and the answer before the scored token."""
+
+    name: str = LANGUAGE_MODEL
+    reads_target = True
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.stack = DecoderStack(model)
+        self.queries = int(anatomy.queries(model)[0].shape[1])
+
+    def labels(self, session: Pass, target: Target) -> list[str]:
+        tokens = session.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs))
+        return [*(f"q{i}" for i in range(self.queries)), *tokens]
+
+    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+        return _text_layout(self.labels(session, target), self.stack, config)
+
+    def run(self, session: Pass, query_states: torch.Tensor, target: Target) -> tuple[Run, Cross]:
+        """The language model's run [S, Q + T, D] on Q-Former outputs [S, Q, Dq] (teacher-forced on the target)."""
+        cross = [None] * len(self.stack)
+        return record_run(self.stack, self.stack.embed(query_states, session.ids(target.inputs)), cross), cross
+
+    def clean_run(self, session: Pass, target: Target) -> Run:
+        assert session.clean.text is not None
+        return self.run(session, session.clean.text.output, target)[0]
+
+    def clean_cross(self, session: Pass, target: Target) -> Cross:
+        return [None] * len(self.stack)
+
+    def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+        assert corrupted.text is not None
+        return self.run(session, corrupted.text.output, target)
+
+    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
+        return _text_rows(session, config, len(self.labels(session, target)), 0, 1, LANGUAGE_MODEL)
+
+    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+        return self.stack.logits(final)
+
+    def decode_rows(self, session: Pass, query_states: torch.Tensor, target: Target) -> torch.Tensor:
+        """Logits [S, C, Q + T, V] when each row reads its own Q-Former outputs [S, C, Q, Dq]."""
+        stack = self.stack
+        h = stack.embed(query_states, session.ids(target.inputs))
+        mask = stack.self_mask(h.shape[2], h.dtype, h.device)
+        for j in range(len(stack)):
+            h = stack.layer(j, h, None, mask)
+        return stack.logits(h)
+
+    def generate(self, session: Any, query_states: torch.Tensor, start: Sequence[int], limit: int,
+                 stop: Sequence[int]) -> list[int]:
+        """Greedy decoding after ``start`` on Q-Former outputs [1, Q, Dq], until a ``stop`` token, at most ``limit``
+        new tokens: the tokens after ``start``."""
+        ids = [int(i) for i in start]
+        for _ in range(limit):
+            logits = self.decode_rows(session, query_states[:, None], Target(tuple(ids)))
+            token = int(logits[0, 0, -1].argmax())
+            if token in stop:
+                break
+            ids.append(token)
+        return ids[len(start):]
+
+
+class QFormer(ImageReader):
+    """BLIP-2's Q-Former: positions are its learned queries q0…, which cross-attend to the image embeddings; the
+    language model reads its outputs."""
+
+    name: str = QFORMER
+
+    def __init__(self, model: torch.nn.Module, decoder: LanguageModel) -> None:
+        self.stack: QFormerStack = QFormerStack(model)
+        self.decoder = decoder
+
+    def labels(self, session: Pass, target: Target) -> list[str]:
+        return [f"q{i}" for i in range(int(self.stack.query_tokens.shape[1]))]
+
+    def first_states(self, session: Any) -> torch.Tensor:
+        return self.stack.queries()
+
+    def input_states(self, session: Pass, target: Target) -> torch.Tensor:
+        return self.stack.queries()
+
+    def decoder_tokens(self, target: Target) -> int:
+        return len(target.inputs) + int(self.stack.query_tokens.shape[1])
+
+    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+        return self.decoder.decode_rows(session, final, target)
 
 
 class VisionEncoder:
@@ -415,12 +537,12 @@ class VisionEncoder:
         return corrupted.vision, [None] * len(self.stack)
 
     def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
-        vision, text = anatomy.vision_config(session.model), anatomy.text_config(session.model)
+        vision, text = anatomy.vision_config(session.model), anatomy.block_config(session.model, self.reader.name)
         return vision_rows_per_chunk(
             samples=config.samples, patches=int(session.clean.image_embeds.shape[1]), vision_hidden=vision.hidden_size,
             vision_intermediate=vision.intermediate_size, vision_heads=vision.num_attention_heads,
-            tokens=len(self.reader.input_ids(session, target)),
-            text_hidden=text.hidden_size, text_intermediate=text.intermediate_size,
+            tokens=len(self.reader.labels(session, target)),
+            text_hidden=text.hidden_size, text_intermediate=anatomy.feed_forward_size(text),
             text_heads=text.num_attention_heads, element_size=session.bundle.working_itemsize,
             memory_budget=session.memory_budget, max_batch_rows=session.max_batch_rows,
         )
@@ -447,6 +569,8 @@ BLOCK_CLASSES: dict[str, type] = {
     CAPTION_DECODER: CaptionDecoder,
     ITM_ENCODER: ItmEncoder,
     VISION_ENCODER: VisionEncoder,
+    QFORMER: QFormer,
+    LANGUAGE_MODEL: LanguageModel,
 }
 
 

@@ -88,12 +88,12 @@ class CleanPass:
     @property
     def position_limit(self) -> int:
         """The most tokens the text transformers read."""
-        return int(anatomy.text_config(self.model).max_position_embeddings)
+        return self.task.position_limit(self.model)
 
     @property
     def bos_id(self) -> int:
         """The decoders' start token."""
-        return int(anatomy.text_config(self.model).bos_token_id)
+        return self.task.start_token(self.model)
 
     @property
     def unknown_words(self) -> list[str]:
@@ -143,8 +143,7 @@ class CleanPass:
                           else self.embed_image(self.image))
                 reader = self.blocks.reader
                 cross = shared_cross(reader.stack, embeds)
-                run = None if reader.reads_target else record_run(reader.stack, reader.stack.embed(
-                    self.ids(self.question_ids)), cross)
+                run = None if reader.reads_target else record_run(reader.stack, reader.first_states(self), cross)
                 self._clean = Clean(embeds, run, self.task.greedy(self, embeds, run))
             self.stats["clean_passes"] += 1
         return self._clean

@@ -150,7 +150,7 @@ class CorruptedRuns:
         samples = int(config.samples)
         reader, vstack = self.session.blocks.reader, self.session.vision
         qstack = reader.stack
-        h0 = qstack.embed(self.session.ids(self.session.question_ids))
+        h0 = reader.first_states(self.session)
         vision = None
         if config.corrupt == "question":
             embeds = self.session.clean.image_embeds
@@ -216,7 +216,7 @@ class CorruptedRuns:
 
     def skip_draw(self, config: TraceConfig, generator: torch.Generator) -> None:
         """Advance ``generator`` past the low score's draw without running the model."""
-        start = {"question": lambda: self.session.blocks.reader.stack.embed(self.session.ids(self.session.question_ids)),
+        start = {"question": lambda: self.session.blocks.reader.first_states(self.session),
                  "image": lambda: self.session.clean.image_embeds, "pixels": lambda: self.session.pixels,
                  "patches": lambda: self.session.vision.embed(self.session.pixels)}[str(config.corrupt)]
         with torch.no_grad():

@@ -33,7 +33,16 @@ import torch
 
 from . import anatomy
 from .errors import BlipTraceError
-from .names import CAUSAL_BLOCKS, SEVER_AT, TEXT_HEAD_KINDS, TEXT_KINDS, VISION_HEAD_KINDS, VISION_KINDS, Kind
+from .names import (
+    CAUSAL_BLOCKS,
+    DECODER_KINDS,
+    SEVER_AT,
+    TEXT_HEAD_KINDS,
+    TEXT_KINDS,
+    VISION_HEAD_KINDS,
+    VISION_KINDS,
+    Kind,
+)
 
 Cell = tuple[tuple[int, int], ...]  # ((layer, position), ...)
 Edit = Callable[[str, torch.Tensor], torch.Tensor]
@@ -151,9 +160,19 @@ class TextStack:
     def __init__(self, model: torch.nn.Module, block: str) -> None:
         self.block = anatomy.check_block(block)
         self.layers = anatomy.text_layers(model, block)
-        self.embeddings = anatomy.text_embeddings(model, block)
-        self.heads = anatomy.num_heads(model)
+        self.embeddings = anatomy.text_embeddings(model, block) if block in anatomy.EMBEDDINGS else None
+        self.heads = anatomy.num_heads(model, block)
         self.causal = block in CAUSAL_BLOCKS
+
+    def has_cross(self, j: int) -> bool:
+        """Whether layer j cross-attends (every BLIP text layer; a Q-Former layer every few)."""
+        return self.layers[j].cross_query is not None
+
+    @property
+    def absent(self) -> dict[str, list[int]]:
+        """Per kind, the layers where it does not exist (cross-attention in a Q-Former layer without it)."""
+        layers = [j for j in range(len(self)) if not self.has_cross(j)]
+        return {"cross_attn": layers, "cross_attn_head": layers} if layers else {}
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -184,18 +203,23 @@ class TextStack:
     def cross_attention(self, j: int, h1: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Layer j's cross-attention weights for its residual ``h1`` [B, T, D] over ``keys`` [B, H, N, D/H]:
         [B, H, T, N]."""
-        return _weights(self._split(self.layers[j].cross_query(h1)), keys, None)
+        query = self.layers[j].cross_query
+        assert query is not None, "layer j has no cross-attention"
+        return _weights(self._split(query(h1)), keys, None)
 
-    def cross_kv(self, j: int, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention keys and values of ``states`` [B, N, D'] at layer j: [B, H, N, D/H] each."""
+    def cross_kv(self, j: int, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cross-attention keys and values of ``states`` [B, N, D'] at layer j: [B, H, N, D/H] each (None for a
+        layer without cross-attention)."""
         layer = self.layers[j]
+        if layer.cross_key is None or layer.cross_value is None:
+            return None
         return self._split(layer.cross_key(states)), self._split(layer.cross_value(states))
 
     def layer(
         self,
         j: int,
         h: torch.Tensor,
-        cross: tuple[torch.Tensor, torch.Tensor],
+        cross: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None = None,
         edit: Edit = _no_edit,
         cuts: Cuts = (None, None),
@@ -203,8 +227,8 @@ class TextStack:
     ) -> torch.Tensor:
         """Layer j on ``h`` [S, C, T, D]: S samples x C cells.
 
-        ``cross`` holds keys and values [S, Ck, H, N, D/H], with Ck == 1 when every
-        cell of a sample attends to the same states, or Ck == C.  ``edit(kind, x)``
+        ``cross`` holds keys and values [S, Ck, H, N, D/H] (None at a layer without cross-attention), with
+        Ck == 1 when every cell of a sample attends to the same states, or Ck == C.  ``edit(kind, x)``
         may replace each sublayer's output (see anatomy.KINDS), and each attention context per head
         (see :func:`edit_heads`). ``cuts`` knocks attention edges out of the (self-, cross-) attention. With
         ``drop`` the sublayers read their inputs detached: a backward pass then reaches the layer's input only along
@@ -219,7 +243,20 @@ class TextStack:
         ctx = edit_heads(edit, "self_attn_head", ctx.transpose(1, 2).reshape(s, c, t, d), self.heads)
         sa = edit("self_attn", L.self_out(ctx))
         h1 = edit("post_self_attn", L.self_norm(sa + h))
+        h2 = self._cross(L, h1, cross, edit, cuts, drop) if cross is not None else self._no_cross(h1, edit)
+        m = edit("mlp", L.mlp_out(L.mlp_act(L.mlp_in(h2.detach() if drop else h2))))
+        return edit("hidden", L.mlp_norm(m + h2))
 
+    def _no_cross(self, h1: torch.Tensor, edit: Edit) -> torch.Tensor:
+        """A layer without cross-attention (a Q-Former's): its cross-attention adds nothing, so its kinds are zero
+        (restoring them changes nothing) and the residual after it is ``h1``."""
+        edit_heads(edit, "cross_attn_head", torch.zeros_like(h1), self.heads)
+        return edit("post_cross_attn", h1 + edit("cross_attn", torch.zeros_like(h1)))
+
+    def _cross(self, L: Any, h1: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor], edit: Edit, cuts: Cuts,
+               drop: bool) -> torch.Tensor:
+        """The cross-attention sublayer on ``h1`` [S, C, T, D]: h2 = LN(h1 + XA(h1))."""
+        s, c, t, d = h1.shape
         keys, values = cross
         q = L.cross_query(h1.detach() if drop else h1)
         heads, head_dim = keys.shape[2], keys.shape[-1]
@@ -233,10 +270,7 @@ class TextStack:
                          cuts[1])
         ctx = edit_heads(edit, "cross_attn_head", ctx.transpose(1, 2).reshape(s, c, t, d), heads)
         ca = edit("cross_attn", L.cross_out(ctx))
-        h2 = edit("post_cross_attn", L.cross_norm(ca + h1))
-
-        m = edit("mlp", L.mlp_out(L.mlp_act(L.mlp_in(h2.detach() if drop else h2))))
-        return edit("hidden", L.mlp_norm(m + h2))
+        return edit("post_cross_attn", L.cross_norm(ca + h1))
 
 
 class VisionStack:
@@ -295,6 +329,80 @@ class VisionStack:
         return edit("hidden", h1 + m)
 
 
+class QFormerStack(TextStack):
+    """BLIP-2's Q-Former, layer by layer: a post-LN BERT whose positions are learned queries, which cross-attend to
+    the image every ``cross_attention_frequency`` layers and run their own feed-forward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model, anatomy.QFORMER)
+        self.query_tokens, self.norm = anatomy.queries(model)
+
+    def queries(self) -> torch.Tensor:
+        """The Q-Former's input: its learned queries after its first LayerNorm, [1, Q, D]."""
+        return self.norm(self.query_tokens)
+
+
+class DecoderStack:
+    """BLIP-2's language model (a pre-LN causal OPT decoder), layer by layer, in the interface of :class:`TextStack`.
+    Its input is the projected queries followed by the text's token embeddings, plus learned positions."""
+
+    kinds = (*DECODER_KINDS, "self_attn_head")
+    causal = True
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.block = anatomy.LANGUAGE_MODEL
+        self.layers = anatomy.decoder_layers(model)
+        parts = anatomy.language_model_parts(model)
+        self.projection, self.tokens, self.positions = parts["projection"], parts["tokens"], parts["positions"]
+        self.final_norm, self.head = parts["final_norm"], parts["head"]
+        self.heads = anatomy.num_heads(model, anatomy.LANGUAGE_MODEL)
+        self.absent: dict[str, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def embed(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The first states [..., Q + T, D]: Q-Former outputs [..., Q, Dq] projected, then the tokens ``ids`` [1, T]
+        embedded, plus OPT's learned positions (offset by 2, as OPT's own embedding is)."""
+        image = self.projection(queries)
+        text = self.tokens(ids)[0].expand(*image.shape[:-2], -1, -1)
+        h = torch.cat([image, text.to(image.dtype)], -2)
+        index = torch.arange(h.shape[-2], device=h.device) + int(getattr(self.positions, "offset", 2))
+        return h + self.positions.weight[index].to(h.dtype)
+
+    def logits(self, final: torch.Tensor) -> torch.Tensor:
+        return self.head(self.final_norm(final))
+
+    def self_mask(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        if length == 1:
+            return None
+        return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, m, d = x.shape
+        return x.view(b, m, self.heads, d // self.heads).transpose(1, 2)
+
+    def self_attention(self, j: int, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer j's self-attention weights for its input ``h`` [B, T, D]: [B, H, T, T]."""
+        L = self.layers[j]
+        x = L.norm1(h)
+        return _weights(self._split(L.query(x)), self._split(L.key(x)), mask)
+
+    def layer(self, j: int, h: torch.Tensor, cross: Any = None, mask: torch.Tensor | None = None,
+              edit: Edit = _no_edit, cuts: Cuts = (None, None), drop: bool = False) -> torch.Tensor:
+        """Layer j on ``h`` [S, C, T, D]: h1 = h + SA(LN1(h)), h2 = h1 + MLP(LN2(h1)); ``edit``, ``cuts`` and ``drop``
+        as for :class:`TextStack` (``cuts[0]``: self-attention)."""
+        L = self.layers[j]
+        s, c, t, d = h.shape
+        rows = h.reshape(s * c, t, d)
+        x = L.norm1(rows.detach() if drop else rows)
+        ctx = attend(self._split(L.query(x)), self._split(L.key(x)), self._split(L.value(x)), mask, cuts[0])
+        ctx = edit_heads(edit, "self_attn_head", ctx.transpose(1, 2).reshape(s, c, t, d), self.heads)
+        h1 = h + edit("self_attn", L.attn_out(ctx))
+        m = edit("mlp", L.fc2(L.act(L.fc1(L.norm2(h1.detach() if drop else h1)))))
+        return edit("hidden", h1 + m)
+
+
 @dataclass
 class Run:
     """A recorded pass over one stack: layer inputs (``inputs[L]`` is the output) and kind outputs.
@@ -328,10 +436,10 @@ def record_run(stack: Stack, h0: torch.Tensor, cross: Sequence[Any]) -> Run:
 
 def shared_cross(stack: Any, states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer cross K/V of ``states`` [S, N, D'], shaped [S, 1, H, N, D/H] for sharing."""
-    out = []
+    out: list[Any] = []
     for j in range(len(stack)):
-        k, v = stack.cross_kv(j, states)
-        out.append((k[:, None], v[:, None]))
+        kv = stack.cross_kv(j, states)
+        out.append(None if kv is None else (kv[0][:, None], kv[1][:, None]))
     return out
 
 

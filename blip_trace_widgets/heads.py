@@ -23,16 +23,20 @@ from html import escape
 from typing import Any, ClassVar, Protocol
 
 from .errors import BlipTraceError
-from .inputs import check_question, encode_prompt, encode_question
+from .inputs import check_question, encode_answer, encode_lm_prompt, encode_prompt, encode_question
 from .names import (
     ANSWER_DECODER,
+    BLIP2,
+    BLIP2_PROMPT,
     CAPTION,
     CAPTION_DECODER,
     ITM,
     ITM_ENCODER,
+    LANGUAGE_MODEL,
     MAX_ANSWER_TOKENS,
     MAX_CAPTION_TOKENS,
     METRIC_LABELS,
+    QFORMER,
     QUESTION_ENCODER,
     VISION_ENCODER,
     VQA,
@@ -100,6 +104,8 @@ class Head(ABC):
     name: ClassVar[str]
     label: ClassVar[str]  # in titles and messages
     architecture: ClassVar[str]  # the transformers class
+    model_type: ClassVar[str] = "blip"  # its configuration's model_type
+    processor: ClassVar[str] = "BlipProcessor"  # the transformers class of its processor
     blocks: ClassVar[tuple[Block, ...]]  # the first is the default block and the reader of the image
     #: The text block that reads the reader's states and gives the output (VQA's answer decoder), if any.
     decoder: ClassVar[Block | None] = None
@@ -137,6 +143,18 @@ class Head(ABC):
     def greedy(self, reading: Reading, image_embeds: Any, run: Any) -> list[int]:
         """The tokens the model generates greedily on the clean input (none for a head that generates nothing)."""
         return []
+
+    def answer_tokens(self, tokenizer: Any, answer: str, what: str = "answer") -> list[int]:
+        """The tokens of an answer (or a contrast, or a caption) to score, as the model would say it."""
+        return encode_answer(tokenizer, answer, what)
+
+    def position_limit(self, model: Any) -> int:
+        """The most tokens the text transformers read."""
+        return int(model.config.text_config.max_position_embeddings)
+
+    def start_token(self, model: Any) -> int:
+        """The decoders' start token."""
+        return int(model.config.text_config.bos_token_id)
 
     def model_answer(self, reading: Reading) -> str:
         """What the model says on the clean input, in words."""
@@ -320,8 +338,60 @@ class ItmHead(Head):
         return image, caption, caption
 
 
+class Blip2Head(Head):
+    """BLIP-2 with an OPT language model, answering questions: the vision encoder's output is read by the Q-Former's
+    learned queries, which the language model reads, projected, before the prompt "Question: {q} Answer:"."""
+
+    name, label, architecture = BLIP2, "BLIP-2 question answering", "Blip2ForConditionalGeneration"
+    model_type, processor = "blip-2", "Blip2Processor"
+    blocks = (QFORMER, LANGUAGE_MODEL, VISION_ENCODER)
+    decoder = LANGUAGE_MODEL
+    text, scored, unit = "question", "answer", "questions"
+    metrics = ("prob", "logprob", "logit_diff")
+    reads_questions = True
+    answers_counterfactuals = True
+
+    def encode(self, tokenizer: Any, text: Any, limit: int, bos: int) -> tuple[str, list[int]]:
+        checked = check_question(text, self.text)
+        return checked, encode_lm_prompt(tokenizer, BLIP2_PROMPT.format(checked), limit, bos)
+
+    def queries(self, model: Any) -> int:
+        return int(model.config.num_query_tokens)
+
+    def position_limit(self, model: Any) -> int:
+        """The language model's positions less the queries' and the longest answer's."""
+        return super().position_limit(model) - self.queries(model) - MAX_ANSWER_TOKENS
+
+    def stop_tokens(self, model: Any) -> tuple[int, ...]:
+        """The tokens that end generation, as ``generate()`` reads them from the generation config."""
+        stop = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if stop is None:
+            stop = model.config.text_config.eos_token_id
+        return tuple(int(t) for t in (stop if isinstance(stop, (list, tuple)) else [stop]))
+
+    def greedy(self, reading: Reading, image_embeds: Any, run: Any) -> list[int]:
+        model = reading.bundle.model
+        return list(reading.blocks.last.generate(reading, run.output, reading.question_ids, MAX_ANSWER_TOKENS,
+                                                 self.stop_tokens(model)))
+
+    def answer_tokens(self, tokenizer: Any, answer: str, what: str = "answer") -> list[int]:
+        return encode_answer(tokenizer, answer, what, lead=" ")  # after "Answer:", as the model says it
+
+    def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
+        reading = scoring.session
+        tokens = scoring.answer_ids(config.answer)
+        prompt = tuple(reading.question_ids)
+        return Target((*prompt, *tokens[:-1]), tokens, self.queries(reading.bundle.model) + len(prompt) - 1, contrast)
+
+    def check(self, config: Any) -> None:
+        super().check(config)
+        if config.corrupt == "question":
+            raise BlipTraceError("BLIP-2's question is read by the language model, whose prompt this package cannot "
+                                 "corrupt yet: corrupt the image (corrupt='image', 'patches' or 'pixels')")
+
+
 #: Every head, by name; the first is the default (a BLIP configuration that names no head).
-BY_NAME: dict[str, Head] = {head.name: head for head in (VqaHead(), CaptionHead(), ItmHead())}
+BY_NAME: dict[str, Head] = {head.name: head for head in (VqaHead(), CaptionHead(), ItmHead(), Blip2Head())}
 #: The blocks of each head, the first its default.
 BLOCKS_OF: dict[str, tuple[Block, ...]] = {name: head.blocks for name, head in BY_NAME.items()}
 

@@ -144,6 +144,16 @@ def encode_prompt(tokenizer: Any, prompt: Any, max_length: int, start_token: int
     return text, start
 
 
+def encode_lm_prompt(tokenizer: Any, prompt: str, max_length: int, start_token: int) -> list[int]:
+    """A language model's prompt as OPT's tokenizer gives it: its start token, then the text's tokens (no end
+    token, which would tell the model the text is over)."""
+    ids = [start_token, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    if len(ids) > max_length:
+        raise BlipTraceError(f"the prompt is {len(ids)} tokens long; the language model reads {max_length} beside the "
+                             "image's queries and the answer: shorten the question")
+    return ids
+
+
 def encode_question(tokenizer: Any, question: str, max_length: int, what: str = "question") -> list[int]:
     """Token ids of the question (or a matcher's text) as the model sees it, special tokens included."""
     text = check_question(question, what)
@@ -155,11 +165,13 @@ def encode_question(tokenizer: Any, question: str, max_length: int, what: str = 
     return ids
 
 
-def encode_answer(tokenizer: Any, answer: str, what: str = "answer") -> list[int]:
-    """Token ids of an answer (or a caption) to score, without special tokens; it must not need [UNK]."""
+def encode_answer(tokenizer: Any, answer: str, what: str = "answer", lead: str = "") -> list[int]:
+    """Token ids of an answer (or a caption) to score, without special tokens; it must not need [UNK]. ``lead`` goes
+    before it: " " for a language model whose byte-level tokens carry the space before a word (OPT's " red" is not
+    its "red")."""
     if not isinstance(answer, str) or not answer.strip():
         raise BlipTraceError(f"the {what} to score is empty: pass answer=None to score the model's own {what}")
-    ids = list(tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(lead + answer.strip(), add_special_tokens=False)["input_ids"])
     unk = getattr(tokenizer, "unk_token_id", None)
     if not ids or (unk is not None and unk in ids):
         raise BlipTraceError(

@@ -27,7 +27,7 @@ import torch
 from .anatomy import check_blip
 from .errors import BlipTraceError, UnavailableError
 from .heads import BY_NAME
-from .names import DEMO_MODELS, HUB_MODELS, QUESTION_ENCODER, VQA
+from .names import DEMO_MODELS, HUB_MODELS, QUESTION_ENCODER
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 #: The bundled demo models by name: VQA, captioning and image-text matching, all trained on easy-VQA.
@@ -261,22 +261,26 @@ def dtype_argument(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _head_class(source: str, config: Any) -> Any:
-    """The transformers class of the checkpoint's head, or a clear error for anything but BLIP's three heads."""
-    import transformers
-
+    """The head of the checkpoint, or a clear error for anything but BLIP's three heads and BLIP-2."""
     architectures = getattr(config, "architectures", None) or []
     known = {head.architecture for head in BY_NAME.values()}
-    found = [name for name in architectures if name in known]
-    if config.model_type != "blip" or (architectures and not found):
+    found = [head for name in architectures for head in BY_NAME.values() if head.architecture == name]
+    types = {head.model_type for head in BY_NAME.values()}
+    if config.model_type not in types or (architectures and not found) or (
+            found and found[0].model_type != config.model_type):
         raise BlipTraceError(
             f"{source!r} is a {config.model_type} model ({', '.join(architectures) or 'unknown head'}), not one of "
-            f"BLIP's heads ({', '.join(sorted(known))}); use a checkpoint such as {', '.join(HUB_MODELS.values())}")
-    # a BLIP configuration that names no head: VQA, as this package did before it traced the other heads
-    return getattr(transformers, found[0] if found else BY_NAME[VQA].architecture)
+            f"the heads this package traces ({', '.join(sorted(known))}); use a checkpoint such as "
+            f"{', '.join(HUB_MODELS.values())}")
+    if found:
+        return found[0]
+    # a configuration that names no head: VQA for BLIP, as this package did before it traced the other heads
+    return next(head for head in BY_NAME.values() if head.model_type == config.model_type)
 
 
 def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoConfig, BlipProcessor
+    import transformers
+    from transformers import AutoConfig
 
     access = _hub_access(source)
     source = _half_source(source, dtype, access)
@@ -288,19 +292,17 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
         if Path(source).exists():
             raise BlipTraceError(f"{source!r} is not a Hugging Face model folder ({error})") from None
         raise UnavailableError(_offline_help(source)) from None
-    head_class = _head_class(source, config)
+    head = _head_class(source, config)
     if Path(source).is_dir():
         _check_folder(Path(source))
     try:
         with _quiet_transformers():
             options: dict[str, Any] = {**dtype_argument(dtype), **access, "output_loading_info": True}
-            loaded: Any = head_class.from_pretrained(source, **options)
+            loaded: Any = getattr(transformers, head.architecture).from_pretrained(source, **options)
             model, info = loaded
-            processor = BlipProcessor.from_pretrained(source, **access)
+            processor = getattr(transformers, head.processor).from_pretrained(source, **access)
     except (OSError, ConnectionError) as error:
         if Path(source).is_dir():
-            import transformers
-
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise UnavailableError(
                 f"{source!r} could not be read by transformers {transformers.__version__} ({detail}); the folder "

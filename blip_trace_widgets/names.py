@@ -18,8 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Block = Literal["question_encoder", "answer_decoder", "caption_decoder", "itm_encoder", "vision_encoder"]
-Head = Literal["vqa", "caption", "itm"]
+Block = Literal["question_encoder", "answer_decoder", "caption_decoder", "itm_encoder", "vision_encoder", "qformer",
+                "language_model"]
+Head = Literal["vqa", "caption", "itm", "blip2"]
 Kind = Literal["hidden", "self_attn", "cross_attn", "mlp", "post_self_attn", "post_cross_attn", "self_attn_head",
                "cross_attn_head", "attn_head"]
 Stage = Literal["image", "patches", "pixels", "question"]
@@ -34,30 +35,38 @@ ANSWER_DECODER: Block = "answer_decoder"
 VISION_ENCODER: Block = "vision_encoder"
 CAPTION_DECODER: Block = "caption_decoder"
 ITM_ENCODER: Block = "itm_encoder"
+#: BLIP-2's querying transformer (its learned queries cross-attend to the image) and its language model (OPT).
+QFORMER: Block = "qformer"
+LANGUAGE_MODEL: Block = "language_model"
 
-TEXT_BLOCKS: tuple[Block, ...] = (QUESTION_ENCODER, ANSWER_DECODER, CAPTION_DECODER, ITM_ENCODER)
-BLOCKS: tuple[Block, ...] = (*TEXT_BLOCKS, VISION_ENCODER)
+#: BLIP's post-LN BERT text transformers, and BLIP-2's Q-Former, which is one too.
+TEXT_BLOCKS: tuple[Block, ...] = (QUESTION_ENCODER, ANSWER_DECODER, CAPTION_DECODER, ITM_ENCODER, QFORMER)
+BLOCKS: tuple[Block, ...] = (*TEXT_BLOCKS, VISION_ENCODER, LANGUAGE_MODEL)
 BLOCK_LABELS: dict[str, str] = {
     QUESTION_ENCODER: "question encoder",
     ANSWER_DECODER: "answer decoder",
     CAPTION_DECODER: "caption decoder",
     ITM_ENCODER: "ITM encoder",
     VISION_ENCODER: "vision encoder",
+    QFORMER: "Q-Former",
+    LANGUAGE_MODEL: "language model",
 }
 #: Text blocks whose self-attention is causal (each position sees only those before it).
-CAUSAL_BLOCKS: tuple[Block, ...] = (ANSWER_DECODER, CAPTION_DECODER)
+CAUSAL_BLOCKS: tuple[Block, ...] = (ANSWER_DECODER, CAPTION_DECODER, LANGUAGE_MODEL)
 
 # ----- heads ------------------------------------------------------------------------------
 #: BLIP's three heads: visual question answering, captioning, image-text matching.
 VQA: Head = "vqa"
 CAPTION: Head = "caption"
 ITM: Head = "itm"
-HEADS: tuple[Head, ...] = (VQA, CAPTION, ITM)
+#: BLIP-2 with an OPT language model: questions answered (or, with no text, captions), as the model card prompts.
+BLIP2: Head = "blip2"
+HEADS: tuple[Head, ...] = (VQA, CAPTION, ITM, BLIP2)
 
 
 #: Hub checkpoints of each head, and the bundled demo models (``load_model("demo-caption")``).
 HUB_MODELS: dict[str, str] = {VQA: "Salesforce/blip-vqa-base", CAPTION: "Salesforce/blip-image-captioning-base",
-                              ITM: "Salesforce/blip-itm-base-coco"}
+                              ITM: "Salesforce/blip-itm-base-coco", BLIP2: "Salesforce/blip2-opt-2.7b"}
 DEMO_MODELS: dict[str, str] = {"demo": VQA, "demo-caption": CAPTION, "demo-itm": ITM}
 
 #: Kinds of the text transformers (post-LN BERT layers: h1 = LN(h + SA(h)), h2 = LN(h1 + XA(h1)),
@@ -69,6 +78,8 @@ TEXT_KINDS: tuple[Kind, ...] = ("hidden", "self_attn", "cross_attn", "mlp", "pos
 #: The kinds that compare like ROME's figure 1 (state, MLP, attention), shown side by side.
 SUBLAYER_KINDS: tuple[Kind, ...] = ("hidden", "mlp", "self_attn", "cross_attn")
 VISION_KINDS: tuple[Kind, ...] = ("hidden", "self_attn", "mlp")
+#: Kinds of a pre-LN causal language model (OPT: h1 = h + SA(LN1(h)), h2 = h1 + MLP(LN2(h1))): as the ViT's.
+DECODER_KINDS: tuple[Kind, ...] = ("hidden", "self_attn", "mlp")
 #: Attention heads as cells: restoring head h sets its slice (dims h·d_head to (h+1)·d_head) of the attention
 #: context, the input of the output projection (``attention.output.dense``, ``crossattention.output.dense``, the
 #: ViT's ``self_attn.projection``): TransformerLens's ``z``. A head map's rows are heads, its columns layers.
@@ -183,6 +194,8 @@ NEGATIVE_STDERRS = 2.0
 MAX_ANSWER_TOKENS = 10
 #: Longest caption the clean pass generates (tokens after the prompt), as ``generate(max_new_tokens=20)``.
 MAX_CAPTION_TOKENS = 20
+#: BLIP-2's VQA prompt for OPT, as the BLIP-2 model card prompts ("Question: {} Answer:").
+BLIP2_PROMPT = "Question: {} Answer:"
 #: BLIP's captioning prompt: BLIP's captioners were fine-tuned with it (``prompt: "a picture of "`` in LAVIS's
 #: ``blip_caption_base_coco.yaml``). Pass it as the text of a captioning trace; the demo captioner takes none.
 CAPTION_PROMPT = "a picture of"
@@ -216,7 +229,11 @@ def window_for(kind: str, window: int) -> int:
 
 def kinds_of(block: str) -> tuple[Kind, ...]:
     """The kinds that ``block`` offers: its position kinds, then its head kinds."""
-    return (*VISION_KINDS, *VISION_HEAD_KINDS) if block == VISION_ENCODER else (*TEXT_KINDS, *TEXT_HEAD_KINDS)
+    if block == VISION_ENCODER:
+        return (*VISION_KINDS, *VISION_HEAD_KINDS)
+    if block == LANGUAGE_MODEL:
+        return (*DECODER_KINDS, "self_attn_head")
+    return (*TEXT_KINDS, *TEXT_HEAD_KINDS)
 
 
 def is_head_kind(kind: str) -> bool:

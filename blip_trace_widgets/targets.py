@@ -59,7 +59,7 @@ class Targets:
             if not self.session.clean.greedy_ids:
                 raise BlipTraceError("the model gives an empty answer to this question; pass answer='...' to score one")
             return (self.session.clean.greedy_ids[0],)
-        ids = tuple(encode_answer(self.session.bundle.tokenizer, answer))
+        ids = tuple(self.session.task.answer_tokens(self.session.bundle.tokenizer, answer))
         limit = self.session.position_limit
         if len(ids) >= limit:
             raise BlipTraceError(f"the answer is {len(ids)} tokens long; the decoder reads at most {limit - 1}: shorten it")
@@ -91,7 +91,7 @@ class Targets:
         """A logit difference's contrast token: ``config.contrast``'s first token, or for a counterfactual (an
         ``ImageSwap`` or ``WordSwap``, VQA) the first token of the model's own answer on the counterfactual input."""
         if config.contrast is not None:
-            return int(encode_answer(self.session.bundle.tokenizer, config.contrast)[0])
+            return int(self.session.task.answer_tokens(self.session.bundle.tokenizer, config.contrast)[0])
         counterfactual = self.counterfactual_pass(config)
         if counterfactual is None or not counterfactual.clean.greedy_ids:
             raise BlipTraceError("metric='logit_diff' compares the answer with a contrast: pass contrast='...' (a "

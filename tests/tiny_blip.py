@@ -67,3 +67,43 @@ def tiny_matcher(seed: int = 0, **kw) -> BlipForImageTextRetrieval:
     config = tiny_config(**kw)
     config.image_text_hidden_size = 16
     return BlipForImageTextRetrieval(config)
+
+
+#: BLIP-2's vocabulary for tests: BLIP's, the image placeholder, and the prompt's words.
+BLIP2_VOCAB = {**VOCAB, **{t: len(VOCAB) + i for i, t in enumerate(["<image>", "question", "answer", ":"])}}
+
+
+def tiny_blip2_processor(image_size: int = 32, queries: int = 4):
+    """A Blip2Processor over a WordPiece tokenizer (OPT's byte-level BPE needs files a test cannot fetch)."""
+    from transformers import Blip2Processor
+
+    tokenizer = make_tokenizer(BLIP2_VOCAB)
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=queries)
+
+
+def tiny_blip2_config(layers: int = 3, width: int = 32, image_size: int = 32, queries: int = 4,
+                      cross_every: int = 2, positions: int = 48):
+    from transformers import Blip2Config
+
+    vision = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=image_size, patch_size=8, qkv_bias=True, initializer_range=0.3)
+    qformer = dict(vocab_size=len(BLIP2_VOCAB), hidden_size=width, num_hidden_layers=layers, num_attention_heads=4,
+                   intermediate_size=2 * width, encoder_hidden_size=width, cross_attention_frequency=cross_every,
+                   initializer_range=0.3)
+    text = dict(model_type="opt", vocab_size=len(BLIP2_VOCAB), hidden_size=width, num_hidden_layers=layers,
+                num_attention_heads=4, ffn_dim=2 * width, max_position_embeddings=positions, word_embed_proj_dim=width,
+                bos_token_id=VOCAB["[CLS]"], eos_token_id=VOCAB["[SEP]"], pad_token_id=0, init_std=0.3)
+    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=queries,
+                       image_token_index=BLIP2_VOCAB["<image>"], initializer_range=0.3)
+
+
+def tiny_blip2(seed: int = 0, **kw):
+    """A tiny Blip2ForConditionalGeneration with an OPT language model (random weights)."""
+    from transformers import Blip2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(tiny_blip2_config(**kw))
+    with torch.no_grad():  # the learned queries start at zero: make them differ, as a trained model's do
+        model.query_tokens.normal_(0, 1)
+    return model.eval()

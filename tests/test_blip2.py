@@ -1,0 +1,254 @@
+"""BLIP-2 (OPT): the engine against a per-cell loop of Blip2ForConditionalGeneration's own forward pass with hooks.
+
+The loop spells the module paths out itself (it shares no code with the package's anatomy or engine), corrupts the
+image embeddings (the output of the ViT's final LayerNorm) or the patch embeddings with hooks, restores each
+cell's modules to their clean outputs, and scores the answer from the model's own logits.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+import torch
+from tiny_blip import BLIP2_VOCAB, tiny_blip2, tiny_blip2_processor
+
+from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
+
+QFORMER = "qformer.encoder.layer.{l}"
+LM = "language_model.model.decoder.layers.{l}"
+VIT = "vision_model.encoder.layers.{l}"
+#: (block, kind) -> module whose output the cell restores; "@in" marks an input (a head kind: the context).
+PATHS = {
+    ("qformer", "hidden"): QFORMER,
+    ("qformer", "self_attn"): QFORMER + ".attention.output.dense",
+    ("qformer", "cross_attn"): QFORMER + ".crossattention.output.dense",
+    ("qformer", "mlp"): QFORMER + ".output_query.dense",
+    ("qformer", "post_self_attn"): QFORMER + ".attention",
+    ("qformer", "post_cross_attn"): QFORMER + ".crossattention",
+    ("qformer", "self_attn_head"): QFORMER + ".attention.output.dense@in",
+    ("qformer", "cross_attn_head"): QFORMER + ".crossattention.output.dense@in",
+    ("language_model", "hidden"): LM,
+    ("language_model", "self_attn"): LM + ".self_attn.out_proj",
+    ("language_model", "mlp"): LM + ".fc2",
+    ("language_model", "self_attn_head"): LM + ".self_attn.out_proj@in",
+    ("vision_encoder", "hidden"): VIT,
+    ("vision_encoder", "self_attn"): VIT + ".self_attn",
+    ("vision_encoder", "mlp"): VIT + ".mlp",
+}
+QUESTION = "what color is the shape?"
+QUERIES = 4
+
+
+def _tensor(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace(out, new):
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+class Blip2Loop:
+    """ROME's procedure on BLIP-2, one forward pass of the whole model per cell, noise samples as the batch."""
+
+    def __init__(self, bundle, image, config: TraceConfig, answer: list[int], corrupt: str):
+        self.model, self.config, self.answer, self.corrupt = bundle.model, config, answer, corrupt
+        tokenizer = bundle.tokenizer
+        prompt = [self.model.config.text_config.bos_token_id,
+                  *tokenizer(f"Question: {QUESTION} Answer:", add_special_tokens=False)["input_ids"]]
+        self.ids = torch.tensor([[BLIP2_VOCAB["<image>"]] * QUERIES + prompt + answer[:-1]])
+        self.offset = QUERIES + len(prompt) - 1
+        self.pixels = bundle.processor.image_processor(image, return_tensors="pt")["pixel_values"]
+        self.stage = "vision_model.post_layernorm" if corrupt == "image" else "vision_model.embeddings"
+        with torch.no_grad():
+            clean_input = self._stage_output(self.pixels)
+        self.noisy = config.corruption(clean_input, config.samples, torch.Generator().manual_seed(config.seed))
+        self.clean = self._record()
+
+    def _stage_output(self, pixels):
+        seen = {}
+        module = self.model.get_submodule(self.stage)
+        handle = module.register_forward_hook(lambda m, i, o: seen.setdefault("x", o) if o.ndim == 3 else None)
+        try:
+            self.model(pixel_values=pixels, input_ids=self.ids)
+        finally:
+            handle.remove()
+        return seen["x"]
+
+    def _present(self, name: str) -> bool:
+        try:
+            self.model.get_submodule(name.split("@")[0])
+            return True
+        except AttributeError:
+            return False
+
+    def _record(self):
+        seen, handles = {}, []
+        for layer in range(self._layers()):
+            name = self._name(layer)
+            if name is None:
+                continue
+            module = self.model.get_submodule(name.split("@")[0])
+            if name.endswith("@in"):
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, i, name=name: seen.__setitem__(name, i[0].clone())))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda m, i, o, name=name: seen.__setitem__(name, _tensor(o).clone())))
+        try:
+            with torch.no_grad():
+                self.model(pixel_values=self.pixels, input_ids=self.ids)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    def _name(self, layer: int) -> str | None:
+        """The module a cell restores at ``layer``, or None where the layer lacks the sublayer."""
+        name = PATHS[(self.config.block, self.config.kind)].format(l=layer)
+        if self._present(name):
+            return name
+        if self.config.kind == "post_cross_attn":  # no cross-attention: the residual after it is h1
+            return name.replace(".crossattention", ".attention")
+        return None
+
+    def _layers(self) -> int:
+        return len(self.model.get_submodule(PATHS[(self.config.block, "hidden")].split(".{l}")[0]))
+
+    def cell(self, restore: list[tuple[int, int]], heads: bool) -> float:
+        """The mean score with ``restore``'s (layer, position) (or, for head kinds, (layer, head)) restored."""
+        cfg, samples = self.config, self.config.samples
+        with ExitStack() as stack, torch.no_grad():
+            noisy = self.noisy
+            handle = self.model.get_submodule(self.stage).register_forward_hook(
+                lambda m, i, o: noisy if o.ndim == 3 else o)
+            stack.callback(handle.remove)
+            for layer, unit in restore:
+                name = self._name(layer)
+                if name is None:
+                    continue  # a layer without the sublayer: nothing to restore
+                clean = self.clean[name]
+                module = self.model.get_submodule(name.split("@")[0])
+                if heads:
+                    width = clean.shape[-1] // self._heads()
+
+                    def pre(m, i, clean=clean, h=unit, width=width):
+                        x = i[0].clone()
+                        x[..., h * width:(h + 1) * width] = clean[..., h * width:(h + 1) * width]
+                        return (x, *i[1:])
+
+                    handle = module.register_forward_pre_hook(pre)
+                else:
+                    def hook(m, i, o, clean=clean, pos=unit):
+                        t = _tensor(o).clone()
+                        flat = t.ndim == 2  # OPT's fc2 runs on [B*T, D]
+                        view = t.view(samples, -1, t.shape[-1]) if flat else t
+                        view[:, pos] = clean.view(1, -1, clean.shape[-1])[0, pos]
+                        return _replace(o, t)
+
+                    handle = module.register_forward_hook(hook)
+                stack.callback(handle.remove)
+            logits = self.model(pixel_values=self.pixels.expand(samples, -1, -1, -1),
+                                input_ids=self.ids.expand(samples, -1)).logits
+        logprobs = torch.log_softmax(logits.float(), -1)
+        return float(logprobs[:, self.offset, self.answer[0]].exp().mean())
+
+    def _heads(self) -> int:
+        config = self.model.config
+        return {"qformer": config.qformer_config, "language_model": config.text_config,
+                "vision_encoder": config.vision_config}[self.config.block].num_attention_heads
+
+    def grid(self, units: int) -> np.ndarray:
+        layers, w = self._layers(), self.config.window
+        heads = self.config.kind.endswith("_head")
+        out = np.zeros((units, layers))
+        for u in range(units):
+            for layer in range(layers):
+                window = range(max(0, layer - w // 2), min(layers, layer - (-w // 2)))
+                out[u, layer] = self.cell([(j, u) for j in window], heads)
+        return out
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_model((tiny_blip2(seed=3), tiny_blip2_processor(queries=QUERIES)), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tracer(bundle, image):
+    return Tracer(bundle, image, QUESTION)
+
+
+CASES = [(block, kind, window) for (block, kind) in PATHS for window in (1, 3)
+         if not (block == "vision_encoder" and window == 3)]
+
+
+@pytest.mark.parametrize("block,kind,window", CASES)
+def test_every_block_kind_and_window_matches_the_models_own_forward(bundle, image, tracer, block, kind, window):
+    corrupt = "patches" if block == "vision_encoder" else "image"
+    config = TraceConfig(block=block, kind=kind, window=window, samples=3, corruption=GaussianNoise(scale=3.0),
+                         corrupt=corrupt)
+    result = tracer.trace(config)
+    answer = list(tracer.target(config).tokens)
+    loop = Blip2Loop(bundle, image, config, answer, corrupt)
+    expected = loop.grid(result.scores.shape[0])
+    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-4)
+    assert result.low_score == pytest.approx(loop.cell([], False), abs=1e-5)
+
+
+@pytest.mark.parametrize("block", ["qformer", "language_model", "vision_encoder"])
+def test_restoring_everything_gives_the_clean_score_and_nothing_the_low(tracer, block):
+    corrupt = "patches" if block == "vision_encoder" else "image"
+    config = TraceConfig(block=block, kind="hidden", samples=3, corrupt=corrupt, corruption=GaussianNoise(scale=10.0))
+    result = tracer.trace(config)
+    assert abs(result.high_score - result.low_score) > 1e-3  # the noise moves the score
+    last = len(tracer.blocks[block].stack) - 1
+    everything = tuple((last, p) for p in range(len(result.tokens)))
+    scores = tracer.restore_marked([everything, ()], config)
+    assert float(scores.mean[0]) == pytest.approx(result.high_score, abs=1e-6)
+    assert float(scores.mean[1]) == pytest.approx(result.low_score, abs=1e-6)
+
+
+def test_cross_attention_cells_of_layers_without_it_are_marked_absent(tracer):
+    result = tracer.trace(TraceConfig(block="qformer", kind="cross_attn", samples=3, corrupt="image"))
+    absent = result.config["absent_layers"]
+    assert absent == [1]  # cross_attention_frequency=2 over 3 layers: layers 0 and 2 cross-attend
+    np.testing.assert_allclose(result.scores[:, absent], result.low_score, atol=1e-7)
+    assert not np.allclose(result.scores[:, [0, 2]], result.low_score, atol=1e-4)
+
+
+def test_greedy_answer_is_generate_token_for_token(bundle, image):
+    for seed in range(3):
+        model = tiny_blip2(seed=seed)
+        b = load_model((model, tiny_blip2_processor(queries=QUERIES)), device="cpu")
+        tracer = Tracer(b, image, QUESTION)
+        pixels = b.processor.image_processor(image, return_tensors="pt")["pixel_values"]
+        ids = torch.tensor([[BLIP2_VOCAB["<image>"]] * QUERIES + list(tracer.question_ids)])
+        out = model.generate(pixel_values=pixels, input_ids=ids, max_new_tokens=10, do_sample=False, num_beams=1)
+        generated = [int(t) for t in out[0, ids.shape[1]:]]
+        eos = model.config.text_config.eos_token_id
+        if eos in generated:
+            generated = generated[:generated.index(eos)]
+        assert tracer.clean.greedy_ids == generated
+
+
+def test_an_answer_is_scored_as_the_model_would_say_it(tracer):
+    # after "Answer:", a byte-level tokenizer's answer carries its space; a WordPiece one's does not differ
+    red = tracer.target(TraceConfig(block="language_model", answer="red")).tokens
+    assert red == (BLIP2_VOCAB["red"],)
+    target = tracer.target(TraceConfig(block="language_model", answer="red"))
+    assert target.offset == QUERIES + len(tracer.question_ids) - 1
+
+
+def test_question_corruption_and_blip_blocks_are_refused_clearly(tracer):
+    with pytest.raises(BlipTraceError, match="corrupt the image"):
+        tracer.trace(TraceConfig(block="qformer", corrupt="question"))
+    with pytest.raises(BlipTraceError, match="has no question encoder"):
+        tracer.trace(TraceConfig(block="question_encoder"))
+
+
+def test_the_labels_are_the_queries_then_the_prompt(tracer):
+    result = tracer.trace(TraceConfig(block="language_model", samples=2, corrupt="image"))
+    assert result.tokens[:QUERIES] == [f"q{i}" for i in range(QUERIES)]
+    assert result.tokens[QUERIES] == "[CLS]" and "question" in result.tokens
+    assert tracer.trace(TraceConfig(block="qformer", samples=2, corrupt="image")).tokens == ["q0", "q1", "q2", "q3"]
