@@ -239,8 +239,9 @@ def text_layers(model: nn.Module, block: str) -> list[TextLayer]:
     layers = []
     for layer in get_module(model, LAYERS[block]):
         absent = block == QFORMER and not getattr(layer, "has_cross_attention", True)
-        layers.append(TextLayer(**{role: None if absent and role in CROSS_PARTS else get_module(layer, path)
-                                   for role, path in parts.items()}))
+        modules: dict[str, Any] = {role: None if absent and role in CROSS_PARTS else get_module(layer, path)
+                                   for role, path in parts.items()}
+        layers.append(TextLayer(**modules))
     return layers
 
 

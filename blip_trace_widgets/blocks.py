@@ -2,7 +2,7 @@
 
     >>> from blip_trace_widgets.blocks import BLOCK_CLASSES
     >>> sorted(BLOCK_CLASSES)
-    ['answer_decoder', 'caption_decoder', 'itm_encoder', 'question_encoder', 'vision_encoder']
+    ['answer_decoder', 'caption_decoder', 'itm_encoder', 'language_model', 'qformer', 'question_encoder', 'vision_encoder']
 
 A block says what its positions are, how its clean and corrupted runs are made (from
 the :class:`~.tracing.Tracer`'s shared clean pass and corrupted input), how many rows fit
@@ -15,7 +15,9 @@ Every BLIP head has one *reader*, the text block that cross-attends to the image
 * VQA: vision encoder → question encoder (the reader) → answer decoder (cross-attending to
   the question);
 * captioning: vision encoder → caption decoder (the reader; its outputs are the caption's next tokens);
-* image-text matching: vision encoder → ITM encoder (the reader; the ITM head reads its first state).
+* image-text matching: vision encoder → ITM encoder (the reader; the ITM head reads its first state);
+* BLIP-2: vision encoder → Q-Former (the reader: learned queries cross-attend to the image) → language model (it
+  reads the Q-Former's outputs, projected, before the prompt).
 
 Each block's :meth:`Block.logits` runs the blocks after it, so restoring a vision state reaches
 the score through every text transformer after it.
@@ -161,6 +163,8 @@ class Block(Protocol):
 
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout: ...
 
+    def labels(self, session: Pass, target: Target) -> list[str]: ...
+
     def clean_run(self, session: Pass, target: Target) -> Run: ...
 
     def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]: ...
@@ -241,9 +245,11 @@ class AnswerDecoder:
         self.stack = TextStack(model, ANSWER_DECODER)
         self.head = anatomy.answer_head(model)
 
+    def labels(self, session: Pass, target: Target) -> list[str]:
+        return list(session.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs)))
+
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
-        labels = list(session.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs)))
-        return _text_layout(labels, self.stack, config)
+        return _text_layout(self.labels(session, target), self.stack, config)
 
     def run(self, session: Pass, question_states: torch.Tensor, target: Target) -> tuple[Run, Cross]:
         """The decoder's run [S, Td, D] on question states [S, T, D] (teacher-forced on the target)."""
@@ -512,11 +518,15 @@ class VisionEncoder:
         self.reader = reader
         self.projections = anatomy.projections(model)
 
+    def labels(self, session: Pass, target: Target) -> list[str]:
+        """Its positions: CLS and each patch, by row and column."""
+        side = patch_grid_size(int(session.clean.image_embeds.shape[1]))
+        return ["[CLS]", *(f"p{r}c{c}" for r in range(side) for c in range(side))]
+
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
         side = patch_grid_size(int(session.clean.image_embeds.shape[1]))
         if is_head_kind(config.kind):
-            labels = ["[CLS]", *(f"p{r}c{c}" for r in range(side) for c in range(side))]
-            return head_layout(labels, self.stack.heads, len(self.stack), config, text=False)
+            return head_layout(self.labels(session, target), self.stack.heads, len(self.stack), config, text=False)
         grid = region_grid(side, config.regions)
         extra = {"grid": {"patches_per_side": side, "regions_per_side": config.regions or side,
                           "boxes": [list(g.box) if g.box else None for g in grid]}}

@@ -41,6 +41,7 @@ from .names import (
     SEVER_AT,
     SEVERABLE,
     STAGES,
+    TEXT_BLOCKS,
     VISION_ENCODER,
     Direction,
     Method,
@@ -283,11 +284,12 @@ def _check_atp_star(config: TraceConfig) -> None:
     to cells of one layer."""
     if not isinstance(config.qk_fix, bool):
         raise BlipTraceError(f"qk_fix must be True or False, got {config.qk_fix!r}")
-    if config.qk_fix and (config.method == "exact" or config.kind != HIDDEN or config.block == VISION_ENCODER
+    if config.qk_fix and (config.method == "exact" or config.kind != HIDDEN or config.block not in TEXT_BLOCKS
                           or config.steps != 1 or config.order != 1):
-        raise BlipTraceError("qk_fix corrects a one-step estimate of hidden states of a text block (they feed the "
-                             "next layer's attention): use it with method='estimate' or 'verified', kind='hidden', "
-                             "steps=1 and order=1, outside the vision encoder")
+        raise BlipTraceError("qk_fix corrects a one-step estimate of hidden states of a post-LN text block (they feed "
+                             "the next layer's attention): use it with method='estimate' or 'verified', "
+                             "kind='hidden', steps=1 and order=1, outside the vision encoder and BLIP-2's language "
+                             "model")
     if not isinstance(config.grad_drop, bool):
         raise BlipTraceError(f"grad_drop must be True or False, got {config.grad_drop!r}")
     if config.grad_drop and (config.method == "exact" or config.window != 1 or config.steps != 1 or config.order != 1):

@@ -26,7 +26,7 @@ import torch
 
 from . import anatomy
 from .engine import start_layer
-from .names import BLOCK_LABELS, VISION_ENCODER
+from .names import BLOCK_LABELS, LANGUAGE_MODEL, VISION_ENCODER
 
 #: Measured time over matmul-only time for the engine's layers on a CPU (softmax, norms, copies, the scoring):
 #: about 2 to 3 on the demo model's traces; rough.
@@ -89,9 +89,9 @@ def _layer_work(tracer: Any, block: str, tokens: int) -> tuple[float, int]:
         config = anatomy.vision_config(model)
         h, i = config.hidden_size, config.intermediate_size
         return tokens * (4 * h * h + 2 * h * i) + 2 * tokens * tokens * h, h
-    config = anatomy.text_config(model)
-    h, i = config.hidden_size, config.intermediate_size
-    image = int(tracer.clean.image_embeds.shape[1])
+    config = anatomy.block_config(model, block)
+    h, i = config.hidden_size, anatomy.feed_forward_size(config)
+    image = 0 if block == LANGUAGE_MODEL else int(tracer.clean.image_embeds.shape[1])  # what it cross-attends to
     return tokens * (6 * h * h + 2 * h * i) + 2 * tokens * (tokens + image) * h, h
 
 
@@ -109,12 +109,12 @@ def trace_cost(tracer: Any, config: Any = None, **fields: Any) -> Cost:
     if block.name == VISION_ENCODER:
         tokens = int(tracer.clean.image_embeds.shape[1])
     else:
-        tokens = len(target.inputs) if block.reads_target else len(tracer.question_ids)
+        tokens = len(block.labels(tracer.session.context, target))
     work, width = _layer_work(tracer, block.name, tokens)
     flops = float(runs) * samples * work
     if block.name == VISION_ENCODER and config.metric != "itc":  # each row then runs the reader's text layers
         reader = tracer.blocks.reader
-        text_tokens = len(target.inputs) if reader.reads_target else len(tracer.question_ids)
+        text_tokens = len(reader.labels(tracer.session.context, target))
         flops += float(len(layout.cells)) * samples * len(reader.stack) * _layer_work(tracer, reader.name, text_tokens)[0]
     if config.method in ("estimate", "verified"):  # a forward and a backward pass of every layer, whatever the cells
         flops = 3.0 * layers * int(config.samples) * work

@@ -63,8 +63,6 @@ class Stack(Protocol):
 
     def __len__(self) -> int: ...
 
-    def embed(self, inputs: torch.Tensor) -> torch.Tensor: ...
-
     def self_mask(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None: ...
 
     def layer(self, j: int, h: torch.Tensor, cross: Any, mask: torch.Tensor | None = None,
@@ -179,6 +177,8 @@ class TextStack:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token + position embeddings of ``ids`` [1, T] -> [1, T, D]."""
+        if self.embeddings is None:
+            raise BlipTraceError(f"the {self.block.replace('_', ' ')} reads no tokens: its input is its learned queries")
         return self.embeddings(input_ids=ids)
 
     def self_mask(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -250,8 +250,8 @@ class TextStack:
     def _no_cross(self, h1: torch.Tensor, edit: Edit) -> torch.Tensor:
         """A layer without cross-attention (a Q-Former's): its cross-attention adds nothing, so its kinds are zero
         (restoring them changes nothing) and the residual after it is ``h1``."""
-        edit_heads(edit, "cross_attn_head", torch.zeros_like(h1), self.heads)
-        return edit("post_cross_attn", h1 + edit("cross_attn", torch.zeros_like(h1)))
+        ctx = edit_heads(edit, "cross_attn_head", torch.zeros_like(h1), self.heads)
+        return edit("post_cross_attn", h1 + edit("cross_attn", ctx * 0.0))  # (ctx in the graph: its gradient is 0)
 
     def _cross(self, L: Any, h1: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor], edit: Edit, cuts: Cuts,
                drop: bool) -> torch.Tensor:

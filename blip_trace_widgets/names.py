@@ -2,7 +2,7 @@
 
     >>> from blip_trace_widgets.names import BLOCKS, KIND_LABELS, kinds_of
     >>> BLOCKS
-    ('question_encoder', 'answer_decoder', 'caption_decoder', 'itm_encoder', 'vision_encoder')
+    ('question_encoder', 'answer_decoder', 'caption_decoder', 'itm_encoder', 'qformer', 'vision_encoder', 'language_model')
     >>> kinds_of("vision_encoder")
     ('hidden', 'self_attn', 'mlp', 'attn_head')
     >>> KIND_LABELS["post_cross_attn"]

@@ -243,6 +243,18 @@ def _mark_cells(ax: Any, result: TraceResult) -> None:
                                hatch="//", linewidth=0.5))
 
 
+def _mark_absent(ax: Any, result: TraceResult) -> None:
+    """Cover the layers that lack the restored sublayer: white, cross-hatched and marked "n/a", never a zero effect."""
+    from matplotlib.patches import Rectangle
+
+    rows = result.scores.shape[0]
+    for layer in result.config.get("absent_layers", []):
+        ax.add_patch(Rectangle((int(layer), 0), 1, rows, facecolor="white", edgecolor="#999", hatch="xx",
+                               linewidth=0.5, zorder=3))
+        ax.text(int(layer) + 0.5, rows / 2, "n/a", ha="center", va="center", fontsize=8, color="#555",
+                rotation=90, zorder=4, bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+
+
 def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False, title: str | None = None,
                show: str = "scores", top: str = "clean", tiny: float | None = TINY_EFFECT, cax: Any = None) -> Any:
     """Draw ``result`` on ``ax`` (a new figure when None): tokens down, layers across, with a colour bar.
@@ -268,6 +280,7 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
         raise BlipTraceError(f"show must be 'scores' or 'stderr', got {show!r}")
     if show == "scores" and result.is_estimate:
         _mark_cells(ax, result)
+    _mark_absent(ax, result)
     ax.invert_yaxis()
     every = -(-len(result.tokens) // MAX_LABELLED_ROWS)  # many positions (image regions): label every k-th
     ax.set_yticks(np.arange(0, len(result.tokens), every) + 0.5)
@@ -275,8 +288,11 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
     step = max(1, result.num_layers // 12)
     ax.set_xticks(np.arange(0, result.num_layers, step) + 0.5)
     ax.set_xticklabels([str(i) for i in range(0, result.num_layers, step)])
+    absent = result.config.get("absent_layers", [])
     ax.set_xlabel(f"layer of the {BLOCK_LABELS.get(result.block, result.block)}"
-                  + (f" (centre of {result.window} restored)" if result.window > 1 else ""))
+                  + (f" (centre of {result.window} restored)" if result.window > 1 else "")
+                  + (f"; n/a: layer{'s' if len(absent) > 1 else ''} {', '.join(map(str, absent))} have no "
+                     f"{'cross-attention' if 'cross' in result.kind else result.kind}" if absent else ""))
     ax.set_title(trace_title(result) if title is None else title, fontsize=8, loc="left")
     if flagged and show == "scores":
         below = result.metric == "prob" and abs(result.high_score) < result.floor

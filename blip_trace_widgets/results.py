@@ -183,6 +183,14 @@ class TraceResult:
         return _cell_mask(self.config.get("unreliable_cells"), self.scores.shape)
 
     @property
+    def absent_cells(self) -> np.ndarray:
+        """Cells whose layer lacks the restored sublayer (cross-attention in a Q-Former layer without it): not
+        applicable, their score is the corrupted one by construction."""
+        mask = np.zeros(self.scores.shape, dtype=bool)
+        mask[:, [int(j) for j in self.config.get("absent_layers", [])]] = True
+        return mask
+
+    @property
     def exact_cells(self) -> np.ndarray:
         """Which cells are patched runs: all for an exact trace, none for an estimate, the top ``verify`` cells
         (and any flagged ones) of a verified one."""

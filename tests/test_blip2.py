@@ -117,7 +117,7 @@ class Blip2Loop:
 
     def cell(self, restore: list[tuple[int, int]], heads: bool) -> float:
         """The mean score with ``restore``'s (layer, position) (or, for head kinds, (layer, head)) restored."""
-        cfg, samples = self.config, self.config.samples
+        samples = self.config.samples
         with ExitStack() as stack, torch.no_grad():
             noisy = self.noisy
             handle = self.model.get_submodule(self.stage).register_forward_hook(
@@ -252,3 +252,51 @@ def test_the_labels_are_the_queries_then_the_prompt(tracer):
     assert result.tokens[:QUERIES] == [f"q{i}" for i in range(QUERIES)]
     assert result.tokens[QUERIES] == "[CLS]" and "question" in result.tokens
     assert tracer.trace(TraceConfig(block="qformer", samples=2, corrupt="image")).tokens == ["q0", "q1", "q2", "q3"]
+
+
+@pytest.mark.parametrize("block", ["qformer", "language_model", "vision_encoder"])
+def test_estimates_tend_to_exact_as_the_noise_vanishes(tracer, block):
+    corrupt = "patches" if block == "vision_encoder" else "image"
+    errors = []
+    for scale in (0.1, 0.01):
+        config = TraceConfig(block=block, kind="mlp", samples=2, corrupt=corrupt, corruption=GaussianNoise(scale=scale))
+        exact = tracer.trace(config)
+        estimate = tracer.trace(config, method="estimate")
+        errors.append(np.abs(estimate.scores - exact.scores).sum() / np.abs(exact.scores - exact.low_score).sum())
+    assert errors[1] < 0.1 and errors[1] < errors[0] / 5, errors  # the error shrinks with the noise
+
+
+def test_absent_layers_are_drawn_not_applicable(tracer):
+    from blip_trace_widgets.plotting import plot_trace
+
+    result = tracer.trace(TraceConfig(block="qformer", kind="cross_attn_head", samples=2, corrupt="image"))
+    assert result.absent_cells[:, 1].all() and not result.absent_cells[:, [0, 2]].any()
+    ax = plot_trace(result)
+    assert "n/a" in [t.get_text() for t in ax.texts] and "no cross-attention" in ax.get_xlabel()
+    assert "n/a" not in [t.get_text() for t in plot_trace(tracer.trace(TraceConfig(
+        block="qformer", kind="mlp", samples=2, corrupt="image"))).texts]
+
+
+def test_qk_fix_is_refused_on_the_pre_ln_language_model(tracer):
+    with pytest.raises(BlipTraceError, match="outside the vision encoder and BLIP-2's language model"):
+        tracer.trace(TraceConfig(block="language_model", method="estimate", qk_fix=True, corrupt="image"))
+
+
+def test_a_saved_blip2_folder_loads_and_traces_from_the_command_line(tmp_path, image, capsys):
+    from blip_trace_widgets.cli import main
+
+    folder = tmp_path / "tiny-blip2"
+    tiny_blip2(seed=3).save_pretrained(folder)
+    tiny_blip2_processor(queries=QUERIES).save_pretrained(folder)
+    bundle = load_model(str(folder))
+    assert bundle.head == "blip2" and type(bundle.processor).__name__ == "Blip2Processor"
+    image.save(tmp_path / "image.png")
+    code = main(["trace", "--model", str(folder), "--image", str(tmp_path / "image.png"), "--question", QUESTION,
+                 "--block", "qformer", "--kind", "cross_attn", "--samples", "2", "--out", str(tmp_path / "out")])
+    assert code in (0, None)
+    written = sorted(p.suffix for p in (tmp_path / "out").iterdir())
+    assert written == [".json", ".png"]
+    import json
+
+    saved = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert saved["config"]["absent_layers"] == [1] and saved["config"]["head"] == "blip2"
