@@ -29,7 +29,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BlipTraceError
-from .names import ANSWER_DECODER, ATTENTION_LABELS, ATTENTIONS, BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, TEXT_BLOCKS
+from .names import (
+    ANSWER_DECODER,
+    ATTENTION_LABELS,
+    ATTENTIONS,
+    BLOCK_LABELS,
+    EACH_TOKEN,
+    IMAGE_CLS,
+    KNOCKOUT_BLOCKS,
+    LANGUAGE_MODEL,
+)
 from .regions import describe_region
 
 Tokens = Any  # None, an int, a tuple of ints, or a role
@@ -66,9 +75,13 @@ class Edges:
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
             raise BlipTraceError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTIONS)}")
-        if self.block is not None and self.block not in TEXT_BLOCKS:
+        if self.block is not None and self.block not in KNOCKOUT_BLOCKS:
             raise BlipTraceError(f"knockout cuts the attention of a text block, not {self.block!r}: use one of "
-                                 f"{', '.join(TEXT_BLOCKS)}")
+                                 f"{', '.join(KNOCKOUT_BLOCKS)}")
+        if self.block == LANGUAGE_MODEL and self.attention == "cross":
+            raise BlipTraceError("BLIP-2's language model has no cross-attention: it reads the image as its first "
+                                 "positions. Cut its self-attention to them: Edges(block='language_model', "
+                                 "attention='self', keys='image')")
         object.__setattr__(self, "queries", _tokens(self.queries, "queries"))
         object.__setattr__(self, "keys", _tokens(self.keys, "keys"))
         if hasattr(self.queries, "token_mask"):
@@ -79,19 +92,21 @@ class Edges:
     @property
     def reads_image(self) -> bool:
         """Whether the keys are image tokens (cross-attention of an image reader)."""
-        return self.attention == "cross" and self.block != ANSWER_DECODER
+        return self.attention == "cross" and self.block not in (ANSWER_DECODER, LANGUAGE_MODEL)
 
     def describe(self, reader: str | None = None, keys_text: str = "question") -> str:
         """The label: keys → queries (the flow of information), the attention when it is self-attention.
         ``reader`` names every query token (default: "question", or "answer" in the answer decoder)."""
         if self.label is not None:
             return self.label
-        reader = reader or ("answer" if self.block == ANSWER_DECODER else "question")
-        flow = f"{self._name(self.keys, 'image' if self.reads_image else keys_text)} → {self._name(self.queries, reader)}"
+        reader = reader or {ANSWER_DECODER: "answer", LANGUAGE_MODEL: "language model"}.get(str(self.block), "question")
+        keys = "image" if self.reads_image else reader if self.attention == "self" else keys_text
+        flow = f"{self._name(self.keys, keys)} → {self._name(self.queries, reader)}"
         if self.attention == "self":
             flow += f" ({ATTENTION_LABELS['self']})"
-        if self.block == ANSWER_DECODER:
-            flow += f" in the {BLOCK_LABELS[ANSWER_DECODER]}"
+        if self.block in (ANSWER_DECODER, LANGUAGE_MODEL) and not (self.block == LANGUAGE_MODEL and
+                                                                  self.queries is None):
+            flow += f" in the {BLOCK_LABELS[self.block]}"
         return flow
 
     @staticmethod

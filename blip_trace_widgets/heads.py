@@ -187,6 +187,10 @@ class Head(ABC):
         """What ``config`` scores on ``scoring.session``, with a logit difference's ``contrast`` token (None
         otherwise)."""
 
+    def reader_text(self, block: str) -> str:
+        """What ``block``'s positions are, in a knockout's labels: the decoder's the answer, the reader's the text."""
+        return self.scored if block == self.decoder else self.text
+
     def scored_words(self, answer: str, config: dict[str, Any], metric: str) -> str:
         """What a result's scores are of, in words: "answer 'red'", "caption word 'red'", "match with '…'"."""
         return f"{self.scored} {answer!r}"
@@ -376,6 +380,9 @@ class Blip2Head(Head):
 
     def answer_tokens(self, tokenizer: Any, answer: str, what: str = "answer") -> list[int]:
         return encode_answer(tokenizer, answer, what, lead=" ")  # after "Answer:", as the model says it
+
+    def reader_text(self, block: str) -> str:
+        return {QFORMER: "queries", LANGUAGE_MODEL: "language model"}.get(block, self.text)
 
     def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
         reading = scoring.session

@@ -41,7 +41,7 @@ from .errors import BlipTraceError, renamed
 from .inputs import ImageLike
 from .knockout_result import KnockoutResult
 from .loading import BlipBundle
-from .names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW
+from .names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, IMAGE_QUERIES, KNOCKOUT_WINDOW, LANGUAGE_MODEL
 from .scoring import Target, score_rows
 from .tracing import Tracer
 
@@ -109,9 +109,8 @@ class Knockout:
         return self.tracer.blocks[edges.block or self.tracer.blocks.reader.name]  # refuses a block the head lacks
 
     def tokens(self, block: Block, target: Target) -> list[str]:
-        """The tokens ``block`` reads (its queries)."""
-        ids = target.inputs if block.reads_target else self.tracer.question_ids
-        return list(self.tracer.bundle.tokenizer.convert_ids_to_tokens(list(ids)))
+        """The positions ``block`` reads (its attention's queries), labelled."""
+        return block.labels(self.tracer.session.context, target)
 
     def groups(self, config: KnockoutConfig, target: Target) -> list[Group]:
         """Every edge group of ``config`` resolved to boolean edges ("each" queries split into one per token)."""
@@ -139,12 +138,18 @@ class Knockout:
 
     def _texts(self, block: Block) -> tuple[str, str]:
         task = self.tracer.task
-        return (task.scored if block.name == task.decoder else task.text), task.text
+        return task.reader_text(block.name), task.text
 
     def _keys(self, edges: Edges, block: Block, labels: list[str]) -> tuple[list[int], int]:
         """The key positions ``edges`` cuts, and how many keys there are."""
         from .blocks import restored_positions
 
+        if edges.keys == IMAGE_QUERIES and not edges.reads_image:
+            image = [p for p, label in enumerate(labels) if block.name == LANGUAGE_MODEL and p < self.queries()]
+            if not image:
+                raise BlipTraceError(f"keys={IMAGE_QUERIES!r} are the image's positions in BLIP-2's language model; "
+                                     "cut the image with attention='cross' in a BLIP text block or the Q-Former")
+            return image, len(labels)
         if not edges.reads_image:
             key_labels = labels if edges.attention == "self" else \
                 list(self.tracer.bundle.tokenizer.convert_ids_to_tokens(list(self.tracer.question_ids)))
@@ -163,6 +168,10 @@ class Knockout:
                 raise BlipTraceError(f"{edges.describe()}: the region holds no image patch; make it larger")
             return picked, count
         return restored_positions(keys, ["image"] * count, True), count
+
+    def queries(self) -> int:
+        """How many image positions BLIP-2's language model reads first (its projected queries)."""
+        return int(self.tracer.bundle.model.config.num_query_tokens)
 
     def _check_layers(self, groups: Sequence[Group], window: int) -> None:
         for group in groups:

@@ -212,6 +212,10 @@ ATTENTION_LABELS: dict[str, str] = {"cross": "cross-attention", "self": "self-at
 KNOCKOUT_WINDOW = 3
 #: The image's first token, the ViT's [CLS], as a knockout's keys.
 IMAGE_CLS = "cls"
+#: In BLIP-2's language model, the image is its first positions (the projected queries): keys "image" cut them.
+IMAGE_QUERIES = "image"
+#: The blocks whose attention a knockout cuts: BLIP's text blocks and the Q-Former, and BLIP-2's language model.
+KNOCKOUT_BLOCKS: tuple[Block, ...] = (*TEXT_BLOCKS, LANGUAGE_MODEL)
 #: ``sweep --pairs question``: a question set's images paired where the same question has different answers, looking
 #: at this many questions per pair wanted (``--limit``).
 QUESTION_PAIRS = "question"

@@ -300,3 +300,38 @@ def test_a_saved_blip2_folder_loads_and_traces_from_the_command_line(tmp_path, i
 
     saved = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert saved["config"]["absent_layers"] == [1] and saved["config"]["head"] == "blip2"
+
+
+def test_cutting_the_image_out_of_every_language_model_layer_is_reading_the_text_alone(bundle, image, tracer):
+    """With every edge to the image's positions cut at every layer, the text positions read only the text: the
+    model's own OPT decoder run on the text's embeddings alone, at positions Q onward, gives the same answer
+    probability."""
+    from blip_trace_widgets.knockout import Edges, knockout
+
+    layers = len(bundle.model.language_model.model.decoder.layers)
+    result = knockout(bundle, image, QUESTION, edges=Edges(block="language_model", attention="self", keys="image"),
+                      window=layers)
+    centre = layers // 2  # its window covers every layer
+    ids = torch.tensor([list(tracer.question_ids)])
+    positions = torch.arange(QUERIES, QUERIES + ids.shape[1])[None]
+    with torch.no_grad():
+        logits = bundle.model.language_model(input_ids=ids, position_ids=positions).logits
+    answer = tracer.target(TraceConfig(block="language_model")).tokens[0]
+    expected = float(torch.softmax(logits[0, -1].float(), -1)[answer])
+    cut = result.clean_score * (1 + result.changes[0, centre])
+    assert cut == pytest.approx(expected, abs=1e-5)
+    assert result.labels == ["image → language model (self-attention)"]
+
+
+def test_knockout_labels_and_refusals_on_blip2(bundle, image):
+    from blip_trace_widgets.knockout import Edges, knockout
+
+    result = knockout(bundle, image, QUESTION, edges=[Edges(), Edges(block="qformer", attention="self")], window=1)
+    assert result.labels == ["image → queries", "queries → queries (self-attention)"]
+    assert np.isfinite(result.changes).all()
+    estimate = knockout(bundle, image, QUESTION, edges=[Edges()], window=1, method="estimate")
+    assert estimate.changes.shape == result.changes[:1].shape
+    with pytest.raises(BlipTraceError, match="has no cross-attention"):
+        Edges(block="language_model")
+    with pytest.raises(BlipTraceError, match="image's positions in BLIP-2's language model"):
+        knockout(bundle, image, QUESTION, edges=[Edges(block="qformer", attention="self", keys="image")])
