@@ -99,7 +99,8 @@ class Edges:
         ``reader`` names every query token (default: "question", or "answer" in the answer decoder)."""
         if self.label is not None:
             return self.label
-        reader = reader or {ANSWER_DECODER: "answer", LANGUAGE_MODEL: "language model"}.get(str(self.block), "question")
+        names: dict[str, str] = {ANSWER_DECODER: "answer", LANGUAGE_MODEL: "language model"}
+        reader = reader or names.get(str(self.block), "question")
         keys = "image" if self.reads_image else reader if self.attention == "self" else keys_text
         flow = f"{self._name(self.keys, keys)} → {self._name(self.queries, reader)}"
         if self.attention == "self":

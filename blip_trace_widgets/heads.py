@@ -382,7 +382,8 @@ class Blip2Head(Head):
         return encode_answer(tokenizer, answer, what, lead=" ")  # after "Answer:", as the model says it
 
     def reader_text(self, block: str) -> str:
-        return {QFORMER: "queries", LANGUAGE_MODEL: "language model"}.get(block, self.text)
+        names: dict[str, str] = {QFORMER: "queries", LANGUAGE_MODEL: "language model"}
+        return names.get(block, self.text)
 
     def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
         reading = scoring.session

@@ -41,7 +41,11 @@ def attention_pattern(tracer: Any, block: str, kind: str, layer: int, config: An
         if block == VISION_ENCODER:
             weights = stack.self_attention(layer, run.inputs[layer])
         elif kind == "cross_attn_head":
-            keys = unit.clean_cross(tracer.session.context, target)[layer][0][:, 0]
+            cross = unit.clean_cross(tracer.session.context, target)[layer]
+            if cross is None:
+                raise BlipTraceError(f"layer {layer} of the {block.replace('_', ' ')} has no cross-attention: pick "
+                                     f"one of layers {', '.join(str(j) for j in range(len(stack)) if stack.has_cross(j))}")
+            keys = cross[0][:, 0]
             weights = stack.cross_attention(layer, run.kinds["post_self_attn"][layer], keys)
         else:
             h = run.inputs[layer]

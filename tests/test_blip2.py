@@ -335,3 +335,44 @@ def test_knockout_labels_and_refusals_on_blip2(bundle, image):
         Edges(block="language_model")
     with pytest.raises(BlipTraceError, match="image's positions in BLIP-2's language model"):
         knockout(bundle, image, QUESTION, edges=[Edges(block="qformer", attention="self", keys="image")])
+
+
+def test_patterns_of_blip2_heads_are_the_models_own(bundle, image, tracer):
+    from blip_trace_widgets.patterns import attention_pattern
+
+    pixels = bundle.processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    ids = torch.tensor([[BLIP2_VOCAB["<image>"]] * QUERIES + list(tracer.question_ids)
+                        + list(tracer.target(TraceConfig(block="language_model")).inputs[len(tracer.question_ids):])])
+    bundle.model.config._attn_implementation = "eager"
+    for sub in (bundle.model.qformer, bundle.model.language_model):
+        sub.config._attn_implementation = "eager"
+    seen = {}
+    handle = bundle.model.get_submodule("qformer.encoder.layer.2.crossattention.attention").register_forward_hook(
+        lambda m, i, o: seen.update(weights=o[1]))
+    try:
+        with torch.no_grad():
+            out = bundle.model(pixel_values=pixels, input_ids=ids, output_attentions=True)
+    finally:
+        handle.remove()
+    ours = attention_pattern(tracer, "language_model", "self_attn_head", 1)
+    np.testing.assert_allclose(ours, out.language_model_outputs.attentions[1][0].numpy(), atol=1e-5)
+    cross = attention_pattern(tracer, "qformer", "cross_attn_head", 2)
+    np.testing.assert_allclose(cross, seen["weights"][0].numpy(), atol=1e-5)
+    with pytest.raises(BlipTraceError, match="layer 1 of the qformer has no cross-attention: pick one of layers 0, 2"):
+        attention_pattern(tracer, "qformer", "cross_attn_head", 1)
+
+
+def test_the_explorer_offers_each_blip2_block_its_own_kinds(bundle, image):
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    explorer = TraceExplorer(bundle, image, QUESTION, background=False, mode="exact")
+    explorer.noise_samples.value = 2
+    assert [v for _, v in explorer.block.options] == ["qformer", "language_model"]
+    explorer.kind.value = "cross_attn"
+    assert explorer.error.value == "" and explorer.result.config["absent_layers"] == [1]
+    explorer.block.value = "language_model"  # it has no cross-attention: the kind falls back to hidden states
+    assert "cross_attn" not in [v for _, v in explorer.kind.options] and explorer.kind.value == "hidden"
+    assert explorer.error.value == "" and explorer.result.block == "language_model"
+    explorer.view.value = "compare"
+    assert explorer.error.value == "" and sorted(explorer.results) == ["hidden", "mlp", "self_attn"]
+    assert [child.layout.display for child in explorer.comparison.children][-1] == "none"

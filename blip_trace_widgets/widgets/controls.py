@@ -33,12 +33,18 @@ from ..names import (
     VISION_KINDS,
     Metric,
     is_head_kind,
+    kinds_of,
     window_for,
 )
 from ..tracing import TraceConfig
 
 IPYWIDGETS_MAJOR = int(W.__version__.split(".")[0])
 KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in (*TEXT_KINDS, *TEXT_HEAD_KINDS)]
+
+
+def kind_options(block: str) -> list[tuple[str, str]]:
+    """The kind dropdown's options for ``block``: the kinds it has (BLIP-2's language model has no cross-attention)."""
+    return [(KIND_SHORT_LABELS[k], k) for k in kinds_of(block)]
 #: The text blocks TraceExplorer offers for each head (the vision encoder has its own explorer).
 BLOCK_OPTIONS = {head: [(BLOCK_LABELS[b], b) for b in blocks if b != VISION_ENCODER] for head, blocks in BLOCKS_OF.items()}
 CORRUPTION_OPTIONS = [(BY_NAME[name].info.label, name) for name in NOISE_NAMES]

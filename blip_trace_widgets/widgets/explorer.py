@@ -24,6 +24,7 @@ from ..names import (
     SUBLAYER_KINDS,
     VISION_ENCODER,
     is_head_kind,
+    kinds_of,
     window_for,
 )
 from ..plotting import HeatmapRenderer, figure_png, plot_traces
@@ -32,13 +33,13 @@ from ..tracing import TraceConfig, Tracer, default_config
 from .controls import (
     BLOCK_OPTIONS,
     CORRUPTION_OPTIONS,
-    KIND_OPTIONS,
     NOISE_TIPS,
     WINDOW_OFF_TIP,
     WINDOW_ON_TIP,
     controls_config,
     corruption_setting,
     explorer_mode,
+    kind_options,
     level_slider,
     merged_gallery,
     samples_box,
@@ -124,7 +125,7 @@ class TraceExplorer(LiveView):
                                     else ""))
         layers = bundle.num_layers(self.task.default_block)
         style = {"description_width": "initial"}
-        self.kind = W.Dropdown(options=KIND_OPTIONS, value=config.kind, description="kind", style=style)
+        self.kind = W.Dropdown(options=kind_options(config.block), value=config.kind, description="kind", style=style)
         self.block = W.Dropdown(options=BLOCK_OPTIONS[self.head], value=config.block, description="block", style=style)
         noise_name, noise_level = corruption_setting(config.corruption)
         self.corruption = W.Dropdown(options=CORRUPTION_OPTIONS, value=noise_name, description="corruption", style=style)
@@ -186,7 +187,20 @@ class TraceExplorer(LiveView):
                                  position=self.position.value, **self.scored)
         return self.counterfactual.apply(config, int(self.gallery.value or 0))
 
+    def _sync_kinds(self) -> None:
+        """Offer the kinds the chosen block has; a kind it lacks falls back to hidden states."""
+        options = kind_options(self.block.value)
+        if list(self.kind.options) != options:
+            kind = self.kind.value if self.kind.value in dict(options).values() else HIDDEN
+            self._syncing = True
+            try:
+                self.kind.options = options
+                self.kind.value = kind
+            finally:
+                self._syncing = False
+
     def _update_enabled(self) -> None:
+        self._sync_kinds()
         self.counterfactual.sync(int(self.gallery.value or 0))
         for control in (self.corruption, self.noise, self.noise_samples, self.seed):
             control.disabled = self.counterfactual.source.value != "noise"  # a counterfactual is one fixed sample
@@ -212,7 +226,7 @@ class TraceExplorer(LiveView):
                 return [tracer.trace(config, progress=self._progress(job))]
             window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
             return [tracer.trace(replace(config, kind=k, window=window_for(k, window)), progress=self._progress(job))
-                    for k in SUBLAYER_KINDS]
+                    for k in SUBLAYER_KINDS if k in kinds_of(config.block)]
 
         trace_in_phases(self, job, trace, self._show)
 
@@ -234,9 +248,13 @@ class TraceExplorer(LiveView):
         else:
             self.result = results[0]
             self.results = {r.kind: r for r in results}
-            for view, result, renderer in zip(self.comparison.children, results, self._renderers[1:]):
-                view.value = png = renderer.png(result, normalized=normalized, show=show)
+            for i, (view, renderer) in enumerate(zip(self.comparison.children, self._renderers[1:])):
+                if i >= len(results):  # a block without one of the kinds (BLIP-2's language model: cross-attention)
+                    view.layout.display = "none"
+                    continue
+                view.value = png = renderer.png(results[i], normalized=normalized, show=show)
                 view.layout.width = f"{png_width(png)}px"
+                view.layout.display = None
             self.heatmap.layout.display = "none"
             self.comparison.layout.display = "flex"
 
