@@ -124,11 +124,13 @@ class CorruptedRuns:
     def run_bytes(self, samples: int, vision: bool) -> int:
         """About how many bytes the corrupted runs of ``samples`` noise samples keep (every state a trace restores,
         and the image keys and values of every text layer)."""
-        text, image = anatomy.text_config(self.session.model), anatomy.vision_config(self.session.model)
+        reader = self.session.blocks.reader
+        text = anatomy.block_config(self.session.model, reader.name)
+        image = anatomy.vision_config(self.session.model)
         tokens = int((image.image_size // image.patch_size) ** 2 + 1)
-        layers = len(self.session.blocks.reader.stack)
-        reader = self.session.blocks.reader.stack
-        question = (layers + 1) * len(self.session.question_ids) * text.hidden_size * (1 + len(reader.kinds))
+        layers = len(reader.stack)
+        positions = len(reader.first_states(self.session)[0])  # the question's tokens, or BLIP-2's queries
+        question = (layers + 1) * positions * text.hidden_size * (1 + len(reader.stack.kinds))
         cross = layers * 2 * tokens * text.hidden_size + tokens * image.hidden_size
         vit = (len(self.session.vision) + 1) * tokens * image.hidden_size * (1 + len(self.session.vision.kinds)) if vision else 0
         return samples * (question + cross + vit) * self.session.bundle.dtype.itemsize

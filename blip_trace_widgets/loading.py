@@ -32,7 +32,8 @@ from .names import DEMO_MODELS, HUB_MODELS, QUESTION_ENCODER
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 #: The bundled demo models by name: VQA, captioning and image-text matching, all trained on easy-VQA.
 DEMO_DIRS: dict[str, Path] = {name: Path(__file__).resolve().parent / folder for name, folder in
-                              {"demo": "demo_model", "demo-caption": "demo_caption", "demo-itm": "demo_itm"}.items()}
+                              {"demo": "demo_model", "demo-caption": "demo_caption", "demo-itm": "demo_itm",
+                               "demo-blip2": "demo_blip2"}.items()}
 #: Optional file in a model folder: tracing defaults that suit that model.
 TRACE_DEFAULTS_FILE = "trace_defaults.json"
 ROME_NOISE_SCALE = 3.0
@@ -221,6 +222,8 @@ def _half_source(source: str, dtype: torch.dtype, access: dict[str, Any]) -> str
             folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "model.safetensors"], **access))
         except Exception:  # a hub layout this shortcut does not know: transformers loads it the usual way
             return source
+    if not (folder / "model.safetensors").is_file():  # sharded (BLIP-2's hub checkpoints): transformers loads it
+        return source
     if checkpoint_dtype(folder) != torch.float32:
         return str(folder)
     return str(half_checkpoint(folder, dtype))

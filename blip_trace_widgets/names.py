@@ -67,7 +67,7 @@ HEADS: tuple[Head, ...] = (VQA, CAPTION, ITM, BLIP2)
 #: Hub checkpoints of each head, and the bundled demo models (``load_model("demo-caption")``).
 HUB_MODELS: dict[str, str] = {VQA: "Salesforce/blip-vqa-base", CAPTION: "Salesforce/blip-image-captioning-base",
                               ITM: "Salesforce/blip-itm-base-coco", BLIP2: "Salesforce/blip2-opt-2.7b"}
-DEMO_MODELS: dict[str, str] = {"demo": VQA, "demo-caption": CAPTION, "demo-itm": ITM}
+DEMO_MODELS: dict[str, str] = {"demo": VQA, "demo-caption": CAPTION, "demo-itm": ITM, "demo-blip2": BLIP2}
 
 #: Kinds of the text transformers (post-LN BERT layers: h1 = LN(h + SA(h)), h2 = LN(h1 + XA(h1)),
 #: h3 = LN(h2 + MLP(h2))). ``self_attn``, ``cross_attn`` and ``mlp`` are each sublayer's own output

@@ -10,7 +10,9 @@ cross-attend to the image every other layer, a projection, and an OPT decoder.
 As BLIP-2 keeps a pretrained image encoder frozen, this one takes the bundled BLIP demo's ViT (itself trained from
 scratch on easy-VQA by ``scripts/train_demo_model.py``) and freezes it; the Q-Former, the projection and the language
 model are trained from scratch. BLIP-2 trains its Q-Former first with contrastive, matching and captioning losses;
-here there is one stage and one loss: the answer's tokens (then [SEP]) given the queries and the prompt.
+here there is one stage: the answer's tokens (then [SEP]) given the queries and the prompt, plus, during training
+only, a linear probe on the queries' mean output that predicts the image's shape and colour (as the BLIP demo's
+script does on its ViT).
 Accuracy is measured separately by ``scripts/evaluate_demo_blip2.py``.
 """
 from __future__ import annotations
@@ -38,6 +40,8 @@ from transformers import (
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PROMPT = "Question: {} Answer:"  # BLIP-2's VQA prompt for OPT
+SHAPES = ["circle", "rectangle", "triangle"]
+COLORS = ["red", "green", "blue", "black", "gray", "teal", "brown", "yellow"]
 IMAGE_SIZE = 64
 BLIP_DEMO = Path(__file__).resolve().parent.parent / "blip_trace_widgets" / "demo_model"
 
@@ -72,13 +76,14 @@ def build_processor(vocab: dict[str, int], queries: int) -> Blip2Processor:
     return processor
 
 
-def build_config(processor: Blip2Processor, vision: dict, queries: int, layers: int, width: int) -> Blip2Config:
+def build_config(processor: Blip2Processor, vision: dict, queries: int, layers: int, width: int,
+                 lm_layers: int) -> Blip2Config:
     tokenizer = processor.tokenizer
     image_token = tokenizer.convert_tokens_to_ids(processor.image_token.content)
     qformer = dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=4 * width,
                    encoder_hidden_size=vision["hidden_size"], cross_attention_frequency=2, hidden_dropout_prob=0.0,
                    attention_probs_dropout_prob=0.0, vocab_size=len(tokenizer))
-    text = dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=layers,
+    text = dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=lm_layers,
                 num_attention_heads=4, ffn_dim=4 * width, max_position_embeddings=64, word_embed_proj_dim=width,
                 bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
                 pad_token_id=tokenizer.pad_token_id, dropout=0.0, attention_dropout=0.0, do_layer_norm_before=True)
@@ -125,31 +130,53 @@ def image_embeddings(model: Blip2ForConditionalGeneration, pixels: torch.Tensor)
     return torch.stack(out)
 
 
-def answer_loss(model, embeds, prompts, answers, sep, pad):
+def image_labels(answers: list[str], image_rows: list[int], n_images: int) -> torch.Tensor:
+    """Per training image, its shape and colour index (-100 where no question reveals it), as the BLIP demo's."""
+    labels = torch.full((n_images, 2), -100, dtype=torch.long)
+    for answer, row in zip(answers, image_rows):
+        if answer in SHAPES:
+            labels[row, 0] = SHAPES.index(answer)
+        elif answer in COLORS:
+            labels[row, 1] = COLORS.index(answer)
+    return labels
+
+
+def probe_loss(probe, states, labels):
+    """A linear probe on the mean of the Q-Former's outputs predicts the image's shape and colour: during training
+    only (it is not saved), a direct signal that the queries carry what the questions ask, in the spirit of BLIP-2's
+    first stage, which trains the Q-Former to represent the image before any language model reads it."""
+    logits = probe(states.mean(1))
+    return (F.cross_entropy(logits[:, : len(SHAPES)], labels[:, 0], ignore_index=-100)
+            + F.cross_entropy(logits[:, len(SHAPES):], labels[:, 1], ignore_index=-100))
+
+
+def answer_loss(model, embeds, prompts, answers, sep, pad, probe=None, labels=None):
     """Teacher-forced cross-entropy of the answer's tokens and [SEP] after [queries, prompt] (right-padded: the
-    decoder is causal, so padding after a row's end changes none of its scored positions)."""
+    decoder is causal, so padding after a row's end changes none of its scored positions), plus the probe's."""
     query = model.query_tokens.expand(embeds.shape[0], -1, -1)
     states = model.qformer(query_embeds=query, encoder_hidden_states=embeds).last_hidden_state
+    aux = probe_loss(probe, states, labels) if probe is not None else 0.0
     image = model.language_projection(states)
     rows = [p + a + [sep] for p, a in zip(prompts, answers)]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    targets = torch.full((len(rows), width), -100, dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompts, rows)):
         ids[i, : len(r)] = torch.tensor(r)
-        labels[i, len(p) - 1: len(r) - 1] = torch.tensor(r[len(p):])  # position t predicts token t + 1
+        targets[i, len(p) - 1: len(r) - 1] = torch.tensor(r[len(p):])  # position t predicts token t + 1
     embeds_text = model.language_model.get_input_embeddings()(ids)
     logits = model.language_model(inputs_embeds=torch.cat([image, embeds_text], 1)).logits[:, image.shape[1]:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100) + aux
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("blip_trace_widgets/demo_blip2"))
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--queries", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=4, help="Q-Former layers")
+    parser.add_argument("--lm-layers", type=int, default=6, help="language-model layers")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -163,16 +190,18 @@ def main() -> None:
     started = time.time()
 
     processor = build_processor(build_vocab(), args.queries)
-    config = build_config(processor, vision_config(), args.queries, args.layers, args.width)
+    config = build_config(processor, vision_config(), args.queries, args.layers, args.width, args.lm_layers)
     model = Blip2ForConditionalGeneration(config)
     with torch.no_grad():  # BLIP-2 starts its queries from a normal distribution (its init_std is 0.02)
         model.query_tokens.normal_(0, config.qformer_config.initializer_range)
     copy_blip_vision(model)
     model.vision_model.requires_grad_(False)
-    pixels, prompts, answer_ids, image_rows, _, _ = load_split("train", processor)
+    pixels, prompts, answer_ids, image_rows, _, answer_texts = load_split("train", processor)
+    labels = image_labels(answer_texts, image_rows, pixels.shape[0])
+    probe = torch.nn.Linear(args.width, len(SHAPES) + len(COLORS))
     embeds = image_embeddings(model.eval(), pixels)
     print(f"image embeddings {tuple(embeds.shape)} in {time.time() - started:.0f} s", flush=True)
-    trained = [p for n, p in model.named_parameters() if not n.startswith("vision_model.")]
+    trained = [p for n, p in model.named_parameters() if not n.startswith("vision_model.")] + list(probe.parameters())
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.05)
     steps_per_epoch = len(prompts) // args.batch
     total = steps_per_epoch * args.epochs
@@ -192,7 +221,8 @@ def main() -> None:
             batch = order[step * args.batch: (step + 1) * args.batch]
             images = embeds[[flips[q] for q in batch], [image_rows[q] for q in batch]]
             loss = answer_loss(model, images, [prompts[q] for q in batch], [answer_ids[q] for q in batch],
-                               tokenizer.sep_token_id, tokenizer.pad_token_id)
+                               tokenizer.sep_token_id, tokenizer.pad_token_id, probe,
+                               labels[[image_rows[q] for q in batch]])
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, 1.0)

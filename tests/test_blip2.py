@@ -376,3 +376,31 @@ def test_the_explorer_offers_each_blip2_block_its_own_kinds(bundle, image):
     explorer.view.value = "compare"
     assert explorer.error.value == "" and sorted(explorer.results) == ["hidden", "mlp", "self_attn"]
     assert [child.layout.display for child in explorer.comparison.children][-1] == "none"
+
+
+def test_the_explorer_paints_only_the_q_formers_cross_attention_layers(bundle, image):
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    explorer = TraceExplorer(bundle, image, QUESTION, background=False, mode="exact")
+    explorer.noise_samples.value = 2
+    explorer.kind.value = "cross_attn_head"
+    assert explorer.error.value == "" and explorer.pattern.layout.display is None
+    assert [j for _, j in explorer.pattern.layer.options] == [0, 2]  # layer 1 has no cross-attention
+    explorer.pattern.layer.value = 2
+    assert explorer.pattern.view.value  # painted
+
+
+def test_a_sharded_checkpoint_loads_in_half_precision(tmp_path, monkeypatch, image):
+    """BLIP-2's hub checkpoints are sharded: the half-precision shortcut (for single-file checkpoints) steps aside and
+    transformers loads the shards in the dtype asked for; a hub snapshot without model.safetensors is not used."""
+    from blip_trace_widgets import loading
+
+    folder = tmp_path / "sharded"
+    tiny_blip2(seed=3).save_pretrained(folder, max_shard_size="100KB")
+    tiny_blip2_processor(queries=QUERIES).save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    bundle = load_model(str(folder), dtype="float16")
+    assert bundle.dtype == torch.float16 and bundle.head == "blip2"
+    assert Tracer(bundle, image, QUESTION).trace(block="qformer", samples=2, corrupt="image").scores.shape == (4, 3)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: str(folder))
+    assert loading._half_source("Owner/blip2-like", torch.float16, {}) == "Owner/blip2-like"

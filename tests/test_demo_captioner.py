@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"demo-caption": BlipForConditionalGeneration, "demo-itm": BlipForImageTextRetrieval}
 
 
-def test_the_package_model_data_stays_under_25_mb():
+def test_the_package_model_data_stays_within_40_mb():
     total = sum(p.stat().st_size for folder in DEMO_DIRS.values() for p in folder.rglob("*") if p.is_file())
-    assert total <= 25 * 2**20, f"{total / 2**20:.1f} MB"
+    assert total <= 40 * 2**20, f"{total / 2**20:.1f} MB"
 
 
 @pytest.mark.parametrize("name", FOLDERS)

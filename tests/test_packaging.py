@@ -64,8 +64,9 @@ def test_wheel_and_sdist_pass_twine_and_the_wheel_holds_only_the_package(dist):
     names = zipfile.ZipFile(wheel).namelist()
     outside = [n for n in names if not n.startswith(("blip_trace_widgets/", "blip_trace_widgets-"))]
     assert not outside, outside
-    for folder in ("demo_model", "demo_caption", "demo_itm"):  # the three demo models, each with its card
-        for name in ("model.safetensors", "README.md", "config.json", "tokenizer.json", "preprocessor_config.json"):
+    for folder in ("demo_model", "demo_caption", "demo_itm", "demo_blip2"):  # the four demo models, each with its card
+        processor = "processor_config.json" if folder == "demo_blip2" else "preprocessor_config.json"
+        for name in ("model.safetensors", "README.md", "config.json", "tokenizer.json", processor):
             assert f"blip_trace_widgets/{folder}/{name}" in names, (folder, name)
     assert not [n for n in names if "/tests/" in n or n.endswith(".ipynb")]
     info = next(n for n in names if n.endswith(".dist-info/METADATA"))

@@ -72,7 +72,15 @@ class HeadPattern(W.HBox):
         """Follow ``result``: shown for a cross-attention head map of a block that reads the image, else hidden."""
         reads_image = result is not None and result.kind == "cross_attn_head" and result.block != ANSWER_DECODER
         self.layout.display = None if reads_image else "none"
-        self._shown = (tracer, result) if result is not None and reads_image else None
+        self._shown = None
+        if result is not None and reads_image:  # the map's own layers (those with cross-attention) and heads
+            absent = set(result.config.get("absent_layers", []))
+            layers = [(f"layer {j}", j) for j in range(result.num_layers) if j not in absent]
+            heads = [(f"h{h}", h) for h in range(len(result.tokens))]
+            for control, options in ((self.layer, layers), (self.head, heads)):
+                if list(control.options) != options:
+                    control.options = options
+            self._shown = (tracer, result)
         self.redraw()
 
     def redraw(self) -> None:
