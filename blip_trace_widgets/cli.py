@@ -41,6 +41,7 @@ from .names import (
     HUB_MODELS,
     ITM_ENCODER,
     KINDS,
+    QFORMER,
     QUESTION_ENCODER,
     QUESTION_PAIRS,
     QUESTIONS_PER_PAIR,
@@ -55,8 +56,9 @@ from .roles import ROLES
 
 DEMO_TRACES = [*((QUESTION_ENCODER, kind, window_for(kind, 3)) for kind in SUBLAYER_KINDS),
                (ANSWER_DECODER, HIDDEN, 1), (VISION_ENCODER, HIDDEN, 1)]
-#: The demo's traces of the other two heads: (model, block, kind, window).
-DEMO_HEAD_TRACES = [("demo-caption", CAPTION_DECODER, "mlp", 3), ("demo-itm", ITM_ENCODER, "mlp", 3)]
+#: The demo's traces of the other heads: (model, block, kind, window).
+DEMO_HEAD_TRACES = [("demo-caption", CAPTION_DECODER, "mlp", 3), ("demo-itm", ITM_ENCODER, "mlp", 3),
+                    ("demo-blip2", QFORMER, HIDDEN, 1)]
 
 
 class UsageError(BlipTraceError):
@@ -136,15 +138,16 @@ def run_demo(args: argparse.Namespace) -> int:
             bar.update(1)
             flag = "  (corruption has almost no effect: this map is noise)" if result.is_tiny() else ""
             bar.write(f"    {block:16s} {kind:10s} -> {png} , {js.name}{flag}")
-    heatmaps += _demo_heads(args, samples[0][0], out, bar)
+    heatmaps += _demo_heads(args, samples[0][0], samples[0][1], out, bar)
     bar.close()
     print(f"\nwrote {heatmaps} heatmaps with their JSON results, and {overlays} image overlays (*-on-image.png), "
           f"to {out.resolve()} in {time.perf_counter() - started:.1f} s")
     return 0
 
 
-def _demo_heads(args: argparse.Namespace, image: Any, out: Path, bar: Any) -> int:
-    """The demo's captioning trace (the caption's colour word) and image-text matching trace (its own caption)."""
+def _demo_heads(args: argparse.Namespace, image: Any, question: str, out: Path, bar: Any) -> int:
+    """The demo's captioning trace (the caption's colour word), image-text matching trace (its own caption) and
+    BLIP-2 trace (the first question, through the Q-Former's queries)."""
     from .tracing import Tracer, default_config
 
     written, caption = 0, ""
@@ -152,12 +155,13 @@ def _demo_heads(args: argparse.Namespace, image: Any, out: Path, bar: Any) -> in
         bundle = _load(model, args.device, None)
         task = heads.of(bundle)
         caption_model = isinstance(task, heads.CaptionHead)
-        tracer = Tracer(bundle, image, "" if caption_model else caption)
+        tracer = Tracer(bundle, image, question if task.reads_questions else "" if caption_model else caption)
         if caption_model:
             caption = tracer.model_answer
         config = default_config(bundle, block=block, kind=kind, window=window, samples=args.samples, seed=args.seed)
         result = tracer.trace(config)
         what = (f"caption {tracer.model_answer!r}, word {result.answer!r}" if caption_model
+                else f"question {tracer.question!r}: answer {tracer.model_answer!r}" if task.reads_questions
                 else f"text {tracer.question!r}: {tracer.model_answer} (p {tracer.match_probability:.3f})")
         level = getattr(config.corruption, "level", None)
         why = "its trace_defaults.json" if getattr(bundle, "noise_scale", 3.0) != 3.0 else "ROME's, as it names none"

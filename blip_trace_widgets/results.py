@@ -132,11 +132,8 @@ def _fields_of(data: Any) -> dict[str, Any]:
 
 @dataclass(eq=False)
 class TraceResult:
-    """Scores of restoring each (position, layer) cell, with the clean and corrupted baselines.
-
-    ``stderr`` is the standard error of each cell's mean over noise samples (NaN with one
-    sample); ``total_effect`` is ROME's total effect, clean − corrupted.
-    """
+    """Scores of restoring each (position, layer) cell, with the clean and corrupted baselines; ``stderr``: each
+    cell's standard error over noise samples (NaN with one); ``total_effect``: ROME's, clean − corrupted."""
 
     scores: np.ndarray  # positions x layers
     low_score: float  # corrupted, nothing restored
@@ -162,7 +159,7 @@ class TraceResult:
 
     @property
     def head(self) -> str:
-        """The model's head: "vqa", "caption" or "itm" (results saved before captioning was traced are VQA)."""
+        """The model's head: "vqa", "caption", "itm" or "blip2" (results saved before captioning was traced are VQA)."""
         return str(self.config.get("head") or VQA)
 
     @property
@@ -183,12 +180,9 @@ class TraceResult:
         return _cell_mask(self.config.get("unreliable_cells"), self.scores.shape)
 
     @property
-    def absent_cells(self) -> np.ndarray:
-        """Cells whose layer lacks the restored sublayer (cross-attention in a Q-Former layer without it): not
-        applicable, their score is the corrupted one by construction."""
-        mask = np.zeros(self.scores.shape, dtype=bool)
-        mask[:, [int(j) for j in self.config.get("absent_layers", [])]] = True
-        return mask
+    def absent_cells(self) -> np.ndarray:  # layers without the restored sublayer (a Q-Former's cross-attention): n/a
+        return np.broadcast_to(np.isin(np.arange(self.scores.shape[1]), self.config.get("absent_layers", [])),
+                               self.scores.shape)
 
     @property
     def exact_cells(self) -> np.ndarray:

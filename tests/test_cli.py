@@ -59,13 +59,15 @@ def test_demo_command(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("question:") == 3 and "model's answer" in out.stdout
     pngs, jsons = sorted((tmp_path / "o").glob("*.png")), sorted((tmp_path / "o").glob("*.json"))
-    # a heatmap per trace, the image-side ones on the image too, and one captioning and one ITM trace
-    assert len(jsons) == 18 + 2 and len(pngs) == 18 + 3 + 2
+    # a heatmap per trace, the image-side ones on the image too, and one captioning, one ITM and one BLIP-2 trace
+    assert len(jsons) == 18 + 3 and len(pngs) == 18 + 3 + 3
     kinds = {(TraceResult.load(j).block, TraceResult.load(j).kind) for j in jsons}
     assert kinds == {("question_encoder", k) for k in ("hidden", "mlp", "self_attn", "cross_attn")} | {
-        ("answer_decoder", "hidden"), ("vision_encoder", "hidden"), ("caption_decoder", "mlp"), ("itm_encoder", "mlp")}
+        ("answer_decoder", "hidden"), ("vision_encoder", "hidden"), ("caption_decoder", "mlp"), ("itm_encoder", "mlp"),
+        ("qformer", "hidden")}
     assert "[demo-caption] captioning: caption 'a red triangle', word 'red'" in out.stdout
     assert "[demo-itm] image-text matching: text 'a red triangle': match" in out.stdout
+    assert "[demo-blip2] BLIP-2 question answering: question 'what is the color of the triangle?': answer 'red'" in out.stdout
     assert len(list((tmp_path / "o").glob("*-on-image.png"))) == 3
     for png in pngs:
         with Image.open(png) as im:

@@ -105,7 +105,7 @@ def test_colab_install_runs_only_on_colab(path, monkeypatch):
 
     namespace = {"get_ipython": Shell}
     exec(python, namespace)
-    assert calls == [] and namespace["MODEL"] == "demo"
+    assert calls == [] and namespace["MODEL"] in ("demo", "demo-blip2")  # the bundled demo of the notebook's model
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     namespace = {"get_ipython": Shell}
     exec(python, namespace)
