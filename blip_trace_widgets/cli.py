@@ -583,12 +583,12 @@ def _add_sweep_parser(sub: Any) -> None:
     many.set_defaults(run=run_sweep)
 
 
-def _knockout_edges(args: argparse.Namespace, image: Any) -> tuple[Any, ...]:
+def _knockout_edges(args: argparse.Namespace, image: Any, decoder: str | None) -> tuple[Any, ...]:
     from .edges import parse_edges
     from .names import EACH_TOKEN
 
     queries = parse_position(args.queries) if args.queries not in (None, EACH_TOKEN) else args.queries
-    return tuple(parse_edges(name, image, queries) for name in (args.edges or ["image", "cls"]))
+    return tuple(parse_edges(name, image, queries, decoder or ANSWER_DECODER) for name in (args.edges or ["image", "cls"]))
 
 
 def run_knockout(args: argparse.Namespace) -> int:
@@ -609,7 +609,7 @@ def run_knockout(args: argparse.Namespace) -> int:
         raise UsageError(f"{task.text_option} is required for a {task.label} model")
     knock = Knockout.of(bundle, args.image, args.question or "")
     print(_what_the_model_says(knock.tracer))
-    config = KnockoutConfig(edges=_knockout_edges(args, knock.tracer.image), window=args.window,
+    config = KnockoutConfig(edges=_knockout_edges(args, knock.tracer.image, knock.tracer.task.decoder), window=args.window,
                             answer=args.answer, word=args.word, method=args.method)
     result = knock.run(config)
     out.mkdir(parents=True, exist_ok=True)

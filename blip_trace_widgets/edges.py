@@ -36,6 +36,7 @@ from .names import (
     BLOCK_LABELS,
     EACH_TOKEN,
     IMAGE_CLS,
+    IMAGE_QUERIES,
     KNOCKOUT_BLOCKS,
     LANGUAGE_MODEL,
 )
@@ -153,7 +154,7 @@ SHORTHANDS: dict[str, str] = {
     "object": "every token ↛ the shape's box (found as on easy-VQA's one-shape images)",
     "background": "every token ↛ the patches outside the shape's box",
     "self:KEYS": "every token ↛ KEYS of the text by self-attention (positions such as 0 or 1,2, or a role)",
-    "decoder[:KEYS]": "the answer decoder ↛ the question (all, or KEYS)",
+    "decoder[:KEYS]": "the answer decoder ↛ the question (all, or KEYS); BLIP-2's language model ↛ the image's positions",
 }
 
 
@@ -179,7 +180,15 @@ def _box(text: str) -> Any:
     return Box(*values)
 
 
-def parse_edges(text: str, image: Any = None, queries: Tokens = None) -> Edges:
+def decoder_edges(decoder: str = ANSWER_DECODER, keys: Any = None) -> Edges:
+    """The head's decoder reading what its reader made: VQA's answer decoder's cross-attention to the question (or
+    ``keys`` of it); BLIP-2's language model's self-attention to the image's positions (the projected queries)."""
+    if decoder == LANGUAGE_MODEL:
+        return Edges(keys=IMAGE_QUERIES if keys is None else keys, attention="self", block=LANGUAGE_MODEL)
+    return Edges(keys=keys, block=ANSWER_DECODER)
+
+
+def parse_edges(text: str, image: Any = None, queries: Tokens = None, decoder: str = ANSWER_DECODER) -> Edges:
     """The edge group a name stands for (see :data:`SHORTHANDS`); ``object`` and ``background`` need the image.
 
         >>> parse_edges("box:0,0,0.5,0.5").describe()
@@ -212,5 +221,5 @@ def parse_edges(text: str, image: Any = None, queries: Tokens = None) -> Edges:
     if name == "self" and rest:
         return Edges(queries=queries, keys=_keys_of(rest), attention="self")
     if name == "decoder":
-        return Edges(keys=_keys_of(rest), block=ANSWER_DECODER)
+        return decoder_edges(decoder, _keys_of(rest))
     raise BlipTraceError(f"unknown edges {text!r}: use one of {', '.join(SHORTHANDS)}")

@@ -23,13 +23,14 @@ from .edges import Edges, parse_edges
 from .errors import BlipTraceError, renamed
 from .knockout import Knockout, KnockoutConfig
 from .loading import BlipBundle
-from .names import EACH_TOKEN, KNOCKOUT_WINDOW
+from .names import ANSWER_DECODER, EACH_TOKEN, KNOCKOUT_WINDOW
 
 EdgeNames = Sequence[Any]  # Edges, or names of SHORTHANDS
 
 
-def _edges_for(edges: EdgeNames, image: Any) -> tuple[Edges, ...]:
-    out = tuple(e if isinstance(e, Edges) else parse_edges(str(e), image) for e in edges)
+def _edges_for(edges: EdgeNames, image: Any, decoder: str | None = None) -> tuple[Edges, ...]:
+    out = tuple(e if isinstance(e, Edges) else parse_edges(str(e), image, decoder=decoder or ANSWER_DECODER)
+                for e in edges)
     if any(e.queries == EACH_TOKEN for e in out):
         raise BlipTraceError("a sweep averages groups by label, and 'each' token differs between questions: pick "
                              "the tokens by role instead (queries='object', ...)")
@@ -66,7 +67,7 @@ def knockout_sweep(
     for index, item in enumerate(as_samples(items)):
         image = open_image(item.image)
         knock = Knockout.of(bundle, image, text_of(bundle.head, item))
-        config = KnockoutConfig(edges=_edges_for(edges, image), window=window, method=method,
+        config = KnockoutConfig(edges=_edges_for(edges, image, knock.tracer.task.decoder), window=window, method=method,
                                 answer=item.answer if answer == "expected" else None)
         result = knock.run(config)
         correct = knock.tracer.task.correct(knock.tracer.model_answer, item.answer)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_blip import BLIP2_VOCAB, tiny_blip2, tiny_blip2_processor
 
-from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
+from blip_trace_widgets import BlipTraceError, Edges, GaussianNoise, TraceConfig, Tracer, load_model
 
 QFORMER = "qformer.encoder.layer.{l}"
 LM = "language_model.model.decoder.layers.{l}"
@@ -404,3 +404,16 @@ def test_a_sharded_checkpoint_loads_in_half_precision(tmp_path, monkeypatch, ima
     assert Tracer(bundle, image, QUESTION).trace(block="qformer", samples=2, corrupt="image").scores.shape == (4, 3)
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: str(folder))
     assert loading._half_source("Owner/blip2-like", torch.float16, {}) == "Owner/blip2-like"
+
+
+def test_the_decoder_group_is_the_language_model_reading_the_image(bundle, image):
+    from blip_trace_widgets.edges import parse_edges
+    from blip_trace_widgets.widgets import KnockoutExplorer
+
+    assert parse_edges("decoder", decoder="language_model") == Edges(block="language_model", attention="self",
+                                                                      keys="image")
+    assert parse_edges("decoder").block == "answer_decoder"
+    explorer = KnockoutExplorer(bundle, image, QUESTION, background=False)
+    assert ("language model ↛ image", "decoder") in explorer.groups.options
+    explorer.groups.value = ("decoder",)
+    assert explorer.error.value == "" and explorer.result.labels == ["image → language model (self-attention)"]

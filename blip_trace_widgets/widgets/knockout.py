@@ -26,10 +26,10 @@ from PIL import Image, ImageDraw
 
 from .. import heads
 from ..cache import LRU
-from ..edges import Edges
+from ..edges import Edges, decoder_edges
 from ..errors import renamed
 from ..knockout import KNOCKOUT_METHODS, Knockout, KnockoutConfig
-from ..names import ANSWER_DECODER, BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW
+from ..names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW, LANGUAGE_MODEL
 from ..plotting import figure_png
 from ..regions import Box, Outside, patch_grid_size
 from .controls import set_tooltip
@@ -50,7 +50,9 @@ class KnockoutExplorer(LiveView):
         super().__init__(bundle, image, text, gallery=gallery, background=background)
         self._knockouts: LRU[Knockout] = LRU(16)
         style = {"description_width": "initial"}
-        options = [o for o in GROUP_OPTIONS if o[1] != "decoder" or heads.of(self.head).decoder is not None]
+        decoder = heads.of(self.head).decoder
+        options = [o if o[1] != "decoder" or decoder != LANGUAGE_MODEL else ("language model ↛ image", "decoder")
+                   for o in GROUP_OPTIONS if o[1] != "decoder" or decoder is not None]
         self.groups = W.SelectMultiple(options=options, value=("image", "region", "outside"), rows=len(options),
                                        description="cut", style=style, layout=W.Layout(width="260px"))
         set_tooltip(self.groups, "edge groups to cut, one line each (ctrl/cmd-click for several)")
@@ -107,7 +109,7 @@ class KnockoutExplorer(LiveView):
         queries = self.queries.value
         by_name = {"image": lambda: Edges(queries), "cls": lambda: Edges(queries, IMAGE_CLS),
                    "region": lambda: Edges(queries, self.region), "outside": lambda: Edges(queries, Outside(self.region)),
-                   "decoder": lambda: Edges(block=ANSWER_DECODER)}
+                   "decoder": lambda: decoder_edges(str(self.task.decoder))}
         edges = tuple(by_name[name]() for name in self.groups.value)
         return KnockoutConfig(edges=edges, window=int(self.window.value), method=str(self.method.value),
                               **self.scored)
