@@ -149,6 +149,13 @@ class CleanPass:
         return self._clean
 
     @property
+    def reader_output(self) -> torch.Tensor:
+        """The reader's clean output [1, T, D] (BLIP-2's Q-Former queries; VQA's question states)."""
+        if self.clean.text is None:
+            raise BlipTraceError("this model's reader reads the target, so its output depends on what is scored")
+        return self.clean.text.output
+
+    @property
     def clean_vision(self) -> Run:
         """The clean vision-encoder run, layer by layer (recorded for image-side traces only)."""
         if self._clean_vision is None:

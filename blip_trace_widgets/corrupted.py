@@ -104,6 +104,7 @@ class CorruptedRuns:
         if isinstance(corruption, ImageSwap) and corruption.embeddings is None:  # the other image at this stage
             corruption = corruption.bind({"image": self.session.embed_image, "pixels": self.session.pixel_values,
                                           "patches": lambda image: self.session.vision.embed(self.session.pixel_values(image)),
+                                          "queries": lambda image: self.queries_of(self.session.embed_image(image)),
                                           }[str(config.corrupt)])
         if isinstance(corruption, WordSwap) and corruption.embeddings is None:
             corruption = self.bound_swap(corruption)
@@ -160,6 +161,11 @@ class CorruptedRuns:
             noisy = self._apply(config, h0, generator)
             h0 = h0.expand(samples, -1, -1).clone()
             h0[:, positions] = noisy[:, positions]
+        elif config.corrupt == "queries":  # the reader's clean run, its output replaced: what the decoder reads
+            embeds = self.session.clean.image_embeds
+            noisy = self._apply(config, self.session.reader_output, generator)
+            self.session.stats["corrupted_passes"] += 1
+            return Corrupted(embeds, shared_cross(qstack, embeds), Run(inputs=[noisy]))
         elif config.corrupt == "image":
             embeds = self._apply(config, self.session.clean.image_embeds, generator)
             h0 = h0.expand(samples, -1, -1)
@@ -174,6 +180,11 @@ class CorruptedRuns:
         if reader.reads_target:  # its run depends on the target: kept is the text's corrupted input, if corrupted
             return Corrupted(embeds, cross, None, vision, h0 if config.corrupt == "question" else None)
         return Corrupted(embeds, cross, record_run(qstack, h0, cross), vision)
+
+    def queries_of(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The reader's output (BLIP-2's Q-Former queries) for image embeddings [1, N, D]."""
+        reader = self.session.blocks.reader
+        return record_run(reader.stack, reader.first_states(self.session), shared_cross(reader.stack, image_embeds)).output
 
     def _corrupted_patches(self, config: TraceConfig, generator: torch.Generator) -> torch.Tensor:
         """The vision encoder's corrupted input (patch embeddings) [S, N, D] for the next draw of ``generator``."""
@@ -220,6 +231,7 @@ class CorruptedRuns:
         """Advance ``generator`` past the low score's draw without running the model."""
         start = {"question": lambda: self.session.blocks.reader.first_states(self.session),
                  "image": lambda: self.session.clean.image_embeds, "pixels": lambda: self.session.pixels,
-                 "patches": lambda: self.session.vision.embed(self.session.pixels)}[str(config.corrupt)]
+                 "patches": lambda: self.session.vision.embed(self.session.pixels),
+                 "queries": lambda: self.session.reader_output}[str(config.corrupt)]
         with torch.no_grad():
             self._apply(config, start(), generator)

@@ -176,6 +176,13 @@ class Head(ABC):
             raise BlipTraceError(f"metric {config.metric!r} does not apply to a {self.label} model: use one of "
                                  f"{', '.join(self.metrics)}")
         self.check_word(config.word)
+        self.check_stage(config.corrupt)
+
+    def check_stage(self, stage: str | None) -> None:
+        """Refuse a corruption stage this head's model does not have."""
+        if stage == "queries":
+            raise BlipTraceError("corrupt='queries' is the noise on BLIP-2's Q-Former outputs: this model has none; "
+                                 "corrupt the image, the patches, the pixels or the question")
 
     def check_word(self, word: int | None) -> None:
         """Refuse a caption word for a head that scores no caption."""
@@ -391,11 +398,18 @@ class Blip2Head(Head):
         prompt = tuple(reading.question_ids)
         return Target((*prompt, *tokens[:-1]), tokens, self.queries(reading.bundle.model) + len(prompt) - 1, contrast)
 
+    def check_stage(self, stage: str | None) -> None:
+        pass  # every stage: the queries are this model's (checked against the block in check)
+
     def check(self, config: Any) -> None:
         super().check(config)
         if config.corrupt == "question":
             raise BlipTraceError("BLIP-2's question is read by the language model, whose prompt this package cannot "
                                  "corrupt yet: corrupt the image (corrupt='image', 'patches' or 'pixels')")
+        if config.corrupt == "queries" and config.block != LANGUAGE_MODEL:
+            raise BlipTraceError("noise on BLIP-2's Q-Former output queries acts after every block but the language "
+                                 "model, so restoring them undoes nothing: trace block='language_model', or corrupt "
+                                 "the image")
 
 
 #: Every head, by name; the first is the default (a BLIP configuration that names no head).

@@ -23,7 +23,7 @@ Block = Literal["question_encoder", "answer_decoder", "caption_decoder", "itm_en
 Head = Literal["vqa", "caption", "itm", "blip2"]
 Kind = Literal["hidden", "self_attn", "cross_attn", "mlp", "post_self_attn", "post_cross_attn", "self_attn_head",
                "cross_attn_head", "attn_head"]
-Stage = Literal["image", "patches", "pixels", "question"]
+Stage = Literal["image", "patches", "pixels", "question", "queries"]
 Metric = Literal["prob", "logprob", "logit_diff", "itc"]
 SeverAt = Literal["restored", "all"]
 Method = Literal["exact", "estimate", "verified"]
@@ -120,12 +120,13 @@ KIND_COLORMAPS: dict[str, str] = {kind: info.colormap for kind, info in KIND_INF
 
 #: Where a corruption acts: the vision encoder's output (the paper's choice), the patch embeddings
 #: before the vision encoder, the pixels, or the question's token embeddings (ROME's original).
-STAGES: tuple[Stage, ...] = ("image", "patches", "pixels", "question")
+STAGES: tuple[Stage, ...] = ("image", "patches", "pixels", "question", "queries")
 STAGE_LABELS: dict[str, str] = {
     "image": "image embeddings (vision encoder output)",
     "patches": "patch embeddings",
     "pixels": "pixels",
     "question": "question tokens",
+    "queries": "Q-Former output queries (what BLIP-2's language model reads)",
 }
 
 METRICS: tuple[Metric, ...] = ("prob", "logprob", "logit_diff", "itc")

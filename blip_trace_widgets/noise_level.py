@@ -49,6 +49,8 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
                 values.append(session.vision.embed(session.pixels).float().flatten())
             elif stage == "pixels":
                 values.append(session.pixels.float().flatten())
+            elif stage == "queries":
+                values.append(session.reader_output.float().flatten())
             else:
                 stack = session.blocks.reader.stack  # the text block that reads the image (question or ITM text)
                 values.append(stack.embed(session.ids(session.question_ids)).float().flatten())

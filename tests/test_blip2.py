@@ -61,7 +61,7 @@ class Blip2Loop:
         self.pixels = bundle.processor.image_processor(image, return_tensors="pt")["pixel_values"]
         self.stage = "vision_model.post_layernorm" if corrupt == "image" else "vision_model.embeddings"
         with torch.no_grad():
-            clean_input = self._stage_output(self.pixels)
+            clean_input = self.clean_stage = self._stage_output(self.pixels)
         self.noisy = config.corruption(clean_input, config.samples, torch.Generator().manual_seed(config.seed))
         self.clean = self._record()
 
@@ -417,3 +417,29 @@ def test_the_decoder_group_is_the_language_model_reading_the_image(bundle, image
     assert ("language model ↛ image", "decoder") in explorer.groups.options
     explorer.groups.value = ("decoder",)
     assert explorer.error.value == "" and explorer.result.labels == ["image → language model (self-attention)"]
+
+
+def test_noise_on_the_qformers_output_queries_is_restored_in_the_language_model(bundle, image, tracer):
+    """corrupt='queries': the Q-Former's outputs (what the language model reads) noised, checked cell by cell
+    against the model's own forward pass with that output replaced by a hook."""
+    config = TraceConfig(block="language_model", kind="hidden", samples=3, corrupt="queries",
+                         corruption=GaussianNoise(scale=3.0))
+    result = tracer.trace(config)
+    assert "Q-Former output queries" in result.plot().get_title(loc="left")
+    answer = list(tracer.target(config).tokens)
+    loop = Blip2Loop(bundle, image, config, answer, "image")
+    with torch.no_grad():
+        queries = bundle.model.qformer(query_embeds=bundle.model.query_tokens,
+                                       encoder_hidden_states=loop.clean_stage).last_hidden_state
+    last = len(bundle.model.qformer.encoder.layer) - 1  # the Q-Former's output is its last layer's
+    loop.stage = f"qformer.encoder.layer.{last}"
+    loop.noisy = config.corruption(queries, 3, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(result.scores, loop.grid(result.scores.shape[0]), atol=1e-5, rtol=1e-4)
+    with pytest.raises(BlipTraceError, match="trace block='language_model'"):
+        tracer.trace(TraceConfig(block="qformer", corrupt="queries"))
+
+
+def test_queries_are_refused_where_there_are_none(demo_bundle, demo_sample):
+    image, question, _ = demo_sample
+    with pytest.raises(BlipTraceError, match="BLIP-2's Q-Former outputs: this model has none"):
+        Tracer(demo_bundle, image, question).trace(block="answer_decoder", corrupt="queries")
