@@ -55,6 +55,7 @@ SMALLER = {
     "07_image_side_tracing.ipynb": "N_IMAGES, SAMPLES = 3, 4",
     "08_paper_and_rome.ipynb": "N_QUESTIONS = 6",
     "09_image_conditioned_generation.ipynb": "N_IMAGES = 4",
+    "13_blip2_bottleneck.ipynb": "QUESTIONS = 4",
 }
 
 
