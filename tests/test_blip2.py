@@ -282,6 +282,7 @@ def test_qk_fix_is_refused_on_the_pre_ln_language_model(tracer):
         tracer.trace(TraceConfig(block="language_model", method="estimate", qk_fix=True, corrupt="image"))
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_a_saved_blip2_folder_loads_and_traces_from_the_command_line(tmp_path, image, capsys):
     from blip_trace_widgets.cli import main
 
@@ -362,6 +363,7 @@ def test_patterns_of_blip2_heads_are_the_models_own(bundle, image, tracer):
         attention_pattern(tracer, "qformer", "cross_attn_head", 1)
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_explorer_offers_each_blip2_block_its_own_kinds(bundle, image):
     from blip_trace_widgets.widgets import TraceExplorer
 
@@ -378,6 +380,7 @@ def test_the_explorer_offers_each_blip2_block_its_own_kinds(bundle, image):
     assert [child.layout.display for child in explorer.comparison.children][-1] == "none"
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_explorer_paints_only_the_q_formers_cross_attention_layers(bundle, image):
     from blip_trace_widgets.widgets import TraceExplorer
 
@@ -390,6 +393,7 @@ def test_the_explorer_paints_only_the_q_formers_cross_attention_layers(bundle, i
     assert explorer.pattern.view.value  # painted
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_a_sharded_checkpoint_loads_in_half_precision(tmp_path, monkeypatch, image):
     """BLIP-2's hub checkpoints are sharded: the half-precision shortcut (for single-file checkpoints) steps aside and
     transformers loads the shards in the dtype asked for; a hub snapshot without model.safetensors is not used."""
@@ -406,6 +410,7 @@ def test_a_sharded_checkpoint_loads_in_half_precision(tmp_path, monkeypatch, ima
     assert loading._half_source("Owner/blip2-like", torch.float16, {}) == "Owner/blip2-like"
 
 
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_decoder_group_is_the_language_model_reading_the_image(bundle, image):
     from blip_trace_widgets.edges import parse_edges
     from blip_trace_widgets.widgets import KnockoutExplorer
