@@ -305,6 +305,10 @@ class ImageReader(ABC):
         """Its positions' labels: the tokens it reads."""
         return list(session.bundle.tokenizer.convert_ids_to_tokens(list(self.input_ids(session, target))))
 
+    def positions(self, session: Any) -> int:
+        """How many positions its clean run has (the question's tokens)."""
+        return len(session.question_ids)
+
     def first_states(self, session: Any) -> torch.Tensor:
         """Its input on the text alone, [1, T, D] (the question's or prompt's embeddings): what a corruption of the
         text corrupts."""
@@ -491,8 +495,11 @@ class QFormer(ImageReader):
         self.stack: QFormerStack = QFormerStack(model)
         self.decoder = decoder
 
+    def positions(self, session: Any) -> int:
+        return int(self.stack.query_tokens.shape[1])
+
     def labels(self, session: Pass, target: Target) -> list[str]:
-        return [f"q{i}" for i in range(int(self.stack.query_tokens.shape[1]))]
+        return [f"q{i}" for i in range(self.positions(session))]
 
     def first_states(self, session: Any) -> torch.Tensor:
         return self.stack.queries()
@@ -501,7 +508,7 @@ class QFormer(ImageReader):
         return self.stack.queries()
 
     def decoder_tokens(self, target: Target) -> int:
-        return len(target.inputs) + int(self.stack.query_tokens.shape[1])
+        return len(target.inputs) + self.decoder.queries
 
     def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
         return self.decoder.decode_rows(session, final, target)

@@ -130,7 +130,7 @@ class CorruptedRuns:
         image = anatomy.vision_config(self.session.model)
         tokens = int((image.image_size // image.patch_size) ** 2 + 1)
         layers = len(reader.stack)
-        positions = len(reader.first_states(self.session)[0])  # the question's tokens, or BLIP-2's queries
+        positions = reader.positions(self.session)
         question = (layers + 1) * positions * text.hidden_size * (1 + len(reader.stack.kinds))
         cross = layers * 2 * tokens * text.hidden_size + tokens * image.hidden_size
         vit = (len(self.session.vision) + 1) * tokens * image.hidden_size * (1 + len(self.session.vision.kinds)) if vision else 0

@@ -41,7 +41,7 @@ from .errors import BlipTraceError, renamed
 from .inputs import ImageLike
 from .knockout_result import KnockoutResult
 from .loading import BlipBundle
-from .names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, IMAGE_QUERIES, KNOCKOUT_WINDOW, LANGUAGE_MODEL
+from .names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, IMAGE_QUERIES, KNOCKOUT_WINDOW
 from .scoring import Target, score_rows
 from .tracing import Tracer
 
@@ -145,7 +145,7 @@ class Knockout:
         from .blocks import restored_positions
 
         if edges.keys == IMAGE_QUERIES and not edges.reads_image:
-            image = [p for p, label in enumerate(labels) if block.name == LANGUAGE_MODEL and p < self.queries()]
+            image = list(range(int(getattr(block, "queries", 0))))  # BLIP-2's language model reads the image first
             if not image:
                 raise BlipTraceError(f"keys={IMAGE_QUERIES!r} are the image's positions in BLIP-2's language model; "
                                      "cut the image with attention='cross' in a BLIP text block or the Q-Former")
@@ -168,10 +168,6 @@ class Knockout:
                 raise BlipTraceError(f"{edges.describe()}: the region holds no image patch; make it larger")
             return picked, count
         return restored_positions(keys, ["image"] * count, True), count
-
-    def queries(self) -> int:
-        """How many image positions BLIP-2's language model reads first (its projected queries)."""
-        return int(self.tracer.bundle.model.config.num_query_tokens)
 
     def _check_layers(self, groups: Sequence[Group], window: int) -> None:
         for group in groups:
