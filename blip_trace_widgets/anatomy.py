@@ -93,7 +93,11 @@ ANSWER_HEAD = "text_decoder.cls.predictions"  # the language-model head of the V
 ITM_HEAD = "itm_head"  # Linear(D, 2) on the ITM encoder's first state: (no match, match)
 TEXT_ENCODER = "text_encoder"  # the ITM model's text encoder, run without the image for ITC
 QUERY_TOKENS = "query_tokens"  # BLIP-2's learned queries [1, Q, D]
-QFORMER_NORM = "qformer.layernorm"  # the LayerNorm the queries pass before the Q-Former's first layer
+#: The LayerNorm the Q-Former's input passes before its first layer, per architecture (its ``model_type``): BLIP-2's
+#: queries; InstructBLIP's queries and instruction, embedded together.
+QFORMER_NORMS: dict[str, str] = {"blip-2": "qformer.layernorm", "instructblip": "qformer.embeddings.layernorm"}
+#: InstructBLIP's instruction embeddings in the Q-Former: (tokens, learned positions), added before the LayerNorm.
+INSTRUCTION_EMBEDDINGS = ("qformer.embeddings.word_embeddings", "qformer.embeddings.position_embeddings")
 LANGUAGE_PROJECTION = "language_projection"  # Q-Former output -> the language model's width
 LM_TOKENS = "language_model.model.decoder.embed_tokens"
 LM_POSITIONS = "language_model.model.decoder.embed_positions"
@@ -127,7 +131,13 @@ QFORMER_LAYER_PARTS: dict[str, str] = {
     "mlp_act": "intermediate_query.intermediate_act_fn",
     "mlp_out": "output_query.dense",
     "mlp_norm": "output_query.LayerNorm",
+    # InstructBLIP's instruction tokens run the layer's other feed-forward (present, unused, in BLIP-2's layers)
+    "text_mlp_in": "intermediate.dense",
+    "text_mlp_act": "intermediate.intermediate_act_fn",
+    "text_mlp_out": "output.dense",
+    "text_mlp_norm": "output.LayerNorm",
 }
+TEXT_MLP_PARTS = ("text_mlp_in", "text_mlp_act", "text_mlp_out", "text_mlp_norm")
 CROSS_PARTS = ("cross_query", "cross_key", "cross_value", "cross_out", "cross_norm")
 
 #: Pieces of one OPT decoder layer (pre-LN, causal), relative to the layer.
@@ -183,7 +193,7 @@ def get_module(model: nn.Module, name: str) -> Any:
             raise BlipTraceError(
                 f"this model has no module {name!r}: blip_trace_widgets needs a transformers "
                 "BlipForQuestionAnswering, BlipForConditionalGeneration, BlipForImageTextRetrieval or "
-                "Blip2ForConditionalGeneration (with an OPT language model)"
+                "Blip2ForConditionalGeneration or InstructBlipForConditionalGeneration (with an OPT language model)"
             )
         module = getattr(module, part)
     return module
@@ -229,6 +239,11 @@ class TextLayer:
     mlp_act: nn.Module
     mlp_out: nn.Linear
     mlp_norm: nn.LayerNorm
+    # a Q-Former's feed-forward for instruction tokens (InstructBLIP); None elsewhere
+    text_mlp_in: nn.Linear | None = None
+    text_mlp_act: nn.Module | None = None
+    text_mlp_out: nn.Linear | None = None
+    text_mlp_norm: nn.LayerNorm | None = None
 
 
 def text_layers(model: nn.Module, block: str) -> list[TextLayer]:
@@ -239,8 +254,9 @@ def text_layers(model: nn.Module, block: str) -> list[TextLayer]:
     layers = []
     for layer in get_module(model, LAYERS[block]):
         absent = block == QFORMER and not getattr(layer, "has_cross_attention", True)
-        modules: dict[str, Any] = {role: None if absent and role in CROSS_PARTS else get_module(layer, path)
-                                   for role, path in parts.items()}
+        text = block == QFORMER and hasattr(layer, "intermediate")  # BLIP-2's layers may lack it
+        modules: dict[str, Any] = {role: None if (absent and role in CROSS_PARTS) or (role in TEXT_MLP_PARTS and not text)
+                                   else get_module(layer, path) for role, path in parts.items()}
         layers.append(TextLayer(**modules))
     return layers
 
@@ -264,8 +280,8 @@ def decoder_layers(model: nn.Module) -> list[DecoderLayer]:
     """Every layer of BLIP-2's language model; a clear error for a language model this package cannot run."""
     config = text_config(model)
     if getattr(config, "model_type", None) != "opt":
-        raise BlipTraceError(f"BLIP-2 with a {getattr(config, 'model_type', '?')} language model is not supported "
-                             "yet: use an OPT one, such as Salesforce/blip2-opt-2.7b")
+        raise BlipTraceError(f"BLIP-2 or InstructBLIP with a {getattr(config, 'model_type', '?')} language model is "
+                             "not supported yet: use an OPT one, such as Salesforce/blip2-opt-2.7b")
     if not config.do_layer_norm_before or int(config.word_embed_proj_dim) != int(config.hidden_size):
         raise BlipTraceError("this OPT language model is post-LN or projects its embeddings (as OPT-350m does); "
                              "only pre-LN OPT (125m, 1.3b, 2.7b, 6.7b and up) is supported")
@@ -347,8 +363,19 @@ def feed_forward_size(config: Any) -> int:
 
 
 def queries(model: nn.Module) -> Any:
-    """BLIP-2's learned queries [1, Q, D] and the LayerNorm the Q-Former applies to them first."""
-    return get_module(model, QUERY_TOKENS), get_module(model, QFORMER_NORM)
+    """BLIP-2's (or InstructBLIP's) learned queries [1, Q, D] and the LayerNorm the Q-Former applies to its input."""
+    kind = str(getattr(model.config, "model_type", ""))
+    if kind not in QFORMER_NORMS:
+        raise BlipTraceError(f"a {kind} model has no Q-Former: use a BLIP-2 or InstructBLIP model")
+    return get_module(model, QUERY_TOKENS), get_module(model, QFORMER_NORMS[kind])
+
+
+def instruction_embeddings(model: nn.Module) -> tuple[nn.Embedding, nn.Embedding] | None:
+    """InstructBLIP's Q-Former token and position embeddings for the instruction; None for BLIP-2's Q-Former."""
+    if getattr(model.config, "model_type", None) != "instructblip":
+        return None
+    words, positions = (get_module(model, name) for name in INSTRUCTION_EMBEDDINGS)
+    return words, positions
 
 
 def language_model_parts(model: nn.Module) -> dict[str, Any]:

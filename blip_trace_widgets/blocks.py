@@ -93,6 +93,9 @@ class Pass(Protocol):
     @property
     def clean_vision(self) -> Run: ...
 
+    @property
+    def instruction_ids(self) -> Sequence[int]: ...
+
     def ids(self, ids: Sequence[int]) -> torch.Tensor: ...
 
     def itc_text_feature(self, projection: Any) -> torch.Tensor: ...
@@ -114,6 +117,7 @@ class Context:
     clean: Any  # a clean.Clean
     record_vision: Callable[[], Run] = field(repr=False)
     text_feature: Callable[[Any], torch.Tensor] = field(repr=False)
+    instruction_ids: tuple[int, ...] = ()  # InstructBLIP's instruction, as its Q-Former reads it
 
     @property
     def clean_vision(self) -> Run:
@@ -431,7 +435,7 @@ class LanguageModel:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.stack = DecoderStack(model)
-        self.queries = int(anatomy.queries(model)[0].shape[1])
+        self.queries = self.stack.count
 
     def labels(self, session: Pass, target: Target) -> list[str]:
         tokens = session.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs))
@@ -496,16 +500,28 @@ class QFormer(ImageReader):
         self.decoder = decoder
 
     def positions(self, session: Any) -> int:
-        return int(self.stack.query_tokens.shape[1])
+        return self.stack.count + len(session.instruction_ids)
 
     def labels(self, session: Pass, target: Target) -> list[str]:
-        return [f"q{i}" for i in range(self.positions(session))]
+        queries = [f"q{i}" for i in range(self.stack.count)]
+        if not session.instruction_ids:
+            return queries
+        tokenizer = session.bundle.processor.qformer_tokenizer
+        return [*queries, *tokenizer.convert_ids_to_tokens(list(session.instruction_ids))]
+
+    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+        """As any text block's; an instruction's positions never cross-attend, so their cross kinds are n/a."""
+        layout = _text_layout(self.labels(session, target), self.stack, config)
+        if not session.instruction_ids or config.kind != "cross_attn":
+            return layout
+        rows = list(range(self.stack.count, self.positions(session)))
+        return Layout(layout.labels, layout.cells, {**layout.extra, "absent_positions": rows})
 
     def first_states(self, session: Any) -> torch.Tensor:
-        return self.stack.queries()
+        return self.stack.queries(session.ids(session.instruction_ids))
 
     def input_states(self, session: Pass, target: Target) -> torch.Tensor:
-        return self.stack.queries()
+        return self.first_states(session)
 
     def decoder_tokens(self, target: Target) -> int:
         return len(target.inputs) + self.decoder.queries

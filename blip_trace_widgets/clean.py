@@ -58,6 +58,8 @@ class CleanPass:
         self.image_key = image_digest(self.image)
         self.question, self.question_ids = self.task.encode(bundle.tokenizer, question, self.position_limit,
                                                             self.bos_id)
+        #: The Q-Former's tokens after its queries (InstructBLIP's instruction); none for other models.
+        self.instruction_ids: tuple[int, ...] = self.task.instruction(bundle, self.question)
         self.blocks: Blocks = build_blocks(self.model)
         self.memory_budget = memory_budget
         self.max_batch_rows = max_batch_rows
@@ -73,7 +75,8 @@ class CleanPass:
         """What blocks read, frozen (made once, after the clean pass)."""
         if self._context is None:
             self._context = Context(self.bundle, self.model, self.device, tuple(self.question_ids), self.memory_budget,
-                                    self.max_batch_rows, self.clean, lambda: self.clean_vision, self.itc_text_feature)
+                                    self.max_batch_rows, self.clean, lambda: self.clean_vision, self.itc_text_feature,
+                                    self.instruction_ids)
         return self._context
 
     def held(self) -> list[Any]:

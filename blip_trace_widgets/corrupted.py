@@ -163,7 +163,7 @@ class CorruptedRuns:
             h0[:, positions] = noisy[:, positions]
         elif config.corrupt == "queries":  # the reader's clean run, its output replaced: what the decoder reads
             embeds = self.session.clean.image_embeds
-            noisy = self._apply(config, self.session.reader_output, generator)
+            noisy = self._apply(config, self.language_model_queries(self.session.reader_output), generator)
             self.session.stats["corrupted_passes"] += 1
             return Corrupted(embeds, shared_cross(qstack, embeds), Run(inputs=[noisy]))
         elif config.corrupt == "image":
@@ -182,9 +182,15 @@ class CorruptedRuns:
         return Corrupted(embeds, cross, record_run(qstack, h0, cross), vision)
 
     def queries_of(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """The reader's output (BLIP-2's Q-Former queries) for image embeddings [1, N, D]."""
+        """The Q-Former's output queries for image embeddings [1, N, D]: what the language model reads."""
         reader = self.session.blocks.reader
-        return record_run(reader.stack, reader.first_states(self.session), shared_cross(reader.stack, image_embeds)).output
+        run = record_run(reader.stack, reader.first_states(self.session), shared_cross(reader.stack, image_embeds))
+        return self.language_model_queries(run.output)
+
+    def language_model_queries(self, states: torch.Tensor) -> torch.Tensor:
+        """Of the Q-Former's output states [1, Q (+ T), D], the queries' (InstructBLIP's instruction outputs are not
+        read by the language model, so noise there would change nothing)."""
+        return states[:, : self.session.blocks.last.queries]
 
     def _corrupted_patches(self, config: TraceConfig, generator: torch.Generator) -> torch.Tensor:
         """The vision encoder's corrupted input (patch embeddings) [S, N, D] for the next draw of ``generator``."""
@@ -232,6 +238,6 @@ class CorruptedRuns:
         start = {"question": lambda: self.session.blocks.reader.first_states(self.session),
                  "image": lambda: self.session.clean.image_embeds, "pixels": lambda: self.session.pixels,
                  "patches": lambda: self.session.vision.embed(self.session.pixels),
-                 "queries": lambda: self.session.reader_output}[str(config.corrupt)]
+                 "queries": lambda: self.language_model_queries(self.session.reader_output)}[str(config.corrupt)]
         with torch.no_grad():
             self._apply(config, start(), generator)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -235,6 +235,14 @@ class TextStack:
         its skip connections (GradDrop's "layer dropped", see :mod:`~.estimates`); the forward values are the same.
         """
         L = self.layers[j]
+        h1 = self._self_sublayer(L, h, mask, edit, cuts, drop)
+        h2 = self._cross(L, h1, cross, edit, cuts, drop) if cross is not None else self._no_cross(h1, edit)
+        m = edit("mlp", L.mlp_out(L.mlp_act(L.mlp_in(h2.detach() if drop else h2))))
+        return edit("hidden", L.mlp_norm(m + h2))
+
+    def _self_sublayer(self, L: Any, h: torch.Tensor, mask: torch.Tensor | None, edit: Edit, cuts: Cuts,
+                       drop: bool) -> torch.Tensor:
+        """The self-attention sublayer on ``h`` [S, C, T, D]: h1 = LN(h + SA(h))."""
         s, c, t, d = h.shape
         rows = h.reshape(s * c, t, d)
         read = rows.detach() if drop else rows
@@ -242,10 +250,7 @@ class TextStack:
                      cuts[0])
         ctx = edit_heads(edit, "self_attn_head", ctx.transpose(1, 2).reshape(s, c, t, d), self.heads)
         sa = edit("self_attn", L.self_out(ctx))
-        h1 = edit("post_self_attn", L.self_norm(sa + h))
-        h2 = self._cross(L, h1, cross, edit, cuts, drop) if cross is not None else self._no_cross(h1, edit)
-        m = edit("mlp", L.mlp_out(L.mlp_act(L.mlp_in(h2.detach() if drop else h2))))
-        return edit("hidden", L.mlp_norm(m + h2))
+        return edit("post_self_attn", L.self_norm(sa + h))
 
     def _no_cross(self, h1: torch.Tensor, edit: Edit) -> torch.Tensor:
         """A layer without cross-attention (a Q-Former's): its cross-attention adds nothing, so its kinds are zero
@@ -256,21 +261,26 @@ class TextStack:
     def _cross(self, L: Any, h1: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor], edit: Edit, cuts: Cuts,
                drop: bool) -> torch.Tensor:
         """The cross-attention sublayer on ``h1`` [S, C, T, D]: h2 = LN(h1 + XA(h1))."""
+        ctx = edit_heads(edit, "cross_attn_head", self._cross_context(L, h1, cross, cuts[1], drop), self.heads)
+        ca = edit("cross_attn", L.cross_out(ctx))
+        return edit("post_cross_attn", L.cross_norm(ca + h1))
+
+    def _cross_context(self, L: Any, h1: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor], cut: Cut | Dial | None,
+                       drop: bool) -> torch.Tensor:
+        """The cross-attention's context [S, C, T, D] for ``h1`` [S, C, T, D], before its output projection."""
         s, c, t, d = h1.shape
         keys, values = cross
         q = L.cross_query(h1.detach() if drop else h1)
         heads, head_dim = keys.shape[2], keys.shape[-1]
         if keys.shape[1] == 1:  # fold the cells into the query axis: one K/V per sample
             qh = q.view(s, c * t, heads, head_dim).transpose(1, 2)
-            ctx = attend(qh, keys[:, 0], values[:, 0], None, cuts[1])
+            ctx = attend(qh, keys[:, 0], values[:, 0], None, cut)
         else:
             qh = q.view(s * c, t, heads, head_dim).transpose(1, 2)
             n = keys.shape[-2]
             ctx = attend(qh, keys.reshape(s * c, heads, n, head_dim), values.reshape(s * c, heads, n, head_dim), None,
-                         cuts[1])
-        ctx = edit_heads(edit, "cross_attn_head", ctx.transpose(1, 2).reshape(s, c, t, d), heads)
-        ca = edit("cross_attn", L.cross_out(ctx))
-        return edit("post_cross_attn", L.cross_norm(ca + h1))
+                         cut)
+        return ctx.transpose(1, 2).reshape(s, c, t, d)
 
 
 class VisionStack:
@@ -331,15 +341,54 @@ class VisionStack:
 
 class QFormerStack(TextStack):
     """BLIP-2's Q-Former, layer by layer: a post-LN BERT whose positions are learned queries, which cross-attend to
-    the image every ``cross_attention_frequency`` layers and run their own feed-forward."""
+    the image every ``cross_attention_frequency`` layers and run their own feed-forward. InstructBLIP's also reads
+    the instruction: tokens after the queries, which attend to the queries and each other but not to the image,
+    and run the layer's other feed-forward (``intermediate``/``output``)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model, anatomy.QFORMER)
         self.query_tokens, self.norm = anatomy.queries(model)
+        self.instruction = anatomy.instruction_embeddings(model)
+        self.count = int(self.query_tokens.shape[1])
 
-    def queries(self) -> torch.Tensor:
-        """The Q-Former's input: its learned queries after its first LayerNorm, [1, Q, D]."""
-        return self.norm(self.query_tokens)
+    def queries(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The Q-Former's input after its first LayerNorm, [1, Q (+ T), D]: its learned queries, then (InstructBLIP)
+        the instruction ``ids`` [1, T] embedded with their learned positions."""
+        h = self.query_tokens
+        if ids is not None and ids.shape[1]:
+            if self.instruction is None:
+                raise BlipTraceError("BLIP-2's Q-Former reads no text: only InstructBLIP's reads an instruction")
+            words, positions = self.instruction
+            text = words(ids) + positions(torch.arange(ids.shape[1], device=ids.device))[None]
+            h = torch.cat([h, text.to(h.dtype)], 1)
+        return self.norm(h.to(self.norm.weight.dtype))
+
+    def layer(self, j: int, h: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor] | None,
+              mask: torch.Tensor | None = None, edit: Edit = _no_edit, cuts: Cuts = (None, None),
+              drop: bool = False) -> torch.Tensor:
+        """Layer j on ``h`` [S, C, Q + T, D]: as BLIP-2's on the queries; the instruction's T positions attend (self)
+        but never cross-attend (their cross kinds are zero, the residual after it ``h1``) and run the text MLP."""
+        q = self.count
+        if h.shape[2] == q:
+            return super().layer(j, h, cross, mask, edit, cuts, drop)
+        L = self.layers[j]
+        if L.text_mlp_in is None or L.text_mlp_act is None or L.text_mlp_out is None or L.text_mlp_norm is None:
+            raise BlipTraceError("this Q-Former has no feed-forward for text (BLIP-2's): it reads only its queries")
+        h1 = self._self_sublayer(L, h, mask, edit, cuts, drop)
+        if cross is None:
+            h2 = self._no_cross(h1, edit)
+        else:
+            assert L.cross_out is not None and L.cross_norm is not None, "a layer with cross keys has cross-attention"
+            cut = cuts[1] if cuts[1] is None else replace(cuts[1], edges=cuts[1].edges[:, :q])  # queries' rows only
+            ctx = torch.cat([self._cross_context(L, h1[:, :, :q], cross, cut, drop), torch.zeros_like(h1[:, :, q:])], 2)
+            ctx = edit_heads(edit, "cross_attn_head", ctx, self.heads)
+            ca = edit("cross_attn", torch.cat([L.cross_out(ctx[:, :, :q]), torch.zeros_like(h1[:, :, q:])], 2))
+            h2 = edit("post_cross_attn", torch.cat([L.cross_norm(ca[:, :, :q] + h1[:, :, :q]), h1[:, :, q:]], 2))
+        read = h2.detach() if drop else h2
+        m = edit("mlp", torch.cat([L.mlp_out(L.mlp_act(L.mlp_in(read[:, :, :q]))),
+                                   L.text_mlp_out(L.text_mlp_act(L.text_mlp_in(read[:, :, q:])))], 2))
+        return edit("hidden", torch.cat([L.mlp_norm(m[:, :, :q] + h2[:, :, :q]),
+                                         L.text_mlp_norm(m[:, :, q:] + h2[:, :, q:])], 2))
 
 
 class DecoderStack:
@@ -356,15 +405,17 @@ class DecoderStack:
         self.projection, self.tokens, self.positions = parts["projection"], parts["tokens"], parts["positions"]
         self.final_norm, self.head = parts["final_norm"], parts["head"]
         self.heads = anatomy.num_heads(model, anatomy.LANGUAGE_MODEL)
+        self.count = int(anatomy.queries(model)[0].shape[1])  # the Q-Former's queries, the image's positions here
         self.absent: dict[str, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self.layers)
 
     def embed(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The first states [..., Q + T, D]: Q-Former outputs [..., Q, Dq] projected, then the tokens ``ids`` [1, T]
-        embedded, plus OPT's learned positions (offset by 2, as OPT's own embedding is)."""
-        image = self.projection(queries)
+        """The first states [..., Q + T, D]: Q-Former outputs [..., Q (+ T'), Dq] projected (the first Q, its
+        queries': InstructBLIP's instruction outputs are not read), then the tokens ``ids`` [1, T] embedded, plus
+        OPT's learned positions (offset by 2, as OPT's own embedding is)."""
+        image = self.projection(queries[..., : self.count, :])
         text = self.tokens(ids)[0].expand(*image.shape[:-2], -1, -1)
         h = torch.cat([image, text.to(image.dtype)], -2)
         index = torch.arange(h.shape[-2], device=h.device) + int(getattr(self.positions, "offset", 2))

@@ -30,6 +30,7 @@ from .names import (
     BLIP2_PROMPT,
     CAPTION,
     CAPTION_DECODER,
+    INSTRUCTBLIP,
     ITM,
     ITM_ENCODER,
     LANGUAGE_MODEL,
@@ -139,6 +140,10 @@ class Head(ABC):
         """The text as read (stripped) and its token ids as the model sees them."""
         checked = check_question(text, self.text)
         return checked, encode_question(tokenizer, checked, limit, self.text)
+
+    def instruction(self, bundle: Any, text: str) -> tuple[int, ...]:
+        """The tokens the Q-Former reads beside its queries (InstructBLIP's instruction); none for other heads."""
+        return ()
 
     def greedy(self, reading: Reading, image_embeds: Any, run: Any) -> list[int]:
         """The tokens the model generates greedily on the clean input (none for a head that generates nothing)."""
@@ -404,16 +409,43 @@ class Blip2Head(Head):
     def check(self, config: Any) -> None:
         super().check(config)
         if config.corrupt == "question":
-            raise BlipTraceError("BLIP-2's question is read by the language model, whose prompt this package cannot "
-                                 "corrupt yet: corrupt the image (corrupt='image', 'patches' or 'pixels')")
+            raise BlipTraceError(f"a {self.label} model reads the question in its language model's prompt, "
+                                 "which this package cannot corrupt yet: corrupt the image (corrupt='image', "
+                                 "'patches' or 'pixels')")
         if config.corrupt == "queries" and config.block != LANGUAGE_MODEL:
             raise BlipTraceError("noise on BLIP-2's Q-Former output queries acts after every block but the language "
                                  "model, so restoring them undoes nothing: trace block='language_model', or corrupt "
                                  "the image")
 
 
+class InstructBlipHead(Blip2Head):
+    """InstructBLIP with an OPT language model, answering questions: as BLIP-2, but the question is the instruction,
+    read by the Q-Former (its tokens after the queries, through the Q-Former's own tokenizer) and by the language
+    model (after the projected queries), as ``InstructBlipProcessor`` gives it to both."""
+
+    name, label, architecture = INSTRUCTBLIP, "InstructBLIP question answering", "InstructBlipForConditionalGeneration"
+    model_type, processor = "instructblip", "InstructBlipProcessor"
+
+    def encode(self, tokenizer: Any, text: Any, limit: int, bos: int) -> tuple[str, list[int]]:
+        checked = check_question(text, self.text)
+        return checked, encode_lm_prompt(tokenizer, checked, limit, bos)
+
+    def instruction(self, bundle: Any, text: str) -> tuple[int, ...]:
+        tokenizer = getattr(bundle.processor, "qformer_tokenizer", None)
+        if tokenizer is None:
+            raise BlipTraceError("an InstructBLIP model needs its InstructBlipProcessor (with a qformer_tokenizer): "
+                                 "load it with load_model(...) from the checkpoint's folder")
+        limit = int(bundle.model.config.qformer_config.max_position_embeddings)
+        return tuple(encode_question(tokenizer, text, limit, "instruction"))
+
+    def reader_text(self, block: str) -> str:
+        names: dict[str, str] = {QFORMER: "Q-Former", LANGUAGE_MODEL: "language model"}  # queries and instruction
+        return names.get(block, self.text)
+
+
 #: Every head, by name; the first is the default (a BLIP configuration that names no head).
-BY_NAME: dict[str, Head] = {head.name: head for head in (VqaHead(), CaptionHead(), ItmHead(), Blip2Head())}
+BY_NAME: dict[str, Head] = {head.name: head for head in (VqaHead(), CaptionHead(), ItmHead(), Blip2Head(),
+                                                          InstructBlipHead())}
 #: The blocks of each head, the first its default.
 BLOCKS_OF: dict[str, tuple[Block, ...]] = {name: head.blocks for name, head in BY_NAME.items()}
 

@@ -20,7 +20,7 @@ from typing import Literal
 
 Block = Literal["question_encoder", "answer_decoder", "caption_decoder", "itm_encoder", "vision_encoder", "qformer",
                 "language_model"]
-Head = Literal["vqa", "caption", "itm", "blip2"]
+Head = Literal["vqa", "caption", "itm", "blip2", "instructblip"]
 Kind = Literal["hidden", "self_attn", "cross_attn", "mlp", "post_self_attn", "post_cross_attn", "self_attn_head",
                "cross_attn_head", "attn_head"]
 Stage = Literal["image", "patches", "pixels", "question", "queries"]
@@ -61,7 +61,10 @@ CAPTION: Head = "caption"
 ITM: Head = "itm"
 #: BLIP-2 with an OPT language model: questions answered (or, with no text, captions), as the model card prompts.
 BLIP2: Head = "blip2"
-HEADS: tuple[Head, ...] = (VQA, CAPTION, ITM, BLIP2)
+#: InstructBLIP with an OPT language model: the question is the instruction, read by the Q-Former and the language
+#: model alike, as the InstructBLIP model cards prompt.
+INSTRUCTBLIP: Head = "instructblip"
+HEADS: tuple[Head, ...] = (VQA, CAPTION, ITM, BLIP2, INSTRUCTBLIP)
 
 
 #: Hub checkpoints of each head, and the bundled demo models (``load_model("demo-caption")``).

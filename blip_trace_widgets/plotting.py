@@ -247,12 +247,16 @@ def _mark_absent(ax: Any, result: TraceResult) -> None:
     """Cover the layers that lack the restored sublayer: white, cross-hatched and marked "n/a", never a zero effect."""
     from matplotlib.patches import Rectangle
 
-    rows = result.scores.shape[0]
+    rows, layers = result.scores.shape
+    style: dict[str, Any] = {"facecolor": "white", "edgecolor": "#999", "hatch": "xx", "linewidth": 0.5, "zorder": 3}
+    label: dict[str, Any] = {"ha": "center", "va": "center", "fontsize": 8, "color": "#555", "zorder": 4,
+             "bbox": {"facecolor": "white", "edgecolor": "none", "pad": 1}}
     for layer in result.config.get("absent_layers", []):
-        ax.add_patch(Rectangle((int(layer), 0), 1, rows, facecolor="white", edgecolor="#999", hatch="xx",
-                               linewidth=0.5, zorder=3))
-        ax.text(int(layer) + 0.5, rows / 2, "n/a", ha="center", va="center", fontsize=8, color="#555",
-                rotation=90, zorder=4, bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+        ax.add_patch(Rectangle((int(layer), 0), 1, rows, **style))
+        ax.text(int(layer) + 0.5, rows / 2, "n/a", rotation=90, **label)
+    for row in result.config.get("absent_positions", []):  # InstructBLIP's instruction: no cross-attention
+        ax.add_patch(Rectangle((0, int(row)), layers, 1, **style))
+        ax.text(layers / 2, int(row) + 0.5, "n/a", **label)
 
 
 def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False, title: str | None = None,

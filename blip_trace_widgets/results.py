@@ -85,6 +85,14 @@ def _checked_arrays(scores: Any, stderr: Any, positions: int) -> tuple[np.ndarra
     return scores, stderr
 
 
+def _absent_mask(config: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+    """Cells without the restored sublayer, n/a: a Q-Former's layers without cross-attention, and the positions of
+    InstructBLIP's instruction, which never cross-attend."""
+    rows, layers = shape
+    return (np.isin(np.arange(layers), config.get("absent_layers", []))[None, :]
+            | np.isin(np.arange(rows), config.get("absent_positions", []))[:, None])
+
+
 def _cell_mask(pairs: Any, shape: tuple[int, ...]) -> np.ndarray:
     """A boolean map of ``shape`` true at the [row, layer] ``pairs`` of a result's config."""
     mask = np.zeros(shape, dtype=bool)
@@ -180,9 +188,8 @@ class TraceResult:
         return _cell_mask(self.config.get("unreliable_cells"), self.scores.shape)
 
     @property
-    def absent_cells(self) -> np.ndarray:  # layers without the restored sublayer (a Q-Former's cross-attention): n/a
-        return np.broadcast_to(np.isin(np.arange(self.scores.shape[1]), self.config.get("absent_layers", [])),
-                               self.scores.shape)
+    def absent_cells(self) -> np.ndarray:  # without the restored sublayer: n/a (see _absent_mask)
+        return _absent_mask(self.config, self.scores.shape)
 
     @property
     def exact_cells(self) -> np.ndarray:

@@ -107,3 +107,30 @@ def tiny_blip2(seed: int = 0, **kw):
     with torch.no_grad():  # the learned queries start at zero: make them differ, as a trained model's do
         model.query_tokens.normal_(0, 1)
     return model.eval()
+
+
+def tiny_instructblip_processor(image_size: int = 32, queries: int = 4):
+    """An InstructBlipProcessor: WordPiece tokenizers for the language model and the Q-Former (BLIP's vocabulary)."""
+    from transformers import InstructBlipProcessor
+
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    return InstructBlipProcessor(image_processor=image_processor, tokenizer=make_tokenizer(BLIP2_VOCAB),
+                                 qformer_tokenizer=make_tokenizer(VOCAB), num_query_tokens=queries)
+
+
+def tiny_instructblip(seed: int = 0, layers: int = 3, width: int = 32, image_size: int = 32, queries: int = 4,
+                      cross_every: int = 2):
+    """A tiny InstructBlipForConditionalGeneration with an OPT language model (random weights)."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    base = tiny_blip2_config(layers=layers, width=width, image_size=image_size, queries=queries,
+                             cross_every=cross_every)
+    qformer = {**base.qformer_config.to_dict(), "vocab_size": len(VOCAB), "max_position_embeddings": 32}
+    config = InstructBlipConfig(vision_config=base.vision_config.to_dict(), qformer_config=qformer,
+                                text_config=base.text_config.to_dict(), num_query_tokens=queries,
+                                image_token_index=BLIP2_VOCAB["<image>"], initializer_range=0.3)
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config)
+    with torch.no_grad():  # the learned queries start at zero: make them differ, as a trained model's do
+        model.query_tokens.normal_(0, 1)
+    return model.eval()
