@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import BlipTraceError
@@ -28,11 +29,14 @@ from .heads import BLOCKS_OF, head_of_model
 from .heads import of as head_named
 from .names import (  # noqa: F401  (re-exported)
     ANSWER_DECODER,
+    BLOCK_LABELS,
     BLOCKS,
     CAPTION_DECODER,
     ITM_ENCODER,
     KINDS,
     LANGUAGE_MODEL,
+    LM_DECODER,
+    LM_ENCODER,
     QFORMER,
     QUESTION_ENCODER,
     SEVERABLE,
@@ -51,6 +55,8 @@ LAYERS: dict[str, str] = {
     VISION_BLOCK: "vision_model.encoder.layers",  # BLIP's ViT, and BLIP-2's (the same module names)
     QFORMER: "qformer.encoder.layer",  # Blip2ForConditionalGeneration's querying transformer
     LANGUAGE_MODEL: "language_model.model.decoder.layers",  # BLIP-2's OPT decoder
+    LM_ENCODER: "language_model.encoder.block",  # a Flan-T5 language model's encoder
+    LM_DECODER: "language_model.decoder.block",  # and its decoder
 }
 
 #: Where a text layer's sublayers are, per kind; the Q-Former's queries run their own feed-forward
@@ -71,6 +77,10 @@ BLOCK_SUFFIXES: dict[str, dict[str, str]] = {
     VISION_BLOCK: {"hidden": "", "self_attn": ".self_attn", "mlp": ".mlp"},
     # OPT is pre-LN too: out_proj and fc2 output what each sublayer adds to the residual stream.
     LANGUAGE_MODEL: {"hidden": "", "self_attn": ".self_attn.out_proj", "mlp": ".fc2"},
+    # T5 is pre-LN (RMSNorm): the attention's ``o`` and the feed-forward's DenseReluDense output what each adds.
+    LM_ENCODER: {"hidden": "", "self_attn": ".layer.0.SelfAttention.o", "mlp": ".layer.1.DenseReluDense"},
+    LM_DECODER: {"hidden": "", "self_attn": ".layer.0.SelfAttention.o", "cross_attn": ".layer.1.EncDecAttention.o",
+                 "mlp": ".layer.2.DenseReluDense"},
 }
 
 #: The table: (block, kind) -> module whose output is restored.
@@ -153,6 +163,28 @@ DECODER_LAYER_PARTS: dict[str, str] = {
     "fc2": "fc2",
 }
 
+#: Pieces of one T5 layer (pre-RMSNorm; unscaled attention with a relative position bias), relative to the layer:
+#: the encoder's, and the decoder's, whose cross-attention sits between its self-attention and feed-forward.
+T5_LAYER_PARTS: dict[str, dict[str, str]] = {
+    LM_ENCODER: {"norm1": "layer.0.layer_norm", "query": "layer.0.SelfAttention.q", "key": "layer.0.SelfAttention.k",
+                 "value": "layer.0.SelfAttention.v", "attn_out": "layer.0.SelfAttention.o",
+                 "norm2": "layer.1.layer_norm", "mlp": "layer.1.DenseReluDense"},
+    LM_DECODER: {"norm1": "layer.0.layer_norm", "query": "layer.0.SelfAttention.q", "key": "layer.0.SelfAttention.k",
+                 "value": "layer.0.SelfAttention.v", "attn_out": "layer.0.SelfAttention.o",
+                 "cross_norm": "layer.1.layer_norm", "cross_query": "layer.1.EncDecAttention.q",
+                 "cross_key": "layer.1.EncDecAttention.k", "cross_value": "layer.1.EncDecAttention.v",
+                 "cross_out": "layer.1.EncDecAttention.o", "norm2": "layer.2.layer_norm", "mlp": "layer.2.DenseReluDense"},
+}
+#: Around a T5 language model's layers: the token embeddings, each half's final norm (and the decoder's head).
+T5_PARTS: dict[str, str] = {
+    "tokens": "language_model.shared",
+    "encoder_norm": "language_model.encoder.final_layer_norm",
+    "decoder_norm": "language_model.decoder.final_layer_norm",
+    "head": "language_model.lm_head",
+}
+#: The attention whose relative position bias every layer of a T5 half shares: its first layer's self-attention.
+T5_POSITION_BIAS = ".0.layer.0.SelfAttention"
+
 
 #: Pieces of one vision layer, relative to the layer.
 VISION_LAYER_PARTS: dict[str, str] = {
@@ -176,7 +208,7 @@ def check_kind(kind: str, block: str | None = None) -> str:
     if kind not in KINDS:
         raise BlipTraceError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
     if block is not None and kind not in kinds_of(block):
-        raise BlipTraceError(f"the {block.replace('_', ' ')} has no {kind!r}: use one of {', '.join(kinds_of(block))}")
+        raise BlipTraceError(f"the {BLOCK_LABELS.get(block, block)} has no {kind!r}: use one of {', '.join(kinds_of(block))}")
     return kind
 
 
@@ -212,7 +244,7 @@ def check_blip(model: object) -> None:
 def check_head_block(head: str, block: str) -> str:
     """``block`` if the ``head``'s model has it, else a clear error naming the blocks it has."""
     if check_block(block) not in BLOCKS_OF[head]:
-        raise BlipTraceError(f"a {head_named(head).label} model has no {block.replace('_', ' ')}: use one of "
+        raise BlipTraceError(f"a {head_named(head).label} model has no {BLOCK_LABELS.get(block, block)}: use one of "
                              f"{', '.join(BLOCKS_OF[head])}")
     return block
 
@@ -290,6 +322,51 @@ def decoder_layers(model: nn.Module) -> list[DecoderLayer]:
 
 
 @dataclass(frozen=True)
+class T5Layer:
+    """The modules of one T5 layer that a forward pass needs (the cross-attention's are None in the encoder)."""
+
+    norm1: nn.Module
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    attn_out: nn.Linear
+    norm2: nn.Module
+    mlp: nn.Module  # DenseReluDense: gated (Flan-T5's) or not, as the checkpoint has it
+    cross_norm: nn.Module | None = None
+    cross_query: nn.Linear | None = None
+    cross_key: nn.Linear | None = None
+    cross_value: nn.Linear | None = None
+    cross_out: nn.Linear | None = None
+
+
+def t5_layers(model: nn.Module, block: str) -> list[T5Layer]:
+    """Every layer of a T5 language model's encoder or decoder; a clear error for another language model."""
+    config = text_config(model)
+    if getattr(config, "model_type", None) != "t5":
+        raise BlipTraceError(f"the {BLOCK_LABELS.get(block, block)} is a T5 language model's; this model's is "
+                             f"{getattr(config, 'model_type', '?')}: trace block='language_model'")
+    parts = T5_LAYER_PARTS[block]
+    layers = [T5Layer(**{role: get_module(layer, path) for role, path in parts.items()})
+              for layer in get_module(model, LAYERS[block])]
+    if layers and layers[0].query.weight.dtype == torch.float16:
+        raise BlipTraceError("a T5 language model in float16: T5's activations can pass float16's range (transformers "
+                             "keeps its wo in float32 and clamps infinities; this package's engine does neither): "
+                             "load it with dtype='bfloat16' or 'float32'")
+    return layers
+
+
+def t5_position_bias(model: nn.Module, block: str) -> Any:
+    """The attention of a T5 half that holds its relative position bias (``compute_bias``)."""
+    return get_module(model, LAYERS[block] + T5_POSITION_BIAS)
+
+
+def t5_parts(model: nn.Module) -> dict[str, Any]:
+    """A T5 language model around its layers, with BLIP-2's query projection."""
+    return {"projection": get_module(model, LANGUAGE_PROJECTION),
+            **{role: get_module(model, name) for role, name in T5_PARTS.items()}}
+
+
+@dataclass(frozen=True)
 class VisionLayer:
     """The modules of one BLIP vision (ViT) layer that a forward pass needs."""
 
@@ -358,8 +435,8 @@ def block_config(model: Any, block: str) -> Any:
 
 
 def feed_forward_size(config: Any) -> int:
-    """The width of a configuration's MLP (BERT's ``intermediate_size``, OPT's ``ffn_dim``)."""
-    return int(getattr(config, "intermediate_size", None) or config.ffn_dim)
+    """The width of a configuration's MLP (BERT's ``intermediate_size``, OPT's ``ffn_dim``, T5's ``d_ff``)."""
+    return int(getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or config.d_ff)
 
 
 def queries(model: nn.Module) -> Any:

@@ -1,8 +1,8 @@
 """One class per traced block of BLIP, behind one small protocol.
 
     >>> from blip_trace_widgets.blocks import BLOCK_CLASSES
-    >>> sorted(BLOCK_CLASSES)
-    ['answer_decoder', 'caption_decoder', 'itm_encoder', 'language_model', 'qformer', 'question_encoder', 'vision_encoder']
+    >>> BLOCK_CLASSES["qformer"].__name__, BLOCK_CLASSES["lm_decoder"].__name__
+    ('QFormer', 'LanguageDecoder')
 
 A block says what its positions are, how its clean and corrupted runs are made (from
 the :class:`~.tracing.Tracer`'s shared clean pass and corrupted input), how many rows fit
@@ -38,6 +38,7 @@ from .engine import (
     DecoderStack,
     QFormerStack,
     Run,
+    T5Stack,
     TextStack,
     VisionStack,
     group_cells,
@@ -54,6 +55,8 @@ from .names import (
     CAPTION_DECODER,
     ITM_ENCODER,
     LANGUAGE_MODEL,
+    LM_DECODER,
+    LM_ENCODER,
     QFORMER,
     QUESTION_ENCODER,
     VISION_ENCODER,
@@ -239,6 +242,11 @@ def _per_row_cross(stack: TextStack, j: int, states: torch.Tensor, s: int, c: in
     return k.view(s, c, *k.shape[1:]), v.view(s, c, *v.shape[1:])
 
 
+def _after_queries(queries: int, tokens: Sequence[str]) -> list[str]:
+    """A language model's positions: the projected queries q0… (the image, as it reads it), then the tokens."""
+    return [*(f"q{i}" for i in range(queries)), *tokens]
+
+
 class AnswerDecoder:
     """VQA's answer decoder (``text_decoder.bert``): positions are [DEC] and the earlier answer tokens."""
 
@@ -254,6 +262,10 @@ class AnswerDecoder:
 
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
         return _text_layout(self.labels(session, target), self.stack, config)
+
+    def cross_labels(self, session: Pass) -> list[str]:
+        """What its cross-attention reads: the question's tokens."""
+        return list(session.bundle.tokenizer.convert_ids_to_tokens(list(session.question_ids)))
 
     def run(self, session: Pass, question_states: torch.Tensor, target: Target) -> tuple[Run, Cross]:
         """The decoder's run [S, Td, D] on question states [S, T, D] (teacher-forced on the target)."""
@@ -438,8 +450,7 @@ class LanguageModel:
         self.queries = self.stack.count
 
     def labels(self, session: Pass, target: Target) -> list[str]:
-        tokens = session.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs))
-        return [*(f"q{i}" for i in range(self.queries)), *tokens]
+        return _after_queries(self.queries, session.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs)))
 
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
         return _text_layout(self.labels(session, target), self.stack, config)
@@ -487,6 +498,132 @@ class LanguageModel:
                 break
             ids.append(token)
         return ids[len(start):]
+
+
+class LanguageDecoder:
+    """A Flan-T5 language model's decoder: positions are the decoder's start token and the answer before the scored
+    token; it cross-attends to the encoder's output (the projected queries and the prompt, encoded)."""
+
+    name: str = LM_DECODER
+    reads_target = True
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.stack = T5Stack(model, LM_DECODER)
+        self.encoder = T5Stack(model, LM_ENCODER)  # to encode the Q-Former's outputs (LanguageEncoder traces it)
+        self.queries = self.encoder.count  # the image's positions of what it cross-attends to
+
+    def labels(self, session: Pass, target: Target) -> list[str]:
+        return list(session.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs)))
+
+    def cross_labels(self, session: Pass) -> list[str]:
+        """What its cross-attention reads: the encoder's positions, the queries q0… then the prompt."""
+        return _after_queries(self.queries, session.bundle.tokenizer.convert_ids_to_tokens(list(session.question_ids)))
+
+    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+        return _text_layout(self.labels(session, target), self.stack, config)
+
+    def encode(self, session: Pass, query_states: torch.Tensor) -> torch.Tensor:
+        """The encoder's output [..., Q + T, D] for Q-Former outputs [..., Q (+ T'), Dq] and the prompt."""
+        h = self.encoder.embed(query_states, session.ids(session.question_ids))
+        if h.dim() == 3:
+            h = h[:, None]
+        mask = self.encoder.self_mask(h.shape[-2], h.dtype, h.device)
+        for j in range(len(self.encoder)):
+            h = self.encoder.layer(j, h, None, mask)
+        return self.encoder.output(h if query_states.dim() == 4 else h[:, 0])
+
+    def run(self, session: Pass, encoded: torch.Tensor, target: Target) -> tuple[Run, Cross]:
+        """The decoder's run [S, Td, D] on the encoder's output [S, N, D] (teacher-forced on the target)."""
+        cross = shared_cross(self.stack, encoded)
+        h0 = self.stack.embed_tokens(session.ids(target.inputs)).expand(encoded.shape[0], -1, -1)
+        return record_run(self.stack, h0, cross), cross
+
+    def clean_run(self, session: Pass, target: Target) -> Run:
+        return self.run(session, self.encode(session, session.clean.text.output), target)[0]
+
+    def clean_cross(self, session: Pass, target: Target) -> Cross:
+        return shared_cross(self.stack, self.encode(session, session.clean.text.output))
+
+    def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+        assert corrupted.text is not None
+        return self.run(session, self.encode(session, corrupted.text.output), target)
+
+    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
+        encoded = self.encoder.count + len(session.question_ids)
+        return _text_rows(session, config, len(target.inputs), encoded, len(target.inputs), LM_DECODER)
+
+    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+        return self.stack.logits(final)
+
+    def decode_rows(self, session: Pass, encoded: torch.Tensor, target: Target) -> torch.Tensor:
+        """Logits [S, C, Td, V] when each row cross-attends to its own encoder output [S, C, N, D]."""
+        stack = self.stack
+        s, c, n, d = encoded.shape
+        flat = encoded.reshape(s * c, n, d)
+        h = stack.embed_tokens(session.ids(target.inputs))[:, None].expand(s, c, -1, -1)
+        mask = stack.self_mask(h.shape[2], h.dtype, h.device)
+        for j in range(len(stack)):
+            kv = stack.cross_kv(j, flat)
+            assert kv is not None
+            h = stack.layer(j, h, (kv[0].view(s, c, *kv[0].shape[1:]), kv[1].view(s, c, *kv[1].shape[1:])), mask)
+        return stack.logits(h)
+
+    def generate(self, session: Any, query_states: torch.Tensor, start: Sequence[int], limit: int,
+                 stop: Sequence[int]) -> list[int]:
+        """Greedy decoding after ``start`` (the decoder's start token) on Q-Former outputs [1, Q, Dq], until a
+        ``stop`` token, at most ``limit`` new tokens: the tokens after ``start``."""
+        encoded = self.encode(session, query_states)[:, None]
+        ids = [int(i) for i in start]
+        for _ in range(limit):
+            token = int(self.decode_rows(session, encoded, Target(tuple(ids)))[0, 0, -1].argmax())
+            if token in stop:
+                break
+            ids.append(token)
+        return ids[len(start):]
+
+
+class LanguageEncoder:
+    """A Flan-T5 language model's encoder: positions are the projected queries q0… (the image, as the language model
+    reads it), then the prompt; the decoder reads its output."""
+
+    name: str = LM_ENCODER
+    reads_target = True  # its runs do not depend on the target, but are made per trace: cached as a decoder's are
+
+    def __init__(self, model: torch.nn.Module, decoder: LanguageDecoder) -> None:
+        self.stack = T5Stack(model, LM_ENCODER)
+        self.decoder = decoder
+        self.queries = self.stack.count
+
+    def labels(self, session: Pass, target: Target) -> list[str]:
+        return _after_queries(self.queries, session.bundle.tokenizer.convert_ids_to_tokens(list(session.question_ids)))
+
+    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+        return _text_layout(self.labels(session, target), self.stack, config)
+
+    def run(self, session: Pass, query_states: torch.Tensor) -> tuple[Run, Cross]:
+        """The encoder's run [S, Q + T, D] on Q-Former outputs [S, Q, Dq]."""
+        cross = [None] * len(self.stack)
+        return record_run(self.stack, self.stack.embed(query_states, session.ids(session.question_ids)), cross), cross
+
+    def clean_run(self, session: Pass, target: Target) -> Run:
+        return self.run(session, session.clean.text.output)[0]
+
+    def clean_cross(self, session: Pass, target: Target) -> Cross:
+        return [None] * len(self.stack)
+
+    def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+        assert corrupted.text is not None
+        return self.run(session, corrupted.text.output)
+
+    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
+        return _text_rows(session, config, len(self.labels(session, target)), 0, len(target.inputs), LM_ENCODER)
+
+    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+        return self.decoder.decode_rows(session, self.stack.output(final), target)
+
+    def decode_rows(self, session: Pass, query_states: torch.Tensor, target: Target) -> torch.Tensor:
+        """Logits [S, C, Td, V] when each row reads its own Q-Former outputs [S, C, Q, Dq]."""
+        return self.decoder.decode_rows(session, self.decoder.encode(session, query_states), target)
 
 
 class QFormer(ImageReader):
@@ -604,33 +741,35 @@ BLOCK_CLASSES: dict[str, type] = {
     VISION_ENCODER: VisionEncoder,
     QFORMER: QFormer,
     LANGUAGE_MODEL: LanguageModel,
+    LM_ENCODER: LanguageEncoder,
+    LM_DECODER: LanguageDecoder,
 }
 
 
 @dataclass(frozen=True)
 class Blocks:
     """One instance of each block of a model: by name, the reader of the image, the block whose output the
-    head reads (``last``), and the vision encoder."""
+    head reads (``last``), any between them (``middle``: a T5 language model's encoder), and the vision encoder."""
 
     head: str
     reader: ImageReader
-    last: Any  # AnswerDecoder, CaptionDecoder or ItmEncoder
+    last: Any  # AnswerDecoder, CaptionDecoder, ItmEncoder, LanguageModel or LanguageDecoder
     vision: VisionEncoder
+    middle: tuple[Any, ...] = ()
 
     def __getitem__(self, name: str) -> Block:
         anatomy.check_head_block(self.head, name)
         blocks: dict[str, Block] = {self.reader.name: self.reader, self.last.name: self.last,
-                                    VISION_ENCODER: self.vision}
+                                    VISION_ENCODER: self.vision, **{block.name: block for block in self.middle}}
         return blocks[name]
 
 
 def build_blocks(model: torch.nn.Module) -> Blocks:
-    """One instance of each block of ``model``'s head, wired in the order of its forward pass."""
+    """One instance of each block of ``model``'s head, wired in the order of its forward pass: each text block is
+    given the one after it (which runs on its output), from the last back to the reader."""
     task = head_of_model(model)
-    if task.decoder is not None:  # the reader feeds a decoder, which the reader's class is given
-        last: Any = BLOCK_CLASSES[task.decoder](model)
-        reader: ImageReader = BLOCK_CLASSES[task.reader](model, last)
-    else:
-        reader = BLOCK_CLASSES[task.reader](model)
-        last = reader
-    return Blocks(task.name, reader, last, VisionEncoder(model, reader))
+    chain = [block for block in task.blocks if block != VISION_ENCODER]  # the reader first, the last block last
+    built: list[Any] = [BLOCK_CLASSES[chain[-1]](model)]
+    for name in reversed(chain[:-1]):
+        built.insert(0, BLOCK_CLASSES[name](model, built[0]))
+    return Blocks(task.name, built[0], built[-1], VisionEncoder(model, built[0]), tuple(built[1:-1]))

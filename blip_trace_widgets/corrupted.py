@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import anatomy
-from .blocks import Context, Corrupted
+from .blocks import Context, Corrupted, QFormer
 from .cache import LRU
 from .clean import CleanPass
 from .config import TraceConfig, cache_key
@@ -190,7 +190,9 @@ class CorruptedRuns:
     def language_model_queries(self, states: torch.Tensor) -> torch.Tensor:
         """Of the Q-Former's output states [1, Q (+ T), D], the queries' (InstructBLIP's instruction outputs are not
         read by the language model, so noise there would change nothing)."""
-        return states[:, : self.session.blocks.last.queries]
+        reader = self.session.blocks.reader
+        assert isinstance(reader, QFormer), "only a Q-Former's outputs are queries"
+        return states[:, : reader.stack.count]
 
     def _corrupted_patches(self, config: TraceConfig, generator: torch.Generator) -> torch.Tensor:
         """The vision encoder's corrupted input (patch embeddings) [S, N, D] for the next draw of ``generator``."""

@@ -39,6 +39,8 @@ from .names import (
     IMAGE_QUERIES,
     KNOCKOUT_BLOCKS,
     LANGUAGE_MODEL,
+    LM_DECODER,
+    LM_ENCODER,
 )
 from .regions import describe_region
 
@@ -63,6 +65,11 @@ def _tokens(value: Any, name: str) -> Any:
     raise BlipTraceError(f"{name}={value!r}: pass None, a position, positions, a role or (keys) an image region")
 
 
+#: Blocks whose attention reads text, never the image's embeddings: a decoder's cross-attention reads its encoder's
+#: output; a language model reads the image as its first positions (the projected queries, keys="image").
+READS_TEXT: tuple[str, ...] = (ANSWER_DECODER, LANGUAGE_MODEL, LM_ENCODER, LM_DECODER)
+
+
 @dataclass(frozen=True)
 class Edges:
     """One group of attention edges, cut together (see the module's notes)."""
@@ -79,9 +86,9 @@ class Edges:
         if self.block is not None and self.block not in KNOCKOUT_BLOCKS:
             raise BlipTraceError(f"knockout cuts the attention of a text block, not {self.block!r}: use one of "
                                  f"{', '.join(KNOCKOUT_BLOCKS)}")
-        if self.block == LANGUAGE_MODEL and self.attention == "cross":
-            raise BlipTraceError("BLIP-2's language model has no cross-attention: it reads the image as its first "
-                                 "positions. Cut its self-attention to them: Edges(block='language_model', "
+        if self.block in (LANGUAGE_MODEL, LM_ENCODER) and self.attention == "cross":
+            raise BlipTraceError(f"the {BLOCK_LABELS[self.block]} has no cross-attention: it reads the image as its "
+                                 f"first positions. Cut its self-attention to them: Edges(block={self.block!r}, "
                                  "attention='self', keys='image')")
         object.__setattr__(self, "queries", _tokens(self.queries, "queries"))
         object.__setattr__(self, "keys", _tokens(self.keys, "keys"))
@@ -93,21 +100,21 @@ class Edges:
     @property
     def reads_image(self) -> bool:
         """Whether the keys are image tokens (cross-attention of an image reader)."""
-        return self.attention == "cross" and self.block not in (ANSWER_DECODER, LANGUAGE_MODEL)
+        return self.attention == "cross" and self.block not in READS_TEXT
 
     def describe(self, reader: str | None = None, keys_text: str = "question") -> str:
         """The label: keys → queries (the flow of information), the attention when it is self-attention.
         ``reader`` names every query token (default: "question", or "answer" in the answer decoder)."""
         if self.label is not None:
             return self.label
-        names: dict[str, str] = {ANSWER_DECODER: "answer", LANGUAGE_MODEL: "language model"}
+        names: dict[str, str] = {ANSWER_DECODER: "answer", LANGUAGE_MODEL: "language model", LM_DECODER: "answer",
+                                 LM_ENCODER: "language model"}
         reader = reader or names.get(str(self.block), "question")
         keys = "image" if self.reads_image else reader if self.attention == "self" else keys_text
         flow = f"{self._name(self.keys, keys)} → {self._name(self.queries, reader)}"
         if self.attention == "self":
             flow += f" ({ATTENTION_LABELS['self']})"
-        if self.block in (ANSWER_DECODER, LANGUAGE_MODEL) and not (self.block == LANGUAGE_MODEL and
-                                                                  self.queries is None):
+        if self.block in READS_TEXT and not (self.block in (LANGUAGE_MODEL, LM_ENCODER) and self.queries is None):
             flow += f" in the {BLOCK_LABELS[self.block]}"
         return flow
 
@@ -154,7 +161,8 @@ SHORTHANDS: dict[str, str] = {
     "object": "every token ↛ the shape's box (found as on easy-VQA's one-shape images)",
     "background": "every token ↛ the patches outside the shape's box",
     "self:KEYS": "every token ↛ KEYS of the text by self-attention (positions such as 0 or 1,2, or a role)",
-    "decoder[:KEYS]": "the answer decoder ↛ the question (all, or KEYS); BLIP-2's language model ↛ the image's positions",
+    "decoder[:KEYS]": "the answer decoder ↛ the question (all, or KEYS); BLIP-2's language model (or T5 decoder) ↛ "
+                      "the image's positions",
 }
 
 
@@ -182,9 +190,12 @@ def _box(text: str) -> Any:
 
 def decoder_edges(decoder: str = ANSWER_DECODER, keys: Any = None) -> Edges:
     """The head's decoder reading what its reader made: VQA's answer decoder's cross-attention to the question (or
-    ``keys`` of it); BLIP-2's language model's self-attention to the image's positions (the projected queries)."""
+    ``keys`` of it); BLIP-2's language model's self-attention to the image's positions (the projected queries); a T5
+    decoder's cross-attention to the image's positions of its encoder's output."""
     if decoder == LANGUAGE_MODEL:
         return Edges(keys=IMAGE_QUERIES if keys is None else keys, attention="self", block=LANGUAGE_MODEL)
+    if decoder == LM_DECODER:
+        return Edges(keys=IMAGE_QUERIES if keys is None else keys, block=LM_DECODER)
     return Edges(keys=keys, block=ANSWER_DECODER)
 
 

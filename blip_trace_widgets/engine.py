@@ -34,6 +34,7 @@ import torch
 from . import anatomy
 from .errors import BlipTraceError
 from .names import (
+    BLOCK_LABELS,
     CAUSAL_BLOCKS,
     DECODER_KINDS,
     SEVER_AT,
@@ -42,6 +43,7 @@ from .names import (
     VISION_HEAD_KINDS,
     VISION_KINDS,
     Kind,
+    kinds_of,
 )
 
 Cell = tuple[tuple[int, int], ...]  # ((layer, position), ...)
@@ -89,9 +91,13 @@ def head_unit(head: int, position: int, positions: int) -> int:
     return head * positions + position
 
 
-def _weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, cut: Cut | Dial | None = None) -> torch.Tensor:
-    """Attention weights as BLIP computes them: softmax(q k^T / sqrt(d) + mask), with ``cut`` edges knocked out."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+def _weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, cut: Cut | Dial | None = None,
+             scaled: bool = True) -> torch.Tensor:
+    """Attention weights as BLIP computes them: softmax(q k^T / sqrt(d) + mask), with ``cut`` edges knocked out
+    (T5's, ``scaled=False``: without the 1 / sqrt(d), its relative position bias in ``mask``)."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if scaled:
+        scores = scores / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores + mask
     if cut is None:
@@ -100,9 +106,28 @@ def _weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, cut: C
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           cut: Cut | Dial | None = None) -> torch.Tensor:
+           cut: Cut | Dial | None = None, scaled: bool = True) -> torch.Tensor:
     """Scaled dot-product attention as BLIP computes it (eager, additive mask), ``cut`` edges knocked out."""
-    return torch.matmul(_weights(q, k, mask, cut), v)
+    return torch.matmul(_weights(q, k, mask, cut, scaled), v)
+
+
+def cross_context(q: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor], cut: Cut | Dial | None,
+                  scaled: bool = True) -> torch.Tensor:
+    """Cross-attention's context [S, C, T, D] for queries ``q`` [S, C, T, D] (after the query projection) over
+    keys and values [S, Ck, H, N, D/H]: with Ck == 1 the cells are folded into the query axis (one K/V per
+    sample), else each row reads its own."""
+    s, c, t, d = q.shape
+    keys, values = cross
+    heads, head_dim = keys.shape[2], keys.shape[-1]
+    if keys.shape[1] == 1:
+        qh = q.reshape(s, c * t, heads, head_dim).transpose(1, 2)
+        ctx = attend(qh, keys[:, 0], values[:, 0], None, cut, scaled)
+    else:
+        qh = q.reshape(s * c, t, heads, head_dim).transpose(1, 2)
+        n = keys.shape[-2]
+        ctx = attend(qh, keys.reshape(s * c, heads, n, head_dim), values.reshape(s * c, heads, n, head_dim), None,
+                     cut, scaled)
+    return ctx.transpose(1, 2).reshape(s, c, t, d)
 
 
 @dataclass
@@ -178,7 +203,8 @@ class TextStack:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token + position embeddings of ``ids`` [1, T] -> [1, T, D]."""
         if self.embeddings is None:
-            raise BlipTraceError(f"the {self.block.replace('_', ' ')} reads no tokens: its input is its learned queries")
+            raise BlipTraceError(f"the {BLOCK_LABELS.get(self.block, self.block)} reads no tokens: its input is its "
+                                 "learned queries")
         return self.embeddings(input_ids=ids)
 
     def self_mask(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -206,6 +232,10 @@ class TextStack:
         query = self.layers[j].cross_query
         assert query is not None, "layer j has no cross-attention"
         return _weights(self._split(query(h1)), keys, None)
+
+    def cross_input(self, run: Run, j: int) -> torch.Tensor:
+        """What layer j's cross-attention reads in ``run``: the residual after its self-attention, h1."""
+        return run.kinds["post_self_attn"][j]
 
     def cross_kv(self, j: int, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Cross-attention keys and values of ``states`` [B, N, D'] at layer j: [B, H, N, D/H] each (None for a
@@ -268,19 +298,7 @@ class TextStack:
     def _cross_context(self, L: Any, h1: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor], cut: Cut | Dial | None,
                        drop: bool) -> torch.Tensor:
         """The cross-attention's context [S, C, T, D] for ``h1`` [S, C, T, D], before its output projection."""
-        s, c, t, d = h1.shape
-        keys, values = cross
-        q = L.cross_query(h1.detach() if drop else h1)
-        heads, head_dim = keys.shape[2], keys.shape[-1]
-        if keys.shape[1] == 1:  # fold the cells into the query axis: one K/V per sample
-            qh = q.view(s, c * t, heads, head_dim).transpose(1, 2)
-            ctx = attend(qh, keys[:, 0], values[:, 0], None, cut)
-        else:
-            qh = q.view(s * c, t, heads, head_dim).transpose(1, 2)
-            n = keys.shape[-2]
-            ctx = attend(qh, keys.reshape(s * c, heads, n, head_dim), values.reshape(s * c, heads, n, head_dim), None,
-                         cut)
-        return ctx.transpose(1, 2).reshape(s, c, t, d)
+        return cross_context(L.cross_query(h1.detach() if drop else h1), cross, cut)
 
 
 class VisionStack:
@@ -451,6 +469,107 @@ class DecoderStack:
         ctx = edit_heads(edit, "self_attn_head", ctx.transpose(1, 2).reshape(s, c, t, d), self.heads)
         h1 = h + edit("self_attn", L.attn_out(ctx))
         m = edit("mlp", L.fc2(L.act(L.fc1(L.norm2(h1.detach() if drop else h1)))))
+        return edit("hidden", h1 + m)
+
+
+class T5Stack:
+    """A Flan-T5 language model's encoder or decoder, layer by layer, in the interface of :class:`TextStack`. Its
+    layers are pre-LN (RMSNorm): h1 = h + SA(LN(h)), in the decoder h2 = h1 + XA(LN(h1)) over the encoder's output,
+    then h3 = h2 + FF(LN(h2)); attention is unscaled, with a relative position bias that the first layer computes
+    and every layer adds (:meth:`self_mask` returns it, with the decoder's causal mask)."""
+
+    def __init__(self, model: torch.nn.Module, block: str) -> None:
+        self.block = block
+        self.layers = anatomy.t5_layers(model, block)
+        self.bias = anatomy.t5_position_bias(model, block)
+        parts = anatomy.t5_parts(model)
+        self.projection, self.tokens, self.head = parts["projection"], parts["tokens"], parts["head"]
+        self.final_norm = parts["encoder_norm" if block == anatomy.LM_ENCODER else "decoder_norm"]
+        config = anatomy.text_config(model)
+        self.heads = int(config.num_heads)
+        self.causal = block in CAUSAL_BLOCKS
+        self.kinds = kinds_of(block)
+        # T5 scales its decoder's output by d_model^-0.5 before a head tied to the embeddings (not Flan-T5's)
+        scaled = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True))
+        self.output_scale = float(config.d_model) ** -0.5 if scaled else 1.0
+        self.count = int(anatomy.queries(model)[0].shape[1])
+        self.absent: dict[str, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def embed(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The encoder's first states [..., Q + T, D]: the Q-Former's first Q outputs [..., Q (+ T'), Dq] projected,
+        then the tokens ``ids`` [1, T] embedded (T5 adds no positions: its attention's bias holds them)."""
+        image = self.projection(queries[..., : self.count, :])
+        text = self.tokens(ids)[0].expand(*image.shape[:-2], -1, -1)
+        return torch.cat([image, text.to(image.dtype)], -2)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's first states [1, T, D]: its tokens ``ids`` [1, T] embedded."""
+        return self.tokens(ids)
+
+    def output(self, final: torch.Tensor) -> torch.Tensor:
+        """The final norm of the last layer's states: the encoder's output, what the decoder reads."""
+        return self.final_norm(final)
+
+    def logits(self, final: torch.Tensor) -> torch.Tensor:
+        return self.head(self.final_norm(final) * self.output_scale)
+
+    def self_mask(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The relative position bias [1, H, T, T] every layer adds to its self-attention's scores, and in the
+        decoder the causal mask."""
+        bias = self.bias.compute_bias(length, length, device=device).to(dtype)
+        if not self.causal:
+            return bias
+        future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+        return bias.masked_fill(future, torch.finfo(dtype).min)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, m, d = x.shape
+        return x.view(b, m, self.heads, d // self.heads).transpose(1, 2)
+
+    def cross_input(self, run: Run, j: int) -> torch.Tensor:
+        """What layer j's cross-attention reads in ``run``: the residual after its self-attention, h + SA."""
+        return run.inputs[j] + run.kinds["self_attn"][j]
+
+    def cross_kv(self, j: int, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The decoder's cross-attention keys and values of the encoder's output ``states`` [B, N, D] at layer j
+        (None in the encoder)."""
+        layer = self.layers[j]
+        if layer.cross_key is None or layer.cross_value is None:
+            return None
+        return self._split(layer.cross_key(states)), self._split(layer.cross_value(states))
+
+    def self_attention(self, j: int, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer j's self-attention weights for its input ``h`` [B, T, D]: [B, H, T, T]."""
+        L = self.layers[j]
+        x = L.norm1(h)
+        return _weights(self._split(L.query(x)), self._split(L.key(x)), mask, scaled=False)
+
+    def cross_attention(self, j: int, h1: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Layer j's cross-attention weights for its residual ``h1`` [B, T, D] over ``keys`` [B, H, N, D/H]."""
+        L = self.layers[j]
+        assert L.cross_query is not None and L.cross_norm is not None, "the encoder has no cross-attention"
+        return _weights(self._split(L.cross_query(L.cross_norm(h1))), keys, None, scaled=False)
+
+    def layer(self, j: int, h: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor] | None = None,
+              mask: torch.Tensor | None = None, edit: Edit = _no_edit, cuts: Cuts = (None, None),
+              drop: bool = False) -> torch.Tensor:
+        """Layer j on ``h`` [S, C, T, D]; ``edit``, ``cuts`` and ``drop`` as for :class:`TextStack`."""
+        L = self.layers[j]
+        s, c, t, d = h.shape
+        rows = h.reshape(s * c, t, d)
+        x = L.norm1(rows.detach() if drop else rows)
+        ctx = attend(self._split(L.query(x)), self._split(L.key(x)), self._split(L.value(x)), mask, cuts[0], False)
+        ctx = edit_heads(edit, "self_attn_head", ctx.transpose(1, 2).reshape(s, c, t, -1), self.heads)
+        h1 = h + edit("self_attn", L.attn_out(ctx))
+        if cross is not None:
+            assert L.cross_query is not None and L.cross_norm is not None and L.cross_out is not None
+            q = L.cross_query(L.cross_norm(h1.detach() if drop else h1))
+            ctx = edit_heads(edit, "cross_attn_head", cross_context(q, cross, cuts[1], scaled=False), self.heads)
+            h1 = h1 + edit("cross_attn", L.cross_out(ctx))
+        m = edit("mlp", L.mlp(L.norm2(h1.detach() if drop else h1)))
         return edit("hidden", h1 + m)
 
 

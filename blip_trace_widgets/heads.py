@@ -28,12 +28,17 @@ from .names import (
     ANSWER_DECODER,
     BLIP2,
     BLIP2_PROMPT,
+    BLIP2_T5,
     CAPTION,
     CAPTION_DECODER,
     INSTRUCTBLIP,
+    INSTRUCTBLIP_T5,
     ITM,
     ITM_ENCODER,
+    LANGUAGE_BLOCKS,
     LANGUAGE_MODEL,
+    LM_DECODER,
+    LM_ENCODER,
     MAX_ANSWER_TOKENS,
     MAX_CAPTION_TOKENS,
     METRIC_LABELS,
@@ -120,6 +125,8 @@ class Head(ABC):
     needs_text: ClassVar[bool] = True
     #: Whether a sweep reads a question set (VQA) or a caption subset.
     reads_questions: ClassVar[bool] = False
+    #: The language model (its configuration's ``model_type``) a head is for; None: any, or none.
+    language: ClassVar[str | None] = None
     #: Whether the model's answer on a counterfactual input supplies a logit difference's contrast.
     answers_counterfactuals: ClassVar[bool] = False
 
@@ -360,16 +367,19 @@ class Blip2Head(Head):
 
     name, label, architecture = BLIP2, "BLIP-2 question answering", "Blip2ForConditionalGeneration"
     model_type, processor = "blip-2", "Blip2Processor"
+    language: ClassVar[str | None] = None  # any language model but T5 (which the T5 heads take)
     blocks = (QFORMER, LANGUAGE_MODEL, VISION_ENCODER)
     decoder = LANGUAGE_MODEL
     text, scored, unit = "question", "answer", "questions"
     metrics = ("prob", "logprob", "logit_diff")
     reads_questions = True
     answers_counterfactuals = True
+    #: The language model's prompt around the question.
+    prompt: ClassVar[str] = BLIP2_PROMPT
 
     def encode(self, tokenizer: Any, text: Any, limit: int, bos: int) -> tuple[str, list[int]]:
         checked = check_question(text, self.text)
-        return checked, encode_lm_prompt(tokenizer, BLIP2_PROMPT.format(checked), limit, bos)
+        return checked, encode_lm_prompt(tokenizer, self.prompt.format(checked), limit, bos)
 
     def queries(self, model: Any) -> int:
         return int(model.config.num_query_tokens)
@@ -412,10 +422,10 @@ class Blip2Head(Head):
             raise BlipTraceError(f"a {self.label} model reads the question in its language model's prompt, "
                                  "which this package cannot corrupt yet: corrupt the image (corrupt='image', "
                                  "'patches' or 'pixels')")
-        if config.corrupt == "queries" and config.block != LANGUAGE_MODEL:
-            raise BlipTraceError("noise on BLIP-2's Q-Former output queries acts after every block but the language "
-                                 "model, so restoring them undoes nothing: trace block='language_model', or corrupt "
-                                 "the image")
+        if config.corrupt == "queries" and config.block not in LANGUAGE_BLOCKS:
+            blocks = " or ".join(repr(b) for b in self.blocks if b in LANGUAGE_BLOCKS)
+            raise BlipTraceError("noise on the Q-Former's output queries acts after every block but the language "
+                                 f"model, so restoring them undoes nothing: trace block={blocks}, or corrupt the image")
 
 
 class InstructBlipHead(Blip2Head):
@@ -425,10 +435,7 @@ class InstructBlipHead(Blip2Head):
 
     name, label, architecture = INSTRUCTBLIP, "InstructBLIP question answering", "InstructBlipForConditionalGeneration"
     model_type, processor = "instructblip", "InstructBlipProcessor"
-
-    def encode(self, tokenizer: Any, text: Any, limit: int, bos: int) -> tuple[str, list[int]]:
-        checked = check_question(text, self.text)
-        return checked, encode_lm_prompt(tokenizer, checked, limit, bos)
+    prompt = "{}"  # the instruction as it is, as the InstructBLIP model cards prompt
 
     def instruction(self, bundle: Any, text: str) -> tuple[int, ...]:
         tokenizer = getattr(bundle.processor, "qformer_tokenizer", None)
@@ -443,9 +450,63 @@ class InstructBlipHead(Blip2Head):
         return names.get(block, self.text)
 
 
+class T5Answering:
+    """What a Flan-T5 language model changes, for BLIP-2's and InstructBLIP's heads: two blocks (its encoder reads
+    the projected queries and the prompt, as T5's tokenizer gives it, with its end token; its decoder says the
+    answer from its start token, cross-attending to the encoder), relative positions, T5's own answer tokens."""
+
+    language: ClassVar[str | None] = "t5"
+    blocks: ClassVar[tuple[Block, ...]] = (QFORMER, LM_ENCODER, LM_DECODER, VISION_ENCODER)
+    decoder: ClassVar[Block | None] = LM_DECODER
+    prompt: ClassVar[str]
+    text: ClassVar[str]
+
+    def encode(self, tokenizer: Any, text: Any, limit: int, bos: int) -> tuple[str, list[int]]:
+        checked = check_question(text, self.text)
+        return checked, encode_question(tokenizer, self.prompt.format(checked), limit, self.text)
+
+    def position_limit(self, model: Any) -> int:
+        """T5's positions are relative: the most its tokenizer takes (``n_positions``) less the queries'."""
+        return int(getattr(model.config.text_config, "n_positions", 512)) - int(model.config.num_query_tokens)
+
+    def start_token(self, model: Any) -> int:
+        return int(model.config.text_config.decoder_start_token_id)
+
+    def greedy(self, reading: Reading, image_embeds: Any, run: Any) -> list[int]:
+        stop = Blip2Head.stop_tokens(self, reading.bundle.model)  # type: ignore[arg-type]
+        return list(reading.blocks.last.generate(reading, run.output, [reading.bos_id], MAX_ANSWER_TOKENS, stop))
+
+    def answer_tokens(self, tokenizer: Any, answer: str, what: str = "answer") -> list[int]:
+        return encode_answer(tokenizer, answer, what)  # T5's tokenizer marks a word's start itself
+
+    def reader_text(self, block: str) -> str:
+        names: dict[str, str] = {QFORMER: "queries", LM_ENCODER: "language model's encoder",
+                                 LM_DECODER: "answer"}
+        return names.get(block, self.text)
+
+    def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
+        tokens = scoring.answer_ids(config.answer)
+        return Target((scoring.session.bos_id, *tokens[:-1]), tokens, 0, contrast)
+
+
+class Blip2T5Head(T5Answering, Blip2Head):  # type: ignore[misc]
+    """BLIP-2 with a Flan-T5 language model, answering questions (prompted "Question: {q} Answer:")."""
+
+    name, label = BLIP2_T5, "BLIP-2 (Flan-T5) question answering"
+
+
+class InstructBlipT5Head(T5Answering, InstructBlipHead):  # type: ignore[misc]
+    """InstructBLIP with a Flan-T5 language model: the instruction read by the Q-Former and the T5 encoder."""
+
+    name, label = INSTRUCTBLIP_T5, "InstructBLIP (Flan-T5) question answering"
+
+    def reader_text(self, block: str) -> str:
+        return "Q-Former" if block == QFORMER else T5Answering.reader_text(self, block)
+
+
 #: Every head, by name; the first is the default (a BLIP configuration that names no head).
 BY_NAME: dict[str, Head] = {head.name: head for head in (VqaHead(), CaptionHead(), ItmHead(), Blip2Head(),
-                                                          InstructBlipHead())}
+                                                          InstructBlipHead(), Blip2T5Head(), InstructBlipT5Head())}
 #: The blocks of each head, the first its default.
 BLOCKS_OF: dict[str, tuple[Block, ...]] = {name: head.blocks for name, head in BY_NAME.items()}
 
@@ -468,10 +529,12 @@ def head_of_model(model: object) -> Head:
     """Which BLIP head ``model`` is, from its transformers class; a clear error for anything else."""
     import transformers
 
-    for head in BY_NAME.values():
-        if isinstance(model, getattr(transformers, head.architecture)):
+    language = getattr(getattr(getattr(model, "config", None), "text_config", None), "model_type", None)
+    heads = [head for head in BY_NAME.values() if isinstance(model, getattr(transformers, head.architecture))]
+    for head in sorted(heads, key=lambda head: head.language is None):  # a head for this language model first
+        if head.language in (None, language):
             return head
-    names = ", ".join(head.architecture for head in BY_NAME.values())
+    names = ", ".join(dict.fromkeys(head.architecture for head in BY_NAME.values()))
     raise BlipTraceError(
         f"expected a transformers BLIP model ({names}), got {type(model).__name__}; "
         "load one with load_model('Salesforce/blip-vqa-base') or load_model('demo')")

@@ -144,16 +144,16 @@ class Knockout:
         """The key positions ``edges`` cuts, and how many keys there are."""
         from .blocks import restored_positions
 
-        if edges.keys == IMAGE_QUERIES and not edges.reads_image:
-            image = list(range(int(getattr(block, "queries", 0))))  # BLIP-2's language model reads the image first
+        if not edges.reads_image:  # the keys are the block's own positions, or (cross) its encoder's
+            decoder: Any = block  # cross-attention reading text: a decoder (it says what it reads)
+            key_labels = labels if edges.attention == "self" else decoder.cross_labels(self.tracer.session.context)
+            if edges.keys != IMAGE_QUERIES:
+                return restored_positions(edges.keys, key_labels, True), len(key_labels)
+            image = list(range(int(getattr(block, "queries", 0))))  # a language model reads the image first
             if not image:
                 raise BlipTraceError(f"keys={IMAGE_QUERIES!r} are the image's positions in BLIP-2's language model; "
                                      "cut the image with attention='cross' in a BLIP text block or the Q-Former")
-            return image, len(labels)
-        if not edges.reads_image:
-            key_labels = labels if edges.attention == "self" else \
-                list(self.tracer.bundle.tokenizer.convert_ids_to_tokens(list(self.tracer.question_ids)))
-            return restored_positions(edges.keys, key_labels, True), len(key_labels)
+            return image, len(key_labels)
         count = int(self.tracer.clean.image_embeds.shape[1])
         keys = edges.keys
         if keys is None:

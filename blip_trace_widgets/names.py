@@ -1,8 +1,9 @@
 """The vocabulary: every block, kind, corruption stage, metric and default, with its label.
 
     >>> from blip_trace_widgets.names import BLOCKS, KIND_LABELS, kinds_of
-    >>> BLOCKS
-    ('question_encoder', 'answer_decoder', 'caption_decoder', 'itm_encoder', 'qformer', 'vision_encoder', 'language_model')
+    >>> BLOCKS  # doctest: +NORMALIZE_WHITESPACE
+    ('question_encoder', 'answer_decoder', 'caption_decoder', 'itm_encoder', 'qformer', 'vision_encoder',
+     'language_model', 'lm_encoder', 'lm_decoder')
     >>> kinds_of("vision_encoder")
     ('hidden', 'self_attn', 'mlp', 'attn_head')
     >>> KIND_LABELS["post_cross_attn"]
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 Block = Literal["question_encoder", "answer_decoder", "caption_decoder", "itm_encoder", "vision_encoder", "qformer",
-                "language_model"]
-Head = Literal["vqa", "caption", "itm", "blip2", "instructblip"]
+                "language_model", "lm_encoder", "lm_decoder"]
+Head = Literal["vqa", "caption", "itm", "blip2", "instructblip", "blip2-t5", "instructblip-t5"]
 Kind = Literal["hidden", "self_attn", "cross_attn", "mlp", "post_self_attn", "post_cross_attn", "self_attn_head",
                "cross_attn_head", "attn_head"]
 Stage = Literal["image", "patches", "pixels", "question", "queries"]
@@ -38,10 +39,16 @@ ITM_ENCODER: Block = "itm_encoder"
 #: BLIP-2's querying transformer (its learned queries cross-attend to the image) and its language model (OPT).
 QFORMER: Block = "qformer"
 LANGUAGE_MODEL: Block = "language_model"
+#: A Flan-T5 language model's two halves: its encoder reads the projected queries and the prompt, its decoder
+#: cross-attends to the encoder's output and says the answer.
+LM_ENCODER: Block = "lm_encoder"
+LM_DECODER: Block = "lm_decoder"
 
 #: BLIP's post-LN BERT text transformers, and BLIP-2's Q-Former, which is one too.
 TEXT_BLOCKS: tuple[Block, ...] = (QUESTION_ENCODER, ANSWER_DECODER, CAPTION_DECODER, ITM_ENCODER, QFORMER)
-BLOCKS: tuple[Block, ...] = (*TEXT_BLOCKS, VISION_ENCODER, LANGUAGE_MODEL)
+#: Pre-LN language models: OPT's decoder, T5's encoder and decoder.
+LANGUAGE_BLOCKS: tuple[Block, ...] = (LANGUAGE_MODEL, LM_ENCODER, LM_DECODER)
+BLOCKS: tuple[Block, ...] = (*TEXT_BLOCKS, VISION_ENCODER, *LANGUAGE_BLOCKS)
 BLOCK_LABELS: dict[str, str] = {
     QUESTION_ENCODER: "question encoder",
     ANSWER_DECODER: "answer decoder",
@@ -50,9 +57,11 @@ BLOCK_LABELS: dict[str, str] = {
     VISION_ENCODER: "vision encoder",
     QFORMER: "Q-Former",
     LANGUAGE_MODEL: "language model",
+    LM_ENCODER: "language model's encoder",
+    LM_DECODER: "language model's decoder",
 }
 #: Text blocks whose self-attention is causal (each position sees only those before it).
-CAUSAL_BLOCKS: tuple[Block, ...] = (ANSWER_DECODER, CAPTION_DECODER, LANGUAGE_MODEL)
+CAUSAL_BLOCKS: tuple[Block, ...] = (ANSWER_DECODER, CAPTION_DECODER, LANGUAGE_MODEL, LM_DECODER)
 
 # ----- heads ------------------------------------------------------------------------------
 #: BLIP's three heads: visual question answering, captioning, image-text matching.
@@ -64,12 +73,16 @@ BLIP2: Head = "blip2"
 #: InstructBLIP with an OPT language model: the question is the instruction, read by the Q-Former and the language
 #: model alike, as the InstructBLIP model cards prompt.
 INSTRUCTBLIP: Head = "instructblip"
-HEADS: tuple[Head, ...] = (VQA, CAPTION, ITM, BLIP2, INSTRUCTBLIP)
+#: The same with a Flan-T5 language model (an encoder and a decoder).
+BLIP2_T5: Head = "blip2-t5"
+INSTRUCTBLIP_T5: Head = "instructblip-t5"
+HEADS: tuple[Head, ...] = (VQA, CAPTION, ITM, BLIP2, INSTRUCTBLIP, BLIP2_T5, INSTRUCTBLIP_T5)
 
 
 #: Hub checkpoints of each head, and the bundled demo models (``load_model("demo-caption")``).
 HUB_MODELS: dict[str, str] = {VQA: "Salesforce/blip-vqa-base", CAPTION: "Salesforce/blip-image-captioning-base",
-                              ITM: "Salesforce/blip-itm-base-coco", BLIP2: "Salesforce/blip2-opt-2.7b"}
+                              ITM: "Salesforce/blip-itm-base-coco", BLIP2: "Salesforce/blip2-opt-2.7b",
+                              BLIP2_T5: "Salesforce/blip2-flan-t5-xl", INSTRUCTBLIP_T5: "Salesforce/instructblip-flan-t5-xl"}
 DEMO_MODELS: dict[str, str] = {"demo": VQA, "demo-caption": CAPTION, "demo-itm": ITM, "demo-blip2": BLIP2}
 
 #: Kinds of the text transformers (post-LN BERT layers: h1 = LN(h + SA(h)), h2 = LN(h1 + XA(h1)),
@@ -81,8 +94,10 @@ TEXT_KINDS: tuple[Kind, ...] = ("hidden", "self_attn", "cross_attn", "mlp", "pos
 #: The kinds that compare like ROME's figure 1 (state, MLP, attention), shown side by side.
 SUBLAYER_KINDS: tuple[Kind, ...] = ("hidden", "mlp", "self_attn", "cross_attn")
 VISION_KINDS: tuple[Kind, ...] = ("hidden", "self_attn", "mlp")
-#: Kinds of a pre-LN causal language model (OPT: h1 = h + SA(LN1(h)), h2 = h1 + MLP(LN2(h1))): as the ViT's.
+#: Kinds of a pre-LN causal language model (OPT: h1 = h + SA(LN1(h)), h2 = h1 + MLP(LN2(h1))): as the ViT's; T5's
+#: encoder has the same, its decoder cross-attention too (h2 = h1 + XA(LN(h1)), before the MLP).
 DECODER_KINDS: tuple[Kind, ...] = ("hidden", "self_attn", "mlp")
+T5_DECODER_KINDS: tuple[Kind, ...] = ("hidden", "self_attn", "cross_attn", "mlp")
 #: Attention heads as cells: restoring head h sets its slice (dims h·d_head to (h+1)·d_head) of the attention
 #: context, the input of the output projection (``attention.output.dense``, ``crossattention.output.dense``, the
 #: ViT's ``self_attn.projection``): TransformerLens's ``z``. A head map's rows are heads, its columns layers.
@@ -219,7 +234,7 @@ IMAGE_CLS = "cls"
 #: In BLIP-2's language model, the image is its first positions (the projected queries): keys "image" cut them.
 IMAGE_QUERIES = "image"
 #: The blocks whose attention a knockout cuts: BLIP's text blocks and the Q-Former, and BLIP-2's language model.
-KNOCKOUT_BLOCKS: tuple[Block, ...] = (*TEXT_BLOCKS, LANGUAGE_MODEL)
+KNOCKOUT_BLOCKS: tuple[Block, ...] = (*TEXT_BLOCKS, *LANGUAGE_BLOCKS)
 #: ``sweep --pairs question``: a question set's images paired where the same question has different answers, looking
 #: at this many questions per pair wanted (``--limit``).
 QUESTION_PAIRS = "question"
@@ -239,8 +254,10 @@ def kinds_of(block: str) -> tuple[Kind, ...]:
     """The kinds that ``block`` offers: its position kinds, then its head kinds."""
     if block == VISION_ENCODER:
         return (*VISION_KINDS, *VISION_HEAD_KINDS)
-    if block == LANGUAGE_MODEL:
+    if block in (LANGUAGE_MODEL, LM_ENCODER):
         return (*DECODER_KINDS, "self_attn_head")
+    if block == LM_DECODER:
+        return (*T5_DECODER_KINDS, *TEXT_HEAD_KINDS)
     return (*TEXT_KINDS, *TEXT_HEAD_KINDS)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import BlipTraceError
-from .names import HEAD_KINDS, VISION_ENCODER
+from .names import BLOCK_LABELS, HEAD_KINDS, VISION_ENCODER
 
 
 def attention_pattern(tracer: Any, block: str, kind: str, layer: int, config: Any = None) -> np.ndarray:
@@ -43,10 +43,10 @@ def attention_pattern(tracer: Any, block: str, kind: str, layer: int, config: An
         elif kind == "cross_attn_head":
             cross = unit.clean_cross(tracer.session.context, target)[layer]
             if cross is None:
-                raise BlipTraceError(f"layer {layer} of the {block.replace('_', ' ')} has no cross-attention: pick "
+                raise BlipTraceError(f"layer {layer} of the {BLOCK_LABELS.get(block, block)} has no cross-attention: pick "
                                      f"one of layers {', '.join(str(j) for j in range(len(stack)) if stack.has_cross(j))}")
             keys = cross[0][:, 0]
-            weights = stack.cross_attention(layer, run.kinds["post_self_attn"][layer], keys)
+            weights = stack.cross_attention(layer, stack.cross_input(run, layer), keys)
         else:
             h = run.inputs[layer]
             weights = stack.self_attention(layer, h, stack.self_mask(h.shape[1], h.dtype, h.device))

@@ -35,7 +35,7 @@ from .exact import ExactScorer, Scorer, VerifiedScorer
 from .heads import CaptionHead
 from .inputs import ImageLike
 from .loading import BlipBundle
-from .names import VISION_ENCODER, is_head_kind
+from .names import BLOCK_LABELS, VISION_ENCODER, is_head_kind
 from .results import TraceResult
 from .scoring import Scores, Target, score_rows
 from .targets import Targets
@@ -173,7 +173,7 @@ class Tracer:
         block = self.blocks[config.block]
         if config.window > len(block.stack):
             raise BlipTraceError(f"window {config.window} is wider than the {len(block.stack)} layers of the "
-                                 f"{config.block.replace('_', ' ')}: use at most {len(block.stack)}")
+                                 f"{BLOCK_LABELS.get(config.block, config.block)}: use at most {len(block.stack)}")
         if config.block == VISION_ENCODER:
             self.clean_vision  # recorded before the clean pass, which then reuses it  # noqa: B018
         target = self.target(config)

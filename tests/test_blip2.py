@@ -359,7 +359,7 @@ def test_patterns_of_blip2_heads_are_the_models_own(bundle, image, tracer):
     np.testing.assert_allclose(ours, out.language_model_outputs.attentions[1][0].numpy(), atol=1e-5)
     cross = attention_pattern(tracer, "qformer", "cross_attn_head", 2)
     np.testing.assert_allclose(cross, seen["weights"][0].numpy(), atol=1e-5)
-    with pytest.raises(BlipTraceError, match="layer 1 of the qformer has no cross-attention: pick one of layers 0, 2"):
+    with pytest.raises(BlipTraceError, match="layer 1 of the Q-Former has no cross-attention: pick one of layers 0, 2"):
         attention_pattern(tracer, "qformer", "cross_attn_head", 1)
 
 

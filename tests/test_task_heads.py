@@ -88,4 +88,4 @@ def test_each_head_refuses_what_means_nothing_for_it(name, field, message):
 
 def test_metric_labels_name_what_each_head_scores():
     assert [H.metric_label("prob", name) for name in H.BY_NAME] == ["p(answer)", "p(caption word)", "p(match)", "p(answer)",
-                                                                     "p(answer)"]
+                                                                     "p(answer)", "p(answer)", "p(answer)"]

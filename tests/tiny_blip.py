@@ -134,3 +134,37 @@ def tiny_instructblip(seed: int = 0, layers: int = 3, width: int = 32, image_siz
     with torch.no_grad():  # the learned queries start at zero: make them differ, as a trained model's do
         model.query_tokens.normal_(0, 1)
     return model.eval()
+
+
+def tiny_t5_text_config(layers: int = 2, decoder_layers: int = 2, width: int = 32) -> dict:
+    """A Flan-T5-like language model's configuration: gated GELU, untied head, relative positions (as many decoder as
+    encoder layers: transformers 5.24's generate() fails on a T5 whose decoder has more)."""
+    return dict(model_type="t5", vocab_size=len(BLIP2_VOCAB), d_model=width, d_kv=width // 4, d_ff=2 * width,
+                num_layers=layers, num_decoder_layers=decoder_layers, num_heads=4, feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=VOCAB["[SEP]"],
+                relative_attention_num_buckets=8, relative_attention_max_distance=16, initializer_factor=1.5)
+
+
+def tiny_blip2_t5(seed: int = 0, queries: int = 4, instruct: bool = False):
+    """A tiny Blip2ForConditionalGeneration (or, with ``instruct``, InstructBLIP) with a Flan-T5-like language model."""
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+    )
+
+    base = tiny_blip2_config(queries=queries)
+    qformer = base.qformer_config.to_dict()
+    if instruct:
+        qformer.update(vocab_size=len(VOCAB), max_position_embeddings=32)
+    config_class, model_class = ((InstructBlipConfig, InstructBlipForConditionalGeneration) if instruct
+                                 else (Blip2Config, Blip2ForConditionalGeneration))
+    config = config_class(vision_config=base.vision_config.to_dict(), qformer_config=qformer,
+                          text_config=tiny_t5_text_config(), num_query_tokens=queries,
+                          image_token_index=BLIP2_VOCAB["<image>"], initializer_range=0.3)
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():
+        model.query_tokens.normal_(0, 1)
+    return model.eval()

@@ -29,7 +29,7 @@ from ..cache import LRU
 from ..edges import Edges, decoder_edges
 from ..errors import renamed
 from ..knockout import KNOCKOUT_METHODS, Knockout, KnockoutConfig
-from ..names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW, LANGUAGE_MODEL
+from ..names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW, LANGUAGE_MODEL, LM_DECODER
 from ..plotting import figure_png
 from ..regions import Box, Outside, patch_grid_size
 from .controls import set_tooltip
@@ -51,7 +51,9 @@ class KnockoutExplorer(LiveView):
         self._knockouts: LRU[Knockout] = LRU(16)
         style = {"description_width": "initial"}
         decoder = heads.of(self.head).decoder
-        options = [o if o[1] != "decoder" or decoder != LANGUAGE_MODEL else ("language model ↛ image", "decoder")
+        # the decoder group, as each decoder reads what its reader made
+        reading: dict[str, str] = {LANGUAGE_MODEL: "language model ↛ image", LM_DECODER: "T5 decoder ↛ image"}
+        options = [(reading.get(str(decoder), o[0]), o[1]) if o[1] == "decoder" else o
                    for o in GROUP_OPTIONS if o[1] != "decoder" or decoder is not None]
         self.groups = W.SelectMultiple(options=options, value=("image", "region", "outside"), rows=len(options),
                                        description="cut", style=style, layout=W.Layout(width="260px"))
