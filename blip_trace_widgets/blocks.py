@@ -150,6 +150,8 @@ class Corrupted:
     #: A reader that reads the target (a captioner): its corrupted text input [S, P, D], the first P positions of
     #: its input (the prompt), when the text is corrupted; None otherwise.
     prompt: torch.Tensor | None = None
+    #: Whether ``text.output`` is the queries already projected to the language model's width (corrupt="projected").
+    projected: bool = False
 
 
 @dataclass(frozen=True)
@@ -455,10 +457,13 @@ class LanguageModel:
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
         return _text_layout(self.labels(session, target), self.stack, config)
 
-    def run(self, session: Pass, query_states: torch.Tensor, target: Target) -> tuple[Run, Cross]:
-        """The language model's run [S, Q + T, D] on Q-Former outputs [S, Q, Dq] (teacher-forced on the target)."""
+    def run(self, session: Pass, query_states: torch.Tensor, target: Target,
+            projected: bool = False) -> tuple[Run, Cross]:
+        """The language model's run [S, Q + T, D] on Q-Former outputs [S, Q, Dq] (``projected``: [S, Q, D]),
+        teacher-forced on the target."""
         cross = [None] * len(self.stack)
-        return record_run(self.stack, self.stack.embed(query_states, session.ids(target.inputs)), cross), cross
+        h0 = self.stack.embed(query_states, session.ids(target.inputs), projected)
+        return record_run(self.stack, h0, cross), cross
 
     def clean_run(self, session: Pass, target: Target) -> Run:
         assert session.clean.text is not None
@@ -469,7 +474,7 @@ class LanguageModel:
 
     def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
-        return self.run(session, corrupted.text.output, target)
+        return self.run(session, corrupted.text.output, target, corrupted.projected)
 
     def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
         return _text_rows(session, config, len(self.labels(session, target)), 0, 1, LANGUAGE_MODEL)
@@ -522,9 +527,10 @@ class LanguageDecoder:
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
         return _text_layout(self.labels(session, target), self.stack, config)
 
-    def encode(self, session: Pass, query_states: torch.Tensor) -> torch.Tensor:
-        """The encoder's output [..., Q + T, D] for Q-Former outputs [..., Q (+ T'), Dq] and the prompt."""
-        h = self.encoder.embed(query_states, session.ids(session.question_ids))
+    def encode(self, session: Pass, query_states: torch.Tensor, projected: bool = False) -> torch.Tensor:
+        """The encoder's output [..., Q + T, D] for Q-Former outputs [..., Q (+ T'), Dq] (``projected``: the
+        queries at the language model's width) and the prompt."""
+        h = self.encoder.embed(query_states, session.ids(session.question_ids), projected)
         if h.dim() == 3:
             h = h[:, None]
         mask = self.encoder.self_mask(h.shape[-2], h.dtype, h.device)
@@ -546,7 +552,7 @@ class LanguageDecoder:
 
     def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
-        return self.run(session, self.encode(session, corrupted.text.output), target)
+        return self.run(session, self.encode(session, corrupted.text.output, corrupted.projected), target)
 
     def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
         encoded = self.encoder.count + len(session.question_ids)
@@ -600,10 +606,11 @@ class LanguageEncoder:
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
         return _text_layout(self.labels(session, target), self.stack, config)
 
-    def run(self, session: Pass, query_states: torch.Tensor) -> tuple[Run, Cross]:
-        """The encoder's run [S, Q + T, D] on Q-Former outputs [S, Q, Dq]."""
+    def run(self, session: Pass, query_states: torch.Tensor, projected: bool = False) -> tuple[Run, Cross]:
+        """The encoder's run [S, Q + T, D] on Q-Former outputs [S, Q, Dq] (``projected``: [S, Q, D])."""
         cross = [None] * len(self.stack)
-        return record_run(self.stack, self.stack.embed(query_states, session.ids(session.question_ids)), cross), cross
+        h0 = self.stack.embed(query_states, session.ids(session.question_ids), projected)
+        return record_run(self.stack, h0, cross), cross
 
     def clean_run(self, session: Pass, target: Target) -> Run:
         return self.run(session, session.clean.text.output)[0]
@@ -613,7 +620,7 @@ class LanguageEncoder:
 
     def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
-        return self.run(session, corrupted.text.output)
+        return self.run(session, corrupted.text.output, corrupted.projected)
 
     def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
         return _text_rows(session, config, len(self.labels(session, target)), 0, len(target.inputs), LM_ENCODER)

@@ -30,6 +30,7 @@ from .corruption import ImageSwap, WordSwap
 from .engine import Run, record_run, shared_cross
 from .errors import BlipTraceError
 from .memory import available_memory
+from .names import QUERY_STAGES
 from .roles import last_content_word
 from .scoring import Target
 from .targets import Targets
@@ -105,6 +106,8 @@ class CorruptedRuns:
             corruption = corruption.bind({"image": self.session.embed_image, "pixels": self.session.pixel_values,
                                           "patches": lambda image: self.session.vision.embed(self.session.pixel_values(image)),
                                           "queries": lambda image: self.queries_of(self.session.embed_image(image)),
+                                          "projected": lambda image: self.project(
+                                              self.queries_of(self.session.embed_image(image))),
                                           }[str(config.corrupt)])
         if isinstance(corruption, WordSwap) and corruption.embeddings is None:
             corruption = self.bound_swap(corruption)
@@ -161,11 +164,12 @@ class CorruptedRuns:
             noisy = self._apply(config, h0, generator)
             h0 = h0.expand(samples, -1, -1).clone()
             h0[:, positions] = noisy[:, positions]
-        elif config.corrupt == "queries":  # the reader's clean run, its output replaced: what the decoder reads
+        elif config.corrupt in QUERY_STAGES:  # the reader's clean run, its output replaced: what the decoder reads
             embeds = self.session.clean.image_embeds
-            noisy = self._apply(config, self.language_model_queries(self.session.reader_output), generator)
+            noisy = self._apply(config, self.clean_queries(str(config.corrupt)), generator)
             self.session.stats["corrupted_passes"] += 1
-            return Corrupted(embeds, shared_cross(qstack, embeds), Run(inputs=[noisy]))
+            return Corrupted(embeds, shared_cross(qstack, embeds), Run(inputs=[noisy]),
+                             projected=config.corrupt == "projected")
         elif config.corrupt == "image":
             embeds = self._apply(config, self.session.clean.image_embeds, generator)
             h0 = h0.expand(samples, -1, -1)
@@ -186,6 +190,16 @@ class CorruptedRuns:
         reader = self.session.blocks.reader
         run = record_run(reader.stack, reader.first_states(self.session), shared_cross(reader.stack, image_embeds))
         return self.language_model_queries(run.output)
+
+    def clean_queries(self, stage: str) -> torch.Tensor:
+        """The clean queries that ``stage`` corrupts: the Q-Former's output queries [1, Q, Dq], or (``"projected"``)
+        the same projected to the language model's width [1, Q, D], its image tokens."""
+        queries = self.language_model_queries(self.session.reader_output)
+        return self.project(queries) if stage == "projected" else queries
+
+    def project(self, queries: torch.Tensor) -> torch.Tensor:
+        """Q-Former output queries [1, Q, Dq] at the language model's width, as it reads them."""
+        return self.session.blocks.last.stack.projection(queries)
 
     def language_model_queries(self, states: torch.Tensor) -> torch.Tensor:
         """Of the Q-Former's output states [1, Q (+ T), D], the queries' (InstructBLIP's instruction outputs are not
@@ -240,6 +254,7 @@ class CorruptedRuns:
         start = {"question": lambda: self.session.blocks.reader.first_states(self.session),
                  "image": lambda: self.session.clean.image_embeds, "pixels": lambda: self.session.pixels,
                  "patches": lambda: self.session.vision.embed(self.session.pixels),
-                 "queries": lambda: self.language_model_queries(self.session.reader_output)}[str(config.corrupt)]
+                 "queries": lambda: self.clean_queries("queries"),
+                 "projected": lambda: self.clean_queries("projected")}[str(config.corrupt)]
         with torch.no_grad():
             self._apply(config, start(), generator)

@@ -429,11 +429,11 @@ class DecoderStack:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def embed(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, queries: torch.Tensor, ids: torch.Tensor, projected: bool = False) -> torch.Tensor:
         """The first states [..., Q + T, D]: Q-Former outputs [..., Q (+ T'), Dq] projected (the first Q, its
-        queries': InstructBLIP's instruction outputs are not read), then the tokens ``ids`` [1, T] embedded, plus
-        OPT's learned positions (offset by 2, as OPT's own embedding is)."""
-        image = self.projection(queries[..., : self.count, :])
+        queries': InstructBLIP's instruction outputs are not read; ``projected``: they are already), then the tokens
+        ``ids`` [1, T] embedded, plus OPT's learned positions (offset by 2, as OPT's own embedding is)."""
+        image = queries if projected else self.projection(queries[..., : self.count, :])
         text = self.tokens(ids)[0].expand(*image.shape[:-2], -1, -1)
         h = torch.cat([image, text.to(image.dtype)], -2)
         index = torch.arange(h.shape[-2], device=h.device) + int(getattr(self.positions, "offset", 2))
@@ -498,10 +498,11 @@ class T5Stack:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def embed(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The encoder's first states [..., Q + T, D]: the Q-Former's first Q outputs [..., Q (+ T'), Dq] projected,
-        then the tokens ``ids`` [1, T] embedded (T5 adds no positions: its attention's bias holds them)."""
-        image = self.projection(queries[..., : self.count, :])
+    def embed(self, queries: torch.Tensor, ids: torch.Tensor, projected: bool = False) -> torch.Tensor:
+        """The encoder's first states [..., Q + T, D]: the Q-Former's first Q outputs [..., Q (+ T'), Dq] projected
+        (``projected``: they are already), then the tokens ``ids`` [1, T] embedded (T5 adds no positions: its
+        attention's bias holds them)."""
+        image = queries if projected else self.projection(queries[..., : self.count, :])
         text = self.tokens(ids)[0].expand(*image.shape[:-2], -1, -1)
         return torch.cat([image, text.to(image.dtype)], -2)
 

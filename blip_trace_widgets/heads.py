@@ -43,6 +43,7 @@ from .names import (
     MAX_CAPTION_TOKENS,
     METRIC_LABELS,
     QFORMER,
+    QUERY_STAGES,
     QUESTION_ENCODER,
     VISION_ENCODER,
     VQA,
@@ -192,8 +193,8 @@ class Head(ABC):
 
     def check_stage(self, stage: str | None) -> None:
         """Refuse a corruption stage this head's model does not have."""
-        if stage == "queries":
-            raise BlipTraceError("corrupt='queries' is the noise on BLIP-2's Q-Former outputs: this model has none; "
+        if stage in QUERY_STAGES:
+            raise BlipTraceError(f"corrupt={stage!r} is noise on BLIP-2's Q-Former outputs: this model has none; "
                                  "corrupt the image, the patches, the pixels or the question")
 
     def check_word(self, word: int | None) -> None:
@@ -422,10 +423,11 @@ class Blip2Head(Head):
             raise BlipTraceError(f"a {self.label} model reads the question in its language model's prompt, "
                                  "which this package cannot corrupt yet: corrupt the image (corrupt='image', "
                                  "'patches' or 'pixels')")
-        if config.corrupt == "queries" and config.block not in LANGUAGE_BLOCKS:
+        if config.corrupt in QUERY_STAGES and config.block not in LANGUAGE_BLOCKS:
             blocks = " or ".join(repr(b) for b in self.blocks if b in LANGUAGE_BLOCKS)
-            raise BlipTraceError("noise on the Q-Former's output queries acts after every block but the language "
-                                 f"model, so restoring them undoes nothing: trace block={blocks}, or corrupt the image")
+            raise BlipTraceError(f"corrupt={config.corrupt!r}, noise on the queries, acts after every block but the "
+                                 f"language model, so restoring them undoes nothing: trace block={blocks}, or corrupt "
+                                 "the image")
 
 
 class InstructBlipHead(Blip2Head):

@@ -24,7 +24,7 @@ Block = Literal["question_encoder", "answer_decoder", "caption_decoder", "itm_en
 Head = Literal["vqa", "caption", "itm", "blip2", "instructblip", "blip2-t5", "instructblip-t5"]
 Kind = Literal["hidden", "self_attn", "cross_attn", "mlp", "post_self_attn", "post_cross_attn", "self_attn_head",
                "cross_attn_head", "attn_head"]
-Stage = Literal["image", "patches", "pixels", "question", "queries"]
+Stage = Literal["image", "patches", "pixels", "question", "queries", "projected"]
 Metric = Literal["prob", "logprob", "logit_diff", "itc"]
 SeverAt = Literal["restored", "all"]
 Method = Literal["exact", "estimate", "verified"]
@@ -138,13 +138,16 @@ KIND_COLORMAPS: dict[str, str] = {kind: info.colormap for kind, info in KIND_INF
 
 #: Where a corruption acts: the vision encoder's output (the paper's choice), the patch embeddings
 #: before the vision encoder, the pixels, or the question's token embeddings (ROME's original).
-STAGES: tuple[Stage, ...] = ("image", "patches", "pixels", "question", "queries")
+STAGES: tuple[Stage, ...] = ("image", "patches", "pixels", "question", "queries", "projected")
+#: The stages after the Q-Former: its output queries, and the same projected to the language model's width.
+QUERY_STAGES: tuple[Stage, ...] = ("queries", "projected")
 STAGE_LABELS: dict[str, str] = {
     "image": "image embeddings (vision encoder output)",
     "patches": "patch embeddings",
     "pixels": "pixels",
     "question": "question tokens",
-    "queries": "Q-Former output queries (what BLIP-2's language model reads)",
+    "queries": "Q-Former output queries (what BLIP-2's language model reads, before its projection)",
+    "projected": "projected queries (the language model's image tokens)",
 }
 
 METRICS: tuple[Metric, ...] = ("prob", "logprob", "logit_diff", "itc")

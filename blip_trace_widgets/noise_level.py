@@ -28,8 +28,9 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
     """The standard deviation of every value of the clean ``stage`` input over ``samples`` (at most ``limit``).
 
     ``samples`` are (image, question[, answer]) tuples or :class:`~.data.VQASample`; ``stage`` is
-    where the noise will act: ``"image"`` (vision encoder output), ``"patches"``, ``"pixels"`` or
-    ``"question"`` (token embeddings).
+    where the noise will act: ``"image"`` (vision encoder output), ``"patches"``, ``"pixels"``,
+    ``"question"`` (token embeddings), or BLIP-2's ``"queries"`` (the Q-Former's output queries) and
+    ``"projected"`` (the same at the language model's width).
     """
     from .clean import CleanPass
     from .data import text_of
@@ -49,8 +50,10 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
                 values.append(session.vision.embed(session.pixels).float().flatten())
             elif stage == "pixels":
                 values.append(session.pixels.float().flatten())
-            elif stage == "queries":
-                values.append(session.reader_output.float().flatten())
+            elif stage in ("queries", "projected"):  # the Q-Former's output queries, or their projection
+                queries = session.reader_output[:, : session.blocks.last.queries]
+                projected = session.blocks.last.stack.projection(queries) if stage == "projected" else queries
+                values.append(projected.float().flatten())
             else:
                 stack = session.blocks.reader.stack  # the text block that reads the image (question or ITM text)
                 values.append(stack.embed(session.ids(session.question_ids)).float().flatten())

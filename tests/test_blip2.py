@@ -444,7 +444,30 @@ def test_noise_on_the_qformers_output_queries_is_restored_in_the_language_model(
         tracer.trace(TraceConfig(block="qformer", corrupt="queries"))
 
 
+def test_noise_on_the_projected_queries_is_restored_in_the_language_model(bundle, image, tracer):
+    """corrupt='projected': the language model's image tokens (language_projection's output) noised, against the
+    model's own forward pass with that output replaced by a hook; σ is the projected queries' own."""
+    config = TraceConfig(block="language_model", kind="mlp", samples=3, corrupt="projected",
+                         corruption=GaussianNoise(scale=3.0))
+    result = tracer.trace(config)
+    assert "projected queries" in result.plot().get_title(loc="left")
+    loop = Blip2Loop(bundle, image, config, list(tracer.target(config).tokens), "image")
+    seen = {}
+    handle = bundle.model.language_projection.register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+    with torch.no_grad():
+        bundle.model(pixel_values=loop.pixels, input_ids=loop.ids)
+    handle.remove()
+    loop.stage = "language_projection"
+    loop.noisy = config.corruption(seen["x"], 3, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(result.scores, loop.grid(result.scores.shape[0]), atol=1e-5, rtol=1e-4)
+    assert abs(result.high_score - result.low_score) > 1e-3
+    with pytest.raises(BlipTraceError, match="corrupt='projected', noise on the queries"):
+        tracer.trace(TraceConfig(block="qformer", corrupt="projected"))
+
+
 def test_queries_are_refused_where_there_are_none(demo_bundle, demo_sample):
     image, question, _ = demo_sample
     with pytest.raises(BlipTraceError, match="BLIP-2's Q-Former outputs: this model has none"):
         Tracer(demo_bundle, image, question).trace(block="answer_decoder", corrupt="queries")
+    with pytest.raises(BlipTraceError, match="corrupt='projected' is noise on BLIP-2's Q-Former outputs"):
+        Tracer(demo_bundle, image, question).trace(block="answer_decoder", corrupt="projected")

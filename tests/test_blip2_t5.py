@@ -44,8 +44,9 @@ def _out(o):
 class T5Loop:
     """ROME's procedure, one forward pass of the whole model per cell, noise samples as the batch."""
 
-    def __init__(self, bundle, image, tracer, config: TraceConfig, instruct: bool):
-        self.model, self.config = bundle.model, config
+    def __init__(self, bundle, image, tracer, config: TraceConfig, instruct: bool,
+                 stage: str = "vision_model.post_layernorm"):
+        self.model, self.config, self.stage = bundle.model, config, stage
         self.answer = tracer.target(config).tokens[0]
         self.inputs = {"input_ids": torch.tensor([[BLIP2_VOCAB["<image>"]] * QUERIES + list(tracer.question_ids)]),
                        "decoder_input_ids": torch.tensor([[self.model.config.text_config.decoder_start_token_id]]),
@@ -53,7 +54,7 @@ class T5Loop:
         if instruct:
             self.inputs["qformer_input_ids"] = torch.tensor([bundle.processor.qformer_tokenizer(QUESTION)["input_ids"]])
         seen = {}
-        handle = self.model.get_submodule("vision_model.post_layernorm").register_forward_hook(
+        handle = self.model.get_submodule(stage).register_forward_hook(
             lambda m, i, o: seen.setdefault("x", o) if o.ndim == 3 else None)
         self.clean = self._record()
         handle.remove()
@@ -90,7 +91,7 @@ class T5Loop:
     def cell(self, restore: list[tuple[int, int]]) -> float:
         heads = self.config.kind.endswith("_head")
         with ExitStack() as stack:
-            handle = self.model.get_submodule("vision_model.post_layernorm").register_forward_hook(
+            handle = self.model.get_submodule(self.stage).register_forward_hook(
                 lambda m, i, o: self.noisy if o.ndim == 3 else o)
             stack.callback(handle.remove)
             for layer, unit in restore:
@@ -289,3 +290,16 @@ def test_float16_is_refused_and_bfloat16_traces(image):
     brain = load_model((tiny_blip2_t5(seed=1, queries=QUERIES).to(torch.bfloat16), processor), device="cpu")
     result = Tracer(brain, image, QUESTION).trace(block="lm_encoder", kind="mlp", samples=2, corrupt="image")
     assert np.isfinite(result.scores).all() and result.high_score > result.low_score
+
+
+@pytest.mark.parametrize("block,kind", [("lm_encoder", "hidden"), ("lm_decoder", "cross_attn")])
+def test_noise_on_the_projected_queries_matches_the_models_own_forward(traced, image, block, kind):
+    """corrupt='projected': the T5 encoder's image tokens (language_projection's output) noised, against the model's
+    own forward pass with that output replaced by a hook."""
+    head, bundle, tracer = traced
+    config = TraceConfig(block=block, kind=kind, samples=3, corrupt="projected", metric="logprob",
+                         answer=MODELS[head][1], corruption=GaussianNoise(scale=3.0))
+    result = tracer.trace(config)
+    loop = T5Loop(bundle, image, tracer, config, head.startswith("instruct"), stage="language_projection")
+    np.testing.assert_allclose(result.scores, loop.grid(result.scores.shape[0]), atol=1e-6, rtol=1e-6)
+    assert abs(result.high_score - result.low_score) > 0.01
