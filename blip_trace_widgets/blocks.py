@@ -147,8 +147,9 @@ class Corrupted:
     image_cross: list[tuple[torch.Tensor, torch.Tensor]]
     text: Run | None
     vision: Run | None = None
-    #: A reader that reads the target (a captioner): its corrupted text input [S, P, D], the first P positions of
-    #: its input (the prompt), when the text is corrupted; None otherwise.
+    #: A reader that reads the target (a captioner), or a language model that reads the question in its prompt
+    #: (BLIP-2): its corrupted text input [S, P, D], the first P positions of its text (the prompt), when the
+    #: text is corrupted; None otherwise.
     prompt: torch.Tensor | None = None
     #: Whether ``text.output`` is the queries already projected to the language model's width (corrupt="projected").
     projected: bool = False
@@ -457,13 +458,17 @@ class LanguageModel:
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
         return _text_layout(self.labels(session, target), self.stack, config)
 
-    def run(self, session: Pass, query_states: torch.Tensor, target: Target,
-            projected: bool = False) -> tuple[Run, Cross]:
+    def run(self, session: Pass, query_states: torch.Tensor, target: Target, projected: bool = False,
+            prompt: torch.Tensor | None = None) -> tuple[Run, Cross]:
         """The language model's run [S, Q + T, D] on Q-Former outputs [S, Q, Dq] (``projected``: [S, Q, D]),
-        teacher-forced on the target."""
+        teacher-forced on the target; ``prompt`` [S, P, D] replaces the first P tokens' embeddings."""
         cross = [None] * len(self.stack)
-        h0 = self.stack.embed(query_states, session.ids(target.inputs), projected)
+        h0 = self.stack.embed(query_states, session.ids(target.inputs), projected, prompt)
         return record_run(self.stack, h0, cross), cross
+
+    def prompt_states(self, session: Pass, ids: Sequence[int]) -> torch.Tensor:
+        """The token embeddings [1, P, D] of prompt tokens ``ids`` (what a corrupted question corrupts)."""
+        return self.stack.tokens(session.ids(ids))
 
     def clean_run(self, session: Pass, target: Target) -> Run:
         assert session.clean.text is not None
@@ -474,7 +479,7 @@ class LanguageModel:
 
     def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
-        return self.run(session, corrupted.text.output, target, corrupted.projected)
+        return self.run(session, corrupted.text.output, target, corrupted.projected, corrupted.prompt)
 
     def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
         return _text_rows(session, config, len(self.labels(session, target)), 0, 1, LANGUAGE_MODEL)
@@ -527,10 +532,11 @@ class LanguageDecoder:
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
         return _text_layout(self.labels(session, target), self.stack, config)
 
-    def encode(self, session: Pass, query_states: torch.Tensor, projected: bool = False) -> torch.Tensor:
+    def encode(self, session: Pass, query_states: torch.Tensor, projected: bool = False,
+               prompt: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder's output [..., Q + T, D] for Q-Former outputs [..., Q (+ T'), Dq] (``projected``: the
-        queries at the language model's width) and the prompt."""
-        h = self.encoder.embed(query_states, session.ids(session.question_ids), projected)
+        queries at the language model's width) and the prompt (``prompt``: its embeddings [S, T, D], corrupted)."""
+        h = self.encoder.embed(query_states, session.ids(session.question_ids), projected, prompt)
         if h.dim() == 3:
             h = h[:, None]
         mask = self.encoder.self_mask(h.shape[-2], h.dtype, h.device)
@@ -552,7 +558,12 @@ class LanguageDecoder:
 
     def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
-        return self.run(session, self.encode(session, corrupted.text.output, corrupted.projected), target)
+        encoded = self.encode(session, corrupted.text.output, corrupted.projected, corrupted.prompt)
+        return self.run(session, encoded, target)
+
+    def prompt_states(self, session: Pass, ids: Sequence[int]) -> torch.Tensor:
+        """The token embeddings [1, P, D] of prompt tokens ``ids`` (what a corrupted question corrupts)."""
+        return self.encoder.tokens(session.ids(ids))
 
     def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
         encoded = self.encoder.count + len(session.question_ids)
@@ -606,10 +617,12 @@ class LanguageEncoder:
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
         return _text_layout(self.labels(session, target), self.stack, config)
 
-    def run(self, session: Pass, query_states: torch.Tensor, projected: bool = False) -> tuple[Run, Cross]:
-        """The encoder's run [S, Q + T, D] on Q-Former outputs [S, Q, Dq] (``projected``: [S, Q, D])."""
+    def run(self, session: Pass, query_states: torch.Tensor, projected: bool = False,
+            prompt: torch.Tensor | None = None) -> tuple[Run, Cross]:
+        """The encoder's run [S, Q + T, D] on Q-Former outputs [S, Q, Dq] (``projected``: [S, Q, D]; ``prompt``: the
+        prompt's embeddings [S, T, D], corrupted)."""
         cross = [None] * len(self.stack)
-        h0 = self.stack.embed(query_states, session.ids(session.question_ids), projected)
+        h0 = self.stack.embed(query_states, session.ids(session.question_ids), projected, prompt)
         return record_run(self.stack, h0, cross), cross
 
     def clean_run(self, session: Pass, target: Target) -> Run:
@@ -620,7 +633,7 @@ class LanguageEncoder:
 
     def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
-        return self.run(session, corrupted.text.output, corrupted.projected)
+        return self.run(session, corrupted.text.output, corrupted.projected, corrupted.prompt)
 
     def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
         return _text_rows(session, config, len(self.labels(session, target)), 0, len(target.inputs), LM_ENCODER)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from . import anatomy
-from .blocks import Context, Corrupted, QFormer
+from .blip2_noise import clean_queries, corrupted_question, project, prompt_embedding, queries_of, reads_prompt
+from .blocks import Context, Corrupted
 from .cache import LRU
 from .clean import CleanPass
 from .config import TraceConfig, cache_key
@@ -75,10 +76,12 @@ class CorruptedRuns:
         return self.session.context
 
     def bound_swap(self, swap: WordSwap) -> WordSwap:
-        """``swap`` bound to this question, the model's tokenizer and the reader's token embeddings."""
+        """``swap`` bound to this question, the model's tokenizer and the token embeddings of the block that reads
+        the question (the reader's; BLIP-2's language model's, its prompt)."""
         session = self.session
         stack, tokenizer = session.blocks.reader.stack, session.bundle.tokenizer
-        return swap.bind(tokenizer, session.question, session.question_ids, lambda ids: stack.embed(session.ids(ids)),
+        embed = prompt_embedding(session) if reads_prompt(session) else lambda ids: stack.embed(session.ids(ids))
+        return swap.bind(tokenizer, session.question, session.question_ids, embed,
                          lambda text: session.task.encode(tokenizer, text, session.position_limit, session.bos_id)[1])
 
     def corrupt_positions(self, config: TraceConfig) -> list[int]:
@@ -100,14 +103,14 @@ class CorruptedRuns:
                 raise BlipTraceError(f"corrupt_tokens position {position} is outside the question's {count} tokens")
         return list(config.corrupt_tokens)
 
-    def _apply(self, config: TraceConfig, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def corrupt_input(self, config: TraceConfig, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         corruption = config.corruption
         if isinstance(corruption, ImageSwap) and corruption.embeddings is None:  # the other image at this stage
             corruption = corruption.bind({"image": self.session.embed_image, "pixels": self.session.pixel_values,
                                           "patches": lambda image: self.session.vision.embed(self.session.pixel_values(image)),
-                                          "queries": lambda image: self.queries_of(self.session.embed_image(image)),
-                                          "projected": lambda image: self.project(
-                                              self.queries_of(self.session.embed_image(image))),
+                                          "queries": lambda image: queries_of(self.session, self.session.embed_image(image)),
+                                          "projected": lambda image: project(
+                                              self.session, queries_of(self.session, self.session.embed_image(image))),
                                           }[str(config.corrupt)])
         if isinstance(corruption, WordSwap) and corruption.embeddings is None:
             corruption = self.bound_swap(corruption)
@@ -158,20 +161,26 @@ class CorruptedRuns:
         qstack = reader.stack
         h0 = reader.first_states(self.session)
         vision = None
+        if config.corrupt == "question" and reads_prompt(self.session):  # BLIP-2: its language model's prompt
+            embeds = self.session.clean.image_embeds
+            prompt, h0 = corrupted_question(self, config, generator)
+            cross = shared_cross(qstack, embeds)
+            self.session.stats["corrupted_passes"] += 1
+            return Corrupted(embeds, cross, record_run(qstack, h0, cross), prompt=prompt)
         if config.corrupt == "question":
             embeds = self.session.clean.image_embeds
             positions = self.corrupt_positions(config)
-            noisy = self._apply(config, h0, generator)
+            noisy = self.corrupt_input(config, h0, generator)
             h0 = h0.expand(samples, -1, -1).clone()
             h0[:, positions] = noisy[:, positions]
         elif config.corrupt in QUERY_STAGES:  # the reader's clean run, its output replaced: what the decoder reads
             embeds = self.session.clean.image_embeds
-            noisy = self._apply(config, self.clean_queries(str(config.corrupt)), generator)
+            noisy = self.corrupt_input(config, clean_queries(self.session, str(config.corrupt)), generator)
             self.session.stats["corrupted_passes"] += 1
             return Corrupted(embeds, shared_cross(qstack, embeds), Run(inputs=[noisy]),
                              projected=config.corrupt == "projected")
         elif config.corrupt == "image":
-            embeds = self._apply(config, self.session.clean.image_embeds, generator)
+            embeds = self.corrupt_input(config, self.session.clean.image_embeds, generator)
             h0 = h0.expand(samples, -1, -1)
         else:
             patches = self._corrupted_patches(config, generator)
@@ -185,34 +194,11 @@ class CorruptedRuns:
             return Corrupted(embeds, cross, None, vision, h0 if config.corrupt == "question" else None)
         return Corrupted(embeds, cross, record_run(qstack, h0, cross), vision)
 
-    def queries_of(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """The Q-Former's output queries for image embeddings [1, N, D]: what the language model reads."""
-        reader = self.session.blocks.reader
-        run = record_run(reader.stack, reader.first_states(self.session), shared_cross(reader.stack, image_embeds))
-        return self.language_model_queries(run.output)
-
-    def clean_queries(self, stage: str) -> torch.Tensor:
-        """The clean queries that ``stage`` corrupts: the Q-Former's output queries [1, Q, Dq], or (``"projected"``)
-        the same projected to the language model's width [1, Q, D], its image tokens."""
-        queries = self.language_model_queries(self.session.reader_output)
-        return self.project(queries) if stage == "projected" else queries
-
-    def project(self, queries: torch.Tensor) -> torch.Tensor:
-        """Q-Former output queries [1, Q, Dq] at the language model's width, as it reads them."""
-        return self.session.blocks.last.stack.projection(queries)
-
-    def language_model_queries(self, states: torch.Tensor) -> torch.Tensor:
-        """Of the Q-Former's output states [1, Q (+ T), D], the queries' (InstructBLIP's instruction outputs are not
-        read by the language model, so noise there would change nothing)."""
-        reader = self.session.blocks.reader
-        assert isinstance(reader, QFormer), "only a Q-Former's outputs are queries"
-        return states[:, : reader.stack.count]
-
     def _corrupted_patches(self, config: TraceConfig, generator: torch.Generator) -> torch.Tensor:
         """The vision encoder's corrupted input (patch embeddings) [S, N, D] for the next draw of ``generator``."""
         vstack = self.session.vision
         start = self.session.pixels if config.corrupt == "pixels" else vstack.embed(self.session.pixels)
-        corrupted_input = self._apply(config, start, generator)
+        corrupted_input = self.corrupt_input(config, start, generator)
         return vstack.embed(corrupted_input) if config.corrupt == "pixels" else corrupted_input
 
     def corrupted_patches(self, config: TraceConfig) -> torch.Tensor:
@@ -254,7 +240,10 @@ class CorruptedRuns:
         start = {"question": lambda: self.session.blocks.reader.first_states(self.session),
                  "image": lambda: self.session.clean.image_embeds, "pixels": lambda: self.session.pixels,
                  "patches": lambda: self.session.vision.embed(self.session.pixels),
-                 "queries": lambda: self.clean_queries("queries"),
-                 "projected": lambda: self.clean_queries("projected")}[str(config.corrupt)]
+                 "queries": lambda: clean_queries(self.session, "queries"),
+                 "projected": lambda: clean_queries(self.session, "projected")}[str(config.corrupt)]
         with torch.no_grad():
-            self._apply(config, start(), generator)
+            if config.corrupt == "question" and reads_prompt(self.session):
+                corrupted_question(self, config, generator)
+            else:
+                self.corrupt_input(config, start(), generator)

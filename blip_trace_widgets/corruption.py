@@ -323,13 +323,14 @@ class WordSwap:
         if self.question is not None:
             return self.question.strip()
         words = question.split()
+        out = list(words)  # every swap reads the question as given: {"a": "b", "b": "a"} exchanges the two words
         for old, new in self.swap:
             hits = [i for i, word in enumerate(words) if word.rstrip("?.,!").lower() == old]
             if not hits:
                 raise BlipTraceError(f"the swap word {old!r} is not in the question {question!r}: swap a word it has")
             for i in hits:  # the word replaced, its trailing punctuation kept
-                words[i] = new + words[i][len(words[i].rstrip("?.,!")):]
-        return " ".join(words)
+                out[i] = new + words[i][len(words[i].rstrip("?.,!")):]
+        return " ".join(out)
 
     def bind(self, tokenizer: Any, question: str, question_ids: Any, embed: Callable[[list[int]], torch.Tensor],
              encode: Callable[[str], list[int]] | None = None) -> WordSwap:

@@ -409,6 +409,15 @@ class QFormerStack(TextStack):
                                          L.text_mlp_norm(m[:, :, q:] + h2[:, :, q:])], 2))
 
 
+def _text_states(tokens: Any, ids: torch.Tensor, image: torch.Tensor, prompt: torch.Tensor | None) -> torch.Tensor:
+    """A language model's text embeddings [..., T, D] of ``ids`` [1, T], shaped as ``image`` [..., Q, D] is; with
+    ``prompt`` [S, P, D] in place of the first P (a corrupted question)."""
+    text = tokens(ids)[0].expand(*image.shape[:-2], -1, -1).to(image.dtype)
+    if prompt is None:
+        return text
+    return torch.cat([prompt.to(image.dtype), text[..., prompt.shape[-2]:, :]], -2)
+
+
 class DecoderStack:
     """BLIP-2's language model (a pre-LN causal OPT decoder), layer by layer, in the interface of :class:`TextStack`.
     Its input is the projected queries followed by the text's token embeddings, plus learned positions."""
@@ -429,13 +438,14 @@ class DecoderStack:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def embed(self, queries: torch.Tensor, ids: torch.Tensor, projected: bool = False) -> torch.Tensor:
+    def embed(self, queries: torch.Tensor, ids: torch.Tensor, projected: bool = False,
+              prompt: torch.Tensor | None = None) -> torch.Tensor:
         """The first states [..., Q + T, D]: Q-Former outputs [..., Q (+ T'), Dq] projected (the first Q, its
         queries': InstructBLIP's instruction outputs are not read; ``projected``: they are already), then the tokens
-        ``ids`` [1, T] embedded, plus OPT's learned positions (offset by 2, as OPT's own embedding is)."""
+        ``ids`` [1, T] embedded (``prompt`` [S, P, D]: the first P, corrupted), plus OPT's learned positions (offset
+        by 2, as OPT's own embedding is)."""
         image = queries if projected else self.projection(queries[..., : self.count, :])
-        text = self.tokens(ids)[0].expand(*image.shape[:-2], -1, -1)
-        h = torch.cat([image, text.to(image.dtype)], -2)
+        h = torch.cat([image, _text_states(self.tokens, ids, image, prompt)], -2)
         index = torch.arange(h.shape[-2], device=h.device) + int(getattr(self.positions, "offset", 2))
         return h + self.positions.weight[index].to(h.dtype)
 
@@ -498,13 +508,13 @@ class T5Stack:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def embed(self, queries: torch.Tensor, ids: torch.Tensor, projected: bool = False) -> torch.Tensor:
+    def embed(self, queries: torch.Tensor, ids: torch.Tensor, projected: bool = False,
+              prompt: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder's first states [..., Q + T, D]: the Q-Former's first Q outputs [..., Q (+ T'), Dq] projected
-        (``projected``: they are already), then the tokens ``ids`` [1, T] embedded (T5 adds no positions: its
-        attention's bias holds them)."""
+        (``projected``: they are already), then the tokens ``ids`` [1, T] embedded (``prompt`` [S, P, D]: the first
+        P, corrupted; T5 adds no positions: its attention's bias holds them)."""
         image = queries if projected else self.projection(queries[..., : self.count, :])
-        text = self.tokens(ids)[0].expand(*image.shape[:-2], -1, -1)
-        return torch.cat([image, text.to(image.dtype)], -2)
+        return torch.cat([image, _text_states(self.tokens, ids, image, prompt)], -2)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """The decoder's first states [1, T, D]: its tokens ``ids`` [1, T] embedded."""

@@ -377,6 +377,8 @@ class Blip2Head(Head):
     answers_counterfactuals = True
     #: The language model's prompt around the question.
     prompt: ClassVar[str] = BLIP2_PROMPT
+    #: Whether the Q-Former reads the question too (InstructBLIP's instruction).
+    reads_instruction: ClassVar[bool] = False
 
     def encode(self, tokenizer: Any, text: Any, limit: int, bos: int) -> tuple[str, list[int]]:
         checked = check_question(text, self.text)
@@ -419,10 +421,10 @@ class Blip2Head(Head):
 
     def check(self, config: Any) -> None:
         super().check(config)
-        if config.corrupt == "question":
-            raise BlipTraceError(f"a {self.label} model reads the question in its language model's prompt, "
-                                 "which this package cannot corrupt yet: corrupt the image (corrupt='image', "
-                                 "'patches' or 'pixels')")
+        if config.corrupt == "question" and config.block == QFORMER and not self.reads_instruction:
+            raise BlipTraceError("BLIP-2's Q-Former does not read the question (only its language model does), so "
+                                 "restoring it undoes nothing: trace a block of the language model, or corrupt the "
+                                 "image")
         if config.corrupt in QUERY_STAGES and config.block not in LANGUAGE_BLOCKS:
             blocks = " or ".join(repr(b) for b in self.blocks if b in LANGUAGE_BLOCKS)
             raise BlipTraceError(f"corrupt={config.corrupt!r}, noise on the queries, acts after every block but the "
@@ -438,6 +440,7 @@ class InstructBlipHead(Blip2Head):
     name, label, architecture = INSTRUCTBLIP, "InstructBLIP question answering", "InstructBlipForConditionalGeneration"
     model_type, processor = "instructblip", "InstructBlipProcessor"
     prompt = "{}"  # the instruction as it is, as the InstructBLIP model cards prompt
+    reads_instruction = True
 
     def instruction(self, bundle: Any, text: str) -> tuple[int, ...]:
         tokenizer = getattr(bundle.processor, "qformer_tokenizer", None)
@@ -450,6 +453,14 @@ class InstructBlipHead(Blip2Head):
     def reader_text(self, block: str) -> str:
         names: dict[str, str] = {QFORMER: "Q-Former", LANGUAGE_MODEL: "language model"}  # queries and instruction
         return names.get(block, self.text)
+
+    def check(self, config: Any) -> None:
+        super().check(config)
+        if config.corrupt == "question" and config.block == QFORMER and config.direction == "denoise":
+            raise BlipTraceError("with the question corrupted, restoring InstructBLIP's Q-Former leaves the language "
+                                 "model's copy of the question corrupted, which a Q-Former trace does not carry to "
+                                 "the language model in this release: trace a block of the language model, or use "
+                                 "direction='noise' (corrupted Q-Former states patched into the clean run)")
 
 
 class T5Answering:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import BlipTraceError
-from .names import STAGES
+from .names import QUERY_STAGES, STAGES
 
 
 def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image", limit: int = 200) -> float:
@@ -32,6 +32,7 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
     ``"question"`` (token embeddings), or BLIP-2's ``"queries"`` (the Q-Former's output queries) and
     ``"projected"`` (the same at the language model's width).
     """
+    from .blip2_noise import clean_queries
     from .clean import CleanPass
     from .data import text_of
     from .subsets import as_samples, open_image
@@ -50,10 +51,8 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
                 values.append(session.vision.embed(session.pixels).float().flatten())
             elif stage == "pixels":
                 values.append(session.pixels.float().flatten())
-            elif stage in ("queries", "projected"):  # the Q-Former's output queries, or their projection
-                queries = session.reader_output[:, : session.blocks.last.queries]
-                projected = session.blocks.last.stack.projection(queries) if stage == "projected" else queries
-                values.append(projected.float().flatten())
+            elif stage in QUERY_STAGES:  # the Q-Former's output queries, or their projection
+                values.append(clean_queries(session, stage).float().flatten())
             else:
                 stack = session.blocks.reader.stack  # the text block that reads the image (question or ITM text)
                 values.append(stack.embed(session.ids(session.question_ids)).float().flatten())

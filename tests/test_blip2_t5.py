@@ -303,3 +303,58 @@ def test_noise_on_the_projected_queries_matches_the_models_own_forward(traced, i
     loop = T5Loop(bundle, image, tracer, config, head.startswith("instruct"), stage="language_projection")
     np.testing.assert_allclose(result.scores, loop.grid(result.scores.shape[0]), atol=1e-6, rtol=1e-6)
     assert abs(result.high_score - result.low_score) > 0.01
+
+
+class T5QuestionLoop(T5Loop):
+    """The loop with the question corrupted where the model reads it: the T5 encoder's token embeddings at the
+    prompt's positions (the embedding also embeds the decoder's tokens: those are left alone), and InstructBLIP's
+    Q-Former instruction (its embeddings' output), drawn in that order from one generator."""
+
+    def __init__(self, bundle, image, tracer, config: TraceConfig, instruct: bool):
+        super().__init__(bundle, image, tracer, config, instruct)
+        self.prompt = len(tracer.question_ids)
+        generator = torch.Generator().manual_seed(config.seed)
+        with torch.no_grad():
+            words = self.model.language_model.shared(self.inputs["input_ids"][:, QUERIES:])
+            self.noisy_prompt = config.corruption(words, config.samples, generator)
+            self.noisy_instruction = None
+            if instruct:
+                seen = {}
+                handle = self.model.qformer.embeddings.register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+                self._logprob(1)
+                handle.remove()
+                self.noisy_instruction = config.corruption(seen["x"][:, QUERIES:], config.samples, generator)
+
+    def cell(self, restore: list[tuple[int, int]]) -> float:
+        def prompt(m, i, o):
+            if o.shape[1] != QUERIES + self.prompt:
+                return o  # the decoder's tokens
+            o = o.clone()
+            o[:, QUERIES:] = self.noisy_prompt
+            return o
+
+        def instruction(m, i, o):
+            o = o.clone()
+            o[:, QUERIES:] = self.noisy_instruction
+            return o
+
+        self.noisy = None
+        handles = [self.model.language_model.shared.register_forward_hook(prompt)]
+        if self.noisy_instruction is not None:
+            handles.append(self.model.qformer.embeddings.register_forward_hook(instruction))
+        try:
+            return super().cell(restore)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@pytest.mark.parametrize("block,kind", [("lm_encoder", "mlp"), ("lm_decoder", "cross_attn")])
+def test_a_corrupted_question_matches_the_models_own_forward(traced, image, block, kind):
+    head, bundle, tracer = traced
+    config = TraceConfig(block=block, kind=kind, samples=3, corrupt="question", metric="logprob",
+                         answer=MODELS[head][1], corruption=GaussianNoise(scale=3.0))
+    result = tracer.trace(config)
+    loop = T5QuestionLoop(bundle, image, tracer, config, head.startswith("instruct"))
+    np.testing.assert_allclose(result.scores, loop.grid(result.scores.shape[0]), atol=1e-6, rtol=1e-6)
+    assert abs(result.high_score - result.low_score) > 0.01

@@ -416,3 +416,12 @@ def test_the_papers_fresh_noise_noises_each_cell_with_its_own_draw(bundles, imag
         loop.corrupted = loop._record()
         assert result.scores.ravel()[index] == pytest.approx(loop.cell(list(cell)), abs=1e-5)
     assert result.direction == "noise" and np.abs(result.scores - result.high_score).max() > 1e-4
+
+
+def test_a_swap_of_two_words_exchanges_them():
+    """Every swap reads the question as given: exchanging two words does not let the second swap undo the first."""
+    from blip_trace_widgets import WordSwap
+
+    assert WordSwap({"color": "shape", "shape": "color"}).counterfactual("what color is the shape?") == \
+        "what shape is the color?"
+    assert WordSwap({"red": "blue"}).counterfactual("is it red? red.") == "is it blue? blue."

@@ -84,9 +84,7 @@ class InstructLoop:
     def cell(self, restore: list[tuple[int, int]]) -> float:
         samples = self.config.samples
         with ExitStack() as stack, torch.no_grad():
-            handle = self.model.get_submodule("vision_model.post_layernorm").register_forward_hook(
-                lambda m, i, o: self.noisy if o.ndim == 3 else o)
-            stack.callback(handle.remove)
+            self._corrupt(stack)
             for layer, position in restore:
                 found = self.where(self.config.kind, position)
                 if found is None:
@@ -107,6 +105,12 @@ class InstructLoop:
                 stack.callback(handle.remove)
             logits = self._forward(samples)
         return float(torch.softmax(logits.float(), -1)[:, self.offset, self.answer[0]].mean())
+
+    def _corrupt(self, stack: ExitStack) -> None:
+        """Hooks that corrupt the input: the noisy image embeddings in place of the ViT's output."""
+        handle = self.model.get_submodule("vision_model.post_layernorm").register_forward_hook(
+            lambda m, i, o: self.noisy if o.ndim == 3 else o)
+        stack.callback(handle.remove)
 
     def grid(self, positions: int, layers: int) -> np.ndarray:
         w = self.config.window
@@ -191,8 +195,8 @@ def test_restoring_everything_gives_the_clean_score_and_nothing_the_low(tracer):
 def test_noise_on_the_queries_and_the_refusals(tracer):
     result = tracer.trace(TraceConfig(block="language_model", samples=3, corrupt="queries", answer="red"))
     assert result.scores.shape == (QUERIES + len(tracer.question_ids), 3) and np.isfinite(result.scores).all()
-    with pytest.raises(BlipTraceError, match="InstructBLIP question answering model reads the question"):
-        tracer.trace(TraceConfig(block="qformer", corrupt="question"))
+    with pytest.raises(BlipTraceError, match="trace block='language_model'"):
+        tracer.trace(TraceConfig(block="qformer", corrupt="queries"))
 
 
 def test_estimates_tend_to_exact_as_the_noise_vanishes(tracer):
@@ -244,3 +248,67 @@ def test_a_saved_instructblip_folder_loads_traces_and_explores(tmp_path, image):
     explorer.noise_samples.value = 2
     explorer.kind.value = "mlp"
     assert explorer.error.value == "" and explorer.result.tokens[QUERIES] == "[CLS]"
+
+
+class QuestionLoop(InstructLoop):
+    """The same loop with the question corrupted where the model reads it: the language model's token embeddings at
+    the prompt's positions, and the Q-Former's instruction (its embeddings' output, after their LayerNorm), drawn in
+    that order from one generator."""
+
+    def __init__(self, bundle, image, tracer, config: TraceConfig):
+        super().__init__(bundle, image, tracer, config)
+        self.prompt = len(tracer.question_ids)
+        with torch.no_grad():
+            words = self.model.language_model.get_input_embeddings()(self.ids[:, QUERIES:QUERIES + self.prompt])
+            seen = {}
+            handle = self.model.qformer.embeddings.register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+            self._forward(1)
+            handle.remove()
+        generator = torch.Generator().manual_seed(config.seed)
+        self.noisy_prompt = config.corruption(words, config.samples, generator)
+        self.noisy_instruction = config.corruption(seen["x"][:, QUERIES:], config.samples, generator)
+
+    def _corrupt(self, stack: ExitStack) -> None:
+        def prompt(m, i, o):
+            o = o.clone()
+            o[:, QUERIES:QUERIES + self.prompt] = self.noisy_prompt
+            return o
+
+        def instruction(m, i, o):
+            o = o.clone()
+            o[:, QUERIES:] = self.noisy_instruction
+            return o
+
+        for module, hook in ((self.model.language_model.get_input_embeddings(), prompt),
+                             (self.model.qformer.embeddings, instruction)):
+            handle = module.register_forward_hook(hook)
+            stack.callback(handle.remove)
+
+
+@pytest.mark.parametrize("block,kind", [("language_model", "hidden"), ("language_model", "mlp")])
+def test_a_corrupted_question_is_both_copies_and_matches_the_models_own_forward(bundle, image, tracer, block, kind):
+    """corrupt='question': noise on the prompt's token embeddings and on the Q-Former's instruction, checked cell by
+    cell against the model's own forward with hooks that put the same noise in both places."""
+    config = TraceConfig(block=block, kind=kind, samples=3, corrupt="question", answer="red",
+                         corruption=GaussianNoise(scale=3.0))
+    result = tracer.trace(config)
+    loop = QuestionLoop(bundle, image, tracer, config)
+    np.testing.assert_allclose(result.scores, loop.grid(*result.scores.shape), atol=1e-5, rtol=1e-4)
+    assert result.low_score == pytest.approx(loop.cell([]), abs=1e-5)
+    assert abs(result.high_score - result.low_score) > 1e-3
+
+
+def test_a_word_swap_swaps_the_word_in_both_copies(bundle, image, tracer):
+    from blip_trace_widgets import WordSwap
+
+    swapped = Tracer(bundle, image, "what shape is the color?")  # "color" and "shape" swapped: one token each
+    result = tracer.trace(TraceConfig(block="language_model", samples=1, corrupt="question", answer="red",
+                                      corruption=WordSwap({"color": "shape", "shape": "color"})))
+    expected = swapped.trace(TraceConfig(block="language_model", samples=1, corrupt="image", answer="red"))
+    assert result.low_score == pytest.approx(expected.high_score, abs=1e-6)  # the swap is the other question, clean
+    with pytest.raises(BlipTraceError, match="corrupt_tokens positions are ambiguous"):
+        tracer.trace(TraceConfig(block="language_model", corrupt="question", corrupt_tokens=(1,), answer="red"))
+    with pytest.raises(BlipTraceError, match="leaves the language model's copy of the question corrupted"):
+        tracer.trace(TraceConfig(block="qformer", corrupt="question"))
+    noised = tracer.trace(TraceConfig(block="qformer", corrupt="question", direction="noise", samples=2, answer="red"))
+    assert np.isfinite(noised.scores).all()
