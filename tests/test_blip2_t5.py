@@ -32,6 +32,9 @@ PATHS = {
     ("lm_decoder", "self_attn_head"): DEC + ".layer.0.SelfAttention.o@in",
     ("lm_decoder", "cross_attn_head"): DEC + ".layer.1.EncDecAttention.o@in",
     ("qformer", "hidden"): "qformer.encoder.layer.{l}",
+    ("qformer", "self_attn"): "qformer.encoder.layer.{l}.attention.output.dense",
+    ("vision_encoder", "hidden"): "vision_model.encoder.layers.{l}",
+    ("vision_encoder", "mlp"): "vision_model.encoder.layers.{l}.mlp",
 }
 #: (head, seed, answer): tiny models (Flan-T5-like initialisation at 1.5) whose answer moves under the noise.
 MODELS = {"blip2-t5": (1, "green"), "instructblip-t5": (0, ":")}
@@ -144,11 +147,13 @@ CASES = [(block, kind, 1) for (block, kind) in PATHS] + [("lm_encoder", "mlp", 2
 @pytest.mark.parametrize("block,kind,window", CASES)
 def test_every_block_kind_and_window_matches_the_models_own_forward(traced, image, block, kind, window):
     head, bundle, tracer = traced
-    config = TraceConfig(block=block, kind=kind, window=window, samples=3, corrupt="image", metric="logprob",
-                         answer=MODELS[head][1], corruption=GaussianNoise(scale=3.0))
+    vision = block == "vision_encoder"  # corrupted before it, on the patch embeddings
+    config = TraceConfig(block=block, kind=kind, window=window, samples=3, corrupt="patches" if vision else "image",
+                         metric="logprob", answer=MODELS[head][1], corruption=GaussianNoise(scale=3.0))
     result = tracer.trace(config)
     assert bundle.head == head and result.block == block
-    loop = T5Loop(bundle, image, tracer, config, head.startswith("instruct"))
+    loop = T5Loop(bundle, image, tracer, config, head.startswith("instruct"),
+                  stage="vision_model.embeddings" if vision else "vision_model.post_layernorm")
     np.testing.assert_allclose(result.scores, loop.grid(result.scores.shape[0]), atol=1e-6, rtol=1e-6)
     assert result.low_score == pytest.approx(loop.cell([]), abs=1e-6)
     assert result.high_score == pytest.approx(loop._logprob(1), abs=1e-6)

@@ -18,6 +18,7 @@ from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Trace
 
 QFORMER = "qformer.encoder.layer.{l}"
 LM = "language_model.model.decoder.layers.{l}"
+VIT = "vision_model.encoder.layers.{l}"
 QUESTION = "what color is the shape?"
 QUERIES = 4
 SEED = 5
@@ -41,6 +42,16 @@ def _lm_module(kind: str, position: int) -> tuple[str, int]:
     return LM + {"hidden": "", "self_attn": ".self_attn.out_proj", "mlp": ".fc2"}[kind], position
 
 
+def _vision_module(kind: str, position: int) -> tuple[str, int]:
+    return VIT + {"hidden": "", "self_attn": ".self_attn", "mlp": ".mlp"}[kind], position
+
+
+#: A head kind's module: the input of the attention's output projection (its context), per block.
+HEAD_INPUTS = {("qformer", "self_attn_head"): QFORMER + ".attention.output.dense",
+               ("qformer", "cross_attn_head"): QFORMER + ".crossattention.output.dense",
+               ("language_model", "self_attn_head"): LM + ".self_attn.out_proj"}
+
+
 def _out(o):
     return o[0] if isinstance(o, tuple) else o
 
@@ -48,16 +59,17 @@ def _out(o):
 class InstructLoop:
     """ROME's procedure on InstructBLIP, one forward pass of the whole model per cell, noise samples as the batch."""
 
-    def __init__(self, bundle, image, tracer, config: TraceConfig):
-        self.model, self.config = bundle.model, config
+    def __init__(self, bundle, image, tracer, config: TraceConfig, stage: str = "vision_model.post_layernorm"):
+        self.model, self.config, self.stage = bundle.model, config, stage
         self.answer = list(tracer.target(config).tokens)
         self.ids = torch.tensor([[BLIP2_VOCAB["<image>"]] * QUERIES + list(tracer.question_ids) + self.answer[:-1]])
         self.instruction = torch.tensor([list(bundle.processor.qformer_tokenizer(QUESTION)["input_ids"])])
         self.offset = QUERIES + len(tracer.question_ids) - 1
         self.pixels = bundle.processor.image_processor(image, return_tensors="pt")["pixel_values"]
-        self.where = _qformer_module if config.block == "qformer" else _lm_module
+        self.where = {"qformer": _qformer_module, "language_model": _lm_module,
+                      "vision_encoder": _vision_module}[config.block]
         seen = {}
-        handle = self.model.get_submodule("vision_model.post_layernorm").register_forward_hook(
+        handle = self.model.get_submodule(stage).register_forward_hook(
             lambda m, i, o: seen.setdefault("x", o) if o.ndim == 3 else None)
         with torch.no_grad():
             self.clean = self._record()
@@ -66,10 +78,13 @@ class InstructLoop:
 
     def _record(self) -> dict[str, torch.Tensor]:
         seen: dict[str, torch.Tensor] = {}
-        layers = ("qformer.encoder.layer.", "language_model.model.decoder.layers.")
+        layers = ("qformer.encoder.layer.", "language_model.model.decoder.layers.", "vision_model.encoder.layers.")
         handles = [module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, _out(o).clone()))
                    for name, module in self.model.named_modules() if name.startswith(layers)
                    and not name.endswith(("dropout", "act_fn", "activation_fn"))]
+        handles += [module.register_forward_pre_hook(lambda m, i, name=name: seen.__setitem__(name + "@in", i[0].clone()))
+                    for name, module in self.model.named_modules()
+                    if name.endswith(("attention.output.dense", "self_attn.out_proj"))]
         try:
             self._forward(1)
         finally:
@@ -107,8 +122,8 @@ class InstructLoop:
         return float(torch.softmax(logits.float(), -1)[:, self.offset, self.answer[0]].mean())
 
     def _corrupt(self, stack: ExitStack) -> None:
-        """Hooks that corrupt the input: the noisy image embeddings in place of the ViT's output."""
-        handle = self.model.get_submodule("vision_model.post_layernorm").register_forward_hook(
+        """Hooks that corrupt the input: the noisy stage output (the ViT's, or its patch embeddings) in its place."""
+        handle = self.model.get_submodule(self.stage).register_forward_hook(
             lambda m, i, o: self.noisy if o.ndim == 3 else o)
         stack.callback(handle.remove)
 
@@ -312,3 +327,49 @@ def test_a_word_swap_swaps_the_word_in_both_copies(bundle, image, tracer):
         tracer.trace(TraceConfig(block="qformer", corrupt="question"))
     noised = tracer.trace(TraceConfig(block="qformer", corrupt="question", direction="noise", samples=2, answer="red"))
     assert np.isfinite(noised.scores).all()
+
+
+class HeadLoop(InstructLoop):
+    """The loop for head kinds: a cell restores one head's slice of the attention's context (the output
+    projection's input) at every position, over its window of layers."""
+
+    def cell(self, restore: list[tuple[int, int]]) -> float:
+        samples, heads = self.config.samples, 4
+        with ExitStack() as stack, torch.no_grad():
+            self._corrupt(stack)
+            for layer, head in restore:
+                name = HEAD_INPUTS[(self.config.block, self.config.kind)].format(l=layer)
+                if name + "@in" not in self.clean:
+                    continue  # a layer without cross-attention
+
+                def pre(m, i, clean=self.clean[name + "@in"], h=head):
+                    x = i[0].clone()
+                    width = x.shape[-1] // heads
+                    view = x.view(samples, -1, x.shape[-1])
+                    view[..., h * width:(h + 1) * width] = clean.view(1, -1, clean.shape[-1])[..., h * width:(h + 1) * width]
+                    return (x, *i[1:])
+
+                handle = self.model.get_submodule(name).register_forward_pre_hook(pre)
+                stack.callback(handle.remove)
+            logits = self._forward(samples)
+        return float(torch.softmax(logits.float(), -1)[:, self.offset, self.answer[0]].mean())
+
+
+@pytest.mark.parametrize("block,kind,window", [("qformer", "self_attn_head", 1), ("qformer", "cross_attn_head", 3),
+                                               ("language_model", "self_attn_head", 1), ("language_model", "hidden", 3)])
+def test_head_kinds_and_wider_windows_match_the_models_own_forward(bundle, image, tracer, block, kind, window):
+    config = TraceConfig(block=block, kind=kind, window=window, samples=3, corruption=GaussianNoise(scale=3.0),
+                         corrupt="image", answer="red")
+    result = tracer.trace(config)
+    loop = (HeadLoop if kind.endswith("_head") else InstructLoop)(bundle, image, tracer, config)
+    np.testing.assert_allclose(result.scores, loop.grid(*result.scores.shape), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["hidden", "self_attn", "mlp"])
+def test_the_vision_encoder_matches_the_models_own_forward(bundle, image, tracer, kind):
+    config = TraceConfig(block="vision_encoder", kind=kind, samples=2, corruption=GaussianNoise(scale=3.0),
+                         corrupt="patches", answer="red")
+    result = tracer.trace(config)
+    loop = InstructLoop(bundle, image, tracer, config, stage="vision_model.embeddings")
+    np.testing.assert_allclose(result.scores, loop.grid(*result.scores.shape), atol=1e-5, rtol=1e-4)
+    assert abs(result.high_score - result.low_score) > 1e-3
