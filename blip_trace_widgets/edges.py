@@ -41,6 +41,7 @@ from .names import (
     LANGUAGE_MODEL,
     LM_DECODER,
     LM_ENCODER,
+    TEXT_CROSS_BLOCKS,
 )
 from .regions import describe_region
 
@@ -67,7 +68,7 @@ def _tokens(value: Any, name: str) -> Any:
 
 #: Blocks whose attention reads text, never the image's embeddings: a decoder's cross-attention reads its encoder's
 #: output; a language model reads the image as its first positions (the projected queries, keys="image").
-READS_TEXT: tuple[str, ...] = (ANSWER_DECODER, LANGUAGE_MODEL, LM_ENCODER, LM_DECODER)
+READS_TEXT: tuple[str, ...] = (*TEXT_CROSS_BLOCKS, LANGUAGE_MODEL, LM_ENCODER)
 
 
 @dataclass(frozen=True)

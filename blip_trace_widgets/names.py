@@ -60,6 +60,8 @@ BLOCK_LABELS: dict[str, str] = {
     LM_ENCODER: "language model's encoder",
     LM_DECODER: "language model's decoder",
 }
+#: Decoders whose cross-attention reads text (their encoder's output), not the image.
+TEXT_CROSS_BLOCKS: tuple[Block, ...] = (ANSWER_DECODER, LM_DECODER)
 #: Text blocks whose self-attention is causal (each position sees only those before it).
 CAUSAL_BLOCKS: tuple[Block, ...] = (ANSWER_DECODER, CAPTION_DECODER, LANGUAGE_MODEL, LM_DECODER)
 

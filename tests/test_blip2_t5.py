@@ -363,3 +363,20 @@ def test_a_corrupted_question_matches_the_models_own_forward(traced, image, bloc
     loop = T5QuestionLoop(bundle, image, tracer, config, head.startswith("instruct"))
     np.testing.assert_allclose(result.scores, loop.grid(result.scores.shape[0]), atol=1e-6, rtol=1e-6)
     assert abs(result.high_score - result.low_score) > 0.01
+
+
+@pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
+def test_the_explorer_paints_only_cross_attention_that_reads_the_image(traced, image):
+    """The T5 decoder's cross-attention reads the encoder's positions, not the image: its head map shows no image
+    pattern view (before, painting it raised); the Q-Former's does."""
+    from blip_trace_widgets.widgets import TraceExplorer
+
+    _, bundle, _ = traced
+    explorer = TraceExplorer(bundle, image, QUESTION, background=False, mode="exact")
+    explorer.noise_samples.value = 2
+    explorer.block.value = "lm_decoder"
+    explorer.kind.value = "cross_attn_head"
+    assert explorer.error.value == "" and explorer.pattern.layout.display == "none"
+    explorer.block.value = "qformer"
+    explorer.kind.value = "cross_attn_head"
+    assert explorer.error.value == "" and explorer.pattern.layout.display is None

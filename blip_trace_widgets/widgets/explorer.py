@@ -19,9 +19,9 @@ import ipywidgets as W
 from ..errors import BlipTraceError, renamed
 from ..loading import BlipBundle
 from ..names import (
-    ANSWER_DECODER,
     HIDDEN,
     SUBLAYER_KINDS,
+    TEXT_CROSS_BLOCKS,
     VISION_ENCODER,
     is_head_kind,
     kinds_of,
@@ -70,7 +70,7 @@ class HeadPattern(W.HBox):
 
     def show(self, tracer: Tracer, result: TraceResult | None) -> None:
         """Follow ``result``: shown for a cross-attention head map of a block that reads the image, else hidden."""
-        reads_image = result is not None and result.kind == "cross_attn_head" and result.block != ANSWER_DECODER
+        reads_image = result is not None and result.kind == "cross_attn_head" and result.block not in TEXT_CROSS_BLOCKS
         self.layout.display = None if reads_image else "none"
         self._shown = None
         if result is not None and reads_image:  # the map's own layers (those with cross-attention) and heads
