@@ -26,7 +26,7 @@ import torch
 
 from . import anatomy
 from .engine import start_layer
-from .names import BLOCK_LABELS, LANGUAGE_MODEL, VISION_ENCODER
+from .names import BLOCK_LABELS, LANGUAGE_BLOCKS, LM_DECODER, VISION_ENCODER
 
 #: Measured time over matmul-only time for the engine's layers on a CPU (softmax, norms, copies, the scoring):
 #: about 2 to 3 on the demo model's traces; rough.
@@ -91,7 +91,9 @@ def _layer_work(tracer: Any, block: str, tokens: int) -> tuple[float, int]:
         return tokens * (4 * h * h + 2 * h * i) + 2 * tokens * tokens * h, h
     config = anatomy.block_config(model, block)
     h, i = config.hidden_size, anatomy.feed_forward_size(config)
-    image = 0 if block == LANGUAGE_MODEL else int(tracer.clean.image_embeds.shape[1])  # what it cross-attends to
+    # what it cross-attends to: the image's embeddings (BLIP's text blocks, the Q-Former); a T5 decoder's encoder
+    # output (about as long as its own input, the queries and the prompt); nothing (OPT, T5's encoder)
+    image = tokens if block == LM_DECODER else 0 if block in LANGUAGE_BLOCKS else int(tracer.clean.image_embeds.shape[1])
     return tokens * (6 * h * h + 2 * h * i) + 2 * tokens * (tokens + image) * h, h
 
 
