@@ -109,10 +109,6 @@ QFORMER_NORMS: dict[str, str] = {"blip-2": "qformer.layernorm", "instructblip": 
 #: InstructBLIP's instruction embeddings in the Q-Former: (tokens, learned positions), added before the LayerNorm.
 INSTRUCTION_EMBEDDINGS = ("qformer.embeddings.word_embeddings", "qformer.embeddings.position_embeddings")
 LANGUAGE_PROJECTION = "language_projection"  # Q-Former output -> the language model's width
-LM_TOKENS = "language_model.model.decoder.embed_tokens"
-LM_POSITIONS = "language_model.model.decoder.embed_positions"
-LM_FINAL_NORM = "language_model.model.decoder.final_layer_norm"
-LM_HEAD = "language_model.lm_head"
 VISION_PROJECTION = "vision_proj"
 TEXT_PROJECTION = "text_proj"
 
@@ -161,6 +157,43 @@ DECODER_LAYER_PARTS: dict[str, str] = {
     "fc1": "fc1",
     "act": "activation_fn",
     "fc2": "fc2",
+}
+#: Pieces of one LLaMA (Vicuna) decoder layer (pre-RMSNorm, causal, rotary positions, gated MLP), relative to it.
+LLAMA_LAYER_PARTS: dict[str, str] = {
+    "norm1": "input_layernorm",
+    "query": "self_attn.q_proj",
+    "key": "self_attn.k_proj",
+    "value": "self_attn.v_proj",
+    "attn_out": "self_attn.o_proj",
+    "norm2": "post_attention_layernorm",
+    "mlp": "mlp",
+}
+
+
+@dataclass(frozen=True)
+class LanguageModelRow:
+    """Where one family of decoder-only language models keeps things, inside BLIP-2 or InstructBLIP."""
+
+    layers: str
+    parts: dict[str, str]  # each layer's pieces, relative to it
+    suffixes: dict[str, str]  # per kind, the module restored, relative to a layer
+    tokens: str
+    final_norm: str
+    positions: str | None = None  # learned positions (OPT's); None: rotary (LLaMA's), at ``rotary``
+    rotary: str | None = None
+    head: str = "language_model.lm_head"
+
+
+#: One row per decoder-only language model, by its configuration's ``model_type``.
+LANGUAGE_MODELS: dict[str, LanguageModelRow] = {
+    "opt": LanguageModelRow("language_model.model.decoder.layers", DECODER_LAYER_PARTS,
+                            {"hidden": "", "self_attn": ".self_attn.out_proj", "mlp": ".fc2"},
+                            "language_model.model.decoder.embed_tokens", "language_model.model.decoder.final_layer_norm",
+                            positions="language_model.model.decoder.embed_positions"),
+    "llama": LanguageModelRow("language_model.model.layers", LLAMA_LAYER_PARTS,
+                              {"hidden": "", "self_attn": ".self_attn.o_proj", "mlp": ".mlp"},
+                              "language_model.model.embed_tokens", "language_model.model.norm",
+                              rotary="language_model.model.rotary_emb"),
 }
 
 #: Pieces of one T5 layer (pre-RMSNorm; unscaled attention with a relative position bias), relative to the layer:
@@ -250,7 +283,9 @@ def check_head_block(head: str, block: str) -> str:
 
 
 def num_layers(model: nn.Module, block: str) -> int:
-    return len(get_module(model, LAYERS[check_block(block)]))
+    if check_block(block) == LANGUAGE_MODEL:
+        return len(get_module(model, language_model_row(model).layers))
+    return len(get_module(model, LAYERS[block]))
 
 
 @dataclass(frozen=True)
@@ -308,17 +343,39 @@ class DecoderLayer:
     fc2: nn.Linear
 
 
-def decoder_layers(model: nn.Module) -> list[DecoderLayer]:
-    """Every layer of BLIP-2's language model; a clear error for a language model this package cannot run."""
+def language_model_row(model: nn.Module) -> LanguageModelRow:
+    """The row of ``model``'s decoder-only language model; a clear error for one this package cannot run."""
     config = text_config(model)
-    if getattr(config, "model_type", None) != "opt":
-        raise BlipTraceError(f"BLIP-2 or InstructBLIP with a {getattr(config, 'model_type', '?')} language model is "
-                             "not supported yet: use an OPT one, such as Salesforce/blip2-opt-2.7b")
-    if not config.do_layer_norm_before or int(config.word_embed_proj_dim) != int(config.hidden_size):
+    kind = str(getattr(config, "model_type", "?"))
+    if kind not in LANGUAGE_MODELS:
+        raise BlipTraceError(f"BLIP-2 or InstructBLIP with a {kind} language model is not supported: use an OPT, "
+                             "LLaMA (Vicuna) or T5 one, such as Salesforce/blip2-opt-2.7b")
+    if kind == "opt" and (not config.do_layer_norm_before or int(config.word_embed_proj_dim) != int(config.hidden_size)):
         raise BlipTraceError("this OPT language model is post-LN or projects its embeddings (as OPT-350m does); "
                              "only pre-LN OPT (125m, 1.3b, 2.7b, 6.7b and up) is supported")
-    return [DecoderLayer(**{role: get_module(layer, path) for role, path in DECODER_LAYER_PARTS.items()})
-            for layer in get_module(model, LAYERS[LANGUAGE_MODEL])]
+    return LANGUAGE_MODELS[kind]
+
+
+def decoder_layers(model: nn.Module) -> list[Any]:
+    """Every layer of BLIP-2's decoder-only language model (OPT's :class:`DecoderLayer`, LLaMA's
+    :class:`LlamaLayer`); a clear error for a language model this package cannot run."""
+    row = language_model_row(model)
+    layer_class = DecoderLayer if row.positions is not None else LlamaLayer
+    return [layer_class(**{role: get_module(layer, path) for role, path in row.parts.items()})
+            for layer in get_module(model, row.layers)]
+
+
+@dataclass(frozen=True)
+class LlamaLayer:
+    """The modules of one LLaMA decoder layer (pre-RMSNorm, causal, rotary) that a forward pass needs."""
+
+    norm1: nn.Module
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    attn_out: nn.Linear
+    norm2: nn.Module
+    mlp: nn.Module  # gate, up and down projections: the model's own module
 
 
 @dataclass(frozen=True)
@@ -456,11 +513,12 @@ def instruction_embeddings(model: nn.Module) -> tuple[nn.Embedding, nn.Embedding
 
 
 def language_model_parts(model: nn.Module) -> dict[str, Any]:
-    """BLIP-2's language model around its layers: the query projection, token and position embeddings, the final
-    LayerNorm and the language-model head."""
-    names = {"projection": LANGUAGE_PROJECTION, "tokens": LM_TOKENS, "positions": LM_POSITIONS,
-             "final_norm": LM_FINAL_NORM, "head": LM_HEAD}
-    return {role: get_module(model, name) for role, name in names.items()}
+    """BLIP-2's decoder-only language model around its layers: the query projection, token embeddings, learned
+    positions (OPT's) or rotary embedding (LLaMA's; None where absent), the final norm and the head."""
+    row = language_model_row(model)
+    names = {"projection": LANGUAGE_PROJECTION, "tokens": row.tokens, "positions": row.positions,
+             "rotary": row.rotary, "final_norm": row.final_norm, "head": row.head}
+    return {role: None if name is None else get_module(model, name) for role, name in names.items()}
 
 
 def vision_config(model: Any) -> Any:

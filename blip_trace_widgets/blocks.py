@@ -35,7 +35,6 @@ from . import anatomy
 from .config import TraceConfig
 from .engine import (
     Cell,
-    DecoderStack,
     QFormerStack,
     Run,
     T5Stack,
@@ -43,6 +42,7 @@ from .engine import (
     VisionStack,
     group_cells,
     head_unit,
+    language_model_stack,
     record_run,
     rows_per_chunk,
     shared_cross,
@@ -449,7 +449,7 @@ class LanguageModel:
     reads_target = True
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.stack = DecoderStack(model)
+        self.stack = language_model_stack(model)
         self.queries = self.stack.count
 
     def labels(self, session: Pass, target: Target) -> list[str]:

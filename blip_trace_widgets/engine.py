@@ -482,6 +482,59 @@ class DecoderStack:
         return edit("hidden", h1 + m)
 
 
+class LlamaStack(DecoderStack):
+    """BLIP-2's or InstructBLIP's LLaMA (Vicuna) language model, layer by layer, as :class:`DecoderStack` runs OPT:
+    pre-RMSNorm layers h1 = h + SA(LN1(h)), h2 = h1 + MLP(LN2(h1)), but with rotary positions on the queries and
+    keys (as ``apply_rotary_pos_emb`` rotates them), grouped keys and values, and a gated MLP (the model's module)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        config = anatomy.text_config(model)
+        self.rotary = anatomy.language_model_parts(model)["rotary"]
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self.groups = int(config.num_attention_heads) // int(getattr(config, "num_key_value_heads", None)
+                                                             or config.num_attention_heads)
+
+    def embed(self, queries: torch.Tensor, ids: torch.Tensor, projected: bool = False,
+              prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """As OPT's, without learned positions: the rotary embedding rotates each layer's queries and keys."""
+        image = queries if projected else self.projection(queries[..., : self.count, :])
+        return torch.cat([image, _text_states(self.tokens, ids, image, prompt)], -2)
+
+    def _qkv(self, L: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer L's queries, keys and values of its normed input ``x`` [B, T, D], rotated and with the key/value
+        heads repeated for their groups: [B, H, T, D/H] each."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+        b, t, _ = x.shape
+        q, k, v = (proj(x).view(b, t, -1, self.head_dim).transpose(1, 2) for proj in (L.query, L.key, L.value))
+        cos, sin = self.rotary(x, torch.arange(t, device=x.device)[None])
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, repeat_kv(k, self.groups), repeat_kv(v, self.groups)
+
+    def self_attention(self, j: int, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer j's self-attention weights for its input ``h`` [B, T, D]: [B, H, T, T]."""
+        q, k, _ = self._qkv(self.layers[j], self.layers[j].norm1(h))
+        return _weights(q, k, mask)
+
+    def layer(self, j: int, h: torch.Tensor, cross: Any = None, mask: torch.Tensor | None = None,
+              edit: Edit = _no_edit, cuts: Cuts = (None, None), drop: bool = False) -> torch.Tensor:
+        """Layer j on ``h`` [S, C, T, D]; ``edit``, ``cuts`` and ``drop`` as for :class:`TextStack`."""
+        L = self.layers[j]
+        s, c, t, d = h.shape
+        rows = h.reshape(s * c, t, d)
+        ctx = attend(*self._qkv(L, L.norm1(rows.detach() if drop else rows)), mask, cuts[0])
+        ctx = edit_heads(edit, "self_attn_head", ctx.transpose(1, 2).reshape(s, c, t, -1), self.heads)
+        h1 = h + edit("self_attn", L.attn_out(ctx))
+        m = edit("mlp", L.mlp(L.norm2(h1.detach() if drop else h1)))
+        return edit("hidden", h1 + m)
+
+
+def language_model_stack(model: torch.nn.Module) -> DecoderStack:
+    """The stack of ``model``'s decoder-only language model: OPT's, or LLaMA's (rotary positions)."""
+    return LlamaStack(model) if anatomy.language_model_row(model).rotary else DecoderStack(model)
+
+
 class T5Stack:
     """A Flan-T5 language model's encoder or decoder, layer by layer, in the interface of :class:`TextStack`. Its
     layers are pre-LN (RMSNorm): h1 = h + SA(LN(h)), in the decoder h2 = h1 + XA(LN(h1)) over the encoder's output,

@@ -18,6 +18,7 @@ from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Trace
 
 QFORMER = "qformer.encoder.layer.{l}"
 LM = "language_model.model.decoder.layers.{l}"
+LLAMA = "language_model.model.layers.{l}"  # a Vicuna-like (LLaMA) language model's layers
 VIT = "vision_model.encoder.layers.{l}"
 QUESTION = "what color is the shape?"
 QUERIES = 4
@@ -42,6 +43,10 @@ def _lm_module(kind: str, position: int) -> tuple[str, int]:
     return LM + {"hidden": "", "self_attn": ".self_attn.out_proj", "mlp": ".fc2"}[kind], position
 
 
+def _llama_module(kind: str, position: int) -> tuple[str, int]:
+    return LLAMA + {"hidden": "", "self_attn": ".self_attn.o_proj", "mlp": ".mlp"}[kind], position
+
+
 def _vision_module(kind: str, position: int) -> tuple[str, int]:
     return VIT + {"hidden": "", "self_attn": ".self_attn", "mlp": ".mlp"}[kind], position
 
@@ -49,7 +54,8 @@ def _vision_module(kind: str, position: int) -> tuple[str, int]:
 #: A head kind's module: the input of the attention's output projection (its context), per block.
 HEAD_INPUTS = {("qformer", "self_attn_head"): QFORMER + ".attention.output.dense",
                ("qformer", "cross_attn_head"): QFORMER + ".crossattention.output.dense",
-               ("language_model", "self_attn_head"): LM + ".self_attn.out_proj"}
+               ("language_model", "self_attn_head"): LM + ".self_attn.out_proj",
+               ("llama", "self_attn_head"): LLAMA + ".self_attn.o_proj"}
 
 
 def _out(o):
@@ -66,7 +72,8 @@ class InstructLoop:
         self.instruction = torch.tensor([list(bundle.processor.qformer_tokenizer(QUESTION)["input_ids"])])
         self.offset = QUERIES + len(tracer.question_ids) - 1
         self.pixels = bundle.processor.image_processor(image, return_tensors="pt")["pixel_values"]
-        self.where = {"qformer": _qformer_module, "language_model": _lm_module,
+        self.llama = self.model.config.text_config.model_type == "llama"
+        self.where = {"qformer": _qformer_module, "language_model": _llama_module if self.llama else _lm_module,
                       "vision_encoder": _vision_module}[config.block]
         seen = {}
         handle = self.model.get_submodule(stage).register_forward_hook(
@@ -78,13 +85,14 @@ class InstructLoop:
 
     def _record(self) -> dict[str, torch.Tensor]:
         seen: dict[str, torch.Tensor] = {}
-        layers = ("qformer.encoder.layer.", "language_model.model.decoder.layers.", "vision_model.encoder.layers.")
+        layers = ("qformer.encoder.layer.", "language_model.model.decoder.layers.", "language_model.model.layers.",
+                  "vision_model.encoder.layers.")
         handles = [module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, _out(o).clone()))
                    for name, module in self.model.named_modules() if name.startswith(layers)
                    and not name.endswith(("dropout", "act_fn", "activation_fn"))]
         handles += [module.register_forward_pre_hook(lambda m, i, name=name: seen.__setitem__(name + "@in", i[0].clone()))
                     for name, module in self.model.named_modules()
-                    if name.endswith(("attention.output.dense", "self_attn.out_proj"))]
+                    if name.endswith(("attention.output.dense", "self_attn.out_proj", "self_attn.o_proj"))]
         try:
             self._forward(1)
         finally:
@@ -338,7 +346,8 @@ class HeadLoop(InstructLoop):
         with ExitStack() as stack, torch.no_grad():
             self._corrupt(stack)
             for layer, head in restore:
-                name = HEAD_INPUTS[(self.config.block, self.config.kind)].format(l=layer)
+                block = "llama" if self.llama and self.config.block == "language_model" else self.config.block
+                name = HEAD_INPUTS[(block, self.config.kind)].format(l=layer)
                 if name + "@in" not in self.clean:
                     continue  # a layer without cross-attention
 
@@ -373,3 +382,43 @@ def test_the_vision_encoder_matches_the_models_own_forward(bundle, image, tracer
     loop = InstructLoop(bundle, image, tracer, config, stage="vision_model.embeddings")
     np.testing.assert_allclose(result.scores, loop.grid(*result.scores.shape), atol=1e-5, rtol=1e-4)
     assert abs(result.high_score - result.low_score) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def vicuna(image):
+    """InstructBLIP with a Vicuna-like (LLaMA) language model: rotary positions, grouped keys and values."""
+    bundle = load_model((tiny_instructblip(seed=1, language="llama"), tiny_instructblip_processor(queries=QUERIES)),
+                        device="cpu")
+    return bundle, Tracer(bundle, image, QUESTION)
+
+
+@pytest.mark.parametrize("block,kind,window", [("language_model", "hidden", 1), ("language_model", "self_attn", 3),
+                                               ("language_model", "mlp", 1), ("language_model", "self_attn_head", 1),
+                                               ("qformer", "mlp", 1)])
+def test_a_llama_language_model_matches_the_models_own_forward(vicuna, image, block, kind, window):
+    bundle, tracer = vicuna
+    config = TraceConfig(block=block, kind=kind, window=window, samples=3, corruption=GaussianNoise(scale=3.0),
+                         corrupt="image")
+    result = tracer.trace(config)
+    loop = (HeadLoop if kind.endswith("_head") else InstructLoop)(bundle, image, tracer, config)
+    np.testing.assert_allclose(result.scores, loop.grid(*result.scores.shape), atol=1e-5, rtol=1e-4)
+    assert abs(result.high_score - result.low_score) > 1e-3
+
+
+def test_a_llama_language_model_answers_as_generate_does(image):
+    answered = 0
+    for seed in range(3):
+        model = tiny_instructblip(seed=seed, language="llama")
+        b = load_model((model, tiny_instructblip_processor(queries=QUERIES)), device="cpu")
+        tracer = Tracer(b, image, QUESTION)
+        inputs = b.processor(images=image, text=QUESTION, return_tensors="pt")
+        ids = torch.tensor([[BLIP2_VOCAB["<image>"]] * QUERIES + list(tracer.question_ids)])
+        out = model.generate(pixel_values=inputs["pixel_values"], input_ids=ids,
+                             qformer_input_ids=inputs["qformer_input_ids"], max_new_tokens=10, do_sample=False,
+                             num_beams=1)
+        generated = [int(t) for t in out[0, ids.shape[1]:]]
+        eos = model.config.text_config.eos_token_id
+        generated = generated[:generated.index(eos)] if eos in generated else generated
+        assert tracer.clean.greedy_ids == generated
+        answered += bool(generated)
+    assert answered

@@ -118,16 +118,26 @@ def tiny_instructblip_processor(image_size: int = 32, queries: int = 4):
                                  qformer_tokenizer=make_tokenizer(VOCAB), num_query_tokens=queries)
 
 
+def tiny_llama_text_config(layers: int = 3, width: int = 32, positions: int = 48) -> dict:
+    """A Vicuna-like (LLaMA) language model's configuration: 4 query heads sharing 2 key/value heads (grouped)."""
+    return dict(model_type="llama", vocab_size=len(BLIP2_VOCAB), hidden_size=width, intermediate_size=2 * width,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=positions, bos_token_id=VOCAB["[CLS]"], eos_token_id=VOCAB["[SEP]"],
+                pad_token_id=0, initializer_range=0.3, tie_word_embeddings=False)
+
+
 def tiny_instructblip(seed: int = 0, layers: int = 3, width: int = 32, image_size: int = 32, queries: int = 4,
-                      cross_every: int = 2):
-    """A tiny InstructBlipForConditionalGeneration with an OPT language model (random weights)."""
+                      cross_every: int = 2, language: str = "opt"):
+    """A tiny InstructBlipForConditionalGeneration with an OPT (or, ``language="llama"``, a Vicuna-like) language
+    model (random weights)."""
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
     base = tiny_blip2_config(layers=layers, width=width, image_size=image_size, queries=queries,
                              cross_every=cross_every)
     qformer = {**base.qformer_config.to_dict(), "vocab_size": len(VOCAB), "max_position_embeddings": 32}
+    text = tiny_llama_text_config(layers, width) if language == "llama" else base.text_config.to_dict()
     config = InstructBlipConfig(vision_config=base.vision_config.to_dict(), qformer_config=qformer,
-                                text_config=base.text_config.to_dict(), num_query_tokens=queries,
+                                text_config=text, num_query_tokens=queries,
                                 image_token_index=BLIP2_VOCAB["<image>"], initializer_range=0.3)
     torch.manual_seed(seed)
     model = InstructBlipForConditionalGeneration(config)
