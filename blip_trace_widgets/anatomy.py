@@ -184,6 +184,8 @@ class LanguageModelRow:
     head: str = "language_model.lm_head"
 
 
+#: Where transformers 4.x keeps LLaMA's rotary embedding, relative to a layer (5.x keeps one at ``rotary``).
+LEGACY_ROTARY = "self_attn.rotary_emb"
 #: One row per decoder-only language model, by its configuration's ``model_type``.
 LANGUAGE_MODELS: dict[str, LanguageModelRow] = {
     "opt": LanguageModelRow("language_model.model.decoder.layers", DECODER_LAYER_PARTS,
@@ -258,7 +260,8 @@ def get_module(model: nn.Module, name: str) -> Any:
             raise BlipTraceError(
                 f"this model has no module {name!r}: blip_trace_widgets needs a transformers "
                 "BlipForQuestionAnswering, BlipForConditionalGeneration, BlipForImageTextRetrieval or "
-                "Blip2ForConditionalGeneration or InstructBlipForConditionalGeneration (with an OPT language model)"
+                "Blip2ForConditionalGeneration or InstructBlipForConditionalGeneration (with an OPT, LLaMA or T5 language "
+                "model)"
             )
         module = getattr(module, part)
     return module
@@ -516,9 +519,20 @@ def language_model_parts(model: nn.Module) -> dict[str, Any]:
     """BLIP-2's decoder-only language model around its layers: the query projection, token embeddings, learned
     positions (OPT's) or rotary embedding (LLaMA's; None where absent), the final norm and the head."""
     row = language_model_row(model)
+    rotary = row.rotary
+    if rotary is not None and not _has_module(model, rotary):
+        rotary = f"{row.layers}.0.{LEGACY_ROTARY}"  # transformers 4.x: one (the same) in every layer's attention
     names = {"projection": LANGUAGE_PROJECTION, "tokens": row.tokens, "positions": row.positions,
-             "rotary": row.rotary, "final_norm": row.final_norm, "head": row.head}
+             "rotary": rotary, "final_norm": row.final_norm, "head": row.head}
     return {role: None if name is None else get_module(model, name) for role, name in names.items()}
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def vision_config(model: Any) -> Any:

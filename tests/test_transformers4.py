@@ -25,7 +25,7 @@ OLDEST = "4.40.2"
 SUITES = ["test_core.py", "test_engine_equivalence.py", "test_faithful.py", "test_vision_tracing.py",
           "test_widgets.py", "test_limits.py", "test_loading.py", "test_demo_model.py", "test_heads.py",
           "test_captioning.py", "test_image_modes.py", "test_attention_heads.py", "test_directions.py",
-          "test_knockout.py"]
+          "test_knockout.py", "test_blip2_family.py"]
 
 
 def test_core_and_widget_suites_pass_under_the_oldest_transformers():
