@@ -361,16 +361,17 @@ def language_model_row(model: nn.Module) -> LanguageModelRow:
 
 def decoder_layers(model: nn.Module) -> list[Any]:
     """Every layer of BLIP-2's decoder-only language model (OPT's :class:`DecoderLayer`, LLaMA's
-    :class:`LlamaLayer`); a clear error for a language model this package cannot run."""
+    :class:`PreNormLayer`); a clear error for a language model this package cannot run."""
     row = language_model_row(model)
-    layer_class = DecoderLayer if row.positions is not None else LlamaLayer
+    layer_class = DecoderLayer if row.positions is not None else PreNormLayer
     return [layer_class(**{role: get_module(layer, path) for role, path in row.parts.items()})
             for layer in get_module(model, row.layers)]
 
 
 @dataclass(frozen=True)
-class LlamaLayer:
-    """The modules of one LLaMA decoder layer (pre-RMSNorm, causal, rotary) that a forward pass needs."""
+class PreNormLayer:
+    """The modules of one pre-norm layer whose MLP the engine calls whole (LLaMA's gated MLP; T5's DenseReluDense,
+    gated or not, as the checkpoint has it)."""
 
     norm1: nn.Module
     query: nn.Linear
@@ -378,20 +379,14 @@ class LlamaLayer:
     value: nn.Linear
     attn_out: nn.Linear
     norm2: nn.Module
-    mlp: nn.Module  # gate, up and down projections: the model's own module
+    mlp: nn.Module
 
 
 @dataclass(frozen=True)
-class T5Layer:
-    """The modules of one T5 layer that a forward pass needs (the cross-attention's are None in the encoder)."""
+class T5Layer(PreNormLayer):
+    """The modules of one T5 layer that a forward pass needs: a pre-norm layer, and in the decoder the
+    cross-attention's (None in the encoder)."""
 
-    norm1: nn.Module
-    query: nn.Linear
-    key: nn.Linear
-    value: nn.Linear
-    attn_out: nn.Linear
-    norm2: nn.Module
-    mlp: nn.Module  # DenseReluDense: gated (Flan-T5's) or not, as the checkpoint has it
     cross_norm: nn.Module | None = None
     cross_query: nn.Linear | None = None
     cross_key: nn.Linear | None = None

@@ -235,7 +235,7 @@ def _text_rows(session: Pass, config: TraceConfig, positions: int, cross_tokens:
     )
 
 
-def _per_row_cross(stack: TextStack, j: int, states: torch.Tensor, s: int, c: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _per_row_cross(stack: Any, j: int, states: torch.Tensor, s: int, c: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Cross keys and values at layer j when each of the S x C rows attends to its own states [S*C, N, D'] (None
     at a layer without cross-attention)."""
     kv = stack.cross_kv(j, states)
@@ -248,6 +248,18 @@ def _per_row_cross(stack: TextStack, j: int, states: torch.Tensor, s: int, c: in
 def _after_queries(queries: int, tokens: Sequence[str]) -> list[str]:
     """A language model's positions: the projected queries q0… (the image, as it reads it), then the tokens."""
     return [*(f"q{i}" for i in range(queries)), *tokens]
+
+
+def _cross_rows(stack: Any, first: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """A decoder's final states [S, C, T, D] from its first states [1, T, D] when each row cross-attends to its own
+    ``states`` [S, C, N, D'] (an encoder's output per row)."""
+    s, c, n, d = states.shape
+    flat = states.reshape(s * c, n, d)
+    h = first[:, None].expand(s, c, -1, -1)
+    mask = stack.self_mask(h.shape[2], h.dtype, h.device)
+    for j in range(len(stack)):
+        h = stack.layer(j, h, _per_row_cross(stack, j, flat, s, c), mask)
+    return h
 
 
 class AnswerDecoder:
@@ -297,14 +309,7 @@ class AnswerDecoder:
 
     def decode_rows(self, session: Pass, question_states: torch.Tensor, target: Target) -> torch.Tensor:
         """Decoder logits [S, C, Td, V] when each row cross-attends to its own question states [S, C, T, D]."""
-        stack = self.stack
-        s, c, t, d = question_states.shape
-        flat = question_states.reshape(s * c, t, d)
-        h = stack.embed(session.ids(target.inputs))[:, None].expand(s, c, -1, -1)
-        mask = stack.self_mask(h.shape[2], h.dtype, h.device)
-        for j in range(len(stack)):
-            h = stack.layer(j, h, _per_row_cross(stack, j, flat, s, c), mask)
-        return self.head(h)
+        return self.head(_cross_rows(self.stack, self.stack.embed(session.ids(target.inputs)), question_states))
 
 
 class ImageReader(ABC):
@@ -574,16 +579,7 @@ class LanguageDecoder:
 
     def decode_rows(self, session: Pass, encoded: torch.Tensor, target: Target) -> torch.Tensor:
         """Logits [S, C, Td, V] when each row cross-attends to its own encoder output [S, C, N, D]."""
-        stack = self.stack
-        s, c, n, d = encoded.shape
-        flat = encoded.reshape(s * c, n, d)
-        h = stack.embed_tokens(session.ids(target.inputs))[:, None].expand(s, c, -1, -1)
-        mask = stack.self_mask(h.shape[2], h.dtype, h.device)
-        for j in range(len(stack)):
-            kv = stack.cross_kv(j, flat)
-            assert kv is not None
-            h = stack.layer(j, h, (kv[0].view(s, c, *kv[0].shape[1:]), kv[1].view(s, c, *kv[1].shape[1:])), mask)
-        return stack.logits(h)
+        return self.stack.logits(_cross_rows(self.stack, self.stack.embed_tokens(session.ids(target.inputs)), encoded))
 
     def generate(self, session: Any, query_states: torch.Tensor, start: Sequence[int], limit: int,
                  stop: Sequence[int]) -> list[int]:

@@ -185,10 +185,11 @@ def test_the_instruction_changes_what_the_queries_carry(bundle, image):
     assert first.shape == second.shape and not torch.allclose(first, second, atol=1e-3)
 
 
-def test_greedy_answer_is_generate_token_for_token(image):
+@pytest.mark.parametrize("language", ["opt", "llama"])
+def test_greedy_answer_is_generate_token_for_token(image, language):
     answered = 0
-    for seed in range(4):
-        model = tiny_instructblip(seed=seed)
+    for seed in range(3):
+        model = tiny_instructblip(seed=seed, language=language)
         b = load_model((model, tiny_instructblip_processor(queries=QUERIES)), device="cpu")
         tracer = Tracer(b, image, QUESTION)
         inputs = b.processor(images=image, text=QUESTION, return_tensors="pt")
@@ -403,22 +404,3 @@ def test_a_llama_language_model_matches_the_models_own_forward(vicuna, image, bl
     loop = (HeadLoop if kind.endswith("_head") else InstructLoop)(bundle, image, tracer, config)
     np.testing.assert_allclose(result.scores, loop.grid(*result.scores.shape), atol=1e-5, rtol=1e-4)
     assert abs(result.high_score - result.low_score) > 1e-3
-
-
-def test_a_llama_language_model_answers_as_generate_does(image):
-    answered = 0
-    for seed in range(3):
-        model = tiny_instructblip(seed=seed, language="llama")
-        b = load_model((model, tiny_instructblip_processor(queries=QUERIES)), device="cpu")
-        tracer = Tracer(b, image, QUESTION)
-        inputs = b.processor(images=image, text=QUESTION, return_tensors="pt")
-        ids = torch.tensor([[BLIP2_VOCAB["<image>"]] * QUERIES + list(tracer.question_ids)])
-        out = model.generate(pixel_values=inputs["pixel_values"], input_ids=ids,
-                             qformer_input_ids=inputs["qformer_input_ids"], max_new_tokens=10, do_sample=False,
-                             num_beams=1)
-        generated = [int(t) for t in out[0, ids.shape[1]:]]
-        eos = model.config.text_config.eos_token_id
-        generated = generated[:generated.index(eos)] if eos in generated else generated
-        assert tracer.clean.greedy_ids == generated
-        answered += bool(generated)
-    assert answered
