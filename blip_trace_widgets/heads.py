@@ -369,8 +369,8 @@ class Blip2Head(Head):
     name, label, architecture = BLIP2, "BLIP-2 question answering", "Blip2ForConditionalGeneration"
     model_type, processor = "blip-2", "Blip2Processor"
     language: ClassVar[str | None] = None  # any language model but T5 (which the T5 heads take)
-    blocks = (QFORMER, LANGUAGE_MODEL, VISION_ENCODER)
-    decoder = LANGUAGE_MODEL
+    blocks: ClassVar[tuple[Block, ...]] = (QFORMER, LANGUAGE_MODEL, VISION_ENCODER)
+    decoder: ClassVar[Block | None] = LANGUAGE_MODEL
     text, scored, unit = "question", "answer", "questions"
     metrics = ("prob", "logprob", "logit_diff")
     reads_questions = True
@@ -502,13 +502,13 @@ class T5Answering:
         return Target((scoring.session.bos_id, *tokens[:-1]), tokens, 0, contrast)
 
 
-class Blip2T5Head(T5Answering, Blip2Head):  # type: ignore[misc]
+class Blip2T5Head(T5Answering, Blip2Head):
     """BLIP-2 with a Flan-T5 language model, answering questions (prompted "Question: {q} Answer:")."""
 
     name, label = BLIP2_T5, "BLIP-2 (Flan-T5) question answering"
 
 
-class InstructBlipT5Head(T5Answering, InstructBlipHead):  # type: ignore[misc]
+class InstructBlipT5Head(T5Answering, InstructBlipHead):
     """InstructBLIP with a Flan-T5 language model: the instruction read by the Q-Former and the T5 encoder."""
 
     name, label = INSTRUCTBLIP_T5, "InstructBLIP (Flan-T5) question answering"
