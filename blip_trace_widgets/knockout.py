@@ -187,23 +187,22 @@ class Knockout:
         target = self.target(config)
         groups = self.groups(config, target)
         clean = self.clean_score(target)
-        scores = np.empty((len(groups), self.layers(groups)))
+        # groups on blocks of different depths share the layer axis: a shallower block's row is NaN past its layers
+        scores = np.full((len(groups), self.layers(groups)), np.nan)
         for name in dict.fromkeys(g.block for g in groups):
             index = [i for i, g in enumerate(groups) if g.block == name]
             picked = [groups[i] for i in index]
             block = self.tracer.blocks[name]
-            scores[index] = self._estimate(block, picked, config.window, target, clean) \
+            rows = self._estimate(block, picked, config.window, target, clean) \
                 if config.method == "estimate" else self._exact(block, picked, config.window, target)
+            scores[index, : rows.shape[1]] = rows
         result = KnockoutResult.build(self.tracer, config, groups, target, clean, scores)
         self._results.put(config, result)
         return result
 
     def layers(self, groups: Sequence[Group]) -> int:
-        counts = {len(self.tracer.blocks[g.block].stack) for g in groups}
-        if len(counts) > 1:
-            raise BlipTraceError("these edge groups cut blocks with different numbers of layers: knock them out "
-                                 "in separate calls")
-        return counts.pop()
+        """The layers of the result: those of the deepest block a group cuts."""
+        return max(len(self.tracer.blocks[g.block].stack) for g in groups)
 
     @torch.no_grad()
     def clean_score(self, target: Target) -> float:

@@ -83,7 +83,8 @@ def plot_knockout(result: KnockoutResult, ax: Any = None, *, title: str | None =
     high = max(5.0, float(np.nanmax(100 * result.changes)) * 1.05)
     ax.set_ylim(low, high)
     ax.set_xticks(layers)
-    ax.set_xlabel(f"layer (centre of {result.window} cut layers)")
+    deeper = bool(np.isnan(result.changes).any())  # groups on blocks of different depths: each line ends at its last
+    ax.set_xlabel(f"layer{' of each group’s block' if deeper else ''} (centre of {result.window} cut layers)")
     ax.set_ylabel(f"change of p({result.answer}), % of clean")
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title if title is not None else knockout_title(result), fontsize=9)

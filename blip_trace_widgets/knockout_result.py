@@ -88,14 +88,14 @@ class KnockoutResult:
     def tiny(self) -> np.ndarray:
         """Per group: whether no layer moves p by more than 0.01 or by more than 1% of the clean p (drawn as no
         effect, never in full colour)."""
-        absolute = np.abs(self.scores - self.clean_score).max(axis=1)
-        return (absolute < TINY_ABSOLUTE["prob"]) | (np.abs(self.changes).max(axis=1) < TINY_CHANGE)
+        absolute = np.nanmax(np.abs(self.scores - self.clean_score), axis=1)  # (NaN: past a shallower block's layers)
+        return (absolute < TINY_ABSOLUTE["prob"]) | (np.nanmax(np.abs(self.changes), axis=1) < TINY_CHANGE)
 
     def strongest(self) -> list[tuple[str, int, float]]:
         """Per group: (label, layer, change) at the layer where cutting changes p most."""
         out = []
         for label, row in zip(self.labels, self.changes):
-            layer = int(np.argmax(np.abs(row)))
+            layer = int(np.nanargmax(np.abs(row)))
             out.append((label, layer, float(row[layer])))
         return out
 
@@ -153,13 +153,14 @@ class KnockoutResult:
         return cls.from_json(text)
 
     def to_dataframe(self) -> Any:
-        """One row per (group, layer): group, layer, p, change, tiny."""
+        """One row per (group, layer): group, layer, p, change, tiny (the layers its block has)."""
         import pandas as pd
 
         tiny = self.tiny()
         rows = [{"group": label, "layer": layer, "p": float(self.scores[g, layer]),
                  "change": float(self.changes[g, layer]), "tiny": bool(tiny[g])}
-                for g, label in enumerate(self.labels) for layer in range(self.num_layers)]
+                for g, label in enumerate(self.labels) for layer in range(self.num_layers)
+                if np.isfinite(self.scores[g, layer])]
         return pd.DataFrame(rows)
 
     def plot(self, ax: Any = None, **kw: Any) -> Any:

@@ -380,3 +380,22 @@ def test_the_explorer_paints_only_cross_attention_that_reads_the_image(traced, i
     explorer.block.value = "qformer"
     explorer.kind.value = "cross_attn_head"
     assert explorer.error.value == "" and explorer.pattern.layout.display is None
+
+
+def test_knockout_groups_on_blocks_of_different_depths_share_the_layer_axis(traced, image, tmp_path):
+    """The Q-Former (3 layers) and the T5 decoder (2) cut in one call: each row equals its own call, the decoder's
+    third layer is NaN (null in JSON, no row in the table, a line that ends), never a zero change."""
+    from blip_trace_widgets.edges import decoder_edges
+    from blip_trace_widgets.knockout import Edges, knockout
+    from blip_trace_widgets.knockout_result import KnockoutResult
+
+    _, bundle, _ = traced
+    both = knockout(bundle, image, QUESTION, edges=[Edges(), decoder_edges("lm_decoder")], window=1)
+    alone = [knockout(bundle, image, QUESTION, edges=[e], window=1) for e in (Edges(), decoder_edges("lm_decoder"))]
+    assert both.scores.shape == (2, 3) and np.isnan(both.scores[1, 2]) and not np.isnan(both.scores[:, :2]).any()
+    np.testing.assert_allclose(both.scores[0], alone[0].scores[0])
+    np.testing.assert_allclose(both.scores[1, :2], alone[1].scores[0])
+    assert len(both.to_dataframe()) == 5 and [s[1] for s in both.strongest()][1] < 2
+    saved = both.save(tmp_path / "k.json")
+    assert "NaN" not in saved.read_text() and np.isnan(KnockoutResult.load(saved).scores[1, 2])
+    assert "each group’s block" in both.plot().get_xlabel()
