@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
-from .blocks import QFormer
+from .blocks import Corrupted, QFormer
 from .config import TraceConfig
 from .corruption import WordSwap
 from .engine import record_run, shared_cross
 from .errors import BlipTraceError
+from .names import QFORMER
 from .roles import last_content_word
 
 
@@ -120,3 +121,12 @@ def language_model_queries(session: Any, states: torch.Tensor) -> torch.Tensor:
     reader = session.blocks.reader
     assert isinstance(reader, QFormer), "only a Q-Former's outputs are queries"
     return states[:, : reader.stack.count]
+
+
+def downstream_prompt(runs: Any, block: Any, config: TraceConfig, corrupted: Corrupted | None = None) -> Any:
+    """The corrupted prompt embeddings [S, P, D] that the language model reads after a Q-Former trace's restored
+    states, when the question is corrupted and the trace denoises (InstructBLIP reads the question twice, and its
+    Q-Former's restoration leaves the prompt's copy corrupted); None otherwise (the clean prompt)."""
+    if config.corrupt != "question" or config.direction == "noise" or block.name != QFORMER:
+        return None
+    return (corrupted if corrupted is not None else runs.corrupted(config)).prompt

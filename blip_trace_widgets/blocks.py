@@ -183,7 +183,10 @@ class Block(Protocol):
 
     def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int: ...
 
-    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor: ...
+    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's outputs for final states [S, C, T, D]; ``prompt`` [S, P, D]: the language model's corrupted
+        prompt embeddings, which a Q-Former trace's downstream reads when the question is corrupted (InstructBLIP
+        reads it twice); None: the clean prompt."""
 
 
 def _text_layout(labels: list[str], stack: Any, config: TraceConfig) -> Layout:
@@ -304,7 +307,7 @@ class AnswerDecoder:
     def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
         return _text_rows(session, config, len(target.inputs), len(session.question_ids), len(target.inputs))
 
-    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(final)
 
     def decode_rows(self, session: Pass, question_states: torch.Tensor, target: Target) -> torch.Tensor:
@@ -367,7 +370,7 @@ class ImageReader(ABC):
         return 0
 
     @abstractmethod
-    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """The head's outputs for this block's final states [S, C, T, D] (each reader has its own head)."""
 
     def encode_rows(self, session: Pass, image_embeds: torch.Tensor, target: Target) -> torch.Tensor:
@@ -395,7 +398,7 @@ class QuestionEncoder(ImageReader):
     def decoder_tokens(self, target: Target) -> int:
         return len(target.inputs)
 
-    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
         return self.decoder.decode_rows(session, final, target)
 
 
@@ -408,7 +411,7 @@ class ItmEncoder(ImageReader):
         super().__init__(model)
         self.head = anatomy.itm_head(model)
 
-    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(final[..., 0, :])  # [S, C, 2]: (no match, match)
 
 
@@ -442,7 +445,7 @@ class CaptionDecoder(ImageReader):
         samples = int(corrupted.image_embeds.shape[0] if prompt is None else prompt.shape[0])
         return self.run(session, corrupted.image_cross, samples, target, prompt), corrupted.image_cross
 
-    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(final)
 
 
@@ -489,13 +492,15 @@ class LanguageModel:
     def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
         return _text_rows(session, config, len(self.labels(session, target)), 0, 1, LANGUAGE_MODEL)
 
-    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
         return self.stack.logits(final)
 
-    def decode_rows(self, session: Pass, query_states: torch.Tensor, target: Target) -> torch.Tensor:
-        """Logits [S, C, Q + T, V] when each row reads its own Q-Former outputs [S, C, Q, Dq]."""
+    def decode_rows(self, session: Pass, query_states: torch.Tensor, target: Target,
+                    prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [S, C, Q + T, V] when each row reads its own Q-Former outputs [S, C, Q, Dq] (and ``prompt`` [S, P, D],
+        the corrupted prompt's embeddings, in place of the prompt's)."""
         stack = self.stack
-        h = stack.embed(query_states, session.ids(target.inputs))
+        h = stack.embed(query_states, session.ids(target.inputs), prompt=prompt)
         mask = stack.self_mask(h.shape[2], h.dtype, h.device)
         for j in range(len(stack)):
             h = stack.layer(j, h, None, mask)
@@ -574,7 +579,7 @@ class LanguageDecoder:
         encoded = self.encoder.count + len(session.question_ids)
         return _text_rows(session, config, len(target.inputs), encoded, len(target.inputs), LM_DECODER)
 
-    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
         return self.stack.logits(final)
 
     def decode_rows(self, session: Pass, encoded: torch.Tensor, target: Target) -> torch.Tensor:
@@ -634,12 +639,14 @@ class LanguageEncoder:
     def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
         return _text_rows(session, config, len(self.labels(session, target)), 0, len(target.inputs), LM_ENCODER)
 
-    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
         return self.decoder.decode_rows(session, self.stack.output(final), target)
 
-    def decode_rows(self, session: Pass, query_states: torch.Tensor, target: Target) -> torch.Tensor:
-        """Logits [S, C, Td, V] when each row reads its own Q-Former outputs [S, C, Q, Dq]."""
-        return self.decoder.decode_rows(session, self.decoder.encode(session, query_states), target)
+    def decode_rows(self, session: Pass, query_states: torch.Tensor, target: Target,
+                    prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [S, C, Td, V] when each row reads its own Q-Former outputs [S, C, Q, Dq] (and ``prompt``, as the
+        OPT language model's :meth:`LanguageModel.decode_rows` reads it)."""
+        return self.decoder.decode_rows(session, self.decoder.encode(session, query_states, prompt=prompt), target)
 
 
 class QFormer(ImageReader):
@@ -648,7 +655,7 @@ class QFormer(ImageReader):
 
     name: str = QFORMER
 
-    def __init__(self, model: torch.nn.Module, decoder: LanguageModel) -> None:
+    def __init__(self, model: torch.nn.Module, decoder: LanguageModel | LanguageEncoder) -> None:
         self.stack: QFormerStack = QFormerStack(model)
         self.decoder = decoder
 
@@ -679,8 +686,8 @@ class QFormer(ImageReader):
     def decoder_tokens(self, target: Target) -> int:
         return len(target.inputs) + self.decoder.queries
 
-    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
-        return self.decoder.decode_rows(session, final, target)
+    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder.decode_rows(session, final, target, prompt)
 
 
 class VisionEncoder:
@@ -733,7 +740,7 @@ class VisionEncoder:
             memory_budget=session.memory_budget, max_batch_rows=session.max_batch_rows,
         )
 
-    def logits(self, session: Pass, final: torch.Tensor, target: Target) -> torch.Tensor:
+    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
         embeds = self.stack.post_norm(final)
         if target.readout == "itc":
             return self.itc(session, embeds)

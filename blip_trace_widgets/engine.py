@@ -415,6 +415,8 @@ def _text_states(tokens: Any, ids: torch.Tensor, image: torch.Tensor, prompt: to
     text = tokens(ids)[0].expand(*image.shape[:-2], -1, -1).to(image.dtype)
     if prompt is None:
         return text
+    if prompt.dim() < text.dim():  # one prompt per sample, every cell of it: [S, P, D] -> [S, C, P, D]
+        prompt = prompt[:, None].expand(-1, text.shape[1], -1, -1)
     return torch.cat([prompt.to(image.dtype), text[..., prompt.shape[-2]:, :]], -2)
 
 

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .blip2_noise import downstream_prompt
 from .blocks import Block, Pass
 from .cache import LRU
 from .config import TraceConfig, cache_key
@@ -59,6 +60,8 @@ class Runs(Protocol):
 
     def corrupted_patches(self, config: TraceConfig) -> torch.Tensor: ...
 
+    def corrupted(self, config: TraceConfig) -> Any: ...
+
 #: A backward pass keeps every activation of its forward pass: chunks of cells are this much smaller.
 BACKWARD_SHRINK = 4
 
@@ -76,7 +79,7 @@ class Gradients:
 
 def _scores(runs: Runs, block: Block, final: torch.Tensor, target: Target, config: TraceConfig) -> torch.Tensor:
     """Per-row scores [S, C] of final states [S, C, T, D]."""
-    logits = block.logits(runs.context, final, target)
+    logits = block.logits(runs.context, final, target, downstream_prompt(runs, block, config))
     s, c = logits.shape[:2]
     return score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c)
 

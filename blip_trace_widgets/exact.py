@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .blip2_noise import downstream_prompt
 from .blocks import Block, Corrupted
 from .config import TraceConfig
 from .corrupted import CorruptedRuns
@@ -85,6 +86,7 @@ class ExactScorer:
                 severed = [x.expand(samples, *x.shape[1:]) for x in clean_run.kinds[config.sever]]
             corrupted_run = Run([x.expand(samples, *x.shape[1:]) for x in clean_run.inputs])
             cross = block.clean_cross(session, target)
+        prompt = downstream_prompt(self.runs, block, config, corrupted)  # InstructBLIP's prompt, if corrupted
         n_layers, samples = len(block.stack), int(config.samples)
         order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], config.kind, n_layers))
         mean, stderr = np.empty(len(cells)), np.empty(len(cells))
@@ -93,7 +95,8 @@ class ExactScorer:
             chunk_cells = [cells[i] for i in chunk]
             edits = ChunkEdits.build(config.kind, clean_states, chunk_cells, session.device, sever=config.sever,
                                       severed=severed, sever_at=config.sever_at)
-            logits = block.logits(session, staircase(block.stack, corrupted_run, cross, chunk_cells, edits), target)
+            logits = block.logits(session, staircase(block.stack, corrupted_run, cross, chunk_cells, edits), target,
+                                  prompt)
             s, c = logits.shape[:2]
             scores = score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c).double()
             mean[chunk] = scores.mean(0).cpu().numpy()

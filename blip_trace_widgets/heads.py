@@ -454,13 +454,6 @@ class InstructBlipHead(Blip2Head):
         names: dict[str, str] = {QFORMER: "Q-Former", LANGUAGE_MODEL: "language model"}  # queries and instruction
         return names.get(block, self.text)
 
-    def check(self, config: Any) -> None:
-        super().check(config)
-        if config.corrupt == "question" and config.block == QFORMER and config.direction == "denoise":
-            raise BlipTraceError("with the question corrupted, restoring InstructBLIP's Q-Former leaves the language "
-                                 "model's copy of the question corrupted, which a Q-Former trace does not carry to "
-                                 "the language model in this release: trace a block of the language model, or use "
-                                 "direction='noise' (corrupted Q-Former states patched into the clean run)")
 
 
 class T5Answering:
