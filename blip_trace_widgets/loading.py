@@ -9,7 +9,8 @@
 
 ``source`` may be a hub id such as ``"Salesforce/blip-vqa-base"``,
 ``"Salesforce/blip-image-captioning-base"`` or ``"Salesforce/blip-itm-base-coco"``, a local
-folder, ``"demo"``, ``"demo-caption"``, ``"demo-itm"``, or a ``(model, processor)`` pair built in code.
+folder, a bundled demo (``"demo"``, ``"demo-caption"``, ``"demo-itm"``, ``"demo-blip2"``, ``"demo-instructblip"``),
+or a ``(model, processor)`` pair built in code.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 #: The bundled demo models by name: VQA, captioning and image-text matching, all trained on easy-VQA.
 DEMO_DIRS: dict[str, Path] = {name: Path(__file__).resolve().parent / folder for name, folder in
                               {"demo": "demo_model", "demo-caption": "demo_caption", "demo-itm": "demo_itm",
-                               "demo-blip2": "demo_blip2"}.items()}
+                               "demo-blip2": "demo_blip2", "demo-instructblip": "demo_instructblip"}.items()}
 #: Optional file in a model folder: tracing defaults that suit that model.
 TRACE_DEFAULTS_FILE = "trace_defaults.json"
 ROME_NOISE_SCALE = 3.0

@@ -85,7 +85,8 @@ HEADS: tuple[Head, ...] = (VQA, CAPTION, ITM, BLIP2, INSTRUCTBLIP, BLIP2_T5, INS
 HUB_MODELS: dict[str, str] = {VQA: "Salesforce/blip-vqa-base", CAPTION: "Salesforce/blip-image-captioning-base",
                               ITM: "Salesforce/blip-itm-base-coco", BLIP2: "Salesforce/blip2-opt-2.7b",
                               BLIP2_T5: "Salesforce/blip2-flan-t5-xl", INSTRUCTBLIP_T5: "Salesforce/instructblip-flan-t5-xl"}
-DEMO_MODELS: dict[str, str] = {"demo": VQA, "demo-caption": CAPTION, "demo-itm": ITM, "demo-blip2": BLIP2}
+DEMO_MODELS: dict[str, str] = {"demo": VQA, "demo-caption": CAPTION, "demo-itm": ITM, "demo-blip2": BLIP2,
+                                "demo-instructblip": INSTRUCTBLIP}
 
 #: Kinds of the text transformers (post-LN BERT layers: h1 = LN(h + SA(h)), h2 = LN(h1 + XA(h1)),
 #: h3 = LN(h2 + MLP(h2))). ``self_attn``, ``cross_attn`` and ``mlp`` are each sublayer's own output

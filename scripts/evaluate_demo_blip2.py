@@ -28,22 +28,25 @@ def question_type(answer: str) -> str:
     return "yes/no" if answer in ("yes", "no") else "shape" if answer in ("circle", "rectangle", "triangle") else "color"
 
 
-def evaluate(folder: Path, limit: int | None = None, batch: int = 256) -> dict:
-    model = Blip2ForConditionalGeneration.from_pretrained(folder).eval()
-    processor = Blip2Processor.from_pretrained(folder)
+def evaluate(folder: Path, limit: int | None = None, batch: int = 256, prompt: str = PROMPT,
+             model_class: type = Blip2ForConditionalGeneration, processor_class: type = Blip2Processor) -> dict:
+    """Exact match of plain ``generate()`` on ``prompt`` around each question (InstructBLIP's demo: the question
+    itself, with ``InstructBlipForConditionalGeneration`` and its processor)."""
+    model = model_class.from_pretrained(folder, dtype=torch.float32).eval()  # (a float16 demo is stored in half)
+    processor = processor_class.from_pretrained(folder)
     texts, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
     count = len(texts) if limit is None else min(limit, len(texts))
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(count):
-        groups[len(processor.tokenizer(PROMPT.format(texts[i]))["input_ids"])].append(i)
+        groups[len(processor.tokenizer(prompt.format(texts[i]))["input_ids"])].append(i)
     said: dict[int, str] = {}
     started = time.time()
     for indices in groups.values():
         for start in range(0, len(indices), batch):
             chunk = indices[start: start + batch]
             images = [Image.open(paths[image_ids[i]]).convert("RGB") for i in chunk]
-            inputs = processor(images=images, text=[PROMPT.format(texts[i]) for i in chunk], return_tensors="pt")
+            inputs = processor(images=images, text=[prompt.format(texts[i]) for i in chunk], return_tensors="pt")
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=5, do_sample=False, num_beams=1)
             new = out[:, inputs["input_ids"].shape[1]:]

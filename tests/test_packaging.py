@@ -64,10 +64,12 @@ def test_wheel_and_sdist_pass_twine_and_the_wheel_holds_only_the_package(dist):
     names = zipfile.ZipFile(wheel).namelist()
     outside = [n for n in names if not n.startswith(("blip_trace_widgets/", "blip_trace_widgets-"))]
     assert not outside, outside
-    for folder in ("demo_model", "demo_caption", "demo_itm", "demo_blip2"):  # the four demo models, each with its card
-        processor = "processor_config.json" if folder == "demo_blip2" else "preprocessor_config.json"
+    for folder in ("demo_model", "demo_caption", "demo_itm", "demo_blip2", "demo_instructblip"):  # each with its card
+        processor = "processor_config.json" if folder.startswith("demo_blip2") or folder == "demo_instructblip" \
+            else "preprocessor_config.json"
         for name in ("model.safetensors", "README.md", "config.json", "tokenizer.json", processor):
             assert f"blip_trace_widgets/{folder}/{name}" in names, (folder, name)
+    assert "blip_trace_widgets/demo_instructblip/qformer_tokenizer/tokenizer.json" in names  # its Q-Former's own
     assert not [n for n in names if "/tests/" in n or n.endswith(".ipynb")]
     info = next(n for n in names if n.endswith(".dist-info/METADATA"))
     metadata = zipfile.ZipFile(wheel).read(info).decode()

@@ -1,0 +1,42 @@
+"""Exact-match accuracy of the bundled demo InstructBLIP on easy-VQA's test questions, with plain transformers.
+
+    python scripts/evaluate_demo_instructblip.py                 # all 9,673 test questions
+    python scripts/evaluate_demo_instructblip.py --limit 500     # the first 500
+
+Nothing from blip_trace_widgets runs here: ``InstructBlipProcessor`` builds the inputs (the question after the
+image's query placeholders for the language model, and the question for the Q-Former) and
+``InstructBlipForConditionalGeneration.generate()`` answers greedily, as ``scripts/evaluate_demo_blip2.py`` does for
+the BLIP-2 demo. Writes ``evaluation.json`` beside the model with ``--write``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate_demo_blip2 import evaluate  # noqa: E402
+
+FOLDER = Path(__file__).resolve().parent.parent / "blip_trace_widgets" / "demo_instructblip"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=FOLDER)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--write", action="store_true", help="write evaluation.json beside the model")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    result = evaluate(args.model, args.limit, prompt="{}", model_class=InstructBlipForConditionalGeneration,
+                      processor_class=InstructBlipProcessor)
+    print(json.dumps(result, indent=2))
+    if args.write:
+        (args.model / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
