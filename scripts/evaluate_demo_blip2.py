@@ -13,6 +13,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import easy_vqa
@@ -61,17 +62,26 @@ def evaluate(folder: Path, limit: int | None = None, batch: int = 256, prompt: s
             "seconds": round(time.time() - started, 1)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=FOLDER)
+def run(description: str, folder: Path, measure: Callable[[Path, int | None], dict],
+        also: Callable[[Path], dict] | None = None) -> None:
+    """The command line of a demo's evaluation: ``measure`` the first ``--limit`` questions (or all, and then what
+    ``also`` adds), print it, and with ``--write`` write ``evaluation.json`` beside the model."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", type=Path, default=folder)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--write", action="store_true", help="write evaluation.json beside the model")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    result = evaluate(args.model, args.limit)
+    result = measure(args.model, args.limit)
+    if also is not None and args.limit is None:
+        result.update(also(args.model))
     print(json.dumps(result, indent=2))
     if args.write:
         (args.model / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main() -> None:
+    run(__doc__.splitlines()[0], FOLDER, evaluate)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,13 @@ apart (what ``tests/test_demo_instructblip.py`` re-measures).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
-import torch
 from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate_demo_blip2 import evaluate  # noqa: E402
+from evaluate_demo_blip2 import evaluate, run  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parent.parent / "blip_trace_widgets" / "demo_instructblip"
 FIRST = 1000
@@ -33,18 +30,8 @@ def measure(folder: Path, limit: int | None = None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=FOLDER)
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--write", action="store_true", help="write evaluation.json beside the model")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    result = measure(args.model, args.limit)
-    if args.limit is None:  # and the first 1,000 questions, which the test suite re-measures (a full run is a minute)
-        result["first_1000"] = measure(args.model, FIRST)
-    print(json.dumps(result, indent=2))
-    if args.write:
-        (args.model / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    # with every question, the first 1,000 too: the test suite re-measures those (a full run is a minute)
+    run(__doc__.splitlines()[0], FOLDER, measure, lambda folder: {"first_1000": measure(folder, FIRST)})
 
 
 if __name__ == "__main__":
