@@ -17,6 +17,13 @@ order, QK fix and GradDrop:
 * the mean absolute error of the normalised effect (score - corrupted) / (clean - corrupted),
   over questions whose total effect is at least 0.1 of the clean score (ROME's rule).
 
+With ``--reference-samples R`` it also measures what the exact map itself can be trusted for, the ceiling any
+estimate is judged against: the same exact map over an independent noise draw ("exact, another draw": its
+Spearman correlation with the first), and an exact map of ``R`` samples over a third draw (the reference). A
+reference cell is *significant* when its effect is more than two standard errors from zero; the estimate, the
+verified map and the exact map of ``--samples`` are each compared with the reference on those cells (Spearman,
+over maps with at least 4 of them) and on its top cell.
+
 The noise is the demo model's own level on the image embeddings (``trace_defaults.json``:
 10σ) for the text blocks, and ROME's 3σ on the patch embeddings for the vision encoder, as
 in the explorers. Writes ``rows.csv`` (one row per question, block, kind and steps) and
@@ -67,9 +74,48 @@ def _compare(exact, estimate, verified) -> dict:
             "tiny": tiny, "total_effect": float(total), "cells": int(effect_exact.size)}
 
 
+def _effect(result) -> np.ndarray:
+    return result.scores - result.low_score
+
+
+def _against(wanted: np.ndarray, significant: np.ndarray, effect: np.ndarray, prefix: str) -> dict:
+    """How a map's effects [T, L] agree with the reference's: Spearman over its significant cells, and its top cell."""
+    top = int(np.argmax(wanted))
+    return {f"{prefix}_significant_spearman": _spearman(wanted[significant], effect[significant])
+            if significant.sum() >= 4 else float("nan"),
+            f"{prefix}_reference_top": int(np.argmax(effect)) == top,
+            f"{prefix}_reference_top_in_top3": top in set(np.argsort(-effect.ravel(), kind="stable")[:3].tolist())}
+
+
+#: The reference's noise draws are single-sample traces seeded from here (independent of the maps' seeds 0 and 1).
+REFERENCE_SEED = 10_000
+
+
+def _ceiling(tracer, config, exact, reference_samples: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The exact map's own agreement: with itself over an independent draw, and with a many-sample reference.
+
+    The reference is ``reference_samples`` single-sample exact traces over independent draws, so that each draw's
+    effect (restored minus corrupted, both of that draw) is known: a cell is significant when the mean effect is
+    more than two standard errors of those paired effects from zero. Returns the row, the reference's mean effects
+    and which cells are significant."""
+    from dataclasses import replace
+
+    again = tracer.trace(replace(config, seed=config.seed + 1))
+    row = {"exact_again_spearman": _spearman(_effect(exact), _effect(again)),
+           "exact_again_top_in_top3": int(np.argmax(_effect(exact))) in set(
+               np.argsort(-_effect(again).ravel(), kind="stable")[:3].tolist())}
+    draws = np.stack([_effect(tracer.trace(replace(config, seed=REFERENCE_SEED + i, samples=1)))
+                      for i in range(reference_samples)])
+    wanted = draws.mean(0)
+    significant = np.abs(wanted) > 2 * draws.std(0, ddof=1) / np.sqrt(reference_samples)
+    return {**row, "significant_cells": int(significant.sum()),
+            "reference_top_significant": bool(significant.flat[int(np.argmax(wanted))]),
+            **_against(wanted, significant, _effect(exact), "exact")}, wanted, significant
+
+
 def _question(job: tuple) -> list[dict]:
     (index, kind_of_question, image_path, question, steps_list, samples, vision_kinds, windows, blocks, noise, orders,
-     qk, grad_drop) = job
+     qk, grad_drop, reference_samples) = job
     import torch
 
     torch.set_num_threads(1)
@@ -93,6 +139,8 @@ def _question(job: tuple) -> list[dict]:
             started = time.perf_counter()
             exact = tracer.trace(config)
             exact_s = time.perf_counter() - started
+            ceiling, reference, significant = (_ceiling(tracer, config, exact, reference_samples)
+                                               if reference_samples else ({}, None, None))
             fixable = qk and kind == "hidden" and block != "vision_encoder"
             variants = ([(k, 1, False, False) for k in steps_list] + [(1, 2, False, False)] * (2 in orders)
                         + [(1, 1, True, False)] * fixable + [(1, 1, False, True)] * (grad_drop and window == 1))
@@ -106,12 +154,16 @@ def _question(job: tuple) -> list[dict]:
                 rows.append({"question": index, "type": kind_of_question, "block": block, "kind": kind,
                              "window": window, **fields, "exact_s": exact_s,
                              "estimate_s": estimate_s, "verified_s": estimate_s + time.perf_counter() - started,
-                             "flagged": int(estimate.unreliable_cells.sum()), **_compare(exact, estimate, verified)})
+                             "flagged": int(estimate.unreliable_cells.sum()), **_compare(exact, estimate, verified),
+                             **ceiling, **({} if reference is None else {
+                                 **_against(reference, significant, _effect(estimate), "estimate"),
+                                 **_against(reference, significant, _effect(verified), "verified")})})
     return rows
 
 
 def _jobs(per_type: int, steps: list[int], samples: int, cache: Path, vision_kinds: list[str], windows: list[int],
-          blocks: list[str], noise: float | None, orders: list[int], qk: bool, grad_drop: bool) -> list[tuple]:
+          blocks: list[str], noise: float | None, orders: list[int], qk: bool, grad_drop: bool,
+          reference_samples: int = 0) -> list[tuple]:
     from blip_trace_widgets.subsets import load_vqa_subset
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -122,7 +174,7 @@ def _jobs(per_type: int, steps: list[int], samples: int, cache: Path, vision_kin
             if not path.exists():
                 item.image.open().save(path)
             jobs.append((len(jobs), kind_of_question, str(path), item.question, steps, samples, vision_kinds, windows,
-                         blocks, noise, orders, qk, grad_drop))
+                         blocks, noise, orders, qk, grad_drop, reference_samples))
     return jobs
 
 
@@ -145,6 +197,33 @@ def summarise(frame) -> str:
     return "\n".join(lines)
 
 
+def summarise_ceiling(frame) -> str:
+    """The exact map's own reproducibility and every map's agreement with the many-sample reference."""
+    lines = ["| block | window | steps | order | QK fix | GradDrop | maps | significant cells per map (median) | "
+             "exact vs exact, another draw: Spearman median | its top cell in the other's top 3 | "
+             "on significant cells, Spearman median: exact / estimate / verified | "
+             "reference top cell is the reported top: exact / estimate / verified | "
+             "reference top cell in the top 3: exact / estimate | maps whose reference top cell is significant | "
+             "on those, it is the reported top: exact / estimate / verified |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (block, window, steps, order, qk_fix, dropping), group in frame.groupby(
+            ["block", "window", "steps", "order", "qk_fix", "grad_drop"], sort=False):
+        rho = {name: group[f"{name}_significant_spearman"].median() for name in ("exact", "estimate", "verified")}
+        top = {name: group[f"{name}_reference_top"].mean() for name in ("exact", "estimate", "verified")}
+        clear = group[group["reference_top_significant"].astype(bool)]
+        clear_top = {name: clear[f"{name}_reference_top"].mean() for name in ("exact", "estimate", "verified")}
+        lines.append(
+            f"| {block.replace('_', ' ')} | {window} | {steps} | {order} | {'yes' if qk_fix else 'no'} | "
+            f"{'yes' if dropping else 'no'} | {len(group)} | {group['significant_cells'].median():.0f} of "
+            f"{group['cells'].median():.0f} | {group['exact_again_spearman'].median():.2f} | "
+            f"{group['exact_again_top_in_top3'].mean():.0%} | "
+            f"{rho['exact']:.2f} / {rho['estimate']:.2f} / {rho['verified']:.2f} | "
+            f"{top['exact']:.0%} / {top['estimate']:.0%} / {top['verified']:.0%} | "
+            f"{group['exact_reference_top_in_top3'].mean():.0%} / {group['estimate_reference_top_in_top3'].mean():.0%} | "
+            f"{len(clear)} | {clear_top['exact']:.0%} / {clear_top['estimate']:.0%} / {clear_top['verified']:.0%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     import pandas as pd
 
@@ -164,11 +243,14 @@ def main() -> None:
     parser.add_argument("--blocks", nargs="+", default=list(BLOCK_REGIONS), choices=list(BLOCK_REGIONS))
     parser.add_argument("--noise", type=float, default=None,
                         help="Gaussian noise in σ for every block (default: the model's own level; 3σ on patches)")
+    parser.add_argument("--reference-samples", type=int, default=0,
+                        help="also the exact map over another draw and an exact reference of this many samples "
+                             "(default: %(default)s, none)")
     parser.add_argument("--out", type=Path, default=Path("artifacts/estimates"))
     args = parser.parse_args()
     started = time.perf_counter()
     jobs = _jobs(args.per_type, args.steps, args.samples, args.out / "images", args.vision_kinds, args.windows,
-                 args.blocks, args.noise, args.orders, args.qk_fix, args.grad_drop)
+                 args.blocks, args.noise, args.orders, args.qk_fix, args.grad_drop, args.reference_samples)
     rows: list[dict] = []
     with ProcessPoolExecutor(args.workers) as pool:
         for done, part in enumerate(pool.map(_question, jobs, chunksize=4), 1):
@@ -189,6 +271,9 @@ def main() -> None:
             f"{time.perf_counter() - started:.0f} s with {args.workers} workers, load average "
             f"{os.getloadavg()[0]:.2f}; tiny-effect maps (left out of the MAE): "
             f"{int(frame.drop_duplicates(['question', 'block', 'kind'])['tiny'].sum())}")
+    if args.reference_samples:
+        table += (f"\n\nThe exact map's own agreement, and every map's with an exact reference of "
+                  f"{args.reference_samples} samples over an independent draw:\n\n{summarise_ceiling(frame)}")
     text = (f"{head}\n\n{table}\n\nAt steps=1, per kind (Spearman median and 10th percentile, top-in-top-3 and verified-top "
             "rates, median relative error and est/exact effect ratio):\n\n"
             f"{by_kind.to_string()}\n")
