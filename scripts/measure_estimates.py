@@ -178,18 +178,24 @@ def _jobs(per_type: int, steps: list[int], samples: int, cache: Path, vision_kin
     return jobs
 
 
+def _groups(frame):
+    """Per block, window, steps, order, QK fix and GradDrop: a table row's first seven cells, and its rows."""
+    for (block, window, steps, order, qk_fix, dropping), group in frame.groupby(
+            ["block", "window", "steps", "order", "qk_fix", "grad_drop"], sort=False):
+        yield (f"| {block.replace('_', ' ')} | {window} | {steps} | {order} | {'yes' if qk_fix else 'no'} | "
+               f"{'yes' if dropping else 'no'} | {len(group)} | "), group
+
+
 def summarise(frame) -> str:
     lines = ["| block | window | steps | order | QK fix | GradDrop | maps | Spearman median | Spearman 10th pct | "
              "no Spearman | exact top cell in "
              "estimate's top 3 | MAE of normalised effect | Σ|est − exact| / Σ|exact| (effects) | estimate / exact time "
              "| verified (5): reported top cell is exact top | verified / exact time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (block, window, steps, order, qk_fix, dropping), group in frame.groupby(
-            ["block", "window", "steps", "order", "qk_fix", "grad_drop"], sort=False):
+    for first, group in _groups(frame):
         rho = group["spearman"].dropna()
         lines.append(
-            f"| {block.replace('_', ' ')} | {window} | {steps} | {order} | {'yes' if qk_fix else 'no'} | "
-            f"{'yes' if dropping else 'no'} | {len(group)} | {rho.median():.2f} | "
+            f"{first}{rho.median():.2f} | "
             f"{rho.quantile(0.1):.2f} | {group['spearman'].isna().sum()} | {group['top_in_top3'].mean():.0%} | "
             f"{group['mae_normalised'].mean():.3f} | {group['relative_error'].median():.3f} (median) | "
             f"{group['estimate_s'].sum() / group['exact_s'].sum():.2f} | {group['verified_top'].mean():.0%} | "
@@ -206,15 +212,13 @@ def summarise_ceiling(frame) -> str:
              "reference top cell in the top 3: exact / estimate | maps whose reference top cell is significant | "
              "on those, it is the reported top: exact / estimate / verified |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (block, window, steps, order, qk_fix, dropping), group in frame.groupby(
-            ["block", "window", "steps", "order", "qk_fix", "grad_drop"], sort=False):
+    for first, group in _groups(frame):
         rho = {name: group[f"{name}_significant_spearman"].median() for name in ("exact", "estimate", "verified")}
         top = {name: group[f"{name}_reference_top"].mean() for name in ("exact", "estimate", "verified")}
         clear = group[group["reference_top_significant"].astype(bool)]
         clear_top = {name: clear[f"{name}_reference_top"].mean() for name in ("exact", "estimate", "verified")}
         lines.append(
-            f"| {block.replace('_', ' ')} | {window} | {steps} | {order} | {'yes' if qk_fix else 'no'} | "
-            f"{'yes' if dropping else 'no'} | {len(group)} | {group['significant_cells'].median():.0f} of "
+            f"{first}{group['significant_cells'].median():.0f} of "
             f"{group['cells'].median():.0f} | {group['exact_again_spearman'].median():.2f} | "
             f"{group['exact_again_top_in_top3'].mean():.0%} | "
             f"{rho['exact']:.2f} / {rho['estimate']:.2f} / {rho['verified']:.2f} | "
