@@ -124,7 +124,9 @@ def _question(job: tuple) -> list[dict]:
     from blip_trace_widgets.tracing import Tracer, default_config
 
     bundle = load_model("demo")
-    tracer = Tracer(bundle, image_path, question)
+    # Every kind reuses the same noise draws: keep the corrupted runs of the map's draw, another draw and each
+    # reference draw, rather than rebuilding them for every kind.
+    tracer = Tracer(bundle, image_path, question, corrupted_cache_size=reference_samples + 3)
     rows = []
     for block in blocks:
         regions = BLOCK_REGIONS[block]
