@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv on a fresh machine: CPU torch first (a bare `torch` can pull a multi-GB CUDA
-# build), then this project with its test extras. Safe to run again.
+# Set up .venv on a fresh machine: CPU torch first, from PyTorch's CPU wheel index (a bare `torch`
+# can pull a multi-GB CUDA build; scripts/install_torch.sh), then this project with its test extras. Safe to run again.
 #   bash scripts/setup.sh            # the package and its command line
 #   bash scripts/setup.sh --browser  # also Debian's chromium, for the browser tests
 set -euo pipefail
@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
-pip install "torch==2.13.0"
+bash scripts/install_torch.sh .venv/bin/python  # the CPU build: PyTorch's CPU index first
 pip install -e ".[test]"
 # ipywidgets 7.7.5 (which Colab has shipped) beside the venv, for tests/test_widgets_ipywidgets7.py:
 # installed here so that the test never reaches the package index while it runs

@@ -43,7 +43,10 @@ def _venv(path: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
     python = path / "bin" / "python"
     _pip(python, "install", "--upgrade", "pip")
-    _pip(python, "install", "torch==2.13.0")  # the CPU build (a bare torch can pull a multi-GB CUDA one)
+    # the CPU build, as the set-up installs it: PyTorch's CPU index first (a bare torch can pull a multi-GB CUDA one)
+    torch = subprocess.run(["bash", str(ROOT / "scripts" / "install_torch.sh"), str(python)], capture_output=True,
+                           text=True, timeout=1200)
+    assert torch.returncode == 0, torch.stdout[-2000:] + torch.stderr[-3000:]
     return python
 
 
