@@ -71,7 +71,7 @@ def _corrupted_instruction(runs: Any, config: TraceConfig, clean: torch.Tensor,
     if isinstance(corruption, WordSwap):
         bound = corruption.bind(session.bundle.processor.qformer_tokenizer, session.question, ids,
                                 lambda swapped: stack.queries(session.ids(swapped))[:, first:],
-                                lambda text: list(session.task.instruction(session.bundle, text)))
+                                lambda text: list(session.task.instruction(session.bundle, text)), what=session.task.text)
         assert bound.ids is not None
         positions = [p for p, (a, b) in enumerate(zip(ids, bound.ids)) if a != b]
         noisy = bound(clean[:, first:], samples, generator)

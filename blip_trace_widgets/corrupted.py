@@ -82,25 +82,41 @@ class CorruptedRuns:
         stack, tokenizer = session.blocks.reader.stack, session.bundle.tokenizer
         embed = prompt_embedding(session) if reads_prompt(session) else lambda ids: stack.embed(session.ids(ids))
         return swap.bind(tokenizer, session.question, session.question_ids, embed,
-                         lambda text: session.task.encode(tokenizer, text, session.position_limit, session.bos_id)[1])
+                         lambda text: session.task.encode(tokenizer, text, session.position_limit, session.bos_id)[1],
+                         what=session.task.text)
 
     def corrupt_positions(self, config: TraceConfig) -> list[int]:
-        """Question positions a corrupt='question' trace corrupts (a word swap's: where the tokens differ)."""
-        count = len(self.session.question_ids)
-        if config.corrupt_tokens is None and isinstance(config.corruption, WordSwap):
+        """Question positions a corrupt='question' trace corrupts (a word swap's: where the tokens differ, or those
+        of them that ``corrupt_tokens`` names)."""
+        if isinstance(config.corruption, WordSwap):
             other = self.bound_swap(config.corruption).ids or ()
-            return [p for p, (a, b) in enumerate(zip(self.session.question_ids, other)) if a != b]
+            swapped = [p for p, (a, b) in enumerate(zip(self.session.question_ids, other)) if a != b]
+            if config.corrupt_tokens is None:
+                return swapped
+            chosen = self._chosen_positions(config)
+            if not set(chosen) & set(swapped):
+                tokens = self.session.bundle.tokenizer.convert_ids_to_tokens(self.session.question_ids)
+                raise BlipTraceError(
+                    f"corrupt_tokens {chosen} ({', '.join(repr(tokens[p]) for p in chosen)}) leave out every position "
+                    f"the swap changes ({', '.join(f'{p}: {tokens[p]!r}' for p in swapped)}), so nothing would be swapped: "
+                    "drop corrupt_tokens (a swap corrupts the positions it changes) or name those positions")
+            return chosen
+        return self._chosen_positions(config)
+
+    def _chosen_positions(self, config: TraceConfig) -> list[int]:
+        """The positions ``config.corrupt_tokens`` names: every one when None."""
+        count, text = len(self.session.question_ids), self.session.task.text
         if config.corrupt_tokens is None:
             return list(range(count))
         if isinstance(config.corrupt_tokens, str):  # "object"
             tokens = self.session.bundle.tokenizer.convert_ids_to_tokens(self.session.question_ids)
             positions = last_content_word(tokens)
             if not positions:
-                raise BlipTraceError("the question has no content word to corrupt; pass corrupt_tokens=(positions...)")
+                raise BlipTraceError(f"the {text} has no content word to corrupt; pass corrupt_tokens=(positions...)")
             return positions
         for position in config.corrupt_tokens:
             if not 0 <= position < count:
-                raise BlipTraceError(f"corrupt_tokens position {position} is outside the question's {count} tokens")
+                raise BlipTraceError(f"corrupt_tokens position {position} is outside the {text}'s {count} tokens")
         return list(config.corrupt_tokens)
 
     def corrupt_input(self, config: TraceConfig, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -318,8 +318,9 @@ class WordSwap:
         elif not isinstance(self.question, str) or not self.question.strip():
             raise BlipTraceError("WordSwap's question must be the counterfactual question, as text")
 
-    def counterfactual(self, question: str) -> str:
-        """The counterfactual question for ``question``."""
+    def counterfactual(self, question: str, what: str = "question") -> str:
+        """The counterfactual of ``question`` (the model's text: ``what`` names it in messages, a question, a
+        captioner's prompt or a matcher's text)."""
         if self.question is not None:
             return self.question.strip()
         words = question.split()
@@ -327,25 +328,28 @@ class WordSwap:
         for old, new in self.swap:
             hits = [i for i, word in enumerate(words) if word.rstrip("?.,!").lower() == old]
             if not hits:
-                raise BlipTraceError(f"the swap word {old!r} is not in the question {question!r}: swap a word it has")
+                raise BlipTraceError(f"the swap word {old!r} is not in the {what} {question!r}: swap a word it has")
             for i in hits:  # the word replaced, its trailing punctuation kept
                 out[i] = new + words[i][len(words[i].rstrip("?.,!")):]
         return " ".join(out)
 
     def bind(self, tokenizer: Any, question: str, question_ids: Any, embed: Callable[[list[int]], torch.Tensor],
-             encode: Callable[[str], list[int]] | None = None) -> WordSwap:
-        """A copy that carries the counterfactual question's embeddings, checked to tokenize to as many tokens.
-        ``encode`` turns a text into the ids the model reads (a captioner's prompt starts with its decoder's start
-        token and has no [SEP]); by default the tokenizer's ids with special tokens."""
-        other = self.counterfactual(question)
+             encode: Callable[[str], list[int]] | None = None, what: str = "question") -> WordSwap:
+        """A copy that carries the counterfactual question's embeddings, checked to tokenize to as many tokens,
+        none of them unknown to the vocabulary where the question's were not. ``encode`` turns a text into the ids
+        the model reads (a captioner's prompt starts with its decoder's start token and has no [SEP]); by default
+        the tokenizer's ids with special tokens. ``what`` names the text in messages ("prompt" for a captioner)."""
+        other = self.counterfactual(question, what)
         ids = list(encode(other)) if encode is not None else list(tokenizer(other, add_special_tokens=True)["input_ids"])
         if len(ids) != len(question_ids):
             mine = tokenizer.convert_ids_to_tokens(list(question_ids))
             theirs = tokenizer.convert_ids_to_tokens(ids)
-            raise BlipTraceError(f"the counterfactual question {other!r} is {len(ids)} tokens ({' '.join(theirs)}) "
-                                 f"and the question {len(mine)} ({' '.join(mine)}): a swap must keep the length")
+            raise BlipTraceError(f"the counterfactual {what} {other!r} is {len(ids)} tokens ({' '.join(theirs)}) "
+                                 f"and the {what} {len(mine)} ({' '.join(mine)}): a swap must keep the length "
+                                 "(swap in a word of as many word pieces)")
+        _refuse_unknown(tokenizer, question, other, ids, list(question_ids), what)
         if ids == list(question_ids):
-            raise BlipTraceError(f"the counterfactual question {other!r} tokenizes as the question itself: swap a word")
+            raise BlipTraceError(f"the counterfactual {what} {other!r} tokenizes as the {what} itself: swap a word")
         bound = WordSwap(swap=self.swap, question=self.question)
         object.__setattr__(bound, "embeddings", embed(ids))
         object.__setattr__(bound, "ids", tuple(ids))
@@ -360,6 +364,22 @@ class WordSwap:
         if self.question is not None:
             return {"type": self.info.name, "question": self.question}
         return {"type": self.info.name, "swap": dict(self.swap)}
+
+
+def _refuse_unknown(tokenizer: Any, question: str, other: str, ids: list[int], question_ids: list[int],
+                    what: str) -> None:
+    """Refuse a counterfactual that puts the vocabulary's unknown token ([UNK]) where the text had a known one:
+    the model would read "some unknown word", not the word swapped in."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not any(b == unk != a for a, b in zip(question_ids, ids)):
+        return
+    theirs = {word.lower() for word in question.split()}
+    unknown = [word.rstrip("?.,!") for word in other.split() if word.lower() not in theirs
+               and unk in tokenizer(word.rstrip("?.,!") or word, add_special_tokens=False)["input_ids"]]
+    named = ", ".join(map(repr, dict.fromkeys(unknown))) or "a word"
+    raise BlipTraceError(f"the counterfactual {what} {other!r} swaps in {named}, which the model's vocabulary lacks: "
+                         f"it would read the unknown token {tokenizer.unk_token or '[UNK]'} there, not the word. "
+                         "Swap in a word the vocabulary has")
 
 
 def _check_pixels(name: str, clean: torch.Tensor) -> None:

@@ -305,12 +305,12 @@ def test_a_word_swap_matches_a_per_cell_loop(bundles, image, kind, window, direc
     from blip_trace_widgets import WordSwap
 
     question = "what color is the circle?"
-    config = TraceConfig(kind=kind, window=window, samples=1, corruption=WordSwap({"circle": "triangle"}),
-                         direction=direction)
+    config = TraceConfig(kind=kind, window=window, samples=1, corruption=WordSwap({"circle": "shape"}),
+                         direction=direction)  # a word of the tiny vocabulary: one it lacks is refused
     tracer = Tracer(bundles["vqa"], image, question)
     result = tracer.trace(config)
     assert result.config["corrupt"] == "question" and result.config["corrupted_positions"] == [5]
-    loop = SwapLoop(bundles["vqa"], image, question, "what color is the triangle?", config)
+    loop = SwapLoop(bundles["vqa"], image, question, "what color is the shape?", config)
     layers = result.num_layers
     expected = np.array([[loop.cell([(j, p) for j in range(max(0, layer - window // 2),
                                                           min(layers, layer - (-window // 2)))], direction == "noise")

@@ -1,0 +1,61 @@
+"""Findings of a fuzz run: each input that was traced silently wrong, crashed with a raw exception, ran long without a
+word or got a misleading message, now refused (or warned about) with a message that names the cause and the fix."""
+from __future__ import annotations
+
+import pytest
+
+from blip_trace_widgets import BlipTraceError, WordSwap, load_model, trace
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    return load_model("demo-caption", device="cpu")
+
+
+# ----- word swaps -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("word", ["zzqxj", "frobnicate"])
+def test_a_swap_to_a_word_the_vocabulary_lacks_is_refused_naming_it(demo_bundle, demo_sample, word):
+    image, question, _ = demo_sample  # "what is the color of the triangle?"
+    with pytest.raises(BlipTraceError, match=rf"swaps in '{word}', which the model's vocabulary lacks.*\[UNK\]"):
+        trace(demo_bundle, image, question, corruption=WordSwap({"triangle": word}), samples=1)
+    with pytest.raises(BlipTraceError, match=f"'{word}'.*vocabulary lacks"):
+        trace(demo_bundle, image, question, corruption=WordSwap(question=f"what is the color of the {word}?"), samples=1)
+
+
+def test_a_swap_to_a_known_word_still_traces(demo_bundle, demo_sample):
+    image, question, _ = demo_sample
+    result = trace(demo_bundle, image, question, corruption=WordSwap({"triangle": "circle"}), samples=1)
+    assert result.config["corrupted_positions"] == [7]
+
+
+def test_a_swap_in_a_text_with_its_own_unknown_word_is_not_refused_for_it(demo_bundle, demo_sample):
+    image, _, _ = demo_sample
+    result = trace(demo_bundle, image, "what is the color of the zzqxj triangle?",
+                   corruption=WordSwap({"triangle": "circle"}), samples=1)
+    assert result.config["corrupted_positions"] == [8]
+
+
+def test_a_swap_whose_corrupt_tokens_miss_the_swapped_word_names_corrupt_tokens(demo_bundle, demo_sample):
+    image, question, _ = demo_sample
+    with pytest.raises(BlipTraceError) as caught:
+        trace(demo_bundle, image, question, corruption=WordSwap({"triangle": "circle"}), corrupt_tokens=[1], samples=1)
+    message = str(caught.value)
+    assert "corrupt_tokens [1]" in message and "7: 'triangle'" in message and "drop corrupt_tokens" in message
+    assert "pick a counterfactual" not in message
+    # naming the swapped position is fine: the swap acts there
+    result = trace(demo_bundle, image, question, corruption=WordSwap({"triangle": "circle"}), corrupt_tokens=[1, 7],
+                   samples=1)
+    assert result.total_effect > 0
+
+
+def test_a_swap_of_a_captioners_prompt_calls_it_the_prompt(captioner, demo_sample):
+    image = demo_sample.image
+    with pytest.raises(BlipTraceError, match="the swap word 'blue' is not in the prompt 'a red'"):
+        trace(captioner, image, "a red", corruption=WordSwap({"blue": "green"}), samples=1)
+    with pytest.raises(BlipTraceError, match="counterfactual prompt 'a zzqxj'.*vocabulary lacks"):
+        trace(captioner, image, "a red", corruption=WordSwap({"red": "zzqxj"}), samples=1)
+    with pytest.raises(BlipTraceError, match="outside the prompt's 3 tokens"):
+        trace(captioner, image, "a red", corrupt="question", corrupt_tokens=[9], samples=1)
+    with pytest.raises(BlipTraceError, match="the prompt has no content word"):
+        trace(captioner, image, "", corrupt="question", corrupt_tokens="object", samples=1)
