@@ -61,9 +61,10 @@ def score_rows(outputs: torch.Tensor, target: Target, metric: str) -> torch.Tens
 
     A multi-token answer's probability is the product of its tokens' probabilities, summed in
     log space and in float64, so that a long answer does not underflow before the exponential (a
-    float32 probability is 0 below 1e-45; a float64 one below 1e-308).
+    float32 probability is 0 below 1e-45; a float64 one below 1e-308). Half-precision outputs are scored in
+    float32; float32 and float64 ones in their own dtype, so a float64 model is scored to float64 rounding.
     """
-    outputs = outputs.float()
+    outputs = outputs if outputs.dtype in (torch.float32, torch.float64) else outputs.float()
     if target.readout == "itc":
         return outputs
     if target.readout == "match":

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_blip import tiny_captioner, tiny_matcher, tiny_model, tiny_processor
+from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
 from blip_trace_widgets.names import HEAD_SUBLAYER
@@ -156,8 +157,8 @@ def test_head_cells_match_a_per_cell_loop(bundles, image, question, head, block,
                          else list(position))
     assert result.tokens == [f"h{h}" for h in range(loop.heads)]
     expected = loop.grid(positions)
-    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
-    assert abs(result.low_score - float(loop.forward(corrupted=True).mean())) < 1e-5
+    assert_close(result.scores, expected)
+    assert result.low_score == within_rounding(float(loop.forward(corrupted=True).mean()))
     assert np.abs(expected - result.low_score).max() > 1e-4  # the cells do something: the check could fail
 
 
@@ -178,7 +179,7 @@ def test_every_head_at_a_layer_is_the_sublayer(bundles, image, question, head, b
     every_position = [tuple((layer, p) for p in range(positions)) for layer in range(layers)]
     by_heads, _ = tracer.restore(every_head, config)
     by_sublayer, _ = tracer.restore(every_position, sublayer)
-    np.testing.assert_allclose(by_heads, by_sublayer, atol=1e-5)
+    assert_close(by_heads, by_sublayer)
     low = tracer.trace(config).low_score
     assert np.abs(by_sublayer - low).max() > 1e-4
 
@@ -283,10 +284,10 @@ def test_patterns_are_the_models_own_attention(bundles, image, question):
     finally:
         handle.remove()
         handle_self.remove()
-    np.testing.assert_allclose(attention_pattern(tracer, "question_encoder", "cross_attn_head", 1),
-                               seen["cross"][0].numpy(), atol=1e-5)
-    np.testing.assert_allclose(attention_pattern(tracer, "question_encoder", "self_attn_head", 1),
-                               seen["self"][0].numpy(), atol=1e-5)
+    assert_close(attention_pattern(tracer, "question_encoder", "cross_attn_head", 1),
+                               seen["cross"][0].numpy())
+    assert_close(attention_pattern(tracer, "question_encoder", "self_attn_head", 1),
+                               seen["self"][0].numpy())
     vision = attention_pattern(tracer, "vision_encoder", "attn_head", 0)
     assert vision.shape[1] == vision.shape[2] and np.allclose(vision.sum(-1), 1, atol=1e-5)
 
@@ -315,5 +316,5 @@ def test_heads_noise_in_both_directions(bundles, image, question):
     everything = tuple((j, h * positions + p) for j in range(result.num_layers) for h in range(heads)
                        for p in range(positions))
     none_patched = tracer.restore([()], config)[0][0]
-    assert none_patched == pytest.approx(result.high_score, abs=1e-5)
+    assert none_patched == within_rounding(result.high_score)
     assert tracer.restore([everything], config)[0][0] != pytest.approx(result.high_score, abs=1e-4)

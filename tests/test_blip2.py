@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_blip import BLIP2_VOCAB, tiny_blip2, tiny_blip2_processor
+from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import BlipTraceError, Edges, GaussianNoise, TraceConfig, Tracer, load_model
 
@@ -192,8 +193,8 @@ def test_every_block_kind_and_window_matches_the_models_own_forward(bundle, imag
     answer = list(tracer.target(config).tokens)
     loop = Blip2Loop(bundle, image, config, answer, corrupt)
     expected = loop.grid(result.scores.shape[0])
-    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-4)
-    assert result.low_score == pytest.approx(loop.cell([], False), abs=1e-5)
+    assert_close(result.scores, expected, ulps=1024)
+    assert result.low_score == within_rounding(loop.cell([], False))
 
 
 @pytest.mark.parametrize("block", ["qformer", "language_model", "vision_encoder"])
@@ -205,15 +206,15 @@ def test_restoring_everything_gives_the_clean_score_and_nothing_the_low(tracer, 
     last = len(tracer.blocks[block].stack) - 1
     everything = tuple((last, p) for p in range(len(result.tokens)))
     scores = tracer.restore_marked([everything, ()], config)
-    assert float(scores.mean[0]) == pytest.approx(result.high_score, abs=1e-6)
-    assert float(scores.mean[1]) == pytest.approx(result.low_score, abs=1e-6)
+    assert float(scores.mean[0]) == within_rounding(result.high_score)
+    assert float(scores.mean[1]) == within_rounding(result.low_score)
 
 
 def test_cross_attention_cells_of_layers_without_it_are_marked_absent(tracer):
     result = tracer.trace(TraceConfig(block="qformer", kind="cross_attn", samples=3, corrupt="image"))
     absent = result.config["absent_layers"]
     assert absent == [1]  # cross_attention_frequency=2 over 3 layers: layers 0 and 2 cross-attend
-    np.testing.assert_allclose(result.scores[:, absent], result.low_score, atol=1e-7)
+    assert_close(result.scores[:, absent], result.low_score)
     assert not np.allclose(result.scores[:, [0, 2]], result.low_score, atol=1e-4)
 
 
@@ -320,7 +321,7 @@ def test_cutting_the_image_out_of_every_language_model_layer_is_reading_the_text
     answer = tracer.target(TraceConfig(block="language_model")).tokens[0]
     expected = float(torch.softmax(logits[0, -1].float(), -1)[answer])
     cut = result.clean_score * (1 + result.changes[0, centre])
-    assert cut == pytest.approx(expected, abs=1e-5)
+    assert cut == within_rounding(expected)
     assert result.labels == ["image → language model (self-attention)"]
 
 
@@ -356,9 +357,9 @@ def test_patterns_of_blip2_heads_are_the_models_own(bundle, image, tracer):
     finally:
         handle.remove()
     ours = attention_pattern(tracer, "language_model", "self_attn_head", 1)
-    np.testing.assert_allclose(ours, out.language_model_outputs.attentions[1][0].numpy(), atol=1e-5)
+    assert_close(ours, out.language_model_outputs.attentions[1][0].numpy())
     cross = attention_pattern(tracer, "qformer", "cross_attn_head", 2)
-    np.testing.assert_allclose(cross, seen["weights"][0].numpy(), atol=1e-5)
+    assert_close(cross, seen["weights"][0].numpy())
     with pytest.raises(BlipTraceError, match="layer 1 of the Q-Former has no cross-attention: pick one of layers 0, 2"):
         attention_pattern(tracer, "qformer", "cross_attn_head", 1)
 
@@ -439,7 +440,7 @@ def test_noise_on_the_qformers_output_queries_is_restored_in_the_language_model(
     last = len(bundle.model.qformer.encoder.layer) - 1  # the Q-Former's output is its last layer's
     loop.stage = f"qformer.encoder.layer.{last}"
     loop.noisy = config.corruption(queries, 3, torch.Generator().manual_seed(0))
-    np.testing.assert_allclose(result.scores, loop.grid(result.scores.shape[0]), atol=1e-5, rtol=1e-4)
+    assert_close(result.scores, loop.grid(result.scores.shape[0]), ulps=1024)
     with pytest.raises(BlipTraceError, match="trace block='language_model'"):
         tracer.trace(TraceConfig(block="qformer", corrupt="queries"))
 
@@ -459,7 +460,7 @@ def test_noise_on_the_projected_queries_is_restored_in_the_language_model(bundle
     handle.remove()
     loop.stage = "language_projection"
     loop.noisy = config.corruption(seen["x"], 3, torch.Generator().manual_seed(0))
-    np.testing.assert_allclose(result.scores, loop.grid(result.scores.shape[0]), atol=1e-5, rtol=1e-4)
+    assert_close(result.scores, loop.grid(result.scores.shape[0]), ulps=1024)
     assert abs(result.high_score - result.low_score) > 1e-3
     with pytest.raises(BlipTraceError, match="corrupt='projected', noise on the queries"):
         tracer.trace(TraceConfig(block="qformer", corrupt="projected"))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import (
     GaussianNoise,
@@ -26,8 +27,8 @@ def test_restoring_all_of_last_layer_gives_high_score(tiny_bundle, image, questi
     low, high = tracer.baselines(config)
     (restored, nothing), _ = tracer.restore([everything, ()], config)
     assert low < high
-    assert restored == pytest.approx(high, rel=1e-5, abs=1e-7)  # float32, two summation orders
-    assert nothing == pytest.approx(low, rel=1e-6, abs=1e-7)
+    assert restored == within_rounding(high)  # float32, two summation orders
+    assert nothing == within_rounding(low)
 
 
 def test_restoring_all_of_decoder_last_layer_gives_high_score(tiny_bundle, image, question):
@@ -82,7 +83,7 @@ def test_image_forms_agree(tiny_bundle, image, question, tmp_path):
 def test_image_swap_with_same_image_changes_nothing(tiny_bundle, image, question):
     result = trace(tiny_bundle, image, question, samples=2, corruption=ImageSwap(image))
     assert result.low_score == pytest.approx(result.high_score, rel=1e-5)
-    np.testing.assert_allclose(result.scores, result.high_score, rtol=1e-5)
+    assert_close(result.scores, result.high_score)
 
 
 def test_image_swap_with_other_image_corrupts(tiny_bundle, image, question):
@@ -221,7 +222,7 @@ def test_progress_reports_every_chunk(tiny_bundle, image, question):
 def test_max_batch_rows_does_not_change_results(tiny_bundle, image, question):
     one = Tracer(tiny_bundle, image, question, max_batch_rows=2).trace(samples=2, kind="self_attn", window=3)
     many = Tracer(tiny_bundle, image, question).trace(samples=2, kind="self_attn", window=3)
-    np.testing.assert_allclose(one.scores, many.scores, atol=1e-6)
+    assert_close(one.scores, many.scores)
     with pytest.raises(ValueError, match="max_batch_rows"):
         Tracer(tiny_bundle, image, question, max_batch_rows=0).trace(samples=1)
 

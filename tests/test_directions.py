@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_blip import tiny_captioner, tiny_matcher, tiny_model, tiny_processor
+from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
 
@@ -138,8 +139,8 @@ def test_noising_matches_a_per_cell_loop(bundles, image, question, head, block, 
     expected = np.array([[loop.cell([(j, p) for j in range(max(0, layer - window // 2),
                                                            min(layers, layer - (-window // 2)))])
                           for layer in range(layers)] for p in range(positions)])
-    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
-    assert abs(result.high_score - float(loop.forward(corrupted=False).mean())) < 1e-5
+    assert_close(result.scores, expected)
+    assert result.high_score == within_rounding(float(loop.forward(corrupted=False).mean()))
     assert np.abs(expected - result.high_score).max() > 1e-4  # the cells do something: the check could fail
 
 
@@ -154,8 +155,8 @@ def test_noising_every_cell_gives_the_corrupted_score_and_none_the_clean(bundles
     units = int(tracer.runs(tracer.blocks[block], config, tracer.target(config))[0].kinds[kind][0].shape[1])
     everything = tuple((j, p) for j in range(layers) for p in range(units))
     mean, _ = tracer.restore([everything, ()], config)
-    assert mean[0] == pytest.approx(result.low_score, abs=1e-5)
-    assert mean[1] == pytest.approx(result.high_score, abs=1e-5)
+    assert mean[0] == within_rounding(result.low_score)
+    assert mean[1] == within_rounding(result.high_score)
     assert result.config["direction"] == "noise"
 
 
@@ -215,7 +216,7 @@ def test_noising_with_severing_matches_a_per_cell_loop(bundles, image, question,
     loop = SeverNoiseLoop(tracer, config)
     expected = np.array([[loop.cell([(layer, p)]) for layer in range(loop.layers())]
                          for p in range(result.scores.shape[0])])
-    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
+    assert_close(result.scores, expected)
     plain = tracer.trace(replace(config, sever=None))
     assert np.abs(plain.scores - result.scores).max() > 1e-4  # severing changes the map: the check could fail
 
@@ -315,8 +316,8 @@ def test_a_word_swap_matches_a_per_cell_loop(bundles, image, kind, window, direc
     expected = np.array([[loop.cell([(j, p) for j in range(max(0, layer - window // 2),
                                                           min(layers, layer - (-window // 2)))], direction == "noise")
                           for layer in range(layers)] for p in range(result.scores.shape[0])])
-    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
-    assert result.low_score == pytest.approx(loop._forward(loop.other), abs=1e-6)
+    assert_close(result.scores, expected)
+    assert result.low_score == within_rounding(loop._forward(loop.other))
     assert np.abs(expected - expected.mean()).max() > 1e-6  # the cells differ: the check could fail
 
 
@@ -363,9 +364,9 @@ def test_a_word_swap_of_a_prompt_or_a_matched_text_matches_a_per_cell_loop(bundl
     expected = np.array([[loop.cell([(j, p) for j in range(max(0, layer - window // 2),
                                                           min(layers, layer - (-window // 2)))], direction == "noise")
                           for layer in range(layers)] for p in range(result.scores.shape[0])])
-    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
-    assert result.low_score == pytest.approx(loop._forward(loop.other), abs=1e-6)
-    assert result.high_score == pytest.approx(loop._forward(loop.ids), abs=1e-6)
+    assert_close(result.scores, expected)
+    assert result.low_score == within_rounding(loop._forward(loop.other))
+    assert result.high_score == within_rounding(loop._forward(loop.ids))
     assert np.abs(expected - expected.mean()).max() > 1e-6  # the cells differ: the check could fail
 
 
@@ -414,7 +415,7 @@ def test_the_papers_fresh_noise_noises_each_cell_with_its_own_draw(bundles, imag
     for index, cell in enumerate(cells[:6]):
         loop.corrupted_input = tracer.corrupted_runs.draw(config, generator).image_embeds
         loop.corrupted = loop._record()
-        assert result.scores.ravel()[index] == pytest.approx(loop.cell(list(cell)), abs=1e-5)
+        assert result.scores.ravel()[index] == within_rounding(loop.cell(list(cell)))
     assert result.direction == "noise" and np.abs(result.scores - result.high_score).max() > 1e-4
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_blip import tiny_model, tiny_processor
+from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import GaussianNoise, MultiplicativeNoise, TraceConfig, Tracer, load_model
 
@@ -82,7 +83,7 @@ class ReferenceLoop:
         return seen
 
     def score(self, logits) -> float:
-        logprobs = torch.log_softmax(logits.float(), -1)
+        logprobs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
         metric = self.config.metric
         if metric == "logit_diff":
             contrast = self.contrast_id
@@ -159,8 +160,8 @@ def test_engine_matches_per_cell_loop(bundle, image, question, block, kind, wind
     reference = ReferenceLoop(bundle, image, question, config, answer_ids)
     expected = reference.grid(*result.scores.shape)
     assert np.ptp(expected) > 1e-3, "the reference heatmap is flat: the test could not tell engines apart"
-    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
-    assert result.low_score == pytest.approx(reference.cell([]), abs=1e-5)
+    assert_close(result.scores, expected)
+    assert result.low_score == within_rounding(reference.cell([]))
 
 
 @pytest.mark.parametrize("block,kind", [("question_encoder", "mlp"), ("answer_decoder", "hidden"), ("answer_decoder", "cross_attn")])
@@ -174,10 +175,10 @@ def test_multi_token_answer_matches_loop(bundle, image, question, block, kind, m
         assert result.tokens == ["[DEC]", "red", "blue"]
     reference = ReferenceLoop(bundle, image, question, config, result.config["answer_ids"])
     expected = reference.grid(*result.scores.shape)
-    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-4)
+    assert_close(result.scores, expected, ulps=1024)
     with torch.no_grad():
         clean_logits = reference._forward(reference.clean_embeds)
-    assert result.high_score == pytest.approx(reference.score(clean_logits), abs=1e-5)
+    assert result.high_score == within_rounding(reference.score(clean_logits))
 
 
 def test_logit_diff_matches_loop(bundle, image, question):
@@ -186,3 +187,19 @@ def test_logit_diff_matches_loop(bundle, image, question):
     reference = ReferenceLoop(bundle, image, question, config, result.config["answer_ids"])
     reference.contrast_id = bundle.tokenizer.convert_tokens_to_ids("blue")
     np.testing.assert_allclose(result.scores, reference.grid(*result.scores.shape), atol=1e-4)
+
+
+@pytest.mark.parametrize("block,kind", [("question_encoder", "mlp"), ("question_encoder", "cross_attn"),
+                                        ("answer_decoder", "hidden")])
+def test_a_float64_model_matches_its_loop_to_float64_rounding(image, question, block, kind):
+    """Scores keep the model's dtype: a float64 model's engine and loop agree to float64 rounding, a tolerance
+    about 5e8 times tighter than float32's, which float32 scoring would fail."""
+    bundle = load_model((tiny_model(seed=1).double(), tiny_processor()), device="cpu")
+    config = TraceConfig(block=block, kind=kind, window=3, samples=3, seed=5, corruption=GaussianNoise(scale=2.0),
+                         metric="logprob")
+    result = Tracer(bundle, image, question, max_batch_rows=7).trace(config)
+    reference = ReferenceLoop(bundle, image, question, config, result.config["answer_ids"])
+    expected = reference.grid(*result.scores.shape)
+    assert np.ptp(expected) > 1e-3
+    assert_close(result.scores, expected, dtype=torch.float64)
+    assert result.low_score == within_rounding(reference.cell([]), dtype=torch.float64)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_blip import tiny_model, tiny_processor
+from tolerance import assert_close
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
 
@@ -62,13 +63,13 @@ def test_flagged_cells_are_reported_and_a_verified_map_makes_them_exact(tracer, 
     flagged = estimate.unreliable_cells
     assert not (verified.unreliable_cells & ~verified.exact_cells).any()  # nothing flagged is left estimated
     assert verified.exact_cells[flagged].all()
-    np.testing.assert_allclose(verified.scores[verified.exact_cells], exact.scores[verified.exact_cells], atol=1e-6)
+    assert_close(verified.scores[verified.exact_cells], exact.scores[verified.exact_cells])
 
 
 def test_the_flag_names_cancelling_paths_where_the_estimate_is_small(tracer):
     """The gap is Σ_l |term with layer l dropped| / (L - 1) - |term|: at least -|term| / (L - 1) ... computed here
     from its parts, cell by cell."""
-    from blip_trace_widgets.estimates import _cell_sums, _terms, cancellation  # noqa: PLC2701
+    from blip_trace_widgets.estimates import _cell_sums, cancellation  # noqa: PLC2701
 
     block = tracer.blocks["question_encoder"]
     config = TraceConfig(samples=2, corruption=GaussianNoise(3.0), method="estimate", grad_drop=True)

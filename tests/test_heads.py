@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_blip import tiny_captioner, tiny_matcher, tiny_processor
+from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer, load_model
 from blip_trace_widgets.errors import BlipTraceError
@@ -145,9 +146,9 @@ def _check(bundle, image, text, config):
     loop = Loop(bundle, image, result, config, torch.tensor([ids]))
     expected = loop.grid(*result.scores.shape)
     assert np.ptp(expected) > 1e-4, "the reference heatmap is flat: the test could not tell engines apart"
-    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
-    assert result.low_score == pytest.approx(loop.cell([]), abs=1e-5)
-    assert result.high_score == pytest.approx(float(loop.forward(corrupted=False)[0]), abs=1e-5)
+    assert_close(result.scores, expected)
+    assert result.low_score == within_rounding(loop.cell([]))
+    assert result.high_score == within_rounding(float(loop.forward(corrupted=False)[0]))
     return tracer, result
 
 
@@ -193,8 +194,8 @@ def test_restoring_everything_gives_clean_and_nothing_gives_low(captioner, match
         positions = int(tracer.clean.image_embeds.shape[1])
     everything = tuple((layer, pos) for layer in range(layers) for pos in range(positions))
     mean, _ = tracer.restore([everything, ()], config)
-    assert mean[0] == pytest.approx(result.high_score, abs=1e-5)
-    assert mean[1] == pytest.approx(result.low_score, abs=1e-6)
+    assert mean[0] == within_rounding(result.high_score)
+    assert mean[1] == within_rounding(result.low_score)
     assert abs(result.high_score - result.low_score) > 1e-3
 
 
@@ -263,8 +264,8 @@ def test_itc_matches_the_models_own_similarity(matcher, image):
     with torch.no_grad():
         expected = float(matcher.model(**inputs, use_itm_head=False).itm_score[0, 0])
         p_match = float(torch.softmax(matcher.model(**inputs).itm_score, -1)[0, 1])
-    assert result.high_score == pytest.approx(expected, abs=1e-5)
-    assert tracer.match_probability == pytest.approx(p_match, abs=1e-6)
+    assert result.high_score == within_rounding(expected)
+    assert tracer.match_probability == within_rounding(p_match)
 
 
 @pytest.mark.parametrize("head,block,metric", [("caption", "caption_decoder", "prob"), ("itm", "itm_encoder", "prob"),

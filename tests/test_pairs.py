@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import BlipTraceError, ImageSwap, Tracer, WordSwap, load_model, trace
 from blip_trace_widgets.data import COLORS, SHAPES, easy_vqa_pairs, easy_vqa_questions, image_facts
@@ -44,11 +45,11 @@ def test_image_swap_at_every_stage_runs_the_counterfactual_image(demo_bundle, st
     result = tracer.trace(config)
     other = Tracer(demo_bundle, pair.counterfactual_image, pair.question)
     own = other.baselines(resolve_config(demo_bundle, answer=pair.answer, samples=1))[1]
-    assert result.low_score == pytest.approx(own, abs=1e-5)
+    assert result.low_score == within_rounding(own)
     layers, positions = result.num_layers, len(result.tokens) if block != "vision_encoder" else \
         int(tracer.clean.image_embeds.shape[1])
     everything, _ = tracer.restore([tuple((layers - 1, p) for p in range(positions))], config)
-    assert everything[0] == pytest.approx(result.high_score, abs=1e-5)  # every last-layer state restored: clean
+    assert everything[0] == within_rounding(result.high_score)  # every last-layer state restored: clean
     assert result.high_score - result.low_score > 0.1  # the pair changes the answer: the check could fail
 
 
@@ -111,7 +112,7 @@ def test_the_explorer_swaps_in_a_partner_or_a_question_in_either_direction(demo_
 
     expected = own.baselines(resolve_config(demo_bundle, answer=explorer.result.answer, samples=1))[1]
     assert explorer.result.config["corruption"]["type"] == "image_swap"
-    assert explorer.result.low_score == pytest.approx(expected, abs=1e-5)
+    assert explorer.result.low_score == within_rounding(expected)
     assert explorer.noise.disabled and explorer.noise_samples.disabled and controls.partner.layout.display is None
     controls.partner.value = 2  # another gallery image
     assert explorer.result.config["corruption"]["image_sha1"] != own.image_key[:16]
@@ -201,7 +202,7 @@ def test_image_swap_cells_match_a_per_cell_loop(image, question, stage, block, k
     result = tracer.trace(config)
     loop = HeadLoop(tracer, config)
     expected = loop.grid(result.config["restored_positions"])
-    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
+    assert_close(result.scores, expected)
     assert np.abs(expected - result.low_score).max() > 1e-4  # the swap does something: the check could fail
 
 
@@ -220,8 +221,8 @@ def test_the_vision_explorer_swaps_in_a_partners_patches_in_either_direction(dem
     own = Tracer(demo_bundle, pairs[0].counterfactual_image, pairs[0].question)
     from blip_trace_widgets.procedures import resolve_config
 
-    assert result.low_score == pytest.approx(
-        own.baselines(resolve_config(demo_bundle, answer=result.answer, samples=1))[1], abs=1e-5)
+    assert result.low_score == within_rounding(
+        own.baselines(resolve_config(demo_bundle, answer=result.answer, samples=1))[1])
     controls.direction.value = "noise"
     assert explorer.result.direction == "noise" and explorer.error.value == ""
     assert explorer.overlay.value[:4] == b"\x89PNG"

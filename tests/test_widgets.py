@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerance import assert_close
 
 from blip_trace_widgets import GaussianNoise, MultiplicativeNoise, TraceResult, demo_samples, trace
 from blip_trace_widgets.widgets import TraceExplorer, tooltip_of
@@ -225,7 +226,7 @@ def test_the_default_shows_the_estimate_then_its_top_cells_exact(demo_bundle, de
     result = explorer.result
     assert result.exact_cells.sum() == 5 and "5 cells exact (outlined)" in explorer.status.value
     exact = explorer.tracer.trace(result.config and explorer.config)
-    np.testing.assert_allclose(result.scores[result.exact_cells], exact.scores[result.exact_cells], atol=1e-6)
+    assert_close(result.scores[result.exact_cells], exact.scores[result.exact_cells])
     explorer.window.value = 3  # a window's estimate costs more than the exact map: exact at once
     assert explorer.result.config["method"] == "exact"
 
@@ -301,7 +302,7 @@ def test_the_flagged_mode_makes_the_cells_graddrop_flags_exact(demo_bundle, demo
     flagged = estimate.unreliable_cells
     assert result.exact_cells[flagged].all() and result.exact_cells.sum() >= 5
     exact = explorer.tracer.trace(explorer.config, method="exact", grad_drop=False)
-    np.testing.assert_allclose(result.scores[result.exact_cells], exact.scores[result.exact_cells], atol=1e-6)
+    assert_close(result.scores[result.exact_cells], exact.scores[result.exact_cells])
     explorer.kind.value = "mlp"
     explorer.window.value = 3  # no GradDrop for windows: the exact map at once
     assert explorer.result.config["method"] == "exact"
