@@ -15,6 +15,7 @@ Images are read from the installed package, never from copies in this repository
 """
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Any, NamedTuple
 
@@ -49,6 +50,22 @@ def _easy_vqa():
     except ImportError:
         raise UnavailableError("the easy-vqa package is missing: pip install easy-vqa") from None
     return easy_vqa
+
+
+def check_limit(limit: Any, name: str = "limit") -> int | None:
+    """``limit`` checked: None (no limit) or a whole number of items, 1 or more.
+
+        >>> check_limit(3), check_limit(None)
+        (3, None)
+    """
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
+        raise BlipTraceError(f"{name} must be a whole number of items (or None for all), got "
+                             f"{type(limit).__name__} {limit!r}")
+    if limit < 1:
+        raise BlipTraceError(f"{name} must be 1 or more (or None for all), got {limit}")
+    return int(limit)
 
 
 def easy_vqa_questions(split: str = "test") -> list[tuple[str, str, str]]:
@@ -146,8 +163,9 @@ def easy_vqa_pairs(kind: str = "color", split: str = "test", limit: int | None =
         >>> pair.answer != pair.counterfactual_answer
         True
     """
-    if kind not in PAIR_KINDS:
+    if not isinstance(kind, str) or kind not in PAIR_KINDS:
         raise BlipTraceError(f"unknown pair kind {kind!r}: use one of {', '.join(PAIR_KINDS)}")
+    limit = check_limit(limit)
     by_image: dict[str, list[tuple[str, str]]] = {}
     for path, question, answer in easy_vqa_questions(split):
         by_image.setdefault(path, []).append((question, answer))

@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image
 
-from .data import VQASample, easy_vqa_captions, easy_vqa_questions, question_type
+from .data import VQASample, check_limit, easy_vqa_captions, easy_vqa_questions, question_type
 from .errors import BlipTraceError, UnavailableError
 from .inputs import image_digest, to_rgb_image
 
@@ -242,10 +242,8 @@ def load_vqa_subset(
     """
     if name not in SUBSETS:
         raise BlipTraceError(f"unknown subset {name!r}: use one of {', '.join(SUBSETS)}")
-    if limit is not None and limit < 1:
-        raise BlipTraceError(f"limit must be >= 1, got {limit}")
-    if words is not None and words < 1:
-        raise BlipTraceError(f"words must be >= 1, got {words}")
+    limit = check_limit(limit)
+    words = check_limit(words, "words")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = Path(image_dir) if image_dir is not None else None
     if name in EASY_VQA_SUBSETS:
@@ -297,13 +295,22 @@ def hf_samples(
 ) -> Iterator[VQASample]:
     """Samples from a ``datasets`` dataset (or a hub id, loaded with ``streaming``), through a column mapping.
 
-    The Cauldron's layout (``images`` and ``texts`` columns) is recognised without a mapping.
+    The Cauldron's layout (``images`` and ``texts`` columns) is recognised without a mapping. A row without an image
+    or a question is refused, naming it.
     """
+    _check_dataset(dataset, "hf_samples")
+    limit = check_limit(limit)
+    return _hf_samples(dataset, config, split, streaming, image, question, answer, limit)
+
+
+def _hf_samples(dataset: Any, config: str | None, split: str, streaming: bool, image: str, question: str,
+                answer: str | None, limit: int | None) -> Iterator[VQASample]:
     if isinstance(dataset, str):
         dataset = _load_hf(dataset, config, split, streaming)
     columns = set(getattr(dataset, "column_names", None) or [])  # unknown for some streamed datasets
     count = 0
-    for row in dataset:
+    for index, row in enumerate(dataset):
+        _check_row(index, row)
         columns = columns or set(row)
         cauldron = {"images", "texts"} <= columns
         if not cauldron and not {image, question} <= columns:
@@ -311,6 +318,8 @@ def hf_samples(
                 f"the dataset has columns {sorted(columns)}; name its image and question columns, "
                 "e.g. hf_samples(ds, image='img', question='query', answer='label')"
             )
+        if not cauldron:
+            _require(index, row, [image, question])
         pairs = _cauldron_rows(row) if cauldron else [(row[image], row[question], row.get(answer) if answer else None)]
         for picture, text, expected in pairs:
             yield VQASample(picture, str(text), None if expected is None else str(expected))
@@ -334,12 +343,20 @@ def hf_pairs(
 ) -> Iterator[Any]:
     """Semantic image pairs (:class:`~.data.PairSample`) from any ``datasets`` dataset (or a hub id) with columns for
     both images and both answers, named through the keywords. A row whose answers are equal is refused: it is no
-    pair."""
+    pair; so is a row without one of them, its question or an image, naming the row."""
+    _check_dataset(dataset, "hf_pairs")
+    limit = check_limit(limit)
+    wanted = [image, counterfactual_image, question, answer, counterfactual_answer]
+    return _hf_pairs(_hf_rows(dataset, config, split, streaming, limit, wanted,
+                              "hf_pairs(ds, counterfactual_image='image_b')"), wanted)
+
+
+def _hf_pairs(rows: Iterator[tuple[int, Any]], wanted: list[str]) -> Iterator[Any]:
     from .data import PairSample
 
-    wanted = [image, counterfactual_image, question, answer, counterfactual_answer]
-    for count, row in _hf_rows(dataset, config, split, streaming, limit, wanted,
-                               "hf_pairs(ds, counterfactual_image='image_b')"):
+    image, counterfactual_image, question, answer, counterfactual_answer = wanted
+    for count, row in rows:
+        _require(count, row, wanted)
         if str(row[answer]).strip() == str(row[counterfactual_answer]).strip():
             raise BlipTraceError(f"row {count} gives both images the answer {row[answer]!r}: a pair's answers differ")
         yield PairSample(row[image], row[counterfactual_image], str(row[question]), str(row[answer]),
@@ -362,6 +379,7 @@ def question_pairs(items: Iterable[Any], limit: int | None = None) -> list[Any]:
     of the dog" differently differ in the dog's colour and in everything else in them too."""
     from .data import PairSample
 
+    limit = check_limit(limit)
     waiting: dict[str, list[VQASample]] = {}
     pairs: list[Any] = []
     for item in as_samples(items):
@@ -397,15 +415,52 @@ def hf_caption_samples(
     limit: int | None = None,
 ) -> Iterator[VQASample]:
     """Captioning samples (image, ``prompt``, reference caption) from any ``datasets`` captioning dataset, by
-    its column names; a column holding several captions per image gives its first."""
-    for _, row in _hf_rows(dataset, config, split, streaming, limit, [image, caption],
-                           "hf_caption_samples(ds, image='img', caption='sentences')"):
+    its column names; a column holding several captions per image gives its first. A row without an image or a
+    caption is refused, naming it."""
+    _check_dataset(dataset, "hf_caption_samples")
+    limit = check_limit(limit)
+    return _hf_captions(_hf_rows(dataset, config, split, streaming, limit, [image, caption],
+                                 "hf_caption_samples(ds, image='img', caption='sentences')"), image, caption, prompt)
+
+
+def _hf_captions(rows: Iterator[tuple[int, Any]], image: str, caption: str, prompt: str) -> Iterator[VQASample]:
+    for count, row in rows:
         text = row[caption]
         if isinstance(text, (list, tuple)):
             text = text[0] if text else ""
         if isinstance(text, Mapping):  # e.g. {"raw": "..."}
             text = text.get("raw") or next(iter(text.values()), "")
+        _require(count, {image: row[image], caption: text}, [image, caption])
         yield VQASample(row[image], prompt, str(text).strip())
+
+
+def _check_dataset(dataset: Any, call: str) -> None:
+    """Refuse, before reading a row, a ``dataset`` that is neither a hub id nor an iterable of rows."""
+    if isinstance(dataset, str):
+        if not dataset.strip():
+            raise BlipTraceError(f"{call} needs a dataset: a datasets.Dataset, rows as dicts, or a hub id")
+        return
+    if isinstance(dataset, Mapping):  # a DatasetDict: its splits
+        raise BlipTraceError(f"{call} reads one split, and this dataset has splits {sorted(map(str, dataset))}: pass "
+                             "one, e.g. ds['train']")
+    if isinstance(dataset, (bytes, bytearray)) or not isinstance(dataset, Iterable):
+        raise BlipTraceError(f"{call} takes a datasets.Dataset, an iterable of rows (dicts of columns) or a hub id "
+                             f"such as 'user/name', got {type(dataset).__name__} {dataset!r:.60}")
+
+
+def _check_row(index: int, row: Any) -> None:
+    if not isinstance(row, Mapping):
+        raise BlipTraceError(f"row {index} of the dataset is {type(row).__name__} {row!r:.40}, not a row of named columns: pass "
+                             "a datasets.Dataset or rows as dicts")
+
+
+def _require(index: int, row: Mapping[str, Any], columns: Sequence[str]) -> None:
+    """Refuse a row with no value (None or blank text) in one of ``columns``, naming the row and the column."""
+    for column in columns:
+        value = row[column]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise BlipTraceError(f"row {index} has no {column!r} (it is {value!r}): fill it in, or leave the row out "
+                                 f"(a datasets.Dataset: ds.filter(lambda row: row[{column!r}] is not None))")
 
 
 def _hf_rows(dataset: Any, config: str | None, split: str, streaming: bool, limit: int | None,
@@ -415,6 +470,7 @@ def _hf_rows(dataset: Any, config: str | None, split: str, streaming: bool, limi
     if isinstance(dataset, str):
         dataset = _load_hf(dataset, config, split, streaming)
     for count, row in enumerate(dataset):
+        _check_row(count, row)
         missing = [c for c in wanted if c not in row]
         if missing:
             raise BlipTraceError(f"the dataset's rows have no column {', '.join(map(repr, missing))} (they have "

@@ -59,3 +59,66 @@ def test_a_swap_of_a_captioners_prompt_calls_it_the_prompt(captioner, demo_sampl
         trace(captioner, image, "a red", corrupt="question", corrupt_tokens=[9], samples=1)
     with pytest.raises(BlipTraceError, match="the prompt has no content word"):
         trace(captioner, image, "", corrupt="question", corrupt_tokens="object", samples=1)
+
+
+# ----- question sets --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("limit, message", [(0, "1 or more"), (-1, "1 or more"), (1.5, "whole number"),
+                                            (True, "whole number"), ("2", "whole number")])
+def test_easy_vqa_pairs_refuses_a_limit_that_is_no_count(limit, message):
+    from blip_trace_widgets import easy_vqa_pairs
+
+    with pytest.raises(BlipTraceError, match=f"limit must be .*{message}.*got"):
+        easy_vqa_pairs(limit=limit)
+    assert len(easy_vqa_pairs(limit=2)) == 2
+
+
+@pytest.mark.parametrize("loader", ["hf_pairs", "hf_samples", "hf_caption_samples", "question_pairs",
+                                    "load_vqa_subset"])
+def test_every_loader_refuses_a_limit_that_is_no_count(loader):
+    from blip_trace_widgets import subsets
+
+    source = "easy-vqa-color" if loader == "load_vqa_subset" else []
+    with pytest.raises(BlipTraceError, match="limit must be 1 or more"):
+        getattr(subsets, loader)(source, limit=0)
+    with pytest.raises(BlipTraceError, match="limit must be a whole number"):
+        getattr(subsets, loader)(source, limit=1.5)
+
+
+@pytest.mark.parametrize("dataset, message", [
+    (42, "takes a datasets.Dataset, an iterable of rows .* got int 42"),
+    (None, "takes a datasets.Dataset"),
+    ({"train": [], "test": []}, r"has splits \['test', 'train'\]: pass one, e.g. ds\['train'\]"),
+    ([1, 2], "row 0 of the dataset is int 1, not a row of named columns"),
+])
+@pytest.mark.parametrize("loader", ["hf_pairs", "hf_samples", "hf_caption_samples"])
+def test_a_dataset_that_is_no_table_is_a_clear_error(loader, dataset, message):
+    from blip_trace_widgets import subsets
+
+    with pytest.raises(BlipTraceError, match=message):
+        list(getattr(subsets, loader)(dataset))
+
+
+PAIR_ROW = dict(image="a.png", counterfactual_image="b.png", question="what color is it?", answer="red",
+                counterfactual_answer="blue")
+
+
+@pytest.mark.parametrize("column", ["question", "answer", "counterfactual_answer", "image", "counterfactual_image"])
+@pytest.mark.parametrize("missing", [None, "  "])
+def test_hf_pairs_refuses_a_row_without_a_value_naming_it(column, missing):
+    from blip_trace_widgets.subsets import hf_pairs
+
+    rows = [PAIR_ROW, {**PAIR_ROW, column: missing}]
+    with pytest.raises(BlipTraceError, match=f"row 1 has no '{column}'"):
+        list(hf_pairs(rows))
+    assert list(hf_pairs([PAIR_ROW]))[0].question == "what color is it?"
+
+
+def test_hf_samples_and_captions_refuse_a_row_without_its_text():
+    from blip_trace_widgets.subsets import hf_caption_samples, hf_samples
+
+    with pytest.raises(BlipTraceError, match="row 0 has no 'question'"):
+        list(hf_samples([{"image": "a.png", "question": None, "answer": "red"}]))
+    with pytest.raises(BlipTraceError, match="row 0 has no 'caption'"):
+        list(hf_caption_samples([{"image": "a.png", "caption": None}]))
+    assert list(hf_samples([{"image": "a.png", "question": "what?", "answer": None}]))[0].answer is None
