@@ -13,6 +13,7 @@ patches), which :func:`~.plotting.attention_overlay` paints on the image.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,12 @@ def attention_pattern(tracer: Any, block: str, kind: str, layer: int, config: An
     config = config if config is not None else TraceConfig(block=block, kind=kind)
     unit = tracer.blocks[block]
     stack = unit.stack
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise BlipTraceError(f"layer must be a whole layer index from 0 to {len(stack) - 1}, got "
+                             f"{type(layer).__name__} {layer!r}")
     if not 0 <= layer < len(stack):
         raise BlipTraceError(f"layer must be between 0 and {len(stack) - 1}, got {layer}")
+    layer = int(layer)
     target = tracer.target(config)
     with torch.no_grad():
         run = tracer.clean_run(unit, target)

@@ -122,3 +122,18 @@ def test_hf_samples_and_captions_refuse_a_row_without_its_text():
     with pytest.raises(BlipTraceError, match="row 0 has no 'caption'"):
         list(hf_caption_samples([{"image": "a.png", "caption": None}]))
     assert list(hf_samples([{"image": "a.png", "question": "what?", "answer": None}]))[0].answer is None
+
+
+# ----- attention patterns ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", [1.5, 1.0, True, "1"])
+def test_an_attention_pattern_of_a_layer_that_is_no_index_is_a_clear_error(demo_bundle, demo_sample, layer):
+    import numpy as np
+
+    from blip_trace_widgets import Tracer
+    from blip_trace_widgets.patterns import attention_pattern
+
+    tracer = Tracer(demo_bundle, demo_sample.image, demo_sample.question)
+    with pytest.raises(BlipTraceError, match="layer must be a whole layer index from 0 to 3, got"):
+        attention_pattern(tracer, "question_encoder", "cross_attn_head", layer)
+    assert attention_pattern(tracer, "question_encoder", "cross_attn_head", np.int64(1)).shape[0] == 4
