@@ -32,6 +32,14 @@ sys.exit(1 if errors else 0)
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory):
+    """A folder holding the wheel and the sdist: built here from the source tree, or, with BLIP_TRACE_DIST set
+    (the release workflow sets it to the files it is about to publish), that folder's files as they are."""
+    given = os.environ.get("BLIP_TRACE_DIST")
+    if given:
+        folder = Path(given).resolve()
+        assert sorted(f.suffix for f in folder.iterdir()) == [".gz", ".whl"], \
+            f"BLIP_TRACE_DIST={given} must hold one wheel and one sdist, and nothing else"
+        return folder
     out = tmp_path_factory.mktemp("dist")
     run = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(out), str(ROOT)],
                          capture_output=True, text=True, timeout=900)
