@@ -214,6 +214,9 @@ class UniformNoise(_AdditiveNoise):
 class Scale(_Leveled):
     """Multiply every value by ``factor``, with nothing random: the paper's attention notebook uses 0.7691."""
 
+    #: Nothing random: every sample is the same corrupted input, so one draw is the whole map.
+    deterministic: ClassVar[bool] = True
+
     factor: float = 0.7691
     region: Any = None
     info: ClassVar[Named] = Named("scale", "scale (paper's attention notebook)",
@@ -234,6 +237,9 @@ class ImageSwap:
     The tracer computes ``other_image``'s input at that stage with the model's own processor and vision encoder
     through :meth:`bind`; equal images give equal keys, so swaps cache like the other corruptions.
     """
+
+    #: Nothing random: every sample is the same corrupted input, so one draw is the whole map.
+    deterministic: ClassVar[bool] = True
 
     other_image: Any = field(compare=False, hash=False, repr=False)
     key: str = field(default="", init=False)
@@ -274,6 +280,9 @@ class PairSwap:
     traces every pair with ``ImageSwap(pair.counterfactual_image)`` and, for ``metric="logit_diff"``, the pair's
     counterfactual answer as the contrast. To trace one pair, pass that ``ImageSwap`` yourself."""
 
+    #: Nothing random: every sample is the same corrupted input, so one draw is the whole map.
+    deterministic: ClassVar[bool] = True
+
     info: ClassVar[Named] = Named(name="image_pair")
 
     def __call__(self, clean: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
@@ -294,6 +303,9 @@ class WordSwap:
     binds it to the model's tokenizer and embeddings; a swap that changes the number of tokens, or a word the
     question lacks, is refused, naming the tokens.
     """
+
+    #: Nothing random: every sample is the same corrupted input, so one draw is the whole map.
+    deterministic: ClassVar[bool] = True
 
     swap: Any = None  # {word: replacement}, stored as sorted pairs
     question: str | None = None
@@ -373,10 +385,10 @@ def _refuse_unknown(tokenizer: Any, question: str, other: str, ids: list[int], q
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None or not any(b == unk != a for a, b in zip(question_ids, ids)):
         return
-    theirs = {word.lower() for word in question.split()}
-    unknown = [word.rstrip("?.,!") for word in other.split() if word.lower() not in theirs
-               and unk in tokenizer(word.rstrip("?.,!") or word, add_special_tokens=False)["input_ids"]]
-    named = ", ".join(map(repr, dict.fromkeys(unknown))) or "a word"
+    from .inputs import unknown_words
+
+    theirs = set(unknown_words(tokenizer, question))
+    named = ", ".join(repr(word) for word in unknown_words(tokenizer, other) if word not in theirs) or "a word"
     raise BlipTraceError(f"the counterfactual {what} {other!r} swaps in {named}, which the model's vocabulary lacks: "
                          f"it would read the unknown token {tokenizer.unk_token or '[UNK]'} there, not the word. "
                          "Swap in a word the vocabulary has")
@@ -391,6 +403,9 @@ def _check_pixels(name: str, clean: torch.Tensor) -> None:
 @dataclass(frozen=True)
 class Blur(_Leveled):
     """Gaussian blur of the pixels in ``region`` (the whole image when None), ``sigma`` in pixels of the model's input."""
+
+    #: Nothing random: every sample is the same corrupted input, so one draw is the whole map.
+    deterministic: ClassVar[bool] = True
 
     sigma: float = 4.0
     region: Any = None
@@ -427,6 +442,9 @@ class Blur(_Leveled):
 @dataclass(frozen=True)
 class Grey:
     """Pixels in ``region`` set to the processor's mean colour (0 after its normalisation): the area is erased."""
+
+    #: Nothing random: every sample is the same corrupted input, so one draw is the whole map.
+    deterministic: ClassVar[bool] = True
 
     region: Any = None
     stage: ClassVar[str] = "pixels"

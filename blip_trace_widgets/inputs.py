@@ -165,17 +165,40 @@ def encode_question(tokenizer: Any, question: str, max_length: int, what: str = 
     return ids
 
 
-def encode_answer(tokenizer: Any, answer: str, what: str = "answer", lead: str = "") -> list[int]:
-    """Token ids of an answer (or a caption) to score, without special tokens; it must not need [UNK]. ``lead`` goes
-    before it: " " for a language model whose byte-level tokens carry the space before a word (OPT's " red" is not
-    its "red")."""
-    if not isinstance(answer, str) or not answer.strip():
-        raise BlipTraceError(f"the {what} to score is empty: pass answer=None to score the model's own {what}")
-    ids = list(tokenizer(lead + answer.strip(), add_special_tokens=False)["input_ids"])
+def unknown_words(tokenizer: Any, text: str, lead: str = "") -> list[str]:
+    """The words of ``text`` that ``tokenizer`` reads as its unknown token ([UNK]), each once, in order (none for
+    a tokenizer without one); ``lead`` goes before each word as it does before an answer."""
     unk = getattr(tokenizer, "unk_token_id", None)
-    if not ids or (unk is not None and unk in ids):
+    if unk is None:
+        return []
+    if hasattr(tokenizer, "basic_tokenizer"):
+        words = tokenizer.basic_tokenizer.tokenize(text)
+    else:  # a word without the punctuation around it ("triangle?" is "triangle")
+        words = [w.strip(".,;:!?\"'()") or w for w in text.split()]
+    unknown = [w for w in words if unk in tokenizer(lead + w, add_special_tokens=False)["input_ids"]]
+    return list(dict.fromkeys(unknown))
+
+
+def encode_answer(tokenizer: Any, answer: str, what: str = "answer", lead: str = "") -> list[int]:
+    """Token ids of an answer (or a caption, or a contrast) to score, without special tokens; it must not need
+    [UNK]. ``what`` names it in messages. ``lead`` goes before it: " " for a language model whose byte-level tokens
+    carry the space before a word (OPT's " red" is not its "red")."""
+    article = "an" if what[0] in "aeiou" else "a"
+    if not isinstance(answer, str) or not answer.strip():
+        raise BlipTraceError(f"the {what} to score is empty: pass answer=None to score the model's own {what}"
+                             if what != "contrast" else "the contrast is empty: pass the word to compare with")
+    ids = list(tokenizer(lead + answer.strip(), add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise BlipTraceError(f"the {what} {answer!r} has no tokens: pick {article} {what} made of words")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in ids:
+        unknown = unknown_words(tokenizer, answer.strip(), lead)
+        several = len(unknown) > 1
+        lacks = ("this word" if unknown in ([], [answer.strip()]) else
+                 f"the word{'s' if several else ''} {', '.join(map(repr, unknown))}")
         raise BlipTraceError(
-            f"the tokenizer cannot encode the {what} {answer!r} (it becomes [UNK]); "
-            f"pick {'an' if what[0] in 'aeiou' else 'a'} {what} made of words in the model's vocabulary"
+            f"the tokenizer cannot encode the {what} {answer!r}: the model's vocabulary lacks {lacks}, which "
+            f"become{'' if several else 's'} {tokenizer.unk_token or '[UNK]'}; pick {article} {what} made of words in "
+            "the model's vocabulary"
         )
     return ids

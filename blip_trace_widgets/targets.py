@@ -91,7 +91,7 @@ class Targets:
         """A logit difference's contrast token: ``config.contrast``'s first token, or for a counterfactual (an
         ``ImageSwap`` or ``WordSwap``, VQA) the first token of the model's own answer on the counterfactual input."""
         if config.contrast is not None:
-            return int(self.session.task.answer_tokens(self.session.bundle.tokenizer, config.contrast)[0])
+            return int(self.session.task.answer_tokens(self.session.bundle.tokenizer, config.contrast, "contrast")[0])
         counterfactual = self.counterfactual_pass(config)
         if counterfactual is None or not counterfactual.clean.greedy_ids:
             raise BlipTraceError("metric='logit_diff' compares the answer with a contrast: pass contrast='...' (a "

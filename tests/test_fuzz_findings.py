@@ -137,3 +137,25 @@ def test_an_attention_pattern_of_a_layer_that_is_no_index_is_a_clear_error(demo_
     with pytest.raises(BlipTraceError, match="layer must be a whole layer index from 0 to 3, got"):
         attention_pattern(tracer, "question_encoder", "cross_attn_head", layer)
     assert attention_pattern(tracer, "question_encoder", "cross_attn_head", np.int64(1)).shape[0] == 4
+
+
+# ----- what is scored -------------------------------------------------------------------------------------------
+
+def test_an_unknown_contrast_is_called_the_contrast_and_named(demo_bundle, demo_sample):
+    image, question, _ = demo_sample
+    with pytest.raises(BlipTraceError) as caught:
+        trace(demo_bundle, image, question, metric="logit_diff", contrast="zzqxj", samples=1)
+    message = str(caught.value)
+    assert "the contrast 'zzqxj'" in message and "lacks this word" in message and "pick a contrast" in message
+    assert "answer" not in message
+
+
+def test_an_unknown_word_of_a_caption_is_named(captioner, demo_sample):
+    with pytest.raises(BlipTraceError, match="caption 'a zzqxj circle': the model's vocabulary lacks the word 'zzqxj', "
+                                             r"which becomes \[UNK\]; pick a caption"):
+        trace(captioner, demo_sample.image, "", answer="a zzqxj circle", word=1, samples=1)
+    with pytest.raises(BlipTraceError, match="lacks the words 'zzqxj', 'qqq', which become"):
+        trace(captioner, demo_sample.image, "", answer="a zzqxj qqq circle", word=1, samples=1)
+    with pytest.raises(BlipTraceError, match="the contrast 'zzqxj'"):
+        trace(captioner, demo_sample.image, "", answer="a red circle", metric="logit_diff", contrast="zzqxj",
+              word=1, samples=1)
