@@ -219,15 +219,25 @@ def _counterfactual(args: argparse.Namespace) -> Any:
     if args.counterfactual_image is not None and args.swap is not None:
         raise UsageError("--counterfactual-image swaps the image, --swap the question's words: pick one")
     if args.counterfactual_image is not None:
+        if Path(args.counterfactual_image).is_dir():
+            raise UsageError(f"--counterfactual-image {args.counterfactual_image!r} is a folder: name an image file in it")
         if not Path(args.counterfactual_image).is_file():
             raise UsageError(f"--counterfactual-image {args.counterfactual_image!r}: no such file")
         return ImageSwap(args.counterfactual_image)
     if args.swap is None:
         return None
-    pairs = [item.split("=") for item in args.swap.split(",") if item.strip()]
+    given = ",".join(args.swap)  # --swap a=b --swap c=d is --swap a=b,c=d
+    pairs = [item.split("=") for item in given.split(",") if item.strip()]
     if not pairs or any(len(pair) != 2 or not all(w.strip() for w in pair) for pair in pairs):
-        raise UsageError(f"--swap takes OLD=NEW words, comma-separated, such as circle=triangle; got {args.swap!r}")
-    return WordSwap({old.strip(): new.strip() for old, new in pairs})
+        raise UsageError(f"--swap takes OLD=NEW words, comma-separated, such as circle=triangle; got {given!r}")
+    swap: dict[str, str] = {}
+    for old, new in pairs:
+        key = old.strip().lower()
+        if swap.get(key, new.strip()) != new.strip():
+            raise UsageError(f"--swap {given!r} swaps {old.strip()!r} twice, for {swap[key]!r} and {new.strip()!r}: "
+                             "swap each word once")
+        swap[key] = new.strip()
+    return WordSwap(swap)
 
 
 def _check_out(out: str) -> None:
@@ -527,10 +537,10 @@ def _add_trace_options(one: argparse.ArgumentParser) -> None:
     one.add_argument("--counterfactual-image", default=None,
                      help="corrupt by swapping in this image instead of noise (at --corrupt image, patches or pixels); "
                           "with --metric logit_diff the model's answer on it is the contrast by default")
-    one.add_argument("--swap", default=None,
+    one.add_argument("--swap", default=None, action="append",
                      help="corrupt by swapping the text's words instead of noise, OLD=NEW[,OLD=NEW] such as "
-                          "circle=triangle (same length in tokens; the model's answer to the swapped question is "
-                          "logit_diff's default contrast)")
+                          "circle=triangle, or the option once per swap (same length in tokens; the model's answer "
+                          "to the swapped question is logit_diff's default contrast)")
     _add_config_options(one, (*SHARED_FIELDS, *TRACE_FIELDS))
 
 

@@ -159,3 +159,56 @@ def test_an_unknown_word_of_a_caption_is_named(captioner, demo_sample):
     with pytest.raises(BlipTraceError, match="the contrast 'zzqxj'"):
         trace(captioner, demo_sample.image, "", answer="a red circle", metric="logit_diff", contrast="zzqxj",
               word=1, samples=1)
+
+
+# ----- the command line -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shape_png(tmp_path_factory):
+    from blip_trace_widgets import demo_samples
+
+    path = tmp_path_factory.mktemp("cli") / "shape.png"
+    demo_samples()[0].image.save(path)
+    return path
+
+
+def _cli(capsys, *argv):
+    from blip_trace_widgets import cli
+
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr()
+
+
+def test_a_counterfactual_image_that_is_a_folder_is_called_a_folder(shape_png, tmp_path, capsys):
+    code, out = _cli(capsys, "trace", "--image", str(shape_png), "--question", "what is the color of the triangle?",
+                     "--counterfactual-image", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert code == 2 and "is a folder: name an image file in it" in out.err and "no such file" not in out.err
+
+
+def test_every_swap_option_is_kept():
+    from blip_trace_widgets import cli
+
+    def swap(*argv):
+        args = cli.build_parser().parse_args(["trace", "--image", "x.png", "--out", "o", *argv])
+        return cli._counterfactual(args)
+
+    assert dict(swap("--swap", "red=blue", "--swap", "circle=square").swap) == {"red": "blue", "circle": "square"}
+    assert dict(swap("--swap", "red=blue,circle=square").swap) == {"red": "blue", "circle": "square"}
+    assert dict(swap("--swap", "red=blue", "--swap", "red=blue").swap) == {"red": "blue"}
+    with pytest.raises(cli.UsageError, match="swaps 'red' twice, for 'blue' and 'green'"):
+        swap("--swap", "red=blue", "--swap", "red=green")
+
+
+def test_two_swap_options_trace_both_swaps(shape_png, tmp_path, capsys):
+    code, out = _cli(capsys, "trace", "--image", str(shape_png), "--question", "what is the color of the triangle?",
+                     "--swap", "triangle=circle", "--swap", "color=shape", "--samples", "1", "--kind", "mlp",
+                     "--out", str(tmp_path))
+    assert code == 0, out.err
+    import json
+
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert saved["config"]["corruption"]["swap"] == {"triangle": "circle", "color": "shape"}
+    assert saved["config"]["corrupted_positions"] == [4, 7]
