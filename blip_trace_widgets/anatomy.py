@@ -280,7 +280,7 @@ def check_blip(model: object) -> None:
 def check_head_block(head: str, block: str) -> str:
     """``block`` if the ``head``'s model has it, else a clear error naming the blocks it has."""
     if check_block(block) not in BLOCKS_OF[head]:
-        raise BlipTraceError(f"a {head_named(head).label} model has no {BLOCK_LABELS.get(block, block)}: use one of "
+        raise BlipTraceError(f"{head_named(head).a_model} has no {BLOCK_LABELS.get(block, block)}: use one of "
                              f"{', '.join(BLOCKS_OF[head])}")
     return block
 

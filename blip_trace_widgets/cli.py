@@ -260,7 +260,7 @@ def run_trace(args: argparse.Namespace) -> int:
     bundle = _load(args.model, args.device, args.dtype)
     task = heads.of(bundle)
     if args.question is None and task.needs_text:
-        raise UsageError(f"{task.text_option} is required for a {task.label} model: the {task.text}")
+        raise UsageError(f"{task.text_option} is required for {task.a_model}: the {task.text}")
     config = _trace_config(args, bundle)
     tracer = Tracer(bundle, args.image, args.question or "")
     if args.word == "all":
@@ -441,7 +441,7 @@ def _check_sweep_dataset(dataset: str, head: str) -> None:
     task = heads.of(head)
     if (dataset in CAPTION_SUBSETS) == task.reads_questions:
         wanted = "a question set" if task.reads_questions else ", ".join(CAPTION_SUBSETS)
-        raise UsageError(f"--dataset {dataset} does not suit a {task.label} model: use {wanted}")
+        raise UsageError(f"--dataset {dataset} does not suit {task.a_model}: use {wanted}")
 
 
 def _caption_words(text: str | None, head: str) -> list[int | None]:
@@ -616,7 +616,7 @@ def run_knockout(args: argparse.Namespace) -> int:
         return _knockout_sweep(args, bundle, out)
     task = heads.of(bundle)
     if args.question is None and task.needs_text:
-        raise UsageError(f"{task.text_option} is required for a {task.label} model")
+        raise UsageError(f"{task.text_option} is required for {task.a_model}")
     knock = Knockout.of(bundle, args.image, args.question or "")
     print(_what_the_model_says(knock.tracer))
     config = KnockoutConfig(edges=_knockout_edges(args, knock.tracer.image, knock.tracer.task.decoder), window=args.window,

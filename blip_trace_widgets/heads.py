@@ -135,6 +135,11 @@ class Head(ABC):
         return f"{type(self).__name__}()"
 
     @property
+    def a_model(self) -> str:
+        """The model, in messages: "a visual question answering model", "an image-text matching model"."""
+        return f"{'an' if self.label[0].lower() in 'aeiou' else 'a'} {self.label} model"
+
+    @property
     def default_block(self) -> Block:
         return self.blocks[0]
 
@@ -186,7 +191,7 @@ class Head(ABC):
     def check(self, config: Any) -> None:
         """Refuse settings that mean nothing for this head, naming what to use."""
         if config.metric not in self.metrics:
-            raise BlipTraceError(f"metric {config.metric!r} does not apply to a {self.label} model: use one of "
+            raise BlipTraceError(f"metric {config.metric!r} does not apply to {self.a_model}: use one of "
                                  f"{', '.join(self.metrics)}")
         self.check_word(config.word)
         self.check_stage(config.corrupt)

@@ -212,3 +212,14 @@ def test_two_swap_options_trace_both_swaps(shape_png, tmp_path, capsys):
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert saved["config"]["corruption"]["swap"] == {"triangle": "circle", "color": "shape"}
     assert saved["config"]["corrupted_positions"] == [4, 7]
+
+
+def test_an_image_text_matching_model_takes_an():
+    from blip_trace_widgets import heads
+    from blip_trace_widgets.anatomy import check_head_block
+
+    assert heads.of("itm").a_model == "an image-text matching model"
+    assert heads.of("vqa").a_model == "a visual question answering model"
+    assert heads.of("instructblip").a_model.startswith("an InstructBLIP")
+    with pytest.raises(BlipTraceError, match="^an image-text matching model has no answer decoder"):
+        check_head_block("itm", "answer_decoder")

@@ -241,7 +241,7 @@ def test_caption_words_and_targets(captioner, image):
     ("itm", {"answer": "red"}, "no answer"),
     ("itm", {"target": 1}, "with a captioning model"),
     ("itm", {"metric": "itc"}, "cannot change it"),
-    ("itm", {"metric": "logit_diff", "contrast": "blue"}, "does not apply to a image-text matching"),
+    ("itm", {"metric": "logit_diff", "contrast": "blue"}, "does not apply to an image-text matching"),
     ("vqa", {"target": 0}, "with a captioning model"),
     ("vqa", {"block": "caption_decoder"}, "has no caption decoder"),
 ])

@@ -75,7 +75,7 @@ def test_correctness_per_head():
 @pytest.mark.parametrize("name,field,message", [
     ("vqa", {"target": 1}, "word picks a word of a caption"),
     ("itm", {"answer": "yes"}, "scores the match of the text itself"),
-    ("itm", {"metric": "logit_diff", "contrast": "no"}, "does not apply to a image-text matching model"),
+    ("itm", {"metric": "logit_diff", "contrast": "no"}, "does not apply to an image-text matching model"),
     ("caption", {"metric": "itc"}, "does not apply to a captioning model"),
 ])
 def test_each_head_refuses_what_means_nothing_for_it(name, field, message):
