@@ -198,11 +198,12 @@ def test_the_reference_lists_every_module_in_import_order(capsys):
     with capsys.disabled():
         print("\nimport order (level: modules):")
         print("\n".join(f"  {line}" for line in lines))
-    readme = (PACKAGE.parent / "README.md").read_text().split("<!-- import order -->", 2)
-    assert len(readme) == 3 and readme[1].strip("\n`") == "\n".join(lines), \
-        "README.md's import order (between the <!-- import order --> marks) must be, as this test prints it:\n" + \
+    reference = (PACKAGE.parent / "docs" / "reference.md").read_text()
+    listed = reference.split("<!-- import order -->", 2)
+    assert len(listed) == 3 and listed[1].strip("\n`") == "\n".join(lines), \
+        "docs/reference.md's import order (between the <!-- import order --> marks) must be, as this test prints it:\n" + \
         "\n".join(lines)
-    rows = layout_rows((PACKAGE.parent / "docs" / "reference.md").read_text())
+    rows = layout_rows(reference)
     missing = sorted(set(depths) - {name for _, name in rows})
     assert not missing, f"docs/reference.md's Layout has no row for {missing}"
     assert rows == expected, ("docs/reference.md's Layout must list (level, module) as "
