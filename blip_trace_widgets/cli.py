@@ -358,7 +358,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                   if args.pairs else args.dataset)
         how = ("each with its partner image swapped in" if args.pairs else str(configs[0].to_json()["corruption"]))
         print(f"{len(samples)} questions from {source}; {len(configs)} traces each on {bundle.name}, "
-              f"{args.direction}; {how}; results in {out}")
+              f"{configs[0].direction}; {how}; results in {out}")
     started = time.perf_counter()
     dataset = {"name": args.dataset or f"easy-vqa {args.pairs} pairs", "limit": args.limit, "words": args.words,
                **({"pairs": QUESTION_PAIRS} if by_question else {})}
@@ -464,7 +464,7 @@ def _caption_words(text: str | None, head: str) -> list[int | None]:
 
 def _write_averages(table: Any, out: Path, correct_only: bool, vision: bool, started: float) -> None:
     """average_effect.csv and the averaged figures of a finished sweep."""
-    from .aggregate import average_effect
+    from .aggregate import average_effect, top_heads
     from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer
 
     correct = table.drop_duplicates("sample")["correct"].dropna()
@@ -477,7 +477,10 @@ def _write_averages(table: Any, out: Path, correct_only: bool, vision: bool, sta
     if not vision:  # image-side sweeps average per region: the heatmaps show them; there are no token roles
         plot_effect_by_layer(table, correct_only=only).savefig(out / "effect_by_layer.png")
         figures.append("effect_by_layer.png")
-    print(f"wrote {out / 'sweep.parquet'} ({len(table)} rows), average_effect.csv and {' and '.join(figures)} "
+    if table["kind"].map(lambda kind: is_head_kind(str(kind))).any():  # head maps: the heads ranked
+        top_heads(table, 10, correct_only=only).to_csv(out / "top_heads.csv", index=False)
+        figures.insert(0, "top_heads.csv")
+    print(f"wrote {out / 'sweep.parquet'} ({len(table)} rows), average_effect.csv, {', '.join(figures)} "
           f"in {time.perf_counter() - started:.1f} s")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from . import heads
 from .aggregate import ROLES, average_trace, sample_effects
 from .errors import BlipTraceError
-from .names import BLOCK_LABELS, KIND_LABELS
+from .names import BLOCK_LABELS, KIND_LABELS, VISION_ENCODER, is_head_kind
 from .plotting import new_figure, plot_trace
 from .roles import role_label
 
@@ -50,32 +50,56 @@ def plot_average_heatmaps(table: Any, *, form: str = "normalized", correct_only:
     return figure
 
 
+Panel = tuple[Any, str, str]  # (long-form effects, the column that colours the lines, the panel's title)
+
+
+def _draw_panels(panels: Sequence[Panel], *, form: str, figure: Any) -> Any:
+    """Lines of effect against layer, one panel per (effects, hue, title), with 95% CI bands; panels that share a
+    hue share one legend, on the last of them."""
+    import seaborn as sns
+
+    if figure is None:
+        figure = new_figure((0.4 + 3.2 * len(panels), 2.8))
+    axes = [figure.add_subplot(1, len(panels), i + 1) for i in range(len(panels))]
+    for i, (ax, (data, hue, title)) in enumerate(zip(axes, panels)):
+        last_of_its_hue = i == len(panels) - 1 or panels[i + 1][1] != hue
+        sns.lineplot(data=data, x="layer", y="effect", hue=hue, errorbar=("ci", 95), seed=0, marker="o", ax=ax,
+                     legend=last_of_its_hue)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(FORM_LABELS[form] if ax is axes[0] else "")
+        ax.axhline(0, color="0.7", linewidth=0.8)
+        if ax.get_legend() is not None:  # the last panel's legend goes outside it, an earlier one stays inside
+            outside = {"loc": "upper left", "bbox_to_anchor": (1, 1)} if ax is axes[-1] else {"loc": "best"}
+            sns.move_legend(ax, fontsize=8 if ax is axes[-1] else 7, title=None, **outside)
+    return figure
+
+
 def _role_lines(effects: Any, *, hue: str, form: str, roles: Sequence[str] | None, figure: Any,
                 title: Any) -> Any:
     """Lines of ``effects`` (long form) against layer coloured by ``hue``, one panel per role, 95% CI bands."""
-    import seaborn as sns
-
     roles = [r for r in (roles or ROLES) if r in set(effects["role"])]
     if not roles:
-        raise BlipTraceError("no token roles to plot: for an image-side sweep, average with "
-                         "aggregate.average_trace(table, config=...) and draw it with .plot_on_image(image=...)")
-    if figure is None:
-        figure = new_figure((0.4 + 3.2 * len(roles), 2.8))
-    axes = [figure.add_subplot(1, len(roles), i + 1) for i in range(len(roles))]
-    for ax, role in zip(axes, roles):
-        sns.lineplot(data=effects[effects["role"] == role], x="layer", y="effect", hue=hue,
-                     errorbar=("ci", 95), seed=0, marker="o", ax=ax, legend=ax is axes[-1])
-        ax.set_title(title(role), fontsize=9)
-        ax.set_ylabel(FORM_LABELS[form] if ax is axes[0] else "")
-        ax.axhline(0, color="0.7", linewidth=0.8)
-    if axes and axes[-1].get_legend() is not None:
-        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1, 1), fontsize=8, title=None)
-    return figure
+        raise BlipTraceError(_no_roles(effects))
+    return _draw_panels([(effects[effects["role"] == role], hue, title(role)) for role in roles], form=form,
+                        figure=figure)
+
+
+def _no_roles(effects: Any) -> str:
+    """Why there are no token roles to draw, and what to draw instead."""
+    if effects["kind"].map(lambda kind: is_head_kind(str(kind))).all():
+        return ("head maps have no token roles: plot_effect_by_layer(table) draws each head against layer, and "
+                "aggregate.top_heads(table) ranks the heads")
+    if (effects["block"] == VISION_ENCODER).all():
+        return ("no token roles to plot: for an image-side sweep, average with aggregate.average_trace(table, "
+                "config=...) and draw it with .plot_on_image(image=...)")
+    return (f"none of the roles asked for is in the table: it has {', '.join(sorted(set(effects['role'])))}; pass "
+            f"roles= from {', '.join(ROLES)}")
 
 
 def plot_effect_by_layer(table: Any, *, form: str = "normalized", correct_only: bool = False,
                          roles: Sequence[str] | None = None, figure: Any = None) -> Any:
-    """Average indirect effect against layer, one line per kind, one panel per token role, with 95% CI bands."""
+    """Average indirect effect against layer, with 95% CI bands: one line per kind, one panel per token role; and
+    for head kinds (``cross_attn_head`` ...) one panel per kind, one line per head."""
     effects = sample_effects(table, form=form, correct_only=correct_only)
     note = " [estimate]" if estimate_note(table) else ""
     words = effects["word"] if "word" in effects else [None] * len(effects)
@@ -84,8 +108,19 @@ def plot_effect_by_layer(table: Any, *, form: str = "normalized", correct_only: 
                                                                        else "") + note
         for k, w, t in zip(effects["kind"], effects["window"], words)]
     block = str(table["block"].iloc[0])
-    return _role_lines(effects, hue="configuration", form=form, roles=roles, figure=figure,
-                       title=lambda role: f"{role_label(role, block)} token" + ("s" if role == "question words" else ""))
+    is_head = effects["kind"].map(lambda kind: is_head_kind(str(kind)))
+    positional, head_rows = effects[~is_head], effects[is_head]
+    panels: list[Panel] = []
+    if not positional.empty:
+        wanted = [r for r in (roles or ROLES) if r in set(positional["role"])]
+        if not wanted:
+            raise BlipTraceError(_no_roles(positional))
+        panels += [(positional[positional["role"] == role], "configuration",
+                    f"{role_label(role, block)} token" + ("s" if role == "question words" else "")) for role in wanted]
+    for configuration in dict.fromkeys(head_rows["configuration"]):  # a head map: one line per head
+        rows = head_rows[head_rows["configuration"] == configuration].rename(columns={"role": "head"})
+        panels.append((rows, "head", f"{configuration}: each head"))
+    return _draw_panels(panels, form=form, figure=figure)
 
 
 def plot_subset_comparison(tables: dict[str, Any], *, kind: str = "hidden", form: str = "normalized",

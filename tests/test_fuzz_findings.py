@@ -223,3 +223,53 @@ def test_an_image_text_matching_model_takes_an():
     assert heads.of("instructblip").a_model.startswith("an InstructBLIP")
     with pytest.raises(BlipTraceError, match="^an image-text matching model has no answer decoder"):
         check_head_block("itm", "answer_decoder")
+
+
+# ----- head sweeps ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def head_sweep(tmp_path_factory):
+    """A command-line sweep of cross-attention head maps and hidden states, and one of head maps alone."""
+    from blip_trace_widgets import cli
+
+    out = {}
+    for name, kinds in [("heads", "cross_attn_head"), ("mixed", "hidden,cross_attn_head")]:
+        folder = tmp_path_factory.mktemp(name)
+        code = cli.main(["sweep", "--dataset", "easy-vqa-color", "--limit", "2", "--kinds", kinds, "--samples", "2",
+                         "--out", str(folder)])
+        out[name] = (code, folder)
+    return out
+
+
+@pytest.mark.parametrize("name", ["heads", "mixed"])
+def test_a_head_sweep_writes_its_averages_and_ranks_the_heads(head_sweep, name):
+    import pandas as pd
+
+    code, folder = head_sweep[name]
+    assert code == 0
+    for written in ("average_effect.csv", "average_heatmaps.png", "effect_by_layer.png", "top_heads.csv"):
+        assert (folder / written).is_file(), written
+    ranked = pd.read_csv(folder / "top_heads.csv")
+    assert len(ranked) == 10 and set(ranked["kind"]) == {"cross_attn_head"}
+    assert ranked["mean"].is_monotonic_decreasing
+
+
+def test_effect_by_layer_draws_one_line_per_head(head_sweep):
+    import pandas as pd
+
+    from blip_trace_widgets.sweep_plots import plot_effect_by_layer
+
+    heads_only = plot_effect_by_layer(pd.read_parquet(head_sweep["heads"][1] / "sweep.parquet"))
+    panel = heads_only.axes[0]
+    assert len(heads_only.axes) == 1 and "each head" in panel.get_title()
+    assert [t.get_text() for t in panel.get_legend().get_texts()] == ["h0", "h1", "h2", "h3"]
+    mixed = plot_effect_by_layer(pd.read_parquet(head_sweep["mixed"][1] / "sweep.parquet"))
+    assert [ax.get_title() for ax in mixed.axes][-1].endswith("each head") and len(mixed.axes) == 5
+
+
+def test_a_vqa_sweep_says_its_direction(head_sweep, capsys):
+    from blip_trace_widgets import cli
+
+    code = cli.main(["sweep", "--dataset", "easy-vqa-color", "--limit", "1", "--samples", "1", "--kinds", "hidden",
+                     "--out", str(head_sweep["heads"][1] / "again")])
+    assert code == 0 and ", denoise;" in capsys.readouterr().out
