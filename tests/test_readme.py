@@ -86,7 +86,8 @@ def test_the_command_line_example_writes_the_readmes_picture(tmp_path):
     assert len(written) == 1
     ours = np.asarray(Image.open(written[0]).convert("RGB"), dtype=float)
     shown = np.asarray(Image.open(ROOT / PICTURE.group(1)).convert("RGB"), dtype=float)  # a 256-colour copy of it
-    assert ours.shape == shown.shape and np.abs(ours - shown).mean() < 2.0
+    assert ours.shape == shown.shape and np.abs(ours - shown).mean() < 2.0, \
+        f"{PICTURE.group(1)} is no longer what this command writes: run .venv/bin/python scripts/readme_picture.py"
 
 
 def test_ci_runs_the_readmes_two_set_up_commands():
