@@ -313,8 +313,13 @@ def _trace_every_word(args: argparse.Namespace, tracer: Any, config: Any) -> int
     from dataclasses import replace
 
     from .captioning import trace_words
+    from .cost import total_cost
 
     print(_what_the_model_says(tracer))
+    words = range(len(tracer.caption_words(config.answer)))
+    warning = total_cost(tracer, [replace(config, word=k) for k in words]).warning()
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
     def write(k: int, word: str, result: Any) -> None:
         png, _ = _write(result, Path(args.out), f"word{k}-{output_stem(word, tracer.image_key, replace(config, word=k))}")

@@ -13,11 +13,14 @@ tokens times a transformer layer's multiply-adds (4h² for the attention's proje
 attention itself, and the cross-attention's reading of the image for text blocks). The time is that work
 divided by this machine's measured matrix-multiply speed at the block's width (timed once, a few
 milliseconds), times :data:`OVERHEAD`: a rough figure, said as one. :data:`WARN_SECONDS` is where the command
-line and the explorers warn before starting.
+line, the explorers and :func:`~.tracing.trace` (a :class:`LongTraceWarning`, from :func:`warn_if_long`) warn
+before starting, all in the words of :meth:`Cost.warning`.
 """
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -54,9 +57,14 @@ class Cost:
     def heavy(self) -> bool:
         return self.seconds > WARN_SECONDS
 
+    def __add__(self, other: Cost) -> Cost:
+        """Two traces of one block run one after the other (a caption's words)."""
+        return Cost(self.block, self.cells + other.cells, self.samples, self.layer_rows + other.layer_rows,
+                    self.flops + other.flops, self.seconds + other.seconds)
+
     def describe(self) -> str:
         return (f"{self.cells} cells x {self.samples} samples = {self.rows} rows through {self.layer_rows} row-layers "
-                f"of the {BLOCK_LABELS.get(self.block, self.block)}: about {self.seconds:.0f} s on this machine "
+                f"of the {BLOCK_LABELS.get(self.block, self.block)}: about {duration(self.seconds)} on this machine "
                 "(a rough estimate)")
 
     def warning(self) -> str | None:
@@ -65,6 +73,38 @@ class Cost:
             return None
         return (f"this trace is large: {self.describe()}. Fewer samples, a window of 1, regions (vision encoder) or "
                 "method='estimate' make it faster")
+
+
+class LongTraceWarning(UserWarning):
+    """A trace priced at more than :data:`WARN_SECONDS` on this machine, said before it starts."""
+
+
+def duration(seconds: float) -> str:
+    """A rough time in words: "40 s", "9 min", "2.5 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def total_cost(tracer: Any, configs: Sequence[Any]) -> Cost:
+    """The cost of tracing ``configs`` (one or more, of one block) one after the other on ``tracer``."""
+    costs = [trace_cost(tracer, config) for config in configs]
+    total = costs[0]
+    for cost in costs[1:]:
+        total = total + cost
+    return total
+
+
+def warn_if_long(tracer: Any, configs: Sequence[Any], *, stacklevel: int = 3) -> Cost:
+    """The cost of tracing ``configs`` one after the other on ``tracer``; when it is over :data:`WARN_SECONDS`, a
+    :class:`LongTraceWarning` in :meth:`Cost.warning`'s words (the time, and what makes it cheaper) first."""
+    total = total_cost(tracer, configs)
+    message = total.warning()
+    if message:
+        warnings.warn(message, LongTraceWarning, stacklevel=stacklevel)
+    return total
 
 
 @lru_cache(maxsize=16)

@@ -289,7 +289,9 @@ def trace(
     ``window``, ``corruption``, ``samples``, ``seed``, ``answer``, ``metric``, ``contrast``,
     ``sever``, ``sever_at``, ``corrupt``, ``corrupt_tokens``, ``regions``, ``fresh_noise``,
     ``method``, ``steps``, ``word``) overrides them. ``method="estimate"`` gives an attribution-patching
-    estimate of every cell from one forward and one backward pass (see :mod:`~.estimates`).
+    estimate of every cell from one forward and one backward pass (see :mod:`~.estimates`). A trace that
+    :func:`~.cost.trace_cost` prices over :data:`~.cost.WARN_SECONDS` here is said first, with a
+    :class:`~.cost.LongTraceWarning` naming its time and what makes it cheaper.
     """
     from .procedures import resolve_config
 
@@ -298,10 +300,14 @@ def trace(
     every_word = fields.get("word") == "all"
     config = resolve_config(bundle, procedure, **{**fields, "word": None if every_word else fields.get("word")})
     tracer = Tracer(bundle, image, _text(text, question), max_batch_rows=max_batch_rows, memory_budget=memory_budget)
+    from .cost import warn_if_long
+
     if every_word:
         if not isinstance(tracer.task, CaptionHead):
             raise BlipTraceError('word="all" traces every word of a caption: use it with a captioning model')
+        warn_if_long(tracer, [replace(config, word=k) for k in range(len(tracer.caption_words(config.answer)))])
         return trace_words(tracer, config)
+    warn_if_long(tracer, [config])  # a long trace is said before it starts, with what makes it cheaper
     return tracer.trace(config, progress=progress)
 
 

@@ -273,3 +273,77 @@ def test_a_vqa_sweep_says_its_direction(head_sweep, capsys):
     code = cli.main(["sweep", "--dataset", "easy-vqa-color", "--limit", "1", "--samples", "1", "--kinds", "hidden",
                      "--out", str(head_sweep["heads"][1] / "again")])
     assert code == 0 and ", denoise;" in capsys.readouterr().out
+
+
+# ----- long traces ----------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_long_python_trace_is_warned_about_before_it_starts(demo_bundle, demo_sample, monkeypatch):
+    import warnings
+
+    from blip_trace_widgets import Tracer
+    from blip_trace_widgets.cost import WARN_SECONDS, LongTraceWarning, trace_cost
+
+    image, question, _ = demo_sample
+    big = dict(block="vision_encoder", kind="mlp", window=3, samples=1000)  # minutes on the demo model
+    priced = trace_cost(Tracer(demo_bundle, image, question), **big)
+    assert priced.seconds > WARN_SECONDS
+    said: list[str] = []
+
+    def started(self, config, **_):  # the trace itself is not run: its start is where the warning must be
+        said.extend(str(w.message) for w in caught if issubclass(w.category, LongTraceWarning))
+        raise _Stop
+
+    monkeypatch.setattr(Tracer, "trace", started)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(_Stop):
+        warnings.simplefilter("always")
+        trace(demo_bundle, image, question, **big)
+    assert len(said) == 1 and said[0] == priced.warning()
+    assert "1000 samples" in said[0] and " min on this machine" in said[0] and "Fewer samples" in said[0]
+
+
+def test_a_short_python_trace_says_nothing(demo_bundle, demo_sample):
+    import warnings
+
+    from blip_trace_widgets.cost import LongTraceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LongTraceWarning)
+        trace(demo_bundle, demo_sample.image, demo_sample.question, samples=2)
+
+
+def test_every_word_of_a_caption_is_priced_together(captioner, demo_sample, monkeypatch):
+    import warnings
+
+    from blip_trace_widgets import Tracer, cost
+    from blip_trace_widgets.cost import LongTraceWarning
+
+    image = demo_sample.image
+    tracer = Tracer(captioner, image, "")
+    words = [cost.trace_cost(tracer, samples=1, word=k, block="caption_decoder").seconds for k in range(3)]
+    monkeypatch.setattr(cost, "WARN_SECONDS", (max(words) + sum(words)) / 2)  # any one word under it, all three over
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LongTraceWarning)
+        for k in range(3):
+            trace(captioner, image, "", samples=1, word=k)
+    with pytest.warns(LongTraceWarning, match="this trace is large"):
+        trace(captioner, image, "", samples=1, word="all")
+
+
+@pytest.mark.parametrize("seconds, said", [(12.4, "12 s"), (540, "9 min"), (4 * 3600, "4.0 h")])
+def test_a_rough_time_is_said_in_its_unit(seconds, said):
+    from blip_trace_widgets.cost import duration
+
+    assert duration(seconds) == said
+
+
+def test_the_command_line_prices_every_word_of_a_caption_too(shape_png, tmp_path, capsys, monkeypatch):
+    from blip_trace_widgets import cost
+
+    monkeypatch.setattr(cost, "WARN_SECONDS", 0.0)
+    code, out = _cli(capsys, "trace", "--model", "demo-caption", "--image", str(shape_png), "--word", "all",
+                     "--samples", "1", "--out", str(tmp_path))
+    assert code == 0 and "warning: this trace is large" in out.err
