@@ -1,6 +1,9 @@
 """TraceExplorer driven from Python: controls in, heatmaps, caching and errors out."""
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from tolerance import assert_close
@@ -215,9 +218,9 @@ def test_the_estimate_shows_first_then_the_exact_map(explorer):
 
 
 @pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
-def test_the_default_shows_the_estimate_then_its_top_cells_exact(demo_bundle, demo_sample):
+def test_verified_mode_shows_the_estimate_then_its_top_cells_exact(demo_bundle, demo_sample):
     image, question, _ = demo_sample
-    explorer = TraceExplorer(demo_bundle, image, question, background=False)
+    explorer = TraceExplorer(demo_bundle, image, question, background=False, mode="verified")
     assert explorer.method.value == "verified"
     shown = []
     explorer.heatmap.observe(lambda change: shown.append(explorer.result.config["method"]), names="value")
@@ -306,3 +309,164 @@ def test_the_flagged_mode_makes_the_cells_graddrop_flags_exact(demo_bundle, demo
     explorer.kind.value = "mlp"
     explorer.window.value = 3  # no GradDrop for windows: the exact map at once
     assert explorer.result.config["method"] == "exact"
+
+
+# ----- the first view, every mode, no silent changes, an honest status line -------------------------------------
+def test_the_first_view_is_the_exact_map_where_it_is_quick(demo_bundle, demo_sample):
+    """On the demo model the explorer opens on the whole exact map, the one the static trace shows (notebook 1), with
+    its strongest cells where trace() puts them; the status line says it is exact, with its samples and noise."""
+    image, question, _ = demo_sample
+    explorer = TraceExplorer(demo_bundle, image, question, background=False)
+    assert explorer.method.value == "exact" and "Opened on the exact map" in tooltip_of(explorer.method)
+    result = explorer.result
+    assert not result.is_estimate and result.config["method"] == "exact"
+    static = trace(demo_bundle, image, question, corruption=GaussianNoise(demo_bundle.noise_scale), samples=10)
+    np.testing.assert_array_equal(result.scores, static.scores)
+    top = np.unravel_index(np.argmax(static.scores), static.scores.shape)
+    assert static.tokens[top[0]] in ("color", "of") and static.scores[top] > 0.9  # notebook 1's effect, shown as it is
+    status = explorer.status.value
+    assert "<b>EXACT</b> map" in status and "ESTIMATE" not in status
+    assert "10 noise samples" in status and f"Gaussian (ROME), scale {demo_bundle.noise_scale:g}" in status
+    assert "restoring clean states" in status
+
+
+def test_a_slow_model_opens_on_the_estimate_and_says_why(demo_bundle, demo_sample, monkeypatch):
+    from blip_trace_widgets.widgets import controls
+
+    monkeypatch.setattr(controls, "QUICK_SECONDS", 0.0)  # as if the exact map took longer than is quick here
+    image, question, _ = demo_sample
+    explorer = TraceExplorer(demo_bundle, image, question, background=False)
+    assert explorer.method.value == "verified" and "pick 'exact only'" in tooltip_of(explorer.method)
+    assert explorer.result.config["method"] == "verified"
+    assert "<b>ESTIMATE</b> (attribution patching), its top 5 cells exact (outlined)" in explorer.status.value
+    assert TraceExplorer(demo_bundle, image, question, background=False, mode="exact").method.value == "exact"
+
+
+def test_every_mode_kind_window_and_view_builds_configs_every_phase_accepts():
+    """No mode carries a setting another refuses: each phase of every mode, kind, window, direction, source and view
+    the controls allow is a valid TraceConfig (building one checks it)."""
+    from blip_trace_widgets.corruption import WordSwap
+    from blip_trace_widgets.names import EXPLORER_MODES, kinds_of
+    from blip_trace_widgets.widgets.controls import BLOCK_OPTIONS, compare_configs, controls_config, phases
+
+    blocks = {block for options in BLOCK_OPTIONS.values() for _, block in options}
+    checked = 0
+    for block in sorted(blocks):
+        for kind in kinds_of(block):
+            for window in range(1, 7):
+                base = controls_config(block=block, kind=kind, window=window, corruption="gaussian", level=3.0,
+                                       samples=4, seed=0)
+                swapped = base.__class__(**{**base.__dict__, "corruption": WordSwap(question="a b"),
+                                            "corrupt": "question", "samples": 1})
+                for config, direction, mode in itertools.product((base, swapped), ("denoise", "noise"),
+                                                                 EXPLORER_MODES):
+                    config = replace(config, direction=direction)
+                    for panel in ([config], compare_configs(config, window)):
+                        for one in panel:
+                            steps = phases(one, mode)
+                            assert steps and steps[-1].method in ("exact", "verified", "estimate")
+                            assert all(not s.grad_drop or mode == "flagged" for s in steps)
+                            checked += len(steps)
+    assert checked > 1000
+
+
+@pytest.mark.parametrize("mode", ["exact", "estimate", "both", "verified", "flagged"])
+def test_every_mode_traces_a_windowed_mlp_map(demo_bundle, demo_sample, mode):
+    """exact only and estimate only with MLP and window 3 raised grad_drop's refusal."""
+    image, question, _ = demo_sample
+    explorer = TraceExplorer(demo_bundle, image, question, background=False, mode=mode)
+    explorer.noise_samples.value = 2
+    explorer.kind.value = "mlp"
+    explorer.window.value = 3
+    assert explorer.error.value == "", explorer.error.value
+    assert (explorer.result.kind, explorer.result.window) == ("mlp", 3)
+    assert explorer.result.is_estimate == (mode == "estimate")
+    explorer.view.value = "compare"  # the window slider applies to every sublayer panel, in every mode
+    assert explorer.error.value == "", explorer.error.value
+    assert {r.window for k, r in explorer.results.items() if k != "hidden"} == {3}
+
+
+def test_a_starting_window_or_position_is_kept_or_refused_never_changed(demo_bundle, demo_sample):
+    from blip_trace_widgets import BlipTraceError, TraceConfig
+
+    image, question, _ = demo_sample
+    noise = GaussianNoise(demo_bundle.noise_scale)
+    with pytest.raises(BlipTraceError, match="window 99 is wider than the 4 layers of the question encoder: pass"):
+        TraceExplorer(demo_bundle, image, question, config=TraceConfig(kind="mlp", window=99), background=False)
+    with pytest.raises(BlipTraceError, match="hidden states one layer at a time.*pass window=1"):
+        TraceExplorer(demo_bundle, image, question, config=TraceConfig(window=3, corruption=noise), background=False)
+    explorer = TraceExplorer(demo_bundle, image, question, background=False, mode="exact",
+                             config=TraceConfig(kind="self_attn_head", position=(1, 2), corruption=noise, samples=2))
+    assert explorer.position.value == "1,2" and explorer.result.config["restored_positions"] == [1, 2]
+    explorer = TraceExplorer(demo_bundle, image, question, background=False, mode="exact",
+                             config=TraceConfig(kind="cross_attn_head", position=99, corruption=noise, samples=2))
+    assert explorer.position.value == "99" and "position 99 is outside" in explorer.error.value
+
+
+def test_controls_refuse_values_outside_their_range_instead_of_moving_them(explorer):
+    import traitlets
+
+    for control, value in ((explorer.window, 99), (explorer.window, 0), (explorer.window, -1),
+                           (explorer.noise, 50.0), (explorer.noise, 0.01), (explorer.noise_samples, 0),
+                           (explorer.noise_samples, 5000), (explorer.seed, -1)):
+        before = control.value
+        with pytest.raises(traitlets.TraitError, match="is outside .* pick a value in that range"):
+            control.value = value
+        assert control.value == before
+    explorer.noise.value = 20.0  # the ends themselves are taken
+    assert explorer.noise.value == 20.0
+
+
+def test_a_starting_config_the_controls_cannot_show_is_refused(demo_bundle, demo_sample):
+    from blip_trace_widgets import BlipTraceError, TraceConfig
+
+    image, question, _ = demo_sample
+    noise = GaussianNoise(demo_bundle.noise_scale)
+    for config, message in ((TraceConfig(sever="mlp", corruption=noise), "cannot show sever='mlp'"),
+                            (TraceConfig(answer="blue", corruption=noise), "cannot show answer='blue'"),
+                            (TraceConfig(corruption=GaussianNoise(3.0, sigma=0.5)), "cannot show corruption="),
+                            (TraceConfig(method="estimate", corruption=noise), "pass mode='estimate'")):
+        with pytest.raises(BlipTraceError, match=message):
+            TraceExplorer(demo_bundle, image, question, config=config, background=False)
+    explorer = TraceExplorer(demo_bundle, image, question, background=False, mode="exact",
+                             config=TraceConfig(direction="noise", corruption=noise, samples=2))
+    assert explorer.counterfactual.direction.value == "noise" and explorer.result.config["direction"] == "noise"
+    assert "patching corrupted states into the clean run" in explorer.status.value
+
+
+def test_the_status_line_says_what_is_shown_with_its_samples_and_corruption(demo_sample):
+    from blip_trace_widgets import TraceConfig
+    from blip_trace_widgets.corruption import Blur, ImageSwap, MultiplicativeNoise, WordSwap
+    from blip_trace_widgets.regions import Box
+    from blip_trace_widgets.widgets.controls import phases, shown_words
+
+    config = TraceConfig(kind="mlp", corruption=MultiplicativeNoise(5.0), samples=7)
+    estimate, verified = phases(config, "verified")
+    assert shown_words([estimate], last=False, mode="verified") == (
+        "<b>ESTIMATE</b> (attribution patching); the exact map follows… · multiplicative (paper), std 5, on the "
+        "image embeddings · 7 noise samples · restoring clean states into the corrupted run")
+    assert "its top 5 cells exact (outlined)" in shown_words([verified], last=True, mode="verified")
+    windowed = shown_words(phases(replace(config, window=3), "verified"), last=True, mode="verified")
+    assert windowed.startswith("<b>EXACT</b> map (exact at once: a window's estimate costs more")
+    assert "the image swapped for its partner (one sample)" in shown_words(
+        [TraceConfig(corruption=ImageSwap(demo_sample.image), samples=1)], last=True)
+    assert "swapped for 'what is the color of the circle?'" in shown_words(
+        [TraceConfig(corruption=WordSwap(question="what is the color of the circle?"), corrupt="question",
+                     samples=1)], last=True)
+    vision = TraceConfig(block="vision_encoder", corruption=Blur(4.0, region=Box(0, 0, 0.5, 0.5)), samples=1,
+                         regions=4, direction="noise")
+    assert shown_words([vision], last=True) == ("<b>EXACT</b> map · blur pixels, sigma 4, on the pixels inside the "
+                                                "box · one sample (nothing is drawn) · patching corrupted states into "
+                                                "the clean run")
+
+
+def test_sliders_keep_their_width_beside_the_method_toggle(explorer):
+    """The noise slider shrank to a bare handle at 1400 px: the method toggle now has a row of its own and sliders a
+    width they keep (a narrow window wraps the row); tests/test_browser.py measures the track."""
+    rows = [child for child in explorer.children[1].children if isinstance(child, type(explorer.children[0]))]
+    holding = {id(c): r for r in rows for c in r.children}
+    assert holding[id(explorer.method)].children == (explorer.method,)
+    assert explorer.method not in holding[id(explorer.noise)].children
+    for slider in (explorer.noise, explorer.window):
+        assert slider.layout.flex == "0 0 auto" and slider.layout.min_width == "320px"
+    assert all(r.layout.flex_flow == "row wrap" for r in rows)

@@ -11,22 +11,26 @@ and :mod:`~blip_trace_widgets.config`; nothing here traces.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import ipywidgets as W
 import numpy as np
+import traitlets
 from PIL import Image
 
 from .. import heads
 from ..config import MAX_SAMPLES, MAX_SEED, check_int, parse_position
-from ..corruption import BY_NAME, NOISE_NAMES, from_name
+from ..corruption import BY_NAME, NOISE_NAMES, ImageSwap, WordSwap, from_name
 from ..errors import BlipTraceError
 from ..heads import BLOCKS_OF
 from ..names import (
     BLOCK_LABELS,
+    DIRECTION_LABELS,
     EXPLORER_MODES,
     KIND_SHORT_LABELS,
+    STAGE_LABELS,
+    SUBLAYER_KINDS,
     TEXT_HEAD_KINDS,
     TEXT_KINDS,
     VISION_ENCODER,
@@ -71,26 +75,81 @@ def corruption_setting(corruption: Any) -> tuple[str, float]:
     return str(name), float(corruption.level)
 
 
-def level_slider(value: float, low: float, high: float, description: str, style: dict[str, str]) -> W.FloatLogSlider:
+def refuse_outside(widget: Any, value: Any, low: float, high: float) -> None:
+    """A clear error when ``value`` is outside ``low`` to ``high``, where ipywidgets would move it to the nearest
+    end without a word."""
+    if not low <= value <= high:
+        name = widget.description or "this control"
+        raise traitlets.TraitError(f"{name} {value!r} is outside {low:g} to {high:g}: pick a value in that range")
+
+
+class IntSlider(W.IntSlider):
+    """An ipywidgets IntSlider that refuses a value outside its range instead of moving it to an end."""
+
+    @traitlets.validate("value")
+    def _validate_value(self, proposal: dict) -> Any:
+        refuse_outside(self, proposal["value"], self.min, self.max)
+        return super()._validate_value(proposal)
+
+
+class BoundedIntText(W.BoundedIntText):
+    """An ipywidgets BoundedIntText that refuses a value outside its range instead of moving it to an end."""
+
+    @traitlets.validate("value")
+    def _validate_value(self, proposal: dict) -> Any:
+        refuse_outside(self, proposal["value"], self.min, self.max)
+        return super()._validate_value(proposal)
+
+
+class FloatLogSlider(W.FloatLogSlider):
+    """An ipywidgets FloatLogSlider that refuses a value outside its range instead of moving it to an end."""
+
+    @traitlets.validate("value")
+    def _validate_value(self, proposal: dict) -> Any:
+        low, high = self.base ** self.min, self.base ** self.max
+        refuse_outside(self, proposal["value"], low * (1 - 1e-9), high * (1 + 1e-9))  # exact ends, despite rounding
+        return super()._validate_value(proposal)
+
+
+#: A slider's own width: it keeps a usable track beside wide controls, and a row too narrow for it wraps.
+SLIDER_LAYOUT = {"width": "420px", "min_width": "320px", "flex": "0 0 auto"}
+#: A row of controls that wraps onto a second line instead of squeezing its sliders to a handle.
+ROW_LAYOUT = {"flex_flow": "row wrap", "align_items": "center"}
+
+
+def row(*controls: W.Widget) -> W.HBox:
+    """Controls side by side, wrapping when the window is narrow."""
+    return W.HBox(list(controls), layout=W.Layout(**ROW_LAYOUT))
+
+
+def level_slider(value: float, low: float, high: float, description: str, style: dict[str, str]) -> FloatLogSlider:
     """A log slider over ``low`` to ``high``, widened to hold ``value`` exactly: a level that trace() accepts is
     shown as it is, never moved to the slider's end."""
     low, high = min(low, value), max(high, value)
-    return W.FloatLogSlider(value=value, base=10, min=float(np.log10(low)), max=float(np.log10(high)), step=0.02,
-                            description=description, continuous_update=False, readout_format=".3g", style=style)
+    return FloatLogSlider(value=value, base=10, min=float(np.log10(low)), max=float(np.log10(high)), step=0.02,
+                          description=description, continuous_update=False, readout_format=".3g", style=style,
+                          layout=W.Layout(**SLIDER_LAYOUT))
 
 
-def samples_box(value: int, style: dict[str, str]) -> W.BoundedIntText:
+def samples_box(value: int, style: dict[str, str]) -> BoundedIntText:
     """Noise samples, 1 to MAX_SAMPLES as trace() takes them (a slider to 1000 would have no usable track)."""
     check_int("samples", value, 1, MAX_SAMPLES)
-    return W.BoundedIntText(value=value, min=1, max=MAX_SAMPLES, description="noise samples", style=style,
-                            layout=W.Layout(width="190px"))
+    return BoundedIntText(value=value, min=1, max=MAX_SAMPLES, description="noise samples", style=style,
+                          layout=W.Layout(width="190px", flex="0 0 auto"))
 
 
-def seed_box(value: int, style: dict[str, str]) -> W.BoundedIntText:
+def seed_box(value: int, style: dict[str, str]) -> BoundedIntText:
     """The noise seed, 0 to MAX_SEED as trace() takes it."""
     check_int("seed", value, 0, MAX_SEED)
-    return W.BoundedIntText(value=value, min=0, max=MAX_SEED, description="seed", style=style,
-                            layout=W.Layout(width="190px"))
+    return BoundedIntText(value=value, min=0, max=MAX_SEED, description="seed", style=style,
+                          layout=W.Layout(width="190px", flex="0 0 auto"))
+
+
+def window_slider(value: int, layers: int, style: dict[str, str]) -> IntSlider:
+    """Consecutive layers restored together, 1 to ``layers``; a window outside that is refused, never moved."""
+    check_int("window", value, 1, layers)
+    return IntSlider(value=value, min=1, max=layers, description="window", continuous_update=False, style=style,
+                     layout=W.Layout(**SLIDER_LAYOUT))
 
 
 def tooltip_of(widget: W.Widget) -> str:
@@ -185,21 +244,111 @@ def phases(config: TraceConfig, mode: str) -> list[TraceConfig]:
     verified map makes exact too."""
     if config.fresh_noise:  # a fresh draw per cell has no one corrupted run to take gradients at: exact only
         return [config]
+    mode = explorer_mode(mode)
+    if mode == "exact" or (mode in ("both", "verified", "flagged") and config.window > 1):
+        return [config]  # a window's estimate costs about twice its exact map
     estimate = replace(config, method="estimate")
-    if mode in ("both", "verified", "flagged") and config.window > 1:  # a window's estimate costs ~2x exact
-        return [config]
-    flagged = replace(estimate, grad_drop=True)
-    return {"verified": [estimate, replace(config, method="verified")], "both": [estimate, config],
-            "flagged": [flagged, replace(flagged, method="verified")],
-            "estimate": [estimate], "exact": [config]}[mode]
+    if mode == "estimate":
+        return [estimate]
+    if mode == "both":
+        return [estimate, config]
+    if mode == "flagged":  # GradDrop's flags, only here: no other mode carries them
+        estimate = replace(estimate, grad_drop=True)
+    return [estimate, replace(estimate, method="verified")]
 
 
-def method_note(config: TraceConfig, last: bool) -> str:
-    """What the status line adds for an estimated map (``last``: no exact map follows)."""
-    flags = " and its flagged cells" if config.grad_drop else ""
-    notes = {"verified": f" · <b>ESTIMATE</b>, its top {config.verify} cells{flags} exact (outlined)",
-             "estimate": " · <b>ESTIMATE</b> (attribution patching)" + ("" if last else "; the exact map follows…")}
-    return notes.get(config.method, "")
+def compare_configs(config: TraceConfig, window: int) -> list[TraceConfig]:
+    """The "compare kinds" view's panels: ``config`` for each sublayer kind its block has (the window slider's
+    ``window`` for the sublayers, one layer for hidden states)."""
+    return [replace(config, kind=kind, window=window_for(kind, window))
+            for kind in SUBLAYER_KINDS if kind in kinds_of(config.block)]
+
+
+#: An explorer opens on the whole exact map when the cost estimate says it takes at most this many seconds
+#: here (the demo models: well under one); slower models open on the estimate with its top cells made exact.
+QUICK_SECONDS = 5.0
+
+
+def starting_mode(seconds: float | None) -> tuple[str, str]:
+    """The method an explorer opens with when none is given, from the exact map's estimated time (None: unknown),
+    and why, for the method control's tooltip."""
+    if seconds is not None and seconds <= QUICK_SECONDS:
+        return "exact", f"Opened on the exact map: it takes about {seconds:.1g} s here."
+    about = f"about {seconds:.0f} s" if seconds is not None else "an unknown time"
+    return "verified", (f"Opened on the estimate with its top cells exact: the whole exact map takes {about} "
+                        "here; pick 'exact only' for it.")
+
+
+def format_position(position: int | tuple[int, ...] | str | None) -> str:
+    """A head map's positions as the "heads at" box shows them: "" (every position), "3", "1,2" or a role."""
+    if position is None:
+        return ""
+    if isinstance(position, tuple):
+        return ",".join(str(p) for p in position)
+    return str(position)
+
+
+def check_shown(config: TraceConfig, shown: TraceConfig, ignore: Sequence[str] = ()) -> None:
+    """Refuse a starting ``config`` whose settings the controls cannot show (``shown`` is what they describe):
+    an explorer never drops or changes a setting without a word."""
+    if config.method != "exact":
+        raise BlipTraceError(f"an explorer's mode sets the method: pass mode={config.method!r} (one of "
+                             f"{', '.join(EXPLORER_MODES)}) instead of a config with method={config.method!r}")
+    lost = [f.name for f in fields(config) if f.name not in ignore and getattr(config, f.name) != getattr(shown, f.name)]
+    if lost:
+        asked = ", ".join(f"{name}={getattr(config, name)!r}" for name in lost)
+        would = ", ".join(f"{name}={getattr(shown, name)!r}" for name in lost)
+        raise BlipTraceError(f"the explorer's controls cannot show {asked} (they would trace {would}): leave "
+                             f"{'it' if len(lost) == 1 else 'these'} out of config, or trace with "
+                             "trace(bundle, image, text, ...)")
+
+
+def corruption_words(config: TraceConfig) -> str:
+    """The corruption in a few words, as the status line says it: what, how strong, where and how many samples."""
+    corruption = config.corruption
+    if isinstance(corruption, ImageSwap):
+        return "the image swapped for its partner (one sample)"
+    if isinstance(corruption, WordSwap):
+        return f"the text's words swapped for {corruption.question!r} (one sample)"
+    info = getattr(corruption, "info", None)
+    if info is None:
+        return f"{type(corruption).__name__} · {config.samples} samples"
+    level = f", {info.level_name} {corruption.level:g}" if info.level_name else ""
+    region = getattr(corruption, "region", None)
+    where = STAGE_LABELS.get(str(config.corrupt), str(config.corrupt)).split(" (")[0]
+    if region is not None:
+        where += (" outside" if type(region).__name__ == "Outside" else " inside") + " the box"
+    count = f"{config.samples} noise sample{'s' if config.samples != 1 else ''}" if info.random else \
+        "one sample (nothing is drawn)"
+    return f"{info.label}{level}, on the {where} · {count}"
+
+
+def method_words(config: TraceConfig, last: bool) -> str:
+    """What a map of ``config`` is: exact, an estimate, or an estimate with some cells exact (``last``: no exact
+    map follows)."""
+    if config.method == "exact":
+        return "<b>EXACT</b> map"
+    if config.method == "verified":
+        flags = " and its flagged cells" if config.grad_drop else ""
+        return f"<b>ESTIMATE</b> (attribution patching), its top {config.verify} cells{flags} exact (outlined)"
+    return "<b>ESTIMATE</b> (attribution patching)" + ("" if last else "; the exact map follows…")
+
+
+def shown_words(configs: Sequence[TraceConfig], last: bool, mode: str = "exact") -> str:
+    """The status line's account of what is on screen: each map's method (by kind where the panels differ; with
+    why, where ``mode`` asked for an estimate and the map is exact), the corruption with its samples, and the
+    direction of patching."""
+    methods: dict[str, list[str]] = {}
+    for config in configs:
+        words = method_words(config, last)
+        if config.method == "exact" and mode not in ("exact", "both"):
+            words += (" (an estimate needs one corrupted run: fresh noise per cell has none)" if config.fresh_noise
+                      else " (exact at once: a window's estimate costs more than its exact map)")
+        methods.setdefault(words, []).append(KIND_SHORT_LABELS.get(config.kind, config.kind))
+    what = methods.popitem()[0] if len(methods) == 1 else "; ".join(
+        f"{', '.join(kinds)}: {words}" for words, kinds in methods.items())
+    first = configs[0]
+    return f"{what} · {corruption_words(first)} · {DIRECTION_LABELS[first.direction].split(' (')[0]}"
 
 
 def vision_config(*, kind: str, window: int, regions: int, corruption: str, level: float, region: Any,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,12 @@ import ipywidgets as W
 from ..errors import BlipTraceError, renamed
 from ..loading import BlipBundle
 from ..names import (
+    BLOCK_LABELS,
     HIDDEN,
     SUBLAYER_KINDS,
     TEXT_CROSS_BLOCKS,
     VISION_ENCODER,
     is_head_kind,
-    kinds_of,
-    window_for,
 )
 from ..plotting import HeatmapRenderer, figure_png, plot_traces
 from ..results import TraceResult
@@ -36,15 +34,19 @@ from .controls import (
     NOISE_TIPS,
     WINDOW_OFF_TIP,
     WINDOW_ON_TIP,
+    check_shown,
+    compare_configs,
     controls_config,
     corruption_setting,
-    explorer_mode,
+    format_position,
     kind_options,
     level_slider,
     merged_gallery,
+    row,
     samples_box,
     seed_box,
     set_tooltip,
+    window_slider,
 )
 from .counterfactual import Counterfactual
 from .live import LiveView, image_png, png_width, tiny_warning, trace_in_phases
@@ -116,33 +118,26 @@ class TraceExplorer(LiveView):
         background: bool = True,
         export_dir: str | Path = ".",
         samples: Sequence[tuple] | None = None,
-        mode: str = "verified",
+        mode: str | None = None,
         question: str | None = None,
     ) -> None:
         text = renamed(text, question, "question", "text")
         super().__init__(bundle, image, text, gallery=merged_gallery(gallery, samples), background=background)
-        self.method.value = explorer_mode(mode)
         self.export_dir = Path(export_dir)
         self.results: dict[str, TraceResult] = {}
         config = config or default_config(bundle, samples=10)
-        offered = [block for _, block in BLOCK_OPTIONS[self.head]]
-        if config.block not in offered:
-            raise BlipTraceError(f"this explorer traces the {self.task.label} model's "
-                                 f"{' or '.join(offered)}, not {config.block}"
-                                 + ("; use VisionTraceExplorer for the vision encoder" if config.block == VISION_ENCODER
-                                    else ""))
-        layers = bundle.num_layers(self.task.default_block)
+        self._check_start(config)
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=kind_options(config.block), value=config.kind, description="kind", style=style)
         self.block = W.Dropdown(options=BLOCK_OPTIONS[self.head], value=config.block, description="block", style=style)
         noise_name, noise_level = corruption_setting(config.corruption)
         self.corruption = W.Dropdown(options=CORRUPTION_OPTIONS, value=noise_name, description="corruption", style=style)
         self.noise = level_slider(noise_level, 0.1, 20, "noise scale", style)
-        self.window = W.IntSlider(value=max(1, min(config.window, layers)), min=1, max=layers, description="window",
-                                  continuous_update=False, style=style)
+        self.window = window_slider(config.window, self._widest(), style)
         self.noise_samples, self.seed = samples_box(config.samples, style), seed_box(config.seed, style)
-        self.position = W.Text(value="", description="heads at", placeholder="every position", style=style,
-                               continuous_update=False, layout=W.Layout(width="220px"))
+        self.position = W.Text(value=format_position(config.position), description="heads at",
+                               placeholder="every position", style=style, continuous_update=False,
+                               layout=W.Layout(width="220px"))
         set_tooltip(self.position, "head kinds: restore the heads only at these positions (3, or 1,2) or a token's "
                                    "role (first, object, last); empty: every position")
         self.normalized = W.Checkbox(value=False, description="normalised", indent=False)
@@ -151,20 +146,54 @@ class TraceExplorer(LiveView):
         self._tips(noise_name)
         export_row = self._outputs(style)
         self.counterfactual = Counterfactual(self.gallery_items, text=self.task.text)
+        self.counterfactual.direction.value = config.direction
+        self._start_scored(config)
         controls = W.VBox([
-            W.HBox([self.block, self.kind, self.position, self.view]), self.counterfactual,
-            W.HBox([self.corruption, self.noise, self.method]),
-            W.HBox([self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr]),
+            row(self.block, self.kind, self.position, self.view), self.counterfactual,
+            row(self.corruption, self.noise), row(self.method),
+            row(self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr),
         ])
-        self.pattern = HeadPattern(layers, bundle.model.config.text_config.num_attention_heads)
+        self.pattern = HeadPattern(self._widest(), bundle.model.config.text_config.num_attention_heads)
         self.children = [self._header(), controls, self.error, self.warning, self.heatmap, self.pattern,
                          self.comparison, export_row]
-
+        check_shown(config, self.controls_config(), ignore=("word",) if config.word is None else ())
+        self.start_mode(mode, config)
         self._update_enabled()
         self._watch([self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
                      self.seed, self.normalized, self.show_stderr, self.view, self.method, self.question_box,
                      self.position, *self.counterfactual.controls])
         self.refresh()
+
+    def _widest(self) -> int:
+        """The most layers of the blocks offered: the window slider's end (trace() refuses a window wider than the
+        chosen block, inside the widget)."""
+        return max(self.bundle.num_layers(block) for _, block in BLOCK_OPTIONS[self.head])
+
+    def _check_start(self, config: TraceConfig) -> None:
+        """Refuse a starting configuration the controls cannot show as it is, naming the fix."""
+        offered = [block for _, block in BLOCK_OPTIONS[self.head]]
+        if config.block not in offered:
+            raise BlipTraceError(f"this explorer traces the {self.task.label} model's "
+                                 f"{' or '.join(offered)}, not {config.block}"
+                                 + ("; use VisionTraceExplorer for the vision encoder" if config.block == VISION_ENCODER
+                                    else ""))
+        layers = self.bundle.num_layers(config.block)
+        if config.window > layers:
+            raise BlipTraceError(f"window {config.window} is wider than the {layers} layers of the "
+                                 f"{BLOCK_LABELS.get(config.block, config.block)}: pass a window from 1 to {layers}")
+        if config.kind == HIDDEN and config.window != 1:
+            raise BlipTraceError(f"the explorer restores hidden states one layer at a time, as ROME's figures do: "
+                                 f"pass window=1, or a sublayer kind (mlp, self_attn, cross_attn) for a window of "
+                                 f"{config.window}; trace(..., kind='hidden', window={config.window}) traces it")
+
+    def _start_scored(self, config: TraceConfig) -> None:
+        """A captioner's caption and word from the starting configuration (checked against the controls after)."""
+        if self.captions:
+            self.caption_box.value = config.answer or ""
+            self._start_word = config.word
+            if config.word is not None:
+                self.word.options = [(str(config.word), config.word)]
+                self.word.value = config.word
 
     def _tips(self, noise_name: str) -> None:
         set_tooltip(self.noise, NOISE_TIPS[noise_name])
@@ -229,14 +258,12 @@ class TraceExplorer(LiveView):
 
     # ----- work ---------------------------------------------------------------------------
     def _run(self, job: threading.Event) -> None:
-        def trace(tracer: Tracer, config: TraceConfig) -> list[TraceResult]:
+        def panels(config: TraceConfig) -> list[TraceConfig]:
             if self.view.value != "compare":
-                return [tracer.trace(config, progress=self._progress(job))]
-            window = int(self.window.value)  # the kind dropdown is idle here; windows apply to sublayers
-            return [tracer.trace(replace(config, kind=k, window=window_for(k, window)), progress=self._progress(job))
-                    for k in SUBLAYER_KINDS if k in kinds_of(config.block)]
+                return [config]
+            return compare_configs(config, int(self.window.value))  # the kind dropdown is idle here
 
-        trace_in_phases(self, job, trace, self._show)
+        trace_in_phases(self, job, panels, self._show)
 
     def _maps(self) -> list[W.Widget]:
         return [self.heatmap, self.comparison]

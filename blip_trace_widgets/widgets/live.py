@@ -8,8 +8,10 @@ tracing where a newer change cancels an older trace and an error shows inside th
 """
 from __future__ import annotations
 
+import atexit
 import io
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from html import escape
@@ -30,7 +32,15 @@ from ..names import (
 from ..results import TraceResult
 from ..roles import first_content_word
 from ..tracing import TraceConfig, Tracer
-from .controls import check_gallery, default_gallery, method_note, phases, set_tooltip
+from .controls import (
+    check_gallery,
+    default_gallery,
+    explorer_mode,
+    phases,
+    set_tooltip,
+    shown_words,
+    starting_mode,
+)
 
 
 def answer_html(tracer: Tracer) -> str:
@@ -113,24 +123,70 @@ def status_text(result: TraceResult) -> str:
             f"corrupted {result.low_score:.3f}, total effect {result.total_effect:.3f}")
 
 
-def trace_in_phases(view: Any, job: threading.Event, trace: Callable[[Any, TraceConfig], list[TraceResult]],
+def trace_in_phases(view: Any, job: threading.Event, panels: Callable[[TraceConfig], list[TraceConfig]],
                     show: Callable[[list[TraceResult]], None]) -> None:
-    """A trace explorer's work: the controls' configuration, then its phases for the method control (the estimate,
-    then the verified or exact map), each traced by ``trace`` and shown by ``show`` as it comes, unless a newer
-    change has cancelled ``job``."""
+    """A trace explorer's work: the controls' configuration and its panels (one map, or one per kind), then each
+    panel's phases for the method control (the estimate, then the verified or exact map), traced and shown as they
+    come, unless a newer change has cancelled ``job``. A panel with fewer phases shows its last one throughout
+    (from the tracer's cache)."""
     tracer = view.tracer
     view.answer_view.value = answer_html(tracer)
     view.sync_words(tracer)
     view.counterfactual.sync(int(view.gallery.value or 0))
     view.config = config = view.controls_config()
-    steps = phases(config, view.method.value)
-    for i, step in enumerate(steps):
-        view.status.value = cost_notice(tracer, step)
-        results = trace(tracer, step)
+    steps = [phases(panel, view.method.value) for panel in panels(config)]
+    count = max(len(s) for s in steps)
+    for i in range(count):
+        now = [s[min(i, len(s) - 1)] for s in steps]
+        view.status.value = cost_notice(tracer, now[-1])
+        results = [tracer.trace(step, progress=view._progress(job)) for step in now]
         if job.is_set():
             return
         show(results)
-        view.status.value = status_text(results[0]) + method_note(step, i == len(steps) - 1)
+        view.status.value = status_text(results[0]) + "<br>" + shown_words(now, i == count - 1, view.method.value)
+
+
+#: The method control's tooltip; the explorer adds why it opened on the method it shows.
+METHOD_TIP = ("exact: the whole map, every cell restored; estimate (attribution patching): at once, labelled ESTIMATE, "
+              "then its top cells made exact (outlined) or the whole exact map in its place.")
+
+
+def exact_seconds(view: Any, config: TraceConfig) -> float | None:
+    """The cost module's estimate of ``config``'s exact map for ``view``'s (image, text), in seconds (None where it
+    cannot tell)."""
+    from dataclasses import replace
+
+    from ..cost import trace_cost
+
+    try:
+        return trace_cost(view.tracer, replace(config, method="exact")).seconds
+    except Exception:  # a bad question or setting: the first trace shows it inside the widget
+        return None
+
+
+#: Background traces still running, with their cancel events, so that the interpreter's exit stops them and waits
+#: for them first: a thread left inside torch as the interpreter exits aborts the process.
+_RUNNING: dict[threading.Thread, threading.Event] = {}
+_RUNNING_LOCK = threading.Lock()
+#: How long the interpreter's exit waits, in all, for background traces to notice they were cancelled.
+EXIT_WAIT = 60.0
+
+
+def stop_background_work(timeout: float = EXIT_WAIT) -> int:
+    """Cancel every explorer's background traces and wait for them to return (at most ``timeout`` seconds in all);
+    the number still running after. Registered to run at interpreter exit."""
+    with _RUNNING_LOCK:
+        running = list(_RUNNING.items())
+    for _thread, job in running:
+        job.set()
+    deadline = time.monotonic() + timeout
+    for thread, _job in running:
+        if thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return sum(thread.is_alive() for thread, _job in running)
+
+
+atexit.register(stop_background_work)
 
 
 class LiveView(W.VBox):
@@ -197,11 +253,22 @@ class LiveView(W.VBox):
         self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="240px"))
         self.status = W.HTML()
         self.error = W.HTML()
-        self.method = W.ToggleButtons(options=[(label, mode) for mode, label in EXPLORER_MODES.items()], value="verified",
-                                      style={"button_width": "auto"})  # labels in full, not cut
-        set_tooltip(self.method, "an estimate (attribution patching) appears at once, labelled ESTIMATE; then its top "
-                                 "cells are made exact (outlined), or the whole exact map replaces it")
+        self.method = W.ToggleButtons(options=[(label, mode) for mode, label in EXPLORER_MODES.items()], value="exact",
+                                      description="method", style={"button_width": "auto", **style},
+                                      layout=W.Layout(flex_flow="row wrap"))  # labels in full, not cut
+        self._start_word: int | None = None  # a captioner's word to score first (else its first content word)
         self.gallery.observe(self._on_sample, names="value")
+
+    def start_mode(self, mode: str | None, config: TraceConfig) -> None:
+        """The method control's first value: ``mode``, or when None the whole exact map where the cost estimate says
+        it is quick here (controls.QUICK_SECONDS; the demo models) and the estimate with its top cells exact where
+        it is not; the tooltip says which and why."""
+        if mode is not None:
+            self.method.value = explorer_mode(mode)
+            set_tooltip(self.method, METHOD_TIP)
+            return
+        self.method.value, why = starting_mode(exact_seconds(self, config))
+        set_tooltip(self.method, f"{METHOD_TIP} {why}")
 
     def _header(self) -> W.HBox:
         return W.HBox([self.image_view, W.VBox([self.gallery, self.question_box, self.answer_view, self.caption_box,
@@ -215,20 +282,25 @@ class LiveView(W.VBox):
         return {"answer": self.caption_box.value.strip() or None, "word": int(self.word.value or 0)}
 
     def sync_words(self, tracer: Tracer) -> None:
-        """A captioner's word dropdown lists the words of the caption scored (keeping the chosen index if it exists)."""
+        """A captioner's word dropdown lists the words of the caption scored (keeping the chosen index if it exists;
+        the starting configuration's word is kept, or refused when the caption has no such word, never moved)."""
         if not self.captions:
             return
         words = tracer.caption_words(self.caption_box.value.strip() or None)
         options = [(f"{i}: {w}", i) for i, w in enumerate(words)]
-        if list(self.word.options) == options:
+        start, self._start_word = self._start_word, None
+        if list(self.word.options) == options and start is None:
             return
+        keep = int(self.word.value or 0) if len(self.word.options) > 1 else first_content_word(words)
         self._syncing = True
         try:
-            keep = int(self.word.value or 0) if len(self.word.options) > 1 else first_content_word(words)
             self.word.options = options
-            self.word.value = keep if keep < len(options) else 0
+            self.word.value = start if start is not None and start < len(options) else keep if keep < len(options) else 0
         finally:
             self._syncing = False
+        if start is not None and start >= len(options):
+            raise BlipTraceError(f"word {start} is past the caption's {len(options)} words (0 to {len(options) - 1}): "
+                                 "pick one in the word dropdown")
 
     def _watch(self, controls: Sequence[W.Widget]) -> None:
         for control in (*controls, self.caption_box, self.word):
@@ -273,6 +345,8 @@ class LiveView(W.VBox):
             self._threads = [t for t in self._threads if t.is_alive()]
             thread = threading.Thread(target=self._work, args=(job,), daemon=True)
             self._threads.append(thread)
+            with _RUNNING_LOCK:  # the interpreter's exit cancels it and waits for it (stop_background_work)
+                _RUNNING[thread] = job
             thread.start()
         else:
             self._work(job)
@@ -300,6 +374,8 @@ class LiveView(W.VBox):
         finally:
             if not job.is_set():
                 self.progress.value = self.progress.max
+            with _RUNNING_LOCK:
+                _RUNNING.pop(threading.current_thread(), None)
 
     def _show_error(self, error: Exception) -> None:
         """One line for a user's mistake (a BlipTraceError); the full traceback for anything else.

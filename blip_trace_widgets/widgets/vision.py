@@ -29,17 +29,21 @@ from ..tracing import TraceConfig
 from .controls import (
     AREA_OPTIONS,
     MATCH_METRICS,
+    SLIDER_LAYOUT,
     VISION_CORRUPTION_OPTIONS,
     VISION_KIND_OPTIONS,
     VISION_LEVEL_TIPS,
     WINDOW_OFF_TIP,
     WINDOW_ON_TIP,
+    IntSlider,
     level_slider,
     merged_gallery,
+    row,
     samples_box,
     seed_box,
     set_tooltip,
     vision_config,
+    window_slider,
 )
 from .counterfactual import Counterfactual
 from .live import LiveView, png_width, tiny_warning, trace_in_phases
@@ -68,6 +72,7 @@ class VisionTraceExplorer(LiveView):
         background: bool = True,
         samples: Sequence[tuple] | None = None,
         question: str | None = None,
+        mode: str | None = None,
     ) -> None:
         text = renamed(text, question, "question", "text")
         super().__init__(bundle, image, text, gallery=merged_gallery(gallery, samples), background=background)
@@ -77,20 +82,20 @@ class VisionTraceExplorer(LiveView):
         check_int("noise_samples", noise_samples, 1, MAX_SAMPLES)
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=VISION_KIND_OPTIONS, value=HIDDEN, description="kind", style=style)
-        self.window = W.IntSlider(value=1, min=1, max=layers, description="window", continuous_update=False, style=style)
-        self.regions = W.IntSlider(value=regions if regions is not None else min(side, 8), min=1, max=side,
-                                   description="regions per side",
-                                   continuous_update=False, style=style)
+        self.window = window_slider(1, layers, style)
+        self.regions = IntSlider(value=regions if regions is not None else min(side, 8), min=1, max=side,
+                                 description="regions per side", continuous_update=False, style=style,
+                                 layout=W.Layout(**SLIDER_LAYOUT))
         self.corruption = W.Dropdown(options=VISION_CORRUPTION_OPTIONS, value="gaussian", description="corruption",
                                      style=style)
         self.level = level_slider(float(getattr(default_corruption(bundle, "patches"), "level", 3.0)), 0.1, 30, "level",
                                   style)
         self.area = W.ToggleButtons(options=AREA_OPTIONS, value="all")
-        self.box_x = W.IntRangeSlider(value=(25, 75), min=0, max=100, description="box x %", continuous_update=False,
-                                      style=style)
-        self.box_y = W.IntRangeSlider(value=(25, 75), min=0, max=100, description="box y %", continuous_update=False,
-                                      style=style)
-        self.layer = W.IntSlider(value=0, min=0, max=layers - 1, description="vision layer", style=style)
+        self.box_x, self.box_y = (W.IntRangeSlider(value=(25, 75), min=0, max=100, description=f"box {axis} %",
+                                                   continuous_update=False, style=style, layout=W.Layout(**SLIDER_LAYOUT))
+                                  for axis in "xy")
+        self.layer = IntSlider(value=0, min=0, max=layers - 1, description="vision layer", style=style,
+                               layout=W.Layout(**SLIDER_LAYOUT))
         self.all_layers = W.Checkbox(value=False, description="all layers", indent=False)
         self.normalized = W.Checkbox(value=True, description="normalised", indent=False)
         self.noise_samples, self.seed = samples_box(noise_samples, style), seed_box(0, style)
@@ -101,14 +106,15 @@ class VisionTraceExplorer(LiveView):
         self.overlay = W.Image(format="png")
         self.counterfactual = Counterfactual(self.gallery_items, sources=("noise", "pair"))  # a swap acts after the ViT
         controls = W.VBox([
-            W.HBox([self.kind, self.window, self.regions]), self.counterfactual,
-            W.HBox([self.corruption, self.level, self.noise_samples, self.seed]),
-            W.HBox([self.area, self.box_x, self.box_y]),
-            W.HBox([self.layer, self.all_layers, self.normalized, self.method]),
+            row(self.kind, self.window, self.regions), self.counterfactual,
+            row(self.corruption, self.level, self.noise_samples, self.seed),
+            row(self.area, self.box_x, self.box_y), row(self.method),
+            row(self.layer, self.all_layers, self.normalized),
             self.metric,
         ])
         self.warning = W.HTML()
         self.children = [self._header(), controls, self.error, self.warning, self.overlay]
+        self.start_mode(mode, self.controls_config())
         self._update_enabled()
         self._watch([self.kind, self.window, self.regions, self.corruption, self.level, self.area, self.box_x,
                      self.box_y, self.noise_samples, self.seed, self.question_box, self.method, self.metric,
@@ -170,8 +176,7 @@ class VisionTraceExplorer(LiveView):
                 self._show_error(error)
 
     def _run(self, job: threading.Event) -> None:
-        trace_in_phases(self, job, lambda tracer, config: [tracer.trace(config, progress=self._progress(job))],
-                        self._show)
+        trace_in_phases(self, job, lambda config: [config], self._show)
 
     def _show(self, results: list[TraceResult]) -> None:
         self.result = results[0]
