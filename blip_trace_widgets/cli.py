@@ -217,7 +217,7 @@ def _counterfactual(args: argparse.Namespace) -> Any:
     from .corruption import ImageSwap
 
     if args.counterfactual_image is not None and args.swap is not None:
-        raise UsageError("--counterfactual-image swaps the image, --swap the question's words: pick one")
+        raise UsageError("--counterfactual-image swaps the image, --swap the text's words: pick one")
     if args.counterfactual_image is not None:
         if Path(args.counterfactual_image).is_dir():
             raise UsageError(f"--counterfactual-image {args.counterfactual_image!r} is a folder: name an image file in it")
@@ -357,12 +357,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     shard = group.shard
     if shard.count > 1:
         print(f"process {shard.index + 1}/{shard.count} on {bundle.device}: "
-              f"{len(range(shard.index, len(samples), shard.count))} of {len(samples)} questions", file=sys.stderr)
+              f"{len(range(shard.index, len(samples), shard.count))} of {len(samples)} {heads.of(bundle).unit}", file=sys.stderr)
     if group.is_main:
         source = (f"{args.dataset}, paired by question" if by_question else f"easy-VQA {args.pairs} pairs"
                   if args.pairs else args.dataset)
         how = ("each with its partner image swapped in" if args.pairs else str(configs[0].to_json()["corruption"]))
-        print(f"{len(samples)} questions from {source}; {len(configs)} traces each on {bundle.name}, "
+        print(f"{len(samples)} {heads.of(bundle).unit} from {source}; {len(configs)} traces each on {bundle.name}, "
               f"{configs[0].direction}; {how}; results in {out}")
     started = time.perf_counter()
     dataset = {"name": args.dataset or f"easy-vqa {args.pairs} pairs", "limit": args.limit, "words": args.words,

@@ -347,3 +347,15 @@ def test_the_command_line_prices_every_word_of_a_caption_too(shape_png, tmp_path
     code, out = _cli(capsys, "trace", "--model", "demo-caption", "--image", str(shape_png), "--word", "all",
                      "--samples", "1", "--out", str(tmp_path))
     assert code == 0 and "warning: this trace is large" in out.err
+
+
+def test_a_caption_sweep_counts_captions_not_questions(tmp_path, capsys):
+    code, out = _cli(capsys, "sweep", "--model", "demo-caption", "--dataset", "easy-vqa-captions", "--limit", "1",
+                     "--samples", "1", "--kinds", "hidden", "--out", str(tmp_path))
+    assert code == 0 and "1 captions from easy-vqa-captions" in out.out and "questions from" not in out.out
+
+
+def test_a_swap_and_a_counterfactual_image_together_name_the_text(shape_png, tmp_path, capsys):
+    code, out = _cli(capsys, "trace", "--model", "demo-caption", "--image", str(shape_png), "--prompt", "a red",
+                     "--swap", "red=blue", "--counterfactual-image", str(shape_png), "--out", str(tmp_path))
+    assert code == 2 and "--swap the text's words" in out.err
