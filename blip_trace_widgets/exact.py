@@ -60,20 +60,22 @@ class ExactScorer:
               progress: Advance | None = None) -> Scores:
         exact = np.ones(len(cells), bool)
         if not config.fresh_noise:
-            return Scores(*self.patched(block, cells, config, target, None, progress), exact)
+            mean, stderr, draws = self.patched(block, cells, config, target, None, progress)
+            return Scores(mean, stderr, exact, draws)
         generator = torch.Generator().manual_seed(int(config.seed))
         self.runs.skip_draw(config, generator)  # the low score's draw comes first, as in the paper
         mean, stderr = np.empty(len(cells)), np.empty(len(cells))
         for i, cell in enumerate(cells):
-            m, e = self.patched(block, [cell], config, target, self.runs.draw(config, generator), progress)
+            m, e, _ = self.patched(block, [cell], config, target, self.runs.draw(config, generator), progress)
             mean[i], stderr[i] = m[0], e[0]
         return Scores(mean, stderr, exact)
 
     @torch.no_grad()
     def patched(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
-                corrupted: Corrupted | None, progress: Advance | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard error over noise samples of each cell's score, against one corrupted draw
-        (``None``: the seed's first, cached)."""
+                corrupted: Corrupted | None, progress: Advance | None = None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Mean and standard error over noise samples of each cell's score, and each sample's score [samples,
+        cells], against one corrupted draw (``None``: the seed's first, cached)."""
         session = self.runs.context
         clean_run, corrupted_run, cross = self.runs.runs(block, config, target, corrupted)
         _check_cells(block, cells, int(clean_run.kinds[config.kind][0].shape[1]))  # positions, or head units
@@ -89,7 +91,7 @@ class ExactScorer:
         prompt = downstream_prompt(self.runs, block, config, corrupted)  # InstructBLIP's prompt, if corrupted
         n_layers, samples = len(block.stack), int(config.samples)
         order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], config.kind, n_layers))
-        mean, stderr = np.empty(len(cells)), np.empty(len(cells))
+        mean, stderr, draws = np.empty(len(cells)), np.empty(len(cells)), np.empty((samples, len(cells)))
         rows = block.rows_per_chunk(session, config, target)
         for chunk in chunks(order, max(1, rows // samples)):
             chunk_cells = [cells[i] for i in chunk]
@@ -99,12 +101,13 @@ class ExactScorer:
                                   prompt)
             s, c = logits.shape[:2]
             scores = score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c).double()
+            draws[:, chunk] = scores.cpu().numpy()
             mean[chunk] = scores.mean(0).cpu().numpy()
             stderr[chunk] = (scores.std(0) / np.sqrt(s)).cpu().numpy() if s > 1 else np.nan
             self.runs.session.stats["engine_chunks"] += 1
             if progress is not None:
                 progress(len(chunk))
-        return mean, stderr
+        return mean, stderr, draws
 
 
 class VerifiedScorer:
@@ -119,13 +122,16 @@ class VerifiedScorer:
 
     def score(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
               progress: Advance | None = None) -> Scores:
-        mean, stderr, _ = self.estimator.score(block, cells, config, target, progress)
+        mean, stderr, _, _ = self.estimator.score(block, cells, config, target, progress)
         low = float(self.estimator.gradients(block, config, target).scores.mean())  # the base: corrupted, or clean
         picked = np.argsort(-np.abs(mean - low), kind="stable")[: int(config.verify)]
         if config.flags_cells:  # every flagged cell is made exact too
             picked = np.union1d(picked, np.flatnonzero(self.unreliable(config)))
-        exact_mean, exact_stderr = self.exact.patched(block, [cells[i] for i in picked], config, target, None)
+        exact_mean, exact_stderr, exact_draws = self.exact.patched(block, [cells[i] for i in picked], config, target,
+                                                                   None)
         mean[picked], stderr[picked] = exact_mean, exact_stderr
+        draws = np.full((exact_draws.shape[0], len(cells)), np.nan)  # estimated cells are not tested
+        draws[:, picked] = exact_draws
         marked = np.zeros(len(cells), bool)
         marked[picked] = True
-        return Scores(mean, stderr, marked)
+        return Scores(mean, stderr, marked, draws)

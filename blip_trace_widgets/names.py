@@ -121,23 +121,27 @@ class KindInfo:
 
     label: str  # in titles: "Restoring question encoder <label>"
     short: str  # in dropdowns
-    colormap: str  # its heatmaps' colour map (ROME's: Purples for states, Greens for MLP, Reds for attention)
+    colormap: str  # its heatmaps' colour map (ROME's: Purples for states, Greens for MLP, Reds for attention; never
+    # blue, which every figure keeps for effects against the trace's direction: AGAINST_COLORMAP)
 
 
 KIND_INFO: dict[str, KindInfo] = {
     "hidden": KindInfo("hidden states", "hidden states", "Purples"),
     "self_attn": KindInfo("self-attention outputs", "self-attention", "Reds"),
-    "cross_attn": KindInfo("cross-attention outputs", "cross-attention", "Blues"),
+    "cross_attn": KindInfo("cross-attention outputs", "cross-attention", "YlOrBr"),
     "mlp": KindInfo("MLP outputs", "MLP", "Greens"),
     "post_self_attn": KindInfo("residual after self-attention", "h1 (after self-attention)", "Oranges"),
-    "post_cross_attn": KindInfo("residual after cross-attention", "h2 (after cross-attention)", "PuBu"),
+    "post_cross_attn": KindInfo("residual after cross-attention", "h2 (after cross-attention)", "RdPu"),
     "self_attn_head": KindInfo("self-attention heads", "self-attention heads", "Reds"),
-    "cross_attn_head": KindInfo("cross-attention heads", "cross-attention heads", "Blues"),
+    "cross_attn_head": KindInfo("cross-attention heads", "cross-attention heads", "YlOrBr"),
     "attn_head": KindInfo("attention heads", "attention heads", "Reds"),
 }
 KIND_LABELS: dict[str, str] = {kind: info.label for kind, info in KIND_INFO.items()}
 KIND_SHORT_LABELS: dict[str, str] = {kind: info.short for kind, info in KIND_INFO.items()}
 KIND_COLORMAPS: dict[str, str] = {kind: info.colormap for kind, info in KIND_INFO.items()}
+#: One colour language across every figure: effects against the trace's direction (a restored cell that moves the
+#: score away from the clean one) are blue, and no kind draws its effects in blue.
+AGAINST_COLORMAP = "Blues"
 
 #: Where a corruption acts: the vision encoder's output (the paper's choice), the patch embeddings
 #: before the vision encoder, the pixels, or the question's token embeddings (ROME's original).

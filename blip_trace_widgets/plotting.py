@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import BlipTraceError
 from .heads import metric_label
-from .names import BLOCK_LABELS, KIND_COLORMAPS, KIND_LABELS, STAGE_LABELS, TINY_EFFECT, VISION_ENCODER
+from .names import AGAINST_COLORMAP, BLOCK_LABELS, KIND_COLORMAPS, KIND_LABELS, STAGE_LABELS, TINY_EFFECT, VISION_ENCODER
 
 
 class TraceResult(Protocol):
@@ -77,10 +77,13 @@ class TraceResult(Protocol):
     def negative_cells(self) -> np.ndarray: ...
     def normalized(self) -> np.ndarray: ...
     def indirect_effect(self) -> np.ndarray: ...
+    def statistics(self) -> Any: ...
+    def significance_text(self, q: float = ...) -> str: ...
+    def stability(self, rounds: int = ..., seed: int = ...) -> dict[str, float]: ...
 
 MAX_LABELLED_ROWS = 30
 NORMALIZED_CMAP = "RdBu_r"
-NEGATIVE_OVERLAY = "Blues"  # negative effects painted on an image
+NEGATIVE_OVERLAY = AGAINST_COLORMAP  # effects against the trace's direction, painted on an image
 TINY_TEXT = "corruption has almost no effect;\nthis map is noise"
 TOPS = ("clean", "max", "range")
 
@@ -151,7 +154,18 @@ def trace_title(result: TraceResult, width: int = 70) -> str:
     negative = negative_text(result)
     scores += f"; {negative}" if negative else ""
     lines = [what + window + severed, how, scores] if config.get("corruption") else [what + window + severed, scores]
+    lines.append(trust_text(result))
     return "\n".join(textwrap.fill(line, width) for line in lines)
+
+
+def trust_text(result: TraceResult) -> str:
+    """What a map's cells can be trusted for: how many are significant, and how stable its top cell is over
+    resampled draws ("top cell stable in 97% of resamples")."""
+    text = result.significance_text()
+    stable = result.stability()
+    if stable["rounds"] and not result.config.get("deterministic"):
+        text += f"; top cell stable in {stable['top']:.0%} of resamples, top 3 in {stable['top3']:.0%}"
+    return text
 
 
 def _labels(result: TraceResult) -> list[str]:
@@ -159,76 +173,107 @@ def _labels(result: TraceResult) -> list[str]:
     return [f"{t}*" if i in corrupted else t for i, t in enumerate(result.tokens)]
 
 
-def _scale(result: TraceResult, data: np.ndarray, normalized: bool, top: str) -> tuple[float, float, str]:
-    """(vmin, vmax, colour-bar label) by ROME's convention; the span is never under the metric's floor
+def _scale(result: TraceResult, data: np.ndarray, top: str) -> tuple[float, float, str]:
+    """(white, full, colour-bar label) in the metric's units by ROME's convention: white where nothing is patched
+    (the corrupted score when restoring, the clean one when noising), full colour at the other end, whichever
+    way that is (a corruption that raised the score runs downward). ``top="max"`` ends at the data's furthest
+    value instead, ``"range"`` (averages) spans the data's own range. The span is never under the metric's floor
     (:attr:`~.results.TraceResult.floor`), so that float noise is never drawn in full colour."""
-    if normalized:
-        return -1.0, 1.0, "normalised effect (fixed range −1 to 1)"
     if top not in TOPS:
         raise BlipTraceError(f"top must be one of {', '.join(TOPS)}, got {top!r}")
     label = metric_label(result.metric, result.head)
-    low = result.low_score
     finite = data[np.isfinite(data)]
     floor = result.floor
     if top == "range" and finite.size:  # averages: their real range
-        low, high = float(finite.min()), float(finite.max())
-        if high - low < floor:
-            return low, low + floor, label + f" (the data's range, widened to the floor {floor:g})"
-        return low, (high if high > low else low + 1e-9), label + " (the data's range)"
+        white, full = float(finite.min()), float(finite.max())
+        if full - white < floor:
+            return white, white + floor, label + f" (the data's range, widened to the floor {floor:g})"
+        return white, (full if full > white else white + 1e-9), label + " (the data's range)"
+    noising = result.direction == "noise"
+    white, full = (result.high_score, result.low_score) if noising else (result.low_score, result.high_score)
+    ends = "clean" if noising else "corrupted", "corrupted" if noising else "clean"
     if top == "max" and finite.size:
-        high = float(finite.max())
-        label += " (from corrupted to the maximum)"
-    else:
-        high = result.high_score
-        label += " (from corrupted to clean)"
-    if not high > low:  # the corruption raised the score: still start at the corrupted score
-        high = low + max(abs(low) * 1e-3, 1e-9)
-    if high - low < floor:  # widened away from where nothing is patched, which stays white
-        low, high = (high - floor, high) if result.direction == "noise" else (low, low + floor)
+        way = 1.0 if full >= white else -1.0
+        full = white + way * float(np.max((finite - white) * way))
+        ends = ends[0], "the furthest cell"
+    label += f" (white at {ends[0]}, full colour at {ends[1]})"
+    if abs(full - white) < floor:  # widened away from where nothing is patched, which stays white
+        way = (1.0 if full >= white else -1.0) if full != white else (-1.0 if noising else 1.0)
+        full = white + way * floor
         label += f"; widened to the floor {floor:g}"
-    return low, high, label
+    return white, full, label
 
 
 def negative_text(result: TraceResult) -> str:
     """"N cells below the corrupted score" when restoring some cells pushes the score further from the
     clean one than noise does; else empty."""
     count = int(result.negative_cells().sum())
-    where = "above the clean score" if result.direction == "noise" else "below the corrupted score"
-    return f"{count} cell{'s' if count != 1 else ''} {where}" if count else ""
+    if not count:
+        return ""
+    noising, raised = result.direction == "noise", result.total_effect < 0
+    where = ("past the clean score" if noising else "beyond the corrupted score") if raised else (
+        "above the clean score" if noising else "below the corrupted score")
+    return f"{count} cell{'s' if count != 1 else ''} {where}"
 
 
-def _diverging(result: TraceResult, data: np.ndarray, vmin: float, vmax: float) -> tuple[str, Any]:
-    """A colour map and norm white where nothing is patched (the corrupted score ``vmin`` when denoising, the clean
-    score ``vmax`` when noising), red for effects in the trace's direction and blue against it, on one scale for
-    both sides (the wider of the two), so that a colour's depth means the same size of effect either way."""
-    from matplotlib.colors import TwoSlopeNorm
+def oriented_colormap(toward: str, white: float, full: float, against: float) -> tuple[Any, Any]:
+    """A colour map and norm over the scores from ``white`` (nothing patched: white) to ``full`` (full colour of
+    ``toward``), reaching ``against`` past ``white`` the other way in :data:`~.names.AGAINST_COLORMAP` blue, at the
+    same depth per unit on both sides. The range ends where the data and baselines end, never past them."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap, Normalize
 
-    finite = data[np.isfinite(data)]
-    if result.direction == "noise":
-        highest = float(finite.max()) if finite.size else vmax
-        span = max(vmax - vmin, highest - vmax, 1e-9)
-        return NORMALIZED_CMAP.removesuffix("_r"), TwoSlopeNorm(vcenter=vmax, vmin=vmax - span, vmax=vmax + span)
-    lowest = float(finite.min()) if finite.size else vmin
-    return NORMALIZED_CMAP, TwoSlopeNorm(vcenter=vmin, vmin=vmin - max(vmax - vmin, vmin - lowest, 1e-9), vmax=vmax)
+    way = 1.0 if full >= white else -1.0
+    span = abs(full - white) or 1e-9
+    low, high = sorted((white - way * against, full))
+    values = (np.linspace(low, high, 256) - white) * way  # > 0 toward the full end, < 0 against it
+    colours = np.where((values >= 0)[:, None], colormaps[toward](np.clip(values / span, 0, 1)),
+                       colormaps[AGAINST_COLORMAP](np.clip(-values / span, 0, 1)))
+    return ListedColormap(colours, name=toward), Normalize(low, high if high > low else low + 1e-9)
 
 
-def _score_mesh(ax: Any, result: TraceResult, normalized: bool, top: str, flagged: bool) -> tuple[Any, str]:
-    """The scores' colour mesh on ``ax`` and its colour-bar label, by the conventions above."""
-    data = result.normalized() if normalized else result.scores
-    vmin, vmax, bar_label = _scale(result, data, normalized, top)
-    cmap = "Greys" if flagged else (NORMALIZED_CMAP if normalized else KIND_COLORMAPS.get(result.kind, "Purples"))
-    noising = result.direction == "noise" and not normalized
-    if (not flagged and not normalized and top != "range" and result.total_effect >= 0
-            and bool(result.negative_cells().any())):
-        # negative effects stay visible: a diverging scale, white where nothing is patched
-        diverging, norm = _diverging(result, data, vmin, vmax)
-        where = "above the clean score" if noising else "below the corrupted score"
-        return ax.pcolormesh(data, cmap=diverging, shading="flat", norm=norm), bar_label + f"; {where} in blue"
+def _mesh_spec(result: TraceResult, normalized: bool, top: str, flagged: bool,
+               limits: tuple[float, float, float] | None = None) -> tuple[Any, Any, float, str]:
+    """(colour map, norm, alpha, colour-bar label) of a heatmap's scores, by the conventions above."""
+    from matplotlib.colors import Normalize
+
     alpha = 0.35 if flagged else 1.0
-    if noising:  # white at the clean score: colour is what patching the corruption in takes away
-        mesh = ax.pcolormesh(data, cmap=cmap + "_r", shading="flat", vmin=vmin, vmax=vmax, alpha=alpha)
-        return mesh, bar_label + "; noising: white at clean"
-    return ax.pcolormesh(data, cmap=cmap, shading="flat", vmin=vmin, vmax=vmax, alpha=alpha), bar_label
+    if normalized:
+        return ("Greys" if flagged else NORMALIZED_CMAP, Normalize(-1.0, 1.0), alpha,
+                "normalised effect (fixed range −1 to 1; toward clean in red, against it in blue)")
+    data = result.scores
+    white, full, bar_label = _scale(result, data, top)
+    way = 1.0 if full >= white else -1.0
+    finite = data[np.isfinite(data)]
+    against = max(0.0, float(np.max((white - finite) * way))) if finite.size and not flagged and top != "range" else 0.0
+    if limits is not None:  # shared by several panels
+        white, full, against = limits
+    cmap, norm = oriented_colormap("Greys" if flagged else KIND_COLORMAPS.get(result.kind, "Purples"), white, full,
+                                   against)
+    return cmap, norm, alpha, bar_label + ("; against it in blue" if against > 0 else "")
+
+
+def _score_mesh(ax: Any, result: TraceResult, normalized: bool, top: str, flagged: bool,
+                limits: tuple[float, float, float] | None = None) -> tuple[Any, str]:
+    """The scores' colour mesh on ``ax`` and its colour-bar label."""
+    cmap, norm, alpha, label = _mesh_spec(result, normalized, top, flagged, limits)
+    data = result.normalized() if normalized else result.scores
+    return ax.pcolormesh(data, cmap=cmap, norm=norm, shading="flat", alpha=alpha), label
+
+
+def _mark_insignificant(ax: Any, result: TraceResult) -> None:
+    """Hatch and fade the tested cells that are not significant: noise is never drawn in full colour."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    stats = result.statistics()
+    if stats.deterministic:
+        return
+    noise = stats.tested() & ~stats.significant()
+    boxes = [Rectangle((layer, row), 1, 1) for row, layer in np.argwhere(noise)]
+    if boxes:
+        ax.add_collection(PatchCollection(boxes, facecolor=(1, 1, 1, 0.6), edgecolor=(0.55, 0.55, 0.55, 0.8),
+                                          hatch="///", linewidth=0.0, zorder=2))
 
 
 def _mark_cells(ax: Any, result: TraceResult) -> None:
@@ -260,14 +305,16 @@ def _mark_absent(ax: Any, result: TraceResult) -> None:
 
 
 def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False, title: str | None = None,
-               show: str = "scores", top: str = "clean", tiny: float | None = TINY_EFFECT, cax: Any = None) -> Any:
+               show: str = "scores", top: str = "clean", tiny: float | None = TINY_EFFECT, cax: Any = None,
+               limits: tuple[float, float, float] | None = None) -> Any:
     """Draw ``result`` on ``ax`` (a new figure when None): tokens down, layers across, with a colour bar.
 
     ``show="stderr"`` draws each cell's standard error over noise samples. ``tiny`` is the
     total effect, as a fraction of the clean score, below which the map is greyed and flagged
     (None: never). ``top`` ends the colour scale at the clean score, the data's maximum, or
     (``"range"``, for averages) spans the data's own range. ``cax`` takes the colour bar (by
-    default it is carved out of ``ax``).
+    default it is carved out of ``ax``). ``limits``: (white, full, against) shared by several panels. Tested cells
+    that are not significant (:meth:`~.results.TraceResult.significant`) are faded and hatched.
     """
     if ax is None:
         rows = min(len(result.tokens), MAX_LABELLED_ROWS)
@@ -279,9 +326,11 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
         image = ax.pcolormesh(data, cmap="Greys", shading="flat", vmin=0.0)
         bar_label = f"standard error of {metric_label(result.metric, result.head)} over noise samples"
     elif show == "scores":
-        image, bar_label = _score_mesh(ax, result, normalized, top, flagged)
+        image, bar_label = _score_mesh(ax, result, normalized, top, flagged, limits)
     else:
         raise BlipTraceError(f"show must be 'scores' or 'stderr', got {show!r}")
+    if show == "scores" and not flagged:
+        _mark_insignificant(ax, result)
     if show == "scores" and result.is_estimate:
         _mark_cells(ax, result)
     _mark_absent(ax, result)
@@ -319,15 +368,27 @@ def plot_traces(results: Sequence[TraceResult], *, normalized: bool = False, fig
     if figure is None:
         width = sum(max(3.6, 2.2 + 0.4 * r.num_layers) for r in results)
         figure = new_figure((width, 2.4 + 0.3 * max(min(len(r.tokens), MAX_LABELLED_ROWS) for r in results)))
+    limits = _shared_limits(results) if shared_scale and not normalized else None
     for i, result in enumerate(results):
         ax = figure.add_subplot(1, len(results), i + 1)
-        plot_trace(result, ax=ax, normalized=normalized, title=trace_title(result, width=42))
-        if shared_scale and not normalized and not result.is_tiny():
-            low = min(r.low_score for r in results)
-            high = max(r.high_score for r in results)
-            for mesh in ax.collections:
-                mesh.set_clim(low, high if high > low else low + 1e-9)
+        shared = limits if limits is not None and not result.is_tiny() else None
+        plot_trace(result, ax=ax, normalized=normalized, title=trace_title(result, width=42), limits=shared)
     return figure
+
+
+def _shared_limits(results: Sequence[TraceResult]) -> tuple[float, float, float] | None:
+    """One (white, full, against) for panels that run the same way: from the lowest white to the furthest full
+    end; None when their directions differ (each keeps its own scale)."""
+    scales = [_scale(r, r.scores, "clean")[:2] for r in results if not r.is_tiny()]
+    ways = {full >= white for white, full in scales}
+    if not scales or len(ways) != 1:
+        return None
+    up = ways.pop()
+    way = 1.0 if up else -1.0
+    whites, fulls = [w for w, _ in scales], [f for _, f in scales]
+    white, full = (min(whites), max(fulls)) if up else (max(whites), min(fulls))
+    against = max([0.0] + [float(np.nanmax((white - r.scores) * way)) for r in results if not r.is_tiny()])
+    return white, full, against
 
 
 def figure_png(figure: Any) -> bytes:
@@ -360,7 +421,7 @@ class HeatmapRenderer:
     def _key_of(result: TraceResult, show: str, normalized: bool) -> tuple[Any, ...]:
         return (tuple(_labels(result)), result.num_layers, result.window > 1, result.block, show, normalized,
                 trace_title(result).count("\n"), bool(result.is_tiny()), result.kind, result.metric,
-                bool(result.negative_cells().any()), _scale(result, result.scores, normalized, "clean")[2])
+                _mesh_spec(result, normalized, "clean", bool(result.is_tiny()))[3])
 
     @staticmethod
     def _tick_labels(cax: Any) -> tuple[str, ...]:
@@ -408,8 +469,14 @@ def _region_values(result: TraceResult, layer: int, normalized: bool) -> tuple[l
         raise BlipTraceError("plot_on_image needs an image-side trace: trace(..., block='vision_encoder')")
     if not 0 <= layer < result.num_layers:
         raise BlipTraceError(f"layer must be between 0 and {result.num_layers - 1}, got {layer}")
-    values = result.normalized() if normalized else result.indirect_effect()
+    values = result.normalized() if normalized else toward_clean(result)
     return grid["boxes"], values[:, layer]
+
+
+def toward_clean(result: TraceResult) -> np.ndarray:
+    """Each cell's indirect effect measured toward the clean score: positive when it brings the clean score back
+    (restoring) or takes it away (noising), whichever way the total effect runs; negative against it."""
+    return result.indirect_effect() * (1.0 if result.total_effect >= 0 else -1.0)
 
 
 def effect_map(result: TraceResult, layer: int, size: tuple[int, int], *, normalized: bool = True) -> np.ndarray:
@@ -428,7 +495,7 @@ def effect_map(result: TraceResult, layer: int, size: tuple[int, int], *, normal
 def _effect_limits(result: TraceResult, normalized: bool) -> tuple[float, float]:
     """One range for every layer of a figure: from 0 (transparent) to the largest effect, and down to the most
     negative effect when some region falls below the corrupted score by more than noise."""
-    values = (result.normalized() if normalized else result.indirect_effect())[1:]
+    values = (result.normalized() if normalized else toward_clean(result))[1:]
     finite = values[np.isfinite(values)]
     top = float(finite.max()) if finite.size else 0.0
     negative = result.negative_cells()[1:] & np.isfinite(values)
@@ -537,7 +604,7 @@ def plot_on_image(result: TraceResult, image: Any = None, *, layer: int | Sequen
         ax.set_title(f"vision layer {j}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    cls = (result.normalized() if normalized else result.indirect_effect())[0]
+    cls = (result.normalized() if normalized else toward_clean(result))[0]
     negatives = negative_text(result)
     flag = "  [corruption has almost no effect; this map is noise]" if result.is_tiny() else ""
     figure.suptitle(
@@ -559,6 +626,7 @@ def plot_on_image(result: TraceResult, image: Any = None, *, layer: int | Sequen
     else:
         bar_map, norm = LinearSegmentedColormap.from_list("effect", positive), Normalize(*limits)
     bar = figure.colorbar(ScalarMappable(norm, bar_map), ax=axes, shrink=0.85)
-    bar.set_label(textwrap.fill(("normalised effect (0 is transparent)" if normalized else "indirect effect, score − low "
-                                 "(0 is transparent)") + ("; negative in blue" if limits[0] < 0 else ""), 40), fontsize=8)
+    what = "normalised effect" if normalized else "indirect effect toward the clean score"
+    bar.set_label(textwrap.fill(what + " (0 is transparent)" + ("; against it in blue" if limits[0] < 0 else ""), 40),
+                  fontsize=8)
     return figure

@@ -27,9 +27,11 @@ from . import heads
 from .errors import BlipTraceError
 from .heads import metric_label
 from .names import METRIC_LABELS, NEGATIVE_STDERRS, TINY_ABSOLUTE, TINY_EFFECT, VQA  # noqa: F401  (METRIC_LABELS: public here too)
+from .significance import Uncertainty
 
-#: Version of the saved JSON layout; files without one are version 1 (no stderr, NaN as bare tokens).
-FORMAT_VERSION = 2
+#: Version of the saved JSON layout; files without one are version 1 (no stderr, NaN as bare tokens); version 2
+#: has no per-draw effects (``draws``).
+FORMAT_VERSION = 3
 EXPORT_FORMATS = ("png", "json", "csv")
 
 
@@ -72,14 +74,33 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+def draws_from_json(values: Any) -> np.ndarray | None:
+    """Per-draw effects [draws, rows, layers] from strict JSON (None when absent)."""
+    if values is None:
+        return None
+    if not isinstance(values, list) or not values:
+        raise BlipTraceError("the saved result's 'draws' is not a list of tables of numbers")
+    return np.stack([array_from_json(table, "draws") for table in values])
+
+
+def _as_floats(values: Any, name: str) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BlipTraceError(f"{name} must be numbers, got {type(values).__name__} holding "
+                             f"{np.asarray(values).dtype}") from None
+
+
 def _checked_arrays(scores: Any, stderr: Any, positions: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Scores (and standard errors) as float64 positions x layers arrays, or a clear error."""
-    scores = np.asarray(scores, dtype=np.float64)
+    if isinstance(scores, np.ndarray) and scores.dtype.kind not in "biuf" or isinstance(scores, str):
+        raise BlipTraceError(f"scores must be numbers, got an array of {np.asarray(scores).dtype}")
+    scores = _as_floats(scores, "scores")
     if scores.ndim != 2 or scores.shape[0] != positions:
         raise BlipTraceError(f"scores must be positions x layers with one token label per position, "
                              f"got {scores.shape} for {positions} tokens")
     if stderr is not None:
-        stderr = np.asarray(stderr, dtype=np.float64)
+        stderr = _as_floats(stderr, "stderr")
         if stderr.shape != scores.shape:
             raise BlipTraceError(f"stderr has shape {stderr.shape}, scores {scores.shape}")
     return scores, stderr
@@ -135,13 +156,16 @@ def _fields_of(data: Any) -> dict[str, Any]:
             "high_score": json_number(data["high_score"], "high_score"), "answer": data["answer"],
             "tokens": list(data["tokens"]), "block": data["block"], "kind": data["kind"], "window": data["window"],
             "config": dict(data.get("config") or {}),
-            "stderr": None if stderr is None else array_from_json(stderr, "stderr")}
+            "stderr": None if stderr is None else array_from_json(stderr, "stderr"),
+            "draws": draws_from_json(data.get("draws"))}
 
 
 @dataclass(eq=False)
-class TraceResult:
+class TraceResult(Uncertainty):
     """Scores of restoring each (position, layer) cell, with the clean and corrupted baselines; ``stderr``: each
-    cell's standard error over noise samples (NaN with one); ``total_effect``: ROME's, clean − corrupted."""
+    cell's standard error over noise samples (NaN with one); ``total_effect``: ROME's, clean − corrupted;
+    ``draws``: each noise sample's paired effect per cell [samples, positions, layers] (see :mod:`~.significance`),
+    behind :meth:`statistics`, :meth:`significant` and :meth:`stability`."""
 
     scores: np.ndarray  # positions x layers
     low_score: float  # corrupted, nothing restored
@@ -153,13 +177,21 @@ class TraceResult:
     window: int
     config: dict[str, Any] = field(default_factory=dict)
     stderr: np.ndarray | None = None  # positions x layers
+    draws: np.ndarray | None = None  # samples x positions x layers: each draw's paired effect
     #: The traced image, kept for plot_on_image; not saved.
     image: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.scores, self.stderr = _checked_arrays(self.scores, self.stderr, len(self.tokens))
-        self.low_score = float(self.low_score)
-        self.high_score = float(self.high_score)
+        if self.draws is not None:
+            self.draws = _as_floats(self.draws, "draws")
+            if self.draws.ndim != 3 or self.draws.shape[1:] != self.scores.shape:
+                raise BlipTraceError(f"draws has shape {self.draws.shape}, not (samples, *{self.scores.shape})")
+        try:
+            self.low_score = float(self.low_score)
+            self.high_score = float(self.high_score)
+        except (TypeError, ValueError):
+            raise BlipTraceError("low_score and high_score must be numbers") from None
 
     @property
     def metric(self) -> str:
@@ -241,8 +273,10 @@ class TraceResult:
         return self.indirect_effect() / span
 
     def indirect_effect(self) -> np.ndarray:
-        """ROME's indirect effect, score − low; when noising, what a cell takes away, high − score."""
-        return self.high_score - self.scores if self.direction == "noise" else self.scores - self.low_score
+        """ROME's indirect effect, score − low; when noising, what a cell takes away, high − score. NaN for n/a
+        cells (:attr:`absent_cells`), which have nothing to restore."""
+        effect = self.high_score - self.scores if self.direction == "noise" else self.scores - self.low_score
+        return np.where(self.absent_cells, np.nan, effect)
 
     @property
     def direction(self) -> str:  # "denoise": clean states restored into the corrupted run; "noise": the reverse
@@ -256,6 +290,7 @@ class TraceResult:
             "low_score": _finite_or_none(self.low_score), "high_score": _finite_or_none(self.high_score),
             "answer": self.answer, "tokens": list(self.tokens), "block": self.block, "kind": self.kind,
             "window": int(self.window), "config": _finite_or_none(self.config),
+            "draws": None if self.draws is None else [json_array(table) for table in self.draws],
         }
 
     @classmethod
@@ -275,19 +310,7 @@ class TraceResult:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> TraceResult:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as error:
-            raise BlipTraceError(f"cannot read {str(path)!r}: {error.strerror or error}") from None
-        except UnicodeDecodeError:
-            raise BlipTraceError(f"{str(path)!r} is not a text file; load a JSON file written by TraceResult.save "
-                                 "or blip-trace") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise BlipTraceError(f"{str(path)!r} is not valid JSON ({error.msg} at line {error.lineno}); "
-                                 "it may be truncated") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path))
 
     def to_dataframe(self) -> Any:
         """Long form: one row per (position, layer) with token, score, normalised score and the trace's labels
@@ -297,20 +320,7 @@ class TraceResult:
     def export(self, path: Union[str, os.PathLike], fmt: str | None = None, *, normalized: bool = False) -> Path:
         """Write the heatmap (``png``), the result (``json``) or its DataFrame (``csv``); ``fmt`` defaults
         to the path's suffix. The explorer's save buttons and the command line both use this."""
-        path = Path(path)
-        fmt = (fmt or path.suffix.lstrip(".")).lower()
-        if fmt not in EXPORT_FORMATS:
-            raise BlipTraceError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "json":
-            return self.save(path)
-        if fmt == "csv":
-            self.to_dataframe().to_csv(path, index=False)
-            return path
-        from .plotting import heatmap_png
-
-        path.write_bytes(heatmap_png(self, normalized=normalized))
-        return path
+        return _export(self, Path(path), fmt, normalized)
 
     # ----- figures ---------------------------------------------------------------------------
     def plot(self, ax: Any = None, *, normalized: bool = False, title: str | None = None, show: str = "scores",
@@ -339,6 +349,39 @@ class TraceResult:
     __hash__ = None  # type: ignore[assignment]
 
 
+def read_json(path: Union[str, os.PathLike]) -> Any:
+    """The JSON a saved result's file holds, or a clear error naming what is wrong with the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise BlipTraceError(f"cannot read {str(path)!r}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise BlipTraceError(f"{str(path)!r} is not a text file; load a JSON file written by TraceResult.save "
+                             "or blip-trace") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BlipTraceError(f"{str(path)!r} is not valid JSON ({error.msg} at line {error.lineno}); "
+                             "it may be truncated") from None
+
+
+def _export(result: TraceResult, path: Path, fmt: str | None, normalized: bool) -> Path:
+    """TraceResult.export."""
+    fmt = (fmt or path.suffix.lstrip(".")).lower()
+    if fmt not in EXPORT_FORMATS:
+        raise BlipTraceError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "json":
+        return result.save(path)
+    if fmt == "csv":
+        result.to_dataframe().to_csv(path, index=False)
+        return path
+    from .plotting import heatmap_png
+
+    path.write_bytes(heatmap_png(result, normalized=normalized))
+    return path
+
+
 def tiny_reason(result: TraceResult, threshold: float = TINY_EFFECT) -> str | None:
     """Why ``result``'s map is noise, naming the fix, or None when it is not (see :meth:`TraceResult.is_tiny`)."""
     total, label = abs(result.total_effect), metric_label(result.metric, result.head)
@@ -357,16 +400,20 @@ def tiny_reason(result: TraceResult, threshold: float = TINY_EFFECT) -> str | No
 
 
 def negative_cells(result: TraceResult) -> np.ndarray:
-    """The cells of ``result`` below its corrupted score by more than noise (see :meth:`TraceResult.negative_cells`)."""
+    """The cells of ``result`` whose effect runs against the trace's direction (away from the clean score when
+    restoring; past it when noising) and is real: significant where the cells are tested; else by more than
+    NEGATIVE_STDERRS standard errors and a tenth of the metric's floor (none when the map is tiny)."""
     if result.is_tiny():
         return np.zeros(result.scores.shape, dtype=bool)
-    stderr = np.nan_to_num(result.stderr, nan=0.0) if result.stderr is not None else np.zeros_like(result.scores)
-    margin = np.maximum(NEGATIVE_STDERRS * stderr, 0.1 * result.floor)
     toward_clean = 1.0 if result.total_effect >= 0 else -1.0  # a corruption that raised the score: mirrored
     with np.errstate(invalid="ignore"):
-        if result.direction == "noise":  # patching a corrupted state in pushes the score past the clean one
-            return toward_clean * (result.scores - result.high_score) > margin
-        return toward_clean * (result.low_score - result.scores) > margin
+        against = toward_clean * result.indirect_effect() < 0
+        stats = result.statistics()
+        if stats.tested().any():
+            return against & stats.significant() & (np.abs(stats.mean) > 0.1 * result.floor)
+        stderr = np.nan_to_num(result.stderr, nan=0.0) if result.stderr is not None else np.zeros_like(result.scores)
+        margin = np.maximum(NEGATIVE_STDERRS * stderr, 0.1 * result.floor)
+        return against & (np.abs(result.indirect_effect()) > margin)
 
 
 def _frame(result: TraceResult) -> Any:
@@ -380,10 +427,17 @@ def _frame(result: TraceResult) -> Any:
         corners = np.array([box if box else [np.nan] * 4 for box in boxes], dtype=np.float64)[positions.ravel()]
         regions = {name: corners[:, i] for i, name in enumerate(("left", "top", "right", "bottom"))}
     stderr = result.stderr if result.stderr is not None else np.full_like(result.scores, np.nan)
-    return pd.DataFrame({
+    stats = result.statistics()
+    low, high = stats.interval()
+    keep = ~result.absent_cells.ravel()  # n/a cells have no row
+    frame = pd.DataFrame({
         "position": positions.ravel(), "token": [result.tokens[p] for p in positions.ravel()], "layer": layers.ravel(),
         "score": result.scores.ravel(), "stderr": stderr.ravel(), "normalized": result.normalized().ravel(),
         "low_score": result.low_score, "high_score": result.high_score, "total_effect": result.total_effect,
         "answer": result.answer, "block": result.block, "kind": result.kind, "window": result.window, "metric": result.metric,
         "head": result.head, "exact": result.exact_cells.ravel(), "unreliable": result.unreliable_cells.ravel(), **regions,
+        "effect": stats.mean.ravel(), "effect_stderr": stats.stderr.ravel(), "effect_low": low.ravel(),
+        "effect_high": high.ravel(), "p_value": stats.pvalues.ravel(), "q_value": stats.qvalues.ravel(),
+        "significant": stats.significant().ravel(), "samples": stats.samples,
     })
+    return frame[keep].reset_index(drop=True)

@@ -26,12 +26,14 @@ Readout = Literal["decoder", "match", "itc"]
 
 class Scores(NamedTuple):
     """Per cell: the mean score over noise samples, its standard error, and whether it is exact (a patched run)
-    rather than estimated. What every scorer returns (:class:`~.exact.ExactScorer`,
-    :class:`~.estimates.Estimator`, :class:`~.exact.VerifiedScorer`)."""
+    rather than estimated; ``draws``: each sample's score [samples, cells] where the cells share the corrupted
+    draws (NaN for a cell not run; None when each cell has draws of its own). What every scorer returns
+    (:class:`~.exact.ExactScorer`, :class:`~.estimates.Estimator`, :class:`~.exact.VerifiedScorer`)."""
 
     mean: np.ndarray
     stderr: np.ndarray
     exact: np.ndarray
+    draws: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -112,12 +112,17 @@ class Tracer:
         self.estimator.clear()
 
     # ----- scoring -----------------------------------------------------------------------
-    @torch.no_grad()
     def baselines(self, config: TraceConfig) -> tuple[float, float]:
         """(low, high): the corrupted run with nothing restored (the seed's first draw), and the clean run.
 
         For an estimate the low score comes from the estimate's own pass over the same corrupted draw
         (the same arithmetic), so that no separate corrupted pass is made."""
+        low, high = self.baseline_draws(config)
+        return float(low.mean()), float(high[0])
+
+    @torch.no_grad()
+    def baseline_draws(self, config: TraceConfig) -> tuple[np.ndarray, np.ndarray]:
+        """The corrupted score of each noise sample of the seed's first draw, and the clean score ([1])."""
         target = self.target(config)
         last = self.blocks.vision if target.readout == "itc" else self.blocks.last
 
@@ -129,7 +134,7 @@ class Tracer:
             low = self.estimator.gradients(self.blocks[config.block], config, target).scores
         else:
             low = score(self.runs(last, config, target)[1])
-        return float(low.mean()), float(high[0])
+        return low.double().cpu().numpy().reshape(-1), high.double().cpu().numpy().reshape(-1)
 
     def restore(self, cells: Sequence[Cell], config: TraceConfig, progress: Progress | None = None,
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -137,8 +142,8 @@ class Tracer:
 
         With ``fresh_noise`` each cell gets its own draw, in order after the low score's draw (the paper's).
         """
-        mean, stderr, _ = self.restore_marked(cells, config, progress)
-        return mean, stderr
+        scores = self.restore_marked(cells, config, progress)
+        return scores.mean, scores.stderr
 
     def restore_marked(self, cells: Sequence[Cell], config: TraceConfig, progress: Progress | None = None) -> Scores:
         """:meth:`restore`, and which cells are exact (patched runs) rather than estimated."""
@@ -170,6 +175,9 @@ class Tracer:
         if cached is not None:
             self.stats["cache_hits"] += 1
             return cached
+        asked = int(config.samples)
+        if getattr(config.corruption, "deterministic", False) and asked > 1:  # every sample the same: run one
+            config = replace(config, samples=1)
         block = self.blocks[config.block]
         if config.window > len(block.stack):
             raise BlipTraceError(f"window {config.window} is wider than the {len(block.stack)} layers of the "
@@ -181,11 +189,17 @@ class Tracer:
         extra = dict(layout.extra)
         if config.corrupt == "question" and not is_head_kind(config.kind):  # a head map's rows are heads
             extra["corrupted_positions"] = self.corrupt_positions(config)
-        mean, stderr, exact = self.restore_marked(layout.cells, config, progress)
+        mean, stderr, exact, draws = self.restore_marked(layout.cells, config, progress)
         shape = (len(layout.labels), len(block.stack))
         if config.method == "verified":  # which cells are exact: [row, layer] pairs
             extra["exact_cells"] = [[int(i) // shape[1], int(i) % shape[1]] for i in np.flatnonzero(exact)]
-        low, high = self.baselines(config)
+        low_draws, high_draws = self.baseline_draws(config)
+        low, high = float(low_draws.mean()), float(high_draws[0])
+        effects = _paired_effects(config, draws, low_draws, high, shape)
+        if getattr(config.corruption, "deterministic", False):
+            extra.update(deterministic=True, samples_asked=asked)
+        elif effects is None and low_draws.size > 1:  # unpaired cells: their effects' error includes the low's
+            extra["low_stderr"] = float(low_draws.std(ddof=1) / np.sqrt(low_draws.size))
         if config.flags_cells:  # flagged cells that were not made exact
             flagged = self.estimator.flagged(config, low, high) & ~exact
             extra["unreliable_cells"] = [[int(i) // shape[1], int(i) % shape[1]] for i in np.flatnonzero(flagged)]
@@ -193,7 +207,7 @@ class Tracer:
         result = TraceResult(
             scores=mean.reshape(shape), low_score=low, high_score=high,
             answer=self.scored_text(target), tokens=layout.labels, block=config.block,
-            kind=config.kind, window=int(config.window), stderr=stderr.reshape(shape),
+            kind=config.kind, window=int(config.window), stderr=stderr.reshape(shape), draws=effects,
             config={**config.to_json(), "question": self.question, "model": self.bundle.name,
                     "head": self.head, "model_answer": self.model_answer,
                     **self.task.config_fields(config, self.targets),
@@ -202,6 +216,22 @@ class Tracer:
         )
         result.image = self.image  # for plot_on_image; not serialised
         return self._results.put(key, result)
+
+
+def _paired_effects(config: TraceConfig, draws: np.ndarray | None, low: np.ndarray, high: float,
+                    shape: tuple[int, int]) -> np.ndarray | None:
+    """Each noise sample's effect per cell [samples, rows, layers], paired with the same sample's baseline: the
+    cell's score minus that sample's corrupted score (restoring), or the clean score minus the cell's (noising).
+    None where the cells do not share one draw (fresh noise per cell)."""
+    if draws is None:
+        return None
+    if config.direction == "noise":
+        effects = high - draws
+    elif low.shape[0] != draws.shape[0]:
+        return None
+    else:
+        effects = draws - low[:, None]
+    return effects.reshape(draws.shape[0], *shape)
 
 
 def _contrast_text(tracer: Any, config: TraceConfig, target: Target) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from blip_trace_widgets import Box, GaussianNoise, Tracer, default_config
+from blip_trace_widgets import Box, GaussianNoise, Tracer, TraceResult, default_config
 from blip_trace_widgets.aggregate import average_trace
 from blip_trace_widgets.plotting import TINY_TEXT, effect_map, overlay_image, plot_on_image, plot_trace, plot_traces
 
@@ -28,30 +28,91 @@ def _texts(ax):
     return [t.get_text() for t in ax.texts]
 
 
+def _colour(ax, value):
+    mesh = _mesh(ax)
+    return np.asarray(mesh.cmap(mesh.norm(value)))[:3]
+
+
+def _is_white(rgb):
+    return bool(np.all(rgb > 0.93))
+
+
+def _cmap(name):
+    from matplotlib import colormaps
+
+    return colormaps[name]
+
+
 def test_single_heatmap_scale_runs_from_corrupted_to_clean(tracer, demo_bundle):
     result = tracer.trace(default_config(demo_bundle, samples=4))
     ax = plot_trace(result)
-    norm = _mesh(ax).norm
-    if result.negative_cells().any():  # a diverging scale: white at the corrupted score, blue below it
-        assert (norm.vcenter, norm.vmax) == pytest.approx((result.low_score, result.high_score))
-        assert norm.vmin <= result.scores.min()  # one scale for both sides: the wider
-    else:
-        assert _mesh(ax).get_clim() == pytest.approx((result.low_score, result.high_score))
-    assert "from corrupted to clean" in ax.figure.axes[-1].get_ylabel().replace("\n", " ")
+    assert _is_white(_colour(ax, result.low_score))  # nothing restored: white
+    assert np.allclose(_colour(ax, result.high_score), _cmap("Purples")(1.0)[:3], atol=0.02)  # clean: full colour
+    low, high = _mesh(ax).get_clim()
+    assert high == pytest.approx(result.high_score)
+    assert min(result.scores.min(), result.low_score) - 1e-12 <= low <= result.low_score  # never past the data
+    assert "white at corrupted, full colour at clean" in ax.figure.axes[-1].get_ylabel().replace("\n", " ")
     title = ax.get_title(loc="left").replace("\n", " ")
     assert "total effect" in title and "4 noise samples" in title and "gaussian" in title and "image embeddings" in title
     assert not result.is_tiny() and TINY_TEXT not in _texts(ax)
     assert ax.figure.get_size_inches()[0] * ax.figure.dpi >= 600  # legible at a glance
 
 
+def test_a_corruption_that_raises_the_score_is_drawn_toward_clean(tracer, demo_bundle):
+    """An answer the model does not give: the corruption raises its probability (a negative total effect). The
+    colour still runs from the corrupted score toward the clean one, downward: the cell nearest the clean score is
+    drawn far from white, and the scale never runs past a probability's range."""
+    result = tracer.trace(default_config(demo_bundle, samples=6, answer="blue"))
+    assert result.total_effect < 0
+    ax = plot_trace(result, tiny=None)
+    assert _is_white(_colour(ax, result.low_score))
+    nearest = result.scores.flat[np.argmin(np.abs(result.scores - result.high_score))]
+    assert abs(nearest - result.high_score) < abs(result.total_effect) / 2, "a cell brings the clean score back"
+    assert np.abs(_colour(ax, nearest) - _colour(ax, result.low_score)).max() > 0.2
+    low, high = _mesh(ax).get_clim()
+    assert 0.0 <= low and high <= 1.0  # p(answer): never past where a probability can go
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_both_directions_of_a_negative_total_effect(direction, normalized):
+    """Corrupted 0.6, clean 0.1: a cell near the full end (clean when restoring, corrupted when noising) is far
+    from white, a cell past where nothing is patched is blue, in both directions and normalised too."""
+    white, full = (0.6, 0.1) if direction == "denoise" else (0.1, 0.6)
+    near, against = full + (0.02 if direction == "denoise" else -0.02), white + (0.05 if direction == "denoise" else -0.05)
+    scores = np.array([[white, near, against, (white + full) / 2]])
+    result = TraceResult(scores, 0.6, 0.1, "no", ["x"], "question_encoder", "hidden", 1,
+                         config={"direction": direction, "metric": "prob"})
+    ax = plot_trace(result, normalized=normalized, tiny=None)
+    values = result.normalized()[0] if normalized else scores[0]
+    assert _is_white(_colour(ax, values[0]))
+    assert np.abs(_colour(ax, values[1]) - _colour(ax, values[0])).max() > 0.3
+    rgb = _colour(ax, values[2])
+    assert rgb[2] > rgb[0] + 0.02 and not _is_white(rgb)  # against the direction: blue, visible
+
+
+def test_effects_against_the_direction_are_blue_in_every_kind(tracer, demo_bundle):
+    """One colour language: effects against the trace's direction are blue, and no kind draws its effects in blue
+    (cross-attention used to)."""
+    from blip_trace_widgets.names import AGAINST_COLORMAP, KIND_COLORMAPS
+
+    assert AGAINST_COLORMAP == "Blues"
+    assert all("Bu" not in name and "Blu" not in name for name in KIND_COLORMAPS.values())
+    result = tracer.trace(default_config(demo_bundle, samples=4, kind="cross_attn"))
+    ax = plot_trace(result, tiny=None)
+    low = _mesh(ax).get_clim()[0]
+    if low < result.low_score:  # some cell falls below the corrupted score: drawn blue
+        rgb = _colour(ax, low)
+        assert rgb[2] > rgb[0] + 0.05
+
+
 def test_top_max_and_normalised_scales(tracer, demo_bundle):
     result = tracer.trace(default_config(demo_bundle, samples=4))
     top = plot_trace(result, top="max")
     assert _mesh(top).get_clim()[1] == pytest.approx(result.scores.max())
-    assert "maximum" in top.figure.axes[-1].get_ylabel().replace("\n", " ")
+    assert "furthest cell" in top.figure.axes[-1].get_ylabel().replace("\n", " ")
     normalized = plot_trace(result, normalized=True)
     assert _mesh(normalized).get_clim() == (-1.0, 1.0)
-    assert _mesh(normalized).get_cmap().name == "RdBu_r"  # white at 0: nothing restored
 
 
 def test_tiny_total_effect_is_greyed_and_flagged(tracer):
@@ -150,3 +211,19 @@ def test_the_explorers_renderer_draws_what_heatmap_png_draws(tracer, demo_bundle
                                         heatmap_png(result, normalized=normalized)))
             assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (result.kind, result.block, normalized)
     assert renderer.layouts < 2 * len(results)  # some redraws reused a layout
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_an_image_overlay_of_a_negative_total_effect_colours_what_brings_clean_back(normalized):
+    """Corrupted 0.6, clean 0.1: the left region brings the clean score back and is painted in the effect's
+    colour, never in the blue kept for effects against the direction; the right region restores nothing."""
+    from PIL import Image
+
+    result = TraceResult(np.array([[0.6], [0.12], [0.6]]), 0.6, 0.1, "no", ["CLS", "left", "right"],
+                         "vision_encoder", "hidden", 1,
+                         config={"metric": "prob", "grid": {"boxes": [None, [0, 0, 0.5, 1], [0.5, 0, 1, 1]]}})
+    picture = np.asarray(overlay_image(result, Image.new("RGB", (40, 20), "white"), layer=0, normalized=normalized),
+                         dtype=float) / 255
+    left, right = picture[:, :20].reshape(-1, 3).mean(0), picture[:, 20:].reshape(-1, 3).mean(0)
+    assert np.allclose(right, right[0], atol=0.01)  # grey: nothing restored, transparent
+    assert left[0] > left[2] + 0.2  # YlOrRd, not blue
