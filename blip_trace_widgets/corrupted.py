@@ -60,6 +60,35 @@ def tensor_bytes(*objects: Any) -> int:
     return total
 
 
+def chosen_positions(session: CleanPass, config: TraceConfig) -> list[int]:
+    """The positions ``config.corrupt_tokens`` names in the text: every one when None."""
+    count, text = len(session.question_ids), session.task.text
+    if config.corrupt_tokens is None:
+        return list(range(count))
+    if isinstance(config.corrupt_tokens, str):  # "object"
+        positions = last_content_word(session.bundle.tokenizer.convert_ids_to_tokens(session.question_ids))
+        if not positions:
+            raise BlipTraceError(f"the {text} has no content word to corrupt; pass corrupt_tokens=(positions...)")
+        return positions
+    for position in config.corrupt_tokens:
+        if not 0 <= position < count:
+            raise BlipTraceError(f"corrupt_tokens position {position} is outside the {text}'s {count} tokens")
+    return list(config.corrupt_tokens)
+
+
+def _swapped_among(session: CleanPass, config: TraceConfig, swapped: list[int]) -> list[int]:
+    """The positions ``corrupt_tokens`` names, refused when they leave out every position a word swap changes
+    (nothing would be swapped)."""
+    chosen = chosen_positions(session, config)
+    if not set(chosen) & set(swapped):
+        tokens = session.bundle.tokenizer.convert_ids_to_tokens(session.question_ids)
+        raise BlipTraceError(
+            f"corrupt_tokens {chosen} ({', '.join(repr(tokens[p]) for p in chosen)}) leave out every position "
+            f"the swap changes ({', '.join(f'{p}: {tokens[p]!r}' for p in swapped)}), so nothing would be swapped: "
+            "drop corrupt_tokens (a swap corrupts the positions it changes) or name those positions")
+    return chosen
+
+
 class CorruptedRuns:
     """The corrupted runs of one (image, text)'s clean pass, in bounded caches."""
 
@@ -88,36 +117,11 @@ class CorruptedRuns:
     def corrupt_positions(self, config: TraceConfig) -> list[int]:
         """Question positions a corrupt='question' trace corrupts (a word swap's: where the tokens differ, or those
         of them that ``corrupt_tokens`` names)."""
-        if isinstance(config.corruption, WordSwap):
-            other = self.bound_swap(config.corruption).ids or ()
-            swapped = [p for p, (a, b) in enumerate(zip(self.session.question_ids, other)) if a != b]
-            if config.corrupt_tokens is None:
-                return swapped
-            chosen = self._chosen_positions(config)
-            if not set(chosen) & set(swapped):
-                tokens = self.session.bundle.tokenizer.convert_ids_to_tokens(self.session.question_ids)
-                raise BlipTraceError(
-                    f"corrupt_tokens {chosen} ({', '.join(repr(tokens[p]) for p in chosen)}) leave out every position "
-                    f"the swap changes ({', '.join(f'{p}: {tokens[p]!r}' for p in swapped)}), so nothing would be swapped: "
-                    "drop corrupt_tokens (a swap corrupts the positions it changes) or name those positions")
-            return chosen
-        return self._chosen_positions(config)
-
-    def _chosen_positions(self, config: TraceConfig) -> list[int]:
-        """The positions ``config.corrupt_tokens`` names: every one when None."""
-        count, text = len(self.session.question_ids), self.session.task.text
-        if config.corrupt_tokens is None:
-            return list(range(count))
-        if isinstance(config.corrupt_tokens, str):  # "object"
-            tokens = self.session.bundle.tokenizer.convert_ids_to_tokens(self.session.question_ids)
-            positions = last_content_word(tokens)
-            if not positions:
-                raise BlipTraceError(f"the {text} has no content word to corrupt; pass corrupt_tokens=(positions...)")
-            return positions
-        for position in config.corrupt_tokens:
-            if not 0 <= position < count:
-                raise BlipTraceError(f"corrupt_tokens position {position} is outside the {text}'s {count} tokens")
-        return list(config.corrupt_tokens)
+        if not isinstance(config.corruption, WordSwap):
+            return chosen_positions(self.session, config)
+        other = self.bound_swap(config.corruption).ids or ()
+        swapped = [p for p, (a, b) in enumerate(zip(self.session.question_ids, other)) if a != b]
+        return swapped if config.corrupt_tokens is None else _swapped_among(self.session, config, swapped)
 
     def corrupt_input(self, config: TraceConfig, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         corruption = config.corruption
