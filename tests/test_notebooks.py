@@ -79,11 +79,37 @@ def test_runs_top_to_bottom(path, tmp_path):
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    reprs = [c.source for c in notebook.cells if c.cell_type == "code" for o in c.outputs
+             if "<PIL." in o.get("data", {}).get("text/plain", "") and "image/png" not in o["data"]]
+    assert not reprs, f"these cells show an image's repr, not the image: {reprs}"
+    _left_behind_is_ignored(path, tmp_path)
     figure_line = re.compile(r"^(plot_\w+\(.*|.*\.plot(_on_image)?\(.*\)(\.figure)?)$")
     plotted = [c for c in notebook.cells
                if c.cell_type == "code" and figure_line.match(c.source.strip().splitlines()[-1])]
     for cell in plotted:  # a figure as a cell's value is shown as a picture, not as '<Figure ...>'
         assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source
+
+
+def _left_behind_is_ignored(path: Path, folder: Path) -> None:
+    """What a notebook leaves in the folder it runs in (a user's notebooks/) is ignored by git: a resumable sweep
+    folder sweep-*/ at most; anything else goes to a temporary folder."""
+    import subprocess
+
+    root = path.parents[1]
+    if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=root, capture_output=True).returncode != 0:
+        return  # not a git checkout (an unpacked sdist): nothing to commit by mistake
+    for entry in folder.iterdir():
+        name = f"notebooks/{entry.name}" + ("/" if entry.is_dir() else "")
+        ignored = subprocess.run(["git", "check-ignore", "-q", name], cwd=root).returncode == 0
+        assert ignored, f"{path.name} leaves {entry.name} in notebooks/, which git would commit"
+
+
+def test_a_sweep_folder_left_in_notebooks_is_ignored(tmp_path):
+    (tmp_path / "sweep-colour").mkdir()
+    _left_behind_is_ignored(NOTEBOOKS[0], tmp_path)
+    (tmp_path / "figure.png").write_bytes(b"")
+    with pytest.raises(AssertionError, match="leaves figure.png"):
+        _left_behind_is_ignored(NOTEBOOKS[0], tmp_path)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
