@@ -20,6 +20,7 @@ mean(high − low). Intervals are percentile bootstraps over questions.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -226,6 +227,7 @@ def average_trace(
     corruption = first_row["corruption"]
     return TraceResult(
         scores=scores, low_score=0.0, high_score=1.0 if form == "normalized" else total,
+        draws=_question_draws(effects, keys, layers, by),
         answer=f"average of {used} questions" + (", noising: what each cell takes away"
                                                    if first_row.get("direction") == "noise" else ""),
         tokens=list(labels), block=str(first_row["block"]),
@@ -236,6 +238,20 @@ def average_trace(
                 "metric": "effect" if form == "rome" else "normalized",
                 "head": str(first_row.get("head") or VQA), "word": _word_of(first_row), **extra},
     )
+
+
+def _question_draws(effects: Any, keys: Sequence[Any], layers: int, by: str) -> np.ndarray:
+    """Each question's effect per row and layer [questions, rows, layers] (its tokens' mean where a role has
+    several; NaN where the question lacks the row): the draws behind an average's intervals and q-values."""
+    per = effects.groupby(["sample", by, "layer"])["effect"].mean()
+    samples = sorted(effects["sample"].unique())
+    index = {sample: i for i, sample in enumerate(samples)}
+    rows = {key: i for i, key in enumerate(keys)}
+    draws = np.full((len(samples), len(keys), layers), np.nan)
+    for (sample, key, layer), value in per.items():
+        if key in rows and 0 <= int(layer) < layers:
+            draws[index[sample], rows[key], int(layer)] = value
+    return draws
 
 
 def top_heads(table: Any, k: int = 10, *, form: str = "normalized", correct_only: bool = False,

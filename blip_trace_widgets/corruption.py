@@ -38,8 +38,11 @@ class Corruption(Protocol):
 
 
 def _draw(clean: torch.Tensor, samples: int, draw: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
-    shape = (samples, *clean.shape[1:])
-    return draw(shape).to(device=clean.device, dtype=clean.dtype)
+    """``samples`` noise tensors drawn one sample at a time from one generator: the first k of n samples are the
+    k samples a draw of k gives, so a map grown in rounds (``samples="auto"``) is the map of one batch."""
+    one = (1, *clean.shape[1:])
+    noise = torch.cat([draw(one) for _ in range(samples)]) if samples else draw((0, *clean.shape[1:]))
+    return noise.to(device=clean.device, dtype=clean.dtype)
 
 
 def _std(clean: torch.Tensor, sigma: float | None) -> torch.Tensor:

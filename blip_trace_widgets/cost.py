@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -142,6 +142,8 @@ def trace_cost(tracer: Any, config: Any = None, **fields: Any) -> Cost:
     from .procedures import resolve_config
 
     config = config if config is not None else resolve_config(tracer.bundle, **fields)
+    if getattr(config.corruption, "deterministic", False):  # traced with one draw (Tracer.plan)
+        config = replace(config, samples=1)
     block = tracer.blocks[config.block]
     target = tracer.target(config)
     layout = block.layout(tracer.session.context, config, target)

@@ -151,6 +151,11 @@ def trace_title(result: TraceResult, width: int = 70) -> str:
     against += " (the counterfactual's answer)" if against and config.get("counterfactual_answer") else ""
     scores = (f"{result.scored}{against}: clean {result.high_score:.3g}, corrupted {result.low_score:.3g}, "
               f"total effect {result.total_effect:.3g}")
+    if "questions" in config:  # an average: each question normalised by its own scores, or ROME's avg effect
+        mean_total = float(config.get("total_effect", result.total_effect))
+        scores = (f"{result.scored}: " + ("each question's effect over its own total effect (its corrupted 0, its "
+                  "clean 1)" if config.get("form") == "normalized" else "avg(score) − avg(corrupted)")
+                  + f"; mean total effect {mean_total:.3g}")
     negative = negative_text(result)
     scores += f"; {negative}" if negative else ""
     lines = [what + window + severed, how, scores] if config.get("corruption") else [what + window + severed, scores]

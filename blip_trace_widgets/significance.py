@@ -21,6 +21,7 @@ corruption (a word swap or an image pair on one input) every draw is the same: o
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -113,6 +114,7 @@ class CellStatistics:
     stderr: np.ndarray
     samples: int
     deterministic: bool = False  # every draw the same: no sampling error, nothing to test
+    counts: np.ndarray | None = None  # draws per cell, where cells have different numbers (averages)
 
     @classmethod
     def of_draws(cls, draws: np.ndarray, deterministic: bool | None = None) -> CellStatistics:
@@ -120,9 +122,14 @@ class CellStatistics:
         corruption gives the same input every draw (None: every draw equal counts as deterministic)."""
         draws = np.asarray(draws, dtype=np.float64)
         n = int(draws.shape[0])
-        with np.errstate(invalid="ignore", divide="ignore"):
+        counts = np.isfinite(draws).sum(0)
+        ragged = bool(((counts != n) & (counts > 0)).any())  # averages: a question may lack a row
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(draws, 0) if n else np.full(draws.shape[1:], np.nan)
-            stderr = draws.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.full(mean.shape, np.nan)
+            stderr = np.nanstd(draws, 0, ddof=1) / np.sqrt(counts) if n > 1 else np.full(mean.shape, np.nan)
+        if ragged:
+            return cls(mean, np.where(counts > 1, stderr, np.nan), n, counts=counts)
         if deterministic is None:
             spread = np.abs(draws - draws[:1])
             deterministic = bool(n > 1 and np.all(np.nan_to_num(spread) <= ROUNDING * np.maximum(1.0, np.abs(
@@ -139,7 +146,9 @@ class CellStatistics:
             return np.full(self.mean.shape, np.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
             t = self.mean / self.stderr
-        p = np.array([t_two_sided(float(v), self.samples - 1) if np.isfinite(v) else np.nan for v in t.ravel()])
+        df = (self.counts if self.counts is not None else np.full(t.shape, self.samples)).ravel() - 1
+        p = np.array([t_two_sided(float(v), float(d)) if np.isfinite(v) and d > 0 else np.nan
+                      for v, d in zip(t.ravel(), df)])
         zero_spread = (self.stderr == 0) & np.isfinite(self.mean)  # every draw identical in this cell
         p = p.reshape(self.mean.shape)
         p[zero_spread] = np.where(self.mean[zero_spread] == 0, 1.0, 0.0)
@@ -161,7 +170,11 @@ class CellStatistics:
         """The ``level`` confidence interval of each cell's mean effect (NaN where the standard error is)."""
         if self.samples < 2:
             return np.full(self.mean.shape, np.nan), np.full(self.mean.shape, np.nan)
-        half = t_quantile(level, self.samples - 1) * self.stderr
+        if self.counts is not None:
+            quantiles = {int(c): t_quantile(level, int(c) - 1) for c in np.unique(self.counts) if c > 1}
+            half = np.vectorize(lambda c: quantiles.get(int(c), np.nan), otypes=[float])(self.counts) * self.stderr
+        else:
+            half = t_quantile(level, self.samples - 1) * self.stderr
         return self.mean - half, self.mean + half
 
 
@@ -235,14 +248,18 @@ def significance_text(result: Traced, q: float = DEFAULT_Q) -> str:
                 "(no sampling error)")
     if result.is_estimate and not result.exact_cells.any():
         return "an estimate: its cells are not tested; the exact map (method='exact') is"
+    if total == 0 and "questions" in result.config:
+        return "no per-question effects kept: the cells cannot be tested"
     if total == 0:
         return (f"{stats.samples} sample{'s' if stats.samples != 1 else ''}: no cell can be tested; "
                 "use samples >= 3")
     which = "exact cells" if result.is_estimate else "cells"
+    unit = "questions" if "questions" in result.config else "samples"
     if count == 0:
-        return (f"no cell significant (q < {q:g}, {stats.samples} samples): draw more samples, try another "
-                "noise level, or a counterfactual that changes the answer")
-    return f"{count} of {total} {which} significant (q < {q:g}, {stats.samples} samples)"
+        fix = ("average more questions" if unit == "questions" else
+               "draw more samples, try another noise level, or a counterfactual that changes the answer")
+        return f"no cell significant (q < {q:g}, {stats.samples} {unit}): {fix}"
+    return f"{count} of {total} {which} significant (q < {q:g}, {stats.samples} {unit})"
 
 
 class Uncertainty:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Literal, overload
+from typing import Any, Literal, NamedTuple, overload
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from .loading import BlipBundle
 from .names import BLOCK_LABELS, VISION_ENCODER, is_head_kind
 from .results import TraceResult
 from .scoring import Scores, Target, score_rows
+from .sharpen import AutoSampling, sharpen
 from .targets import Targets
 
 
@@ -121,8 +122,9 @@ class Tracer:
         return float(low.mean()), float(high[0])
 
     @torch.no_grad()
-    def baseline_draws(self, config: TraceConfig) -> tuple[np.ndarray, np.ndarray]:
-        """The corrupted score of each noise sample of the seed's first draw, and the clean score ([1])."""
+    def baseline_draws(self, config: TraceConfig, corrupted: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """The corrupted score of each noise sample of the seed's first draw (or of ``corrupted``, a draw of
+        :meth:`~.corrupted.CorruptedRuns.draw`), and the clean score ([1])."""
         target = self.target(config)
         last = self.blocks.vision if target.readout == "itc" else self.blocks.last
 
@@ -130,10 +132,10 @@ class Tracer:
             return score_rows(last.logits(self.session.context, run.output[:, None], target)[:, 0], target, config.metric)
 
         high = score(self.clean_run(last, target))
-        if config.method == "estimate" and config.direction == "denoise":
+        if config.method == "estimate" and config.direction == "denoise" and corrupted is None:
             low = self.estimator.gradients(self.blocks[config.block], config, target).scores
         else:
-            low = score(self.runs(last, config, target)[1])
+            low = score(self.runs(last, config, target, corrupted)[1])
         return low.double().cpu().numpy().reshape(-1), high.double().cpu().numpy().reshape(-1)
 
     def restore(self, cells: Sequence[Cell], config: TraceConfig, progress: Progress | None = None,
@@ -175,6 +177,13 @@ class Tracer:
         if cached is not None:
             self.stats["cache_hits"] += 1
             return cached
+        plan = self.plan(config)
+        scores = self.restore_marked(plan.layout.cells, plan.config, progress)
+        low, high = self.baseline_draws(plan.config)
+        return self._results.put(key, self.assemble(plan, scores, low, high))
+
+    def plan(self, config: TraceConfig) -> Plan:
+        """What a trace of ``config`` runs: its block, target and cells (a deterministic corruption: one draw)."""
         asked = int(config.samples)
         if getattr(config.corruption, "deterministic", False) and asked > 1:  # every sample the same: run one
             config = replace(config, samples=1)
@@ -189,16 +198,22 @@ class Tracer:
         extra = dict(layout.extra)
         if config.corrupt == "question" and not is_head_kind(config.kind):  # a head map's rows are heads
             extra["corrupted_positions"] = self.corrupt_positions(config)
-        mean, stderr, exact, draws = self.restore_marked(layout.cells, config, progress)
-        shape = (len(layout.labels), len(block.stack))
-        if config.method == "verified":  # which cells are exact: [row, layer] pairs
-            extra["exact_cells"] = [[int(i) // shape[1], int(i) % shape[1]] for i in np.flatnonzero(exact)]
-        low_draws, high_draws = self.baseline_draws(config)
-        low, high = float(low_draws.mean()), float(high_draws[0])
-        effects = _paired_effects(config, draws, low_draws, high, shape)
         if getattr(config.corruption, "deterministic", False):
             extra.update(deterministic=True, samples_asked=asked)
-        elif effects is None and low_draws.size > 1:  # unpaired cells: their effects' error includes the low's
+        return Plan(config, block, target, layout, extra)
+
+    def assemble(self, plan: Plan, scores: Scores, low_draws: np.ndarray, high_draws: np.ndarray,
+                 **extra: Any) -> TraceResult:
+        """The result of ``plan`` from its cells' scores and each sample's corrupted and clean scores."""
+        config, layout, target = plan.config, plan.layout, plan.target
+        mean, stderr, exact, draws = scores
+        shape = (len(layout.labels), len(plan.block.stack))
+        extra = {**plan.extra, **extra}
+        if config.method == "verified":  # which cells are exact: [row, layer] pairs
+            extra["exact_cells"] = [[int(i) // shape[1], int(i) % shape[1]] for i in np.flatnonzero(exact)]
+        low, high = float(low_draws.mean()), float(high_draws[0])
+        effects = _paired_effects(config, draws, low_draws, high, shape)
+        if effects is None and low_draws.size > 1 and not extra.get("deterministic"):  # unpaired: the low's error too
             extra["low_stderr"] = float(low_draws.std(ddof=1) / np.sqrt(low_draws.size))
         if config.flags_cells:  # flagged cells that were not made exact
             flagged = self.estimator.flagged(config, low, high) & ~exact
@@ -215,7 +230,18 @@ class Tracer:
                     "dtype": str(self.bundle.dtype).replace("torch.", ""), **extra},
         )
         result.image = self.image  # for plot_on_image; not serialised
-        return self._results.put(key, result)
+        return result
+
+
+class Plan(NamedTuple):
+    """What one trace runs: its config (one sample for a deterministic corruption), block, target, cells and the
+    result's extra fields."""
+
+    config: TraceConfig
+    block: Any
+    target: Target
+    layout: Any
+    extra: dict[str, Any]
 
 
 def _paired_effects(config: TraceConfig, draws: np.ndarray | None, low: np.ndarray, high: float,
@@ -318,7 +344,9 @@ def trace(
     defaults; any :class:`TraceConfig` field passed as a keyword (``block``, ``kind``,
     ``window``, ``corruption``, ``samples``, ``seed``, ``answer``, ``metric``, ``contrast``,
     ``sever``, ``sever_at``, ``corrupt``, ``corrupt_tokens``, ``regions``, ``fresh_noise``,
-    ``method``, ``steps``, ``word``) overrides them. ``method="estimate"`` gives an attribution-patching
+    ``method``, ``steps``, ``word``) overrides them. ``samples="auto"`` (or an :class:`~.sharpen.AutoSampling`)
+    draws noise in rounds until the significant cells and the top cell hold still (:mod:`~.sharpen`).
+    ``method="estimate"`` gives an attribution-patching
     estimate of every cell from one forward and one backward pass (see :mod:`~.estimates`). A trace that
     :func:`~.cost.trace_cost` prices over :data:`~.cost.WARN_SECONDS` here is said first, with a
     :class:`~.cost.LongTraceWarning` naming its time and what makes it cheaper.
@@ -328,6 +356,9 @@ def trace(
     if not isinstance(bundle, BlipBundle):
         raise BlipTraceError("pass the bundle returned by load_model(...), not a bare model")
     every_word = fields.get("word") == "all"
+    auto = _auto(fields)
+    if auto is not None and every_word:
+        raise BlipTraceError('samples="auto" sharpens one map: trace one caption word (word=k), not word="all"')
     config = resolve_config(bundle, procedure, **{**fields, "word": None if every_word else fields.get("word")})
     tracer = Tracer(bundle, image, _text(text, question), max_batch_rows=max_batch_rows, memory_budget=memory_budget)
     from .cost import warn_if_long
@@ -337,8 +368,23 @@ def trace(
             raise BlipTraceError('word="all" traces every word of a caption: use it with a captioning model')
         warn_if_long(tracer, [replace(config, word=k) for k in range(len(tracer.caption_words(config.answer)))])
         return trace_words(tracer, config)
+    if auto is not None:  # priced at its first round; its budget is said in the result
+        warn_if_long(tracer, [replace(config, samples=auto.round_samples)])
+        return sharpen(tracer, config, auto)
     warn_if_long(tracer, [config])  # a long trace is said before it starts, with what makes it cheaper
     return tracer.trace(config, progress=progress)
+
+
+def _auto(fields: dict[str, Any]) -> AutoSampling | None:
+    """``samples="auto"`` (or an :class:`~.sharpen.AutoSampling`): the plan, with ``samples`` set to its budget."""
+    samples = fields.get("samples")
+    if not isinstance(samples, (str, AutoSampling)):
+        return None
+    if isinstance(samples, str) and samples != "auto":
+        raise BlipTraceError(f'samples must be a whole number or "auto", got {samples!r}')
+    plan = AutoSampling() if isinstance(samples, str) else samples
+    fields["samples"] = plan.max_samples  # priced and checked at the budget
+    return plan
 
 
 def trace_caption(bundle: BlipBundle, image: ImageLike, prompt: str = "", caption: str | None = None, *,
