@@ -596,8 +596,9 @@ def _add_sweep_parser(sub: Any) -> None:
     many.add_argument("--cache-dir", default=None, help="where downloaded CSVs and images are kept")
     many.add_argument("--csv", default=None, help="a local copy of the paper's CSV for --dataset")
     many.add_argument("--image-dir", default=None, help="a local folder of the dataset's images")
-    many.add_argument("--dtype", choices=DTYPES, default=None)
-    many.add_argument("--device", default=None, help="torch device (default: the launcher's, else cuda if present)")
+    many.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
+    many.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the launcher's, else "
+                                                      "cuda if present)")
     many.set_defaults(run=run_sweep)
 
 
@@ -610,6 +611,7 @@ def _knockout_edges(args: argparse.Namespace, image: Any, decoder: str | None) -
 
 
 def run_knockout(args: argparse.Namespace) -> int:
+    from .engine import DEFAULT_EMPTY
     from .knockout import Knockout, KnockoutConfig
 
     _check_out(args.out)
@@ -628,11 +630,11 @@ def run_knockout(args: argparse.Namespace) -> int:
     knock = Knockout.of(bundle, args.image, args.question or "")
     print(_what_the_model_says(knock.tracer))
     config = KnockoutConfig(edges=_knockout_edges(args, knock.tracer.image, knock.tracer.task.decoder), window=args.window,
-                            answer=args.answer, word=args.word, method=args.method)
+                            answer=args.answer, word=args.word, method=args.method, empty=args.empty)
     result = knock.run(config)
     out.mkdir(parents=True, exist_ok=True)
     asked = json.dumps([[e.to_dict() for e in config.edges], config.window, config.method, config.answer,
-                        config.word], sort_keys=True)
+                        config.word, *([config.empty] if config.empty != DEFAULT_EMPTY else [])], sort_keys=True)
     stem = (f"knockout-{_slug(knock.tracer.question or 'caption')}-{knock.tracer.image_key[:8]}-"
             f"{hashlib.sha1(asked.encode()).hexdigest()[:8]}")
     json_path = result.save(out / f"{stem}.json")
@@ -640,7 +642,8 @@ def run_knockout(args: argparse.Namespace) -> int:
 
     png = out / f"{stem}.png"
     png.write_bytes(figure_png((result.plot_tokens() if args.queries == "each" else result.plot()).figure))
-    print(f"scored {result.answer}  clean p {result.clean_score:.4f}  window {result.window}  ({result.method})")
+    print(f"scored {result.answer}  clean p {result.clean_score:.4f}  window {result.window}  ({result.method}; "
+          f"{result.empty_label})")
     for (label, layer, change), tiny in zip(result.strongest(), result.tiny()):
         print(f"  {label}: strongest at layer {layer}, {change:+.1%}" + ("  (no effect)" if tiny else ""))
     print(f"wrote {png} and {json_path}")
@@ -661,7 +664,7 @@ def _knockout_sweep(args: argparse.Namespace, bundle: Any, out: Path) -> int:
     started = time.perf_counter()
     with _progress_bar(len(samples)) as bar:
         table = knockout_sweep(bundle, samples, edges=edges, window=args.window, method=args.method,
-                               scored="expected" if args.answer == "expected" else "model",
+                               scored="expected" if args.answer == "expected" else "model", empty=args.empty,
                                progress=lambda done: bar.update(1))
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "knockout_sweep.csv", index=False)
@@ -675,6 +678,7 @@ def _knockout_sweep(args: argparse.Namespace, bundle: Any, out: Path) -> int:
 
 def _add_knockout_parser(sub: Any) -> None:
     from .edges import SHORTHANDS
+    from .engine import DEFAULT_EMPTY, EMPTY_ROWS
     from .knockout import KNOCKOUT_METHODS
     from .names import KNOCKOUT_WINDOW
     from .subsets import SUBSETS
@@ -683,7 +687,7 @@ def _add_knockout_parser(sub: Any) -> None:
         "knockout", help="cut attention edges around each layer and see what the answer loses (attention knockout)",
         description="Attention knockout on the clean input: for each edge group and layer, cut the group's edges in "
                     "a window of layers around it and score p(answer). One image (--image) writes a line plot (PNG) "
-                    "and the result (JSON); a dataset (--dataset) writes every row, the averages with 95%% intervals "
+                    "and the result (JSON); a dataset (--dataset) writes every row, the averages with 95% intervals "
                     "and their plot.")
     ko.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder or a hub id "
                     "(default: %(default)s)")
@@ -705,12 +709,16 @@ def _add_knockout_parser(sub: Any) -> None:
     ko.add_argument("--method", choices=KNOCKOUT_METHODS, default="exact",
                     help="exact: cut runs; estimate: one forward and backward pass (first order, can be far off "
                          "for large effects) (default: %(default)s)")
+    ko.add_argument("--empty", choices=list(EMPTY_ROWS), default=DEFAULT_EMPTY,
+                    help="what a query with every key cut reads: "
+                         + "; ".join(f"{rule.name}: {rule.help}" for rule in EMPTY_ROWS.values())
+                         + " (default: %(default)s)")
     ko.add_argument("--dataset", choices=SUBSETS, default=None, help="sweep a question set instead of one image")
     ko.add_argument("--limit", type=int, default=None, help="with --dataset: at most this many questions")
     ko.add_argument("--correct-only", action="store_true", help="with --dataset: average correct answers only")
     ko.add_argument("--cache-dir", default=None, help="where downloaded CSVs and images are kept")
-    ko.add_argument("--dtype", choices=DTYPES, default=None)
-    ko.add_argument("--device", default=None)
+    ko.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
+    ko.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if present, else cpu)")
     ko.add_argument("--out", required=True, help="folder for the figures and results")
     ko.set_defaults(run=run_knockout)
 

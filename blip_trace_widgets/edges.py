@@ -97,6 +97,18 @@ class Edges:
             raise BlipTraceError("queries are text tokens; an image region can only be keys")
         if self.keys == EACH_TOKEN:
             raise BlipTraceError(f"keys={EACH_TOKEN!r} is not a group: 'each' splits the queries, one group per token")
+        if not self.reads_image and (self.keys == IMAGE_CLS or hasattr(self.keys, "token_mask")):
+            self._refuse_image_keys()
+
+    def _refuse_image_keys(self) -> None:
+        """Refuse the image's [CLS] or a region as the keys of an attention that reads text, saying what it reads."""
+        what = "the image's [CLS]" if self.keys == IMAGE_CLS else "an image region"
+        where = (f"self-attention{'' if self.block is None else ' in the ' + BLOCK_LABELS[self.block]} reads the "
+                 "block's own positions" if self.attention == "self" else
+                 f"the {BLOCK_LABELS[str(self.block)]}'s cross-attention reads its encoder's positions")
+        raise BlipTraceError(f"keys={self.keys!r} is {what}, but {where}, not the image: name those by position or "
+                             "role (keys=0 is the first), or cut the image by cross-attention in the image's reader: "
+                             f"Edges(keys={self.keys!r})")
 
     @property
     def reads_image(self) -> bool:
@@ -198,6 +210,31 @@ def decoder_edges(decoder: str = ANSWER_DECODER, keys: Any = None) -> Edges:
     if decoder == LM_DECODER:
         return Edges(keys=IMAGE_QUERIES if keys is None else keys, block=LM_DECODER)
     return Edges(keys=keys, block=ANSWER_DECODER)
+
+
+def resolve_edges(edges: Any, image: Any = None, decoder: str | None = None) -> tuple[Edges, ...]:
+    """``edges`` (one :class:`Edges`, a name of :data:`SHORTHANDS`, or a list of them) as Edges; names are
+    resolved on ``image`` (``object``, ``background``) and ``decoder`` (``decoder``), as the command line does.
+
+        >>> [e.describe() for e in resolve_edges(["image", Edges(keys="cls")])]
+        ['image → question', 'image [CLS] → question']
+    """
+    names = ", ".join(SHORTHANDS)
+    if edges is None:
+        raise BlipTraceError(f"edges=None names no group to cut: pass Edges(...), a group name ({names}) or a list "
+                             "of them")
+    items = [edges] if isinstance(edges, (Edges, str)) else edges
+    if not isinstance(items, (list, tuple)) or not items:
+        raise BlipTraceError(f"edges={edges!r}: pass Edges(...), a group name ({names}) or a non-empty list of them")
+    out = []
+    for item in items:
+        if isinstance(item, Edges):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(parse_edges(item, image, decoder=decoder or ANSWER_DECODER))
+        else:
+            raise BlipTraceError(f"edges: {item!r} is not a group: pass Edges(...) or a group name ({names})")
+    return tuple(out)
 
 
 def parse_edges(text: str, image: Any = None, queries: Tokens = None, decoder: str = ANSWER_DECODER) -> Edges:

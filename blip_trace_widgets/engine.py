@@ -130,16 +130,55 @@ def cross_context(q: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor], cut
     return ctx.transpose(1, 2).reshape(s, c, t, d)
 
 
+@dataclass(frozen=True)
+class EmptyRow:
+    """What a query reads when a knockout cuts every key it could read: one home for the rule's name, its label
+    on figures and explorers, and its help on the command line."""
+
+    name: str
+    label: str  # a whole sentence, for figures and explorers
+    help: str  # what such a query reads, after "reads" (the command line, the explorer's tooltip)
+
+
+#: The rules for a query left with no key, by name (see :class:`Cut`).
+EMPTY_ROWS: dict[str, EmptyRow] = {rule.name: rule for rule in (
+    EmptyRow("zero", "a query with every key cut reads zero",
+             "nothing, so its attention adds only its output bias (an ablation to zero)"),
+    EmptyRow("mean", "a query with every key cut reads their mean",
+             "the mean of the values it was cut from, as a softmax over equal minimum logits gives (Hugging Face's "
+             "masking rule)"),
+)}
+DEFAULT_EMPTY = "zero"
+
+
+def check_empty(empty: object) -> str:
+    """``empty`` if it names a rule of :data:`EMPTY_ROWS`, else a clear error."""
+    if not isinstance(empty, str) or empty not in EMPTY_ROWS:
+        raise BlipTraceError(f"empty={empty!r}: use one of {', '.join(map(repr, EMPTY_ROWS))} (what a query with "
+                             "every key cut reads)")
+    return empty
+
+
+def _visible_cut(edges: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Per query, the uniform weights over the cut keys its own mask let it read (the causal mask's future and
+    padding never included), as ``scores``'s dtype; zero where there are none."""
+    was = edges & (scores > torch.finfo(scores.dtype).min / 2)
+    return (was / was.sum(-1, keepdim=True).clamp_min(1)).to(scores.dtype)
+
+
 @dataclass
 class Cut:
     """Attention edges knocked out at one layer: ``edges`` [R, T, M] is True where query t of row r may not read
     key m (R rows; the scores' batch holds S x R rows, or S rows with the R rows folded into the query axis).
 
     A knocked-out edge's logit is set to the dtype's minimum before the softmax. A query left with no edge at all
-    reads nothing (a zero context), not the uniform average that a softmax over equal minimum logits would give.
+    reads, by ``empty`` (:data:`EMPTY_ROWS`): nothing (``"zero"``, a zero context), or the mean of the values of
+    the keys it was cut from (``"mean"``, what a softmax over equal minimum logits gives; keys its block's own mask
+    hides, such as a causal mask's future, are never read).
     """
 
     edges: torch.Tensor
+    empty: str = DEFAULT_EMPTY
 
     def shaped(self, scores: torch.Tensor) -> torch.Tensor:
         """``edges`` broadcastable to ``scores`` [B, H, Q, M]."""
@@ -150,19 +189,26 @@ class Cut:
 
     def apply(self, scores: torch.Tensor) -> torch.Tensor:
         low = torch.finfo(scores.dtype).min
-        cut = scores.masked_fill(self.shaped(scores), low)
-        return torch.softmax(cut, dim=-1).masked_fill(cut.amax(-1, keepdim=True) <= low / 2, 0.0)
+        edges = self.shaped(scores)
+        cut = scores.masked_fill(edges, low)
+        weights = torch.softmax(cut, dim=-1)
+        none_left = cut.amax(-1, keepdim=True) <= low / 2
+        if self.empty == "mean":
+            return torch.where(none_left, _visible_cut(edges, scores), weights)
+        return weights.masked_fill(none_left, 0.0)
 
 
 @dataclass
 class Dial:
     """Edge groups whose weights are scaled, for gradients: ``edges`` [G, T, M] and ``scales`` [G] (1 is the clean
     run, 0 knocks the group out), applied in turn to every row. A query that keeps an edge of a group is
-    renormalised, as the knockout's softmax is; one that keeps none shrinks with the scale (toward the zero
-    context of :class:`Cut`). At scale 0, one group alone gives :class:`Cut`'s weights."""
+    renormalised, as the knockout's softmax is; one that keeps none shrinks with the scale toward what
+    :class:`Cut` gives it by ``empty``: the zero context, or (``"mean"``) the mean of the values cut. At scale 0,
+    one group alone gives :class:`Cut`'s weights."""
 
     edges: torch.Tensor
     scales: torch.Tensor
+    empty: str = DEFAULT_EMPTY
 
     def apply(self, scores: torch.Tensor) -> torch.Tensor:
         weights = torch.softmax(scores, dim=-1)
@@ -170,8 +216,12 @@ class Dial:
             kept = (weights * ~edges).sum(-1, keepdim=True)
             scaled = weights * torch.where(edges, scale, torch.ones_like(scale))
             # renormalised to the mass it came with, so that a group at scale 1 is the identity for the others
-            mass = weights.sum(-1, keepdim=True) / scaled.sum(-1, keepdim=True)
-            weights = torch.where(kept > 0, scaled * mass, scaled)
+            came = weights.sum(-1, keepdim=True)
+            mass = came / scaled.sum(-1, keepdim=True)
+            emptied = scaled
+            if self.empty == "mean":  # the cut mass moves to the mean of the values cut, in proportion
+                emptied = scaled + (1 - scale) * came * _visible_cut(edges.expand_as(scores), scores)
+            weights = torch.where(kept > 0, scaled * mass, emptied)
         return weights
 
 

@@ -13,9 +13,14 @@ Causal tracing shows which states carry the answer; knockout shows when informat
 group (see :mod:`~.edges`) and each layer l, the group's edges are cut in a window of layers centred on l
 (ROME's window rule, :func:`~.engine.window_layers`): a cut edge's attention logit is set to the dtype's
 minimum before the softmax, as in Zhang et al.'s ``set_block_attn_hooks_llava``. A query left with no edge
-reads nothing: its attention context is zero (the softmax over equal minimum logits would instead read the
-uniform average of what it was told not to read). Each row scores p(answer) (p(caption word), p(match)); the
-result's ``changes`` are (p_cut − p_clean) / p_clean. Nothing is corrupted.
+reads nothing by default (``empty="zero"``: its attention context is zero), or the mean of the values it was cut
+from (``empty="mean"``: what the softmax over equal minimum logits gives, Hugging Face's masking rule). Each row
+scores p(answer) (p(caption word), p(match)); the result's ``changes`` are (p_cut − p_clean) / p_clean. Nothing is
+corrupted and nothing is drawn at random: a knockout of one input is deterministic.
+
+A language model's image → text group (``Edges(block="language_model", attention="self", keys="image")``, or
+``"lm_encoder"``) cuts the text's queries only, as Zhang et al.'s Image→Question does: the image's own positions
+keep reading each other (name positions in ``queries`` to cut others).
 
 Every (group, layer) is one row of a batch with its own edges, run by the engine's layer-by-layer arithmetic
 (:func:`~.engine.cut_staircase`): a row follows the clean run up to its first cut layer, and the image's
@@ -35,17 +40,23 @@ import torch
 from .blocks import Block
 from .cache import LRU
 from .config import TraceConfig
-from .edges import Edges
-from .engine import Cut, Dial, chunks, cut_staircase, window_layers
+from .edges import SHORTHANDS, Edges, resolve_edges
+from .engine import DEFAULT_EMPTY, Cut, Dial, check_empty, chunks, cut_staircase, window_layers
 from .errors import BlipTraceError, renamed
 from .inputs import ImageLike
-from .knockout_result import KnockoutResult
+from .knockout_result import KNOCKOUT_METHODS, KnockoutResult
 from .loading import BlipBundle
-from .names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, IMAGE_QUERIES, KNOCKOUT_WINDOW
+from .names import (
+    BLOCK_LABELS,
+    EACH_TOKEN,
+    IMAGE_CLS,
+    IMAGE_QUERIES,
+    KNOCKOUT_WINDOW,
+    LANGUAGE_MODEL,
+    LM_ENCODER,
+)
 from .scoring import Target, score_rows
 from .tracing import Tracer
-
-KNOCKOUT_METHODS = ("exact", "estimate")
 
 
 @dataclass(frozen=True)
@@ -59,18 +70,34 @@ class KnockoutConfig:
     method: str = "exact"
     #: The old name of ``word`` (a DeprecationWarning names the new one; goes in the next release).
     target: InitVar[int | None] = None
+    #: What a query reads when every key it could read is cut: a name of :data:`~.engine.EMPTY_ROWS`.
+    empty: str = DEFAULT_EMPTY
 
     def __post_init__(self, target: int | None = None) -> None:
         if target is not None:
             object.__setattr__(self, "word", renamed(self.word, target, "target", "word", stacklevel=4))
-        edges = (self.edges,) if isinstance(self.edges, Edges) else tuple(self.edges)
-        if not edges or not all(isinstance(e, Edges) for e in edges):
-            raise BlipTraceError("edges is one Edges(...) or a list of them: name at least one group to cut")
-        object.__setattr__(self, "edges", edges)
+        object.__setattr__(self, "edges", _edge_tuple(self.edges))
+        check_empty(self.empty)
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise BlipTraceError(f"window={self.window!r}: a knockout cuts a window of at least 1 layer")
         if self.method not in KNOCKOUT_METHODS:
             raise BlipTraceError(f"unknown knockout method {self.method!r}: use one of {', '.join(KNOCKOUT_METHODS)}")
+
+
+def _edge_tuple(edges: Any) -> tuple[Edges, ...]:
+    """``edges`` as a tuple of Edges, or a clear error naming what to pass."""
+    if isinstance(edges, Edges):
+        return (edges,)
+    named = isinstance(edges, str) or (isinstance(edges, (list, tuple)) and any(isinstance(e, str) for e in edges))
+    if named:
+        raise BlipTraceError(f"edges={edges!r}: a KnockoutConfig takes Edges(...); group names such as 'image' "
+                             "are resolved on an image by knockout(), knockout_sweep() or edges.parse_edges(name, "
+                             "image)")
+    picked = tuple(edges) if isinstance(edges, (list, tuple)) else ()
+    if not picked or not all(isinstance(e, Edges) for e in picked):
+        raise BlipTraceError(f"edges={edges!r}: pass one Edges(...), a group name ({', '.join(SHORTHANDS)}) or a "
+                             "list of them: at least one group to cut")
+    return picked
 
 
 @dataclass(frozen=True)
@@ -102,6 +129,9 @@ class Knockout:
     # ----- resolving edges ----------------------------------------------------------------
     def target(self, config: KnockoutConfig) -> Target:
         task = self.tracer.task
+        # what a trace refuses (a caption word on a model that scores no caption, an answer to a matcher), this
+        # refuses too, before the head's own fields drop it
+        task.check(TraceConfig(block=task.default_block, metric="prob", answer=config.answer, word=config.word))
         return self.tracer.target(TraceConfig(block=task.default_block, metric="prob",
                                               **task.knockout_fields(config.answer, config.word)))
 
@@ -121,10 +151,11 @@ class Knockout:
             block = self.block_of(edges)
             labels = self.tokens(block, target)
             keys = self._keys(edges, block, labels)
-            queries = range(len(labels)) if edges.queries == EACH_TOKEN else [None]
+            default = self._default_queries(edges, block, labels)
+            queries = default if edges.queries == EACH_TOKEN else [None]
             for single in queries:
                 spec = edges if single is None else Edges(single, edges.keys, edges.attention, edges.block)
-                picked = restored_positions(spec.queries, labels, True)
+                picked = default if spec.queries is None else restored_positions(spec.queries, labels, True)
                 matrix = torch.zeros(len(labels), keys[1], dtype=torch.bool, device=self.tracer.device)
                 matrix[torch.tensor(picked)[:, None], torch.tensor(keys[0])[None, :]] = True
                 texts = self._texts(block)
@@ -135,6 +166,18 @@ class Knockout:
                                   "key_positions": keys[0]}))
         self._check_layers(out, config.window)
         return out
+
+    @staticmethod
+    def _default_queries(edges: Edges, block: Block, labels: list[str]) -> list[int]:
+        """The queries of ``queries=None`` (and "each"): every position, but a language model's image → text group
+        cuts the text's positions only, as Zhang et al.'s Image→Question does. (Its image positions read only
+        image keys under OPT's causal mask: cut, they would read nothing, and the edges counted would include
+        ones the mask had already removed; under T5's they would lose each other and change what the decoder
+        reads, which is not the text reading the image.)"""
+        everything = list(range(len(labels)))
+        if edges.block in (LANGUAGE_MODEL, LM_ENCODER) and edges.attention == "self" and edges.keys == IMAGE_QUERIES:
+            return everything[int(getattr(block, "queries", 0)):]
+        return everything
 
     def _texts(self, block: Block) -> tuple[str, str]:
         task = self.tracer.task
@@ -193,8 +236,8 @@ class Knockout:
             index = [i for i, g in enumerate(groups) if g.block == name]
             picked = [groups[i] for i in index]
             block = self.tracer.blocks[name]
-            rows = self._estimate(block, picked, config.window, target, clean) \
-                if config.method == "estimate" else self._exact(block, picked, config.window, target)
+            rows = self._estimate(block, picked, config.window, target, clean, config.empty) \
+                if config.method == "estimate" else self._exact(block, picked, config.window, target, config.empty)
             scores[index, : rows.shape[1]] = rows
         result = KnockoutResult.build(self.tracer, config, groups, target, clean, scores)
         self._results.put(config, result)
@@ -211,7 +254,8 @@ class Knockout:
         return float(score_rows(last.logits(self.tracer.session.context, run.output[:, None], target)[:, 0], target, "prob")[0])
 
     @torch.no_grad()
-    def _exact(self, block: Block, groups: Sequence[Group], window: int, target: Target) -> np.ndarray:
+    def _exact(self, block: Block, groups: Sequence[Group], window: int, target: Target,
+               empty: str = DEFAULT_EMPTY) -> np.ndarray:
         tracer, layers = self.tracer, len(block.stack)
         clean, cross = tracer.clean_run(block, target), block.clean_cross(tracer.session.context, target)
         rows = [(g, layer) for g in range(len(groups)) for layer in range(layers)]
@@ -220,7 +264,7 @@ class Knockout:
         out = np.empty(len(rows))
         per_chunk = block.rows_per_chunk(tracer.session.context, TraceConfig(block=block.name, samples=1), target)
         for chunk in chunks(order, per_chunk):
-            cuts_at = _RowCuts(groups, [rows[r][0] for r in chunk], [spans[r] for r in chunk], tracer.device)
+            cuts_at = _RowCuts(groups, [rows[r][0] for r in chunk], [spans[r] for r in chunk], tracer.device, empty)
             final = cut_staircase(block.stack, clean, cross, [spans[r].start for r in chunk], cuts_at)
             logits = block.logits(tracer.session.context, final, target)
             out[chunk] = score_rows(logits.reshape(-1, *logits.shape[2:]), target, "prob").double().cpu().numpy()
@@ -228,7 +272,7 @@ class Knockout:
         return out.reshape(len(groups), layers)
 
     def _estimate(self, block: Block, groups: Sequence[Group], window: int, target: Target,
-                  clean_score: float) -> np.ndarray:
+                  clean_score: float, empty: str = DEFAULT_EMPTY) -> np.ndarray:
         """p_clean − Σ over the window of ∂p/∂(multiplier of the group's edges at each layer), from one pass."""
         tracer, stack = self.tracer, block.stack
         layers = len(stack)
@@ -240,7 +284,7 @@ class Knockout:
             h = clean.inputs[0][:, None]
             mask = stack.self_mask(h.shape[2], h.dtype, h.device)
             for j in range(layers):
-                cuts = tuple(None if edges is None else Dial(edges, scales[kinds[a], j].to(h.dtype))
+                cuts = tuple(None if edges is None else Dial(edges, scales[kinds[a], j].to(h.dtype), empty)
                              for a, edges in stacked.items())
                 h = stack.layer(j, h, cross[j], mask, cuts=cuts)
             logits = block.logits(tracer.session.context, h, target)
@@ -255,7 +299,9 @@ class Knockout:
 class _RowCuts:
     """Each row's cuts at a layer: its group's edges inside its window, none outside."""
 
-    def __init__(self, groups: Sequence[Group], row_groups: list[int], spans: list[range], device: torch.device):
+    def __init__(self, groups: Sequence[Group], row_groups: list[int], spans: list[range], device: torch.device,
+                 empty: str = DEFAULT_EMPTY):
+        self.empty = empty
         self.attention = [groups[g].attention for g in row_groups]
         self.lo = torch.tensor([s.start for s in spans], device=device)
         self.hi = torch.tensor([s.stop for s in spans], device=device)
@@ -277,7 +323,7 @@ class _RowCuts:
             if edges is None or not bool(active.any()):
                 cuts.append(None)
                 continue
-            cuts.append(Cut(edges[:count] & active[:, None, None]))
+            cuts.append(Cut(edges[:count] & active[:, None, None], self.empty))
         return cuts[0], cuts[1]
 
 
@@ -286,19 +332,23 @@ def knockout(
     image: ImageLike,
     text: str,
     *,
-    edges: Edges | Sequence[Edges] = (Edges(),),
+    edges: Edges | str | Sequence[Edges | str] = (Edges(),),
     window: int = KNOCKOUT_WINDOW,
     answer: str | None = None,
     word: int | None = None,
     method: str = "exact",
     target: int | None = None,
+    empty: str = DEFAULT_EMPTY,
 ) -> KnockoutResult:
     """Cut each group of ``edges`` in a window of layers around every layer, on the clean (image, text), and score.
 
-    ``text`` is a VQA question, a captioner's prompt or a matcher's text; ``answer`` the answer or caption scored
-    (the model's own by default); ``word`` the caption word (its first content word by default; ``target`` is its
-    old name). See the module's notes.
+    ``edges`` are :class:`~.edges.Edges` or the command line's group names (``"image"``, ``"object"``, ...: see
+    :data:`~.edges.SHORTHANDS`). ``text`` is a VQA question, a captioner's prompt or a matcher's text; ``answer``
+    the answer or caption scored (the model's own by default); ``word`` the caption word (its first content word by
+    default; ``target`` is its old name); ``empty`` what a query with every key cut reads (``"zero"`` or
+    ``"mean"``). See the module's notes.
     """
-    config = KnockoutConfig(edges=(edges,) if isinstance(edges, Edges) else tuple(edges), window=window, answer=answer,
-                            word=renamed(word, target, "target", "word"), method=method)
-    return Knockout.of(bundle, image, text).run(config)
+    knock = Knockout.of(bundle, image, text)
+    config = KnockoutConfig(edges=resolve_edges(edges, knock.tracer.image, knock.tracer.task.decoder), window=window,
+                            answer=answer, word=renamed(word, target, "target", "word"), method=method, empty=empty)
+    return knock.run(config)

@@ -12,7 +12,10 @@
 Every line shares one y scale, in percent of the clean p, with 0 (nothing changes) drawn. A group whose
 knockout moves p by less than 0.01, or by less than 1% of the clean p, at every layer is drawn grey and dashed
 and says "no effect" in the legend. Rises above 0 stay visible: cutting an edge can also raise p. Each figure
-says what was scored, the clean p, the window and whether the values are exact or an estimate.
+says what was scored, the clean p, the window, whether the values are exact or an estimate, that they are
+deterministic (one clean input, nothing drawn at random: no noise samples, no error bars), and what a query with
+every key cut reads (zero, or the mean of the values cut), in its title and again on the plot (the legend's
+title, or the colour bar's label).
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ class KnockoutResult(Protocol):
     def changes(self) -> np.ndarray: ...
     @property
     def is_estimate(self) -> bool: ...
+    @property
+    def empty_label(self) -> str: ...
     def tiny(self) -> np.ndarray: ...
 
 TINY_LABEL = " (no effect)"
@@ -50,11 +55,13 @@ KNOCKOUT_CMAP = "RdBu_r"
 
 
 def knockout_title(result: KnockoutResult, width: int = 72) -> str:
-    """What the figure shows: the scored text, its clean p, the window, exact or estimate."""
+    """What the figure shows: the scored text, its clean p, the window, exact or estimate, deterministic, and what
+    a query with every key cut reads."""
     how = "exact" if not result.is_estimate else ("ESTIMATE (first order in an edge multiplier: far off where a cut "
                                                   "removes much of p), not cut runs")
     text = (f"Attention knockout, window {result.window}: change of p({result.answer}) "
-            f"(clean p = {result.clean_score:.3g}); {how}")
+            f"(clean p = {result.clean_score:.3g}); {how}, deterministic (one clean input, no noise); "
+            f"{result.empty_label}")
     if result.question:
         text = f"{result.question!r}: " + text
     flagged = int(result.tiny().sum())
@@ -86,7 +93,7 @@ def plot_knockout(result: KnockoutResult, ax: Any = None, *, title: str | None =
     deeper = bool(np.isnan(result.changes).any())  # groups on blocks of different depths: each line ends at its last
     ax.set_xlabel(f"layer{' of each group’s block' if deeper else ''} (centre of {result.window} cut layers)")
     ax.set_ylabel(f"change of p({result.answer}), % of clean")
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="best", title=result.empty_label, title_fontsize=7)
     ax.set_title(title if title is not None else knockout_title(result), fontsize=9)
     return ax
 
@@ -111,7 +118,7 @@ def plot_knockout_tokens(result: KnockoutResult, ax: Any = None, *, title: str |
     tiny = result.tiny()
     for g in np.flatnonzero(tiny):
         ax.add_patch(_hatch(int(g), result.num_layers))
-    ax.figure.colorbar(mesh, ax=ax, label=f"change of p({result.answer}), %")
+    ax.figure.colorbar(mesh, ax=ax, label=f"change of p({result.answer}), %\n{result.empty_label}")
     ax.set_title(title if title is not None else knockout_title(result), fontsize=9)
     return ax
 

@@ -19,13 +19,16 @@ from typing import Any, Union
 
 import numpy as np
 
+from .engine import DEFAULT_EMPTY, EMPTY_ROWS, check_empty
 from .errors import BlipTraceError
-from .names import TINY_ABSOLUTE, TINY_CHANGE, VQA
+from .names import HEADS, TINY_ABSOLUTE, TINY_CHANGE, VQA
 from .results import array_from_json, json_array, json_number
 from .scoring import Target
 
-#: Version of the saved JSON layout.
+#: Version of the saved JSON layout (files without ``empty`` were all cut with ``"zero"``, the only rule then).
 KNOCKOUT_FORMAT = 1
+#: How a knockout's p is found: cut runs, or a first-order estimate from one forward and one backward pass.
+KNOCKOUT_METHODS = ("exact", "estimate")
 _TEXTS = ("answer", "head", "method", "question", "model_answer")
 
 
@@ -47,8 +50,15 @@ class KnockoutResult:
     model_answer: str = ""
     specs: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    #: What a query with every key cut read: a name of :data:`~.engine.EMPTY_ROWS`.
+    empty: str = DEFAULT_EMPTY
 
     def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise BlipTraceError(f"unknown head {self.head!r}: a knockout's head is one of {', '.join(HEADS)}")
+        if self.method not in KNOCKOUT_METHODS:
+            raise BlipTraceError(f"unknown knockout method {self.method!r}: use one of {', '.join(KNOCKOUT_METHODS)}")
+        check_empty(self.empty)
         self.scores = np.asarray(self.scores, dtype=np.float64)
         if self.scores.ndim != 2 or self.scores.shape[0] != len(self.labels):
             raise BlipTraceError(f"scores must be groups x layers with one label per group, got {self.scores.shape} "
@@ -66,7 +76,7 @@ class KnockoutResult:
         return cls(labels=[g.label for g in groups], scores=scores, clean_score=clean, window=int(config.window),
                    answer=tracer.scored_text(target), head=tracer.head, method=config.method,
                    question=tracer.question, model_answer=tracer.model_answer,
-                   specs=[{**g.spec, "edges": g.count} for g in groups],
+                   specs=[{**g.spec, "edges": g.count} for g in groups], empty=config.empty,
                    config={"model": tracer.bundle.name, "image_sha1": tracer.image_key,
                            "tokens": list(tracer.bundle.tokenizer.convert_ids_to_tokens(list(tokens))),
                            "answer_ids": [int(i) for i in target.tokens]})
@@ -84,6 +94,11 @@ class KnockoutResult:
     @property
     def is_estimate(self) -> bool:
         return self.method == "estimate"
+
+    @property
+    def empty_label(self) -> str:
+        """What a query with every key cut read, in words (figures and explorers say it)."""
+        return EMPTY_ROWS[self.empty].label
 
     def tiny(self) -> np.ndarray:
         """Per group: whether no layer moves p by more than 0.01 or by more than 1% of the clean p (drawn as no
@@ -103,7 +118,8 @@ class KnockoutResult:
     def to_dict(self) -> dict[str, Any]:
         return {"format": KNOCKOUT_FORMAT, "kind": "knockout", "labels": list(self.labels),
                 "scores": json_array(self.scores), "clean_score": self.clean_score, "window": self.window,
-                **{name: getattr(self, name) for name in _TEXTS}, "specs": self.specs, "config": self.config}
+                **{name: getattr(self, name) for name in _TEXTS}, "empty": self.empty, "specs": self.specs,
+                "config": self.config}
 
     @classmethod
     def from_dict(cls, data: Any) -> KnockoutResult:
@@ -126,7 +142,8 @@ class KnockoutResult:
         if not isinstance(specs, list) or not isinstance(config, dict):
             raise BlipTraceError("the saved knockout's 'specs' must be a list and its 'config' an object")
         return cls(labels=labels, scores=array_from_json(data.get("scores"), "scores"), window=window,
-                   clean_score=json_number(data.get("clean_score"), "clean_score"), specs=specs, config=config, **texts)
+                   clean_score=json_number(data.get("clean_score"), "clean_score"), specs=specs, config=config,
+                   empty=data.get("empty", DEFAULT_EMPTY), **texts)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, allow_nan=False, ensure_ascii=False)
@@ -146,10 +163,17 @@ class KnockoutResult:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> KnockoutResult:
+        if Path(path).is_dir():
+            raise BlipTraceError(f"{path} is a folder: pass the .json file KnockoutResult.save or `blip-trace "
+                                 "knockout` wrote in it")
         try:
             text = Path(path).read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise BlipTraceError(f"{path} is not a saved knockout (not text)") from None
+        except FileNotFoundError:
+            raise BlipTraceError(f"{path}: no such file; pass the path of a knockout's .json") from None
+        except OSError as error:
+            raise BlipTraceError(f"{path} could not be read ({error.strerror or error})") from None
         return cls.from_json(text)
 
     def to_dataframe(self) -> Any:

@@ -7,7 +7,7 @@
     ['image [CLS] → question', 'image → question']
     >>> averages = knockout_average(table)
     >>> list(averages.columns)
-    ['group', 'layer', 'change', 'low', 'high', 'questions']
+    ['group', 'layer', 'change', 'low', 'high', 'questions', 'empty']
 
 ``edges`` are :class:`~.edges.Edges` or the names of :data:`~.edges.SHORTHANDS`; ``"object"`` and
 ``"background"`` find each image's shape (easy-VQA's one-shape images), so a group means the same part of
@@ -19,18 +19,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .edges import Edges, parse_edges
+from .edges import Edges, resolve_edges
+from .engine import DEFAULT_EMPTY, EMPTY_ROWS
 from .errors import BlipTraceError, renamed
 from .knockout import Knockout, KnockoutConfig
 from .loading import BlipBundle
-from .names import ANSWER_DECODER, EACH_TOKEN, KNOCKOUT_WINDOW
+from .names import EACH_TOKEN, KNOCKOUT_WINDOW
 
 EdgeNames = Sequence[Any]  # Edges, or names of SHORTHANDS
 
 
 def _edges_for(edges: EdgeNames, image: Any, decoder: str | None = None) -> tuple[Edges, ...]:
-    out = tuple(e if isinstance(e, Edges) else parse_edges(str(e), image, decoder=decoder or ANSWER_DECODER)
-                for e in edges)
+    out = resolve_edges(edges, image, decoder)
     if any(e.queries == EACH_TOKEN for e in out):
         raise BlipTraceError("a sweep averages groups by label, and 'each' token differs between questions: pick "
                              "the tokens by role instead (queries='object', ...)")
@@ -48,10 +48,12 @@ def knockout_sweep(
     progress: Callable[[int], None] | None = None,
     samples: Iterable[Any] | None = None,
     answer: str | None = None,
+    empty: str = DEFAULT_EMPTY,
 ) -> Any:
     """A DataFrame of every (question, group, layer): p, change, the clean p, the model's answer and whether it
-    is the expected one. ``scored="expected"`` scores the dataset's answer instead of the model's. (``samples=``
-    and ``answer=`` are the old names of ``items=`` and ``scored=``: they still work, with a warning.)"""
+    is the expected one. ``scored="expected"`` scores the dataset's answer instead of the model's; ``empty`` is what
+    a query with every key cut reads (``"zero"`` or ``"mean"``, its own column). (``samples=`` and ``answer=`` are
+    the old names of ``items=`` and ``scored=``: they still work, with a warning.)"""
     import pandas as pd
 
     from .data import text_of
@@ -68,14 +70,14 @@ def knockout_sweep(
         image = open_image(item.image)
         knock = Knockout.of(bundle, image, text_of(bundle.head, item))
         config = KnockoutConfig(edges=_edges_for(edges, image, knock.tracer.task.decoder), window=window, method=method,
-                                answer=item.answer if answer == "expected" else None)
+                                answer=item.answer if answer == "expected" else None, empty=empty)
         result = knock.run(config)
         correct = knock.tracer.task.correct(knock.tracer.model_answer, item.answer)
         frame = result.to_dataframe()
         for record in frame.to_dict("records"):
             rows.append({"sample": index, "question": item.question, "expected": item.answer,
                          "model_answer": knock.tracer.model_answer, "correct": correct,
-                         "clean_p": result.clean_score, "window": window, **record})
+                         "clean_p": result.clean_score, "window": window, "empty": empty, **record})
         if progress is not None:
             progress(index + 1)
     if not rows:
@@ -84,11 +86,16 @@ def knockout_sweep(
 
 
 def knockout_average(table: Any, *, correct_only: bool = False, confidence: float = 0.95) -> Any:
-    """Per (group, layer): the mean relative change over questions, its bootstrap interval and the count."""
+    """Per (group, layer): the mean relative change over questions, its bootstrap interval and the count (and what a
+    query with every key cut read, ``empty``, which one table must not mix)."""
     import pandas as pd
 
     from .aggregate import bootstrap_interval
 
+    empties = sorted(set(table["empty"])) if "empty" in table else []
+    if len(empties) > 1:
+        raise BlipTraceError(f"the table mixes knockouts with empty={' and '.join(map(repr, empties))}: average "
+                             "each on its own (table[table.empty == 'zero'])")
     if correct_only:
         table = table[table["correct"] == True]  # noqa: E712  (None: no expected answer)
         if not len(table):
@@ -97,7 +104,8 @@ def knockout_average(table: Any, *, correct_only: bool = False, confidence: floa
     for (group, layer), rows in table.groupby(["group", "layer"], sort=False):
         low, high = bootstrap_interval(rows["change"].to_numpy(), confidence=confidence)
         out.append({"group": group, "layer": int(layer), "change": float(rows["change"].mean()), "low": low,
-                    "high": high, "questions": int(rows["sample"].nunique())})
+                    "high": high, "questions": int(rows["sample"].nunique()),
+                    **({"empty": empties[0]} if empties else {})})
     return pd.DataFrame(out)
 
 
@@ -115,6 +123,7 @@ def plot_knockout_average(averages: Any, ax: Any = None, *, title: str | None = 
     ax.set_ylabel("mean change of p, % of clean")
     ax.legend(fontsize=8)
     questions = int(averages["questions"].max()) if len(averages) else 0
-    ax.set_title(title or f"Attention knockout over {questions} questions: mean change of p with 95% intervals",
+    rule = f"; {EMPTY_ROWS[averages['empty'].iloc[0]].label}" if "empty" in averages and len(averages) else ""
+    ax.set_title(title or f"Attention knockout over {questions} questions: mean change of p with 95% intervals{rule}",
                  fontsize=9)
     return ax

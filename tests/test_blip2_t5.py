@@ -227,7 +227,9 @@ def test_cutting_the_image_at_every_layer_is_the_models_own_masked_run(traced, i
     from blip_trace_widgets.knockout import Edges, knockout
 
     head, bundle, tracer = traced
-    edges = decoder_edges("lm_decoder") if block == "lm_decoder" else Edges(block=block, attention="self", keys="image")
+    # the model's encoder mask hides the image's positions from every query, the image's own included: name them all
+    every = tuple(range(QUERIES + len(tracer.question_ids)))
+    edges = decoder_edges("lm_decoder") if block == "lm_decoder" else Edges(every, "image", "self", block)
     layers = 2
     result = knockout(bundle, image, QUESTION, edges=[edges], window=layers, answer=MODELS[head][1])
     lm, model = bundle.model.language_model, bundle.model

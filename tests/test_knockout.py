@@ -59,7 +59,7 @@ class KnockLoop:
             logprobs = torch.log_softmax(logits.double(), -1)
             return float(sum(logprobs[0, target.offset + k, t] for k, t in enumerate(target.tokens)).exp())
 
-    def cut(self, group, layers) -> float:
+    def cut(self, group, layers, empty: str = "zero") -> float:
         with ExitStack() as stack:
             for j in layers:
                 name = f"{LAYERS[group.block]}.{j}.{ATTENTION[group.attention]}.self.dropout"
@@ -67,14 +67,18 @@ class KnockLoop:
                 def hook(module, inputs, probs, edges=group.edges):
                     kept = probs * ~edges
                     total = kept.sum(-1, keepdim=True)
-                    return torch.where(total > 0, kept / total.clamp_min(1e-30), torch.zeros_like(kept))
+                    emptied = torch.zeros_like(kept)
+                    if empty == "mean":  # the uniform average over the cut keys the model's own mask let it see
+                        seen = (edges & (probs > 0)).to(probs.dtype)
+                        emptied = seen / seen.sum(-1, keepdim=True)
+                    return torch.where(total > 0, kept / total.clamp_min(1e-30), emptied)
 
                 stack.callback(self.model.get_submodule(name).register_forward_hook(hook).remove)
             return self.forward()
 
-    def grid(self, window: int) -> np.ndarray:
+    def grid(self, window: int, empty: str = "zero") -> np.ndarray:
         layers = len(self.model.get_submodule(LAYERS[self.groups[0].block]))
-        return np.array([[self.cut(g, range(max(0, layer - window // 2), min(layers, layer - (-window // 2))))
+        return np.array([[self.cut(g, range(max(0, layer - window // 2), min(layers, layer - (-window // 2))), empty)
                           for layer in range(layers)] for g in self.groups])
 
 
@@ -94,7 +98,7 @@ CASES = [
 def test_knockout_matches_a_loop_of_the_model_forward(bundles, image, head, edges, window):
     answer = {"caption": "red blue circle", "vqa": "red blue"}.get(head)
     knock = Knockout.of(bundles[head], image, TEXTS[head])
-    config = KnockoutConfig(edges=(edges,), window=window, answer=answer, word=1 if head == "caption" else 0)
+    config = KnockoutConfig(edges=(edges,), window=window, answer=answer, word=1 if head == "caption" else None)
     result = knock.run(config)
     loop = KnockLoop(knock, config)
     assert_close(result.scores, loop.grid(window))
@@ -190,7 +194,8 @@ def test_bad_settings_are_refused_before_running():
         Edges(queries=Box(0, 0, 1, 1))
 
 
-def test_dial_at_zero_is_the_cut_and_its_gradient_is_the_estimate(bundles, image):
+@pytest.mark.parametrize("group_edges,empty", [(Edges(keys=Box(0.0, 0.0, 0.5, 0.5)), "zero"), (Edges(), "mean")])
+def test_dial_at_zero_is_the_cut_and_its_gradient_is_the_estimate(bundles, image, group_edges, empty):
     """The estimate's multiplier: at 0 it gives the knockout's weights; its gradient matches a finite difference."""
     from blip_trace_widgets.engine import Cut, Dial
 
@@ -204,8 +209,8 @@ def test_dial_at_zero_is_the_cut_and_its_gradient_is_the_estimate(bundles, image
     torch.testing.assert_close(Dial(edges[None], torch.tensor([1.0])).apply(scores), torch.softmax(scores, -1))
 
     knock = Knockout.of(bundles["vqa"], image, TEXTS["vqa"])
-    config = KnockoutConfig(edges=(Edges(keys=Box(0.0, 0.0, 0.5, 0.5)),), window=1, answer="red blue")
-    estimate = knock.run(KnockoutConfig(config.edges, 1, "red blue", 0, "estimate"))
+    config = KnockoutConfig(edges=(group_edges,), window=1, answer="red blue", empty=empty)
+    estimate = knock.run(KnockoutConfig(config.edges, 1, "red blue", None, "estimate", empty=empty))
     exact = knock.run(config)
     assert estimate.is_estimate and not exact.is_estimate
     slope = (exact.clean_score - estimate.scores)  # = Σ ∂p/∂scale over the window (one layer)
@@ -219,7 +224,7 @@ def test_dial_at_zero_is_the_cut_and_its_gradient_is_the_estimate(bundles, image
         cross = block.clean_cross(knock.tracer.session, target)
         with torch.no_grad():
             for j in range(4):
-                dial = Dial(group.edges[None], torch.tensor([1.0 - eps if j == layer else 1.0]))
+                dial = Dial(group.edges[None], torch.tensor([1.0 - eps if j == layer else 1.0]), empty)
                 h = block.stack.layer(j, h, cross[j], None, cuts=(None, dial))
             logits = block.logits(knock.tracer.session, h, target)
         from blip_trace_widgets.scoring import score_rows
@@ -321,7 +326,7 @@ def test_the_explorer_follows_its_controls_and_shows_errors_inside(demo_bundle):
     explorer.queries.value = "each"
     tokens = len(explorer.queries.options) - 2  # less "every token" and "each token"
     assert len(explorer.result.labels) == tokens + 1  # each token reading the image, and the decoder's group
-    explorer.queries.value = None
+    explorer.queries.value = "every"
     explorer.method.value = "estimate"
     assert explorer.result.is_estimate
     explorer.groups.value = ("region",)
@@ -331,3 +336,153 @@ def test_the_explorer_follows_its_controls_and_shows_errors_inside(demo_bundle):
     assert explorer.error.value == "" and explorer.plot.layout.visibility == "visible"
     explorer.question_box.value = "what shape is in the image?"
     assert explorer.result.question == "what shape is in the image?"
+
+
+MEAN_CASES = [
+    ("vqa", Edges()), ("vqa", Edges(block="answer_decoder")), ("vqa", Edges(keys=Box(0.0, 0.0, 0.5, 0.5))),
+    ("vqa", Edges(block="answer_decoder", attention="self", keys=(0, 1))),  # causal: row 0 never reads key 1
+    ("caption", Edges()), ("caption", Edges(attention="self", keys=(0, 1))), ("itm", Edges(queries=(0, 1))),
+]
+
+
+@pytest.mark.parametrize("head,edges", MEAN_CASES, ids=[f"{h}-{e.describe()}" for h, e in MEAN_CASES])
+@pytest.mark.parametrize("window", [1, 3])
+def test_empty_mean_matches_the_model_forward_with_emptied_rows_read_uniformly(bundles, image, head, edges, window):
+    """empty="mean": a query with every key cut reads the uniform average of the cut keys its own mask let it see,
+    as the hook in this file computes it from the model's own probabilities; "zero" reads nothing."""
+    answer = {"caption": "red blue circle", "vqa": "red blue"}.get(head)
+    knock = Knockout.of(bundles[head], image, TEXTS[head])
+    word = 1 if head == "caption" else None
+    mean = knock.run(KnockoutConfig(edges=(edges,), window=window, answer=answer, word=word, empty="mean"))
+    zero = knock.run(KnockoutConfig(edges=(edges,), window=window, answer=answer, word=word))
+    loop = KnockLoop(knock, KnockoutConfig(edges=(edges,), window=window, answer=answer, word=word))
+    np.testing.assert_allclose(mean.scores, loop.grid(window, "mean"), atol=1e-5, rtol=1e-5)
+    assert mean.empty == "mean" and zero.empty == "zero"
+    if edges.keys is None and edges.queries is None:  # every row emptied: the two rules must differ here
+        assert np.abs(mean.changes - zero.changes).max() > 0.05
+    if isinstance(edges.keys, Box):  # every query keeps a key: the rule never applies
+        np.testing.assert_allclose(mean.scores, zero.scores, atol=1e-7)
+
+
+@pytest.mark.parametrize("empty", ["zero", "mean"])
+def test_dial_at_zero_is_the_cut_under_both_empty_rules(empty):
+    from blip_trace_widgets.engine import Cut, Dial
+
+    torch.manual_seed(1)
+    scores = torch.randn(2, 3, 4, 5)
+    scores[..., 0, 1:] = torch.finfo(scores.dtype).min  # a causal-like row: only key 0 visible
+    edges = torch.zeros(4, 5, dtype=torch.bool)
+    edges[0] = True  # row 0 loses its only visible key
+    edges[1] = True  # row 1 loses every key
+    edges[2, 2:] = True
+    for scale in (0.0, 1.0):
+        dialled = Dial(edges[None], torch.tensor([scale]), empty).apply(scores)
+        expected = Cut(edges[None], empty).apply(scores) if scale == 0 else torch.softmax(scores, -1)
+        torch.testing.assert_close(dialled, expected, atol=1e-6, rtol=0)
+    cut = Cut(edges[None], empty).apply(scores)
+    if empty == "mean":
+        torch.testing.assert_close(cut[..., 0, :], torch.tensor([1.0, 0, 0, 0, 0]).expand(2, 3, 5))  # not the future
+        torch.testing.assert_close(cut[..., 1, :], torch.full((2, 3, 5), 0.2))
+    else:
+        assert torch.count_nonzero(cut[..., :2, :]) == 0
+
+
+def test_a_whole_image_cut_on_the_demo_under_both_rules(demo_bundle, demo_sample):
+    """The figures docs/reference.md quotes: the whole image cut at window 3 around layer 2."""
+    image, question, _ = demo_sample
+    zero = knockout(demo_bundle, image, question, edges="image", window=3)
+    mean = knockout(demo_bundle, image, question, edges="image", window=3, empty="mean")
+    assert zero.scores[0, 2] == pytest.approx(0.0004, abs=5e-5) and mean.scores[0, 2] == pytest.approx(0.64, abs=5e-3)
+    for result, rule in ((zero, "reads zero"), (mean, "reads their mean")):
+        ax = result.plot()
+        title = ax.get_title().replace("\n", " ")
+        assert rule in title and "deterministic" in title
+        assert rule in ax.get_legend().get_title().get_text()
+    again = KnockoutResult.from_json(mean.to_json())
+    assert again.empty == "mean" and again == mean
+    with pytest.raises(BlipTraceError, match="empty='half'.*'zero', 'mean'"):
+        KnockoutConfig(empty="half")
+
+
+def test_a_caption_word_or_a_matchers_answer_is_refused_as_trace_refuses_it(bundles, image, tmp_path):
+    with pytest.raises(BlipTraceError, match="word picks a word of a caption"):
+        knockout(bundles["vqa"], image, TEXTS["vqa"], word=1)
+    with pytest.raises(BlipTraceError, match="no answer"):
+        knockout(bundles["itm"], image, TEXTS["itm"], answer="a blue square")
+    from blip_trace_widgets.cli import main
+
+    bundles["vqa"].model.save_pretrained(tmp_path / "vqa")
+    bundles["vqa"].processor.save_pretrained(tmp_path / "vqa")
+    image.save(tmp_path / "image.png")
+    code = main(["knockout", "--model", str(tmp_path / "vqa"), "--image", str(tmp_path / "image.png"),
+                 "--question", TEXTS["vqa"], "--word", "1", "--window", "1", "--out", str(tmp_path / "out")])
+    assert code == 2 and not (tmp_path / "out").exists()
+
+
+def test_edges_by_name_and_clear_errors_for_what_is_not_a_group(bundles, image):
+    named = knockout(bundles["vqa"], image, TEXTS["vqa"], edges="image", window=1)
+    listed = knockout(bundles["vqa"], image, TEXTS["vqa"], edges=["image", Edges(keys="cls")], window=1)
+    assert named.labels == ["image → question"] and listed.labels == ["image → question", "image [CLS] → question"]
+    np.testing.assert_array_equal(named.scores[0], listed.scores[0])
+    with pytest.raises(BlipTraceError, match="edges=None names no group.*image"):
+        knockout(bundles["vqa"], image, TEXTS["vqa"], edges=None)
+    with pytest.raises(BlipTraceError, match="unknown edges 'imgae'"):
+        knockout(bundles["vqa"], image, TEXTS["vqa"], edges="imgae")
+    with pytest.raises(BlipTraceError, match="KnockoutConfig takes Edges.*parse_edges"):
+        KnockoutConfig(edges="image")
+    with pytest.raises(BlipTraceError, match="the image's \\[CLS\\], but self-attention reads the block's own "
+                                             "positions.*Edges\\(keys='cls'\\)"):
+        Edges(attention="self", keys="cls")
+    with pytest.raises(BlipTraceError, match="an image region, but the answer decoder's cross-attention"):
+        Edges(block="answer_decoder", keys=Box(0, 0, 1, 1))
+
+
+def test_loading_what_is_not_a_saved_knockout_says_so(bundles, image, tmp_path):
+    with pytest.raises(BlipTraceError, match="no such file"):
+        KnockoutResult.load(tmp_path / "missing.json")
+    with pytest.raises(BlipTraceError, match="is a folder"):
+        KnockoutResult.load(tmp_path)
+    result = knockout(bundles["vqa"], image, TEXTS["vqa"], window=1)
+    for field, value, message in (("head", "gpt", "unknown head 'gpt'"), ("method", "guess", "unknown knockout method"),
+                                  ("empty", "half", "empty='half'")):
+        path = tmp_path / f"{field}.json"
+        path.write_text(result.to_json().replace(f'"{field}": "{getattr(result, field)}"', f'"{field}": "{value}"'))
+        with pytest.raises(BlipTraceError, match=message):
+            KnockoutResult.load(path)
+    old = result.to_dict()
+    del old["empty"]  # saved before the rule was a choice: cut with "zero"
+    assert KnockoutResult.from_dict(old).empty == "zero"
+
+
+def test_the_command_lines_help_is_clean_and_complete():
+    import argparse
+
+    from blip_trace_widgets.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    knockout_help = " ".join(commands["knockout"].format_help().split())
+    assert "95% intervals" in knockout_help and "%%" not in knockout_help
+    assert "--empty {zero,mean}" in knockout_help
+    for command in ("knockout", "sweep"):
+        helps = {option: action.help for action in commands[command]._actions for option in action.option_strings}
+        for option in ("--dtype", "--device"):
+            assert helps[option] and "default" in helps[option], (command, option)
+
+
+@pytest.mark.slow  # an explorer round trip: the full suite runs it
+def test_the_explorer_shows_its_defaults_and_refuses_a_window_it_cannot_hold(demo_bundle):
+    from blip_trace_widgets.widgets import KnockoutExplorer
+
+    explorer = KnockoutExplorer(demo_bundle, background=False)
+    assert explorer.queries.label == "every token" and explorer.queries.index == 0  # not a blank dropdown
+    assert explorer.config.edges[0].queries is None
+    assert explorer.empty.value == "zero" and explorer.result.empty == "zero"
+    explorer.empty.value = "mean"
+    assert explorer.result.empty == "mean" and explorer.error.value == ""
+    assert KnockoutExplorer(demo_bundle, background=False, empty="mean", window=1).result.window == 1
+    layers = explorer.window.max
+    for window in (layers + 1, 99, 0, -1, 2.5):
+        with pytest.raises(BlipTraceError, match=f"window={window!r}: this explorer cuts 1 to {layers} layers"):
+            KnockoutExplorer(demo_bundle, background=False, window=window)
+    with pytest.raises(BlipTraceError, match="empty='half'"):
+        KnockoutExplorer(demo_bundle, background=False, empty="half")

@@ -11,9 +11,11 @@
 
 The region is picked on the patch grid painted over the image (columns and rows of patches); "region" cuts
 the question's cross-attention to its patches, "outside" to every other patch. "queries" picks which tokens
-stop reading: every token, one token, or each token in turn (a tokens x layers map). Knockouts run on the
-clean input, exactly by default (cheap: every (group, layer) row is one batch row) or as a first-order
-estimate. Errors show inside the explorer, which carries on.
+stop reading: every token, one token, or each token in turn (a tokens x layers map). "empty" picks what a query
+with every key cut reads: nothing (zero) or the mean of the values cut. Knockouts run on the clean input, exactly
+by default (cheap: every (group, layer) row is one batch row) or as a first-order estimate; either is
+deterministic. Errors show inside the explorer, which carries on; a window the block cannot hold is refused when
+the explorer is made, never changed.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from PIL import Image, ImageDraw
 from .. import heads
 from ..cache import LRU
 from ..edges import Edges, decoder_edges
-from ..errors import renamed
+from ..engine import DEFAULT_EMPTY, EMPTY_ROWS, check_empty
+from ..errors import BlipTraceError, renamed
 from ..knockout import KNOCKOUT_METHODS, Knockout, KnockoutConfig
 from ..names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW, LANGUAGE_MODEL, LM_DECODER
 from ..plotting import figure_png
@@ -38,6 +41,8 @@ from .live import LiveView, answer_html, image_png, png_width
 #: The explorer's edge groups: (label, name).
 GROUP_OPTIONS = [("whole image", "image"), ("region", "region"), ("outside region", "outside"),
                  ("image [CLS]", "cls"), ("answer ↛ question", "decoder")]
+#: The queries dropdown's value for every token (a dropdown reads None as nothing picked, and shows a blank).
+EVERY_TOKEN = "every"
 
 
 class KnockoutExplorer(LiveView):
@@ -45,8 +50,9 @@ class KnockoutExplorer(LiveView):
 
     def __init__(self, bundle: Any, image: Any = None, text: str | None = None, *,
                  gallery: Any = None, window: int = KNOCKOUT_WINDOW, background: bool = True,
-                 question: str | None = None) -> None:
+                 question: str | None = None, empty: str = DEFAULT_EMPTY) -> None:
         text = renamed(text, question, "question", "text")
+        check_empty(empty)
         super().__init__(bundle, image, text, gallery=gallery, background=background)
         self._knockouts: LRU[Knockout] = LRU(16)
         style = {"description_width": "initial"}
@@ -65,33 +71,45 @@ class KnockoutExplorer(LiveView):
                                      continuous_update=False)
         self.queries = W.Dropdown(description="queries", style=style, layout=W.Layout(width="260px"))
         layers = len(self.tracer.blocks.reader.stack)
-        self.window = W.IntSlider(value=min(window, layers), min=1, max=layers, description="window", style=style,
-                                  continuous_update=False)
+        self.window = W.IntSlider(value=self._check_window(window, layers), min=1, max=layers, description="window",
+                                  style=style, continuous_update=False)
+        self.empty = W.ToggleButtons(options=[(name, name) for name in EMPTY_ROWS], value=empty, description="empty",
+                                     style={"button_width": "auto", "description_width": "initial"})
+        set_tooltip(self.empty, "what a query with every key cut reads: " + "; ".join(
+            f"{rule.name}: {rule.help}" for rule in EMPTY_ROWS.values()))
         self.method = W.ToggleButtons(options=list(KNOCKOUT_METHODS), value="exact", style={"button_width": "auto"})
         set_tooltip(self.method, "exact: cut runs (cheap); estimate: one forward and backward pass, first order")
         self.plot = W.Image(format="png")
         self._sync_queries()
-        for control in (self.groups, self.columns, self.rows, self.queries, self.window, self.method,
+        for control in (self.groups, self.columns, self.rows, self.queries, self.window, self.method, self.empty,
                         self.question_box, self.caption_box, self.word):
             control.observe(self._on_change, names="value")
         self.children = [self._header(), W.HBox([self.groups, W.VBox([self.columns, self.rows, self.queries,
-                                                                      self.window, self.method])]),
+                                                                      self.window, self.method, self.empty])]),
                          self.error, self.plot]
         self.refresh()
+
+    def _check_window(self, window: Any, layers: int) -> int:
+        """``window`` if the slider can hold it (1 to the reader's layers); a clear error otherwise, never a
+        silently changed setting."""
+        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= layers:
+            raise BlipTraceError(f"window={window!r}: this explorer cuts 1 to {layers} layers around each layer (the "
+                                 f"{BLOCK_LABELS[self.tracer.blocks.reader.name]} has {layers}); pass one of those")
+        return window
 
     def _side(self) -> int:
         return patch_grid_size(int(self.tracer.clean.image_embeds.shape[1]))
 
     def _sync_queries(self) -> None:
         tokens = self.tracer.bundle.tokenizer.convert_ids_to_tokens(list(self.tracer.question_ids))
-        options = [("every token", None), *((f"{i}: {t}", i) for i, t in enumerate(tokens)),
+        options = [("every token", EVERY_TOKEN), *((f"{i}: {t}", i) for i, t in enumerate(tokens)),
                    ("each token (map)", EACH_TOKEN)]
         if list(self.queries.options) != options:
             keep = self.queries.value
             self._syncing = True
             try:
                 self.queries.options = options
-                self.queries.value = keep if keep in [v for _, v in options] else None
+                self.queries.value = keep if keep in [v for _, v in options] else EVERY_TOKEN
             finally:
                 self._syncing = False
 
@@ -101,20 +119,18 @@ class KnockoutExplorer(LiveView):
         side = self._side()
         (left, right), (top, bottom) = self.columns.value, self.rows.value
         if right <= left or bottom <= top:
-            from ..errors import BlipTraceError
-
             raise BlipTraceError("the region is empty: give it at least one column and one row of patches")
         return Box(left / side, top / side, right / side, bottom / side)
 
     def controls_config(self) -> KnockoutConfig:
         """The knockout the controls describe."""
-        queries = self.queries.value
+        queries = None if self.queries.value in (EVERY_TOKEN, None) else self.queries.value
         by_name = {"image": lambda: Edges(queries), "cls": lambda: Edges(queries, IMAGE_CLS),
                    "region": lambda: Edges(queries, self.region), "outside": lambda: Edges(queries, Outside(self.region)),
                    "decoder": lambda: decoder_edges(str(self.task.decoder))}
         edges = tuple(by_name[name]() for name in self.groups.value)
         return KnockoutConfig(edges=edges, window=int(self.window.value), method=str(self.method.value),
-                              **self.scored)
+                              empty=str(self.empty.value), **self.scored)
 
     def _on_change(self, _change: dict) -> None:
         if not self._syncing:
