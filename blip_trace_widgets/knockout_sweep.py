@@ -70,7 +70,7 @@ def knockout_sweep(
         image = open_image(item.image)
         knock = Knockout.of(bundle, image, text_of(bundle.head, item))
         config = KnockoutConfig(edges=_edges_for(edges, image, knock.tracer.task.decoder), window=window, method=method,
-                                answer=item.answer if answer == "expected" else None, empty=empty)
+                                answer=knock.tracer.task.sweep_answer(item, answer, index), empty=empty)
         result = knock.run(config)
         correct = knock.tracer.task.correct(knock.tracer.model_answer, item.answer)
         frame = result.to_dataframe()

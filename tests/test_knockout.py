@@ -486,3 +486,22 @@ def test_the_explorer_shows_its_defaults_and_refuses_a_window_it_cannot_hold(dem
             KnockoutExplorer(demo_bundle, background=False, window=window)
     with pytest.raises(BlipTraceError, match="empty='half'"):
         KnockoutExplorer(demo_bundle, background=False, empty="half")
+
+
+def test_a_sweep_of_a_matcher_scoring_expected_answers_scores_the_match(bundles, image):
+    """A matcher scores the match of each item's caption, as trace sweeps do: its expected answer is that caption,
+    never an answer to score (which a knockout of a matcher refuses)."""
+    from blip_trace_widgets.knockout_sweep import knockout_sweep
+
+    items = [(image, "", "a red circle")]
+    expected = knockout_sweep(bundles["itm"], items, edges=["image"], window=1, scored="expected")
+    model = knockout_sweep(bundles["itm"], items, edges=["image"], window=1)
+    assert expected["p"].tolist() == model["p"].tolist() and set(expected["empty"]) == {"zero"}
+    import pandas as pd
+
+    from blip_trace_widgets.knockout_sweep import knockout_average, plot_knockout_average
+
+    mean = knockout_sweep(bundles["itm"], items, edges=["image"], window=1, empty="mean")
+    assert "reads their mean" in plot_knockout_average(knockout_average(mean)).get_title()
+    with pytest.raises(BlipTraceError, match="mixes knockouts with empty='mean' and 'zero'"):
+        knockout_average(pd.concat([model, mean]))
