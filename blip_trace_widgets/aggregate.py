@@ -20,6 +20,7 @@ mean(high − low). Intervals are percentile bootstraps over questions.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from .errors import BlipTraceError
 from .names import TINY_EFFECT, VISION_ENCODER, VQA, is_head_kind
 from .results import TraceResult
 from .roles import ROLES, ObjectRule, position_roles, role_label, token_roles  # noqa: F401  (token_roles: public here too)
+from .significance import DEFAULT_Q, CellStatistics, bh_qvalues
 
 FORMS = ("normalized", "rome")
 
@@ -158,10 +160,17 @@ def average_effect(
     for key, group in effects.groupby(keys, sort=True):
         values = group["effect"].to_numpy()
         low, high = bootstrap_interval(values, confidence=confidence)
+        per_question = group.groupby("sample")["effect"].mean().to_numpy()  # questions are the draws
+        stats = CellStatistics.of_draws(per_question[:, None, None], deterministic=False)
         rows.append({**dict(zip(keys, key)), "mean": float(np.nanmean(values)) if len(values) else np.nan,
                      "ci_low": low, "ci_high": high, "n": int(np.sum(~np.isnan(values))),
+                     "questions": int(np.isfinite(per_question).sum()), "p_value": float(stats.pvalues[0, 0]),
                      "total_effect": float(group["total_effect"].mean()), "left_out": effects.attrs["left_out"]})
-    return pd.DataFrame.from_records(rows)
+    frame = pd.DataFrame.from_records(rows)
+    if not frame.empty:  # Benjamini-Hochberg over each configuration's cells
+        frame["q_value"] = frame.groupby("config")["p_value"].transform(lambda p: bh_qvalues(p.to_numpy()))
+        frame["significant"] = frame["q_value"].fillna(1.0) < DEFAULT_Q
+    return frame
 
 
 def _row_labels(rows: Any, effects: Any, by: str) -> tuple[list[str], list[str]]:
@@ -257,7 +266,9 @@ def _question_draws(effects: Any, keys: Sequence[Any], layers: int, by: str) -> 
 def top_heads(table: Any, k: int = 10, *, form: str = "normalized", correct_only: bool = False,
               confidence: float = 0.95) -> Any:
     """The ``k`` (layer, head) cells of a sweep's head maps with the largest average indirect effect, ranked,
-    with their bootstrap intervals and question counts: one row per (configuration, layer, head).
+    with their bootstrap intervals and question counts, each head's q-value over its configuration's cells
+    (``significant``) and whether its interval excludes 0: one row per (configuration, layer, head). When no
+    ranked head's interval excludes 0, a warning says the ranks are noise.
 
         >>> top_heads(table, 5)[["kind", "layer", "head", "mean", "ci_low", "ci_high", "n"]]  # doctest: +SKIP
     """
@@ -266,4 +277,10 @@ def top_heads(table: Any, k: int = 10, *, form: str = "normalized", correct_only
         raise BlipTraceError("the table holds no head maps: sweep a head kind (--kinds cross_attn_head)")
     averaged = average_effect(heads, form=form, correct_only=correct_only, confidence=confidence)
     ranked = averaged.rename(columns={"role": "head"}).sort_values("mean", ascending=False, kind="stable")
-    return ranked.head(int(k)).reset_index(drop=True)
+    top = ranked.head(int(k)).reset_index(drop=True)
+    top["interval_excludes_0"] = (top["ci_low"] > 0) | (top["ci_high"] < 0)
+    if not top["interval_excludes_0"].any():
+        warnings.warn(f"every one of the top {len(top)} heads' {confidence:.0%} intervals includes 0 (and "
+                      f"{int(top['significant'].sum())} is significant at q < {DEFAULT_Q}): their ranks are noise; "
+                      "sweep more questions or another noise level", RuntimeWarning, stacklevel=2)
+    return top

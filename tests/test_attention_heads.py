@@ -7,6 +7,7 @@ tokens scored.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import ExitStack
 
 import numpy as np
@@ -258,8 +259,13 @@ def test_head_sweeps_average_per_head_and_rank(demo_bundle, tmp_path):
     averaged = average_effect(table[table["kind"] == "cross_attn_head"])
     heads = demo_bundle.model.config.text_config.num_attention_heads
     assert set(averaged["role"]) == {f"h{h}" for h in range(heads)}
-    ranked = top_heads(table, 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ranked = top_heads(table, 5)
     assert len(ranked) == 5 and (ranked["kind"] == "cross_attn_head").all()
+    assert {"q_value", "significant", "interval_excludes_0", "questions"} <= set(ranked)
+    noise = not ranked["interval_excludes_0"].any()  # then the ranks are said to be noise
+    assert noise == any("their ranks are noise" in str(w.message) for w in caught)
     assert ranked["mean"].is_monotonic_decreasing and (ranked["ci_low"] <= ranked["mean"]).all()
     with pytest.raises(ValueError, match="no head maps"):
         top_heads(table[table["kind"] == "mlp"], 3)
