@@ -173,6 +173,20 @@ def trust_text(result: TraceResult) -> str:
     return text
 
 
+def _row_ticks(result: TraceResult) -> tuple[list[int], list[str]]:
+    """Where a heatmap's rows are labelled: every row when they fit; an image's regions by grid row ("row 3:
+    c0–7"), every row of the grid labelled at its first region, so no part of the image goes unnamed; else
+    every k-th row."""
+    labels = _labels(result)
+    side = int((result.config.get("grid") or {}).get("regions_per_side") or 0)
+    if len(labels) > MAX_LABELLED_ROWS and side and len(labels) == side * side + 1:
+        ticks = [0, *range(1, len(labels), side)]
+        return ticks, [labels[0], *(f"row {r}: c0–{side - 1}" for r in range(side))]
+    every = -(-len(labels) // MAX_LABELLED_ROWS)  # many positions: label every k-th
+    ticks = list(range(0, len(labels), every))
+    return ticks, [labels[i] for i in ticks]
+
+
 def _labels(result: TraceResult) -> list[str]:
     corrupted = set(result.config.get("corrupted_positions") or [])
     return [f"{t}*" if i in corrupted else t for i, t in enumerate(result.tokens)]
@@ -340,9 +354,9 @@ def plot_trace(result: TraceResult, ax: Any = None, *, normalized: bool = False,
         _mark_cells(ax, result)
     _mark_absent(ax, result)
     ax.invert_yaxis()
-    every = -(-len(result.tokens) // MAX_LABELLED_ROWS)  # many positions (image regions): label every k-th
-    ax.set_yticks(np.arange(0, len(result.tokens), every) + 0.5)
-    ax.set_yticklabels(_labels(result)[::every])
+    ticks, labels = _row_ticks(result)
+    ax.set_yticks(np.asarray(ticks) + 0.5)
+    ax.set_yticklabels(labels)
     step = max(1, result.num_layers // 12)
     ax.set_xticks(np.arange(0, result.num_layers, step) + 0.5)
     ax.set_xticklabels([str(i) for i in range(0, result.num_layers, step)])

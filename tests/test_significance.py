@@ -167,3 +167,28 @@ def test_stability_of_a_clear_top_and_of_noise():
     noise = rng.normal(0, 1, (10, 3, 4))
     assert stability(noise)["top"] < 0.9
     assert stability(-clear, sign=-1)["top"] == 1.0  # a negative total effect: the top is the most negative
+
+
+def test_n_a_cells_are_nan_and_have_no_row(demo_sample):
+    """A Q-Former's layers without cross-attention restore nothing: NaN in every derived map, no DataFrame row,
+    never tested (they read 0.0 in normalized() and to_dataframe() before)."""
+    image, question, _ = demo_sample
+    result = Tracer(load_model("demo-blip2"), image, question).trace(block="qformer", kind="cross_attn", samples=3)
+    absent = result.absent_cells
+    assert absent.any() and not absent.all()
+    assert np.isnan(result.normalized()[absent]).all() and np.isnan(result.indirect_effect()[absent]).all()
+    assert np.isfinite(result.normalized()[~absent]).all()
+    assert len(result.to_dataframe()) == int((~absent).sum())
+    assert not result.statistics().tested()[absent].any()
+    means = np.nanmean(result.normalized(), axis=0)  # per-layer means: n/a layers are NaN, not 0.0
+    assert np.isnan(means[result.config["absent_layers"]]).all()
+
+
+def test_a_vision_map_names_every_row_of_the_image():
+    from blip_trace_widgets.plotting import _row_ticks
+
+    tokens = ["[CLS]"] + [f"r{r}c{c}" for r in range(8) for c in range(8)]
+    result = TraceResult(np.zeros((65, 2)), 0.0, 1.0, "red", tokens, "vision_encoder", "hidden", 1,
+                         config={"grid": {"regions_per_side": 8, "boxes": [None] * 65}})
+    ticks, labels = _row_ticks(result)
+    assert labels[0] == "[CLS]" and len(labels) == 9 and labels[4] == "row 3: c0–7" and ticks[4] == 1 + 3 * 8
