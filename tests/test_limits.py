@@ -58,7 +58,7 @@ def test_saved_results_are_strict_json(tiny_bundle, image, question, tmp_path):
         raise ValueError(f"bare {token} in the JSON")
 
     data = json.loads(path.read_text(), parse_constant=refuse)
-    assert data["format"] == 2 and data["stderr"][0][0] is None
+    assert data["format"] == 3 and data["stderr"][0][0] is None and len(data["draws"]) == 1
     assert TraceResult.load(path) == result
 
 

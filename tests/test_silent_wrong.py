@@ -57,7 +57,8 @@ def test_negative_effects_get_a_diverging_scale_and_are_counted():
     assert "1 cell below the corrupted score" in trace_title(result, width=200)
     ax = plot_trace(result)
     mesh = ax.collections[0]
-    assert mesh.norm.vcenter == 0.5 and mesh.norm.vmin == pytest.approx(0.0)  # white at corrupted; one scale each side
+    assert mesh.to_rgba([0.5])[0][:3].min() > 0.93  # white at the corrupted score
+    assert mesh.norm.vmin == pytest.approx(0.1) and mesh.norm.vmax == pytest.approx(1.0)  # ends at the data
     rgba = mesh.to_rgba(mesh.get_array()).reshape(-1, 4)
     assert rgba[2, 2] > rgba[2, 0] + 0.3  # the negative cell is blue
     # within noise, nothing is called negative: no diverging scale
