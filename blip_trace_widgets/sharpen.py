@@ -113,8 +113,8 @@ def _round_result(tracer: Any, layout: Any, draws: list[np.ndarray], lows: list[
     n = every.shape[0]
     stderr = every.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(every.shape[1], np.nan)
     scores = Scores(every.mean(0), stderr, np.ones(every.shape[1], bool), every)
-    result = tracer.assemble(layout._replace(config=replace(layout.config, samples=n)), scores, np.concatenate(lows),
-                             high)
+    plan_n = type(layout)(replace(layout.config, samples=n), *layout[1:])  # the plan, with the samples drawn
+    result = tracer.assemble(plan_n, scores, np.concatenate(lows), high)
     state = _state(result)
     held = held + 1 if history and state == history[-1] else 0
     history.append(state)
