@@ -12,7 +12,7 @@ Tracer's corrupted run (the clean pass and the corrupted draw are made first and
 * the 12 x 12 ``cross_attn_head`` map at one position;
 * the head map's estimate (one forward and one backward pass).
 
-The target of issue 26 is all 144 cross-attention heads in no more than 1.5x the hidden map's time.
+The target is all 144 cross-attention heads in no more than 1.5x the hidden map's time.
 """
 from __future__ import annotations
 

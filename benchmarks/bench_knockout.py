@@ -14,7 +14,7 @@ and the 9-token question of ``bench_trace.py``. Times, best of ``--repeats``:
 * the same from a fresh Knockout, clean pass included;
 * the estimate of the same 48 rows (one forward and one backward pass).
 
-The target of issue 28 is the 48 exact rows in under 3x one clean forward pass.
+The target is the 48 exact rows in under 3x one clean forward pass.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Attention heads as cells (issue 26), against a per-cell loop of the model's own forward pass.
+"""Attention heads as cells, against a per-cell loop of the model's own forward pass.
 
 The loop restores head h at layer l with a forward pre-hook on the attention's output projection that sets
 the head's slice (dims h*d_head to (h+1)*d_head) of its input to the clean value, at the chosen positions.

@@ -1,4 +1,4 @@
-"""A trace's cost is said before it runs (issue 25): counted from the engine's layout, warned about when large."""
+"""A trace's cost is said before it runs: counted from the engine's layout, warned about when large."""
 from __future__ import annotations
 
 import threading

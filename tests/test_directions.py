@@ -1,4 +1,4 @@
-"""direction="noise" (issue 27): each sample's corrupted states patched into the clean run, against a per-cell loop
+"""direction="noise": each sample's corrupted states patched into the clean run, against a per-cell loop
 of the model's own forward pass with hooks written here (module paths spelled out), on tiny BLIP models."""
 from __future__ import annotations
 

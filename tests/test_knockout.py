@@ -1,4 +1,4 @@
-"""Attention knockout (issue 28), against a loop of the model's own forward pass, one pass per row.
+"""Attention knockout, against a loop of the model's own forward pass, one pass per row.
 
 The loop cuts edges with forward hooks on each attention's probability dropout (``.self.dropout``, the module
 BLIP applies to the softmax's output): the cut edges' probabilities are zeroed and the rest renormalised, and a

@@ -1,4 +1,4 @@
-"""Counterfactual pairs (issue 27): easy-VQA image pairs, a pair's own contrast, ImageSwap at every image stage,
+"""Counterfactual pairs: easy-VQA image pairs, a pair's own contrast, ImageSwap at every image stage,
 and the command line's --counterfactual-image and --swap."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Nothing silently wrong (issue 25): noise never drawn as a finding, negative effects visible, huge noise refused,
+"""Nothing silently wrong: noise never drawn as a finding, negative effects visible, huge noise refused,
 long answers in float64, infinite scores round-tripped, saved files checked."""
 from __future__ import annotations
 
