@@ -191,3 +191,14 @@ def test_explorer_renders_and_follows_controls(lab):
         _type_into_slider(page, "window", "3")
         page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-mlp-window3.png"), full_page=True)
         assert "Error displaying widget" not in page.content()
+
+
+def test_sliders_keep_a_usable_track_at_1400_px(lab):
+    """The noise-scale slider shrank to a bare handle beside the method toggle in a 1400 px window."""
+    app, url = lab
+    with notebook_page(app, url, "explorer") as page:
+        page.screenshot(path=str(ARTIFACTS / f"{app}-explorer-layout.png"), full_page=True)
+        for label in ("noise scale", "window"):
+            track = page.locator(".widget-slider", has_text=label).first.locator(".slider-container")
+            box = track.bounding_box()
+            assert box is not None and box["width"] >= 200, f"the {label} slider's track is {box} wide at 1400 px"

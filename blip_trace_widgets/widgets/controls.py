@@ -40,6 +40,7 @@ from ..names import (
     kinds_of,
     window_for,
 )
+from ..regions import Box, Outside
 from ..tracing import TraceConfig
 
 IPYWIDGETS_MAJOR = int(W.__version__.split(".")[0])
@@ -75,12 +76,13 @@ def corruption_setting(corruption: Any) -> tuple[str, float]:
     return str(name), float(corruption.level)
 
 
-def refuse_outside(widget: Any, value: Any, low: float, high: float) -> None:
-    """A clear error when ``value`` is outside ``low`` to ``high``, where ipywidgets would move it to the nearest
-    end without a word."""
+def refuse_outside(widget: Any, value: Any, low: float, high: float) -> Any:
+    """``value``, or a clear error when it is outside ``low`` to ``high``, where ipywidgets would move it to the
+    nearest end without a word."""
     if not low <= value <= high:
         name = widget.description or "this control"
         raise traitlets.TraitError(f"{name} {value!r} is outside {low:g} to {high:g}: pick a value in that range")
+    return value
 
 
 class IntSlider(W.IntSlider):
@@ -88,8 +90,7 @@ class IntSlider(W.IntSlider):
 
     @traitlets.validate("value")
     def _validate_value(self, proposal: dict) -> Any:
-        refuse_outside(self, proposal["value"], self.min, self.max)
-        return super()._validate_value(proposal)
+        return refuse_outside(self, proposal["value"], self.min, self.max)
 
 
 class BoundedIntText(W.BoundedIntText):
@@ -97,8 +98,7 @@ class BoundedIntText(W.BoundedIntText):
 
     @traitlets.validate("value")
     def _validate_value(self, proposal: dict) -> Any:
-        refuse_outside(self, proposal["value"], self.min, self.max)
-        return super()._validate_value(proposal)
+        return refuse_outside(self, proposal["value"], self.min, self.max)
 
 
 class FloatLogSlider(W.FloatLogSlider):
@@ -107,8 +107,8 @@ class FloatLogSlider(W.FloatLogSlider):
     @traitlets.validate("value")
     def _validate_value(self, proposal: dict) -> Any:
         low, high = self.base ** self.min, self.base ** self.max
-        refuse_outside(self, proposal["value"], low * (1 - 1e-9), high * (1 + 1e-9))  # exact ends, despite rounding
-        return super()._validate_value(proposal)
+        value = refuse_outside(self, proposal["value"], low * (1 - 1e-9), high * (1 + 1e-9))  # the ends, rounded
+        return min(max(value, low), high)
 
 
 #: A slider's own width: it keeps a usable track beside wide controls, and a row too narrow for it wraps.
@@ -305,7 +305,7 @@ def check_shown(config: TraceConfig, shown: TraceConfig, ignore: Sequence[str] =
 
 def corruption_words(config: TraceConfig) -> str:
     """The corruption in a few words, as the status line says it: what, how strong, where and how many samples."""
-    corruption = config.corruption
+    corruption: Any = config.corruption  # a built-in one has info and level
     if isinstance(corruption, ImageSwap):
         return "the image swapped for its partner (one sample)"
     if isinstance(corruption, WordSwap):
@@ -317,7 +317,8 @@ def corruption_words(config: TraceConfig) -> str:
     region = getattr(corruption, "region", None)
     where = STAGE_LABELS.get(str(config.corrupt), str(config.corrupt)).split(" (")[0]
     if region is not None:
-        where += (" outside" if type(region).__name__ == "Outside" else " inside") + " the box"
+        where += " outside the box" if isinstance(region, Outside) else " inside the box" if isinstance(region, Box) \
+            else " inside the mask"
     count = f"{config.samples} noise sample{'s' if config.samples != 1 else ''}" if info.random else \
         "one sample (nothing is drawn)"
     return f"{info.label}{level}, on the {where} · {count}"

@@ -15,6 +15,7 @@ from typing import Any
 
 import ipywidgets as W
 
+from .. import heads
 from ..errors import BlipTraceError, renamed
 from ..loading import BlipBundle
 from ..names import (
@@ -49,7 +50,7 @@ from .controls import (
     window_slider,
 )
 from .counterfactual import Counterfactual
-from .live import LiveView, image_png, png_width, tiny_warning, trace_in_phases
+from .live import LiveView, image_png, png_width, start_mode, tiny_warning, trace_in_phases
 
 
 class HeadPattern(W.HBox):
@@ -98,6 +99,29 @@ class HeadPattern(W.HBox):
         self.view.value = image_png(picture, 160)
 
 
+def widest_block(bundle: BlipBundle) -> int:
+    """The most layers of the blocks TraceExplorer offers for ``bundle``: the window slider's end (trace() refuses a
+    window wider than the chosen block, inside the widget)."""
+    return max(bundle.num_layers(block) for _, block in BLOCK_OPTIONS[bundle.head])
+
+
+def check_start(bundle: BlipBundle, config: TraceConfig) -> None:
+    """Refuse a starting configuration that TraceExplorer's controls cannot show as it is, naming the fix."""
+    offered = [block for _, block in BLOCK_OPTIONS[bundle.head]]
+    if config.block not in offered:
+        raise BlipTraceError(f"this explorer traces the {heads.of(bundle).label} model's {' or '.join(offered)}, not "
+                             f"{config.block}" + ("; use VisionTraceExplorer for the vision encoder"
+                                                  if config.block == VISION_ENCODER else ""))
+    layers = bundle.num_layers(config.block)
+    if config.window > layers:
+        raise BlipTraceError(f"window {config.window} is wider than the {layers} layers of the "
+                             f"{BLOCK_LABELS.get(config.block, config.block)}: pass a window from 1 to {layers}")
+    if config.kind == HIDDEN and config.window != 1:
+        raise BlipTraceError(f"the explorer restores hidden states one layer at a time, as ROME's figures do: "
+                             f"pass window=1, or a sublayer kind (mlp, self_attn, cross_attn) for a window of "
+                             f"{config.window}; trace(..., kind='hidden', window={config.window}) traces it")
+
+
 class TraceExplorer(LiveView):
     """Image, question, answer and a causal-trace heatmap that follows the controls.
 
@@ -126,22 +150,23 @@ class TraceExplorer(LiveView):
         self.export_dir = Path(export_dir)
         self.results: dict[str, TraceResult] = {}
         config = config or default_config(bundle, samples=10)
-        self._check_start(config)
+        check_start(bundle, config)
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=kind_options(config.block), value=config.kind, description="kind", style=style)
         self.block = W.Dropdown(options=BLOCK_OPTIONS[self.head], value=config.block, description="block", style=style)
         noise_name, noise_level = corruption_setting(config.corruption)
         self.corruption = W.Dropdown(options=CORRUPTION_OPTIONS, value=noise_name, description="corruption", style=style)
         self.noise = level_slider(noise_level, 0.1, 20, "noise scale", style)
-        self.window = window_slider(config.window, self._widest(), style)
+        self.window = window_slider(config.window, widest_block(bundle), style)
         self.noise_samples, self.seed = samples_box(config.samples, style), seed_box(config.seed, style)
         self.position = W.Text(value=format_position(config.position), description="heads at",
                                placeholder="every position", style=style, continuous_update=False,
                                layout=W.Layout(width="220px"))
         set_tooltip(self.position, "head kinds: restore the heads only at these positions (3, or 1,2) or a token's "
                                    "role (first, object, last); empty: every position")
-        self.normalized = W.Checkbox(value=False, description="normalised", indent=False)
-        self.show_stderr = W.Checkbox(value=False, description="standard error", indent=False)
+        self.normalized = W.Checkbox(value=False, description="normalised", indent=False, layout=W.Layout(width="auto"))
+        self.show_stderr = W.Checkbox(value=False, description="standard error", indent=False,
+                                      layout=W.Layout(width="auto"))
         self.view = W.ToggleButtons(options=[("one kind", "single"), ("compare kinds", "compare")], value="single")
         self._tips(noise_name)
         export_row = self._outputs(style)
@@ -153,38 +178,16 @@ class TraceExplorer(LiveView):
             row(self.corruption, self.noise), row(self.method),
             row(self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr),
         ])
-        self.pattern = HeadPattern(self._widest(), bundle.model.config.text_config.num_attention_heads)
+        self.pattern = HeadPattern(widest_block(bundle), bundle.model.config.text_config.num_attention_heads)
         self.children = [self._header(), controls, self.error, self.warning, self.heatmap, self.pattern,
                          self.comparison, export_row]
         check_shown(config, self.controls_config(), ignore=("word",) if config.word is None else ())
-        self.start_mode(mode, config)
+        start_mode(self, mode, config)
         self._update_enabled()
         self._watch([self.kind, self.block, self.corruption, self.noise, self.window, self.noise_samples,
                      self.seed, self.normalized, self.show_stderr, self.view, self.method, self.question_box,
                      self.position, *self.counterfactual.controls])
         self.refresh()
-
-    def _widest(self) -> int:
-        """The most layers of the blocks offered: the window slider's end (trace() refuses a window wider than the
-        chosen block, inside the widget)."""
-        return max(self.bundle.num_layers(block) for _, block in BLOCK_OPTIONS[self.head])
-
-    def _check_start(self, config: TraceConfig) -> None:
-        """Refuse a starting configuration the controls cannot show as it is, naming the fix."""
-        offered = [block for _, block in BLOCK_OPTIONS[self.head]]
-        if config.block not in offered:
-            raise BlipTraceError(f"this explorer traces the {self.task.label} model's "
-                                 f"{' or '.join(offered)}, not {config.block}"
-                                 + ("; use VisionTraceExplorer for the vision encoder" if config.block == VISION_ENCODER
-                                    else ""))
-        layers = self.bundle.num_layers(config.block)
-        if config.window > layers:
-            raise BlipTraceError(f"window {config.window} is wider than the {layers} layers of the "
-                                 f"{BLOCK_LABELS.get(config.block, config.block)}: pass a window from 1 to {layers}")
-        if config.kind == HIDDEN and config.window != 1:
-            raise BlipTraceError(f"the explorer restores hidden states one layer at a time, as ROME's figures do: "
-                                 f"pass window=1, or a sublayer kind (mlp, self_attn, cross_attn) for a window of "
-                                 f"{config.window}; trace(..., kind='hidden', window={config.window}) traces it")
 
     def _start_scored(self, config: TraceConfig) -> None:
         """A captioner's caption and word from the starting configuration (checked against the controls after)."""

@@ -139,7 +139,7 @@ def trace_in_phases(view: Any, job: threading.Event, panels: Callable[[TraceConf
     for i in range(count):
         now = [s[min(i, len(s) - 1)] for s in steps]
         view.status.value = cost_notice(tracer, now[-1])
-        results = [tracer.trace(step, progress=view._progress(job)) for step in now]
+        results = [tracer.trace(step, progress=reporter(view, job)) for step in now]
         if job.is_set():
             return
         show(results)
@@ -162,6 +162,18 @@ def exact_seconds(view: Any, config: TraceConfig) -> float | None:
         return trace_cost(view.tracer, replace(config, method="exact")).seconds
     except Exception:  # a bad question or setting: the first trace shows it inside the widget
         return None
+
+
+def start_mode(view: Any, mode: str | None, config: TraceConfig) -> None:
+    """An explorer's method control's first value: ``mode``, or when None the whole exact map where the cost estimate
+    says it is quick here (controls.QUICK_SECONDS; the demo models) and the estimate with its top cells exact where
+    it is not; the tooltip says which and why."""
+    if mode is not None:
+        view.method.value = explorer_mode(mode)
+        set_tooltip(view.method, METHOD_TIP)
+        return
+    view.method.value, why = starting_mode(exact_seconds(view, config))
+    set_tooltip(view.method, f"{METHOD_TIP} {why}")
 
 
 #: Background traces still running, with their cancel events, so that the interpreter's exit stops them and waits
@@ -259,17 +271,6 @@ class LiveView(W.VBox):
         self._start_word: int | None = None  # a captioner's word to score first (else its first content word)
         self.gallery.observe(self._on_sample, names="value")
 
-    def start_mode(self, mode: str | None, config: TraceConfig) -> None:
-        """The method control's first value: ``mode``, or when None the whole exact map where the cost estimate says
-        it is quick here (controls.QUICK_SECONDS; the demo models) and the estimate with its top cells exact where
-        it is not; the tooltip says which and why."""
-        if mode is not None:
-            self.method.value = explorer_mode(mode)
-            set_tooltip(self.method, METHOD_TIP)
-            return
-        self.method.value, why = starting_mode(exact_seconds(self, config))
-        set_tooltip(self.method, f"{METHOD_TIP} {why}")
-
     def _header(self) -> W.HBox:
         return W.HBox([self.image_view, W.VBox([self.gallery, self.question_box, self.answer_view, self.caption_box,
                                                 self.word, W.HBox([self.progress, self.status])])])
@@ -355,9 +356,6 @@ class LiveView(W.VBox):
         """Block until background traces, the latest included, have finished (for scripts and tests)."""
         for thread in list(self._threads):
             thread.join(timeout)
-
-    def _progress(self, job: threading.Event):
-        return reporter(self, job)
 
     def _work(self, job: threading.Event) -> None:
         self.status.value = "<i>tracing…</i>"

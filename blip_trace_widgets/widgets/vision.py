@@ -46,7 +46,7 @@ from .controls import (
     window_slider,
 )
 from .counterfactual import Counterfactual
-from .live import LiveView, png_width, tiny_warning, trace_in_phases
+from .live import LiveView, png_width, start_mode, tiny_warning, trace_in_phases
 
 
 class VisionTraceExplorer(LiveView):
@@ -105,16 +105,13 @@ class VisionTraceExplorer(LiveView):
         self._tips()
         self.overlay = W.Image(format="png")
         self.counterfactual = Counterfactual(self.gallery_items, sources=("noise", "pair"))  # a swap acts after the ViT
-        controls = W.VBox([
-            row(self.kind, self.window, self.regions), self.counterfactual,
-            row(self.corruption, self.level, self.noise_samples, self.seed),
-            row(self.area, self.box_x, self.box_y), row(self.method),
-            row(self.layer, self.all_layers, self.normalized),
-            self.metric,
-        ])
+        controls = W.VBox([row(self.kind, self.window, self.regions), self.counterfactual,
+                           row(self.corruption, self.level, self.noise_samples, self.seed),
+                           row(self.area, self.box_x, self.box_y), row(self.method),
+                           row(self.layer, self.all_layers, self.normalized), self.metric])
         self.warning = W.HTML()
         self.children = [self._header(), controls, self.error, self.warning, self.overlay]
-        self.start_mode(mode, self.controls_config())
+        start_mode(self, mode, self.controls_config())
         self._update_enabled()
         self._watch([self.kind, self.window, self.regions, self.corruption, self.level, self.area, self.box_x,
                      self.box_y, self.noise_samples, self.seed, self.question_box, self.method, self.metric,
