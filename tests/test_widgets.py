@@ -470,3 +470,19 @@ def test_sliders_keep_their_width_beside_the_method_toggle(explorer):
     for slider in (explorer.noise, explorer.window):
         assert slider.layout.flex == "0 0 auto" and slider.layout.min_width == "320px"
     assert all(r.layout.flex_flow == "row wrap" for r in rows)
+
+
+def test_background_work_is_cancelled_and_waited_for_on_request(demo_bundle, demo_sample):
+    """What the interpreter's exit runs (atexit): every explorer's background traces cancelled and joined, none
+    left running; the explorer carries on after."""
+    from blip_trace_widgets.widgets import live
+
+    image, question, _ = demo_sample
+    explorer = TraceExplorer(demo_bundle, image, question, background=True)
+    explorer.noise_samples.value = 50  # a longer trace, still in flight when it is cancelled
+    threads = list(explorer._threads)
+    assert live.cancel_background_work(timeout=120) == 0
+    assert not any(t.is_alive() for t in threads) and not set(threads) & set(live._RUNNING)
+    explorer.noise_samples.value = 2
+    explorer.wait()
+    assert explorer.result.config["samples"] == 2 and explorer.error.value == ""

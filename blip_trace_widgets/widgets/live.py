@@ -176,7 +176,7 @@ def start_mode(view: Any, mode: str | None, config: TraceConfig) -> None:
     set_tooltip(view.method, f"{METHOD_TIP} {why}")
 
 
-#: Background traces still running, with their cancel events, so that the interpreter's exit stops them and waits
+#: Background traces still running, with their cancel events, so that the interpreter's exit cancels them and waits
 #: for them first: a thread left inside torch as the interpreter exits aborts the process.
 _RUNNING: dict[threading.Thread, threading.Event] = {}
 _RUNNING_LOCK = threading.Lock()
@@ -184,7 +184,7 @@ _RUNNING_LOCK = threading.Lock()
 EXIT_WAIT = 60.0
 
 
-def stop_background_work(timeout: float = EXIT_WAIT) -> int:
+def cancel_background_work(timeout: float = EXIT_WAIT) -> int:
     """Cancel every explorer's background traces and wait for them to return (at most ``timeout`` seconds in all);
     the number still running after. Registered to run at interpreter exit."""
     with _RUNNING_LOCK:
@@ -198,7 +198,7 @@ def stop_background_work(timeout: float = EXIT_WAIT) -> int:
     return sum(thread.is_alive() for thread, _job in running)
 
 
-atexit.register(stop_background_work)
+atexit.register(cancel_background_work)
 
 
 class LiveView(W.VBox):
@@ -346,7 +346,7 @@ class LiveView(W.VBox):
             self._threads = [t for t in self._threads if t.is_alive()]
             thread = threading.Thread(target=self._work, args=(job,), daemon=True)
             self._threads.append(thread)
-            with _RUNNING_LOCK:  # the interpreter's exit cancels it and waits for it (stop_background_work)
+            with _RUNNING_LOCK:  # the interpreter's exit cancels it and waits for it (cancel_background_work)
                 _RUNNING[thread] = job
             thread.start()
         else:
