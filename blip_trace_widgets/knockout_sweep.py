@@ -16,6 +16,7 @@ relative change (p_cut − p_clean) / p_clean, with a percentile bootstrap inter
 """
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from .errors import BlipTraceError, renamed
 from .knockout import Knockout, KnockoutConfig
 from .loading import BlipBundle
 from .names import EACH_TOKEN, KNOCKOUT_WINDOW
+from .significance import DEFAULT_Q, CellStatistics, bh_qvalues
 
 EdgeNames = Sequence[Any]  # Edges, or names of SHORTHANDS
 
@@ -87,7 +89,8 @@ def knockout_sweep(
 
 def knockout_average(table: Any, *, correct_only: bool = False, confidence: float = 0.95) -> Any:
     """Per (group, layer): the mean relative change over questions, its bootstrap interval and the count (and what a
-    query with every key cut read, ``empty``, which one table must not mix)."""
+    query with every key cut read, ``empty``, which one table must not mix), with a t-test over the questions'
+    changes (``p_value``) and Benjamini-Hochberg q-values over the rows (``q_value``, ``significant``)."""
     import pandas as pd
 
     from .aggregate import bootstrap_interval
@@ -103,10 +106,16 @@ def knockout_average(table: Any, *, correct_only: bool = False, confidence: floa
     out = []
     for (group, layer), rows in table.groupby(["group", "layer"], sort=False):
         low, high = bootstrap_interval(rows["change"].to_numpy(), confidence=confidence)
+        per_question = rows.groupby("sample")["change"].mean().to_numpy()  # the questions are the draws
+        p = CellStatistics.of_draws(per_question[:, None, None], deterministic=False).pvalues[0, 0]
         out.append({"group": group, "layer": int(layer), "change": float(rows["change"].mean()), "low": low,
-                    "high": high, "questions": int(rows["sample"].nunique()),
+                    "high": high, "questions": int(rows["sample"].nunique()), "p_value": float(p),
                     **({"empty": empties[0]} if empties else {})})
-    return pd.DataFrame(out)
+    frame = pd.DataFrame(out)
+    if len(frame):  # Benjamini-Hochberg over every (group, layer) row
+        frame["q_value"] = bh_qvalues(frame["p_value"].to_numpy())
+        frame["significant"] = frame["q_value"].fillna(1.0) < DEFAULT_Q
+    return frame
 
 
 def plot_knockout_average(averages: Any, ax: Any = None, *, title: str | None = None) -> Any:
@@ -118,12 +127,18 @@ def plot_knockout_average(averages: Any, ax: Any = None, *, title: str | None = 
     for group, rows in averages.groupby("group", sort=False):
         line, = ax.plot(rows["layer"], 100 * rows["change"], marker="o", markersize=3.5, label=group)
         ax.fill_between(rows["layer"], 100 * rows["low"], 100 * rows["high"], color=line.get_color(), alpha=0.2)
+        if "significant" in rows:  # rows that are noise: hollow markers
+            noise = rows[~rows["significant"].astype(bool)]
+            ax.plot(noise["layer"], 100 * noise["change"], "o", markersize=5, markerfacecolor="white",
+                    markeredgecolor=line.get_color(), linestyle="none")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("layer (centre of the cut window)")
     ax.set_ylabel("mean change of p, % of clean")
     ax.legend(fontsize=8)
     questions = int(averages["questions"].max()) if len(averages) else 0
     rule = f"; {EMPTY_ROWS[averages['empty'].iloc[0]].label}" if "empty" in averages and len(averages) else ""
-    ax.set_title(title or f"Attention knockout over {questions} questions: mean change of p with 95% intervals{rule}",
-                 fontsize=9)
+    real = (f"; {int(averages['significant'].sum())} of {len(averages)} points significant (q < {DEFAULT_Q}; "
+            "hollow: noise)") if "significant" in averages and len(averages) else ""
+    ax.set_title(title or textwrap.fill(f"Attention knockout over {questions} questions: mean change of p with 95% "
+                                        f"intervals{rule}{real}", 90), fontsize=9)
     return ax

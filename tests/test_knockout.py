@@ -299,7 +299,14 @@ def test_a_sweep_averages_groups_with_intervals(demo_bundle, tmp_path):
     rows = table[(table.group == "image → question") & (table.layer == 1)]
     assert first.change == pytest.approx(rows.change.mean()) and first.low <= first.change <= first.high
     assert first.questions == len(samples)
-    assert len(plot_knockout_average(averages).get_lines()) >= 3
+    changes = rows.groupby("sample").change.mean().to_numpy()  # a one-sample t over the questions, by hand
+    t = changes.mean() / (changes.std(ddof=1) / np.sqrt(len(changes)))
+    from blip_trace_widgets.significance import t_two_sided
+
+    assert first.p_value == pytest.approx(t_two_sided(t, len(changes) - 1))
+    assert (averages.q_value >= averages.p_value - 1e-12).all() and averages.significant.dtype == bool
+    ax = plot_knockout_average(averages)
+    assert len(ax.get_lines()) >= 3 and "significant (q < 0.05" in ax.get_title().replace("\n", " ")
     with pytest.raises(BlipTraceError, match="each"):
         knockout_sweep(demo_bundle, samples, edges=[Edges(queries="each")])
     assert main(["knockout", "--dataset", "easy-vqa-color", "--limit", "2", "--edges", "image",
