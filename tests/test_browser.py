@@ -202,3 +202,4 @@ def test_sliders_keep_a_usable_track_at_1400_px(lab):
             track = page.locator(".widget-slider", has_text=label).first.locator(".slider-container")
             box = track.bounding_box()
             assert box is not None and box["width"] >= 200, f"the {label} slider's track is {box} wide at 1400 px"
+            print(f"{app}: the {label} slider's track is {box['width']:.0f} px wide at 1400 px")

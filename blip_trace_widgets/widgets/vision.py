@@ -96,8 +96,8 @@ class VisionTraceExplorer(LiveView):
                                   for axis in "xy")
         self.layer = IntSlider(value=0, min=0, max=layers - 1, description="vision layer", style=style,
                                layout=W.Layout(**SLIDER_LAYOUT))
-        self.all_layers = W.Checkbox(value=False, description="all layers", indent=False)
-        self.normalized = W.Checkbox(value=True, description="normalised", indent=False)
+        self.all_layers = W.Checkbox(value=False, description="all layers", indent=False, layout=W.Layout(width="auto"))
+        self.normalized = W.Checkbox(value=True, description="normalised", indent=False, layout=W.Layout(width="auto"))
         self.noise_samples, self.seed = samples_box(noise_samples, style), seed_box(0, style)
         matching = {} if "itc" in self.task.metrics else {"display": "none"}
         self.metric = W.ToggleButtons(options=[(metric_label(m, self.head), m) for m in MATCH_METRICS], value="prob",
