@@ -384,6 +384,12 @@ def test_every_mode_traces_a_windowed_mlp_map(demo_bundle, demo_sample, mode):
     explorer.view.value = "compare"  # the window slider applies to every sublayer panel, in every mode
     assert explorer.error.value == "", explorer.error.value
     assert {r.window for k, r in explorer.results.items() if k != "hidden"} == {3}
+    explorer.view.value = "single"
+    explorer.kind.value = "hidden"  # a hidden-state map of one layer, whose phases the panels must not inherit
+    explorer.view.value = "compare"
+    assert explorer.error.value == "", explorer.error.value
+    assert {k: r.window for k, r in explorer.results.items()} == {"hidden": 1, "mlp": 3, "self_attn": 3,
+                                                                   "cross_attn": 3}
 
 
 def test_a_starting_window_or_position_is_kept_or_refused_never_changed(demo_bundle, demo_sample):
@@ -486,3 +492,14 @@ def test_background_work_is_cancelled_and_waited_for_on_request(demo_bundle, dem
     explorer.noise_samples.value = 2
     explorer.wait()
     assert explorer.result.config["samples"] == 2 and explorer.error.value == ""
+
+
+def test_the_vision_explorer_opens_on_its_exact_map_where_it_is_quick(demo_bundle):
+    from blip_trace_widgets.widgets import VisionTraceExplorer
+
+    explorer = VisionTraceExplorer(demo_bundle, background=False, regions=2, noise_samples=2)
+    assert explorer.method.value == "exact" and not explorer.result.is_estimate
+    assert "<b>EXACT</b> map · Gaussian (ROME), scale 3, on the patch embeddings · 2 noise samples" in \
+        explorer.status.value
+    assert VisionTraceExplorer(demo_bundle, background=False, regions=2, noise_samples=2,
+                               mode="estimate").result.is_estimate
