@@ -503,3 +503,17 @@ def test_the_vision_explorer_opens_on_its_exact_map_where_it_is_quick(demo_bundl
         explorer.status.value
     assert VisionTraceExplorer(demo_bundle, background=False, regions=2, noise_samples=2,
                                mode="estimate").result.is_estimate
+
+
+def test_a_captioners_starting_caption_and_word_are_kept_or_refused_inside():
+    from blip_trace_widgets import load_model
+    from blip_trace_widgets.tracing import default_config
+
+    captioner = load_model("demo-caption")
+    explorer = TraceExplorer(captioner, background=False, config=default_config(captioner, samples=2, word=2))
+    assert explorer.word.value == 2 and explorer.result.config["word"] == 2 and explorer.error.value == ""
+    explorer = TraceExplorer(captioner, background=False, config=default_config(captioner, samples=2, word=9))
+    assert "word 9 is past the caption's 3 words (0 to 2)" in explorer.error.value.replace("&#x27;", "'")
+    explorer = TraceExplorer(captioner, background=False,
+                             config=default_config(captioner, samples=2, answer="a blue circle", word=1))
+    assert explorer.caption_box.value == "a blue circle" and explorer.result.scored == "caption word 'blue'"
