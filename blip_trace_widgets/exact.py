@@ -72,14 +72,27 @@ class ExactScorer:
 
     @torch.no_grad()
     def patched(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
-                corrupted: Corrupted | None, progress: Advance | None = None,
+                corrupted: Corrupted | None, progress: Advance | None = None, *, donor: Corrupted | None = None,
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Mean and standard error over noise samples of each cell's score, and each sample's score [samples,
-        cells], against one corrupted draw (``None``: the seed's first, cached)."""
+        cells], against one corrupted draw (``None``: the seed's first, cached).
+
+        ``donor`` (restoring only): another corrupted draw of as many samples, whose states each sample's cells
+        restore from the same sample of, instead of the clean run's: a placebo map, every effect null by
+        construction (what a significance test must not flag)."""
         session = self.runs.context
         clean_run, corrupted_run, cross = self.runs.runs(block, config, target, corrupted)
         _check_cells(block, cells, int(clean_run.kinds[config.kind][0].shape[1]))  # positions, or head units
         clean_states = [x[0] for x in clean_run.kinds[config.kind]]
+        if donor is not None:
+            if config.direction != "denoise":
+                raise BlipTraceError("a donor draw replaces the clean states that restoring patches in: use it with "
+                                     "direction='denoise'")
+            given = self.runs.runs(block, config, target, donor)[1]
+            if int(given.inputs[0].shape[0]) != int(corrupted_run.inputs[0].shape[0]):
+                raise BlipTraceError(f"the donor draw has {int(given.inputs[0].shape[0])} samples and the corrupted "
+                                     f"one {int(corrupted_run.inputs[0].shape[0])}: draw both with the same samples")
+            clean_states = list(given.kinds[config.kind])  # [samples, ...] per layer: sample s from sample s
         severed = corrupted_run.kinds[config.sever] if config.sever else None
         if config.direction == "noise":  # the clean run is the base; each sample's corrupted states are patched in
             samples = int(corrupted_run.inputs[0].shape[0])
