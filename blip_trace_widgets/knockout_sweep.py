@@ -7,7 +7,7 @@
     ['image [CLS] → question', 'image → question']
     >>> averages = knockout_average(table)
     >>> list(averages.columns)
-    ['group', 'layer', 'change', 'low', 'high', 'questions', 'empty']
+    ['group', 'layer', 'change', 'low', 'high', 'questions', 'p_value', 'empty', 'q_value', 'significant']
 
 ``edges`` are :class:`~.edges.Edges` or the names of :data:`~.edges.SHORTHANDS`; ``"object"`` and
 ``"background"`` find each image's shape (easy-VQA's one-shape images), so a group means the same part of
