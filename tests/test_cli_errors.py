@@ -172,7 +172,7 @@ def _parser_calling(run):
     return lambda: parser
 
 
-def test_an_internal_error_keeps_its_traceback(files, monkeypatch):
+def test_an_internal_key_error_keeps_its_traceback(files, monkeypatch):
     def bug(_args):
         raise KeyError("a bug")
 
