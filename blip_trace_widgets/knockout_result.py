@@ -107,11 +107,17 @@ class KnockoutResult:
         return (absolute < TINY_ABSOLUTE["prob"]) | (np.nanmax(np.abs(self.changes), axis=1) < TINY_CHANGE)
 
     def strongest(self) -> list[tuple[str, int, float]]:
-        """Per group: (label, layer, change) at the layer where cutting changes p most."""
+        """Per group: (label, layer, change) at the layer where cutting changes p most; a group whose every change
+        is NaN (no layer could be cut, or the clean p is 0) is left out, and a result with none is refused."""
         out = []
         for label, row in zip(self.labels, self.changes):
+            if not np.isfinite(row).any():
+                continue
             layer = int(np.nanargmax(np.abs(row)))
             out.append((label, layer, float(row[layer])))
+        if not out and len(self.labels):
+            raise BlipTraceError("no change of this knockout is a number (every entry is NaN): the clean score is 0 "
+                                 "or no layer was cut; score an answer the model gives, or check the result's file")
         return out
 
     # ----- saving ---------------------------------------------------------------------------

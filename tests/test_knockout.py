@@ -512,3 +512,11 @@ def test_a_sweep_of_a_matcher_scoring_expected_answers_scores_the_match(bundles,
     assert "reads their mean" in plot_knockout_average(knockout_average(mean)).get_title()
     with pytest.raises(BlipTraceError, match="mixes knockouts with empty='mean' and 'zero'"):
         knockout_average(pd.concat([model, mean]))
+
+
+def test_strongest_skips_groups_with_no_change_and_refuses_a_result_with_none():
+    mixed = KnockoutResult(["cut", "beyond"], np.array([[0.2, 0.5], [np.nan, np.nan]]), 0.9, window=1, answer="red")
+    assert [label for label, _, _ in mixed.strongest()] == ["cut"]
+    empty = KnockoutResult(["beyond"], np.array([[np.nan, np.nan]]), 0.9, window=1, answer="red")
+    with pytest.raises(BlipTraceError, match="every entry is NaN"):
+        empty.strongest()
