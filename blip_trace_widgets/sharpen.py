@@ -15,17 +15,21 @@ significant cells and the top cell have not changed for ``stable_rounds`` rounds
 ``max_seconds``, or when ``should_stop()`` says so (the explorers' stop button). Samples are drawn one at a time
 from the seed's generator (:func:`~.corruption._draw`), so N samples drawn in rounds are the N samples of one
 batch, and give the same map (to float rounding: the batches are other shapes).
+
+:func:`sharpening` yields each round's map instead of calling back: the explorers draw several maps in step with
+it, each round shown as it comes (:mod:`~.widgets.sharpening`). ``progress(done, total)`` sees each round's cells.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from .engine import Progress
 from .errors import BlipTraceError
 from .results import TraceResult
 from .scoring import Scores
@@ -75,25 +79,50 @@ def status_text(result: TraceResult) -> str:
     return text + (f" · stopped: {stopped}" if stopped else " · sharpening…")
 
 
+def can_sharpen(config: Any) -> bool:
+    """Whether ``config``'s map is drawn in rounds: an exact map whose cells share each noise draw. Estimates, fresh
+    noise per cell and deterministic corruptions are traced once."""
+    return config.method == "exact" and not config.fresh_noise and not getattr(config.corruption, "deterministic", False)
+
+
 def sharpen(tracer: Any, config: Any, plan: AutoSampling = AutoSampling(),
             on_round: Callable[[TraceResult], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> TraceResult:
+            should_stop: Callable[[], bool] | None = None, progress: Progress | None = None) -> TraceResult:
     """The exact map of ``config`` drawn in rounds until it is stable (see the module); ``on_round`` sees each
-    round's map. Estimates, fresh noise per cell and deterministic corruptions are traced once, as asked."""
-    if config.method != "exact" or config.fresh_noise or getattr(config.corruption, "deterministic", False):
-        return tracer.trace(replace(config, samples=plan.max_samples if config.method == "exact" else config.samples))
+    round's map, ``progress(done, total)`` each round's cells as they are done. Estimates, fresh noise per cell and
+    deterministic corruptions are traced once, as asked."""
+    if not can_sharpen(config):
+        samples = plan.max_samples if config.method == "exact" else config.samples
+        return tracer.trace(replace(config, samples=samples), progress=progress)
+    rounds = sharpening(tracer, config, plan, should_stop, progress)
+    while True:
+        result = next(rounds)
+        if on_round is not None:
+            on_round(result)
+        if result.config["auto"]["stopped"]:
+            return result
+
+
+def sharpening(tracer: Any, config: Any, plan: AutoSampling = AutoSampling(),
+               should_stop: Callable[[], bool] | None = None,
+               progress: Progress | None = None) -> Iterator[TraceResult]:
+    """Each round's map of :func:`sharpen` as it is drawn, the last one with ``config["auto"]["stopped"]`` set: the
+    explorers draw several maps in step this way. Only for a map that :func:`can_sharpen`."""
+    if not can_sharpen(config):
+        raise BlipTraceError("only an exact map whose cells share each noise draw sharpens: trace this one once")
     layout = tracer.plan(replace(config, samples=plan.round_samples))
     generator = torch.Generator().manual_seed(int(config.seed))
     exact, cells = tracer.scorers["exact"], layout.layout.cells
     draws: list[np.ndarray] = []
     lows: list[np.ndarray] = []
     history: list[tuple[frozenset[int], int]] = []
-    start, held, result = time.perf_counter(), 0, None
+    start, held = time.perf_counter(), 0
     while True:
         k = min(plan.round_samples, plan.max_samples - sum(len(d) for d in draws))
         round_config = replace(layout.config, samples=k)
         corrupted = tracer.corrupted_runs.draw(round_config, generator)
-        _, _, scores = exact.patched(layout.block, cells, round_config, layout.target, corrupted)
+        _, _, scores = exact.patched(layout.block, cells, round_config, layout.target, corrupted,
+                                     _advance(progress, len(cells)))
         low, high = tracer.baseline_draws(round_config, corrupted)
         draws.append(scores)
         lows.append(low)
@@ -101,10 +130,23 @@ def sharpen(tracer: Any, config: Any, plan: AutoSampling = AutoSampling(),
         stopped = _stopped(result, plan, held, time.perf_counter() - start, should_stop)
         result.config["auto"] = {"round_samples": plan.round_samples, "rounds": len(draws), "held": held,
                                  "stopped": stopped, "seconds": round(time.perf_counter() - start, 3)}
-        if on_round is not None:
-            on_round(result)
+        yield result
         if stopped:
-            return result
+            return
+
+
+def _advance(progress: Progress | None, total: int) -> Callable[[int], None] | None:
+    """A round's cell counter for ``progress(done, total)``."""
+    if progress is None:
+        return None
+    done = 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        progress(done, total)
+
+    return advance
 
 
 def _round_result(tracer: Any, layout: Any, draws: list[np.ndarray], lows: list[np.ndarray], high: np.ndarray,

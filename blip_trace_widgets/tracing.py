@@ -370,7 +370,7 @@ def trace(
         return trace_words(tracer, config)
     if auto is not None:  # priced at its first round; its budget is said in the result
         warn_if_long(tracer, [replace(config, samples=auto.round_samples)])
-        return sharpen(tracer, config, auto)
+        return sharpen(tracer, config, auto, progress=progress)
     warn_if_long(tracer, [config])  # a long trace is said before it starts, with what makes it cheaper
     return tracer.trace(config, progress=progress)
 

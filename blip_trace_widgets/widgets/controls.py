@@ -10,6 +10,7 @@ and :mod:`~blip_trace_widgets.config`; nothing here traces.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import Any
@@ -26,6 +27,7 @@ from ..errors import BlipTraceError
 from ..heads import BLOCKS_OF
 from ..names import (
     BLOCK_LABELS,
+    DEFAULT_SAMPLES,
     DIRECTION_LABELS,
     EXPLORER_MODES,
     KIND_SHORT_LABELS,
@@ -41,6 +43,7 @@ from ..names import (
     window_for,
 )
 from ..regions import Box, Outside
+from ..sharpen import AutoSampling
 from ..tracing import TraceConfig
 
 IPYWIDGETS_MAJOR = int(W.__version__.split(".")[0])
@@ -131,11 +134,72 @@ def level_slider(value: float, low: float, high: float, description: str, style:
                           layout=W.Layout(**SLIDER_LAYOUT))
 
 
-def samples_box(value: int, style: dict[str, str]) -> BoundedIntText:
-    """Noise samples, 1 to MAX_SAMPLES as trace() takes them (a slider to 1000 would have no usable track)."""
-    check_int("samples", value, 1, MAX_SAMPLES)
-    return BoundedIntText(value=value, min=1, max=MAX_SAMPLES, description="noise samples", style=style,
-                          layout=W.Layout(width="190px", flex="0 0 auto"))
+#: The samples box's "auto": exact maps drawn in rounds until they are stable, by :class:`~.sharpen.AutoSampling`'s
+#: defaults (:data:`AUTO_PLAN`); the box's other suggestions are whole numbers, and any other one may be typed.
+AUTO = "auto"
+AUTO_PLAN = AutoSampling()
+SAMPLES_CHOICES = (AUTO, "3", "10", "30", "100")
+SAMPLES_TIP = (f"{AUTO}: the exact map is drawn {AUTO_PLAN.round_samples} noise samples at a time and redrawn after "
+               f"each round, until its significant cells and top cell hold for {AUTO_PLAN.stable_rounds} rounds (at "
+               f"most {AUTO_PLAN.max_samples} samples); or a whole number of noise draws averaged in each cell, 1 to "
+               f"{MAX_SAMPLES}")
+
+
+class SamplesValue(traitlets.Unicode):
+    """A samples box's text; a whole number set from Python is taken as its digits, and refused outside 1 to
+    MAX_SAMPLES (text typed in the box is read when it is traced, and a bad one is said inside the widget)."""
+
+    def validate(self, obj: Any, value: Any) -> Any:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = str(int(refuse_outside(obj, int(value), 1, MAX_SAMPLES)))
+        return super().validate(obj, value)
+
+
+class SamplesBox(W.Combobox):
+    """Noise samples: "auto" (maps that sharpen) or a whole number, typed or picked from the suggestions."""
+
+    value = SamplesValue(AUTO, help="auto, or a whole number of noise samples").tag(sync=True)
+
+
+def samples_setting(text: Any) -> int | None:
+    """A samples box's value as a whole number of samples, or None for "auto"; a clear error naming the choices
+    for anything else."""
+    value = str(text).strip().lower()
+    if value == AUTO:
+        return None
+    if not value.isdigit():
+        raise BlipTraceError(f"noise samples {text!r}: type {AUTO} or a whole number from 1 to {MAX_SAMPLES}")
+    check_int("noise samples", int(value), 1, MAX_SAMPLES)
+    return int(value)
+
+
+def samples_box(value: int | str, style: dict[str, str]) -> SamplesBox:
+    """Noise samples: "auto", or 1 to MAX_SAMPLES as trace() takes them (a slider to 1000 would have no usable
+    track)."""
+    if value != AUTO:
+        check_int("samples", value, 1, MAX_SAMPLES)
+    box = SamplesBox(value=str(value), options=SAMPLES_CHOICES, ensure_option=False, description="noise samples",
+                     continuous_update=False, style=style, layout=W.Layout(width="190px", flex="0 0 auto"))
+    set_tooltip(box, SAMPLES_TIP)
+    return box
+
+
+def samples_count(text: Any, auto: int) -> int:
+    """The whole number of noise samples a samples box says, or ``auto`` for "auto": what an explorer's estimates
+    (and maps that cannot sharpen) draw then."""
+    count = samples_setting(text)
+    return auto if count is None else count
+
+
+def start_samples(config: TraceConfig | None, noise_samples: int | str | None) -> int | str:
+    """The samples box's first value: ``noise_samples`` when given, else "auto" without a starting configuration
+    and its ``samples`` with one. A starting configuration whose samples (other than the default) disagree with
+    ``noise_samples`` is refused, never overridden."""
+    if noise_samples is None:
+        return AUTO if config is None else config.samples
+    if config is not None and config.samples not in (DEFAULT_SAMPLES, noise_samples):
+        raise BlipTraceError(f"config has samples={config.samples} and noise_samples={noise_samples!r}: pass one")
+    return noise_samples
 
 
 def seed_box(value: int, style: dict[str, str]) -> BoundedIntText:
@@ -227,6 +291,8 @@ def default_gallery(head: str, count: int = 6) -> list[tuple]:
 VISION_KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in VISION_KINDS]
 #: What an image-text matcher's image-side trace can score.
 MATCH_METRICS = ("prob", "itc")
+#: The vision explorer's noise samples where "auto" does not sharpen (its estimates): its fixed default before.
+VISION_SAMPLES = 5
 VISION_CORRUPTION_OPTIONS = [("noise on patch embeddings", "gaussian"), ("blur pixels", "blur"), ("grey pixels", "grey")]
 AREA_OPTIONS = [("whole image", "all"), ("inside the box", "inside"), ("outside the box", "outside")]
 VISION_LEVEL_TIPS = {
@@ -277,6 +343,15 @@ def starting_mode(seconds: float | None) -> tuple[str, str]:
     about = f"about {seconds:.0f} s" if seconds is not None else "an unknown time"
     return "verified", (f"Opened on the estimate with its top cells exact: the whole exact map takes {about} "
                         "here; pick 'exact only' for it.")
+
+
+def position_box(position: int | tuple[int, ...] | str | None, style: dict[str, str]) -> W.Text:
+    """The "heads at" box of the head kinds, holding ``position`` (see :func:`format_position`)."""
+    box = W.Text(value=format_position(position), description="heads at", placeholder="every position", style=style,
+                 continuous_update=False, layout=W.Layout(width="220px"))
+    set_tooltip(box, "head kinds: restore the heads only at these positions (3, or 1,2) or a token's role (first, "
+                     "object, last); empty: every position")
+    return box
 
 
 def format_position(position: int | tuple[int, ...] | str | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from ..errors import BlipTraceError, renamed
 from ..loading import BlipBundle
 from ..names import (
     BLOCK_LABELS,
+    DEFAULT_SAMPLES,
     HIDDEN,
     SUBLAYER_KINDS,
     TEXT_CROSS_BLOCKS,
@@ -39,14 +41,16 @@ from .controls import (
     compare_configs,
     controls_config,
     corruption_setting,
-    format_position,
     kind_options,
     level_slider,
     merged_gallery,
+    position_box,
     row,
     samples_box,
+    samples_count,
     seed_box,
     set_tooltip,
+    start_samples,
     window_slider,
 )
 from .counterfactual import Counterfactual
@@ -125,10 +129,12 @@ def check_start(bundle: BlipBundle, config: TraceConfig) -> None:
 class TraceExplorer(LiveView):
     """Image, question, answer and a causal-trace heatmap that follows the controls.
 
-    ``samples`` is an optional gallery of (image, question[, answer]) tuples; with no
+    ``gallery`` is an optional list of (image, question[, answer]) tuples; with no
     image it defaults to the easy-VQA demo samples. ``background=True`` traces in a
     thread so the controls stay responsive on a slow model; a newer change cancels an
-    older trace in flight.
+    older trace in flight. ``noise_samples`` ("auto" without a ``config``, else the
+    config's ``samples``) is the samples box's first value: with "auto" exact maps
+    sharpen, redrawn after each round of noise until they are stable (:mod:`.sharpening`).
     """
 
     def __init__(
@@ -144,12 +150,14 @@ class TraceExplorer(LiveView):
         samples: Sequence[tuple] | None = None,
         mode: str | None = None,
         question: str | None = None,
+        noise_samples: int | str | None = None,
     ) -> None:
         text = renamed(text, question, "question", "text")
         super().__init__(bundle, image, text, gallery=merged_gallery(gallery, samples), background=background)
         self.export_dir = Path(export_dir)
         self.results: dict[str, TraceResult] = {}
-        config = config or default_config(bundle, samples=10)
+        start = start_samples(config, noise_samples)  # "auto": the estimates draw DEFAULT_SAMPLES, as they did
+        config = replace(config or default_config(bundle), samples=samples_count(start, DEFAULT_SAMPLES))
         check_start(bundle, config)
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=kind_options(config.block), value=config.kind, description="kind", style=style)
@@ -158,12 +166,8 @@ class TraceExplorer(LiveView):
         self.corruption = W.Dropdown(options=CORRUPTION_OPTIONS, value=noise_name, description="corruption", style=style)
         self.noise = level_slider(noise_level, 0.1, 20, "noise scale", style)
         self.window = window_slider(config.window, widest_block(bundle), style)
-        self.noise_samples, self.seed = samples_box(config.samples, style), seed_box(config.seed, style)
-        self.position = W.Text(value=format_position(config.position), description="heads at",
-                               placeholder="every position", style=style, continuous_update=False,
-                               layout=W.Layout(width="220px"))
-        set_tooltip(self.position, "head kinds: restore the heads only at these positions (3, or 1,2) or a token's "
-                                   "role (first, object, last); empty: every position")
+        self.noise_samples, self.seed = samples_box(start, style), seed_box(config.seed, style)
+        self.position = position_box(config.position, style)
         self.normalized = W.Checkbox(value=False, description="normalised", indent=False, layout=W.Layout(width="auto"))
         self.show_stderr = W.Checkbox(value=False, description="standard error", indent=False,
                                       layout=W.Layout(width="auto"))
@@ -202,7 +206,6 @@ class TraceExplorer(LiveView):
         set_tooltip(self.noise, NOISE_TIPS[noise_name])
         set_tooltip(self.normalized, "show (score − corrupted) / (clean − corrupted), on a fixed range from −1 to 1")
         set_tooltip(self.show_stderr, "show each cell's standard error over the noise samples instead of its score")
-        set_tooltip(self.noise_samples, "noise draws averaged in each cell")
 
     def _outputs(self, style: dict[str, str]) -> W.HBox:
         """The warning, the heatmap views and the export row (returned)."""
@@ -220,11 +223,12 @@ class TraceExplorer(LiveView):
 
     # ----- state ------------------------------------------------------------------------
     def controls_config(self) -> TraceConfig:
-        """The configuration the controls describe (see :func:`controls_config`)."""
+        """The configuration the controls describe (see :func:`controls_config`); with "auto" samples, the samples
+        of its estimates (``DEFAULT_SAMPLES``), its exact maps sharpening (``result.config["samples"]`` says)."""
         config = controls_config(block=self.block.value, kind=self.kind.value, window=int(self.window.value),
                                  corruption=self.corruption.value, level=float(self.noise.value),
-                                 samples=int(self.noise_samples.value), seed=int(self.seed.value),
-                                 position=self.position.value, **self.scored)
+                                 samples=samples_count(self.noise_samples.value, DEFAULT_SAMPLES),
+                                 seed=int(self.seed.value), position=self.position.value, **self.scored)
         return self.counterfactual.apply(config, int(self.gallery.value or 0))
 
     def _sync_kinds(self) -> None:

@@ -13,7 +13,8 @@ import io
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
 from html import escape
 from typing import Any
 
@@ -31,16 +32,20 @@ from ..names import (
 )
 from ..results import TraceResult
 from ..roles import first_content_word
+from ..sharpen import AutoSampling, can_sharpen
 from ..tracing import TraceConfig, Tracer
 from .controls import (
+    AUTO_PLAN,
     check_gallery,
     default_gallery,
     explorer_mode,
     phases,
+    samples_setting,
     set_tooltip,
     shown_words,
     starting_mode,
 )
+from .sharpening import Sharpening, drawn, sharpen_phase
 
 
 def answer_html(tracer: Tracer) -> str:
@@ -90,8 +95,9 @@ def image_key(image: Image.Image) -> str:
     return image_digest(image)
 
 
-def reporter(view: Any, job: threading.Event) -> Callable[[int, int], None]:
-    """Progress of one trace in ``view``'s bar, and after a few seconds the time left in its status line."""
+def reporter(view: Any, job: threading.Event, timed: bool = True) -> Callable[[int, int], None]:
+    """Progress of one trace in ``view``'s bar, and (``timed``) after a few seconds the time left in its status
+    line; a cancelled ``job`` ends the trace."""
     import time
 
     started = time.perf_counter()
@@ -102,7 +108,7 @@ def reporter(view: Any, job: threading.Event) -> Callable[[int, int], None]:
             raise Cancelled
         view.progress.max, view.progress.value = max(total, 1), done
         elapsed = time.perf_counter() - started
-        if 0 < done < total and elapsed > 2:
+        if timed and 0 < done < total and elapsed > 2:
             left = elapsed * (total - done) / done
             view.status.value = f"<i>tracing… {done} of {total} cells, about {left:.0f} s left</i>{notice}"
 
@@ -128,22 +134,45 @@ def trace_in_phases(view: Any, job: threading.Event, panels: Callable[[TraceConf
     """A trace explorer's work: the controls' configuration and its panels (one map, or one per kind), then each
     panel's phases for the method control (the estimate, then the verified or exact map), traced and shown as they
     come, unless a newer change has cancelled ``job``. A panel with fewer phases shows its last one throughout
-    (from the tracer's cache)."""
+    (from the tracer's cache). With the samples box on "auto" a phase's exact maps sharpen, each round shown as it
+    comes (:func:`~.sharpening.sharpen_phase`)."""
     tracer = view.tracer
     view.answer_view.value = answer_html(tracer)
     view.sync_words(tracer)
     view.counterfactual.sync(int(view.gallery.value or 0))
     view.config = config = view.controls_config()
+    plan = sampling_plan(view)
     steps = [phases(panel, view.method.value) for panel in panels(config)]
     count = max(len(s) for s in steps)
+    kept: dict[Hashable, TraceResult] = {}  # this job's sharpened maps, for its later phases
     for i in range(count):
         now = [s[min(i, len(s) - 1)] for s in steps]
+
+        def shown(results: list[TraceResult], now: list[TraceConfig] = now, last: bool = i == count - 1) -> None:
+            show(results)
+            view.config = drawn(config, results[0])
+            configs = [drawn(c, r) for c, r in zip(now, results)]
+            view.status.value = status_text(results[0]) + "<br>" + shown_words(configs, last, view.method.value)
+
+        if plan is not None and any(can_sharpen(c) for c in now):
+            first = replace(now[-1], samples=plan.round_samples) if can_sharpen(now[-1]) else now[-1]
+            view.status.value = cost_notice(tracer, first)  # priced at its first round
+            if not sharpen_phase(view, job, now, plan, shown, reporter(view, job, timed=False), kept):
+                return
+            continue
         view.status.value = cost_notice(tracer, now[-1])
         results = [tracer.trace(step, progress=reporter(view, job)) for step in now]
         if job.is_set():
             return
-        show(results)
-        view.status.value = status_text(results[0]) + "<br>" + shown_words(now, i == count - 1, view.method.value)
+        view.sharpening.hide()
+        shown(results)
+
+
+def sampling_plan(view: Any) -> AutoSampling | None:
+    """How ``view``'s exact maps sharpen: :data:`~.controls.AUTO_PLAN` when its samples box says "auto", else None
+    (a whole number of samples, or an explorer without a samples box)."""
+    box = getattr(view, "noise_samples", None)
+    return AUTO_PLAN if box is not None and samples_setting(box.value) is None else None
 
 
 #: The method control's tooltip; the explorer adds why it opened on the method it shows.
@@ -154,8 +183,6 @@ METHOD_TIP = ("exact: the whole map, every cell restored; estimate (attribution 
 def exact_seconds(view: Any, config: TraceConfig) -> float | None:
     """The cost module's estimate of ``config``'s exact map for ``view``'s (image, text), in seconds (None where it
     cannot tell)."""
-    from dataclasses import replace
-
     from ..cost import trace_cost
 
     try:
@@ -264,6 +291,7 @@ class LiveView(W.VBox):
         self.answer_view = W.HTML()
         self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="240px"))
         self.status = W.HTML()
+        self.sharpening = Sharpening()  # the status line and stop button of maps that sharpen
         self.error = W.HTML()
         self.method = W.ToggleButtons(options=[(label, mode) for mode, label in EXPLORER_MODES.items()], value="exact",
                                       description="method", style={"button_width": "auto", **style},
@@ -273,7 +301,7 @@ class LiveView(W.VBox):
 
     def _header(self) -> W.HBox:
         return W.HBox([self.image_view, W.VBox([self.gallery, self.question_box, self.answer_view, self.caption_box,
-                                                self.word, W.HBox([self.progress, self.status])])])
+                                                self.word, W.HBox([self.progress, self.status]), self.sharpening])])
 
     @property
     def scored(self) -> dict[str, Any]:
@@ -385,6 +413,7 @@ class LiveView(W.VBox):
         if not isinstance(error, BlipTraceError):
             self.error.value += f"<details><pre>{escape(traceback.format_exc())}</pre></details>"
         self.status.value = ""
+        self.sharpening.hide()
         self._dim(True)
 
     def _dim(self, stale: bool) -> None:

@@ -2,8 +2,9 @@
 
     >>> from blip_trace_widgets import load_model
     >>> from blip_trace_widgets.widgets import VisionTraceExplorer
-    >>> VisionTraceExplorer(load_model("demo"), background=False).result.block
-    'vision_encoder'
+    >>> explorer = VisionTraceExplorer(load_model("demo"), background=False, regions=4)
+    >>> explorer.result.block, explorer.result.config["auto"]["stopped"] in ("stable", "budget")  # it sharpened
+    ('vision_encoder', True)
 """
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ from ..results import TraceResult
 from ..tracing import TraceConfig
 from .controls import (
     AREA_OPTIONS,
+    AUTO,
     MATCH_METRICS,
     SLIDER_LAYOUT,
     VISION_CORRUPTION_OPTIONS,
     VISION_KIND_OPTIONS,
     VISION_LEVEL_TIPS,
+    VISION_SAMPLES,
     WINDOW_OFF_TIP,
     WINDOW_ON_TIP,
     IntSlider,
@@ -40,6 +43,7 @@ from .controls import (
     merged_gallery,
     row,
     samples_box,
+    samples_count,
     seed_box,
     set_tooltip,
     vision_config,
@@ -55,7 +59,8 @@ class VisionTraceExplorer(LiveView):
     The corruption acts before the vision encoder (noise on patch embeddings, or blurred
     or greyed pixels), on the whole image or a box set with two range sliders; each
     region of a grid is then restored as a unit at each vision layer. Moving the layer
-    slider only redraws: one trace covers every layer.
+    slider only redraws: one trace covers every layer. With ``noise_samples="auto"`` (the
+    default) exact maps sharpen, redrawn after each round of noise until they are stable.
     """
 
     preview_width = 128
@@ -68,7 +73,7 @@ class VisionTraceExplorer(LiveView):
         *,
         gallery: Sequence[tuple] | None = None,
         regions: int | None = None,
-        noise_samples: int = 5,
+        noise_samples: int | str = AUTO,
         background: bool = True,
         samples: Sequence[tuple] | None = None,
         question: str | None = None,
@@ -79,7 +84,8 @@ class VisionTraceExplorer(LiveView):
         side, layers = bundle.patch_grid_side, bundle.num_layers(VISION_ENCODER)
         if regions is not None:  # as trace() checks them: refused, never changed
             check_int("regions", regions, 1, side)
-        check_int("noise_samples", noise_samples, 1, MAX_SAMPLES)
+        if noise_samples != AUTO:
+            check_int("noise_samples", noise_samples, 1, MAX_SAMPLES)
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=VISION_KIND_OPTIONS, value=HIDDEN, description="kind", style=style)
         self.window = window_slider(1, layers, style)
@@ -142,7 +148,8 @@ class VisionTraceExplorer(LiveView):
         """The configuration the controls describe."""
         config = vision_config(kind=self.kind.value, window=int(self.window.value), regions=int(self.regions.value),
                                corruption=self.corruption.value, level=float(self.level.value), region=self.region,
-                               samples=int(self.noise_samples.value), seed=int(self.seed.value),
+                               samples=samples_count(self.noise_samples.value, VISION_SAMPLES),
+                               seed=int(self.seed.value),
                                metric=self.metric.value, **self.scored)
         return self.counterfactual.apply(config, int(self.gallery.value or 0))  # a partner's patches, a direction
 
