@@ -173,5 +173,5 @@ def _stopped(result: TraceResult, plan: AutoSampling, held: int, seconds: float,
     if plan.max_seconds is not None and seconds >= plan.max_seconds:
         return "seconds"
     if should_stop is not None and should_stop():
-        return "stopped by the user"
+        return "by the user"
     return None

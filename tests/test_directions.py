@@ -234,7 +234,8 @@ def test_noising_figures_say_so_and_start_white_at_clean(bundles, image, questio
     ax = plot_trace(result, tiny=None)
     mesh = ax.collections[0]
     assert mesh.to_rgba([result.high_score])[0][:3].min() > 0.9  # white where nothing was taken away
-    assert mesh.to_rgba([result.low_score])[0][:3].min() < 0.6  # full colour at the corrupted score
+    if abs(result.total_effect) > result.floor:  # full colour at the corrupted score (a span under the floor is widened)
+        assert mesh.to_rgba([result.low_score])[0][:3].min() < 0.6
     table = sweep(bundles["vqa"], [(image, question, "red")], configs=[_config("vqa", "question_encoder", "hidden", 1)],
                   out=tmp_path / "s", progress=False)  # sweeps record noising, and average what each cell takes away
     assert list(table.direction) == ["noise"] and np.allclose(list(map(list, table.scores[0])), result.scores)

@@ -18,7 +18,7 @@ from blip_trace_widgets.sharpen import AutoSampling, sharpen, status_text
 from blip_trace_widgets.widgets import TraceExplorer, VisionTraceExplorer
 from blip_trace_widgets.widgets.controls import AUTO_PLAN
 
-USER = "stopped by the user"
+USER = "by the user"
 
 
 def watch(explorer: TraceExplorer) -> list:

@@ -43,7 +43,7 @@ def test_a_stable_map_stops_before_its_budget(demo_bundle, demo_sample):
 
 def test_the_user_can_stop_it_and_seconds_bound_it(tracer):
     stopped = sharpen(tracer, CONFIG, AutoSampling(round_samples=2, max_samples=20), should_stop=lambda: True)
-    assert stopped.config["samples"] == 2 and stopped.config["auto"]["stopped"] == "stopped by the user"
+    assert stopped.config["samples"] == 2 and stopped.config["auto"]["stopped"] == "by the user"
     timed = sharpen(tracer, CONFIG, AutoSampling(round_samples=2, max_samples=20, max_seconds=1e-9))
     assert timed.config["auto"]["stopped"] == "seconds" and timed.config["samples"] == 2
 

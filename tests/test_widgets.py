@@ -273,10 +273,11 @@ def test_result_and_config_are_traitlets_that_users_can_observe(demo_bundle, dem
     seen, configs = [], []
     explorer.observe(lambda change: seen.append(change["new"]), names="result")
     explorer.observe(lambda change: configs.append(change["new"]), names="config")
-    explorer.kind.value = "mlp"
-    assert [r.kind for r in seen] == ["mlp"] and seen[-1] is explorer.result
+    explorer.kind.value = "mlp"  # the map sharpens: one result per round, every one of the new kind
+    assert seen and {r.kind for r in seen} == {"mlp"} and seen[-1] is explorer.result
     assert isinstance(configs[-1], TraceConfig) and configs[-1].kind == "mlp" == explorer.config.kind
-    assert explorer.controls_config() == explorer.config
+    drawn = explorer.result.config["samples"]
+    assert replace(explorer.controls_config(), samples=drawn) == explorer.config
 
 
 def test_the_vision_explorer_names_corruptions_as_everything_else_does():
@@ -320,13 +321,15 @@ def test_the_first_view_is_the_exact_map_where_it_is_quick(demo_bundle, demo_sam
     assert explorer.method.value == "exact" and "Opened on the exact map" in tooltip_of(explorer.method)
     result = explorer.result
     assert not result.is_estimate and result.config["method"] == "exact"
-    static = trace(demo_bundle, image, question, corruption=GaussianNoise(demo_bundle.noise_scale), samples=10)
-    np.testing.assert_array_equal(result.scores, static.scores)
+    static = trace(demo_bundle, image, question, corruption=GaussianNoise(demo_bundle.noise_scale), samples="auto")
+    assert result.config["samples"] == static.config["samples"]  # the map sharpened as samples="auto" does
+    assert_close(result.scores, static.scores)
     top = np.unravel_index(np.argmax(static.scores), static.scores.shape)
     assert static.tokens[top[0]] in ("color", "of") and static.scores[top] > 0.9  # notebook 1's effect, shown as it is
     status = explorer.status.value
     assert "<b>EXACT</b> map" in status and "ESTIMATE" not in status
-    assert "10 noise samples" in status and f"Gaussian (ROME), scale {demo_bundle.noise_scale:g}" in status
+    assert f"{result.config['samples']} noise samples" in status
+    assert f"Gaussian (ROME), scale {demo_bundle.noise_scale:g}" in status
     assert "restoring clean states" in status
 
 
