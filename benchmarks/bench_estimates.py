@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_trace import QUESTION, build_bundle  # noqa: E402
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer, load_model  # noqa: E402
-from blip_trace_widgets.names import TEXT_KINDS  # noqa: E402
+from blip_trace_widgets.core.names import TEXT_KINDS  # noqa: E402
 
 SAMPLES = 3
 

@@ -23,8 +23,14 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, \
-    BlipImageProcessor, BlipProcessor
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipImageProcessor,
+    BlipProcessor,
+)
 
 from blip_trace_widgets import GaussianNoise, Tracer, load_model, trace_caption
 

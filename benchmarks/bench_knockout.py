@@ -31,9 +31,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_trace import QUESTION, build_bundle  # noqa: E402
 
-from blip_trace_widgets.edges import Edges  # noqa: E402
-from blip_trace_widgets.knockout import Knockout, KnockoutConfig  # noqa: E402
-from blip_trace_widgets.regions import Box  # noqa: E402
+from blip_trace_widgets.attention_knockout.edges import Edges  # noqa: E402
+from blip_trace_widgets.attention_knockout.knockout import Knockout, KnockoutConfig  # noqa: E402
+from blip_trace_widgets.core.regions import Box  # noqa: E402
 
 GROUPS = (Edges(), Edges(keys="cls"), Edges(keys=Box(0.0, 0.0, 0.5, 0.5)), Edges(attention="self", keys=0))
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from blip_trace_widgets import Tracer, __version__, load_model
-from blip_trace_widgets.procedures import resolve_config
-from blip_trace_widgets.sharpen import AutoSampling, sharpen
+from blip_trace_widgets.causal_trace.procedures import resolve_config
+from blip_trace_widgets.causal_trace.sharpen import AutoSampling, sharpen
 
 
 def questions(base: bool, count: int) -> tuple[object, list[tuple[object, str]]]:
@@ -38,7 +38,7 @@ def questions(base: bool, count: int) -> tuple[object, list[tuple[object, str]]]
 
         images = [Image.fromarray(rng.integers(0, 255, (384, 384, 3), dtype=np.uint8)) for _ in range(count)]
         return build_bundle(), [(image, QUESTION) for image in images]
-    from blip_trace_widgets.subsets import load_vqa_subset
+    from blip_trace_widgets.datasets.subsets import load_vqa_subset
 
     per_type = -(-count // 2)
     items = [*load_vqa_subset("easy-vqa-color", limit=per_type), *load_vqa_subset("easy-vqa-shape", limit=per_type)]

@@ -4,7 +4,7 @@
     python benchmarks/bench_threads.py --load 2   # with 2 busy processes beside it (a shared machine)
 
 Prints the median of 5 runs per thread count, the load average, and what
-``blip_trace_widgets.threads.choose_threads()`` picks.
+``blip_trace_widgets.core.threads.choose_threads()`` picks.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def main() -> None:
     import torch
 
     from blip_trace_widgets import Tracer, default_config, demo_samples, load_model
-    from blip_trace_widgets.threads import choose_threads
+    from blip_trace_widgets.core.threads import choose_threads
 
     default_threads = torch.get_num_threads()
     burners = [multiprocessing.Process(target=_burn, args=(time.time() + 600,)) for _ in range(args.load)]

@@ -33,9 +33,9 @@ from PIL import Image
 from transformers import BertTokenizer, BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
 
 from blip_trace_widgets import GaussianNoise, Tracer, load_model
-from blip_trace_widgets.anatomy import module_name
-from blip_trace_widgets.engine import grid_cells, start_layer
-from blip_trace_widgets.hooks import edit_output
+from blip_trace_widgets.models.anatomy import module_name
+from blip_trace_widgets.models.runs import grid_cells, start_layer
+from blip_trace_widgets.models.hooks import edit_output
 
 QUESTION = "what color is the shirt of the man"  # 7 words -> 9 tokens with [CLS] and [SEP]
 
@@ -111,7 +111,7 @@ class Loop:
             self.noisy = self._corrupt(self.clean_embeds)
             self.clean = {}
             names = [module_name("question_encoder", k, l) for k in ("hidden", "mlp") for l in range(12)]
-            from blip_trace_widgets.hooks import record_outputs
+            from blip_trace_widgets.models.hooks import record_outputs
 
             with record_outputs(self.model, names) as seen:
                 self._text(self.clean_embeds)

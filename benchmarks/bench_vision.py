@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_trace import QUESTION, build_bundle, peak_gib, reset_peak  # noqa: E402
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer, load_model  # noqa: E402
-from blip_trace_widgets.subsets import load_vqa_subset  # noqa: E402
-from blip_trace_widgets.sweep import sweep  # noqa: E402
+from blip_trace_widgets.datasets.subsets import load_vqa_subset  # noqa: E402
+from blip_trace_widgets.sweeps.sweep import sweep  # noqa: E402
 
 
 def timed(label: str, work) -> None:

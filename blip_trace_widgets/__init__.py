@@ -17,35 +17,41 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from . import relocated
+
 __version__ = "0.3.0"
 
 #: Public name -> the module that defines it.
 _PUBLIC: dict[str, str] = {
-    "BlipBundle": "loading", "load_model": "loading",
-    "Blur": "corruption", "GaussianNoise": "corruption", "Grey": "corruption", "ImageSwap": "corruption",
-    "PairSwap": "corruption",
-    "WordSwap": "corruption", "MultiplicativeNoise": "corruption", "Scale": "corruption", "UniformNoise": "corruption",
-    "Box": "regions", "Mask": "regions", "Outside": "regions", "same_size_elsewhere": "regions",
-    "BlipTraceError": "errors",
-    "TraceResult": "results",
-    "TraceConfig": "tracing", "Tracer": "tracing", "trace": "tracing", "default_config": "tracing",
-    "CaptionTrace": "captioning", "trace_caption": "tracing",
-    "PROCEDURES": "procedures", "procedure_config": "procedures",
-    "estimate_sigma": "noise_level",
-    "demo_samples": "data", "shape_box": "data", "easy_vqa_captions": "data", "easy_vqa_pairs": "data",
-    "PairSample": "data", "hf_pairs": "subsets", "question_pairs": "subsets",
-    "load_vqa_subset": "subsets", "open_image": "subsets",
-    "sweep": "sweep", "load_sweep": "sweep",
-    "average_effect": "aggregate", "average_trace": "aggregate", "bootstrap_interval": "aggregate",
-    "top_heads": "aggregate",
-    "plot_traces": "plotting", "plot_on_image": "plotting",
-    "plot_average_heatmaps": "sweep_plots", "plot_effect_by_layer": "sweep_plots",
-    "plot_subset_comparison": "sweep_plots",
-    "TraceExplorer": "widgets", "VisionTraceExplorer": "widgets",
-    "Edges": "edges", "knockout": "knockout", "Knockout": "knockout", "KnockoutConfig": "knockout",
-    "KnockoutResult": "knockout_result", "knockout_sweep": "knockout_sweep", "knockout_average": "knockout_sweep",
-    "KnockoutExplorer": "widgets",
-    "trace_cost": "cost",
+    "BlipBundle": "models.loading", "load_model": "models.loading",
+    "Blur": "corruptions.kinds", "GaussianNoise": "corruptions.kinds", "Grey": "corruptions.kinds",
+    "ImageSwap": "corruptions.kinds", "PairSwap": "corruptions.kinds", "WordSwap": "corruptions.kinds",
+    "MultiplicativeNoise": "corruptions.kinds", "Scale": "corruptions.kinds", "UniformNoise": "corruptions.kinds",
+    "Box": "core.regions", "Mask": "core.regions", "Outside": "core.regions", "same_size_elsewhere": "core.regions",
+    "BlipTraceError": "core.errors",
+    "TraceResult": "causal_trace.results",
+    "TraceConfig": "causal_trace.tracer", "Tracer": "causal_trace.tracer", "trace": "causal_trace.tracer",
+    "default_config": "causal_trace.tracer", "trace_caption": "causal_trace.tracer",
+    "CaptionTrace": "causal_trace.captioning",
+    "PROCEDURES": "causal_trace.procedures", "procedure_config": "causal_trace.procedures",
+    "estimate_sigma": "causal_trace.noise_level",
+    "demo_samples": "datasets.easy_vqa", "shape_box": "datasets.easy_vqa", "easy_vqa_captions": "datasets.easy_vqa",
+    "easy_vqa_pairs": "datasets.easy_vqa", "PairSample": "datasets.easy_vqa",
+    "hf_pairs": "datasets.subsets", "question_pairs": "datasets.subsets", "load_vqa_subset": "datasets.subsets",
+    "open_image": "datasets.subsets",
+    "sweep": "sweeps.sweep", "load_sweep": "sweeps.sweep",
+    "average_effect": "causal_trace.averages", "average_trace": "causal_trace.averages",
+    "bootstrap_interval": "causal_trace.averages", "top_heads": "causal_trace.averages",
+    "plot_traces": "causal_trace.plots", "plot_on_image": "causal_trace.plots",
+    "plot_average_heatmaps": "sweeps.plots", "plot_effect_by_layer": "sweeps.plots",
+    "plot_subset_comparison": "sweeps.plots",
+    "TraceExplorer": "widgets", "VisionTraceExplorer": "widgets", "KnockoutExplorer": "widgets",
+    "Edges": "attention_knockout.edges",
+    "knockout": "attention_knockout.knockout", "Knockout": "attention_knockout.knockout",
+    "KnockoutConfig": "attention_knockout.knockout",
+    "KnockoutResult": "attention_knockout.result",
+    "knockout_sweep": "attention_knockout.sweep", "knockout_average": "attention_knockout.sweep",
+    "trace_cost": "causal_trace.cost",
 }
 __all__ = sorted(_PUBLIC)
 
@@ -68,33 +74,44 @@ class _Package(types.ModuleType):
     the package, and ``from blip_trace_widgets import sweep`` would then give the module."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == name:
+        if isinstance(value, types.ModuleType) and name in _PUBLIC:
             return
         super().__setattr__(name, value)
 
 
 sys.modules[__name__].__class__ = _Package
+relocated.install()
 
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
-    from .aggregate import average_effect, average_trace, bootstrap_interval, top_heads
-    from .captioning import CaptionTrace
-    from .corruption import Blur, GaussianNoise, Grey, ImageSwap, MultiplicativeNoise, PairSwap, Scale, UniformNoise, WordSwap
-    from .cost import trace_cost
-    from .data import PairSample, demo_samples, easy_vqa_captions, easy_vqa_pairs, shape_box
-    from .edges import Edges
-    from .errors import BlipTraceError
-    from .knockout import Knockout, KnockoutConfig, knockout
-    from .knockout_result import KnockoutResult
-    from .knockout_sweep import knockout_average, knockout_sweep
-    from .loading import BlipBundle, load_model
-    from .noise_level import estimate_sigma
-    from .plotting import plot_on_image, plot_traces
-    from .procedures import PROCEDURES, procedure_config
-    from .regions import Box, Mask, Outside, same_size_elsewhere
-    from .results import TraceResult
-    from .subsets import hf_pairs, load_vqa_subset, open_image, question_pairs
-    from .sweep import load_sweep, sweep
-    from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
-    from .tracing import TraceConfig, Tracer, default_config, trace, trace_caption
+    from .attention_knockout.edges import Edges
+    from .attention_knockout.knockout import Knockout, KnockoutConfig, knockout
+    from .attention_knockout.result import KnockoutResult
+    from .attention_knockout.sweep import knockout_average, knockout_sweep
+    from .causal_trace.averages import average_effect, average_trace, bootstrap_interval, top_heads
+    from .causal_trace.captioning import CaptionTrace
+    from .causal_trace.cost import trace_cost
+    from .causal_trace.noise_level import estimate_sigma
+    from .causal_trace.plots import plot_on_image, plot_traces
+    from .causal_trace.procedures import PROCEDURES, procedure_config
+    from .causal_trace.results import TraceResult
+    from .causal_trace.tracer import TraceConfig, Tracer, default_config, trace, trace_caption
+    from .core.errors import BlipTraceError
+    from .core.regions import Box, Mask, Outside, same_size_elsewhere
+    from .corruptions.kinds import (
+        Blur,
+        GaussianNoise,
+        Grey,
+        ImageSwap,
+        MultiplicativeNoise,
+        PairSwap,
+        Scale,
+        UniformNoise,
+        WordSwap,
+    )
+    from .datasets.easy_vqa import PairSample, demo_samples, easy_vqa_captions, easy_vqa_pairs, shape_box
+    from .datasets.subsets import hf_pairs, load_vqa_subset, open_image, question_pairs
+    from .models.loading import BlipBundle, load_model
+    from .sweeps.plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
+    from .sweeps.sweep import load_sweep, sweep
     from .widgets import KnockoutExplorer, TraceExplorer, VisionTraceExplorer

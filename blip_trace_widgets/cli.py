@@ -26,12 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import heads
-from .config import parse_position
-from .corruption import BY_NAME, PairSwap, WordSwap, from_name
-from .data import PAIR_KINDS
-from .errors import BlipTraceError
-from .names import (
+from .causal_trace.config import parse_position
+from .core.errors import BlipTraceError
+from .core.names import (
     ANSWER_DECODER,
     ANSWER_MODES,
     CAPTION_DECODER,
@@ -52,7 +49,10 @@ from .names import (
     kinds_of,
     window_for,
 )
-from .roles import ROLES
+from .core.roles import ROLES
+from .corruptions.kinds import BY_NAME, PairSwap, WordSwap, from_name
+from .datasets.easy_vqa import PAIR_KINDS
+from .models import heads
 
 DEMO_TRACES = [*((QUESTION_ENCODER, kind, window_for(kind, 3)) for kind in SUBLAYER_KINDS),
                (ANSWER_DECODER, HIDDEN, 1), (VISION_ENCODER, HIDDEN, 1)]
@@ -89,7 +89,7 @@ def _progress_bar(total_traces: int):
 
 
 def _write(result, out: Path, stem: str) -> tuple[Path, Path]:
-    from .plotting import save_heatmap
+    from .causal_trace.plots import save_heatmap
 
     out.mkdir(parents=True, exist_ok=True)
     json_path = result.save(out / f"{stem}.json")
@@ -99,15 +99,15 @@ def _write(result, out: Path, stem: str) -> tuple[Path, Path]:
 
 
 def _load(model: str, device: str | None, dtype: str | None):
-    from .loading import load_model
+    from .models.loading import load_model
 
     return load_model(model, device=device, dtype=dtype)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .data import demo_samples
-    from .procedures import default_corruption
-    from .tracing import Tracer, default_config
+    from .causal_trace.procedures import default_corruption
+    from .causal_trace.tracer import Tracer, default_config
+    from .datasets.easy_vqa import demo_samples
 
     started = time.perf_counter()
     bundle = _load("demo", args.device, None)
@@ -131,7 +131,7 @@ def run_demo(args: argparse.Namespace) -> int:
             png, js = _write(result, out, stem)
             heatmaps += 1
             if block == VISION_ENCODER:
-                from .plotting import figure_png, plot_on_image
+                from .causal_trace.plots import figure_png, plot_on_image
 
                 (out / f"{stem}-on-image.png").write_bytes(figure_png(plot_on_image(result, tracer.image)))
                 overlays += 1
@@ -148,7 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def _demo_heads(args: argparse.Namespace, image: Any, question: str, out: Path, bar: Any) -> int:
     """The demo's captioning trace (the caption's colour word), image-text matching trace (its own caption) and
     BLIP-2 trace (the first question, through the Q-Former's queries)."""
-    from .tracing import Tracer, default_config
+    from .causal_trace.tracer import Tracer, default_config
 
     written, caption = 0, ""
     for model, block, kind, window in DEMO_HEAD_TRACES:  # the captioner first: the matcher matches its caption
@@ -185,7 +185,7 @@ def _corrupt_tokens(text: str | None) -> Any:
 
 
 def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
-    from .procedures import resolve_config
+    from .causal_trace.procedures import resolve_config
 
     args.block = args.block or heads.of(bundle).default_block
     counterfactual = _counterfactual(args)
@@ -214,7 +214,7 @@ def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
 
 def _counterfactual(args: argparse.Namespace) -> Any:
     """--counterfactual-image PATH or --swap OLD=NEW[,OLD=NEW]: an ImageSwap or a WordSwap, else None."""
-    from .corruption import ImageSwap
+    from .corruptions.kinds import ImageSwap
 
     if args.counterfactual_image is not None and args.swap is not None:
         raise UsageError("--counterfactual-image swaps the image, --swap the text's words: pick one")
@@ -247,7 +247,7 @@ def _check_out(out: str) -> None:
 
 
 def run_trace(args: argparse.Namespace) -> int:
-    from .tracing import Tracer
+    from .causal_trace.tracer import Tracer
 
     if args.model not in DEMO_MODELS and not Path(args.model).exists() and "/" not in args.model:
         raise UsageError(f"--model {args.model!r} is neither {', '.join(DEMO_MODELS)}, a folder, nor a hub id such as "
@@ -268,7 +268,7 @@ def run_trace(args: argparse.Namespace) -> int:
             raise UsageError("--word all traces every word of a caption: use it with a captioning model")
         return _trace_every_word(args, tracer, config)
     print(_what_the_model_says(tracer))
-    from .cost import trace_cost
+    from .causal_trace.cost import trace_cost
 
     warning = trace_cost(tracer, config).warning()
     if warning:
@@ -289,7 +289,7 @@ def run_trace(args: argparse.Namespace) -> int:
     stem = output_stem(tracer.question, tracer.image_key, config)
     png, js = _write(result, Path(args.out), stem)
     if args.block == VISION_ENCODER:
-        from .plotting import figure_png, plot_on_image
+        from .causal_trace.plots import figure_png, plot_on_image
 
         overlay = Path(args.out) / f"{stem}-on-image.png"
         overlay.write_bytes(figure_png(plot_on_image(result, tracer.image)))
@@ -312,8 +312,8 @@ def _trace_every_word(args: argparse.Namespace, tracer: Any, config: Any) -> int
     """A captioner with --word all: one heatmap per word of the caption, and the summary."""
     from dataclasses import replace
 
-    from .captioning import trace_words
-    from .cost import total_cost
+    from .causal_trace.captioning import trace_words
+    from .causal_trace.cost import total_cost
 
     print(_what_the_model_says(tracer))
     words = range(len(tracer.caption_words(config.answer)))
@@ -331,7 +331,7 @@ def _trace_every_word(args: argparse.Namespace, tracer: Any, config: Any) -> int
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from .sweep import ProcessGroup, process_device, sweep
+    from .sweeps.sweep import ProcessGroup, process_device, sweep
 
     by_question = args.pairs == QUESTION_PAIRS
     if by_question and args.dataset is None:
@@ -380,7 +380,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def _sweep_configs(args: argparse.Namespace, bundle: Any) -> list[Any]:
     """The sweep's configurations: each --kinds kind (and caption word) through the one resolver."""
-    from .procedures import resolve_config
+    from .causal_trace.procedures import resolve_config
 
     block = args.block or heads.of(bundle).default_block
     allowed = kinds_of(block)
@@ -417,12 +417,12 @@ def _scored_mode(args: argparse.Namespace) -> str:
 
 def _sweep_samples(args: argparse.Namespace) -> Any:
     """The sweep's questions: --pairs' easy-VQA image pairs, or --dataset's questions."""
-    from .subsets import load_vqa_subset
+    from .datasets.subsets import load_vqa_subset
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.pairs is not None and args.pairs != QUESTION_PAIRS:
-        from .data import easy_vqa_pairs
+        from .datasets.easy_vqa import easy_vqa_pairs
 
         return easy_vqa_pairs(args.pairs, limit=args.limit)
     by_question = args.pairs == QUESTION_PAIRS
@@ -432,7 +432,7 @@ def _sweep_samples(args: argparse.Namespace) -> Any:
     if not samples:
         raise UsageError(f"no questions in {args.dataset} match --words {args.words}")
     if by_question:
-        from .subsets import question_pairs
+        from .datasets.subsets import question_pairs
 
         samples = question_pairs(samples, limit=args.limit)
         if not samples:
@@ -441,7 +441,7 @@ def _sweep_samples(args: argparse.Namespace) -> Any:
 
 
 def _check_sweep_dataset(dataset: str, head: str) -> None:
-    from .subsets import CAPTION_SUBSETS
+    from .datasets.subsets import CAPTION_SUBSETS
 
     task = heads.of(head)
     if (dataset in CAPTION_SUBSETS) == task.reads_questions:
@@ -469,8 +469,8 @@ def _caption_words(text: str | None, head: str) -> list[int | None]:
 
 def _write_averages(table: Any, out: Path, correct_only: bool, vision: bool, started: float) -> None:
     """average_effect.csv and the averaged figures of a finished sweep."""
-    from .aggregate import average_effect, top_heads
-    from .sweep_plots import plot_average_heatmaps, plot_effect_by_layer
+    from .causal_trace.averages import average_effect, top_heads
+    from .sweeps.plots import plot_average_heatmaps, plot_effect_by_layer
 
     correct = table.drop_duplicates("sample")["correct"].dropna()
     if len(correct):
@@ -519,7 +519,7 @@ def _add_config_options(parser: argparse.ArgumentParser, names: Sequence[str]) -
     """One option per TraceConfig field in ``names``, built from the field's help, choices, type and default."""
     from dataclasses import MISSING
 
-    from .config import TraceConfig
+    from .causal_trace.config import TraceConfig
 
     fields = TraceConfig.__dataclass_fields__
     for name in names:
@@ -536,7 +536,7 @@ def _add_config_options(parser: argparse.ArgumentParser, names: Sequence[str]) -
 
 
 def _add_trace_options(one: argparse.ArgumentParser) -> None:
-    from .procedures import PROCEDURES
+    from .causal_trace.procedures import PROCEDURES
 
     one.add_argument("--procedure", choices=list(PROCEDURES), default="rome",
                      help="preset to start from: " + "; ".join(f"{p.name}: {p.summary}" for p in PROCEDURES.values())
@@ -560,7 +560,7 @@ def _add_noise_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sweep_parser(sub: Any) -> None:
-    from .subsets import SUBSETS
+    from .datasets.subsets import SUBSETS
 
     many = sub.add_parser(
         "sweep", help="trace every question of a dataset and average (resumable; shards under accelerate launch)",
@@ -603,16 +603,16 @@ def _add_sweep_parser(sub: Any) -> None:
 
 
 def _knockout_edges(args: argparse.Namespace, image: Any, decoder: str | None) -> tuple[Any, ...]:
-    from .edges import parse_edges
-    from .names import EACH_TOKEN
+    from .attention_knockout.edges import parse_edges
+    from .core.names import EACH_TOKEN
 
     queries = parse_position(args.queries) if args.queries not in (None, EACH_TOKEN) else args.queries
     return tuple(parse_edges(name, image, queries, decoder or ANSWER_DECODER) for name in (args.edges or ["image", "cls"]))
 
 
 def run_knockout(args: argparse.Namespace) -> int:
-    from .engine import DEFAULT_EMPTY
-    from .knockout import Knockout, KnockoutConfig
+    from .attention_knockout.knockout import Knockout, KnockoutConfig
+    from .models.attention import DEFAULT_EMPTY
 
     _check_out(args.out)
     if (args.image is None) == (args.dataset is None):
@@ -638,7 +638,7 @@ def run_knockout(args: argparse.Namespace) -> int:
     stem = (f"knockout-{_slug(knock.tracer.question or 'caption')}-{knock.tracer.image_key[:8]}-"
             f"{hashlib.sha1(asked.encode()).hexdigest()[:8]}")
     json_path = result.save(out / f"{stem}.json")
-    from .plotting import figure_png
+    from .causal_trace.plots import figure_png
 
     png = out / f"{stem}.png"
     png.write_bytes(figure_png((result.plot_tokens() if args.queries == "each" else result.plot()).figure))
@@ -651,9 +651,9 @@ def run_knockout(args: argparse.Namespace) -> int:
 
 
 def _knockout_sweep(args: argparse.Namespace, bundle: Any, out: Path) -> int:
-    from .knockout_sweep import knockout_average, knockout_sweep, plot_knockout_average
-    from .plotting import figure_png
-    from .subsets import load_vqa_subset
+    from .attention_knockout.sweep import knockout_average, knockout_sweep, plot_knockout_average
+    from .causal_trace.plots import figure_png
+    from .datasets.subsets import load_vqa_subset
 
     _check_sweep_dataset(args.dataset, bundle.head)
     if args.limit is not None and args.limit < 1:
@@ -677,11 +677,11 @@ def _knockout_sweep(args: argparse.Namespace, bundle: Any, out: Path) -> int:
 
 
 def _add_knockout_parser(sub: Any) -> None:
-    from .edges import SHORTHANDS
-    from .engine import DEFAULT_EMPTY, EMPTY_ROWS
-    from .knockout import KNOCKOUT_METHODS
-    from .names import KNOCKOUT_WINDOW
-    from .subsets import SUBSETS
+    from .attention_knockout.edges import SHORTHANDS
+    from .attention_knockout.knockout import KNOCKOUT_METHODS
+    from .core.names import KNOCKOUT_WINDOW
+    from .datasets.subsets import SUBSETS
+    from .models.attention import DEFAULT_EMPTY, EMPTY_ROWS
 
     ko = sub.add_parser(
         "knockout", help="cut attention edges around each layer and see what the answer loses (attention knockout)",
@@ -768,7 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from .threads import use_sensible_threads
+        from .core.threads import use_sensible_threads
 
         use_sensible_threads()  # fewer threads than cores when other work is running (unless OMP_NUM_THREADS is set)
         return args.run(args)

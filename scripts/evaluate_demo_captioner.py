@@ -6,7 +6,7 @@ Uses plain transformers only (``BlipForConditionalGeneration.generate`` and
 ``BlipForImageTextRetrieval``), not this package's engine, so the figures are the models' own.
 
 * Captioning: exact match of the greedy caption (no prompt) with the caption built from the
-  image's own questions (:func:`blip_trace_widgets.data.easy_vqa_captions`).
+  image's own questions (:func:`blip_trace_widgets.datasets.easy_vqa.easy_vqa_captions`).
 * Image-text matching: each image with its own caption (should match) and with one caption that
   differs in colour, shape or both (seeded; should not). A pair counts as right when p(match) is on
   the right side of 0.5. Also the accuracy against each kind of mismatch, and ITC retrieval: the
@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
-from blip_trace_widgets.data import COLORS, SHAPES, easy_vqa_captions
-from blip_trace_widgets.loading import dtype_argument
+from blip_trace_widgets.datasets.easy_vqa import COLORS, SHAPES, easy_vqa_captions
+from blip_trace_widgets.models.loading import dtype_argument
 
 PACKAGE = Path(__file__).resolve().parents[1] / "blip_trace_widgets"
 

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from transformers import BlipForQuestionAnswering, BlipProcessor
 
-from blip_trace_widgets.data import easy_vqa_questions, question_type
-from blip_trace_widgets.loading import DEMO_MODEL_DIR
+from blip_trace_widgets.datasets.easy_vqa import easy_vqa_questions, question_type
+from blip_trace_widgets.models.loading import DEMO_MODEL_DIR
 
 
 def main() -> None:

@@ -120,8 +120,8 @@ def _question(job: tuple) -> list[dict]:
 
     torch.set_num_threads(1)
     from blip_trace_widgets import GaussianNoise, load_model
-    from blip_trace_widgets.names import kinds_of
-    from blip_trace_widgets.tracing import Tracer, default_config
+    from blip_trace_widgets.causal_trace.tracer import Tracer, default_config
+    from blip_trace_widgets.core.names import kinds_of
 
     bundle = load_model("demo")
     # Every kind reuses the same noise draws: keep the corrupted runs of the map's draw, another draw and each
@@ -166,7 +166,7 @@ def _question(job: tuple) -> list[dict]:
 def _jobs(per_type: int, steps: list[int], samples: int, cache: Path, vision_kinds: list[str], windows: list[int],
           blocks: list[str], noise: float | None, orders: list[int], qk: bool, grad_drop: bool,
           reference_samples: int = 0) -> list[tuple]:
-    from blip_trace_widgets.subsets import load_vqa_subset
+    from blip_trace_widgets.datasets.subsets import load_vqa_subset
 
     cache.mkdir(parents=True, exist_ok=True)
     jobs = []

@@ -22,10 +22,10 @@ import time
 import numpy as np
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer, load_model
-from blip_trace_widgets.aggregate import bootstrap_interval
-from blip_trace_widgets.data import shape_box
-from blip_trace_widgets.regions import Outside, same_size_elsewhere
-from blip_trace_widgets.subsets import load_vqa_subset, open_image
+from blip_trace_widgets.causal_trace.averages import bootstrap_interval
+from blip_trace_widgets.core.regions import Outside, same_size_elsewhere
+from blip_trace_widgets.datasets.easy_vqa import shape_box
+from blip_trace_widgets.datasets.subsets import load_vqa_subset, open_image
 
 
 def measure(bundle, subset: str, images: int, scale: float, samples: int) -> dict:

@@ -11,7 +11,7 @@ at each of ``--windows`` (default 1), with ``--samples`` noise samples (default 
    corrupted draw of the same image (another seed) instead of from the clean run
    (``ExactScorer.patched(..., donor=...)``: the engine's own patching arithmetic), so no cell carries anything
    of the clean run. Its per-draw effects (the cell's score minus the same sample's corrupted score) go through
-   :meth:`~blip_trace_widgets.significance.CellStatistics.of_draws`: the share of cells flagged significant
+   :meth:`~blip_trace_widgets.core.significance.CellStatistics.of_draws`: the share of cells flagged significant
    (q < 0.05) over all maps, the share of maps with at most 5% of their cells flagged (target: 95%), and the
    share of placebo cells whose p-value, before the false-discovery correction, is under 0.05 (5% where the test
    is calibrated; less where it is conservative, and then short of power on real maps too).
@@ -87,7 +87,7 @@ def placebo_draws(tracer, config, donor_seed: int = PLACEBO_SEED) -> np.ndarray:
     """Per-draw effects [samples, rows, layers] of a placebo map: each cell restored from the same sample of the
     corrupted draw of ``donor_seed`` instead of the clean run, minus the same sample's corrupted score (the
     first draw of ``config.seed``, as the real map's). Null by construction; NaN where a cell is n/a."""
-    from blip_trace_widgets.results import _absent_mask
+    from blip_trace_widgets.causal_trace.results import _absent_mask
 
     block, target = tracer.blocks[config.block], tracer.target(config)
     layout = block.layout(tracer.session.context, config, target)
@@ -102,7 +102,7 @@ def placebo_draws(tracer, config, donor_seed: int = PLACEBO_SEED) -> np.ndarray:
 def measure_map(tracer, config, reference_samples: int) -> dict:
     """Every figure of one (question, block, kind, window): the placebo, the replication, the reference and the
     estimates against it."""
-    from blip_trace_widgets.significance import DEFAULT_Q, CellStatistics
+    from blip_trace_widgets.core.significance import DEFAULT_Q, CellStatistics
 
     tracer.corrupted_runs.corrupted(config)  # drawn before the clocks start: the exact and verified maps share it
     started = time.perf_counter()
@@ -151,7 +151,7 @@ def _question(job: tuple) -> list[dict]:
 
     torch.set_num_threads(1)
     from blip_trace_widgets import GaussianNoise, load_model
-    from blip_trace_widgets.tracing import Tracer, default_config
+    from blip_trace_widgets.causal_trace.tracer import Tracer, default_config
 
     bundle = load_model("demo")
     # The map's draw, its replication, the reference and the placebo's donor: every kind reuses them.
@@ -169,7 +169,7 @@ def _question(job: tuple) -> list[dict]:
 
 def _jobs(per_type: int, cache: Path, blocks: list[str], kinds: list[str], windows: list[int], samples: int,
           reference_samples: int, noise: float | None) -> list[tuple]:
-    from blip_trace_widgets.subsets import load_vqa_subset
+    from blip_trace_widgets.datasets.subsets import load_vqa_subset
 
     cache.mkdir(parents=True, exist_ok=True)
     jobs = []

@@ -6,7 +6,7 @@ Writes two plain Hugging Face folders next to the VQA demo model:
 ``blip_trace_widgets/demo_caption`` (a ``BlipForConditionalGeneration``) and
 ``blip_trace_widgets/demo_itm`` (a ``BlipForImageTextRetrieval``). Both start from the VQA
 demo model's vision encoder and tokenizer and are trained together, sharing one vision
-encoder, on the captions :func:`blip_trace_widgets.data.easy_vqa_captions` builds from the
+encoder, on the captions :func:`blip_trace_widgets.datasets.easy_vqa.easy_vqa_captions` builds from the
 dataset's own questions ("a red circle"). Weights are stored in float16 to keep the package
 small; load them in float32. Accuracy is measured by ``scripts/evaluate_demo_captioner.py``.
 """
@@ -30,9 +30,9 @@ from transformers import (
     BlipProcessor,
 )
 
-from blip_trace_widgets.data import COLORS, SHAPES, easy_vqa_captions
-from blip_trace_widgets.loading import DEMO_MODEL_DIR
-from blip_trace_widgets.portable import save_portable
+from blip_trace_widgets.core.portable import save_portable
+from blip_trace_widgets.datasets.easy_vqa import COLORS, SHAPES, easy_vqa_captions
+from blip_trace_widgets.models.loading import DEMO_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1] / "blip_trace_widgets"
 

@@ -29,7 +29,7 @@ from transformers import (
     BlipProcessor,
 )
 
-from blip_trace_widgets.portable import save_portable
+from blip_trace_widgets.core.portable import save_portable
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 SHAPES = ["circle", "rectangle", "triangle"]

@@ -17,7 +17,7 @@ from tiny_blip import tiny_captioner, tiny_matcher, tiny_model, tiny_processor
 from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
-from blip_trace_widgets.names import HEAD_SUBLAYER
+from blip_trace_widgets.core.names import HEAD_SUBLAYER
 
 TEXT = {"question_encoder": "text_encoder.encoder.layer", "answer_decoder": "text_decoder.bert.encoder.layer",
         "caption_decoder": "text_decoder.bert.encoder.layer", "itm_encoder": "text_encoder.encoder.layer"}
@@ -250,8 +250,8 @@ def test_cli_traces_heads_at_a_role(tmp_path, capsys, demo_sample):
 
 def test_head_sweeps_average_per_head_and_rank(demo_bundle, tmp_path):
     from blip_trace_widgets import sweep
-    from blip_trace_widgets.aggregate import average_effect, top_heads
-    from blip_trace_widgets.subsets import load_vqa_subset
+    from blip_trace_widgets.causal_trace.averages import average_effect, top_heads
+    from blip_trace_widgets.datasets.subsets import load_vqa_subset
 
     samples = load_vqa_subset("easy-vqa-color", limit=3)
     config = TraceConfig(kind="cross_attn_head", samples=2, corruption=GaussianNoise(demo_bundle.noise_scale))
@@ -273,7 +273,7 @@ def test_head_sweeps_average_per_head_and_rank(demo_bundle, tmp_path):
 
 def test_patterns_are_the_models_own_attention(bundles, image, question):
     """The pattern of a head equals the attention probabilities the model's own modules compute."""
-    from blip_trace_widgets.patterns import attention_pattern
+    from blip_trace_widgets.causal_trace.patterns import attention_pattern
 
     tracer = Tracer(bundles["vqa"], image, question)
     model = bundles["vqa"].model

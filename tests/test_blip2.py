@@ -268,7 +268,7 @@ def test_estimates_tend_to_exact_as_the_noise_vanishes(tracer, block):
 
 
 def test_absent_layers_are_drawn_not_applicable(tracer):
-    from blip_trace_widgets.plotting import plot_trace
+    from blip_trace_widgets.causal_trace.plots import plot_trace
 
     result = tracer.trace(TraceConfig(block="qformer", kind="cross_attn_head", samples=2, corrupt="image"))
     assert result.absent_cells[:, 1].all() and not result.absent_cells[:, [0, 2]].any()
@@ -308,7 +308,7 @@ def test_cutting_the_image_out_of_every_language_model_layer_is_reading_the_text
     """With every edge to the image's positions cut at every layer, the text positions read only the text: the
     model's own OPT decoder run on the text's embeddings alone, at positions Q onward, gives the same answer
     probability."""
-    from blip_trace_widgets.knockout import Edges, knockout
+    from blip_trace_widgets.attention_knockout.knockout import Edges, knockout
 
     layers = len(bundle.model.language_model.model.decoder.layers)
     result = knockout(bundle, image, QUESTION, edges=Edges(block="language_model", attention="self", keys="image"),
@@ -326,7 +326,7 @@ def test_cutting_the_image_out_of_every_language_model_layer_is_reading_the_text
 
 
 def test_knockout_labels_and_refusals_on_blip2(bundle, image):
-    from blip_trace_widgets.knockout import Edges, knockout
+    from blip_trace_widgets.attention_knockout.knockout import Edges, knockout
 
     result = knockout(bundle, image, QUESTION, edges=[Edges(), Edges(block="qformer", attention="self")], window=1)
     assert result.labels == ["image → queries", "queries → queries (self-attention)"]
@@ -340,7 +340,7 @@ def test_knockout_labels_and_refusals_on_blip2(bundle, image):
 
 
 def test_patterns_of_blip2_heads_are_the_models_own(bundle, image, tracer):
-    from blip_trace_widgets.patterns import attention_pattern
+    from blip_trace_widgets.causal_trace.patterns import attention_pattern
 
     pixels = bundle.processor.image_processor(image, return_tensors="pt")["pixel_values"]
     ids = torch.tensor([[BLIP2_VOCAB["<image>"]] * QUERIES + list(tracer.question_ids)
@@ -398,7 +398,7 @@ def test_the_explorer_paints_only_the_q_formers_cross_attention_layers(bundle, i
 def test_a_sharded_checkpoint_loads_in_half_precision(tmp_path, monkeypatch, image):
     """BLIP-2's hub checkpoints are sharded: the half-precision shortcut (for single-file checkpoints) steps aside and
     transformers loads the shards in the dtype asked for; a hub snapshot without model.safetensors is not used."""
-    from blip_trace_widgets import loading
+    from blip_trace_widgets.models import loading
 
     folder = tmp_path / "sharded"
     tiny_blip2(seed=3).save_pretrained(folder, max_shard_size="100KB")
@@ -413,7 +413,7 @@ def test_a_sharded_checkpoint_loads_in_half_precision(tmp_path, monkeypatch, ima
 
 @pytest.mark.slow  # an explorer or command-line round trip: the full suite runs it
 def test_the_decoder_group_is_the_language_model_reading_the_image(bundle, image):
-    from blip_trace_widgets.edges import parse_edges
+    from blip_trace_widgets.attention_knockout.edges import parse_edges
     from blip_trace_widgets.widgets import KnockoutExplorer
 
     assert parse_edges("decoder", decoder="language_model") == Edges(block="language_model", attention="self",

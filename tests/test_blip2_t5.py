@@ -223,8 +223,8 @@ def test_cutting_the_image_at_every_layer_is_the_models_own_masked_run(traced, i
     """Every edge to the image's positions cut at every layer equals the model's own T5 run with those positions
     masked: in the encoder's self-attention (``attention_mask`` of the encoder), or in the decoder's cross-attention
     (``attention_mask`` beside a clean ``encoder_outputs``)."""
-    from blip_trace_widgets.edges import decoder_edges
-    from blip_trace_widgets.knockout import Edges, knockout
+    from blip_trace_widgets.attention_knockout.edges import decoder_edges
+    from blip_trace_widgets.attention_knockout.knockout import Edges, knockout
 
     head, bundle, tracer = traced
     # the model's encoder mask hides the image's positions from every query, the image's own included: name them all
@@ -248,7 +248,7 @@ def test_cutting_the_image_at_every_layer_is_the_models_own_masked_run(traced, i
 
 
 def test_attention_patterns_are_the_models_own(traced, image):
-    from blip_trace_widgets.patterns import attention_pattern
+    from blip_trace_widgets.causal_trace.patterns import attention_pattern
 
     head, bundle, tracer = traced
     model = bundle.model
@@ -387,9 +387,9 @@ def test_the_explorer_paints_only_cross_attention_that_reads_the_image(traced, i
 def test_knockout_groups_on_blocks_of_different_depths_share_the_layer_axis(traced, image, tmp_path):
     """The Q-Former (3 layers) and the T5 decoder (2) cut in one call: each row equals its own call, the decoder's
     third layer is NaN (null in JSON, no row in the table, a line that ends), never a zero change."""
-    from blip_trace_widgets.edges import decoder_edges
-    from blip_trace_widgets.knockout import Edges, knockout
-    from blip_trace_widgets.knockout_result import KnockoutResult
+    from blip_trace_widgets.attention_knockout.edges import decoder_edges
+    from blip_trace_widgets.attention_knockout.knockout import Edges, knockout
+    from blip_trace_widgets.attention_knockout.result import KnockoutResult
 
     _, bundle, _ = traced
     both = knockout(bundle, image, QUESTION, edges=[Edges(), decoder_edges("lm_decoder")], window=1)

@@ -8,9 +8,9 @@ import pytest
 from tolerance import within_rounding
 
 from blip_trace_widgets import GaussianNoise, TraceResult, load_model, sweep, trace, trace_caption
-from blip_trace_widgets.data import easy_vqa_captions, image_facts
-from blip_trace_widgets.errors import BlipTraceError
-from blip_trace_widgets.subsets import hf_caption_samples, load_vqa_subset
+from blip_trace_widgets.core.errors import BlipTraceError
+from blip_trace_widgets.datasets.easy_vqa import easy_vqa_captions, image_facts
+from blip_trace_widgets.datasets.subsets import hf_caption_samples, load_vqa_subset
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_a_caption_sweep_and_a_matching_sweep(captioner, matcher, tmp_path):
     itm = sweep(matcher, samples, configs=[TraceConfig(block="itm_encoder", samples=2)], out=tmp_path / "i",
                 progress=False)
     assert list(itm["question"]) == ["a red triangle", samples[1].answer] and itm["correct"].all()
-    from blip_trace_widgets.aggregate import average_trace
+    from blip_trace_widgets.causal_trace.averages import average_trace
 
     averaged = average_trace(table, config=0, form="rome")
     assert averaged.head == "caption" and averaged.scored.startswith("average of") and averaged.config["word"] == 1
@@ -157,7 +157,7 @@ def test_captioning_rows_of_any_datasets_dataset():
 
 
 def test_results_say_what_they_score(captioner, matcher, demo_sample, tmp_path):
-    from blip_trace_widgets.plotting import trace_title
+    from blip_trace_widgets.causal_trace.plots import trace_title
 
     result = trace(captioner, demo_sample.image, "", word=1, samples=2)
     assert "caption word 'red'" in trace_title(result)

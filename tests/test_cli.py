@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from blip_trace_widgets import TraceResult, demo_samples
-from blip_trace_widgets.plotting import heatmap_png
+from blip_trace_widgets.causal_trace.plots import heatmap_png
 
 pytestmark = pytest.mark.slow  # each test starts the command in a subprocess; test_cli_errors.py has the fast ones
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from blip_trace_widgets import cli, demo_samples
-from blip_trace_widgets.loading import DEMO_MODEL_DIR
+from blip_trace_widgets.models.loading import DEMO_MODEL_DIR
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_every_check_in_the_package_raises_blip_trace_error():
 def test_an_internal_error_keeps_its_traceback(planted, files, monkeypatch, capsys):
     """Only a user's mistake (BlipTraceError, a missing file) is one line: a bug, even a plain ValueError from inside
     torch, propagates with its traceback instead of passing for bad input."""
-    from blip_trace_widgets import tracing
+    from blip_trace_widgets.causal_trace import tracer as tracing
 
     def broken(*args, **kwargs):
         raise planted

@@ -126,7 +126,7 @@ def test_corruptions_shape_and_scale(corruption):
 
 
 def test_heatmap_plot(tiny_bundle, image, question):
-    from blip_trace_widgets.plotting import heatmap_png
+    from blip_trace_widgets.causal_trace.plots import heatmap_png
 
     result = trace(tiny_bundle, image, question, samples=2, kind="cross_attn", window=3)
     ax = result.plot()
@@ -231,11 +231,13 @@ def test_blocks_read_a_frozen_context_never_the_tracer(demo_bundle, demo_sample,
     """Every block method of a trace (exact, estimated, verified, image-side) gets the clean pass's frozen Context."""
     import dataclasses
 
-    from blip_trace_widgets import blocks
-    from blip_trace_widgets.tracing import Tracer
+    from blip_trace_widgets.causal_trace.blocks.blip import AnswerDecoder, QuestionEncoder
+    from blip_trace_widgets.causal_trace.blocks.vision import VisionEncoder
+    from blip_trace_widgets.causal_trace.blocks.base import Context
+    from blip_trace_widgets.causal_trace.tracer import Tracer
 
     seen = []
-    for cls in (blocks.QuestionEncoder, blocks.AnswerDecoder, blocks.VisionEncoder):
+    for cls in (QuestionEncoder, AnswerDecoder, VisionEncoder):
         for name in ("layout", "clean_run", "corrupted_run", "clean_cross", "rows_per_chunk", "logits"):
             original = getattr(cls, name)
 
@@ -249,6 +251,6 @@ def test_blocks_read_a_frozen_context_never_the_tracer(demo_bundle, demo_sample,
         tracer.trace(samples=2, method=method)
         tracer.trace(samples=2, method=method, block="answer_decoder")
     tracer.trace(samples=1, block="vision_encoder", regions=2)
-    assert seen and set(seen) == {blocks.Context}
+    assert seen and set(seen) == {Context}
     with pytest.raises(dataclasses.FrozenInstanceError):
         tracer.session.context.question_ids = (1,)

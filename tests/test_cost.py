@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from blip_trace_widgets import Tracer
-from blip_trace_widgets.cost import WARN_SECONDS, trace_cost
-from blip_trace_widgets.engine import start_layer
+from blip_trace_widgets.causal_trace.cost import WARN_SECONDS, trace_cost
+from blip_trace_widgets.models.runs import start_layer
 
 
 def test_the_count_is_the_engines_cells_layers_and_samples(demo_bundle, demo_sample):
@@ -19,7 +19,7 @@ def test_the_count_is_the_engines_cells_layers_and_samples(demo_bundle, demo_sam
         config = tracer.trace(**fields).config
         cost = trace_cost(tracer, **fields)
         block = tracer.blocks[fields.get("block", "question_encoder")]
-        from blip_trace_widgets.procedures import resolve_config
+        from blip_trace_widgets.causal_trace.procedures import resolve_config
 
         resolved = resolve_config(demo_bundle, **fields)
         cells = block.layout(tracer.session, resolved, tracer.target(resolved)).cells
@@ -40,7 +40,7 @@ def test_a_large_trace_is_warned_about_with_what_makes_it_cheaper(demo_bundle, d
 
 
 def test_the_command_line_warns_before_a_large_trace(demo_sample, tmp_path, capsys, monkeypatch):
-    from blip_trace_widgets import cost
+    from blip_trace_widgets.causal_trace import cost
     from blip_trace_widgets.cli import main
 
     monkeypatch.setattr(cost, "WARN_SECONDS", 0.0)
@@ -52,13 +52,14 @@ def test_the_command_line_warns_before_a_large_trace(demo_sample, tmp_path, caps
 
 
 def test_the_explorers_say_the_cost_and_the_time_left(demo_bundle, demo_sample, monkeypatch):
-    from blip_trace_widgets import cost, widgets
+    from blip_trace_widgets import widgets
+    from blip_trace_widgets.causal_trace import cost
     from blip_trace_widgets.widgets import live
 
     image, question, _ = demo_sample
     tracer = Tracer(demo_bundle, image, question)
     config = tracer.trace(samples=2).config
-    from blip_trace_widgets.procedures import resolve_config
+    from blip_trace_widgets.causal_trace.procedures import resolve_config
 
     resolved = resolve_config(demo_bundle, samples=2)
     assert widgets.cost_notice(tracer, resolved) == "<i>tracing…</i>"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from blip_trace_widgets.loading import DEMO_DIRS, dtype_argument
-from blip_trace_widgets.portable import saved_keys
+from blip_trace_widgets.core.portable import saved_keys
+from blip_trace_widgets.models.loading import DEMO_DIRS, dtype_argument
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"demo-caption": BlipForConditionalGeneration, "demo-itm": BlipForImageTextRetrieval}
@@ -43,7 +43,7 @@ def test_the_accuracy_claims_still_hold():
     """Caption exact match and ITM accuracy on every captioned test image, with plain transformers, as the cards say."""
     from PIL import Image
 
-    from blip_trace_widgets.data import easy_vqa_captions
+    from blip_trace_widgets.datasets.easy_vqa import easy_vqa_captions
 
     evaluate = _evaluation()
     pairs = easy_vqa_captions("test")

@@ -11,7 +11,7 @@ import torch
 from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
 
 from blip_trace_widgets import GaussianNoise, Tracer, demo_samples, load_model
-from blip_trace_widgets.loading import DEMO_DIRS
+from blip_trace_widgets.models.loading import DEMO_DIRS
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = DEMO_DIRS["demo-instructblip"]

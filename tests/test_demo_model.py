@@ -4,9 +4,9 @@ from __future__ import annotations
 from transformers import BlipForQuestionAnswering, BlipProcessor
 
 from blip_trace_widgets import demo_samples, trace
-from blip_trace_widgets.data import question_type
-from blip_trace_widgets.loading import DEMO_MODEL_DIR
-from blip_trace_widgets.tracing import Tracer
+from blip_trace_widgets.causal_trace.tracer import Tracer
+from blip_trace_widgets.datasets.easy_vqa import question_type
+from blip_trace_widgets.models.loading import DEMO_MODEL_DIR
 
 
 def test_folder_is_standard_and_small():
@@ -21,7 +21,7 @@ def test_folder_is_standard_and_small():
 
 def test_folder_is_readable_by_transformers_4():
     """Every weight stored (4.x does not tie the decoder's output matrix); the image processor where 4.x reads it."""
-    from blip_trace_widgets.portable import saved_keys
+    from blip_trace_widgets.core.portable import saved_keys
 
     model = BlipForQuestionAnswering.from_pretrained(DEMO_MODEL_DIR)
     assert saved_keys(DEMO_MODEL_DIR) == set(model.state_dict())

@@ -223,8 +223,8 @@ def test_noising_with_severing_matches_a_per_cell_loop(bundles, image, question,
 
 def test_noising_figures_say_so_and_start_white_at_clean(bundles, image, question, tmp_path, capsys):
     from blip_trace_widgets import sweep
+    from blip_trace_widgets.causal_trace.plots import plot_trace, trace_title
     from blip_trace_widgets.cli import main
-    from blip_trace_widgets.plotting import plot_trace, trace_title
 
     tracer = _tracer(bundles, image, question, "vqa")
     result = tracer.trace(_config("vqa", "question_encoder", "hidden", 1))

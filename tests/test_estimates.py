@@ -8,7 +8,7 @@ from tiny_blip import tiny_model, tiny_processor
 from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
-from blip_trace_widgets.names import VISION_KINDS, kinds_of
+from blip_trace_widgets.core.names import VISION_KINDS, kinds_of
 
 TEXT_BLOCKS = ("question_encoder", "answer_decoder")
 
@@ -183,7 +183,7 @@ def test_estimate_options_are_checked(fields, message):
 
 def test_estimate_result_says_so_in_json_and_title(tiny_bundle, image, question, tmp_path):
     from blip_trace_widgets import TraceResult
-    from blip_trace_widgets.plotting import trace_title
+    from blip_trace_widgets.causal_trace.plots import trace_title
 
     result = Tracer(tiny_bundle, image, question).trace(TraceConfig(samples=2, method="estimate", steps=2))
     assert "ESTIMATE (attribution patching, 2 steps)" in trace_title(result, width=500)
@@ -225,7 +225,7 @@ def test_verified_cells_equal_exact_and_the_rest_the_estimate(tiny_bundle, image
 
 def test_verified_result_round_trips_and_says_so(tiny_bundle, image, question, tmp_path):
     from blip_trace_widgets import TraceResult
-    from blip_trace_widgets.plotting import plot_trace, trace_title
+    from blip_trace_widgets.causal_trace.plots import plot_trace, trace_title
 
     result = Tracer(tiny_bundle, image, question).trace(TraceConfig(samples=2, method="verified", verify=2))
     assert "2 cells exact (outlined)" in trace_title(result, width=500)
@@ -270,7 +270,7 @@ def test_second_order_comes_closer_than_first(image, question, block):
 
 
 def test_second_order_flags_cells_and_verified_makes_them_exact(tiny_bundle, image, question):
-    from blip_trace_widgets.plotting import trace_title
+    from blip_trace_widgets.causal_trace.plots import trace_title
 
     tracer = Tracer(tiny_bundle, image, question)
     config = TraceConfig(kind="mlp", samples=2, corruption=GaussianNoise(3.0))

@@ -14,7 +14,7 @@ from test_browser import ARTIFACTS, lab, notebook_page  # noqa: F401  (lab: Jupy
 from tolerance import assert_close
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, trace
-from blip_trace_widgets.sharpen import AutoSampling, sharpen, status_text
+from blip_trace_widgets.causal_trace.sharpen import AutoSampling, sharpen, status_text
 from blip_trace_widgets.widgets import TraceExplorer, VisionTraceExplorer
 from blip_trace_widgets.widgets.controls import AUTO_PLAN
 

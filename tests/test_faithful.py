@@ -12,11 +12,11 @@ from tiny_blip import tiny_model, tiny_processor
 from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import GaussianNoise, MultiplicativeNoise, TraceConfig, Tracer, load_model, trace
-from blip_trace_widgets.aggregate import average_effect, average_trace, sample_effects
-from blip_trace_widgets.corruption import Blur, Grey, Scale, UniformNoise
-from blip_trace_widgets.procedures import PROCEDURES, procedure_config
-from blip_trace_widgets.regions import Box
-from blip_trace_widgets.tracing import CACHE_PARTS, cache_key
+from blip_trace_widgets.causal_trace.averages import average_effect, average_trace, sample_effects
+from blip_trace_widgets.causal_trace.procedures import PROCEDURES, procedure_config
+from blip_trace_widgets.causal_trace.tracer import CACHE_PARTS, cache_key
+from blip_trace_widgets.core.regions import Box
+from blip_trace_widgets.corruptions.kinds import Blur, Grey, Scale, UniformNoise
 
 
 @pytest.fixture(scope="module")

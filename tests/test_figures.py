@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from blip_trace_widgets import Box, GaussianNoise, Tracer, TraceResult, default_config
-from blip_trace_widgets.aggregate import average_trace
-from blip_trace_widgets.plotting import TINY_TEXT, effect_map, overlay_image, plot_on_image, plot_trace, plot_traces
+from blip_trace_widgets.causal_trace.averages import average_trace
+from blip_trace_widgets.causal_trace.plots import (
+    TINY_TEXT,
+    effect_map,
+    overlay_image,
+    plot_on_image,
+    plot_trace,
+    plot_traces,
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +101,7 @@ def test_both_directions_of_a_negative_total_effect(direction, normalized):
 def test_effects_against_the_direction_are_blue_in_every_kind(tracer, demo_bundle):
     """One colour language: effects against the trace's direction are blue, and no kind draws its effects in blue
     (cross-attention used to)."""
-    from blip_trace_widgets.names import AGAINST_COLORMAP, KIND_COLORMAPS
+    from blip_trace_widgets.core.names import AGAINST_COLORMAP, KIND_COLORMAPS
 
     assert AGAINST_COLORMAP == "Blues"
     assert all("Bu" not in name and "Blu" not in name for name in KIND_COLORMAPS.values())
@@ -146,7 +153,7 @@ def test_averaged_heatmap_shows_its_real_range():
              "tokens": ["[CLS]", "a", "[SEP]"], "scores": s, "low_score": 0.1, "high_score": 0.9, "num_layers": 2, "correct": True}
             for i, s in enumerate([[[0.1, 0.5], [0.2, 0.3], [0.1, 0.1]], [[0.3, 0.7], [0.1, 0.2], [0.1, 0.0]]])]
     average = average_trace(pd.DataFrame(rows), form="rome", by="position")
-    from blip_trace_widgets.sweep_plots import plot_average_heatmaps
+    from blip_trace_widgets.sweeps.plots import plot_average_heatmaps
 
     ax = plot_trace(average, top="range", tiny=None)
     assert _mesh(ax).get_clim() == pytest.approx((np.nanmin(average.scores), np.nanmax(average.scores)))
@@ -198,7 +205,7 @@ def test_the_explorers_renderer_draws_what_heatmap_png_draws(tracer, demo_bundle
 
     from PIL import Image
 
-    from blip_trace_widgets.plotting import HeatmapRenderer, heatmap_png
+    from blip_trace_widgets.causal_trace.plots import HeatmapRenderer, heatmap_png
 
     renderer = HeatmapRenderer()
     config = default_config(demo_bundle, samples=3)

@@ -76,7 +76,7 @@ def test_easy_vqa_pairs_refuses_a_limit_that_is_no_count(limit, message):
 @pytest.mark.parametrize("loader", ["hf_pairs", "hf_samples", "hf_caption_samples", "question_pairs",
                                     "load_vqa_subset"])
 def test_every_loader_refuses_a_limit_that_is_no_count(loader):
-    from blip_trace_widgets import subsets
+    from blip_trace_widgets.datasets import subsets
 
     source = "easy-vqa-color" if loader == "load_vqa_subset" else []
     with pytest.raises(BlipTraceError, match="limit must be 1 or more"):
@@ -93,7 +93,7 @@ def test_every_loader_refuses_a_limit_that_is_no_count(loader):
 ])
 @pytest.mark.parametrize("loader", ["hf_pairs", "hf_samples", "hf_caption_samples"])
 def test_a_dataset_that_is_no_table_is_a_clear_error(loader, dataset, message):
-    from blip_trace_widgets import subsets
+    from blip_trace_widgets.datasets import subsets
 
     with pytest.raises(BlipTraceError, match=message):
         list(getattr(subsets, loader)(dataset))
@@ -106,7 +106,7 @@ PAIR_ROW = dict(image="a.png", counterfactual_image="b.png", question="what colo
 @pytest.mark.parametrize("column", ["question", "answer", "counterfactual_answer", "image", "counterfactual_image"])
 @pytest.mark.parametrize("missing", [None, "  "])
 def test_hf_pairs_refuses_a_row_without_a_value_naming_it(column, missing):
-    from blip_trace_widgets.subsets import hf_pairs
+    from blip_trace_widgets.datasets.subsets import hf_pairs
 
     rows = [PAIR_ROW, {**PAIR_ROW, column: missing}]
     with pytest.raises(BlipTraceError, match=f"row 1 has no '{column}'"):
@@ -115,7 +115,7 @@ def test_hf_pairs_refuses_a_row_without_a_value_naming_it(column, missing):
 
 
 def test_hf_samples_and_captions_refuse_a_row_without_its_text():
-    from blip_trace_widgets.subsets import hf_caption_samples, hf_samples
+    from blip_trace_widgets.datasets.subsets import hf_caption_samples, hf_samples
 
     with pytest.raises(BlipTraceError, match="row 0 has no 'question'"):
         list(hf_samples([{"image": "a.png", "question": None, "answer": "red"}]))
@@ -131,7 +131,7 @@ def test_an_attention_pattern_of_a_layer_that_is_no_index_is_a_clear_error(demo_
     import numpy as np
 
     from blip_trace_widgets import Tracer
-    from blip_trace_widgets.patterns import attention_pattern
+    from blip_trace_widgets.causal_trace.patterns import attention_pattern
 
     tracer = Tracer(demo_bundle, demo_sample.image, demo_sample.question)
     with pytest.raises(BlipTraceError, match="layer must be a whole layer index from 0 to 3, got"):
@@ -215,8 +215,8 @@ def test_two_swap_options_trace_both_swaps(shape_png, tmp_path, capsys):
 
 
 def test_an_image_text_matching_model_takes_an():
-    from blip_trace_widgets import heads
-    from blip_trace_widgets.anatomy import check_head_block
+    from blip_trace_widgets.models import heads
+    from blip_trace_widgets.models.anatomy import check_head_block
 
     assert heads.of("itm").a_model == "an image-text matching model"
     assert heads.of("vqa").a_model == "a visual question answering model"
@@ -257,7 +257,7 @@ def test_a_head_sweep_writes_its_averages_and_ranks_the_heads(head_sweep, name):
 def test_effect_by_layer_draws_one_line_per_head(head_sweep):
     import pandas as pd
 
-    from blip_trace_widgets.sweep_plots import plot_effect_by_layer
+    from blip_trace_widgets.sweeps.plots import plot_effect_by_layer
 
     heads_only = plot_effect_by_layer(pd.read_parquet(head_sweep["heads"][1] / "sweep.parquet"))
     panel = heads_only.axes[0]
@@ -285,7 +285,7 @@ def test_a_long_python_trace_is_warned_about_before_it_starts(demo_bundle, demo_
     import warnings
 
     from blip_trace_widgets import Tracer
-    from blip_trace_widgets.cost import WARN_SECONDS, LongTraceWarning, trace_cost
+    from blip_trace_widgets.causal_trace.cost import WARN_SECONDS, LongTraceWarning, trace_cost
 
     image, question, _ = demo_sample
     big = dict(block="vision_encoder", kind="mlp", window=3, samples=1000)  # minutes on the demo model
@@ -308,7 +308,7 @@ def test_a_long_python_trace_is_warned_about_before_it_starts(demo_bundle, demo_
 def test_a_short_python_trace_says_nothing(demo_bundle, demo_sample):
     import warnings
 
-    from blip_trace_widgets.cost import LongTraceWarning
+    from blip_trace_widgets.causal_trace.cost import LongTraceWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", LongTraceWarning)
@@ -318,8 +318,9 @@ def test_a_short_python_trace_says_nothing(demo_bundle, demo_sample):
 def test_every_word_of_a_caption_is_priced_together(captioner, demo_sample, monkeypatch):
     import warnings
 
-    from blip_trace_widgets import Tracer, cost
-    from blip_trace_widgets.cost import LongTraceWarning
+    from blip_trace_widgets import Tracer
+    from blip_trace_widgets.causal_trace import cost
+    from blip_trace_widgets.causal_trace.cost import LongTraceWarning
 
     image = demo_sample.image
     tracer = Tracer(captioner, image, "")
@@ -335,13 +336,13 @@ def test_every_word_of_a_caption_is_priced_together(captioner, demo_sample, monk
 
 @pytest.mark.parametrize("seconds, said", [(12.4, "12 s"), (540, "9 min"), (4 * 3600, "4.0 h")])
 def test_a_rough_time_is_said_in_its_unit(seconds, said):
-    from blip_trace_widgets.cost import duration
+    from blip_trace_widgets.causal_trace.cost import duration
 
     assert duration(seconds) == said
 
 
 def test_the_command_line_prices_every_word_of_a_caption_too(shape_png, tmp_path, capsys, monkeypatch):
-    from blip_trace_widgets import cost
+    from blip_trace_widgets.causal_trace import cost
 
     monkeypatch.setattr(cost, "WARN_SECONDS", 0.0)
     code, out = _cli(capsys, "trace", "--model", "demo-caption", "--image", str(shape_png), "--word", "all",

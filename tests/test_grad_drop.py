@@ -69,7 +69,7 @@ def test_flagged_cells_are_reported_and_a_verified_map_makes_them_exact(tracer, 
 def test_the_flag_names_cancelling_paths_where_the_estimate_is_small(tracer):
     """The gap is Σ_l |term with layer l dropped| / (L - 1) - |term|: at least -|term| / (L - 1) ... computed here
     from its parts, cell by cell."""
-    from blip_trace_widgets.estimates import _cell_sums, cancellation  # noqa: PLC2701
+    from blip_trace_widgets.causal_trace.estimates import _cell_sums, cancellation  # noqa: PLC2701
 
     block = tracer.blocks["question_encoder"]
     config = TraceConfig(samples=2, corruption=GaussianNoise(3.0), method="estimate", grad_drop=True)

@@ -15,7 +15,7 @@ from tiny_blip import tiny_captioner, tiny_matcher, tiny_processor
 from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer, load_model
-from blip_trace_widgets.errors import BlipTraceError
+from blip_trace_widgets.core.errors import BlipTraceError
 
 TEXT = {"caption_decoder": "text_decoder.bert.encoder.layer", "itm_encoder": "text_encoder.encoder.layer",
         "vision_encoder": "vision_model.encoder.layers"}

@@ -57,7 +57,7 @@ def test_clean_caption_and_answer_are_generates_on_every_mode(demo_sample):
 
 
 def test_transparency_is_composited_as_the_processor_does(demo_sample):
-    from blip_trace_widgets.inputs import processor_rgb, to_rgb_image
+    from blip_trace_widgets.core.inputs import processor_rgb, to_rgb_image
 
     rgba = _cutout(demo_sample[0])
     ours = np.asarray(to_rgb_image(rgba))

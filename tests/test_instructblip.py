@@ -235,7 +235,7 @@ def test_estimates_tend_to_exact_as_the_noise_vanishes(tracer):
 
 
 def test_absent_instruction_positions_are_drawn_not_applicable(tracer):
-    from blip_trace_widgets.plotting import plot_trace
+    from blip_trace_widgets.causal_trace.plots import plot_trace
 
     ax = plot_trace(tracer.trace(TraceConfig(block="qformer", kind="cross_attn", samples=2, corrupt="image",
                                              answer="red")))
@@ -243,7 +243,7 @@ def test_absent_instruction_positions_are_drawn_not_applicable(tracer):
 
 
 def test_knockout_of_the_image_cuts_only_the_queries(bundle, image):
-    from blip_trace_widgets.knockout import Edges, knockout
+    from blip_trace_widgets.attention_knockout.knockout import Edges, knockout
 
     result = knockout(bundle, image, QUESTION, edges=[Edges()], window=1, answer="red")
     assert result.labels == ["image → Q-Former"] and np.isfinite(result.changes).all()

@@ -16,10 +16,10 @@ from tiny_blip import tiny_captioner, tiny_matcher, tiny_model, tiny_processor
 from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import BlipTraceError, load_model
-from blip_trace_widgets.edges import Edges
-from blip_trace_widgets.knockout import Knockout, KnockoutConfig, knockout
-from blip_trace_widgets.knockout_result import KnockoutResult
-from blip_trace_widgets.regions import Box, Outside
+from blip_trace_widgets.attention_knockout.edges import Edges
+from blip_trace_widgets.attention_knockout.knockout import Knockout, KnockoutConfig, knockout
+from blip_trace_widgets.attention_knockout.result import KnockoutResult
+from blip_trace_widgets.core.regions import Box, Outside
 
 LAYERS = {"question_encoder": "text_encoder.encoder.layer", "answer_decoder": "text_decoder.bert.encoder.layer",
           "caption_decoder": "text_decoder.bert.encoder.layer", "itm_encoder": "text_encoder.encoder.layer"}
@@ -125,7 +125,8 @@ def test_groups_resolve_to_the_edges_they_name(bundles, image):
 
 
 def test_cutting_nothing_is_the_clean_run_exactly(bundles, image):
-    from blip_trace_widgets.engine import Cut, cut_staircase
+    from blip_trace_widgets.models.attention import Cut
+    from blip_trace_widgets.models.runs import cut_staircase
 
     knock = Knockout.of(bundles["vqa"], image, TEXTS["vqa"])
     tracer = knock.tracer
@@ -141,7 +142,7 @@ def test_cutting_nothing_is_the_clean_run_exactly(bundles, image):
 def test_a_query_that_reads_nothing_gets_a_zero_context(bundles, image):
     """Every image token cut at a layer: that layer's cross-attention adds only its output bias (a zero context),
     not the projection of the uniform average of the image's values."""
-    from blip_trace_widgets.engine import Cut, _weights
+    from blip_trace_widgets.models.attention import Cut
 
     tracer = Knockout.of(bundles["vqa"], image, TEXTS["vqa"]).tracer
     stack = tracer.blocks.reader.stack
@@ -197,7 +198,7 @@ def test_bad_settings_are_refused_before_running():
 @pytest.mark.parametrize("group_edges,empty", [(Edges(keys=Box(0.0, 0.0, 0.5, 0.5)), "zero"), (Edges(), "mean")])
 def test_dial_at_zero_is_the_cut_and_its_gradient_is_the_estimate(bundles, image, group_edges, empty):
     """The estimate's multiplier: at 0 it gives the knockout's weights; its gradient matches a finite difference."""
-    from blip_trace_widgets.engine import Cut, Dial
+    from blip_trace_widgets.models.attention import Cut, Dial
 
     torch.manual_seed(0)
     scores = torch.randn(2, 3, 4, 5)
@@ -227,7 +228,7 @@ def test_dial_at_zero_is_the_cut_and_its_gradient_is_the_estimate(bundles, image
                 dial = Dial(group.edges[None], torch.tensor([1.0 - eps if j == layer else 1.0]), empty)
                 h = block.stack.layer(j, h, cross[j], None, cuts=(None, dial))
             logits = block.logits(knock.tracer.session, h, target)
-        from blip_trace_widgets.scoring import score_rows
+        from blip_trace_widgets.core.scoring import score_rows
 
         p = float(score_rows(logits.reshape(-1, *logits.shape[2:]), target, "prob")[0])
         assert abs((exact.clean_score - p) / eps - slope[0, layer]) < 1e-3 * max(1.0, abs(slope[0, layer])) + 1e-4
@@ -288,8 +289,8 @@ def test_the_command_line_writes_a_plot_and_a_result(tmp_path, demo_sample, caps
 
 def test_a_sweep_averages_groups_with_intervals(demo_bundle, tmp_path):
     from blip_trace_widgets import demo_samples
+    from blip_trace_widgets.attention_knockout.sweep import knockout_average, knockout_sweep, plot_knockout_average
     from blip_trace_widgets.cli import main
-    from blip_trace_widgets.knockout_sweep import knockout_average, knockout_sweep, plot_knockout_average
 
     samples = demo_samples(per_type=1)
     table = knockout_sweep(demo_bundle, samples, edges=["image", "object", Edges(keys="cls")], window=1)
@@ -301,7 +302,7 @@ def test_a_sweep_averages_groups_with_intervals(demo_bundle, tmp_path):
     assert first.questions == len(samples)
     changes = rows.groupby("sample").change.mean().to_numpy()  # a one-sample t over the questions, by hand
     t = changes.mean() / (changes.std(ddof=1) / np.sqrt(len(changes)))
-    from blip_trace_widgets.significance import t_two_sided
+    from blip_trace_widgets.core.significance import t_two_sided
 
     assert first.p_value == pytest.approx(t_two_sided(t, len(changes) - 1))
     assert (averages.q_value >= averages.p_value - 1e-12).all() and averages.significant.dtype == bool
@@ -373,7 +374,7 @@ def test_empty_mean_matches_the_model_forward_with_emptied_rows_read_uniformly(b
 
 @pytest.mark.parametrize("empty", ["zero", "mean"])
 def test_dial_at_zero_is_the_cut_under_both_empty_rules(empty):
-    from blip_trace_widgets.engine import Cut, Dial
+    from blip_trace_widgets.models.attention import Cut, Dial
 
     torch.manual_seed(1)
     scores = torch.randn(2, 3, 4, 5)
@@ -498,7 +499,7 @@ def test_the_explorer_shows_its_defaults_and_refuses_a_window_it_cannot_hold(dem
 def test_a_sweep_of_a_matcher_scoring_expected_answers_scores_the_match(bundles, image):
     """A matcher scores the match of each item's caption, as trace sweeps do: its expected answer is that caption,
     never an answer to score (which a knockout of a matcher refuses)."""
-    from blip_trace_widgets.knockout_sweep import knockout_sweep
+    from blip_trace_widgets.attention_knockout.sweep import knockout_sweep
 
     items = [(image, "", "a red circle")]
     expected = knockout_sweep(bundles["itm"], items, edges=["image"], window=1, scored="expected")
@@ -506,7 +507,7 @@ def test_a_sweep_of_a_matcher_scoring_expected_answers_scores_the_match(bundles,
     assert expected["p"].tolist() == model["p"].tolist() and set(expected["empty"]) == {"zero"}
     import pandas as pd
 
-    from blip_trace_widgets.knockout_sweep import knockout_average, plot_knockout_average
+    from blip_trace_widgets.attention_knockout.sweep import knockout_average, plot_knockout_average
 
     mean = knockout_sweep(bundles["itm"], items, edges=["image"], window=1, empty="mean")
     assert "reads their mean" in plot_knockout_average(knockout_average(mean)).get_title()

@@ -16,7 +16,7 @@ import torch
 from tiny_blip import BLIP2_VOCAB, tiny_blip2_processor, tiny_blip2_t5
 
 from blip_trace_widgets import Edges, demo_samples, load_model
-from blip_trace_widgets.knockout import Knockout, KnockoutConfig
+from blip_trace_widgets.attention_knockout.knockout import Knockout, KnockoutConfig
 
 WINDOW = 3
 
@@ -83,7 +83,7 @@ def test_opt_cuts_the_texts_queries_as_the_models_own_masked_forward(blip2):
 
 
 def test_the_decoder_group_and_each_token_follow_the_same_rule(blip2):
-    from blip_trace_widgets.edges import decoder_edges
+    from blip_trace_widgets.attention_knockout.edges import decoder_edges
 
     bundle, image, question = blip2
     queries = bundle.model.config.num_query_tokens

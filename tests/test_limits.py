@@ -12,7 +12,7 @@ from blip_trace_widgets import BlipTraceError, Blur, Box, GaussianNoise, TraceCo
 
 
 def test_noise_samples_that_would_not_fit_are_refused_before_allocating(tiny_bundle, image, question, monkeypatch):
-    from blip_trace_widgets import corrupted
+    from blip_trace_widgets.causal_trace import corrupted
 
     tracer = Tracer(tiny_bundle, image, question)
     monkeypatch.setattr(corrupted, "available_memory", lambda: tracer.corrupted_runs.run_bytes(4, False))
@@ -86,7 +86,7 @@ def test_long_answers_are_scored_in_log_space(tiny_bundle, image, question):
 def test_blank_and_wide_range_images(tiny_bundle, question):
     from PIL import Image
 
-    from blip_trace_widgets.inputs import ImageRangeWarning, to_rgb_image
+    from blip_trace_widgets.core.inputs import ImageRangeWarning, to_rgb_image
 
     # as BLIP's processor converts them (PIL's 8-bit conversion), with a warning that says so and how to rescale
     sixteen = Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16))
@@ -107,7 +107,7 @@ def test_blank_and_wide_range_images(tiny_bundle, question):
 def test_exif_orientation_is_applied(tmp_path):
     from PIL import Image
 
-    from blip_trace_widgets.inputs import to_rgb_image
+    from blip_trace_widgets.core.inputs import to_rgb_image
 
     wide = Image.new("RGB", (40, 20), "red")
     exif = Image.Exif()
@@ -144,7 +144,7 @@ def test_export_errors_show_inside_the_widget(demo_bundle, tmp_path):
 def test_sweep_questions_are_named_by_content():
     from PIL import Image
 
-    from blip_trace_widgets.sweep import question_id
+    from blip_trace_widgets.sweeps.sweep import question_id
 
     one = Image.new("RGB", (8, 8), "red")
     assert question_id(one, "what?", "red") == question_id(one.copy(), "what?", "red")
@@ -157,7 +157,7 @@ def test_results_of_infinite_levels_never_reach_json(tiny_bundle, image, questio
 
 
 def test_threads_follow_the_free_cores(monkeypatch):
-    from blip_trace_widgets import threads
+    from blip_trace_widgets.core import threads
 
     monkeypatch.delenv("BLIP_TRACE_THREADS", raising=False)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
@@ -178,7 +178,7 @@ def test_threads_follow_the_free_cores(monkeypatch):
 def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, monkeypatch):
     from PIL import Image
 
-    from blip_trace_widgets.inputs import to_rgb_image
+    from blip_trace_widgets.core.inputs import to_rgb_image
 
     path = tmp_path / "big.png"
     Image.new("RGB", (200, 200)).save(path)

@@ -9,7 +9,7 @@ import torch
 from tiny_blip import tiny_model, tiny_processor
 
 from blip_trace_widgets import load_model
-from blip_trace_widgets.loading import dtype_argument
+from blip_trace_widgets.models.loading import dtype_argument
 
 
 def test_pair_is_eval_without_grad():
@@ -68,8 +68,8 @@ def test_pair_keeps_its_dtype_unless_asked():
 def test_noise_scale_comes_from_the_model_folder(tmp_path):
     import json
 
-    from blip_trace_widgets.loading import DEMO_MODEL_DIR
-    from blip_trace_widgets.tracing import default_config
+    from blip_trace_widgets.causal_trace.tracer import default_config
+    from blip_trace_widgets.models.loading import DEMO_MODEL_DIR
 
     tiny_model().save_pretrained(tmp_path)
     tiny_processor().save_pretrained(tmp_path)
@@ -98,7 +98,7 @@ def test_offline_hub_ids_fail_at_once_without_retries(monkeypatch):
     """No network and nothing cached: one clear error before transformers starts its retries."""
     import transformers
 
-    from blip_trace_widgets import loading
+    from blip_trace_widgets.models import loading
 
     monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
 
@@ -113,7 +113,7 @@ def test_offline_hub_ids_fail_at_once_without_retries(monkeypatch):
 def test_offline_with_a_cached_copy_reads_the_cache_only(monkeypatch):
     import huggingface_hub
 
-    from blip_trace_widgets import loading
+    from blip_trace_widgets.models import loading
 
     monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: "/cache/config.json")
@@ -151,7 +151,8 @@ def test_half_precision_loads_from_a_copy_converted_tensor_by_tensor(float32_fol
 
 
 def test_short_memory_gives_a_warning_that_names_a_dtype_that_fits(float32_folder, monkeypatch):
-    from blip_trace_widgets import loading, memory
+    from blip_trace_widgets.core import memory
+    from blip_trace_widgets.models import loading
 
     weights = (float32_folder / "model.safetensors").stat().st_size
     monkeypatch.setattr(memory, "available_memory", lambda: int(weights * 0.6) + loading.TRACE_HEADROOM)
@@ -172,7 +173,7 @@ def test_a_checkpoint_missing_weights_is_refused(float32_folder):
 
 
 def test_portable_folder_loads_the_same_model(tmp_path):
-    from blip_trace_widgets.portable import save_portable, saved_keys
+    from blip_trace_widgets.core.portable import save_portable, saved_keys
 
     model, processor = tiny_model(), tiny_processor()
     save_portable(model, processor, tmp_path)
@@ -202,7 +203,7 @@ def test_the_half_precision_cache_is_bounded(float32_folder, tmp_path, monkeypat
     import os
     import time
 
-    from blip_trace_widgets.memory import prune_half_cache
+    from blip_trace_widgets.core.memory import prune_half_cache
 
     monkeypatch.setenv("BLIP_TRACE_CACHE", str(tmp_path / "cache"))
     load_model(str(float32_folder), dtype="bfloat16")

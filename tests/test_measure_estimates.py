@@ -32,7 +32,7 @@ def test_a_map_agrees_with_itself_and_a_shuffled_one_does_not(measure):
 
 
 def test_the_ceiling_uses_independent_draws_and_paired_effects(measure, demo_bundle, demo_sample):
-    from blip_trace_widgets.tracing import Tracer, default_config
+    from blip_trace_widgets.causal_trace.tracer import Tracer, default_config
 
     image, question, _ = demo_sample
     tracer = Tracer(demo_bundle, image, question)

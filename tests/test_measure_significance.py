@@ -22,15 +22,15 @@ def measure():
 
 @pytest.fixture(scope="module")
 def tracer(demo_bundle, demo_sample):
-    from blip_trace_widgets.tracing import Tracer
+    from blip_trace_widgets.causal_trace.tracer import Tracer
 
     image, question, _ = demo_sample
     return Tracer(demo_bundle, image, question, corrupted_cache_size=4)
 
 
 def test_a_donor_draw_replaces_the_clean_states_sample_by_sample(measure, tracer, demo_bundle):
-    from blip_trace_widgets.errors import BlipTraceError
-    from blip_trace_widgets.tracing import default_config
+    from blip_trace_widgets.causal_trace.tracer import default_config
+    from blip_trace_widgets.core.errors import BlipTraceError
 
     config = default_config(demo_bundle, kind="mlp", samples=3)
     # Restoring a state from its own draw changes nothing: every placebo effect is zero (to float rounding: the

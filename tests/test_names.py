@@ -9,10 +9,18 @@ import pandas as pd
 import pytest
 
 from blip_trace_widgets import (
-    CaptionTrace, TraceConfig, TraceExplorer, Tracer, knockout, load_model, sweep, trace, trace_caption,
+    CaptionTrace,
+    TraceConfig,
+    TraceExplorer,
+    Tracer,
+    knockout,
+    load_model,
+    sweep,
+    trace,
+    trace_caption,
 )
-from blip_trace_widgets.errors import BlipTraceError
-from blip_trace_widgets.knockout import KnockoutConfig
+from blip_trace_widgets.attention_knockout.knockout import KnockoutConfig
+from blip_trace_widgets.core.errors import BlipTraceError
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +88,7 @@ def test_question_is_the_old_name_of_text(demo_sample):
 
 def test_an_old_caption_sweep_named_target_resumes(captioner, demo_sample, tmp_path):
     """A caption sweep written when the word was ``target`` (manifest, parts and table) resumes without retracing."""
-    from blip_trace_widgets.sweep import load_sweep
+    from blip_trace_widgets.sweeps.sweep import load_sweep
 
     out, items = tmp_path / "old", [(demo_sample.image, "", "a red triangle")]
     configs = TraceConfig(block="caption_decoder", samples=1, word=2)

@@ -7,7 +7,7 @@ import pytest
 from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import BlipTraceError, ImageSwap, Tracer, WordSwap, load_model, trace
-from blip_trace_widgets.data import COLORS, SHAPES, easy_vqa_pairs, easy_vqa_questions, image_facts
+from blip_trace_widgets.datasets.easy_vqa import COLORS, SHAPES, easy_vqa_pairs, easy_vqa_questions, image_facts
 
 
 @pytest.mark.parametrize("kind", ["color", "shape"])
@@ -35,7 +35,7 @@ def test_pairs_differ_in_one_attribute_and_take_both_answers_from_the_dataset(ki
 @pytest.mark.parametrize("stage", ["image", "patches", "pixels"])
 def test_image_swap_at_every_stage_runs_the_counterfactual_image(demo_bundle, stage):
     """With nothing restored, a swap is the counterfactual image's own run; with the last layer restored, the clean."""
-    from blip_trace_widgets.procedures import resolve_config
+    from blip_trace_widgets.causal_trace.procedures import resolve_config
 
     pair = easy_vqa_pairs("color", limit=1)[0]
     block = "question_encoder" if stage == "image" else "vision_encoder"
@@ -108,7 +108,7 @@ def test_the_explorer_swaps_in_a_partner_or_a_question_in_either_direction(demo_
     assert controls.partner.options[0] == ("its pair's partner", -1) and controls.partner.layout.display == "none"
     controls.source.value = "pair"  # the pair's own partner: the map starts at the partner's own p(answer)
     own = Tracer(demo_bundle, pairs[0].counterfactual_image, pairs[0].question)
-    from blip_trace_widgets.procedures import resolve_config
+    from blip_trace_widgets.causal_trace.procedures import resolve_config
 
     expected = own.baselines(resolve_config(demo_bundle, answer=explorer.result.answer, samples=1))[1]
     assert explorer.result.config["corruption"]["type"] == "image_swap"
@@ -132,7 +132,7 @@ def test_the_explorer_swaps_in_a_partner_or_a_question_in_either_direction(demo_
 
 def test_a_pair_sweep_records_both_answers_and_direction_and_averages_over_pairs(demo_bundle, tmp_path):
     from blip_trace_widgets import TraceConfig, average_effect, sweep
-    from blip_trace_widgets.aggregate import sample_effects
+    from blip_trace_widgets.causal_trace.averages import sample_effects
 
     pairs = easy_vqa_pairs("color", limit=3)
     from blip_trace_widgets import PairSwap
@@ -219,7 +219,7 @@ def test_the_vision_explorer_swaps_in_a_partners_patches_in_either_direction(dem
     assert result.config["corruption"]["type"] == "image_swap" and result.config["corrupt"] == "patches"
     assert explorer.corruption.disabled and explorer.area.disabled and explorer.level.disabled
     own = Tracer(demo_bundle, pairs[0].counterfactual_image, pairs[0].question)
-    from blip_trace_widgets.procedures import resolve_config
+    from blip_trace_widgets.causal_trace.procedures import resolve_config
 
     assert result.low_score == within_rounding(
         own.baselines(resolve_config(demo_bundle, answer=result.answer, samples=1))[1])
@@ -276,7 +276,7 @@ def test_question_pairs_pair_a_question_sets_images_by_their_answers(tmp_path, c
     import pandas as pd
 
     from blip_trace_widgets.cli import main
-    from blip_trace_widgets.subsets import question_pairs
+    from blip_trace_widgets.datasets.subsets import question_pairs
 
     questions = [(path, q, a) for path, q, a in easy_vqa_questions("test") if q.startswith("what color")][:40]
     pairs = question_pairs(questions)

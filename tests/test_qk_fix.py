@@ -1,4 +1,4 @@
-"""The QK fix: the next layer's attention recomputed exactly in an estimate (see blip_trace_widgets.qk_fix)."""
+"""The QK fix: the next layer's attention recomputed exactly in an estimate (see blip_trace_widgets.causal_trace.qk_fix)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ from tiny_blip import tiny_model, tiny_processor
 from tolerance import within_rounding
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
-from blip_trace_widgets.qk_fix import qk_correction
+from blip_trace_widgets.causal_trace.qk_fix import qk_correction
 
 
 def _attention_score(h, wq, wk, mask):
@@ -80,9 +80,9 @@ def test_the_correction_matches_a_loop_over_the_models_own_attention(tracer, blo
     transformers' names) on the patched input: the exact change of the weights times ∂score/∂weights, minus the
     logits' first-order change times ∂score/∂logits (the logits are bilinear, so that is their change less the
     Δq·Δk term)."""
-    from blip_trace_widgets.estimates import qk_terms
-    from blip_trace_widgets.qk_fix import attention_gradients
-    from blip_trace_widgets.scoring import score_rows
+    from blip_trace_widgets.causal_trace.estimates import qk_terms
+    from blip_trace_widgets.causal_trace.qk_fix import attention_gradients
+    from blip_trace_widgets.core.scoring import score_rows
 
     config = TraceConfig(block=block, samples=2, corruption=GaussianNoise(1.0), direction=direction,
                          method="estimate", qk_fix=True, metric="logprob")

@@ -7,7 +7,7 @@ from tiny_blip import tiny_model, tiny_processor
 from tolerance import assert_close
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, WordSwap, load_model, trace
-from blip_trace_widgets.sharpen import AutoSampling, sharpen, status_text
+from blip_trace_widgets.causal_trace.sharpen import AutoSampling, sharpen, status_text
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from tiny_blip import tiny_model, tiny_processor
 from tolerance import assert_close
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer, TraceResult, WordSwap, load_model
-from blip_trace_widgets.plotting import plot_trace
-from blip_trace_widgets.significance import CellStatistics, bh_qvalues, stability, t_quantile, t_two_sided
+from blip_trace_widgets.causal_trace.plots import plot_trace
+from blip_trace_widgets.core.significance import CellStatistics, bh_qvalues, stability, t_quantile, t_two_sided
 
 #: Two-sided 5% critical values of Student's t (any statistics table).
 T_TABLE = {1: 12.706, 2: 4.303, 4: 2.776, 9: 2.262, 29: 2.045}
@@ -185,7 +185,7 @@ def test_n_a_cells_are_nan_and_have_no_row(demo_sample):
 
 
 def test_a_vision_map_names_every_row_of_the_image():
-    from blip_trace_widgets.plotting import _row_ticks
+    from blip_trace_widgets.causal_trace.plots import _row_ticks
 
     tokens = ["[CLS]"] + [f"r{r}c{c}" for r in range(8) for c in range(8)]
     result = TraceResult(np.zeros((65, 2)), 0.0, 1.0, "red", tokens, "vision_encoder", "hidden", 1,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, MultiplicativeNoise, TraceResult, trace
-from blip_trace_widgets.names import TINY_ABSOLUTE
-from blip_trace_widgets.plotting import _effect_limits, negative_text, plot_trace, trace_title
+from blip_trace_widgets.causal_trace.plots import _effect_limits, negative_text, plot_trace, trace_title
+from blip_trace_widgets.core.names import TINY_ABSOLUTE
 
 
 def _result(scores, low, high, metric="prob", stderr=None, **config):
@@ -69,7 +69,7 @@ def test_negative_effects_get_a_diverging_scale_and_are_counted():
 def test_negative_regions_stay_visible_on_the_image():
     from PIL import Image
 
-    from blip_trace_widgets.plotting import overlay_image
+    from blip_trace_widgets.causal_trace.plots import overlay_image
 
     scores = np.array([[0.5], [1.0], [0.0]])  # CLS, a region that brings the answer back, one that pushes it away
     result = TraceResult(scores, 0.5, 1.0, "red", ["[CLS]", "r0c0", "r0c1"], "vision_encoder", "hidden", 1,
@@ -152,7 +152,7 @@ def test_a_binary_file_is_a_clear_error(tmp_path):
 
 
 def test_the_scored_probability_is_float64(tiny_bundle, image, question):
-    from blip_trace_widgets.scoring import Target, score_rows
+    from blip_trace_widgets.core.scoring import Target, score_rows
 
     logits = torch.zeros(2, 1, 5)
     assert score_rows(logits, Target(inputs=(0,), tokens=(1,)), "prob").dtype == torch.float64
@@ -161,7 +161,7 @@ def test_the_scored_probability_is_float64(tiny_bundle, image, question):
 @pytest.mark.parametrize("setting", [{"samples": 200}, {"corruption": MultiplicativeNoise(100.0)},
                                      {"seed": 2**32 - 1}, {"corruption": GaussianNoise(0.01)}])
 def test_the_explorer_shows_exactly_what_trace_takes(demo_bundle, demo_sample, setting):
-    from blip_trace_widgets.tracing import default_config
+    from blip_trace_widgets.causal_trace.tracer import default_config
     from blip_trace_widgets.widgets import TraceExplorer
 
     image, question, _ = demo_sample
@@ -208,8 +208,8 @@ def test_every_entry_point_resolves_the_same_config(demo_bundle, demo_sample, tm
     """trace(), Tracer.trace, the explorer and the CLI start from one resolver: the demo model's 10σ, not 3σ in one
     and 10σ in another."""
     from blip_trace_widgets import Tracer
+    from blip_trace_widgets.causal_trace.procedures import resolve_config
     from blip_trace_widgets.cli import _trace_config, build_parser
-    from blip_trace_widgets.procedures import resolve_config
     from blip_trace_widgets.widgets import TraceExplorer
 
     image, question, _ = demo_sample

@@ -72,7 +72,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_module_import_graph_has_no_cycle():
     graph = import_graph()
-    assert graph["tracing"] and "names" in graph["anatomy"], "the graph reader found no imports: it is broken"
+    assert graph["causal_trace.tracer"] and "core.names" in graph["models.anatomy"], "the graph reader is broken"
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
 
 
@@ -82,8 +82,9 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 @pytest.mark.parametrize("low,high", [
-    ("names", "anatomy"), ("anatomy", "engine"), ("engine", "blocks"), ("results", "tracing"), ("tracing", "aggregate"),
-    ("aggregate", "sweep_plots"), ("plotting", "widgets"), ("tracing", "cli"),
+    ("core.names", "models.anatomy"), ("models.anatomy", "models.engine"), ("models.engine", "causal_trace.blocks"),
+    ("causal_trace.results", "causal_trace.tracer"), ("causal_trace.tracer", "causal_trace.averages"),
+    ("causal_trace.averages", "sweeps.plots"), ("causal_trace.plots", "widgets"), ("causal_trace.tracer", "cli"),
 ])
 def test_dependencies_point_one_way(low, high):
     """``high`` may use ``low``; ``low`` never reaches ``high``, however indirectly."""
@@ -114,7 +115,7 @@ def test_functions_and_classes_stay_small():
 
 def test_only_anatomy_spells_blip_module_paths():
     paths = re.compile(r"['\"](text_encoder|text_decoder|vision_model)\.[a-z_.]+")
-    offenders = [p.name for p in MODULES if p.name != "anatomy.py" and paths.search(p.read_text())]
+    offenders = [p.name for p in MODULES if p.name not in ("anatomy.py", "relocated.py") and paths.search(p.read_text())]
     assert not offenders, f"BLIP module paths outside anatomy.py: {offenders}"
 
 
@@ -156,9 +157,11 @@ def test_one_version_source():
 
 
 def test_public_functions_named_like_their_modules_survive_importing_the_modules():
-    """sweep, knockout and knockout_sweep are functions and modules: importing the module first must not hide
-    the function (Python's import sets the submodule as the package's attribute)."""
+    """sweep, knockout and knockout_sweep are functions, and were modules of the 0.3 layout (still importable by
+    their old paths): importing the module first must not hide the function (Python's import sets the submodule
+    as the package's attribute)."""
     code = ("import blip_trace_widgets.sweep, blip_trace_widgets.knockout, blip_trace_widgets.knockout_sweep\n"
+            "import blip_trace_widgets.sweeps.sweep, blip_trace_widgets.attention_knockout.knockout\n"
             "from blip_trace_widgets import knockout, knockout_sweep, sweep\n"
             "import blip_trace_widgets as package, types\n"
             "print(all(callable(f) and not isinstance(f, types.ModuleType) for f in (sweep, knockout, knockout_sweep,"
@@ -244,3 +247,52 @@ def test_no_private_member_of_another_object_is_reached():
     offenders = {name: found for name, found in offenders.items() if found}
     assert not offenders, f"private members reached from outside their object: {offenders}"
     assert private_reaches("a._b\nself._c\nx.__len__\ncls._d\nax._repr_png_") == ["a._b (line 1)"]
+
+
+#: Each subpackage's floor: a module may import from its own subpackage or from one on a lower floor, never up or
+#: sideways. docs/reference.md's Layout section lists the same floors.
+FLOORS: dict[str, int] = {
+    "core": 0, "relocated": 0,
+    "corruptions": 1,
+    "models": 2,
+    "datasets": 3,
+    "causal_trace": 4,
+    "attention_knockout": 5, "sweeps": 5,
+    "circuits": 6, "lenses": 6,
+    "widgets": 7,
+    "cli": 8,
+    "__main__": 9,
+    "__init__": 10,
+}
+
+
+def room(module: str) -> str:
+    return module.split(".", 1)[0]
+
+
+def floor_breaches(graph: dict[str, set[str]], floors: dict[str, int]) -> list[str]:
+    """``a -> b`` where b's subpackage sits on the same floor as a's (another subpackage) or above it."""
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                  if room(a) != room(b) and floors[room(b)] >= floors[room(a)])
+
+
+def test_every_module_sits_in_a_subpackage_with_a_floor():
+    rooms = {room(module) for module in import_graph()}
+    assert rooms <= set(FLOORS), f"give these a floor in FLOORS and in docs/reference.md: {sorted(rooms - set(FLOORS))}"
+
+
+def test_subpackages_import_only_from_lower_floors():
+    assert not floor_breaches(import_graph(), FLOORS), floor_breaches(import_graph(), FLOORS)
+
+
+def test_the_floor_check_sees_a_breach():
+    graph = {"core.names": {"models.heads"}, "models.heads": {"core.names"}, "sweeps.a": {"attention_knockout.b"}}
+    assert floor_breaches(graph, FLOORS) == ["core.names -> models.heads", "sweeps.a -> attention_knockout.b"]
+
+
+def test_the_reference_names_the_floors():
+    section = (PACKAGE.parent / "docs" / "reference.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = dict(re.findall(r"^\| floor (\d+) \| `(\w+)/?` \|", section, re.M)[::-1] and
+                  [(name, int(level)) for level, name in re.findall(r"^\| floor (\d+) \| `(\w+)/?` \|", section, re.M)])
+    folders = {name: level for name, level in FLOORS.items() if (PACKAGE / name).is_dir()}
+    assert listed == folders, f"docs/reference.md's Layout must list the subpackages' floors: {folders}"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip_trace_widgets import subsets
-from blip_trace_widgets.data import VQASample
-from blip_trace_widgets.subsets import ImageRef, as_samples, hf_samples, load_vqa_subset, open_image
+from blip_trace_widgets.datasets import subsets
+from blip_trace_widgets.datasets.easy_vqa import VQASample
+from blip_trace_widgets.datasets.subsets import ImageRef, as_samples, hf_samples, load_vqa_subset, open_image
 
 COCO_CSV = """,train_image_id_count,question_count,answer_count
 0,23004,what is the color of the horses,brown

@@ -15,11 +15,17 @@ import pytest
 from PIL import Image
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer
-from blip_trace_widgets.aggregate import average_effect, average_trace, bootstrap_interval, sample_effects, token_roles
-from blip_trace_widgets.names import kinds_of
-from blip_trace_widgets.subsets import load_vqa_subset
-from blip_trace_widgets.sweep import Shard, is_correct, load_sweep, result_from_row, sweep
-from blip_trace_widgets.sweep_plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
+from blip_trace_widgets.causal_trace.averages import (
+    average_effect,
+    average_trace,
+    bootstrap_interval,
+    sample_effects,
+    token_roles,
+)
+from blip_trace_widgets.core.names import kinds_of
+from blip_trace_widgets.datasets.subsets import load_vqa_subset
+from blip_trace_widgets.sweeps.plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
+from blip_trace_widgets.sweeps.sweep import Shard, is_correct, load_sweep, result_from_row, sweep
 
 CONFIGS = [TraceConfig(kind="hidden", samples=2), TraceConfig(kind="mlp", window=3, samples=2, seed=1)]
 
@@ -384,7 +390,7 @@ def test_the_old_keywords_samples_and_answer_still_work_with_a_warning(tiny_bund
 
 def test_an_old_sweep_with_low_and_high_columns_still_loads_and_averages(tiny_bundle, image, question, tmp_path):
     from blip_trace_widgets import average_effect
-    from blip_trace_widgets.sweep import load_sweep, read_parts
+    from blip_trace_widgets.sweeps.sweep import load_sweep, read_parts
 
     out = tmp_path / "old"
     new = sweep(tiny_bundle, [(image, question, "red")], configs=TraceConfig(samples=1), out=out, progress=False)

@@ -8,8 +8,8 @@ import pytest
 from tiny_blip import tiny_captioner, tiny_matcher, tiny_model, tiny_processor
 
 from blip_trace_widgets import Tracer, load_model
-from blip_trace_widgets import heads as H
-from blip_trace_widgets.errors import BlipTraceError
+from blip_trace_widgets.core.errors import BlipTraceError
+from blip_trace_widgets.models import heads as H
 
 PACKAGE = Path(__file__).resolve().parents[1] / "blip_trace_widgets"
 

@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer, TraceResult
-from blip_trace_widgets.data import shape_box
-from blip_trace_widgets.plotting import effect_map, overlay_image
-from blip_trace_widgets.regions import same_size_elsewhere
-from blip_trace_widgets.subsets import load_vqa_subset, open_image
+from blip_trace_widgets.causal_trace.plots import effect_map, overlay_image
+from blip_trace_widgets.core.regions import same_size_elsewhere
+from blip_trace_widgets.datasets.easy_vqa import shape_box
+from blip_trace_widgets.datasets.subsets import load_vqa_subset, open_image
 
 
 def _colour_images(count):

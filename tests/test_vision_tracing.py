@@ -9,8 +9,8 @@ import torch
 from tiny_blip import tiny_model, tiny_processor
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer, load_model
-from blip_trace_widgets.corruption import Blur, Grey
-from blip_trace_widgets.regions import Box, Mask, Outside, region_grid
+from blip_trace_widgets.core.regions import Box, Mask, Outside, region_grid
+from blip_trace_widgets.corruptions.kinds import Blur, Grey
 
 VISION_LAYER = "vision_model.encoder.layers.{layer}"
 VISION_SUFFIX = {"hidden": "", "self_attn": ".self_attn", "mlp": ".mlp"}

@@ -282,8 +282,8 @@ def test_result_and_config_are_traitlets_that_users_can_observe(demo_bundle, dem
 
 def test_the_vision_explorer_names_corruptions_as_everything_else_does():
     """Its controls go through one pure function and corruption.from_name: 'gaussian', not a name of its own."""
-    from blip_trace_widgets.corruption import BY_NAME, Blur, GaussianNoise, Grey
-    from blip_trace_widgets.regions import Box
+    from blip_trace_widgets.core.regions import Box
+    from blip_trace_widgets.corruptions.kinds import BY_NAME, Blur, GaussianNoise, Grey
     from blip_trace_widgets.widgets.controls import VISION_CORRUPTION_OPTIONS, VISION_LEVEL_TIPS, vision_config
 
     assert {name for _, name in VISION_CORRUPTION_OPTIONS} == set(VISION_LEVEL_TIPS) <= set(BY_NAME)
@@ -348,8 +348,8 @@ def test_a_slow_model_opens_on_the_estimate_and_says_why(demo_bundle, demo_sampl
 def test_every_mode_kind_window_and_view_builds_configs_every_phase_accepts():
     """No mode carries a setting another refuses: each phase of every mode, kind, window, direction, source and view
     the controls allow is a valid TraceConfig (building one checks it)."""
-    from blip_trace_widgets.corruption import WordSwap
-    from blip_trace_widgets.names import EXPLORER_MODES, kinds_of
+    from blip_trace_widgets.core.names import EXPLORER_MODES, kinds_of
+    from blip_trace_widgets.corruptions.kinds import WordSwap
     from blip_trace_widgets.widgets.controls import BLOCK_OPTIONS, compare_configs, controls_config, phases
 
     blocks = {block for options in BLOCK_OPTIONS.values() for _, block in options}
@@ -445,8 +445,8 @@ def test_a_starting_config_the_controls_cannot_show_is_refused(demo_bundle, demo
 
 def test_the_status_line_says_what_is_shown_with_its_samples_and_corruption(demo_sample):
     from blip_trace_widgets import TraceConfig
-    from blip_trace_widgets.corruption import Blur, ImageSwap, MultiplicativeNoise, WordSwap
-    from blip_trace_widgets.regions import Box
+    from blip_trace_widgets.core.regions import Box
+    from blip_trace_widgets.corruptions.kinds import Blur, ImageSwap, MultiplicativeNoise, WordSwap
     from blip_trace_widgets.widgets.controls import phases, shown_words
 
     config = TraceConfig(kind="mlp", corruption=MultiplicativeNoise(5.0), samples=7)
@@ -510,7 +510,7 @@ def test_the_vision_explorer_opens_on_its_exact_map_where_it_is_quick(demo_bundl
 
 def test_a_captioners_starting_caption_and_word_are_kept_or_refused_inside():
     from blip_trace_widgets import load_model
-    from blip_trace_widgets.tracing import default_config
+    from blip_trace_widgets.causal_trace.tracer import default_config
 
     captioner = load_model("demo-caption")
     explorer = TraceExplorer(captioner, background=False, config=default_config(captioner, samples=2, word=2))

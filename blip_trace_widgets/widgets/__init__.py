@@ -18,7 +18,7 @@ In a notebook, end a cell with ``explorer`` to show it. Only core ipywidgets are
 (no ipympl, no custom JavaScript): heatmaps are PNG bytes in ``Image`` widgets, which
 render the same in JupyterLab, Notebook 7, VS Code and Colab, with ipywidgets 7.7 or 8.
 
-The explorers call the tracing core (:class:`~blip_trace_widgets.tracing.Tracer`) and the
+The explorers call the tracing core (:class:`~blip_trace_widgets.causal_trace.tracer.Tracer`) and the
 plotting module; they never touch the model. One ``Tracer`` per (image, question) keeps
 the clean pass, the corrupted runs and every finished heatmap, so returning to a
 configuration already seen is instant and only a new image or question recomputes the

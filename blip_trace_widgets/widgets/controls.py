@@ -5,8 +5,8 @@
     ...                 seed=0, position="").corruption.level
     5.0
 
-Options, tooltips and limits come from :mod:`~blip_trace_widgets.names`, :mod:`~blip_trace_widgets.corruption`
-and :mod:`~blip_trace_widgets.config`; nothing here traces.
+Options, tooltips and limits come from :mod:`~blip_trace_widgets.core.names`, :mod:`~blip_trace_widgets.corruptions.kinds`
+and :mod:`~blip_trace_widgets.causal_trace.config`; nothing here traces.
 """
 from __future__ import annotations
 
@@ -20,12 +20,11 @@ import numpy as np
 import traitlets
 from PIL import Image
 
-from .. import heads
-from ..config import MAX_SAMPLES, MAX_SEED, check_int, parse_position
-from ..corruption import BY_NAME, NOISE_NAMES, ImageSwap, WordSwap, from_name
-from ..errors import BlipTraceError
-from ..heads import BLOCKS_OF
-from ..names import (
+from ..causal_trace.config import MAX_SAMPLES, MAX_SEED, check_int, parse_position
+from ..causal_trace.sharpen import AutoSampling
+from ..causal_trace.tracer import TraceConfig
+from ..core.errors import BlipTraceError
+from ..core.names import (
     BLOCK_LABELS,
     DEFAULT_SAMPLES,
     DIRECTION_LABELS,
@@ -42,9 +41,10 @@ from ..names import (
     kinds_of,
     window_for,
 )
-from ..regions import Box, Outside
-from ..sharpen import AutoSampling
-from ..tracing import TraceConfig
+from ..core.regions import Box, Outside
+from ..corruptions.kinds import BY_NAME, NOISE_NAMES, ImageSwap, WordSwap, from_name
+from ..models import heads
+from ..models.heads import BLOCKS_OF
 
 IPYWIDGETS_MAJOR = int(W.__version__.split(".")[0])
 KIND_OPTIONS = [(KIND_SHORT_LABELS[k], k) for k in (*TEXT_KINDS, *TEXT_HEAD_KINDS)]
@@ -278,7 +278,7 @@ def controls_config(*, block: str, kind: str, window: int, corruption: str, leve
 def default_gallery(head: str, count: int = 6) -> list[tuple]:
     """The explorers' gallery when none is given: easy-VQA demo questions, or for a captioner (prompt "") and
     an image-text matcher (the image's own caption as the text) easy-VQA test images with their captions."""
-    from ..data import demo_samples, easy_vqa_captions
+    from ..datasets.easy_vqa import demo_samples, easy_vqa_captions
 
     task = heads.of(head)
     if task.reads_questions:
@@ -431,7 +431,7 @@ def vision_config(*, kind: str, window: int, regions: int, corruption: str, leve
                   samples: int, seed: int, metric: Metric, answer: str | None = None,
                   word: int | None = None) -> TraceConfig:
     """The TraceConfig that the vision explorer's controls describe: a corruption named as in
-    :data:`~blip_trace_widgets.corruption.BY_NAME` over ``region`` (None: the whole image), one sample for a
+    :data:`~blip_trace_widgets.corruptions.kinds.BY_NAME` over ``region`` (None: the whole image), one sample for a
     corruption that draws nothing (blur, grey)."""
     made = from_name(corruption, round(float(level), 4), region=region)
     return TraceConfig(block=VISION_ENCODER, kind=kind, window=window_for(kind, window), regions=int(regions),

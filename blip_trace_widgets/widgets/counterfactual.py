@@ -23,10 +23,10 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..config import TraceConfig
-from ..corruption import ImageSwap, WordSwap
-from ..errors import BlipTraceError
-from ..names import DIRECTION_LABELS, DIRECTIONS
+from ..causal_trace.config import TraceConfig
+from ..core.errors import BlipTraceError
+from ..core.names import DIRECTION_LABELS, DIRECTIONS
+from ..corruptions.kinds import ImageSwap, WordSwap
 
 SOURCES = [("noise", "noise"), ("image pair", "pair"), ("word swap", "swap")]
 OWN_PARTNER = -1

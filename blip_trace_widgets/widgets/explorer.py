@@ -16,10 +16,11 @@ from typing import Any
 
 import ipywidgets as W
 
-from .. import heads
-from ..errors import BlipTraceError, renamed
-from ..loading import BlipBundle
-from ..names import (
+from ..causal_trace.plots import HeatmapRenderer, figure_png, plot_traces
+from ..causal_trace.results import TraceResult
+from ..causal_trace.tracer import TraceConfig, Tracer, default_config
+from ..core.errors import BlipTraceError, renamed
+from ..core.names import (
     BLOCK_LABELS,
     DEFAULT_SAMPLES,
     HIDDEN,
@@ -28,9 +29,8 @@ from ..names import (
     VISION_ENCODER,
     is_head_kind,
 )
-from ..plotting import HeatmapRenderer, figure_png, plot_traces
-from ..results import TraceResult
-from ..tracing import TraceConfig, Tracer, default_config
+from ..models import heads
+from ..models.loading import BlipBundle
 from .controls import (
     BLOCK_OPTIONS,
     CORRUPTION_OPTIONS,
@@ -93,8 +93,8 @@ class HeadPattern(W.HBox):
     def redraw(self) -> None:
         if self._shown is None:
             return
-        from ..patterns import attention_pattern
-        from ..plotting import attention_overlay
+        from ..causal_trace.patterns import attention_pattern
+        from ..causal_trace.plots import attention_overlay
 
         tracer, result = self._shown
         weights = attention_pattern(tracer, result.block, result.kind, int(self.layer.value))

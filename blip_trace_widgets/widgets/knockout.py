@@ -26,15 +26,15 @@ import ipywidgets as W
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .. import heads
-from ..cache import LRU
-from ..edges import Edges, decoder_edges
-from ..engine import DEFAULT_EMPTY, EMPTY_ROWS, check_empty
-from ..errors import BlipTraceError, renamed
-from ..knockout import KNOCKOUT_METHODS, Knockout, KnockoutConfig
-from ..names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW, LANGUAGE_MODEL, LM_DECODER
-from ..plotting import figure_png
-from ..regions import Box, Outside, patch_grid_size
+from ..attention_knockout.edges import Edges, decoder_edges
+from ..attention_knockout.knockout import KNOCKOUT_METHODS, Knockout, KnockoutConfig
+from ..causal_trace.plots import figure_png
+from ..core.cache import LRU
+from ..core.errors import BlipTraceError, renamed
+from ..core.names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, KNOCKOUT_WINDOW, LANGUAGE_MODEL, LM_DECODER
+from ..core.regions import Box, Outside, patch_grid_size
+from ..models import heads
+from ..models.attention import DEFAULT_EMPTY, EMPTY_ROWS, check_empty
 from .controls import set_tooltip
 from .live import LiveView, answer_html, image_png, png_width
 

@@ -22,18 +22,16 @@ import ipywidgets as W
 import traitlets
 from PIL import Image
 
-from .. import heads
-from ..cache import LRU
-from ..errors import BlipTraceError
-from ..inputs import image_digest, to_rgb_image
-from ..loading import BlipBundle
-from ..names import (
-    EXPLORER_MODES,
-)
-from ..results import TraceResult
-from ..roles import first_content_word
-from ..sharpen import AutoSampling, can_sharpen
-from ..tracing import TraceConfig, Tracer
+from ..causal_trace.results import TraceResult
+from ..causal_trace.sharpen import AutoSampling, can_sharpen
+from ..causal_trace.tracer import TraceConfig, Tracer
+from ..core.cache import LRU
+from ..core.errors import BlipTraceError
+from ..core.inputs import image_digest, to_rgb_image
+from ..core.names import EXPLORER_MODES
+from ..core.roles import first_content_word
+from ..models import heads
+from ..models.loading import BlipBundle
 from .controls import (
     AUTO_PLAN,
     check_gallery,
@@ -117,7 +115,7 @@ def reporter(view: Any, job: threading.Event, timed: bool = True) -> Callable[[i
 
 def cost_notice(tracer: Tracer, config: TraceConfig) -> str:
     """The status line before a trace: a warning naming its size when it is large, else "tracing…"."""
-    from ..cost import trace_cost
+    from ..causal_trace.cost import trace_cost
 
     warning = trace_cost(tracer, config).warning()
     return "<i>tracing…</i>" + (f"<br><b>{escape(warning)}</b>" if warning else "")
@@ -183,7 +181,7 @@ METHOD_TIP = ("exact: the whole map, every cell restored; estimate (attribution 
 def exact_seconds(view: Any, config: TraceConfig) -> float | None:
     """The cost module's estimate of ``config``'s exact map for ``view``'s (image, text), in seconds (None where it
     cannot tell)."""
-    from ..cost import trace_cost
+    from ..causal_trace.cost import trace_cost
 
     try:
         return trace_cost(view.tracer, replace(config, method="exact")).seconds
@@ -250,7 +248,7 @@ class LiveView(W.VBox):
         super().__init__()
         if not isinstance(bundle, BlipBundle):
             raise BlipTraceError("pass the bundle returned by load_model(...)")
-        from ..threads import use_sensible_threads
+        from ..core.threads import use_sensible_threads
 
         use_sensible_threads()  # on a shared CPU, one thread per core makes every trace wait
         self.bundle = bundle

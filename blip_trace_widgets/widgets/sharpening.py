@@ -1,4 +1,4 @@
-"""Maps that sharpen live: an explorer's exact maps drawn in rounds (:mod:`~blip_trace_widgets.sharpen`), each
+"""Maps that sharpen live: an explorer's exact maps drawn in rounds (:mod:`~blip_trace_widgets.causal_trace.sharpen`), each
 round's map shown as it comes, under a status line with a stop button.
 
     >>> from blip_trace_widgets.widgets.sharpening import Sharpening
@@ -22,12 +22,12 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..cache import LRU
-from ..config import TraceConfig, cache_key
-from ..engine import Progress
-from ..names import KIND_SHORT_LABELS
-from ..results import TraceResult
-from ..sharpen import AutoSampling, can_sharpen, sharpening, status_text
+from ..causal_trace.config import TraceConfig, cache_key
+from ..causal_trace.results import TraceResult
+from ..causal_trace.sharpen import AutoSampling, can_sharpen, sharpening, status_text
+from ..core.cache import LRU
+from ..core.names import KIND_SHORT_LABELS
+from ..models.attention import Progress
 
 #: Why a sharpening ended, for the maps that are kept and shown again without drawing: those that ran their course.
 FINISHED = ("stable", "budget")
@@ -39,14 +39,14 @@ def drawn(config: TraceConfig, result: TraceResult) -> TraceConfig:
 
 
 def stability_text(result: TraceResult) -> str:
-    """"top cell stable in 97% of resamples" (:meth:`~blip_trace_widgets.results.TraceResult.stability`); empty
+    """"top cell stable in 97% of resamples" (:meth:`~blip_trace_widgets.causal_trace.results.TraceResult.stability`); empty
     where the map has no draws to resample."""
     top = result.stability()["top"]
     return "" if top != top else f"top cell stable in {top:.0%} of resamples"
 
 
 class Sharpening(W.HBox):
-    """The status line of the maps that sharpen (:func:`~blip_trace_widgets.sharpen.status_text`, "8 samples · 3 of
+    """The status line of the maps that sharpen (:func:`~blip_trace_widgets.causal_trace.sharpen.status_text`, "8 samples · 3 of
     40 cells significant · top cell held 1 round · sharpening…"), the top cell's stability once they have ended,
     and a stop button that ends them after the round in progress, keeping the maps they have. Hidden while no
     sharpened map is shown. ``finished`` keeps the maps that ran their course."""
@@ -99,7 +99,7 @@ class Sharpening(W.HBox):
 def sharpen_phase(view: Any, job: threading.Event, configs: Sequence[TraceConfig], plan: AutoSampling,
                   show: Callable[[list[TraceResult]], None], progress: Progress,
                   kept: dict[Hashable, TraceResult]) -> bool:
-    """One phase's panels (``configs``): those that :func:`~blip_trace_widgets.sharpen.can_sharpen` drawn by
+    """One phase's panels (``configs``): those that :func:`~blip_trace_widgets.causal_trace.sharpen.can_sharpen` drawn by
     ``plan`` in step (every panel's first round, then every panel's second, ...) and shown after each round, the
     others traced once. A map that this explorer finished before, or that this job (``kept``) drew in an earlier
     phase, is shown as it was. False when ``job`` was cancelled: nothing more is shown."""

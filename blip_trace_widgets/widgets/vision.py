@@ -14,19 +14,16 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..config import MAX_SAMPLES, check_int
-from ..corruption import BY_NAME
-from ..errors import renamed
-from ..heads import metric_label
-from ..loading import BlipBundle
-from ..names import (
-    HIDDEN,
-    VISION_ENCODER,
-)
-from ..plotting import figure_png
-from ..procedures import default_corruption
-from ..results import TraceResult
-from ..tracing import TraceConfig
+from ..causal_trace.config import MAX_SAMPLES, check_int
+from ..causal_trace.plots import figure_png
+from ..causal_trace.procedures import default_corruption
+from ..causal_trace.results import TraceResult
+from ..causal_trace.tracer import TraceConfig
+from ..core.errors import renamed
+from ..core.names import HIDDEN, VISION_ENCODER
+from ..corruptions.kinds import BY_NAME
+from ..models.heads import metric_label
+from ..models.loading import BlipBundle
 from .controls import (
     AREA_OPTIONS,
     AUTO,
@@ -136,7 +133,7 @@ class VisionTraceExplorer(LiveView):
     @property
     def region(self) -> Any:
         """The area the corruption touches (None for the whole image)."""
-        from ..regions import Box, Outside
+        from ..core.regions import Box, Outside
 
         if self.area.value == "all":
             return None
@@ -192,7 +189,7 @@ class VisionTraceExplorer(LiveView):
         return [self.overlay]
 
     def _render(self, result: TraceResult) -> None:
-        from ..plotting import plot_on_image
+        from ..causal_trace.plots import plot_on_image
 
         layer = None if self.all_layers.value else int(self.layer.value)
         figure = plot_on_image(result, self._image, layer=layer, normalized=bool(self.normalized.value))

@@ -1,0 +1,1 @@
+"""Attention knockout: the edges it cuts, the runs, its results, sweeps over questions and figures."""

@@ -1,0 +1,1 @@
+"""Causal tracing over a dataset: incremental Parquet, resume, sharding, and its figures."""
