@@ -44,6 +44,7 @@ over the batch's rows.
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -59,7 +60,6 @@ ARROW = "→"
 BLOCKS = ("qe", "dec")
 Score = Callable[[Tensor], float]
 
-_HEAD = re.compile(r"^(qe|dec)\.L(\d+)\.([HX])(\d+)$")
 _MLP = re.compile(r"^(qe|dec)\.L(\d+)\.mlp$")
 _HEAD_CHANNEL = re.compile(r"^(qe|dec)\.L(\d+)\.([HX])(\d+)\.([qkv])$")
 
@@ -73,68 +73,105 @@ def _layers(model: nn.Module, block: str) -> nn.ModuleList:
     return stack.encoder.layer
 
 
-def _heads(model: nn.Module) -> int:
-    return int(_layers(model, "qe")[0].attention.self.num_attention_heads)
+@dataclass(frozen=True)
+class Shape:
+    """What the graph depends on: the layers of each text block and the heads per attention sublayer."""
+
+    qe_layers: int
+    dec_layers: int
+    heads: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Shape:
+        heads = int(_layers(model, "qe")[0].attention.self.num_attention_heads)
+        return cls(len(_layers(model, "qe")), len(_layers(model, "dec")), heads)
+
+    def layers(self, block: str) -> int:
+        return self.qe_layers if block == "qe" else self.dec_layers
+
+    def layer_nodes(self, block: str, layer: int) -> list[str]:
+        name = f"{block}.L{layer}"
+        heads = range(self.heads)
+        return [f"{name}.H{h}" for h in heads] + [f"{name}.X{h}" for h in heads] + [f"{name}.mlp"]
+
+    def block_nodes(self, block: str) -> list[str]:
+        nodes = [f"{block}.emb"]
+        for layer in range(self.layers(block)):
+            nodes += self.layer_nodes(block, layer)
+        return nodes
+
+    def sublayers(self) -> list[tuple[list[str], list[str]]]:
+        """(channels, nodes) of each sublayer in topological order; ``out`` last (its channel, no node)."""
+        order: list[tuple[list[str], list[str]]] = []
+        for block in BLOCKS:
+            for layer in range(self.layers(block)):
+                name = f"{block}.L{layer}"
+                for kind in "HX":
+                    nodes = [f"{name}.{kind}{h}" for h in range(self.heads)]
+                    order.append(([f"{n}.{c}" for n in nodes for c in "qkv"], nodes))
+                order.append(([f"{name}.mlp"], [f"{name}.mlp"]))
+        order.append((["out"], []))
+        return order
+
+    def senders(self, channel: str) -> list[str]:
+        """The nodes upstream of ``channel`` (a channel of this shape) in the computation."""
+        if channel == "out":
+            return self.block_nodes("dec")
+        head, mlp = _HEAD_CHANNEL.match(channel), _MLP.match(channel)
+        match = head or mlp
+        assert match is not None, channel
+        block, layer = match.group(1), int(match.group(2))
+        if head and head.group(3) == "X" and head.group(5) in "kv":
+            return ["img"] if block == "qe" else self.block_nodes("qe")
+        earlier = self.block_nodes(block)[: 1 + layer * (2 * self.heads + 1)]
+        same = self.layer_nodes(block, layer)
+        if head and head.group(3) == "H":
+            return earlier
+        if head:  # a cross-attention query: after this layer's self-attention
+            return earlier + same[: self.heads]
+        return earlier + same[:-1]  # the MLP: after this layer's self- and cross-attention
 
 
-def _layer_nodes(model: nn.Module, block: str, layer: int) -> list[str]:
-    heads = range(_heads(model))
-    name = f"{block}.L{layer}"
-    return [f"{name}.H{h}" for h in heads] + [f"{name}.X{h}" for h in heads] + [f"{name}.mlp"]
+@dataclass(frozen=True)
+class Graph:
+    """Nodes and channels in topological order, and each channel's senders."""
+
+    nodes: tuple[str, ...]
+    sublayers: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]
+    channels: tuple[str, ...]
+    senders: Mapping[str, tuple[str, ...]]
 
 
-def _block_nodes(model: nn.Module, block: str) -> list[str]:
-    nodes = [f"{block}.emb"]
-    for layer in range(len(_layers(model, block))):
-        nodes += _layer_nodes(model, block, layer)
-    return nodes
+@functools.lru_cache(maxsize=16)
+def _graph_of(shape: Shape) -> Graph:
+    sublayers = tuple((tuple(c), tuple(n)) for c, n in shape.sublayers())
+    channels = tuple(c for group, _ in sublayers for c in group)
+    nodes = ("img", *shape.block_nodes("qe"), *shape.block_nodes("dec"), "out")
+    return Graph(nodes, sublayers, channels, {c: tuple(shape.senders(c)) for c in channels})
+
+
+def graph(model: nn.Module) -> Graph:
+    """The model's graph (computed once per shape)."""
+    return _graph_of(Shape.of(model))
 
 
 def reference_nodes(model: nn.Module) -> list[str]:
     """Every node, in topological order: ``img``, the question encoder's, the decoder's, then ``out``."""
-    return ["img", *_block_nodes(model, "qe"), *_block_nodes(model, "dec"), "out"]
-
-
-def _sublayers(model: nn.Module) -> list[tuple[list[str], list[str]]]:
-    """(channels, nodes) of each sublayer in topological order; ``out`` last (its channel, no node it computes)."""
-    heads = range(_heads(model))
-    order: list[tuple[list[str], list[str]]] = []
-    for block in BLOCKS:
-        for layer in range(len(_layers(model, block))):
-            name = f"{block}.L{layer}"
-            for kind in "HX":
-                nodes = [f"{name}.{kind}{h}" for h in heads]
-                order.append(([f"{n}.{c}" for n in nodes for c in "qkv"], nodes))
-            order.append(([f"{name}.mlp"], [f"{name}.mlp"]))
-    order.append((["out"], []))
-    return order
+    return list(graph(model).nodes)
 
 
 def reference_channels(model: nn.Module) -> list[str]:
     """Every receiver channel, in topological order (``out`` last)."""
-    return [channel for channels, _ in _sublayers(model) for channel in channels]
+    return list(graph(model).channels)
 
 
 def reference_senders(model: nn.Module, channel: str) -> list[str]:
     """The nodes that send to ``channel``: every node upstream of it in the computation (see the module's text)."""
-    if channel == "out":
-        return _block_nodes(model, "dec")
-    head, mlp = _HEAD_CHANNEL.match(channel), _MLP.match(channel)
-    if channel not in reference_channels(model) or not (head or mlp):
+    senders = graph(model).senders.get(channel)
+    if senders is None:
         raise BlipTraceError(f"{channel!r} is not a receiver channel of this model; use one of "
                              f"reference_channels(model), e.g. 'qe.L0.H0.q', 'dec.L1.X2.k', 'qe.L0.mlp' or 'out'")
-    match = head or mlp
-    assert match is not None
-    block, layer = match.group(1), int(match.group(2))
-    if head and head.group(3) == "X" and head.group(5) in "kv":
-        return ["img"] if block == "qe" else _block_nodes(model, "qe")
-    earlier = _block_nodes(model, block)[: 1 + layer * (2 * _heads(model) + 1)]
-    same = _layer_nodes(model, block, layer)
-    if head and head.group(3) == "H":
-        return earlier
-    if head:  # a cross-attention query: after this layer's self-attention
-        return earlier + same[: _heads(model)]
-    return earlier + same[:-1]  # the MLP: after this layer's self- and cross-attention
+    return list(senders)
 
 
 def edge_name(sender: str, receiver: str) -> str:
@@ -340,7 +377,8 @@ def run(model: nn.Module, inputs: Inputs, plan: Plan | None = None) -> tuple[Ten
     images = plan.nodes.get("img", inputs.image_embeds)
     plan.outputs["img"] = images
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         with torch.no_grad(), hooked(model, plan):
             image_mask = torch.ones(images.shape[:-1], dtype=torch.long, device=images.device)
@@ -351,7 +389,8 @@ def run(model: nn.Module, inputs: Inputs, plan: Plan | None = None) -> tuple[Ten
                                         encoder_hidden_states=question, encoder_attention_mask=inputs.attention_mask,
                                         use_cache=False, return_dict=True).logits
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     plan.outputs["out"] = logits
     return logits, plan
 
@@ -446,6 +485,16 @@ def _mix(values: Mapping[str, Tensor], corrupted: Mapping[str, Tensor], senders:
     return {u: values[u] if (u, receiver) in kept else corrupted[u] for u in senders}
 
 
+def _alike(model: nn.Module, channels: Iterable[str], kept: set[tuple[str, str]]) -> list[list[str]]:
+    """Channels grouped by (their senders, which of those edges are kept): one frozen forward serves a group, as
+    every channel in it reads the same node outputs (a saving only; one forward per channel gives the same)."""
+    groups: dict[tuple[tuple[str, bool], ...], list[str]] = {}
+    for channel in channels:
+        key = tuple((u, (u, channel) in kept) for u in reference_senders(model, channel))
+        groups.setdefault(key, []).append(channel)
+    return list(groups.values())
+
+
 def reference_circuit_score(model: nn.Module, clean_inputs: Mapping[str, Any], corrupted_inputs: Mapping[str, Any],
                             kept_edges: Iterable[str | tuple[str, str]], score: str | Score = "logprob") -> float:
     """m(C): the score of the circuit run that keeps the edges ``kept_edges`` and corrupts every other edge.
@@ -465,11 +514,11 @@ def reference_circuit_score(model: nn.Module, clean_inputs: Mapping[str, Any], c
     values = {name: clean_run.outputs[name] for name in ("img", "qe.emb", "dec.emb")}
     frozen = {name: clean_run.outputs[name] for name in reference_nodes(model)[:-1]}
     logits = clean_run.outputs["out"]
-    for channels, nodes in _sublayers(model):
-        inputs = {}
-        for channel in channels:
-            mix = _mix(values, corrupted_run.outputs, reference_senders(model, channel), channel, kept)
-            inputs.update(frozen_inputs(model, clean, {**frozen, **mix}, [channel]))
+    for channels, nodes in graph(model).sublayers:
+        inputs: dict[str, Tensor] = {}
+        for group in _alike(model, channels, kept):
+            mix = _mix(values, corrupted_run.outputs, reference_senders(model, group[0]), group[0], kept)
+            inputs.update(frozen_inputs(model, clean, {**frozen, **mix}, group))
         logits, plan = run(model, clean, Plan(channels=inputs))
         values.update({node: plan.outputs[node] for node in nodes})
     return _scorer(score, clean)(logits)
