@@ -1,0 +1,252 @@
+"""The tuned lens (Belrose et al. 2023, "Eliciting latent predictions from transformers with the tuned lens"):
+one affine translator per layer, trained so that each layer's translated state, read through the block's own
+final norm and head, says what the last layer says.
+
+    >>> from blip_trace_widgets import load_model
+    >>> from blip_trace_widgets.lenses.tuned import shipped_lens
+    >>> shipped = shipped_lens(load_model("demo"), "answer_decoder")
+    >>> shipped.layers, shipped.width, shipped.config["steps"]
+    (4, 128, 300)
+
+As in the tuned-lens package, a translator adds its output to the state, ``h + (A h + b)``, with ``A`` and ``b``
+starting at zero, so a fresh lens is the logit lens; the last layer has no translator (its lens is the model's
+output). Training minimises KL(final || translated) summed over layers, with Adam, on every position of the items'
+forward passes (the states are recorded once, then the translators are fitted on them). Translators are saved as
+safetensors (a plain state dict and a JSON header, no pickled classes).
+
+The translators shipped for the demo models (``lenses/translators/``: full-rank, float32, 66 kB per layer of width
+128) were trained by ``python scripts/measure_lenses.py --train`` (256 easy-VQA train questions, 300 steps, seed 0),
+which rebuilds them.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from blip_trace_widgets.cost import WARN_SECONDS, LongTraceWarning, duration, matmul_speed
+from blip_trace_widgets.errors import BlipTraceError
+from blip_trace_widgets.loading import DEMO_DIRS, BlipBundle
+
+from .names import TRAIN_ITEMS, TRAIN_LR, TRAIN_STEPS, TRANSLATOR_FILE
+from .reading import check_bundle, lens_block, read, unembed
+
+TRANSLATORS = Path(__file__).resolve().parent / "translators"
+Progress = Union[bool, Callable[[int, int], None]]
+
+
+class TunedLens(nn.Module):
+    """One affine translator per layer but the last, each ``h + (A h + b)`` (A, b start at zero)."""
+
+    def __init__(self, block: str, layers: int, width: int, config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.block, self.width = block, int(width)
+        translators = [nn.Linear(width, width) for _ in range(int(layers) - 1)]
+        for translator in translators:
+            nn.init.zeros_(translator.weight)
+            nn.init.zeros_(translator.bias)
+        self.translators = nn.ModuleList(translators)
+        self.config: dict[str, Any] = dict(config or {})
+
+    @property
+    def layers(self) -> int:
+        return len(self.translators) + 1
+
+    def __repr__(self) -> str:
+        return f"TunedLens({self.block}, {self.layers} layers of width {self.width}, {self.config})"
+
+    def transform(self, states: torch.Tensor) -> torch.Tensor:
+        """Translate every layer's states [layers, ..., width]; the last layer's are left as they are."""
+        if states.shape[0] != self.layers or states.shape[-1] != self.width:
+            raise BlipTraceError(f"this tuned lens is for {self.layers} layers of width {self.width}; the block has "
+                                 f"{states.shape[0]} of width {states.shape[-1]}: train one for this model")
+        moved = states.to(next(self.parameters()).dtype) if len(self.translators) else states
+        out = [moved[i] + translator(moved[i]) for i, translator in enumerate(self.translators)]
+        return torch.stack([*out, moved[-1]]).to(states.dtype)
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the translators as safetensors (the lens's block, shape and training settings in its header)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        header = {"block": self.block, "layers": self.layers, "width": self.width, "config": self.config}
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(state, str(path), metadata={"tuned_lens": json.dumps(header, allow_nan=False)})
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> TunedLens:
+        """Read a lens written by :meth:`save`."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise BlipTraceError(f"no tuned lens at {str(path)!r}: train one with train_tuned_lens(...).save(path)")
+        with safe_open(str(path), framework="pt") as handle:
+            meta = (handle.metadata() or {}).get("tuned_lens")
+        if meta is None:
+            raise BlipTraceError(f"{str(path)!r} is not a tuned lens written by TunedLens.save")
+        header = json.loads(meta)
+        lens = cls(header["block"], header["layers"], header["width"], header["config"])
+        lens.load_state_dict(load_file(str(path)))
+        return lens.eval()
+
+
+def translator_path(model: str, block: str) -> Path:
+    return TRANSLATORS / TRANSLATOR_FILE.format(model=model, block=block)
+
+
+@lru_cache(maxsize=8)
+def _load_shipped(path: str) -> TunedLens:
+    return TunedLens.load(path)
+
+
+def shipped_lens(bundle: BlipBundle, block: str) -> TunedLens:
+    """The tuned lens shipped for a bundled demo model; for any other model, an error naming train_tuned_lens."""
+    path = translator_path(bundle.name, block)
+    if bundle.name in DEMO_DIRS and path.is_file():
+        return _load_shipped(str(path))
+    seconds = training_seconds(bundle, block, TRAIN_ITEMS, TRAIN_STEPS)
+    raise BlipTraceError(f"no tuned lens ships for {bundle.name!r}: train one with lens = train_tuned_lens(bundle, "
+                         f"items, block={block!r}) (about {duration(seconds)} here for {TRAIN_ITEMS} questions and "
+                         f"{TRAIN_STEPS} steps, a rough estimate), save it with lens.save(path), and pass tuned=lens "
+                         "(or TunedLens.load(path))")
+
+
+def _positions(bundle: BlipBundle, block: str) -> int:
+    return 1 if block in ("answer_decoder", "caption_decoder", "lm_decoder") else \
+        int(getattr(bundle.model.config, "num_query_tokens", 0)) + 12
+
+
+def training_seconds(bundle: BlipBundle, block: str, items: int, steps: int) -> float:
+    """A rough price of :func:`train_tuned_lens`: the items' forward passes and the steps' matrix products, from this
+    machine's matrix-product speed."""
+    from blip_trace_widgets import anatomy
+
+    config = anatomy.block_config(bundle.model, block)
+    width = int(getattr(config, "hidden_size", None) or config.d_model)
+    vocabulary, layers = int(config.vocab_size), anatomy.num_layers(bundle.model, block)
+    rows = items * _positions(bundle, block)
+    params = sum(p.numel() for p in bundle.model.parameters())
+    forward = items * 2.0 * params * _positions(bundle, block)
+    train = steps * 3 * 2.0 * rows * (layers - 1) * (width * width + 2 * width * vocabulary)
+    return (forward + train) / matmul_speed(width) / 2 + 0.005 * items
+
+
+def default_items(bundle: BlipBundle, split: str = "train", limit: int = TRAIN_ITEMS) -> list[tuple[Any, str]]:
+    """easy-VQA's first ``limit`` (image path, text) of ``split``: its questions, or for a captioner each image's
+    caption less its last word (the prompt whose states predict the caption's words)."""
+    from blip_trace_widgets.data import easy_vqa_captions, easy_vqa_questions
+
+    if bundle.head == "caption":
+        return [(path, caption.rsplit(" ", 1)[0]) for path, caption in easy_vqa_captions(split)[:limit]]
+    return [(path, question) for path, question, _ in easy_vqa_questions(split)[:limit]]
+
+
+def _samples(bundle: BlipBundle, items: Iterable[Any] | None, limit: int) -> list[tuple[Any, str]]:
+    if items is None:
+        return default_items(bundle, "train", limit)
+    samples = [(item[0], str(item[1])) for item in items]
+    if not samples:
+        raise BlipTraceError("no items to train on: pass (image, question) pairs, or items=None for easy-VQA's")
+    return samples
+
+
+def record_states(bundle: BlipBundle, samples: list[tuple[Any, str]], block: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's states at every position of ``samples`` ([layers, rows, width]) and the final layer's
+    log-probabilities ([rows, vocabulary]), one forward pass per sample."""
+    from PIL import Image
+
+    states = []
+    for image, text in samples:
+        picture = Image.open(image) if isinstance(image, (str, Path)) else image
+        states.append(read(bundle, picture, text, block).states.float())
+    stacked = torch.cat(states, dim=1)
+    with torch.no_grad():
+        final = torch.log_softmax(unembed(bundle.model, block)(stacked[-1].to(bundle.dtype)).float(), -1)
+    return stacked, final
+
+
+def fit(lens: TunedLens, head: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, final: torch.Tensor,
+        steps: int, lr: float, bar: Callable[[int], None]) -> list[float]:
+    """Fit ``lens``'s translators to minimise the summed KL(final || translated) over layers; the losses by step."""
+    optimiser = torch.optim.Adam(lens.parameters(), lr=lr)
+    target = final.exp()
+    losses = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            translated = lens.transform(states)[:-1]
+            logp = torch.log_softmax(head(translated).float(), -1)
+            loss = (target * (final - logp)).sum(-1).mean(-1).sum()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            bar(1)
+    return losses
+
+
+def train_tuned_lens(bundle: BlipBundle, items: Iterable[Any] | None = None, block: str | None = None, *,
+                     steps: int = TRAIN_STEPS, seed: int = 0, lr: float = TRAIN_LR, limit: int = TRAIN_ITEMS,
+                     progress: Progress = True) -> TunedLens:
+    """Train a tuned lens of ``block`` on ``items`` ((image, text) pairs; by default the first ``limit`` easy-VQA
+    train questions, or a captioner's captions less their last word: :func:`default_items`), seeded. Its cost is
+    priced first; above 30 s a :class:`~blip_trace_widgets.cost.LongTraceWarning` says so.
+    ``progress``: a bar (True), none (False), or a callable (done, total)."""
+    bundle = check_bundle(bundle)
+    block = lens_block(bundle, block)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise BlipTraceError(f"steps={steps!r}: pass a whole number of training steps, 1 or more")
+    samples = _samples(bundle, items, limit)
+    seconds = training_seconds(bundle, block, len(samples), steps)
+    if seconds > WARN_SECONDS:
+        warnings.warn(f"training a tuned lens takes about {duration(seconds)} here ({len(samples)} items, {steps} "
+                      "steps; a rough estimate): fewer items or steps make it faster", LongTraceWarning, stacklevel=2)
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    total = len(samples) + steps
+    with _bar(progress, total) as bar:
+        states = []
+        for sample in samples:
+            states.append(record_states(bundle, [sample], block))
+            bar(1)
+        stacked, final = torch.cat([s for s, _ in states], 1), torch.cat([f for _, f in states], 0)
+        config = {"model": bundle.name, "items": len(samples), "steps": steps, "seed": seed, "lr": lr}
+        lens = TunedLens(block, stacked.shape[0], stacked.shape[-1], config)
+        head = unembed(bundle.model, block)
+        losses = fit(lens, lambda h: head(h.to(bundle.dtype)), stacked, final, steps, lr, bar)
+    lens.config.update({"final_loss": losses[-1], "seconds": round(time.perf_counter() - started, 2)})
+    return lens.eval()
+
+
+class _bar:
+    """A progress bar over ``total`` units: tqdm's, none, or the caller's callable."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress, self.total, self.done, self.tqdm = progress, total, 0, None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if self.progress is True:
+            from tqdm.auto import tqdm
+
+            self.tqdm = tqdm(total=self.total, unit="step", desc="tuned lens", disable=None)
+        return self.update
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.tqdm is not None:
+            self.tqdm.update(n)
+        elif callable(self.progress):
+            self.progress(self.done, self.total)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()

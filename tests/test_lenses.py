@@ -1,0 +1,287 @@
+"""Lenses: the last layer's lens is the model's own output distribution, and every layer's is its hidden state
+through the head, each checked against the model's own forward pass (transformers' modules called here, with
+output_hidden_states and the head applied in the test); one forward pass per lens; results round-trip."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_blip import (
+    BLIP2_VOCAB,
+    tiny_blip2_config,
+    tiny_blip2_processor,
+    tiny_blip2_t5,
+    tiny_instructblip,
+    tiny_instructblip_processor,
+    tiny_t5_text_config,
+)
+from tolerance import assert_close
+
+from blip_trace_widgets import BlipTraceError, load_model
+from blip_trace_widgets.lenses import LensResult, TunedLens, lens, query_words, train_tuned_lens
+from blip_trace_widgets.lenses.core import lens_log_probs
+from blip_trace_widgets.lenses.reading import read
+
+QUESTION = "what color is the shape?"
+QUERIES = 4
+
+
+def _pixels(bundle, image):
+    return bundle.processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+
+
+def _blip_reference(bundle, image, text):
+    """BLIP's VQA or captioning decoder: (per-layer log p [L, T, V] through cls, the decoder's own logits)."""
+    model = bundle.model
+    bos = model.config.text_config.bos_token_id
+    with torch.no_grad():
+        embeds = model.vision_model(pixel_values=_pixels(bundle, image))[0]
+        if bundle.head == "caption":
+            ids = bundle.tokenizer(text)["input_ids"][:-1]
+            ids[0] = bos
+            out = model.text_decoder(input_ids=torch.tensor([ids]), encoder_hidden_states=embeds,
+                                     output_hidden_states=True)
+        else:
+            question = model.text_encoder(input_ids=torch.tensor([bundle.tokenizer(text)["input_ids"]]),
+                                          encoder_hidden_states=embeds)[0]
+            out = model.text_decoder(input_ids=torch.tensor([[bos]]), encoder_hidden_states=question,
+                                     output_hidden_states=True)
+        layers = [model.text_decoder.cls(h)[0] for h in out.hidden_states[1:]]
+    return torch.log_softmax(torch.stack(layers), -1), torch.log_softmax(out.logits[0], -1)
+
+
+def _blip2_inputs(bundle, text):
+    model, tokenizer = bundle.model, bundle.tokenizer
+    image_ids = [model.config.image_token_index] * model.config.num_query_tokens
+    t5 = model.config.text_config.model_type == "t5"
+    instruct = model.config.model_type == "instructblip"
+    prompt = text if instruct else f"Question: {text} Answer:"
+    if t5:
+        ids = tokenizer(prompt)["input_ids"]
+    else:
+        ids = [model.config.text_config.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    inputs = {"input_ids": torch.tensor([image_ids + ids])}
+    if instruct:
+        inputs["qformer_input_ids"] = torch.tensor([bundle.processor.qformer_tokenizer(text)["input_ids"]])
+    if t5:
+        inputs["decoder_input_ids"] = torch.tensor([[model.config.text_config.decoder_start_token_id]])
+    return inputs
+
+
+def _blip2_reference(bundle, image, text):
+    """BLIP-2's language model: per-layer log p through its final norm and head, and the model's own logits."""
+    model = bundle.model
+    lm = model.language_model
+    kind = model.config.text_config.model_type
+    with torch.no_grad():
+        out = model(pixel_values=_pixels(bundle, image), output_hidden_states=True, **_blip2_inputs(bundle, text))
+        outputs = out.language_model_outputs
+        if kind == "t5":
+            config = model.config.text_config  # transformers 5 says scale_decoder_outputs; 4.x scales a tied head
+            scaled = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
+            scale = config.d_model ** -0.5 if scaled else 1.0
+            hidden = outputs.decoder_hidden_states
+            head = lambda h: lm.lm_head(lm.decoder.final_layer_norm(h) * scale)  # noqa: E731
+        else:
+            hidden = outputs.hidden_states
+            norm = lm.model.decoder.final_layer_norm if kind == "opt" else lm.model.norm
+            head = lambda h: lm.lm_head(norm(h))  # noqa: E731
+        layers = [head(h)[0] for h in hidden[1:-1]]  # the last hidden state is already normed
+    logits = torch.log_softmax(out.logits[0], -1)
+    return torch.log_softmax(torch.stack(layers), -1), logits
+
+
+def _tied_t5():
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    base = tiny_blip2_config(queries=QUERIES)
+    config = Blip2Config(vision_config=base.vision_config.to_dict(), qformer_config=base.qformer_config.to_dict(),
+                         text_config={**tiny_t5_text_config(), "tie_word_embeddings": True}, num_query_tokens=QUERIES,
+                         image_token_index=BLIP2_VOCAB["<image>"], initializer_range=0.3)
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.query_tokens.normal_(0, 1)
+    assert getattr(config.text_config, "scale_decoder_outputs", True)  # the head's input is scaled
+    return model
+
+
+MODELS = {
+    "answer_decoder": lambda: (load_model("demo", device="cpu"), "what is the color of the triangle?"),
+    "caption_decoder": lambda: (load_model("demo-caption", device="cpu"), "a"),
+    "opt": lambda: (load_model("demo-blip2", device="cpu"), "what is the color of the triangle?"),
+    "llama": lambda: (load_model((tiny_instructblip(language="llama", queries=QUERIES),
+                                  tiny_instructblip_processor(queries=QUERIES)), device="cpu"), QUESTION),
+    "t5": lambda: (load_model((tiny_blip2_t5(queries=QUERIES), tiny_blip2_processor(queries=QUERIES)), device="cpu"),
+                   QUESTION),
+    "t5_tied": lambda: (load_model((_tied_t5(), tiny_blip2_processor(queries=QUERIES)), device="cpu"), QUESTION),
+}
+
+
+@pytest.fixture(scope="module")
+def sample():
+    from blip_trace_widgets import demo_samples
+
+    return demo_samples()[0]
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_every_layers_lens_is_its_state_through_the_head_and_the_last_is_the_models_output(family, sample):
+    bundle, text = MODELS[family]()
+    image = sample[0]
+    reference = _blip_reference if family.endswith("decoder") else _blip2_reference
+    layers, own = reference(bundle, image, text)
+    ours = lens_log_probs(bundle, read(bundle, image, text))
+    assert ours.shape[0] == layers.shape[0] + (0 if family.endswith("decoder") else 1)
+    # the last layer's lens is the model's own output distribution
+    assert float((ours[-1] - own).abs().max()) < 1e-5
+    # every layer's (intermediate ones included) is that layer's hidden state through the head, computed here
+    for layer in range(layers.shape[0] - (1 if family.endswith("decoder") else 0)):
+        assert_close(ours[layer], layers[layer], err_msg=f"layer {layer}")
+    result = lens(bundle, image, text)
+    answer = int(own[-1].argmax())
+    assert result.answer_rank[-1, -1] == 1
+    assert result.answer_prob[-1, -1] == pytest.approx(float(own[-1, answer].exp()), abs=1e-6)
+    assert result.kl[:, -1] == pytest.approx(0, abs=1e-6)
+
+
+def test_a_lens_costs_one_forward_pass(sample):
+    for name, block in (("demo", "text_decoder"), ("demo-blip2", "language_model")):
+        bundle = load_model(name, device="cpu")
+        calls = {"vision": 0, "block": 0}
+
+        def count(part, calls=calls):
+            return lambda *_: calls.__setitem__(part, calls[part] + 1)
+
+        hooks = [bundle.model.vision_model.register_forward_hook(count("vision")),
+                 bundle.model.get_submodule(block).register_forward_hook(count("block"))]
+        try:
+            result = lens(bundle, sample[0], sample[1])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert calls == {"vision": 1, "block": 1}, name
+        assert result.shape[1] == bundle.num_layers(result.block)
+
+
+def test_image_queries_are_positions_of_the_language_model(sample):
+    result = lens(load_model("demo-blip2", device="cpu"), sample[0], sample[1], top=3)
+    assert result.labels[:9] == [f"q{q}" for q in range(8)] + ["[CLS]"]
+    assert result.queries == 8
+    assert np.asarray(result.top_probs).shape == (len(result.labels), 6, 3)
+    assert (np.diff(result.top_probs, axis=-1) <= 0).all()
+
+
+def test_an_answer_named_is_followed_and_its_rank_counts_the_tokens_above(sample):
+    bundle = load_model("demo", device="cpu")
+    result = lens(bundle, sample[0], sample[1], answer="blue")
+    assert result.answer == "blue"
+    logp = lens_log_probs(bundle, read(bundle, sample[0], sample[1]))
+    blue = bundle.tokenizer.convert_tokens_to_ids("blue")
+    for layer in range(4):
+        assert result.answer_rank[0, layer] == int((logp[layer, 0] > logp[layer, 0, blue]).sum()) + 1
+        assert result.answer_prob[0, layer] == pytest.approx(float(logp[layer, 0, blue].exp()), rel=1e-6)
+
+
+def test_the_result_round_trips_strict_json_and_reads_as_a_table(sample):
+    result = lens(load_model("demo-instructblip", device="cpu"), sample[0], sample[1])
+    text = result.to_json()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    again = LensResult.from_json(text)
+    assert again == result and again.to_json() == text
+    table = result.to_dataframe()
+    assert len(table) == result.shape[0] * result.shape[1]
+    assert table.groupby("position").size().eq(result.shape[1]).all()
+    assert "language model" in repr(result) and "demo-instructblip" in repr(result)
+
+
+def test_blocks_without_a_vocabulary_are_refused_naming_why(sample):
+    t5 = load_model((tiny_blip2_t5(queries=QUERIES), tiny_blip2_processor(queries=QUERIES)), device="cpu")
+    with pytest.raises(BlipTraceError, match="T5's encoder ends in no vocabulary.*lm_decoder"):
+        lens(t5, sample[0], QUESTION, block="lm_encoder")
+    with pytest.raises(BlipTraceError, match="p\\(match\\)"):
+        lens(load_model("demo-itm", device="cpu"), sample[0], "a red triangle")
+    with pytest.raises(BlipTraceError, match="does not end in a vocabulary"):
+        lens(load_model("demo", device="cpu"), sample[0], sample[1], block="question_encoder")
+    with pytest.raises(BlipTraceError, match="lens kind"):
+        lens(load_model("demo", device="cpu"), sample[0], sample[1], kind="bent")
+    with pytest.raises(BlipTraceError, match="top="):
+        lens(load_model("demo", device="cpu"), sample[0], sample[1], top=0)
+
+
+def test_query_words_are_the_nearest_input_embeddings_by_cosine(sample):
+    bundle = load_model("demo-blip2", device="cpu")
+    table = query_words(bundle, sample[0], top=3)
+    model = bundle.model
+    with torch.no_grad():
+        embeds = model.vision_model(pixel_values=_pixels(bundle, sample[0]))[0]
+        out = model.qformer(query_embeds=model.query_tokens, encoder_hidden_states=embeds)[0]
+        projected = model.language_projection(out)[0]
+        emb = model.language_model.get_input_embeddings().weight
+        cosine = torch.nn.functional.cosine_similarity(projected[:, None], emb[None], dim=-1)
+    best = cosine.topk(3, -1)
+    assert list(table.index) == [f"q{q}" for q in range(8)]
+    for q in range(8):
+        assert list(table.iloc[q][["word1", "word2", "word3"]]) == bundle.tokenizer.convert_ids_to_tokens(best.indices[q])
+        assert_close(table.iloc[q][["cosine1", "cosine2", "cosine3"]].to_numpy(float), best.values[q])
+    with pytest.raises(BlipTraceError, match="no Q-Former"):
+        query_words(load_model("demo", device="cpu"), sample[0])
+    with pytest.raises(BlipTraceError, match="question="):
+        query_words(load_model("demo-instructblip", device="cpu"), sample[0])
+
+
+# ----- the tuned lens ---------------------------------------------------------------------------------------
+def test_a_fresh_tuned_lens_is_the_logit_lens_and_its_last_layer_the_models_output(sample):
+    bundle = load_model("demo-blip2", device="cpu")
+    reading = read(bundle, sample[0], sample[1])
+    fresh = TunedLens(reading.block, reading.states.shape[0], reading.states.shape[-1])
+    logit = lens_log_probs(bundle, reading)
+    assert torch.equal(lens_log_probs(bundle, reading, "tuned", fresh), logit)
+    shipped = lens_log_probs(bundle, reading, "tuned")
+    assert torch.equal(shipped[-1], logit[-1])
+    assert not torch.allclose(shipped[0], logit[0], atol=1e-3)
+
+
+def test_the_shipped_tuned_lens_says_the_final_answer_earlier_than_the_logit_lens(sample):
+    for name in ("demo", "demo-caption", "demo-blip2", "demo-instructblip"):
+        bundle = load_model(name, device="cpu")
+        text = "a" if name == "demo-caption" else sample[1]
+        logit, tuned = (lens(bundle, sample[0], text, kind=kind) for kind in ("logit", "tuned"))
+        middle = (logit.layers - 1) // 2
+        assert tuned.kl[-1, middle] < logit.kl[-1, middle] / 2, name
+        assert tuned.kind == "tuned" and "tuned lens" in repr(tuned)
+
+
+def test_training_is_seeded_lowers_the_kl_and_saves_and_loads_exactly(sample, tmp_path):
+    bundle = load_model("demo", device="cpu")
+    items = [(sample[0], sample[1]), (sample[0], "what is the red shape?")]
+    seen = []
+    first = train_tuned_lens(bundle, items, steps=15, progress=lambda done, total: seen.append((done, total)))
+    again = train_tuned_lens(bundle, items, steps=15, progress=False)
+    assert seen[-1] == (len(items) + 15, len(items) + 15)
+    for a, b in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    before = lens(bundle, sample[0], sample[1], kind="logit").kl[0, :-1].sum()
+    after = lens(bundle, sample[0], sample[1], kind="tuned", tuned=first).kl[0, :-1].sum()
+    assert after < before
+    path = first.save(tmp_path / "lens.safetensors")
+    loaded = TunedLens.load(path)
+    assert loaded.config == first.config and loaded.block == "answer_decoder"
+    for a, b in zip(first.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    with open(path, "rb") as handle:
+        assert b"pickle" not in handle.read()[:200]
+
+
+def test_a_model_without_translators_is_told_to_train_one_and_how_long(sample, tiny_bundle, question, image):
+    with pytest.raises(BlipTraceError, match=r"train_tuned_lens\(bundle.*about \d+ (s|min)"):
+        lens(tiny_bundle, image, question, kind="tuned")
+    with pytest.raises(BlipTraceError, match="no tuned lens at"):
+        TunedLens.load("/nonexistent/lens.safetensors")
+    with pytest.raises(BlipTraceError, match="steps="):
+        train_tuned_lens(tiny_bundle, [(image, question)], steps=0)
+    wrong = TunedLens("answer_decoder", 2, 16)
+    with pytest.raises(BlipTraceError, match="2 layers of width 16"):
+        lens(tiny_bundle, image, question, kind="tuned", tuned=wrong)
