@@ -1,0 +1,116 @@
+"""Edge attribution patching (EAP) and EAP with integrated gradients (EAP-IG) on the frozen-node graph.
+
+    >>> from blip_trace_widgets import load_model, demo_samples
+    >>> from blip_trace_widgets.circuits.graph import circuit_graph
+    >>> from blip_trace_widgets.circuits.inputs import circuit_inputs
+    >>> from blip_trace_widgets.circuits.network import Network
+    >>> from blip_trace_widgets.circuits.patching import prepare
+    >>> bundle = load_model("demo")
+    >>> runs = prepare(Network(bundle), circuit_inputs(bundle, *demo_samples()[0][:2], samples=2), "noise")
+    >>> attribution_draws(runs, circuit_graph(bundle)).shape   # [draws, edges]
+    (2, 3417)
+
+An edge u → r's exact score is the change in the metric m when r alone reads its input recomputed with u taken from
+the source run (see :mod:`~.patching`). Its first-order estimate is
+
+    score(u → r) = g_r · (J_{r,u} Δc_u),   g_r = ∂m/∂(input of r),   Δc_u = c_u(source) − c_u(base),
+
+where c_u is u's contribution to the residual stream (a head's ``W_O^h z_h``, an MLP's output, an embedding) and
+J_{r,u} = ∂(input of r)/∂(contribution of u) through the post-LayerNorm residual chain (the LayerNorms'
+statistics included). Both are computed with autograd: g_r from one backward pass of a forward whose every channel
+reads its input plus a zero tap (the tap's gradient is g_r), and g_r·J_{r,u}Δc_u as the gradient, at 0, of
+g_r·chain_r(gates) with respect to a gate that adds gate·Δc_u to u's contribution in r's own chain
+(:meth:`~.network.Network.chain`). EAP takes both at the base run (the clean run when noising): one base forward,
+one source forward, one backward. EAP-IG (Hanna et al. 2024) averages g_r·J_{r,u} over ``steps`` points whose inputs
+(image embeddings, question and decoder embeddings) interpolate between the base and source inputs, at the midpoints
+(k + 0.5) / steps, and multiplies by the endpoints' Δc_u.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .graph import CircuitGraph, Point
+from .names import IMAGE, QE
+from .network import Record
+from .patching import Runs, _pick
+
+
+class Taps:
+    """A source whose every channel reads its input plus a zero tap that requires a gradient."""
+
+    def __init__(self, heads: int) -> None:
+        self.heads = heads
+        self.taps: dict[Point, torch.Tensor] = {}
+
+    def at(self, point: Point, default: torch.Tensor) -> torch.Tensor:
+        b, t, d = default.shape
+        width = {"in": 3 * self.heads, "mid": self.heads, "kv": 2 * self.heads}.get(point.where, 1)
+        tap = torch.zeros(b, width, t, d, dtype=default.dtype, device=default.device, requires_grad=True)
+        self.taps[point] = tap
+        return default[:, None] + tap
+
+
+def _interpolated(runs: Runs, steps: int) -> tuple[torch.Tensor, ...]:
+    """The base inputs moved towards the source inputs, [samples * steps] rows (sample-major)."""
+    alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    source = (runs.pair.img, runs.net.embed(QE, runs.pair.question_ids), runs.net.embed("dec", runs.pair.decoder_ids))
+    if runs.direction == "noise":
+        source = (runs.pair.corrupted_img, runs.net.embed(QE, runs.pair.corrupted_question_ids), source[2])
+    rows = []
+    for base, other in zip(runs.base_inputs, source):
+        base_s, other_s = (t.expand(runs.samples, *t.shape[1:]) for t in (base, other))
+        mixed = base_s[:, None] + alphas.view(1, -1, *[1] * (base.dim() - 1)).to(base) * (other_s - base_s)[:, None]
+        rows.append(mixed.reshape(runs.samples * steps, *base.shape[1:]))
+    return tuple(rows)
+
+
+def _gradients(runs: Runs, inputs: tuple[torch.Tensor, ...], rows: int) -> tuple[Record, dict[Point, torch.Tensor]]:
+    """One forward with taps on every channel and one backward: the run's record and each channel's g_r."""
+    taps = Taps(runs.net.heads)
+    with torch.enable_grad():
+        record = runs.net.forward(*inputs, runs.pair, taps, rows=rows)
+        record.score.sum().backward()
+    grads = {p: t.grad if t.grad is not None else torch.zeros_like(t) for p, t in taps.taps.items()}
+    return record.detached(), grads
+
+
+def _point_scores(runs: Runs, graph: CircuitGraph, point: Point, record: Record, grad: torch.Tensor,
+                  rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
+    """g_r · J_{r,u} Δc_u for every channel r at ``point`` and every slot u: [rows, channels, slots]; row i reads the
+    gradient run's row ``rows[i]`` and the endpoints' draw ``delta_rows[i]``."""
+    block = graph.shape.source_block(point)
+    base = _pick(record.img[:, None] if block == IMAGE else runs.net.contributions(record, block), rows)
+    grad = _pick(grad, rows)
+    delta = _pick(runs.contributions("source", block), delta_rows) - _pick(runs.contributions("base", block), delta_rows)
+    n = len(delta_rows)
+    gates = torch.zeros(n, grad.shape[1], base.shape[1], dtype=base.dtype, requires_grad=True)
+    with torch.enable_grad():
+        if block == IMAGE:
+            x = base[:, 0][:, None] + gates[:, :, :1, None] * delta.expand(n, -1, -1, -1)[:, 0][:, None]
+        else:
+            upto = point if point.block == block else Point(QE, graph.shape.qe_layers, "in")
+            x = runs.net.chain(block, base, delta, gates, upto)
+        (x * grad).sum().backward()
+    assert gates.grad is not None
+    return gates.grad
+
+
+def attribution_draws(runs: Runs, graph: CircuitGraph, steps: int | None = None) -> np.ndarray:
+    """Per draw, every edge's EAP score (``steps=None``) or EAP-IG score over ``steps`` points: [samples, edges]."""
+    samples = runs.samples
+    if steps is None:
+        inputs, rows = runs.base_inputs, max(t.shape[0] for t in runs.base_inputs)
+        per_step = 1
+    else:
+        inputs, rows, per_step = _interpolated(runs, steps), samples * steps, steps
+    record, grads = _gradients(runs, inputs, rows)
+    chain_rows = torch.arange(samples * per_step)
+    run_rows = chain_rows if rows > 1 else torch.zeros_like(chain_rows)
+    out = torch.zeros(samples, len(graph), dtype=torch.float64)
+    for point, table in graph.index.items():
+        scores = _point_scores(runs, graph, point, record, grads[point], run_rows, chain_rows // per_step)
+        scores = scores.reshape(samples, per_step, *scores.shape[1:]).mean(1)
+        mask = torch.from_numpy(table >= 0)
+        out[:, torch.from_numpy(table[table >= 0])] = scores[:, mask].double()
+    return out.numpy()

@@ -1,0 +1,255 @@
+"""The circuit graph of a BLIP VQA model: nodes, receiver channels and the edges between them.
+
+    >>> from blip_trace_widgets import load_model
+    >>> graph = circuit_graph(load_model("demo"))
+    >>> len(graph.nodes), len(graph.channels), len(graph.edges)
+    (75, 201, 3417)
+    >>> graph.edges[0], len(graph.edges_between("qe", "dec"))
+    ('qe.emb → qe.L0.H0.q', 1184)
+    >>> graph.select_nodes("qe.L1.self")[:2]
+    ['qe.L1.H0', 'qe.L1.H1']
+
+Nodes: ``img`` (the vision encoder's output), ``qe.emb`` and ``dec.emb`` (a block's embedding output),
+``{block}.L{l}.H{h}`` (self-attention head h of layer l: its slice of the attention context, before the output
+projection), ``{block}.L{l}.X{h}`` (cross-attention head) and ``{block}.L{l}.mlp`` (the MLP's output before its
+residual add and LayerNorm); ``out`` reads the decoder's final state. A receiver channel is the input one node reads:
+a head's ``.q``, ``.k`` or ``.v`` (as its own rows of the projection read it), an MLP's input, ``out``'s input. Every
+node upstream of a channel's input sends to it: within a block every earlier node, ``img`` to the question encoder's
+cross-attention keys and values, every question-encoder node to the decoder's cross-attention keys and values
+(through the question encoder's final output). Edges are named ``"sender → receiver"``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from blip_trace_widgets.core.errors import BlipTraceError
+from blip_trace_widgets.core.names import ANSWER_DECODER, QUESTION_ENCODER
+from blip_trace_widgets.models import anatomy
+
+from .names import (
+    BLOCK_PREFIXES,
+    CHANNELS,
+    CROSS,
+    DEC,
+    IMAGE,
+    OUT,
+    QE,
+    SELF,
+    channel_name,
+    edge_name,
+    emb_name,
+    head_name,
+    mlp_name,
+    split_edge,
+)
+
+#: Where in a block a channel reads: a layer's input (self-attention q/k/v), the residual after self-attention
+#: (cross-attention queries), the encoder states (cross-attention keys and values), the residual after
+#: cross-attention (the MLP), the block's final state (``out``).
+WHERES = ("in", "mid", "kv", "post", "out")
+
+
+class Point(NamedTuple):
+    block: str
+    layer: int
+    where: str
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes a graph is built from: layers of each block and heads per layer."""
+
+    qe_layers: int
+    dec_layers: int
+    heads: int
+
+    def layers(self, block: str) -> int:
+        return self.qe_layers if block == QE else self.dec_layers
+
+    def slots(self, block: str) -> int:
+        """A block's senders: its embedding, then per layer its self heads, cross heads and MLP."""
+        return 1 + self.layers(block) * (2 * self.heads + 1)
+
+    def slot_names(self, block: str) -> list[str]:
+        names = [emb_name(block)]
+        for layer in range(self.layers(block)):
+            names += [head_name(block, layer, SELF, h) for h in range(self.heads)]
+            names += [head_name(block, layer, CROSS, h) for h in range(self.heads)]
+            names.append(mlp_name(block, layer))
+        return names
+
+    def points(self) -> list[Point]:
+        """Every point channels read, in the order a forward pass reaches them."""
+        out = []
+        for block in BLOCK_PREFIXES:
+            for layer in range(self.layers(block)):
+                out += [Point(block, layer, where) for where in ("in", "mid", "kv", "post")]
+        return [*out, Point(DEC, self.dec_layers, "out")]
+
+    def channels_at(self, point: Point) -> list[str]:
+        b, layer, where = point
+        h = range(self.heads)
+        if where == "in":
+            return [channel_name(b, layer, SELF, i, part) for part in CHANNELS for i in h]
+        if where == "mid":
+            return [channel_name(b, layer, CROSS, i, "q") for i in h]
+        if where == "kv":
+            return [channel_name(b, layer, CROSS, i, part) for part in ("k", "v") for i in h]
+        return [mlp_name(b, layer)] if where == "post" else [OUT]
+
+    def source_block(self, point: Point) -> str:
+        """The block whose nodes send to a point's channels (``img`` for the question encoder's keys and values)."""
+        if point.where == "kv":
+            return IMAGE if point.block == QE else QE
+        return point.block
+
+    def senders_at(self, point: Point) -> int:
+        """How many of the source block's slots send to the point's channels (the first ones)."""
+        b, layer, where = point
+        if where == "kv":
+            return 1 if b == QE else self.slots(QE)
+        base = 1 + layer * (2 * self.heads + 1)
+        return {"in": base, "mid": base + self.heads, "post": base + 2 * self.heads, "out": self.slots(DEC)}[where]
+
+
+def shape_of(model: Any) -> Shape:
+    return Shape(len(anatomy.text_layers(model, QUESTION_ENCODER)), len(anatomy.text_layers(model, ANSWER_DECODER)),
+                 anatomy.num_heads(model, QUESTION_ENCODER))
+
+
+@dataclass
+class CircuitGraph:
+    """Nodes, channels and edges of one model's circuit graph (see the module's docstring)."""
+
+    shape: Shape
+    nodes: list[str] = field(init=False)
+    channels: list[str] = field(init=False)
+    edges: list[str] = field(init=False)
+    senders: np.ndarray = field(init=False)  # per edge: its sender's index in nodes
+    receivers: np.ndarray = field(init=False)  # per edge: its receiver's index in channels
+    index: dict[Point, np.ndarray] = field(init=False)  # per point: [channels, source slots] edge index or -1
+    places: list[tuple[Point, int]] = field(init=False)  # per channel: its point and its place among the point's
+
+    def __post_init__(self) -> None:
+        s = self.shape
+        self.nodes = [IMAGE, *s.slot_names(QE), *s.slot_names(DEC)]
+        node_index = {n: i for i, n in enumerate(self.nodes)}
+        self.channels, edges, senders, receivers = [], [], [], []
+        self.index, self.places = {}, []
+        for point in s.points():
+            source = s.source_block(point)
+            names = [IMAGE] if source == IMAGE else s.slot_names(source)
+            table = np.full((len(s.channels_at(point)), len(names)), -1, dtype=np.int64)
+            for c, channel in enumerate(s.channels_at(point)):
+                self.channels.append(channel)
+                self.places.append((point, c))
+                for slot in range(s.senders_at(point)):
+                    table[c, slot] = len(edges)
+                    edges.append(edge_name(names[slot], channel))
+                    senders.append(node_index[names[slot]])
+                    receivers.append(len(self.channels) - 1)
+            self.index[point] = table
+        self.edges = edges
+        self.senders, self.receivers = np.array(senders), np.array(receivers)
+        self._edge_index = {e: i for i, e in enumerate(edges)}
+
+    def __len__(self) -> int:
+        return len(self.edges)
+
+    def slot_of(self, node: int, block: str) -> int | None:
+        """A node's slot among ``block``'s senders (``img``: 0 of "img"), None when it belongs elsewhere."""
+        name = self.nodes[node]
+        if block == IMAGE:
+            return 0 if name == IMAGE else None
+        return self.shape.slot_names(block).index(name) if _block_of(name) == block else None
+
+    def edge_index(self, name: str) -> int:
+        sender, receiver = split_edge(name)
+        key = edge_name(sender, receiver)
+        if key not in self._edge_index:
+            raise BlipTraceError(f"{key!r} is not an edge of this graph: its sender must be upstream of the receiver "
+                                 "channel (see circuit_graph(bundle).edges)")
+        return self._edge_index[key]
+
+    def select_nodes(self, spec: str | list[str]) -> list[str]:
+        """Nodes named by ``spec``: a name, a block ("img", "qe", "dec"), a group ("qe.heads", "qe.self",
+        "qe.cross", "qe.mlp", "qe.L1", "qe.L1.self", "image"), a glob pattern ("qe.L*.X2"), or a list of these."""
+        return [n for n in self.nodes if any(_matches(n, s) for s in _specs(spec))] or _nothing(spec, "node")
+
+    def select_channels(self, spec: str | list[str]) -> list[str]:
+        """Channels named by ``spec`` as :meth:`select_nodes` reads it, or by their own names ("dec.L2.X3.k")."""
+        return [c for c in self.channels if any(_matches(c, s) or _matches(_node_of(c), s) for s in _specs(spec))] \
+            or _nothing(spec, "channel")
+
+    def edges_between(self, senders: str | list[str], receivers: str | list[str]) -> list[str]:
+        """Edges from nodes ``senders`` selects to channels ``receivers`` selects (see :meth:`select_nodes`)."""
+        return [self.edges[i] for i in self.edge_indices_between(senders, receivers)]
+
+    def edge_indices_between(self, senders: str | list[str], receivers: str | list[str]) -> np.ndarray:
+        nodes = {self.nodes.index(n) for n in self.select_nodes(senders)}
+        channels = {self.channels.index(c) for c in self.select_channels(receivers)}
+        return np.array([i for i in range(len(self.edges))
+                         if self.senders[i] in nodes and self.receivers[i] in channels], dtype=np.int64)
+
+    def counts(self) -> dict[str, int]:
+        """Edges by (sender block → receiver block), e.g. ``{"qe → dec": 1184, ...}``."""
+        return dict(Counter(edge_name(_block_of(self.nodes[s]), _block_of(self.channels[r]))
+                            for s, r in zip(self.senders, self.receivers)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": vars(self.shape), "nodes": self.nodes, "channels": self.channels, "edges": self.edges,
+                "counts": self.counts()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), allow_nan=False, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> CircuitGraph:
+        return cls(Shape(**json.loads(text)["shape"]))
+
+
+def circuit_graph(bundle: Any) -> CircuitGraph:
+    """The circuit graph of a BLIP VQA bundle (or model)."""
+    return CircuitGraph(shape_of(getattr(bundle, "model", bundle)))
+
+
+_GROUPS = {"heads": "L*.[HX]*", "self": "L*.H*", "cross": "L*.X*", "mlp": "L*.mlp"}
+
+
+def _specs(spec: str | list[str]) -> list[str]:
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out = []
+    for s in specs:
+        s = IMAGE if s == "image" else s
+        parts = s.split(".")
+        if parts[-1] in _GROUPS and len(parts) >= 2:
+            out.append(".".join(parts[:-1]) + "." + _GROUPS[parts[-1]].split(".", 1)[1] if len(parts) == 3
+                       else parts[0] + "." + _GROUPS[parts[-1]])
+        elif s in (QE, DEC) or (len(parts) == 2 and parts[1].startswith("L")):
+            out += [s + ".*", s]
+        else:
+            out.append(s)
+    return out
+
+
+def _matches(name: str, spec: str) -> bool:
+    return name == spec or fnmatch.fnmatchcase(name, spec)
+
+
+def _node_of(channel: str) -> str:
+    return channel.rsplit(".", 1)[0] if channel.endswith((".q", ".k", ".v")) else channel
+
+
+def _block_of(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def _nothing(spec: Any, what: str) -> list[str]:
+    raise BlipTraceError(f"{spec!r} names no {what} of this graph: use a name, a block ('img', 'qe', 'dec'), a group "
+                         "('qe.heads', 'dec.L1.cross') or a glob pattern ('qe.L*.X2')")

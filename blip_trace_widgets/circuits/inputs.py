@@ -1,0 +1,100 @@
+"""The clean and corrupted inputs a circuit run reads: image embeddings, question ids, the decoder's ids, the answer.
+
+    >>> from blip_trace_widgets import load_model, demo_samples
+    >>> image, question, _ = demo_samples()[0]
+    >>> pair = circuit_inputs(load_model("demo"), image, question, samples=2)
+    >>> pair.answer_text, tuple(pair.corrupted_img.shape), pair.corruption["name"], pair.corruption["level"]
+    ('red', (2, 65, 128), 'gaussian', 10.0)
+
+The corruption is the package's noise on the image embeddings at the bundle's level (seeded; ``samples`` draws), a
+counterfactual image (a PIL image or an :class:`~blip_trace_widgets.ImageSwap`: its embeddings, one draw), a
+counterfactual question of as many tokens (a string, one draw), corrupted image embeddings given as a tensor
+[S, N, D], or any callable ``(clean [1, N, D], samples, generator) -> [samples, N, D]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from blip_trace_widgets.causal_trace.clean import CleanPass
+from blip_trace_widgets.core.errors import BlipTraceError
+from blip_trace_widgets.corruptions.kinds import GaussianNoise, ImageSwap
+
+from .names import DEFAULT_SAMPLES, DEFAULT_SEED
+
+
+@dataclass(frozen=True)
+class CircuitInputs:
+    """One clean input and its corrupted counterpart(s)."""
+
+    img: torch.Tensor  # [1, N, Dv] clean image embeddings
+    question_ids: torch.Tensor  # [1, T]
+    decoder_ids: torch.Tensor  # [1, Td]: the start token and the answer's earlier tokens
+    answer: int  # the scored token
+    answer_text: str
+    corrupted_img: torch.Tensor  # [S, N, Dv]
+    corrupted_question_ids: torch.Tensor  # [1, T] or [S, T]
+    corruption: dict[str, Any] = field(default_factory=dict)  # name, level, samples, seed, deterministic
+
+    @property
+    def samples(self) -> int:
+        return int(self.corrupted_img.shape[0])
+
+    #: The decoder position that predicts the scored token (the first answer token: 0, after the start token).
+    offset: int = 0
+
+
+def circuit_inputs(bundle: Any, image: Any, question: str, *, corruption: Any = None, samples: int = DEFAULT_SAMPLES,
+                   seed: int = DEFAULT_SEED, answer: str | None = None) -> CircuitInputs:
+    """The clean pass of (image, question) and its corrupted input (see the module's docstring)."""
+    if not isinstance(samples, int) or not 1 <= samples <= 1000:
+        raise BlipTraceError(f"samples must be a whole number from 1 to 1000, got {samples!r}")
+    session = CleanPass(bundle, image, question)
+    if session.head != "vqa":
+        raise BlipTraceError("circuits are built for BLIP VQA models: load one such as load_model('demo')")
+    img = session.clean.image_embeds
+    ids = torch.tensor([list(session.question_ids)], device=session.device)
+    text = answer if answer is not None else session.model_answer
+    tokens = session.task.answer_tokens(bundle.tokenizer, text) if answer is not None else session.clean.greedy_ids
+    if not tokens:
+        raise BlipTraceError("the model gives an empty answer to this question; pass answer='...' to score one")
+    decoder = torch.tensor([[session.bos_id]], device=session.device)
+    corrupted_img, corrupted_ids, info = _corrupt(session, img, ids, corruption, samples, seed)
+    return CircuitInputs(img, ids, decoder, int(tokens[0]), text, corrupted_img, corrupted_ids, info)
+
+
+def _corrupt(session: CleanPass, img: torch.Tensor, ids: torch.Tensor, corruption: Any, samples: int,
+             seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    generator = torch.Generator().manual_seed(int(seed))
+    if corruption is None:
+        corruption = GaussianNoise(float(getattr(session.bundle, "noise_scale", 3.0)))
+    if isinstance(corruption, str):
+        _, other = session.task.encode(session.bundle.tokenizer, corruption, session.position_limit, session.bos_id)
+        if len(other) != ids.shape[1]:
+            raise BlipTraceError(f"the counterfactual question has {len(other)} tokens and the question {ids.shape[1]}: "
+                                 "use one of as many tokens (swap words one for one)")
+        info = {"name": "question_swap", "level": None, "question": corruption, "samples": 1, "deterministic": True}
+        return img, torch.tensor([other], device=ids.device), info
+    if isinstance(corruption, torch.Tensor):
+        if corruption.dim() != 3 or corruption.shape[1:] != img.shape[1:]:
+            raise BlipTraceError(f"corrupted image embeddings must be [samples, {img.shape[1]}, {img.shape[2]}], "
+                                 f"got {tuple(corruption.shape)}")
+        info = {"name": "given", "level": None, "samples": int(corruption.shape[0]), "deterministic": False}
+        return corruption.to(img), ids, info
+    if not isinstance(corruption, ImageSwap) and hasattr(corruption, "size") and hasattr(corruption, "mode"):
+        corruption = ImageSwap(corruption)
+    if isinstance(corruption, ImageSwap):
+        other_img = session.embed_image(corruption.other_image)
+        return other_img, ids, {"name": "image_swap", "level": None, "samples": 1, "deterministic": True}
+    if not callable(corruption):
+        raise BlipTraceError(f"corruption must be None (the bundle's noise), a noise such as GaussianNoise(3), an "
+                             f"image, a counterfactual question or a tensor, got {type(corruption).__name__}")
+    out = corruption(img, samples, generator)
+    if not isinstance(out, torch.Tensor) or out.shape != (samples, *img.shape[1:]) or not bool(torch.isfinite(out).all()):
+        raise BlipTraceError(f"the corruption must return finite image embeddings of shape {(samples, *img.shape[1:])}")
+    info = getattr(corruption, "info", None)
+    return out.to(img), ids, {"name": getattr(info, "name", type(corruption).__name__),
+                              "level": getattr(corruption, "level", None), "samples": samples, "seed": int(seed),
+                              "deterministic": bool(getattr(corruption, "deterministic", False))}

@@ -1,0 +1,82 @@
+"""Every name of the circuits subpackage: node and channel names, the edge arrow, methods, directions and defaults.
+
+    >>> head_name("qe", 1, "H", 0), channel_name("dec", 2, "X", 3, "k"), edge_name("qe.L1.H0", "dec.L2.X3.k")
+    ('qe.L1.H0', 'dec.L2.X3.k', 'qe.L1.H0 → dec.L2.X3.k')
+    >>> split_edge("qe.emb -> qe.L0.mlp")
+    ('qe.emb', 'qe.L0.mlp')
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from blip_trace_widgets.core.errors import BlipTraceError
+
+ARROW = "→"
+ASCII_ARROW = "->"
+IMAGE = "img"
+OUT = "out"
+QE, DEC = "qe", "dec"
+BLOCK_PREFIXES: tuple[str, ...] = (QE, DEC)
+#: The graph's blocks, as its figure draws them left to right: the image, the question encoder, the answer decoder.
+BANDS: dict[str, str] = {IMAGE: "vision", QE: "question encoder", DEC: "answer decoder"}
+SELF, CROSS = "H", "X"  # a self-attention head, a cross-attention head
+CHANNELS = ("q", "k", "v")
+
+Method = Literal["eap", "eap-ig", "exact"]
+Direction = Literal["noise", "restore"]
+METHODS: tuple[str, ...] = ("eap", "eap-ig", "exact")
+METHOD_LABELS: dict[str, str] = {"eap": "EAP", "eap-ig": "EAP-IG", "exact": "exact path patching"}
+DIRECTIONS: tuple[str, ...] = ("noise", "restore")
+DEFAULT_STEPS = 5
+DEFAULT_SAMPLES = 5
+DEFAULT_SEED = 0
+DEFAULT_TOP = 50
+#: Circuit sizes of a faithfulness curve, as fractions of the graph's edges.
+CURVE_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.5, 1.0)
+#: A run of exact edge scores longer than this many seconds is warned about before it starts.
+WARN_SECONDS = 30.0
+FORMAT = 1
+
+
+def emb_name(block: str) -> str:
+    return f"{block}.emb"
+
+
+def head_name(block: str, layer: int, kind: str, head: int) -> str:
+    return f"{block}.L{layer}.{kind}{head}"
+
+
+def mlp_name(block: str, layer: int) -> str:
+    return f"{block}.L{layer}.mlp"
+
+
+def channel_name(block: str, layer: int, kind: str, head: int, part: str) -> str:
+    return f"{head_name(block, layer, kind, head)}.{part}"
+
+
+def edge_name(sender: str, receiver: str) -> str:
+    return f"{sender} {ARROW} {receiver}"
+
+
+def split_edge(name: str) -> tuple[str, str]:
+    """(sender, receiver) of an edge written with "→" or "->"."""
+    for arrow in (ARROW, ASCII_ARROW):
+        if arrow in name:
+            sender, receiver = (part.strip() for part in name.split(arrow, 1))
+            return sender, receiver
+    raise BlipTraceError(f"{name!r} is not an edge: write it as 'sender {ARROW} receiver' (or with '->')")
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise BlipTraceError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    return method
+
+
+def check_direction(direction: str) -> str:
+    """The direction, "noise" or "restore" ("denoise" is read as "restore")."""
+    direction = "restore" if direction == "denoise" else direction
+    if direction not in DIRECTIONS:
+        raise BlipTraceError(f"unknown direction {direction!r}: use 'noise' (corrupted senders in the clean run) or "
+                             "'restore' (clean senders in the corrupted run)")
+    return direction

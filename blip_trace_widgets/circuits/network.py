@@ -1,0 +1,200 @@
+"""BLIP VQA's question encoder and answer decoder run layer by layer, with every receiver channel's input open.
+
+    >>> from blip_trace_widgets import load_model, demo_samples
+    >>> from blip_trace_widgets.circuits.inputs import circuit_inputs
+    >>> bundle = load_model("demo")
+    >>> pair = circuit_inputs(bundle, *demo_samples()[0][:2], samples=1)
+    >>> net = Network(bundle)
+    >>> record = net.forward(pair.img, net.embed("qe", pair.question_ids), net.embed("dec", pair.decoder_ids), pair)
+    >>> round(float(record.score[0].exp()), 3)   # p(red), as the model's own forward pass gives it
+    0.969
+
+A forward pass asks a *source* for each point's channel inputs (:class:`Live`: the residual stream as it is; others
+override some rows' channels, add gradient taps, or build every channel's input from frozen node outputs), and
+records every node's output (a head's slice of the attention context, an MLP's output, the embeddings).
+
+:meth:`Network.chain` is the frozen-node residual chain of the post-LayerNorm BERT: a channel's input recomputed
+from node outputs, each node's contribution taken from one of two runs by a gate (1: the first run's value).
+Head contributions are ``W_O^h z_h`` (the output projection's slice), the projection's bias is added once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from blip_trace_widgets.core.names import ANSWER_DECODER, QUESTION_ENCODER
+from blip_trace_widgets.models import anatomy
+
+from .graph import Point, Shape, shape_of
+from .names import CROSS, DEC, QE, SELF
+
+BLOCKS = {QE: QUESTION_ENCODER, DEC: ANSWER_DECODER}
+
+
+class Source(Protocol):
+    def at(self, point: Point, default: torch.Tensor) -> torch.Tensor | None:
+        """Each channel's input at ``point`` [B, C, T, D], or None: every channel reads ``default`` [B, T, D]."""
+
+
+class Live:
+    """Every channel reads the residual stream (a plain forward pass)."""
+
+    def at(self, point: Point, default: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+@dataclass
+class Record:
+    """The node outputs of one run (batch B): image embeddings, embeddings, head contexts [B, H, T, dh], MLP outputs."""
+
+    img: torch.Tensor
+    emb: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads: dict[tuple[str, int, str], torch.Tensor] = field(default_factory=dict)
+    mlp: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    final: dict[str, torch.Tensor] = field(default_factory=dict)
+    score: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # log p(answer) [B]
+
+    def detached(self) -> Record:
+        return Record(self.img.detach(), {k: v.detach() for k, v in self.emb.items()},
+                      {k: v.detach() for k, v in self.heads.items()}, {k: v.detach() for k, v in self.mlp.items()},
+                      {k: v.detach() for k, v in self.final.items()}, self.score.detach())
+
+
+class Network:
+    """The question encoder and answer decoder of a BLIP VQA bundle, run layer by layer (see the module)."""
+
+    def __init__(self, bundle: Any) -> None:
+        model = getattr(bundle, "model", bundle)
+        self.shape: Shape = shape_of(model)
+        self.layers = {b: anatomy.text_layers(model, name) for b, name in BLOCKS.items()}
+        self.embeddings = {b: anatomy.text_embeddings(model, name) for b, name in BLOCKS.items()}
+        self.lm_head = anatomy.answer_head(model)
+        self.heads = self.shape.heads
+
+    def embed(self, block: str, ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings[block](input_ids=ids)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+    def _per_head(self, linear: Any, x: torch.Tensor) -> torch.Tensor:
+        """Each head's own rows of ``linear`` on its own input ``x`` [B, H, T, Din]: [B, H, T, dh]."""
+        w = linear.weight.view(self.heads, -1, linear.weight.shape[-1])
+        return torch.einsum("bhtd,hed->bhte", x, w) + linear.bias.view(self.heads, 1, -1)
+
+    def _project(self, linear: Any, default: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        return self._split(linear(default)) if x is None else self._per_head(linear, x)
+
+    def forward(self, img: torch.Tensor, qemb: torch.Tensor, demb: torch.Tensor, pair: Any,
+                source: Source | None = None, question_states: torch.Tensor | None = None,
+                rows: int = 1) -> Record:
+        """One run on inputs of batch B (or 1, broadcast): the record of its node outputs and its score. With
+        ``question_states`` (the question encoder's output), only the decoder runs, reading them; ``rows``: at least
+        this batch."""
+        source = source or Live()
+        rows = max(rows, img.shape[0], qemb.shape[0], demb.shape[0],
+                   1 if question_states is None else question_states.shape[0])
+        record = Record(img.expand(rows, -1, -1))
+        encoder = record.img if question_states is None else question_states.expand(rows, -1, -1)
+        blocks = ((QE, qemb), (DEC, demb)) if question_states is None else ((DEC, demb),)
+        for block, start in blocks:
+            h = start.expand(rows, -1, -1)
+            record.emb[block] = h
+            for layer in range(self.shape.layers(block)):
+                h = self.layer(block, layer, h, encoder, source, record)
+            record.final[block] = h
+            encoder = h
+        x = source.at(Point(DEC, self.shape.dec_layers, "out"), h)
+        final = h if x is None else x[:, 0]
+        logits = self.lm_head(final[:, pair.offset])
+        record.score = torch.log_softmax(logits.float(), -1)[:, pair.answer]
+        return record
+
+    def layer(self, block: str, j: int, h: torch.Tensor, encoder: torch.Tensor, source: Source,
+              record: Record) -> torch.Tensor:
+        L, H = self.layers[block][j], self.heads
+        x = source.at(Point(block, j, "in"), h)
+        parts = [None, None, None] if x is None else [x[:, :H], x[:, H:2 * H], x[:, 2 * H:]]
+        q, k, v = (self._project(lin, h, p) for lin, p in zip((L.self_query, L.self_key, L.self_value), parts))
+        z = _attend(q, k, v, _causal(h) if block == DEC else None)
+        record.heads[(block, j, SELF)] = z
+        h1 = L.self_norm(L.self_out(_merge(z)) + h)
+        x = source.at(Point(block, j, "mid"), h1)
+        q = self._project(L.cross_query, h1, x)
+        x = source.at(Point(block, j, "kv"), encoder)
+        k = self._project(L.cross_key, encoder, None if x is None else x[:, :H])
+        v = self._project(L.cross_value, encoder, None if x is None else x[:, H:])
+        z = _attend(q, k, v, None)
+        record.heads[(block, j, CROSS)] = z
+        h2 = L.cross_norm(L.cross_out(_merge(z)) + h1)
+        x = source.at(Point(block, j, "post"), h2)
+        m = L.mlp_out(L.mlp_act(L.mlp_in(h2 if x is None else x[:, 0])))
+        record.mlp[(block, j)] = m
+        return L.mlp_norm(m + h2)
+
+    # ----- the frozen-node residual chain ---------------------------------------------------------------
+    def contributions(self, record: Record, block: str, slots: int | None = None) -> torch.Tensor:
+        """The block's first ``slots`` senders' contributions to its residual stream [B, S, T, D], in the graph's
+        slot order (embedding; per layer self heads, cross heads, MLP)."""
+        slots = self.shape.slots(block) if slots is None else slots
+        parts = [record.emb[block][:, None]]
+        for j, L in enumerate(self.layers[block]):
+            if sum(p.shape[1] for p in parts) >= slots:
+                break
+            parts += [self._out(L.self_out, record.heads[(block, j, SELF)]),
+                      self._out(L.cross_out, record.heads[(block, j, CROSS)]), record.mlp[(block, j)][:, None]]
+        return torch.cat(parts, 1)[:, :slots]
+
+    def _out(self, linear: Any, z: torch.Tensor) -> torch.Tensor:
+        """Each head's contribution through its slice of the output projection (no bias): [B, H, T, D]."""
+        w = linear.weight.view(linear.weight.shape[0], self.heads, -1)
+        return torch.einsum("bhte,dhe->bhtd", z, w)
+
+    def chain(self, block: str, base: torch.Tensor, delta: torch.Tensor, gates: torch.Tensor,
+              upto: Point) -> torch.Tensor:
+        """The residual at ``upto`` [R, C, T, D] recomputed from node contributions: slot s contributes
+        ``base[s] + gates[:, c, s] * delta[s]`` (base, delta [R or 1, S, T, D]; gates [R, C, S]); LayerNorms
+        recomputed, nothing else. ``upto`` = Point(block, layers, "in") is the block's final state."""
+        rows = gates.shape[0]
+        H = self.heads
+
+        def mixed(a: int, b: int) -> torch.Tensor:
+            d = delta[:, a:b].expand(rows, -1, -1, -1)
+            return base[:, a:b].sum(1)[:, None] + torch.einsum("rcs,rstd->rctd", gates[:, :, a:b], d)
+
+        h = mixed(0, 1)
+        for j, L in enumerate(self.layers[block]):
+            if upto == (block, j, "in"):
+                return h
+            first = 1 + j * (2 * H + 1)
+            h = L.self_norm(h + mixed(first, first + H) + L.self_out.bias)
+            if upto == (block, j, "mid"):
+                return h
+            h = L.cross_norm(h + mixed(first + H, first + 2 * H) + L.cross_out.bias)
+            if upto == (block, j, "post"):
+                return h
+            h = L.mlp_norm(h + mixed(first + 2 * H, first + 2 * H + 1))
+        return h
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + mask
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def _merge(z: torch.Tensor) -> torch.Tensor:
+    b, h, t, e = z.shape
+    return z.transpose(1, 2).reshape(b, t, h * e)
+
+
+def _causal(h: torch.Tensor) -> torch.Tensor | None:
+    t = h.shape[1]
+    if t == 1:
+        return None
+    return torch.full((t, t), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)

@@ -1,0 +1,114 @@
+"""Circuits: the graph, exact path patching, edge scores and circuit runs against the independent reference loops
+(tests/circuit_reference.py, one hooked forward of the Hugging Face model at a time)."""
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from blip_trace_widgets.circuits.graph import circuit_graph
+from blip_trace_widgets.circuits.inputs import CircuitInputs
+from blip_trace_widgets.circuits.network import Network
+from blip_trace_widgets.circuits.patching import Path, prepare, run_paths
+from blip_trace_widgets.core.errors import BlipTraceError
+from blip_trace_widgets.datasets.easy_vqa import demo_samples
+from blip_trace_widgets.models.loading import load_model
+from tests import circuit_reference as ref
+from tests.tolerance import assert_close
+
+
+@functools.lru_cache(maxsize=1)
+def demo():
+    return load_model("demo")
+
+
+@functools.lru_cache(maxsize=1)
+def dicts(seed: int = 0):
+    """The reference's clean and corrupted inputs on a demo sample (noise on the image embeddings)."""
+    bundle = demo()
+    sample = demo_samples()[0]
+    clean = ref.vqa_inputs(bundle.model, bundle.processor, sample.image, sample.question, sample.answer)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(clean["image_embeds"].shape, generator=generator) * 3 * clean["image_embeds"].std()
+    return clean, dict(clean, image_embeds=clean["image_embeds"] + noise)
+
+
+def pair_of(clean, corrupted) -> CircuitInputs:
+    """The engine's inputs from the reference's dicts: the same tensors."""
+    return CircuitInputs(clean["image_embeds"], clean["input_ids"], clean["answer_ids"], int(clean["answer_ids"][0, 1]),
+                         "", corrupted["image_embeds"], corrupted["input_ids"], {"name": "given", "samples": 1})
+
+
+def engine_edges(edges, direction="noise"):
+    bundle = demo()
+    graph, net = circuit_graph(bundle), Network(bundle)
+    runs = prepare(net, pair_of(*dicts()), direction)
+    paths = []
+    for edge in edges:
+        i = graph.edge_index(edge)
+        paths.append(Path(frozenset([int(graph.senders[i])]), (int(graph.receivers[i]),)))
+    return run_paths(runs, graph, paths)[0]
+
+
+def test_the_graph_is_the_references():
+    model = demo().model
+    graph = circuit_graph(demo())
+    assert sorted(graph.edges) == sorted(ref.reference_edges(model)) and len(set(graph.edges)) == len(graph.edges)
+    assert graph.nodes == ref.reference_nodes(model)[:-1]
+    assert sorted(graph.channels) == sorted(ref.reference_channels(model))
+    assert json.loads(graph.to_json())["counts"]["qe → dec"] == 1184
+    assert type(graph).from_json(graph.to_json()).edges == graph.edges
+
+
+def test_selections_name_groups_and_refuse_nothing():
+    graph = circuit_graph(demo())
+    assert graph.select_nodes("qe.L1.cross") == [f"qe.L1.X{h}" for h in range(4)]
+    assert len(graph.select_nodes("qe.heads")) == 32 and graph.select_nodes("image") == ["img"]
+    assert set(graph.select_channels("dec.L2.X3")) == {"dec.L2.X3.q", "dec.L2.X3.k", "dec.L2.X3.v"}
+    assert all(e.startswith("img") for e in graph.edges_between("img", "qe"))
+    assert graph.edge_index("qe.emb -> qe.L0.H0.q") == 0
+    with pytest.raises(BlipTraceError, match="names no node"):
+        graph.select_nodes("qe.L9.H0")
+    with pytest.raises(BlipTraceError, match="not an edge"):
+        graph.edge_index("dec.L0.mlp → qe.L1.mlp")
+
+
+EDGES = ["img → qe.L0.X0.k", "img → qe.L2.X1.v", "qe.emb → qe.L0.H2.q", "qe.L0.X1 → qe.L1.H0.k",
+         "qe.L1.mlp → qe.L3.mlp", "qe.L2.X3 → dec.L1.X0.v", "qe.L3.mlp → dec.L3.X2.k", "dec.emb → dec.L0.X1.q",
+         "dec.L0.X1 → dec.L2.mlp", "dec.L3.X0 → out", "qe.L0.H1 → qe.L0.X2.q"]
+
+
+@pytest.mark.parametrize("direction", ["noise", "restore"])
+def test_exact_edge_scores_equal_the_reference(direction):
+    clean, corrupted = dicts()
+    ours = engine_edges(EDGES, direction)
+    theirs = [ref.reference_edge_score(demo().model, clean, corrupted, e, "noise" if direction == "noise" else "denoise")
+              for e in EDGES]
+    assert np.abs(theirs).max() > 1e-3, "the edges chosen change nothing: the test would pass on any engine"
+    assert_close(ours, theirs, scale=10.0)
+
+
+def test_eap_is_the_first_order_term_of_exact_edges():
+    """Under a small corruption EAP and EAP-IG equal the exact edge scores to first order (relative error shrinks
+    with the corruption), and each is far from a shuffled copy."""
+    from blip_trace_widgets.circuits.attribution import attribution_draws
+
+    bundle = demo()
+    graph, net = circuit_graph(bundle), Network(bundle)
+    clean, _ = dicts()
+    errors = []
+    for size in (0.02, 0.01):
+        noise = torch.randn(clean["image_embeds"].shape, generator=torch.Generator().manual_seed(1)) * size
+        pair = pair_of(clean, dict(clean, image_embeds=clean["image_embeds"] + noise))
+        runs = prepare(net, pair, "noise")
+        chosen = graph.edge_indices_between("img", "qe")
+        exact = run_paths(runs, graph, [Path(frozenset([int(graph.senders[i])]), (int(graph.receivers[i]),))
+                                        for i in chosen])[0]
+        for steps in (None, 3):
+            approx = attribution_draws(runs, graph, steps)[0, chosen]
+            errors.append(np.abs(approx - exact).max() / np.abs(exact).max())
+    assert max(errors[2:]) < 0.5 * max(errors[:2]) or max(errors) < 1e-3, errors
+    assert max(errors) < 0.05, errors
