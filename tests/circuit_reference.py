@@ -59,6 +59,7 @@ from torch import Tensor, nn
 ARROW = "→"
 BLOCKS = ("qe", "dec")
 Score = Callable[[Tensor], float]
+BlipVQA = Any  # a transformers BlipForQuestionAnswering (its submodules are reached by attribute)
 
 _MLP = re.compile(r"^(qe|dec)\.L(\d+)\.mlp$")
 _HEAD_CHANNEL = re.compile(r"^(qe|dec)\.L(\d+)\.([HX])(\d+)\.([qkv])$")
@@ -68,7 +69,7 @@ _HEAD_CHANNEL = re.compile(r"^(qe|dec)\.L(\d+)\.([HX])(\d+)\.([qkv])$")
 # The graph
 
 
-def _layers(model: nn.Module, block: str) -> nn.ModuleList:
+def _layers(model: BlipVQA, block: str) -> Any:
     stack = model.text_encoder if block == "qe" else model.text_decoder.bert
     return stack.encoder.layer
 
@@ -82,7 +83,7 @@ class Shape:
     heads: int
 
     @classmethod
-    def of(cls, model: nn.Module) -> Shape:
+    def of(cls, model: BlipVQA) -> Shape:
         heads = int(_layers(model, "qe")[0].attention.self.num_attention_heads)
         return cls(len(_layers(model, "qe")), len(_layers(model, "dec")), heads)
 
@@ -150,22 +151,22 @@ def _graph_of(shape: Shape) -> Graph:
     return Graph(nodes, sublayers, channels, {c: tuple(shape.senders(c)) for c in channels})
 
 
-def graph(model: nn.Module) -> Graph:
+def graph(model: BlipVQA) -> Graph:
     """The model's graph (computed once per shape)."""
     return _graph_of(Shape.of(model))
 
 
-def reference_nodes(model: nn.Module) -> list[str]:
+def reference_nodes(model: BlipVQA) -> list[str]:
     """Every node, in topological order: ``img``, the question encoder's, the decoder's, then ``out``."""
     return list(graph(model).nodes)
 
 
-def reference_channels(model: nn.Module) -> list[str]:
+def reference_channels(model: BlipVQA) -> list[str]:
     """Every receiver channel, in topological order (``out`` last)."""
     return list(graph(model).channels)
 
 
-def reference_senders(model: nn.Module, channel: str) -> list[str]:
+def reference_senders(model: BlipVQA, channel: str) -> list[str]:
     """The nodes that send to ``channel``: every node upstream of it in the computation (see the module's text)."""
     senders = graph(model).senders.get(channel)
     if senders is None:
@@ -190,12 +191,12 @@ def parse_edge(edge: str | tuple[str, str]) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def reference_edges(model: nn.Module) -> list[str]:
+def reference_edges(model: BlipVQA) -> list[str]:
     """Every edge ``"u → r"`` of the graph, receivers in topological order, senders in topological order."""
     return [edge_name(u, r) for r in reference_channels(model) for u in reference_senders(model, r)]
 
 
-def check_edge(model: nn.Module, edge: str | tuple[str, str]) -> tuple[str, str]:
+def check_edge(model: BlipVQA, edge: str | tuple[str, str]) -> tuple[str, str]:
     """The edge as (sender, receiver); refused (BlipTraceError) where the sender does not send to the receiver."""
     sender, receiver = parse_edge(edge)
     if sender not in reference_nodes(model) or sender == "out":
@@ -222,7 +223,7 @@ class Inputs:
     answer_mask: Tensor
 
 
-def prepare_inputs(model: nn.Module, inputs: Mapping[str, Any], fallback: Inputs | None = None) -> Inputs:
+def prepare_inputs(model: BlipVQA, inputs: Mapping[str, Any], fallback: Inputs | None = None) -> Inputs:
     """:class:`Inputs` from a dict: ``input_ids``, optional ``attention_mask``, ``image_embeds`` or
     ``pixel_values``, ``answer_ids`` (or ``decoder_input_ids``: the decoder's start token then the answer) and
     optional ``decoder_attention_mask``. A key left out is taken from ``fallback`` (the clean inputs)."""
@@ -343,7 +344,7 @@ def _input_hook(plan: Plan, channel: str) -> Callable[..., tuple[Tensor] | None]
     return hook
 
 
-def _layer_hooks(plan: Plan, layer: nn.Module, name: str) -> Iterator[torch.utils.hooks.RemovableHandle]:
+def _layer_hooks(plan: Plan, layer: Any, name: str) -> Iterator[torch.utils.hooks.RemovableHandle]:
     for kind, attention in (("H", layer.attention.self), ("X", layer.crossattention.self)):
         size = attention.attention_head_size
         heads = [f"{name}.{kind}{h}" for h in range(attention.num_attention_heads)]
@@ -355,7 +356,7 @@ def _layer_hooks(plan: Plan, layer: nn.Module, name: str) -> Iterator[torch.util
 
 
 @contextmanager
-def hooked(model: nn.Module, plan: Plan) -> Iterator[Plan]:
+def hooked(model: BlipVQA, plan: Plan) -> Iterator[Plan]:
     """Every hook of ``plan`` on the model's modules for the duration of the block; always removed."""
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
@@ -370,7 +371,7 @@ def hooked(model: nn.Module, plan: Plan) -> Iterator[Plan]:
             handle.remove()
 
 
-def run(model: nn.Module, inputs: Inputs, plan: Plan | None = None) -> tuple[Tensor, Plan]:
+def run(model: BlipVQA, inputs: Inputs, plan: Plan | None = None) -> tuple[Tensor, Plan]:
     """One forward (question encoder, then answer decoder) under ``plan``; returns the decoder's logits and the
     plan, whose ``outputs`` and ``seen`` now hold every node's output and every channel's input."""
     plan = Plan() if plan is None else plan
@@ -395,7 +396,7 @@ def run(model: nn.Module, inputs: Inputs, plan: Plan | None = None) -> tuple[Ten
     return logits, plan
 
 
-def frozen_inputs(model: nn.Module, base: Inputs, nodes: Mapping[str, Tensor], channels: Iterable[str]
+def frozen_inputs(model: BlipVQA, base: Inputs, nodes: Mapping[str, Tensor], channels: Iterable[str]
                   ) -> dict[str, Tensor]:
     """The inputs ``channels`` see in a forward on ``base`` where every node's output is fixed to ``nodes``
     (which must name every node): residual additions and LayerNorms are recomputed from those outputs."""
@@ -410,14 +411,14 @@ def frozen_inputs(model: nn.Module, base: Inputs, nodes: Mapping[str, Tensor], c
 # Path patching and edges
 
 
-def reference_score(model: nn.Module, inputs: Mapping[str, Any], score: str | Score = "logprob") -> float:
+def reference_score(model: BlipVQA, inputs: Mapping[str, Any], score: str | Score = "logprob") -> float:
     """The score of a plain forward on ``inputs`` (nothing patched)."""
     prepared = prepare_inputs(model, inputs)
     logits, _ = run(model, prepared)
     return _scorer(score, prepared)(logits)
 
 
-def _pair(model: nn.Module, clean_inputs: Mapping[str, Any], corrupted_inputs: Mapping[str, Any]
+def _pair(model: BlipVQA, clean_inputs: Mapping[str, Any], corrupted_inputs: Mapping[str, Any]
           ) -> tuple[Inputs, Inputs]:
     clean = prepare_inputs(model, clean_inputs)
     corrupted = prepare_inputs(model, corrupted_inputs, fallback=clean)
@@ -425,7 +426,7 @@ def _pair(model: nn.Module, clean_inputs: Mapping[str, Any], corrupted_inputs: M
     return clean, corrupted
 
 
-def _check_path(model: nn.Module, senders: Sequence[str], receivers: Sequence[str]) -> None:
+def _check_path(model: BlipVQA, senders: Sequence[str], receivers: Sequence[str]) -> None:
     nodes = set(reference_nodes(model)) - {"out"}
     unknown = [s for s in senders if s not in nodes]
     if unknown:
@@ -437,7 +438,7 @@ def _check_path(model: nn.Module, senders: Sequence[str], receivers: Sequence[st
                                  "it or add one of reference_senders(model, receiver)")
 
 
-def reference_path_patch(model: nn.Module, clean_inputs: Mapping[str, Any], corrupted_inputs: Mapping[str, Any],
+def reference_path_patch(model: BlipVQA, clean_inputs: Mapping[str, Any], corrupted_inputs: Mapping[str, Any],
                          senders: Sequence[str], receivers: Sequence[str], direction: str = "noise",
                          score: str | Score = "logprob") -> float:
     """The score of path patching from the nodes ``senders`` (S) to the receiver channels ``receivers`` (R):
@@ -463,7 +464,7 @@ def reference_path_patch(model: nn.Module, clean_inputs: Mapping[str, Any], corr
     return _scorer(score, clean)(logits)
 
 
-def reference_edge_score(model: nn.Module, clean_inputs: Mapping[str, Any], corrupted_inputs: Mapping[str, Any],
+def reference_edge_score(model: BlipVQA, clean_inputs: Mapping[str, Any], corrupted_inputs: Mapping[str, Any],
                          edge: str | tuple[str, str], direction: str = "noise", score: str | Score = "logprob"
                          ) -> float:
     """The exact score of one edge ``u → r``: path patching with S = {u}, R = {r}, as the effect
@@ -485,7 +486,7 @@ def _mix(values: Mapping[str, Tensor], corrupted: Mapping[str, Tensor], senders:
     return {u: values[u] if (u, receiver) in kept else corrupted[u] for u in senders}
 
 
-def _alike(model: nn.Module, channels: Iterable[str], kept: set[tuple[str, str]]) -> list[list[str]]:
+def _alike(model: BlipVQA, channels: Iterable[str], kept: set[tuple[str, str]]) -> list[list[str]]:
     """Channels grouped by (their senders, which of those edges are kept): one frozen forward serves a group, as
     every channel in it reads the same node outputs (a saving only; one forward per channel gives the same)."""
     groups: dict[tuple[tuple[str, bool], ...], list[str]] = {}
@@ -495,7 +496,7 @@ def _alike(model: nn.Module, channels: Iterable[str], kept: set[tuple[str, str]]
     return list(groups.values())
 
 
-def reference_circuit_score(model: nn.Module, clean_inputs: Mapping[str, Any], corrupted_inputs: Mapping[str, Any],
+def reference_circuit_score(model: BlipVQA, clean_inputs: Mapping[str, Any], corrupted_inputs: Mapping[str, Any],
                             kept_edges: Iterable[str | tuple[str, str]], score: str | Score = "logprob") -> float:
     """m(C): the score of the circuit run that keeps the edges ``kept_edges`` and corrupts every other edge.
 
@@ -524,7 +525,7 @@ def reference_circuit_score(model: nn.Module, clean_inputs: Mapping[str, Any], c
     return _scorer(score, clean)(logits)
 
 
-def reference_faithfulness(model: nn.Module, clean_inputs: Mapping[str, Any], corrupted_inputs: Mapping[str, Any],
+def reference_faithfulness(model: BlipVQA, clean_inputs: Mapping[str, Any], corrupted_inputs: Mapping[str, Any],
                            kept_edges: Iterable[str | tuple[str, str]], score: str | Score = "logprob") -> float:
     """(m(C) - m(empty)) / (m(full) - m(empty)): m(full) is the clean run's score, m(empty) the corrupted run's."""
     clean, corrupted = _pair(model, clean_inputs, corrupted_inputs)
@@ -536,7 +537,7 @@ def reference_faithfulness(model: nn.Module, clean_inputs: Mapping[str, Any], co
     return (reference_circuit_score(model, clean_inputs, corrupted_inputs, kept_edges, scorer) - empty) / (full - empty)
 
 
-def vqa_inputs(model: nn.Module, processor: Any, image: Any, question: str, answer: str) -> dict[str, Tensor]:
+def vqa_inputs(model: BlipVQA, processor: Any, image: Any, question: str, answer: str) -> dict[str, Tensor]:
     """The clean inputs dict for one image, question and answer: ``input_ids``, ``attention_mask``,
     ``image_embeds`` (the vision encoder's output) and ``answer_ids`` (the decoder's start token, then the
     answer's tokens and [SEP])."""

@@ -311,9 +311,9 @@ def test_circuit_full_and_empty_with_a_counterfactual_question_and_image(
                  reference_score(model, clean))
     assert_close(reference_circuit_score(model, clean, counterfactual, []), _plain(model, counterfactual))
     assert reference_faithfulness(model, clean, counterfactual, reference_edges(model)) == pytest.approx(1.0)
+    assert reference_faithfulness(model, clean, counterfactual, []) == pytest.approx(0.0, abs=1e-4)
 
 
-@pytest.mark.slow
 def test_circuit_keeping_only_the_edges_into_out_is_the_corrupted_run(
         model: torch.nn.Module, clean: dict[str, torch.Tensor], counterfactual: dict[str, torch.Tensor]) -> None:
     """Kept edges carry the circuit run's own values: a decoder whose every input is corrupted outputs corrupted
@@ -349,3 +349,25 @@ def test_a_decoder_self_attention_query_cannot_move_the_first_answer_token(
     does not matter, so the edge scores exactly 0 while the same sender's value edge does not."""
     assert reference_edge_score(model, clean, counterfactual, "dec.L0.X2 → dec.L1.H0.q") == 0.0
     assert reference_edge_score(model, clean, counterfactual, "dec.L0.X2 → dec.L1.H0.v") != 0.0
+
+
+def test_rows_of_a_batch_are_patched_independently_and_averaged(
+        model: torch.nn.Module, clean: dict[str, torch.Tensor], noisy: dict[str, torch.Tensor],
+        counterfactual: dict[str, torch.Tensor]) -> None:
+    def stack(*rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+
+    edge = "qe.L0.X1 → dec.L1.X2.v"
+    both = reference_edge_score(model, stack(clean, clean), stack(noisy, counterfactual), edge)
+    one, two = (reference_edge_score(model, clean, other, edge) for other in (noisy, counterfactual))
+    assert one != two
+    assert_close(both, (one + two) / 2)
+
+
+def test_pixel_values_go_through_the_vision_encoder(model: torch.nn.Module, clean: dict[str, torch.Tensor]) -> None:
+    torch.manual_seed(1)
+    pixels = torch.randn(1, 3, 32, 32)
+    from_pixels = {k: v for k, v in clean.items() if k != "image_embeds"} | {"pixel_values": pixels}
+    assert_close(reference_score(model, from_pixels), reference_score(model, clean))
+    assert reference_score(model, clean, score="prob") == pytest.approx(float(torch.tensor(
+        reference_score(model, clean)).exp()), rel=1e-6)
