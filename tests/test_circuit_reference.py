@@ -26,6 +26,7 @@ from circuit_reference import (
     reference_score,
     reference_senders,
     run,
+    vqa_inputs,
 )
 from tiny_blip import VOCAB, tiny_model
 from tolerance import assert_close
@@ -371,3 +372,27 @@ def test_pixel_values_go_through_the_vision_encoder(model: torch.nn.Module, clea
     assert_close(reference_score(model, from_pixels), reference_score(model, clean))
     assert reference_score(model, clean, score="prob") == pytest.approx(float(torch.tensor(
         reference_score(model, clean)).exp()), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_demo_model_full_and_empty_circuits_and_one_dropped_edge() -> None:
+    """On the trained demo model (4 layers, 4 heads) with an easy-VQA sample and Gaussian image noise of standard
+    deviation ``bundle.noise_scale`` (seeded)."""
+    from blip_trace_widgets.data import demo_samples
+    from blip_trace_widgets.loading import load_model
+
+    bundle = load_model("demo")
+    sample = demo_samples()[0]
+    clean = vqa_inputs(bundle.model, bundle.processor, sample.image, sample.question, sample.answer)
+    images = clean["image_embeds"]
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    noisy = dict(clean, image_embeds=images + bundle.noise_scale * noise)
+    edges = reference_edges(bundle.model)
+    full, empty = reference_score(bundle.model, clean), reference_score(bundle.model, noisy)
+    assert abs(full - empty) > 0.1
+    assert_close(reference_circuit_score(bundle.model, clean, noisy, edges), full)
+    assert_close(reference_circuit_score(bundle.model, clean, noisy, []), empty)
+    edge = "qe.L3.X0 → dec.L0.X1.v"
+    kept = [e for e in edges if e != edge]
+    assert_close(reference_circuit_score(bundle.model, clean, noisy, kept),
+                 full + reference_edge_score(bundle.model, clean, noisy, edge))
