@@ -112,3 +112,23 @@ def test_eap_is_the_first_order_term_of_exact_edges():
             errors.append(np.abs(approx - exact).max() / np.abs(exact).max())
     assert max(errors[2:]) < 0.5 * max(errors[:2]) or max(errors) < 1e-3, errors
     assert max(errors) < 0.05, errors
+
+
+@pytest.mark.slow
+def test_circuit_runs_equal_the_reference_and_span_clean_to_corrupted():
+    from blip_trace_widgets.circuits.faithfulness import circuit_scores
+
+    bundle = demo()
+    graph, net = circuit_graph(bundle), Network(bundle)
+    clean, corrupted = dicts()
+    pair = pair_of(clean, corrupted)
+    rng = np.random.default_rng(0)
+    some = rng.random(len(graph)) < 0.3
+    masks = [np.zeros(len(graph), bool), np.ones(len(graph), bool), some]
+    ours = circuit_scores(net, graph, pair, masks)[0]
+    model = bundle.model
+    assert_close(ours[0], ref.reference_score(model, corrupted), scale=10.0)
+    assert_close(ours[1], ref.reference_score(model, clean), scale=10.0)
+    kept = [graph.edges[i] for i in np.flatnonzero(some)]
+    assert_close(ours[2], ref.reference_circuit_score(model, clean, corrupted, kept), scale=10.0)
+    assert abs(ours[2] - ours[0]) > 1e-3 and abs(ours[2] - ours[1]) > 1e-3, "the circuit is neither run: a real test"

@@ -96,9 +96,12 @@ class Network:
         ``question_states`` (the question encoder's output), only the decoder runs, reading them; ``rows``: at least
         this batch."""
         source = source or Live()
+        bind = getattr(source, "bind", None)
         rows = max(rows, img.shape[0], qemb.shape[0], demb.shape[0],
                    1 if question_states is None else question_states.shape[0])
         record = Record(img.expand(rows, -1, -1))
+        if bind is not None:
+            bind(record)  # a source that reads this run's node outputs as they are made
         encoder = record.img if question_states is None else question_states.expand(rows, -1, -1)
         blocks = ((QE, qemb), (DEC, demb)) if question_states is None else ((DEC, demb),)
         for block, start in blocks:
@@ -139,14 +142,17 @@ class Network:
     # ----- the frozen-node residual chain ---------------------------------------------------------------
     def contributions(self, record: Record, block: str, slots: int | None = None) -> torch.Tensor:
         """The block's first ``slots`` senders' contributions to its residual stream [B, S, T, D], in the graph's
-        slot order (embedding; per layer self heads, cross heads, MLP)."""
+        slot order (embedding; per layer self heads, cross heads, MLP): only those recorded so far are needed."""
         slots = self.shape.slots(block) if slots is None else slots
-        parts = [record.emb[block][:, None]]
+        parts, count = [record.emb[block][:, None]], 1
         for j, L in enumerate(self.layers[block]):
-            if sum(p.shape[1] for p in parts) >= slots:
-                break
-            parts += [self._out(L.self_out, record.heads[(block, j, SELF)]),
-                      self._out(L.cross_out, record.heads[(block, j, CROSS)]), record.mlp[(block, j)][:, None]]
+            for kind, out in ((SELF, L.self_out), (CROSS, L.cross_out)):
+                if count < slots:
+                    parts.append(self._out(out, record.heads[(block, j, kind)]))
+                    count += self.heads
+            if count < slots:
+                parts.append(record.mlp[(block, j)][:, None])
+                count += 1
         return torch.cat(parts, 1)[:, :slots]
 
     def _out(self, linear: Any, z: torch.Tensor) -> torch.Tensor:

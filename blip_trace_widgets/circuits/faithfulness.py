@@ -1,0 +1,183 @@
+"""Circuits (the top-k edges by |score|) and how faithful they are: the circuit run, its faithfulness and the curve.
+
+    >>> from blip_trace_widgets import load_model, demo_samples
+    >>> from blip_trace_widgets.circuits.scores import edge_scores
+    >>> bundle = load_model("demo")
+    >>> image, question, _ = demo_samples()[0]
+    >>> scores = edge_scores(bundle, image, question, method="eap-ig", samples=2)
+    >>> kept = circuit(scores, k=300)
+    >>> f = faithfulness(bundle, image, question, kept, samples=2)
+    >>> f.value > 0.5, f.edges
+    (True, 300)
+
+The circuit run keeps a set C of edges: every receiver channel r reads its input recomputed from node outputs
+(the frozen-node residual chain), where a sender u contributes its output in this circuit run if u → r is kept
+and its corrupted-run output otherwise; every node computes its output from its channels' inputs, in topological
+order, to ``out`` (``img`` and the embeddings take their clean values). Keeping every edge gives the clean run,
+keeping none the corrupted run, so faithfulness = (m(C) − m(empty)) / (m(full) − m(empty)) is 1 for the whole
+graph and 0 for none. With noise, each draw is its own corrupted run: the value is the mean over draws of each
+draw's ratio, with its 95% interval. The curve (MIB, Mueller et al. 2025) is faithfulness against the circuit's
+size as a fraction of the graph's edges; its area (trapezoids) is the CPR, the area of |1 − f| the CMD.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from blip_trace_widgets.core.errors import BlipTraceError
+from blip_trace_widgets.core.significance import CellStatistics
+
+from .graph import CircuitGraph, Point, circuit_graph
+from .inputs import CircuitInputs, circuit_inputs
+from .names import CURVE_FRACTIONS, DEFAULT_SAMPLES, DEFAULT_SEED, FORMAT, IMAGE, QE
+from .network import Network, Record
+from .patching import clean_inputs, corrupted_inputs
+from .result import EdgeResult
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """A set of kept edges: the top ``k`` of an edge result by |score| (or any list of edges)."""
+
+    edges: tuple[str, ...]
+    k: int
+    total: int
+    method: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return self.k / self.total if self.total else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "kind": "circuit", **asdict(self), "edges": list(self.edges)},
+                          allow_nan=False, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Circuit:
+        data = json.loads(text)
+        return cls(tuple(data["edges"]), int(data["k"]), int(data["total"]), data.get("method", ""))
+
+
+def circuit(result: EdgeResult, k: int | None = None, *, fraction: float | None = None) -> Circuit:
+    """The top ``k`` edges of ``result`` by |score| (or the top ``fraction`` of its edges)."""
+    if (k is None) == (fraction is None):
+        raise BlipTraceError("give the circuit's size as k=(edges) or fraction=(of the graph's edges), one of them")
+    if fraction is not None:
+        if not 0.0 <= fraction <= 1.0:
+            raise BlipTraceError(f"fraction must be from 0 to 1, got {fraction!r}")
+        k = int(round(fraction * len(result.edges)))
+    assert k is not None
+    if k > len(result.edges):
+        raise BlipTraceError(f"k={k} is more than the result's {len(result.edges)} edges: use at most that")
+    return Circuit(tuple(result.top(k)), k, len(result.edges), result.method)
+
+
+class CircuitRun:
+    """A source for the circuit run: each channel's input from its own frozen-node chain, gated by kept edges."""
+
+    def __init__(self, net: Network, graph: CircuitGraph, keep: torch.Tensor, corrupted: Record,
+                 samples: torch.Tensor) -> None:
+        self.net, self.graph, self.keep, self.samples = net, graph, keep, samples
+        self.corrupted = {b: self._pick(corrupted.img[:, None] if b == IMAGE else net.contributions(corrupted, b))
+                          for b in (IMAGE, QE, "dec")}
+        self.record: Record | None = None
+
+    def _pick(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.shape[0] == 1 else t[self.samples]
+
+    def bind(self, record: Record) -> None:
+        self.record = record
+
+    def at(self, point: Point, default: torch.Tensor) -> torch.Tensor:
+        assert self.record is not None
+        block = self.graph.shape.source_block(point)
+        table = torch.from_numpy(self.graph.index[point])
+        slots = self.graph.shape.senders_at(point)
+        gates = self.keep[:, table.clamp(min=0)] * (table >= 0)  # [R, C, slots of the source block]
+        corrupted = self.corrupted[block][:, :slots]
+        if block == IMAGE:
+            own = self.record.img[:, None]
+            return corrupted[:, 0][:, None] + gates[:, :, :1, None] * (own - corrupted)[:, 0][:, None]
+        own = self.net.contributions(self.record, block, slots)
+        upto = point if point.block == block else Point(QE, self.graph.shape.qe_layers, "in")
+        return self.net.chain(block, corrupted, own - corrupted, gates[:, :, :slots].to(own.dtype), upto)
+
+
+@torch.no_grad()
+def circuit_scores(net: Network, graph: CircuitGraph, pair: CircuitInputs, kept: list[np.ndarray]) -> np.ndarray:
+    """m(C) of each kept-edge mask in ``kept`` (bool [edges]) in each draw: [samples, circuits]."""
+    samples = pair.samples
+    corrupted = net.forward(*corrupted_inputs(net, pair), pair)
+    keep = torch.from_numpy(np.repeat(np.stack(kept).astype(np.float32), samples, axis=0))
+    rows = torch.arange(keep.shape[0]) % samples
+    source = CircuitRun(net, graph, keep, corrupted, rows)
+    record = net.forward(*clean_inputs(net, pair), pair, source, rows=keep.shape[0])
+    return record.score.double().numpy().reshape(len(kept), samples).T
+
+
+@dataclass
+class Faithfulness:
+    """A circuit's faithfulness: per draw (m(C) − m(empty)) / (m(full) − m(empty)), its mean and 95% interval."""
+
+    value: float
+    low: float
+    high: float
+    edges: int
+    total: int
+    draws: list[float] = field(default_factory=list)
+    circuit_score: float = float("nan")
+    clean_score: float = float("nan")
+    corrupted_score: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+def _ratios(circuit_draws: np.ndarray, clean: float, corrupted: np.ndarray) -> np.ndarray:
+    span = clean - corrupted
+    if np.any(np.abs(span) < 1e-9):
+        raise BlipTraceError("the clean and corrupted runs score alike in a draw, so faithfulness is undefined: use "
+                             "a stronger corruption")
+    return (circuit_draws - corrupted[:, None]) / span[:, None]
+
+
+def _summary(ratios: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    stats = CellStatistics.of_draws(ratios[:, :, None], deterministic=True if deterministic else None)
+    low, high = stats.interval()
+    if ratios.shape[0] < 2 or stats.deterministic:
+        low, high = stats.mean, stats.mean
+    return stats.mean[:, 0], low[:, 0], high[:, 0]
+
+
+def _setup(bundle: Any, image: Any, text: str, corruption: Any, samples: int, seed: int, answer: str | None,
+           inputs: CircuitInputs | None) -> tuple[CircuitGraph, Network, CircuitInputs, float, np.ndarray]:
+    graph, net = circuit_graph(bundle), Network(bundle)
+    pair = inputs or circuit_inputs(bundle, image, text, corruption=corruption, samples=samples, seed=seed,
+                                    answer=answer)
+    with torch.no_grad():
+        clean = float(net.forward(*clean_inputs(net, pair), pair).score[0])
+        corrupted = net.forward(*corrupted_inputs(net, pair), pair).score.double().numpy()
+    return graph, net, pair, clean, np.broadcast_to(corrupted, (pair.samples,)).copy()
+
+
+def _mask(graph: CircuitGraph, edges: Any) -> np.ndarray:
+    mask = np.zeros(len(graph), dtype=bool)
+    mask[[graph.edge_index(e) for e in edges]] = True
+    return mask
+
+
+def faithfulness(bundle: Any, image: Any, text: str, kept: Circuit | list[str], *, corruption: Any = None,
+                 samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED, answer: str | None = None,
+                 inputs: CircuitInputs | None = None) -> Faithfulness:
+    """The circuit run of ``kept`` (a :class:`Circuit` or edge names) and its faithfulness, over noise draws."""
+    graph, net, pair, clean, corrupted = _setup(bundle, image, text, corruption, samples, seed, answer, inputs)
+    edges = list(kept.edges if isinstance(kept, Circuit) else kept)
+    draws = circuit_scores(net, graph, pair, [_mask(graph, edges)])
+    ratios = _ratios(draws, clean, corrupted)
+    mean, low, high = _summary(ratios, bool(pair.corruption.get("deterministic")))
+    return Faithfulness(float(mean[0]), float(low[0]), float(high[0]), len(edges), len(graph),
+                        ratios[:, 0].tolist(), float(draws.mean()), clean, float(corrupted.mean()))
