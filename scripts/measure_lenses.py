@@ -4,10 +4,17 @@ held-out easy-VQA test questions; and the time to train each demo model's tuned 
     python scripts/measure_lenses.py --train          # (re)train and save the shipped translators, then measure
     python scripts/measure_lenses.py --items 100      # measure the shipped translators on 100 test questions
     python scripts/measure_lenses.py --base           # CPU time to train on a BLIP-base-sized model (random weights)
+    python scripts/measure_lenses.py --confidence 200 # internal confidence: AUROC of the right colour against a wrong one
 
 The translators are trained on the first 256 easy-VQA train questions (a captioner: each train image's caption
 less its last word), 300 steps, seed 0, and measured on the first ``--items`` test ones: the mean KL(final ||
 lens) over every position of every item, per layer. Prints a table per model.
+
+``--confidence N``: for the first N easy-VQA test images whose questions settle one colour and one shape, each
+image's internal confidence (:func:`~blip_trace_widgets.lenses.confidence.image_confidence`: the largest logit-lens
+p(word) over queries and layers) of its colour and of a wrong colour drawn at random (seed 0) from the seven others,
+on demo-blip2 and demo-instructblip (its instruction: "what is the color of the shape?"); prints the AUROC of the
+right colour's confidence against the wrong one's, and how often the right one is higher on the same image.
 """
 from __future__ import annotations
 
@@ -93,18 +100,50 @@ def base_training_time(items: int, steps: int) -> None:
           f"{time.process_time() - cpu:.1f} s CPU")
 
 
+def confidence_auroc(images: int) -> None:
+    import random
+
+    from blip_trace_widgets.data import COLORS, easy_vqa_captions
+    from PIL import Image
+
+    from blip_trace_widgets.lenses.confidence import auroc, image_confidence
+
+    chosen = easy_vqa_captions("test")[:images]
+    rng = random.Random(0)
+    wrong = [rng.choice([c for c in COLORS if c != caption.split()[1]]) for _, caption in chosen]
+    print(f"\ninternal confidence, {len(chosen)} easy-VQA test images, right colour against a random wrong one")
+    print("| model | AUROC | right > wrong on the same image | mean right | mean wrong |")
+    print("|---|---|---|---|---|")
+    for name in ("demo-blip2", "demo-instructblip"):
+        bundle = load_model(name, device="cpu")
+        question = "what is the color of the shape?" if name == "demo-instructblip" else None
+        right_scores, wrong_scores = [], []
+        for (path, caption), other in zip(chosen, wrong):
+            colour = caption.split()[1]
+            scores = image_confidence(bundle, Image.open(path), [colour, other], question)
+            right_scores.append(float(scores[colour]))
+            wrong_scores.append(float(scores[other]))
+        paired = sum(r > w for r, w in zip(right_scores, wrong_scores)) / len(chosen)
+        print(f"| {name} | {auroc(right_scores, wrong_scores):.3f} | {paired:.3f} | "
+              f"{sum(right_scores) / len(chosen):.3f} | {sum(wrong_scores) / len(chosen):.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", action="store_true", help="retrain and save the shipped translators first")
     parser.add_argument("--items", type=int, default=100, help="held-out test items per model")
     parser.add_argument("--models", nargs="*", default=list(DEMOS))
     parser.add_argument("--base", action="store_true", help="time training on a BLIP-base-sized model instead")
+    parser.add_argument("--confidence", type=int, default=0, help="measure internal confidence on N test images")
     parser.add_argument("--base-items", type=int, default=32)
     parser.add_argument("--base-steps", type=int, default=50)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if args.base:
         base_training_time(args.base_items, args.base_steps)
+        return
+    if args.confidence:
+        confidence_auroc(args.confidence)
         return
     if args.train:
         for name in args.models:

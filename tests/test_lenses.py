@@ -197,6 +197,7 @@ def test_the_result_round_trips_strict_json_and_reads_as_a_table(sample):
     assert "language model" in repr(result) and "demo-instructblip" in repr(result)
 
 
+@pytest.mark.slow
 def test_blocks_without_a_vocabulary_are_refused_naming_why(sample):
     t5 = load_model((tiny_blip2_t5(queries=QUERIES), tiny_blip2_processor(queries=QUERIES)), device="cpu")
     with pytest.raises(BlipTraceError, match="T5's encoder ends in no vocabulary.*lm_decoder"):
@@ -244,6 +245,7 @@ def test_a_fresh_tuned_lens_is_the_logit_lens_and_its_last_layer_the_models_outp
     assert not torch.allclose(shipped[0], logit[0], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_the_shipped_tuned_lens_says_the_final_answer_earlier_than_the_logit_lens(sample):
     for name in ("demo", "demo-caption", "demo-blip2", "demo-instructblip"):
         bundle = load_model(name, device="cpu")
@@ -285,3 +287,71 @@ def test_a_model_without_translators_is_told_to_train_one_and_how_long(sample, t
     wrong = TunedLens("answer_decoder", 2, 16)
     with pytest.raises(BlipTraceError, match="2 layers of width 16"):
         lens(tiny_bundle, image, question, kind="tuned", tuned=wrong)
+
+
+# ----- figures, internal confidence, the command line ---------------------------------------------------------
+@pytest.mark.slow
+def test_figures_name_the_model_block_kind_and_answer(sample):
+    from blip_trace_widgets.lenses.plots import lens_png, plot_lens, plot_queries, plot_rank
+
+    result = lens(load_model("demo-blip2", device="cpu"), sample[0], sample[1], kind="tuned")
+    for plot in (plot_lens, plot_rank, plot_queries):
+        ax = plot(result)
+        title = ax.get_title(loc="left")
+        assert "tuned lens" in title and "language model" in title and "demo-blip2" in title and "'red'" in title
+    grid = plot_lens(result)
+    texts = [t.get_text() for t in grid.texts]
+    assert len(texts) == result.shape[0] * result.shape[1]
+    assert texts[-1] == result.top_token()[-1][-1]
+    assert plot_rank(result).get_yscale() == "log"
+    assert lens_png(result, "queries")[:4] == b"\x89PNG"
+    decoder = lens(load_model("demo", device="cpu"), sample[0], sample[1])
+    with pytest.raises(BlipTraceError, match="no image queries"):
+        plot_queries(decoder)
+    with pytest.raises(BlipTraceError, match="unknown lens figure"):
+        lens_png(decoder, "pie")
+
+
+def test_internal_confidence_is_the_largest_logit_lens_probability_over_layers(sample):
+    from blip_trace_widgets.lenses import confidence, image_confidence
+    from blip_trace_widgets.lenses.confidence import auroc
+
+    bundle = load_model("demo-blip2", device="cpu")
+    table = confidence(bundle, sample[0], ["red", "blue"])
+    logp = lens_log_probs(bundle, read(bundle, sample[0], "what is the color of the shape?"))
+    red = bundle.tokenizer.convert_tokens_to_ids("red")
+    assert_close(table.loc["red"].to_numpy(float), logp[:, :8, red].exp().amax(0))
+    assert list(table.columns) == [f"q{q}" for q in range(8)]
+    assert image_confidence(bundle, sample[0], ["red", "blue"])["red"] == table.loc["red"].max()
+    assert auroc([3, 2], [1, 0]) == 1.0 and auroc([0], [1]) == 0.0 and auroc([1], [1]) == 0.5
+    with pytest.raises(BlipTraceError, match="BLIP-2 or InstructBLIP"):
+        confidence(load_model("demo", device="cpu"), sample[0], ["red"])
+    with pytest.raises(BlipTraceError, match="list of words"):
+        confidence(bundle, sample[0], "red")
+
+
+@pytest.mark.slow
+def test_the_lens_command_writes_png_json_and_csv(sample, tmp_path, capsys):
+    import pandas as pd
+
+    from blip_trace_widgets.cli import main
+
+    path = tmp_path / "shape.png"
+    sample[0].save(path)
+    out = tmp_path / "out"
+    code = main(["lens", "--model", "demo-blip2", "--image", str(path), "--question", sample[1],
+                 "--block", "language_model", "--kind", "tuned", "--answer", "blue", "--out", str(out)])
+    assert code == 0
+    stem = out / "lens-tuned-language_model"
+    result = LensResult.from_json((out / "lens-tuned-language_model.json").read_text())
+    assert result.answer == "blue" and result.kind == "tuned"
+    assert result == lens(load_model("demo-blip2"), sample[0], sample[1], kind="tuned", answer="blue")
+    table = pd.read_csv(f"{stem}.csv")
+    assert len(table) == result.shape[0] * result.shape[1]
+    for suffix in ("", "-rank", "-queries"):
+        assert (out / f"lens-tuned-language_model{suffix}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "tuned lens of the language model" in capsys.readouterr().out
+    assert main(["lens", "--image", str(tmp_path / "none.png"), "--out", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["lens", "--model", "demo-itm", "--image", str(path), "--question", "a red", "--out", str(out)]) == 2
+    assert "no vocabulary" in capsys.readouterr().err

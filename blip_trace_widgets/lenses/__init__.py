@@ -8,8 +8,9 @@
 """
 from __future__ import annotations
 
+from .confidence import confidence, image_confidence
 from .core import lens, query_words
 from .result import LensResult
 from .tuned import TunedLens, train_tuned_lens
 
-__all__ = ["LensResult", "TunedLens", "lens", "query_words", "train_tuned_lens"]
+__all__ = ["LensResult", "TunedLens", "confidence", "image_confidence", "lens", "query_words", "train_tuned_lens"]

@@ -34,6 +34,7 @@ from torch import nn
 from blip_trace_widgets.cost import WARN_SECONDS, LongTraceWarning, duration, matmul_speed
 from blip_trace_widgets.errors import BlipTraceError
 from blip_trace_widgets.loading import DEMO_DIRS, BlipBundle
+from blip_trace_widgets.names import ANSWER_DECODER, CAPTION_DECODER, LM_DECODER
 
 from .names import TRAIN_ITEMS, TRAIN_LR, TRAIN_STEPS, TRANSLATOR_FILE
 from .reading import check_bundle, lens_block, read, unembed
@@ -122,7 +123,7 @@ def shipped_lens(bundle: BlipBundle, block: str) -> TunedLens:
 
 
 def _positions(bundle: BlipBundle, block: str) -> int:
-    return 1 if block in ("answer_decoder", "caption_decoder", "lm_decoder") else \
+    return 1 if block in (ANSWER_DECODER, CAPTION_DECODER, LM_DECODER) else \
         int(getattr(bundle.model.config, "num_query_tokens", 0)) + 12
 
 
