@@ -355,3 +355,38 @@ def test_the_lens_command_writes_png_json_and_csv(sample, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["lens", "--model", "demo-itm", "--image", str(path), "--question", "a red", "--out", str(out)]) == 2
     assert "no vocabulary" in capsys.readouterr().err
+
+
+# ----- the explorer -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_lens_explorer_follows_its_controls_and_shows_errors_inside(sample, monkeypatch, tiny_bundle, image):
+    import blip_trace_widgets.widgets.lens as lens_widget
+    from blip_trace_widgets.widgets.lens import LensExplorer
+
+    bundle = load_model("demo-blip2", device="cpu")
+    explorer = LensExplorer(bundle, sample[0], sample[1])
+    first = explorer.grid.value
+    assert first[:4] == b"\x89PNG" and explorer.result == lens(bundle, sample[0], sample[1])
+    explorer.kind.value = "tuned"
+    assert explorer.result == lens(bundle, sample[0], sample[1], kind="tuned") and explorer.grid.value != first
+    explorer.top.value = 3
+    assert explorer.result.top_probs.shape[-1] == 3
+    explorer.answer.value = "blue"
+    assert explorer.result.answer == "blue" and explorer.error.value == ""
+    explorer.answer.value = "zebra"  # not in the vocabulary: said inside, the last grid kept
+    assert "vocabulary" in explorer.error.value and explorer.result.answer == "blue"
+    explorer.answer.value = ""
+    assert explorer.result.answer == "red" and explorer.error.value == ""
+    explorer.position.value, explorer.layer.value = 0, 2
+    logp = lens_log_probs(bundle, read(bundle, sample[0], sample[1]), "tuned")
+    expected = bundle.tokenizer.convert_ids_to_tokens(logp[2, 0].topk(10).indices.tolist())
+    assert [token for token, _ in explorer.cell_tokens(0, 2)] == expected
+    assert explorer.cell.value.count("<tr>") == 10 and "q0" in explorer.cell.value
+    monkeypatch.setattr(lens_widget, "read", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    explorer.kind.value = "logit"
+    assert "unexpected RuntimeError: boom" in explorer.error.value and explorer.result.kind == "tuned"
+    monkeypatch.undo()
+    tiny = LensExplorer(tiny_bundle, image, QUESTION, kind="tuned")  # no translators: said inside, no grid
+    assert "train_tuned_lens" in tiny.error.value and tiny.result is None
+    tiny.kind.value = "logit"
+    assert tiny.result is not None and tiny.error.value == ""
