@@ -181,3 +181,63 @@ def faithfulness(bundle: Any, image: Any, text: str, kept: Circuit | list[str], 
     mean, low, high = _summary(ratios, bool(pair.corruption.get("deterministic")))
     return Faithfulness(float(mean[0]), float(low[0]), float(high[0]), len(edges), len(graph),
                         ratios[:, 0].tolist(), float(draws.mean()), clean, float(corrupted.mean()))
+
+
+@dataclass
+class Curve:
+    """Faithfulness against circuit size (top-k edges of one edge result): per k its mean and 95% interval, the area
+    under the curve over the fraction of edges kept (CPR) and the area of |1 − f| (CMD)."""
+
+    ks: list[int]
+    fractions: list[float]
+    values: list[float]
+    low: list[float]
+    high: list[float]
+    total: int
+    method: str = ""
+
+    @property
+    def area(self) -> float:
+        """CPR: the area under faithfulness over the fraction of edges kept (trapezoids; 1 for a perfect curve)."""
+        return float(np.trapezoid(self.values, self.fractions)) if len(self.ks) > 1 else float("nan")
+
+    @property
+    def cmd(self) -> float:
+        """CMD: the area of |1 − faithfulness| over the fraction of edges kept (0 for a perfect curve)."""
+        return float(np.trapezoid(np.abs(1.0 - np.asarray(self.values)), self.fractions)) if len(self.ks) > 1 \
+            else float("nan")
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({"k": self.ks, "fraction": self.fractions, "faithfulness": self.values, "low": self.low,
+                             "high": self.high})
+
+    def to_json(self) -> str:
+        data = {k: [None if not np.isfinite(v) else v for v in vals] if isinstance(vals, list) else vals
+                for k, vals in asdict(self).items()}
+        return json.dumps({"format": FORMAT, "kind": "faithfulness_curve", **data}, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Curve:
+        data = json.loads(text)
+        floats = {k: [float("nan") if v is None else float(v) for v in data[k]] for k in ("fractions", "values", "low",
+                                                                                            "high")}
+        return cls([int(k) for k in data["ks"]], total=int(data["total"]), method=data.get("method", ""), **floats)
+
+
+def faithfulness_curve(bundle: Any, image: Any, text: str, result: EdgeResult, *,
+                       fractions: tuple[float, ...] = CURVE_FRACTIONS, corruption: Any = None,
+                       samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED, answer: str | None = None,
+                       inputs: CircuitInputs | None = None) -> Curve:
+    """Faithfulness of the top-k circuits of ``result`` at each fraction of its edges, in one batched circuit run."""
+    graph, net, pair, clean, corrupted = _setup(bundle, image, text, corruption, samples, seed, answer, inputs)
+    if any(not 0.0 <= f <= 1.0 for f in fractions):
+        raise BlipTraceError("fractions must be from 0 to 1 (of the graph's edges)")
+    ks = sorted({int(round(f * len(result.edges))) for f in fractions})
+    order = result.order()
+    masks = [_mask(graph, [result.edges[i] for i in order[:k]]) for k in ks]
+    draws = circuit_scores(net, graph, pair, masks)
+    mean, low, high = _summary(_ratios(draws, clean, corrupted), bool(pair.corruption.get("deterministic")))
+    return Curve(ks, [k / len(result.edges) for k in ks], mean.tolist(), low.tolist(), high.tolist(),
+                 len(result.edges), result.method)
