@@ -103,9 +103,9 @@ def base_training_time(items: int, steps: int) -> None:
 def confidence_auroc(images: int) -> None:
     import random
 
-    from blip_trace_widgets.data import COLORS, easy_vqa_captions
     from PIL import Image
 
+    from blip_trace_widgets.datasets.easy_vqa import COLORS, easy_vqa_captions
     from blip_trace_widgets.lenses.confidence import auroc, image_confidence
 
     chosen = easy_vqa_captions("test")[:images]

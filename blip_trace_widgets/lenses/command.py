@@ -21,8 +21,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from blip_trace_widgets.errors import BlipTraceError
-from blip_trace_widgets.names import DEMO_MODELS, DTYPES
+from blip_trace_widgets.core.errors import BlipTraceError
+from blip_trace_widgets.core.names import DEMO_MODELS, DTYPES
 
 from .names import DEFAULT_TOP, LENS_KINDS, LOGIT
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``blip-trace lens``: print what the lens says at the last position and write the files."""
     from PIL import Image
 
-    from blip_trace_widgets.loading import load_model
+    from blip_trace_widgets.models.loading import load_model
 
     from .core import lens
     from .plots import lens_png

@@ -21,11 +21,11 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from blip_trace_widgets.errors import BlipTraceError
-from blip_trace_widgets.heads import head_of_model
-from blip_trace_widgets.inputs import ImageLike
-from blip_trace_widgets.loading import BlipBundle
-from blip_trace_widgets.names import LANGUAGE_MODEL
+from blip_trace_widgets.core.errors import BlipTraceError
+from blip_trace_widgets.core.inputs import ImageLike
+from blip_trace_widgets.core.names import LANGUAGE_MODEL
+from blip_trace_widgets.models.heads import head_of_model
+from blip_trace_widgets.models.loading import BlipBundle
 
 from .core import QUERY_QUESTION, lens_log_probs
 from .reading import check_bundle, read

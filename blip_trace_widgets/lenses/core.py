@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from blip_trace_widgets import anatomy
-from blip_trace_widgets.errors import BlipTraceError
-from blip_trace_widgets.heads import head_of_model
-from blip_trace_widgets.inputs import ImageLike
-from blip_trace_widgets.loading import BlipBundle
-from blip_trace_widgets.names import LANGUAGE_MODEL, LM_DECODER
+from blip_trace_widgets.core.errors import BlipTraceError
+from blip_trace_widgets.core.inputs import ImageLike
+from blip_trace_widgets.core.names import LANGUAGE_MODEL, LM_DECODER
+from blip_trace_widgets.models import anatomy
+from blip_trace_widgets.models.heads import head_of_model
+from blip_trace_widgets.models.loading import BlipBundle
 
 from .names import DEFAULT_TOP, LENS_KINDS, LOGIT, MAX_TOP, TUNED
 from .reading import Reading, check_bundle, read, unembed

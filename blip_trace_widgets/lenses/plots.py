@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from blip_trace_widgets.errors import BlipTraceError
-from blip_trace_widgets.names import BLOCK_LABELS
-from blip_trace_widgets.plotting import figure_png, new_figure
+from blip_trace_widgets.causal_trace.plots import figure_png, new_figure
+from blip_trace_widgets.core.errors import BlipTraceError
+from blip_trace_widgets.core.names import BLOCK_LABELS
 
 from .names import LENS_COLORMAP, LENS_LABELS
 from .result import LensResult

@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from blip_trace_widgets import anatomy
-from blip_trace_widgets.errors import BlipTraceError
-from blip_trace_widgets.heads import Head, head_of_model
-from blip_trace_widgets.hooks import record_outputs
-from blip_trace_widgets.inputs import ImageLike, to_rgb_image
-from blip_trace_widgets.loading import BlipBundle
-from blip_trace_widgets.names import ANSWER_DECODER, BLOCK_LABELS, CAPTION_DECODER, LANGUAGE_MODEL, LM_DECODER
+from blip_trace_widgets.core.errors import BlipTraceError
+from blip_trace_widgets.core.inputs import ImageLike, to_rgb_image
+from blip_trace_widgets.core.names import ANSWER_DECODER, BLOCK_LABELS, CAPTION_DECODER, LANGUAGE_MODEL, LM_DECODER
+from blip_trace_widgets.models import anatomy
+from blip_trace_widgets.models.heads import Head, head_of_model
+from blip_trace_widgets.models.hooks import record_outputs
+from blip_trace_widgets.models.loading import BlipBundle
 
 from .names import LENS_BLOCKS, NO_VOCABULARY, QUERY_LABEL
 

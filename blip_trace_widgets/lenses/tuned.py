@@ -31,10 +31,10 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from blip_trace_widgets.cost import WARN_SECONDS, LongTraceWarning, duration, matmul_speed
-from blip_trace_widgets.errors import BlipTraceError
-from blip_trace_widgets.loading import DEMO_DIRS, BlipBundle
-from blip_trace_widgets.names import ANSWER_DECODER, CAPTION_DECODER, LM_DECODER
+from blip_trace_widgets.causal_trace.cost import WARN_SECONDS, LongTraceWarning, duration, matmul_speed
+from blip_trace_widgets.core.errors import BlipTraceError
+from blip_trace_widgets.core.names import ANSWER_DECODER, CAPTION_DECODER, LM_DECODER
+from blip_trace_widgets.models.loading import DEMO_DIRS, BlipBundle
 
 from .names import TRAIN_ITEMS, TRAIN_LR, TRAIN_STEPS, TRANSLATOR_FILE
 from .reading import check_bundle, lens_block, read, unembed
@@ -130,7 +130,7 @@ def _positions(bundle: BlipBundle, block: str) -> int:
 def training_seconds(bundle: BlipBundle, block: str, items: int, steps: int) -> float:
     """A rough price of :func:`train_tuned_lens`: the items' forward passes and the steps' matrix products, from this
     machine's matrix-product speed."""
-    from blip_trace_widgets import anatomy
+    from blip_trace_widgets.models import anatomy
 
     config = anatomy.block_config(bundle.model, block)
     width = int(getattr(config, "hidden_size", None) or config.d_model)
@@ -145,7 +145,7 @@ def training_seconds(bundle: BlipBundle, block: str, items: int, steps: int) -> 
 def default_items(bundle: BlipBundle, split: str = "train", limit: int = TRAIN_ITEMS) -> list[tuple[Any, str]]:
     """easy-VQA's first ``limit`` (image path, text) of ``split``: its questions, or for a captioner each image's
     caption less its last word (the prompt whose states predict the caption's words)."""
-    from blip_trace_widgets.data import easy_vqa_captions, easy_vqa_questions
+    from blip_trace_widgets.datasets.easy_vqa import easy_vqa_captions, easy_vqa_questions
 
     if bundle.head == "caption":
         return [(path, caption.rsplit(" ", 1)[0]) for path, caption in easy_vqa_captions(split)[:limit]]
