@@ -757,6 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_sweep_parser(sub)
     _add_knockout_parser(sub)
+    from .lenses.command import add_parser as add_lens_parser
+
+    add_lens_parser(sub)
     from .circuits.command import add_parser as add_circuit_parser
 
     add_circuit_parser(sub)
