@@ -81,6 +81,7 @@ EDGES = ["img → qe.L0.X0.k", "img → qe.L2.X1.v", "qe.emb → qe.L0.H2.q", "q
          "dec.L0.X1 → dec.L2.mlp", "dec.L3.X0 → out", "qe.L0.H1 → qe.L0.X2.q"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("direction", ["noise", "restore"])
 def test_exact_edge_scores_equal_the_reference(direction):
     clean, corrupted = dicts()
@@ -132,3 +133,108 @@ def test_circuit_runs_equal_the_reference_and_span_clean_to_corrupted():
     kept = [graph.edges[i] for i in np.flatnonzero(some)]
     assert_close(ours[2], ref.reference_circuit_score(model, clean, corrupted, kept), scale=10.0)
     assert abs(ours[2] - ours[0]) > 1e-3 and abs(ours[2] - ours[1]) > 1e-3, "the circuit is neither run: a real test"
+
+
+@functools.lru_cache(maxsize=1)
+def demo_scores():
+    from blip_trace_widgets.circuits.scores import edge_scores
+
+    image, question, _ = demo_samples()[0]
+    return edge_scores(demo(), image, question, method="eap", samples=2)
+
+
+def test_edge_results_round_trip_strict_json_and_rank_by_size():
+    from blip_trace_widgets.circuits.result import EdgeResult
+
+    result = demo_scores()
+    text = result.to_json()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in strict JSON"))
+    again = EdgeResult.from_json(text)
+    assert again == result and np.array_equal(again.scores, result.scores)
+    top = result.top(5)
+    assert [abs(result.scores[result.edges.index(e)]) for e in top] == sorted(
+        (abs(result.scores[result.edges.index(e)]) for e in top), reverse=True)
+    frame = result.to_dataframe()
+    assert len(frame) == len(result.edges) and frame.loc[frame["rank"] == 1, "edge"].item() == top[0]
+    assert (result.low <= result.scores + 1e-12).all() and (result.high >= result.scores - 1e-12).all()
+    assert result.samples == 2 and np.isfinite(result.stderr).any()
+    with pytest.raises(BlipTraceError, match="not an edge result"):
+        EdgeResult.from_json(json.dumps({"kind": "trace"}))
+
+
+def test_circuits_and_faithfulness_refuse_nonsense_and_span_zero_to_one():
+    from blip_trace_widgets.circuits.faithfulness import Curve, circuit, faithfulness, faithfulness_curve
+
+    image, question, _ = demo_samples()[0]
+    result = demo_scores()
+    with pytest.raises(BlipTraceError, match="one of them"):
+        circuit(result)
+    with pytest.raises(BlipTraceError, match="at most"):
+        circuit(result, k=len(result.edges) + 1)
+    everything = faithfulness(demo(), image, question, circuit(result, fraction=1.0), samples=2)
+    nothing = faithfulness(demo(), image, question, circuit(result, k=0), samples=2)
+    assert_close(everything.value, 1.0, scale=100.0)
+    assert_close(nothing.value, 0.0, scale=100.0)
+    curve = faithfulness_curve(demo(), image, question, result, fractions=(0.0, 0.1, 1.0), samples=2)
+    assert curve.ks == [0, round(0.1 * len(result.edges)), len(result.edges)]
+    assert 0.0 < curve.area <= 1.5 and Curve.from_json(curve.to_json()).values == curve.values
+
+
+def test_bad_settings_are_refused_naming_the_fix():
+    from blip_trace_widgets.circuits.scores import edge_scores
+
+    image, question, _ = demo_samples()[0]
+    with pytest.raises(BlipTraceError, match="unknown method"):
+        edge_scores(demo(), image, question, method="acdc")
+    with pytest.raises(BlipTraceError, match="'noise'"):
+        edge_scores(demo(), image, question, direction="sideways")
+    with pytest.raises(BlipTraceError, match="as many tokens"):
+        edge_scores(demo(), image, question, corruption="what color?")
+    with pytest.raises(BlipTraceError, match="samples"):
+        edge_scores(demo(), image, question, samples=0)
+
+
+def test_the_figure_draws_the_top_edges_and_the_curve():
+    from blip_trace_widgets.circuits.faithfulness import Curve
+    from blip_trace_widgets.circuits.plots import plot_circuit
+
+    result = demo_scores()
+    curve = Curve([0, 10, 100], [0.0, 0.1, 1.0], [0.0, 0.5, 1.0], [0.0, 0.4, 1.0], [0.0, 0.6, 1.0], 100)
+    figure = plot_circuit(result, k=7, curve=curve)
+    graph_ax, curve_ax = figure.axes
+    assert len(graph_ax.lines) == 7 and "gaussian 10σ" in graph_ax.get_title() and "total effect" in graph_ax.get_title()
+    colours = {line.get_color() for line in graph_ax.lines}
+    assert colours <= {"#2166ac", "#b2182b"}
+    assert "area 0.70" in curve_ax.get_title()  # trapezoids: 0.1 * 0.25 + 0.9 * 0.75
+
+
+@pytest.mark.slow
+def test_the_command_writes_png_json_and_csv(tmp_path, capsys):
+    from blip_trace_widgets.circuits.result import EdgeResult
+    from blip_trace_widgets.cli import main
+
+    image = tmp_path / "shape.png"
+    demo_samples()[0].image.save(image)
+    out = tmp_path / "out"
+    code = main(["circuit", "--image", str(image), "--question", demo_samples()[0].question, "--method", "eap",
+                 "--samples", "2", "--top", "10", "--out", str(out)])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"circuit-eap.png", "circuit-eap.json", "circuit-eap.csv",
+                                             "circuit-eap-faithfulness.json"}
+    assert len(EdgeResult.from_json((out / "circuit-eap.json").read_text()).edges) == 3417
+    assert "faithfulness area" in capsys.readouterr().out
+    assert main(["circuit", "--image", str(tmp_path / "none.png"), "--question", "q?", "--out", str(out)]) == 2
+
+
+def test_path_patching_of_sets_equals_the_reference():
+    """Several senders to several receivers in several blocks, in one run: the reference's m(run B)."""
+    from blip_trace_widgets.circuits.patching import path_patch
+
+    clean, corrupted = dicts()
+    senders, receivers = ["img", "qe.L1.X2", "qe.L2.mlp"], ["qe.L2.X2.k", "qe.L3.H1.v", "dec.L0.X3.v", "dec.L2.X1.k"]
+    result = path_patch(demo(), None, "", sender=senders, receivers=receivers, inputs=pair_of(clean, corrupted))
+    model = demo().model
+    theirs = ref.reference_path_patch(model, clean, corrupted, senders, receivers) - ref.reference_score(model, clean)
+    assert abs(theirs) > 1e-3
+    assert_close(result.effect, theirs, scale=10.0)
+    assert result.samples == 1 and result.senders == senders

@@ -51,7 +51,7 @@ class Taps:
         return default[:, None] + tap
 
 
-def _interpolated(runs: Runs, steps: int) -> tuple[torch.Tensor, ...]:
+def _interpolated(runs: Runs, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The base inputs moved towards the source inputs, [samples * steps] rows (sample-major)."""
     alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
     source = (runs.pair.img, runs.net.embed(QE, runs.pair.question_ids), runs.net.embed("dec", runs.pair.decoder_ids))
@@ -62,14 +62,15 @@ def _interpolated(runs: Runs, steps: int) -> tuple[torch.Tensor, ...]:
         base_s, other_s = (t.expand(runs.samples, *t.shape[1:]) for t in (base, other))
         mixed = base_s[:, None] + alphas.view(1, -1, *[1] * (base.dim() - 1)).to(base) * (other_s - base_s)[:, None]
         rows.append(mixed.reshape(runs.samples * steps, *base.shape[1:]))
-    return tuple(rows)
+    return rows[0], rows[1], rows[2]
 
 
-def _gradients(runs: Runs, inputs: tuple[torch.Tensor, ...], rows: int) -> tuple[Record, dict[Point, torch.Tensor]]:
+def _gradients(runs: Runs, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               rows: int) -> tuple[Record, dict[Point, torch.Tensor]]:
     """One forward with taps on every channel and one backward: the run's record and each channel's g_r."""
     taps = Taps(runs.net.heads)
     with torch.enable_grad():
-        record = runs.net.forward(*inputs, runs.pair, taps, rows=rows)
+        record = runs.net.forward(inputs[0], inputs[1], inputs[2], runs.pair, taps, rows=rows)
         record.score.sum().backward()
     grads = {p: t.grad if t.grad is not None else torch.zeros_like(t) for p, t in taps.taps.items()}
     return record.detached(), grads

@@ -140,7 +140,10 @@ class CircuitGraph:
         s = self.shape
         self.nodes = [IMAGE, *s.slot_names(QE), *s.slot_names(DEC)]
         node_index = {n: i for i, n in enumerate(self.nodes)}
-        self.channels, edges, senders, receivers = [], [], [], []
+        self.channels = []
+        edges: list[str] = []
+        senders: list[int] = []
+        receivers: list[int] = []
         self.index, self.places = {}, []
         for point in s.points():
             source = s.source_block(point)

@@ -94,7 +94,7 @@ def _corrupt(session: CleanPass, img: torch.Tensor, ids: torch.Tensor, corruptio
     out = corruption(img, samples, generator)
     if not isinstance(out, torch.Tensor) or out.shape != (samples, *img.shape[1:]) or not bool(torch.isfinite(out).all()):
         raise BlipTraceError(f"the corruption must return finite image embeddings of shape {(samples, *img.shape[1:])}")
-    info = getattr(corruption, "info", None)
-    return out.to(img), ids, {"name": getattr(info, "name", type(corruption).__name__),
+    named = getattr(corruption, "info", None)
+    return out.to(img), ids, {"name": getattr(named, "name", type(corruption).__name__),
                               "level": getattr(corruption, "level", None), "samples": samples, "seed": int(seed),
                               "deterministic": bool(getattr(corruption, "deterministic", False))}

@@ -133,6 +133,7 @@ class Network:
         v = self._project(L.cross_value, encoder, None if x is None else x[:, H:])
         z = _attend(q, k, v, None)
         record.heads[(block, j, CROSS)] = z
+        assert L.cross_norm is not None and L.cross_out is not None, "every BLIP VQA text layer cross-attends"
         h2 = L.cross_norm(L.cross_out(_merge(z)) + h1)
         x = source.at(Point(block, j, "post"), h2)
         m = L.mlp_out(L.mlp_act(L.mlp_in(h2 if x is None else x[:, 0])))
@@ -180,6 +181,7 @@ class Network:
             h = L.self_norm(h + mixed(first, first + H) + L.self_out.bias)
             if upto == (block, j, "mid"):
                 return h
+            assert L.cross_norm is not None and L.cross_out is not None
             h = L.cross_norm(h + mixed(first + H, first + 2 * H) + L.cross_out.bias)
             if upto == (block, j, "post"):
                 return h

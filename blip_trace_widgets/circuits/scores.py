@@ -85,7 +85,7 @@ def edge_scores(bundle: Any, image: Any, text: str, *, method: str = "eap-ig", s
     return _result(runs, graph, chosen, draws, method, steps, text, time.perf_counter() - start)
 
 
-def _result(runs: Runs, graph: CircuitGraph, chosen: Sequence[int], draws: np.ndarray, method: str, steps: int,
+def _result(runs: Runs, graph: CircuitGraph, chosen: Sequence[int] | np.ndarray, draws: np.ndarray, method: str, steps: int,
             text: str, seconds: float) -> EdgeResult:
     pair = runs.pair
     clean = runs.base if runs.direction == "noise" else runs.source
