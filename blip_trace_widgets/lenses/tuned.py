@@ -40,6 +40,9 @@ from .names import TRAIN_ITEMS, TRAIN_LR, TRAIN_STEPS, TRANSLATOR_FILE
 from .reading import check_bundle, lens_block, read, unembed
 
 TRANSLATORS = Path(__file__).resolve().parent / "translators"
+#: What one item costs beside its matrix products (reading the image, the processor, hooks), measured on the demo
+#: models: 256 items and 300 steps took 5.9 s on demo (2 shared CPU cores, one thread).
+PER_ITEM_SECONDS = 0.02
 Progress = Union[bool, Callable[[int, int], None]]
 
 
@@ -127,19 +130,25 @@ def _positions(bundle: BlipBundle, block: str) -> int:
         int(getattr(bundle.model.config, "num_query_tokens", 0)) + 12
 
 
-def training_seconds(bundle: BlipBundle, block: str, items: int, steps: int) -> float:
-    """A rough price of :func:`train_tuned_lens`: the items' forward passes and the steps' matrix products, from this
-    machine's matrix-product speed."""
+def training_seconds(bundle: BlipBundle, block: str, items: int, steps: int, per_item: float | None = None) -> float:
+    """A rough price of :func:`train_tuned_lens`: the items' forward passes (``per_item`` seconds each when measured;
+    else from the model's size: the vision encoder's parameters over its patches, the rest over the text) and the
+    steps' matrix products, from this machine's matrix-product speed."""
     from blip_trace_widgets.models import anatomy
 
-    config = anatomy.block_config(bundle.model, block)
+    model = bundle.model
+    config = anatomy.block_config(model, block)
     width = int(getattr(config, "hidden_size", None) or config.d_model)
-    vocabulary, layers = int(config.vocab_size), anatomy.num_layers(bundle.model, block)
+    vocabulary, layers = int(config.vocab_size), anatomy.num_layers(model, block)
     rows = items * _positions(bundle, block)
-    params = sum(p.numel() for p in bundle.model.parameters())
-    forward = items * 2.0 * params * _positions(bundle, block)
-    train = steps * 3 * 2.0 * rows * (layers - 1) * (width * width + 2 * width * vocabulary)
-    return (forward + train) / matmul_speed(width) / 2 + 0.005 * items
+    speed = matmul_speed(width) * 2  # floating-point operations per second
+    train = steps * 3 * 2.0 * rows * (layers - 1) * (width * width + 2 * width * vocabulary) / speed
+    if per_item is None:
+        vision = sum(p.numel() for p in anatomy.vision_encoder(model).parameters())
+        text = sum(p.numel() for p in model.parameters()) - vision
+        patches = (bundle.patch_grid_side ** 2) + 1
+        per_item = 2.0 * (vision * patches + text * (_positions(bundle, block) + 12)) / speed + PER_ITEM_SECONDS
+    return items * per_item + train
 
 
 def default_items(bundle: BlipBundle, split: str = "train", limit: int = TRAIN_ITEMS) -> list[tuple[Any, str]]:
@@ -200,23 +209,25 @@ def train_tuned_lens(bundle: BlipBundle, items: Iterable[Any] | None = None, blo
                      progress: Progress = True) -> TunedLens:
     """Train a tuned lens of ``block`` on ``items`` ((image, text) pairs; by default the first ``limit`` easy-VQA
     train questions, or a captioner's captions less their last word: :func:`default_items`), seeded. Its cost is
-    priced first; above 30 s a :class:`~blip_trace_widgets.cost.LongTraceWarning` says so.
+    priced after the first item's forward pass, before the rest; above 30 s a
+    :class:`~blip_trace_widgets.causal_trace.cost.LongTraceWarning` says so, and the progress bar says the time.
     ``progress``: a bar (True), none (False), or a callable (done, total)."""
     bundle = check_bundle(bundle)
     block = lens_block(bundle, block)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise BlipTraceError(f"steps={steps!r}: pass a whole number of training steps, 1 or more")
     samples = _samples(bundle, items, limit)
-    seconds = training_seconds(bundle, block, len(samples), steps)
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    states = [record_states(bundle, samples[:1], block)]  # the first item's forward pass prices the others
+    seconds = training_seconds(bundle, block, len(samples), steps, per_item=time.perf_counter() - started)
     if seconds > WARN_SECONDS:
         warnings.warn(f"training a tuned lens takes about {duration(seconds)} here ({len(samples)} items, {steps} "
                       "steps; a rough estimate): fewer items or steps make it faster", LongTraceWarning, stacklevel=2)
-    torch.manual_seed(seed)
-    started = time.perf_counter()
     total = len(samples) + steps
-    with _bar(progress, total) as bar:
-        states = []
-        for sample in samples:
+    with _bar(progress, total, f"tuned lens (about {duration(seconds)})") as bar:
+        bar(1)
+        for sample in samples[1:]:
             states.append(record_states(bundle, [sample], block))
             bar(1)
         stacked, final = torch.cat([s for s, _ in states], 1), torch.cat([f for _, f in states], 0)
@@ -231,14 +242,14 @@ def train_tuned_lens(bundle: BlipBundle, items: Iterable[Any] | None = None, blo
 class _bar:
     """A progress bar over ``total`` units: tqdm's, none, or the caller's callable."""
 
-    def __init__(self, progress: Progress, total: int) -> None:
-        self.progress, self.total, self.done, self.tqdm = progress, total, 0, None
+    def __init__(self, progress: Progress, total: int, desc: str) -> None:
+        self.progress, self.total, self.done, self.tqdm, self.desc = progress, total, 0, None, desc
 
     def __enter__(self) -> Callable[[int], None]:
         if self.progress is True:
             from tqdm.auto import tqdm
 
-            self.tqdm = tqdm(total=self.total, unit="step", desc="tuned lens", disable=None)
+            self.tqdm = tqdm(total=self.total, unit="step", desc=self.desc, disable=None)
         return self.update
 
     def update(self, n: int) -> None:
