@@ -45,6 +45,7 @@ from .core.names import (
     SUBLAYER_KINDS,
     VISION_ENCODER,
     VISION_KINDS,
+    facts,
     is_head_kind,
     kinds_of,
     window_for,
@@ -130,7 +131,7 @@ def run_demo(args: argparse.Namespace) -> int:
             stem = f"{index + 1}-{output_stem(question, tracer.image_key, config)}"
             png, js = _write(result, out, stem)
             heatmaps += 1
-            if block == VISION_ENCODER:
+            if facts(block).image_side:
                 from .causal_trace.plots import figure_png, plot_on_image
 
                 (out / f"{stem}-on-image.png").write_bytes(figure_png(plot_on_image(result, tracer.image)))
@@ -288,7 +289,7 @@ def run_trace(args: argparse.Namespace) -> int:
         result = tracer.trace(config, progress=progress)
     stem = output_stem(tracer.question, tracer.image_key, config)
     png, js = _write(result, Path(args.out), stem)
-    if args.block == VISION_ENCODER:
+    if facts(args.block).image_side:
         from .causal_trace.plots import figure_png, plot_on_image
 
         overlay = Path(args.out) / f"{stem}-on-image.png"
@@ -345,7 +346,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise UsageError("--pairs are easy-VQA questions: use a visual question answering model")
     if args.dataset is not None:
         _check_sweep_dataset(args.dataset, bundle.head)
-    vision = args.block == VISION_ENCODER
+    vision = facts(args.block).image_side
     configs = _sweep_configs(args, bundle)
     samples = _sweep_samples(args)
     if bundle.device.type == "cpu":
@@ -389,7 +390,7 @@ def _sweep_configs(args: argparse.Namespace, bundle: Any) -> list[Any]:
     for kind in kinds:
         if kind not in allowed:
             raise UsageError(f"--kinds: unknown kind {kind!r} for {block}; use some of {','.join(allowed)}")
-    if args.regions is not None and block != VISION_ENCODER:
+    if args.regions is not None and not facts(block).image_side:
         raise UsageError("--regions groups image patches: use it with --block vision_encoder")
     if args.pairs is not None and args.noise is not None:
         raise UsageError("--pairs swaps in each pair's partner image instead of noise: drop --noise and --scale")

@@ -132,6 +132,53 @@ def test_block_and_kind_names_come_from_names_py():
     assert not offenders, f"block names written out instead of taken from names.py: {offenders}"
 
 
+#: The vision encoder's name, as names.py spells it and as anatomy.py imports it.
+VISION_NAMES = ("VISION_ENCODER", "VISION_BLOCK")
+
+
+def vision_name_comparisons(source: str) -> list[int]:
+    """Lines that compare something with the vision encoder's name (``block == VISION_ENCODER``, ``!=``, ``is``,
+    ``x in (A, VISION_ENCODER)``, ``anatomy.VISION_BLOCK`` alike) instead of asking the block
+    (``facts(block).image_side``, ``block.image_side``)."""
+    def named(node: ast.AST) -> bool:
+        return ((isinstance(node, ast.Name) and node.id in VISION_NAMES)
+                or (isinstance(node, ast.Attribute) and node.attr in VISION_NAMES))
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            listed = [e for o in operands if isinstance(o, (ast.Tuple, ast.List, ast.Set)) for e in o.elts]
+            if any(named(o) for o in (*operands, *listed)):
+                found.append(node.lineno)
+    return sorted(found)
+
+
+def test_no_block_name_is_compared_with_the_vision_encoder_s():
+    """What a block is (its positions the image's, its default corruption stage, the stages that may corrupt it) is
+    its row of names.BLOCK_FACTS, asked of the block: only names.py, their home, may compare names."""
+    offenders = [f"{module_name(path)}:{line}" for path in MODULES if path.relative_to(PACKAGE) != Path("core/names.py")
+                 for line in vision_name_comparisons(path.read_text())]
+    assert not offenders, f"ask the block (facts(name).image_side, block.image_side) instead of comparing: {offenders}"
+
+
+def test_the_vision_comparison_finder_sees_each_form():
+    flagged = ("block == VISION_ENCODER\n"
+               "config.block != VISION_ENCODER\n"
+               "rows['block'].iloc[0] == VISION_ENCODER\n"
+               "VISION_BLOCK == block\n"
+               "x != anatomy.VISION_BLOCK\n"
+               "[b for b in blocks if b != VISION_ENCODER]\n"
+               "block in (QFORMER, VISION_ENCODER)\n")
+    assert vision_name_comparisons(flagged) == [1, 2, 3, 4, 5, 6, 7]
+    asked = ("facts(block).image_side\n"
+             "blocks = (QFORMER, VISION_ENCODER)\n"
+             "TraceConfig(block=VISION_ENCODER)\n"
+             "LAYERS = {VISION_BLOCK: 'x'}\n"
+             "block in LANGUAGE_BLOCKS\n")
+    assert vision_name_comparisons(asked) == []
+
+
 def test_importing_the_package_is_lazy():
     code = "import sys, blip_trace_widgets; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import BlipTraceError
-from ..core.names import TINY_EFFECT, VISION_ENCODER, VQA, is_head_kind
+from ..core.names import TINY_EFFECT, VQA, facts, is_head_kind
 from ..core.roles import ROLES, ObjectRule, position_roles, role_label, token_roles  # noqa: F401  (token_roles: public here too)
 from ..core.significance import DEFAULT_Q, CellStatistics, bh_qvalues
 from .results import TraceResult
@@ -176,7 +176,7 @@ def average_effect(
 def _row_labels(rows: Any, effects: Any, by: str) -> tuple[list[str], list[str]]:
     """The averaged heatmap's rows: their keys in ``effects`` and their labels."""
     first = list(rows["tokens"].iloc[0])
-    if by == "role" and (rows["block"].iloc[0] == VISION_ENCODER or is_head_kind(str(rows["kind"].iloc[0]))):
+    if by == "role" and (facts(str(rows["block"].iloc[0])).image_side or is_head_kind(str(rows["kind"].iloc[0]))):
         return first, first
     if by == "role":
         roles = [role for role in ROLES if role in set(effects["role"])]

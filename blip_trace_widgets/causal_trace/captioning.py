@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..core.names import BLOCK_LABELS, KIND_LABELS, VISION_ENCODER
+from ..core.names import BLOCK_LABELS, KIND_LABELS, facts
 from .config import TraceConfig
 from .results import TraceResult
 
@@ -51,7 +51,7 @@ class CaptionTrace:
             total = result.total_effect
             row: dict[str, Any] = {"index": k, "word": word, "clean": result.high_score, "corrupted": result.low_score,
                                    "total_effect": total, "tiny": result.is_tiny()}
-            for prefix, part in (("peak", effect), ("earlier", effect[:-1] if result.block != VISION_ENCODER else None)):
+            for prefix, part in (("peak", effect), ("earlier", effect[:-1] if not facts(result.block).image_side else None)):
                 if part is None or part.size == 0 or not np.isfinite(part).any():
                     row.update({f"{prefix}_layer": None, f"{prefix}_token": None, f"{prefix}_share": None})
                     continue

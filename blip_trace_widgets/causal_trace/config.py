@@ -37,6 +37,7 @@ from ..core.names import (
     ROME_NOISE_SCALE,
     SEVER_AT,
     SEVERABLE,
+    STAGE_LABELS,
     STAGES,
     TEXT_BLOCKS,
     VISION_ENCODER,
@@ -45,6 +46,7 @@ from ..core.names import (
     Metric,
     SeverAt,
     Stage,
+    facts,
     is_head_kind,
     kinds_of,
 )
@@ -176,7 +178,7 @@ class TraceConfig:
             check_int("word", self.word, 0)
         self._check_sever()
         if self.regions is not None:
-            if self.block != VISION_ENCODER:
+            if not facts(self.block).image_side:
                 raise BlipTraceError("regions group image patches: use them with block='vision_encoder'")
             check_int("regions", self.regions, 1)
         if not isinstance(self.fresh_noise, bool):
@@ -235,7 +237,8 @@ class TraceConfig:
 
     def _check_corruption_stage(self) -> None:
         own = getattr(self.corruption, "stage", None)
-        stage = self.corrupt or own or ("patches" if self.block == VISION_ENCODER else "image")
+        block = facts(self.block)
+        stage = self.corrupt or own or block.default_stage
         if stage not in STAGES:
             raise BlipTraceError(f"unknown corrupt {stage!r}: use one of {', '.join(STAGES)}")
         if own is not None and own != stage:
@@ -243,10 +246,10 @@ class TraceConfig:
         if isinstance(self.corruption, ImageSwap) and stage == "question":
             raise BlipTraceError("ImageSwap replaces the image: use it with corrupt='image', 'patches' or 'pixels' "
                                  "(WordSwap replaces the question's words)")
-        if self.block == VISION_ENCODER and stage not in ("patches", "pixels"):
+        if stage not in block.stages:
             raise BlipTraceError(
-                f"restoring vision-encoder states undoes nothing when the corruption is on the {stage}: "
-                "corrupt the patches (corrupt='patches') or pixels (corrupt='pixels') before the vision encoder")
+                f"restoring {block.label} states undoes nothing when the corruption is on the {stage}: corrupt "
+                + " or ".join(f"the {STAGE_LABELS[s]} (corrupt={s!r})" for s in block.stages) + f" before the {block.label}")
         if getattr(self.corruption, "region", None) is not None and stage not in ("patches", "pixels"):
             raise BlipTraceError(
                 f"a region picks image patches or pixels, but this corruption acts on the {stage}: use "

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..core.names import BLOCK_LABELS, LANGUAGE_BLOCKS, LM_DECODER, VISION_ENCODER
+from ..core.names import BLOCK_LABELS, LANGUAGE_BLOCKS, LM_DECODER, facts
 from ..models import anatomy
 from ..models.runs import start_layer
 
@@ -125,7 +125,7 @@ def matmul_speed(width: int, dtype: torch.dtype = torch.float32, device: str = "
 def _layer_work(tracer: Any, block: str, tokens: int) -> tuple[float, int]:
     """Multiply-adds of one row through one layer of ``block``, and the block's width."""
     model = tracer.model
-    if block == VISION_ENCODER:
+    if facts(block).image_side:
         config = anatomy.vision_config(model)
         h, i = config.hidden_size, config.intermediate_size
         return tokens * (4 * h * h + 2 * h * i) + 2 * tokens * tokens * h, h
@@ -150,13 +150,13 @@ def trace_cost(tracer: Any, config: Any = None, **fields: Any) -> Cost:
     layers = len(block.stack)
     runs = sum(layers - start_layer(cell, config.kind, layers) for cell in layout.cells)
     samples = 1 if config.method in ("estimate", "verified") else int(config.samples)
-    if block.name == VISION_ENCODER:
+    if block.image_side:
         tokens = int(tracer.clean.image_embeds.shape[1])
     else:
         tokens = len(block.labels(tracer.session.context, target))
     work, width = _layer_work(tracer, block.name, tokens)
     flops = float(runs) * samples * work
-    if block.name == VISION_ENCODER and config.metric != "itc":  # each row then runs the reader's text layers
+    if block.image_side and config.metric != "itc":  # each row then runs the reader's text layers
         reader = tracer.blocks.reader
         text_tokens = len(reader.labels(tracer.session.context, target))
         flops += float(len(layout.cells)) * samples * len(reader.stack) * _layer_work(tracer, reader.name, text_tokens)[0]

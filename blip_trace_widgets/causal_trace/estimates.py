@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..core.cache import LRU
-from ..core.names import RELIABILITY_TOLERANCE, TINY_ABSOLUTE, VISION_ENCODER
+from ..core.names import RELIABILITY_TOLERANCE, TINY_ABSOLUTE
 from ..core.scoring import Scores, Target, score_rows
 from ..models.attention import Cell
 from ..models.chunks import chunks
@@ -124,7 +124,7 @@ def corrupted_gradients(runs: Runs, block: Block, config: TraceConfig, target: T
 
     For the vision encoder this pass is the corrupted run itself (its states are kept as it goes), so the
     estimate costs no separate corrupted pass; the text blocks start from their cached corrupted runs."""
-    if block.name == VISION_ENCODER:
+    if block.image_side:
         clean, start, cross = runs.context.clean_vision, runs.corrupted_patches(config), [None] * len(block.stack)
         corrupted: Any = None
     else:

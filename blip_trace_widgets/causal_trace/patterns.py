@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..core.errors import BlipTraceError
-from ..core.names import BLOCK_LABELS, HEAD_KINDS, VISION_ENCODER
+from ..core.names import BLOCK_LABELS, HEAD_KINDS
 
 
 def attention_pattern(tracer: Any, block: str, kind: str, layer: int, config: Any = None) -> np.ndarray:
@@ -31,7 +31,9 @@ def attention_pattern(tracer: Any, block: str, kind: str, layer: int, config: An
 
     if kind not in HEAD_KINDS:
         raise BlipTraceError(f"patterns belong to head kinds: use one of {', '.join(HEAD_KINDS)}, not {kind!r}")
-    config = config if config is not None else TraceConfig(block=block, kind=kind)
+    from ..models.anatomy import check_block, check_kind
+
+    config = config if config is not None else TraceConfig(block=check_block(block), kind=check_kind(kind))
     unit = tracer.blocks[block]
     stack = unit.stack
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
@@ -43,7 +45,7 @@ def attention_pattern(tracer: Any, block: str, kind: str, layer: int, config: An
     target = tracer.target(config)
     with torch.no_grad():
         run = tracer.clean_run(unit, target)
-        if block == VISION_ENCODER:
+        if unit.image_side:
             weights = stack.self_attention(layer, run.inputs[layer])
         elif kind == "cross_attn_head":
             cross = unit.clean_cross(tracer.session.context, target)[layer]

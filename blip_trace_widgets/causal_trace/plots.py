@@ -33,7 +33,7 @@ from ..core.names import (
     KIND_LABELS,
     STAGE_LABELS,
     TINY_EFFECT,
-    VISION_ENCODER,
+    facts,
 )
 from ..models.heads import metric_label
 
@@ -492,7 +492,7 @@ def save_heatmap(result: TraceResult, path: str, *, normalized: bool = False) ->
 
 def _region_values(result: TraceResult, layer: int, normalized: bool) -> tuple[list, np.ndarray]:
     grid = result.config.get("grid")
-    if not grid or result.block != VISION_ENCODER:
+    if not grid or not facts(result.block).image_side:
         raise BlipTraceError("plot_on_image needs an image-side trace: trace(..., block='vision_encoder')")
     if not 0 <= layer < result.num_layers:
         raise BlipTraceError(f"layer must be between 0 and {result.num_layers - 1}, got {layer}")

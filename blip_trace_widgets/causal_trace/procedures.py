@@ -102,14 +102,15 @@ def resolve_config(bundle: Any, procedure: str = "rome", **fields: Any) -> Trace
         >>> resolve_config(load_model("demo")).corruption.level   # the demo model's trace_defaults.json: 10σ
         10.0
     """
-    from ..core.names import VISION_ENCODER
+    from ..core.names import facts
+    from ..models.anatomy import check_block
     from ..models.heads import BY_NAME
 
     head = getattr(bundle, "head", None)
     if fields.get("block") is None and head in BY_NAME:
         fields["block"] = BY_NAME[head].default_block
     if procedure == "rome" and fields.get("corruption") is None:
-        block = fields.get("block") or PROCEDURES["rome"].defaults.get("block")
-        stage = fields.get("corrupt") or ("patches" if block == VISION_ENCODER else "image")
+        block = fields.get("block") or PROCEDURES["rome"].defaults.get("block") or TraceConfig.block
+        stage = fields.get("corrupt") or facts(check_block(block)).default_stage
         fields["corruption"] = default_corruption(bundle, stage)
     return procedure_config(procedure, **fields)

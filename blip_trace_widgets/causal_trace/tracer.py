@@ -25,7 +25,7 @@ import torch
 from ..core.cache import LRU
 from ..core.errors import BlipTraceError, renamed
 from ..core.inputs import ImageLike
-from ..core.names import BLOCK_LABELS, VISION_ENCODER, is_head_kind
+from ..core.names import BLOCK_LABELS, is_head_kind
 from ..core.scoring import Scores, Target, score_rows
 from ..models import heads
 from ..models.attention import Cell, Progress
@@ -192,7 +192,7 @@ class Tracer:
         if config.window > len(block.stack):
             raise BlipTraceError(f"window {config.window} is wider than the {len(block.stack)} layers of the "
                                  f"{BLOCK_LABELS.get(config.block, config.block)}: use at most {len(block.stack)}")
-        if config.block == VISION_ENCODER:
+        if block.image_side:
             self.clean_vision  # recorded before the clean pass, which then reuses it  # noqa: B018
         target = self.target(config)
         layout = block.layout(self.session.context, config, target)

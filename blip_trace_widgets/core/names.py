@@ -43,27 +43,8 @@ LANGUAGE_MODEL: Block = "language_model"
 #: cross-attends to the encoder's output and says the answer.
 LM_ENCODER: Block = "lm_encoder"
 LM_DECODER: Block = "lm_decoder"
-
-#: BLIP's post-LN BERT text transformers, and BLIP-2's Q-Former, which is one too.
-TEXT_BLOCKS: tuple[Block, ...] = (QUESTION_ENCODER, ANSWER_DECODER, CAPTION_DECODER, ITM_ENCODER, QFORMER)
-#: Pre-LN language models: OPT's decoder, T5's encoder and decoder.
-LANGUAGE_BLOCKS: tuple[Block, ...] = (LANGUAGE_MODEL, LM_ENCODER, LM_DECODER)
-BLOCKS: tuple[Block, ...] = (*TEXT_BLOCKS, VISION_ENCODER, *LANGUAGE_BLOCKS)
-BLOCK_LABELS: dict[str, str] = {
-    QUESTION_ENCODER: "question encoder",
-    ANSWER_DECODER: "answer decoder",
-    CAPTION_DECODER: "caption decoder",
-    ITM_ENCODER: "ITM encoder",
-    VISION_ENCODER: "vision encoder",
-    QFORMER: "Q-Former",
-    LANGUAGE_MODEL: "language model",
-    LM_ENCODER: "language model's encoder",
-    LM_DECODER: "language model's decoder",
-}
-#: Decoders whose cross-attention reads text (their encoder's output), not the image.
-TEXT_CROSS_BLOCKS: tuple[Block, ...] = (ANSWER_DECODER, LM_DECODER)
-#: Text blocks whose self-attention is causal (each position sees only those before it).
-CAUSAL_BLOCKS: tuple[Block, ...] = (ANSWER_DECODER, CAPTION_DECODER, LANGUAGE_MODEL, LM_DECODER)
+# What each block is (its label, kinds, whether its positions are the image's, its corruption stages) is its row of
+# BLOCK_FACTS, below the kinds and stages; TEXT_BLOCKS, BLOCKS, BLOCK_LABELS and the like are read off those rows.
 
 # ----- heads ------------------------------------------------------------------------------
 #: BLIP's three heads: visual question answering, captioning, image-text matching.
@@ -156,6 +137,75 @@ STAGE_LABELS: dict[str, str] = {
     "queries": "Q-Former output queries (what BLIP-2's language model reads, before its projection)",
     "projected": "projected queries (the language model's image tokens)",
 }
+
+
+# ----- blocks -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockFacts:
+    """What a block is: the package asks these questions of a block (``facts(name).image_side``, or of a traced
+    block itself, ``block.image_side``), never by comparing its name."""
+
+    name: Block
+    label: str  # in titles and dropdowns
+    kinds: tuple[Kind, ...]  # what a trace restores in it: its position kinds, then its head kinds
+    #: Its positions are the image's (CLS and the patches), not tokens: a map of it paints on the image, regions
+    #: group them, a trace of it starts from the patch embeddings and reaches the score through the reader's text
+    #: layers, and the explorer of text blocks leaves it to the vision explorer.
+    image_side: bool = False
+    #: A pre-LN language model after the Q-Former (OPT's decoder, T5's encoder and decoder).
+    language_model: bool = False
+    causal: bool = False  # its self-attention is causal (each position sees only those before it)
+    text_cross: bool = False  # its cross-attention reads text (its encoder's output), not the image
+    #: The stage its traces corrupt unless told, and the stages whose corruption restoring it can undo (an
+    #: image-side block's: only those before it; a head narrows a text block's, as BLIP-2 its query stages).
+    default_stage: Stage = "image"
+    stages: tuple[Stage, ...] = STAGES
+
+    @property
+    def text(self) -> bool:
+        """Whether it is one of BLIP's post-LN BERT text transformers (the Q-Former is one too)."""
+        return not (self.image_side or self.language_model)
+
+
+_TEXT_BLOCK_KINDS: tuple[Kind, ...] = (*TEXT_KINDS, *TEXT_HEAD_KINDS)
+_LANGUAGE_KINDS: tuple[Kind, ...] = (*DECODER_KINDS, "self_attn_head")
+#: Every block's facts, one row each (in the order of :data:`BLOCK_LABELS`).
+BLOCK_FACTS: dict[str, BlockFacts] = {row.name: row for row in (
+    BlockFacts(QUESTION_ENCODER, "question encoder", _TEXT_BLOCK_KINDS),
+    BlockFacts(ANSWER_DECODER, "answer decoder", _TEXT_BLOCK_KINDS, causal=True, text_cross=True),
+    BlockFacts(CAPTION_DECODER, "caption decoder", _TEXT_BLOCK_KINDS, causal=True),
+    BlockFacts(ITM_ENCODER, "ITM encoder", _TEXT_BLOCK_KINDS),
+    BlockFacts(VISION_ENCODER, "vision encoder", (*VISION_KINDS, *VISION_HEAD_KINDS), image_side=True,
+               default_stage="patches", stages=("patches", "pixels")),
+    BlockFacts(QFORMER, "Q-Former", _TEXT_BLOCK_KINDS),
+    BlockFacts(LANGUAGE_MODEL, "language model", _LANGUAGE_KINDS, language_model=True, causal=True),
+    BlockFacts(LM_ENCODER, "language model's encoder", _LANGUAGE_KINDS, language_model=True),
+    BlockFacts(LM_DECODER, "language model's decoder", (*T5_DECODER_KINDS, *TEXT_HEAD_KINDS), language_model=True,
+               causal=True, text_cross=True),
+)}
+#: BLIP's post-LN BERT text transformers, and BLIP-2's Q-Former, which is one too.
+TEXT_BLOCKS: tuple[Block, ...] = tuple(row.name for row in BLOCK_FACTS.values() if row.text)
+#: The blocks whose positions are the image's: the vision encoder.
+IMAGE_BLOCKS: tuple[Block, ...] = tuple(row.name for row in BLOCK_FACTS.values() if row.image_side)
+#: Pre-LN language models: OPT's decoder, T5's encoder and decoder.
+LANGUAGE_BLOCKS: tuple[Block, ...] = tuple(row.name for row in BLOCK_FACTS.values() if row.language_model)
+BLOCKS: tuple[Block, ...] = (*TEXT_BLOCKS, *IMAGE_BLOCKS, *LANGUAGE_BLOCKS)
+BLOCK_LABELS: dict[str, str] = {name: row.label for name, row in BLOCK_FACTS.items()}
+#: Decoders whose cross-attention reads text (their encoder's output), not the image.
+TEXT_CROSS_BLOCKS: tuple[Block, ...] = tuple(row.name for row in BLOCK_FACTS.values() if row.text_cross)
+#: Text blocks whose self-attention is causal (each position sees only those before it).
+CAUSAL_BLOCKS: tuple[Block, ...] = tuple(row.name for row in BLOCK_FACTS.values() if row.causal)
+
+
+def facts(block: str) -> BlockFacts:
+    """``block``'s row of :data:`BLOCK_FACTS`. A name that is no block's is a KeyError, a bug: a user's block is
+    checked first (``TraceConfig``, ``anatomy.check_block``: a BlipTraceError that names the blocks).
+
+        >>> facts("vision_encoder").image_side, facts("vision_encoder").default_stage, facts("qformer").image_side
+        (True, 'patches', False)
+    """
+    return BLOCK_FACTS[block]
+
 
 METRICS: tuple[Metric, ...] = ("prob", "logprob", "logit_diff", "itc")
 METRIC_LABELS: dict[str, str] = {
@@ -261,14 +311,10 @@ def window_for(kind: str, window: int) -> int:
 
 
 def kinds_of(block: str) -> tuple[Kind, ...]:
-    """The kinds that ``block`` offers: its position kinds, then its head kinds."""
-    if block == VISION_ENCODER:
-        return (*VISION_KINDS, *VISION_HEAD_KINDS)
-    if block in (LANGUAGE_MODEL, LM_ENCODER):
-        return (*DECODER_KINDS, "self_attn_head")
-    if block == LM_DECODER:
-        return (*T5_DECODER_KINDS, *TEXT_HEAD_KINDS)
-    return (*TEXT_KINDS, *TEXT_HEAD_KINDS)
+    """The kinds that ``block`` offers: its position kinds, then its head kinds (a name that is no block's: a text
+    block's)."""
+    row = BLOCK_FACTS.get(block)
+    return row.kinds if row is not None else _TEXT_BLOCK_KINDS
 
 
 def is_head_kind(kind: str) -> bool:

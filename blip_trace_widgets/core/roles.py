@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from .errors import BlipTraceError
-from .names import CAPTION_DECODER, ITM_ENCODER, VISION_ENCODER, is_head_kind
+from .names import CAPTION_DECODER, ITM_ENCODER, facts, is_head_kind
 
 ROLES: tuple[str, ...] = ("first", "question words", "object", "last")
 STOPWORDS = frozenset(
@@ -79,7 +79,7 @@ def position_roles(block: str, tokens: Sequence[str], object_rule: ObjectRule | 
     """Roles of a trace's rows: token roles for the text blocks; for image-side traces the region
     labels themselves ([CLS], r0c0, ...), which line up across images of one grid; for head maps the
     heads themselves (h0, h1, ...), which line up across every question."""
-    if block == VISION_ENCODER or (kind is not None and is_head_kind(kind)):
+    if facts(block).image_side or (kind is not None and is_head_kind(kind)):
         return list(tokens)
     return token_roles(tokens, object_rule)
 

@@ -480,11 +480,14 @@ def text_config(model: Any) -> Any:
     return model.config.text_config
 
 
+#: Where the model's configuration keeps a block's transformer's, where that is not ``text_config`` (the text
+#: transformers', and BLIP-2's language model's): the ViT's, and BLIP-2's Q-Former's own.
+BLOCK_CONFIGS: dict[str, str] = {VISION_BLOCK: "vision_config", QFORMER: "qformer_config"}
+
+
 def block_config(model: Any, block: str) -> Any:
     """The configuration of ``block``'s transformer (BLIP-2's Q-Former has its own)."""
-    if block == QFORMER:
-        return model.config.qformer_config
-    return vision_config(model) if block == VISION_BLOCK else text_config(model)
+    return getattr(model.config, BLOCK_CONFIGS.get(block, "text_config"))
 
 
 def feed_forward_size(config: Any) -> int:

@@ -49,6 +49,7 @@ from ..core.names import (
     VQA,
     Block,
     Metric,
+    facts,
 )
 from ..core.roles import words_of
 from ..core.scoring import Target
@@ -338,7 +339,7 @@ class ItmHead(Head):
         if config.answer is not None:
             raise BlipTraceError("image-text matching scores the match of the text itself: pass the caption to "
                                  "match as the text, and no answer")
-        if config.metric == "itc" and config.block != VISION_ENCODER:
+        if config.metric == "itc" and not facts(config.block).image_side:
             raise BlipTraceError("ITC compares the image with the text read without the image, so restoring the "
                                  "ITM encoder cannot change it: trace block='vision_encoder', or use metric='prob'")
 

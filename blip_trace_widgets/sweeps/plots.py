@@ -15,7 +15,7 @@ from typing import Any
 from ..causal_trace.averages import ROLES, average_trace, sample_effects
 from ..causal_trace.plots import new_figure, plot_trace
 from ..core.errors import BlipTraceError
-from ..core.names import BLOCK_LABELS, KIND_LABELS, VISION_ENCODER, is_head_kind
+from ..core.names import BLOCK_LABELS, KIND_LABELS, facts, is_head_kind
 from ..core.roles import role_label
 from ..models import heads
 
@@ -89,7 +89,7 @@ def _no_roles(effects: Any) -> str:
     if effects["kind"].map(lambda kind: is_head_kind(str(kind))).all():
         return ("head maps have no token roles: plot_effect_by_layer(table) draws each head against layer, and "
                 "aggregate.top_heads(table) ranks the heads")
-    if (effects["block"] == VISION_ENCODER).all():
+    if effects["block"].map(lambda block: facts(str(block)).image_side).all():
         return ("no token roles to plot: for an image-side sweep, average with aggregate.average_trace(table, "
                 "config=...) and draw it with .plot_on_image(image=...)")
     return (f"none of the roles asked for is in the table: it has {', '.join(sorted(set(effects['role'])))}; pass "

@@ -37,6 +37,7 @@ from ..core.names import (
     VISION_ENCODER,
     VISION_KINDS,
     Metric,
+    facts,
     is_head_kind,
     kinds_of,
     window_for,
@@ -44,6 +45,7 @@ from ..core.names import (
 from ..core.regions import Box, Outside
 from ..corruptions.kinds import BY_NAME, NOISE_NAMES, ImageSwap, WordSwap, from_name
 from ..models import heads
+from ..models.anatomy import check_block, check_kind
 from ..models.heads import BLOCKS_OF
 
 IPYWIDGETS_MAJOR = int(W.__version__.split(".")[0])
@@ -54,7 +56,7 @@ def kind_options(block: str) -> list[tuple[str, str]]:
     """The kind dropdown's options for ``block``: the kinds it has (BLIP-2's language model has no cross-attention)."""
     return [(KIND_SHORT_LABELS[k], k) for k in kinds_of(block)]
 #: The text blocks TraceExplorer offers for each head (the vision encoder has its own explorer).
-BLOCK_OPTIONS = {head: [(BLOCK_LABELS[b], b) for b in blocks if b != VISION_ENCODER] for head, blocks in BLOCKS_OF.items()}
+BLOCK_OPTIONS = {head: [(BLOCK_LABELS[b], b) for b in blocks if not facts(b).image_side] for head, blocks in BLOCKS_OF.items()}
 CORRUPTION_OPTIONS = [(BY_NAME[name].info.label, name) for name in NOISE_NAMES]
 NOISE_TIPS = {name: BY_NAME[name].info.tip for name in NOISE_NAMES}
 WINDOW_OFF_TIP = ("hidden states are restored one layer at a time, as in ROME; the window applies to "
@@ -270,7 +272,7 @@ def controls_config(*, block: str, kind: str, window: int, corruption: str, leve
     ``word`` are a captioner's caption to score and its word; ``position`` is where a head map restores
     its heads ("" for every position, "3", "1,2" or a role), read only for head kinds.
     """
-    return TraceConfig(block=block, kind=kind, window=window_for(kind, window),
+    return TraceConfig(block=check_block(block), kind=check_kind(kind), window=window_for(kind, window),
                        corruption=from_name(corruption, round(float(level), 4)), samples=int(samples), seed=int(seed),
                        answer=answer, word=word, position=parse_position(position) if is_head_kind(kind) else None)
 
@@ -434,6 +436,6 @@ def vision_config(*, kind: str, window: int, regions: int, corruption: str, leve
     :data:`~blip_trace_widgets.corruptions.kinds.BY_NAME` over ``region`` (None: the whole image), one sample for a
     corruption that draws nothing (blur, grey)."""
     made = from_name(corruption, round(float(level), 4), region=region)
-    return TraceConfig(block=VISION_ENCODER, kind=kind, window=window_for(kind, window), regions=int(regions),
+    return TraceConfig(block=VISION_ENCODER, kind=check_kind(kind), window=window_for(kind, window), regions=int(regions),
                        corruption=made, samples=int(samples) if BY_NAME[corruption].info.random else 1,
                        seed=int(seed), metric=metric, answer=answer, word=word)

@@ -26,7 +26,7 @@ from ..core.names import (
     HIDDEN,
     SUBLAYER_KINDS,
     TEXT_CROSS_BLOCKS,
-    VISION_ENCODER,
+    facts,
     is_head_kind,
 )
 from ..models import heads
@@ -115,7 +115,7 @@ def check_start(bundle: BlipBundle, config: TraceConfig) -> None:
     if config.block not in offered:
         raise BlipTraceError(f"this explorer traces the {heads.of(bundle).label} model's {' or '.join(offered)}, not "
                              f"{config.block}" + ("; use VisionTraceExplorer for the vision encoder"
-                                                  if config.block == VISION_ENCODER else ""))
+                                                  if facts(config.block).image_side else ""))
     layers = bundle.num_layers(config.block)
     if config.window > layers:
         raise BlipTraceError(f"window {config.window} is wider than the {layers} layers of the "

@@ -2,7 +2,7 @@
 they are handed, their :class:`Layout` of rows and cells, and the helpers text blocks share.
 
     >>> from blip_trace_widgets.causal_trace.blocks.base import restored_positions
-    >>> restored_positions("all", ["[CLS]", "what", "color"], True)
+    >>> restored_positions(None, ["[CLS]", "what", "color"], True)
     [0, 1, 2]
 
 A block says what its positions are, how its clean and corrupted runs are made (from the tracer's shared clean
@@ -23,12 +23,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from ...core.errors import BlipTraceError
-from ...core.names import QUESTION_ENCODER, is_head_kind
+from ...core.names import BLOCK_FACTS, QUESTION_ENCODER, BlockFacts, is_head_kind
 from ...core.roles import token_roles
 from ...core.scoring import Target
 from ...models import anatomy
@@ -136,12 +136,42 @@ class Layout:
     extra: dict[str, Any]
 
 
-class Block(Protocol):
-    """What the tracer needs from a block."""
+class Facts:
+    """What a traced block is, asked of the block itself (``block.image_side``): its class's row of
+    :data:`~blip_trace_widgets.core.names.BLOCK_FACTS`, found by the ``name`` the class sets when it is made."""
 
     name: str
+    facts: ClassVar[BlockFacts]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # an abstract base (ImageReader) names no block
+            cls.facts = BLOCK_FACTS[cls.name]
+
+    @property
+    def image_side(self) -> bool:
+        """Whether its positions are the image's (CLS and the patches) rather than tokens."""
+        return self.facts.image_side
+
+    @property
+    def default_stage(self) -> str:
+        """The corruption stage its traces default to."""
+        return self.facts.default_stage
+
+
+class Block(Protocol):
+    """What the tracer needs from a block (each class is a :class:`Facts` too: ``block.image_side``)."""
+
+    name: str
+    facts: ClassVar[BlockFacts]
     stack: Any  # a Stack: TextStack or VisionStack
     reads_target: bool  # whether its runs depend on the target's tokens (then they are cached per target)
+
+    @property
+    def image_side(self) -> bool: ...
+
+    @property
+    def default_stage(self) -> str: ...
 
     def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout: ...
 
@@ -237,7 +267,7 @@ def cross_rows(stack: Any, first: torch.Tensor, states: torch.Tensor) -> torch.T
     return h
 
 
-class ImageReader(ABC):
+class ImageReader(Facts, ABC):
     """A text block that cross-attends to the image embeddings; each head has one (see the module's notes)."""
 
     name: str

@@ -16,10 +16,10 @@ from ...models import anatomy
 from ...models.blip.stacks import TextStack
 from ...models.runs import Run, record_run, shared_cross
 from ..config import TraceConfig
-from .base import Corrupted, Cross, ImageReader, Layout, Pass, cross_rows, text_layout, text_rows
+from .base import Corrupted, Cross, Facts, ImageReader, Layout, Pass, cross_rows, text_layout, text_rows
 
 
-class AnswerDecoder:
+class AnswerDecoder(Facts):
     """VQA's answer decoder (``text_decoder.bert``): positions are [DEC] and the earlier answer tokens."""
 
     name: str = ANSWER_DECODER

@@ -19,10 +19,10 @@ from ...models.blip2.qformer import QFormerStack
 from ...models.blip2.t5 import T5Stack
 from ...models.runs import Run, record_run, shared_cross
 from ..config import TraceConfig
-from .base import Corrupted, Cross, ImageReader, Layout, Pass, after_queries, cross_rows, text_layout, text_rows
+from .base import Corrupted, Cross, Facts, ImageReader, Layout, Pass, after_queries, cross_rows, text_layout, text_rows
 
 
-class LanguageModel:
+class LanguageModel(Facts):
     """BLIP-2's language model (OPT): positions are the projected queries q0… (the image, as the language model
     reads it), then the prompt and the answer before the scored token."""
 
@@ -93,7 +93,7 @@ class LanguageModel:
         return ids[len(start):]
 
 
-class LanguageDecoder:
+class LanguageDecoder(Facts):
     """A Flan-T5 language model's decoder: positions are the decoder's start token and the answer before the scored
     token; it cross-attends to the encoder's output (the projected queries and the prompt, encoded)."""
 
@@ -173,7 +173,7 @@ class LanguageDecoder:
         return ids[len(start):]
 
 
-class LanguageEncoder:
+class LanguageEncoder(Facts):
     """A Flan-T5 language model's encoder: positions are the projected queries q0… (the image, as the language model
     reads it), then the prompt; the decoder reads its output."""
 

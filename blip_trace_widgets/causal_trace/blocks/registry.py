@@ -24,6 +24,7 @@ from ...core.names import (
     QFORMER,
     QUESTION_ENCODER,
     VISION_ENCODER,
+    facts,
 )
 from ...models import anatomy
 from ...models.heads import head_of_model
@@ -68,7 +69,7 @@ def build_blocks(model: torch.nn.Module) -> Blocks:
     """One instance of each block of ``model``'s head, wired in the order of its forward pass: each text block is
     given the one after it (which runs on its output), from the last back to the reader."""
     task = head_of_model(model)
-    chain = [block for block in task.blocks if block != VISION_ENCODER]  # the reader first, the last block last
+    chain = [block for block in task.blocks if not facts(block).image_side]  # the reader first, the last block last
     built: list[Any] = [BLOCK_CLASSES[chain[-1]](model)]
     for name in reversed(chain[:-1]):
         built.insert(0, BLOCK_CLASSES[name](model, built[0]))

@@ -18,10 +18,10 @@ from ...models.blip.stacks import VisionStack
 from ...models.chunks import vision_rows_per_chunk
 from ...models.runs import Run, group_cells
 from ..config import TraceConfig
-from .base import Corrupted, Cross, ImageReader, Layout, Pass, head_layout
+from .base import Corrupted, Cross, Facts, ImageReader, Layout, Pass, head_layout
 
 
-class VisionEncoder:
+class VisionEncoder(Facts):
     """The vision encoder (a pre-LN ViT): positions are CLS and the patches, or regions of patches."""
 
     name: str = VISION_ENCODER
