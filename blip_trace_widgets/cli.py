@@ -155,7 +155,7 @@ def _demo_heads(args: argparse.Namespace, image: Any, question: str, out: Path, 
     for model, block, kind, window in DEMO_HEAD_TRACES:  # the captioner first: the matcher matches its caption
         bundle = _load(model, args.device, None)
         task = heads.of(bundle)
-        caption_model = isinstance(task, heads.CaptionHead)
+        caption_model = task.scores_words
         tracer = Tracer(bundle, image, question if task.reads_questions else "" if caption_model else caption)
         if caption_model:
             caption = tracer.model_answer
@@ -265,7 +265,7 @@ def run_trace(args: argparse.Namespace) -> int:
     config = _trace_config(args, bundle)
     tracer = Tracer(bundle, args.image, args.question or "")
     if args.word == "all":
-        if not isinstance(task, heads.CaptionHead):
+        if not task.scores_words:
             raise UsageError("--word all traces every word of a caption: use it with a captioning model")
         return _trace_every_word(args, tracer, config)
     print(_what_the_model_says(tracer))
@@ -453,7 +453,7 @@ def _check_sweep_dataset(dataset: str, head: str) -> None:
 def _caption_words(text: str | None, head: str) -> list[int | None]:
     """--caption-words: the caption words each captioning configuration scores (default: each caption's first
     content word, as everywhere)."""
-    if not isinstance(heads.of(head), heads.CaptionHead):
+    if not heads.of(head).scores_words:
         if text is not None:
             raise UsageError("--caption-words picks caption words: use it with a captioning model")
         return [None]

@@ -142,7 +142,7 @@ def test_cutting_nothing_is_the_clean_run_exactly(bundles, image):
 def test_a_query_that_reads_nothing_gets_a_zero_context(bundles, image):
     """Every image token cut at a layer: that layer's cross-attention adds only its output bias (a zero context),
     not the projection of the uniform average of the image's values."""
-    from blip_trace_widgets.models.attention import Cut
+    from blip_trace_widgets.models.attention import Cut, attention_weights
 
     tracer = Knockout.of(bundles["vqa"], image, TEXTS["vqa"]).tracer
     stack = tracer.blocks.reader.stack
@@ -153,7 +153,7 @@ def test_a_query_that_reads_nothing_gets_a_zero_context(bundles, image):
     h1 = stack.layers[0].self_norm(stack.layers[0].self_out(torch.zeros(1, t, keys.shape[1] * keys.shape[-1]))
                                    + clean.inputs[0])
     q = stack._split(stack.layers[0].cross_query(h1))
-    assert torch.count_nonzero(_weights(q, keys, None, Cut(every))) == 0
+    assert torch.count_nonzero(attention_weights(q, keys, None, Cut(every))) == 0
     seen = {}
 
     def edit(kind, x):

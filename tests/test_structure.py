@@ -343,3 +343,40 @@ def test_the_reference_names_the_floors():
                   [(name, int(level)) for level, name in re.findall(r"^\| floor (\d+) \| `(\w+)/?` \|", section, re.M)])
     folders = {name: level for name, level in FLOORS.items() if (PACKAGE / name).is_dir()}
     assert listed == folders, f"docs/reference.md's Layout must list the subpackages' floors: {folders}"
+
+
+STAGE_NAMES = {"image", "patches", "pixels", "question", "queries", "projected"}
+DIRECTION_NAMES = {"denoise", "noise"}
+#: The modules that own the corruption stage and direction axes: one class per stage or direction.
+AXIS_OWNERS = {"causal_trace.stages", "causal_trace.directions", "core.names"}
+
+
+def axis_comparisons(source: str) -> list[str]:
+    """``x.corrupt == "question"``, ``direction != "noise"``, ``stage in ("patches", "pixels")`` or ``stage in
+    QUERY_STAGES``: a branch on a corruption stage's or a direction's name, which the stage's or direction's class
+    should answer."""
+    names = STAGE_NAMES | DIRECTION_NAMES
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare) or not re.search(r"corrupt|stage|direction", ast.unparse(node)):
+            continue
+        for side in [node.left, *node.comparators]:
+            values = [side] + (list(side.elts) if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [])
+            if any(isinstance(v, ast.Constant) and v.value in names for v in values) or \
+                    (isinstance(side, ast.Name) and side.id in ("QUERY_STAGES", "STAGES", "DIRECTIONS")):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+                break
+    return found
+
+
+def test_no_module_branches_on_a_stage_or_direction_name():
+    """Which way a trace runs and where its corruption acts are classes (causal_trace/directions.py and
+    causal_trace/stages.py): no other module compares their names."""
+    offenders = {module_name(path): axis_comparisons(path.read_text()) for path in MODULES
+                 if module_name(path) not in AXIS_OWNERS}
+    offenders = {name: found for name, found in offenders.items() if found}
+    assert not offenders, f"branches on a stage's or a direction's name (ask its class instead): {offenders}"
+    assert axis_comparisons("a = x.corrupt == 'question'\nb = direction != 'noise'\nc = stage in ('patches', "
+                            "'pixels')\ne = stage in QUERY_STAGES\nf = kind == 'mlp'\ng = name == 'image'") == [
+        "line 1: x.corrupt == 'question'", "line 2: direction != 'noise'", "line 3: stage in ('patches', 'pixels')",
+        "line 4: stage in QUERY_STAGES"]

@@ -22,6 +22,31 @@ def test_no_module_branches_on_the_head_name():
     assert not offenders, f"branches on a head's name outside heads.py: {offenders}"
 
 
+HEAD_CLASSES = ("Head", "VqaHead", "CaptionHead", "ItmHead", "Blip2Head", "InstructBlipHead", "Blip2T5Head", "InstructBlipT5Head")
+
+
+def head_isinstance(source: str) -> list[int]:
+    """Lines of ``isinstance(x, <a head class>)``: a question the head should answer itself."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance" and len(node.args) == 2:
+            names = {getattr(n, "id", None) or getattr(n, "attr", None) for n in ast.walk(node.args[1])}
+            if names & set(HEAD_CLASSES):
+                found.append(node.lineno)
+    return found
+
+
+def test_no_module_asks_a_head_its_class():
+    """What differs between heads is a head method or attribute: no ``isinstance(task, CaptionHead)`` outside
+    heads.py."""
+    offenders = [f"{p.relative_to(PACKAGE)}:{line}" for p in PACKAGE.rglob("*.py") if p.name != "heads.py"
+                 for line in head_isinstance(p.read_text())]
+    assert not offenders, f"isinstance on a head outside heads.py (make it a head method): {offenders}"
+    assert head_isinstance("isinstance(task, heads.CaptionHead)\nisinstance(x, int)") == [1]
+
+
 @pytest.mark.parametrize("make,cls", [(tiny_model, H.VqaHead), (tiny_captioner, H.CaptionHead),
                                       (tiny_matcher, H.ItmHead)])
 def test_the_head_is_picked_from_the_model_class(make, cls, image):

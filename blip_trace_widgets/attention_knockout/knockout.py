@@ -45,6 +45,7 @@ from ..core.errors import BlipTraceError, renamed
 from ..core.inputs import ImageLike
 from ..core.names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, IMAGE_QUERIES, KNOCKOUT_WINDOW, LANGUAGE_MODEL, LM_ENCODER
 from ..core.scoring import Target, score_rows
+from ..models.anatomy import check_block
 from ..models.attention import DEFAULT_EMPTY, Cut, Dial, check_empty
 from ..models.chunks import chunks
 from ..models.loading import BlipBundle
@@ -256,7 +257,7 @@ class Knockout:
         spans = [window_layers(layer, window, layers) for _, layer in rows]
         order = sorted(range(len(rows)), key=lambda r: spans[r].start)
         out = np.empty(len(rows))
-        per_chunk = block.rows_per_chunk(tracer.session.context, TraceConfig(block=block.name, samples=1), target)
+        per_chunk = block.rows_per_chunk(tracer.session.context, TraceConfig(block=check_block(block.name), samples=1), target)
         for chunk in chunks(order, per_chunk):
             cuts_at = _RowCuts(groups, [rows[r][0] for r in chunk], [spans[r] for r in chunk], tracer.device, empty)
             final = cut_staircase(block.stack, clean, cross, [spans[r].start for r in chunk], cuts_at)

@@ -72,7 +72,7 @@ class KnockoutResult:
               scores: np.ndarray) -> KnockoutResult:
         """The result of a :class:`~.knockout.Knockout` run."""
         first = tracer.blocks[groups[0].block]
-        tokens = target.inputs if first.reads_target else tracer.question_ids
+        tokens = target.inputs if first.runs_per_target else tracer.question_ids
         return cls(labels=[g.label for g in groups], scores=scores, clean_score=clean, window=int(config.window),
                    answer=tracer.scored_text(target), head=tracer.head, method=config.method,
                    question=tracer.question, model_answer=tracer.model_answer,

@@ -30,6 +30,7 @@ from ..core.errors import BlipTraceError
 from ..core.names import TINY_EFFECT, VQA, facts, is_head_kind
 from ..core.roles import ROLES, ObjectRule, position_roles, role_label, token_roles  # noqa: F401  (token_roles: public here too)
 from ..core.significance import DEFAULT_Q, CellStatistics, bh_qvalues
+from . import directions
 from .results import TraceResult
 
 FORMS = ("normalized", "rome")
@@ -56,8 +57,8 @@ def upgrade_table(table: Any) -> Any:
 def _indirect_effect(row: Any) -> np.ndarray:
     """A table row's indirect effect per cell: score − low, or when noising what the cell takes away, high − score."""
     scores = np.asarray([list(r) for r in row.scores], dtype=np.float64)
-    noising = (getattr(row, "direction", None) or "denoise") == "noise"
-    return row.high_score - scores if noising else scores - row.low_score
+    direction = directions.of(getattr(row, "direction", None) or directions.RESTORING.name)
+    return direction.effect(scores, low=row.low_score, high=row.high_score)
 
 
 def sample_effects(
@@ -237,8 +238,8 @@ def average_trace(
     return TraceResult(
         scores=scores, low_score=0.0, high_score=1.0 if form == "normalized" else total,
         draws=_question_draws(effects, keys, layers, by),
-        answer=f"average of {used} questions" + (", noising: what each cell takes away"
-                                                   if first_row.get("direction") == "noise" else ""),
+        answer=f"average of {used} questions" + directions.of(first_row.get("direction")
+                                                               or directions.RESTORING.name).average_note,
         tokens=list(labels), block=str(first_row["block"]),
         kind=str(first_row["kind"]), window=int(first_row["window"]),
         config={"form": form, "by": by, "questions": int(used), "left_out": effects.attrs["left_out"],

@@ -30,7 +30,7 @@ from ..core.inputs import ImageLike, image_digest, to_rgb_image
 from ..core.scoring import Target
 from ..models import anatomy
 from ..models.chunks import DEFAULT_MEMORY_BUDGET
-from ..models.heads import Head, ItmHead, head_of_model
+from ..models.heads import Head, head_of_model
 from ..models.loading import BlipBundle
 from ..models.runs import Run, record_run, shared_cross
 from .blocks.base import Context
@@ -148,7 +148,7 @@ class CleanPass:
                           else self.embed_image(self.image))
                 reader = self.blocks.reader
                 cross = shared_cross(reader.stack, embeds)
-                run = None if reader.reads_target else record_run(reader.stack, reader.first_states(self), cross)
+                run = None if reader.runs_per_target else record_run(reader.stack, reader.first_states(self), cross)
                 self._clean = Clean(embeds, run, self.task.greedy(self, embeds, run))
             self.stats["clean_passes"] += 1
         return self._clean
@@ -195,8 +195,7 @@ class CleanPass:
     @property
     def match_probability(self) -> float:
         """Image-text matching: the ITM head's p(match) for the clean image and the text."""
-        if not isinstance(self.task, ItmHead):
-            raise BlipTraceError("p(match) comes from an image-text matching model: load one such as demo-itm")
+        self.task.check_matches()
         text = self.clean.text
         assert text is not None
         with torch.no_grad():

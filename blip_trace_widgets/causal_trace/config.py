@@ -41,7 +41,9 @@ from ..core.names import (
     STAGES,
     TEXT_BLOCKS,
     VISION_ENCODER,
+    Block,
     Direction,
+    Kind,
     Method,
     Metric,
     SeverAt,
@@ -54,6 +56,7 @@ from ..core.roles import ROLES
 from ..corruptions.kinds import GaussianNoise, ImageSwap, PairSwap, WordSwap, describe
 from ..models import anatomy
 from ..models.heads import BY_NAME
+from . import directions, stages
 
 #: What a TraceConfig field changes, from the earliest piece of work it touches: the corrupted
 #: input (and so every run after it), the scored answer (and so the decoder's runs), or only
@@ -91,11 +94,11 @@ def word_option(text: str) -> int | str:
 class TraceConfig:
     """Everything that defines one heatmap besides the (image, question); hashable, so a cache key."""
 
-    block: str = _affects(RESTORE, default=QUESTION_ENCODER, choices=BLOCKS,
+    block: Block = _affects(RESTORE, default=QUESTION_ENCODER, choices=BLOCKS,
                           help="which transformer to restore states in: " + "; ".join(
                               f"{head.label}: {', '.join(head.blocks)}" for head in BY_NAME.values())
                           + " (default: the first of the model's)")
-    kind: str = _affects(RESTORE, default=HIDDEN, choices=KINDS, help=(
+    kind: Kind = _affects(RESTORE, default=HIDDEN, choices=KINDS, help=(
         "which state to restore: the layer output (hidden), a sublayer's own output (self_attn, cross_attn, mlp), the "
         "residual after a sublayer (post_self_attn, post_cross_attn), or attention heads as rows (self_attn_head, "
         f"cross_attn_head); the vision encoder has {', '.join(kinds_of(VISION_ENCODER))}"))
@@ -113,7 +116,7 @@ class TraceConfig:
     metric: Metric = _affects(RESTORE, default="prob", choices=METRICS, help="what is scored")
     contrast: str | None = _affects(RESTORE, default=None,
                                     help="with --metric logit_diff: the answer to compare against")
-    sever: str | None = _affects(RESTORE, default=None, choices=SEVERABLE,
+    sever: Kind | None = _affects(RESTORE, default=None, choices=SEVERABLE,
                                  help="hold this sublayer at its corrupted values while restoring hidden states")
     sever_at: SeverAt = _affects(RESTORE, default="restored", choices=SEVER_AT, help=(
         "where --sever holds it: at the restored positions (ROME's) or at every position"))
@@ -191,9 +194,7 @@ class TraceConfig:
                                  "position=... to restore the heads at some patches only")
 
     def _check_direction(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise BlipTraceError(f"unknown direction {self.direction!r}: use one of {', '.join(DIRECTIONS)}")
-        if self.direction == "denoise":
+        if directions.of(self.direction).restores:
             return
         if self.fresh_noise and self.method != "exact":
             raise BlipTraceError("a noising trace with fresh noise per cell is exact: use method='exact'")
@@ -238,24 +239,17 @@ class TraceConfig:
     def _check_corruption_stage(self) -> None:
         own = getattr(self.corruption, "stage", None)
         block = facts(self.block)
-        stage = self.corrupt or own or block.default_stage
-        if stage not in STAGES:
-            raise BlipTraceError(f"unknown corrupt {stage!r}: use one of {', '.join(STAGES)}")
-        if own is not None and own != stage:
+        stage = stages.of(self.corrupt or own or block.default_stage)
+        if own is not None and own != stage.name:
             raise BlipTraceError(f"{type(self.corruption).__name__} works on {own}: use corrupt={own!r}")
-        if isinstance(self.corruption, ImageSwap) and stage == "question":
-            raise BlipTraceError("ImageSwap replaces the image: use it with corrupt='image', 'patches' or 'pixels' "
-                                 "(WordSwap replaces the question's words)")
-        if stage not in block.stages:
+        stage.check_corruption(self.corruption)
+        if stage.name not in block.stages:
             raise BlipTraceError(
-                f"restoring {block.label} states undoes nothing when the corruption is on the {stage}: corrupt "
+                f"restoring {block.label} states undoes nothing when the corruption is on the {stage.name}: corrupt "
                 + " or ".join(f"the {STAGE_LABELS[s]} (corrupt={s!r})" for s in block.stages) + f" before the {block.label}")
-        if getattr(self.corruption, "region", None) is not None and stage not in ("patches", "pixels"):
-            raise BlipTraceError(
-                f"a region picks image patches or pixels, but this corruption acts on the {stage}: use "
-                "corrupt='patches' or corrupt='pixels', or corrupt_tokens=... to pick question tokens")
-        object.__setattr__(self, "corrupt_tokens", _check_tokens(self.corrupt_tokens, stage))
-        object.__setattr__(self, "corrupt", stage)
+        stage.check(self.corruption, self.corrupt_tokens)
+        object.__setattr__(self, "corrupt_tokens", _check_tokens(self.corrupt_tokens))
+        object.__setattr__(self, "corrupt", stage.name)
 
     @property
     def flags_cells(self) -> bool:
@@ -276,7 +270,7 @@ class TraceConfig:
                if self.position is not None else {}),
             **({"verify": int(self.verify)} if self.method == "verified" else {}),
             **({"order": 2} if self.order == 2 else {}),
-            **({"direction": self.direction} if self.direction != "denoise" else {}),
+            **({"direction": self.direction} if not directions.of(self.direction).restores else {}),
             **({"qk_fix": True} if self.qk_fix else {}),
             **({"grad_drop": True} if self.grad_drop else {}),
         }
@@ -309,11 +303,9 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
         raise BlipTraceError(f"{name} must be {bound}, got {value}")
 
 
-def _check_tokens(tokens: Any, stage: str) -> tuple[int, ...] | str | None:
+def _check_tokens(tokens: Any) -> tuple[int, ...] | str | None:
     if tokens is None:
         return None
-    if stage != "question":
-        raise BlipTraceError("corrupt_tokens chooses question tokens: use it with corrupt='question'")
     if isinstance(tokens, str):
         if tokens != "object":
             raise BlipTraceError(f"corrupt_tokens must be positions or 'object', got {tokens!r}")

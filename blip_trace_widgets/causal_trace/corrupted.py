@@ -24,16 +24,16 @@ import torch
 from ..core.cache import LRU
 from ..core.errors import BlipTraceError
 from ..core.memory import available_memory
-from ..core.names import QUERY_STAGES
 from ..core.roles import last_content_word
 from ..core.scoring import Target
 from ..corruptions.kinds import ImageSwap, WordSwap
 from ..models import anatomy
-from ..models.runs import Run, record_run, shared_cross
+from ..models.runs import Run
+from . import stages
 from .blocks.base import Context, Corrupted
 from .clean import CleanPass
 from .config import TraceConfig, cache_key
-from .prompt_noise import clean_queries, corrupted_question, project, prompt_embedding, queries_of, reads_prompt
+from .stages import prompt_embedding, reads_prompt
 from .targets import Targets
 
 
@@ -126,12 +126,7 @@ class CorruptedRuns:
     def corrupt_input(self, config: TraceConfig, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         corruption = config.corruption
         if isinstance(corruption, ImageSwap) and corruption.embeddings is None:  # the other image at this stage
-            corruption = corruption.bind({"image": self.session.embed_image, "pixels": self.session.pixel_values,
-                                          "patches": lambda image: self.session.vision.embed(self.session.pixel_values(image)),
-                                          "queries": lambda image: queries_of(self.session, self.session.embed_image(image)),
-                                          "projected": lambda image: project(
-                                              self.session, queries_of(self.session, self.session.embed_image(image))),
-                                          }[str(config.corrupt)])
+            corruption = corruption.bind(stages.of(config.corrupt).other_image(self.session))
         if isinstance(corruption, WordSwap) and corruption.embeddings is None:
             corruption = self.bound_swap(corruption)
         samples = int(config.samples)
@@ -164,10 +159,11 @@ class CorruptedRuns:
 
     def _check_memory(self, config: TraceConfig) -> None:
         """Refuse, before allocating anything, noise samples whose runs would not fit in the memory available."""
-        needed = self.run_bytes(int(config.samples), config.corrupt in ("patches", "pixels"))
+        vision = stages.of(config.corrupt).before_vision
+        needed = self.run_bytes(int(config.samples), vision)
         free = available_memory()
         if free is not None and needed > 0.8 * free:
-            per_sample = self.run_bytes(1, config.corrupt in ("patches", "pixels"))
+            per_sample = self.run_bytes(1, vision)
             raise BlipTraceError(
                 f"{config.samples} noise samples need about {needed / 2**30:.1f} GiB for the corrupted runs, and "
                 f"{free / 2**30:.1f} GiB are available: use at most {max(1, int(0.8 * free // per_sample))} samples")
@@ -176,56 +172,18 @@ class CorruptedRuns:
         """The corrupted runs for one draw of ``config.samples`` from ``generator``."""
         self._check_memory(config)
         self.targets.check_config(config)
-        samples = int(config.samples)
-        reader, vstack = self.session.blocks.reader, self.session.vision
-        qstack = reader.stack
-        h0 = reader.first_states(self.session)
-        vision = None
-        if config.corrupt == "question" and reads_prompt(self.session):  # BLIP-2: its language model's prompt
-            embeds = self.session.clean.image_embeds
-            prompt, h0 = corrupted_question(self, config, generator)
-            cross = shared_cross(qstack, embeds)
-            self.session.stats["corrupted_passes"] += 1
-            return Corrupted(embeds, cross, record_run(qstack, h0, cross), prompt=prompt)
-        if config.corrupt == "question":
-            embeds = self.session.clean.image_embeds
-            positions = self.corrupt_positions(config)
-            noisy = self.corrupt_input(config, h0, generator)
-            h0 = h0.expand(samples, -1, -1).clone()
-            h0[:, positions] = noisy[:, positions]
-        elif config.corrupt in QUERY_STAGES:  # the reader's clean run, its output replaced: what the decoder reads
-            embeds = self.session.clean.image_embeds
-            noisy = self.corrupt_input(config, clean_queries(self.session, str(config.corrupt)), generator)
-            self.session.stats["corrupted_passes"] += 1
-            return Corrupted(embeds, shared_cross(qstack, embeds), Run(inputs=[noisy]),
-                             projected=config.corrupt == "projected")
-        elif config.corrupt == "image":
-            embeds = self.corrupt_input(config, self.session.clean.image_embeds, generator)
-            h0 = h0.expand(samples, -1, -1)
-        else:
-            patches = self._corrupted_patches(config, generator)
-            self.session.stats["vision_passes"] += 1
-            vision = record_run(vstack, patches, [None] * len(vstack))
-            embeds = vstack.post_norm(vision.output)
-            h0 = h0.expand(samples, -1, -1)
-        cross = shared_cross(qstack, embeds)
-        self.session.stats["corrupted_passes"] += 1
-        if reader.reads_target:  # its run depends on the target: kept is the text's corrupted input, if corrupted
-            return Corrupted(embeds, cross, None, vision, h0 if config.corrupt == "question" else None)
-        return Corrupted(embeds, cross, record_run(qstack, h0, cross), vision)
-
-    def _corrupted_patches(self, config: TraceConfig, generator: torch.Generator) -> torch.Tensor:
-        """The vision encoder's corrupted input (patch embeddings) [S, N, D] for the next draw of ``generator``."""
-        vstack = self.session.vision
-        start = self.session.pixels if config.corrupt == "pixels" else vstack.embed(self.session.pixels)
-        corrupted_input = self.corrupt_input(config, start, generator)
-        return vstack.embed(corrupted_input) if config.corrupt == "pixels" else corrupted_input
+        return stages.of(config.corrupt).draw(self, config, generator)
 
     def corrupted_patches(self, config: TraceConfig) -> torch.Tensor:
         """The seed's first draw of the vision encoder's corrupted input, without running the model on it."""
         self._check_memory(config)
+        stage = stages.of(config.corrupt)
+        if not isinstance(stage, stages.Patches):
+            raise BlipTraceError(f"corrupt={config.corrupt!r} acts after the vision encoder: its input is not "
+                                 "corrupted (use corrupt='patches' or 'pixels')")
         with torch.no_grad():
-            return self._corrupted_patches(config, torch.Generator().manual_seed(int(config.seed)))
+            clean = stage.clean_input(self.session)
+            return stage.patches(self, self.corrupt_input(config, clean, torch.Generator().manual_seed(int(config.seed))))
 
     def corrupted(self, config: TraceConfig) -> Corrupted:
         """The corrupted runs for ``config``'s corruption, samples and seed (cached): the first draw of the seed."""
@@ -240,7 +198,7 @@ class CorruptedRuns:
     def clean_run(self, block: Any, target: Target) -> Run:
         """The clean run of ``block`` for ``target`` (cached when it depends on the target)."""
         with torch.no_grad():
-            if not block.reads_target:
+            if not block.runs_per_target:
                 return block.clean_run(self.session.context, target)
             return self._clean_target.get_or_make((block.name, target), lambda: block.clean_run(self.session.context, target))
 
@@ -249,7 +207,7 @@ class CorruptedRuns:
         """Clean run, corrupted run and cross states of ``block``; ``corrupted=None`` means the cached first draw."""
         with torch.no_grad():
             clean = self.clean_run(block, target)
-            if block.reads_target and corrupted is None:
+            if block.runs_per_target and corrupted is None:
                 run, cross = self._target_run(block, config, target)
             else:
                 run, cross = block.corrupted_run(self.session.context, corrupted or self.corrupted(config), target)
@@ -257,13 +215,5 @@ class CorruptedRuns:
 
     def skip_draw(self, config: TraceConfig, generator: torch.Generator) -> None:
         """Advance ``generator`` past the low score's draw without running the model."""
-        start = {"question": lambda: self.session.blocks.reader.first_states(self.session),
-                 "image": lambda: self.session.clean.image_embeds, "pixels": lambda: self.session.pixels,
-                 "patches": lambda: self.session.vision.embed(self.session.pixels),
-                 "queries": lambda: clean_queries(self.session, "queries"),
-                 "projected": lambda: clean_queries(self.session, "projected")}[str(config.corrupt)]
         with torch.no_grad():
-            if config.corrupt == "question" and reads_prompt(self.session):
-                corrupted_question(self, config, generator)
-            else:
-                self.corrupt_input(config, start(), generator)
+            stages.of(config.corrupt).skip(self, config, generator)

@@ -45,9 +45,9 @@ from ..core.scoring import Scores, Target, score_rows
 from ..models.attention import Cell
 from ..models.chunks import chunks
 from ..models.runs import ChunkEdits, Run, cell_pairs, staircase, start_layer
+from . import directions, stages
 from .blocks.base import Block, Pass
 from .config import TraceConfig, cache_key
-from .prompt_noise import downstream_prompt
 from .qk_fix import attention_gradients, qk_correction
 
 
@@ -81,7 +81,7 @@ class Gradients:
 
 def _scores(runs: Runs, block: Block, final: torch.Tensor, target: Target, config: TraceConfig) -> torch.Tensor:
     """Per-row scores [S, C] of final states [S, C, T, D]."""
-    logits = block.logits(runs.context, final, target, downstream_prompt(runs, block, config))
+    logits = block.logits(runs.context, final, target, stages.of(config.corrupt).downstream_prompt(runs, block, config, None))
     s, c = logits.shape[:2]
     return score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c)
 
@@ -161,13 +161,9 @@ def _base(runs: Runs, block: Block, config: TraceConfig, target: Target,
     those ([S, T, D]): each cell's path runs from the base states to the patched ones."""
     clean, run, cross = runs.runs(block, config, target)
     kind = config.kind
-    deltas = _deltas(clean.kinds[kind], run.kinds[kind])
-    if config.direction != "noise":
-        return run, cross, run.kinds[kind], deltas
-    samples = int(run.inputs[0].shape[0])
-    base = Run([x.expand(samples, *x.shape[1:]) for x in clean.inputs])
-    states = [x.expand(samples, *x.shape[1:]) for x in clean.kinds[kind]]
-    return base, block.clean_cross(runs.context, target), states, [-d for d in deltas]
+    base, states, paths, clean_cross = directions.of(config.direction).estimate_paths(
+        clean, run, kind, _deltas(clean.kinds[kind], run.kinds[kind]))
+    return base, (block.clean_cross(runs.context, target) if clean_cross else cross), states, paths
 
 
 def cancellation(runs: Runs, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
@@ -351,7 +347,7 @@ class Estimator:
         """The first-order terms at the run a trace patches into: the corrupted run (denoising) or the clean
         run (noising); ``scores`` are that run's."""
         key = (block.name, cache_key(config, "decoder"), target, config.metric, config.direction)
-        make = clean_gradients if config.direction == "noise" else corrupted_gradients
+        make = corrupted_gradients if directions.of(config.direction).restores else clean_gradients
         return self._gradients.get_or_make(key, lambda: make(self.source, block, config, target))
 
     def clear(self) -> None:

@@ -26,12 +26,12 @@ from ..core.errors import BlipTraceError
 from ..core.scoring import Scores, Target, score_rows
 from ..models.attention import Cell
 from ..models.chunks import chunks
-from ..models.runs import ChunkEdits, Run, staircase, start_layer
+from ..models.runs import ChunkEdits, staircase, start_layer
+from . import directions, stages
 from .blocks.base import Block, Corrupted
 from .config import TraceConfig
 from .corrupted import CorruptedRuns
 from .estimates import Estimator
-from .prompt_noise import downstream_prompt
 
 Advance = Callable[[int], None]  # told how many more cells are done
 
@@ -85,34 +85,29 @@ class ExactScorer:
         session = self.runs.context
         clean_run, corrupted_run, cross = self.runs.runs(block, config, target, corrupted)
         _check_cells(block, cells, int(clean_run.kinds[config.kind][0].shape[1]))  # positions, or head units
-        clean_states = [x[0] for x in clean_run.kinds[config.kind]]
+        direction = directions.of(config.direction)
+        base, patched, severed, clean_cross = direction.patched(clean_run, corrupted_run, config.kind, config.sever)
         if donor is not None:
-            if config.direction != "denoise":
+            if not direction.restores:
                 raise BlipTraceError("a donor draw replaces the clean states that restoring patches in: use it with "
                                      "direction='denoise'")
             given = self.runs.runs(block, config, target, donor)[1]
             if int(given.inputs[0].shape[0]) != int(corrupted_run.inputs[0].shape[0]):
                 raise BlipTraceError(f"the donor draw has {int(given.inputs[0].shape[0])} samples and the corrupted "
                                      f"one {int(corrupted_run.inputs[0].shape[0])}: draw both with the same samples")
-            clean_states = list(given.kinds[config.kind])  # [samples, ...] per layer: sample s from sample s
-        severed = corrupted_run.kinds[config.sever] if config.sever else None
-        if config.direction == "noise":  # the clean run is the base; each sample's corrupted states are patched in
-            samples = int(corrupted_run.inputs[0].shape[0])
-            clean_states = list(corrupted_run.kinds[config.kind])
-            if config.sever:  # the severed sublayer is held at the base run's values: the clean ones
-                severed = [x.expand(samples, *x.shape[1:]) for x in clean_run.kinds[config.sever]]
-            corrupted_run = Run([x.expand(samples, *x.shape[1:]) for x in clean_run.inputs])
+            patched = list(given.kinds[config.kind])  # [samples, ...] per layer: sample s from sample s
+        if clean_cross:
             cross = block.clean_cross(session, target)
-        prompt = downstream_prompt(self.runs, block, config, corrupted)  # InstructBLIP's prompt, if corrupted
+        prompt = stages.of(config.corrupt).downstream_prompt(self.runs, block, config, corrupted)
         n_layers, samples = len(block.stack), int(config.samples)
         order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], config.kind, n_layers))
         mean, stderr, draws = np.empty(len(cells)), np.empty(len(cells)), np.empty((samples, len(cells)))
         rows = block.rows_per_chunk(session, config, target)
         for chunk in chunks(order, max(1, rows // samples)):
             chunk_cells = [cells[i] for i in chunk]
-            edits = ChunkEdits.build(config.kind, clean_states, chunk_cells, session.device, sever=config.sever,
+            edits = ChunkEdits.build(config.kind, patched, chunk_cells, session.device, sever=config.sever,
                                       severed=severed, sever_at=config.sever_at)
-            logits = block.logits(session, staircase(block.stack, corrupted_run, cross, chunk_cells, edits), target,
+            logits = block.logits(session, staircase(block.stack, base, cross, chunk_cells, edits), target,
                                   prompt)
             s, c = logits.shape[:2]
             scores = score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c).double()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..core.errors import BlipTraceError
-from ..core.names import QUERY_STAGES, STAGES
+from ..core.names import STAGES
 
 
 def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image", limit: int = 200) -> float:
@@ -34,10 +34,10 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
     """
     from ..datasets.easy_vqa import text_of
     from ..datasets.subsets import as_samples, open_image
+    from . import stages
     from .clean import CleanPass
-    from .prompt_noise import clean_queries
 
-    if stage not in STAGES:
+    if stage not in stages.BY_NAME:
         raise BlipTraceError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
     values = []
     for count, item in enumerate(as_samples(samples)):
@@ -45,17 +45,7 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
             break
         session = CleanPass(bundle, open_image(item.image), text_of(bundle.head, item))
         with torch.no_grad():
-            if stage == "image":
-                values.append(session.embed_image(session.image).float().flatten())
-            elif stage == "patches":
-                values.append(session.vision.embed(session.pixels).float().flatten())
-            elif stage == "pixels":
-                values.append(session.pixels.float().flatten())
-            elif stage in QUERY_STAGES:  # the Q-Former's output queries, or their projection
-                values.append(clean_queries(session, stage).float().flatten())
-            else:
-                stack = session.blocks.reader.stack  # the text block that reads the image (question or ITM text)
-                values.append(stack.embed(session.ids(session.question_ids)).float().flatten())
+            values.append(stages.of(stage).clean_input(session).float().flatten())
     if not values:
         raise BlipTraceError("estimate_sigma needs at least one (image, question) sample")
     return float(torch.cat(values).std())

@@ -36,6 +36,7 @@ from ..core.names import (
     facts,
 )
 from ..models.heads import metric_label
+from . import directions
 
 
 class TraceResult(Protocol):
@@ -144,10 +145,8 @@ def trace_title(result: TraceResult, width: int = 70) -> str:
     samples = config.get("samples")
     fresh = ", fresh per cell" if config.get("fresh_noise") else ""
     how = corruption_text(config) + (f", {samples} noise sample{'s' if samples != 1 else ''}{fresh}" if samples else "")
-    what = f"Restoring {BLOCK_LABELS.get(result.block, result.block)} {KIND_LABELS.get(result.kind, result.kind)}"
-    if result.direction == "noise":
-        what = (f"Noising: corrupted {BLOCK_LABELS.get(result.block, result.block)} "
-                f"{KIND_LABELS.get(result.kind, result.kind)} patched into the clean run")
+    what = directions.of(result.direction).what(BLOCK_LABELS.get(result.block, result.block),
+                                                 KIND_LABELS.get(result.kind, result.kind))
     if "restored_labels" in config:  # a head map: where its heads are restored
         labels = list(config["restored_labels"])
         what += (" at every position" if config.get("position") is None
@@ -216,16 +215,17 @@ def _scale(result: TraceResult, data: np.ndarray, top: str) -> tuple[float, floa
         if full - white < floor:
             return white, white + floor, label + f" (the data's range, widened to the floor {floor:g})"
         return white, (full if full > white else white + 1e-9), label + " (the data's range)"
-    noising = result.direction == "noise"
-    white, full = (result.high_score, result.low_score) if noising else (result.low_score, result.high_score)
-    ends = "clean" if noising else "corrupted", "corrupted" if noising else "clean"
+    direction = directions.of(result.direction)
+    scores = {"clean": result.high_score, "corrupted": result.low_score}
+    white, full = scores[direction.ends[0]], scores[direction.ends[1]]
+    ends = direction.ends
     if top == "max" and finite.size:
         way = 1.0 if full >= white else -1.0
         full = white + way * float(np.max((finite - white) * way))
         ends = ends[0], "the furthest cell"
     label += f" (white at {ends[0]}, full colour at {ends[1]})"
     if abs(full - white) < floor:  # widened away from where nothing is patched, which stays white
-        way = (1.0 if full >= white else -1.0) if full != white else (-1.0 if noising else 1.0)
+        way = (1.0 if full >= white else -1.0) if full != white else (1.0 if direction.restores else -1.0)
         full = white + way * floor
         label += f"; widened to the floor {floor:g}"
     return white, full, label
@@ -237,9 +237,7 @@ def negative_text(result: TraceResult) -> str:
     count = int(result.negative_cells().sum())
     if not count:
         return ""
-    noising, raised = result.direction == "noise", result.total_effect < 0
-    where = ("past the clean score" if noising else "beyond the corrupted score") if raised else (
-        "above the clean score" if noising else "below the corrupted score")
+    where = directions.of(result.direction).beyond(raised=result.total_effect < 0)
     return f"{count} cell{'s' if count != 1 else ''} {where}"
 
 

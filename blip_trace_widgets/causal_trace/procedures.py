@@ -34,8 +34,9 @@ from typing import Any
 import torch
 
 from ..core.errors import BlipTraceError
-from ..core.names import PAPER_NOISE_STD, ROME_NOISE_SCALE
+from ..core.names import DEFAULT_SAMPLES, PAPER_NOISE_STD, ROME_NOISE_SCALE
 from ..corruptions.kinds import GaussianNoise, MultiplicativeNoise, Scale
+from . import stages
 from .config import TraceConfig
 
 
@@ -64,7 +65,7 @@ class Procedure:
 PROCEDURES: dict[str, Procedure] = {
     "rome": Procedure(
         "rome", "ROME's: Gaussian noise of 3σ, 10 samples drawn once and shared by every cell",
-        {"corruption": GaussianNoise(ROME_NOISE_SCALE), "samples": 10, "fresh_noise": False}),
+        {"corruption": GaussianNoise(ROME_NOISE_SCALE), "samples": DEFAULT_SAMPLES, "fresh_noise": False}),
     "paper": Procedure(
         "paper", "the paper's: image embeddings times N(1, 5²), 1 sample, a fresh draw for every cell",
         {"corruption": MultiplicativeNoise(PAPER_NOISE_STD), "samples": 1, "fresh_noise": True, "corrupt": "image"}),
@@ -88,8 +89,7 @@ def default_corruption(bundle: Any, stage: str) -> Callable[..., torch.Tensor]:
 
     One function serves the explorers and the command line, so they agree.
     """
-    scale = float(getattr(bundle, "noise_scale", ROME_NOISE_SCALE)) if stage == "image" else ROME_NOISE_SCALE
-    return GaussianNoise(scale)
+    return stages.of(stage).default_corruption(bundle)
 
 
 def resolve_config(bundle: Any, procedure: str = "rome", **fields: Any) -> TraceConfig:

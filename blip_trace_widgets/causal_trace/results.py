@@ -28,6 +28,7 @@ from ..core.names import METRIC_LABELS, NEGATIVE_STDERRS, TINY_ABSOLUTE, TINY_EF
 from ..core.significance import Uncertainty
 from ..models import heads
 from ..models.heads import metric_label
+from . import directions
 
 #: Version of the saved JSON layout; files without one are version 1 (no stderr, NaN as bare tokens); version 2
 #: has no per-draw effects (``draws``).
@@ -275,7 +276,7 @@ class TraceResult(Uncertainty):
     def indirect_effect(self) -> np.ndarray:
         """ROME's indirect effect, score − low; when noising, what a cell takes away, high − score. NaN for n/a
         cells (:attr:`absent_cells`), which have nothing to restore."""
-        effect = self.high_score - self.scores if self.direction == "noise" else self.scores - self.low_score
+        effect = directions.of(self.direction).effect(self.scores, low=self.low_score, high=self.high_score)
         return np.where(self.absent_cells, np.nan, effect)
 
     @property

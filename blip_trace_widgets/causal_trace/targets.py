@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from ..core.errors import BlipTraceError
 from ..core.inputs import encode_answer
+from ..core.names import facts
 from ..core.roles import first_content_word, words_of
 from ..core.scoring import Target
 from ..models import anatomy
+from . import stages
 from .clean import CleanPass
 from .config import TraceConfig
 
@@ -113,3 +115,4 @@ class Targets:
         """Refuse settings that mean nothing for this model's head, naming what to use."""
         anatomy.check_head_block(self.session.head, config.block)
         self.session.task.check(config)
+        stages.of(config.corrupt).check_model(self.session.task, facts(config.block))

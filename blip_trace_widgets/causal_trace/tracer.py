@@ -30,8 +30,8 @@ from ..core.scoring import Scores, Target, score_rows
 from ..models import heads
 from ..models.attention import Cell, Progress
 from ..models.chunks import DEFAULT_MEMORY_BUDGET
-from ..models.heads import CaptionHead
 from ..models.loading import BlipBundle
+from . import directions, stages
 from .captioning import CaptionTrace, trace_words
 from .clean import CleanPass
 from .config import CACHE_PARTS, TraceConfig, cache_key  # noqa: F401  (public here too)
@@ -133,7 +133,7 @@ class Tracer:
             return score_rows(last.logits(self.session.context, run.output[:, None], target)[:, 0], target, config.metric)
 
         high = score(self.clean_run(last, target))
-        if config.method == "estimate" and config.direction == "denoise" and corrupted is None:
+        if config.method == "estimate" and directions.of(config.direction).restores and corrupted is None:
             low = self.estimator.gradients(self.blocks[config.block], config, target).scores
         else:
             low = score(self.runs(last, config, target, corrupted)[1])
@@ -197,7 +197,7 @@ class Tracer:
         target = self.target(config)
         layout = block.layout(self.session.context, config, target)
         extra = dict(layout.extra)
-        if config.corrupt == "question" and not is_head_kind(config.kind):  # a head map's rows are heads
+        if stages.of(config.corrupt).text and not is_head_kind(config.kind):  # a head map's rows are heads
             extra["corrupted_positions"] = self.corrupt_positions(config)
         if getattr(config.corruption, "deterministic", False):
             extra.update(deterministic=True, samples_asked=asked)
@@ -252,13 +252,8 @@ def _paired_effects(config: TraceConfig, draws: np.ndarray | None, low: np.ndarr
     None where the cells do not share one draw (fresh noise per cell)."""
     if draws is None:
         return None
-    if config.direction == "noise":
-        effects = high - draws
-    elif low.shape[0] != draws.shape[0]:
-        return None
-    else:
-        effects = draws - low[:, None]
-    return effects.reshape(draws.shape[0], *shape)
+    effects = directions.of(config.direction).paired(draws, low=low, high=high)
+    return None if effects is None else effects.reshape(draws.shape[0], *shape)
 
 
 def _contrast_text(tracer: Any, config: TraceConfig, target: Target) -> dict[str, Any]:
@@ -365,8 +360,7 @@ def trace(
     from .cost import warn_if_long
 
     if every_word:
-        if not isinstance(tracer.task, CaptionHead):
-            raise BlipTraceError('word="all" traces every word of a caption: use it with a captioning model')
+        tracer.task.check_every_word()
         warn_if_long(tracer, [replace(config, word=k) for k in range(len(tracer.caption_words(config.answer)))])
         return trace_words(tracer, config)
     if auto is not None:  # priced at its first round; its budget is said in the result
@@ -394,7 +388,7 @@ def trace_caption(bundle: BlipBundle, image: ImageLike, prompt: str = "", captio
     teacher-forced); the same as ``trace(bundle, image, prompt, answer=caption, word="all", ...)``. ``fields``
     are :class:`~.config.TraceConfig` fields (``block``, ``kind``, ``window``, ``corruption``, ``samples``, ...),
     the same for every word, with the same defaults as :func:`trace`."""
-    if not isinstance(bundle, BlipBundle) or not isinstance(heads.of(bundle), CaptionHead):
+    if not isinstance(bundle, BlipBundle) or not heads.of(bundle).scores_words:
         raise BlipTraceError("trace_caption needs a captioning model: load_model('demo-caption') or "
                              "load_model('Salesforce/blip-image-captioning-base')")
     if {"word", "target", "answer"} & set(fields):

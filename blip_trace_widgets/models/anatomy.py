@@ -19,7 +19,7 @@ blur the kinds into ``hidden``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -38,9 +38,11 @@ from ..core.names import (
     QFORMER,
     QUESTION_ENCODER,
     TEXT_BLOCKS,
+    VISION_ENCODER,
+    Block,
+    Kind,
     kinds_of,
 )
-from ..core.names import VISION_ENCODER as VISION_BLOCK
 from .heads import BLOCKS_OF, head_of_model
 from .heads import of as head_named
 
@@ -50,7 +52,7 @@ LAYERS: dict[str, str] = {
     ANSWER_DECODER: "text_decoder.bert.encoder.layer",
     CAPTION_DECODER: "text_decoder.bert.encoder.layer",  # BlipForConditionalGeneration's decoder
     ITM_ENCODER: "text_encoder.encoder.layer",  # BlipForImageTextRetrieval's text encoder
-    VISION_BLOCK: "vision_model.encoder.layers",  # BLIP's ViT, and BLIP-2's (the same module names)
+    VISION_ENCODER: "vision_model.encoder.layers",  # BLIP's ViT, and BLIP-2's (the same module names)
     QFORMER: "qformer.encoder.layer",  # Blip2ForConditionalGeneration's querying transformer
     LANGUAGE_MODEL: "language_model.model.decoder.layers",  # BLIP-2's OPT decoder
     LM_ENCODER: "language_model.encoder.block",  # a Flan-T5 language model's encoder
@@ -72,7 +74,7 @@ BLOCK_SUFFIXES: dict[str, dict[str, str]] = {
     QFORMER: {**TEXT_SUFFIXES, "mlp": ".output_query.dense"},
     # The ViT is pre-LN: h1 = h + SA(LN1(h)), h2 = h1 + MLP(LN2(h1)); .self_attn and .mlp
     # output exactly what each sublayer adds to the residual stream.
-    VISION_BLOCK: {"hidden": "", "self_attn": ".self_attn", "mlp": ".mlp"},
+    VISION_ENCODER: {"hidden": "", "self_attn": ".self_attn", "mlp": ".mlp"},
     # OPT is pre-LN too: out_proj and fc2 output what each sublayer adds to the residual stream.
     LANGUAGE_MODEL: {"hidden": "", "self_attn": ".self_attn.out_proj", "mlp": ".fc2"},
     # T5 is pre-LN (RMSNorm): the attention's ``o`` and the feed-forward's DenseReluDense output what each adds.
@@ -94,7 +96,7 @@ EMBEDDINGS: dict[str, str] = {
     CAPTION_DECODER: "text_decoder.bert.embeddings",
     ITM_ENCODER: "text_encoder.embeddings",
 }
-VISION_ENCODER = "vision_model"
+VISION_MODULE = "vision_model"  # the vision encoder module (BLIP's and BLIP-2's)
 VISION_EMBEDDINGS = "vision_model.embeddings"  # patch embeddings + CLS + positions: [B, 1 + g*g, D]
 VISION_POST_NORM = "vision_model.post_layernorm"
 ANSWER_HEAD = "text_decoder.cls.predictions"  # the language-model head of the VQA and caption decoders
@@ -231,18 +233,18 @@ VISION_LAYER_PARTS: dict[str, str] = {
 }
 
 
-def check_block(block: str) -> str:
+def check_block(block: str) -> Block:
     if block not in BLOCKS:
         raise BlipTraceError(f"unknown block {block!r}: use one of {', '.join(BLOCKS)}")
-    return block
+    return cast(Block, block)
 
 
-def check_kind(kind: str, block: str | None = None) -> str:
+def check_kind(kind: str, block: str | None = None) -> Kind:
     if kind not in KINDS:
         raise BlipTraceError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
     if block is not None and kind not in kinds_of(block):
         raise BlipTraceError(f"the {BLOCK_LABELS.get(block, block)} has no {kind!r}: use one of {', '.join(kinds_of(block))}")
-    return kind
+    return cast(Kind, kind)
 
 
 def module_name(block: str, kind: str, layer: int) -> str:
@@ -433,7 +435,7 @@ class VisionLayer:
 
 
 def vision_layers(model: nn.Module) -> list[VisionLayer]:
-    stack = get_module(model, LAYERS[VISION_BLOCK])
+    stack = get_module(model, LAYERS[VISION_ENCODER])
     return [VisionLayer(**{role: get_module(layer, path) for role, path in VISION_LAYER_PARTS.items()}) for layer in stack]
 
 
@@ -454,7 +456,7 @@ def text_embeddings(model: nn.Module, block: str) -> nn.Module:
 
 
 def vision_encoder(model: nn.Module) -> nn.Module:
-    return get_module(model, VISION_ENCODER)
+    return get_module(model, VISION_MODULE)
 
 
 def answer_head(model: nn.Module) -> nn.Module:
@@ -482,7 +484,7 @@ def text_config(model: Any) -> Any:
 
 #: Where the model's configuration keeps a block's transformer's, where that is not ``text_config`` (the text
 #: transformers', and BLIP-2's language model's): the ViT's, and BLIP-2's Q-Former's own.
-BLOCK_CONFIGS: dict[str, str] = {VISION_BLOCK: "vision_config", QFORMER: "qformer_config"}
+BLOCK_CONFIGS: dict[str, str] = {VISION_ENCODER: "vision_config", QFORMER: "qformer_config"}
 
 
 def block_config(model: Any, block: str) -> Any:

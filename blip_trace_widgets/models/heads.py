@@ -35,7 +35,6 @@ from ..core.names import (
     INSTRUCTBLIP_T5,
     ITM,
     ITM_ENCODER,
-    LANGUAGE_BLOCKS,
     LANGUAGE_MODEL,
     LM_DECODER,
     LM_ENCODER,
@@ -43,7 +42,6 @@ from ..core.names import (
     MAX_CAPTION_TOKENS,
     METRIC_LABELS,
     QFORMER,
-    QUERY_STAGES,
     QUESTION_ENCODER,
     VISION_ENCODER,
     VQA,
@@ -131,6 +129,24 @@ class Head(ABC):
     language: ClassVar[str | None] = None
     #: Whether the model's answer on a counterfactual input supplies a logit difference's contrast.
     answers_counterfactuals: ClassVar[bool] = False
+    #: Whether its output is a caption whose words are scored one at a time (``word=k``; ``word="all"`` traces each).
+    scores_words: ClassVar[bool] = False
+    #: Whether it says p(match) for an image and a text.
+    matches: ClassVar[bool] = False
+    #: Whether its model has a Q-Former whose output queries a language model reads (BLIP-2, InstructBLIP).
+    has_queries: ClassVar[bool] = False
+    #: Whether its Q-Former reads the question too, as an instruction (InstructBLIP).
+    reads_instruction: ClassVar[bool] = False
+
+    def check_every_word(self) -> None:
+        """Refuses ``word="all"`` unless the head's output is a caption."""
+        if not self.scores_words:
+            raise BlipTraceError('word="all" traces every word of a caption: use it with a captioning model')
+
+    def check_matches(self) -> None:
+        """Refuses p(match) unless the head is an image-text matcher."""
+        if not self.matches:
+            raise BlipTraceError("p(match) comes from an image-text matching model: load one such as demo-itm")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -195,13 +211,6 @@ class Head(ABC):
             raise BlipTraceError(f"metric {config.metric!r} does not apply to {self.a_model}: use one of "
                                  f"{', '.join(self.metrics)}")
         self.check_word(config.word)
-        self.check_stage(config.corrupt)
-
-    def check_stage(self, stage: str | None) -> None:
-        """Refuse a corruption stage this head's model does not have."""
-        if stage in QUERY_STAGES:
-            raise BlipTraceError(f"corrupt={stage!r} is noise on BLIP-2's Q-Former outputs: this model has none; "
-                                 "corrupt the image, the patches, the pixels or the question")
 
     def check_word(self, word: int | None) -> None:
         """Refuse a caption word for a head that scores no caption."""
@@ -279,6 +288,7 @@ class CaptionHead(Head):
     text, scored, unit, said = "prompt", "caption word", "captions", "model's caption"
     metrics = ("prob", "logprob", "logit_diff")
     needs_text = False
+    scores_words = True
 
     def encode(self, tokenizer: Any, text: Any, limit: int, bos: int) -> tuple[str, list[int]]:
         return encode_prompt(tokenizer, text, limit, bos)
@@ -322,6 +332,7 @@ class ItmHead(Head):
     text, scored, unit, said = "text", "match", "image-text pairs", "model"
     metrics = ("prob", "logprob", "itc")
     text_option = "--text"
+    matches = True
 
     def model_answer(self, reading: Reading) -> str:
         return "match" if reading.match_probability >= 0.5 else "no match"
@@ -383,8 +394,7 @@ class Blip2Head(Head):
     answers_counterfactuals = True
     #: The language model's prompt around the question.
     prompt: ClassVar[str] = BLIP2_PROMPT
-    #: Whether the Q-Former reads the question too (InstructBLIP's instruction).
-    reads_instruction: ClassVar[bool] = False
+    has_queries = True
 
     def encode(self, tokenizer: Any, text: Any, limit: int, bos: int) -> tuple[str, list[int]]:
         checked = check_question(text, self.text)
@@ -422,20 +432,6 @@ class Blip2Head(Head):
         prompt = tuple(reading.question_ids)
         return Target((*prompt, *tokens[:-1]), tokens, self.queries(reading.bundle.model) + len(prompt) - 1, contrast)
 
-    def check_stage(self, stage: str | None) -> None:
-        pass  # every stage: the queries are this model's (checked against the block in check)
-
-    def check(self, config: Any) -> None:
-        super().check(config)
-        if config.corrupt == "question" and config.block == QFORMER and not self.reads_instruction:
-            raise BlipTraceError("BLIP-2's Q-Former does not read the question (only its language model does), so "
-                                 "restoring it undoes nothing: trace a block of the language model, or corrupt the "
-                                 "image")
-        if config.corrupt in QUERY_STAGES and config.block not in LANGUAGE_BLOCKS:
-            blocks = " or ".join(repr(b) for b in self.blocks if b in LANGUAGE_BLOCKS)
-            raise BlipTraceError(f"corrupt={config.corrupt!r}, noise on the queries, acts after every block but the "
-                                 f"language model, so restoring them undoes nothing: trace block={blocks}, or corrupt "
-                                 "the image")
 
 
 class InstructBlipHead(Blip2Head):

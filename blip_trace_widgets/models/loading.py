@@ -26,7 +26,7 @@ from typing import Any, Union
 import torch
 
 from ..core.errors import BlipTraceError, UnavailableError
-from ..core.names import DEMO_MODELS, HUB_MODELS, QUESTION_ENCODER
+from ..core.names import DEMO_MODELS, HUB_MODELS, QUESTION_ENCODER, ROME_NOISE_SCALE
 from .anatomy import check_blip
 from .heads import BY_NAME
 
@@ -37,7 +37,6 @@ DEMO_DIRS: dict[str, Path] = {name: Path(__file__).resolve().parents[1] / folder
                                "demo-blip2": "demo_blip2", "demo-instructblip": "demo_instructblip"}.items()}
 #: Optional file in a model folder: tracing defaults that suit that model.
 TRACE_DEFAULTS_FILE = "trace_defaults.json"
-ROME_NOISE_SCALE = 3.0
 #: Memory a trace needs beside the weights (activations, corrupted runs; measured on a BLIP-base-sized model).
 TRACE_HEADROOM = 700 << 20
 

@@ -33,12 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from ..causal_trace import stages
 from ..causal_trace.averages import upgrade_table
 from ..causal_trace.results import TraceResult
 from ..causal_trace.tracer import TraceConfig, Tracer
 from ..core.errors import BlipTraceError, renamed
 from ..core.inputs import image_digest
-from ..core.names import VQA
+from ..core.names import ANSWER_MODES, VQA
 from ..core.roles import position_roles
 from ..datasets.easy_vqa import VQASample, text_of
 from ..datasets.subsets import as_samples, image_id, open_image
@@ -50,7 +51,6 @@ MANIFEST = "sweep.json"
 DAMAGED = "damaged"
 TABLE = "sweep.parquet"
 PARTS = "parts"
-ANSWER_MODES = ("model", "expected")
 
 
 def is_correct(model_answer: str, expected: str | None) -> bool | None:
@@ -130,7 +130,7 @@ def pair_configs(configs: Sequence[TraceConfig], item: Any) -> list[TraceConfig]
     from ..datasets.subsets import open_image
 
     swap = ImageSwap(open_image(item.counterfactual_image))
-    return [replace(c, corruption=swap, samples=1, corrupt=c.corrupt if c.corrupt != "question" else "image",
+    return [replace(c, corruption=swap, samples=1, corrupt=c.corrupt if not stages.of(c.corrupt).text else "image",
                     contrast=item.counterfactual_answer if c.metric == "logit_diff" else c.contrast) for c in configs]
 
 

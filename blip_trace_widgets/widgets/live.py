@@ -233,8 +233,12 @@ class LiveView(W.VBox):
     #: The result on screen and the configuration it was traced with, as traitlets: ``explorer.observe(callback,
     #: names="result")`` is called with every new map (estimates and exact maps alike). ``controls_config()`` is
     #: what the controls describe now, before any trace.
-    result = traitlets.Any(None, allow_none=True)
-    config = traitlets.Any(None, allow_none=True)
+    result = traitlets.Union([traitlets.Instance("blip_trace_widgets.causal_trace.results.TraceResult"),
+                              traitlets.Instance("blip_trace_widgets.attention_knockout.result.KnockoutResult")],
+                             default_value=None, allow_none=True)
+    config = traitlets.Union([traitlets.Instance("blip_trace_widgets.causal_trace.config.TraceConfig"),
+                              traitlets.Instance("blip_trace_widgets.attention_knockout.knockout.KnockoutConfig")],
+                             default_value=None, allow_none=True)
     background: bool
     progress: W.IntProgress
     status: W.HTML
@@ -254,7 +258,7 @@ class LiveView(W.VBox):
         self.bundle = bundle
         self.head = bundle.head
         self.task = heads.of(bundle)
-        self.captions = isinstance(self.task, heads.CaptionHead)  # a caption's words are scored, one at a time
+        self.captions = self.task.scores_words  # a caption's words are scored, one at a time
         if image is None and gallery is None:
             gallery = default_gallery(self.head)
         self.gallery_items = check_gallery(gallery, self.head)

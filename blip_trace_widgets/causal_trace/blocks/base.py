@@ -36,7 +36,6 @@ from ...models.attention import Cell, head_unit
 from ...models.blip.stacks import TextStack
 from ...models.chunks import rows_per_chunk
 from ...models.runs import Run, group_cells, shared_cross
-from ..config import TraceConfig
 
 
 class Pass(Protocol):
@@ -74,6 +73,29 @@ class Pass(Protocol):
     def ids(self, ids: Sequence[int]) -> torch.Tensor: ...
 
     def itc_text_feature(self, projection: Any) -> torch.Tensor: ...
+
+
+class Settings(Protocol):
+    """What blocks and corruption stages read of a trace's configuration (a :class:`~..config.TraceConfig`)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def window(self) -> int: ...
+    @property
+    def position(self) -> Any: ...
+    @property
+    def regions(self) -> Any: ...
+    @property
+    def samples(self) -> Any: ...
+    @property
+    def corrupt(self) -> str | None: ...
+    @property
+    def corrupt_tokens(self) -> Any: ...
+    @property
+    def corruption(self) -> Any: ...
+    @property
+    def direction(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -165,7 +187,9 @@ class Block(Protocol):
     name: str
     facts: ClassVar[BlockFacts]
     stack: Any  # a Stack: TextStack or VisionStack
-    reads_target: bool  # whether its runs depend on the target's tokens (then they are cached per target)
+    #: Whether its runs are made per target (they read the target's tokens, as a decoder's do, or are made per
+    #: trace, as T5's encoder's are) and kept per target; else made once per corrupted draw.
+    runs_per_target: bool
 
     @property
     def image_side(self) -> bool: ...
@@ -173,7 +197,7 @@ class Block(Protocol):
     @property
     def default_stage(self) -> str: ...
 
-    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout: ...
+    def layout(self, session: Pass, config: Settings, target: Target) -> Layout: ...
 
     def labels(self, session: Pass, target: Target) -> list[str]: ...
 
@@ -183,7 +207,7 @@ class Block(Protocol):
 
     def clean_cross(self, session: Pass, target: Target) -> Cross: ...
 
-    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int: ...
+    def rows_per_chunk(self, session: Pass, config: Settings, target: Target) -> int: ...
 
     def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """The head's outputs for final states [S, C, T, D]; ``prompt`` [S, P, D]: the language model's corrupted
@@ -191,7 +215,7 @@ class Block(Protocol):
         reads it twice); None: the clean prompt."""
 
 
-def text_layout(labels: list[str], stack: Any, config: TraceConfig) -> Layout:
+def text_layout(labels: list[str], stack: Any, config: Settings) -> Layout:
     absent = stack.absent.get(config.kind, [])
     extra = {"absent_layers": absent} if absent else {}
     if is_head_kind(config.kind):
@@ -220,7 +244,7 @@ def restored_positions(position: Any, labels: Sequence[str], text: bool) -> list
     return picked
 
 
-def head_layout(labels: Sequence[str], heads: int, layers: int, config: TraceConfig, text: bool = True) -> Layout:
+def head_layout(labels: Sequence[str], heads: int, layers: int, config: Settings, text: bool = True) -> Layout:
     """Rows are heads ``h0``…; each cell restores one head at the chosen positions over a window of layers."""
     positions = restored_positions(config.position, labels, text)
     units = [[head_unit(h, p, len(labels)) for p in positions] for h in range(heads)]
@@ -228,7 +252,7 @@ def head_layout(labels: Sequence[str], heads: int, layers: int, config: TraceCon
     return Layout([f"h{h}" for h in range(heads)], group_cells(units, layers, int(config.window)), extra)
 
 
-def text_rows(session: Pass, config: TraceConfig, positions: int, cross_tokens: int, decoder_tokens: int,
+def text_rows(session: Pass, config: Settings, positions: int, cross_tokens: int, decoder_tokens: int,
                block: str = QUESTION_ENCODER) -> int:
     text = anatomy.block_config(session.model, block)
     vocab = anatomy.text_config(session.model).vocab_size
@@ -271,7 +295,7 @@ class ImageReader(Facts, ABC):
     """A text block that cross-attends to the image embeddings; each head has one (see the module's notes)."""
 
     name: str
-    reads_target = False
+    runs_per_target = False
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.stack = TextStack(model, self.name)
@@ -297,7 +321,7 @@ class ImageReader(Facts, ABC):
         """Its input for ``target``, [1, T, D]."""
         return self.stack.embed(session.ids(self.input_ids(session, target)))
 
-    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+    def layout(self, session: Pass, config: Settings, target: Target) -> Layout:
         return text_layout(self.labels(session, target), self.stack, config)
 
     def clean_run(self, session: Pass, target: Target) -> Run:
@@ -312,7 +336,7 @@ class ImageReader(Facts, ABC):
         assert corrupted.text is not None
         return corrupted.text, corrupted.image_cross
 
-    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
+    def rows_per_chunk(self, session: Pass, config: Settings, target: Target) -> int:
         cross_tokens = int(session.clean.image_embeds.shape[1])
         positions = len(self.labels(session, target))
         return text_rows(session, config, positions, cross_tokens, self.decoder_tokens(target), self.name)

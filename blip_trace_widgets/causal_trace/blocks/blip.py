@@ -15,15 +15,14 @@ from ...core.scoring import Target
 from ...models import anatomy
 from ...models.blip.stacks import TextStack
 from ...models.runs import Run, record_run, shared_cross
-from ..config import TraceConfig
-from .base import Corrupted, Cross, Facts, ImageReader, Layout, Pass, cross_rows, text_layout, text_rows
+from .base import Corrupted, Cross, Facts, ImageReader, Layout, Pass, Settings, cross_rows, text_layout, text_rows
 
 
 class AnswerDecoder(Facts):
     """VQA's answer decoder (``text_decoder.bert``): positions are [DEC] and the earlier answer tokens."""
 
     name: str = ANSWER_DECODER
-    reads_target = True
+    runs_per_target = True
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.stack = TextStack(model, ANSWER_DECODER)
@@ -32,7 +31,7 @@ class AnswerDecoder(Facts):
     def labels(self, session: Pass, target: Target) -> list[str]:
         return list(session.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs)))
 
-    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+    def layout(self, session: Pass, config: Settings, target: Target) -> Layout:
         return text_layout(self.labels(session, target), self.stack, config)
 
     def cross_labels(self, session: Pass) -> list[str]:
@@ -58,7 +57,7 @@ class AnswerDecoder(Facts):
         assert corrupted.text is not None
         return self.run(session, corrupted.text.output, target)
 
-    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
+    def rows_per_chunk(self, session: Pass, config: Settings, target: Target) -> int:
         return text_rows(session, config, len(target.inputs), len(session.question_ids), len(target.inputs))
 
     def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,7 +101,7 @@ class CaptionDecoder(ImageReader):
     """The captioner's decoder: positions are [DEC], the prompt and the caption before the scored word."""
 
     name: str = CAPTION_DECODER
-    reads_target = True
+    runs_per_target = True
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)

@@ -18,8 +18,7 @@ from ...models.blip2.decoders import language_model_stack
 from ...models.blip2.qformer import QFormerStack
 from ...models.blip2.t5 import T5Stack
 from ...models.runs import Run, record_run, shared_cross
-from ..config import TraceConfig
-from .base import Corrupted, Cross, Facts, ImageReader, Layout, Pass, after_queries, cross_rows, text_layout, text_rows
+from .base import Corrupted, Cross, Facts, ImageReader, Layout, Pass, Settings, after_queries, cross_rows, text_layout, text_rows
 
 
 class LanguageModel(Facts):
@@ -27,7 +26,7 @@ class LanguageModel(Facts):
     reads it), then the prompt and the answer before the scored token."""
 
     name: str = LANGUAGE_MODEL
-    reads_target = True
+    runs_per_target = True
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.stack = language_model_stack(model)
@@ -36,7 +35,7 @@ class LanguageModel(Facts):
     def labels(self, session: Pass, target: Target) -> list[str]:
         return after_queries(self.queries, session.bundle.tokenizer.convert_ids_to_tokens(list(target.inputs)))
 
-    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+    def layout(self, session: Pass, config: Settings, target: Target) -> Layout:
         return text_layout(self.labels(session, target), self.stack, config)
 
     def run(self, session: Pass, query_states: torch.Tensor, target: Target, projected: bool = False,
@@ -62,7 +61,7 @@ class LanguageModel(Facts):
         assert corrupted.text is not None
         return self.run(session, corrupted.text.output, target, corrupted.projected, corrupted.prompt)
 
-    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
+    def rows_per_chunk(self, session: Pass, config: Settings, target: Target) -> int:
         return text_rows(session, config, len(self.labels(session, target)), 0, 1, LANGUAGE_MODEL)
 
     def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,7 +97,7 @@ class LanguageDecoder(Facts):
     token; it cross-attends to the encoder's output (the projected queries and the prompt, encoded)."""
 
     name: str = LM_DECODER
-    reads_target = True
+    runs_per_target = True
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.stack = T5Stack(model, LM_DECODER)
@@ -112,7 +111,7 @@ class LanguageDecoder(Facts):
         """What its cross-attention reads: the encoder's positions, the queries q0… then the prompt."""
         return after_queries(self.queries, session.bundle.tokenizer.convert_ids_to_tokens(list(session.question_ids)))
 
-    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+    def layout(self, session: Pass, config: Settings, target: Target) -> Layout:
         return text_layout(self.labels(session, target), self.stack, config)
 
     def encode(self, session: Pass, query_states: torch.Tensor, projected: bool = False,
@@ -148,7 +147,7 @@ class LanguageDecoder(Facts):
         """The token embeddings [1, P, D] of prompt tokens ``ids`` (what a corrupted question corrupts)."""
         return self.encoder.tokens(session.ids(ids))
 
-    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
+    def rows_per_chunk(self, session: Pass, config: Settings, target: Target) -> int:
         encoded = self.encoder.count + len(session.question_ids)
         return text_rows(session, config, len(target.inputs), encoded, len(target.inputs), LM_DECODER)
 
@@ -178,7 +177,7 @@ class LanguageEncoder(Facts):
     reads it), then the prompt; the decoder reads its output."""
 
     name: str = LM_ENCODER
-    reads_target = True  # its runs do not depend on the target, but are made per trace: cached as a decoder's are
+    runs_per_target = True  # its runs do not read the target, but are made per trace, and kept per target
 
     def __init__(self, model: torch.nn.Module, decoder: LanguageDecoder) -> None:
         self.stack = T5Stack(model, LM_ENCODER)
@@ -188,7 +187,7 @@ class LanguageEncoder(Facts):
     def labels(self, session: Pass, target: Target) -> list[str]:
         return after_queries(self.queries, session.bundle.tokenizer.convert_ids_to_tokens(list(session.question_ids)))
 
-    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+    def layout(self, session: Pass, config: Settings, target: Target) -> Layout:
         return text_layout(self.labels(session, target), self.stack, config)
 
     def run(self, session: Pass, query_states: torch.Tensor, projected: bool = False,
@@ -209,7 +208,7 @@ class LanguageEncoder(Facts):
         assert corrupted.text is not None
         return self.run(session, corrupted.text.output, corrupted.projected, corrupted.prompt)
 
-    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
+    def rows_per_chunk(self, session: Pass, config: Settings, target: Target) -> int:
         return text_rows(session, config, len(self.labels(session, target)), 0, len(target.inputs), LM_ENCODER)
 
     def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
@@ -242,7 +241,7 @@ class QFormer(ImageReader):
         tokenizer = session.bundle.processor.qformer_tokenizer
         return [*queries, *tokenizer.convert_ids_to_tokens(list(session.instruction_ids))]
 
-    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+    def layout(self, session: Pass, config: Settings, target: Target) -> Layout:
         """As any text block's; an instruction's positions never cross-attend, so their cross kinds are n/a."""
         layout = text_layout(self.labels(session, target), self.stack, config)
         if not session.instruction_ids or config.kind != "cross_attn":

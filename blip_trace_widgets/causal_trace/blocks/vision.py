@@ -17,15 +17,14 @@ from ...models import anatomy
 from ...models.blip.stacks import VisionStack
 from ...models.chunks import vision_rows_per_chunk
 from ...models.runs import Run, group_cells
-from ..config import TraceConfig
-from .base import Corrupted, Cross, Facts, ImageReader, Layout, Pass, head_layout
+from .base import Corrupted, Cross, Facts, ImageReader, Layout, Pass, Settings, head_layout
 
 
 class VisionEncoder(Facts):
     """The vision encoder (a pre-LN ViT): positions are CLS and the patches, or regions of patches."""
 
     name: str = VISION_ENCODER
-    reads_target = False
+    runs_per_target = False
 
     def __init__(self, model: torch.nn.Module, reader: ImageReader) -> None:
         self.stack = VisionStack(model)
@@ -37,7 +36,7 @@ class VisionEncoder(Facts):
         side = patch_grid_size(int(session.clean.image_embeds.shape[1]))
         return ["[CLS]", *(f"p{r}c{c}" for r in range(side) for c in range(side))]
 
-    def layout(self, session: Pass, config: TraceConfig, target: Target) -> Layout:
+    def layout(self, session: Pass, config: Settings, target: Target) -> Layout:
         side = patch_grid_size(int(session.clean.image_embeds.shape[1]))
         if is_head_kind(config.kind):
             return head_layout(self.labels(session, target), self.stack.heads, len(self.stack), config, text=False)
@@ -60,7 +59,7 @@ class VisionEncoder(Facts):
                 "use corrupt='patches' or corrupt='pixels'")
         return corrupted.vision, [None] * len(self.stack)
 
-    def rows_per_chunk(self, session: Pass, config: TraceConfig, target: Target) -> int:
+    def rows_per_chunk(self, session: Pass, config: Settings, target: Target) -> int:
         vision, text = anatomy.vision_config(session.model), anatomy.block_config(session.model, self.reader.name)
         return vision_rows_per_chunk(
             samples=config.samples, patches=int(session.clean.image_embeds.shape[1]), vision_hidden=vision.hidden_size,

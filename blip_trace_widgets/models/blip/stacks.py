@@ -16,7 +16,15 @@ from typing import Any
 import torch
 
 from ...core.errors import BlipTraceError
-from ...core.names import BLOCK_LABELS, CAUSAL_BLOCKS, TEXT_HEAD_KINDS, TEXT_KINDS, VISION_HEAD_KINDS, VISION_KINDS
+from ...core.names import (
+    BLOCK_LABELS,
+    CAUSAL_BLOCKS,
+    TEXT_HEAD_KINDS,
+    TEXT_KINDS,
+    VISION_ENCODER,
+    VISION_HEAD_KINDS,
+    VISION_KINDS,
+)
 from .. import anatomy
 from ..attention import Cut, Cuts, Dial, Edit, attend, attention_weights, cross_context, edit_heads, no_edit
 from ..runs import Run
@@ -154,7 +162,7 @@ class VisionStack:
     kinds = (*VISION_KINDS, *VISION_HEAD_KINDS)
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.block = anatomy.VISION_BLOCK
+        self.block = VISION_ENCODER
         self.layers = anatomy.vision_layers(model)
         self.embeddings = anatomy.vision_embeddings(model)
         self.post_norm = anatomy.vision_post_norm(model)
