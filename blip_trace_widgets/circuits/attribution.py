@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .graph import CircuitGraph, Point
-from .names import IMAGE, QE
+from .names import DEC, IMAGE, QE
 from .network import Record
 from .patching import Runs, _pick
 
@@ -76,25 +76,29 @@ def _gradients(runs: Runs, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return record.detached(), grads
 
 
-def _point_scores(runs: Runs, graph: CircuitGraph, point: Point, record: Record, grad: torch.Tensor,
-                  rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
-    """g_r · J_{r,u} Δc_u for every channel r at ``point`` and every slot u: [rows, channels, slots]; row i reads the
-    gradient run's row ``rows[i]`` and the endpoints' draw ``delta_rows[i]``."""
-    block = graph.shape.source_block(point)
+def _block_scores(runs: Runs, graph: CircuitGraph, block: str, record: Record, grads: dict[Point, torch.Tensor],
+                  rows: torch.Tensor, delta_rows: torch.Tensor) -> dict[Point, torch.Tensor]:
+    """g_r · J_{r,u} Δc_u for every channel r fed by ``block``'s nodes and every slot u, in one chain pass and one
+    backward: per point [rows, channels, slots]; row i reads the gradient run's row ``rows[i]`` and the endpoints'
+    draw ``delta_rows[i]``."""
+    points = [p for p in graph.index if graph.shape.source_block(p) == block]
+    widths = [graph.index[p].shape[0] for p in points]
+    offsets = np.concatenate([[0], np.cumsum(widths)]).tolist()
     base = _pick(record.img[:, None] if block == IMAGE else runs.net.contributions(record, block), rows)
-    grad = _pick(grad, rows)
     delta = _pick(runs.contributions("source", block), delta_rows) - _pick(runs.contributions("base", block), delta_rows)
     n = len(delta_rows)
-    gates = torch.zeros(n, grad.shape[1], base.shape[1], dtype=base.dtype, requires_grad=True)
+    gates = torch.zeros(n, offsets[-1], base.shape[1], dtype=base.dtype, requires_grad=True)
     with torch.enable_grad():
         if block == IMAGE:
             x = base[:, 0][:, None] + gates[:, :, :1, None] * delta.expand(n, -1, -1, -1)[:, 0][:, None]
+            outs = [x[:, a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         else:
-            upto = point if point.block == block else Point(QE, graph.shape.qe_layers, "in")
-            x = runs.net.chain(block, base, delta, gates, upto)
-        (x * grad).sum().backward()
+            final = Point(QE, graph.shape.qe_layers, "in")
+            stops = [(p if p.block == block else final, a, b) for p, a, b in zip(points, offsets[:-1], offsets[1:])]
+            outs = runs.net.chain_many(block, base, delta, gates, stops)
+        sum((x * _pick(grads[p], rows)).sum() for p, x in zip(points, outs)).backward()  # type: ignore[union-attr]
     assert gates.grad is not None
-    return gates.grad
+    return {p: gates.grad[:, a:b] for p, a, b in zip(points, offsets[:-1], offsets[1:])}
 
 
 def attribution_draws(runs: Runs, graph: CircuitGraph, steps: int | None = None) -> np.ndarray:
@@ -109,8 +113,11 @@ def attribution_draws(runs: Runs, graph: CircuitGraph, steps: int | None = None)
     chain_rows = torch.arange(samples * per_step)
     run_rows = chain_rows if rows > 1 else torch.zeros_like(chain_rows)
     out = torch.zeros(samples, len(graph), dtype=torch.float64)
+    by_point: dict[Point, torch.Tensor] = {}
+    for block in (IMAGE, QE, DEC):
+        by_point.update(_block_scores(runs, graph, block, record, grads, run_rows, chain_rows // per_step))
     for point, table in graph.index.items():
-        scores = _point_scores(runs, graph, point, record, grads[point], run_rows, chain_rows // per_step)
+        scores = by_point[point]
         scores = scores.reshape(samples, per_step, *scores.shape[1:]).mean(1)
         mask = torch.from_numpy(table >= 0)
         out[:, torch.from_numpy(table[table >= 0])] = scores[:, mask].double()

@@ -85,12 +85,13 @@ class CircuitRun:
         self.corrupted = {b: self._pick(corrupted.img[:, None] if b == IMAGE else net.contributions(corrupted, b))
                           for b in (IMAGE, QE, "dec")}
         self.record: Record | None = None
+        self.parts: dict[str, list[torch.Tensor]] = {}
 
     def _pick(self, t: torch.Tensor) -> torch.Tensor:
         return t if t.shape[0] == 1 else t[self.samples]
 
     def bind(self, record: Record) -> None:
-        self.record = record
+        self.record, self.parts = record, {}
 
     def at(self, point: Point, default: torch.Tensor) -> torch.Tensor:
         assert self.record is not None
@@ -102,7 +103,7 @@ class CircuitRun:
         if block == IMAGE:
             own = self.record.img[:, None]
             return corrupted[:, 0][:, None] + gates[:, :, :1, None] * (own - corrupted)[:, 0][:, None]
-        own = self.net.contributions(self.record, block, slots)
+        own = self.net.contributions(self.record, block, slots, self.parts.setdefault(block, []))
         upto = point if point.block == block else Point(QE, self.graph.shape.qe_layers, "in")
         return self.net.chain(block, corrupted, own - corrupted, gates[:, :, :slots].to(own.dtype), upto)
 

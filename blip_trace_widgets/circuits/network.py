@@ -141,19 +141,25 @@ class Network:
         return L.mlp_norm(m + h2)
 
     # ----- the frozen-node residual chain ---------------------------------------------------------------
-    def contributions(self, record: Record, block: str, slots: int | None = None) -> torch.Tensor:
+    def contributions(self, record: Record, block: str, slots: int | None = None,
+                      cache: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The block's first ``slots`` senders' contributions to its residual stream [B, S, T, D], in the graph's
-        slot order (embedding; per layer self heads, cross heads, MLP): only those recorded so far are needed."""
+        slot order (embedding; per layer self heads, cross heads, MLP): only those recorded so far are needed.
+        ``cache``: the parts an earlier call on the same record made (reused, and extended)."""
         slots = self.shape.slots(block) if slots is None else slots
-        parts, count = [record.emb[block][:, None]], 1
-        for j, L in enumerate(self.layers[block]):
-            for kind, out in ((SELF, L.self_out), (CROSS, L.cross_out)):
-                if count < slots:
-                    parts.append(self._out(out, record.heads[(block, j, kind)]))
-                    count += self.heads
-            if count < slots:
-                parts.append(record.mlp[(block, j)][:, None])
-                count += 1
+        parts = cache if cache is not None else []
+        if not parts:
+            parts.append(record.emb[block][:, None])
+        count = sum(p.shape[1] for p in parts)
+        j, kind = divmod(len(parts) - 1, 3)
+        while count < slots:
+            L = self.layers[block][j]
+            part = (self._out(L.self_out, record.heads[(block, j, SELF)]) if kind == 0 else
+                    self._out(L.cross_out, record.heads[(block, j, CROSS)]) if kind == 1 else
+                    record.mlp[(block, j)][:, None])
+            parts.append(part)
+            count += part.shape[1]
+            j, kind = (j + 1, 0) if kind == 2 else (j, kind + 1)
         return torch.cat(parts, 1)[:, :slots]
 
     def _out(self, linear: Any, z: torch.Tensor) -> torch.Tensor:
@@ -166,27 +172,43 @@ class Network:
         """The residual at ``upto`` [R, C, T, D] recomputed from node contributions: slot s contributes
         ``base[s] + gates[:, c, s] * delta[s]`` (base, delta [R or 1, S, T, D]; gates [R, C, S]); LayerNorms
         recomputed, nothing else. ``upto`` = Point(block, layers, "in") is the block's final state."""
-        rows = gates.shape[0]
-        H = self.heads
+        return self.chain_many(block, base, delta, gates, [(upto, 0, gates.shape[1])])[0]
+
+    def chain_many(self, block: str, base: torch.Tensor, delta: torch.Tensor, gates: torch.Tensor,
+                   stops: list[tuple[Point, int, int]]) -> list[torch.Tensor]:
+        """:meth:`chain` for many channels at once: for each stop (point, first, end), channels first..end-1 of
+        ``gates`` read at that point, all in one pass."""
+        rows, H = gates.shape[0], self.heads
+        found: dict[int, torch.Tensor] = {}
+        final = Point(block, len(self.layers[block]), "in")  # the block's final state ("out" reads it)
+        stops = [(final if where.where == "out" else where, first, end) for where, first, end in stops]
 
         def mixed(a: int, b: int) -> torch.Tensor:
             d = delta[:, a:b].expand(rows, -1, -1, -1)
             return base[:, a:b].sum(1)[:, None] + torch.einsum("rcs,rstd->rctd", gates[:, :, a:b], d)
 
+        def stop(point: Point, h: torch.Tensor) -> bool:
+            for i, (where, first, end) in enumerate(stops):
+                if where == point:
+                    found[i] = h[:, first:end]
+            return len(found) == len(stops)
+
         h = mixed(0, 1)
         for j, L in enumerate(self.layers[block]):
-            if upto == (block, j, "in"):
-                return h
             first = 1 + j * (2 * H + 1)
+            if stop(Point(block, j, "in"), h):
+                break
             h = L.self_norm(h + mixed(first, first + H) + L.self_out.bias)
-            if upto == (block, j, "mid"):
-                return h
+            if stop(Point(block, j, "mid"), h):
+                break
             assert L.cross_norm is not None and L.cross_out is not None
             h = L.cross_norm(h + mixed(first + H, first + 2 * H) + L.cross_out.bias)
-            if upto == (block, j, "post"):
-                return h
+            if stop(Point(block, j, "post"), h):
+                break
             h = L.mlp_norm(h + mixed(first + 2 * H, first + 2 * H + 1))
-        return h
+        else:
+            stop(final, h)
+        return [found[i] for i in range(len(stops))]
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
