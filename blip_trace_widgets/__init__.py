@@ -54,6 +54,8 @@ _PUBLIC: dict[str, str] = {
     "trace_cost": "causal_trace.cost",
     **{name: "lenses" for name in ("lens", "LensResult", "TunedLens", "train_tuned_lens", "query_words")},
     "LensExplorer": "widgets.lens",
+    **{name: "circuits" for name in ("circuit_graph", "path_patch", "edge_scores", "EdgeResult", "circuit",
+                                     "faithfulness", "faithfulness_curve", "plot_circuit")},
 }
 __all__ = sorted(_PUBLIC)
 
@@ -98,6 +100,16 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .causal_trace.procedures import PROCEDURES, procedure_config
     from .causal_trace.results import TraceResult
     from .causal_trace.tracer import TraceConfig, Tracer, default_config, trace, trace_caption
+    from .circuits import (
+        EdgeResult,
+        circuit,
+        circuit_graph,
+        edge_scores,
+        faithfulness,
+        faithfulness_curve,
+        path_patch,
+        plot_circuit,
+    )
     from .core.errors import BlipTraceError
     from .core.regions import Box, Mask, Outside, same_size_elsewhere
     from .corruptions.kinds import (

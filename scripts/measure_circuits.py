@@ -99,8 +99,8 @@ def print_tables(rows: list[dict], kinds: list[str]) -> None:
     print("| k | EAP | EAP-IG |\n|---|---|---|")
     for k in SIZES:
         k = k or edges
-        cells = [f"{np.mean([r[(m, k)] for r in rows]):.2f} ({min(r[(m, k)] for r in rows):.2f}..{max(r[(m, k)] for r in rows):.2f})"
-                 for m in ("eap", "eap-ig")]
+        values = {m: [r[(m, k)] for r in rows] for m in ("eap", "eap-ig")}
+        cells = [f"{np.mean(v):.2f} ({min(v):.2f}..{max(v):.2f})" for v in values.values()]
         print(f"| {k} | {cells[0]} | {cells[1]} |")
     print("\n2. Faithfulness of top-k circuits (mean over questions, 95% t-interval)")
     print("| questions | fraction of edges | " + " | ".join(METHODS) + " |\n|---|---|" + "---|" * len(METHODS))
@@ -170,7 +170,6 @@ def main() -> None:
     if args.base:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
         from bench_trace import QUESTION, build_bundle
-
         from PIL import Image
         big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (384, 384, 3), dtype=np.uint8))
         cost(build_bundle(), big, QUESTION, args, "a BLIP-base-sized model (random weights)")
