@@ -390,3 +390,17 @@ def test_the_lens_explorer_follows_its_controls_and_shows_errors_inside(sample, 
     assert "train_tuned_lens" in tiny.error.value and tiny.result is None
     tiny.kind.value = "logit"
     assert tiny.result is not None and tiny.error.value == ""
+
+
+def test_a_long_training_is_warned_about_before_the_rest_runs(sample, monkeypatch):
+    import blip_trace_widgets.lenses.tuned as tuned
+    from blip_trace_widgets.causal_trace.cost import LongTraceWarning
+
+    bundle = load_model("demo", device="cpu")
+    priced = []
+    monkeypatch.setattr(tuned, "training_seconds", lambda *a, **k: priced.append(k["per_item"]) or 100.0)
+    seen = []
+    with pytest.warns(LongTraceWarning, match="about 2 min"):
+        tuned.train_tuned_lens(bundle, [(sample[0], sample[1])] * 3, steps=2,
+                               progress=lambda done, total: seen.append(done))
+    assert len(priced) == 1 and priced[0] > 0 and seen[0] == 1  # priced on the first item, before the others ran
