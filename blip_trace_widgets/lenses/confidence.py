@@ -52,7 +52,7 @@ def confidence(bundle: BlipBundle, image: ImageLike, words: Sequence[str], quest
     reading = read(bundle, image, question or QUERY_QUESTION, LANGUAGE_MODEL)
     logp = lens_log_probs(bundle, reading)[:, :reading.queries]  # [layers, queries, vocabulary]
     best = logp[..., ids].exp().amax(0)  # [queries, words]
-    return pd.DataFrame(best.T.numpy().astype(float), index=pd.Index(list(words), name="word"),
+    return pd.DataFrame(best.T.cpu().numpy().astype(float), index=pd.Index(list(words), name="word"),
                         columns=reading.labels[:reading.queries])
 
 

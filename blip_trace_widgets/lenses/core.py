@@ -78,6 +78,7 @@ def summarise(bundle: BlipBundle, reading: Reading, logp: torch.Tensor, *, kind:
               answer: str | None, config: dict[str, Any] | None = None) -> LensResult:
     """A :class:`LensResult` of log-probabilities [layers, positions, vocabulary]."""
     top = check_top(top, logp.shape[-1])
+    logp = logp.cpu()
     final = logp[-1]  # [positions, vocabulary]: the model's own output
     target = answer_id(bundle, answer, final)
     kl = (final.exp()[None] * (final[None] - logp)).sum(-1).clamp_min(0)  # KL(final || layer) [layers, positions]

@@ -71,7 +71,12 @@ class TunedLens(nn.Module):
         if states.shape[0] != self.layers or states.shape[-1] != self.width:
             raise BlipTraceError(f"this tuned lens is for {self.layers} layers of width {self.width}; the block has "
                                  f"{states.shape[0]} of width {states.shape[-1]}: train one for this model")
-        moved = states.to(next(self.parameters()).dtype) if len(self.translators) else states
+        if not len(self.translators):
+            return states
+        weight = next(self.parameters())
+        if weight.device != states.device:
+            self.to(states.device)
+        moved = states.to(weight.dtype)
         out = [moved[i] + translator(moved[i]) for i, translator in enumerate(self.translators)]
         return torch.stack([*out, moved[-1]]).to(states.dtype)
 
@@ -81,7 +86,7 @@ class TunedLens(nn.Module):
 
         path = Path(path)
         header = {"block": self.block, "layers": self.layers, "width": self.width, "config": self.config}
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
         save_file(state, str(path), metadata={"tuned_lens": json.dumps(header, allow_nan=False)})
         return path
 
@@ -232,7 +237,7 @@ def train_tuned_lens(bundle: BlipBundle, items: Iterable[Any] | None = None, blo
             bar(1)
         stacked, final = torch.cat([s for s, _ in states], 1), torch.cat([f for _, f in states], 0)
         config = {"model": bundle.name, "items": len(samples), "steps": steps, "seed": seed, "lr": lr}
-        lens = TunedLens(block, stacked.shape[0], stacked.shape[-1], config)
+        lens = TunedLens(block, stacked.shape[0], stacked.shape[-1], config).to(stacked.device)
         head = unembed(bundle.model, block)
         losses = fit(lens, lambda h: head(h.to(bundle.dtype)), stacked, final, steps, lr, bar)
     lens.config.update({"final_loss": losses[-1], "seconds": round(time.perf_counter() - started, 2)})
