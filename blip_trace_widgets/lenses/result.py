@@ -7,7 +7,7 @@
     ...                top_probs=np.array([[[0.6, 0.3], [0.9, 0.1]]]), answer_prob=np.array([[0.3, 0.9]]),
     ...                answer_rank=np.array([[2, 1]]), kl=np.array([[0.4, 0.0]]))
     >>> r
-    LensResult(logit lens of the answer decoder (demo), answer 'red': 1 position x 2 layers; at [DEC] 'red' is first from layer 1)
+    LensResult(logit lens of the answer decoder (demo): 1 position x 2 layers; 'red' is the top token at '[DEC]' from layer 1 on)
     >>> LensResult.from_json(r.to_json()) == r
     True
     >>> r.to_dataframe()[["label", "layer", "top_token", "p_answer"]].to_dict("records")[0]
@@ -82,10 +82,10 @@ class LensResult:
     def __repr__(self) -> str:
         positions, layers = self.shape
         first = self.first_layer()
-        where = (f"from layer {first}" if first is not None else "at no layer")
+        where = f"from layer {first} on" if first is not None else "at no layer for good"
         return (f"LensResult({LENS_LABELS.get(self.kind, self.kind)} of the {BLOCK_LABELS.get(self.block, self.block)} "
-                f"({self.model}), answer {self.answer!r}: {positions} position{'s' if positions != 1 else ''} x "
-                f"{layers} layers; at {self.labels[-1]} {self.answer!r} is first {where})")
+                f"({self.model}): {positions} position{'s' if positions != 1 else ''} x "
+                f"{layers} layers; {self.answer!r} is the top token at {self.labels[-1]!r} {where})")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LensResult):
