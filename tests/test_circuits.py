@@ -238,3 +238,25 @@ def test_path_patching_of_sets_equals_the_reference():
     assert abs(theirs) > 1e-3
     assert_close(result.effect, theirs, scale=10.0)
     assert result.samples == 1 and result.senders == senders
+
+
+def test_the_hand_written_chain_backward_equals_autograd_through_the_chain():
+    """EAP's g_r·J_{r,u}Δc_u (Network.chain_scores, LayerNorm statistics included) against autograd on the gated
+    chain, for channels that stop at three depths of the question encoder and at its final state."""
+    from blip_trace_widgets.circuits.graph import Point
+    from blip_trace_widgets.circuits.network import state_index
+
+    bundle = demo()
+    net, graph = Network(bundle), circuit_graph(bundle)
+    runs = prepare(net, pair_of(*dicts()), "noise")
+    base = runs.contributions("base", "qe")
+    delta = runs.contributions("source", "qe") - base
+    torch.manual_seed(0)
+    points = [Point("qe", 1, "in"), Point("qe", 2, "mid"), Point("qe", 3, "post"), Point("qe", 4, "in")]
+    grads = [torch.randn(1, 3, *base.shape[2:]) for _ in points]
+    ours = net.chain_scores("qe", base, delta, [(state_index(p), g) for p, g in zip(points, grads)])
+    for point, grad, mine in zip(points, grads, ours):
+        gates = torch.zeros(1, 3, base.shape[1], requires_grad=True)
+        (net.chain("qe", base, delta, gates, point) * grad).sum().backward()
+        assert_close(mine.detach().numpy(), gates.grad.numpy(), scale=float(gates.grad.abs().max()))
+        assert gates.grad.abs().max() > 1e-3

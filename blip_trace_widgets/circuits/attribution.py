@@ -32,7 +32,7 @@ import torch
 
 from .graph import CircuitGraph, Point
 from .names import DEC, IMAGE, QE
-from .network import Record
+from .network import Record, state_index
 from .patching import Runs, _pick
 
 
@@ -82,23 +82,17 @@ def _block_scores(runs: Runs, graph: CircuitGraph, block: str, record: Record, g
     backward: per point [rows, channels, slots]; row i reads the gradient run's row ``rows[i]`` and the endpoints'
     draw ``delta_rows[i]``."""
     points = [p for p in graph.index if graph.shape.source_block(p) == block]
-    widths = [graph.index[p].shape[0] for p in points]
-    offsets = np.concatenate([[0], np.cumsum(widths)]).tolist()
     base = _pick(record.img[:, None] if block == IMAGE else runs.net.contributions(record, block), rows)
     delta = _pick(runs.contributions("source", block), delta_rows) - _pick(runs.contributions("base", block), delta_rows)
     n = len(delta_rows)
-    gates = torch.zeros(n, offsets[-1], base.shape[1], dtype=base.dtype, requires_grad=True)
-    with torch.enable_grad():
-        if block == IMAGE:
-            x = base[:, 0][:, None] + gates[:, :, :1, None] * delta.expand(n, -1, -1, -1)[:, 0][:, None]
-            outs = [x[:, a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        else:
-            final = Point(QE, graph.shape.qe_layers, "in")
-            stops = [(p if p.block == block else final, a, b) for p, a, b in zip(points, offsets[:-1], offsets[1:])]
-            outs = runs.net.chain_many(block, base, delta, gates, stops)
-        sum((x * _pick(grads[p], rows)).sum() for p, x in zip(points, outs)).backward()  # type: ignore[union-attr]
-    assert gates.grad is not None
-    return {p: gates.grad[:, a:b] for p, a, b in zip(points, offsets[:-1], offsets[1:])}
+    if block != IMAGE:
+        final = graph.shape.qe_layers * 3
+        wheres = [state_index(p) if p.block == block else final for p in points]
+        found = runs.net.chain_scores(block, base, delta, [(w, _pick(grads[p], rows)) for w, p in zip(wheres, points)])
+        return dict(zip(points, found))
+    change = delta.expand(n, -1, -1, -1)[:, 0]  # the image's input: its own value, J = 1
+    return {p: torch.einsum("rctd,rtd->rc", _pick(grads[p], rows).expand(n, -1, -1, -1), change)[:, :, None]
+            for p in points}
 
 
 def attribution_draws(runs: Runs, graph: CircuitGraph, steps: int | None = None) -> np.ndarray:

@@ -174,6 +174,45 @@ class Network:
         recomputed, nothing else. ``upto`` = Point(block, layers, "in") is the block's final state."""
         return self.chain_many(block, base, delta, gates, [(upto, 0, gates.shape[1])])[0]
 
+    def chain_scores(self, block: str, base: torch.Tensor, delta: torch.Tensor,
+                     grads: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """g_r · J_{r,u} Δc_u for the channels of each (state index, g [R, C, T, D]) in ``grads`` and every slot u:
+        [R, C, S] each. J is the Jacobian of the residual chain at ``base`` (LayerNorm statistics included),
+        applied backwards by hand: one forward of the chain, then one pass back that the channels join at their
+        state (:func:`state_index`), scoring each sublayer's slots as it passes them."""
+        rows, H = max(base.shape[0], delta.shape[0], *(g.shape[0] for _, g in grads)), self.heads
+        norms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]] = []
+        states = [base[:, 0].expand(rows, -1, -1)]
+        for L in self.layers[block]:
+            assert L.cross_norm is not None and L.cross_out is not None
+            for norm, bias, count in ((L.self_norm, L.self_out.bias, H), (L.cross_norm, L.cross_out.bias, H),
+                                      (L.mlp_norm, None, 1)):
+                first = 1 + (len(norms) // 3) * (2 * H + 1) + (0, H, 2 * H)[len(norms) % 3]
+                x = states[-1] + base[:, first:first + count].sum(1) + (0 if bias is None else bias)
+                mu, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+                sigma = torch.sqrt(var + norm.eps)
+                norms.append(((x - mu) / sigma, sigma, norm.weight, first, first + count))
+                states.append(norm(x))
+        delta = delta.expand(rows, -1, -1, -1)
+        joined: list[tuple[int, int]] = []  # (index in grads, its first column)
+        grad = torch.zeros(rows, 0, *states[0].shape[1:], dtype=states[0].dtype)
+        scores = torch.zeros(rows, sum(g.shape[1] for _, g in grads), delta.shape[1], dtype=states[0].dtype)
+        for i in range(len(states) - 1, -1, -1):
+            for n, (where, g) in enumerate(grads):
+                if where == i:
+                    joined.append((n, grad.shape[1]))
+                    grad = torch.cat([grad, g.expand(rows, -1, -1, -1)], 1)
+            if grad.shape[1] == 0:
+                continue
+            if i == 0:
+                scores[:, : grad.shape[1], 0] = torch.einsum("rctd,rtd->rc", grad, delta[:, 0])
+                break
+            xhat, sigma, gamma, first, end = norms[i - 1]
+            grad = _ln_vjp(grad, xhat[:, None], sigma[:, None], gamma)
+            scores[:, : grad.shape[1], first:end] = torch.einsum("rctd,rstd->rcs", grad, delta[:, first:end])
+        starts = dict(joined)
+        return [scores[:, starts[n]: starts[n] + g.shape[1]] for n, (_, g) in enumerate(grads)]
+
     def chain_many(self, block: str, base: torch.Tensor, delta: torch.Tensor, gates: torch.Tensor,
                    stops: list[tuple[Point, int, int]]) -> list[torch.Tensor]:
         """:meth:`chain` for many channels at once: for each stop (point, first, end), channels first..end-1 of
@@ -209,6 +248,19 @@ class Network:
         else:
             stop(final, h)
         return [found[i] for i in range(len(stops))]
+
+
+def state_index(point: Point) -> int:
+    """Where a point reads the residual chain: after how many sublayers of its block (3 per layer)."""
+    offset = {"in": 0, "mid": 1, "post": 2, "out": 0}[point.where]
+    return 3 * point.layer + offset
+
+
+def _ln_vjp(grad: torch.Tensor, xhat: torch.Tensor, sigma: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm's vector-Jacobian product: the gradient at its input for ``grad`` at its output (statistics
+    included): (γg − mean(γg) − x̂·mean(γg·x̂)) / σ."""
+    g = grad * gamma
+    return (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)) / sigma
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
