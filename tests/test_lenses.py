@@ -404,3 +404,19 @@ def test_a_long_training_is_warned_about_before_the_rest_runs(sample, monkeypatc
         tuned.train_tuned_lens(bundle, [(sample[0], sample[1])] * 3, steps=2,
                                progress=lambda done, total: seen.append(done))
     assert len(priced) == 1 and priced[0] > 0 and seen[0] == 1  # priced on the first item, before the others ran
+
+
+def test_low_rank_translators_start_at_the_logit_lens_learn_and_round_trip(sample, tmp_path):
+    bundle = load_model("demo", device="cpu")
+    reading = read(bundle, sample[0], sample[1])
+    fresh = TunedLens("answer_decoder", 4, 128, rank=4)
+    assert torch.equal(lens_log_probs(bundle, reading, "tuned", fresh), lens_log_probs(bundle, reading))
+    assert sum(p.numel() for p in fresh.parameters()) == 3 * (128 * 4 + 4 * 128 + 128)
+    items = [(sample[0], sample[1]), (sample[0], "what is the red shape?")]
+    low = train_tuned_lens(bundle, items, steps=15, rank=4, progress=False)
+    assert lens(bundle, *sample[:2], kind="tuned", tuned=low).kl[0, :-1].sum() < lens(bundle, *sample[:2]).kl[0, :-1].sum()
+    loaded = TunedLens.load(low.save(tmp_path / "low.safetensors"))
+    assert loaded.rank == 4 and "rank 4" in repr(loaded)
+    assert torch.equal(lens_log_probs(bundle, reading, "tuned", loaded), lens_log_probs(bundle, reading, "tuned", low))
+    with pytest.raises(BlipTraceError, match="rank=0"):
+        TunedLens("answer_decoder", 4, 128, rank=0)

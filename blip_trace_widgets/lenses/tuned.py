@@ -12,7 +12,8 @@ As in the tuned-lens package, a translator adds its output to the state, ``h + (
 starting at zero, so a fresh lens is the logit lens; the last layer has no translator (its lens is the model's
 output). Training minimises KL(final || translated) summed over layers, with Adam, on every position of the items'
 forward passes (the states are recorded once, then the translators are fitted on them). Translators are saved as
-safetensors (a plain state dict and a JSON header, no pickled classes).
+safetensors (a plain state dict and a JSON header, no pickled classes). A wide model's full-rank translators are
+width^2 per layer (OPT-2.7b: about 26 MB per layer in float32); ``rank=`` trains low-rank ones, ``A = U V``.
 
 The translators shipped for the demo models (``lenses/translators/``: full-rank, float32, 66 kB per layer of width
 128) were trained by ``python scripts/measure_lenses.py --train`` (256 easy-VQA train questions, 300 steps, seed 0),
@@ -46,17 +47,33 @@ PER_ITEM_SECONDS = 0.02
 Progress = Union[bool, Callable[[int, int], None]]
 
 
-class TunedLens(nn.Module):
-    """One affine translator per layer but the last, each ``h + (A h + b)`` (A, b start at zero)."""
+def _translator(width: int, rank: int | None) -> nn.Module:
+    """``A h + b`` starting at zero: full rank (``A`` is width x width), or ``A = U V`` of ``rank`` (``V`` starts
+    random, ``U`` and ``b`` at zero, so the product starts at zero and both factors still learn)."""
+    if rank is None:
+        full = nn.Linear(width, width)
+        nn.init.zeros_(full.weight)
+        nn.init.zeros_(full.bias)
+        return full
+    down, up = nn.Linear(width, rank, bias=False), nn.Linear(rank, width)
+    nn.init.normal_(down.weight, std=width ** -0.5)
+    nn.init.zeros_(up.weight)
+    nn.init.zeros_(up.bias)
+    return nn.Sequential(down, up)
 
-    def __init__(self, block: str, layers: int, width: int, config: dict[str, Any] | None = None) -> None:
+
+class TunedLens(nn.Module):
+    """One affine translator per layer but the last, each ``h + (A h + b)`` (starting at the identity); ``rank``:
+    a low-rank ``A`` (``U V``) for wide models, whose full-rank translators would be width^2 per layer."""
+
+    def __init__(self, block: str, layers: int, width: int, config: dict[str, Any] | None = None,
+                 rank: int | None = None) -> None:
         super().__init__()
-        self.block, self.width = block, int(width)
-        translators = [nn.Linear(width, width) for _ in range(int(layers) - 1)]
-        for translator in translators:
-            nn.init.zeros_(translator.weight)
-            nn.init.zeros_(translator.bias)
-        self.translators = nn.ModuleList(translators)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= width):
+            raise BlipTraceError(f"rank={rank!r}: pass a whole number from 1 to the width ({width}), or None for "
+                                 "full-rank translators")
+        self.block, self.width, self.rank = block, int(width), rank
+        self.translators = nn.ModuleList(_translator(self.width, rank) for _ in range(int(layers) - 1))
         self.config: dict[str, Any] = dict(config or {})
 
     @property
@@ -64,7 +81,8 @@ class TunedLens(nn.Module):
         return len(self.translators) + 1
 
     def __repr__(self) -> str:
-        return f"TunedLens({self.block}, {self.layers} layers of width {self.width}, {self.config})"
+        rank = "full rank" if self.rank is None else f"rank {self.rank}"
+        return f"TunedLens({self.block}, {self.layers} layers of width {self.width}, {rank}, {self.config})"
 
     def transform(self, states: torch.Tensor) -> torch.Tensor:
         """Translate every layer's states [layers, ..., width]; the last layer's are left as they are."""
@@ -85,7 +103,8 @@ class TunedLens(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
-        header = {"block": self.block, "layers": self.layers, "width": self.width, "config": self.config}
+        header = {"block": self.block, "layers": self.layers, "width": self.width, "rank": self.rank,
+                  "config": self.config}
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
         save_file(state, str(path), metadata={"tuned_lens": json.dumps(header, allow_nan=False)})
         return path
@@ -104,7 +123,7 @@ class TunedLens(nn.Module):
         if meta is None:
             raise BlipTraceError(f"{str(path)!r} is not a tuned lens written by TunedLens.save")
         header = json.loads(meta)
-        lens = cls(header["block"], header["layers"], header["width"], header["config"])
+        lens = cls(header["block"], header["layers"], header["width"], header["config"], header.get("rank"))
         lens.load_state_dict(load_file(str(path)))
         return lens.eval()
 
@@ -211,12 +230,13 @@ def fit(lens: TunedLens, head: Callable[[torch.Tensor], torch.Tensor], states: t
 
 def train_tuned_lens(bundle: BlipBundle, items: Iterable[Any] | None = None, block: str | None = None, *,
                      steps: int = TRAIN_STEPS, seed: int = 0, lr: float = TRAIN_LR, limit: int = TRAIN_ITEMS,
-                     progress: Progress = True) -> TunedLens:
+                     rank: int | None = None, progress: Progress = True) -> TunedLens:
     """Train a tuned lens of ``block`` on ``items`` ((image, text) pairs; by default the first ``limit`` easy-VQA
     train questions, or a captioner's captions less their last word: :func:`default_items`), seeded. Its cost is
     priced after the first item's forward pass, before the rest; above 30 s a
     :class:`~blip_trace_widgets.causal_trace.cost.LongTraceWarning` says so, and the progress bar says the time.
-    ``progress``: a bar (True), none (False), or a callable (done, total)."""
+    ``rank``: low-rank translators (see :class:`TunedLens`). ``progress``: a bar (True), none (False), or a callable
+    (done, total)."""
     bundle = check_bundle(bundle)
     block = lens_block(bundle, block)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -237,7 +257,7 @@ def train_tuned_lens(bundle: BlipBundle, items: Iterable[Any] | None = None, blo
             bar(1)
         stacked, final = torch.cat([s for s, _ in states], 1), torch.cat([f for _, f in states], 0)
         config = {"model": bundle.name, "items": len(samples), "steps": steps, "seed": seed, "lr": lr}
-        lens = TunedLens(block, stacked.shape[0], stacked.shape[-1], config).to(stacked.device)
+        lens = TunedLens(block, stacked.shape[0], stacked.shape[-1], config, rank).to(stacked.device)
         head = unembed(bundle.model, block)
         losses = fit(lens, lambda h: head(h.to(bundle.dtype)), stacked, final, steps, lr, bar)
     lens.config.update({"final_loss": losses[-1], "seconds": round(time.perf_counter() - started, 2)})
