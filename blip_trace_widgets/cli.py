@@ -116,7 +116,8 @@ def run_demo(args: argparse.Namespace) -> int:
     levels = [getattr(default_corruption(bundle, stage), "level", 0.0) for stage in ("image", "patches")]
     print(f"demo model: Gaussian noise of {levels[0]:g}σ on the image embeddings "
           f"({levels[1]:g}σ on the patch embeddings for the image-side trace), "
-          f"{args.samples} noise samples. Each model is traced at its own level: the one its folder's "
+          f"{default_config(bundle, samples=args.samples).samples} noise samples. "
+          "Each model is traced at its own level: the one its folder's "
           "trace_defaults.json names, where its maps show a clear effect (ROME's 3σ where it names none)")
     _check_out(args.out)
     out = Path(args.out)
@@ -202,15 +203,9 @@ def _trace_config(args: argparse.Namespace, bundle: Any) -> Any:
         corruption = None  # the procedure's own, at the model's level for ROME's (resolve_config)
     if isinstance(corruption, WordSwap):
         args.corrupt = args.corrupt or "question"
-    return resolve_config(bundle, args.procedure, block=args.block, kind=args.kind, window=args.window,
-                            corruption=corruption, samples=args.samples, seed=args.seed, answer=args.answer,
-                            metric=args.metric, contrast=args.contrast, sever=args.sever, sever_at=args.sever_at,
-                            corrupt=args.corrupt, corrupt_tokens=_corrupt_tokens(args.corrupt_tokens),
-                            regions=args.regions, method=args.method, steps=args.steps,
-                            word=None if args.word == "all" else args.word,
-                            verify=args.verify, direction=args.direction, order=args.order, qk_fix=args.qk_fix,
-                            grad_drop=args.grad_drop,
-                            position=parse_position(args.position))
+    return resolve_config(bundle, args.procedure, **config_fields(
+        args, corruption=corruption, corrupt_tokens=_corrupt_tokens(args.corrupt_tokens),
+        word=None if args.word == "all" else args.word, position=parse_position(args.position)))
 
 
 def _counterfactual(args: argparse.Namespace) -> Any:
@@ -399,13 +394,11 @@ def _sweep_configs(args: argparse.Namespace, bundle: Any) -> list[Any]:
     corruption = PairSwap() if args.pairs is not None else from_name(args.noise, args.scale) if args.noise else None
     if args.qk_fix and HIDDEN not in kinds:
         raise UsageError("--qk-fix corrects estimates of hidden states: add hidden to --kinds")
-    return [resolve_config(bundle, "rome", block=block, kind=kind, corruption=corruption,
-                           window=None if args.window is None else window_for(kind, args.window),
-                           samples=args.samples, seed=args.seed, regions=args.regions, metric=args.metric,
-                           method=args.method, steps=args.steps, verify=args.verify, order=args.order,
-                           qk_fix=args.qk_fix if kind == HIDDEN else None, grad_drop=args.grad_drop, word=word,
-                           direction=args.direction)
-            for word in _caption_words(args.caption_words, bundle.head) for kind in kinds]
+    return [resolve_config(bundle, "rome", **config_fields(
+        args, block=block, kind=kind, corruption=corruption, word=word,
+        window=None if args.window is None else window_for(kind, args.window),
+        qk_fix=args.qk_fix if kind == HIDDEN else None))
+        for word in _caption_words(args.caption_words, bundle.head) for kind in kinds]
 
 
 def _scored_mode(args: argparse.Namespace) -> str:
@@ -512,28 +505,36 @@ def _noise_help() -> str:
 SHARED_FIELDS = ("block", "window", "samples", "seed", "metric", "regions", "direction", "method", "steps", "verify",
                  "order", "qk_fix", "grad_drop")
 #: Options' old names, still taken for one release (argparse gives both the same destination).
-OLD_OPTIONS = {"word": ("--target",)}
 TRACE_FIELDS = ("kind", "answer", "word", "contrast", "sever", "sever_at", "corrupt", "corrupt_tokens", "position")
+KNOCKOUT_FIELDS = ("window", "answer", "word", "method", "empty")
 
 
-def _add_config_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
-    """One option per TraceConfig field in ``names``, built from the field's help, choices, type and default."""
-    from dataclasses import MISSING
+def _add_config_options(parser: argparse.ArgumentParser, names: Sequence[str], settings: Any = None) -> None:
+    """One option per field of ``settings`` (a configuration class; TraceConfig by default) in ``names``, built
+    from the field's help, choices, type and default. Each option's value is None unless given: the configuration
+    keeps its own default."""
+    from .core.options import OLD_FLAGS, option_spec
 
-    from .causal_trace.config import TraceConfig
-
-    fields = TraceConfig.__dataclass_fields__
+    if settings is None:
+        from .causal_trace.config import TraceConfig as settings
     for name in names:
-        field, meta = fields[name], fields[name].metadata
-        default = "" if field.default is MISSING or field.default is None else f" (default: {field.default})"
-        if not meta.get("help"):
-            raise AssertionError(f"TraceConfig.{name} has no help text for its command-line option")
-        flags = ("--" + name.replace("_", "-"), *OLD_OPTIONS.get(name, ()))
-        if meta["type"] is bool:  # a switch: given or not (None keeps the configuration's default)
-            parser.add_argument(*flags, dest=name, action="store_const", const=True, default=None, help=meta["help"])
+        flag, kind, choices, help = option_spec(settings, name)
+        flags = (flag, *OLD_FLAGS.get(name, ()))
+        if kind is bool:  # a switch: given or not (None keeps the configuration's default)
+            parser.add_argument(*flags, dest=name, action="store_const", const=True, default=None, help=help)
             continue
-        parser.add_argument(*flags, dest=name, type=meta["type"], choices=meta["choices"], default=None,
-                            help=meta["help"] + ("" if "(default" in meta["help"] else default))
+        parser.add_argument(*flags, dest=name, type=kind, choices=choices, default=None, help=help)
+
+
+def config_fields(args: argparse.Namespace, settings: Any = None, **given: Any) -> dict[str, Any]:
+    """The fields of ``settings`` (TraceConfig by default) the command line sets: every option named like a field,
+    as :func:`_add_config_options` built it, then ``given`` (values the command line spells its own way). A field
+    left at None keeps the configuration's default."""
+    from .core.options import given_fields
+
+    if settings is None:
+        from .causal_trace.config import TraceConfig as settings
+    return given_fields(settings, vars(args), **given)
 
 
 def _add_trace_options(one: argparse.ArgumentParser) -> None:
@@ -630,8 +631,8 @@ def run_knockout(args: argparse.Namespace) -> int:
         raise UsageError(f"{task.text_option} is required for {task.a_model}")
     knock = Knockout.of(bundle, args.image, args.question or "")
     print(_what_the_model_says(knock.tracer))
-    config = KnockoutConfig(edges=_knockout_edges(args, knock.tracer.image, knock.tracer.task.decoder), window=args.window,
-                            answer=args.answer, word=args.word, method=args.method, empty=args.empty)
+    config = KnockoutConfig(**config_fields(args, KnockoutConfig, edges=_knockout_edges(
+        args, knock.tracer.image, knock.tracer.task.decoder)))
     result = knock.run(config)
     out.mkdir(parents=True, exist_ok=True)
     asked = json.dumps([[e.to_dict() for e in config.edges], config.window, config.method, config.answer,
@@ -652,8 +653,10 @@ def run_knockout(args: argparse.Namespace) -> int:
 
 
 def _knockout_sweep(args: argparse.Namespace, bundle: Any, out: Path) -> int:
+    from .attention_knockout.knockout import KnockoutConfig
     from .attention_knockout.sweep import knockout_average, knockout_sweep, plot_knockout_average
     from .causal_trace.plots import figure_png
+    from .core.options import field_default
     from .datasets.subsets import load_vqa_subset
 
     _check_sweep_dataset(args.dataset, bundle.head)
@@ -661,12 +664,16 @@ def _knockout_sweep(args: argparse.Namespace, bundle: Any, out: Path) -> int:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     samples = load_vqa_subset(args.dataset, cache_dir=args.cache_dir, limit=args.limit)
     edges = args.edges or ["image", "cls"]
-    print(f"{len(samples)} questions from {args.dataset}; edges {', '.join(edges)}; window {args.window}")
+    settings = {name: value for name, value in config_fields(args, KnockoutConfig).items() if name != "edges"}
+    if settings.pop("word", None) is not None:
+        raise UsageError("--word picks a word of one caption: drop it with --dataset")
+    scored = "expected" if settings.pop("answer", None) == "expected" else "model"
+    window = settings.get("window", field_default(KnockoutConfig, "window"))
+    print(f"{len(samples)} questions from {args.dataset}; edges {', '.join(edges)}; window {window}")
     started = time.perf_counter()
     with _progress_bar(len(samples)) as bar:
-        table = knockout_sweep(bundle, samples, edges=edges, window=args.window, method=args.method,
-                               scored="expected" if args.answer == "expected" else "model", empty=args.empty,
-                               progress=lambda done: bar.update(1))
+        table = knockout_sweep(bundle, samples, edges=edges, scored=scored, progress=lambda done: bar.update(1),
+                               **settings)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "knockout_sweep.csv", index=False)
     averages = knockout_average(table, correct_only=args.correct_only)
@@ -679,10 +686,8 @@ def _knockout_sweep(args: argparse.Namespace, bundle: Any, out: Path) -> int:
 
 def _add_knockout_parser(sub: Any) -> None:
     from .attention_knockout.edges import SHORTHANDS
-    from .attention_knockout.knockout import KNOCKOUT_METHODS
-    from .core.names import KNOCKOUT_WINDOW
+    from .attention_knockout.knockout import KnockoutConfig
     from .datasets.subsets import SUBSETS
-    from .models.attention import DEFAULT_EMPTY, EMPTY_ROWS
 
     ko = sub.add_parser(
         "knockout", help="cut attention edges around each layer and see what the answer loses (attention knockout)",
@@ -701,19 +706,7 @@ def _add_knockout_parser(sub: Any) -> None:
     ko.add_argument("--queries", default=None,
                     help="which tokens' attention is cut: a position, comma-separated positions, a role "
                          f"({', '.join(ROLES)}), or 'each' for a tokens x layers map (default: every token)")
-    ko.add_argument("--window", type=int, default=KNOCKOUT_WINDOW,
-                    help="layers cut around each layer (default: %(default)s)")
-    ko.add_argument("--answer", default=None, help="the answer or caption to score (default: the model's own); "
-                    "with --dataset, 'expected' scores the dataset's answers")
-    ko.add_argument("--word", "--target", type=int, default=None, dest="word",
-                    help="captioning: the caption word scored (default: its first content word; --target: old name)")
-    ko.add_argument("--method", choices=KNOCKOUT_METHODS, default="exact",
-                    help="exact: cut runs; estimate: one forward and backward pass (first order, can be far off "
-                         "for large effects) (default: %(default)s)")
-    ko.add_argument("--empty", choices=list(EMPTY_ROWS), default=DEFAULT_EMPTY,
-                    help="what a query with every key cut reads: "
-                         + "; ".join(f"{rule.name}: {rule.help}" for rule in EMPTY_ROWS.values())
-                         + " (default: %(default)s)")
+    _add_config_options(ko, KNOCKOUT_FIELDS, KnockoutConfig)
     ko.add_argument("--dataset", choices=SUBSETS, default=None, help="sweep a question set instead of one image")
     ko.add_argument("--limit", type=int, default=None, help="with --dataset: at most this many questions")
     ko.add_argument("--correct-only", action="store_true", help="with --dataset: average correct answers only")
@@ -737,8 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "writes a PNG and a JSON per trace, and an overlay on the image for the vision "
                                       "encoder.")
     demo.add_argument("--out", default="trace-output", help="folder for the PNG and JSON files (default: %(default)s)")
-    demo.add_argument("--samples", type=int, default=10, help="noise samples per trace (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    _add_config_options(demo, ("samples", "seed"))
     demo.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if present)")
     demo.set_defaults(run=run_demo)
 

@@ -44,9 +44,10 @@ from ..core.cache import LRU
 from ..core.errors import BlipTraceError, renamed
 from ..core.inputs import ImageLike
 from ..core.names import BLOCK_LABELS, EACH_TOKEN, IMAGE_CLS, IMAGE_QUERIES, KNOCKOUT_WINDOW, LANGUAGE_MODEL, LM_ENCODER
+from ..core.options import option
 from ..core.scoring import Target, score_rows
 from ..models.anatomy import check_block
-from ..models.attention import DEFAULT_EMPTY, Cut, Dial, check_empty
+from ..models.attention import DEFAULT_EMPTY, EMPTY_ROWS, Cut, Dial, check_empty
 from ..models.chunks import chunks
 from ..models.loading import BlipBundle
 from ..models.runs import cut_staircase, window_layers
@@ -59,14 +60,20 @@ class KnockoutConfig:
     """What a knockout cuts and scores. Frozen, so it keys the cache of results."""
 
     edges: tuple[Edges, ...] = (Edges(),)
-    window: int = KNOCKOUT_WINDOW
-    answer: str | None = None  # the answer or caption scored (None: the model's own)
-    word: int | None = None  # captioning: the caption word scored (None: its first content word)
-    method: str = "exact"
+    window: int = option(default=KNOCKOUT_WINDOW, type=int, help="layers cut around each layer")
+    answer: str | None = option(default=None, help=(
+        "the answer or caption to score (default: the model's own); over a dataset, 'expected' scores the "
+        "dataset's answers"))
+    word: int | None = option(default=None, type=int, help=(
+        "captioning: the caption word scored (default: its first content word; --target: its old name)"))
+    method: str = option(default="exact", choices=KNOCKOUT_METHODS, help=(
+        "exact: cut runs; estimate: one forward and backward pass (first order, can be far off for large effects)"))
     #: The old name of ``word`` (a DeprecationWarning names the new one; goes in the next release).
     target: InitVar[int | None] = None
-    #: What a query reads when every key it could read is cut: a name of :data:`~.engine.EMPTY_ROWS`.
-    empty: str = DEFAULT_EMPTY
+    #: What a query reads when every key it could read is cut: a name of
+    #: :data:`~blip_trace_widgets.models.attention.EMPTY_ROWS`.
+    empty: str = option(default=DEFAULT_EMPTY, choices=tuple(EMPTY_ROWS), help=(
+        "what a query with every key cut reads: " + "; ".join(f"{rule.name}: {rule.help}" for rule in EMPTY_ROWS.values())))
 
     def __post_init__(self, target: int | None = None) -> None:
         if target is not None:

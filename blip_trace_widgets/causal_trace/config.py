@@ -13,7 +13,7 @@ key is derived from those declarations by :func:`cache_key`, never written by ha
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import InitVar, dataclass, field, fields
+from dataclasses import InitVar, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,7 @@ from ..core.names import (
     is_head_kind,
     kinds_of,
 )
+from ..core.options import field_default, option
 from ..core.roles import ROLES
 from ..corruptions.kinds import GaussianNoise, ImageSwap, PairSwap, WordSwap, describe
 from ..models import anatomy
@@ -74,10 +75,29 @@ MAX_SAMPLES = 1000
 MAX_SEED = 2**32 - 1
 
 
-def _affects(part: str, *, help: str = "", choices: Any = None, type: Any = str, **kw: Any) -> Any:
-    """A field, with what it changes (for cache keys) and, for the fields the command line offers, its help, its
-    choices and the type its option parses to (the command line builds its options from these)."""
-    return field(metadata={"affects": part, "help": help, "choices": choices, "type": type}, **kw)
+#: A field's rule for :meth:`TraceConfig.to_json`: written always (the default), only where it is not at its
+#: default (so that files written before the field existed read the same), or where a test of the configuration
+#: says so.
+CHANGED = "changed"
+
+
+def _affects(part: str, *, help: str = "", choices: Any = None, type: Any = str, written: Any = None,
+             **kw: Any) -> Any:
+    """A field, with what it changes (for cache keys), when its JSON form writes it, and, for the fields the
+    command line offers, its help, its choices and the type its option parses to (the command line builds its
+    options from these)."""
+    return option(help=help, choices=choices, type=type, metadata={"affects": part, "written": written}, **kw)
+
+
+def _json_value(value: Any) -> Any:
+    """A field's value in strict JSON: a corruption as its description, tuples as lists, numpy numbers as Python's."""
+    if callable(value):
+        return describe(value)
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def word_option(text: str) -> int | str:
@@ -110,7 +130,7 @@ class TraceConfig:
     answer: str | None = _affects(ANSWER, default=None, help=(
         "VQA: the answer to score (default: the model's own first answer token); captioning: the caption to score, "
         "teacher-forced (default: the model's own greedy caption)"))
-    word: int | None = _affects(ANSWER, default=None, type=word_option, help=(
+    word: int | None = _affects(ANSWER, written=CHANGED, default=None, type=word_option, help=(
         "captioning: the word of the caption to score, from 0, or 'all' for every word in turn (default: its first "
         "content word)"))
     metric: Metric = _affects(RESTORE, default="prob", choices=METRICS, help="what is scored")
@@ -135,19 +155,19 @@ class TraceConfig:
     steps: int = _affects(RESTORE, default=1, type=int, help=(
         f"with --method estimate: points on each cell's path from corrupted to clean (1 to {MAX_STEPS}; 1 is plain "
         "attribution patching; each further step costs about three exact traces)"))
-    position: int | tuple[int, ...] | str | None = _affects(RESTORE, default=None, help=(
+    position: int | tuple[int, ...] | str | None = _affects(RESTORE, written=CHANGED, default=None, help=(
         f"head kinds ({', '.join(HEAD_KINDS)}): restore the heads only at this position, these comma-separated "
         f"positions, or a token role ({', '.join(ROLES)}) (default: every position)"))
-    verify: int = _affects(RESTORE, default=DEFAULT_VERIFY, type=int,
+    verify: int = _affects(RESTORE, written=lambda config: config.method == "verified", default=DEFAULT_VERIFY, type=int,
                            help="with --method verified: how many of the estimate's top cells are made exact")
-    order: int = _affects(RESTORE, default=1, type=int, choices=(1, 2), help=(
+    order: int = _affects(RESTORE, written=CHANGED, default=1, type=int, choices=(1, 2), help=(
         "estimates: 2 adds each cell's second-order term and flags the cells where it is large"))
-    direction: Direction = _affects(RESTORE, default="denoise", choices=DIRECTIONS,
+    direction: Direction = _affects(RESTORE, written=CHANGED, default="denoise", choices=DIRECTIONS,
                                     help="; ".join(f"{d}: {DIRECTION_LABELS[d]}" for d in DIRECTIONS))
-    qk_fix: bool = _affects(RESTORE, default=False, type=bool, help=(
+    qk_fix: bool = _affects(RESTORE, written=CHANGED, default=False, type=bool, help=(
         "estimates of hidden states of text blocks: recompute the next layer's attention softmax exactly (AtP*'s QK "
         "fix), instead of linearising through it"))
-    grad_drop: bool = _affects(RESTORE, default=False, type=bool, help=(
+    grad_drop: bool = _affects(RESTORE, written=CHANGED, default=False, type=bool, help=(
         "estimates: flag the cells whose paths may cancel (AtP*'s GradDrop: the estimate taken again with each "
         "layer dropped from the backward pass; one more pass per layer); --method verified makes them exact"))
 
@@ -257,23 +277,17 @@ class TraceConfig:
         return self.method != "exact" and (self.order == 2 or self.grad_drop)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "block": self.block, "kind": self.kind, "window": int(self.window), "corruption": describe(self.corruption),
-            "samples": int(self.samples), "seed": int(self.seed), "answer": self.answer,
-            # a caption word only where one is set, so that VQA sweeps begun before captioning resume
-            **({"word": int(self.word)} if self.word is not None else {}), "metric": self.metric,
-            "contrast": self.contrast, "sever": self.sever, "sever_at": self.sever_at, "corrupt": self.corrupt,
-            "corrupt_tokens": list(self.corrupt_tokens) if isinstance(self.corrupt_tokens, tuple) else self.corrupt_tokens,
-            "regions": self.regions, "fresh_noise": self.fresh_noise, "method": self.method, "steps": int(self.steps),
-            # the positions a head map restores, only where they are set (so that earlier sweeps resume)
-            **({"position": list(self.position) if isinstance(self.position, tuple) else self.position}
-               if self.position is not None else {}),
-            **({"verify": int(self.verify)} if self.method == "verified" else {}),
-            **({"order": 2} if self.order == 2 else {}),
-            **({"direction": self.direction} if not directions.of(self.direction).restores else {}),
-            **({"qk_fix": True} if self.qk_fix else {}),
-            **({"grad_drop": True} if self.grad_drop else {}),
-        }
+        """Every field, in strict JSON, by each field's ``written`` rule (:data:`CHANGED` fields only where they
+        are not at their default)."""
+        out = {}
+        for spec in fields(self):
+            value, rule = getattr(self, spec.name), spec.metadata["written"]
+            if rule == CHANGED and value == field_default(type(self), spec.name):
+                continue
+            if callable(rule) and not rule(self):
+                continue
+            out[spec.name] = _json_value(value)
+        return out
 
 
 def _check_atp_star(config: TraceConfig) -> None:

@@ -152,13 +152,26 @@ def _fields_of(data: Any) -> dict[str, Any]:
         raise BlipTraceError(f"this result was saved in format {version!r}, newer than this version reads "
                              f"({FORMAT_VERSION}); upgrade blip-trace-widgets")
     _check_types(data)
-    stderr = data.get("stderr")
-    return {"scores": array_from_json(data["scores"], "scores"), "low_score": json_number(data["low_score"], "low_score"),
-            "high_score": json_number(data["high_score"], "high_score"), "answer": data["answer"],
-            "tokens": list(data["tokens"]), "block": data["block"], "kind": data["kind"], "window": data["window"],
-            "config": dict(data.get("config") or {}),
-            "stderr": None if stderr is None else array_from_json(stderr, "stderr"),
-            "draws": draws_from_json(data.get("draws"))}
+    return {name: decode(data.get(name), name) for name, (_, decode) in JSON_FORMS.items()}
+
+
+def _optional(codec: Any) -> Any:
+    return lambda value, *name: None if value is None else codec(value, *name)
+
+
+#: Each TraceResult field's strict-JSON form: (to JSON, from JSON); ``to_dict`` and ``from_dict`` are these, field
+#: by field (a test checks every field has one).
+JSON_FORMS: dict[str, tuple[Any, Any]] = {
+    "scores": (json_array, array_from_json),
+    "low_score": (_finite_or_none, json_number), "high_score": (_finite_or_none, json_number),
+    "answer": (str, lambda value, name: value), "tokens": (list, lambda value, name: list(value)),
+    "block": (str, lambda value, name: value), "kind": (str, lambda value, name: value),
+    "window": (int, lambda value, name: value),
+    "config": (_finite_or_none, lambda value, name: dict(value or {})),
+    "stderr": (_optional(json_array), _optional(array_from_json)),
+    "draws": (lambda draws: None if draws is None else [json_array(table) for table in draws],
+              lambda value, name: draws_from_json(value)),
+}
 
 
 @dataclass(eq=False)
@@ -285,14 +298,7 @@ class TraceResult(Uncertainty):
 
     # ----- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT_VERSION, "scores": json_array(self.scores),
-            "stderr": None if self.stderr is None else json_array(self.stderr),
-            "low_score": _finite_or_none(self.low_score), "high_score": _finite_or_none(self.high_score),
-            "answer": self.answer, "tokens": list(self.tokens), "block": self.block, "kind": self.kind,
-            "window": int(self.window), "config": _finite_or_none(self.config),
-            "draws": None if self.draws is None else [json_array(table) for table in self.draws],
-        }
+        return {"format": FORMAT_VERSION, **{name: encode(getattr(self, name)) for name, (encode, _) in JSON_FORMS.items()}}
 
     @classmethod
     def from_dict(cls, data: Any) -> TraceResult:
