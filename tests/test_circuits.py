@@ -247,7 +247,7 @@ def test_the_hand_written_chain_backward_equals_autograd_through_the_chain():
     from blip_trace_widgets.circuits.network import state_index
 
     bundle = demo()
-    net, graph = Network(bundle), circuit_graph(bundle)
+    net = Network(bundle)
     runs = prepare(net, pair_of(*dicts()), "noise")
     base = runs.contributions("base", "qe")
     delta = runs.contributions("source", "qe") - base
