@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from .graph import CircuitGraph, Point
-from .names import DEC, IMAGE, QE
+from .names import DEC, IMAGE, NOISING, QE
 from .network import Record, state_index
-from .patching import Runs, _pick
+from .patching import Runs, pick
 
 
 class Taps:
@@ -55,7 +55,7 @@ def _interpolated(runs: Runs, steps: int) -> tuple[torch.Tensor, torch.Tensor, t
     """The base inputs moved towards the source inputs, [samples * steps] rows (sample-major)."""
     alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
     source = (runs.pair.img, runs.net.embed(QE, runs.pair.question_ids), runs.net.embed("dec", runs.pair.decoder_ids))
-    if runs.direction == "noise":
+    if NOISING[runs.direction]:
         source = (runs.pair.corrupted_img, runs.net.embed(QE, runs.pair.corrupted_question_ids), source[2])
     rows = []
     for base, other in zip(runs.base_inputs, source):
@@ -82,16 +82,16 @@ def _block_scores(runs: Runs, graph: CircuitGraph, block: str, record: Record, g
     backward: per point [rows, channels, slots]; row i reads the gradient run's row ``rows[i]`` and the endpoints'
     draw ``delta_rows[i]``."""
     points = [p for p in graph.index if graph.shape.source_block(p) == block]
-    base = _pick(record.img[:, None] if block == IMAGE else runs.net.contributions(record, block), rows)
-    delta = _pick(runs.contributions("source", block), delta_rows) - _pick(runs.contributions("base", block), delta_rows)
+    base = pick(record.img[:, None] if block == IMAGE else runs.net.contributions(record, block), rows)
+    delta = pick(runs.contributions("source", block), delta_rows) - pick(runs.contributions("base", block), delta_rows)
     n = len(delta_rows)
     if block != IMAGE:
         final = graph.shape.qe_layers * 3
         wheres = [state_index(p) if p.block == block else final for p in points]
-        found = runs.net.chain_scores(block, base, delta, [(w, _pick(grads[p], rows)) for w, p in zip(wheres, points)])
+        found = runs.net.chain_scores(block, base, delta, [(w, pick(grads[p], rows)) for w, p in zip(wheres, points)])
         return dict(zip(points, found))
     change = delta.expand(n, -1, -1, -1)[:, 0]  # the image's input: its own value, J = 1
-    return {p: torch.einsum("rctd,rtd->rc", _pick(grads[p], rows).expand(n, -1, -1, -1), change)[:, :, None]
+    return {p: torch.einsum("rctd,rtd->rc", pick(grads[p], rows).expand(n, -1, -1, -1), change)[:, :, None]
             for p in points}
 
 

@@ -82,12 +82,12 @@ class CircuitRun:
     def __init__(self, net: Network, graph: CircuitGraph, keep: torch.Tensor, corrupted: Record,
                  samples: torch.Tensor) -> None:
         self.net, self.graph, self.keep, self.samples = net, graph, keep, samples
-        self.corrupted = {b: self._pick(corrupted.img[:, None] if b == IMAGE else net.contributions(corrupted, b))
+        self.corrupted = {b: self.pick(corrupted.img[:, None] if b == IMAGE else net.contributions(corrupted, b))
                           for b in (IMAGE, QE, "dec")}
         self.record: Record | None = None
         self.parts: dict[str, list[torch.Tensor]] = {}
 
-    def _pick(self, t: torch.Tensor) -> torch.Tensor:
+    def pick(self, t: torch.Tensor) -> torch.Tensor:
         return t if t.shape[0] == 1 else t[self.samples]
 
     def bind(self, record: Record) -> None:

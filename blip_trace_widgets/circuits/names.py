@@ -27,6 +27,9 @@ Direction = Literal["noise", "restore"]
 METHODS: tuple[str, ...] = ("eap", "eap-ig", "exact")
 METHOD_LABELS: dict[str, str] = {"eap": "EAP", "eap-ig": "EAP-IG", "exact": "exact path patching"}
 DIRECTIONS: tuple[str, ...] = ("noise", "restore")
+#: Per direction: whether it noises (corrupted senders into the clean run) rather than restores.
+NOISING: dict[str, bool] = {"noise": True, "restore": False}
+DIRECTION_ALIASES = {"denoise": "restore"}
 DEFAULT_STEPS = 5
 DEFAULT_SAMPLES = 5
 DEFAULT_SEED = 0
@@ -75,8 +78,8 @@ def check_method(method: str) -> str:
 
 def check_direction(direction: str) -> str:
     """The direction, "noise" or "restore" ("denoise" is read as "restore")."""
-    direction = "restore" if direction == "denoise" else direction
-    if direction not in DIRECTIONS:
+    direction = DIRECTION_ALIASES.get(direction, direction)
+    if direction not in NOISING:
         raise BlipTraceError(f"unknown direction {direction!r}: use 'noise' (corrupted senders in the clean run) or "
                              "'restore' (clean senders in the corrupted run)")
     return direction

@@ -25,7 +25,7 @@ from blip_trace_widgets.core.significance import CellStatistics
 
 from .graph import CircuitGraph, Point, circuit_graph
 from .inputs import CircuitInputs, circuit_inputs
-from .names import DEC, DEFAULT_SAMPLES, DEFAULT_SEED, IMAGE, QE, check_direction
+from .names import DEC, DEFAULT_SAMPLES, DEFAULT_SEED, IMAGE, NOISING, QE, check_direction
 from .network import Network, Record
 
 #: Path runs per batch (fewer on a wide model, see :func:`chunk_rows`).
@@ -71,12 +71,12 @@ def corrupted_inputs(net: Network, pair: CircuitInputs) -> tuple[torch.Tensor, t
 def prepare(net: Network, pair: CircuitInputs, direction: str) -> Runs:
     """The clean and corrupted runs, as base and source of ``direction``."""
     clean, corrupted = clean_inputs(net, pair), corrupted_inputs(net, pair)
-    base_in, source_in = (clean, corrupted) if check_direction(direction) == "noise" else (corrupted, clean)
+    base_in, source_in = (clean, corrupted) if NOISING[check_direction(direction)] else (corrupted, clean)
     return Runs(net, pair, direction, base_in, net.forward(*base_in, pair).detached(),
                 net.forward(*source_in, pair).detached())
 
 
-def _pick(t: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+def pick(t: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
     return t if t.shape[0] == 1 else t[samples]
 
 
@@ -97,8 +97,8 @@ def receiver_inputs(runs: Runs, graph: CircuitGraph, senders: Sequence[frozenset
                 if slot is not None:
                     gates[n, 0, slot] = 1.0
         picked = samples[rows]
-        base_rows = _pick(base, picked)
-        delta = _pick(runs.contributions("source", block), picked) - base_rows
+        base_rows = pick(base, picked)
+        delta = pick(runs.contributions("source", block), picked) - base_rows
         if block == IMAGE:
             values = base_rows[:, 0] + gates[:, 0, :1, None] * delta[:, 0]
         else:
@@ -168,10 +168,10 @@ def _run_chunk(runs: Runs, graph: CircuitGraph, paths: list[Path], samples: torc
         entry[1].append(c)
         entry[2].append(values[n])
     source = Overrides({p: (r, c, torch.stack(v)) for p, (r, c, v) in by_point.items()}, graph.shape.heads)
-    img, qemb, demb = (_pick(t, samples) for t in runs.base_inputs)
-    states = _pick(runs.base.final[QE], samples) if all(p.block == DEC for p in by_point) else None
+    img, qemb, demb = (pick(t, samples) for t in runs.base_inputs)
+    states = pick(runs.base.final[QE], samples) if all(p.block == DEC for p in by_point) else None
     run_b = runs.net.forward(img, qemb, demb, runs.pair, source, question_states=states, rows=len(paths))
-    return run_b.score - _pick(runs.base_score(), samples)
+    return run_b.score - pick(runs.base_score(), samples)
 
 
 def chunk_rows(runs: Runs) -> int:

@@ -22,7 +22,7 @@ import pandas as pd
 from blip_trace_widgets.core.errors import BlipTraceError
 from blip_trace_widgets.core.significance import CellStatistics
 
-from .names import FORMAT, METHOD_LABELS, split_edge
+from .names import FORMAT, METHOD_LABELS, NOISING, split_edge
 
 
 def _floats(values: np.ndarray) -> list[float | None]:
@@ -78,7 +78,7 @@ class EdgeResult:
     @property
     def total_effect(self) -> float:
         """m(corrupted) − m(clean) when noising, m(clean) − m(corrupted) when restoring."""
-        sign = 1.0 if self.direction == "noise" else -1.0
+        sign = 1.0 if NOISING.get(self.direction, True) else -1.0
         return sign * (self.corrupted_score - self.clean_score)
 
     def order(self) -> np.ndarray:

@@ -26,7 +26,7 @@ from blip_trace_widgets.core.errors import BlipTraceError
 from .attribution import attribution_draws
 from .graph import CircuitGraph, circuit_graph
 from .inputs import CircuitInputs, circuit_inputs
-from .names import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_STEPS, WARN_SECONDS, check_direction, check_method
+from .names import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_STEPS, NOISING, WARN_SECONDS, check_direction, check_method
 from .network import Network
 from .patching import Path, Runs, chunk_rows, prepare, run_paths
 from .result import EdgeResult
@@ -88,8 +88,8 @@ def edge_scores(bundle: Any, image: Any, text: str, *, method: str = "eap-ig", s
 def _result(runs: Runs, graph: CircuitGraph, chosen: Sequence[int] | np.ndarray, draws: np.ndarray, method: str, steps: int,
             text: str, seconds: float) -> EdgeResult:
     pair = runs.pair
-    clean = runs.base if runs.direction == "noise" else runs.source
-    corrupted = runs.source if runs.direction == "noise" else runs.base
+    clean = runs.base if NOISING[runs.direction] else runs.source
+    corrupted = runs.source if NOISING[runs.direction] else runs.base
     return EdgeResult.of_draws(
         [graph.edges[i] for i in chosen], draws, deterministic=bool(pair.corruption.get("deterministic")),
         method=method, direction=runs.direction, steps=steps if method == "eap-ig" else None,
