@@ -65,7 +65,8 @@ def questions(kind: str, count: int, corruption: str) -> list[tuple]:
 
 
 def one_question(bundle, image, question, corruption, args) -> dict:
-    pair = circuit_inputs(bundle, image, question, corruption=corruption, samples=args.samples, seed=args.seed)
+    pair = circuit_inputs(bundle, image, question, corruption=corruption, samples=args.samples, seed=args.seed,
+                          metric=args.metric)
     results = {m: edge_scores(bundle, image, question, method=m, steps=args.steps, direction=args.direction, inputs=pair)
                for m in METHODS}
     exact = results["exact"].scores
@@ -151,13 +152,14 @@ def main() -> None:
     parser.add_argument("--corruption", choices=("noise", "pairs"), default="noise")
     parser.add_argument("--base", action="store_true", help="also the cost on a BLIP-base-sized model")
     parser.add_argument("--direction", choices=("noise", "restore"), default="noise")
+    parser.add_argument("--metric", choices=("logprob", "prob"), default="logprob")
     parser.add_argument("--cost-only", action="store_true", help="only table 3")
     args = parser.parse_args()
     if args.corruption == "pairs":
         args.samples = 1
     print(f"blip_trace_widgets {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, load "
           f"average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; corruption {args.corruption}, "
-          f"{args.samples} draws, EAP-IG {args.steps} steps, direction {args.direction}")
+          f"{args.samples} draws, EAP-IG {args.steps} steps, direction {args.direction}, metric {args.metric}")
     bundle = load_model("demo")
     rows = []
     for kind in ("color", "shape") if not args.cost_only else ():

@@ -36,10 +36,11 @@ def dicts(seed: int = 0):
     return clean, dict(clean, image_embeds=clean["image_embeds"] + noise)
 
 
-def pair_of(clean, corrupted) -> CircuitInputs:
+def pair_of(clean, corrupted, metric="logprob") -> CircuitInputs:
     """The engine's inputs from the reference's dicts: the same tensors."""
     return CircuitInputs(clean["image_embeds"], clean["input_ids"], clean["answer_ids"], int(clean["answer_ids"][0, 1]),
-                         "", corrupted["image_embeds"], corrupted["input_ids"], {"name": "given", "samples": 1})
+                         "", corrupted["image_embeds"], corrupted["input_ids"], {"name": "given", "samples": 1},
+                         metric=metric)
 
 
 def engine_edges(edges, direction="noise"):
@@ -260,3 +261,25 @@ def test_the_hand_written_chain_backward_equals_autograd_through_the_chain():
         (net.chain("qe", base, delta, gates, point) * grad).sum().backward()
         assert_close(mine.detach().numpy(), gates.grad.numpy(), scale=float(gates.grad.abs().max()))
         assert gates.grad.abs().max() > 1e-3
+
+
+def test_probabilities_are_scored_as_the_reference_scores_them():
+    from blip_trace_widgets.circuits.faithfulness import circuit_scores
+
+    bundle = demo()
+    graph, net = circuit_graph(bundle), Network(bundle)
+    clean, corrupted = dicts()
+    pair = pair_of(clean, corrupted, "prob")
+    edges = ["img → qe.L2.X1.v", "qe.L1.mlp → qe.L3.mlp"]
+    paths = [Path(frozenset([int(graph.senders[graph.edge_index(e)])]), (int(graph.receivers[graph.edge_index(e)]),))
+             for e in edges]
+    ours = run_paths(prepare(net, pair, "noise"), graph, paths)[0]
+    theirs = [ref.reference_edge_score(bundle.model, clean, corrupted, e, score="prob") for e in edges]
+    assert_close(ours, theirs)
+    assert abs(theirs[0]) > 1e-4
+    empty = circuit_scores(net, graph, pair, [np.zeros(len(graph), bool)])[0, 0]
+    assert_close(empty, ref.reference_score(bundle.model, corrupted, "prob"))
+    with pytest.raises(BlipTraceError, match="unknown metric"):
+        from blip_trace_widgets.circuits.inputs import circuit_inputs
+
+        circuit_inputs(bundle, demo_samples()[0].image, demo_samples()[0].question, metric="logit")

@@ -22,7 +22,7 @@ from typing import Any
 from blip_trace_widgets.core.errors import BlipTraceError
 from blip_trace_widgets.core.names import DEMO_MODELS, DTYPES
 
-from .names import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TOP, DIRECTIONS, METHODS
+from .names import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TOP, DIRECTIONS, METHODS, METRICS
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -47,6 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--counterfactual-question", default=None, help="corrupt with this question (as many "
                         "tokens) instead of noise")
     parser.add_argument("--answer", default=None, help="the answer to score (default: the model's own)")
+    parser.add_argument("--metric", choices=METRICS, default="logprob", help="log p or p of the answer's first token "
+                        "(default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     parser.add_argument("--out", required=True, help="folder for the PNG, JSON and CSV files")
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     image = Image.open(args.image)
     pair = circuit_inputs(bundle, image, args.question, corruption=corruption, samples=args.samples, seed=args.seed,
-                          answer=args.answer)
+                          answer=args.answer, metric=args.metric)
     result = edge_scores(bundle, image, args.question, method=args.method, steps=args.steps, direction=args.direction,
                          inputs=pair)
     curve = faithfulness_curve(bundle, image, args.question, result, inputs=pair)

@@ -154,11 +154,10 @@ def _summary(ratios: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.nd
     return stats.mean[:, 0], low[:, 0], high[:, 0]
 
 
-def _setup(bundle: Any, image: Any, text: str, corruption: Any, samples: int, seed: int, answer: str | None,
-           inputs: CircuitInputs | None) -> tuple[CircuitGraph, Network, CircuitInputs, float, np.ndarray]:
+def _setup(bundle: Any, image: Any, text: str, inputs: CircuitInputs | None,
+           **fields: Any) -> tuple[CircuitGraph, Network, CircuitInputs, float, np.ndarray]:
     graph, net = circuit_graph(bundle), Network(bundle)
-    pair = inputs or circuit_inputs(bundle, image, text, corruption=corruption, samples=samples, seed=seed,
-                                    answer=answer)
+    pair = inputs or circuit_inputs(bundle, image, text, **fields)
     with torch.no_grad():
         clean = float(net.forward(*clean_inputs(net, pair), pair).score[0])
         corrupted = net.forward(*corrupted_inputs(net, pair), pair).score.double().numpy()
@@ -173,9 +172,10 @@ def _mask(graph: CircuitGraph, edges: Any) -> np.ndarray:
 
 def faithfulness(bundle: Any, image: Any, text: str, kept: Circuit | list[str], *, corruption: Any = None,
                  samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED, answer: str | None = None,
-                 inputs: CircuitInputs | None = None) -> Faithfulness:
+                 metric: str = "logprob", inputs: CircuitInputs | None = None) -> Faithfulness:
     """The circuit run of ``kept`` (a :class:`Circuit` or edge names) and its faithfulness, over noise draws."""
-    graph, net, pair, clean, corrupted = _setup(bundle, image, text, corruption, samples, seed, answer, inputs)
+    graph, net, pair, clean, corrupted = _setup(bundle, image, text, inputs, corruption=corruption, samples=samples,
+                                                seed=seed, answer=answer, metric=metric)
     edges = list(kept.edges if isinstance(kept, Circuit) else kept)
     draws = circuit_scores(net, graph, pair, [_mask(graph, edges)])
     ratios = _ratios(draws, clean, corrupted)
@@ -230,9 +230,10 @@ class Curve:
 def faithfulness_curve(bundle: Any, image: Any, text: str, result: EdgeResult, *,
                        fractions: tuple[float, ...] = CURVE_FRACTIONS, corruption: Any = None,
                        samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED, answer: str | None = None,
-                       inputs: CircuitInputs | None = None) -> Curve:
+                       metric: str = "logprob", inputs: CircuitInputs | None = None) -> Curve:
     """Faithfulness of the top-k circuits of ``result`` at each fraction of its edges, in one batched circuit run."""
-    graph, net, pair, clean, corrupted = _setup(bundle, image, text, corruption, samples, seed, answer, inputs)
+    graph, net, pair, clean, corrupted = _setup(bundle, image, text, inputs, corruption=corruption, samples=samples,
+                                                seed=seed, answer=answer, metric=metric)
     if any(not 0.0 <= f <= 1.0 for f in fractions):
         raise BlipTraceError("fractions must be from 0 to 1 (of the graph's edges)")
     ks = sorted({int(round(f * len(result.edges))) for f in fractions})

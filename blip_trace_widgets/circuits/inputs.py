@@ -22,7 +22,7 @@ from blip_trace_widgets.causal_trace.clean import CleanPass
 from blip_trace_widgets.core.errors import BlipTraceError
 from blip_trace_widgets.corruptions.kinds import GaussianNoise, ImageSwap
 
-from .names import DEFAULT_SAMPLES, DEFAULT_SEED
+from .names import DEFAULT_SAMPLES, DEFAULT_SEED, METRICS
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,16 @@ class CircuitInputs:
 
     #: The decoder position that predicts the scored token (the first answer token: 0, after the start token).
     offset: int = 0
+    #: What is scored: "logprob" (log p of the answer's first token) or "prob" (p).
+    metric: str = "logprob"
 
 
 def circuit_inputs(bundle: Any, image: Any, question: str, *, corruption: Any = None, samples: int = DEFAULT_SAMPLES,
-                   seed: int = DEFAULT_SEED, answer: str | None = None) -> CircuitInputs:
-    """The clean pass of (image, question) and its corrupted input (see the module's docstring)."""
+                   seed: int = DEFAULT_SEED, answer: str | None = None, metric: str = "logprob") -> CircuitInputs:
+    """The clean pass of (image, question) and its corrupted input (see the module's docstring); ``metric``:
+    "logprob" or "prob" of the answer's first token."""
+    if metric not in METRICS:
+        raise BlipTraceError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     if not isinstance(samples, int) or not 1 <= samples <= 1000:
         raise BlipTraceError(f"samples must be a whole number from 1 to 1000, got {samples!r}")
     session = CleanPass(bundle, image, question)
@@ -62,7 +67,7 @@ def circuit_inputs(bundle: Any, image: Any, question: str, *, corruption: Any = 
         raise BlipTraceError("the model gives an empty answer to this question; pass answer='...' to score one")
     decoder = torch.tensor([[session.bos_id]], device=session.device)
     corrupted_img, corrupted_ids, info = _corrupt(session, img, ids, corruption, samples, seed)
-    return CircuitInputs(img, ids, decoder, int(tokens[0]), text, corrupted_img, corrupted_ids, info)
+    return CircuitInputs(img, ids, decoder, int(tokens[0]), text, corrupted_img, corrupted_ids, info, metric=metric)
 
 
 def _corrupt(session: CleanPass, img: torch.Tensor, ids: torch.Tensor, corruption: Any, samples: int,

@@ -30,6 +30,7 @@ DIRECTIONS: tuple[str, ...] = ("noise", "restore")
 #: Per direction: whether it noises (corrupted senders into the clean run) rather than restores.
 NOISING: dict[str, bool] = {"noise": True, "restore": False}
 DIRECTION_ALIASES = {"denoise": "restore"}
+METRICS: tuple[str, ...] = ("logprob", "prob")
 DEFAULT_STEPS = 5
 DEFAULT_SAMPLES = 5
 DEFAULT_SEED = 0

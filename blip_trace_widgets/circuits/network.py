@@ -114,7 +114,8 @@ class Network:
         x = source.at(Point(DEC, self.shape.dec_layers, "out"), h)
         final = h if x is None else x[:, 0]
         logits = self.lm_head(final[:, pair.offset])
-        record.score = torch.log_softmax(logits.float(), -1)[:, pair.answer]
+        logprob = torch.log_softmax(logits.float(), -1)[:, pair.answer]
+        record.score = logprob.exp() if getattr(pair, "metric", "logprob") == "prob" else logprob
         return record
 
     def layer(self, block: str, j: int, h: torch.Tensor, encoder: torch.Tensor, source: Source,

@@ -203,12 +203,13 @@ class PathResult:
 
 def path_patch(bundle: Any, image: Any, text: str, *, sender: str | list[str], receivers: str | list[str],
                corruption: Any = None, direction: str = "noise", samples: int = DEFAULT_SAMPLES,
-               seed: int = DEFAULT_SEED, answer: str | None = None, inputs: CircuitInputs | None = None) -> PathResult:
+               seed: int = DEFAULT_SEED, answer: str | None = None, metric: str = "logprob",
+               inputs: CircuitInputs | None = None) -> PathResult:
     """Path patching from the nodes ``sender`` selects to the channels ``receivers`` selects (see
     :meth:`~.graph.CircuitGraph.select_nodes`), exactly as the module defines it."""
     graph, net = circuit_graph(bundle), Network(bundle)
     pair = inputs or circuit_inputs(bundle, image, text, corruption=corruption, samples=samples, seed=seed,
-                                    answer=answer)
+                                    answer=answer, metric=metric)
     nodes, channels = graph.select_nodes(sender), graph.select_channels(receivers)
     path = Path(frozenset(graph.nodes.index(n) for n in nodes), tuple(graph.channels.index(c) for c in channels))
     runs = prepare(net, pair, direction)

@@ -64,7 +64,7 @@ def exact_draws(runs: Runs, graph: CircuitGraph, chosen: np.ndarray, warn: bool 
 
 def edge_scores(bundle: Any, image: Any, text: str, *, method: str = "eap-ig", steps: int = DEFAULT_STEPS,
                 corruption: Any = None, direction: str = "noise", samples: int = DEFAULT_SAMPLES,
-                seed: int = DEFAULT_SEED, answer: str | None = None, edges: Any = None,
+                seed: int = DEFAULT_SEED, answer: str | None = None, metric: str = "logprob", edges: Any = None,
                 inputs: CircuitInputs | None = None) -> EdgeResult:
     """Every edge's score (``edges``: a subset, see :func:`chosen_edges`) by ``method``: "eap", "eap-ig" (``steps``
     interpolation points) or "exact" (path patching per edge). ``corruption``: see :mod:`~.inputs`."""
@@ -74,7 +74,7 @@ def edge_scores(bundle: Any, image: Any, text: str, *, method: str = "eap-ig", s
         raise BlipTraceError(f"steps must be a whole number from 1 to 100, got {steps!r}")
     graph, net = circuit_graph(bundle), Network(bundle)
     pair = inputs or circuit_inputs(bundle, image, text, corruption=corruption, samples=samples, seed=seed,
-                                    answer=answer)
+                                    answer=answer, metric=metric)
     start = time.perf_counter()
     runs = prepare(net, pair, direction)
     chosen = chosen_edges(graph, edges)
