@@ -17,6 +17,10 @@ from tiny_blip import BLIP2_VOCAB, tiny_blip2_processor, tiny_blip2_t5, tiny_ins
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
 
+#: What a configuration that names no corruption gets on a model folder without trace_defaults.json:
+#: ROME's Gaussian noise of 3 standard deviations.
+ROME_DEFAULT = GaussianNoise(3.0)
+
 QUESTION = "what color is the shape?"
 QUERIES = 4
 ENC, DEC = "language_model.encoder.block.{l}", "language_model.decoder.block.{l}"
@@ -61,7 +65,7 @@ class T5Loop:
             lambda m, i, o: seen.setdefault("x", o) if o.ndim == 3 else None)
         self.clean = self._record()
         handle.remove()
-        self.noisy = config.corruption(seen["x"], config.samples, torch.Generator().manual_seed(config.seed))
+        self.noisy = (config.corruption or ROME_DEFAULT)(seen["x"], config.samples, torch.Generator().manual_seed(config.seed))
 
     def _name(self, layer: int) -> tuple[str, bool]:
         name = PATHS[(self.config.block, self.config.kind)].format(l=layer)

@@ -17,6 +17,10 @@ from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import GaussianNoise, MultiplicativeNoise, TraceConfig, Tracer, load_model
 
+#: What a configuration that names no corruption gets on a model folder without trace_defaults.json:
+#: ROME's Gaussian noise of 3 standard deviations.
+ROME_DEFAULT = GaussianNoise(3.0)
+
 PREFIX = {"question_encoder": "text_encoder.encoder.layer", "answer_decoder": "text_decoder.bert.encoder.layer"}
 SUFFIX = {"hidden": "", "self_attn": ".attention.output.dense", "cross_attn": ".crossattention.output.dense",
           "mlp": ".output.dense", "post_self_attn": ".attention", "post_cross_attn": ".crossattention"}
@@ -48,7 +52,7 @@ class ReferenceLoop:
         self.answer_ids = list(answer_ids)
         with torch.no_grad():
             self.clean_embeds = clean_embeds = self.model.vision_model(pixel_values=pixels)[0]
-            self.corrupted = config.corruption(clean_embeds, config.samples, torch.Generator().manual_seed(config.seed))
+            self.corrupted = (config.corruption or ROME_DEFAULT)(clean_embeds, config.samples, torch.Generator().manual_seed(config.seed))
             self.clean = self._record(clean_embeds)
             self.corrupted_states = self._record(self.corrupted)
 

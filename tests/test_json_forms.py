@@ -37,3 +37,16 @@ def test_a_result_round_trips_through_its_derived_json_form():
     json.loads(text)  # strict: NaN written as a marker, not as NaN
     back = TraceResult.from_json(text) if hasattr(TraceResult, "from_json") else TraceResult.from_dict(json.loads(text))
     assert back == result and back.draws is not None and back.draws.shape == (2, 2, 2)
+
+
+def test_a_bare_config_traces_as_the_resolver_does(demo_bundle, demo_sample):
+    """TraceConfig() names no corruption: a tracer fills in the model's default, as ``trace(kind=...)`` does (the
+    demo model's folder says 10σ on the image embeddings), so both ways give the same map."""
+    from blip_trace_widgets import Tracer
+
+    tracer = Tracer(demo_bundle, demo_sample.image, demo_sample.question)
+    bare = tracer.trace(TraceConfig(kind="mlp", window=1, samples=2))
+    resolved = tracer.trace(kind="mlp", window=1, samples=2)
+    assert bare.config["corruption"] == resolved.config["corruption"] == {"type": "gaussian", "scale": 10.0}
+    assert np.array_equal(bare.scores, resolved.scores)
+    assert TraceConfig().to_json()["corruption"] is None

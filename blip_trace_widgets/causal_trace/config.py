@@ -34,7 +34,6 @@ from ..core.names import (
     METHODS,
     METRICS,
     QUESTION_ENCODER,
-    ROME_NOISE_SCALE,
     SEVER_AT,
     SEVERABLE,
     STAGE_LABELS,
@@ -54,7 +53,7 @@ from ..core.names import (
 )
 from ..core.options import field_default, option
 from ..core.roles import ROLES
-from ..corruptions.kinds import GaussianNoise, ImageSwap, PairSwap, WordSwap, describe
+from ..corruptions.kinds import ImageSwap, PairSwap, WordSwap, describe
 from ..models import anatomy
 from ..models.heads import BY_NAME
 from . import directions, stages
@@ -124,7 +123,9 @@ class TraceConfig:
         f"cross_attn_head); the vision encoder has {', '.join(kinds_of(VISION_ENCODER))}"))
     window: int = _affects(RESTORE, default=1, type=int,
                            help="consecutive layers restored together (hidden states: always 1)")
-    corruption: Callable[..., torch.Tensor] = _affects(INPUT, default_factory=lambda: GaussianNoise(scale=ROME_NOISE_SCALE))
+    #: None: the model's own default where the corruption acts (:meth:`~.stages.Stage.default_corruption`: the model
+    #: folder's noise level on the image embeddings, ROME's 3σ elsewhere), filled in when a tracer runs it.
+    corruption: Callable[..., torch.Tensor] | None = _affects(INPUT, default=None)
     samples: int = _affects(INPUT, default=DEFAULT_SAMPLES, type=int, help="noise samples averaged per cell")
     seed: int = _affects(INPUT, default=0, type=int, help="noise seed")
     answer: str | None = _affects(ANSWER, default=None, help=(
@@ -183,7 +184,7 @@ class TraceConfig:
         check_int("window", self.window, 1)
         check_int("samples", self.samples, 1, MAX_SAMPLES)
         check_int("seed", self.seed, 0, MAX_SEED)  # the CPU generator repeats past 2**32
-        if not callable(self.corruption):
+        if self.corruption is not None and not callable(self.corruption):
             raise BlipTraceError(
                 "corruption must be GaussianNoise, MultiplicativeNoise, UniformNoise, Scale, ImageSwap, Blur, Grey "
                 "or a callable (clean, samples, generator) -> corrupted")

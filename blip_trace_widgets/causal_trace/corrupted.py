@@ -124,7 +124,8 @@ class CorruptedRuns:
         return swapped if config.corrupt_tokens is None else _swapped_among(self.session, config, swapped)
 
     def corrupt_input(self, config: TraceConfig, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        corruption = config.corruption
+        corruption = stages.completed(config, self.session.bundle).corruption
+        assert corruption is not None, "a completed configuration names its corruption"
         if isinstance(corruption, ImageSwap) and corruption.embeddings is None:  # the other image at this stage
             corruption = corruption.bind(stages.of(config.corrupt).other_image(self.session))
         if isinstance(corruption, WordSwap) and corruption.embeddings is None:
@@ -170,12 +171,14 @@ class CorruptedRuns:
 
     def draw(self, config: TraceConfig, generator: torch.Generator) -> Corrupted:
         """The corrupted runs for one draw of ``config.samples`` from ``generator``."""
+        config = stages.completed(config, self.session.bundle)
         self._check_memory(config)
         self.targets.check_config(config)
         return stages.of(config.corrupt).draw(self, config, generator)
 
     def corrupted_patches(self, config: TraceConfig) -> torch.Tensor:
         """The seed's first draw of the vision encoder's corrupted input, without running the model on it."""
+        config = stages.completed(config, self.session.bundle)
         self._check_memory(config)
         stage = stages.of(config.corrupt)
         if not isinstance(stage, stages.Patches):
@@ -187,6 +190,7 @@ class CorruptedRuns:
 
     def corrupted(self, config: TraceConfig) -> Corrupted:
         """The corrupted runs for ``config``'s corruption, samples and seed (cached): the first draw of the seed."""
+        config = stages.completed(config, self.session.bundle)
         return self._corrupted.get_or_make(cache_key(config, "corrupted"),
                                            lambda: self.draw(config, torch.Generator().manual_seed(int(config.seed))))
 
@@ -215,5 +219,6 @@ class CorruptedRuns:
 
     def skip_draw(self, config: TraceConfig, generator: torch.Generator) -> None:
         """Advance ``generator`` past the low score's draw without running the model."""
+        config = stages.completed(config, self.session.bundle)
         with torch.no_grad():
             stages.of(config.corrupt).skip(self, config, generator)

@@ -284,6 +284,15 @@ def of(name: str | None) -> Stage:
     return BY_NAME[name]
 
 
+def completed(config: Any, bundle: Any) -> Any:
+    """``config`` with its corruption filled in where it names none: the model's default at its stage."""
+    if config.corruption is not None:
+        return config
+    from dataclasses import replace
+
+    return replace(config, corruption=of(config.corrupt).default_corruption(bundle))
+
+
 # ----- BLIP-2's and InstructBLIP's question and queries -----------------------------------------------------------
 def reads_prompt(session: Any) -> bool:
     """Whether the model reads its question in a language model's prompt (BLIP-2, InstructBLIP)."""

@@ -173,6 +173,7 @@ class Tracer:
         from .procedures import resolve_config
 
         config = replace(config, **overrides) if config is not None else resolve_config(self.bundle, **overrides)
+        config = stages.completed(config, self.bundle)
         key = cache_key(config, "result")
         cached = self._results.get(key)
         if cached is not None:
@@ -185,6 +186,7 @@ class Tracer:
 
     def plan(self, config: TraceConfig) -> Plan:
         """What a trace of ``config`` runs: its block, target and cells (a deterministic corruption: one draw)."""
+        config = stages.completed(config, self.bundle)
         asked = int(config.samples)
         if getattr(config.corruption, "deterministic", False) and asked > 1:  # every sample the same: run one
             config = replace(config, samples=1)
@@ -277,7 +279,8 @@ def _check_finite(config: TraceConfig, low: float, high: float, mean: np.ndarray
         raise BlipTraceError(f"the clean run's {config.metric} is not finite ({high}); the model's outputs overflow: "
                              "use metric='logprob' or a float32 model")
     if not (np.isfinite(low) and np.isfinite(mean).all()):
-        level = {k: v for k, v in describe(config.corruption).items() if k not in ("repr", "region")}
+        said = describe(config.corruption) if config.corruption is not None else {}
+        level = {k: v for k, v in said.items() if k not in ("repr", "region")}
         raise BlipTraceError(
             f"the corrupted runs' scores are not finite (NaN or infinite) with {level}: the corruption is so large "
             "that the model's activations overflow. Lower its level (ROME's is GaussianNoise(3.0); the paper's "

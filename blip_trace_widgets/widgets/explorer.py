@@ -16,6 +16,7 @@ from typing import Any
 
 import ipywidgets as W
 
+from ..causal_trace import stages
 from ..causal_trace.plots import HeatmapRenderer, figure_png, plot_traces
 from ..causal_trace.results import TraceResult
 from ..causal_trace.tracer import TraceConfig, Tracer, default_config
@@ -157,7 +158,8 @@ class TraceExplorer(LiveView):
         self.export_dir = Path(export_dir)
         self.results: dict[str, TraceResult] = {}
         start = start_samples(config, noise_samples)  # "auto": the estimates draw DEFAULT_SAMPLES, as they did
-        config = replace(config or default_config(bundle), samples=samples_count(start, DEFAULT_SAMPLES))
+        config = replace(stages.completed(config, bundle) if config is not None else default_config(bundle),
+                         samples=samples_count(start, DEFAULT_SAMPLES))
         check_start(bundle, config)
         style = {"description_width": "initial"}
         self.kind = W.Dropdown(options=kind_options(config.block), value=config.kind, description="kind", style=style)
