@@ -56,27 +56,27 @@ def circuit_inputs(bundle: Any, image: Any, question: str, *, corruption: Any = 
         raise BlipTraceError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     if not isinstance(samples, int) or not 1 <= samples <= 1000:
         raise BlipTraceError(f"samples must be a whole number from 1 to 1000, got {samples!r}")
-    session = CleanPass(bundle, image, question)
-    if session.head != "vqa":
+    reading = CleanPass(bundle, image, question)
+    if reading.head != "vqa":
         raise BlipTraceError("circuits are built for BLIP VQA models: load one such as load_model('demo')")
-    img = session.clean.image_embeds
-    ids = torch.tensor([list(session.question_ids)], device=session.device)
-    text = answer if answer is not None else session.model_answer
-    tokens = session.task.answer_tokens(bundle.tokenizer, text) if answer is not None else session.clean.greedy_ids
+    img = reading.clean.image_embeds
+    ids = torch.tensor([list(reading.question_ids)], device=reading.device)
+    text = answer if answer is not None else reading.model_answer
+    tokens = reading.task.answer_tokens(bundle.tokenizer, text) if answer is not None else reading.clean.greedy_ids
     if not tokens:
         raise BlipTraceError("the model gives an empty answer to this question; pass answer='...' to score one")
-    decoder = torch.tensor([[session.bos_id]], device=session.device)
-    corrupted_img, corrupted_ids, info = _corrupt(session, img, ids, corruption, samples, seed)
+    decoder = torch.tensor([[reading.bos_id]], device=reading.device)
+    corrupted_img, corrupted_ids, info = _corrupt(reading, img, ids, corruption, samples, seed)
     return CircuitInputs(img, ids, decoder, int(tokens[0]), text, corrupted_img, corrupted_ids, info, metric=metric)
 
 
-def _corrupt(session: CleanPass, img: torch.Tensor, ids: torch.Tensor, corruption: Any, samples: int,
+def _corrupt(reading: CleanPass, img: torch.Tensor, ids: torch.Tensor, corruption: Any, samples: int,
              seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     generator = torch.Generator().manual_seed(int(seed))
     if corruption is None:
-        corruption = GaussianNoise(float(getattr(session.bundle, "noise_scale", 3.0)))
+        corruption = GaussianNoise(float(getattr(reading.bundle, "noise_scale", 3.0)))
     if isinstance(corruption, str):
-        _, other = session.task.encode(session.bundle.tokenizer, corruption, session.position_limit, session.bos_id)
+        _, other = reading.task.encode(reading.bundle.tokenizer, corruption, reading.position_limit, reading.bos_id)
         if len(other) != ids.shape[1]:
             raise BlipTraceError(f"the counterfactual question has {len(other)} tokens and the question {ids.shape[1]}: "
                                  "use one of as many tokens (swap words one for one)")
@@ -91,7 +91,7 @@ def _corrupt(session: CleanPass, img: torch.Tensor, ids: torch.Tensor, corruptio
     if not isinstance(corruption, ImageSwap) and hasattr(corruption, "size") and hasattr(corruption, "mode"):
         corruption = ImageSwap(corruption)
     if isinstance(corruption, ImageSwap):
-        other_img = session.embed_image(corruption.other_image)
+        other_img = reading.embed_image(corruption.other_image)
         return other_img, ids, {"name": "image_swap", "level": None, "samples": 1, "deterministic": True}
     if not callable(corruption):
         raise BlipTraceError(f"corruption must be None (the bundle's noise), a noise such as GaussianNoise(3), an "
