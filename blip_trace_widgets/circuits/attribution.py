@@ -37,18 +37,23 @@ from .patching import Runs, pick
 
 
 class Taps:
-    """A source whose every channel reads its input plus a zero tap that requires a gradient."""
+    """A source that taps every channel with a zero that requires a gradient: a head's q, k and v at its projection's
+    output (``projected``, [B, H, T, dh]), an MLP's and ``out``'s input whole ([B, 1, T, D])."""
 
-    def __init__(self, heads: int) -> None:
-        self.heads = heads
-        self.taps: dict[Point, torch.Tensor] = {}
+    def __init__(self) -> None:
+        self.taps: dict[Point, list[torch.Tensor]] = {}
 
-    def at(self, point: Point, default: torch.Tensor) -> torch.Tensor:
-        b, t, d = default.shape
-        width = {"in": 3 * self.heads, "mid": self.heads, "kv": 2 * self.heads}.get(point.where, 1)
-        tap = torch.zeros(b, width, t, d, dtype=default.dtype, device=default.device, requires_grad=True)
-        self.taps[point] = tap
+    def at(self, point: Point, default: torch.Tensor) -> torch.Tensor | None:
+        if point.where not in ("post", "out"):
+            return None
+        tap = torch.zeros(default.shape[0], 1, *default.shape[1:], dtype=default.dtype, requires_grad=True)
+        self.taps[point] = [tap]
         return default[:, None] + tap
+
+    def projected(self, point: Point, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        taps = [torch.zeros_like(t, requires_grad=True) for t in tensors]
+        self.taps[point] = taps
+        return tuple(t + tap for t, tap in zip(tensors, taps))
 
 
 def _interpolated(runs: Runs, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,17 +71,18 @@ def _interpolated(runs: Runs, steps: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def _gradients(runs: Runs, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-               rows: int) -> tuple[Record, dict[Point, torch.Tensor]]:
-    """One forward with taps on every channel and one backward: the run's record and each channel's g_r."""
-    taps = Taps(runs.net.heads)
+               rows: int) -> tuple[Record, dict[Point, list[torch.Tensor]]]:
+    """One forward with taps on every channel and one backward: the run's record and each tap's gradient (at a
+    head's projection outputs, or at an MLP's or ``out``'s input)."""
+    taps = Taps()
     with torch.enable_grad():
         record = runs.net.forward(inputs[0], inputs[1], inputs[2], runs.pair, taps, rows=rows)
         record.score.sum().backward()
-    grads = {p: t.grad if t.grad is not None else torch.zeros_like(t) for p, t in taps.taps.items()}
+    grads = {p: [t.grad if t.grad is not None else torch.zeros_like(t) for t in ts] for p, ts in taps.taps.items()}
     return record.detached(), grads
 
 
-def _block_scores(runs: Runs, graph: CircuitGraph, block: str, record: Record, grads: dict[Point, torch.Tensor],
+def _block_scores(runs: Runs, graph: CircuitGraph, block: str, record: Record, grads: dict[Point, list[torch.Tensor]],
                   rows: torch.Tensor, delta_rows: torch.Tensor) -> dict[Point, torch.Tensor]:
     """g_r · J_{r,u} Δc_u for every channel r fed by ``block``'s nodes and every slot u, in one chain pass and one
     backward: per point [rows, channels, slots]; row i reads the gradient run's row ``rows[i]`` and the endpoints'
@@ -88,11 +94,17 @@ def _block_scores(runs: Runs, graph: CircuitGraph, block: str, record: Record, g
     if block != IMAGE:
         final = graph.shape.qe_layers * 3
         wheres = [state_index(p) if p.block == block else final for p in points]
-        found = runs.net.chain_scores(block, base, delta, [(w, pick(grads[p], rows)) for w, p in zip(wheres, points)])
+        at_inputs = [pick(runs.net.unproject(p, grads[p]) if runs.net.linears(p) else grads[p][0], rows)
+                     for p in points]
+        found = runs.net.chain_scores(block, base, delta, list(zip(wheres, at_inputs)))
         return dict(zip(points, found))
-    change = delta.expand(n, -1, -1, -1)[:, 0]  # the image's input: its own value, J = 1
-    return {p: torch.einsum("rctd,rtd->rc", pick(grads[p], rows).expand(n, -1, -1, -1), change)[:, :, None]
-            for p in points}
+    change = delta.expand(n, -1, -1, -1)[:, 0]  # the image's input: its own value, J = 1; scored per projection
+    out = {}
+    for point in points:
+        projected = runs.net.project_change(point, change)
+        out[point] = torch.cat([(pick(g, rows) * c).sum((-1, -2)) for g, c in zip(grads[point], projected)],
+                               1)[:, :, None]
+    return out
 
 
 def attribution_draws(runs: Runs, graph: CircuitGraph, steps: int | None = None) -> np.ndarray:

@@ -121,17 +121,19 @@ class Network:
     def layer(self, block: str, j: int, h: torch.Tensor, encoder: torch.Tensor, source: Source,
               record: Record) -> torch.Tensor:
         L, H = self.layers[block][j], self.heads
+        tap = getattr(source, "projected", _untapped)  # a source may tap each head's q, k and v
         x = source.at(Point(block, j, "in"), h)
         parts = [None, None, None] if x is None else [x[:, :H], x[:, H:2 * H], x[:, 2 * H:]]
-        q, k, v = (self._project(lin, h, p) for lin, p in zip((L.self_query, L.self_key, L.self_value), parts))
+        q, k, v = tap(Point(block, j, "in"), tuple(self._project(lin, h, p) for lin, p in
+                                                   zip((L.self_query, L.self_key, L.self_value), parts)))
         z = _attend(q, k, v, _causal(h) if block == DEC else None)
         record.heads[(block, j, SELF)] = z
         h1 = L.self_norm(L.self_out(_merge(z)) + h)
         x = source.at(Point(block, j, "mid"), h1)
-        q = self._project(L.cross_query, h1, x)
+        (q,) = tap(Point(block, j, "mid"), (self._project(L.cross_query, h1, x),))
         x = source.at(Point(block, j, "kv"), encoder)
-        k = self._project(L.cross_key, encoder, None if x is None else x[:, :H])
-        v = self._project(L.cross_value, encoder, None if x is None else x[:, H:])
+        k, v = tap(Point(block, j, "kv"), (self._project(L.cross_key, encoder, None if x is None else x[:, :H]),
+                                           self._project(L.cross_value, encoder, None if x is None else x[:, H:])))
         z = _attend(q, k, v, None)
         record.heads[(block, j, CROSS)] = z
         assert L.cross_norm is not None and L.cross_out is not None, "every BLIP VQA text layer cross-attends"
@@ -162,6 +164,30 @@ class Network:
             count += part.shape[1]
             j, kind = (j + 1, 0) if kind == 2 else (j, kind + 1)
         return torch.cat(parts, 1)[:, :slots]
+
+    def linears(self, point: Point) -> tuple[Any, ...]:
+        """The projections a point's channels read through, in the point's channel order (none for an MLP's or
+        ``out``'s input, read whole)."""
+        L = self.layers[point.block][point.layer] if point.where != "out" else None
+        if L is None or point.where == "post":
+            return ()
+        return {"in": (L.self_query, L.self_key, L.self_value), "mid": (L.cross_query,),
+                "kv": (L.cross_key, L.cross_value)}[point.where]
+
+    def unproject(self, point: Point, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Gradients at each head's projection outputs ([B, H, T, dh] per projection) as gradients at its input:
+        [B, C, T, Din], C in the point's channel order."""
+        parts = []
+        for linear, grad in zip(self.linears(point), grads):
+            w = linear.weight.view(self.heads, -1, linear.weight.shape[-1])
+            parts.append(torch.einsum("bhte,hed->bhtd", grad, w))
+        return torch.cat(parts, 1)
+
+    def project_change(self, point: Point, change: torch.Tensor) -> list[torch.Tensor]:
+        """``change`` [B, T, Din] of a point's input through each head's rows of its projections (no bias):
+        [B, H, T, dh] per projection."""
+        return [torch.einsum("btd,hed->bhte", change, lin.weight.view(self.heads, -1, lin.weight.shape[-1]))
+                for lin in self.linears(point)]
 
     def _out(self, linear: Any, z: torch.Tensor) -> torch.Tensor:
         """Each head's contribution through its slice of the output projection (no bias): [B, H, T, D]."""
@@ -249,6 +275,10 @@ class Network:
         else:
             stop(final, h)
         return [found[i] for i in range(len(stops))]
+
+
+def _untapped(point: Point, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tensors
 
 
 def state_index(point: Point) -> int:
