@@ -90,7 +90,7 @@ def placebo_draws(tracer, config, donor_seed: int = PLACEBO_SEED) -> np.ndarray:
     from blip_trace_widgets.causal_trace.results import _absent_mask
 
     block, target = tracer.blocks[config.block], tracer.target(config)
-    layout = block.layout(tracer.session.context, config, target)
+    layout = block.layout(tracer.clean_pass.context, config, target)
     donor = tracer.corrupted_runs.corrupted(replace(config, seed=donor_seed))
     _, _, scores = tracer.scorers["exact"].patched(block, layout.cells, config, target, None, donor=donor)
     low, _ = tracer.baseline_draws(config)

@@ -189,7 +189,7 @@ def test_the_blocks_labels_and_refusals(traced):
     decoder = tracer.trace(TraceConfig(block="lm_decoder", samples=2, corrupt="image"))
     assert decoder.tokens[0] == "[PAD]"  # T5's decoder starts from its pad token
     assert [b for b in ("qformer", "lm_encoder", "lm_decoder", "vision_encoder")
-            if b in type(tracer.session.task).blocks] == ["qformer", "lm_encoder", "lm_decoder", "vision_encoder"]
+            if b in type(tracer.clean_pass.task).blocks] == ["qformer", "lm_encoder", "lm_decoder", "vision_encoder"]
     with pytest.raises(BlipTraceError, match="no language model"):
         tracer.trace(TraceConfig(block="language_model"))
     with pytest.raises(BlipTraceError, match="trace block='lm_encoder' or 'lm_decoder'"):
@@ -238,7 +238,7 @@ def test_cutting_the_image_at_every_layer_is_the_models_own_masked_run(traced, i
     result = knockout(bundle, image, QUESTION, edges=[edges], window=layers, answer=MODELS[head][1])
     lm, model = bundle.model.language_model, bundle.model
     with torch.no_grad():
-        queries = model.language_projection(tracer.session.reader_output[:, :QUERIES])
+        queries = model.language_projection(tracer.clean_pass.reader_output[:, :QUERIES])
         embeds = torch.cat([queries, lm.shared(torch.tensor([list(tracer.question_ids)]))], 1)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long)
         mask[:, :QUERIES] = 0

@@ -253,4 +253,4 @@ def test_blocks_read_a_frozen_context_never_the_tracer(demo_bundle, demo_sample,
     tracer.trace(samples=1, block="vision_encoder", regions=2)
     assert seen and set(seen) == {Context}
     with pytest.raises(dataclasses.FrozenInstanceError):
-        tracer.session.context.question_ids = (1,)
+        tracer.clean_pass.context.question_ids = (1,)

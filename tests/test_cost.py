@@ -22,7 +22,7 @@ def test_the_count_is_the_engines_cells_layers_and_samples(demo_bundle, demo_sam
         from blip_trace_widgets.causal_trace.procedures import resolve_config
 
         resolved = resolve_config(demo_bundle, **fields)
-        cells = block.layout(tracer.session, resolved, tracer.target(resolved)).cells
+        cells = block.layout(tracer.clean_pass, resolved, tracer.target(resolved)).cells
         layers = len(block.stack)
         assert cost.cells == len(cells) and cost.rows == len(cells) * fields["samples"], (fields, config)
         assert cost.layer_rows == fields["samples"] * sum(layers - start_layer(c, resolved.kind, layers) for c in cells)

@@ -43,7 +43,7 @@ def test_the_package_answers_as_generate_does(bundle):
         tracer = Tracer(bundle, sample.image, sample.question)
         inputs = processor(images=sample.image, text=sample.question, return_tensors="pt")
         assert inputs["input_ids"][0, model.config.num_query_tokens:].tolist() == list(tracer.question_ids)
-        assert inputs["qformer_input_ids"][0].tolist() == list(tracer.session.instruction_ids)
+        assert inputs["qformer_input_ids"][0].tolist() == list(tracer.clean_pass.instruction_ids)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
         generated = out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -56,7 +56,7 @@ def test_a_trace_of_the_demo_has_signal_at_its_own_noise(bundle):
     tracer = Tracer(bundle, sample.image, sample.question)
     result = tracer.trace(block="qformer", samples=5, corruption=GaussianNoise(bundle.noise_scale), corrupt="image")
     assert result.high_score > 0.5 and result.high_score - result.low_score > 0.2
-    assert len(result.tokens) == 8 + len(tracer.session.instruction_ids)  # the queries, then the question
+    assert len(result.tokens) == 8 + len(tracer.clean_pass.instruction_ids)  # the queries, then the question
 
 
 def _evaluation():

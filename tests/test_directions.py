@@ -408,7 +408,7 @@ def test_the_papers_fresh_noise_noises_each_cell_with_its_own_draw(bundles, imag
     tracer = _tracer(bundles, image, question, "vqa")
     config = procedure_config("paper", direction="noise", kind="mlp", window=1, block="question_encoder")
     result = tracer.trace(config)
-    cells = tracer.blocks["question_encoder"].layout(tracer.session, config, tracer.target(config)).cells
+    cells = tracer.blocks["question_encoder"].layout(tracer.clean_pass, config, tracer.target(config)).cells
     generator = torch.Generator().manual_seed(int(config.seed))
     tracer.corrupted_runs.skip_draw(config, generator)
     loop = NoiseLoop(tracer, config)

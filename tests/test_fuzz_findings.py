@@ -190,15 +190,17 @@ def test_a_counterfactual_image_that_is_a_folder_is_called_a_folder(shape_png, t
 
 def test_every_swap_option_is_kept():
     from blip_trace_widgets import cli
+    from blip_trace_widgets.causal_trace.command import _counterfactual
+    from blip_trace_widgets.core.command_line import UsageError
 
     def swap(*argv):
         args = cli.build_parser().parse_args(["trace", "--image", "x.png", "--out", "o", *argv])
-        return cli._counterfactual(args)
+        return _counterfactual(args)
 
     assert dict(swap("--swap", "red=blue", "--swap", "circle=square").swap) == {"red": "blue", "circle": "square"}
     assert dict(swap("--swap", "red=blue,circle=square").swap) == {"red": "blue", "circle": "square"}
     assert dict(swap("--swap", "red=blue", "--swap", "red=blue").swap) == {"red": "blue"}
-    with pytest.raises(cli.UsageError, match="swaps 'red' twice, for 'blue' and 'green'"):
+    with pytest.raises(UsageError, match="swaps 'red' twice, for 'blue' and 'green'"):
         swap("--swap", "red=blue", "--swap", "red=green")
 
 

@@ -182,7 +182,7 @@ def test_the_q_former_reads_the_queries_then_the_instruction(tracer):
 def test_the_instruction_changes_what_the_queries_carry(bundle, image):
     # the queries attend to the instruction: another question changes the Q-Former's output queries
     one, other = Tracer(bundle, image, QUESTION), Tracer(bundle, image, "is there a circle?")
-    first, second = one.session.reader_output[:, :QUERIES], other.session.reader_output[:, :QUERIES]
+    first, second = one.clean_pass.reader_output[:, :QUERIES], other.clean_pass.reader_output[:, :QUERIES]
     assert first.shape == second.shape and not torch.allclose(first, second, atol=1e-3)
 
 

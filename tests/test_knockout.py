@@ -131,8 +131,8 @@ def test_cutting_nothing_is_the_clean_run_exactly(bundles, image):
     knock = Knockout.of(bundles["vqa"], image, TEXTS["vqa"])
     tracer = knock.tracer
     block = tracer.blocks.reader
-    clean = block.clean_run(tracer.session, knock.target(KnockoutConfig()))
-    cross = block.clean_cross(tracer.session, None)
+    clean = block.clean_run(tracer.clean_pass, knock.target(KnockoutConfig()))
+    cross = block.clean_cross(tracer.clean_pass, None)
     t, n = clean.inputs[0].shape[1], tracer.clean.image_embeds.shape[1]
     none = torch.zeros(1, t, n, dtype=torch.bool)
     final = cut_staircase(block.stack, clean, cross, [0], lambda j, rows: (None, Cut(none)))
@@ -220,14 +220,14 @@ def test_dial_at_zero_is_the_cut_and_its_gradient_is_the_estimate(bundles, image
     block = knock.tracer.blocks.reader
     target = knock.target(config)
     for layer in range(4):
-        clean = block.clean_run(knock.tracer.session, target)
+        clean = block.clean_run(knock.tracer.clean_pass, target)
         h = clean.inputs[0][:, None]
-        cross = block.clean_cross(knock.tracer.session, target)
+        cross = block.clean_cross(knock.tracer.clean_pass, target)
         with torch.no_grad():
             for j in range(4):
                 dial = Dial(group.edges[None], torch.tensor([1.0 - eps if j == layer else 1.0]), empty)
                 h = block.stack.layer(j, h, cross[j], None, cuts=(None, dial))
-            logits = block.logits(knock.tracer.session, h, target)
+            logits = block.logits(knock.tracer.clean_pass, h, target)
         from blip_trace_widgets.core.scoring import score_rows
 
         p = float(score_rows(logits.reshape(-1, *logits.shape[2:]), target, "prob")[0])

@@ -198,7 +198,7 @@ def test_a_dataset_sigma_sets_the_noise_level(demo_bundle):
     assert float(own.std()) == pytest.approx(2.0 * float(clean.std()), rel=0.05)
     samples = demo_samples()[:3]
     sigma = estimate_sigma(demo_bundle, samples)
-    embeds = [Tracer(demo_bundle, s.image, s.question).session.embed_image(s.image).flatten() for s in samples]
+    embeds = [Tracer(demo_bundle, s.image, s.question).clean_pass.embed_image(s.image).flatten() for s in samples]
     assert sigma == pytest.approx(float(torch.cat(embeds).std()), rel=1e-5)
     with pytest.raises(BlipTraceError, match="unknown stage"):
         estimate_sigma(demo_bundle, samples, stage="nowhere")

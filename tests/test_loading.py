@@ -194,7 +194,7 @@ def test_half_precision_on_a_cpu_sizes_chunks_as_float32(image, question):
         assert bundle.working_itemsize == 4
         tracer = Tracer(bundle, image, question, memory_budget=1 << 20)
         config = TraceConfig(samples=2)
-        rows[dtype] = tracer.blocks.reader.rows_per_chunk(tracer.session, config, tracer.target(config))
+        rows[dtype] = tracer.blocks.reader.rows_per_chunk(tracer.clean_pass, config, tracer.target(config))
     assert rows["bfloat16"] == rows["float32"]
 
 

@@ -42,7 +42,7 @@ def test_a_donor_draw_replaces_the_clean_states_sample_by_sample(measure, tracer
     other = measure.placebo_draws(tracer, config)
     assert other.shape == (3, 10, 4) and np.abs(other).max() > 1e-3
     block, target = tracer.blocks[config.block], tracer.target(config)
-    cells = block.layout(tracer.session.context, config, target).cells
+    cells = block.layout(tracer.clean_pass.context, config, target).cells
     scorer = tracer.scorers["exact"]
     donor = tracer.corrupted_runs.corrupted(replace(config, seed=measure.PLACEBO_SEED))
     low = tracer.baseline_draws(config)[0]

@@ -91,10 +91,10 @@ def test_the_correction_matches_a_loop_over_the_models_own_attention(tracer, blo
     clean, corrupted, cross = tracer.runs(blk, config, target)
     base, other = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     if direction == "noise":
-        cross = blk.clean_cross(tracer.session, target)
+        cross = blk.clean_cross(tracer.clean_pass, target)
 
     def score(final):
-        logits = blk.logits(tracer.session, final, target)
+        logits = blk.logits(tracer.clean_pass, final, target)
         return score_rows(logits.reshape(-1, *logits.shape[2:]), target, "logprob")
 
     # ∂score/∂logits and ∂score/∂weights at the base run: the gradients the correction multiplies

@@ -209,7 +209,8 @@ def test_every_entry_point_resolves_the_same_config(demo_bundle, demo_sample, tm
     and 10σ in another."""
     from blip_trace_widgets import Tracer
     from blip_trace_widgets.causal_trace.procedures import resolve_config
-    from blip_trace_widgets.cli import _trace_config, build_parser
+    from blip_trace_widgets.causal_trace.command import _trace_config
+    from blip_trace_widgets.cli import build_parser
     from blip_trace_widgets.widgets import TraceExplorer
 
     image, question, _ = demo_sample
@@ -221,7 +222,7 @@ def test_every_entry_point_resolves_the_same_config(demo_bundle, demo_sample, tm
     explorer.noise_samples.value = 2
     args = build_parser().parse_args(["trace", "--image", "x.png", "--samples", "2", "--out", str(tmp_path)])
     via_cli = _trace_config(args, demo_bundle)
-    from blip_trace_widgets.cli import _sweep_configs
+    from blip_trace_widgets.sweeps.command import _sweep_configs
 
     swept = build_parser().parse_args(["sweep", "--dataset", "easy-vqa-color", "--kinds", "hidden", "--samples", "2",
                                        "--out", str(tmp_path)])
@@ -233,7 +234,8 @@ def test_every_entry_point_resolves_the_same_config(demo_bundle, demo_sample, tm
 
 def test_trace_and_sweep_offer_the_shared_options_alike():
     """One option per TraceConfig field, built from the field's own help, choices and default: the same in both."""
-    from blip_trace_widgets.cli import SHARED_FIELDS, TRACE_FIELDS, build_parser
+    from blip_trace_widgets.causal_trace.command import SHARED_FIELDS, TRACE_FIELDS
+    from blip_trace_widgets.cli import build_parser
 
     parser = build_parser()
     commands = {name: action for action in parser._subparsers._group_actions for name, action in  # noqa: SLF001

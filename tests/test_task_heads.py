@@ -65,7 +65,7 @@ def test_an_unknown_head_or_model_is_refused_by_name():
 
 
 def test_what_the_model_says_is_one_method_for_the_cli_and_the_widgets(demo_bundle, demo_sample):
-    from blip_trace_widgets.cli import _what_the_model_says
+    from blip_trace_widgets.causal_trace.command import what_the_model_says
     from blip_trace_widgets.widgets import answer_html
 
     image, question, _ = demo_sample
@@ -76,7 +76,7 @@ def test_what_the_model_says_is_one_method_for_the_cli_and_the_widgets(demo_bund
     class Terse(H.VqaHead):  # a head's class alone decides what is said, everywhere
         said = "says"
 
-    tracer.session.task = Terse()
+    tracer.clean_pass.task = Terse()
     assert _what_the_model_says(tracer).endswith("\nsays: 'red'")
     assert answer_html(tracer) == "says: <b>red</b>"
 

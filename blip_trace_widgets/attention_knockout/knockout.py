@@ -142,7 +142,7 @@ class Knockout:
 
     def tokens(self, block: Block, target: Target) -> list[str]:
         """The positions ``block`` reads (its attention's queries), labelled."""
-        return block.labels(self.tracer.session.context, target)
+        return block.labels(self.tracer.clean_pass.context, target)
 
     def groups(self, config: KnockoutConfig, target: Target) -> list[Group]:
         """Every edge group of ``config`` resolved to boolean edges ("each" queries split into one per token)."""
@@ -191,7 +191,7 @@ class Knockout:
 
         if not edges.reads_image:  # the keys are the block's own positions, or (cross) its encoder's
             decoder: Any = block  # cross-attention reading text: a decoder (it says what it reads)
-            key_labels = labels if edges.attention == "self" else decoder.cross_labels(self.tracer.session.context)
+            key_labels = labels if edges.attention == "self" else decoder.cross_labels(self.tracer.clean_pass.context)
             if edges.keys != IMAGE_QUERIES:
                 return restored_positions(edges.keys, key_labels, True), len(key_labels)
             image = list(range(int(getattr(block, "queries", 0))))  # a language model reads the image first
@@ -253,22 +253,23 @@ class Knockout:
     def clean_score(self, target: Target) -> float:
         last = self.tracer.blocks.last
         run = self.tracer.clean_run(last, target)  # cached per target, shared with the traces
-        return float(score_rows(last.logits(self.tracer.session.context, run.output[:, None], target)[:, 0], target, "prob")[0])
+        logits = last.logits(self.tracer.clean_pass.context, run.output[:, None], target)[:, 0]
+        return float(score_rows(logits, target, "prob")[0])
 
     @torch.no_grad()
     def _exact(self, block: Block, groups: Sequence[Group], window: int, target: Target,
                empty: str = DEFAULT_EMPTY) -> np.ndarray:
         tracer, layers = self.tracer, len(block.stack)
-        clean, cross = tracer.clean_run(block, target), block.clean_cross(tracer.session.context, target)
+        clean, cross = tracer.clean_run(block, target), block.clean_cross(tracer.clean_pass.context, target)
         rows = [(g, layer) for g in range(len(groups)) for layer in range(layers)]
         spans = [window_layers(layer, window, layers) for _, layer in rows]
         order = sorted(range(len(rows)), key=lambda r: spans[r].start)
         out = np.empty(len(rows))
-        per_chunk = block.rows_per_chunk(tracer.session.context, TraceConfig(block=check_block(block.name), samples=1), target)
+        per_chunk = block.rows_per_chunk(tracer.clean_pass.context, TraceConfig(block=check_block(block.name), samples=1), target)
         for chunk in chunks(order, per_chunk):
             cuts_at = _RowCuts(groups, [rows[r][0] for r in chunk], [spans[r] for r in chunk], tracer.device, empty)
             final = cut_staircase(block.stack, clean, cross, [spans[r].start for r in chunk], cuts_at)
-            logits = block.logits(tracer.session.context, final, target)
+            logits = block.logits(tracer.clean_pass.context, final, target)
             out[chunk] = score_rows(logits.reshape(-1, *logits.shape[2:]), target, "prob").double().cpu().numpy()
             tracer.stats["knockout_chunks"] += 1
         return out.reshape(len(groups), layers)
@@ -278,7 +279,7 @@ class Knockout:
         """p_clean − Σ over the window of ∂p/∂(multiplier of the group's edges at each layer), from one pass."""
         tracer, stack = self.tracer, block.stack
         layers = len(stack)
-        clean, cross = tracer.clean_run(block, target), block.clean_cross(tracer.session.context, target)
+        clean, cross = tracer.clean_run(block, target), block.clean_cross(tracer.clean_pass.context, target)
         scales = torch.ones(len(groups), layers, dtype=torch.float32, device=tracer.device, requires_grad=True)
         kinds = {a: [i for i, g in enumerate(groups) if g.attention == a] for a in ("self", "cross")}
         stacked = {a: torch.stack([groups[i].edges for i in picked]) if picked else None for a, picked in kinds.items()}
@@ -289,7 +290,7 @@ class Knockout:
                 cuts = tuple(None if edges is None else Dial(edges, scales[kinds[a], j].to(h.dtype), empty)
                              for a, edges in stacked.items())
                 h = stack.layer(j, h, cross[j], mask, cuts=cuts)
-            logits = block.logits(tracer.session.context, h, target)
+            logits = block.logits(tracer.clean_pass.context, h, target)
             score = score_rows(logits.reshape(-1, *logits.shape[2:]), target, "prob")[0]
             (grad,) = torch.autograd.grad(score, scales)
         per_layer = grad.double().cpu().numpy()

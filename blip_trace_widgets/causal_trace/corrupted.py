@@ -5,8 +5,8 @@
     >>> from blip_trace_widgets.causal_trace.corrupted import CorruptedRuns
     >>> from blip_trace_widgets.causal_trace.targets import Targets
     >>> image, question, _ = demo_samples()[0]
-    >>> session = CleanPass(load_model("demo"), image, question)
-    >>> runs = CorruptedRuns(session, Targets(session))
+    >>> clean_pass = CleanPass(load_model("demo"), image, question)
+    >>> runs = CorruptedRuns(clean_pass, Targets(clean_pass))
     >>> tuple(runs.corrupted(TraceConfig(samples=3)).text.output.shape[:1])
     (3,)
 
@@ -60,13 +60,13 @@ def tensor_bytes(*objects: Any) -> int:
     return total
 
 
-def chosen_positions(session: CleanPass, config: TraceConfig) -> list[int]:
+def chosen_positions(clean_pass: CleanPass, config: TraceConfig) -> list[int]:
     """The positions ``config.corrupt_tokens`` names in the text: every one when None."""
-    count, text = len(session.question_ids), session.task.text
+    count, text = len(clean_pass.question_ids), clean_pass.task.text
     if config.corrupt_tokens is None:
         return list(range(count))
     if isinstance(config.corrupt_tokens, str):  # "object"
-        positions = last_content_word(session.bundle.tokenizer.convert_ids_to_tokens(session.question_ids))
+        positions = last_content_word(clean_pass.bundle.tokenizer.convert_ids_to_tokens(clean_pass.question_ids))
         if not positions:
             raise BlipTraceError(f"the {text} has no content word to corrupt; pass corrupt_tokens=(positions...)")
         return positions
@@ -76,12 +76,12 @@ def chosen_positions(session: CleanPass, config: TraceConfig) -> list[int]:
     return list(config.corrupt_tokens)
 
 
-def _swapped_among(session: CleanPass, config: TraceConfig, swapped: list[int]) -> list[int]:
+def _swapped_among(clean_pass: CleanPass, config: TraceConfig, swapped: list[int]) -> list[int]:
     """The positions ``corrupt_tokens`` names, refused when they leave out every position a word swap changes
     (nothing would be swapped)."""
-    chosen = chosen_positions(session, config)
+    chosen = chosen_positions(clean_pass, config)
     if not set(chosen) & set(swapped):
-        tokens = session.bundle.tokenizer.convert_ids_to_tokens(session.question_ids)
+        tokens = clean_pass.bundle.tokenizer.convert_ids_to_tokens(clean_pass.question_ids)
         raise BlipTraceError(
             f"corrupt_tokens {chosen} ({', '.join(repr(tokens[p]) for p in chosen)}) leave out every position "
             f"the swap changes ({', '.join(f'{p}: {tokens[p]!r}' for p in swapped)}), so nothing would be swapped: "
@@ -92,8 +92,8 @@ def _swapped_among(session: CleanPass, config: TraceConfig, swapped: list[int]) 
 class CorruptedRuns:
     """The corrupted runs of one (image, text)'s clean pass, in bounded caches."""
 
-    def __init__(self, session: CleanPass, targets: Targets, corrupted_cache_size: int = 2) -> None:
-        self.session = session
+    def __init__(self, clean_pass: CleanPass, targets: Targets, corrupted_cache_size: int = 2) -> None:
+        self.clean_pass = clean_pass
         self.targets = targets
         self._clean_target: LRU[Run] = LRU(8)
         self._corrupted: LRU[Corrupted] = LRU(corrupted_cache_size)
@@ -101,33 +101,33 @@ class CorruptedRuns:
 
     @property
     def context(self) -> Context:
-        """What blocks read: the session's frozen context."""
-        return self.session.context
+        """What blocks read: the clean pass's frozen context."""
+        return self.clean_pass.context
 
     def bound_swap(self, swap: WordSwap) -> WordSwap:
         """``swap`` bound to this question, the model's tokenizer and the token embeddings of the block that reads
         the question (the reader's; BLIP-2's language model's, its prompt)."""
-        session = self.session
-        stack, tokenizer = session.blocks.reader.stack, session.bundle.tokenizer
-        embed = prompt_embedding(session) if reads_prompt(session) else lambda ids: stack.embed(session.ids(ids))
-        return swap.bind(tokenizer, session.question, session.question_ids, embed,
-                         lambda text: session.task.encode(tokenizer, text, session.position_limit, session.bos_id)[1],
-                         what=session.task.text)
+        clean_pass = self.clean_pass
+        stack, tokenizer = clean_pass.blocks.reader.stack, clean_pass.bundle.tokenizer
+        embed = prompt_embedding(clean_pass) if reads_prompt(clean_pass) else lambda ids: stack.embed(clean_pass.ids(ids))
+        return swap.bind(tokenizer, clean_pass.question, clean_pass.question_ids, embed,
+                         lambda text: clean_pass.task.encode(tokenizer, text, clean_pass.position_limit, clean_pass.bos_id)[1],
+                         what=clean_pass.task.text)
 
     def corrupt_positions(self, config: TraceConfig) -> list[int]:
         """Question positions a corrupt='question' trace corrupts (a word swap's: where the tokens differ, or those
         of them that ``corrupt_tokens`` names)."""
         if not isinstance(config.corruption, WordSwap):
-            return chosen_positions(self.session, config)
+            return chosen_positions(self.clean_pass, config)
         other = self.bound_swap(config.corruption).ids or ()
-        swapped = [p for p, (a, b) in enumerate(zip(self.session.question_ids, other)) if a != b]
-        return swapped if config.corrupt_tokens is None else _swapped_among(self.session, config, swapped)
+        swapped = [p for p, (a, b) in enumerate(zip(self.clean_pass.question_ids, other)) if a != b]
+        return swapped if config.corrupt_tokens is None else _swapped_among(self.clean_pass, config, swapped)
 
     def corrupt_input(self, config: TraceConfig, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        corruption = stages.completed(config, self.session.bundle).corruption
+        corruption = stages.completed(config, self.clean_pass.bundle).corruption
         assert corruption is not None, "a completed configuration names its corruption"
         if isinstance(corruption, ImageSwap) and corruption.embeddings is None:  # the other image at this stage
-            corruption = corruption.bind(stages.of(config.corrupt).other_image(self.session))
+            corruption = corruption.bind(stages.of(config.corrupt).other_image(self.clean_pass))
         if isinstance(corruption, WordSwap) and corruption.embeddings is None:
             corruption = self.bound_swap(corruption)
         samples = int(config.samples)
@@ -137,7 +137,7 @@ class CorruptedRuns:
                                  f"got {getattr(out, 'shape', type(out).__name__)}")
         if not bool(torch.isfinite(out).all()):
             raise BlipTraceError("the corruption returned NaN or infinite values: lower its level, or fix the callable")
-        return out.to(device=self.session.device, dtype=self.session.bundle.dtype)
+        return out.to(device=self.clean_pass.device, dtype=self.clean_pass.bundle.dtype)
 
     @torch.no_grad()
     def held(self) -> list[Any]:
@@ -147,16 +147,17 @@ class CorruptedRuns:
     def run_bytes(self, samples: int, vision: bool) -> int:
         """About how many bytes the corrupted runs of ``samples`` noise samples keep (every state a trace restores,
         and the image keys and values of every text layer)."""
-        reader = self.session.blocks.reader
-        text = anatomy.block_config(self.session.model, reader.name)
-        image = anatomy.vision_config(self.session.model)
+        reader = self.clean_pass.blocks.reader
+        text = anatomy.block_config(self.clean_pass.model, reader.name)
+        image = anatomy.vision_config(self.clean_pass.model)
         tokens = int((image.image_size // image.patch_size) ** 2 + 1)
         layers = len(reader.stack)
-        positions = reader.positions(self.session)
+        positions = reader.positions(self.clean_pass)
         question = (layers + 1) * positions * text.hidden_size * (1 + len(reader.stack.kinds))
         cross = layers * 2 * tokens * text.hidden_size + tokens * image.hidden_size
-        vit = (len(self.session.vision) + 1) * tokens * image.hidden_size * (1 + len(self.session.vision.kinds)) if vision else 0
-        return samples * (question + cross + vit) * self.session.bundle.dtype.itemsize
+        vstack = self.clean_pass.vision
+        vit = (len(vstack) + 1) * tokens * image.hidden_size * (1 + len(vstack.kinds)) if vision else 0
+        return samples * (question + cross + vit) * self.clean_pass.bundle.dtype.itemsize
 
     def _check_memory(self, config: TraceConfig) -> None:
         """Refuse, before allocating anything, noise samples whose runs would not fit in the memory available."""
@@ -171,40 +172,40 @@ class CorruptedRuns:
 
     def draw(self, config: TraceConfig, generator: torch.Generator) -> Corrupted:
         """The corrupted runs for one draw of ``config.samples`` from ``generator``."""
-        config = stages.completed(config, self.session.bundle)
+        config = stages.completed(config, self.clean_pass.bundle)
         self._check_memory(config)
         self.targets.check_config(config)
         return stages.of(config.corrupt).draw(self, config, generator)
 
     def corrupted_patches(self, config: TraceConfig) -> torch.Tensor:
         """The seed's first draw of the vision encoder's corrupted input, without running the model on it."""
-        config = stages.completed(config, self.session.bundle)
+        config = stages.completed(config, self.clean_pass.bundle)
         self._check_memory(config)
         stage = stages.of(config.corrupt)
         if not isinstance(stage, stages.Patches):
             raise BlipTraceError(f"corrupt={config.corrupt!r} acts after the vision encoder: its input is not "
                                  "corrupted (use corrupt='patches' or 'pixels')")
         with torch.no_grad():
-            clean = stage.clean_input(self.session)
+            clean = stage.clean_input(self.clean_pass)
             return stage.patches(self, self.corrupt_input(config, clean, torch.Generator().manual_seed(int(config.seed))))
 
     def corrupted(self, config: TraceConfig) -> Corrupted:
         """The corrupted runs for ``config``'s corruption, samples and seed (cached): the first draw of the seed."""
-        config = stages.completed(config, self.session.bundle)
+        config = stages.completed(config, self.clean_pass.bundle)
         return self._corrupted.get_or_make(cache_key(config, "corrupted"),
                                            lambda: self.draw(config, torch.Generator().manual_seed(int(config.seed))))
 
     def _target_run(self, block: Any, config: TraceConfig, target: Target) -> tuple[Run, Any]:
         return self._corrupted_target.get_or_make(
             (block.name, cache_key(config, "decoder"), target),
-            lambda: block.corrupted_run(self.session.context, self.corrupted(config), target))
+            lambda: block.corrupted_run(self.clean_pass.context, self.corrupted(config), target))
 
     def clean_run(self, block: Any, target: Target) -> Run:
         """The clean run of ``block`` for ``target`` (cached when it depends on the target)."""
         with torch.no_grad():
             if not block.runs_per_target:
-                return block.clean_run(self.session.context, target)
-            return self._clean_target.get_or_make((block.name, target), lambda: block.clean_run(self.session.context, target))
+                return block.clean_run(self.clean_pass.context, target)
+            return self._clean_target.get_or_make((block.name, target), lambda: block.clean_run(self.clean_pass.context, target))
 
     def runs(self, block: Any, config: TraceConfig, target: Target,
               corrupted: Corrupted | None = None) -> tuple[Run, Run, Any]:
@@ -214,11 +215,11 @@ class CorruptedRuns:
             if block.runs_per_target and corrupted is None:
                 run, cross = self._target_run(block, config, target)
             else:
-                run, cross = block.corrupted_run(self.session.context, corrupted or self.corrupted(config), target)
+                run, cross = block.corrupted_run(self.clean_pass.context, corrupted or self.corrupted(config), target)
         return clean, run, cross
 
     def skip_draw(self, config: TraceConfig, generator: torch.Generator) -> None:
         """Advance ``generator`` past the low score's draw without running the model."""
-        config = stages.completed(config, self.session.bundle)
+        config = stages.completed(config, self.clean_pass.bundle)
         with torch.no_grad():
             stages.of(config.corrupt).skip(self, config, generator)

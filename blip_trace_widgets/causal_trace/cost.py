@@ -146,19 +146,19 @@ def trace_cost(tracer: Any, config: Any = None, **fields: Any) -> Cost:
         config = replace(config, samples=1)
     block = tracer.blocks[config.block]
     target = tracer.target(config)
-    layout = block.layout(tracer.session.context, config, target)
+    layout = block.layout(tracer.clean_pass.context, config, target)
     layers = len(block.stack)
     runs = sum(layers - start_layer(cell, config.kind, layers) for cell in layout.cells)
     samples = 1 if config.method in ("estimate", "verified") else int(config.samples)
     if block.image_side:
         tokens = int(tracer.clean.image_embeds.shape[1])
     else:
-        tokens = len(block.labels(tracer.session.context, target))
+        tokens = len(block.labels(tracer.clean_pass.context, target))
     work, width = _layer_work(tracer, block.name, tokens)
     flops = float(runs) * samples * work
     if block.image_side and config.metric != "itc":  # each row then runs the reader's text layers
         reader = tracer.blocks.reader
-        text_tokens = len(reader.labels(tracer.session.context, target))
+        text_tokens = len(reader.labels(tracer.clean_pass.context, target))
         flops += float(len(layout.cells)) * samples * len(reader.stack) * _layer_work(tracer, reader.name, text_tokens)[0]
     if config.method in ("estimate", "verified"):  # a forward and a backward pass of every layer, whatever the cells
         flops = 3.0 * layers * int(config.samples) * work

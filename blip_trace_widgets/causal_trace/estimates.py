@@ -46,7 +46,7 @@ from ..models.attention import Cell
 from ..models.chunks import chunks
 from ..models.runs import ChunkEdits, Run, cell_pairs, staircase, start_layer
 from . import directions, stages
-from .blocks.base import Block, Pass
+from .blocks.base import Block, Context
 from .config import TraceConfig, cache_key
 from .qk_fix import attention_gradients, qk_correction
 
@@ -56,7 +56,7 @@ class Runs(Protocol):
     the corrupted patches of an image-side trace (a :class:`~.corrupted.CorruptedRuns`)."""
 
     @property
-    def context(self) -> Pass: ...
+    def context(self) -> Context: ...
 
     def runs(self, block: Block, config: TraceConfig, target: Target) -> tuple[Any, Any, Any]: ...
 

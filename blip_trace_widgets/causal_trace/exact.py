@@ -82,7 +82,7 @@ class ExactScorer:
         ``donor`` (restoring only): another corrupted draw of as many samples, whose states each sample's cells
         restore from the same sample of, instead of the clean run's: a placebo map, every effect null by
         construction (what a significance test must not flag)."""
-        session = self.runs.context
+        clean_pass = self.runs.context
         clean_run, corrupted_run, cross = self.runs.runs(block, config, target, corrupted)
         _check_cells(block, cells, int(clean_run.kinds[config.kind][0].shape[1]))  # positions, or head units
         direction = directions.of(config.direction)
@@ -97,24 +97,24 @@ class ExactScorer:
                                      f"one {int(corrupted_run.inputs[0].shape[0])}: draw both with the same samples")
             patched = list(given.kinds[config.kind])  # [samples, ...] per layer: sample s from sample s
         if clean_cross:
-            cross = block.clean_cross(session, target)
+            cross = block.clean_cross(clean_pass, target)
         prompt = stages.of(config.corrupt).downstream_prompt(self.runs, block, config, corrupted)
         n_layers, samples = len(block.stack), int(config.samples)
         order = sorted(range(len(cells)), key=lambda i: start_layer(cells[i], config.kind, n_layers))
         mean, stderr, draws = np.empty(len(cells)), np.empty(len(cells)), np.empty((samples, len(cells)))
-        rows = block.rows_per_chunk(session, config, target)
+        rows = block.rows_per_chunk(clean_pass, config, target)
         for chunk in chunks(order, max(1, rows // samples)):
             chunk_cells = [cells[i] for i in chunk]
-            edits = ChunkEdits.build(config.kind, patched, chunk_cells, session.device, sever=config.sever,
+            edits = ChunkEdits.build(config.kind, patched, chunk_cells, clean_pass.device, sever=config.sever,
                                       severed=severed, sever_at=config.sever_at)
-            logits = block.logits(session, staircase(block.stack, base, cross, chunk_cells, edits), target,
+            logits = block.logits(clean_pass, staircase(block.stack, base, cross, chunk_cells, edits), target,
                                   prompt)
             s, c = logits.shape[:2]
             scores = score_rows(logits.reshape(s * c, *logits.shape[2:]), target, config.metric).view(s, c).double()
             draws[:, chunk] = scores.cpu().numpy()
             mean[chunk] = scores.mean(0).cpu().numpy()
             stderr[chunk] = (scores.std(0) / np.sqrt(s)).cpu().numpy() if s > 1 else np.nan
-            self.runs.session.stats["engine_chunks"] += 1
+            self.runs.clean_pass.stats["engine_chunks"] += 1
             if progress is not None:
                 progress(len(chunk))
         return mean, stderr, draws

@@ -43,9 +43,9 @@ def estimate_sigma(bundle: Any, samples: Iterable[Any], *, stage: str = "image",
     for count, item in enumerate(as_samples(samples)):
         if count >= limit:
             break
-        session = CleanPass(bundle, open_image(item.image), text_of(bundle.head, item))
+        clean_pass = CleanPass(bundle, open_image(item.image), text_of(bundle.head, item))
         with torch.no_grad():
-            values.append(stages.of(stage).clean_input(session).float().flatten())
+            values.append(stages.of(stage).clean_input(clean_pass).float().flatten())
     if not values:
         raise BlipTraceError("estimate_sigma needs at least one (image, question) sample")
     return float(torch.cat(values).std())

@@ -48,7 +48,7 @@ def attention_pattern(tracer: Any, block: str, kind: str, layer: int, config: An
         if unit.image_side:
             weights = stack.self_attention(layer, run.inputs[layer])
         elif kind == "cross_attn_head":
-            cross = unit.clean_cross(tracer.session.context, target)[layer]
+            cross = unit.clean_cross(tracer.clean_pass.context, target)[layer]
             if cross is None:
                 raise BlipTraceError(f"layer {layer} of the {BLOCK_LABELS.get(block, block)} has no cross-attention: pick "
                                      f"one of layers {', '.join(str(j) for j in range(len(stack)) if stack.has_cross(j))}")

@@ -95,11 +95,11 @@ class Stage(ABC):
                                  "the image")
 
     @abstractmethod
-    def clean_input(self, session: Any) -> torch.Tensor:
+    def clean_input(self, clean_pass: Any) -> torch.Tensor:
         """The clean tensor this stage's corruption perturbs, [1, ...]."""
 
     @abstractmethod
-    def other_image(self, session: Any) -> Callable[[Any], torch.Tensor]:
+    def other_image(self, clean_pass: Any) -> Callable[[Any], torch.Tensor]:
         """``image -> tensor``: another image at this stage, what an :class:`ImageSwap` puts in."""
 
     @abstractmethod
@@ -108,7 +108,7 @@ class Stage(ABC):
 
     def skip(self, runs: Any, config: Settings, generator: torch.Generator) -> None:
         """Advance ``generator`` past one draw without running the model."""
-        runs.corrupt_input(config, self.clean_input(runs.session), generator)
+        runs.corrupt_input(config, self.clean_input(runs.clean_pass), generator)
 
     def downstream_prompt(self, runs: Any, block: Any, config: Settings, corrupted: Corrupted | None) -> Any:
         """The corrupted prompt embeddings [S, P, D] that the language model reads after ``block``'s restored states
@@ -120,10 +120,10 @@ def _reader_run(runs: Any, config: Settings, embeds: torch.Tensor, h0: torch.Ten
                 vision: Run | None = None, text: bool = False) -> Corrupted:
     """The reader's corrupted run over ``embeds`` from its input ``h0`` (kept as the text's corrupted input instead,
     for a reader whose run depends on the target)."""
-    session = runs.session
-    reader = session.blocks.reader
+    clean_pass = runs.clean_pass
+    reader = clean_pass.blocks.reader
     cross = shared_cross(reader.stack, embeds)
-    session.stats["corrupted_passes"] += 1
+    clean_pass.stats["corrupted_passes"] += 1
     if reader.runs_per_target:
         return Corrupted(embeds, cross, None, vision, h0 if text else None)
     return Corrupted(embeds, cross, record_run(reader.stack, h0, cross), vision)
@@ -135,16 +135,16 @@ class ImageEmbeddings(Stage):
     def default_corruption(self, bundle: Any) -> GaussianNoise:
         return GaussianNoise(float(getattr(bundle, "noise_scale", ROME_NOISE_SCALE)))
 
-    def clean_input(self, session: Any) -> torch.Tensor:
-        return session.clean.image_embeds
+    def clean_input(self, clean_pass: Any) -> torch.Tensor:
+        return clean_pass.clean.image_embeds
 
-    def other_image(self, session: Any) -> Callable[[Any], torch.Tensor]:
-        return session.embed_image
+    def other_image(self, clean_pass: Any) -> Callable[[Any], torch.Tensor]:
+        return clean_pass.embed_image
 
     def draw(self, runs: Any, config: Settings, generator: torch.Generator) -> Corrupted:
-        session = runs.session
-        embeds = runs.corrupt_input(config, self.clean_input(runs.session), generator)
-        h0 = session.blocks.reader.first_states(session).expand(int(config.samples), -1, -1)
+        clean_pass = runs.clean_pass
+        embeds = runs.corrupt_input(config, self.clean_input(runs.clean_pass), generator)
+        h0 = clean_pass.blocks.reader.first_states(clean_pass).expand(int(config.samples), -1, -1)
         return _reader_run(runs, config, embeds, h0)
 
 
@@ -152,49 +152,49 @@ class Patches(Stage):
     name: ClassVar[StageName] = "patches"
     before_vision = True
 
-    def clean_input(self, session: Any) -> torch.Tensor:
-        return session.vision.embed(session.pixels)
+    def clean_input(self, clean_pass: Any) -> torch.Tensor:
+        return clean_pass.vision.embed(clean_pass.pixels)
 
-    def other_image(self, session: Any) -> Callable[[Any], torch.Tensor]:
-        return lambda image: session.vision.embed(session.pixel_values(image))
+    def other_image(self, clean_pass: Any) -> Callable[[Any], torch.Tensor]:
+        return lambda image: clean_pass.vision.embed(clean_pass.pixel_values(image))
 
     def patches(self, runs: Any, corrupted: torch.Tensor) -> torch.Tensor:
         """The vision encoder's input, [S, N, D], from this stage's corrupted tensor."""
         return corrupted
 
     def draw(self, runs: Any, config: Settings, generator: torch.Generator) -> Corrupted:
-        session = runs.session
-        vstack = session.vision
-        patches = self.patches(runs, runs.corrupt_input(config, self.clean_input(runs.session), generator))
-        session.stats["vision_passes"] += 1
+        clean_pass = runs.clean_pass
+        vstack = clean_pass.vision
+        patches = self.patches(runs, runs.corrupt_input(config, self.clean_input(runs.clean_pass), generator))
+        clean_pass.stats["vision_passes"] += 1
         vision = record_run(vstack, patches, [None] * len(vstack))
-        h0 = session.blocks.reader.first_states(session).expand(int(config.samples), -1, -1)
+        h0 = clean_pass.blocks.reader.first_states(clean_pass).expand(int(config.samples), -1, -1)
         return _reader_run(runs, config, vstack.post_norm(vision.output), h0, vision)
 
 
 class Pixels(Patches):
     name: ClassVar[StageName] = "pixels"
 
-    def clean_input(self, session: Any) -> torch.Tensor:
-        return session.pixels
+    def clean_input(self, clean_pass: Any) -> torch.Tensor:
+        return clean_pass.pixels
 
-    def other_image(self, session: Any) -> Callable[[Any], torch.Tensor]:
-        return session.pixel_values
+    def other_image(self, clean_pass: Any) -> Callable[[Any], torch.Tensor]:
+        return clean_pass.pixel_values
 
     def patches(self, runs: Any, corrupted: torch.Tensor) -> torch.Tensor:
-        return runs.session.vision.embed(corrupted)
+        return runs.clean_pass.vision.embed(corrupted)
 
 
 class Question(Stage):
     name: ClassVar[StageName] = "question"
     text = True
 
-    def clean_input(self, session: Any) -> torch.Tensor:
-        if reads_prompt(session):
-            return prompt_embedding(session)(session.question_ids)
-        return session.blocks.reader.first_states(session)
+    def clean_input(self, clean_pass: Any) -> torch.Tensor:
+        if reads_prompt(clean_pass):
+            return prompt_embedding(clean_pass)(clean_pass.question_ids)
+        return clean_pass.blocks.reader.first_states(clean_pass)
 
-    def other_image(self, session: Any) -> Callable[[Any], torch.Tensor]:
+    def other_image(self, clean_pass: Any) -> Callable[[Any], torch.Tensor]:
         raise BlipTraceError("ImageSwap replaces the image: use it with corrupt='image', 'patches' or 'pixels' "
                              "(WordSwap replaces the question's words)")
 
@@ -209,20 +209,20 @@ class Question(Stage):
                                  "image")
 
     def skip(self, runs: Any, config: Settings, generator: torch.Generator) -> None:
-        if reads_prompt(runs.session):
+        if reads_prompt(runs.clean_pass):
             corrupted_question(runs, config, generator)
         else:
             super().skip(runs, config, generator)
 
     def draw(self, runs: Any, config: Settings, generator: torch.Generator) -> Corrupted:
-        session = runs.session
-        embeds = session.clean.image_embeds
-        if reads_prompt(session):  # BLIP-2: its language model's prompt
+        clean_pass = runs.clean_pass
+        embeds = clean_pass.clean.image_embeds
+        if reads_prompt(clean_pass):  # BLIP-2: its language model's prompt
             prompt, h0 = corrupted_question(runs, config, generator)
-            cross = shared_cross(session.blocks.reader.stack, embeds)
-            session.stats["corrupted_passes"] += 1
-            return Corrupted(embeds, cross, record_run(session.blocks.reader.stack, h0, cross), prompt=prompt)
-        h0 = self.clean_input(runs.session)
+            cross = shared_cross(clean_pass.blocks.reader.stack, embeds)
+            clean_pass.stats["corrupted_passes"] += 1
+            return Corrupted(embeds, cross, record_run(clean_pass.blocks.reader.stack, h0, cross), prompt=prompt)
+        h0 = self.clean_input(runs.clean_pass)
         positions = runs.corrupt_positions(config)
         noisy = runs.corrupt_input(config, h0, generator)
         h0 = h0.expand(int(config.samples), -1, -1).clone()
@@ -243,19 +243,19 @@ class Queries(Stage):
     name: ClassVar[StageName] = "queries"
     after_queries = True
 
-    def clean_input(self, session: Any) -> torch.Tensor:
-        return language_model_queries(session, session.reader_output)
+    def clean_input(self, clean_pass: Any) -> torch.Tensor:
+        return language_model_queries(clean_pass, clean_pass.reader_output)
 
-    def other_image(self, session: Any) -> Callable[[Any], torch.Tensor]:
-        return lambda image: queries_of(session, session.embed_image(image))
+    def other_image(self, clean_pass: Any) -> Callable[[Any], torch.Tensor]:
+        return lambda image: queries_of(clean_pass, clean_pass.embed_image(image))
 
     def draw(self, runs: Any, config: Settings, generator: torch.Generator) -> Corrupted:
         """The reader's clean run, its output replaced: what the decoder reads."""
-        session = runs.session
-        embeds = session.clean.image_embeds
-        noisy = runs.corrupt_input(config, self.clean_input(runs.session), generator)
-        session.stats["corrupted_passes"] += 1
-        return Corrupted(embeds, shared_cross(session.blocks.reader.stack, embeds), Run(inputs=[noisy]),
+        clean_pass = runs.clean_pass
+        embeds = clean_pass.clean.image_embeds
+        noisy = runs.corrupt_input(config, self.clean_input(runs.clean_pass), generator)
+        clean_pass.stats["corrupted_passes"] += 1
+        return Corrupted(embeds, shared_cross(clean_pass.blocks.reader.stack, embeds), Run(inputs=[noisy]),
                          projected=self.name == PROJECTED)
 
 
@@ -265,11 +265,11 @@ PROJECTED: StageName = "projected"
 class Projected(Queries):
     name = PROJECTED
 
-    def clean_input(self, session: Any) -> torch.Tensor:
-        return project(session, super().clean_input(session))
+    def clean_input(self, clean_pass: Any) -> torch.Tensor:
+        return project(clean_pass, super().clean_input(clean_pass))
 
-    def other_image(self, session: Any) -> Callable[[Any], torch.Tensor]:
-        return lambda image: project(session, queries_of(session, session.embed_image(image)))
+    def other_image(self, clean_pass: Any) -> Callable[[Any], torch.Tensor]:
+        return lambda image: project(clean_pass, queries_of(clean_pass, clean_pass.embed_image(image)))
 
 
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in (ImageEmbeddings(), Patches(), Pixels(), Question(),
@@ -294,28 +294,28 @@ def completed(config: Any, bundle: Any) -> Any:
 
 
 # ----- BLIP-2's and InstructBLIP's question and queries -----------------------------------------------------------
-def reads_prompt(session: Any) -> bool:
+def reads_prompt(clean_pass: Any) -> bool:
     """Whether the model reads its question in a language model's prompt (BLIP-2, InstructBLIP)."""
-    return hasattr(session.blocks.last, "prompt_states")
+    return hasattr(clean_pass.blocks.last, "prompt_states")
 
 
-def prompt_embedding(session: Any) -> Any:
+def prompt_embedding(clean_pass: Any) -> Any:
     """``ids -> [1, P, D]``: the language model's token embeddings of a prompt's token ids."""
-    last = session.blocks.last
-    return lambda ids: last.prompt_states(session.context, ids)
+    last = clean_pass.blocks.last
+    return lambda ids: last.prompt_states(clean_pass.context, ids)
 
 
 def corrupted_question(runs: Any, config: Settings, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One draw of the corrupted question: the language model's prompt embeddings [S, P, D], and the Q-Former's
     input [S, Q (+ I), Dq] (InstructBLIP's instruction corrupted too; BLIP-2's queries as they are)."""
-    session, samples = runs.session, int(config.samples)
-    clean = prompt_embedding(session)(session.question_ids)
+    clean_pass, samples = runs.clean_pass, int(config.samples)
+    clean = prompt_embedding(clean_pass)(clean_pass.question_ids)
     positions = runs.corrupt_positions(config)
     noisy = runs.corrupt_input(config, clean, generator)
     prompt = clean.expand(samples, -1, -1).clone()
     prompt[:, positions] = noisy[:, positions]
-    queries = session.blocks.reader.first_states(session)
-    if session.instruction_ids:
+    queries = clean_pass.blocks.reader.first_states(clean_pass)
+    if clean_pass.instruction_ids:
         return prompt, _corrupted_instruction(runs, config, queries, generator)
     return prompt, queries.expand(samples, -1, -1)
 
@@ -323,32 +323,33 @@ def corrupted_question(runs: Any, config: Settings, generator: torch.Generator) 
 def _corrupted_instruction(runs: Any, config: Settings, clean: torch.Tensor,
                            generator: torch.Generator) -> torch.Tensor:
     """InstructBLIP's Q-Former input [S, Q + I, Dq] with its instruction's copy of the question corrupted."""
-    session, samples = runs.session, int(config.samples)
-    stack = session.blocks.reader.stack
+    clean_pass, samples = runs.clean_pass, int(config.samples)
+    stack = clean_pass.blocks.reader.stack
     first = stack.count  # the instruction follows the queries
-    ids = list(session.instruction_ids)
+    ids = list(clean_pass.instruction_ids)
     corruption = config.corruption
     if isinstance(corruption, WordSwap):
-        bound = corruption.bind(session.bundle.processor.qformer_tokenizer, session.question, ids,
-                                lambda swapped: stack.queries(session.ids(swapped))[:, first:],
-                                lambda text: list(session.task.instruction(session.bundle, text)), what=session.task.text)
+        bound = corruption.bind(clean_pass.bundle.processor.qformer_tokenizer, clean_pass.question, ids,
+                                lambda swapped: stack.queries(clean_pass.ids(swapped))[:, first:],
+                                lambda text: list(clean_pass.task.instruction(clean_pass.bundle, text)),
+                                what=clean_pass.task.text)
         assert bound.ids is not None
         positions = [p for p, (a, b) in enumerate(zip(ids, bound.ids)) if a != b]
         noisy = bound(clean[:, first:], samples, generator)
     else:
-        positions = _instruction_positions(session, config, ids)
+        positions = _instruction_positions(clean_pass, config, ids)
         noisy = runs.corrupt_input(config, clean[:, first:], generator)
     out = clean.expand(samples, -1, -1).clone()
     out[:, [first + p for p in positions]] = noisy[:, positions]
     return out
 
 
-def _instruction_positions(session: Any, config: Settings, ids: list[int]) -> list[int]:
+def _instruction_positions(clean_pass: Any, config: Settings, ids: list[int]) -> list[int]:
     """The instruction positions ``config.corrupt_tokens`` names: all, or (``"object"``) the object's tokens."""
     if config.corrupt_tokens is None:
         return list(range(len(ids)))
     if config.corrupt_tokens == "object":
-        positions = last_content_word(session.bundle.processor.qformer_tokenizer.convert_ids_to_tokens(ids))
+        positions = last_content_word(clean_pass.bundle.processor.qformer_tokenizer.convert_ids_to_tokens(ids))
         if positions:
             return list(positions)
     raise BlipTraceError("InstructBLIP reads the question twice (its Q-Former's instruction and the language "
@@ -356,21 +357,21 @@ def _instruction_positions(session: Any, config: Settings, ids: list[int]) -> li
                          "every token (no corrupt_tokens), corrupt_tokens='object', or a WordSwap")
 
 
-def queries_of(session: Any, image_embeds: torch.Tensor) -> torch.Tensor:
+def queries_of(clean_pass: Any, image_embeds: torch.Tensor) -> torch.Tensor:
     """The Q-Former's output queries for image embeddings [1, N, D]: what the language model reads."""
-    reader = session.blocks.reader
-    run = record_run(reader.stack, reader.first_states(session), shared_cross(reader.stack, image_embeds))
-    return language_model_queries(session, run.output)
+    reader = clean_pass.blocks.reader
+    run = record_run(reader.stack, reader.first_states(clean_pass), shared_cross(reader.stack, image_embeds))
+    return language_model_queries(clean_pass, run.output)
 
 
-def project(session: Any, queries: torch.Tensor) -> torch.Tensor:
+def project(clean_pass: Any, queries: torch.Tensor) -> torch.Tensor:
     """Q-Former output queries [1, Q, Dq] at the language model's width, as it reads them."""
-    return session.blocks.last.stack.projection(queries)
+    return clean_pass.blocks.last.stack.projection(queries)
 
 
-def language_model_queries(session: Any, states: torch.Tensor) -> torch.Tensor:
+def language_model_queries(clean_pass: Any, states: torch.Tensor) -> torch.Tensor:
     """Of the Q-Former's output states [1, Q (+ T), D], the queries' (InstructBLIP's instruction outputs are not read
     by the language model, so noise there would change nothing)."""
-    reader = session.blocks.reader
+    reader = clean_pass.blocks.reader
     assert reader.name == QFORMER, "only a Q-Former's outputs are queries"
     return states[:, : reader.stack.count]

@@ -52,27 +52,27 @@ class Tracer:
     """Causal traces of one (image, text), sharing the clean pass and corrupted runs between them.
 
     The text is a VQA model's question, a captioner's prompt ("" for none) or an image-text matcher's text.
-    A tracer is made of parts, each with one job: ``session`` (the clean pass, a :class:`~.clean.CleanPass`; the
+    A tracer is made of parts, each with one job: ``clean_pass`` (the clean pass, a :class:`~.clean.CleanPass`; the
     blocks read only its frozen :class:`~.blocks.Context`), ``targets`` (what a config scores), ``corrupted_runs`` (the corrupted
     input and runs, cached) and ``scorers`` (exact, estimated, or estimated then verified, one interface, picked
     by ``config.method``). Their public attributes that users read are forwarded here."""
 
-    bundle = _forward("session", "bundle")
-    model = _forward("session", "model")
-    device = _forward("session", "device")
-    image = _forward("session", "image")
-    image_key = _forward("session", "image_key")
-    question = _forward("session", "question")
-    question_ids = _forward("session", "question_ids")
-    task = _forward("session", "task")
-    head = _forward("session", "head")
-    blocks = _forward("session", "blocks")
-    stats = _forward("session", "stats")
-    clean = _forward("session", "clean")
-    clean_vision = _forward("session", "clean_vision")
-    model_answer = _forward("session", "model_answer")
-    match_probability = _forward("session", "match_probability")
-    unknown_words = _forward("session", "unknown_words")
+    bundle = _forward("clean_pass", "bundle")
+    model = _forward("clean_pass", "model")
+    device = _forward("clean_pass", "device")
+    image = _forward("clean_pass", "image")
+    image_key = _forward("clean_pass", "image_key")
+    question = _forward("clean_pass", "question")
+    question_ids = _forward("clean_pass", "question_ids")
+    task = _forward("clean_pass", "task")
+    head = _forward("clean_pass", "head")
+    blocks = _forward("clean_pass", "blocks")
+    stats = _forward("clean_pass", "stats")
+    clean = _forward("clean_pass", "clean")
+    clean_vision = _forward("clean_pass", "clean_vision")
+    model_answer = _forward("clean_pass", "model_answer")
+    match_probability = _forward("clean_pass", "match_probability")
+    unknown_words = _forward("clean_pass", "unknown_words")
     target = _forward("targets", "target")
     caption_words = _forward("targets", "caption_words")
     scored_text = _forward("targets", "scored_text")
@@ -95,9 +95,9 @@ class Tracer:
         question: str | None = None,
     ) -> None:
         text = _text(text, question)
-        self.session = CleanPass(bundle, image, text, memory_budget=memory_budget, max_batch_rows=max_batch_rows)
-        self.targets = Targets(self.session)
-        self.corrupted_runs = CorruptedRuns(self.session, self.targets, corrupted_cache_size)
+        self.clean_pass = CleanPass(bundle, image, text, memory_budget=memory_budget, max_batch_rows=max_batch_rows)
+        self.targets = Targets(self.clean_pass)
+        self.corrupted_runs = CorruptedRuns(self.clean_pass, self.targets, corrupted_cache_size)
         self.estimator = Estimator(self.corrupted_runs)
         exact = ExactScorer(self.corrupted_runs)
         self.scorers: dict[str, Scorer] = {"exact": exact, "estimate": self.estimator,
@@ -106,7 +106,15 @@ class Tracer:
 
     def held_bytes(self) -> int:
         """Bytes of the tensors this object keeps: its clean pass, cached runs and estimates' gradients."""
-        return tensor_bytes(*self.session.held(), *self.corrupted_runs.held(), *self.estimator.held())
+        return tensor_bytes(*self.clean_pass.held(), *self.corrupted_runs.held(), *self.estimator.held())
+
+    @property
+    def session(self) -> CleanPass:
+        """The old name of :attr:`clean_pass` (a DeprecationWarning names the new one; goes in the next release)."""
+        import warnings
+
+        warnings.warn("Tracer.session is now Tracer.clean_pass", DeprecationWarning, stacklevel=2)
+        return self.clean_pass
 
     def clear(self) -> None:
         """Forget finished results and kept gradient passes (the clean pass and corrupted runs stay)."""
@@ -130,7 +138,7 @@ class Tracer:
         last = self.blocks.vision if target.readout == "itc" else self.blocks.last
 
         def score(run: Any) -> torch.Tensor:
-            return score_rows(last.logits(self.session.context, run.output[:, None], target)[:, 0], target, config.metric)
+            return score_rows(last.logits(self.clean_pass.context, run.output[:, None], target)[:, 0], target, config.metric)
 
         high = score(self.clean_run(last, target))
         if config.method == "estimate" and directions.of(config.direction).restores and corrupted is None:
@@ -197,7 +205,7 @@ class Tracer:
         if block.image_side:
             self.clean_vision  # recorded before the clean pass, which then reuses it  # noqa: B018
         target = self.target(config)
-        layout = block.layout(self.session.context, config, target)
+        layout = block.layout(self.clean_pass.context, config, target)
         extra = dict(layout.extra)
         if stages.of(config.corrupt).text and not is_head_kind(config.kind):  # a head map's rows are heads
             extra["corrupted_positions"] = self.corrupt_positions(config)

@@ -95,7 +95,7 @@ class Scoring(Protocol):
     """A reading's targets: which tokens an answer or a caption is (what a target is built from)."""
 
     @property
-    def session(self) -> Reading: ...
+    def clean_pass(self) -> Reading: ...
 
     def caption_ids(self, caption: str | None) -> tuple[int, ...]: ...
 
@@ -219,7 +219,7 @@ class Head(ABC):
 
     @abstractmethod
     def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
-        """What ``config`` scores on ``scoring.session``, with a logit difference's ``contrast`` token (None
+        """What ``config`` scores on ``scoring.clean_pass``, with a logit difference's ``contrast`` token (None
         otherwise)."""
 
     def reader_text(self, block: str) -> str:
@@ -277,7 +277,7 @@ class VqaHead(Head):
         return reading.decode(reading.blocks.last, run.output, [reading.bos_id], MAX_ANSWER_TOKENS)
 
     def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
-        reading = scoring.session
+        reading = scoring.clean_pass
         tokens = scoring.answer_ids(config.answer)
         return Target((reading.bos_id, *tokens[:-1]), tokens, 0, contrast)
 
@@ -305,7 +305,7 @@ class CaptionHead(Head):
         pass  # any word: the target checks it against the caption
 
     def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
-        reading = scoring.session
+        reading = scoring.clean_pass
         tokenizer = reading.bundle.tokenizer
         ids = scoring.caption_ids(config.answer)
         words = words_of(tokenizer.convert_ids_to_tokens(list(ids)))
@@ -355,7 +355,7 @@ class ItmHead(Head):
                                  "ITM encoder cannot change it: trace block='vision_encoder', or use metric='prob'")
 
     def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
-        return Target(tuple(scoring.session.question_ids), readout="itc" if config.metric == "itc" else "match")
+        return Target(tuple(scoring.clean_pass.question_ids), readout="itc" if config.metric == "itc" else "match")
 
     def scored_words(self, answer: str, config: dict[str, Any], metric: str) -> str:
         what = "ITC similarity" if metric == "itc" else "match"
@@ -427,7 +427,7 @@ class Blip2Head(Head):
         return names.get(block, self.text)
 
     def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
-        reading = scoring.session
+        reading = scoring.clean_pass
         tokens = scoring.answer_ids(config.answer)
         prompt = tuple(reading.question_ids)
         return Target((*prompt, *tokens[:-1]), tokens, self.queries(reading.bundle.model) + len(prompt) - 1, contrast)
@@ -494,7 +494,7 @@ class T5Answering:
 
     def target(self, scoring: Scoring, config: Any, contrast: int | None) -> Target:
         tokens = scoring.answer_ids(config.answer)
-        return Target((scoring.session.bos_id, *tokens[:-1]), tokens, 0, contrast)
+        return Target((scoring.clean_pass.bos_id, *tokens[:-1]), tokens, 0, contrast)
 
 
 class Blip2T5Head(T5Answering, Blip2Head):

@@ -38,43 +38,6 @@ from ...models.chunks import rows_per_chunk
 from ...models.runs import Run, group_cells, shared_cross
 
 
-class Pass(Protocol):
-    """What a block reads from the clean pass of one (image, text), read-only: the model and its tokens, the
-    clean runs, and the memory settings that size its chunks (a :class:`~.clean.CleanPass`, the session a
-    :class:`~.tracing.Tracer` holds; never the tracer itself)."""
-
-    @property
-    def bundle(self) -> Any: ...
-
-    @property
-    def model(self) -> torch.nn.Module: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    @property
-    def question_ids(self) -> Sequence[int]: ...
-
-    @property
-    def memory_budget(self) -> int: ...
-
-    @property
-    def max_batch_rows(self) -> int | None: ...
-
-    @property
-    def clean(self) -> Any: ...
-
-    @property
-    def clean_vision(self) -> Run: ...
-
-    @property
-    def instruction_ids(self) -> Sequence[int]: ...
-
-    def ids(self, ids: Sequence[int]) -> torch.Tensor: ...
-
-    def itc_text_feature(self, projection: Any) -> torch.Tensor: ...
-
-
 class Settings(Protocol):
     """What blocks and corruption stages read of a trace's configuration (a :class:`~..config.TraceConfig`)."""
 
@@ -197,19 +160,19 @@ class Block(Protocol):
     @property
     def default_stage(self) -> str: ...
 
-    def layout(self, session: Pass, config: Settings, target: Target) -> Layout: ...
+    def layout(self, context: Context, config: Settings, target: Target) -> Layout: ...
 
-    def labels(self, session: Pass, target: Target) -> list[str]: ...
+    def labels(self, context: Context, target: Target) -> list[str]: ...
 
-    def clean_run(self, session: Pass, target: Target) -> Run: ...
+    def clean_run(self, context: Context, target: Target) -> Run: ...
 
-    def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]: ...
+    def corrupted_run(self, context: Context, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]: ...
 
-    def clean_cross(self, session: Pass, target: Target) -> Cross: ...
+    def clean_cross(self, context: Context, target: Target) -> Cross: ...
 
-    def rows_per_chunk(self, session: Pass, config: Settings, target: Target) -> int: ...
+    def rows_per_chunk(self, context: Context, config: Settings, target: Target) -> int: ...
 
-    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, context: Context, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """The head's outputs for final states [S, C, T, D]; ``prompt`` [S, P, D]: the language model's corrupted
         prompt embeddings, which a Q-Former trace's downstream reads when the question is corrupted (InstructBLIP
         reads it twice); None: the clean prompt."""
@@ -252,15 +215,15 @@ def head_layout(labels: Sequence[str], heads: int, layers: int, config: Settings
     return Layout([f"h{h}" for h in range(heads)], group_cells(units, layers, int(config.window)), extra)
 
 
-def text_rows(session: Pass, config: Settings, positions: int, cross_tokens: int, decoder_tokens: int,
+def text_rows(context: Context, config: Settings, positions: int, cross_tokens: int, decoder_tokens: int,
                block: str = QUESTION_ENCODER) -> int:
-    text = anatomy.block_config(session.model, block)
-    vocab = anatomy.text_config(session.model).vocab_size
+    text = anatomy.block_config(context.model, block)
+    vocab = anatomy.text_config(context.model).vocab_size
     return rows_per_chunk(
         samples=config.samples, tokens=positions, cross_tokens=cross_tokens, hidden=text.hidden_size,
         intermediate=anatomy.feed_forward_size(text), heads=text.num_attention_heads, vocab=vocab,
-        decoder_tokens=decoder_tokens, element_size=session.bundle.working_itemsize,
-        memory_budget=session.memory_budget, max_batch_rows=session.max_batch_rows,
+        decoder_tokens=decoder_tokens, element_size=context.bundle.working_itemsize,
+        memory_budget=context.memory_budget, max_batch_rows=context.max_batch_rows,
     )
 
 
@@ -300,62 +263,62 @@ class ImageReader(Facts, ABC):
     def __init__(self, model: torch.nn.Module) -> None:
         self.stack = TextStack(model, self.name)
 
-    def input_ids(self, session: Pass, target: Target) -> Sequence[int]:
+    def input_ids(self, context: Context, target: Target) -> Sequence[int]:
         """The tokens this block reads."""
-        return session.question_ids
+        return context.question_ids
 
-    def labels(self, session: Pass, target: Target) -> list[str]:
+    def labels(self, context: Context, target: Target) -> list[str]:
         """Its positions' labels: the tokens it reads."""
-        return list(session.bundle.tokenizer.convert_ids_to_tokens(list(self.input_ids(session, target))))
+        return list(context.bundle.tokenizer.convert_ids_to_tokens(list(self.input_ids(context, target))))
 
-    def positions(self, session: Any) -> int:
+    def positions(self, context: Any) -> int:
         """How many positions its clean run has (the question's tokens)."""
-        return len(session.question_ids)
+        return len(context.question_ids)
 
-    def first_states(self, session: Any) -> torch.Tensor:
+    def first_states(self, context: Any) -> torch.Tensor:
         """Its input on the text alone, [1, T, D] (the question's or prompt's embeddings): what a corruption of the
         text corrupts."""
-        return self.stack.embed(session.ids(session.question_ids))
+        return self.stack.embed(context.ids(context.question_ids))
 
-    def input_states(self, session: Pass, target: Target) -> torch.Tensor:
+    def input_states(self, context: Context, target: Target) -> torch.Tensor:
         """Its input for ``target``, [1, T, D]."""
-        return self.stack.embed(session.ids(self.input_ids(session, target)))
+        return self.stack.embed(context.ids(self.input_ids(context, target)))
 
-    def layout(self, session: Pass, config: Settings, target: Target) -> Layout:
-        return text_layout(self.labels(session, target), self.stack, config)
+    def layout(self, context: Context, config: Settings, target: Target) -> Layout:
+        return text_layout(self.labels(context, target), self.stack, config)
 
-    def clean_run(self, session: Pass, target: Target) -> Run:
-        assert session.clean.text is not None
-        return session.clean.text
+    def clean_run(self, context: Context, target: Target) -> Run:
+        assert context.clean.text is not None
+        return context.clean.text
 
-    def clean_cross(self, session: Pass, target: Target) -> Cross:
+    def clean_cross(self, context: Context, target: Target) -> Cross:
         """Cross keys and values of the clean image embeddings."""
-        return shared_cross(self.stack, session.clean.image_embeds)
+        return shared_cross(self.stack, context.clean.image_embeds)
 
-    def corrupted_run(self, session: Pass, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
+    def corrupted_run(self, context: Context, corrupted: Corrupted, target: Target) -> tuple[Run, Cross]:
         assert corrupted.text is not None
         return corrupted.text, corrupted.image_cross
 
-    def rows_per_chunk(self, session: Pass, config: Settings, target: Target) -> int:
-        cross_tokens = int(session.clean.image_embeds.shape[1])
-        positions = len(self.labels(session, target))
-        return text_rows(session, config, positions, cross_tokens, self.decoder_tokens(target), self.name)
+    def rows_per_chunk(self, context: Context, config: Settings, target: Target) -> int:
+        cross_tokens = int(context.clean.image_embeds.shape[1])
+        positions = len(self.labels(context, target))
+        return text_rows(context, config, positions, cross_tokens, self.decoder_tokens(target), self.name)
 
     def decoder_tokens(self, target: Target) -> int:
         """Positions of any decoder run after this block, per row (for sizing chunks)."""
         return 0
 
     @abstractmethod
-    def logits(self, session: Pass, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, context: Context, final: torch.Tensor, target: Target, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """The head's outputs for this block's final states [S, C, T, D] (each reader has its own head)."""
 
-    def encode_rows(self, session: Pass, image_embeds: torch.Tensor, target: Target) -> torch.Tensor:
+    def encode_rows(self, context: Context, image_embeds: torch.Tensor, target: Target) -> torch.Tensor:
         """This block's final states [S, C, T, D] when each row cross-attends to its own image embeddings
         [S, C, N, Dv]."""
         stack = self.stack
         s, c, n, dv = image_embeds.shape
         flat = image_embeds.reshape(s * c, n, dv)
-        h = self.input_states(session, target)[:, None].expand(s, c, -1, -1)
+        h = self.input_states(context, target)[:, None].expand(s, c, -1, -1)
         mask = stack.self_mask(h.shape[2], h.dtype, h.device)
         for j in range(len(stack)):
             h = stack.layer(j, h, per_row_cross(stack, j, flat, s, c), mask)
