@@ -93,7 +93,22 @@ class CircuitRun:
     def bind(self, record: Record) -> None:
         self.record, self.parts = record, {}
 
-    def at(self, point: Point, default: torch.Tensor) -> torch.Tensor:
+    def projected(self, point: Point, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The image's keys and values: each head's projection of the clean image where its edge is kept, of the
+        corrupted image where not (a projection is affine, so mixing projections mixes inputs)."""
+        if self.graph.shape.source_block(point) != IMAGE:
+            return tensors
+        keep = self.keep[:, torch.from_numpy(self.graph.index[point][:, 0])]  # [R, 2H]
+        image = self.corrupted[IMAGE][:, 0]
+        heads = self.graph.shape.heads
+        out = []
+        for n, (linear, live) in enumerate(zip(self.net.linears(point), tensors)):
+            corrupted = self.net.project(linear, image)
+            gate = keep[:, n * heads:(n + 1) * heads, None, None].to(live.dtype)
+            out.append(corrupted + gate * (live - corrupted))
+        return tuple(out)
+
+    def at(self, point: Point, default: torch.Tensor) -> torch.Tensor | None:
         assert self.record is not None
         block = self.graph.shape.source_block(point)
         table = torch.from_numpy(self.graph.index[point])
@@ -101,8 +116,7 @@ class CircuitRun:
         gates = self.keep[:, table.clamp(min=0)] * (table >= 0)  # [R, C, slots of the source block]
         corrupted = self.corrupted[block][:, :slots]
         if block == IMAGE:
-            own = self.record.img[:, None]
-            return corrupted[:, 0][:, None] + gates[:, :, :1, None] * (own - corrupted)[:, 0][:, None]
+            return None  # the image's keys and values are mixed after their projections (see projected)
         own = self.net.contributions(self.record, block, slots, self.parts.setdefault(block, []))
         upto = point if point.block == block else Point(QE, self.graph.shape.qe_layers, "in")
         return self.net.chain(block, corrupted, own - corrupted, gates[:, :, :slots].to(own.dtype), upto)

@@ -86,6 +86,10 @@ class Network:
         w = linear.weight.view(self.heads, -1, linear.weight.shape[-1])
         return torch.einsum("bhtd,hed->bhte", x, w) + linear.bias.view(self.heads, 1, -1)
 
+    def project(self, linear: Any, x: torch.Tensor) -> torch.Tensor:
+        """Every head's projection of ``x`` [B, T, Din]: [B, H, T, dh]."""
+        return self._split(linear(x))
+
     def _project(self, linear: Any, default: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
         return self._split(linear(default)) if x is None else self._per_head(linear, x)
 
