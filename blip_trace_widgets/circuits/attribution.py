@@ -16,14 +16,18 @@ the source run (see :mod:`~.patching`). Its first-order estimate is
     score(u → r) = g_r · (J_{r,u} Δc_u),   g_r = ∂m/∂(input of r),   Δc_u = c_u(source) − c_u(base),
 
 where c_u is u's contribution to the residual stream (a head's ``W_O^h z_h``, an MLP's output, an embedding) and
-J_{r,u} = ∂(input of r)/∂(contribution of u) through the post-LayerNorm residual chain (the LayerNorms'
-statistics included). Both are computed with autograd: g_r from one backward pass of a forward whose every channel
-reads its input plus a zero tap (the tap's gradient is g_r), and g_r·J_{r,u}Δc_u as the gradient, at 0, of
-g_r·chain_r(gates) with respect to a gate that adds gate·Δc_u to u's contribution in r's own chain
-(:meth:`~.network.Network.chain`). EAP takes both at the base run (the clean run when noising): one base forward,
-one source forward, one backward. EAP-IG (Hanna et al. 2024) averages g_r·J_{r,u} over ``steps`` points whose inputs
-(image embeddings, question and decoder embeddings) interpolate between the base and source inputs, at the midpoints
-(k + 0.5) / steps, and multiplies by the endpoints' Δc_u.
+J_{r,u} = ∂(input of r)/∂(contribution of u) through the post-LayerNorm residual chain, LayerNorm statistics
+included (not frozen). g_r comes from one backward pass of a forward whose every channel carries a zero tap: a
+head's q, k and v at its projection's output (the tap's gradient, through the head's rows of the projection, is
+g_r), an MLP's and ``out``'s input whole. g_r·J_{r,u} is then applied by hand, not by autograd:
+:meth:`~.network.Network.chain_scores` runs the chain forward once and back once, through each LayerNorm's
+vector-Jacobian product, every channel joining at its own depth and every sublayer's senders scored as the pass
+crosses them (checked equal to autograd through the gated chain in the tests). The image's keys and values read the
+image itself (J = 1): their scores are the projected change of the image dotted with the taps' gradients. EAP takes
+both at the base run (the clean run when noising): one base forward, one source forward, one backward. EAP-IG (Hanna
+et al. 2024) averages g_r·J_{r,u} over ``steps`` points whose inputs (image embeddings, question and decoder
+embeddings) interpolate between the base and source inputs, at the midpoints (k + 0.5) / steps, and multiplies by
+the endpoints' Δc_u.
 """
 from __future__ import annotations
 
