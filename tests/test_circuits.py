@@ -283,3 +283,20 @@ def test_probabilities_are_scored_as_the_reference_scores_them():
         from blip_trace_widgets.circuits.inputs import circuit_inputs
 
         circuit_inputs(bundle, demo_samples()[0].image, demo_samples()[0].question, metric="logit")
+
+
+def test_exact_scores_are_priced_and_warned_about_before_a_long_run(monkeypatch):
+    from blip_trace_widgets.circuits import scores
+
+    image, question, _ = demo_samples()[0]
+    monkeypatch.setattr(scores, "WARN_SECONDS", 0.0)  # any run is "long"
+    with pytest.warns(UserWarning, match=r"exact scores of 2 edges × 1 draws should take about"):
+        result = scores.edge_scores(demo(), image, question, method="exact", samples=1,
+                                    edges=["img → qe.L0.X0.k", "dec.L3.mlp → out"])
+    assert result.edges == ["img → qe.L0.X0.k", "dec.L3.mlp → out"] and np.isfinite(result.scores).all()
+    monkeypatch.setattr(scores, "WARN_SECONDS", 1e9)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores.edge_scores(demo(), image, question, method="exact", samples=1, edges=("dec.L3", "out"))
