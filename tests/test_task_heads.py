@@ -70,14 +70,14 @@ def test_what_the_model_says_is_one_method_for_the_cli_and_the_widgets(demo_bund
 
     image, question, _ = demo_sample
     tracer = Tracer(demo_bundle, image, question)
-    assert _what_the_model_says(tracer) == f"question: {question}\nmodel's answer: 'red'"
+    assert what_the_model_says(tracer) == f"question: {question}\nmodel's answer: 'red'"
     assert answer_html(tracer) == "model's answer: <b>red</b>"
 
     class Terse(H.VqaHead):  # a head's class alone decides what is said, everywhere
         said = "says"
 
     tracer.clean_pass.task = Terse()
-    assert _what_the_model_says(tracer).endswith("\nsays: 'red'")
+    assert what_the_model_says(tracer).endswith("\nsays: 'red'")
     assert answer_html(tracer) == "says: <b>red</b>"
 
 

@@ -21,9 +21,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.core.names import DEMO_MODELS, DTYPES
-
+from ..core.errors import BlipTraceError
+from ..core.names import DEMO_MODELS, DTYPES
 from .names import DEFAULT_TOP, LENS_KINDS, LOGIT
 
 
@@ -69,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``blip-trace lens``: print what the lens says at the last position and write the files."""
     from PIL import Image
 
-    from blip_trace_widgets.models.loading import load_model
-
+    from ..models.loading import load_model
     from .core import lens
     from .plots import lens_png
     from .tuned import TunedLens

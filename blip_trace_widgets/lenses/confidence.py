@@ -21,12 +21,11 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.core.inputs import ImageLike
-from blip_trace_widgets.core.names import LANGUAGE_MODEL
-from blip_trace_widgets.models.heads import head_of_model
-from blip_trace_widgets.models.loading import BlipBundle
-
+from ..core.errors import BlipTraceError
+from ..core.inputs import ImageLike
+from ..core.names import LANGUAGE_MODEL
+from ..models.heads import head_of_model
+from ..models.loading import BlipBundle
 from .core import QUERY_QUESTION, lens_log_probs
 from .reading import check_bundle, read
 

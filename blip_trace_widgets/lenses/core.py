@@ -7,7 +7,7 @@
     >>> result.answer, result.shape, result.top_token()[0][-1]
     ('red', (1, 4), 'red')
 
-A lens of every position and every layer costs ONE forward pass of the model, with each layer's output recorded
+A lens of every position and every layer costs one forward pass of the model, with each layer's output recorded
 by forward hooks (:func:`~.reading.read`); each state is then read through the block's own final norm and head
 (:func:`~.reading.unembed`), so the last layer's logit lens is the model's own output distribution. The tuned lens
 puts a trained affine translator (:class:`~.tuned.TunedLens`) before that head. For BLIP-2's language model the
@@ -22,13 +22,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.core.inputs import ImageLike
-from blip_trace_widgets.core.names import LANGUAGE_MODEL, LM_DECODER
-from blip_trace_widgets.models import anatomy
-from blip_trace_widgets.models.heads import head_of_model
-from blip_trace_widgets.models.loading import BlipBundle
-
+from ..core.errors import BlipTraceError
+from ..core.inputs import ImageLike
+from ..core.names import LANGUAGE_MODEL, LM_DECODER
+from ..models import anatomy
+from ..models.heads import head_of_model
+from ..models.loading import BlipBundle
 from .names import DEFAULT_TOP, LENS_KINDS, LOGIT, MAX_TOP, TUNED
 from .reading import Reading, check_bundle, read, unembed
 from .result import LensResult

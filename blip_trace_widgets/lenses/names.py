@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from blip_trace_widgets.core.names import (
+from ..core.names import (
     ANSWER_DECODER,
     BLIP2,
     BLIP2_T5,

@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from blip_trace_widgets.causal_trace.plots import figure_png, new_figure
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.core.names import BLOCK_LABELS
-
+from ..causal_trace.plots import figure_png, new_figure
+from ..core.errors import BlipTraceError
+from ..core.names import BLOCK_LABELS
 from .names import LENS_COLORMAP, LENS_LABELS
 from .result import LensResult
 

@@ -26,14 +26,13 @@ from typing import Any
 
 import torch
 
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.core.inputs import ImageLike, to_rgb_image
-from blip_trace_widgets.core.names import ANSWER_DECODER, BLOCK_LABELS, CAPTION_DECODER, LANGUAGE_MODEL, LM_DECODER
-from blip_trace_widgets.models import anatomy
-from blip_trace_widgets.models.heads import Head, head_of_model
-from blip_trace_widgets.models.hooks import record_outputs
-from blip_trace_widgets.models.loading import BlipBundle
-
+from ..core.errors import BlipTraceError
+from ..core.inputs import ImageLike, to_rgb_image
+from ..core.names import ANSWER_DECODER, BLOCK_LABELS, CAPTION_DECODER, LANGUAGE_MODEL, LM_DECODER
+from ..models import anatomy
+from ..models.heads import Head, head_of_model
+from ..models.hooks import record_outputs
+from ..models.loading import BlipBundle
 from .names import LENS_BLOCKS, NO_VOCABULARY, QUERY_LABEL
 
 

@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.core.names import BLOCK_LABELS
-
+from ..core.errors import BlipTraceError
+from ..core.names import BLOCK_LABELS
 from .names import LENS_LABELS
 
 FORMAT = 1

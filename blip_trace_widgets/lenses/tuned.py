@@ -32,11 +32,11 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from blip_trace_widgets.causal_trace.cost import WARN_SECONDS, LongTraceWarning, duration, matmul_speed
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.core.names import ANSWER_DECODER, CAPTION_DECODER, LM_DECODER
-from blip_trace_widgets.models.loading import DEMO_DIRS, BlipBundle
-
+from ..causal_trace.cost import WARN_SECONDS, LongTraceWarning, duration, matmul_speed
+from ..core.errors import BlipTraceError
+from ..core.names import ANSWER_DECODER, CAPTION_DECODER, LM_DECODER
+from ..models import heads
+from ..models.loading import DEMO_DIRS, BlipBundle
 from .names import TRAIN_ITEMS, TRAIN_LR, TRAIN_STEPS, TRANSLATOR_FILE
 from .reading import check_bundle, lens_block, read, unembed
 
@@ -158,7 +158,7 @@ def training_seconds(bundle: BlipBundle, block: str, items: int, steps: int, per
     """A rough price of :func:`train_tuned_lens`: the items' forward passes (``per_item`` seconds each when measured;
     else from the model's size: the vision encoder's parameters over its patches, the rest over the text) and the
     steps' matrix products, from this machine's matrix-product speed."""
-    from blip_trace_widgets.models import anatomy
+    from ..models import anatomy
 
     model = bundle.model
     config = anatomy.block_config(model, block)
@@ -178,9 +178,9 @@ def training_seconds(bundle: BlipBundle, block: str, items: int, steps: int, per
 def default_items(bundle: BlipBundle, split: str = "train", limit: int = TRAIN_ITEMS) -> list[tuple[Any, str]]:
     """easy-VQA's first ``limit`` (image path, text) of ``split``: its questions, or for a captioner each image's
     caption less its last word (the prompt whose states predict the caption's words)."""
-    from blip_trace_widgets.datasets.easy_vqa import easy_vqa_captions, easy_vqa_questions
+    from ..datasets.easy_vqa import easy_vqa_captions, easy_vqa_questions
 
-    if bundle.head == "caption":
+    if heads.of(bundle).scores_words:  # a captioner: its caption's words
         return [(path, caption.rsplit(" ", 1)[0]) for path, caption in easy_vqa_captions(split)[:limit]]
     return [(path, question) for path, question, _ in easy_vqa_questions(split)[:limit]]
 

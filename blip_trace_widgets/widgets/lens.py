@@ -23,15 +23,15 @@ from typing import Any
 import ipywidgets as W
 import torch
 
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.core.names import BLOCK_LABELS
-from blip_trace_widgets.lenses.core import lens_log_probs, summarise, token_texts
-from blip_trace_widgets.lenses.names import CELL_TOP, DEFAULT_TOP, LENS_BLOCKS, LENS_KINDS, LENS_LABELS, LOGIT, MAX_TOP
-from blip_trace_widgets.lenses.plots import lens_png
-from blip_trace_widgets.lenses.reading import Reading, lens_block, read
-from blip_trace_widgets.lenses.result import LensResult
-from blip_trace_widgets.lenses.tuned import TunedLens
-from blip_trace_widgets.models.heads import head_of_model
+from ..core.errors import BlipTraceError
+from ..core.names import BLOCK_LABELS
+from ..lenses.core import lens_log_probs, summarise, token_texts
+from ..lenses.names import CELL_TOP, DEFAULT_TOP, LENS_BLOCKS, LENS_KINDS, LENS_LABELS, LOGIT, MAX_TOP
+from ..lenses.plots import lens_png
+from ..lenses.reading import Reading, lens_block, read
+from ..lenses.result import LensResult
+from ..lenses.tuned import TunedLens
+from ..models.heads import head_of_model
 
 
 class LensExplorer(W.VBox):
