@@ -10,8 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-pytestmark = pytest.mark.slow  # 60 fresh interpreters, two at a time
-RUNS = 20
+pytestmark = pytest.mark.slow  # 24 fresh interpreters, two at a time
+#: Runs per explorer. The old code failed about one run in three, so 8 runs miss it with probability (2/3)**8, under
+#: 4% per explorer and under 0.01% for all three; BLIP_TRACE_EXIT_RUNS=20 repeats the 60-run check.
+RUNS = int(os.environ.get("BLIP_TRACE_EXIT_RUNS", "8"))
 SCRIPT = """\
 from blip_trace_widgets import load_model
 from blip_trace_widgets.widgets import {name}
