@@ -163,6 +163,7 @@ def test_edge_results_round_trip_strict_json_and_rank_by_size():
         EdgeResult.from_json(json.dumps({"kind": "trace"}))
 
 
+@pytest.mark.slow
 def test_circuits_and_faithfulness_refuse_nonsense_and_span_zero_to_one():
     from blip_trace_widgets.circuits.faithfulness import Curve, circuit, faithfulness, faithfulness_curve
 
@@ -263,6 +264,7 @@ def test_the_hand_written_chain_backward_equals_autograd_through_the_chain():
         assert gates.grad.abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_probabilities_are_scored_as_the_reference_scores_them():
     from blip_trace_widgets.circuits.faithfulness import circuit_scores
 
@@ -285,6 +287,7 @@ def test_probabilities_are_scored_as_the_reference_scores_them():
         circuit_inputs(bundle, demo_samples()[0].image, demo_samples()[0].question, metric="logit")
 
 
+@pytest.mark.slow
 def test_exact_scores_are_priced_and_warned_about_before_a_long_run(monkeypatch):
     from blip_trace_widgets.circuits import scores
 
