@@ -27,6 +27,11 @@ at each of ``--windows`` (default 1), with ``--samples`` noise samples (default 
    effect toward clean); and the wall time of the verified map (its gradient pass included) against the exact map
    of the same samples, both over the same, already drawn corrupted runs (target: the verified map reaches 90% of
    the exact map's rate at half its time or less).
+4. **Auto sampling.** ``samples="auto"`` (:func:`~blip_trace_widgets.causal_trace.sharpen.sharpen`, rounds of 4
+   samples, at most ``--reference-samples``) against the exact map of ``--reference-samples`` samples over the same
+   seed, whose first draws are the rounds' draws: the Jaccard index of their significant sets (two empty sets
+   agree) and the share of the samples auto sampling drew before it stopped (target: median Jaccard at least 0.8 at
+   half the samples or fewer).
 
 Prints a markdown table with the command, the load average and the release, and writes to ``--out``:
 ``figures.json`` (every figure of the table, overall and per kind), ``rows.csv`` (one row per question, block,
@@ -56,7 +61,8 @@ REFERENCE_SEED = 10_000
 PLACEBO_SEED = 20_000
 #: The targets each figure is judged against.
 TARGETS = {"placebo_maps_clean": 0.95, "replication_same_sign": 0.90, "replication_reference_top": 0.85,
-           "verified_rate_of_exact": 0.90, "verified_time_of_exact": 0.50}
+           "verified_rate_of_exact": 0.90, "verified_time_of_exact": 0.50, "auto_jaccard": 0.80,
+           "auto_samples_share": 0.50}
 #: A placebo map passes when at most this share of its cells is flagged.
 PLACEBO_SHARE = 0.05
 
@@ -137,12 +143,32 @@ def measure_map(tracer, config, reference_samples: int) -> dict:
            "map_has_flagged_top": flagged_top >= 0,
            "reference_top_toward_clean": float(wanted.flat[reference_top]) if reference_top >= 0 else float("nan"),
            "exact_s": exact_s, "verified_s": verified_s}
+    row.update(measure_auto(tracer, config, reference_samples))
     for name, result in (("exact", exact), ("estimate", estimate), ("verified", verified)):
         toward = _toward_clean(result)
         row[f"{name}_spearman"] = (_spearman(wanted[significant], toward[significant])
                                    if significant.sum() >= 4 else float("nan"))
         row[f"{name}_reports_reference_top"] = reference_top >= 0 and _top(toward) == reference_top
     return row
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """|a ∩ b| / |a ∪ b| of two boolean maps; 1 when both are empty (they agree that nothing is significant)."""
+    union = int(np.sum(a | b))
+    return 1.0 if union == 0 else float(np.sum(a & b)) / union
+
+
+def measure_auto(tracer, config, samples: int) -> dict:
+    """``samples="auto"`` against the exact map of ``samples`` samples of the same seed."""
+    from blip_trace_widgets.causal_trace.sharpen import AutoSampling, sharpen
+    from blip_trace_widgets.core.significance import DEFAULT_Q
+
+    full = tracer.trace(config, samples=samples)
+    auto = sharpen(tracer, config, AutoSampling(max_samples=samples))
+    used = int(auto.statistics().samples)
+    return {"auto_jaccard": jaccard(auto.significant(DEFAULT_Q), full.significant(DEFAULT_Q)),
+            "auto_samples": used, "auto_samples_share": used / samples,
+            "auto_stopped": str(auto.config["auto"]["stopped"])}
 
 
 def _question(job: tuple) -> list[dict]:
@@ -218,6 +244,9 @@ def figures(group) -> dict:
         "verified_rate_of_exact": rates["verified"] / rates["exact"] if rates["exact"] else float("nan"),
         "verified_time_of_exact": float(group["verified_s"].sum() / group["exact_s"].sum()),
         "verified_time_of_exact_median": float((group["verified_s"] / group["exact_s"]).median()),
+        "auto_jaccard_median": float(group["auto_jaccard"].median()),
+        "auto_maps_at_jaccard_08": _rate((group["auto_jaccard"] >= TARGETS["auto_jaccard"]).sum(), len(group)),
+        "auto_samples_share_median": float(group["auto_samples_share"].median()),
         "exact_s_median": float(group["exact_s"].median()),
         "verified_s_median": float(group["verified_s"].median()),
     }
@@ -263,6 +292,11 @@ def summarise(groups: dict[str, dict]) -> str:
                      f"{_pct(f['exact_reports_reference_top'])} / {_pct(f['estimate_reports_reference_top'])} / "
                      f"{_pct(f['verified_reports_reference_top'])} | {_pct(f['verified_rate_of_exact'])} | "
                      f"{_num(f['verified_time_of_exact'])}; {_num(f['verified_time_of_exact_median'])} |")
+    lines += ["", "| maps | kind | auto sampling: Jaccard with the full map's significant set (median; maps ≥ 0.8) | "
+              "samples drawn, share of the full map's (median) |", "|---|---|---|---|"]
+    for name, f in groups.items():
+        lines.append(f"| {f['maps']} | {name} | {_num(f['auto_jaccard_median'])}; {_pct(f['auto_maps_at_jaccard_08'])} | "
+                     f"{_pct(f['auto_samples_share_median'])} |")
     return "\n".join(lines)
 
 
@@ -273,7 +307,10 @@ def verdicts(f: dict) -> dict[str, str]:
             "replication_reference_top": _met(f["replication_reference_top"], TARGETS["replication_reference_top"]),
             "verified": ("met" if _met(f["verified_rate_of_exact"], TARGETS["verified_rate_of_exact"]) == "met"
                          and _met(f["verified_time_of_exact"], TARGETS["verified_time_of_exact"], True) == "met"
-                         else "missed")}
+                         else "missed"),
+            "auto": ("met" if _met(f["auto_jaccard_median"], TARGETS["auto_jaccard"]) == "met"
+                     and _met(f["auto_samples_share_median"], TARGETS["auto_samples_share"], True) == "met"
+                     else "missed")}
 
 
 def _machine() -> str:

@@ -90,12 +90,20 @@ def test_the_script_writes_every_figure(measure, tmp_path, capsys):
         for name in ("placebo_cells_flagged", "placebo_maps_clean", "replication_same_sign"):
             assert figures[name] is None or 0 <= figures[name] <= 1
     assert saved["groups"]["all"]["maps"] == 6 and set(saved["verdicts"]) == {
-        "placebo_maps_clean", "replication_same_sign", "replication_reference_top", "verified"}
+        "placebo_maps_clean", "replication_same_sign", "replication_reference_top", "verified", "auto"}
     import pandas as pd
 
     rows = pd.read_csv(tmp_path / "rows.csv")
     assert len(rows) == 6 and (rows["placebo_tested"] == rows["cells"]).all()  # every placebo cell is tested
     assert (rows["same_sign"] <= rows["flagged"]).all()
+    assert ((rows["auto_jaccard"] >= 0) & (rows["auto_jaccard"] <= 1)).all() and (rows["auto_samples"] == 4).all()
     printed = capsys.readouterr().out
     assert printed == (tmp_path / "summary.md").read_text() + "\n"
-    assert "uptime" in printed and "| 6 | all |" in printed and printed.count("\n|---|") == 2
+    assert "uptime" in printed and "| 6 | all |" in printed and printed.count("\n|---|") == 3
+
+
+def test_the_jaccard_index_of_two_significant_sets(measure):
+    a, b = np.array([[True, False], [True, True]]), np.array([[True, True], [False, True]])
+    assert measure.jaccard(a, b) == 2 / 4 and measure.jaccard(a, a) == 1.0
+    assert measure.jaccard(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0  # both say: nothing is real
+    assert measure.jaccard(a, np.zeros((2, 2), bool)) == 0.0
