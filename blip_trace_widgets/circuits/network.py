@@ -211,7 +211,10 @@ class Network:
         [R, C, S] each. J is the Jacobian of the residual chain at ``base`` (LayerNorm statistics included),
         applied backwards by hand: one forward of the chain, then one pass back that the channels join at their
         state (:func:`state_index`), scoring each sublayer's slots as it passes them."""
-        rows, H = max(base.shape[0], delta.shape[0], *(g.shape[0] for _, g in grads)), self.heads
+        # the backward pass runs on the gradient run's rows (one, when every draw shares the base run); only the
+        # scoring reads each draw's change
+        rows, H = max(base.shape[0], *(g.shape[0] for _, g in grads)), self.heads
+        total = max(rows, delta.shape[0])
         norms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]] = []
         states = [base[:, 0].expand(rows, -1, -1)]
         for L in self.layers[block]:
@@ -224,10 +227,10 @@ class Network:
                 sigma = torch.sqrt(var + norm.eps)
                 norms.append(((x - mu) / sigma, sigma, norm.weight, first, first + count))
                 states.append(norm(x))
-        delta = delta.expand(rows, -1, -1, -1)
+        delta = delta.expand(total, -1, -1, -1)
         joined: list[tuple[int, int]] = []  # (index in grads, its first column)
         grad = torch.zeros(rows, 0, *states[0].shape[1:], dtype=states[0].dtype)
-        scores = torch.zeros(rows, sum(g.shape[1] for _, g in grads), delta.shape[1], dtype=states[0].dtype)
+        scores = torch.zeros(total, sum(g.shape[1] for _, g in grads), delta.shape[1], dtype=states[0].dtype)
         for i in range(len(states) - 1, -1, -1):
             for n, (where, g) in enumerate(grads):
                 if where == i:
@@ -236,11 +239,12 @@ class Network:
             if grad.shape[1] == 0:
                 continue
             if i == 0:
-                scores[:, : grad.shape[1], 0] = torch.einsum("rctd,rtd->rc", grad, delta[:, 0])
+                scores[:, : grad.shape[1], 0] = torch.einsum("rctd,rtd->rc", grad.expand(total, -1, -1, -1), delta[:, 0])
                 break
             xhat, sigma, gamma, first, end = norms[i - 1]
             grad = _ln_vjp(grad, xhat[:, None], sigma[:, None], gamma)
-            scores[:, : grad.shape[1], first:end] = torch.einsum("rctd,rstd->rcs", grad, delta[:, first:end])
+            scores[:, : grad.shape[1], first:end] = torch.einsum("rctd,rstd->rcs", grad.expand(total, -1, -1, -1),
+                                                                 delta[:, first:end])
         starts = dict(joined)
         return [scores[:, starts[n]: starts[n] + g.shape[1]] for n, (_, g) in enumerate(grads)]
 
