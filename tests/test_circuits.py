@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import json
 
+import circuit_reference as ref
 import numpy as np
 import pytest
 import torch
+from tolerance import assert_close
 
 from blip_trace_widgets.circuits.graph import circuit_graph
 from blip_trace_widgets.circuits.inputs import CircuitInputs
@@ -16,8 +18,6 @@ from blip_trace_widgets.circuits.patching import Path, prepare, run_paths
 from blip_trace_widgets.core.errors import BlipTraceError
 from blip_trace_widgets.datasets.easy_vqa import demo_samples
 from blip_trace_widgets.models.loading import load_model
-from tests import circuit_reference as ref
-from tests.tolerance import assert_close
 
 
 @functools.lru_cache(maxsize=1)
