@@ -15,8 +15,9 @@ The circuit run keeps a set C of edges: every receiver channel r reads its input
 and its corrupted-run output otherwise; every node computes its output from its channels' inputs, in topological
 order, to ``out`` (``img`` and the embeddings take their clean values). Keeping every edge gives the clean run,
 keeping none the corrupted run, so faithfulness = (m(C) − m(empty)) / (m(full) − m(empty)) is 1 for the whole
-graph and 0 for none. With noise, each draw is its own corrupted run: the value is the mean over draws of each
-draw's ratio, with its 95% interval. The curve (MIB, Mueller et al. 2025) is faithfulness against the circuit's
+graph and 0 for none. With noise, each draw is its own corrupted run: the value is the ratio of the means over draws
+(as MIB averages over a dataset), its 95% interval that of the numerator over draws, the denominator held at its
+mean. The curve (MIB, Mueller et al. 2025) is faithfulness against the circuit's
 size as a fraction of the graph's edges; its area (trapezoids) is the CPR, the area of |1 − f| the CMD.
 """
 from __future__ import annotations
@@ -136,7 +137,8 @@ def circuit_scores(net: Network, graph: CircuitGraph, pair: CircuitInputs, kept:
 
 @dataclass
 class Faithfulness:
-    """A circuit's faithfulness: per draw (m(C) − m(empty)) / (m(full) − m(empty)), its mean and 95% interval."""
+    """A circuit's faithfulness, (m(C) − m(empty)) / (m(full) − m(empty)) of the means over draws, and its 95%
+    interval over draws (of m(C) − m(empty), the denominator held at its mean)."""
 
     value: float
     low: float
@@ -153,11 +155,13 @@ class Faithfulness:
 
 
 def _ratios(circuit_draws: np.ndarray, clean: float, corrupted: np.ndarray) -> np.ndarray:
-    span = clean - corrupted
-    if np.any(np.abs(span) < 1e-9):
-        raise BlipTraceError("the clean and corrupted runs score alike in a draw, so faithfulness is undefined: use "
-                             "a stronger corruption")
-    return (circuit_draws - corrupted[:, None]) / span[:, None]
+    """Each draw's m(C) − m(empty) over the mean of m(full) − m(empty): their mean is the ratio of the means (a
+    draw whose corruption barely moves the score would blow up a ratio of its own)."""
+    span = float(np.mean(clean - corrupted))
+    if abs(span) < 1e-9:
+        raise BlipTraceError("the clean and corrupted runs score alike, so faithfulness is undefined: use a stronger "
+                             "corruption")
+    return (circuit_draws - corrupted[:, None]) / span
 
 
 def _summary(ratios: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
