@@ -167,6 +167,7 @@ def measure_auto(tracer, config, samples: int) -> dict:
     auto = sharpen(tracer, config, AutoSampling(max_samples=samples))
     used = int(auto.statistics().samples)
     return {"auto_jaccard": jaccard(auto.significant(DEFAULT_Q), full.significant(DEFAULT_Q)),
+            "auto_full_significant": int(full.significant(DEFAULT_Q).sum()),
             "auto_samples": used, "auto_samples_share": used / samples,
             "auto_stopped": str(auto.config["auto"]["stopped"])}
 
@@ -246,6 +247,9 @@ def figures(group) -> dict:
         "verified_time_of_exact_median": float((group["verified_s"] / group["exact_s"]).median()),
         "auto_jaccard_median": float(group["auto_jaccard"].median()),
         "auto_maps_at_jaccard_08": _rate((group["auto_jaccard"] >= TARGETS["auto_jaccard"]).sum(), len(group)),
+        "auto_jaccard_median_where_full_flags": float(
+            group.loc[group["auto_full_significant"] > 0, "auto_jaccard"].median()),
+        "auto_maps_where_full_flags": int((group["auto_full_significant"] > 0).sum()),
         "auto_samples_share_median": float(group["auto_samples_share"].median()),
         "exact_s_median": float(group["exact_s"].median()),
         "verified_s_median": float(group["verified_s"].median()),
@@ -293,9 +297,11 @@ def summarise(groups: dict[str, dict]) -> str:
                      f"{_pct(f['verified_reports_reference_top'])} | {_pct(f['verified_rate_of_exact'])} | "
                      f"{_num(f['verified_time_of_exact'])}; {_num(f['verified_time_of_exact_median'])} |")
     lines += ["", "| maps | kind | auto sampling: Jaccard with the full map's significant set (median; maps ≥ 0.8) | "
-              "samples drawn, share of the full map's (median) |", "|---|---|---|---|"]
+              "same, maps whose full map flags a cell (median; maps) | samples drawn, share of the full map's "
+              "(median) |", "|---|---|---|---|---|"]
     for name, f in groups.items():
         lines.append(f"| {f['maps']} | {name} | {_num(f['auto_jaccard_median'])}; {_pct(f['auto_maps_at_jaccard_08'])} | "
+                     f"{_num(f['auto_jaccard_median_where_full_flags'])}; {f['auto_maps_where_full_flags']} | "
                      f"{_pct(f['auto_samples_share_median'])} |")
     return "\n".join(lines)
 
@@ -379,7 +385,10 @@ def main(argv: list[str] | None = None) -> dict:
                f"{verdict['replication_same_sign']}; flagged top cell is the reference's ≥ 85%: "
                f"{_pct(overall['replication_reference_top'])}, {verdict['replication_reference_top']}; verified "
                f"≥ 90% of the exact map's rate at ≤ 0.5× its time: {_pct(overall['verified_rate_of_exact'])} at "
-               f"{_num(overall['verified_time_of_exact'])}×, {verdict['verified']}.")
+               f"{_num(overall['verified_time_of_exact'])}×, {verdict['verified']}; auto sampling's significant set "
+               f"at Jaccard ≥ 0.8 with the full map's at ≤ 50% of its samples (medians): "
+               f"{_num(overall['auto_jaccard_median'])} at {_pct(overall['auto_samples_share_median'])}, "
+               f"{verdict['auto']}.")
     text = f"{head}\n\n{summarise(groups)}\n\n{targets}\n"
     report = {"command": command, "release": blip_trace_widgets.__version__, "machine": _machine(),
               "uptime_before": load_before, "uptime_after": load_after, "seconds": seconds,
