@@ -16,6 +16,23 @@ from tiny_blip import tiny_model, tiny_processor
 
 from blip_trace_widgets import load_model
 
+#: The package's examples that open an explorer: explorer round trips, run by the full suite (the fast subset leaves
+#: them out, as it leaves out the tests marked slow for one).
+EXPLORER_EXAMPLES = {"blip_trace_widgets.widgets", "blip_trace_widgets.widgets.explorer", "blip_trace_widgets.widgets.vision",
+                     "blip_trace_widgets.widgets.lens", "blip_trace_widgets.widgets.knockout",
+                     "blip_trace_widgets.widgets.circuit"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "lengthy: marked slow for its running time alone (tests/fast_subset.py); "
+                            "tests/test_transformers4.py still runs it")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if type(item).__name__ == "DoctestItem" and item.name in EXPLORER_EXAMPLES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_bundle():

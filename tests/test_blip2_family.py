@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from fast_subset import lengthy
 from tiny_blip import BLIP2_VOCAB, VOCAB, make_tokenizer, tiny_blip2, tiny_blip2_t5, tiny_instructblip
 from tolerance import within_rounding
 from transformers import Blip2Processor, BlipImageProcessor, InstructBlipProcessor
@@ -40,6 +41,7 @@ def _processor(instruct: bool):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+@lengthy
 def test_each_language_model_answers_as_generate_does_and_restores_to_clean(name, image):
     make, instruct, block = MODELS[name]
     model = make()

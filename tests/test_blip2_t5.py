@@ -13,9 +13,12 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 import torch
+from fast_subset import LENGTHY, lengthy, lengthy_except
 from tiny_blip import BLIP2_VOCAB, tiny_blip2_processor, tiny_blip2_t5, tiny_instructblip_processor
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
+
+pytestmark = LENGTHY  # the T5 models' tests: tests/test_blip2.py keeps the fast subset's BLIP-2 check
 
 #: What a configuration that names no corruption gets on a model folder without trace_defaults.json:
 #: ROME's Gaussian noise of 3 standard deviations.
@@ -149,6 +152,7 @@ CASES = [(block, kind, 1) for (block, kind) in PATHS] + [("lm_encoder", "mlp", 2
 
 
 @pytest.mark.parametrize("block,kind,window", CASES)
+@lengthy
 def test_every_block_kind_and_window_matches_the_models_own_forward(traced, image, block, kind, window):
     head, bundle, tracer = traced
     vision = block == "vision_encoder"  # corrupted before it, on the patch embeddings
@@ -164,6 +168,7 @@ def test_every_block_kind_and_window_matches_the_models_own_forward(traced, imag
     assert abs(result.high_score - result.low_score) > 0.01  # the noise moves the score: the comparison means something
 
 
+@lengthy
 def test_greedy_answer_is_generate_token_for_token(image):
     for head in MODELS:
         for seed in range(3):
@@ -208,6 +213,7 @@ def test_restoring_everything_gives_the_clean_score(traced):
     assert float(scores.mean[1]) == pytest.approx(result.low_score, abs=1e-6)
 
 
+@lengthy
 def test_estimates_tend_to_exact_as_the_noise_vanishes(traced):
     """At small noise the estimate is the exact map's linearisation (measured on this image, log p('blue'): blip2-t5
     0.67% at 1e-3σ and 0.25% at 1e-4σ, instructblip-t5 0.27% and 0.60%; the model's own answer is saturated here,
@@ -222,7 +228,7 @@ def test_estimates_tend_to_exact_as_the_noise_vanishes(traced):
     assert max(errors) < 0.05, errors
 
 
-@pytest.mark.parametrize("block", ["lm_encoder", "lm_decoder"])
+@pytest.mark.parametrize("block", lengthy_except(["lm_encoder", "lm_decoder"], "lm_decoder"))
 def test_cutting_the_image_at_every_layer_is_the_models_own_masked_run(traced, image, block):
     """Every edge to the image's positions cut at every layer equals the model's own T5 run with those positions
     masked: in the encoder's self-attention (``attention_mask`` of the encoder), or in the decoder's cross-attention
@@ -293,6 +299,7 @@ def test_a_saved_t5_folder_loads_traces_and_knocks_out(tmp_path, image):
     assert knocked["labels"] == ["image → answer in the language model's decoder"]
 
 
+@lengthy
 def test_float16_is_refused_and_bfloat16_traces(image):
     processor = tiny_blip2_processor(queries=QUERIES)
     half = load_model((tiny_blip2_t5(seed=1, queries=QUERIES).half(), processor), device="cpu")
@@ -303,7 +310,8 @@ def test_float16_is_refused_and_bfloat16_traces(image):
     assert np.isfinite(result.scores).all() and result.high_score > result.low_score
 
 
-@pytest.mark.parametrize("block,kind", [("lm_encoder", "hidden"), ("lm_decoder", "cross_attn")])
+@pytest.mark.parametrize("block,kind",
+                         lengthy_except([("lm_encoder", "hidden"), ("lm_decoder", "cross_attn")], ("lm_decoder", "cross_attn")))
 def test_noise_on_the_projected_queries_matches_the_models_own_forward(traced, image, block, kind):
     """corrupt='projected': the T5 encoder's image tokens (language_projection's output) noised, against the model's
     own forward pass with that output replaced by a hook."""
@@ -360,7 +368,8 @@ class T5QuestionLoop(T5Loop):
                 handle.remove()
 
 
-@pytest.mark.parametrize("block,kind", [("lm_encoder", "mlp"), ("lm_decoder", "cross_attn")])
+@pytest.mark.parametrize("block,kind",
+                         lengthy_except([("lm_encoder", "mlp"), ("lm_decoder", "cross_attn")], ("lm_decoder", "cross_attn")))
 def test_a_corrupted_question_matches_the_models_own_forward(traced, image, block, kind):
     head, bundle, tracer = traced
     config = TraceConfig(block=block, kind=kind, samples=3, corrupt="question", metric="logprob",
@@ -388,6 +397,7 @@ def test_the_explorer_paints_only_cross_attention_that_reads_the_image(traced, i
     assert explorer.error.value == "" and explorer.pattern.layout.display is None
 
 
+@lengthy
 def test_knockout_groups_on_blocks_of_different_depths_share_the_layer_axis(traced, image, tmp_path):
     """The Q-Former (3 layers) and the T5 decoder (2) cut in one call: each row equals its own call, the decoder's
     third layer is NaN (null in JSON, no row in the table, a line that ends), never a zero change."""

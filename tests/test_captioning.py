@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from fast_subset import lengthy
 from tolerance import within_rounding
 
 from blip_trace_widgets import GaussianNoise, TraceResult, load_model, sweep, trace, trace_caption
@@ -23,6 +24,7 @@ def matcher():
     return load_model("demo-itm")
 
 
+@lengthy
 def test_captions_come_only_from_what_the_questions_settle():
     facts = image_facts([("what color is the circle?", "red"), ("is there not a triangle?", "yes")])
     assert facts.caption == "a red circle" and "triangle" in facts.absent
@@ -36,6 +38,7 @@ def test_captions_come_only_from_what_the_questions_settle():
     assert all(caption.split()[0] == "a" and len(caption.split()) == 3 for _, caption in test)
 
 
+@lengthy
 def test_trace_caption_traces_every_word_with_one_clean_pass(captioner, demo_sample):
     traced = trace_caption(captioner, demo_sample.image, samples=2, corruption=GaussianNoise(5.0))
     assert traced.words == ["a", "red", "triangle"] and traced.caption == "a red triangle"
@@ -51,6 +54,7 @@ def test_trace_caption_traces_every_word_with_one_clean_pass(captioner, demo_sam
     assert "'red'" in traced.describe()
 
 
+@lengthy
 def test_a_supplied_caption_is_scored_teacher_forced(captioner, demo_sample):
     own = trace(captioner, demo_sample.image, "", word=1, samples=2)
     other = trace(captioner, demo_sample.image, "", answer="a blue triangle", word=1, samples=2)
@@ -62,6 +66,7 @@ def test_a_supplied_caption_is_scored_teacher_forced(captioner, demo_sample):
         trace_caption(load_model("demo"), demo_sample.image)
 
 
+@lengthy
 def test_a_captioning_result_records_its_word_and_a_vqa_config_has_none(captioner, demo_sample):
     from blip_trace_widgets import TraceConfig
 
@@ -69,6 +74,7 @@ def test_a_captioning_result_records_its_word_and_a_vqa_config_has_none(captione
     assert "word" not in TraceConfig().to_json()  # VQA sweeps begun before captioning keep their manifest
 
 
+@lengthy
 def test_a_prompt_is_part_of_the_positions(captioner, demo_sample):
     result = trace(captioner, demo_sample.image, "a", word=0, samples=2)
     assert result.tokens == ["[DEC]", "a"] and result.answer == "red"
@@ -80,6 +86,7 @@ def test_restoring_the_caption_decoder_brings_the_colour_back(captioner, demo_sa
     assert result.scores[-1, -1] == within_rounding(result.high_score)  # last state at the predicting token
 
 
+@lengthy
 def test_matcher_matches_its_caption_and_not_another(matcher, demo_sample):
     right = trace(matcher, demo_sample.image, "a red triangle", samples=2)
     wrong = trace(matcher, demo_sample.image, "a blue triangle", samples=2)
@@ -156,6 +163,7 @@ def test_captioning_rows_of_any_datasets_dataset():
         list(hf_caption_samples(rows))
 
 
+@lengthy
 def test_results_say_what_they_score(captioner, matcher, demo_sample, tmp_path):
     from blip_trace_widgets.causal_trace.plots import trace_title
 

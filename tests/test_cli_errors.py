@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from fast_subset import lengthy, lengthy_except
 from PIL import Image
 
 from blip_trace_widgets import cli, demo_samples
@@ -119,8 +120,26 @@ BAD = {
 }
 
 
+#: The invocations refused only after a model loads or a trace starts (a quarter second and more each): the fast
+#: subset keeps the others, the full suite runs them all.
+LOADING = {
+    "not an image", "empty question", "window 0", "window 99", "samples 0", "samples 10**5", "negative seed",
+    "seed past 2**32", "infinite scale", "negative scale", "nan scale", "scale without noise",
+    "logit_diff without contrast", "unknown answer word", "corrupt token out of range", "corrupt tokens not numbers",
+    "corrupt tokens without question", "regions on a text block", "vision block, image stage",
+    "sever with a sublayer kind", "blur on image embeddings", "damaged weights",
+    "negative noise in trace_defaults.json", "cuda without a GPU", "meta device", "out is a file",
+    "estimate with severing", "steps without an estimate", "estimate of the paper's fresh noise", "sweep steps 0",
+    "sweep unknown kind", "sweep limit 0", "caption word out of range", "caption word on a VQA model",
+    "captioner with a question block", "captioner, prompt swapped to another length", "caption of unknown words",
+    "matcher without a text", "matcher with an answer", "ITC through the ITM encoder", "ITC on a VQA model",
+    "caption sweep of questions", "VQA sweep of captions", "sweep targets on a VQA model", "noise that overflows",
+    "sweep targets no caption has", "prompt too long", "sweep targets not numbers",
+}
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CUDA case needs a machine without a GPU")
-@pytest.mark.parametrize("name", list(BAD))
+@pytest.mark.parametrize("name", lengthy_except(list(BAD), *(name for name in BAD if name not in LOADING)))
 def test_bad_invocation_is_one_line_and_exit_2(name, files, capsys):
     try:
         code = cli.main(BAD[name](files))
@@ -142,7 +161,7 @@ MESSAGES = {
 }
 
 
-@pytest.mark.parametrize("name", list(MESSAGES))
+@pytest.mark.parametrize("name", lengthy_except(list(MESSAGES), *(name for name in MESSAGES if name not in LOADING)))
 def test_messages_name_what_is_wrong(name, files, capsys):
     try:
         cli.main(BAD[name](files))
@@ -191,6 +210,7 @@ def test_a_plain_value_error_from_inside_is_a_bug_with_its_traceback(files, monk
         cli.main(["x"])
 
 
+@lengthy
 def test_every_check_in_the_package_raises_blip_trace_error():
     import ast
     from pathlib import Path
@@ -205,6 +225,7 @@ def test_every_check_in_the_package_raises_blip_trace_error():
 
 
 @pytest.mark.parametrize("planted", [RuntimeError("planted bug"), ValueError("a bug inside torch")])
+@lengthy
 def test_an_internal_error_keeps_its_traceback(planted, files, monkeypatch, capsys):
     """Only a user's mistake (BlipTraceError, a missing file) is one line: a bug, even a plain ValueError from inside
     torch, propagates with its traceback instead of passing for bad input."""

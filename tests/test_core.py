@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fast_subset import lengthy
 from PIL import Image
 from tolerance import assert_close, within_rounding
 
@@ -19,6 +20,7 @@ from blip_trace_widgets import (
 )
 
 
+@lengthy
 def test_restoring_all_of_last_layer_gives_high_score(tiny_bundle, image, question):
     tracer = Tracer(tiny_bundle, image, question)
     config = TraceConfig(samples=4)
@@ -41,6 +43,7 @@ def test_restoring_all_of_decoder_last_layer_gives_high_score(tiny_bundle, image
     assert nothing == pytest.approx(low, rel=1e-6)
 
 
+@lengthy
 def test_seeds_reproduce_and_differ(tiny_bundle, image, question):
     a = trace(tiny_bundle, image, question, samples=3, seed=11)
     b = trace(tiny_bundle, image, question, samples=3, seed=11)
@@ -68,6 +71,7 @@ def test_result_fields_and_round_trip(tiny_bundle, image, question, tmp_path):
     np.testing.assert_allclose(norm, (result.scores - result.low_score) / (result.high_score - result.low_score))
 
 
+@lengthy
 def test_image_forms_agree(tiny_bundle, image, question, tmp_path):
     path = tmp_path / "image.png"
     image.save(path)
@@ -80,12 +84,14 @@ def test_image_forms_agree(tiny_bundle, image, question, tmp_path):
     assert grey.scores.shape == by_pil.shape
 
 
+@lengthy
 def test_image_swap_with_same_image_changes_nothing(tiny_bundle, image, question):
     result = trace(tiny_bundle, image, question, samples=2, corruption=ImageSwap(image))
     assert result.low_score == pytest.approx(result.high_score, rel=1e-5)
     assert_close(result.scores, result.high_score)
 
 
+@lengthy
 def test_image_swap_with_other_image_corrupts(tiny_bundle, image, question):
     other = Image.new("RGB", (32, 32), (10, 200, 30))
     result = trace(tiny_bundle, image, question, samples=2, corruption=ImageSwap(other))
@@ -93,6 +99,7 @@ def test_image_swap_with_other_image_corrupts(tiny_bundle, image, question):
     assert ImageSwap(other) == ImageSwap(other.copy()) and hash(ImageSwap(other)) == hash(ImageSwap(other.copy()))
 
 
+@lengthy
 def test_custom_callable_corruption(tiny_bundle, image, question):
     def zero_out(clean, samples, generator):
         return torch.zeros(samples, *clean.shape[1:])
@@ -125,6 +132,7 @@ def test_corruptions_shape_and_scale(corruption):
         assert float(ratio.mean()) == pytest.approx(1.0, abs=0.3) and float(ratio.std()) == pytest.approx(5.0, rel=0.1)
 
 
+@lengthy
 def test_heatmap_plot(tiny_bundle, image, question):
     from blip_trace_widgets.causal_trace.plots import heatmap_png
 
@@ -194,6 +202,7 @@ def test_non_blip_model_rejected(tiny_bundle, image, question):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@lengthy
 def test_half_precision_follows_float32(dtype):
     from blip_trace_widgets import demo_samples, load_model
 
@@ -210,6 +219,7 @@ def test_half_precision_follows_float32(dtype):
     assert abs(b.high_score - a.high_score) < 0.02 and abs(b.low_score - a.low_score) < 0.03
 
 
+@lengthy
 def test_progress_reports_every_chunk(tiny_bundle, image, question):
     seen = []
     tracer = Tracer(tiny_bundle, image, question, max_batch_rows=6)
@@ -219,6 +229,7 @@ def test_progress_reports_every_chunk(tiny_bundle, image, question):
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
+@lengthy
 def test_max_batch_rows_does_not_change_results(tiny_bundle, image, question):
     one = Tracer(tiny_bundle, image, question, max_batch_rows=2).trace(samples=2, kind="self_attn", window=3)
     many = Tracer(tiny_bundle, image, question).trace(samples=2, kind="self_attn", window=3)
@@ -227,6 +238,7 @@ def test_max_batch_rows_does_not_change_results(tiny_bundle, image, question):
         Tracer(tiny_bundle, image, question, max_batch_rows=0).trace(samples=1)
 
 
+@lengthy
 def test_blocks_read_a_frozen_context_never_the_tracer(demo_bundle, demo_sample, monkeypatch):
     """Every block method of a trace (exact, estimated, verified, image-side) gets the clean pass's frozen Context."""
     import dataclasses

@@ -5,12 +5,14 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+from fast_subset import lengthy
 
 from blip_trace_widgets import Tracer
 from blip_trace_widgets.causal_trace.cost import WARN_SECONDS, trace_cost
 from blip_trace_widgets.models.runs import start_layer
 
 
+@lengthy
 def test_the_count_is_the_engines_cells_layers_and_samples(demo_bundle, demo_sample):
     image, question, _ = demo_sample
     tracer = Tracer(demo_bundle, image, question)
@@ -29,6 +31,7 @@ def test_the_count_is_the_engines_cells_layers_and_samples(demo_bundle, demo_sam
         assert cost.seconds > 0 and cost.warning() is None
 
 
+@lengthy
 def test_a_large_trace_is_warned_about_with_what_makes_it_cheaper(demo_bundle, demo_sample, monkeypatch):
     image, question, _ = demo_sample
     tracer = Tracer(demo_bundle, image, question)
@@ -39,6 +42,7 @@ def test_a_large_trace_is_warned_about_with_what_makes_it_cheaper(demo_bundle, d
     assert small.seconds < big.seconds / 100
 
 
+@lengthy
 def test_the_command_line_warns_before_a_large_trace(demo_sample, tmp_path, capsys, monkeypatch):
     from blip_trace_widgets.causal_trace import cost
     from blip_trace_widgets.cli import main
@@ -51,6 +55,7 @@ def test_the_command_line_warns_before_a_large_trace(demo_sample, tmp_path, caps
     assert "warning: this trace is large" in capsys.readouterr().err
 
 
+@lengthy
 def test_the_explorers_say_the_cost_and_the_time_left(demo_bundle, demo_sample, monkeypatch):
     from blip_trace_widgets import widgets
     from blip_trace_widgets.causal_trace import cost

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fast_subset import lengthy
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from blip_trace_widgets import GaussianNoise, Tracer, demo_samples, load_model
@@ -22,6 +23,7 @@ def bundle():
     return load_model("demo-blip2")
 
 
+@lengthy
 def test_the_folder_is_standard_and_plain_transformers_answers_with_it():
     assert {"config.json", "model.safetensors", "README.md", "evaluation.json", "training_log.json",
             "trace_defaults.json"} <= {p.name for p in FOLDER.iterdir()}
@@ -36,6 +38,7 @@ def test_the_folder_is_standard_and_plain_transformers_answers_with_it():
     assert model.config.num_query_tokens == 8 and model.config.text_config.model_type == "opt"
 
 
+@lengthy
 def test_the_package_answers_as_generate_does(bundle):
     model, processor = bundle.model, bundle.processor
     for sample in demo_samples(per_type=2):
@@ -49,6 +52,7 @@ def test_the_package_answers_as_generate_does(bundle):
         assert tracer.clean.greedy_ids == (generated[: generated.index(eos)] if eos in generated else generated)
 
 
+@lengthy
 def test_a_trace_of_the_demo_has_signal_at_its_own_noise(bundle):
     sample = demo_samples()[0]
     tracer = Tracer(bundle, sample.image, sample.question)

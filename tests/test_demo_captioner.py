@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fast_subset import lengthy
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from blip_trace_widgets.core.portable import saved_keys
@@ -22,6 +23,7 @@ def test_the_package_model_data_stays_within_40_mb():
 
 
 @pytest.mark.parametrize("name", FOLDERS)
+@lengthy
 def test_folders_are_standard_and_readable_by_transformers_4(name):
     folder = DEMO_DIRS[name]
     assert {"config.json", "model.safetensors", "README.md", "evaluation.json", "training_log.json"} <= {

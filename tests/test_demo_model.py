@@ -1,6 +1,7 @@
 """The bundled demo model: a standard HF folder that loads offline and answers easy-VQA."""
 from __future__ import annotations
 
+from fast_subset import lengthy
 from transformers import BlipForQuestionAnswering, BlipProcessor
 
 from blip_trace_widgets import demo_samples, trace
@@ -9,6 +10,7 @@ from blip_trace_widgets.datasets.easy_vqa import question_type
 from blip_trace_widgets.models.loading import DEMO_MODEL_DIR
 
 
+@lengthy
 def test_folder_is_standard_and_small():
     names = {p.name for p in DEMO_MODEL_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "README.md"} <= names
@@ -19,6 +21,7 @@ def test_folder_is_standard_and_small():
     assert processor.image_processor.size["height"] == model.config.vision_config.image_size
 
 
+@lengthy
 def test_folder_is_readable_by_transformers_4():
     """Every weight stored (4.x does not tie the decoder's output matrix); the image processor where 4.x reads it."""
     from blip_trace_widgets.core.portable import saved_keys
@@ -45,6 +48,7 @@ def test_demo_samples_spread_across_types():
     assert all(s.image.size == (64, 64) and s.image.mode == "RGB" for s in samples)
 
 
+@lengthy
 def test_answers_easy_vqa_questions(demo_bundle):
     samples = demo_samples(per_type=4)
     answers = [Tracer(demo_bundle, s.image, s.question).model_answer for s in samples]

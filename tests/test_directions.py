@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from fast_subset import lengthy
 from tiny_blip import tiny_captioner, tiny_matcher, tiny_model, tiny_processor
 from tolerance import assert_close, within_rounding
 
@@ -145,6 +146,7 @@ def test_noising_matches_a_per_cell_loop(bundles, image, question, head, block, 
 
 
 @pytest.mark.parametrize("head,block", sorted({(head, block) for head, block, _ in CASES}))
+@lengthy
 def test_noising_every_cell_gives_the_corrupted_score_and_none_the_clean(bundles, image, question, head, block):
     """Every hidden state patched: the corrupted run itself (a sublayer's outputs alone are not the whole state)."""
     kind = "hidden"
@@ -209,6 +211,7 @@ class SeverNoiseLoop(NoiseLoop):
 
 
 @pytest.mark.parametrize("sever,sever_at", [("mlp", "restored"), ("self_attn", "restored"), ("mlp", "all")])
+@lengthy
 def test_noising_with_severing_matches_a_per_cell_loop(bundles, image, question, sever, sever_at):
     tracer = _tracer(bundles, image, question, "vqa")
     config = replace(_config("vqa", "question_encoder", "hidden", 1), sever=sever, sever_at=sever_at)
@@ -221,6 +224,7 @@ def test_noising_with_severing_matches_a_per_cell_loop(bundles, image, question,
     assert np.abs(plain.scores - result.scores).max() > 1e-4  # severing changes the map: the check could fail
 
 
+@lengthy
 def test_noising_figures_say_so_and_start_white_at_clean(bundles, image, question, tmp_path, capsys):
     from blip_trace_widgets import sweep
     from blip_trace_widgets.causal_trace.plots import plot_trace, trace_title
@@ -348,6 +352,7 @@ class TextSwapLoop(SwapLoop):
                                               ("itm", "a red circle", {"red": "green"})])
 @pytest.mark.parametrize("kind, window", [("hidden", 1), ("mlp", 2), ("cross_attn", 1)])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
+@lengthy
 def test_a_word_swap_of_a_prompt_or_a_matched_text_matches_a_per_cell_loop(bundles, image, head, text, swap, kind,
                                                                            window, direction):
     from blip_trace_widgets import WordSwap
@@ -384,6 +389,7 @@ def test_bad_word_swaps_are_clear_errors(bundles, image, swap, message):
 
 @pytest.mark.parametrize("block,kind", [("question_encoder", "hidden"), ("question_encoder", "mlp"),
                                         ("answer_decoder", "hidden"), ("question_encoder", "cross_attn_head")])
+@lengthy
 def test_a_noising_estimate_is_first_order_at_the_clean_run(demo_bundle, demo_sample, block, kind):
     """Noising's attribution patching: the clean run's gradient times (corrupted - clean), per sample. Under weak
     noise it is the exact noising map to first order; under strong noise it need not be (reported, not hidden)."""
@@ -400,6 +406,7 @@ def test_a_noising_estimate_is_first_order_at_the_clean_run(demo_bundle, demo_sa
     assert int(verified.exact_cells.sum()) == 3
 
 
+@lengthy
 def test_the_papers_fresh_noise_noises_each_cell_with_its_own_draw(bundles, image, question):
     """The paper's procedure in the noising direction: cell i patches the (i+1)-th draw of the seed (after the low
     score's) into the clean run; checked against NoiseLoop run on that draw."""

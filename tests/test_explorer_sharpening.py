@@ -18,6 +18,9 @@ from blip_trace_widgets.causal_trace.sharpen import AutoSampling, sharpen, statu
 from blip_trace_widgets.widgets import TraceExplorer, VisionTraceExplorer
 from blip_trace_widgets.widgets.controls import AUTO_PLAN
 
+# every test here drives an explorer through rounds of sharpening on the demo model: the full suite runs them
+pytestmark = pytest.mark.slow
+
 USER = "by the user"
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fast_subset import lengthy
 from tiny_blip import tiny_model, tiny_processor
 from tolerance import assert_close, within_rounding
 
@@ -94,6 +95,7 @@ def test_one_tracer_gives_what_a_fresh_tracer_gives_for_any_sequence(bundle, ima
         assert_close(got.scores, want.scores, err_msg=str(config))
 
 
+@lengthy
 def test_the_reported_stale_decoder_runs_are_gone(demo_bundle, demo_sample):
     """The two cases seen on the demo model: a decoder trace after another corruption stage or token."""
     image, question, _ = demo_sample
@@ -111,6 +113,7 @@ def test_the_reported_stale_decoder_runs_are_gone(demo_bundle, demo_sample):
 
 # ----- severing ------------------------------------------------------------------------------
 
+@lengthy
 def test_severing_at_the_restored_token_differs_from_severing_everywhere(bundle, image, question):
     tracer = Tracer(bundle, image, question)
     base = dict(kind="hidden", sever="mlp", samples=3, corruption=GaussianNoise(3.0))
@@ -180,6 +183,7 @@ class PaperLoop:
 
 
 @pytest.mark.parametrize("block", ["question_encoder", "answer_decoder"])
+@lengthy
 def test_paper_procedure_matches_the_papers_loop(bundle, image, question, block):
     result = trace(bundle, image, question, procedure="paper", block=block, seed=7)
     assert result.config["samples"] == 1 and result.config["fresh_noise"] is True
@@ -193,6 +197,7 @@ def test_paper_procedure_matches_the_papers_loop(bundle, image, question, block)
     assert result.high_score == within_rounding(high)
 
 
+@lengthy
 def test_fresh_noise_draws_a_new_corruption_for_every_cell(bundle, image, question):
     shared = trace(bundle, image, question, procedure="paper", fresh_noise=False, seed=7)
     fresh = trace(bundle, image, question, procedure="paper", seed=7)
@@ -237,6 +242,7 @@ def test_normalised_averages_leave_out_tiny_total_effects_and_count_them():
         sample_effects(_table(rows[1:]), form="normalized")
 
 
+@lengthy
 def test_total_effect_and_tiny_flag(bundle, image, question):
     result = trace(bundle, image, question, samples=2)
     assert result.total_effect == pytest.approx(result.high_score - result.low_score)
@@ -248,6 +254,7 @@ def test_total_effect_and_tiny_flag(bundle, image, question):
     assert strong.is_tiny() == rule
 
 
+@lengthy
 def test_standard_error_over_noise_samples(bundle, image, question):
     result = trace(bundle, image, question, samples=4, seed=2)
     assert result.stderr is not None and result.stderr.shape == result.scores.shape

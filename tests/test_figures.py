@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from fast_subset import lengthy
 
 from blip_trace_widgets import Box, GaussianNoise, Tracer, TraceResult, default_config
 from blip_trace_widgets.causal_trace.averages import average_trace
@@ -50,6 +51,7 @@ def _cmap(name):
     return colormaps[name]
 
 
+@lengthy
 def test_single_heatmap_scale_runs_from_corrupted_to_clean(tracer, demo_bundle):
     result = tracer.trace(default_config(demo_bundle, samples=4))
     ax = plot_trace(result)
@@ -65,6 +67,7 @@ def test_single_heatmap_scale_runs_from_corrupted_to_clean(tracer, demo_bundle):
     assert ax.figure.get_size_inches()[0] * ax.figure.dpi >= 600  # legible at a glance
 
 
+@lengthy
 def test_a_corruption_that_raises_the_score_is_drawn_toward_clean(tracer, demo_bundle):
     """An answer the model does not give: the corruption raises its probability (a negative total effect). The
     colour still runs from the corrupted score toward the clean one, downward: the cell nearest the clean score is
@@ -98,6 +101,7 @@ def test_both_directions_of_a_negative_total_effect(direction, normalized):
     assert rgb[2] > rgb[0] + 0.02 and not _is_white(rgb)  # against the direction: blue, visible
 
 
+@lengthy
 def test_effects_against_the_direction_are_blue_in_every_kind(tracer, demo_bundle):
     """One colour language: effects against the trace's direction are blue, and no kind draws its effects in blue
     (cross-attention used to)."""
@@ -113,6 +117,7 @@ def test_effects_against_the_direction_are_blue_in_every_kind(tracer, demo_bundl
         assert rgb[2] > rgb[0] + 0.05
 
 
+@lengthy
 def test_top_max_and_normalised_scales(tracer, demo_bundle):
     result = tracer.trace(default_config(demo_bundle, samples=4))
     top = plot_trace(result, top="max")
@@ -122,6 +127,7 @@ def test_top_max_and_normalised_scales(tracer, demo_bundle):
     assert _mesh(normalized).get_clim() == (-1.0, 1.0)
 
 
+@lengthy
 def test_tiny_total_effect_is_greyed_and_flagged(tracer):
     result = tracer.trace(corruption=GaussianNoise(0.3), samples=4)
     assert result.is_tiny()
@@ -131,6 +137,7 @@ def test_tiny_total_effect_is_greyed_and_flagged(tracer):
     assert list(plot_trace(result, tiny=None).texts) == []  # the caller can switch the flag off
 
 
+@lengthy
 def test_question_corruption_marks_the_corrupted_tokens(tracer):
     result = tracer.trace(corrupt="question", corrupt_tokens="object", corruption=GaussianNoise(6.0), samples=3)
     labels = [t.get_text() for t in plot_trace(result).get_yticklabels()]
@@ -138,6 +145,7 @@ def test_question_corruption_marks_the_corrupted_tokens(tracer):
     assert marked == result.config["corrupted_positions"] and marked
 
 
+@lengthy
 def test_compare_view_shares_one_scale(tracer, demo_bundle):
     results = [tracer.trace(default_config(demo_bundle, kind=k, window=1 if k == "hidden" else 3, samples=3))
                for k in ("hidden", "mlp")]
@@ -146,6 +154,7 @@ def test_compare_view_shares_one_scale(tracer, demo_bundle):
     assert len(limits) == 1
 
 
+@lengthy
 def test_averaged_heatmap_shows_its_real_range():
     import pandas as pd
 
@@ -162,6 +171,7 @@ def test_averaged_heatmap_shows_its_real_range():
     assert "2 questions" in figure.axes[0].get_title(loc="left")
 
 
+@lengthy
 def test_vision_overlay_is_transparent_where_nothing_is_restored(tracer):
     result = tracer.trace(block="vision_encoder", regions=2, samples=3, corruption=GaussianNoise(3.0, region=Box(0, 0, 0.5, 0.5)))
     picture = np.asarray(overlay_image(result, layer=0), dtype=float) / 255

@@ -3,6 +3,7 @@ word or got a misleading message, now refused (or warned about) with a message t
 from __future__ import annotations
 
 import pytest
+from fast_subset import lengthy
 
 from blip_trace_widgets import BlipTraceError, WordSwap, load_model, trace
 
@@ -15,6 +16,7 @@ def captioner():
 # ----- word swaps -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("word", ["zzqxj", "frobnicate"])
+@lengthy
 def test_a_swap_to_a_word_the_vocabulary_lacks_is_refused_naming_it(demo_bundle, demo_sample, word):
     image, question, _ = demo_sample  # "what is the color of the triangle?"
     with pytest.raises(BlipTraceError, match=rf"swaps in '{word}', which the model's vocabulary lacks.*\[UNK\]"):
@@ -36,6 +38,7 @@ def test_a_swap_in_a_text_with_its_own_unknown_word_is_not_refused_for_it(demo_b
     assert result.config["corrupted_positions"] == [8]
 
 
+@lengthy
 def test_a_swap_whose_corrupt_tokens_miss_the_swapped_word_names_corrupt_tokens(demo_bundle, demo_sample):
     image, question, _ = demo_sample
     with pytest.raises(BlipTraceError) as caught:
@@ -49,6 +52,7 @@ def test_a_swap_whose_corrupt_tokens_miss_the_swapped_word_names_corrupt_tokens(
     assert result.total_effect > 0
 
 
+@lengthy
 def test_a_swap_of_a_captioners_prompt_calls_it_the_prompt(captioner, demo_sample):
     image = demo_sample.image
     with pytest.raises(BlipTraceError, match="the swap word 'blue' is not in the prompt 'a red'"):
@@ -150,6 +154,7 @@ def test_an_unknown_contrast_is_called_the_contrast_and_named(demo_bundle, demo_
     assert "answer" not in message
 
 
+@lengthy
 def test_an_unknown_word_of_a_caption_is_named(captioner, demo_sample):
     with pytest.raises(BlipTraceError, match="caption 'a zzqxj circle': the model's vocabulary lacks the word 'zzqxj', "
                                              r"which becomes \[UNK\]; pick a caption"):
@@ -182,6 +187,7 @@ def _cli(capsys, *argv):
     return code, capsys.readouterr()
 
 
+@lengthy
 def test_a_counterfactual_image_that_is_a_folder_is_called_a_folder(shape_png, tmp_path, capsys):
     code, out = _cli(capsys, "trace", "--image", str(shape_png), "--question", "what is the color of the triangle?",
                      "--counterfactual-image", str(tmp_path), "--out", str(tmp_path / "out"))
@@ -204,6 +210,7 @@ def test_every_swap_option_is_kept():
         swap("--swap", "red=blue", "--swap", "red=green")
 
 
+@lengthy
 def test_two_swap_options_trace_both_swaps(shape_png, tmp_path, capsys):
     code, out = _cli(capsys, "trace", "--image", str(shape_png), "--question", "what is the color of the triangle?",
                      "--swap", "triangle=circle", "--swap", "color=shape", "--samples", "1", "--kind", "mlp",
@@ -244,6 +251,7 @@ def head_sweep(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["heads", "mixed"])
+@lengthy
 def test_a_head_sweep_writes_its_averages_and_ranks_the_heads(head_sweep, name):
     import pandas as pd
 
@@ -256,6 +264,7 @@ def test_a_head_sweep_writes_its_averages_and_ranks_the_heads(head_sweep, name):
     assert ranked["mean"].is_monotonic_decreasing
 
 
+@lengthy
 def test_effect_by_layer_draws_one_line_per_head(head_sweep):
     import pandas as pd
 
@@ -269,6 +278,7 @@ def test_effect_by_layer_draws_one_line_per_head(head_sweep):
     assert [ax.get_title() for ax in mixed.axes][-1].endswith("each head") and len(mixed.axes) == 5
 
 
+@lengthy
 def test_a_vqa_sweep_says_its_direction(head_sweep, capsys):
     from blip_trace_widgets import cli
 
@@ -307,6 +317,7 @@ def test_a_long_python_trace_is_warned_about_before_it_starts(demo_bundle, demo_
     assert "1000 samples" in said[0] and " min on this machine" in said[0] and "Fewer samples" in said[0]
 
 
+@lengthy
 def test_a_short_python_trace_says_nothing(demo_bundle, demo_sample):
     import warnings
 
@@ -317,6 +328,7 @@ def test_a_short_python_trace_says_nothing(demo_bundle, demo_sample):
         trace(demo_bundle, demo_sample.image, demo_sample.question, samples=2)
 
 
+@lengthy
 def test_every_word_of_a_caption_is_priced_together(captioner, demo_sample, monkeypatch):
     import warnings
 
@@ -343,6 +355,7 @@ def test_a_rough_time_is_said_in_its_unit(seconds, said):
     assert duration(seconds) == said
 
 
+@lengthy
 def test_the_command_line_prices_every_word_of_a_caption_too(shape_png, tmp_path, capsys, monkeypatch):
     from blip_trace_widgets.causal_trace import cost
 
@@ -352,12 +365,14 @@ def test_the_command_line_prices_every_word_of_a_caption_too(shape_png, tmp_path
     assert code == 0 and "warning: this trace is large" in out.err
 
 
+@lengthy
 def test_a_caption_sweep_counts_captions_not_questions(tmp_path, capsys):
     code, out = _cli(capsys, "sweep", "--model", "demo-caption", "--dataset", "easy-vqa-captions", "--limit", "1",
                      "--samples", "1", "--kinds", "hidden", "--out", str(tmp_path))
     assert code == 0 and "1 captions from easy-vqa-captions" in out.out and "questions from" not in out.out
 
 
+@lengthy
 def test_a_swap_and_a_counterfactual_image_together_name_the_text(shape_png, tmp_path, capsys):
     code, out = _cli(capsys, "trace", "--model", "demo-caption", "--image", str(shape_png), "--prompt", "a red",
                      "--swap", "red=blue", "--counterfactual-image", str(shape_png), "--out", str(tmp_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fast_subset import lengthy, lengthy_except
 from tiny_blip import tiny_model, tiny_processor
 from tolerance import assert_close
 
@@ -15,7 +16,7 @@ def tracer(image, question):
     return Tracer(load_model((tiny_model(seed=1).double(), tiny_processor()), device="cpu"), image, question)
 
 
-@pytest.mark.parametrize("block", ["question_encoder", "answer_decoder", "vision_encoder"])
+@pytest.mark.parametrize("block", lengthy_except(["question_encoder", "answer_decoder", "vision_encoder"], "answer_decoder"))
 def test_a_dropped_layer_keeps_its_values_and_passes_gradient_only_along_its_skips(tracer, block):
     """Forward: the same values, bitwise. Backward: the layer's input gets the gradient of the layer with every
     sublayer's output held constant, written here from the layer's own modules."""
@@ -51,6 +52,7 @@ def test_a_dropped_layer_keeps_its_values_and_passes_gradient_only_along_its_ski
 
 @pytest.mark.parametrize("block,kind", [("question_encoder", "hidden"), ("question_encoder", "mlp"),
                                         ("vision_encoder", "hidden")])
+@lengthy
 def test_flagged_cells_are_reported_and_a_verified_map_makes_them_exact(tracer, block, kind):
     regions = 2 if block == "vision_encoder" else None
     config = TraceConfig(block=block, kind=kind, samples=2, corruption=GaussianNoise(3.0), regions=regions)

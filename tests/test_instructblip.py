@@ -12,10 +12,13 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 import torch
+from fast_subset import LENGTHY, lengthy
 from tiny_blip import BLIP2_VOCAB, tiny_instructblip, tiny_instructblip_processor
 from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, load_model
+
+pytestmark = LENGTHY  # InstructBLIP's tests: tests/test_blip2.py keeps the fast subset's BLIP-2 check
 
 QFORMER = "qformer.encoder.layer.{l}"
 LM = "language_model.model.decoder.layers.{l}"
@@ -158,6 +161,7 @@ CASES += [("language_model", kind, 1) for kind in ("hidden", "self_attn", "mlp")
 
 
 @pytest.mark.parametrize("block,kind,window", CASES)
+@lengthy
 def test_every_block_kind_and_window_matches_the_models_own_forward(bundle, image, tracer, block, kind, window):
     config = TraceConfig(block=block, kind=kind, window=window, samples=3, corruption=GaussianNoise(scale=3.0),
                          corrupt="image", answer="red")
@@ -187,6 +191,7 @@ def test_the_instruction_changes_what_the_queries_carry(bundle, image):
 
 
 @pytest.mark.parametrize("language", ["opt", "llama"])
+@lengthy
 def test_greedy_answer_is_generate_token_for_token(image, language):
     answered = 0
     for seed in range(3):
@@ -312,6 +317,7 @@ class QuestionLoop(InstructLoop):
 
 @pytest.mark.parametrize("block,kind", [("language_model", "hidden"), ("language_model", "mlp"), ("qformer", "mlp"),
                                         ("qformer", "cross_attn")])
+@lengthy
 def test_a_corrupted_question_is_both_copies_and_matches_the_models_own_forward(bundle, image, tracer, block, kind):
     """corrupt='question': noise on the prompt's token embeddings and on the Q-Former's instruction, checked cell by
     cell against the model's own forward with hooks that put the same noise in both places. A Q-Former cell restores
@@ -325,6 +331,7 @@ def test_a_corrupted_question_is_both_copies_and_matches_the_models_own_forward(
     assert abs(result.high_score - result.low_score) > 1e-3
 
 
+@lengthy
 def test_a_word_swap_swaps_the_word_in_both_copies(bundle, image, tracer):
     from blip_trace_widgets import WordSwap
 
@@ -368,6 +375,7 @@ class HeadLoop(InstructLoop):
 
 @pytest.mark.parametrize("block,kind,window", [("qformer", "self_attn_head", 1), ("qformer", "cross_attn_head", 3),
                                                ("language_model", "self_attn_head", 1), ("language_model", "hidden", 3)])
+@lengthy
 def test_head_kinds_and_wider_windows_match_the_models_own_forward(bundle, image, tracer, block, kind, window):
     config = TraceConfig(block=block, kind=kind, window=window, samples=3, corruption=GaussianNoise(scale=3.0),
                          corrupt="image", answer="red")
@@ -377,6 +385,7 @@ def test_head_kinds_and_wider_windows_match_the_models_own_forward(bundle, image
 
 
 @pytest.mark.parametrize("kind", ["hidden", "self_attn", "mlp"])
+@lengthy
 def test_the_vision_encoder_matches_the_models_own_forward(bundle, image, tracer, kind):
     config = TraceConfig(block="vision_encoder", kind=kind, samples=2, corruption=GaussianNoise(scale=3.0),
                          corrupt="patches", answer="red")
@@ -397,6 +406,7 @@ def vicuna(image):
 @pytest.mark.parametrize("block,kind,window", [("language_model", "hidden", 1), ("language_model", "self_attn", 3),
                                                ("language_model", "mlp", 1), ("language_model", "self_attn_head", 1),
                                                ("qformer", "mlp", 1)])
+@lengthy
 def test_a_llama_language_model_matches_the_models_own_forward(vicuna, image, block, kind, window):
     bundle, tracer = vicuna
     config = TraceConfig(block=block, kind=kind, window=window, samples=3, corruption=GaussianNoise(scale=3.0),
@@ -407,6 +417,7 @@ def test_a_llama_language_model_matches_the_models_own_forward(vicuna, image, bl
     assert abs(result.high_score - result.low_score) > 1e-3
 
 
+@lengthy
 def test_a_corrupted_questions_estimate_reads_the_corrupted_prompt_downstream(tracer):
     """The estimate of a Q-Former map under a corrupted question starts from the same corrupted run as the exact map
     (its language model reads the corrupted prompt), so the two agree at small noise."""

@@ -8,6 +8,7 @@ import numpy as np
 
 from blip_trace_widgets import TraceConfig, TraceResult
 from blip_trace_widgets.causal_trace.results import JSON_FORMS
+from blip_trace_widgets.core.names import DEFAULT_VERIFY
 
 
 def test_every_result_field_has_a_json_form():
@@ -25,7 +26,7 @@ def test_every_config_field_is_written_by_its_rule():
     assert {"position": [1, 2], "direction": "noise"}.items() <= changed.items()
     assert TraceConfig(method="estimate", grad_drop=True).to_json()["grad_drop"] is True
     assert TraceConfig(method="estimate", order=2).to_json()["order"] == 2
-    assert TraceConfig(method="verified").to_json()["verify"] == 5 and "verify" not in plain
+    assert TraceConfig(method="verified").to_json()["verify"] == DEFAULT_VERIFY and "verify" not in plain
     json.dumps(changed, allow_nan=False)
 
 

@@ -13,6 +13,7 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 import torch
+from fast_subset import lengthy
 from tiny_blip import BLIP2_VOCAB, tiny_blip2_processor, tiny_blip2_t5
 
 from blip_trace_widgets import Edges, demo_samples, load_model
@@ -47,6 +48,7 @@ def blip2():
     return bundle, image, question
 
 
+@lengthy
 def test_opt_cuts_the_texts_queries_as_the_models_own_masked_forward(blip2):
     bundle, image, question = blip2
     model = bundle.model
@@ -82,6 +84,7 @@ def test_opt_cuts_the_texts_queries_as_the_models_own_masked_forward(blip2):
     assert every.specs[0]["edges"] == result.specs[0]["edges"] + queries * queries  # 28 of them masked already
 
 
+@lengthy
 def test_the_decoder_group_and_each_token_follow_the_same_rule(blip2):
     from blip_trace_widgets.attention_knockout.edges import decoder_edges
 
@@ -97,6 +100,7 @@ def test_the_decoder_group_and_each_token_follow_the_same_rule(blip2):
     assert not {f"image → q{i} (self-attention)" for i in range(queries)} & set(each.labels)
 
 
+@lengthy
 def test_t5s_encoder_cuts_the_texts_queries_as_the_models_own_masked_forward(image):
     queries = 4
     model = tiny_blip2_t5(seed=1, queries=queries).double()

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from fast_subset import lengthy, lengthy_except
 from tiny_blip import (
     BLIP2_VOCAB,
     tiny_blip2_config,
@@ -127,7 +128,7 @@ def sample():
     return demo_samples()[0]
 
 
-@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("family", lengthy_except(list(MODELS), "t5"))
 def test_every_layers_lens_is_its_state_through_the_head_and_the_last_is_the_models_output(family, sample):
     bundle, text = MODELS[family]()
     image = sample[0]
@@ -147,6 +148,7 @@ def test_every_layers_lens_is_its_state_through_the_head_and_the_last_is_the_mod
     assert result.kl[:, -1] == pytest.approx(0, abs=1e-6)
 
 
+@lengthy
 def test_a_lens_costs_one_forward_pass(sample):
     for name, block in (("demo", "text_decoder"), ("demo-blip2", "language_model")):
         bundle = load_model(name, device="cpu")
@@ -166,6 +168,7 @@ def test_a_lens_costs_one_forward_pass(sample):
         assert result.shape[1] == bundle.num_layers(result.block)
 
 
+@lengthy
 def test_image_queries_are_positions_of_the_language_model(sample):
     result = lens(load_model("demo-blip2", device="cpu"), sample[0], sample[1], top=3)
     assert result.labels[:9] == [f"q{q}" for q in range(8)] + ["[CLS]"]
@@ -174,6 +177,7 @@ def test_image_queries_are_positions_of_the_language_model(sample):
     assert (np.diff(result.top_probs, axis=-1) <= 0).all()
 
 
+@lengthy
 def test_an_answer_named_is_followed_and_its_rank_counts_the_tokens_above(sample):
     bundle = load_model("demo", device="cpu")
     result = lens(bundle, sample[0], sample[1], answer="blue")
@@ -185,6 +189,7 @@ def test_an_answer_named_is_followed_and_its_rank_counts_the_tokens_above(sample
         assert result.answer_prob[0, layer] == pytest.approx(float(logp[layer, 0, blue].exp()), rel=1e-6)
 
 
+@lengthy
 def test_the_result_round_trips_strict_json_and_reads_as_a_table(sample):
     result = lens(load_model("demo-instructblip", device="cpu"), sample[0], sample[1])
     text = result.to_json()
@@ -212,6 +217,7 @@ def test_blocks_without_a_vocabulary_are_refused_naming_why(sample):
         lens(load_model("demo", device="cpu"), sample[0], sample[1], top=0)
 
 
+@lengthy
 def test_query_words_are_the_nearest_input_embeddings_by_cosine(sample):
     bundle = load_model("demo-blip2", device="cpu")
     table = query_words(bundle, sample[0], top=3)
@@ -234,6 +240,7 @@ def test_query_words_are_the_nearest_input_embeddings_by_cosine(sample):
 
 
 # ----- the tuned lens ---------------------------------------------------------------------------------------
+@lengthy
 def test_a_fresh_tuned_lens_is_the_logit_lens_and_its_last_layer_the_models_output(sample):
     bundle = load_model("demo-blip2", device="cpu")
     reading = read(bundle, sample[0], sample[1])
@@ -256,6 +263,7 @@ def test_the_shipped_tuned_lens_says_the_final_answer_earlier_than_the_logit_len
         assert tuned.kind == "tuned" and "tuned lens" in repr(tuned)
 
 
+@lengthy
 def test_training_is_seeded_lowers_the_kl_and_saves_and_loads_exactly(sample, tmp_path):
     bundle = load_model("demo", device="cpu")
     items = [(sample[0], sample[1]), (sample[0], "what is the red shape?")]
@@ -312,6 +320,7 @@ def test_figures_name_the_model_block_kind_and_answer(sample):
         lens_png(decoder, "pie")
 
 
+@lengthy
 def test_internal_confidence_is_the_largest_logit_lens_probability_over_layers(sample):
     from blip_trace_widgets.lenses import confidence, image_confidence
     from blip_trace_widgets.lenses.confidence import auroc
@@ -392,6 +401,7 @@ def test_the_lens_explorer_follows_its_controls_and_shows_errors_inside(sample, 
     assert tiny.result is not None and tiny.error.value == ""
 
 
+@lengthy
 def test_a_long_training_is_warned_about_before_the_rest_runs(sample, monkeypatch):
     import blip_trace_widgets.lenses.tuned as tuned
     from blip_trace_widgets.causal_trace.cost import LongTraceWarning
@@ -406,6 +416,7 @@ def test_a_long_training_is_warned_about_before_the_rest_runs(sample, monkeypatc
     assert len(priced) == 1 and priced[0] > 0 and seen[0] == 1  # priced on the first item, before the others ran
 
 
+@lengthy
 def test_low_rank_translators_start_at_the_logit_lens_learn_and_round_trip(sample, tmp_path):
     bundle = load_model("demo", device="cpu")
     reading = read(bundle, sample[0], sample[1])

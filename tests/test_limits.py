@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from fast_subset import lengthy
 
 from blip_trace_widgets import BlipTraceError, Blur, Box, GaussianNoise, TraceConfig, Tracer, TraceResult, trace
 
@@ -72,6 +73,7 @@ def test_foreign_or_truncated_json_is_a_clear_error(tmp_path, text, message):
         TraceResult.load(path)
 
 
+@lengthy
 def test_long_answers_are_scored_in_log_space(tiny_bundle, image, question):
     answer = " ".join(["red blue green"] * 4)  # 12 tokens: a product of 12 probabilities
     prob = trace(tiny_bundle, image, question, answer=answer, metric="prob", samples=1)  # one sample: no mean of exps
@@ -131,6 +133,7 @@ def test_an_explorer_browsing_many_questions_keeps_memory_bounded(demo_bundle, m
     assert sum(t.held_bytes() for t in kept) <= (3 << 20) + newest  # the budget, plus the one on screen
 
 
+@lengthy
 def test_export_errors_show_inside_the_widget(demo_bundle, tmp_path):
     from blip_trace_widgets.widgets import TraceExplorer
 
@@ -187,6 +190,7 @@ def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, monkeypatch):
         to_rgb_image(path)
 
 
+@lengthy
 def test_a_dataset_sigma_sets_the_noise_level(demo_bundle):
     """GaussianNoise(sigma=...) uses that σ, not the input's own; estimate_sigma gives ROME's kind of σ."""
     from blip_trace_widgets import demo_samples, estimate_sigma

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from fast_subset import lengthy
 from tiny_blip import tiny_model, tiny_processor
 
 from blip_trace_widgets import load_model
@@ -19,6 +20,7 @@ def test_pair_is_eval_without_grad():
     assert bundle.device == torch.device("cpu") and bundle.dtype == torch.float32
 
 
+@lengthy
 def test_folder_round_trip_keeps_tokens(tmp_path):
     model, processor = tiny_model(), tiny_processor()
     model.save_pretrained(tmp_path)
@@ -59,12 +61,14 @@ def test_hub_id_offline_gives_clear_error(tmp_path):
     assert "Traceback" not in out.stdout
 
 
+@lengthy
 def test_pair_keeps_its_dtype_unless_asked():
     model = tiny_model().to(torch.bfloat16)
     assert load_model((model, tiny_processor())).dtype == torch.bfloat16
     assert load_model((tiny_model(), tiny_processor()), dtype="float16").dtype == torch.float16
 
 
+@lengthy
 def test_noise_scale_comes_from_the_model_folder(tmp_path):
     import json
 
@@ -82,6 +86,7 @@ def test_noise_scale_comes_from_the_model_folder(tmp_path):
     assert load_model((tiny_model(), tiny_processor())).noise_scale == 3.0
 
 
+@lengthy
 def test_loading_leaves_transformers_logging_as_it_was(capsys):
     from transformers.utils import logging as hf_logging
 
@@ -134,6 +139,7 @@ def float32_folder(tmp_path):
     return folder
 
 
+@lengthy
 def test_half_precision_loads_from_a_copy_converted_tensor_by_tensor(float32_folder, tmp_path, monkeypatch):
     import torch
     from transformers import BlipForQuestionAnswering
@@ -150,6 +156,7 @@ def test_half_precision_loads_from_a_copy_converted_tensor_by_tensor(float32_fol
     assert len(list((tmp_path / "cache" / "half").iterdir())) == 1
 
 
+@lengthy
 def test_short_memory_gives_a_warning_that_names_a_dtype_that_fits(float32_folder, monkeypatch):
     from blip_trace_widgets.core import memory
     from blip_trace_widgets.models import loading
@@ -160,6 +167,7 @@ def test_short_memory_gives_a_warning_that_names_a_dtype_that_fits(float32_folde
         load_model(str(float32_folder))
 
 
+@lengthy
 def test_a_checkpoint_missing_weights_is_refused(float32_folder):
     """Random weights in place of missing ones would make every trace wrong: refuse, naming them."""
     from safetensors.torch import load_file, save_file
@@ -172,6 +180,7 @@ def test_a_checkpoint_missing_weights_is_refused(float32_folder):
         load_model(str(float32_folder))
 
 
+@lengthy
 def test_portable_folder_loads_the_same_model(tmp_path):
     from blip_trace_widgets.core.portable import save_portable, saved_keys
 
@@ -184,6 +193,7 @@ def test_portable_folder_loads_the_same_model(tmp_path):
         assert torch.equal(bundle.model.state_dict()[name], value), name
 
 
+@lengthy
 def test_half_precision_on_a_cpu_sizes_chunks_as_float32(image, question):
     """bfloat16 on a CPU works through float32 temporaries: chunks hold as many rows as in float32, not twice."""
     from blip_trace_widgets import TraceConfig, Tracer
@@ -198,6 +208,7 @@ def test_half_precision_on_a_cpu_sizes_chunks_as_float32(image, question):
     assert rows["bfloat16"] == rows["float32"]
 
 
+@lengthy
 def test_the_half_precision_cache_is_bounded(float32_folder, tmp_path, monkeypatch):
     """Conversions beyond the budget remove the least recently used copies, never the one in use."""
     import os

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fast_subset import lengthy
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "measure_estimates.py"
 
@@ -31,6 +32,7 @@ def test_a_map_agrees_with_itself_and_a_shuffled_one_does_not(measure):
     assert np.isnan(few["x_significant_spearman"])
 
 
+@lengthy
 def test_the_ceiling_uses_independent_draws_and_paired_effects(measure, demo_bundle, demo_sample):
     from blip_trace_widgets.causal_trace.tracer import Tracer, default_config
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fast_subset import lengthy
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "measure_significance.py"
 
@@ -28,6 +29,7 @@ def tracer(demo_bundle, demo_sample):
     return Tracer(demo_bundle, image, question, corrupted_cache_size=4)
 
 
+@lengthy
 def test_a_donor_draw_replaces_the_clean_states_sample_by_sample(measure, tracer, demo_bundle):
     from blip_trace_widgets.causal_trace.tracer import default_config
     from blip_trace_widgets.core.errors import BlipTraceError
@@ -79,6 +81,7 @@ def _sample(value, s):
     return value
 
 
+@lengthy
 def test_the_script_writes_every_figure(measure, tmp_path, capsys):
     report = measure.main(["--per-type", "1", "--workers", "1", "--kinds", "hidden", "cross_attn", "--samples", "3",
                            "--reference-samples", "4", "--out", str(tmp_path)])

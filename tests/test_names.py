@@ -7,6 +7,7 @@ import warnings
 
 import pandas as pd
 import pytest
+from fast_subset import lengthy
 
 from blip_trace_widgets import (
     CaptionTrace,
@@ -62,6 +63,7 @@ def test_every_entry_point_scores_the_first_content_word_by_default(captioner, d
     assert explorer.result.answer == "red" and explorer.config.word == 1
 
 
+@lengthy
 def test_word_all_is_a_caption_trace_from_trace_itself(captioner, demo_sample):
     every = trace(captioner, demo_sample.image, "", word="all", samples=1)
     assert isinstance(every, CaptionTrace) and every.words == ["a", "red", "triangle"]
@@ -72,6 +74,7 @@ def test_word_all_is_a_caption_trace_from_trace_itself(captioner, demo_sample):
         trace(load_model("demo"), demo_sample.image, demo_sample.question, word="all")
 
 
+@lengthy
 def test_question_is_the_old_name_of_text(demo_sample):
     bundle = load_model("demo")
     with pytest.warns(DeprecationWarning, match="question= is now text="):
@@ -86,6 +89,7 @@ def test_question_is_the_old_name_of_text(demo_sample):
         Tracer(bundle, demo_sample.image, "a", question="b")
 
 
+@lengthy
 def test_an_old_caption_sweep_named_target_resumes(captioner, demo_sample, tmp_path):
     """A caption sweep written when the word was ``target`` (manifest, parts and table) resumes without retracing."""
     from blip_trace_widgets.sweeps.sweep import load_sweep

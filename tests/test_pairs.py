@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fast_subset import lengthy
 from tolerance import assert_close, within_rounding
 
 from blip_trace_widgets import BlipTraceError, ImageSwap, Tracer, WordSwap, load_model, trace
@@ -11,6 +12,7 @@ from blip_trace_widgets.datasets.easy_vqa import COLORS, SHAPES, easy_vqa_pairs,
 
 
 @pytest.mark.parametrize("kind", ["color", "shape"])
+@lengthy
 def test_pairs_differ_in_one_attribute_and_take_both_answers_from_the_dataset(kind):
     pairs = easy_vqa_pairs(kind, limit=25)
     assert len(pairs) == 25
@@ -33,6 +35,7 @@ def test_pairs_differ_in_one_attribute_and_take_both_answers_from_the_dataset(ki
 
 
 @pytest.mark.parametrize("stage", ["image", "patches", "pixels"])
+@lengthy
 def test_image_swap_at_every_stage_runs_the_counterfactual_image(demo_bundle, stage):
     """With nothing restored, a swap is the counterfactual image's own run; with the last layer restored, the clean."""
     from blip_trace_widgets.causal_trace.procedures import resolve_config
@@ -53,6 +56,7 @@ def test_image_swap_at_every_stage_runs_the_counterfactual_image(demo_bundle, st
     assert result.high_score - result.low_score > 0.1  # the pair changes the answer: the check could fail
 
 
+@lengthy
 def test_a_pair_supplies_its_own_contrast(demo_bundle):
     pair = easy_vqa_pairs("color", limit=1)[0]
     swapped = trace(demo_bundle, pair.image, pair.question, corruption=ImageSwap(pair.counterfactual_image),
@@ -70,6 +74,7 @@ def test_a_pair_supplies_its_own_contrast(demo_bundle):
         trace(demo_bundle, pair.image, pair.question, metric="logit_diff", samples=1)
 
 
+@lengthy
 def test_the_command_line_takes_a_counterfactual_image_or_a_swap(tmp_path, capsys):
     from blip_trace_widgets.cli import main
 
@@ -89,6 +94,7 @@ def test_the_command_line_takes_a_counterfactual_image_or_a_swap(tmp_path, capsy
     assert "no such file" in capsys.readouterr().err
 
 
+@lengthy
 def test_a_counterfactual_without_effect_is_flagged_naming_the_fix(demo_bundle):
     pair = easy_vqa_pairs("shape", limit=1)[0]
     assert pair.question == "what is the red shape?"
@@ -130,6 +136,7 @@ def test_the_explorer_swaps_in_a_partner_or_a_question_in_either_direction(demo_
     assert [v for _, v in controls.partner.options] == [-1, 0, 2]
 
 
+@lengthy
 def test_a_pair_sweep_records_both_answers_and_direction_and_averages_over_pairs(demo_bundle, tmp_path):
     from blip_trace_widgets import TraceConfig, average_effect, sweep
     from blip_trace_widgets.causal_trace.averages import sample_effects
@@ -187,6 +194,7 @@ def test_the_command_line_sweeps_pairs_in_either_direction(tmp_path, capsys):
                                               ("patches", "vision_encoder", "attn_head"),
                                               ("pixels", "vision_encoder", "attn_head")])
 @pytest.mark.parametrize("window", [1, 2])
+@lengthy
 def test_image_swap_cells_match_a_per_cell_loop(image, question, stage, block, kind, window):
     """ImageSwap at each stage, against test_attention_heads' loop of the model's own forward pass with hooks."""
     from test_attention_heads import HeadLoop
@@ -239,6 +247,7 @@ def test_the_explorer_estimates_and_verifies_noising_too(demo_bundle):
     assert result.config["method"] == "verified" and int(result.exact_cells.sum()) == result.config["verify"]
 
 
+@lengthy
 def test_the_explorer_swaps_a_captioners_prompt_words():
     from blip_trace_widgets import demo_samples
     from blip_trace_widgets.widgets import TraceExplorer
@@ -255,6 +264,7 @@ def test_the_explorer_swaps_a_captioners_prompt_words():
     assert result.config["corrupted_positions"] == [2] and result.total_effect != 0
 
 
+@lengthy
 def test_the_cli_swaps_a_prompts_words_and_names_the_fix_when_nothing_changes(tmp_path, capsys):
     from blip_trace_widgets import demo_samples
     from blip_trace_widgets.cli import main

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from fast_subset import lengthy
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"
@@ -59,6 +60,7 @@ def test_the_publish_job_uses_trusted_publishing(workflow):
     assert "pypa/gh-action-pypi-publish" in RELEASING and "`release.yml`" in RELEASING
 
 
+@lengthy
 def test_the_tag_must_name_the_version(workflow, tmp_path):
     """The first check stops a release whose tag is not v + __version__; RELEASING.md says where that lives."""
     init = ROOT / "blip_trace_widgets" / "__init__.py"

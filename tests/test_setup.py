@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from fast_subset import lengthy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "install_torch.sh"
@@ -37,6 +38,7 @@ def test_an_unreachable_index_falls_back_to_the_plain_pin_and_says_so():
     assert done.stdout.strip().splitlines()[-1] == "would run: pip install torch==2.13.0"
 
 
+@lengthy
 def test_a_reachable_index_is_asked_first(tmp_path: Path):
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "index.html").write_text("<html></html>")

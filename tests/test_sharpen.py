@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fast_subset import lengthy
 from tiny_blip import tiny_model, tiny_processor
 from tolerance import assert_close
 
@@ -19,6 +20,7 @@ CONFIG = TraceConfig(kind="mlp", window=1, seed=7, corruption=GaussianNoise(2.0)
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
+@lengthy
 def test_rounds_equal_one_batch_for_the_same_seed(tracer, direction):
     config = TraceConfig(kind="mlp", window=1, seed=7, corruption=GaussianNoise(2.0), direction=direction)
     seen = []
@@ -32,6 +34,7 @@ def test_rounds_equal_one_batch_for_the_same_seed(tracer, direction):
     assert_close(seen[0].draws, batch.draws[:3])  # the first round is the first three samples of the batch
 
 
+@lengthy
 def test_a_stable_map_stops_before_its_budget(demo_bundle, demo_sample):
     image, question, _ = demo_sample
     result = trace(demo_bundle, image, question, kind="hidden", samples=AutoSampling(round_samples=4, max_samples=40))
@@ -41,6 +44,7 @@ def test_a_stable_map_stops_before_its_budget(demo_bundle, demo_sample):
     assert "top cell stable" in status_text(result) and "stopped: stable" in status_text(result)
 
 
+@lengthy
 def test_the_user_can_stop_it_and_seconds_bound_it(tracer):
     stopped = sharpen(tracer, CONFIG, AutoSampling(round_samples=2, max_samples=20), should_stop=lambda: True)
     assert stopped.config["samples"] == 2 and stopped.config["auto"]["stopped"] == "by the user"
@@ -48,6 +52,7 @@ def test_the_user_can_stop_it_and_seconds_bound_it(tracer):
     assert timed.config["auto"]["stopped"] == "seconds" and timed.config["samples"] == 2
 
 
+@lengthy
 def test_what_cannot_sharpen_is_traced_once(tracer):
     swapped = sharpen(tracer, TraceConfig(kind="hidden", corrupt="question", corruption=WordSwap({"color": "shape"})))
     assert swapped.config["samples"] == 1 and swapped.config["deterministic"]

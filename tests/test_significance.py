@@ -9,6 +9,7 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 import torch
+from fast_subset import lengthy
 from test_engine_equivalence import ReferenceLoop, _replace, _tensor, path
 from tiny_blip import tiny_model, tiny_processor
 from tolerance import assert_close
@@ -67,6 +68,7 @@ def _bh(p):
 
 
 @pytest.mark.parametrize("kind", ["hidden", "mlp"])
+@lengthy
 def test_per_draw_effects_are_the_models_own_paired_differences(bundle, image, question, kind):
     config = TraceConfig(kind=kind, window=1, samples=5, seed=3, corruption=GaussianNoise(2.0), metric="prob")
     result = Tracer(bundle, image, question, max_batch_rows=7).trace(config)
@@ -101,6 +103,7 @@ def test_q_values_are_benjamini_hochberg():
     assert_close(bh_qvalues(p), _bh(p), dtype=np.float64)
 
 
+@lengthy
 def test_a_placebo_map_flags_almost_nothing(bundle, image, question):
     """Each cell "restores" the state of another corrupted draw of the same image instead of the clean one, so
     every effect is null by construction: at most 5% of cells may be flagged over several maps."""
@@ -120,6 +123,7 @@ def test_a_placebo_map_flags_almost_nothing(bundle, image, question):
     assert tested >= 40 and flagged / tested <= 0.05
 
 
+@lengthy
 def test_a_deterministic_corruption_runs_once_and_says_so(bundle, image, question):
     tracer = Tracer(bundle, image, question)
     result = tracer.trace(TraceConfig(kind="hidden", samples=10, corrupt="question",
@@ -130,6 +134,7 @@ def test_a_deterministic_corruption_runs_once_and_says_so(bundle, image, questio
     assert np.isnan(result.effect_stderr).sum() == 0 and (result.effect_stderr == 0).all()
 
 
+@lengthy
 def test_draws_round_trip_and_older_files_load(bundle, image, question, tmp_path):
     result = Tracer(bundle, image, question).trace(TraceConfig(kind="hidden", samples=4, seed=2))
     back = TraceResult.load(result.save(tmp_path / "r.json"))
@@ -143,6 +148,7 @@ def test_draws_round_trip_and_older_files_load(bundle, image, question, tmp_path
     assert older.statistics().samples == 4 and np.isfinite(older.effect_stderr).all()  # unpaired, from stderr
 
 
+@lengthy
 def test_figures_fade_what_is_noise_and_count_what_is_not(bundle, image, question):
     from matplotlib.collections import PatchCollection
 
@@ -169,6 +175,7 @@ def test_stability_of_a_clear_top_and_of_noise():
     assert stability(-clear, sign=-1)["top"] == 1.0  # a negative total effect: the top is the most negative
 
 
+@lengthy
 def test_n_a_cells_are_nan_and_have_no_row(demo_sample):
     """A Q-Former's layers without cross-attention restore nothing: NaN in every derived map, no DataFrame row,
     never tested (they read 0.0 in normalized() and to_dataframe() before)."""

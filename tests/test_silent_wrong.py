@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from fast_subset import lengthy
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, MultiplicativeNoise, TraceResult, trace
 from blip_trace_widgets.causal_trace.plots import _effect_limits, negative_text, plot_trace, trace_title
@@ -94,6 +95,7 @@ def test_huge_finite_noise_is_refused_naming_the_level(tiny_bundle, image, quest
         trace(tiny_bundle, image, question, samples=2, **fields)
 
 
+@lengthy
 def test_huge_noise_exits_non_zero_in_the_cli(tmp_path, capsys):
     from blip_trace_widgets import demo_samples
     from blip_trace_widgets.cli import main
@@ -106,6 +108,7 @@ def test_huge_noise_exits_non_zero_in_the_cli(tmp_path, capsys):
     assert not list((tmp_path / "out").glob("*.json")) if (tmp_path / "out").exists() else True
 
 
+@lengthy
 def test_a_long_answer_keeps_its_probability_in_float64(demo_bundle, demo_sample):
     image, question, _ = demo_sample
     answer = " ".join(["red circle"] * 10)  # 20 tokens
@@ -160,6 +163,7 @@ def test_the_scored_probability_is_float64(tiny_bundle, image, question):
 
 @pytest.mark.parametrize("setting", [{"samples": 200}, {"corruption": MultiplicativeNoise(100.0)},
                                      {"seed": 2**32 - 1}, {"corruption": GaussianNoise(0.01)}])
+@lengthy
 def test_the_explorer_shows_exactly_what_trace_takes(demo_bundle, demo_sample, setting):
     from blip_trace_widgets.causal_trace.tracer import default_config
     from blip_trace_widgets.widgets import TraceExplorer
@@ -195,6 +199,7 @@ def test_a_bad_gallery_is_a_clear_error(demo_bundle, gallery, message):
         TraceExplorer(demo_bundle, gallery=gallery, background=False)
 
 
+@lengthy
 def test_an_explorer_config_for_a_block_the_head_lacks_is_a_clear_error(demo_sample):
     from blip_trace_widgets import TraceConfig, load_model
     from blip_trace_widgets.widgets import TraceExplorer
@@ -204,6 +209,7 @@ def test_an_explorer_config_for_a_block_the_head_lacks_is_a_clear_error(demo_sam
         TraceExplorer(captioner, demo_sample[0], "", config=TraceConfig(block="question_encoder"), background=False)
 
 
+@lengthy
 def test_every_entry_point_resolves_the_same_config(demo_bundle, demo_sample, tmp_path, monkeypatch):
     """trace(), Tracer.trace, the explorer and the CLI start from one resolver: the demo model's 10σ, not 3σ in one
     and 10σ in another."""

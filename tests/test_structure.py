@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fast_subset import lengthy
 
 PACKAGE = Path(__file__).resolve().parents[1] / "blip_trace_widgets"
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
@@ -28,6 +29,12 @@ def _package_of(name: str, path: Path) -> list[str]:
     return parts if path.name == "__init__.py" else parts[:-1]
 
 
+@functools.cache
+def nodes(source: str) -> tuple[ast.AST, ...]:
+    """Every node of a module's syntax tree, parsed once for all the checks here (they only read the nodes)."""
+    return tuple(ast.walk(ast.parse(source)))
+
+
 @functools.lru_cache(maxsize=1)
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package modules it imports, at the top, inside functions or only for type checkers (an import
@@ -38,7 +45,7 @@ def import_graph() -> dict[str, set[str]]:
         name = module_name(path)
         base = _package_of(name, path)
         edges = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in nodes(path.read_text()):
             if isinstance(node, ast.ImportFrom) and node.level >= 1:
                 start = base[: len(base) - (node.level - 1)]
                 targets = ([".".join([*start, *node.module.split(".")])] if node.module
@@ -102,7 +109,7 @@ def test_dependencies_point_one_way(low, high):
 def test_functions_and_classes_stay_small():
     too_long = []
     for path in MODULES:
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in nodes(path.read_text()):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 continue
             size = (node.end_lineno or 0) - node.lineno + 1
@@ -125,7 +132,7 @@ def test_block_and_kind_names_come_from_names_py():
     for path in MODULES:
         if path.name == "names.py":
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in nodes(path.read_text()):
             if isinstance(node, ast.Constant) and node.value in ("question_encoder", "answer_decoder", "vision_encoder",
                                                                  "caption_decoder", "itm_encoder"):
                 offenders.append(f"{path.name}:{node.lineno}")
@@ -145,7 +152,7 @@ def vision_name_comparisons(source: str) -> list[int]:
                 or (isinstance(node, ast.Attribute) and node.attr in VISION_NAMES))
 
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in nodes(source):
         if isinstance(node, ast.Compare):
             operands = [node.left, *node.comparators]
             listed = [e for o in operands if isinstance(o, (ast.Tuple, ast.List, ast.Set)) for e in o.elts]
@@ -203,6 +210,7 @@ def test_one_version_source():
     assert 'dynamic = ["version"]' in (PACKAGE.parent / "pyproject.toml").read_text()
 
 
+@lengthy
 def test_public_functions_named_like_their_modules_survive_importing_the_modules():
     """sweep, knockout and knockout_sweep are functions, and were modules of the 0.3 layout (still importable by
     their old paths): importing the module first must not hide the function (Python's import sets the submodule
@@ -270,7 +278,7 @@ def test_no_private_name_is_imported_across_modules():
     """A name a module shares is public: no ``from .other import _name`` inside the package."""
     offenders = []
     for path in MODULES:
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in nodes(path.read_text()):
             if isinstance(node, ast.ImportFrom) and node.level >= 1:
                 offenders += [f"{module_name(path)}: {alias.name}" for alias in node.names
                               if alias.name.startswith("_") and not alias.name.startswith("__")]
@@ -281,7 +289,7 @@ def private_reaches(source: str) -> list[str]:
     """``x._name`` where ``x`` is not ``self`` or ``cls``: a private member of another object (dunders and
     IPython's ``_repr_png_``-style display hooks aside)."""
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in nodes(source):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.endswith("_"):
             if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
                 found.append(f"{ast.unparse(node)} (line {node.lineno})")
@@ -357,7 +365,7 @@ def axis_comparisons(source: str) -> list[str]:
     should answer."""
     names = STAGE_NAMES | DIRECTION_NAMES
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in nodes(source):
         if not isinstance(node, ast.Compare) or not re.search(r"corrupt|stage|direction", ast.unparse(node)):
             continue
         for side in [node.left, *node.comparators]:

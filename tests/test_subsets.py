@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from fast_subset import lengthy
 from PIL import Image
 
 from blip_trace_widgets.datasets import subsets
@@ -50,6 +51,7 @@ def server(tmp_path):
     httpd.server_close()
 
 
+@lengthy
 def test_coco_subset_is_fetched_and_cached_over_http(server, tmp_path, monkeypatch):
     monkeypatch.setattr(subsets, "PAPER_DATA_URL", server + "/Datasets/")
     monkeypatch.setattr(subsets, "COCO_IMAGE_URL", server + "/train2017/{id:012d}.jpg")
@@ -125,6 +127,7 @@ def test_bad_names_and_arguments():
         load_vqa_subset("coco-qa-color", csv_path="/nonexistent.csv")
 
 
+@lengthy
 def test_easy_vqa_subsets_read_the_installed_package():
     shapes = load_vqa_subset("easy-vqa-shape", limit=5)
     assert all(s.answer in ("circle", "rectangle", "triangle") for s in shapes)
@@ -187,6 +190,7 @@ def test_any_iterable_of_tuples_or_dicts():
         list(as_samples(["just a string"]))
 
 
+@lengthy
 def test_fetched_files_are_checksummed_and_a_changed_one_is_fetched_again(server, tmp_path, monkeypatch):
     monkeypatch.setattr(subsets, "PAPER_DATA_URL", server + "/Datasets/")
     monkeypatch.setattr(subsets, "COCO_IMAGE_URL", server + "/train2017/{id:012d}.jpg")

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from fast_subset import lengthy
 from PIL import Image
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer
@@ -37,6 +38,7 @@ def _tiny_samples():
             (images[2], "what shape is it?", None)]
 
 
+@lengthy
 def test_table_rows_equal_single_traces(tiny_bundle, tmp_path):
     samples = _tiny_samples()
     table = sweep(tiny_bundle, samples, configs=CONFIGS, out=tmp_path, progress=False)
@@ -56,6 +58,7 @@ def test_table_rows_equal_single_traces(tiny_bundle, tmp_path):
     assert (tmp_path / "sweep.parquet").is_file() and load_sweep(tmp_path).equals(table)
 
 
+@lengthy
 def test_resume_skips_finished_samples(tiny_bundle, tmp_path):
     samples = _tiny_samples()
     first = sweep(tiny_bundle, samples, configs=CONFIGS, out=tmp_path, progress=False)
@@ -70,6 +73,7 @@ def test_resume_skips_finished_samples(tiny_bundle, tmp_path):
     assert parts[1].is_file()
 
 
+@lengthy
 def test_a_different_sweep_in_the_same_folder_is_refused(tiny_bundle, tmp_path):
     samples = _tiny_samples()[:1]
     sweep(tiny_bundle, samples, configs=CONFIGS[:1], out=tmp_path, progress=False)
@@ -79,6 +83,7 @@ def test_a_different_sweep_in_the_same_folder_is_refused(tiny_bundle, tmp_path):
     assert len(table) == 2
 
 
+@lengthy
 def test_shards_are_disjoint_and_merge(tiny_bundle, tmp_path):
     samples = _tiny_samples()
     whole = sweep(tiny_bundle, samples, configs=CONFIGS[:1], out=tmp_path / "whole", progress=False)
@@ -90,6 +95,7 @@ def test_shards_are_disjoint_and_merge(tiny_bundle, tmp_path):
         Shard(2, 2)
 
 
+@lengthy
 def test_sweep_rejects_bad_arguments(tiny_bundle, tmp_path):
     samples = _tiny_samples()
     with pytest.raises(ValueError, match="answer='model'"):
@@ -128,6 +134,7 @@ def test_token_roles_and_custom_object_rule():
         token_roles(tokens, object_rule=lambda t: [9])
 
 
+@lengthy
 def test_average_effect_forms_and_correct_only():
     table = _synthetic_table()
     rome = average_effect(table, form="rome").set_index(["role", "layer"])
@@ -259,6 +266,7 @@ def test_cli_sweep_missing_csv_offline(tmp_path):
     assert "location_coco_qa.csv" in err and "--csv" in err and "empty-cache" in err
 
 
+@lengthy
 def test_image_side_sweep_averages_per_region(tiny_bundle, tmp_path, image):
     config = TraceConfig(block="vision_encoder", regions=2, samples=2)
     table = sweep(tiny_bundle, _tiny_samples()[:2], configs=[config], out=tmp_path, progress=False)
@@ -307,6 +315,7 @@ def _quick(bundle, questions, out, **kw):
     return sweep(bundle, questions, configs=[config], out=out, progress=False, **kw)
 
 
+@lengthy
 def test_another_question_set_in_a_finished_folder_is_refused(demo_bundle, tmp_path):
     colour = load_vqa_subset("easy-vqa-color", limit=3)
     shape = load_vqa_subset("easy-vqa-shape", limit=3)
@@ -317,6 +326,7 @@ def test_another_question_set_in_a_finished_folder_is_refused(demo_bundle, tmp_p
     assert list(table["question"]) == [q.question for q in shape]
 
 
+@lengthy
 def test_a_smaller_limit_into_a_larger_folder_writes_only_its_questions(demo_bundle, tmp_path):
     questions = load_vqa_subset("easy-vqa-color", limit=6)
     _quick(demo_bundle, questions, tmp_path)
@@ -335,6 +345,7 @@ def test_the_command_line_records_the_dataset_and_refuses_another_limit(tmp_path
     assert again.returncode == 2 and "differs in dataset" in err and "--overwrite" in err
 
 
+@lengthy
 def test_a_part_copied_over_another_is_caught(demo_bundle, tmp_path):
     questions = load_vqa_subset("easy-vqa-color", limit=3)
     _quick(demo_bundle, questions, tmp_path)
@@ -344,6 +355,7 @@ def test_a_part_copied_over_another_is_caught(demo_bundle, tmp_path):
         _quick(demo_bundle, questions, tmp_path)
 
 
+@lengthy
 def test_a_stray_part_is_not_merged(demo_bundle, tmp_path):
     questions = load_vqa_subset("easy-vqa-color", limit=2)
     _quick(demo_bundle, questions, tmp_path)
@@ -351,6 +363,7 @@ def test_a_stray_part_is_not_merged(demo_bundle, tmp_path):
     assert len(_quick(demo_bundle, questions, tmp_path)) == 2
 
 
+@lengthy
 def test_a_damaged_part_is_moved_aside_and_redone(demo_bundle, tmp_path):
     questions = load_vqa_subset("easy-vqa-color", limit=2)
     first = _quick(demo_bundle, questions, tmp_path)
@@ -365,6 +378,7 @@ def test_a_damaged_part_is_moved_aside_and_redone(demo_bundle, tmp_path):
     assert not list(tmp_path.glob(".partial-*")) and not list((tmp_path / "parts").glob(".partial-*"))
 
 
+@lengthy
 def test_a_damaged_manifest_is_named(demo_bundle, tmp_path):
     questions = load_vqa_subset("easy-vqa-color", limit=1)
     _quick(demo_bundle, questions, tmp_path)
@@ -373,6 +387,7 @@ def test_a_damaged_manifest_is_named(demo_bundle, tmp_path):
         _quick(demo_bundle, questions, tmp_path)
 
 
+@lengthy
 def test_the_old_keywords_samples_and_answer_still_work_with_a_warning(tiny_bundle, image, question, tmp_path):
     items = [(image, question, "red")]
     config = TraceConfig(samples=1)
@@ -388,6 +403,7 @@ def test_the_old_keywords_samples_and_answer_still_work_with_a_warning(tiny_bund
         sweep(tiny_bundle, items, samples=items, configs=config, out=tmp_path / "d", progress=False)
 
 
+@lengthy
 def test_an_old_sweep_with_low_and_high_columns_still_loads_and_averages(tiny_bundle, image, question, tmp_path):
     from blip_trace_widgets import average_effect
     from blip_trace_widgets.sweeps.sweep import load_sweep, read_parts

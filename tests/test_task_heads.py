@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+from fast_subset import lengthy
 from tiny_blip import tiny_captioner, tiny_matcher, tiny_model, tiny_processor
 
 from blip_trace_widgets import Tracer, load_model
@@ -38,6 +39,7 @@ def head_isinstance(source: str) -> list[int]:
     return found
 
 
+@lengthy
 def test_no_module_asks_a_head_its_class():
     """What differs between heads is a head method or attribute: no ``isinstance(task, CaptionHead)`` outside
     heads.py."""
@@ -81,6 +83,7 @@ def test_what_the_model_says_is_one_method_for_the_cli_and_the_widgets(demo_bund
     assert answer_html(tracer) == "says: <b>red</b>"
 
 
+@lengthy
 def test_captioner_and_matcher_say_their_own(image):
     captioner = Tracer(load_model((tiny_captioner(), tiny_processor()), device="cpu"), image, "a picture of")
     said = H.of("caption").describe(captioner)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fast_subset import lengthy
 from PIL import Image
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer, TraceResult
@@ -32,6 +33,7 @@ def test_shape_box_is_found_from_pixels():
         shape_box(Image.new("RGB", (8, 8), "white"))
 
 
+@lengthy
 def test_noise_on_the_shape_destroys_the_answer_more_than_noise_elsewhere(demo_bundle):
     """3σ patch noise on the shape's box against a same-size box elsewhere, on 8 easy-VQA colour images."""
     on_shape, elsewhere = [], []
@@ -63,6 +65,7 @@ def vision_result(demo_bundle, demo_sample):
         block="vision_encoder", regions=4, samples=4, corruption=GaussianNoise(3.0))
 
 
+@lengthy
 def test_overlay_is_the_size_of_the_input(vision_result, demo_sample):
     overlay = overlay_image(vision_result, layer=1)
     assert overlay.size == demo_sample.image.size
@@ -75,6 +78,7 @@ def test_overlay_is_the_size_of_the_input(vision_result, demo_sample):
     assert values[0, 0] == pytest.approx(normalized[1, 1]) and values[63, 63] == pytest.approx(normalized[16, 1])
 
 
+@lengthy
 def test_plot_on_image_small_multiples_and_loaded_results(vision_result, demo_sample, tmp_path):
     figure = vision_result.plot_on_image()
     assert len(figure.axes) == vision_result.num_layers + 1  # one panel per layer and the colour bar
@@ -87,6 +91,7 @@ def test_plot_on_image_small_multiples_and_loaded_results(vision_result, demo_sa
         overlay_image(vision_result, layer=9)
 
 
+@lengthy
 def test_plot_on_image_refuses_text_traces(demo_bundle, demo_sample):
     text = Tracer(demo_bundle, demo_sample.image, demo_sample.question).trace(samples=2)
     with pytest.raises(ValueError, match="block='vision_encoder'"):
@@ -121,6 +126,7 @@ def test_vision_explorer_follows_its_controls(demo_bundle):
     assert explorer.layer.disabled
 
 
+@lengthy
 def test_vision_explorer_in_the_background(demo_bundle):
     from blip_trace_widgets.widgets import VisionTraceExplorer
 
@@ -133,6 +139,7 @@ def test_vision_explorer_in_the_background(demo_bundle):
     assert "question is empty" in explorer.error.value
 
 
+@lengthy
 def test_vision_explorer_estimates_every_patch_at_every_layer(demo_bundle):
     from blip_trace_widgets.widgets import VisionTraceExplorer
 

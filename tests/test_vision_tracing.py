@@ -6,6 +6,7 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 import torch
+from fast_subset import lengthy, lengthy_except
 from tiny_blip import tiny_model, tiny_processor
 
 from blip_trace_widgets import GaussianNoise, TraceConfig, Tracer, load_model
@@ -125,7 +126,7 @@ class Loop:
 CASES = [(kind, window, regions) for kind in ("hidden", "self_attn", "mlp") for window, regions in ((1, 4), (2, 2))]
 
 
-@pytest.mark.parametrize("kind,window,regions", CASES)
+@pytest.mark.parametrize("kind,window,regions", lengthy_except(CASES, ("hidden", 2, 2)))
 def test_vision_engine_matches_per_cell_loop(bundle, image, question, kind, window, regions):
     config = TraceConfig(block="vision_encoder", kind=kind, window=window, regions=regions, samples=3, seed=4,
                          corruption=GaussianNoise(scale=3.0))
@@ -142,6 +143,7 @@ def test_vision_engine_matches_per_cell_loop(bundle, image, question, kind, wind
 
 
 @pytest.mark.parametrize("corruption", [Grey(region=Box(0.0, 0.0, 0.5, 1.0)), Blur(sigma=2.0, region=Outside(Box(0.25, 0.25, 0.75, 0.75)))])
+@lengthy
 def test_pixel_corruptions_match_loop(bundle, image, question, corruption):
     config = TraceConfig(block="vision_encoder", kind="hidden", regions=2, samples=1, corruption=corruption)
     assert config.corrupt == "pixels"
@@ -151,6 +153,7 @@ def test_pixel_corruptions_match_loop(bundle, image, question, corruption):
     np.testing.assert_allclose(result.scores, loop.grid(groups, result.num_layers), atol=2e-5, rtol=1e-4)
 
 
+@lengthy
 def test_question_corruption_matches_loop(bundle, image, question):
     config = TraceConfig(kind="hidden", corrupt="question", corrupt_tokens=(2, 3), samples=3,
                          corruption=GaussianNoise(scale=3.0))
@@ -239,6 +242,7 @@ def test_mask_regions_follow_the_pixels():
     assert Outside(Mask(mask)).token_mask(17).sum() == 15
 
 
+@lengthy
 def test_an_image_side_trace_runs_the_vision_encoder_once(bundle, image, question):
     tracer = Tracer(bundle, image, question)
     result = tracer.trace(block="vision_encoder", regions=2, samples=2)

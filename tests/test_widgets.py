@@ -6,10 +6,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from fast_subset import lengthy
 from tolerance import assert_close
 
 from blip_trace_widgets import GaussianNoise, MultiplicativeNoise, TraceResult, demo_samples, trace
 from blip_trace_widgets.widgets import TraceExplorer, tooltip_of
+from blip_trace_widgets.core.names import DEFAULT_VERIFY
 
 
 @pytest.fixture()
@@ -74,6 +76,7 @@ def test_new_question_recomputes_the_clean_pass(explorer):
     assert "shape" in explorer.result.tokens
 
 
+@lengthy
 def test_errors_show_inside_and_widget_recovers(explorer):
     good = explorer.question_box.value
     explorer.question_box.value = "   "
@@ -130,6 +133,7 @@ def test_compare_view_shows_four_kinds(explorer, demo_bundle, demo_sample):
     np.testing.assert_array_equal(explorer.results["cross_attn"].scores, expected.scores)
 
 
+@lengthy
 def test_background_mode_updates(demo_bundle, demo_sample):
     image, question, _ = demo_sample
     ex = TraceExplorer(demo_bundle, image, question, background=True)
@@ -173,6 +177,7 @@ def test_explorer_rejects_a_corruption_its_controls_cannot_show(demo_bundle, dem
         TraceExplorer(demo_bundle, image, question, config=TraceConfig(corruption=ImageSwap(image)), background=False)
 
 
+@lengthy
 def test_unknown_words_are_listed_in_the_explorer(demo_bundle, demo_sample):
     from blip_trace_widgets.widgets import TraceExplorer
 
@@ -191,6 +196,7 @@ def test_controls_become_a_config_without_a_kernel():
                            samples=1, seed=0).window == 3
 
 
+@lengthy
 def test_the_old_samples_keyword_still_works_with_a_warning(demo_bundle):
     import warnings
 
@@ -249,6 +255,7 @@ def test_estimate_only_never_runs_the_engine(explorer):
     assert not explorer.result.is_estimate
 
 
+@lengthy
 def test_a_bug_inside_shows_its_traceback_and_a_mistake_one_line(demo_bundle, demo_sample, monkeypatch):
     from blip_trace_widgets import BlipTraceError
     from blip_trace_widgets.widgets import TraceExplorer
@@ -264,6 +271,7 @@ def test_a_bug_inside_shows_its_traceback_and_a_mistake_one_line(demo_bundle, de
     assert "<details>" in explorer.error.value and "Traceback" in explorer.error.value
 
 
+@lengthy
 def test_result_and_config_are_traitlets_that_users_can_observe(demo_bundle, demo_sample):
     from blip_trace_widgets import TraceConfig
     from blip_trace_widgets.widgets import TraceExplorer
@@ -313,6 +321,7 @@ def test_the_flagged_mode_makes_the_cells_graddrop_flags_exact(demo_bundle, demo
 
 
 # ----- the first view, every mode, no silent changes, an honest status line -------------------------------------
+@lengthy
 def test_the_first_view_is_the_exact_map_where_it_is_quick(demo_bundle, demo_sample):
     """On the demo model the explorer opens on the whole exact map, the one the static trace shows (notebook 1), with
     its strongest cells where trace() puts them; the status line says it is exact, with its samples and noise."""
@@ -333,6 +342,7 @@ def test_the_first_view_is_the_exact_map_where_it_is_quick(demo_bundle, demo_sam
     assert "restoring clean states" in status
 
 
+@lengthy
 def test_a_slow_model_opens_on_the_estimate_and_says_why(demo_bundle, demo_sample, monkeypatch):
     from blip_trace_widgets.widgets import controls
 
@@ -341,10 +351,11 @@ def test_a_slow_model_opens_on_the_estimate_and_says_why(demo_bundle, demo_sampl
     explorer = TraceExplorer(demo_bundle, image, question, background=False)
     assert explorer.method.value == "verified" and "pick 'exact only'" in tooltip_of(explorer.method)
     assert explorer.result.config["method"] == "verified"
-    assert "<b>ESTIMATE</b> (attribution patching), its top 5 cells exact (outlined)" in explorer.status.value
+    assert f"<b>ESTIMATE</b> (attribution patching), its top {DEFAULT_VERIFY} cells exact (outlined)" in explorer.status.value
     assert TraceExplorer(demo_bundle, image, question, background=False, mode="exact").method.value == "exact"
 
 
+@lengthy
 def test_every_mode_kind_window_and_view_builds_configs_every_phase_accepts():
     """No mode carries a setting another refuses: each phase of every mode, kind, window, direction, source and view
     the controls allow is a valid TraceConfig (building one checks it)."""
@@ -374,6 +385,7 @@ def test_every_mode_kind_window_and_view_builds_configs_every_phase_accepts():
 
 
 @pytest.mark.parametrize("mode", ["exact", "estimate", "both", "verified", "flagged"])
+@lengthy
 def test_every_mode_traces_a_windowed_mlp_map(demo_bundle, demo_sample, mode):
     """exact only and estimate only with MLP and window 3 raised grad_drop's refusal."""
     image, question, _ = demo_sample
@@ -395,6 +407,7 @@ def test_every_mode_traces_a_windowed_mlp_map(demo_bundle, demo_sample, mode):
                                                                    "cross_attn": 3}
 
 
+@lengthy
 def test_a_starting_window_or_position_is_kept_or_refused_never_changed(demo_bundle, demo_sample):
     from blip_trace_widgets import BlipTraceError, TraceConfig
 
@@ -412,6 +425,7 @@ def test_a_starting_window_or_position_is_kept_or_refused_never_changed(demo_bun
     assert explorer.position.value == "99" and "position 99 is outside" in explorer.error.value
 
 
+@lengthy
 def test_controls_refuse_values_outside_their_range_instead_of_moving_them(explorer):
     import traitlets
 
@@ -426,6 +440,7 @@ def test_controls_refuse_values_outside_their_range_instead_of_moving_them(explo
     assert explorer.noise.value == 20.0
 
 
+@lengthy
 def test_a_starting_config_the_controls_cannot_show_is_refused(demo_bundle, demo_sample):
     from blip_trace_widgets import BlipTraceError, TraceConfig
 
@@ -454,7 +469,7 @@ def test_the_status_line_says_what_is_shown_with_its_samples_and_corruption(demo
     assert shown_words([estimate], last=False, mode="verified") == (
         "<b>ESTIMATE</b> (attribution patching); the exact map follows… · multiplicative (paper), std 5, on the "
         "image embeddings · 7 noise samples · restoring clean states into the corrupted run")
-    assert "its top 5 cells exact (outlined)" in shown_words([verified], last=True, mode="verified")
+    assert f"its top {DEFAULT_VERIFY} cells exact (outlined)" in shown_words([verified], last=True, mode="verified")
     windowed = shown_words(phases(replace(config, window=3), "verified"), last=True, mode="verified")
     assert windowed.startswith("<b>EXACT</b> map (exact at once: a window's estimate costs more")
     assert "the image swapped for its partner (one sample)" in shown_words(
@@ -469,6 +484,7 @@ def test_the_status_line_says_what_is_shown_with_its_samples_and_corruption(demo
                                                 "the clean run")
 
 
+@lengthy
 def test_sliders_keep_their_width_beside_the_method_toggle(explorer):
     """The noise slider shrank to a bare handle at 1400 px: the method toggle now has a row of its own and sliders a
     width they keep (a narrow window wraps the row); tests/test_browser.py measures the track."""
@@ -481,6 +497,7 @@ def test_sliders_keep_their_width_beside_the_method_toggle(explorer):
     assert all(r.layout.flex_flow == "row wrap" for r in rows)
 
 
+@lengthy
 def test_background_work_is_cancelled_and_waited_for_on_request(demo_bundle, demo_sample):
     """What the interpreter's exit runs (atexit): every explorer's background traces cancelled and joined, none
     left running; the explorer carries on after."""
@@ -497,6 +514,7 @@ def test_background_work_is_cancelled_and_waited_for_on_request(demo_bundle, dem
     assert explorer.result.config["samples"] == 2 and explorer.error.value == ""
 
 
+@lengthy
 def test_the_vision_explorer_opens_on_its_exact_map_where_it_is_quick(demo_bundle):
     from blip_trace_widgets.widgets import VisionTraceExplorer
 
@@ -508,6 +526,7 @@ def test_the_vision_explorer_opens_on_its_exact_map_where_it_is_quick(demo_bundl
                                mode="estimate").result.is_estimate
 
 
+@lengthy
 def test_a_captioners_starting_caption_and_word_are_kept_or_refused_inside():
     from blip_trace_widgets import load_model
     from blip_trace_widgets.causal_trace.tracer import default_config
