@@ -5,6 +5,8 @@
     >>> from blip_trace_widgets.relocated import MOVED, new_path
     >>> new_path("blip_trace_widgets.tracing")
     'blip_trace_widgets.causal_trace.tracer'
+    >>> import sys
+    >>> _ = sys.modules.pop("blip_trace_widgets.loading", None)   # as in a fresh interpreter
     >>> with warnings.catch_warnings(record=True) as caught:
     ...     warnings.simplefilter("always")
     ...     from blip_trace_widgets.loading import load_model
