@@ -19,9 +19,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.core.names import DEMO_MODELS, DTYPES
-
+from ..core.errors import BlipTraceError
+from ..core.names import DEMO_MODELS, DTYPES
 from .names import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TOP, DIRECTIONS, METHODS, METRICS
 
 
@@ -78,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``blip-trace circuit``: print the top edges and faithfulness, and write the files."""
     from PIL import Image
 
-    from blip_trace_widgets.models.loading import load_model
-
+    from ..models.loading import load_model
     from .faithfulness import faithfulness_curve
     from .inputs import circuit_inputs
     from .plots import circuit_png

@@ -29,9 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.core.significance import CellStatistics
-
+from ..core.errors import BlipTraceError
+from ..core.significance import CellStatistics
 from .graph import CircuitGraph, Point, circuit_graph
 from .inputs import CircuitInputs, circuit_inputs
 from .names import CURVE_FRACTIONS, DEFAULT_SAMPLES, DEFAULT_SEED, FORMAT, IMAGE, QE

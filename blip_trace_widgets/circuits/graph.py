@@ -28,10 +28,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.core.names import ANSWER_DECODER, QUESTION_ENCODER
-from blip_trace_widgets.models import anatomy
-
+from ..core.errors import BlipTraceError
+from ..core.names import ANSWER_DECODER, QUESTION_ENCODER
+from ..models import anatomy
 from .names import (
     BLOCK_PREFIXES,
     CHANNELS,

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from blip_trace_widgets.causal_trace.clean import CleanPass
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.corruptions.kinds import GaussianNoise, ImageSwap
-
+from ..causal_trace.clean import CleanPass
+from ..core.errors import BlipTraceError
+from ..core.names import ANSWER_DECODER, QUESTION_ENCODER
+from ..corruptions.kinds import GaussianNoise, ImageSwap
 from .names import DEFAULT_SAMPLES, DEFAULT_SEED, METRICS
 
 
@@ -57,7 +57,7 @@ def circuit_inputs(bundle: Any, image: Any, question: str, *, corruption: Any = 
     if not isinstance(samples, int) or not 1 <= samples <= 1000:
         raise BlipTraceError(f"samples must be a whole number from 1 to 1000, got {samples!r}")
     reading = CleanPass(bundle, image, question)
-    if reading.head != "vqa":
+    if not {QUESTION_ENCODER, ANSWER_DECODER} <= set(reading.task.blocks):  # BLIP VQA's two text blocks
         raise BlipTraceError("circuits are built for BLIP VQA models: load one such as load_model('demo')")
     img = reading.clean.image_embeds
     ids = torch.tensor([list(reading.question_ids)], device=reading.device)

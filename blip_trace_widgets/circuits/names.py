@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from blip_trace_widgets.core.errors import BlipTraceError
+from ..core.errors import BlipTraceError
 
 ARROW = "→"
 ASCII_ARROW = "->"

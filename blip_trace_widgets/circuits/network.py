@@ -25,9 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
-from blip_trace_widgets.core.names import ANSWER_DECODER, QUESTION_ENCODER
-from blip_trace_widgets.models import anatomy
-
+from ..core.names import ANSWER_DECODER, QUESTION_ENCODER
+from ..models import anatomy
 from .graph import Point, Shape, shape_of
 from .names import CROSS, DEC, QE, SELF
 
@@ -203,7 +202,7 @@ class Network:
         """The residual at ``upto`` [R, C, T, D] recomputed from node contributions: slot s contributes
         ``base[s] + gates[:, c, s] * delta[s]`` (base, delta [R or 1, S, T, D]; gates [R, C, S]); LayerNorms
         recomputed, nothing else. ``upto`` = Point(block, layers, "in") is the block's final state."""
-        return self.chain_many(block, base, delta, gates, [(upto, 0, gates.shape[1])])[0]
+        return chain_many(self, block, base, delta, gates, [(upto, 0, gates.shape[1])])[0]
 
     def chain_scores(self, block: str, base: torch.Tensor, delta: torch.Tensor,
                      grads: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
@@ -248,42 +247,43 @@ class Network:
         starts = dict(joined)
         return [scores[:, starts[n]: starts[n] + g.shape[1]] for n, (_, g) in enumerate(grads)]
 
-    def chain_many(self, block: str, base: torch.Tensor, delta: torch.Tensor, gates: torch.Tensor,
-                   stops: list[tuple[Point, int, int]]) -> list[torch.Tensor]:
-        """:meth:`chain` for many channels at once: for each stop (point, first, end), channels first..end-1 of
-        ``gates`` read at that point, all in one pass."""
-        rows, H = gates.shape[0], self.heads
-        found: dict[int, torch.Tensor] = {}
-        final = Point(block, len(self.layers[block]), "in")  # the block's final state ("out" reads it)
-        stops = [(final if where.where == "out" else where, first, end) for where, first, end in stops]
 
-        def mixed(a: int, b: int) -> torch.Tensor:
-            d = delta[:, a:b].expand(rows, -1, -1, -1)
-            return base[:, a:b].sum(1)[:, None] + torch.einsum("rcs,rstd->rctd", gates[:, :, a:b], d)
 
-        def stop(point: Point, h: torch.Tensor) -> bool:
-            for i, (where, first, end) in enumerate(stops):
-                if where == point:
-                    found[i] = h[:, first:end]
-            return len(found) == len(stops)
+def chain_many(network: Network, block: str, base: torch.Tensor, delta: torch.Tensor, gates: torch.Tensor,
+               stops: list[tuple[Point, int, int]]) -> list[torch.Tensor]:
+    """:meth:`Network.chain` for many channels at once: for each stop (point, first, end), channels first..end-1 of
+    ``gates`` read at that point, all in one pass."""
+    rows, H = gates.shape[0], network.heads
+    found: dict[int, torch.Tensor] = {}
+    final = Point(block, len(network.layers[block]), "in")  # the block's final state ("out" reads it)
+    stops = [(final if where.where == "out" else where, first, end) for where, first, end in stops]
 
-        h = mixed(0, 1)
-        for j, L in enumerate(self.layers[block]):
-            first = 1 + j * (2 * H + 1)
-            if stop(Point(block, j, "in"), h):
-                break
-            h = L.self_norm(h + mixed(first, first + H) + L.self_out.bias)
-            if stop(Point(block, j, "mid"), h):
-                break
-            assert L.cross_norm is not None and L.cross_out is not None
-            h = L.cross_norm(h + mixed(first + H, first + 2 * H) + L.cross_out.bias)
-            if stop(Point(block, j, "post"), h):
-                break
-            h = L.mlp_norm(h + mixed(first + 2 * H, first + 2 * H + 1))
-        else:
-            stop(final, h)
-        return [found[i] for i in range(len(stops))]
+    def mixed(a: int, b: int) -> torch.Tensor:
+        d = delta[:, a:b].expand(rows, -1, -1, -1)
+        return base[:, a:b].sum(1)[:, None] + torch.einsum("rcs,rstd->rctd", gates[:, :, a:b], d)
 
+    def stop(point: Point, h: torch.Tensor) -> bool:
+        for i, (where, first, end) in enumerate(stops):
+            if where == point:
+                found[i] = h[:, first:end]
+        return len(found) == len(stops)
+
+    h = mixed(0, 1)
+    for j, L in enumerate(network.layers[block]):
+        first = 1 + j * (2 * H + 1)
+        if stop(Point(block, j, "in"), h):
+            break
+        h = L.self_norm(h + mixed(first, first + H) + L.self_out.bias)
+        if stop(Point(block, j, "mid"), h):
+            break
+        assert L.cross_norm is not None and L.cross_out is not None
+        h = L.cross_norm(h + mixed(first + H, first + 2 * H) + L.cross_out.bias)
+        if stop(Point(block, j, "post"), h):
+            break
+        h = L.mlp_norm(h + mixed(first + 2 * H, first + 2 * H + 1))
+    else:
+        stop(final, h)
+    return [found[i] for i in range(len(stops))]
 
 def _untapped(point: Point, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return tensors

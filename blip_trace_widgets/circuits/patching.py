@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from blip_trace_widgets.core.significance import CellStatistics
-
+from ..core.significance import CellStatistics
 from .graph import CircuitGraph, Point, circuit_graph
 from .inputs import CircuitInputs, circuit_inputs
 from .names import DEC, DEFAULT_SAMPLES, DEFAULT_SEED, IMAGE, NOISING, QE, check_direction

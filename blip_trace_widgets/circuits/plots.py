@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from blip_trace_widgets.causal_trace.plots import figure_png, new_figure
-
+from ..causal_trace.plots import figure_png, new_figure
 from .faithfulness import Curve
 from .graph import Shape
 from .names import BANDS, CROSS, DEC, DEFAULT_TOP, IMAGE, OUT, QE, SELF, split_edge

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from blip_trace_widgets.core.errors import BlipTraceError
-from blip_trace_widgets.core.significance import CellStatistics
-
+from ..core.errors import BlipTraceError
+from ..core.significance import CellStatistics
 from .names import FORMAT, METHOD_LABELS, NOISING, split_edge
 
 

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from blip_trace_widgets.core.errors import BlipTraceError
-
+from ..core.errors import BlipTraceError
 from .attribution import attribution_draws
 from .graph import CircuitGraph, circuit_graph
 from .inputs import CircuitInputs, circuit_inputs

@@ -22,13 +22,13 @@ from typing import Any
 
 import ipywidgets as W
 
-from blip_trace_widgets.circuits.faithfulness import Curve, Faithfulness, circuit, faithfulness, faithfulness_curve
-from blip_trace_widgets.circuits.inputs import CircuitInputs, circuit_inputs
-from blip_trace_widgets.circuits.names import DEFAULT_SAMPLES, DEFAULT_TOP, METHOD_LABELS, METHODS
-from blip_trace_widgets.circuits.plots import circuit_png
-from blip_trace_widgets.circuits.result import EdgeResult
-from blip_trace_widgets.circuits.scores import edge_scores
-from blip_trace_widgets.core.errors import BlipTraceError
+from ..circuits.faithfulness import Curve, Faithfulness, circuit, faithfulness, faithfulness_curve
+from ..circuits.inputs import CircuitInputs, circuit_inputs
+from ..circuits.names import DEFAULT_SAMPLES, DEFAULT_TOP, METHOD_LABELS, METHODS
+from ..circuits.plots import circuit_png
+from ..circuits.result import EdgeResult
+from ..circuits.scores import edge_scores
+from ..core.errors import BlipTraceError
 
 NOISE, PAIR = "noise", "counterfactual image"
 
