@@ -233,7 +233,7 @@ def test_verified_mode_shows_the_estimate_then_its_top_cells_exact(demo_bundle, 
     explorer.kind.value = "mlp"
     assert shown == ["estimate", "verified"]
     result = explorer.result
-    assert result.exact_cells.sum() == 5 and "5 cells exact (outlined)" in explorer.status.value
+    assert result.exact_cells.sum() == DEFAULT_VERIFY and f"{DEFAULT_VERIFY} cells exact (outlined)" in explorer.status.value
     exact = explorer.tracer.trace(result.config and explorer.config)
     assert_close(result.scores[result.exact_cells], exact.scores[result.exact_cells])
     explorer.window.value = 3  # a window's estimate costs more than the exact map: exact at once

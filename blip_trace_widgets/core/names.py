@@ -223,11 +223,15 @@ SEVER_AT_LABELS: dict[str, str] = {
     "all": "at every position",
 }
 
+#: Cells a verified estimate computes exactly: the estimate's top ones. On the demo model the one-step estimate puts
+#: the exact 30-sample map's top significant cell among its top 5 in 72% of hidden-state maps and among its top 10 in
+#: 92% (25 easy-VQA maps), so 10 are verified.
+DEFAULT_VERIFY = 10
 METHODS: tuple[Method, ...] = ("exact", "estimate", "verified")
 METHOD_LABELS: dict[str, str] = {
     "exact": "exact (one patched run per cell)",
     "estimate": "estimate (attribution patching)",
-    "verified": "estimate, then the exact value of its top cells (verify=k, default 5)",
+    "verified": f"estimate, then the exact value of its top cells (verify=k, default {DEFAULT_VERIFY})",
 }
 #: Which way a cell is patched: clean states into the corrupted run (denoising: what is sufficient, ROME's), or
 #: corrupted states into the clean run (noising: what is necessary).
@@ -236,8 +240,6 @@ DIRECTION_LABELS: dict[str, str] = {
     "denoise": "restoring clean states into the corrupted run (what suffices)",
     "noise": "patching corrupted states into the clean run (what is necessary)",
 }
-#: Cells a verified estimate computes exactly: the estimate's top ones.
-DEFAULT_VERIFY = 5
 #: An order=2 estimate flags a cell whose second-order term exceeds this fraction of the map's total effect
 #: (or of the metric's floor, when that is larger): its first-order value is not to be trusted.
 RELIABILITY_TOLERANCE = 0.1
