@@ -52,7 +52,8 @@ _PUBLIC: dict[str, str] = {
     "KnockoutResult": "attention_knockout.result",
     "knockout_sweep": "attention_knockout.sweep", "knockout_average": "attention_knockout.sweep",
     "trace_cost": "causal_trace.cost",
-    **{name: "lenses" for name in ("lens", "LensResult", "TunedLens", "train_tuned_lens", "query_words")},
+    **{name: "lenses" for name in ("lens", "LensResult", "TunedLens", "train_tuned_lens", "query_words",
+                                   "lens_sweep", "lens_average")},
     "LensExplorer": "widgets.lens",
     **{name: "circuits" for name in ("circuit_graph", "path_patch", "edge_scores", "EdgeResult", "circuit",
                                      "faithfulness", "faithfulness_curve", "plot_circuit")},
@@ -125,7 +126,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     )
     from .datasets.easy_vqa import PairSample, demo_samples, easy_vqa_captions, easy_vqa_pairs, shape_box
     from .datasets.subsets import hf_pairs, load_vqa_subset, open_image, question_pairs
-    from .lenses import LensResult, TunedLens, lens, query_words, train_tuned_lens
+    from .lenses import LensResult, TunedLens, lens, lens_average, lens_sweep, query_words, train_tuned_lens
     from .models.loading import BlipBundle, load_model
     from .sweeps.plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
     from .sweeps.sweep import load_sweep, sweep

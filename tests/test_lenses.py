@@ -431,3 +431,39 @@ def test_low_rank_translators_start_at_the_logit_lens_learn_and_round_trip(sampl
     assert torch.equal(lens_log_probs(bundle, reading, "tuned", loaded), lens_log_probs(bundle, reading, "tuned", low))
     with pytest.raises(BlipTraceError, match="rank=0"):
         TunedLens("answer_decoder", 4, 128, rank=0)
+
+
+def test_a_lens_sweep_is_each_questions_own_lens_and_its_average(demo_bundle):
+    """The sweep's rows are each question's lens at its last position, and the average's mean and interval are
+    those of the rows, computed here with numpy."""
+    from blip_trace_widgets import demo_samples
+    from blip_trace_widgets.lenses import lens, lens_average, lens_sweep
+
+    samples = demo_samples(per_type=1)
+    table = lens_sweep(demo_bundle, samples, scored="expected")
+    for index, (image, question, answer) in enumerate(samples):
+        own = lens(demo_bundle, image, question, answer=answer)
+        rows = table[table["question"] == index].sort_values("layer")
+        np.testing.assert_allclose(rows["p_answer"], own.answer_prob[-1])
+        assert list(rows["rank"]) == list(own.answer_rank[-1]) and set(rows["answer"]) == {own.answer}
+    average = lens_average(table)
+    last = table[table["layer"] == table["layer"].max()]["p_answer"].to_numpy()
+    row = average.iloc[-1]
+    half = 4.302653 * last.std(ddof=1) / np.sqrt(len(last))  # Student's t, 2 degrees of freedom, 95%
+    assert row["p_answer"] == pytest.approx(last.mean()) and row["p_answer_high"] == pytest.approx(last.mean() + half,
+                                                                                                  rel=1e-4)
+    with pytest.raises(BlipTraceError, match="scored must be one of"):
+        lens_sweep(demo_bundle, samples, scored="mine")
+
+
+def test_the_lens_command_sweeps_a_dataset(tmp_path, capsys):
+    from blip_trace_widgets.cli import main
+
+    assert main(["lens", "--dataset", "easy-vqa-color", "--limit", "2", "--out", str(tmp_path)]) == 0
+    import pandas as pd
+
+    average = pd.read_csv(tmp_path / "lens-logit-answer_decoder-easy-vqa-color-average.csv")
+    assert list(average["layer"]) == [0, 1, 2, 3] and set(average["questions"]) == {2}
+    assert "p_answer" in capsys.readouterr().out
+    assert main(["lens", "--dataset", "easy-vqa-color", "--image", "x.png", "--out", str(tmp_path)]) == 2
+    assert "not both or neither" in capsys.readouterr().err

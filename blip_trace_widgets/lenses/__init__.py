@@ -11,6 +11,7 @@
 - :func:`query_words`: BLIP-2's projected queries against the language model's input embeddings;
 - :func:`train_tuned_lens` and :class:`TunedLens` (:mod:`.tuned`), with translators shipped for the demo models;
 - :func:`confidence` (:mod:`.confidence`): internal confidence of words at BLIP-2's image queries;
+- :func:`lens_sweep` and :func:`lens_average` (:mod:`.sweep`): p(answer), rank and KL per layer over a dataset;
 - :mod:`.plots` (figures), :mod:`.command` (``blip-trace lens``), and ``widgets.lens.LensExplorer``.
 
 Measured with release 0.3.0 on a machine of 2 shared CPU cores, one torch thread:
@@ -33,6 +34,8 @@ from __future__ import annotations
 from .confidence import confidence, image_confidence
 from .core import lens, query_words
 from .result import LensResult
+from .sweep import lens_average, lens_sweep
 from .tuned import TunedLens, train_tuned_lens
 
-__all__ = ["LensResult", "TunedLens", "confidence", "image_confidence", "lens", "query_words", "train_tuned_lens"]
+__all__ = ["LensResult", "TunedLens", "confidence", "image_confidence", "lens", "lens_average", "lens_sweep", "query_words",
+           "train_tuned_lens"]

@@ -35,7 +35,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "(logit) or a trained translator first (tuned), from one forward pass. Writes PNG, JSON and CSV.")
     parser.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder or a hub id "
                         "(default: %(default)s)")
-    parser.add_argument("--image", required=True, help="path of the image file")
+    parser.add_argument("--image", default=None, help="path of the image file (or --dataset)")
+    parser.add_argument("--dataset", default=None, choices=_subsets(), help="a question set: p(answer), its rank and "
+                        "the KL per layer over its questions, averaged with 95%% intervals, instead of one image")
+    parser.add_argument("--limit", type=int, default=None, help="with --dataset: at most this many questions")
+    parser.add_argument("--cache-dir", default=None, help="with --dataset: where downloaded CSVs and images are kept")
     parser.add_argument("--question", "--prompt", "--text", dest="question", default="",
                         help="the question (VQA, BLIP-2) or the prompt (captioning)")
     parser.add_argument("--block", default=None, help="the block to lens (default: the model's own that ends in a "
@@ -52,8 +56,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _subsets() -> list[str]:
+    from ..datasets.subsets import SUBSETS
+
+    return list(SUBSETS)
+
+
 def _check_paths(args: argparse.Namespace) -> Path:
-    if not Path(args.image).is_file():
+    if (args.image is None) == (args.dataset is None):
+        raise BlipTraceError("give --image (one lens) or --dataset (a sweep), not both or neither")
+    if args.image is not None and not Path(args.image).is_file():
         raise BlipTraceError(f"--image {args.image!r}: no such file" + (" (it is a folder: name an image file in it)"
                                                                        if Path(args.image).is_dir() else ""))
     if args.tuned is not None and not Path(args.tuned).is_file():
@@ -75,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = _check_paths(args)
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.dataset is not None:
+        return _sweep(args, bundle, out)
     tuned = TunedLens.load(args.tuned) if args.tuned is not None else None
     result = lens(bundle, Image.open(args.image), args.question, block=args.block, kind=args.kind, top=args.top,
                   answer=args.answer, tuned=tuned)
@@ -90,4 +104,25 @@ def run(args: argparse.Namespace) -> int:
     print(result)
     for path in [*written, Path(f"{stem}.csv")]:
         print(f"wrote {path}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace, bundle: Any, out: Path) -> int:
+    """``--dataset``: the lens of each question at its last position, and the averages per layer."""
+    from ..datasets.subsets import load_vqa_subset
+    from .sweep import lens_average, lens_sweep
+
+    if args.tuned is not None or args.answer is not None:
+        raise BlipTraceError("--tuned and --answer lens one image: drop them with --dataset (the shipped translators "
+                             "and each question's own answer are used)")
+    items = load_vqa_subset(args.dataset, cache_dir=args.cache_dir, limit=args.limit)
+    table = lens_sweep(bundle, items, block=args.block, kind=args.kind, limit=args.limit)
+    average = lens_average(table)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"lens-{args.kind}-{table['block'].iloc[0]}-{args.dataset}"
+    table.to_csv(f"{stem}.csv", index=False)
+    average.to_csv(f"{stem}-average.csv", index=False)
+    print(average[["layer", "questions", "p_answer", "p_answer_low", "p_answer_high", "rank_median", "top_share"]]
+          .round(3).to_string(index=False))
+    print(f"wrote {stem}.csv and {stem}-average.csv")
     return 0
