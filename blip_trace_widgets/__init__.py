@@ -54,7 +54,7 @@ _PUBLIC: dict[str, str] = {
     "trace_cost": "causal_trace.cost",
     **{name: "lenses" for name in ("lens", "LensResult", "TunedLens", "train_tuned_lens", "query_words",
                                    "lens_sweep", "lens_average")},
-    "LensExplorer": "widgets.lens",
+    "LensExplorer": "widgets.lens", "CircuitExplorer": "widgets.circuit",
     **{name: "circuits" for name in ("circuit_graph", "path_patch", "edge_scores", "EdgeResult", "circuit",
                                      "faithfulness", "faithfulness_curve", "plot_circuit")},
 }
@@ -131,4 +131,5 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .sweeps.plots import plot_average_heatmaps, plot_effect_by_layer, plot_subset_comparison
     from .sweeps.sweep import load_sweep, sweep
     from .widgets import KnockoutExplorer, TraceExplorer, VisionTraceExplorer
+    from .widgets.circuit import CircuitExplorer
     from .widgets.lens import LensExplorer
