@@ -69,3 +69,23 @@ def test_bad_plans_are_refused(demo_bundle, demo_sample):
     with pytest.raises(BlipTraceError, match="max_samples"):
         AutoSampling(round_samples=4, max_samples=3)
     assert np.isfinite(AutoSampling().max_samples)
+
+
+def test_an_empty_significant_set_must_hold_longer_before_the_map_stops():
+    """Nothing significant yet holds still too: the map stops as stable only after ``empty_rounds`` rounds of it,
+    and after ``stable_rounds`` once a cell is significant."""
+    from types import SimpleNamespace
+
+    from blip_trace_widgets.causal_trace.sharpen import _stopped
+
+    def result(flagged: bool):
+        significant = np.array([[flagged, False]])
+        stats = SimpleNamespace(significant=lambda: significant, samples=8)
+        return SimpleNamespace(statistics=lambda: stats)
+
+    plan = AutoSampling(round_samples=4, max_samples=64, stable_rounds=2, empty_rounds=4)
+    assert _stopped(result(True), plan, held=2, seconds=0.0, should_stop=None) == "stable"
+    assert _stopped(result(False), plan, held=2, seconds=0.0, should_stop=None) is None
+    assert _stopped(result(False), plan, held=4, seconds=0.0, should_stop=None) == "stable"
+    with pytest.raises(BlipTraceError, match="empty_rounds"):
+        AutoSampling(empty_rounds=0)
