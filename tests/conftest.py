@@ -24,8 +24,7 @@ EXPLORER_EXAMPLES = {"blip_trace_widgets.widgets", "blip_trace_widgets.widgets.e
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "lengthy: marked slow for its running time alone (tests/fast_subset.py); "
-                            "tests/test_transformers4.py still runs it")
+    config.addinivalue_line("markers", "lengthy: marked slow for its running time alone (tests/fast_subset.py)")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,7 +1,7 @@
 """Marks that keep a test out of the fast subset (``-m "not slow and not browser"``) for its running time alone.
 
-Such a test is marked ``slow`` (the fast subset leaves it out, the full suite runs it) and ``lengthy``, so that
-tests/test_transformers4.py, which leaves out the slow tests, still runs it under the oldest transformers.
+Such a test is marked ``slow`` (the fast subset leaves it out, the full suite runs it) and ``lengthy``, which says why:
+its running time, not what it checks (``-m lengthy`` selects them).
 """
 from __future__ import annotations
 
