@@ -21,6 +21,7 @@ cross-attention keys and values, every question-encoder node to the decoder's cr
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,16 +30,20 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..core.errors import BlipTraceError
-from ..core.names import ANSWER_DECODER, QUESTION_ENCODER
+from ..core.names import ANSWER_DECODER, LANGUAGE_MODEL, QFORMER, QUESTION_ENCODER
 from ..models import anatomy
 from .names import (
+    BLOCK_NAMES,
     BLOCK_PREFIXES,
     CHANNELS,
     CROSS,
     DEC,
     IMAGE,
+    LM,
     OUT,
     QE,
+    QF,
+    QF_LM,
     SELF,
     channel_name,
     edge_name,
@@ -74,6 +79,9 @@ class Shape:
     def slots(self, block: str) -> int:
         """A block's senders: its embedding, then per layer its self heads, cross heads and MLP."""
         return 1 + self.layers(block) * (2 * self.heads + 1)
+
+    def node_names(self) -> list[str]:
+        return [IMAGE, *self.slot_names(QE), *self.slot_names(DEC)]
 
     def slot_names(self, block: str) -> list[str]:
         names = [emb_name(block)]
@@ -117,16 +125,114 @@ class Shape:
         return {"in": base, "mid": base + self.heads, "post": base + 2 * self.heads, "out": self.slots(DEC)}[where]
 
 
-def shape_of(model: Any) -> Shape:
-    return Shape(len(anatomy.text_layers(model, QUESTION_ENCODER)), len(anatomy.text_layers(model, ANSWER_DECODER)),
-                 anatomy.num_heads(model, QUESTION_ENCODER))
+@dataclass(frozen=True)
+class QueryShape:
+    """BLIP-2's or InstructBLIP's graph sizes (OPT language model): Q-Former layers and heads, which layers
+    cross-attend (``l % cross_every == 0``), language-model layers and heads."""
+
+    qf_layers: int
+    qf_heads: int
+    cross_every: int
+    lm_layers: int
+    lm_heads: int
+
+    @property
+    def heads(self) -> int:
+        return max(self.qf_heads, self.lm_heads)
+
+    def crosses(self, layer: int) -> bool:
+        return layer % self.cross_every == 0
+
+    def slot_names(self, block: str) -> list[str]:
+        """A block's senders in order: its embedding, then per layer its self heads, (cross heads) and MLP;
+        ``qf+lm``: the Q-Former's, then the language model's."""
+        if block == QF_LM:
+            return self.slot_names(QF) + self.slot_names(LM)
+        heads, layers = (self.qf_heads, self.qf_layers) if block == QF else (self.lm_heads, self.lm_layers)
+        names = [emb_name(block)]
+        for layer in range(layers):
+            names += [head_name(block, layer, SELF, h) for h in range(heads)]
+            if block == QF and self.crosses(layer):
+                names += [head_name(block, layer, CROSS, h) for h in range(heads)]
+            names.append(mlp_name(block, layer))
+        return names
+
+    def node_names(self) -> list[str]:
+        return [IMAGE, *self.slot_names(QF), *self.slot_names(LM)]
+
+    def points(self) -> list[Point]:
+        out = []
+        for layer in range(self.qf_layers):
+            wheres = ("in", "mid", "kv", "post") if self.crosses(layer) else ("in", "post")
+            out += [Point(QF, layer, where) for where in wheres]
+        for layer in range(self.lm_layers):
+            out += [Point(LM, layer, where) for where in ("in", "post")]
+        return [*out, Point(LM, self.lm_layers, "out")]
+
+    def channels_at(self, point: Point) -> list[str]:
+        b, layer, where = point
+        h = range(self.qf_heads if b == QF else self.lm_heads)
+        if where == "in":
+            return [channel_name(b, layer, SELF, i, part) for part in CHANNELS for i in h]
+        if where == "mid":
+            return [channel_name(b, layer, CROSS, i, "q") for i in h]
+        if where == "kv":
+            return [channel_name(b, layer, CROSS, i, part) for part in ("k", "v") for i in h]
+        return [mlp_name(b, layer)] if where == "post" else [OUT]
+
+    def source_block(self, point: Point) -> str:
+        if point.block == LM:
+            return QF_LM
+        return IMAGE if point.where == "kv" else QF
+
+    def senders_at(self, point: Point) -> int:
+        """How many of the source block's slots send to the point's channels (the first ones)."""
+        b, layer, where = point
+        if where == "kv":
+            return 1
+        names = self.slot_names(b)
+        start = names.index(emb_name(b)) + 1 if layer == 0 else names.index(mlp_name(b, layer - 1)) + 1
+        if b == QF:
+            heads = self.qf_heads * (2 if self.crosses(layer) else 1)
+            return {"in": start, "mid": start + self.qf_heads, "post": start + heads}[where]
+        qf = len(self.slot_names(QF))
+        if where == "out":
+            return qf + len(names)
+        return qf + {"in": start, "post": start + self.lm_heads}[where]
+
+
+def shape_of(model: Any) -> Shape | QueryShape:
+    """The graph's sizes: BLIP VQA's, or BLIP-2's / InstructBLIP's with an OPT language model."""
+    kind = str(getattr(getattr(model, "config", None), "model_type", ""))
+    if kind not in QUERY_MODELS:
+        return Shape(len(anatomy.text_layers(model, QUESTION_ENCODER)),
+                     len(anatomy.text_layers(model, ANSWER_DECODER)), anatomy.num_heads(model, QUESTION_ENCODER))
+    language = str(getattr(anatomy.text_config(model), "model_type", "?"))
+    if language != "opt":
+        raise BlipTraceError(f"circuits of {kind} run with an OPT language model only, and this one's is {language} "
+                             "(T5 and LLaMA are not supported): use BLIP VQA, or BLIP-2 / InstructBLIP with OPT "
+                             "such as load_model('demo-blip2')")
+    anatomy.language_model_row(model)  # refuses a post-LN OPT
+    qformer = anatomy.block_config(model, QFORMER)
+    return QueryShape(int(qformer.num_hidden_layers), int(qformer.num_attention_heads),
+                      int(qformer.cross_attention_frequency), anatomy.num_layers(model, LANGUAGE_MODEL),
+                      anatomy.num_heads(model, LANGUAGE_MODEL))
+
+
+#: The architectures (``model_type``) whose graph is :class:`QueryShape`'s.
+QUERY_MODELS = ("blip-2", "instructblip")
+
+
+def shape_from_dict(data: dict[str, Any]) -> Shape | QueryShape:
+    """A shape from its ``vars`` (as a graph's or an edge result's JSON holds it)."""
+    return QueryShape(**data) if "qf_layers" in data else Shape(**data)
 
 
 @dataclass
 class CircuitGraph:
     """Nodes, channels and edges of one model's circuit graph (see the module's docstring)."""
 
-    shape: Shape
+    shape: Shape | QueryShape
     nodes: list[str] = field(init=False)
     channels: list[str] = field(init=False)
     edges: list[str] = field(init=False)
@@ -137,7 +243,7 @@ class CircuitGraph:
 
     def __post_init__(self) -> None:
         s = self.shape
-        self.nodes = [IMAGE, *s.slot_names(QE), *s.slot_names(DEC)]
+        self.nodes = s.node_names()
         node_index = {n: i for i, n in enumerate(self.nodes)}
         self.channels = []
         edges: list[str] = []
@@ -163,6 +269,17 @@ class CircuitGraph:
 
     def __len__(self) -> int:
         return len(self.edges)
+
+    @functools.cached_property
+    def point_edges(self) -> dict[Point, tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per point: its channels' count, and for every edge into them (its channel's place at the point, its
+        sender's index in :attr:`nodes`, its own index)."""
+        found: dict[Point, list[tuple[int, int, int]]] = {p: [] for p in self.index}
+        for i, (sender, receiver) in enumerate(zip(self.senders.tolist(), self.receivers.tolist())):
+            point, place = self.places[receiver]
+            found[point].append((place, sender, i))
+        return {p: (len(self.shape.channels_at(p)), *(np.array(col, dtype=np.int64) for col in zip(*rows)))
+                for p, rows in found.items()}
 
     def slot_of(self, node: int, block: str) -> int | None:
         """A node's slot among ``block``'s senders (``img``: 0 of "img"), None when it belongs elsewhere."""
@@ -213,11 +330,11 @@ class CircuitGraph:
 
     @classmethod
     def from_json(cls, text: str) -> CircuitGraph:
-        return cls(Shape(**json.loads(text)["shape"]))
+        return cls(shape_from_dict(json.loads(text)["shape"]))
 
 
 def circuit_graph(bundle: Any) -> CircuitGraph:
-    """The circuit graph of a BLIP VQA bundle (or model)."""
+    """The circuit graph of a BLIP VQA bundle (or model), or of BLIP-2 / InstructBLIP with an OPT language model."""
     return CircuitGraph(shape_of(getattr(bundle, "model", bundle)))
 
 
@@ -233,7 +350,7 @@ def _specs(spec: str | list[str]) -> list[str]:
         if parts[-1] in _GROUPS and len(parts) >= 2:
             out.append(".".join(parts[:-1]) + "." + _GROUPS[parts[-1]].split(".", 1)[1] if len(parts) == 3
                        else parts[0] + "." + _GROUPS[parts[-1]])
-        elif s in (QE, DEC) or (len(parts) == 2 and parts[1].startswith("L")):
+        elif s in BLOCK_NAMES[1:] or (len(parts) == 2 and parts[1].startswith("L")):
             out += [s + ".*", s]
         else:
             out.append(s)

@@ -22,6 +22,7 @@ from ..causal_trace.clean import CleanPass
 from ..core.errors import BlipTraceError
 from ..core.names import ANSWER_DECODER, QUESTION_ENCODER
 from ..corruptions.kinds import GaussianNoise, ImageSwap
+from .graph import QueryShape, shape_of
 from .names import DEFAULT_SAMPLES, DEFAULT_SEED, METRICS
 
 
@@ -46,6 +47,8 @@ class CircuitInputs:
     offset: int = 0
     #: What is scored: "logprob" (log p of the answer's first token) or "prob" (p).
     metric: str = "logprob"
+    #: InstructBLIP's Q-Former instruction [1, T'] (the same in both runs); None for other models.
+    instruction_ids: torch.Tensor | None = None
 
 
 def circuit_inputs(bundle: Any, image: Any, question: str, *, corruption: Any = None, samples: int = DEFAULT_SAMPLES,
@@ -57,8 +60,11 @@ def circuit_inputs(bundle: Any, image: Any, question: str, *, corruption: Any = 
     if not isinstance(samples, int) or not 1 <= samples <= 1000:
         raise BlipTraceError(f"samples must be a whole number from 1 to 1000, got {samples!r}")
     reading = CleanPass(bundle, image, question)
+    if isinstance(shape_of(bundle.model), QueryShape):
+        return _query_inputs(reading, corruption, samples, seed, answer, metric)
     if not {QUESTION_ENCODER, ANSWER_DECODER} <= set(reading.task.blocks):  # BLIP VQA's two text blocks
-        raise BlipTraceError("circuits are built for BLIP VQA models: load one such as load_model('demo')")
+        raise BlipTraceError("circuits are built for BLIP VQA models, and for BLIP-2 and InstructBLIP with an OPT "
+                             "language model: load one such as load_model('demo') or load_model('demo-blip2')")
     img = reading.clean.image_embeds
     ids = torch.tensor([list(reading.question_ids)], device=reading.device)
     text = answer if answer is not None else reading.model_answer
@@ -68,6 +74,27 @@ def circuit_inputs(bundle: Any, image: Any, question: str, *, corruption: Any = 
     decoder = torch.tensor([[reading.bos_id]], device=reading.device)
     corrupted_img, corrupted_ids, info = _corrupt(reading, img, ids, corruption, samples, seed)
     return CircuitInputs(img, ids, decoder, int(tokens[0]), text, corrupted_img, corrupted_ids, info, metric=metric)
+
+
+def _query_inputs(reading: CleanPass, corruption: Any, samples: int, seed: int, answer: str | None,
+                  metric: str) -> CircuitInputs:
+    """BLIP-2's or InstructBLIP's: the prompt's ids (after the Q queries in the language model), InstructBLIP's
+    instruction, the answer's first token, scored at the prompt's last position (row Q + T - 1)."""
+    if isinstance(corruption, str):
+        raise BlipTraceError("BLIP-2 and InstructBLIP circuits corrupt the image only (the prompt is the same in both "
+                             "runs): pass noise, another image or image embeddings as corruption")
+    bundle = reading.bundle
+    img = reading.clean.image_embeds
+    ids = torch.tensor([list(reading.question_ids)], device=reading.device)
+    text = answer if answer is not None else reading.model_answer
+    tokens = reading.task.answer_tokens(bundle.tokenizer, text) if answer is not None else reading.clean.greedy_ids
+    if not tokens:
+        raise BlipTraceError("the model gives an empty answer to this question; pass answer='...' to score one")
+    instruction = torch.tensor([list(reading.instruction_ids)], dtype=torch.long, device=reading.device)
+    corrupted_img, _, info = _corrupt(reading, img, ids, corruption, samples, seed)
+    offset = int(bundle.model.config.num_query_tokens) + ids.shape[1] - 1
+    return CircuitInputs(img, ids, ids[:, :0], int(tokens[0]), text, corrupted_img, ids, info, offset=offset,
+                         metric=metric, instruction_ids=instruction if instruction.shape[1] else None)
 
 
 def _corrupt(reading: CleanPass, img: torch.Tensor, ids: torch.Tensor, corruption: Any, samples: int,

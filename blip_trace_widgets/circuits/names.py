@@ -17,8 +17,17 @@ IMAGE = "img"
 OUT = "out"
 QE, DEC = "qe", "dec"
 BLOCK_PREFIXES: tuple[str, ...] = (QE, DEC)
+#: BLIP-2's and InstructBLIP's blocks: the Q-Former and the (OPT) language model.
+QF, LM = "qf", "lm"
+QUERY_PREFIXES: tuple[str, ...] = (QF, LM)
+#: What sends to a language-model channel: every Q-Former node and the language model's earlier nodes.
+QF_LM = "qf+lm"
+#: Every block a node name may start with.
+BLOCK_NAMES: tuple[str, ...] = (IMAGE, QE, DEC, QF, LM)
 #: The graph's blocks, as its figure draws them left to right: the image, the question encoder, the answer decoder.
 BANDS: dict[str, str] = {IMAGE: "vision", QE: "question encoder", DEC: "answer decoder"}
+#: BLIP-2's and InstructBLIP's bands: the ViT's output, the Q-Former, the language model.
+QUERY_BANDS: dict[str, str] = {IMAGE: "ViT image input", QF: "Q-Former", LM: "language model"}
 SELF, CROSS = "H", "X"  # a self-attention head, a cross-attention head
 CHANNELS = ("q", "k", "v")
 

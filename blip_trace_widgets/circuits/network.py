@@ -25,10 +25,10 @@ from typing import Any, Protocol
 
 import torch
 
-from ..core.names import ANSWER_DECODER, QUESTION_ENCODER
+from ..core.names import ANSWER_DECODER, QFORMER, QUESTION_ENCODER
 from ..models import anatomy
-from .graph import Point, Shape, shape_of
-from .names import CROSS, DEC, QE, SELF
+from .graph import Point, QueryShape, Shape, shape_of
+from .names import CROSS, DEC, LM, QE, QF, SELF
 
 BLOCKS = {QE: QUESTION_ENCODER, DEC: ANSWER_DECODER}
 
@@ -65,9 +65,13 @@ class Record:
 class Network:
     """The question encoder and answer decoder of a BLIP VQA bundle, run layer by layer (see the module)."""
 
+    #: The block whose channels a run may reach without rerunning the earlier one (the decoder reads the question
+    #: encoder's final output).
+    last_block = DEC
+
     def __init__(self, bundle: Any) -> None:
         model = getattr(bundle, "model", bundle)
-        self.shape: Shape = shape_of(model)
+        self.shape: Shape = shape_of(model)  # type: ignore[assignment]
         self.layers = {b: anatomy.text_layers(model, name) for b, name in BLOCKS.items()}
         self.embeddings = {b: anatomy.text_embeddings(model, name) for b, name in BLOCKS.items()}
         self.lm_head = anatomy.answer_head(model)
@@ -75,6 +79,12 @@ class Network:
 
     def embed(self, block: str, ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings[block](input_ids=ids)
+
+    def clean_inputs(self, pair: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return pair.img, self.embed(QE, pair.question_ids), self.embed(DEC, pair.decoder_ids)
+
+    def corrupted_inputs(self, pair: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return pair.corrupted_img, self.embed(QE, pair.corrupted_question_ids), self.embed(DEC, pair.decoder_ids)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -319,3 +329,243 @@ def _causal(h: torch.Tensor) -> torch.Tensor | None:
     if t == 1:
         return None
     return torch.full((t, t), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)
+
+
+def network_of(bundle: Any) -> Network | QueryNetwork:
+    """The network of a bundle's family: :class:`Network` for BLIP VQA, :class:`QueryNetwork` for BLIP-2 and
+    InstructBLIP with an OPT language model."""
+    return NETWORKS[type(shape_of(getattr(bundle, "model", bundle)))](bundle)
+
+
+class QueryNetwork:
+    """BLIP-2's or InstructBLIP's Q-Former and OPT language model, run layer by layer with every receiver channel's
+    input open (the interface of :class:`Network`; see the module). Points are the graph's: a Q-Former layer's
+    ``in``, ``mid`` and ``kv`` (cross-attention layers only) and ``post``; a language-model layer's ``in`` and
+    ``post``, whose channels are the pre-LayerNorm residual (each head's and the MLP's LayerNorm is applied to its
+    own input), and ``out``."""
+
+    def __init__(self, bundle: Any) -> None:
+        model = getattr(bundle, "model", bundle)
+        self.shape: QueryShape = shape_of(model)  # type: ignore[assignment]
+        self.qf = anatomy.text_layers(model, QFORMER)
+        self.lm = anatomy.decoder_layers(model)
+        self.query_tokens, self.qf_norm = anatomy.queries(model)
+        self.instruction = anatomy.instruction_embeddings(model)
+        parts = anatomy.language_model_parts(model)
+        self.projection, self.tokens, self.positions = parts["projection"], parts["tokens"], parts["positions"]
+        self.final_norm, self.lm_head = parts["final_norm"], parts["head"]
+        self.count = int(self.query_tokens.shape[1])
+        self.qf_slots = len(self.shape.slot_names(QF))
+
+    #: As :attr:`Network.last_block`: the language model reads the Q-Former's final output.
+    last_block = LM
+
+    # ----- inputs --------------------------------------------------------------------------------------
+    def qf_embed(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """``qf.emb``: the Q-Former's layer-0 input [1, Q (+ T), D]: its queries (and InstructBLIP's instruction
+        ``ids``, with their learned positions), layer-normed."""
+        h = self.query_tokens
+        if ids is not None and ids.shape[1] and self.instruction is not None:
+            words, positions = self.instruction
+            h = torch.cat([h, (words(ids) + positions(torch.arange(ids.shape[1], device=ids.device))[None]).to(h)], 1)
+        return self.qf_norm(h)
+
+    def lm_embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """``lm.emb``: the prompt's token embeddings after Q zero rows, plus OPT's positions at every row."""
+        text = self.tokens(ids)
+        h = torch.cat([torch.zeros(1, self.count, text.shape[-1], dtype=text.dtype, device=text.device), text], 1)
+        index = torch.arange(h.shape[1], device=h.device) + int(getattr(self.positions, "offset", 2))
+        return h + self.positions.weight[index].to(h.dtype)
+
+    def clean_inputs(self, pair: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return pair.img, self.qf_embed(pair.instruction_ids), self.lm_embed(pair.question_ids)
+
+    def corrupted_inputs(self, pair: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return pair.corrupted_img, self.qf_embed(pair.instruction_ids), self.lm_embed(pair.question_ids)
+
+    def lm_input(self, lm_emb: torch.Tensor, qf_final: torch.Tensor) -> torch.Tensor:
+        """The language model's layer-0 input: ``lm.emb`` plus the projected queries at rows 0..Q-1."""
+        image = self.projection(qf_final[..., : self.count, :])
+        pad = image.new_zeros(*image.shape[:-2], lm_emb.shape[-2] - self.count, image.shape[-1])
+        return lm_emb + torch.cat([image, pad], -2)
+
+    # ----- the forward pass ----------------------------------------------------------------------------
+    def forward(self, img: torch.Tensor, qf_emb: torch.Tensor, lm_emb: torch.Tensor, pair: Any,
+                source: Source | None = None, qf_states: torch.Tensor | None = None, rows: int = 1) -> Record:
+        """One run (as :meth:`Network.forward`); with ``qf_states`` (the Q-Former's output) only the language
+        model runs."""
+        source = source or Live()
+        rows = max(rows, img.shape[0], qf_emb.shape[0], lm_emb.shape[0], 0 if qf_states is None else qf_states.shape[0])
+        record = Record(img.expand(rows, -1, -1))
+        bind = getattr(source, "bind", None)
+        if bind is not None:
+            bind(record)
+        if qf_states is None:
+            h = record.emb[QF] = qf_emb.expand(rows, -1, -1)
+            for j in range(len(self.qf)):
+                h = self.qf_layer(j, h, record.img, source, record)
+            qf_states = h
+        record.final[QF] = qf_states.expand(rows, -1, -1)
+        record.emb[LM] = lm_emb.expand(rows, -1, -1)
+        h = self.lm_input(record.emb[LM], record.final[QF])
+        mask = _causal(h)
+        for j in range(len(self.lm)):
+            h = self.lm_layer(j, h, source, record, mask)
+        record.final[LM] = h
+        x = source.at(Point(LM, len(self.lm), "out"), h)
+        logits = self.lm_head(self.final_norm((h if x is None else x[:, 0])[:, pair.offset]))
+        logprob = torch.log_softmax(logits.float(), -1)[:, pair.answer]
+        record.score = logprob.exp() if getattr(pair, "metric", "logprob") == "prob" else logprob
+        return record
+
+    def qf_layer(self, j: int, h: torch.Tensor, img: torch.Tensor, source: Source, record: Record) -> torch.Tensor:
+        L, H = self.qf[j], self.shape.qf_heads
+        x = source.at(Point(QF, j, "in"), h)
+        parts = [None, None, None] if x is None else [x[:, :H], x[:, H:2 * H], x[:, 2 * H:]]
+        q, k, v = (project_heads(lin, h, p, H) for lin, p in zip((L.self_query, L.self_key, L.self_value), parts))
+        z = record.heads[(QF, j, SELF)] = _attend(q, k, v, None)
+        h1 = L.self_norm(L.self_out(_merge(z)) + h)
+        h2 = h1 if L.cross_out is None else self.qf_cross(j, h1, img, source, record)
+        x = source.at(Point(QF, j, "post"), h2)
+        m = record.mlp[(QF, j)] = self.qf_mlp(L, h2 if x is None else x[:, 0])
+        return self.qf_mlp_norm(L, m + h2)
+
+    def qf_cross(self, j: int, h1: torch.Tensor, img: torch.Tensor, source: Source, record: Record) -> torch.Tensor:
+        """A cross-attention sublayer: only the queries' rows attend to the image; the instruction's pass by."""
+        L, H, Q = self.qf[j], self.shape.qf_heads, self.count
+        assert L.cross_query is not None and L.cross_key is not None and L.cross_value is not None
+        assert L.cross_out is not None and L.cross_norm is not None
+        x = source.at(Point(QF, j, "mid"), h1)
+        q = project_heads(L.cross_query, h1[:, :Q], None if x is None else x[:, :, :Q], H)
+        x = source.at(Point(QF, j, "kv"), img)
+        k = project_heads(L.cross_key, img, None if x is None else x[:, :H], H)
+        v = project_heads(L.cross_value, img, None if x is None else x[:, H:], H)
+        z = _attend(q, k, v, None)
+        rest = h1.shape[1] - Q
+        record.heads[(QF, j, CROSS)] = torch.cat([z, z.new_zeros(*z.shape[:2], rest, z.shape[-1])], 2)
+        return torch.cat([L.cross_norm(L.cross_out(_merge(z)) + h1[:, :Q]), h1[:, Q:]], 1)
+
+    def qf_mlp(self, L: Any, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward: the queries' rows through the query MLP, the instruction's through the text MLP."""
+        Q = self.count
+        m = L.mlp_out(L.mlp_act(L.mlp_in(x[..., :Q, :])))
+        if x.shape[-2] == Q:
+            return m
+        return torch.cat([m, L.text_mlp_out(L.text_mlp_act(L.text_mlp_in(x[..., Q:, :])))], -2)
+
+    def qf_mlp_norm(self, L: Any, x: torch.Tensor) -> torch.Tensor:
+        Q = self.count
+        if x.shape[-2] == Q:
+            return L.mlp_norm(x)
+        return torch.cat([L.mlp_norm(x[..., :Q, :]), L.text_mlp_norm(x[..., Q:, :])], -2)
+
+    def lm_layer(self, j: int, h: torch.Tensor, source: Source, record: Record,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        L, H = self.lm[j], self.shape.lm_heads
+        x = source.at(Point(LM, j, "in"), h)
+        normed = L.norm1(h if x is None else x)
+        parts = [None, None, None] if x is None else [normed[:, :H], normed[:, H:2 * H], normed[:, 2 * H:]]
+        q, k, v = (project_heads(lin, normed, p, H) for lin, p in zip((L.query, L.key, L.value), parts))
+        z = record.heads[(LM, j, SELF)] = _attend(q, k, v, mask)
+        h1 = h + L.attn_out(_merge(z))
+        x = source.at(Point(LM, j, "post"), h1)
+        m = record.mlp[(LM, j)] = L.fc2(L.act(L.fc1(L.norm2(h1 if x is None else x[:, 0]))))
+        return h1 + m
+
+    # ----- the frozen-node residual chain --------------------------------------------------------------
+    def contributions(self, record: Record, block: str) -> torch.Tensor:
+        """The block's senders' contributions recorded so far [B, S, T, D], in the graph's slot order (see
+        :meth:`Network.contributions`)."""
+        parts = [record.emb[block][:, None]]
+        for j, L in enumerate(self.qf if block == QF else self.lm):
+            outs = [(L.self_out if block == QF else L.attn_out, (block, j, SELF))]
+            if block == QF and L.cross_out is not None:
+                outs.append((L.cross_out, (QF, j, CROSS)))
+            for linear, key in outs:
+                if key not in record.heads:
+                    return torch.cat(parts, 1)
+                parts.append(head_outputs(linear, record.heads[key]))
+            if (block, j) not in record.mlp:
+                break
+            parts.append(record.mlp[(block, j)][:, None])
+        return torch.cat(parts, 1)
+
+    def chain(self, base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], gates: torch.Tensor,
+              upto: Point) -> torch.Tensor:
+        """The input of ``upto``'s channels [R, C, T, D] recomputed from node contributions: node u contributes
+        ``base[u] + gates[:, c, u] * delta[u]`` (base, delta per block [R or 1, S, T, D]; gates [R, C, nodes] over
+        the graph's nodes, ``img`` first); LayerNorms, the projection and the biases recomputed, nothing else."""
+        qf_gates = gates[:, :, 1:1 + self.qf_slots]
+        if upto.block == QF:
+            return chain_qf(self, base[QF], delta[QF], qf_gates, upto)
+        Q = self.count
+        final = chain_qf(self, base[QF][..., :Q, :], delta[QF][..., :Q, :], qf_gates, None)
+        return chain_lm(self, base[LM], delta[LM], gates[:, :, 1 + self.qf_slots:], upto, final)
+
+
+def project_heads(linear: Any, default: torch.Tensor, x: torch.Tensor | None, heads: int) -> torch.Tensor:
+    """Every head's projection of ``default`` [B, T, Din], or each head's own rows on its own input ``x``
+    [B, H, T, Din]: [B, H, T, dh]."""
+    if x is None:
+        b, t, _ = default.shape
+        return linear(default).view(b, t, heads, -1).transpose(1, 2)
+    w = linear.weight.view(heads, -1, linear.weight.shape[-1])
+    return torch.einsum("bhtd,hed->bhte", x, w) + linear.bias.view(heads, 1, -1)
+
+
+def head_outputs(linear: Any, z: torch.Tensor) -> torch.Tensor:
+    """Each head's contribution through its slice of the output projection (no bias): [B, H, T, D]."""
+    w = linear.weight.view(linear.weight.shape[0], z.shape[1], -1)
+    return torch.einsum("bhte,dhe->bhtd", z, w)
+
+
+def mixed_slots(base: torch.Tensor, delta: torch.Tensor, gates: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Slots a..b-1 summed, each ``base + gate * delta``: [R, C, T, D]."""
+    rows = max(gates.shape[0], delta.shape[0])
+    d = delta[:, a:b].expand(rows, -1, -1, -1)
+    return base[:, a:b].sum(1)[:, None] + torch.einsum("rcs,rstd->rctd", gates[:, :, a:b].expand(rows, -1, -1), d)
+
+
+def chain_qf(net: QueryNetwork, base: torch.Tensor, delta: torch.Tensor, gates: torch.Tensor,
+             upto: Point | None) -> torch.Tensor:
+    """The Q-Former's residual chain (post-LayerNorm) to ``upto`` (None: its final output)."""
+    H, Q = net.shape.qf_heads, net.count
+    h, s = mixed_slots(base, delta, gates, 0, 1), 1
+    for j, L in enumerate(net.qf):
+        if upto == Point(QF, j, "in"):
+            return h
+        h = L.self_norm(h + mixed_slots(base, delta, gates, s, s + H) + L.self_out.bias)
+        s += H
+        if L.cross_out is not None and L.cross_norm is not None:
+            if upto == Point(QF, j, "mid"):
+                return h
+            c = mixed_slots(base, delta, gates, s, s + H)[..., :Q, :] + L.cross_out.bias
+            h = torch.cat([L.cross_norm(h[..., :Q, :] + c), h[..., Q:, :]], -2)
+            s += H
+        if upto == Point(QF, j, "post"):
+            return h
+        h = net.qf_mlp_norm(L, h + mixed_slots(base, delta, gates, s, s + 1))
+        s += 1
+    return h
+
+
+def chain_lm(net: QueryNetwork, base: torch.Tensor, delta: torch.Tensor, gates: torch.Tensor, upto: Point,
+             qf_final: torch.Tensor) -> torch.Tensor:
+    """The language model's residual stream (pre-LayerNorm: a sum) to ``upto``, its query rows reading the
+    projection of ``qf_final`` [R, C, Q, Dq]."""
+    H = net.shape.lm_heads
+    h, s = net.lm_input(mixed_slots(base, delta, gates, 0, 1), qf_final), 1
+    for j, L in enumerate(net.lm):
+        if upto == Point(LM, j, "in"):
+            return h
+        h = h + mixed_slots(base, delta, gates, s, s + H) + L.attn_out.bias
+        s += H
+        if upto == Point(LM, j, "post"):
+            return h
+        h = h + mixed_slots(base, delta, gates, s, s + 1)
+        s += 1
+    return h
+
+
+#: The network of each graph shape's family.
+NETWORKS: dict[type, Any] = {Shape: Network, QueryShape: QueryNetwork}
