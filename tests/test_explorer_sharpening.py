@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
+from dataclasses import replace
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -130,11 +131,20 @@ def test_a_change_while_it_sharpens_cancels_it_for_the_new_settings(demo_bundle,
     np.testing.assert_array_equal(result.scores, expected.scores)
 
 
-def test_estimates_stay_and_the_exact_map_after_one_sharpens(demo_bundle, demo_sample):
+def test_estimates_stay_and_the_verified_or_exact_map_after_one_sharpens(demo_bundle, demo_sample):
     image, question, _ = demo_sample
     explorer = TraceExplorer(demo_bundle, image, question, background=False, mode="verified")
-    assert explorer.result.config["method"] == "verified" and "auto" not in explorer.result.config
-    assert explorer.result.config["samples"] == 10 and explorer.sharpening.layout.display == "none"
+    result = explorer.result  # the estimate's top cells made exact, drawn in rounds
+    auto = result.config["auto"]
+    assert result.config["method"] == "verified" and auto["stopped"] and auto["estimate_samples"] == 10
+    assert explorer.sharpening.line.value == status_text(result)
+    cells = np.array(result.config["exact_cells"])
+    assert len(cells) == 10  # its exact cells are the exact map's of the same samples; the others are estimates
+    exact = explorer.tracer.trace(replace(explorer.controls_config(), method="exact", samples=result.config["samples"]))
+    np.testing.assert_allclose(result.scores[cells[:, 0], cells[:, 1]], exact.scores[cells[:, 0], cells[:, 1]],
+                               atol=1e-6)
+    tested = result.statistics().tested()
+    assert tested.sum() == 10 and tested[cells[:, 0], cells[:, 1]].all()
     seen = watch(explorer)
     explorer.method.value = "both"  # the estimate, then the exact map, which sharpens
     assert seen[0].config["method"] == "estimate" and "auto" not in seen[0].config

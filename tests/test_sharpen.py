@@ -1,6 +1,8 @@
 """samples="auto": maps drawn in rounds equal one batch, stop when stable or at the budget, and can be stopped."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from fast_subset import lengthy
@@ -9,6 +11,7 @@ from tolerance import assert_close
 
 from blip_trace_widgets import BlipTraceError, GaussianNoise, TraceConfig, Tracer, WordSwap, load_model, trace
 from blip_trace_widgets.causal_trace.sharpen import AutoSampling, sharpen, status_text
+from blip_trace_widgets.core.names import DEFAULT_VERIFY
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,27 @@ def test_rounds_equal_one_batch_for_the_same_seed(tracer, direction):
     assert_close(rounds.draws, batch.draws)
     assert rounds.low_score == pytest.approx(batch.low_score, rel=1e-6)
     assert_close(seen[0].draws, batch.draws[:3])  # the first round is the first three samples of the batch
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_a_verified_map_sharpens_its_exact_cells_only(tracer, direction):
+    """The estimate over the seed's first 10 draws picks the cells; the rounds draw those cells exactly, and they
+    equal the exact map of as many samples there; the other cells stay the estimate's and are not tested."""
+    config = TraceConfig(kind="mlp", window=1, seed=7, corruption=GaussianNoise(2.0), direction=direction,
+                         method="verified", verify=4)
+    result = sharpen(tracer, config, AutoSampling(round_samples=3, max_samples=12, stable_rounds=99))
+    assert result.config["samples"] == 12 and result.config["auto"]["estimate_samples"] == 10
+    once = tracer.trace(replace(config, samples=10))
+    assert result.config["exact_cells"] == once.config["exact_cells"]  # the same estimate picked the same cells
+    cells = np.array(result.config["exact_cells"])
+    exact = tracer.trace(replace(config, method="exact", verify=DEFAULT_VERIFY, samples=12))
+    rows, layers = cells[:, 0], cells[:, 1]
+    assert_close(result.scores[rows, layers], exact.scores[rows, layers])
+    tested = result.statistics().tested()
+    assert tested.sum() == len(cells) and tested[rows, layers].all()
+    assert (result.exact_cells == tested).all()
+    estimate = tracer.trace(replace(config, method="estimate", verify=DEFAULT_VERIFY, samples=10))
+    assert_close(result.scores[~tested], estimate.scores[~tested])
 
 
 @lengthy

@@ -130,13 +130,19 @@ class VerifiedScorer:
         self.estimator = estimator
         self.unreliable = unreliable
 
-    def score(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
-              progress: Advance | None = None) -> Scores:
+    def pick(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+             progress: Advance | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The estimate's mean and standard error of every cell, and the indices of the cells to make exact."""
         mean, stderr, _, _ = self.estimator.score(block, cells, config, target, progress)
         low = float(self.estimator.gradients(block, config, target).scores.mean())  # the base: corrupted, or clean
         picked = np.argsort(-np.abs(mean - low), kind="stable")[: int(config.verify)]
         if config.flags_cells:  # every flagged cell is made exact too
             picked = np.union1d(picked, np.flatnonzero(self.unreliable(config)))
+        return mean, stderr, picked
+
+    def score(self, block: Block, cells: Sequence[Cell], config: TraceConfig, target: Target,
+              progress: Advance | None = None) -> Scores:
+        mean, stderr, picked = self.pick(block, cells, config, target, progress)
         exact_mean, exact_stderr, exact_draws = self.exact.patched(block, [cells[i] for i in picked], config, target,
                                                                    None)
         mean[picked], stderr[picked] = exact_mean, exact_stderr

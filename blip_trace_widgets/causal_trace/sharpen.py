@@ -17,6 +17,11 @@ significant: an empty set holds still while weak cells are still below the bar),
 from the seed's generator (:func:`~.corruption._draw`), so N samples drawn in rounds are the N samples of one
 batch, and give the same map (to float rounding: the batches are other shapes).
 
+A verified map (``method="verified"``) sharpens too: its estimate, over the seed's first draws (the config's
+``samples``, at most ``DEFAULT_SAMPLES``), picks the cells to make exact once, and only those cells are drawn in
+rounds; the others keep the estimate's values and are not tested (``config["auto"]["estimate_samples"]`` says over
+how many draws it was made). Its exact cells equal those of the exact map of as many samples.
+
 :func:`sharpening` yields each round's map instead of calling back: the explorers draw several maps in step with
 it, each round shown as it comes (:mod:`~.widgets.sharpening`). ``progress(done, total)`` sees each round's cells.
 """
@@ -31,6 +36,7 @@ import numpy as np
 import torch
 
 from ..core.errors import BlipTraceError
+from ..core.names import DEFAULT_SAMPLES
 from ..core.scoring import Scores
 from ..models.attention import Progress
 from .results import TraceResult
@@ -92,9 +98,14 @@ def status_text(result: TraceResult) -> str:
 
 
 def can_sharpen(config: Any) -> bool:
-    """Whether ``config``'s map is drawn in rounds: an exact map whose cells share each noise draw. Estimates, fresh
-    noise per cell and deterministic corruptions are traced once."""
-    return config.method == "exact" and not config.fresh_noise and not getattr(config.corruption, "deterministic", False)
+    """Whether ``config``'s map is drawn in rounds: an exact or verified map whose cells share each noise draw.
+    Estimates, fresh noise per cell and deterministic corruptions are traced once."""
+    return (config.method in SHARPENED and not config.fresh_noise
+            and not getattr(config.corruption, "deterministic", False))
+
+
+#: The methods whose maps sharpen: every cell exact, or the estimate's top cells made exact (only those sharpen).
+SHARPENED = ("exact", "verified")
 
 
 def sharpen(tracer: Any, config: Any, plan: AutoSampling = AutoSampling(),
@@ -104,7 +115,7 @@ def sharpen(tracer: Any, config: Any, plan: AutoSampling = AutoSampling(),
     round's map, ``progress(done, total)`` each round's cells as they are done. Estimates, fresh noise per cell and
     deterministic corruptions are traced once, as asked."""
     if not can_sharpen(config):
-        samples = plan.max_samples if config.method == "exact" else config.samples
+        samples = plan.max_samples if config.method in SHARPENED else config.samples
         return tracer.trace(replace(config, samples=samples), progress=progress)
     rounds = sharpening(tracer, config, plan, should_stop, progress)
     while True:
@@ -121,10 +132,12 @@ def sharpening(tracer: Any, config: Any, plan: AutoSampling = AutoSampling(),
     """Each round's map of :func:`sharpen` as it is drawn, the last one with ``config["auto"]["stopped"]`` set: the
     explorers draw several maps in step this way. Only for a map that :func:`can_sharpen`."""
     if not can_sharpen(config):
-        raise BlipTraceError("only an exact map whose cells share each noise draw sharpens: trace this one once")
+        raise BlipTraceError("only an exact or verified map whose cells share each noise draw sharpens: trace this one once")
     layout = tracer.plan(replace(config, samples=plan.round_samples))
     generator = torch.Generator().manual_seed(int(config.seed))
     exact, cells = tracer.scorers["exact"], layout.layout.cells
+    estimate = _picked(tracer, config, plan) if config.method == "verified" else None
+    rows = list(range(len(cells))) if estimate is None else estimate[2].tolist()
     draws: list[np.ndarray] = []
     lows: list[np.ndarray] = []
     history: list[tuple[frozenset[int], int]] = []
@@ -133,15 +146,19 @@ def sharpening(tracer: Any, config: Any, plan: AutoSampling = AutoSampling(),
         k = min(plan.round_samples, plan.max_samples - sum(len(d) for d in draws))
         round_config = replace(layout.config, samples=k)
         corrupted = tracer.corrupted_runs.draw(round_config, generator)
-        _, _, scores = exact.patched(layout.block, cells, round_config, layout.target, corrupted,
-                                     _advance(progress, len(cells)))
+        _, _, scores = exact.patched(layout.block, [cells[i] for i in rows], round_config, layout.target, corrupted,
+                                     _advance(progress, len(rows)))
         low, high = tracer.baseline_draws(round_config, corrupted)
-        draws.append(scores)
+        every = np.full((k, len(cells)), np.nan)  # a verified map's estimated cells are not drawn
+        every[:, rows] = scores
+        draws.append(every)
         lows.append(low)
-        result, held = _round_result(tracer, layout, draws, lows, high, history, plan, held)
+        result, held = _round_result(tracer, layout, draws, lows, high, history, plan, held, estimate)
         stopped = _stopped(result, plan, held, time.perf_counter() - start, should_stop)
         result.config["auto"] = {"round_samples": plan.round_samples, "rounds": len(draws), "held": held,
                                  "stopped": stopped, "seconds": round(time.perf_counter() - start, 3)}
+        if estimate is not None:
+            result.config["auto"]["estimate_samples"] = estimate[3]
         yield result
         if stopped:
             return
@@ -161,12 +178,33 @@ def _advance(progress: Progress | None, total: int) -> Callable[[int], None] | N
     return advance
 
 
+def _picked(tracer: Any, config: Any, plan: AutoSampling) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A verified map's estimate (mean and standard error of every cell) over the seed's first draws (the
+    config's samples, at most ``DEFAULT_SAMPLES`` and the budget), the cells it makes exact, and its samples."""
+    samples = min(int(config.samples), DEFAULT_SAMPLES, plan.max_samples)
+    picking = tracer.plan(replace(config, samples=samples))
+    mean, stderr, picked = tracer.scorers["verified"].pick(picking.block, picking.layout.cells, picking.config,
+                                                           picking.target)
+    return mean, stderr, np.asarray(picked, dtype=int), samples
+
+
 def _round_result(tracer: Any, layout: Any, draws: list[np.ndarray], lows: list[np.ndarray], high: np.ndarray,
-                  history: list[tuple[frozenset[int], int]], plan: AutoSampling, held: int) -> tuple[TraceResult, int]:
+                  history: list[tuple[frozenset[int], int]], plan: AutoSampling, held: int,
+                  estimate: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None) -> tuple[TraceResult, int]:
     every = np.concatenate(draws)
     n = every.shape[0]
-    stderr = every.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(every.shape[1], np.nan)
-    scores = Scores(every.mean(0), stderr, np.ones(every.shape[1], bool), every)
+    if estimate is None:
+        stderr = every.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(every.shape[1], np.nan)
+        scores = Scores(every.mean(0), stderr, np.ones(every.shape[1], bool), every)
+    else:  # the estimate's cells as it gave them, its picked cells' exact statistics over the rounds' draws
+        mean, stderr, picked, _ = estimate
+        mean, stderr = mean.copy(), stderr.copy()
+        exact = every[:, picked]
+        mean[picked] = exact.mean(0)
+        stderr[picked] = exact.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.nan
+        marked = np.zeros(every.shape[1], bool)
+        marked[picked] = True
+        scores = Scores(mean, stderr, marked, every)
     plan_n = type(layout)(replace(layout.config, samples=n), *layout[1:])  # the plan, with the samples drawn
     result = tracer.assemble(plan_n, scores, np.concatenate(lows), high)
     state = _state(result)

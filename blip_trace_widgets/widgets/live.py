@@ -132,8 +132,8 @@ def trace_in_phases(view: Any, job: threading.Event, panels: Callable[[TraceConf
     """A trace explorer's work: the controls' configuration and its panels (one map, or one per kind), then each
     panel's phases for the method control (the estimate, then the verified or exact map), traced and shown as they
     come, unless a newer change has cancelled ``job``. A panel with fewer phases shows its last one throughout
-    (from the tracer's cache). With the samples box on "auto" a phase's exact maps sharpen, each round shown as it
-    comes (:func:`~.sharpening.sharpen_phase`)."""
+    (from the tracer's cache). With the samples box on "auto" a phase's exact and verified maps sharpen, each round
+    shown as it comes (:func:`~.sharpening.sharpen_phase`)."""
     tracer = view.tracer
     view.answer_view.value = answer_html(tracer)
     view.sync_words(tracer)
@@ -167,8 +167,8 @@ def trace_in_phases(view: Any, job: threading.Event, panels: Callable[[TraceConf
 
 
 def sampling_plan(view: Any) -> AutoSampling | None:
-    """How ``view``'s exact maps sharpen: :data:`~.controls.AUTO_PLAN` when its samples box says "auto", else None
-    (a whole number of samples, or an explorer without a samples box)."""
+    """How ``view``'s exact and verified maps sharpen: :data:`~.controls.AUTO_PLAN` when its samples box says "auto",
+    else None (a whole number of samples, or an explorer without a samples box)."""
     box = getattr(view, "noise_samples", None)
     return AUTO_PLAN if box is not None and samples_setting(box.value) is None else None
 

@@ -1,5 +1,6 @@
-"""Maps that sharpen live: an explorer's exact maps drawn in rounds (:mod:`~blip_trace_widgets.causal_trace.sharpen`), each
-round's map shown as it comes, under a status line with a stop button.
+"""Maps that sharpen live: an explorer's exact and verified maps drawn in rounds
+(:mod:`~blip_trace_widgets.causal_trace.sharpen`), each round's map shown as it comes, under a status line with a stop
+button.
 
     >>> from blip_trace_widgets.widgets.sharpening import Sharpening
     >>> status = Sharpening()
@@ -7,7 +8,8 @@ round's map shown as it comes, under a status line with a stop button.
     ('stop', True, 'none')
 
 With the samples box on "auto", :func:`~blip_trace_widgets.widgets.live.trace_in_phases` hands :func:`sharpen_phase`
-every phase that shows an exact map: each panel's first round is shown as soon as it is drawn, and each later round
+every phase that shows an exact or verified map (a verified map draws only the cells its estimate made exact):
+each panel's first round is shown as soon as it is drawn, and each later round
 replaces it (the heatmap redraws, its cells that are not significant hatched) until the map is stable, at its
 budget, or the stop button ends it after the round in progress. A newer change cancels it as it cancels any
 background trace. Maps that ran their course are kept, so that a configuration seen before is shown at once.

@@ -57,7 +57,7 @@ class VisionTraceExplorer(LiveView):
     or greyed pixels), on the whole image or a box set with two range sliders; each
     region of a grid is then restored as a unit at each vision layer. Moving the layer
     slider only redraws: one trace covers every layer. With ``noise_samples="auto"`` (the
-    default) exact maps sharpen, redrawn after each round of noise until they are stable.
+    default) exact and verified maps sharpen, redrawn after each round of noise until they are stable.
     """
 
     preview_width = 128
