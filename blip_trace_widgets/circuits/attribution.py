@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .graph import CircuitGraph, Point
-from .names import DEC, IMAGE, NOISING, QE
+from .names import DEC, IMAGE, LM, NOISING, QE, QF
 from .network import Record, state_index
 from .patching import Runs, pick
 
@@ -96,7 +96,7 @@ def _block_scores(runs: Runs, graph: CircuitGraph, block: str, record: Record, g
     delta = pick(runs.contributions("source", block), delta_rows) - pick(runs.contributions("base", block), delta_rows)
     n = len(delta_rows)
     if block != IMAGE:
-        final = graph.shape.qe_layers * 3
+        final = runs.net.shape.qe_layers * 3
         wheres = [state_index(p) if p.block == block else final for p in points]
         at_inputs = [pick(runs.net.unproject(p, grads[p]) if runs.net.linears(p) else grads[p][0], rows)
                      for p in points]
@@ -131,4 +131,66 @@ def attribution_draws(runs: Runs, graph: CircuitGraph, steps: int | None = None)
         scores = scores.reshape(samples, per_step, *scores.shape[1:]).mean(1)
         mask = torch.from_numpy(table >= 0)
         out[:, torch.from_numpy(table[table >= 0])] = scores[:, mask].double()
+    return out.numpy()
+
+
+class ChannelTaps:
+    """A source that taps every channel's input whole with a zero that requires a gradient ([B, C, T, D]; BLIP-2's
+    language-model channels at the residual, before their LayerNorm)."""
+
+    def __init__(self, widths: dict[Point, int]) -> None:
+        self.widths = widths
+        self.taps: dict[Point, torch.Tensor] = {}
+
+    def at(self, point: Point, default: torch.Tensor) -> torch.Tensor | None:
+        tap = torch.zeros(default.shape[0], self.widths[point], *default.shape[1:], dtype=default.dtype,
+                          requires_grad=True)
+        self.taps[point] = tap
+        return default[:, None] + tap
+
+
+def query_attribution_draws(runs: Runs, graph: CircuitGraph, steps: int | None = None) -> np.ndarray:
+    """BLIP-2's and InstructBLIP's EAP (``steps=None``) or EAP-IG scores per draw, [samples, edges]: g_r from one
+    backward of a tapped forward, then g_r · J_{r,u} Δc_u for every edge at once as the gradient of
+    Σ_r g_r · chain_r(gates) with respect to the gates at zero (autograd through the gated frozen-node chain)."""
+    net, samples = runs.net, runs.samples
+    if steps is None:
+        inputs, rows, per_step = runs.base_inputs, max(t.shape[0] for t in runs.base_inputs), 1
+    else:
+        alphas = ((torch.arange(steps, dtype=torch.float32) + 0.5) / steps).to(runs.pair.img)
+        source = runs.source_inputs()
+        base_img, other = (t.expand(samples, -1, -1) for t in (runs.base_inputs[0], source[0]))
+        img = (base_img[:, None] + alphas.view(1, -1, 1, 1) * (other - base_img)[:, None]).flatten(0, 1)
+        inputs, rows, per_step = (img, runs.base_inputs[1], runs.base_inputs[2]), samples * steps, steps
+    taps = ChannelTaps({p: table[0] for p, table in graph.point_edges.items()})
+    with torch.enable_grad():
+        record = net.forward(*inputs, runs.pair, taps, rows=rows)
+        record.score.sum().backward()
+    record = record.detached()
+    n = samples * per_step
+    run_rows = torch.arange(n) if rows > 1 else torch.zeros(n, dtype=torch.long)
+    draw = torch.arange(n) // per_step
+    base = {b: pick(net.contributions(record, b), run_rows) for b in (QF, LM)}
+    delta = {b: pick(runs.contributions("source", b), draw) - pick(runs.contributions("base", b), draw)
+             for b in (QF, LM)}
+    image, image_delta = pick(record.img, run_rows), pick(runs.source.img, draw) - pick(runs.base.img, draw)
+    leaves: dict[Point, torch.Tensor] = {}
+    with torch.enable_grad():
+        total = torch.zeros((), dtype=image.dtype)
+        for point, (width, _, _, _) in graph.point_edges.items():
+            gates = leaves[point] = torch.zeros(n, width, len(graph.nodes), dtype=image.dtype, requires_grad=True)
+            if point.where == "kv":
+                x = image[:, None] + gates[:, :, :1, None] * image_delta[:, None]
+            else:
+                x = net.chain(base, delta, gates, point)
+            tap = taps.taps[point].grad
+            if tap is not None:
+                total = total + (x * pick(tap, run_rows)).sum()
+        total.backward()
+    out = torch.zeros(samples, len(graph), dtype=torch.float64)
+    for point, (_, places, nodes, edges) in graph.point_edges.items():
+        grad = leaves[point].grad
+        if grad is not None:
+            scores = grad[:, torch.from_numpy(places), torch.from_numpy(nodes)]
+            out[:, torch.from_numpy(edges)] = scores.reshape(samples, per_step, -1).mean(1).double()
     return out.numpy()

@@ -33,9 +33,9 @@ from ..core.errors import BlipTraceError
 from ..core.significance import CellStatistics
 from .graph import CircuitGraph, Point, circuit_graph
 from .inputs import CircuitInputs, circuit_inputs
-from .names import CURVE_FRACTIONS, DEFAULT_SAMPLES, DEFAULT_SEED, FORMAT, IMAGE, QE
-from .network import Network, Record
-from .patching import clean_inputs, corrupted_inputs
+from .names import CURVE_FRACTIONS, DEFAULT_SAMPLES, DEFAULT_SEED, FORMAT, IMAGE, LM, QE, QF
+from .network import Network, QueryNetwork, Record, network_of
+from .patching import clean_inputs, corrupted_inputs, pick
 from .result import EdgeResult
 
 
@@ -118,8 +118,51 @@ class CircuitRun:
         if block == IMAGE:
             return None  # the image's keys and values are mixed after their projections (see projected)
         own = self.net.contributions(self.record, block, slots, self.parts.setdefault(block, []))
-        upto = point if point.block == block else Point(QE, self.graph.shape.qe_layers, "in")
+        upto = point if point.block == block else Point(QE, self.net.shape.qe_layers, "in")
         return self.net.chain(block, corrupted, own - corrupted, gates[:, :, :slots].to(own.dtype), upto)
+
+
+class QueryCircuitRun:
+    """BLIP-2's circuit run: each channel's input from the frozen-node chain over the graph's nodes, a kept edge's
+    sender contributing its output in this run and a dropped one's its corrupted-run output."""
+
+    def __init__(self, net: QueryNetwork, graph: CircuitGraph, keep: torch.Tensor, corrupted: Record,
+                 samples: torch.Tensor) -> None:
+        self.net, self.samples = net, samples
+        self.corrupted = {b: pick(net.contributions(corrupted, b), samples) for b in (QF, LM)}
+        self.image = pick(corrupted.img, samples)
+        self.gates: dict[Point, torch.Tensor] = {}
+        for point, (width, places, nodes, edges) in graph.point_edges.items():
+            gates = torch.zeros(keep.shape[0], width, len(graph.nodes), dtype=self.image.dtype)
+            gates[:, torch.from_numpy(places), torch.from_numpy(nodes)] = keep[:, torch.from_numpy(edges)].to(gates)
+            self.gates[point] = gates
+        self.record: Record | None = None
+
+    def bind(self, record: Record) -> None:
+        self.record = record
+
+    def at(self, point: Point, default: torch.Tensor) -> torch.Tensor | None:
+        assert self.record is not None
+        gates = self.gates[point]
+        if point.where == "kv":
+            return self.image[:, None] + gates[:, :, :1, None] * (self.record.img - self.image)[:, None]
+        own = {b: self.net.contributions(self.record, b) for b in ((QF,) if point.block == QF else (QF, LM))}
+        corrupted = {b: self.corrupted[b][:, :own[b].shape[1]] for b in own}
+        delta = {b: own[b] - corrupted[b] for b in own}
+        return self.net.chain(corrupted, delta, gates, point)
+
+
+@torch.no_grad()
+def query_circuit_scores(net: QueryNetwork, graph: CircuitGraph, pair: CircuitInputs,
+                         kept: list[np.ndarray]) -> np.ndarray:
+    """m(C) of each kept-edge mask in ``kept`` in each draw (BLIP-2, InstructBLIP): [samples, circuits]."""
+    samples = pair.samples
+    corrupted = net.forward(*net.corrupted_inputs(pair), pair)
+    keep = torch.from_numpy(np.repeat(np.stack(kept).astype(np.float32), samples, axis=0))
+    rows = torch.arange(keep.shape[0]) % samples
+    source = QueryCircuitRun(net, graph, keep, corrupted, rows)
+    record = net.forward(*net.clean_inputs(pair), pair, source, rows=keep.shape[0])
+    return record.score.double().numpy().reshape(len(kept), samples).T
 
 
 @torch.no_grad()
@@ -171,9 +214,13 @@ def _summary(ratios: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.nd
     return stats.mean[:, 0], low[:, 0], high[:, 0]
 
 
+#: Circuit runs per network family.
+CIRCUIT_SCORES: dict[type, Any] = {Network: circuit_scores, QueryNetwork: query_circuit_scores}
+
+
 def _setup(bundle: Any, image: Any, text: str, inputs: CircuitInputs | None,
-           **fields: Any) -> tuple[CircuitGraph, Network, CircuitInputs, float, np.ndarray]:
-    graph, net = circuit_graph(bundle), Network(bundle)
+           **fields: Any) -> tuple[CircuitGraph, Any, CircuitInputs, float, np.ndarray]:
+    graph, net = circuit_graph(bundle), network_of(bundle)
     pair = inputs or circuit_inputs(bundle, image, text, **fields)
     with torch.no_grad():
         clean = float(net.forward(*clean_inputs(net, pair), pair).score[0])
@@ -194,7 +241,7 @@ def faithfulness(bundle: Any, image: Any, text: str, kept: Circuit | list[str], 
     graph, net, pair, clean, corrupted = _setup(bundle, image, text, inputs, corruption=corruption, samples=samples,
                                                 seed=seed, answer=answer, metric=metric)
     edges = list(kept.edges if isinstance(kept, Circuit) else kept)
-    draws = circuit_scores(net, graph, pair, [_mask(graph, edges)])
+    draws = CIRCUIT_SCORES[type(net)](net, graph, pair, [_mask(graph, edges)])
     ratios = _ratios(draws, clean, corrupted)
     mean, low, high = _summary(ratios, bool(pair.corruption.get("deterministic")))
     return Faithfulness(float(mean[0]), float(low[0]), float(high[0]), len(edges), len(graph),
@@ -256,7 +303,7 @@ def faithfulness_curve(bundle: Any, image: Any, text: str, result: EdgeResult, *
     ks = sorted({int(round(f * len(result.edges))) for f in fractions})
     order = result.order()
     masks = [_mask(graph, [result.edges[i] for i in order[:k]]) for k in ks]
-    draws = circuit_scores(net, graph, pair, masks)
+    draws = CIRCUIT_SCORES[type(net)](net, graph, pair, masks)
     mean, low, high = _summary(_ratios(draws, clean, corrupted), bool(pair.corruption.get("deterministic")))
     return Curve(ks, [k / len(result.edges) for k in ks], mean.tolist(), low.tolist(), high.tolist(),
                  len(result.edges), result.method)

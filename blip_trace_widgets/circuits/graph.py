@@ -278,8 +278,11 @@ class CircuitGraph:
         for i, (sender, receiver) in enumerate(zip(self.senders.tolist(), self.receivers.tolist())):
             point, place = self.places[receiver]
             found[point].append((place, sender, i))
-        return {p: (len(self.shape.channels_at(p)), *(np.array(col, dtype=np.int64) for col in zip(*rows)))
-                for p, rows in found.items()}
+        out = {}
+        for p, rows in found.items():
+            table = np.array(rows, dtype=np.int64).reshape(-1, 3)
+            out[p] = (len(self.shape.channels_at(p)), table[:, 0], table[:, 1], table[:, 2])
+        return out
 
     def slot_of(self, node: int, block: str) -> int | None:
         """A node's slot among ``block``'s senders (``img``: 0 of "img"), None when it belongs elsewhere."""

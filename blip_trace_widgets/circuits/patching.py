@@ -24,8 +24,10 @@ import torch
 from ..core.significance import CellStatistics
 from .graph import CircuitGraph, Point, circuit_graph
 from .inputs import CircuitInputs, circuit_inputs
-from .names import DEC, DEFAULT_SAMPLES, DEFAULT_SEED, IMAGE, NOISING, QE, check_direction
-from .network import Network, Record
+from .names import DEC, DEFAULT_SAMPLES, DEFAULT_SEED, IMAGE, LM, NOISING, QE, QF, check_direction
+from .network import Network, QueryNetwork, Record, network_of
+
+AnyNetwork = Network | QueryNetwork
 
 #: Path runs per batch (fewer on a wide model, see :func:`chunk_rows`).
 MAX_ROWS = 256
@@ -35,7 +37,7 @@ MAX_ROWS = 256
 class Runs:
     """The base and source runs of one pair in one direction (records detached), and their inputs."""
 
-    net: Network
+    net: Any  # Network or QueryNetwork
     pair: CircuitInputs
     direction: str
     base_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -50,6 +52,11 @@ class Runs:
     def base_score(self) -> torch.Tensor:
         return self.base.score.expand(self.samples)
 
+    def source_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The source run's inputs (the corrupted ones when noising)."""
+        inputs = corrupted_inputs if NOISING[self.direction] else clean_inputs
+        return inputs(self.net, self.pair)
+
     def contributions(self, which: str, block: str) -> torch.Tensor:
         key = (which, block)
         if key not in self._contrib:
@@ -58,16 +65,16 @@ class Runs:
         return self._contrib[key]
 
 
-def clean_inputs(net: Network, pair: CircuitInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return pair.img, net.embed(QE, pair.question_ids), net.embed(DEC, pair.decoder_ids)
+def clean_inputs(net: AnyNetwork, pair: CircuitInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return net.clean_inputs(pair)
 
 
-def corrupted_inputs(net: Network, pair: CircuitInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return pair.corrupted_img, net.embed(QE, pair.corrupted_question_ids), net.embed(DEC, pair.decoder_ids)
+def corrupted_inputs(net: AnyNetwork, pair: CircuitInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return net.corrupted_inputs(pair)
 
 
 @torch.no_grad()
-def prepare(net: Network, pair: CircuitInputs, direction: str) -> Runs:
+def prepare(net: AnyNetwork, pair: CircuitInputs, direction: str) -> Runs:
     """The clean and corrupted runs, as base and source of ``direction``."""
     clean, corrupted = clean_inputs(net, pair), corrupted_inputs(net, pair)
     base_in, source_in = (clean, corrupted) if NOISING[check_direction(direction)] else (corrupted, clean)
@@ -101,7 +108,7 @@ def receiver_inputs(runs: Runs, graph: CircuitGraph, senders: Sequence[frozenset
         if block == IMAGE:
             values = base_rows[:, 0] + gates[:, 0, :1, None] * delta[:, 0]
         else:
-            upto = point if point.block == block else Point(QE, graph.shape.qe_layers, "in")
+            upto = point if point.block == block else Point(QE, runs.net.shape.qe_layers, "in")
             values = runs.net.chain(block, base_rows, delta, gates, upto)[:, 0]
         for n, i in enumerate(rows):
             out[i] = values[n]
@@ -111,15 +118,17 @@ def receiver_inputs(runs: Runs, graph: CircuitGraph, senders: Sequence[frozenset
 class Overrides:
     """A source for run B: some rows' channels read given inputs, every other channel the live residual."""
 
-    def __init__(self, entries: dict[Point, tuple[list[int], list[int], torch.Tensor]], heads: int) -> None:
-        self.entries, self.heads = entries, heads
+    def __init__(self, entries: dict[Point, tuple[list[int], list[int], torch.Tensor]], heads: int,
+                 widths: dict[Point, int] | None = None) -> None:
+        self.entries, self.heads, self.widths = entries, heads, widths
 
     def at(self, point: Point, default: torch.Tensor) -> torch.Tensor | None:
         if point not in self.entries:
             return None
         rows, chans, values = self.entries[point]
         b, t, d = default.shape
-        width = {"in": 3 * self.heads, "mid": self.heads, "kv": 2 * self.heads}.get(point.where, 1)
+        width = self.widths[point] if self.widths is not None else \
+            {"in": 3 * self.heads, "mid": self.heads, "kv": 2 * self.heads}.get(point.where, 1)
         x = default[:, None].expand(b, width, t, d).clone()
         x[torch.tensor(rows), torch.tensor(chans)] = values.to(x.dtype)
         return x
@@ -137,13 +146,15 @@ class Path:
 def run_paths(runs: Runs, graph: CircuitGraph, paths: Sequence[Path], rows: int | None = None) -> np.ndarray:
     """Each path's effect in each draw: m(run B) − m(base), [samples, paths]."""
     samples = runs.samples
-    order = sorted(range(len(paths)), key=lambda i: min(graph.places[r][0].block == DEC for r in paths[i].receivers))
+    late = runs.net.last_block
+    order = sorted(range(len(paths)), key=lambda i: min(graph.places[r][0].block == late for r in paths[i].receivers))
     jobs = [(s, i) for i in order for s in range(samples)]
     draws = np.full((samples, len(paths)), np.nan)
     size = rows or chunk_rows(runs)
     for start in range(0, len(jobs), size):
         chunk = jobs[start:start + size]
-        scores = _run_chunk(runs, graph, [paths[i] for _, i in chunk], torch.tensor([s for s, _ in chunk]))
+        scores = PATH_CHUNKS[type(runs.net)](runs, graph, [paths[i] for _, i in chunk],
+                                             torch.tensor([s for s, _ in chunk]))
         for (s, i), value in zip(chunk, scores.tolist()):
             draws[s, i] = value
     return draws
@@ -171,6 +182,42 @@ def _run_chunk(runs: Runs, graph: CircuitGraph, paths: list[Path], samples: torc
     states = pick(runs.base.final[QE], samples) if all(p.block == DEC for p in by_point) else None
     run_b = runs.net.forward(img, qemb, demb, runs.pair, source, question_states=states, rows=len(paths))
     return run_b.score - pick(runs.base_score(), samples)
+
+
+def query_chunk(runs: Runs, graph: CircuitGraph, paths: list[Path], samples: torch.Tensor) -> torch.Tensor:
+    """BLIP-2's path runs (one per row): run A recomputes each receiver's input with its path's senders from the
+    source run (every node's gate over the graph's nodes), run B lets only the receivers read it."""
+    net = runs.net
+    by_point: dict[Point, list[tuple[int, int, frozenset[int]]]] = {}
+    for row, path in enumerate(paths):
+        for r in path.receivers:
+            point, c = graph.places[r]
+            by_point.setdefault(point, []).append((row, c, path.senders))
+    base = {b: runs.contributions("base", b) for b in (QF, LM)}
+    source = {b: runs.contributions("source", b) for b in (QF, LM)}
+    entries = {}
+    for point, items in by_point.items():
+        picked = samples[torch.tensor([row for row, _, _ in items])]
+        gates = torch.zeros(len(items), 1, len(graph.nodes), dtype=base[QF].dtype)
+        for n, (_, _, senders) in enumerate(items):
+            gates[n, 0, sorted(senders)] = 1.0
+        if point.where == "kv":
+            image = pick(runs.base.img, picked)
+            values = image + gates[:, 0, :1, None] * (pick(runs.source.img, picked) - image)
+        else:
+            rows = {b: pick(base[b], picked) for b in base}
+            values = net.chain(rows, {b: pick(source[b], picked) - rows[b] for b in base}, gates, point)[:, 0]
+        entries[point] = ([row for row, _, _ in items], [c for _, c, _ in items], values)
+    widths = {p: len(graph.shape.channels_at(p)) for p in entries}
+    overrides = Overrides(entries, 0, widths)
+    img, qf_emb, lm_emb = (pick(t, samples) for t in runs.base_inputs)
+    states = pick(runs.base.final[QF], samples) if all(p.block == LM for p in entries) else None
+    run_b = net.forward(img, qf_emb, lm_emb, runs.pair, overrides, qf_states=states, rows=len(paths))
+    return run_b.score - pick(runs.base_score(), samples)
+
+
+#: The path runs of one batch, per network family.
+PATH_CHUNKS: dict[type, Any] = {Network: _run_chunk, QueryNetwork: query_chunk}
 
 
 def chunk_rows(runs: Runs) -> int:
@@ -206,7 +253,7 @@ def path_patch(bundle: Any, image: Any, text: str, *, sender: str | list[str], r
                inputs: CircuitInputs | None = None) -> PathResult:
     """Path patching from the nodes ``sender`` selects to the channels ``receivers`` selects (see
     :meth:`~.graph.CircuitGraph.select_nodes`), exactly as the module defines it."""
-    graph, net = circuit_graph(bundle), Network(bundle)
+    graph, net = circuit_graph(bundle), network_of(bundle)
     pair = inputs or circuit_inputs(bundle, image, text, corruption=corruption, samples=samples, seed=seed,
                                     answer=answer, metric=metric)
     nodes, channels = graph.select_nodes(sender), graph.select_channels(receivers)

@@ -24,12 +24,12 @@ import numpy as np
 
 from ..causal_trace.plots import figure_png, new_figure
 from .faithfulness import Curve
-from .graph import Shape
-from .names import BANDS, CROSS, DEC, DEFAULT_TOP, IMAGE, OUT, QE, SELF, split_edge
+from .graph import QueryShape, Shape, shape_from_dict
+from .names import BANDS, CROSS, DEC, DEFAULT_TOP, IMAGE, LM, OUT, QE, QF, QUERY_BANDS, SELF, emb_name, split_edge
 from .result import EdgeResult
 
-POSITIVE, NEGATIVE = "#2166ac", "#b2182b"
-BAND_COLOURS = {IMAGE: "#f2f2f2", QE: "#e8f0fa", DEC: "#fbeee6"}
+POSITIVE, NEGATIVE, MUTED = "#2166ac", "#b2182b", "#a0a0a0"
+BAND_COLOURS = {IMAGE: "#f2f2f2", QE: "#e8f0fa", DEC: "#fbeee6", QF: "#e8f0fa", LM: "#fbeee6"}
 CHANNEL_OFFSET = {"q": -0.25, "k": 0.0, "v": 0.25}
 
 
@@ -51,12 +51,55 @@ def node_position(name: str, shape: Shape) -> tuple[float, float]:
     return column + (0 if unit[0] == SELF else 1), float(unit[1:])
 
 
-def _receiver_position(channel: str, shape: Shape) -> tuple[float, float]:
+def query_columns(shape: QueryShape) -> dict[str, float]:
+    """BLIP-2's columns: ``img``, the Q-Former (its embedding; per layer its self heads, cross heads where it
+    cross-attends, MLP), the language model (its embedding; per layer its heads, MLP), ``out``."""
+    columns: dict[str, float] = {IMAGE: 0.0}
+    column = 1.0
+    for block in (QF, LM):
+        for name in shape.slot_names(block):
+            unit = name.rsplit(".", 1)[-1]
+            key = name if unit in ("emb", "mlp") else f"{name.rsplit('.', 1)[0]}.{unit[0]}"
+            if key not in columns:
+                columns[key] = column
+                column += 1.0
+        column += 0.5
+    columns[OUT] = column - 0.5
+    return columns
+
+
+def query_position(name: str, shape: QueryShape) -> tuple[float, float]:
+    """(column, row) of a BLIP-2 node in the drawing."""
+    middle = (shape.heads - 1) / 2
+    columns = query_columns(shape)
+    if name in columns:
+        return columns[name], middle
+    head, unit = name.rsplit(".", 1)
+    return columns[f"{head}.{unit[0]}"], float(unit[1:])
+
+
+def _position(name: str, shape: Any) -> tuple[float, float]:
+    return query_position(name, shape) if isinstance(shape, QueryShape) else node_position(name, shape)
+
+
+def _receiver_position(channel: str, shape: Any) -> tuple[float, float]:
     parts = channel.rsplit(".", 1)
     if len(parts) == 2 and parts[1] in CHANNEL_OFFSET:
-        x, y = node_position(parts[0], shape)
+        x, y = _position(parts[0], shape)
         return x - 0.12, y + CHANNEL_OFFSET[parts[1]] * 0.6
-    return node_position(channel, shape)
+    return _position(channel, shape)
+
+
+def _draw_query_bands(ax: Any, shape: QueryShape) -> float:
+    """BLIP-2's bands (the ViT's output, the Q-Former, the language model); the drawing's right edge."""
+    columns = query_columns(shape)
+    spans = {IMAGE: (-0.5, 0.5), QF: (0.5, columns[emb_name(LM)] - 0.75), LM: (columns[emb_name(LM)] - 0.75,
+                                                                             columns[OUT] + 0.5)}
+    for block, (left, right) in spans.items():
+        ax.axvspan(left, right, color=BAND_COLOURS[block], zorder=0)
+        ax.text((left + right) / 2, shape.heads - 0.3, QUERY_BANDS[block], ha="center", va="bottom", fontsize=8,
+                rotation=90 if block == IMAGE else 0)
+    return columns[OUT] + 0.5
 
 
 def _draw_bands(ax: Any, shape: Shape) -> None:
@@ -68,31 +111,38 @@ def _draw_bands(ax: Any, shape: Shape) -> None:
                 rotation=90 if block == IMAGE else 0)
 
 
-def draw_graph(ax: Any, result: EdgeResult, k: int = DEFAULT_TOP) -> None:
-    """The top ``k`` edges of ``result`` on ``ax``."""
-    shape = Shape(**result.shape) if result.shape else _shape_of_edges(result.edges)
-    _draw_bands(ax, shape)
+def draw_graph(ax: Any, result: EdgeResult, k: int = DEFAULT_TOP, *, muted: np.ndarray | None = None,
+               title: str | None = None) -> None:
+    """The top ``k`` edges of ``result`` on ``ax``; edges where ``muted`` (bool per edge) is set grey and dashed."""
+    shape = shape_from_dict(result.shape) if result.shape else _shape_of_edges(result.edges)
+    if isinstance(shape, QueryShape):
+        right = _draw_query_bands(ax, shape)
+    else:
+        _draw_bands(ax, shape)
+        right = 3.5 + 3 * (shape.qe_layers + shape.dec_layers)
     chosen = result.order()[:k]
     biggest = float(np.nanmax(np.abs(result.scores[chosen]))) if len(chosen) else 1.0
     nodes: set[str] = set()
     for i in chosen[::-1]:
         sender, receiver = split_edge(result.edges[i])
-        (x0, y0), (x1, y1) = node_position(sender, shape), _receiver_position(receiver, shape)
+        (x0, y0), (x1, y1) = _position(sender, shape), _receiver_position(receiver, shape)
         value = float(result.scores[i])
         width = 0.4 + 3.6 * abs(value) / (biggest or 1.0)
-        ax.plot([x0, x1], [y0, y1], color=POSITIVE if value > 0 else NEGATIVE, lw=width, alpha=0.7, zorder=2)
+        grey = muted is not None and bool(muted[i])
+        ax.plot([x0, x1], [y0, y1], color=MUTED if grey else POSITIVE if value > 0 else NEGATIVE, lw=width,
+                alpha=0.7, zorder=2, ls="--" if grey else "-")
         nodes.update([sender, receiver.rsplit(".", 1)[0] if receiver.endswith((".q", ".k", ".v")) else receiver])
     for name in nodes:
-        x, y = node_position(name, shape)
+        x, y = _position(name, shape)
         ax.scatter([x], [y], s=30, color="black", zorder=3)
         ax.annotate(name.split(".", 1)[-1] if name not in (IMAGE, OUT) else name, (x, y), fontsize=6,
                     xytext=(2, 3), textcoords="offset points", zorder=4)
-    ax.set_xlim(-0.5, 3.5 + 3 * (shape.qe_layers + shape.dec_layers))
+    ax.set_xlim(-0.5, right)
     ax.set_ylim(-0.8, shape.heads + 0.2)
     ax.set_yticks(range(shape.heads), [f"head {h}" for h in range(shape.heads)], fontsize=7)
     ax.set_xticks([])
-    ax.set_title(f"{result.title()}\ntop {len(chosen)} of {len(result.edges)} edges "
-                 f"(blue: patching raises the score, red: lowers it)", fontsize=9)
+    ax.set_title(title or f"{result.title()}\ntop {len(chosen)} of {len(result.edges)} edges "
+                          f"(blue: patching raises the score, red: lowers it)", fontsize=9)
 
 
 def draw_curve(ax: Any, curve: Curve) -> None:
@@ -123,8 +173,16 @@ def circuit_png(result: EdgeResult, k: int = DEFAULT_TOP, curve: Curve | None = 
     return figure_png(plot_circuit(result, k, curve))
 
 
-def _shape_of_edges(edges: list[str]) -> Shape:
+def _shape_of_edges(edges: list[str]) -> Shape | QueryShape:
     names = [n for e in edges for n in split_edge(e)]
+    if any(n.startswith(QF + ".") for n in names):
+        layers = {b: 1 + max((int(n.split(".")[1][1:]) for n in names if n.startswith(b + ".L")), default=-1)
+                  for b in (QF, LM)}
+        heads = 1 + max((int(p[1:]) for n in names for p in n.split(".") if p[:1] in (SELF, CROSS)
+                         and p[1:].isdigit()), default=0)
+        crosses = sorted({int(n.split(".")[1][1:]) for n in names if n.startswith(QF + ".L") and ".X" in n})
+        every = crosses[1] - crosses[0] if len(crosses) > 1 else max(layers[QF], 1)
+        return QueryShape(layers[QF], heads, every, layers[LM], heads)
     layers = {b: 1 + max((int(n.split(".")[1][1:]) for n in names if n.startswith(b + ".L")), default=-1)
               for b in (QE, DEC)}
     heads = 1 + max((int(p[1:]) for n in names for p in n.split(".") if p[:1] in (SELF, CROSS) and p[1:].isdigit()),

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from ..core.errors import BlipTraceError
-from .attribution import attribution_draws
+from .attribution import attribution_draws, query_attribution_draws
 from .graph import CircuitGraph, circuit_graph
 from .inputs import CircuitInputs, circuit_inputs
 from .names import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_STEPS, NOISING, WARN_SECONDS, check_direction, check_method
-from .network import Network
+from .network import Network, QueryNetwork, network_of
 from .patching import Path, Runs, chunk_rows, prepare, run_paths
 from .result import EdgeResult
 
@@ -71,7 +71,7 @@ def edge_scores(bundle: Any, image: Any, text: str, *, method: str = "eap-ig", s
     direction = check_direction(direction)
     if not isinstance(steps, int) or not 1 <= steps <= 100:
         raise BlipTraceError(f"steps must be a whole number from 1 to 100, got {steps!r}")
-    graph, net = circuit_graph(bundle), Network(bundle)
+    graph, net = circuit_graph(bundle), network_of(bundle)
     pair = inputs or circuit_inputs(bundle, image, text, corruption=corruption, samples=samples, seed=seed,
                                     answer=answer, metric=metric)
     start = time.perf_counter()
@@ -80,8 +80,12 @@ def edge_scores(bundle: Any, image: Any, text: str, *, method: str = "eap-ig", s
     if method == "exact":
         draws = exact_draws(runs, graph, chosen)
     else:
-        draws = attribution_draws(runs, graph, steps if method == "eap-ig" else None)[:, chosen]
+        draws = ATTRIBUTIONS[type(net)](runs, graph, steps if method == "eap-ig" else None)[:, chosen]
     return _result(runs, graph, chosen, draws, method, steps, text, time.perf_counter() - start)
+
+
+#: EAP and EAP-IG per network family.
+ATTRIBUTIONS: dict[type, Any] = {Network: attribution_draws, QueryNetwork: query_attribution_draws}
 
 
 def _result(runs: Runs, graph: CircuitGraph, chosen: Sequence[int] | np.ndarray, draws: np.ndarray, method: str, steps: int,
