@@ -56,7 +56,8 @@ _PUBLIC: dict[str, str] = {
                                    "lens_sweep", "lens_average")},
     "LensExplorer": "widgets.lens", "CircuitExplorer": "widgets.circuit",
     **{name: "circuits" for name in ("circuit_graph", "path_patch", "edge_scores", "EdgeResult", "circuit",
-                                     "faithfulness", "faithfulness_curve", "plot_circuit")},
+                                     "faithfulness", "faithfulness_curve", "plot_circuit", "edge_sweep",
+                                     "EdgeAverage", "universal_heads", "dataset_faithfulness")},
 }
 __all__ = sorted(_PUBLIC)
 
@@ -102,14 +103,18 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .causal_trace.results import TraceResult
     from .causal_trace.tracer import TraceConfig, Tracer, default_config, trace, trace_caption
     from .circuits import (
+        EdgeAverage,
         EdgeResult,
         circuit,
         circuit_graph,
+        dataset_faithfulness,
         edge_scores,
+        edge_sweep,
         faithfulness,
         faithfulness_curve,
         path_patch,
         plot_circuit,
+        universal_heads,
     )
     from .core.errors import BlipTraceError
     from .core.regions import Box, Mask, Outside, same_size_elsewhere

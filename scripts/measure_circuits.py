@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python scripts/measure_circuits.py                    # noise at the demo's level
     OMP_NUM_THREADS=1 python scripts/measure_circuits.py --corruption pairs # easy-VQA counterfactual image pairs
     OMP_NUM_THREADS=1 python scripts/measure_circuits.py --base             # cost on a BLIP-base-sized model too
+    OMP_NUM_THREADS=1 python scripts/measure_circuits.py --sweep            # dataset averages (table 4 only)
 
 Prints three tables:
 
@@ -13,6 +14,11 @@ Prints three tables:
 3. Cost in forward-pass equivalents: seconds of each computation over the seconds of one plain forward pass of the
    batch (the corrupted inputs, one row per draw), medians of 3; EAP and EAP-IG include their base and source runs,
    faithfulness at one k includes its corrupted run.
+4. With ``--sweep`` (alone): edge scores averaged over 30 colour and 30 shape questions (``--sweep-questions``) by
+   EAP and EAP-IG: how many edges are significant (q < 0.05), the faithfulness of each average's top-15% circuit on
+   the questions it was averaged over, on 30 held-out questions of the same kind, and on the other kind's questions
+   (mean over questions, 95% t interval), and the edges (top 50) and heads (top 10) that colour and shape share, with
+   the overlap chance gives and its hypergeometric p-value.
 """
 from __future__ import annotations
 
@@ -37,6 +43,8 @@ from blip_trace_widgets.circuits.inputs import circuit_inputs  # noqa: E402
 from blip_trace_widgets.circuits.network import Network  # noqa: E402
 from blip_trace_widgets.circuits.patching import corrupted_inputs, prepare  # noqa: E402
 from blip_trace_widgets.circuits.scores import edge_scores  # noqa: E402
+from blip_trace_widgets.circuits.sweep import edge_sweep  # noqa: E402
+from blip_trace_widgets.circuits.universal import dataset_faithfulness, universal_heads  # noqa: E402
 from blip_trace_widgets.core.significance import t_quantile  # noqa: E402
 from blip_trace_widgets.datasets.easy_vqa import easy_vqa_pairs, easy_vqa_questions, question_type  # noqa: E402
 from blip_trace_widgets.models.loading import load_model  # noqa: E402
@@ -143,6 +151,49 @@ def cost(bundle, image, question, args, label: str) -> None:
         print(f"| {name} | {seconds:.3f} | {seconds / unit:.1f} |")
 
 
+def sweep_items(kind: str, count: int, offset: int, corruption: str) -> list:
+    """``count`` easy-VQA test questions of ``kind`` after the first ``offset`` (distinct images), or pairs."""
+    if corruption == "pairs":
+        return easy_vqa_pairs(kind, limit=offset + count)[offset:]
+    return [(image, question) for image, question, _ in questions(kind, offset + count, "noise")[offset:]]
+
+
+def sweep_tables(bundle, args) -> None:
+    """Table 4: dataset averages, their circuits' faithfulness over questions, what colour and shape share."""
+    count = args.sweep_questions
+    items = {kind: sweep_items(kind, count, 0, args.corruption) for kind in ("color", "shape")}
+    held_out = {kind: sweep_items(kind, count, count, args.corruption) for kind in ("color", "shape")}
+    options = {"samples": args.samples, "seed": args.seed, "metric": args.metric}
+    print(f"\n4. Edge scores averaged over {count} colour and {count} shape questions ({args.corruption}); faithfulness "
+          "of the average's top-15% circuit over questions (mean, 95% t interval)")
+    print("| method | questions | significant edges (q < 0.05) | seconds | faithfulness: same questions | held out | "
+          "other kind |\n|---|---|---|---|---|---|---|")
+    shared = {}
+    for method in ("eap", "eap-ig"):
+        averages = {}
+        for kind in ("color", "shape"):
+            start = time.perf_counter()
+            average = edge_sweep(bundle, items[kind], method=method, steps=args.steps, direction=args.direction,
+                                 **options)
+            seconds = time.perf_counter() - start
+            averages[kind] = average
+            other = "shape" if kind == "color" else "color"
+            cells = [dataset_faithfulness(bundle, chosen, average, fraction=0.15, **options)
+                     for chosen in (items[kind], held_out[kind], items[other])]
+            text = [f"{c.mean:.2f} [{c.low:.2f}, {c.high:.2f}] ({c.questions}{f', {c.left_out} left out' if c.left_out else ''})"
+                    for c in cells]
+            print(f"| {method} | {kind} ({average.questions}) | {int(average.significant().sum())} of "
+                  f"{len(average.edges)} | {seconds:.1f} | " + " | ".join(text) + " |")
+        shared[method] = universal_heads(averages["color"], averages["shape"], k=50, heads=10)
+    print("\n| method | edges shared (top 50 of each) | chance | p | heads shared (top 10 of each) | chance | p | "
+          "shared heads |\n|---|---|---|---|---|---|---|---|")
+    for method, found in shared.items():
+        e, h = found.edges, found.heads
+        print(f"| {method} | {len(e.shared)} of {e.k} ({e.total} edges) | {e.expected:.2f} | {e.p_value:.2g} | "
+              f"{len(h.shared)} of {h.k} ({h.total} heads) | {h.expected:.2f} | {h.p_value:.2g} | "
+              f"{', '.join(h.shared) or 'none'} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=6, help="questions per kind (colour, shape)")
@@ -154,6 +205,8 @@ def main() -> None:
     parser.add_argument("--direction", choices=("noise", "restore"), default="noise")
     parser.add_argument("--metric", choices=("logprob", "prob"), default="logprob")
     parser.add_argument("--cost-only", action="store_true", help="only table 3")
+    parser.add_argument("--sweep", action="store_true", help="only table 4: averages over a dataset")
+    parser.add_argument("--sweep-questions", type=int, default=30, help="questions per kind in table 4")
     args = parser.parse_args()
     if args.corruption == "pairs":
         args.samples = 1
@@ -161,6 +214,9 @@ def main() -> None:
           f"average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; corruption {args.corruption}, "
           f"{args.samples} draws, EAP-IG {args.steps} steps, direction {args.direction}, metric {args.metric}")
     bundle = load_model("demo")
+    if args.sweep:
+        sweep_tables(bundle, args)
+        return
     rows = []
     for kind in ("color", "shape") if not args.cost_only else ():
         for image, question, corruption in questions(kind, args.questions, args.corruption):

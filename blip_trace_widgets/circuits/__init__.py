@@ -11,8 +11,9 @@ kept as the top edges, and checked for faithfulness.
     (0.15, 3417)
 
 The graph and what patching an edge means are in :mod:`~.graph` and :mod:`~.patching`; scores in :mod:`~.scores`
-(:mod:`~.attribution` for EAP and EAP-IG); circuit runs and faithfulness in :mod:`~.faithfulness`; figures in
-:mod:`~.plots`; the command line in :mod:`~.command`.
+(:mod:`~.attribution` for EAP and EAP-IG); circuit runs and faithfulness in :mod:`~.faithfulness`; averages over a
+dataset in :mod:`~.sweep`, and what two of them share in :mod:`~.universal`; figures in :mod:`~.plots`; the command
+line in :mod:`~.command`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ from .patching import PathResult, path_patch
 from .plots import plot_circuit
 from .result import EdgeResult
 from .scores import edge_scores
+from .sweep import EdgeAverage, edge_sweep, plot_edge_average
+from .universal import Overlap, QuestionFaithfulness, Universal, dataset_faithfulness, node_scores, universal_heads
 
-__all__ = ["Circuit", "CircuitGraph", "CircuitInputs", "Curve", "EdgeResult", "Faithfulness", "PathResult", "circuit",
-           "circuit_graph", "circuit_inputs", "edge_scores", "faithfulness", "faithfulness_curve", "path_patch",
-           "plot_circuit"]
+__all__ = ["Circuit", "CircuitGraph", "CircuitInputs", "Curve", "EdgeAverage", "EdgeResult", "Faithfulness", "Overlap",
+           "PathResult", "QuestionFaithfulness", "Universal", "circuit", "circuit_graph", "circuit_inputs",
+           "dataset_faithfulness", "edge_scores", "edge_sweep", "faithfulness", "faithfulness_curve", "node_scores",
+           "path_patch", "plot_circuit", "plot_edge_average", "universal_heads"]

@@ -58,3 +58,9 @@ TRAIN_STEPS = 300
 TRAIN_LR = 1e-3
 #: Demo questions that train a tuned lens by default (easy-VQA's train split), and held out to measure it (test).
 TRAIN_ITEMS = 256
+#: The explorers' toggle between a block's states as the causal map sees them (what restoring each one brings back:
+#: "what it carries") and as the lens reads them (what each one already says), on the same positions x layers.
+CARRIES = "carries"
+SAYS = "says"
+SHOWS: tuple[str, ...] = (CARRIES, SAYS)
+SHOWS_LABELS: dict[str, str] = {CARRIES: "what it carries", SAYS: "what it says"}

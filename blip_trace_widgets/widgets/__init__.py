@@ -28,7 +28,8 @@ The package: :mod:`.controls` (options, limits and the pure functions from contr
 configuration), :mod:`.counterfactual` (noise, an image pair or a word swap, and the direction),
 :mod:`.live` (what every explorer shares: gallery, cached tracers, background work, errors inside),
 :mod:`.explorer` (:class:`TraceExplorer`), :mod:`.vision` (:class:`VisionTraceExplorer`) and
-:mod:`.knockout` (:class:`KnockoutExplorer`).
+:mod:`.knockout` (:class:`KnockoutExplorer`); :mod:`.toggle` is the "what it carries / what it says" toggle that
+:class:`TraceExplorer` and ``lens.LensExplorer`` share (the causal map, or the lens of the same cells).
 """
 from .controls import check_gallery, controls_config, default_gallery, tooltip_of
 from .counterfactual import Counterfactual

@@ -30,6 +30,7 @@ from ..core.names import (
     facts,
     is_head_kind,
 )
+from ..lenses.names import CARRIES
 from ..models import heads
 from ..models.loading import BlipBundle
 from .controls import (
@@ -56,6 +57,7 @@ from .controls import (
 )
 from .counterfactual import Counterfactual
 from .live import LiveView, image_png, png_width, start_mode, tiny_warning, trace_in_phases
+from .toggle import LensPanel
 
 
 class HeadPattern(W.HBox):
@@ -135,7 +137,8 @@ class TraceExplorer(LiveView):
     thread so the controls stay responsive on a slow model; a newer change cancels an
     older trace in flight. ``noise_samples`` ("auto" without a ``config``, else the
     config's ``samples``) is the samples box's first value: with "auto" exact maps
-    sharpen, redrawn after each round of noise until they are stable (:mod:`.sharpening`).
+    sharpen, redrawn after each round of noise until they are stable (:mod:`.sharpening`). ``shows``: "carries"
+    (the causal map) or "says" (the lens of the same cells and a picked cell's top tokens, :mod:`.toggle`).
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class TraceExplorer(LiveView):
         mode: str | None = None,
         question: str | None = None,
         noise_samples: int | str | None = None,
+        shows: str = CARRIES,
     ) -> None:
         text = renamed(text, question, "question", "text")
         super().__init__(bundle, image, text, gallery=merged_gallery(gallery, samples), background=background)
@@ -174,19 +178,21 @@ class TraceExplorer(LiveView):
         self.show_stderr = W.Checkbox(value=False, description="standard error", indent=False,
                                       layout=W.Layout(width="auto"))
         self.view = W.ToggleButtons(options=[("one kind", "single"), ("compare kinds", "compare")], value="single")
+        self.lens_panel = LensPanel(bundle, shows)  # "what it says": the lens of the same cells
+        self.shows = self.lens_panel.shows
         self._tips(noise_name)
         export_row = self._outputs(style)
         self.counterfactual = Counterfactual(self.gallery_items, text=self.task.text)
         self.counterfactual.direction.value = config.direction
         self._start_scored(config)
         controls = W.VBox([
-            row(self.block, self.kind, self.position, self.view), self.counterfactual,
+            row(self.block, self.kind, self.position, self.view, self.shows), self.counterfactual,
             row(self.corruption, self.noise), row(self.method),
             row(self.window, self.noise_samples, self.seed, self.normalized, self.show_stderr),
         ])
         self.pattern = HeadPattern(widest_block(bundle), bundle.model.config.text_config.num_attention_heads)
-        self.children = [self._header(), controls, self.error, self.warning, self.heatmap, self.pattern,
-                         self.comparison, export_row]
+        maps = self.lens_panel.beside(W.VBox([self.heatmap, self.pattern, self.comparison]))
+        self.children = [self._header(), controls, self.error, self.warning, maps, self.lens_panel, export_row]
         check_shown(config, self.controls_config(), ignore=("word",) if config.word is None else ())
         start_mode(self, mode, config)
         self._update_enabled()
@@ -301,6 +307,7 @@ class TraceExplorer(LiveView):
                 view.layout.display = None
             self.heatmap.layout.display = "none"
             self.comparison.layout.display = "flex"
+        self.lens_panel.follow(self, results)
 
     # ----- export -------------------------------------------------------------------------
     def export(self, fmt: str) -> Path | None:
