@@ -28,6 +28,12 @@ both at the base run (the clean run when noising): one base forward, one source 
 et al. 2024) averages g_r·J_{r,u} over ``steps`` points whose inputs (image embeddings, question and decoder
 embeddings) interpolate between the base and source inputs, at the midpoints (k + 0.5) / steps, and multiplies by
 the endpoints' Δc_u.
+
+BLIP-2 and InstructBLIP (:func:`query_attribution_draws`) take the same scores by autograd instead: a forward tapping
+every channel's input whole gives g_r, and g_r·J_{r,u}Δc_u for every edge is the gradient of Σ_r g_r·x_r(gates) with
+respect to the gates at zero, x_r the gated frozen-node chain (:meth:`~.network.QueryNetwork.chain`) with
+contributions at the gradient run and Δc_u between the endpoints. Only the image differs between the endpoints, so
+EAP-IG interpolates the image embeddings.
 """
 from __future__ import annotations
 

@@ -18,7 +18,10 @@ keeping none the corrupted run, so faithfulness = (m(C) − m(empty)) / (m(full)
 graph and 0 for none. With noise, each draw is its own corrupted run: the value is the ratio of the means over draws
 (as MIB averages over a dataset), its 95% interval that of the numerator over draws, the denominator held at its
 mean. The curve (MIB, Mueller et al. 2025) is faithfulness against the circuit's
-size as a fraction of the graph's edges; its area (trapezoids) is the CPR, the area of |1 − f| the CMD.
+size as a fraction of the graph's edges; its area (trapezoids) is the CPR, the area of |1 − f| the CMD. BLIP-2
+and InstructBLIP (OPT) run the same circuit run (:class:`QueryCircuitRun`), a language-model channel's Q-Former
+senders gated through the Q-Former's chain and the projection; each family's run is picked from
+:data:`CIRCUIT_SCORES`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The circuit graph of a BLIP VQA model: nodes, receiver channels and the edges between them.
+"""The circuit graph of a BLIP VQA model, or of BLIP-2 / InstructBLIP with an OPT language model: nodes, receiver
+channels and the edges between them.
 
     >>> from blip_trace_widgets import load_model
     >>> graph = circuit_graph(load_model("demo"))
@@ -17,6 +18,27 @@ a head's ``.q``, ``.k`` or ``.v`` (as its own rows of the projection read it), a
 node upstream of a channel's input sends to it: within a block every earlier node, ``img`` to the question encoder's
 cross-attention keys and values, every question-encoder node to the decoder's cross-attention keys and values
 (through the question encoder's final output). Edges are named ``"sender → receiver"``.
+
+BLIP-2 and InstructBLIP (OPT language model; T5 and LLaMA are refused) have their own shape, :class:`QueryShape`:
+
+    >>> blip2 = circuit_graph(load_model("demo-blip2"))
+    >>> len(blip2.nodes), len(blip2.channels), len(blip2.edges), len(blip2.edges_between("qf", "lm"))
+    (61, 155, 4185, 2262)
+
+Its nodes are ``img`` (``image_embeds``, what the Q-Former cross-attends), ``qf.emb`` (the Q-Former's layer-0 input:
+the layer-normed queries, in InstructBLIP followed by the instruction), ``qf.L{l}.H{h}``, ``qf.L{l}.X{h}`` (on the
+layers with cross-attention, ``l % cross_every == 0``), ``qf.L{l}.mlp`` (the query MLP's output at the query rows,
+the text MLP's at InstructBLIP's instruction rows), ``lm.emb`` (the prompt's token embeddings, zero at the Q query
+rows, plus OPT's positions), ``lm.L{l}.H{h}`` (a head's slice of the attention output before ``out_proj``, whose bias
+belongs to no head) and ``lm.L{l}.mlp``; its channels are the heads' ``.q``/``.k``/``.v``, the MLPs' inputs and
+``out``. ``img`` sends to the cross-attention keys and values only; every Q-Former node sends to every
+language-model channel and to ``out`` (through the Q-Former's final output, the projection and the language model's
+rows 0..Q-1), as does ``lm.emb``; within each block as within a BLIP text block. Where the definition leaves a
+choice, this graph reads it as BLIP's does: ``out`` is a channel and not in :attr:`CircuitGraph.nodes`; a channel's
+senders are listed in node order (the Q-Former's before the language model's); a language-model channel is carried
+as the residual before its LayerNorm, which the receiver applies itself (the same input, as LayerNorm is fixed); a
+cross-attention head contributes zero at InstructBLIP's instruction rows, which pass its sublayer unchanged (as
+transformers runs it).
 """
 from __future__ import annotations
 

@@ -10,6 +10,10 @@ The corruption is the package's noise on the image embeddings at the bundle's le
 counterfactual image (a PIL image or an :class:`~blip_trace_widgets.ImageSwap`: its embeddings, one draw), a
 counterfactual question of as many tokens (a string, one draw), corrupted image embeddings given as a tensor
 [S, N, D], or any callable ``(clean [1, N, D], samples, generator) -> [samples, N, D]``.
+
+For BLIP-2 and InstructBLIP (OPT) ``question_ids`` are the language model's prompt (after the Q query rows),
+``instruction_ids`` InstructBLIP's Q-Former instruction, and the answer's first token is scored at the prompt's last
+position (``offset`` = Q + T − 1); the corruption acts on the image only (a counterfactual question is refused).
 """
 from __future__ import annotations
 

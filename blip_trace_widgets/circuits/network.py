@@ -16,6 +16,13 @@ records every node's output (a head's slice of the attention context, an MLP's o
 :meth:`Network.chain` is the frozen-node residual chain of the post-LayerNorm BERT: a channel's input recomputed
 from node outputs, each node's contribution taken from one of two runs by a gate (1: the first run's value).
 Head contributions are ``W_O^h z_h`` (the output projection's slice), the projection's bias is added once.
+
+:class:`QueryNetwork` is the same for BLIP-2 and InstructBLIP (OPT): the Q-Former (post-LayerNorm, cross-attention
+on every ``cross_every``-th layer, the queries' own MLP, InstructBLIP's instruction rows through the text MLP), the
+projection of its query rows into the language model's rows 0..Q-1, and OPT (pre-LayerNorm, causal), whose
+channels are the residual before each receiver's own LayerNorm. Its chain (:meth:`QueryNetwork.chain`) gates every
+node of the graph: a language-model channel's input recomputes the Q-Former's chain to its final output (query rows),
+the projection and the language model's residual sum. :func:`network_of` picks the class from the graph's shape.
 """
 from __future__ import annotations
 

@@ -11,6 +11,12 @@ Noising (``direction="noise"``): base = the clean run, source = the corrupted ru
 Restoring (``direction="restore"``): base = the corrupted run, source = the clean run; effect m(run B) − m(corrupted).
 With noise each draw is its own pair of runs, and the effect's mean, standard error and 95% interval are over draws
 (paired: each draw's run B against that draw's base). An edge u → r is ``sender=u, receivers=r``.
+
+BLIP-2 and InstructBLIP (OPT) run the same two runs (:func:`query_chunk`): run A recomputes a receiver's input from
+every node's contribution, the senders' from the source run, through the Q-Former's LayerNorms, the projection and
+the language model's residual sum; run B is the base forward with only the receivers reading it (a head's own q, k
+or v rows; an MLP's input; ``lm_head``'s input), skipping the Q-Former when every receiver is in the language model.
+The corruption changes the image embeddings only; the prompt (and InstructBLIP's instruction) is the same in both.
 """
 from __future__ import annotations
 

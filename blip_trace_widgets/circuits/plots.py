@@ -14,7 +14,9 @@
 Layers run left to right: the image, then the question encoder (its embedding, then per layer its self-attention
 heads, cross-attention heads and MLP), then the answer decoder and ``out``, each block on a band of its own. An
 edge's width follows |score|; positive edges (the metric rises when the edge is patched) and negative ones take two
-colours. A receiver's q, k and v channels meet its node a little above, at and below its centre.
+colours. A receiver's q, k and v channels meet its node a little above, at and below its centre. BLIP-2's and
+InstructBLIP's graphs are drawn on three bands: the ViT image input, the Q-Former (per layer its self heads, its
+cross heads where it cross-attends, its MLP) and the language model.
 """
 from __future__ import annotations
 

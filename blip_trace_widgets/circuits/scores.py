@@ -9,7 +9,8 @@
 EAP costs one base forward, one source forward and one backward pass (plus the residual chains, elementwise work);
 EAP-IG ``steps`` forward and backward passes more; exact runs one path-patching run per edge and draw, batched (the
 demo model's 3,417 edges take seconds; on a BLIP-base-sized model choose one block's edges with ``edges=``: its
-cost is estimated first and a run over 30 s is warned about).
+cost is estimated first and a run over 30 s is warned about). BLIP-2 and InstructBLIP (OPT) are scored the same
+way, their EAP and EAP-IG picked from :data:`ATTRIBUTIONS` by network family.
 """
 from __future__ import annotations
 
