@@ -9,6 +9,7 @@
     accelerate launch --multi_gpu --num_processes 2 -m blip_trace_widgets sweep --dataset coco-qa-color ...
     blip-trace lens --image cat.png --question "what color is the cat?" --block answer_decoder --out out/
     blip-trace circuit --image cat.png --question "what color is the cat?" --method eap-ig --top 50 --out out/
+    blip-trace circuit --dataset easy-vqa-color --limit 30 --method eap-ig --out out/   # averaged over questions
 
 Each trace writes a PNG heatmap and a JSON result (``TraceResult.load`` reads it back),
 named after the question, the image and the configuration, so runs never overwrite each
