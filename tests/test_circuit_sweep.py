@@ -227,6 +227,13 @@ def test_pairs_are_corrupted_by_their_own_partner_and_faithfulness_is_per_questi
                           corruption=pair.counterfactual_image)
         np.testing.assert_array_equal(result.scores, own.scores)
         assert result.corruption["name"] == "image_swap" and result.samples == 1
+    from blip_trace_widgets.datasets.subsets import hf_pairs
+
+    rows = [{"image": p.image, "counterfactual_image": p.counterfactual_image, "question": p.question,
+             "answer": p.answer, "counterfactual_answer": p.counterfactual_answer} for p in pairs]
+    again = edge_sweep(demo(), hf_pairs(rows), method="eap-ig", steps=3)  # a dataset's pairs, read alike
+    np.testing.assert_array_equal(again.scores, average.scores)
+    np.testing.assert_array_equal(again.qvalues, average.qvalues)
     kept = circuit(average.as_result(), fraction=0.15)
     found = dataset_faithfulness(demo(), pairs, average)  # 15% by default
     assert found.edges == kept.k
