@@ -5,8 +5,9 @@ Part A checks the reference alone: the graph against the computation (a perturbe
 sends to), identities of path patching and circuit runs, and single edges worked out by hand on the model's modules.
 Part B compares the engine's public API (``circuit_graph``, ``path_patch``, ``edge_scores``, ``faithfulness``) with
 the reference: the edge set, exact edge scores in both directions under noise and a counterfactual image, a path from
-several senders to several receivers, and circuits keeping none, all and 30% of the edges. Part B skips while
-``circuit_graph`` refuses BLIP-2 models.
+several senders to several receivers, circuits keeping none, all and 30% of the edges, two noise draws averaged,
+and the trained demo models with a counterfactual image. Part B skips while the engine refuses BLIP-2 models (a
+BlipTraceError from ``circuit_graph`` or the function under test).
 """
 from __future__ import annotations
 
@@ -679,3 +680,70 @@ def test_engine_circuit_runs_equal_the_reference(family: str) -> None:
         assert_close(result.circuit_score, expected, scale=10.0, err_msg=f"{len(kept)} of {len(edges)} edges")
         assert_close(result.clean_score, full, scale=10.0)
         assert_close(result.corrupted_score, empty, scale=10.0)
+
+
+@pytest.mark.slow
+def test_engine_averages_noise_draws_as_the_reference_averages_rows() -> None:
+    """Two noise draws handed to the engine as corrupted embeddings [2, N, D]: its edge scores and circuit score are
+    the mean over the draws, as the reference's over a batch of (clean, draw) rows."""
+    from blip_trace_widgets.circuits import edge_scores, faithfulness
+
+    graph = _engine_graph(_bundle("blip2"))
+    bundle, clean, noisy, _ = _engine_case("blip2")
+    images = clean["image_embeds"]
+    second = images + torch.randn(images.shape, generator=torch.Generator().manual_seed(1)) * 3 * images.std()
+    draws = torch.cat([noisy["image_embeds"], second])
+    rows = {key: torch.cat([value, value]) for key, value in clean.items()}
+    corrupted = dict(rows, image_embeds=draws)
+    edges = ["qf.L2.X1 → lm.L1.H2.v", "img → qf.L0.X3.k", "lm.L0.H1 → lm.L2.mlp"]
+    result = _engine(edge_scores, bundle, _picture(0), QUESTION, method="exact", corruption=draws, samples=2,
+                     answer=ANSWER, edges=edges)
+    ours = dict(zip(result.edges, np.asarray(result.scores, dtype=float)))
+    for edge in edges:
+        one, two = (reference_edge_score(bundle.model, clean, dict(clean, image_embeds=d[None]), edge) for d in draws)
+        assert one != two
+        assert_close(ours[edge], reference_edge_score(bundle.model, rows, corrupted, edge), scale=10.0,
+                     err_msg=edge)
+        assert_close(ours[edge], (one + two) / 2, scale=10.0, err_msg=edge)
+    some = [e for e, keep in zip(graph.edges, np.random.default_rng(1).random(len(graph.edges)) < 0.3) if keep]
+    circuit = _engine(faithfulness, bundle, _picture(0), QUESTION, some, corruption=draws, samples=2, answer=ANSWER)
+    assert_close(circuit.circuit_score, reference_circuit_score(bundle.model, rows, corrupted, some), scale=10.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["demo-blip2", "demo-instructblip"])
+def test_engine_equals_the_reference_on_the_trained_demo_models(name: str) -> None:
+    """The bundled demo models (trained on easy-VQA: 4 Q-Former layers, 6 OPT layers) on a demo question, with the
+    image of a yellow rectangle as the counterfactual for "what is the color of the triangle?" (red): exact edges in
+    both directions, and a circuit of 30% of the edges."""
+    from blip_trace_widgets import demo_samples, load_model
+    from blip_trace_widgets.circuits import edge_scores, faithfulness
+
+    bundle = load_model(name)
+    graph = _engine_graph(bundle)
+    model = bundle.model
+    samples = demo_samples()
+    image, question, answer = samples[0]
+    clean = blip2_inputs(model, bundle.processor, image, question, answer)
+    other = dict(clean, image_embeds=blip2_inputs(model, bundle.processor, samples[3].image, question,
+                                                  answer)["image_embeds"])
+    assert sorted(graph.edges) == sorted(reference_edges(model))
+    edges = ["img → qf.L0.X1.v", "qf.L0.X2 → qf.L1.H0.k", "qf.L1.mlp → qf.L2.X3.q", "qf.L2.X1 → lm.L0.H2.v",
+             "qf.L3.mlp → lm.L3.H1.k", "lm.emb → lm.L1.mlp", "lm.L1.H3 → lm.L4.H0.v", "lm.L5.mlp → out"]
+    for direction in ("noise", "denoise"):
+        result = _engine(edge_scores, bundle, image, question, method="exact", corruption=samples[3].image,
+                         direction="noise" if direction == "noise" else "restore", samples=1, answer=answer,
+                         edges=edges)
+        base = reference_score(model, clean if direction == "noise" else other)
+        assert_close(result.clean_score, reference_score(model, clean), scale=10.0)
+        assert_close(result.corrupted_score, reference_score(model, other), scale=10.0)
+        assert abs(result.clean_score - result.corrupted_score) > 1.0, "a counterfactual that matters"
+        ours = dict(zip(result.edges, np.asarray(result.scores, dtype=float)))
+        theirs = {e: reference_edge_score(model, clean, other, e, direction) for e in edges}
+        assert max(abs(v) for v in theirs.values()) > 1e-3
+        wrong = {e: (ours[e], theirs[e]) for e in edges if not close(ours[e], theirs[e], scale=10.0 + abs(base))}
+        assert not wrong, f"{direction}: engine vs reference (edge: (engine, reference)): {wrong}"
+    some = [e for e, keep in zip(graph.edges, np.random.default_rng(0).random(len(graph.edges)) < 0.3) if keep]
+    circuit = _engine(faithfulness, bundle, image, question, some, corruption=samples[3].image, samples=1,
+                      answer=answer)
+    assert_close(circuit.circuit_score, reference_circuit_score(model, clean, other, some), scale=10.0)
