@@ -231,7 +231,8 @@ METHODS: tuple[Method, ...] = ("exact", "estimate", "verified")
 METHOD_LABELS: dict[str, str] = {
     "exact": "exact (one patched run per cell)",
     "estimate": "estimate (attribution patching)",
-    "verified": f"estimate, then the exact value of its top cells (verify=k, default {DEFAULT_VERIFY})",
+    "verified": (f"estimate, then the exact value of the top cells by the clean run's estimate (verify=k, default "
+                 f"{DEFAULT_VERIFY})"),
 }
 #: Which way a cell is patched: clean states into the corrupted run (denoising: what is sufficient, ROME's), or
 #: corrupted states into the clean run (noising: what is necessary).
