@@ -62,11 +62,14 @@ class Record:
     mlp: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     final: dict[str, torch.Tensor] = field(default_factory=dict)
     score: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # log p(answer) [B]
+    #: BLIP-2's language-model residual at each layer's input (and, at the layer count, its final state).
+    states: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def detached(self) -> Record:
         return Record(self.img.detach(), {k: v.detach() for k, v in self.emb.items()},
                       {k: v.detach() for k, v in self.heads.items()}, {k: v.detach() for k, v in self.mlp.items()},
-                      {k: v.detach() for k, v in self.final.items()}, self.score.detach())
+                      {k: v.detach() for k, v in self.final.items()}, self.score.detach(),
+                      {k: v.detach() for k, v in self.states.items()})
 
 
 class Network:
@@ -75,6 +78,10 @@ class Network:
     #: The block whose channels a run may reach without rerunning the earlier one (the decoder reads the question
     #: encoder's final output).
     last_block = DEC
+
+    def path_key(self, graph: Any, path: Any) -> tuple[bool, int]:
+        """Where a path run's receivers sit, to batch alike runs: whether all are in the decoder."""
+        return min(graph.places[r][0].block == DEC for r in path.receivers), 0
 
     def __init__(self, bundle: Any) -> None:
         model = getattr(bundle, "model", bundle)
@@ -367,6 +374,12 @@ class QueryNetwork:
     #: As :attr:`Network.last_block`: the language model reads the Q-Former's final output.
     last_block = LM
 
+    def path_key(self, graph: Any, path: Any) -> tuple[bool, int]:
+        """Whether all of a path run's receivers are in the language model, and their first layer there."""
+        points = [graph.places[r][0] for r in path.receivers]
+        late = all(p.block == LM for p in points)
+        return late, min(p.layer for p in points) if late else 0
+
     # ----- inputs --------------------------------------------------------------------------------------
     def qf_embed(self, ids: torch.Tensor | None) -> torch.Tensor:
         """``qf.emb``: the Q-Former's layer-0 input [1, Q (+ T), D]: its queries (and InstructBLIP's instruction
@@ -398,27 +411,33 @@ class QueryNetwork:
 
     # ----- the forward pass ----------------------------------------------------------------------------
     def forward(self, img: torch.Tensor, qf_emb: torch.Tensor, lm_emb: torch.Tensor, pair: Any,
-                source: Source | None = None, qf_states: torch.Tensor | None = None, rows: int = 1) -> Record:
+                source: Source | None = None, qf_states: torch.Tensor | None = None, rows: int = 1,
+                lm_state: torch.Tensor | None = None, start: int = 0) -> Record:
         """One run (as :meth:`Network.forward`); with ``qf_states`` (the Q-Former's output) only the language
-        model runs."""
+        model runs; with ``lm_state``, its residual at layer ``start``'s input, only its layers from there."""
         source = source or Live()
         rows = max(rows, img.shape[0], qf_emb.shape[0], lm_emb.shape[0], 0 if qf_states is None else qf_states.shape[0])
         record = Record(img.expand(rows, -1, -1))
         bind = getattr(source, "bind", None)
         if bind is not None:
             bind(record)
-        if qf_states is None:
+        if qf_states is None and lm_state is None:
             h = record.emb[QF] = qf_emb.expand(rows, -1, -1)
             for j in range(len(self.qf)):
                 h = self.qf_layer(j, h, record.img, source, record)
             qf_states = h
-        record.final[QF] = qf_states.expand(rows, -1, -1)
         record.emb[LM] = lm_emb.expand(rows, -1, -1)
-        h = self.lm_input(record.emb[LM], record.final[QF])
+        if lm_state is None:
+            assert qf_states is not None
+            record.final[QF] = qf_states.expand(rows, -1, -1)
+            h = self.lm_input(record.emb[LM], record.final[QF])
+        else:
+            h = lm_state.expand(rows, -1, -1)
         mask = _causal(h)
-        for j in range(len(self.lm)):
+        for j in range(start, len(self.lm)):
+            record.states[j] = h
             h = self.lm_layer(j, h, source, record, mask)
-        record.final[LM] = h
+        record.final[LM] = record.states[len(self.lm)] = h
         x = source.at(Point(LM, len(self.lm), "out"), h)
         logits = self.lm_head(self.final_norm((h if x is None else x[:, 0])[:, pair.offset]))
         logprob = torch.log_softmax(logits.float(), -1)[:, pair.answer]

@@ -152,8 +152,7 @@ class Path:
 def run_paths(runs: Runs, graph: CircuitGraph, paths: Sequence[Path], rows: int | None = None) -> np.ndarray:
     """Each path's effect in each draw: m(run B) − m(base), [samples, paths]."""
     samples = runs.samples
-    late = runs.net.last_block
-    order = sorted(range(len(paths)), key=lambda i: min(graph.places[r][0].block == late for r in paths[i].receivers))
+    order = sorted(range(len(paths)), key=lambda i: runs.net.path_key(graph, paths[i]))
     jobs = [(s, i) for i in order for s in range(samples)]
     draws = np.full((samples, len(paths)), np.nan)
     size = rows or chunk_rows(runs)
@@ -217,8 +216,12 @@ def query_chunk(runs: Runs, graph: CircuitGraph, paths: list[Path], samples: tor
     widths = {p: len(graph.shape.channels_at(p)) for p in entries}
     overrides = Overrides(entries, 0, widths)
     img, qf_emb, lm_emb = (pick(t, samples) for t in runs.base_inputs)
-    states = pick(runs.base.final[QF], samples) if all(p.block == LM for p in entries) else None
-    run_b = net.forward(img, qf_emb, lm_emb, runs.pair, overrides, qf_states=states, rows=len(paths))
+    if all(p.block == LM for p in entries):  # start at the first receiver's layer, from the base run's residual
+        first = min(p.layer for p in entries)
+        run_b = net.forward(img, qf_emb, lm_emb, runs.pair, overrides, rows=len(paths),
+                            lm_state=pick(runs.base.states[first], samples), start=first)
+    else:
+        run_b = net.forward(img, qf_emb, lm_emb, runs.pair, overrides, rows=len(paths))
     return run_b.score - pick(runs.base_score(), samples)
 
 
