@@ -36,14 +36,15 @@ from ..core.cache import LRU
 from ..core.errors import BlipTraceError
 from ..core.inputs import image_digest
 from ..core.names import BLOCK_LABELS
+from ..lenses.core import lens_log_probs, summarise
 from ..lenses.names import CELL_TOP, DEFAULT_TOP, LENS_BLOCKS, LENS_KINDS, LENS_LABELS, LOGIT, MAX_TOP, SAYS
 from ..lenses.plots import lens_png
-from ..lenses.reading import lens_block
+from ..lenses.reading import lens_block, read
 from ..lenses.result import LensResult
 from ..lenses.tuned import TunedLens
 from ..models import heads
 from ..models.heads import head_of_model
-from .toggle import causal_rows, cell_html, lens_of, misaligned, pick, refusal, shows_toggle, top_tokens
+from .toggle import causal_rows, cell_html, misaligned, pick, refusal, shows_toggle, top_tokens
 
 
 def carried_config(bundle: Any, block: str, answer: str | None) -> TraceConfig:
@@ -116,8 +117,10 @@ class LensExplorer(W.VBox):
 
     def _run(self) -> None:
         kind, block = str(self.kind.value), str(self.block.value)
-        result, logp = lens_of(self.bundle, self.image, self.text.value, block, kind, top=int(self.top.value),
-                               answer=self.answer.value.strip() or None, tuned=self.tuned)
+        reading = read(self.bundle, self.image, self.text.value, block)
+        logp = lens_log_probs(self.bundle, reading, kind, self.tuned)
+        result = summarise(self.bundle, reading, logp, kind=kind, text=self.text.value, top=int(self.top.value),
+                           answer=self.answer.value.strip() or None)
         self._logp, self.result = logp, result
         self.grid.value = lens_png(result, "grid")
         pick(self.position, [(f"{p}: {label}", p) for p, label in enumerate(result.labels)])
