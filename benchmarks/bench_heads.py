@@ -64,25 +64,31 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} "
           f"on {os.cpu_count()} cores; {args.samples} noise samples, Gaussian 3σ")
     noise = GaussianNoise(3.0)
+    captions(image, noise, args.samples)  # one model at a time: the captioner is freed before the matcher is built
+    matches(image, noise, args.samples)
+
+
+def captions(image, noise, samples: int) -> None:
     captioner = bundle_of(BlipForConditionalGeneration)
     for method in ("exact", "estimate"):
         timed(f"caption decoder, {len(CAPTION.split())} words after '{PROMPT}', hidden, {method}",
-              lambda: trace_caption(captioner, image, PROMPT, CAPTION, samples=args.samples, corruption=noise,
-                                    method=method))
+              lambda method=method: trace_caption(captioner, image, PROMPT, CAPTION, samples=samples,
+                                                  corruption=noise, method=method))
     timed("caption: vision encoder, 3x3 regions + CLS, one word, hidden, 3 samples, exact",
           lambda: Tracer(captioner, image, PROMPT).trace(block="vision_encoder", answer=CAPTION, word=4, regions=3,
                                                          samples=3, corruption=noise))
-    del captioner
+
+
+def matches(image, noise, samples: int) -> None:
     matcher = bundle_of(BlipForImageTextRetrieval)
     for method in ("exact", "estimate"):
         timed(f"ITM encoder, '{CAPTION}' (9 tokens), hidden, {method}",
-              lambda: Tracer(matcher, image, CAPTION).trace(block="itm_encoder", samples=args.samples,
-                                                            corruption=noise, method=method))
+              lambda method=method: Tracer(matcher, image, CAPTION).trace(block="itm_encoder", samples=samples,
+                                                                          corruption=noise, method=method))
     for metric in ("prob", "itc"):
         timed(f"ITM: vision encoder, 3x3 regions + CLS, hidden, {metric}, 3 samples, exact",
-              lambda: Tracer(matcher, image, CAPTION).trace(block="vision_encoder", regions=3, metric=metric,
-                                                            samples=3, corruption=noise))
-
+              lambda metric=metric: Tracer(matcher, image, CAPTION).trace(block="vision_encoder", regions=3,
+                                                                          metric=metric, samples=3, corruption=noise))
 
 if __name__ == "__main__":
     main()

@@ -34,8 +34,8 @@ from transformers import BertTokenizer, BlipConfig, BlipForQuestionAnswering, Bl
 
 from blip_trace_widgets import GaussianNoise, Tracer, load_model
 from blip_trace_widgets.models.anatomy import module_name
-from blip_trace_widgets.models.runs import grid_cells, start_layer
 from blip_trace_widgets.models.hooks import edit_output
+from blip_trace_widgets.models.runs import grid_cells, start_layer
 
 QUESTION = "what color is the shirt of the man"  # 7 words -> 9 tokens with [CLS] and [SEP]
 
@@ -110,7 +110,7 @@ class Loop:
             self.clean_embeds = self._vision()
             self.noisy = self._corrupt(self.clean_embeds)
             self.clean = {}
-            names = [module_name("question_encoder", k, l) for k in ("hidden", "mlp") for l in range(12)]
+            names = [module_name("question_encoder", k, j) for k in ("hidden", "mlp") for j in range(12)]
             from blip_trace_widgets.models.hooks import record_outputs
 
             with record_outputs(self.model, names) as seen:

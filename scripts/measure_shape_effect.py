@@ -46,7 +46,7 @@ def measure(bundle, subset: str, images: int, scale: float, samples: int) -> dic
         inside = box.token_mask(tokens)[1:].numpy()
         elsewhere = same_size_elsewhere(box, tokens)
 
-        def kept(region) -> float:
+        def kept(region, tracer: Tracer = tracer) -> float:
             low, high = tracer.baselines(TraceConfig(block="vision_encoder", samples=samples,
                                                      corruption=GaussianNoise(scale, region=region)))
             return low / high

@@ -243,9 +243,9 @@ def test_blocks_read_a_frozen_context_never_the_tracer(demo_bundle, demo_sample,
     """Every block method of a trace (exact, estimated, verified, image-side) gets the clean pass's frozen Context."""
     import dataclasses
 
+    from blip_trace_widgets.causal_trace.blocks.base import Context
     from blip_trace_widgets.causal_trace.blocks.blip import AnswerDecoder, QuestionEncoder
     from blip_trace_widgets.causal_trace.blocks.vision import VisionEncoder
-    from blip_trace_widgets.causal_trace.blocks.base import Context
     from blip_trace_widgets.causal_trace.tracer import Tracer
 
     seen = []

@@ -53,7 +53,8 @@ class ReferenceLoop:
         self.answer_ids = list(answer_ids)
         with torch.no_grad():
             self.clean_embeds = clean_embeds = self.model.vision_model(pixel_values=pixels)[0]
-            self.corrupted = (config.corruption or ROME_DEFAULT)(clean_embeds, config.samples, torch.Generator().manual_seed(config.seed))
+            generator = torch.Generator().manual_seed(config.seed)
+            self.corrupted = (config.corruption or ROME_DEFAULT)(clean_embeds, config.samples, generator)
             self.clean = self._record(clean_embeds)
             self.corrupted_states = self._record(self.corrupted)
 
@@ -135,9 +136,9 @@ class ReferenceLoop:
         w = self.config.window
         out = np.zeros((positions, layers))
         for p in range(positions):
-            for l in range(layers):
-                window = range(max(0, l - w // 2), min(layers, l - (-w // 2)))
-                out[p, l] = self.cell([(j, p) for j in window])
+            for layer in range(layers):
+                window = range(max(0, layer - w // 2), min(layers, layer - (-w // 2)))
+                out[p, layer] = self.cell([(j, p) for j in window])
         return out
 
 
@@ -170,7 +171,8 @@ def test_engine_matches_per_cell_loop(bundle, image, question, block, kind, wind
     assert result.low_score == within_rounding(reference.cell([]))
 
 
-@pytest.mark.parametrize("block,kind", [("question_encoder", "mlp"), ("answer_decoder", "hidden"), ("answer_decoder", "cross_attn")])
+@pytest.mark.parametrize("block,kind", [("question_encoder", "mlp"), ("answer_decoder", "hidden"),
+                                        ("answer_decoder", "cross_attn")])
 @pytest.mark.parametrize("metric", ["prob", "logprob"])
 @lengthy
 def test_multi_token_answer_matches_loop(bundle, image, question, block, kind, metric):

@@ -68,7 +68,8 @@ def _random_configs(rng: random.Random, count: int) -> list[TraceConfig]:
         sever = rng.choice([None, None, "mlp", "self_attn"]) if kind == "hidden" else None
         metric = rng.choice(["prob", "logprob", "logit_diff"])
         configs.append(TraceConfig(
-            block=block, kind=kind, window=rng.choice([1, 2] if vision else [1, 2, 3]), corruption=corruption, samples=rng.choice([1, 2, 3]),
+            block=block, kind=kind, window=rng.choice([1, 2] if vision else [1, 2, 3]), corruption=corruption,
+            samples=rng.choice([1, 2, 3]),
             seed=rng.choice([0, 1]), answer=rng.choice([None, "red", "red blue"]), metric=metric,
             contrast="green" if metric == "logit_diff" else None, sever=sever,
             sever_at=rng.choice(["restored", "all"]), corrupt=stage,

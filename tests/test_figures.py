@@ -159,7 +159,8 @@ def test_averaged_heatmap_shows_its_real_range():
     import pandas as pd
 
     rows = [{"sample": i, "config": 0, "block": "question_encoder", "kind": "hidden", "window": 1, "corruption": "{}",
-             "tokens": ["[CLS]", "a", "[SEP]"], "scores": s, "low_score": 0.1, "high_score": 0.9, "num_layers": 2, "correct": True}
+             "tokens": ["[CLS]", "a", "[SEP]"], "scores": s, "low_score": 0.1, "high_score": 0.9, "num_layers": 2,
+             "correct": True}
             for i, s in enumerate([[[0.1, 0.5], [0.2, 0.3], [0.1, 0.1]], [[0.3, 0.7], [0.1, 0.2], [0.1, 0.0]]])]
     average = average_trace(pd.DataFrame(rows), form="rome", by="position")
     from blip_trace_widgets.sweeps.plots import plot_average_heatmaps

@@ -63,7 +63,7 @@ class Loop:
     def _names(self):
         block, kind = self.config.block, self.config.kind
         suffix = VISION_SUFFIX if block == "vision_encoder" else SUFFIX
-        return [f"{TEXT[block]}.{l}{suffix[kind]}" for l in range(len(self.model.get_submodule(TEXT[block])))]
+        return [f"{TEXT[block]}.{layer}{suffix[kind]}" for layer in range(len(self.model.get_submodule(TEXT[block])))]
 
     def _record(self):
         seen, handles = {}, []
@@ -129,8 +129,9 @@ class Loop:
         w = self.config.window
         out = np.zeros((positions, layers))
         for p in range(positions):
-            for l in range(layers):
-                out[p, l] = self.cell([(j, p) for j in range(max(0, l - w // 2), min(layers, l - (-w // 2)))])
+            for layer in range(layers):
+                window = range(max(0, layer - w // 2), min(layers, layer - (-w // 2)))
+                out[p, layer] = self.cell([(j, p) for j in window])
         return out
 
 

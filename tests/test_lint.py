@@ -1,4 +1,5 @@
-"""ruff and mypy on the package, so that the README's test command (and so CI) runs them."""
+"""ruff on the package, its tests, scripts and benchmarks, and mypy on the package, so that the README's test command
+(and so CI) runs them."""
 from __future__ import annotations
 
 import shutil
@@ -19,7 +20,8 @@ def _tool(name: str) -> str:
 
 
 def test_ruff_is_clean():
-    run = subprocess.run([_tool("ruff"), "check", "blip_trace_widgets"], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([_tool("ruff"), "check", "blip_trace_widgets", "tests", "scripts", "benchmarks"], cwd=ROOT,
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:]
 
 

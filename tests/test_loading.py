@@ -35,7 +35,8 @@ def test_folder_round_trip_keeps_tokens(tmp_path):
 def test_non_blip_folder_is_a_value_error(tmp_path):
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)).save_pretrained(tmp_path)
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    BertModel(config).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not one of the heads this package traces"):
         load_model(str(tmp_path))
 

@@ -158,7 +158,8 @@ def test_a_pair_sweep_records_both_answers_and_direction_and_averages_over_pairs
     noised = table[table.config == 1].iloc[0]
     effects = sample_effects(table[table.config == 1], by="position")
     row = effects[(effects["sample"] == noised["sample"]) & (effects.position == "0") & (effects.layer == 0)].iloc[0]
-    expected = (noised.high_score - noised.scores[0][0]) / (noised.high_score - noised.low_score)  # noising: what the cell takes away
+    # noising: what the cell takes away
+    expected = (noised.high_score - noised.scores[0][0]) / (noised.high_score - noised.low_score)
     assert row.effect == pytest.approx(expected)
 
 

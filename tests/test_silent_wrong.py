@@ -214,8 +214,8 @@ def test_every_entry_point_resolves_the_same_config(demo_bundle, demo_sample, tm
     """trace(), Tracer.trace, the explorer and the CLI start from one resolver: the demo model's 10σ, not 3σ in one
     and 10σ in another."""
     from blip_trace_widgets import Tracer
-    from blip_trace_widgets.causal_trace.procedures import resolve_config
     from blip_trace_widgets.causal_trace.command import _trace_config
+    from blip_trace_widgets.causal_trace.procedures import resolve_config
     from blip_trace_widgets.cli import build_parser
     from blip_trace_widgets.widgets import TraceExplorer
 

@@ -22,10 +22,12 @@ COCO_CSV = """,train_image_id_count,question_count,answer_count
 2,491525,what is the color of the dog,black
 3,77,what is the color of the large wooden table,red
 """
-CLEVR_CSV = """,Image_IDs,Questions_Answers
-0,CLEVR_val_000145,"[{'question': 'Is the large red cylinder right of the small green sphere?', 'answer': 1}, {'question': 'Is the small green sphere right of the large red cylinder?', 'answer': 0}]"
-1,CLEVR_val_000187,"[{'question': 'Is the cube behind the sphere?', 'answer': 1}]"
-"""
+CLEVR_CSV = (
+    ",Image_IDs,Questions_Answers\n"
+    "0,CLEVR_val_000145,\"[{'question': 'Is the large red cylinder right of the small green sphere?', 'answer': 1}, "
+    "{'question': 'Is the small green sphere right of the large red cylinder?', 'answer': 0}]\"\n"
+    "1,CLEVR_val_000187,\"[{'question': 'Is the cube behind the sphere?', 'answer': 1}]\"\n"
+)
 
 
 def _jpeg(path: Path, value: int) -> None:

@@ -49,7 +49,8 @@ def test_table_rows_equal_single_traces(tiny_bundle, tmp_path):
         tracer = Tracer(tiny_bundle, image, question)
         expected_result = tracer.trace(CONFIGS[row.config])
         np.testing.assert_allclose(np.array([list(r) for r in row.scores]), expected_result.scores, rtol=1e-6, atol=1e-9)
-        assert row.low_score == pytest.approx(expected_result.low_score) and row.high_score == pytest.approx(expected_result.high_score)
+        assert row.low_score == pytest.approx(expected_result.low_score)
+        assert row.high_score == pytest.approx(expected_result.high_score)
         assert list(row.tokens) == expected_result.tokens and row.model_answer == tracer.model_answer
         assert row.correct == is_correct(tracer.model_answer, expected)
     assert table.loc[4, "correct"] is None or pd.isna(table.loc[4, "correct"])

@@ -54,8 +54,8 @@ class Loop:
     def _names(self):
         if self.config.block == "vision_encoder":
             count = len(self.model.vision_model.encoder.layers)
-            return [VISION_LAYER.format(layer=l) + VISION_SUFFIX[self.config.kind] for l in range(count)]
-        return [TEXT_LAYER.format(layer=l) for l in range(len(self.model.text_encoder.encoder.layer))]
+            return [VISION_LAYER.format(layer=j) + VISION_SUFFIX[self.config.kind] for j in range(count)]
+        return [TEXT_LAYER.format(layer=j) for j in range(len(self.model.text_encoder.encoder.layer))]
 
     def _record(self):
         seen, handles = {}, []
@@ -117,9 +117,9 @@ class Loop:
         w = self.config.window
         out = np.zeros((len(groups), layers))
         for g, positions in enumerate(groups):
-            for l in range(layers):
-                window = range(max(0, l - w // 2), min(layers, l - (-w // 2)))
-                out[g, l] = self.cell([(j, list(positions)) for j in window])
+            for layer in range(layers):
+                window = range(max(0, layer - w // 2), min(layers, layer - (-w // 2)))
+                out[g, layer] = self.cell([(j, list(positions)) for j in window])
         return out
 
 
@@ -142,7 +142,8 @@ def test_vision_engine_matches_per_cell_loop(bundle, image, question, kind, wind
     assert result.low_score == pytest.approx(loop.cell([]), abs=1e-5)
 
 
-@pytest.mark.parametrize("corruption", [Grey(region=Box(0.0, 0.0, 0.5, 1.0)), Blur(sigma=2.0, region=Outside(Box(0.25, 0.25, 0.75, 0.75)))])
+@pytest.mark.parametrize("corruption", [Grey(region=Box(0.0, 0.0, 0.5, 1.0)),
+                                        Blur(sigma=2.0, region=Outside(Box(0.25, 0.25, 0.75, 0.75)))])
 @lengthy
 def test_pixel_corruptions_match_loop(bundle, image, question, corruption):
     config = TraceConfig(block="vision_encoder", kind="hidden", regions=2, samples=1, corruption=corruption)

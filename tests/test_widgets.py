@@ -10,8 +10,8 @@ from fast_subset import lengthy
 from tolerance import assert_close
 
 from blip_trace_widgets import GaussianNoise, MultiplicativeNoise, TraceResult, demo_samples, trace
-from blip_trace_widgets.widgets import TraceExplorer, tooltip_of
 from blip_trace_widgets.core.names import DEFAULT_VERIFY
+from blip_trace_widgets.widgets import TraceExplorer, tooltip_of
 
 
 @pytest.fixture()
