@@ -139,3 +139,21 @@ def test_blip2_s_language_model_lines_up_with_its_lens():
     assert lensed is not None and lensed.labels == result.tokens and lensed.labels[0] == "q0"
     expected = lens(bundle, sample[0], sample[1], block=LANGUAGE_MODEL, answer=result.answer)
     np.testing.assert_array_equal(lensed.answer_prob, expected.answer_prob)
+
+
+def test_saving_while_the_lens_is_shown_saves_the_lens(demo_bundle, demo_sample, tmp_path):
+    import json
+
+    from blip_trace_widgets.lenses import LensResult
+
+    explorer = _explorer(demo_bundle, demo_sample, ANSWER_DECODER, export_dir=tmp_path)
+    saved_map = json.loads(explorer.export("json").read_text())
+    assert "scores" in saved_map  # what it carries: the causal map's result
+    explorer.shows.value = "says"
+    loaded = LensResult.from_json(explorer.export("json").read_text())
+    assert loaded.block == ANSWER_DECODER and loaded.labels == explorer.lens_panel.result.labels
+    assert explorer.export("png").read_bytes() == bytes(explorer.lens_panel.grid.value)
+    table = explorer.export("csv").read_text().splitlines()
+    assert len(table) == 1 + len(loaded.labels) * loaded.layers
+    explorer.block.value = QUESTION_ENCODER  # no lens here: saving says why, inside the widget
+    assert explorer.export("json") is None and "no lens is shown to save" in explorer.error.value

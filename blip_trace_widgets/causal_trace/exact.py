@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import Final, Protocol
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ class ExactScorer:
 #: answer, its gradients are flat where the cells that bring the answer back lie; the clean run's are not. On 70
 #: demo maps (hidden states and MLP, 50 easy-VQA questions, 30-sample references) the clean side's top 10 held the
 #: reference's top significant cell in 97% of maps, the corrupted run's in 83%.
-RANKED_BY = "noise"
+RANKED_BY: Final = "noise"
 
 
 class VerifiedScorer:

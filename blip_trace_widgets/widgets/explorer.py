@@ -30,7 +30,7 @@ from ..core.names import (
     facts,
     is_head_kind,
 )
-from ..lenses.names import CARRIES
+from ..lenses.names import CARRIES, SAYS
 from ..models import heads
 from ..models.loading import BlipBundle
 from .controls import (
@@ -311,23 +311,30 @@ class TraceExplorer(LiveView):
 
     # ----- export -------------------------------------------------------------------------
     def export(self, fmt: str) -> Path | None:
-        """Save the current heatmap (png) or result (json, csv) under ``export_dir``."""
-        if self.result is None:
-            self.error.value = "<span style='color:#a00'>nothing to save yet</span>"
-            return None
-        name = (self.export_name.value.strip() or "trace").replace("/", "_").lstrip("-.") or "trace"
-        path = self.export_dir / f"{name}.{fmt}"
-        try:
-            if fmt == "png" and self.view.value == "compare" and self.results:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                figure = plot_traces(list(self.results.values()), normalized=bool(self.normalized.value))
-                path.write_bytes(figure_png(figure))
-            else:
-                self.result.export(path, fmt, normalized=bool(self.normalized.value))
-        except (OSError, ValueError) as error:
-            self.error.value = f"<span style='color:#a00'>could not save {escape(str(path))}: {escape(str(error))}</span>"
-            return None
-        self.status.value = f"saved <code>{escape(str(path))}</code>"
-        return path
+        """Save what is shown under ``export_dir``: the heatmap (png) or its result (json, csv); the lens grid and
+        its result while "what it says" is shown (see :func:`export_shown`)."""
+        return export_shown(self, fmt)
 
 
+def export_shown(view: TraceExplorer, fmt: str) -> Path | None:
+    """Save what ``view`` shows as ``export_dir/<file>.<fmt>``: the causal map (the "compare kinds" panels as one
+    figure), or the lens while "what it says" is shown; a failure is said inside the widget."""
+    if view.result is None:
+        view.error.value = "<span style='color:#a00'>nothing to save yet</span>"
+        return None
+    name = (view.export_name.value.strip() or "trace").replace("/", "_").lstrip("-.") or "trace"
+    path = view.export_dir / f"{name}.{fmt}"
+    try:
+        if view.shows.value == SAYS:
+            view.lens_panel.save(path, fmt)
+        elif fmt == "png" and view.view.value == "compare" and view.results:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            figure = plot_traces(list(view.results.values()), normalized=bool(view.normalized.value))
+            path.write_bytes(figure_png(figure))
+        else:
+            view.result.export(path, fmt, normalized=bool(view.normalized.value))
+    except (OSError, ValueError) as error:
+        view.error.value = f"<span style='color:#a00'>could not save {escape(str(path))}: {escape(str(error))}</span>"
+        return None
+    view.status.value = f"saved <code>{escape(str(path))}</code>"
+    return path

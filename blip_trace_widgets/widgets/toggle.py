@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as W
@@ -201,6 +202,22 @@ class LensPanel(W.VBox):
         pick(self.position, [(f"{p}: {label}", p) for p, label in enumerate(lensed.labels)])
         pick(self.layer, [(str(layer), layer) for layer in range(lensed.layers)])
         self.show_cell()
+
+    def save(self, path: Path, fmt: str) -> None:
+        """Write the lens shown to ``path``: its grid (png), its result (json, :meth:`LensResult.from_json` reads it
+        back) or its table (csv, one row per position x layer). Refused while no lens is shown."""
+        if self.result is None:
+            raise BlipTraceError("no lens is shown to save: pick 'what it carries' to save the causal map, or a block "
+                                 "that has a lens")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "png":
+            path.write_bytes(lens_png(self.result, "grid"))
+        elif fmt == "json":
+            path.write_text(self.result.to_json())
+        elif fmt == "csv":
+            self.result.to_dataframe().to_csv(path, index=False)
+        else:
+            raise BlipTraceError(f"unknown format {fmt!r}: use png, json or csv")
 
     def cell_tokens(self, position: int, layer: int, k: int = CELL_TOP) -> list[tuple[str, float]]:
         """The top ``k`` tokens and their probabilities at (position, layer) of the lens shown."""
