@@ -180,23 +180,18 @@ def query_attribution_draws(runs: Runs, graph: CircuitGraph, steps: int | None =
     delta = {b: pick(runs.contributions("source", b), draw) - pick(runs.contributions("base", b), draw)
              for b in (QF, LM)}
     image, image_delta = pick(record.img, run_rows), pick(runs.source.img, draw) - pick(runs.base.img, draw)
-    leaves: dict[Point, torch.Tensor] = {}
-    with torch.enable_grad():
-        total = torch.zeros((), dtype=image.dtype)
-        for point, (width, _, _, _) in graph.point_edges.items():
-            gates = leaves[point] = torch.zeros(n, width, len(graph.nodes), dtype=image.dtype, requires_grad=True)
+    out = torch.zeros(samples, len(graph), dtype=torch.float64)
+    for point, (width, places, nodes, edges) in graph.point_edges.items():
+        tap = taps.taps[point].grad
+        if tap is None:
+            continue
+        with torch.enable_grad():  # one point at a time: only its chains' graph is held
+            gates = torch.zeros(n, width, len(graph.nodes), dtype=image.dtype, requires_grad=True)
             if point.where == "kv":
                 x = image[:, None] + gates[:, :, :1, None] * image_delta[:, None]
             else:
                 x = net.chain(base, delta, gates, point)
-            tap = taps.taps[point].grad
-            if tap is not None:
-                total = total + (x * pick(tap, run_rows)).sum()
-        total.backward()
-    out = torch.zeros(samples, len(graph), dtype=torch.float64)
-    for point, (_, places, nodes, edges) in graph.point_edges.items():
-        grad = leaves[point].grad
-        if grad is not None:
-            scores = grad[:, torch.from_numpy(places), torch.from_numpy(nodes)]
-            out[:, torch.from_numpy(edges)] = scores.reshape(samples, per_step, -1).mean(1).double()
+            (grad,) = torch.autograd.grad((x * pick(tap, run_rows)).sum(), gates)
+        scores = grad[:, torch.from_numpy(places), torch.from_numpy(nodes)]
+        out[:, torch.from_numpy(edges)] = scores.reshape(samples, per_step, -1).mean(1).double()
     return out.numpy()
