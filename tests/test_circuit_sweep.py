@@ -14,6 +14,7 @@ import pytest
 from blip_trace_widgets.causal_trace.cost import LongTraceWarning
 from blip_trace_widgets.circuits import sweep as sweep_module
 from blip_trace_widgets.circuits.faithfulness import circuit, faithfulness
+from blip_trace_widgets.circuits.graph import circuit_graph
 from blip_trace_widgets.circuits.result import EdgeResult
 from blip_trace_widgets.circuits.scores import edge_scores
 from blip_trace_widgets.circuits.sweep import EdgeAverage, edge_sweep, plot_edge_average
@@ -244,3 +245,15 @@ def test_pairs_are_corrupted_by_their_own_partner_and_faithfulness_is_per_questi
     assert found.mean == pytest.approx(own_values.mean())
     assert (found.low, found.high) == pytest.approx((own_values.mean() - half, own_values.mean() + half), rel=1e-6)
     assert "over 3 questions" in found.describe()
+
+
+def test_an_exact_sweep_of_blip2_is_each_question_s_own_exact_scores():
+    """BLIP-2's graph sweeps as BLIP's does (the network is the model family's own)."""
+    bundle = load_model("demo-blip2")
+    items = demo_samples(per_type=1)[:2]
+    edges = circuit_graph(bundle).edges_between("qf.L3.*", "lm.L0.*")[:4]
+    average = edge_sweep(bundle, items, method="exact", samples=2, seed=3, edges=edges)
+    own = np.stack([edge_scores(bundle, item.image, item.question, method="exact", samples=2, seed=3,
+                                edges=edges).scores for item in items])
+    assert len(edges) == 4 and average.edges == edges
+    np.testing.assert_allclose(average.scores, own, rtol=1e-6, atol=1e-7)

@@ -42,6 +42,11 @@ from .patching import clean_inputs, corrupted_inputs, pick
 from .result import EdgeResult
 
 
+class NoEffectError(BlipTraceError):
+    """The clean and corrupted runs score alike, so faithfulness (a ratio over their difference) is undefined: a
+    sweep leaves such a question out and counts it."""
+
+
 @dataclass(frozen=True)
 class Circuit:
     """A set of kept edges: the top ``k`` of an edge result by |score| (or any list of edges)."""
@@ -204,8 +209,8 @@ def _ratios(circuit_draws: np.ndarray, clean: float, corrupted: np.ndarray) -> n
     draw whose corruption barely moves the score would blow up a ratio of its own)."""
     span = float(np.mean(clean - corrupted))
     if abs(span) < 1e-9:
-        raise BlipTraceError("the clean and corrupted runs score alike, so faithfulness is undefined: use a stronger "
-                             "corruption")
+        raise NoEffectError("the clean and corrupted runs score alike, so faithfulness is undefined: use a stronger "
+                            "corruption")
     return (circuit_draws - corrupted[:, None]) / span
 
 

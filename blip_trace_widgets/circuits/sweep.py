@@ -53,7 +53,7 @@ from .names import (
     check_method,
     split_edge,
 )
-from .network import Network
+from .network import network_of
 from .patching import prepare
 from .result import EdgeResult
 from .scores import chosen_edges, edge_scores, exact_cost
@@ -266,7 +266,7 @@ def edge_sweep(bundle: Any, items: Iterable[Any], *, method: str = "eap-ig", cor
     fields = {"corruption": corruption, "samples": samples, "seed": seed, "scored": scored, "metric": metric}
     first = question_inputs(bundle, chosen[0], 0, **fields)
     if method == "exact":
-        runs = prepare(Network(bundle), first.inputs, direction)
+        runs = prepare(network_of(bundle), first.inputs, direction)
         paths = len(chosen_edges(circuit_graph(bundle), edges))
         warn_long(exact_cost(runs, paths) * len(chosen), len(chosen), method)
     results: list[EdgeResult] = []

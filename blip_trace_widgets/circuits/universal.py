@@ -33,7 +33,7 @@ import pandas as pd
 
 from ..core.errors import BlipTraceError
 from ..core.significance import t_quantile
-from .faithfulness import Circuit, circuit, faithfulness
+from .faithfulness import Circuit, NoEffectError, circuit, faithfulness
 from .names import CHANNELS, DEFAULT_SAMPLES, DEFAULT_SEED, FORMAT, split_edge
 from .sweep import EdgeAverage, question_inputs, sweep_items
 
@@ -197,9 +197,7 @@ def dataset_faithfulness(bundle: Any, items: Iterable[Any], average: EdgeAverage
                                    scored=scored, metric=metric)
         try:
             found = faithfulness(bundle, question.image, question.text, kept, inputs=question.inputs)
-        except BlipTraceError as error:
-            if "score alike" not in str(error):
-                raise
+        except NoEffectError:
             left_out += 1
             continue
         values.append(found.value)
