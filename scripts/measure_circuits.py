@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corruption", choices=("noise", "pairs"), default="noise")
     parser.add_argument("--base", action="store_true", help="also the cost on a BLIP-base-sized model")
-    parser.add_argument("--direction", choices=("noise", "restore"), default="noise")
+    parser.add_argument("--direction", choices=("noise", "denoise"), default="noise")
     parser.add_argument("--metric", choices=("logprob", "prob"), default="logprob")
     parser.add_argument("--cost-only", action="store_true", help="only table 3")
     parser.add_argument("--sweep", action="store_true", help="only table 4: averages over a dataset")

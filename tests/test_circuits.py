@@ -83,7 +83,7 @@ EDGES = ["img → qe.L0.X0.k", "img → qe.L2.X1.v", "qe.emb → qe.L0.H2.q", "q
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("direction", ["noise", "restore"])
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
 def test_exact_edge_scores_equal_the_reference(direction):
     clean, corrupted = dicts()
     ours = engine_edges(EDGES, direction)
@@ -303,3 +303,20 @@ def test_exact_scores_are_priced_and_warned_about_before_a_long_run(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         scores.edge_scores(demo(), image, question, method="exact", samples=1, edges=("dec.L3", "out"))
+
+
+def test_directions_are_the_traces_and_the_older_name_still_reads():
+    from blip_trace_widgets.causal_trace import directions
+    from blip_trace_widgets.circuits.names import DIRECTIONS, NOISING, check_direction
+    from blip_trace_widgets.circuits.result import EdgeResult
+
+    assert set(DIRECTIONS) == {"noise", "denoise"} and check_direction("restore") == "denoise"
+    assert all(NOISING[name] is not directions.of(name).restores for name in DIRECTIONS)
+    result = EdgeResult(["img → qe.L0.X0.k"], np.array([0.5]), np.array([0.1]), direction="denoise",
+                        clean_score=-0.1, corrupted_score=-2.0)
+    older = json.loads(result.to_json())
+    older["direction"] = "restore"  # a file written before the circuits took the trace's word
+    loaded = EdgeResult.from_json(json.dumps(older))
+    assert loaded.direction == "denoise" and loaded.total_effect == pytest.approx(1.9) == result.total_effect
+    with pytest.raises(BlipTraceError, match="'noise'.*'denoise'"):
+        check_direction("sideways")

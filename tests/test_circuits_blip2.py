@@ -313,7 +313,7 @@ def test_exact_edge_scores_are_the_hooked_computation():
 
 def test_path_patch_of_one_edge_is_its_exact_score_both_ways():
     bundle, image = tiny(), demo_samples()[0].image
-    for direction in ("noise", "restore"):
+    for direction in ("noise", "denoise"):
         scores = edge_scores(bundle, image, QUESTION, method="exact", corruption=corrupted(), answer="red", samples=1,
                              edges=EDGES[:4], direction=direction)
         for edge, score in zip(EDGES[:4], scores.scores):

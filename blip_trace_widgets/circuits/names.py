@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from ..causal_trace import directions
 from ..core.errors import BlipTraceError
 
 ARROW = "→"
@@ -32,13 +33,15 @@ SELF, CROSS = "H", "X"  # a self-attention head, a cross-attention head
 CHANNELS = ("q", "k", "v")
 
 Method = Literal["eap", "eap-ig", "exact"]
-Direction = Literal["noise", "restore"]
+Direction = Literal["noise", "denoise"]
 METHODS: tuple[str, ...] = ("eap", "eap-ig", "exact")
 METHOD_LABELS: dict[str, str] = {"eap": "EAP", "eap-ig": "EAP-IG", "exact": "exact path patching"}
-DIRECTIONS: tuple[str, ...] = ("noise", "restore")
+#: The trace's two directions (:mod:`~blip_trace_widgets.causal_trace.directions`), noising first: a circuit's default.
+DIRECTIONS: tuple[str, ...] = ("noise", "denoise")
 #: Per direction: whether it noises (corrupted senders into the clean run) rather than restores.
-NOISING: dict[str, bool] = {"noise": True, "restore": False}
-DIRECTION_ALIASES = {"denoise": "restore"}
+NOISING: dict[str, bool] = {name: not directions.of(name).restores for name in DIRECTIONS}
+#: Older names, still read: "restore" was the circuits' word for denoising before they shared the trace's.
+DIRECTION_ALIASES = {"restore": "denoise"}
 METRICS: tuple[str, ...] = ("logprob", "prob")
 DEFAULT_STEPS = 5
 DEFAULT_SAMPLES = 5
@@ -87,9 +90,9 @@ def check_method(method: str) -> str:
 
 
 def check_direction(direction: str) -> str:
-    """The direction, "noise" or "restore" ("denoise" is read as "restore")."""
+    """The direction, "noise" or "denoise" ("restore", the older name, is read as "denoise")."""
     direction = DIRECTION_ALIASES.get(direction, direction)
     if direction not in NOISING:
         raise BlipTraceError(f"unknown direction {direction!r}: use 'noise' (corrupted senders in the clean run) or "
-                             "'restore' (clean senders in the corrupted run)")
+                             "'denoise' (clean senders in the corrupted run)")
     return direction

@@ -8,7 +8,7 @@ senders taken from the other run, run B lets only the receivers read them.
     (True, 2)
 
 Noising (``direction="noise"``): base = the clean run, source = the corrupted run; the effect is m(run B) − m(clean).
-Restoring (``direction="restore"``): base = the corrupted run, source = the clean run; effect m(run B) − m(corrupted).
+Restoring (``direction="denoise"``): base = the corrupted run, source = the clean run; effect m(run B) − m(corrupted).
 With noise each draw is its own pair of runs, and the effect's mean, standard error and 95% interval are over draws
 (paired: each draw's run B against that draw's base). An edge u → r is ``sender=u, receivers=r``.
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..core.errors import BlipTraceError
 from ..core.significance import CellStatistics
-from .names import FORMAT, METHOD_LABELS, NOISING, split_edge
+from .names import FORMAT, METHOD_LABELS, NOISING, check_direction, split_edge
 
 
 def _floats(values: np.ndarray) -> list[float | None]:
@@ -121,8 +121,8 @@ class EdgeResult:
         numbers = {k: np.nan if data.get(k) is None else float(data[k]) for k in ("clean_score", "corrupted_score",
                                                                                   "seconds")}
         return cls(data["edges"], _array(data["scores"], n), _array(data["stderr"], n), _array(data["low"], n),
-                   _array(data["high"], n), data["method"], data["direction"], int(data["samples"]), data.get("steps"),
-                   data.get("corruption") or {}, data.get("question", ""), data.get("answer", ""), **numbers,
+                   _array(data["high"], n), data["method"], check_direction(data["direction"]), int(data["samples"]),
+                   data.get("steps"), data.get("corruption") or {}, data.get("question", ""), data.get("answer", ""), **numbers,
                    shape=data.get("shape") or {})
 
     def __eq__(self, other: object) -> bool:
