@@ -126,6 +126,17 @@ def test_only_anatomy_spells_blip_module_paths():
     assert not offenders, f"BLIP module paths outside anatomy.py: {offenders}"
 
 
+SHARED_OPTIONS = re.compile(r"add_argument\(\s*['\"]--(model|dtype|device)['\"]")
+
+
+def test_the_options_every_command_shares_are_built_in_one_place():
+    """--model, --dtype and --device are spelled once, in core/command_line.py, for every subcommand."""
+    offenders = [str(p.relative_to(PACKAGE)) for p in MODULES
+                 if p.name != "command_line.py" and SHARED_OPTIONS.search(p.read_text())]
+    assert not offenders, f"build --model/--dtype/--device with core.command_line's add_*_option: {offenders}"
+    assert SHARED_OPTIONS.search('parser.add_argument("--device", default=None)')  # the finder sees the form
+
+
 def test_block_and_kind_names_come_from_names_py():
     """Block names are spelled as string literals only in names.py (and in docstrings and messages)."""
     offenders = []

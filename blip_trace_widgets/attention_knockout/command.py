@@ -18,8 +18,18 @@ from typing import Any
 
 from ..causal_trace.command import check_dataset_head, load_bundle, what_the_model_says
 from ..causal_trace.config import parse_position
-from ..core.command_line import UsageError, add_config_options, check_out, config_fields, progress_bar, slug
-from ..core.names import ANSWER_DECODER, DEMO_MODELS, DTYPES
+from ..core.command_line import (
+    UsageError,
+    add_config_options,
+    add_device_options,
+    add_model_option,
+    add_out_option,
+    check_out,
+    config_fields,
+    progress_bar,
+    slug,
+)
+from ..core.names import ANSWER_DECODER
 from ..core.roles import ROLES
 from ..models import heads
 
@@ -117,8 +127,7 @@ def add_knockout_parser(sub: Any) -> None:
                     "a window of layers around it and score p(answer). One image (--image) writes a line plot (PNG) "
                     "and the result (JSON); a dataset (--dataset) writes every row, the averages with 95% intervals "
                     "and their plot.")
-    ko.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder or a hub id "
-                    "(default: %(default)s)")
+    add_model_option(ko)
     ko.add_argument("--image", default=None, help="path of the image file")
     ko.add_argument("--question", "--prompt", "--text", dest="question", default=None,
                     help="the question (VQA), prompt (captioning) or text (image-text matching)")
@@ -133,7 +142,6 @@ def add_knockout_parser(sub: Any) -> None:
     ko.add_argument("--limit", type=int, default=None, help="with --dataset: at most this many questions")
     ko.add_argument("--correct-only", action="store_true", help="with --dataset: average correct answers only")
     ko.add_argument("--cache-dir", default=None, help="where downloaded CSVs and images are kept")
-    ko.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
-    ko.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if present, else cpu)")
-    ko.add_argument("--out", required=True, help="folder for the figures and results")
+    add_device_options(ko)
+    add_out_option(ko, "the figures and results")
     ko.set_defaults(run=run_knockout)

@@ -20,12 +20,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..core.command_line import UsageError, add_config_options, check_out, config_fields, progress_bar, slug
+from ..core.command_line import (
+    UsageError,
+    add_config_options,
+    add_device_options,
+    add_model_option,
+    add_out_option,
+    check_out,
+    config_fields,
+    progress_bar,
+    slug,
+)
 from ..core.names import (
     ANSWER_DECODER,
     CAPTION_DECODER,
     DEMO_MODELS,
-    DTYPES,
     HIDDEN,
     HUB_MODELS,
     ITM_ENCODER,
@@ -344,19 +353,17 @@ def add_trace_parsers(sub: Any) -> None:
                                       "encoder.")
     demo.add_argument("--out", default="trace-output", help="folder for the PNG and JSON files (default: %(default)s)")
     add_config_options(demo, ("samples", "seed"), TraceConfig)
-    demo.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if present)")
+    add_device_options(demo, "cuda if present", dtype=False)
     demo.set_defaults(run=run_demo)
 
     one = sub.add_parser("trace", help="trace one image and question", description="Run one causal trace and write "
                          "its heatmap (PNG) and result (JSON), named after the question, image and configuration.")
-    one.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder, or a hub id such as "
-                     f"{', '.join(HUB_MODELS.values())} (default: %(default)s)")
+    add_model_option(one)
     one.add_argument("--image", required=True, help="path of the image file")
     one.add_argument("--question", "--prompt", "--text", dest="question", default=None,
                      help="VQA: the question about the image (required); captioning: the prompt, such as "
                           "'a picture of' (default: none); image-text matching: the text to match (required)")
     add_trace_options(one)
-    one.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
-    one.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    one.add_argument("--out", required=True, help="folder for the PNG and JSON files")
+    add_device_options(one)
+    add_out_option(one, "the PNG and JSON files")
     one.set_defaults(run=run_trace)

@@ -26,8 +26,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..core.command_line import add_device_options, add_model_option, add_out_option
 from ..core.errors import BlipTraceError
-from ..core.names import DEMO_MODELS, DTYPES
 from .names import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TOP, DIRECTIONS, METHODS, METRICS
 
 
@@ -35,11 +35,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``circuit`` subcommand, with the package's usual options (--model, --image, --question, --out)."""
     parser = subparsers.add_parser(
         "circuit", help="edge scores and a circuit: which states feed which, for one image and question",
-        description="Score every edge of a BLIP VQA model's circuit graph (EAP, EAP-IG or exact path patching) under "
-                    "noise on the image embeddings or a counterfactual image or question, keep the top edges, and "
-                    "measure how faithful circuits of each size are. Writes PNG, JSON and CSV.")
-    parser.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder or a hub id "
-                        "(default: %(default)s)")
+        description="Score every edge of a BLIP VQA, BLIP-2 or InstructBLIP model's circuit graph (EAP, EAP-IG or "
+                    "exact path patching) under noise on the image embeddings or a counterfactual image or question, "
+                    "keep the top edges, and measure how faithful circuits of each size are. Writes PNG, JSON and "
+                    "CSV.")
+    add_model_option(parser)
     parser.add_argument("--image", default=None, help="path of the image file (or --dataset, or --pairs)")
     parser.add_argument("--question", default=None, help="the question about the image")
     parser.add_argument("--dataset", default=None, choices=_subsets(), help="a question set: every question's edge "
@@ -55,16 +55,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="noise draws (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="noise seed (default: %(default)s)")
     parser.add_argument("--direction", choices=DIRECTIONS, default="noise", help="noise: corrupted senders in the "
-                        "clean run; restore: clean senders in the corrupted run (default: %(default)s)")
+                        "clean run; denoise: clean senders in the corrupted run (default: %(default)s)")
     parser.add_argument("--counterfactual-image", default=None, help="corrupt with this image instead of noise")
     parser.add_argument("--counterfactual-question", default=None, help="corrupt with this question (as many "
                         "tokens) instead of noise")
     parser.add_argument("--answer", default=None, help="the answer to score (default: the model's own)")
     parser.add_argument("--metric", choices=METRICS, default="logprob", help="log p or p of the answer's first token "
                         "(default: %(default)s)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    parser.add_argument("--out", required=True, help="folder for the PNG, JSON and CSV files")
+    add_device_options(parser)
+    add_out_option(parser, "the PNG, JSON and CSV files")
     parser.set_defaults(run=run)
     return parser
 

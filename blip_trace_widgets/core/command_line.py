@@ -38,6 +38,30 @@ def progress_bar(total_traces: int):
     return tqdm(total=total_traces, unit="trace", file=sys.stderr, disable=None)
 
 
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """``--model``: a bundled demo, a local folder or a hub id (the names every subcommand shares)."""
+    from .names import DEMO_MODELS, HUB_MODELS
+
+    parser.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder, or a hub id such "
+                        f"as {', '.join(HUB_MODELS.values())} (default: %(default)s)")
+
+
+def add_device_options(parser: argparse.ArgumentParser, device_default: str = "cuda if present, else cpu", *,
+                       dtype: bool = True) -> None:
+    """``--dtype`` (unless ``dtype=False``: a command whose models keep their own) and ``--device``, as every
+    subcommand that loads a model takes them."""
+    from .names import DTYPES
+
+    if dtype:
+        parser.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
+    parser.add_argument("--device", default=None, help=f"torch device, e.g. cpu or cuda (default: {device_default})")
+
+
+def add_out_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--out``, a folder (required) for ``what``."""
+    parser.add_argument("--out", required=True, help=f"folder for {what}")
+
+
 def check_out(out: str) -> None:
     """--out must be a folder (made when missing), not a file."""
     if Path(out).exists() and not Path(out).is_dir():

@@ -21,8 +21,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..core.command_line import add_device_options, add_model_option, add_out_option
 from ..core.errors import BlipTraceError
-from ..core.names import DEMO_MODELS, DTYPES
 from .names import DEFAULT_TOP, LENS_KINDS, LOGIT
 
 
@@ -33,8 +33,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="The lens of one image and question: every position x layer of a block that ends in a vocabulary "
                     "(the answer or caption decoder, BLIP-2's language model) read through the model's own head "
                     "(logit) or a trained translator first (tuned), from one forward pass. Writes PNG, JSON and CSV.")
-    parser.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder or a hub id "
-                        "(default: %(default)s)")
+    add_model_option(parser)
     parser.add_argument("--image", default=None, help="path of the image file (or --dataset)")
     parser.add_argument("--dataset", default=None, choices=_subsets(), help="a question set: p(answer), its rank and "
                         "the KL per layer over its questions, averaged with 95%% intervals, instead of one image")
@@ -49,9 +48,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "shipped with a demo model)")
     parser.add_argument("--top", type=int, default=DEFAULT_TOP, help="top tokens kept per cell (default: %(default)s)")
     parser.add_argument("--answer", default=None, help="the answer to follow (default: the model's own next token)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    parser.add_argument("--out", required=True, help="folder for the PNG, JSON and CSV files")
+    add_device_options(parser)
+    add_out_option(parser, "the PNG, JSON and CSV files")
     parser.set_defaults(run=run)
     return parser
 

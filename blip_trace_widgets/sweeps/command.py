@@ -18,11 +18,17 @@ from typing import Any
 
 from ..causal_trace.command import SHARED_FIELDS, add_noise_options, check_dataset_head, load_bundle
 from ..causal_trace.config import TraceConfig
-from ..core.command_line import UsageError, add_config_options, check_out, config_fields
+from ..core.command_line import (
+    UsageError,
+    add_config_options,
+    add_device_options,
+    add_model_option,
+    add_out_option,
+    check_out,
+    config_fields,
+)
 from ..core.names import (
     ANSWER_MODES,
-    DEMO_MODELS,
-    DTYPES,
     HIDDEN,
     KINDS,
     QUESTION_PAIRS,
@@ -215,9 +221,8 @@ def add_sweep_parser(sub: Any) -> None:
     many.add_argument("--limit", type=int, default=None, help="at most this many questions")
     many.add_argument("--words", type=int, default=None,
                       help="keep questions of exactly this many words (the paper used 7)")
-    many.add_argument("--model", default="demo", help=f"{', '.join(DEMO_MODELS)}, a local folder or a hub id "
-                      "(default: %(default)s)")
-    many.add_argument("--out", required=True, help="folder for the table and figures")
+    add_model_option(many)
+    add_out_option(many, "the table and figures")
     many.add_argument("--caption-words", "--targets", default=None, dest="caption_words",
                       help="captioning: comma-separated caption words to score, from 0 (default: each caption's first "
                            "content word); a caption without such a word is skipped for it (--targets: old name)")
@@ -234,7 +239,5 @@ def add_sweep_parser(sub: Any) -> None:
     many.add_argument("--cache-dir", default=None, help="where downloaded CSVs and images are kept")
     many.add_argument("--csv", default=None, help="a local copy of the paper's CSV for --dataset")
     many.add_argument("--image-dir", default=None, help="a local folder of the dataset's images")
-    many.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: float32)")
-    many.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the launcher's, else "
-                                                      "cuda if present)")
+    add_device_options(many, device_default="the launcher's, else cuda if present")
     many.set_defaults(run=run_sweep)
