@@ -67,8 +67,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from blip_trace_widgets.errors import BlipTraceError
 from torch import Tensor, nn
+
+from blip_trace_widgets.core.errors import BlipTraceError
 
 ARROW = "→"
 BLOCKS = ("qf", "lm")

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from blip_trace_widgets.errors import BlipTraceError
 from circuit_reference_blip2 import (
     Plan,
     blip2_inputs,
@@ -49,6 +48,8 @@ from tiny_blip import (
     tiny_instructblip_processor,
 )
 from tolerance import assert_close, close
+
+from blip_trace_widgets.core.errors import BlipTraceError
 
 QUERIES, LAYERS, HEADS = 4, 3, 4
 CROSS = (0, 2)  # cross_attention_frequency=2 over 3 layers
@@ -588,7 +589,7 @@ def _engine_edges(family: str, kind: str, direction: str, edges: list[str]) -> A
     bundle, clean, noisy, other = _engine_case(family)
     corrupted = noisy if kind == "noise" else other
     return _engine(edge_scores, bundle, _picture(0), QUESTION, method="exact", corruption=_corruption(kind, corrupted),
-                       direction="noise" if direction == "noise" else "restore", samples=1, answer=ANSWER,
+                       direction=direction, samples=1, answer=ANSWER,
                        edges=edges)
 
 
@@ -732,7 +733,7 @@ def test_engine_equals_the_reference_on_the_trained_demo_models(name: str) -> No
              "qf.L3.mlp → lm.L3.H1.k", "lm.emb → lm.L1.mlp", "lm.L1.H3 → lm.L4.H0.v", "lm.L5.mlp → out"]
     for direction in ("noise", "denoise"):
         result = _engine(edge_scores, bundle, image, question, method="exact", corruption=samples[3].image,
-                         direction="noise" if direction == "noise" else "restore", samples=1, answer=answer,
+                         direction=direction, samples=1, answer=answer,
                          edges=edges)
         base = reference_score(model, clean if direction == "noise" else other)
         assert_close(result.clean_score, reference_score(model, clean), scale=10.0)
