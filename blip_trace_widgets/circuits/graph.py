@@ -1,5 +1,5 @@
-"""The circuit graph of a BLIP VQA model, or of BLIP-2 / InstructBLIP with an OPT language model: nodes, receiver
-channels and the edges between them.
+"""The circuit graph of a BLIP VQA model, or of BLIP-2 / InstructBLIP with an OPT or a T5 language model: nodes,
+receiver channels and the edges between them.
 
     >>> from blip_trace_widgets import load_model
     >>> graph = circuit_graph(load_model("demo"))
@@ -19,7 +19,8 @@ node upstream of a channel's input sends to it: within a block every earlier nod
 cross-attention keys and values, every question-encoder node to the decoder's cross-attention keys and values
 (through the question encoder's final output). Edges are named ``"sender → receiver"``.
 
-BLIP-2 and InstructBLIP (OPT language model; T5 and LLaMA are refused) have their own shape, :class:`QueryShape`:
+BLIP-2 and InstructBLIP (OPT language model; LLaMA is refused, T5 is below) have their own shape,
+:class:`QueryShape`:
 
     >>> blip2 = circuit_graph(load_model("demo-blip2"))
     >>> len(blip2.nodes), len(blip2.channels), len(blip2.edges), len(blip2.edges_between("qf", "lm"))
@@ -39,6 +40,26 @@ senders are listed in node order (the Q-Former's before the language model's); a
 as the residual before its LayerNorm, which the receiver applies itself (the same input, as LayerNorm is fixed); a
 cross-attention head contributes zero at InstructBLIP's instruction rows, which pass its sublayer unchanged (as
 transformers runs it).
+
+With a Flan-T5 language model the shape is :class:`T5Shape`: the Q-Former's nodes as above, then the T5 encoder's
+``enc.emb`` (the prompt's token embeddings, zero at the Q query rows; T5 adds no positions), ``enc.L{l}.H{h}`` (a
+head's slice of the attention output before ``o``) and ``enc.L{l}.mlp`` (the feed-forward's ``wo`` output, gated or
+not, before its residual add), then the decoder's ``dec.emb`` (the start token's embedding), ``dec.L{l}.H{h}``,
+``dec.L{l}.X{h}`` (cross-attention) and ``dec.L{l}.mlp``. Its channels are every head's ``.q``/``.k``/``.v`` and
+every MLP's input, and ``out`` (``lm_head``'s input: the decoder's final state after its final norm and, where the
+configuration scales it, ``d_model ** -0.5``). Every Q-Former node and ``enc.emb`` send to every encoder channel and
+to every decoder cross-attention ``.k``/``.v``; within the encoder as within OPT; every encoder node sends to every
+decoder cross-attention ``.k``/``.v`` (through the encoder's final norm); within the decoder ``dec.emb``, every
+earlier layer's nodes and, in the same layer, the self heads to the cross-attention ``.q`` and the MLP, the cross
+heads to the MLP; only the decoder's nodes send to ``out`` (``edges_between("qf", "dec")`` are keys and values
+only). The relative position bias is a constant of the computation, never a node. Where the definition leaves a
+choice, this graph reads it as BLIP-2's does: ``out`` is a channel, not a node; senders are in node order (the
+Q-Former's, the encoder's, the decoder's); an encoder or decoder channel that a norm reads is carried as the
+residual before that RMSNorm, which the receiver applies itself (the same input, the norm being fixed); the
+decoder's keys and values read the encoder's output after ``encoder.final_layer_norm``, recomputed from the
+frozen nodes (so every decoder layer's ``.k``/``.v`` has its own edges from each encoder and Q-Former node); the
+tied-head scale belongs to ``out``'s receiver (recomputed, as the final norm is); any bias of an attention's output
+projection belongs to no head (T5 has none).
 """
 from __future__ import annotations
 
@@ -52,7 +73,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..core.errors import BlipTraceError
-from ..core.names import ANSWER_DECODER, LANGUAGE_MODEL, QFORMER, QUESTION_ENCODER
+from ..core.names import ANSWER_DECODER, LANGUAGE_MODEL, LM_DECODER, LM_ENCODER, QFORMER, QUESTION_ENCODER
 from ..models import anatomy
 from .names import (
     BLOCK_NAMES,
@@ -60,11 +81,13 @@ from .names import (
     CHANNELS,
     CROSS,
     DEC,
+    ENC,
     IMAGE,
     LM,
     OUT,
     QE,
     QF,
+    QF_ENC,
     QF_LM,
     SELF,
     channel_name,
@@ -158,6 +181,9 @@ class QueryShape:
     lm_layers: int
     lm_heads: int
 
+    #: The blocks in the order a forward pass runs them (and the figure draws them).
+    blocks = (QF, LM)
+
     @property
     def heads(self) -> int:
         return max(self.qf_heads, self.lm_heads)
@@ -223,17 +249,94 @@ class QueryShape:
         return qf + {"in": start, "post": start + self.lm_heads}[where]
 
 
-def shape_of(model: Any) -> Shape | QueryShape:
-    """The graph's sizes: BLIP VQA's, or BLIP-2's / InstructBLIP's with an OPT language model."""
-    kind = str(getattr(getattr(model, "config", None), "model_type", ""))
-    if kind not in QUERY_MODELS:
-        return Shape(len(anatomy.text_layers(model, QUESTION_ENCODER)),
-                     len(anatomy.text_layers(model, ANSWER_DECODER)), anatomy.num_heads(model, QUESTION_ENCODER))
-    language = str(getattr(anatomy.text_config(model), "model_type", "?"))
-    if language != "opt":
-        raise BlipTraceError(f"circuits of {kind} run with an OPT language model only, and this one's is {language} "
-                             "(T5 and LLaMA are not supported): use BLIP VQA, or BLIP-2 / InstructBLIP with OPT "
-                             "such as load_model('demo-blip2')")
+@dataclass(frozen=True)
+class T5Shape:
+    """BLIP-2's or InstructBLIP's graph sizes with a T5 language model: the Q-Former's (as :class:`QueryShape`'s),
+    then the T5 encoder's and decoder's layers and heads."""
+
+    qf_layers: int
+    qf_heads: int
+    cross_every: int
+    enc_layers: int
+    enc_heads: int
+    dec_layers: int
+    dec_heads: int
+
+    #: The blocks in the order a forward pass runs them (and the figure draws them).
+    blocks = (QF, ENC, DEC)
+
+    @property
+    def heads(self) -> int:
+        return max(self.qf_heads, self.enc_heads, self.dec_heads)
+
+    def crosses(self, layer: int) -> bool:
+        return layer % self.cross_every == 0
+
+    def sizes(self, block: str) -> tuple[int, int]:
+        """(layers, heads) of a block."""
+        return {QF: (self.qf_layers, self.qf_heads), ENC: (self.enc_layers, self.enc_heads),
+                DEC: (self.dec_layers, self.dec_heads)}[block]
+
+    def slot_names(self, block: str) -> list[str]:
+        """A block's senders in order: its embedding, then per layer its self heads, (cross heads) and MLP;
+        ``qf+enc``: the Q-Former's, then the encoder's."""
+        if block == QF_ENC:
+            return self.slot_names(QF) + self.slot_names(ENC)
+        layers, heads = self.sizes(block)
+        names = [emb_name(block)]
+        for layer in range(layers):
+            names += [head_name(block, layer, SELF, h) for h in range(heads)]
+            if block == DEC or (block == QF and self.crosses(layer)):
+                names += [head_name(block, layer, CROSS, h) for h in range(heads)]
+            names.append(mlp_name(block, layer))
+        return names
+
+    def node_names(self) -> list[str]:
+        return [IMAGE, *self.slot_names(QF), *self.slot_names(ENC), *self.slot_names(DEC)]
+
+    def points(self) -> list[Point]:
+        out = []
+        for layer in range(self.qf_layers):
+            wheres = ("in", "mid", "kv", "post") if self.crosses(layer) else ("in", "post")
+            out += [Point(QF, layer, where) for where in wheres]
+        out += [Point(ENC, layer, where) for layer in range(self.enc_layers) for where in ("in", "post")]
+        out += [Point(DEC, layer, where) for layer in range(self.dec_layers) for where in ("in", "mid", "kv", "post")]
+        return [*out, Point(DEC, self.dec_layers, "out")]
+
+    def channels_at(self, point: Point) -> list[str]:
+        b, layer, where = point
+        h = range(self.sizes(b)[1])
+        if where == "in":
+            return [channel_name(b, layer, SELF, i, part) for part in CHANNELS for i in h]
+        if where == "mid":
+            return [channel_name(b, layer, CROSS, i, "q") for i in h]
+        if where == "kv":
+            return [channel_name(b, layer, CROSS, i, part) for part in ("k", "v") for i in h]
+        return [mlp_name(b, layer)] if where == "post" else [OUT]
+
+    def source_block(self, point: Point) -> str:
+        """``img`` for the Q-Former's keys and values; the Q-Former and encoder for an encoder channel and the
+        decoder's keys and values (the encoder's output); the decoder alone for its other channels."""
+        if point.where == "kv":
+            return IMAGE if point.block == QF else QF_ENC
+        return {QF: QF, ENC: QF_ENC, DEC: DEC}[point.block]
+
+    def senders_at(self, point: Point) -> int:
+        """How many of the source block's slots send to the point's channels (the first ones)."""
+        b, layer, where = point
+        if where == "kv":
+            return 1 if b == QF else len(self.slot_names(QF_ENC))
+        names = self.slot_names(b)
+        if where == "out":
+            return len(names)
+        start = names.index(emb_name(b)) + 1 if layer == 0 else names.index(mlp_name(b, layer - 1)) + 1
+        heads = self.sizes(b)[1]
+        crossed = heads * (2 if b == DEC or (b == QF and self.crosses(layer)) else 1)
+        earlier = len(self.slot_names(QF)) if b == ENC else 0
+        return earlier + {"in": start, "mid": start + heads, "post": start + crossed}[where]
+
+
+def _opt_shape(model: Any) -> QueryShape:
     anatomy.language_model_row(model)  # refuses a post-LN OPT
     qformer = anatomy.block_config(model, QFORMER)
     return QueryShape(int(qformer.num_hidden_layers), int(qformer.num_attention_heads),
@@ -241,20 +344,48 @@ def shape_of(model: Any) -> Shape | QueryShape:
                       anatomy.num_heads(model, LANGUAGE_MODEL))
 
 
-#: The architectures (``model_type``) whose graph is :class:`QueryShape`'s.
+def _t5_shape(model: Any) -> T5Shape:
+    qformer, heads = anatomy.block_config(model, QFORMER), int(anatomy.text_config(model).num_heads)
+    return T5Shape(int(qformer.num_hidden_layers), int(qformer.num_attention_heads),
+                   int(qformer.cross_attention_frequency), len(anatomy.t5_layers(model, LM_ENCODER)), heads,
+                   len(anatomy.t5_layers(model, LM_DECODER)), heads)
+
+
+#: The graph's sizes per BLIP-2 / InstructBLIP language model (its ``model_type``).
+LANGUAGE_SHAPES: dict[str, Any] = {"opt": _opt_shape, "t5": _t5_shape}
+
+
+def shape_of(model: Any) -> Shape | QueryShape | T5Shape:
+    """The graph's sizes: BLIP VQA's, or BLIP-2's / InstructBLIP's with an OPT or a T5 language model."""
+    kind = str(getattr(getattr(model, "config", None), "model_type", ""))
+    if kind not in QUERY_MODELS:
+        return Shape(len(anatomy.text_layers(model, QUESTION_ENCODER)),
+                     len(anatomy.text_layers(model, ANSWER_DECODER)), anatomy.num_heads(model, QUESTION_ENCODER))
+    language = str(getattr(anatomy.text_config(model), "model_type", "?"))
+    if language not in LANGUAGE_SHAPES:
+        raise BlipTraceError(f"circuits of {kind} run with an OPT language model only, or a T5 one, and this one's "
+                             f"is {language} (LLaMA is not supported): use BLIP VQA, or BLIP-2 / InstructBLIP with "
+                             "OPT or T5 such as load_model('demo-blip2')")
+    return LANGUAGE_SHAPES[language](model)  # type: ignore[no-any-return]
+
+
+#: The architectures (``model_type``) whose graph is :class:`QueryShape`'s or :class:`T5Shape`'s.
 QUERY_MODELS = ("blip-2", "instructblip")
+#: The shapes whose networks gate every node of the graph (BLIP-2's and InstructBLIP's).
+QUERY_SHAPES: tuple[type, ...] = (QueryShape, T5Shape)
 
 
-def shape_from_dict(data: dict[str, Any]) -> Shape | QueryShape:
+def shape_from_dict(data: dict[str, Any]) -> Shape | QueryShape | T5Shape:
     """A shape from its ``vars`` (as a graph's or an edge result's JSON holds it)."""
-    return QueryShape(**data) if "qf_layers" in data else Shape(**data)
+    kind = next(cls for cls in (T5Shape, QueryShape, Shape) if set(data) == set(cls.__dataclass_fields__))
+    return kind(**data)  # type: ignore[no-any-return]
 
 
 @dataclass
 class CircuitGraph:
     """Nodes, channels and edges of one model's circuit graph (see the module's docstring)."""
 
-    shape: Shape | QueryShape
+    shape: Shape | QueryShape | T5Shape
     nodes: list[str] = field(init=False)
     channels: list[str] = field(init=False)
     edges: list[str] = field(init=False)
@@ -359,7 +490,8 @@ class CircuitGraph:
 
 
 def circuit_graph(bundle: Any) -> CircuitGraph:
-    """The circuit graph of a BLIP VQA bundle (or model), or of BLIP-2 / InstructBLIP with an OPT language model."""
+    """The circuit graph of a BLIP VQA bundle (or model), or of BLIP-2 / InstructBLIP with an OPT or T5 language
+    model."""
     return CircuitGraph(shape_of(getattr(bundle, "model", bundle)))
 
 

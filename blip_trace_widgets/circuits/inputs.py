@@ -14,6 +14,8 @@ counterfactual question of as many tokens (a string, one draw), corrupted image 
 For BLIP-2 and InstructBLIP (OPT) ``question_ids`` are the language model's prompt (after the Q query rows),
 ``instruction_ids`` InstructBLIP's Q-Former instruction, and the answer's first token is scored at the prompt's last
 position (``offset`` = Q + T − 1); the corruption acts on the image only (a counterfactual question is refused).
+With a T5 language model the prompt is the encoder's (after the Q query rows), ``decoder_ids`` the decoder's start
+token, and the answer's first token is scored at the decoder's position 0.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from ..causal_trace.clean import CleanPass
 from ..core.errors import BlipTraceError
 from ..core.names import ANSWER_DECODER, QUESTION_ENCODER
 from ..corruptions.kinds import GaussianNoise, ImageSwap
-from .graph import QueryShape, shape_of
+from .graph import QUERY_SHAPES, QueryShape, T5Shape, shape_of
 from .names import DEFAULT_SAMPLES, DEFAULT_SEED, METRICS
 
 
@@ -64,11 +66,12 @@ def circuit_inputs(bundle: Any, image: Any, question: str, *, corruption: Any = 
     if not isinstance(samples, int) or not 1 <= samples <= 1000:
         raise BlipTraceError(f"samples must be a whole number from 1 to 1000, got {samples!r}")
     reading = CleanPass(bundle, image, question)
-    if isinstance(shape_of(bundle.model), QueryShape):
-        return _query_inputs(reading, corruption, samples, seed, answer, metric)
+    shape = shape_of(bundle.model)
+    if isinstance(shape, QUERY_SHAPES):
+        return _query_inputs(reading, corruption, samples, seed, answer, metric, READ_AT[type(shape)])
     if not {QUESTION_ENCODER, ANSWER_DECODER} <= set(reading.task.blocks):  # BLIP VQA's two text blocks
-        raise BlipTraceError("circuits are built for BLIP VQA models, and for BLIP-2 and InstructBLIP with an OPT "
-                             "language model: load one such as load_model('demo') or load_model('demo-blip2')")
+        raise BlipTraceError("circuits are built for BLIP VQA models, and for BLIP-2 and InstructBLIP with an OPT or "
+                             "T5 language model: load one such as load_model('demo') or load_model('demo-blip2')")
     img = reading.clean.image_embeds
     ids = torch.tensor([list(reading.question_ids)], device=reading.device)
     text = answer if answer is not None else reading.model_answer
@@ -80,10 +83,25 @@ def circuit_inputs(bundle: Any, image: Any, question: str, *, corruption: Any = 
     return CircuitInputs(img, ids, decoder, int(tokens[0]), text, corrupted_img, corrupted_ids, info, metric=metric)
 
 
+def _opt_reading(reading: CleanPass, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """OPT's: no decoder ids; the answer is read at the prompt's last position (row Q + T - 1)."""
+    return ids[:, :0], int(reading.bundle.model.config.num_query_tokens) + ids.shape[1] - 1
+
+
+def _t5_reading(reading: CleanPass, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """T5's: the decoder runs on its start token, and the answer is read at its position 0."""
+    return torch.tensor([[reading.bos_id]], device=reading.device), 0
+
+
+#: Per BLIP-2 / InstructBLIP graph shape: (decoder ids, position the answer is read at) of a prompt.
+READ_AT: dict[type, Any] = {QueryShape: _opt_reading, T5Shape: _t5_reading}
+
+
 def _query_inputs(reading: CleanPass, corruption: Any, samples: int, seed: int, answer: str | None,
-                  metric: str) -> CircuitInputs:
+                  metric: str, read_at: Any) -> CircuitInputs:
     """BLIP-2's or InstructBLIP's: the prompt's ids (after the Q queries in the language model), InstructBLIP's
-    instruction, the answer's first token, scored at the prompt's last position (row Q + T - 1)."""
+    instruction, the answer's first token, scored where ``read_at`` says (OPT: the prompt's last position; T5: the
+    decoder's first)."""
     if isinstance(corruption, str):
         raise BlipTraceError("BLIP-2 and InstructBLIP circuits corrupt the image only (the prompt is the same in both "
                              "runs): pass noise, another image or image embeddings as corruption")
@@ -96,8 +114,8 @@ def _query_inputs(reading: CleanPass, corruption: Any, samples: int, seed: int, 
         raise BlipTraceError("the model gives an empty answer to this question; pass answer='...' to score one")
     instruction = torch.tensor([list(reading.instruction_ids)], dtype=torch.long, device=reading.device)
     corrupted_img, _, info = _corrupt(reading, img, ids, corruption, samples, seed)
-    offset = int(bundle.model.config.num_query_tokens) + ids.shape[1] - 1
-    return CircuitInputs(img, ids, ids[:, :0], int(tokens[0]), text, corrupted_img, ids, info, offset=offset,
+    decoder, offset = read_at(reading, ids)
+    return CircuitInputs(img, ids, decoder, int(tokens[0]), text, corrupted_img, ids, info, offset=offset,
                          metric=metric, instruction_ids=instruction if instruction.shape[1] else None)
 
 

@@ -23,12 +23,19 @@ QF, LM = "qf", "lm"
 QUERY_PREFIXES: tuple[str, ...] = (QF, LM)
 #: What sends to a language-model channel: every Q-Former node and the language model's earlier nodes.
 QF_LM = "qf+lm"
+#: A Flan-T5 language model's blocks (BLIP-2 / InstructBLIP with T5): its encoder, then its decoder (``dec``).
+ENC = "enc"
+#: What sends to a T5 encoder channel (and to the decoder's cross-attention keys and values): every Q-Former node
+#: and the encoder's earlier nodes.
+QF_ENC = "qf+enc"
 #: Every block a node name may start with.
-BLOCK_NAMES: tuple[str, ...] = (IMAGE, QE, DEC, QF, LM)
+BLOCK_NAMES: tuple[str, ...] = (IMAGE, QE, DEC, QF, LM, ENC)
 #: The graph's blocks, as its figure draws them left to right: the image, the question encoder, the answer decoder.
 BANDS: dict[str, str] = {IMAGE: "vision", QE: "question encoder", DEC: "answer decoder"}
 #: BLIP-2's and InstructBLIP's bands: the ViT's output, the Q-Former, the language model.
 QUERY_BANDS: dict[str, str] = {IMAGE: "ViT image input", QF: "Q-Former", LM: "language model"}
+#: BLIP-2's and InstructBLIP's bands with a T5 language model.
+T5_BANDS: dict[str, str] = {IMAGE: "ViT image input", QF: "Q-Former", ENC: "T5 encoder", DEC: "T5 decoder"}
 SELF, CROSS = "H", "X"  # a self-attention head, a cross-attention head
 CHANNELS = ("q", "k", "v")
 
