@@ -33,7 +33,8 @@ BLIP-2 and InstructBLIP (:func:`query_attribution_draws`) take the same scores b
 every channel's input whole gives g_r, and g_r·J_{r,u}Δc_u for every edge is the gradient of Σ_r g_r·x_r(gates) with
 respect to the gates at zero, x_r the gated frozen-node chain (:meth:`~.network.QueryNetwork.chain`) with
 contributions at the gradient run and Δc_u between the endpoints. Only the image differs between the endpoints, so
-EAP-IG interpolates the image embeddings.
+EAP-IG interpolates the image embeddings. With a T5 language model the same function takes them through
+:class:`~.network.T5Network`'s chain (the decoder's keys and values through the encoder's final norm).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from .graph import CircuitGraph, Point
-from .names import DEC, IMAGE, LM, NOISING, QE, QF
+from .names import DEC, IMAGE, NOISING, QE
 from .network import Record, state_index
 from .patching import Runs, pick
 
@@ -176,9 +177,9 @@ def query_attribution_draws(runs: Runs, graph: CircuitGraph, steps: int | None =
     n = samples * per_step
     run_rows = torch.arange(n) if rows > 1 else torch.zeros(n, dtype=torch.long)
     draw = torch.arange(n) // per_step
-    base = {b: pick(net.contributions(record, b), run_rows) for b in (QF, LM)}
+    base = {b: pick(net.contributions(record, b), run_rows) for b in net.blocks}
     delta = {b: pick(runs.contributions("source", b), draw) - pick(runs.contributions("base", b), draw)
-             for b in (QF, LM)}
+             for b in net.blocks}
     image, image_delta = pick(record.img, run_rows), pick(runs.source.img, draw) - pick(runs.base.img, draw)
     out = torch.zeros(samples, len(graph), dtype=torch.float64)
     for point, (width, places, nodes, edges) in graph.point_edges.items():
@@ -187,7 +188,7 @@ def query_attribution_draws(runs: Runs, graph: CircuitGraph, steps: int | None =
             continue
         with torch.enable_grad():  # one point at a time: only its chains' graph is held
             gates = torch.zeros(n, width, len(graph.nodes), dtype=image.dtype, requires_grad=True)
-            if point.where == "kv":
+            if graph.shape.source_block(point) == IMAGE:
                 x = image[:, None] + gates[:, :, :1, None] * image_delta[:, None]
             else:
                 x = net.chain(base, delta, gates, point)

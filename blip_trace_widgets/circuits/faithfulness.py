@@ -20,8 +20,8 @@ graph and 0 for none. With noise, each draw is its own corrupted run: the value 
 mean. The curve (MIB, Mueller et al. 2025) is faithfulness against the circuit's
 size as a fraction of the graph's edges; its area (trapezoids) is the CPR, the area of |1 − f| the CMD. BLIP-2
 and InstructBLIP (OPT) run the same circuit run (:class:`QueryCircuitRun`), a language-model channel's Q-Former
-senders gated through the Q-Former's chain and the projection; each family's run is picked from
-:data:`CIRCUIT_SCORES`.
+senders gated through the Q-Former's chain and the projection (with T5, the decoder's keys and values through the
+encoder's chain and final norm); each family's run is picked from :data:`CIRCUIT_SCORES`.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from ..core.errors import BlipTraceError
 from ..core.significance import CellStatistics
 from .graph import CircuitGraph, Point, circuit_graph
 from .inputs import CircuitInputs, circuit_inputs
-from .names import CURVE_FRACTIONS, DEFAULT_SAMPLES, DEFAULT_SEED, FORMAT, IMAGE, LM, QE, QF
-from .network import Network, QueryNetwork, Record, network_of
+from .names import CURVE_FRACTIONS, DEFAULT_SAMPLES, DEFAULT_SEED, FORMAT, IMAGE, QE
+from .network import Network, QueryNetwork, Record, T5Network, network_of
 from .patching import clean_inputs, corrupted_inputs, pick
 from .result import EdgeResult
 
@@ -134,10 +134,10 @@ class QueryCircuitRun:
     """BLIP-2's circuit run: each channel's input from the frozen-node chain over the graph's nodes, a kept edge's
     sender contributing its output in this run and a dropped one's its corrupted-run output."""
 
-    def __init__(self, net: QueryNetwork, graph: CircuitGraph, keep: torch.Tensor, corrupted: Record,
+    def __init__(self, net: QueryNetwork | T5Network, graph: CircuitGraph, keep: torch.Tensor, corrupted: Record,
                  samples: torch.Tensor) -> None:
-        self.net, self.samples = net, samples
-        self.corrupted = {b: pick(net.contributions(corrupted, b), samples) for b in (QF, LM)}
+        self.net, self.samples, self.shape = net, samples, graph.shape
+        self.corrupted = {b: pick(net.contributions(corrupted, b), samples) for b in net.blocks}
         self.image = pick(corrupted.img, samples)
         self.gates: dict[Point, torch.Tensor] = {}
         for point, (width, places, nodes, edges) in graph.point_edges.items():
@@ -152,16 +152,16 @@ class QueryCircuitRun:
     def at(self, point: Point, default: torch.Tensor) -> torch.Tensor | None:
         assert self.record is not None
         gates = self.gates[point]
-        if point.where == "kv":
+        if self.shape.source_block(point) == IMAGE:
             return self.image[:, None] + gates[:, :, :1, None] * (self.record.img - self.image)[:, None]
-        own = {b: self.net.contributions(self.record, b) for b in ((QF,) if point.block == QF else (QF, LM))}
+        own = {b: self.net.contributions(self.record, b) for b in self.net.chain_blocks(point)}
         corrupted = {b: self.corrupted[b][:, :own[b].shape[1]] for b in own}
         delta = {b: own[b] - corrupted[b] for b in own}
         return self.net.chain(corrupted, delta, gates, point)
 
 
 @torch.no_grad()
-def query_circuit_scores(net: QueryNetwork, graph: CircuitGraph, pair: CircuitInputs,
+def query_circuit_scores(net: QueryNetwork | T5Network, graph: CircuitGraph, pair: CircuitInputs,
                          kept: list[np.ndarray]) -> np.ndarray:
     """m(C) of each kept-edge mask in ``kept`` in each draw (BLIP-2, InstructBLIP): [samples, circuits]."""
     samples = pair.samples
@@ -223,7 +223,8 @@ def _summary(ratios: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.nd
 
 
 #: Circuit runs per network family.
-CIRCUIT_SCORES: dict[type, Any] = {Network: circuit_scores, QueryNetwork: query_circuit_scores}
+CIRCUIT_SCORES: dict[type, Any] = {Network: circuit_scores, QueryNetwork: query_circuit_scores,
+                                    T5Network: query_circuit_scores}
 
 
 def _setup(bundle: Any, image: Any, text: str, inputs: CircuitInputs | None,

@@ -17,6 +17,10 @@ every node's contribution, the senders' from the source run, through the Q-Forme
 the language model's residual sum; run B is the base forward with only the receivers reading it (a head's own q, k
 or v rows; an MLP's input; ``lm_head``'s input), skipping the Q-Former when every receiver is in the language model.
 The corruption changes the image embeddings only; the prompt (and InstructBLIP's instruction) is the same in both.
+With a T5 language model the same function runs them (the network's chain reaches the encoder's channels, the
+decoder's keys and values through the encoder's output, the decoder's own channels); run B skips the Q-Former when
+every receiver is in T5, and starts at the first receiver's decoder layer from the base run's encoder output and
+residual when every receiver is in the decoder.
 """
 from __future__ import annotations
 
@@ -30,10 +34,10 @@ import torch
 from ..core.significance import CellStatistics
 from .graph import CircuitGraph, Point, circuit_graph
 from .inputs import CircuitInputs, circuit_inputs
-from .names import DEC, DEFAULT_SAMPLES, DEFAULT_SEED, IMAGE, LM, NOISING, QE, QF, check_direction
-from .network import Network, QueryNetwork, Record, network_of
+from .names import DEC, DEFAULT_SAMPLES, DEFAULT_SEED, IMAGE, NOISING, QE, QF, check_direction
+from .network import Network, QueryNetwork, Record, T5Network, network_of
 
-AnyNetwork = Network | QueryNetwork
+AnyNetwork = Network | QueryNetwork | T5Network
 
 #: Path runs per batch (fewer on a wide model, see :func:`chunk_rows`).
 MAX_ROWS = 256
@@ -198,15 +202,15 @@ def query_chunk(runs: Runs, graph: CircuitGraph, paths: list[Path], samples: tor
         for r in path.receivers:
             point, c = graph.places[r]
             by_point.setdefault(point, []).append((row, c, path.senders))
-    base = {b: runs.contributions("base", b) for b in (QF, LM)}
-    source = {b: runs.contributions("source", b) for b in (QF, LM)}
+    base = {b: runs.contributions("base", b) for b in net.blocks}
+    source = {b: runs.contributions("source", b) for b in net.blocks}
     entries = {}
     for point, items in by_point.items():
         picked = samples[torch.tensor([row for row, _, _ in items])]
         gates = torch.zeros(len(items), 1, len(graph.nodes), dtype=base[QF].dtype)
         for n, (_, _, senders) in enumerate(items):
             gates[n, 0, sorted(senders)] = 1.0
-        if point.where == "kv":
+        if graph.shape.source_block(point) == IMAGE:
             image = pick(runs.base.img, picked)
             values = image + gates[:, 0, :1, None] * (pick(runs.source.img, picked) - image)
         else:
@@ -216,17 +220,13 @@ def query_chunk(runs: Runs, graph: CircuitGraph, paths: list[Path], samples: tor
     widths = {p: len(graph.shape.channels_at(p)) for p in entries}
     overrides = Overrides(entries, 0, widths)
     img, qf_emb, lm_emb = (pick(t, samples) for t in runs.base_inputs)
-    if all(p.block == LM for p in entries):  # start at the first receiver's layer, from the base run's residual
-        first = min(p.layer for p in entries)
-        run_b = net.forward(img, qf_emb, lm_emb, runs.pair, overrides, rows=len(paths),
-                            lm_state=pick(runs.base.states[first], samples), start=first)
-    else:
-        run_b = net.forward(img, qf_emb, lm_emb, runs.pair, overrides, rows=len(paths))
+    late = net.resume(list(entries), runs.base, lambda t: pick(t, samples))  # from the base run's states
+    run_b = net.forward(img, qf_emb, lm_emb, runs.pair, overrides, rows=len(paths), **late)
     return run_b.score - pick(runs.base_score(), samples)
 
 
 #: The path runs of one batch, per network family.
-PATH_CHUNKS: dict[type, Any] = {Network: _run_chunk, QueryNetwork: query_chunk}
+PATH_CHUNKS: dict[type, Any] = {Network: _run_chunk, QueryNetwork: query_chunk, T5Network: query_chunk}
 
 
 def chunk_rows(runs: Runs) -> int:

@@ -16,7 +16,8 @@ heads, cross-attention heads and MLP), then the answer decoder and ``out``, each
 edge's width follows |score|; positive edges (the metric rises when the edge is patched) and negative ones take two
 colours. A receiver's q, k and v channels meet its node a little above, at and below its centre. BLIP-2's and
 InstructBLIP's graphs are drawn on three bands: the ViT image input, the Q-Former (per layer its self heads, its
-cross heads where it cross-attends, its MLP) and the language model.
+cross heads where it cross-attends, its MLP) and the language model; with a T5 language model on four: the ViT
+image input, the Q-Former, the T5 encoder and the T5 decoder (per layer its self heads, cross heads and MLP).
 """
 from __future__ import annotations
 
@@ -26,12 +27,30 @@ import numpy as np
 
 from ..causal_trace.plots import figure_png, new_figure
 from .faithfulness import Curve
-from .graph import QueryShape, Shape, shape_from_dict
-from .names import BANDS, CROSS, DEC, DEFAULT_TOP, IMAGE, LM, OUT, QE, QF, QUERY_BANDS, SELF, emb_name, split_edge
+from .graph import QueryShape, Shape, T5Shape, shape_from_dict
+from .names import (
+    BANDS,
+    CROSS,
+    DEC,
+    DEFAULT_TOP,
+    ENC,
+    IMAGE,
+    LM,
+    OUT,
+    QE,
+    QF,
+    QUERY_BANDS,
+    SELF,
+    T5_BANDS,
+    emb_name,
+    split_edge,
+)
 from .result import EdgeResult
 
 POSITIVE, NEGATIVE, MUTED = "#2166ac", "#b2182b", "#a0a0a0"
-BAND_COLOURS = {IMAGE: "#f2f2f2", QE: "#e8f0fa", DEC: "#fbeee6", QF: "#e8f0fa", LM: "#fbeee6"}
+BAND_COLOURS = {IMAGE: "#f2f2f2", QE: "#e8f0fa", DEC: "#fbeee6", QF: "#e8f0fa", LM: "#fbeee6", ENC: "#eef6e8"}
+#: The bands' labels per BLIP-2 / InstructBLIP graph shape.
+QUERY_BAND_LABELS: dict[type, dict[str, str]] = {QueryShape: QUERY_BANDS, T5Shape: T5_BANDS}
 CHANNEL_OFFSET = {"q": -0.25, "k": 0.0, "v": 0.25}
 
 
@@ -53,12 +72,13 @@ def node_position(name: str, shape: Shape) -> tuple[float, float]:
     return column + (0 if unit[0] == SELF else 1), float(unit[1:])
 
 
-def query_columns(shape: QueryShape) -> dict[str, float]:
+def query_columns(shape: QueryShape | T5Shape) -> dict[str, float]:
     """BLIP-2's columns: ``img``, the Q-Former (its embedding; per layer its self heads, cross heads where it
-    cross-attends, MLP), the language model (its embedding; per layer its heads, MLP), ``out``."""
+    cross-attends, MLP), the language model (its embedding; per layer its heads, MLP), ``out``; with T5 the
+    encoder's, then the decoder's (per layer its self heads, cross heads, MLP)."""
     columns: dict[str, float] = {IMAGE: 0.0}
     column = 1.0
-    for block in (QF, LM):
+    for block in shape.blocks:
         for name in shape.slot_names(block):
             unit = name.rsplit(".", 1)[-1]
             key = name if unit in ("emb", "mlp") else f"{name.rsplit('.', 1)[0]}.{unit[0]}"
@@ -70,7 +90,7 @@ def query_columns(shape: QueryShape) -> dict[str, float]:
     return columns
 
 
-def query_position(name: str, shape: QueryShape) -> tuple[float, float]:
+def query_position(name: str, shape: QueryShape | T5Shape) -> tuple[float, float]:
     """(column, row) of a BLIP-2 node in the drawing."""
     middle = (shape.heads - 1) / 2
     columns = query_columns(shape)
@@ -81,7 +101,7 @@ def query_position(name: str, shape: QueryShape) -> tuple[float, float]:
 
 
 def _position(name: str, shape: Any) -> tuple[float, float]:
-    return query_position(name, shape) if isinstance(shape, QueryShape) else node_position(name, shape)
+    return query_position(name, shape) if isinstance(shape, (QueryShape, T5Shape)) else node_position(name, shape)
 
 
 def _receiver_position(channel: str, shape: Any) -> tuple[float, float]:
@@ -92,14 +112,16 @@ def _receiver_position(channel: str, shape: Any) -> tuple[float, float]:
     return _position(channel, shape)
 
 
-def _draw_query_bands(ax: Any, shape: QueryShape) -> float:
-    """BLIP-2's bands (the ViT's output, the Q-Former, the language model); the drawing's right edge."""
+def _draw_query_bands(ax: Any, shape: QueryShape | T5Shape) -> float:
+    """BLIP-2's bands (the ViT's output, the Q-Former, the language model; with T5 its encoder and decoder); the
+    drawing's right edge."""
     columns = query_columns(shape)
-    spans = {IMAGE: (-0.5, 0.5), QF: (0.5, columns[emb_name(LM)] - 0.75), LM: (columns[emb_name(LM)] - 0.75,
-                                                                             columns[OUT] + 0.5)}
-    for block, (left, right) in spans.items():
+    edges = [-0.5, 0.5, *(columns[emb_name(b)] - 0.75 for b in shape.blocks[1:]), columns[OUT] + 0.5]
+    labels = QUERY_BAND_LABELS[type(shape)]
+    for n, block in enumerate((IMAGE, *shape.blocks)):
+        left, right = edges[n], edges[n + 1]
         ax.axvspan(left, right, color=BAND_COLOURS[block], zorder=0)
-        ax.text((left + right) / 2, shape.heads - 0.3, QUERY_BANDS[block], ha="center", va="bottom", fontsize=8,
+        ax.text((left + right) / 2, shape.heads - 0.3, labels[block], ha="center", va="bottom", fontsize=8,
                 rotation=90 if block == IMAGE else 0)
     return columns[OUT] + 0.5
 
@@ -117,7 +139,7 @@ def draw_graph(ax: Any, result: EdgeResult, k: int = DEFAULT_TOP, *, muted: np.n
                title: str | None = None) -> None:
     """The top ``k`` edges of ``result`` on ``ax``; edges where ``muted`` (bool per edge) is set grey and dashed."""
     shape = shape_from_dict(result.shape) if result.shape else _shape_of_edges(result.edges)
-    if isinstance(shape, QueryShape):
+    if isinstance(shape, (QueryShape, T5Shape)):
         right = _draw_query_bands(ax, shape)
     else:
         _draw_bands(ax, shape)
@@ -175,8 +197,10 @@ def circuit_png(result: EdgeResult, k: int = DEFAULT_TOP, curve: Curve | None = 
     return figure_png(plot_circuit(result, k, curve))
 
 
-def _shape_of_edges(edges: list[str]) -> Shape | QueryShape:
+def _shape_of_edges(edges: list[str]) -> Shape | QueryShape | T5Shape:
     names = [n for e in edges for n in split_edge(e)]
+    if any(n.startswith(ENC + ".") for n in names):
+        return _t5_shape_of(names)
     if any(n.startswith(QF + ".") for n in names):
         layers = {b: 1 + max((int(n.split(".")[1][1:]) for n in names if n.startswith(b + ".L")), default=-1)
                   for b in (QF, LM)}
@@ -190,3 +214,14 @@ def _shape_of_edges(edges: list[str]) -> Shape | QueryShape:
     heads = 1 + max((int(p[1:]) for n in names for p in n.split(".") if p[:1] in (SELF, CROSS) and p[1:].isdigit()),
                     default=0)
     return Shape(layers[QE], layers[DEC], heads)
+
+
+def _t5_shape_of(names: list[str]) -> T5Shape:
+    """A T5 graph's sizes as far as edge names show them (one head count, cross-attention spacing guessed)."""
+    layers = {b: 1 + max((int(n.split(".")[1][1:]) for n in names if n.startswith(b + ".L")), default=-1)
+              for b in (QF, ENC, DEC)}
+    heads = 1 + max((int(p[1:]) for n in names for p in n.split(".") if p[:1] in (SELF, CROSS) and p[1:].isdigit()),
+                    default=0)
+    crosses = sorted({int(n.split(".")[1][1:]) for n in names if n.startswith(QF + ".L") and ".X" in n})
+    every = crosses[1] - crosses[0] if len(crosses) > 1 else max(layers[QF], 1)
+    return T5Shape(layers[QF], heads, every, layers[ENC], heads, layers[DEC], heads)

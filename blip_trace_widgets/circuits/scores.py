@@ -9,8 +9,8 @@
 EAP costs one base forward, one source forward and one backward pass (plus the residual chains, elementwise work);
 EAP-IG ``steps`` forward and backward passes more; exact runs one path-patching run per edge and draw, batched (the
 demo model's 3,417 edges take seconds; on a BLIP-base-sized model choose one block's edges with ``edges=``: its
-cost is estimated first and a run over 30 s is warned about). BLIP-2 and InstructBLIP (OPT) are scored the same
-way, their EAP and EAP-IG picked from :data:`ATTRIBUTIONS` by network family.
+cost is estimated first and a run over 30 s is warned about). BLIP-2 and InstructBLIP (OPT or T5) are scored the
+same way, their EAP and EAP-IG picked from :data:`ATTRIBUTIONS` by network family.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .attribution import attribution_draws, query_attribution_draws
 from .graph import CircuitGraph, circuit_graph
 from .inputs import CircuitInputs, circuit_inputs
 from .names import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_STEPS, NOISING, WARN_SECONDS, check_direction, check_method
-from .network import Network, QueryNetwork, network_of
+from .network import Network, QueryNetwork, T5Network, network_of
 from .patching import Path, Runs, chunk_rows, prepare, run_paths
 from .result import EdgeResult
 
@@ -86,7 +86,8 @@ def edge_scores(bundle: Any, image: Any, text: str, *, method: str = "eap-ig", s
 
 
 #: EAP and EAP-IG per network family.
-ATTRIBUTIONS: dict[type, Any] = {Network: attribution_draws, QueryNetwork: query_attribution_draws}
+ATTRIBUTIONS: dict[type, Any] = {Network: attribution_draws, QueryNetwork: query_attribution_draws,
+                                  T5Network: query_attribution_draws}
 
 
 def _result(runs: Runs, graph: CircuitGraph, chosen: Sequence[int] | np.ndarray, draws: np.ndarray, method: str, steps: int,
