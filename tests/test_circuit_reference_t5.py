@@ -6,8 +6,10 @@ perturbed node moves exactly the channels it sends to), identities of path patch
 score exactly 0, and single edges worked out by hand on the model's modules. Part B compares the engine's public API
 (``circuit_graph``, ``path_patch``, ``edge_scores``, ``faithfulness``, ``circuit_inputs``) with the reference: the edge
 set, exact edge scores in both directions under noise and a counterfactual image, a path from several senders to
-several receivers, and circuits keeping none, all and 30% of the edges. Part B skips while ``circuit_graph`` refuses
-T5 models (a BlipTraceError); every other engine call must then work.
+several receivers, circuits keeping none, all and 30% of the edges, two noise draws averaged, a tied head (the final
+state scaled before ``lm_head``) and a T5 of another shape (3 encoder layers, 1 decoder layer, heads narrower than
+d_model, a plain ReLU feed-forward). Part B skips while ``circuit_graph`` refuses T5 models (a BlipTraceError); every
+other engine call must then work.
 
 The models are float64: T5 amplifies float32 rounding (tests/test_blip2_t5.py).
 """
@@ -79,6 +81,25 @@ def _tied_model() -> torch.nn.Module:
                          image_token_index=IMAGE_TOKEN, initializer_range=0.3)
     torch.manual_seed(0)
     model = Blip2ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.query_tokens.normal_(0, 1)
+    return model.double().eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _other_shape() -> torch.nn.Module:
+    """InstructBLIP with a T5 of another shape than tiny_blip2_t5's: 3 encoder layers and 1 decoder layer, 2 heads of
+    width 8 (their outputs 16 wide, d_model 32), a plain ReLU feed-forward (T5DenseActDense)."""
+    from tiny_blip import tiny_blip2_config, tiny_t5_text_config
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    base = tiny_blip2_config(queries=QUERIES)
+    qformer = {**base.qformer_config.to_dict(), "vocab_size": len(VOCAB), "max_position_embeddings": 32}
+    text = {**tiny_t5_text_config(layers=3, decoder_layers=1), "num_heads": 2, "d_kv": 8, "feed_forward_proj": "relu"}
+    config = InstructBlipConfig(vision_config=base.vision_config.to_dict(), qformer_config=qformer, text_config=text,
+                                num_query_tokens=QUERIES, image_token_index=IMAGE_TOKEN, initializer_range=0.3)
+    torch.manual_seed(0)
+    model = InstructBlipForConditionalGeneration(config)
     with torch.no_grad():
         model.query_tokens.normal_(0, 1)
     return model.double().eval()
@@ -184,8 +205,10 @@ def _t5(model: torch.nn.Module) -> Any:
 # The graph
 
 
-def _spec_edges() -> set[str]:
-    """Every edge as the definition lists them, enumerated here for the tiny shape (independently of the module)."""
+def _spec_edges(enc_layers: int = ENC_LAYERS, dec_layers: int = DEC_LAYERS, t5_heads: int = HEADS
+                ) -> set[str]:
+    """Every edge as the definition lists them, enumerated here for a tiny shape (independently of the module):
+    the Q-Former's (3 layers of 4 heads, cross-attention on 0 and 2), T5's layers and heads as given."""
     edges: set[str] = set()
     qf = ["qf.emb"]
     for layer in range(QF_LAYERS):
@@ -199,16 +222,16 @@ def _spec_edges() -> set[str]:
         edges |= {f"{u} → qf.L{layer}.mlp" for u in qf + selfs + crosses}
         qf += selfs + crosses + [f"qf.L{layer}.mlp"]
     enc = ["enc.emb"]
-    for layer in range(ENC_LAYERS):
-        heads = [f"enc.L{layer}.H{h}" for h in range(HEADS)]
-        edges |= {f"{u} → enc.L{layer}.H{h}.{p}" for u in qf + enc for h in range(HEADS) for p in "qkv"}
+    for layer in range(enc_layers):
+        heads = [f"enc.L{layer}.H{h}" for h in range(t5_heads)]
+        edges |= {f"{u} → enc.L{layer}.H{h}.{p}" for u in qf + enc for h in range(t5_heads) for p in "qkv"}
         edges |= {f"{u} → enc.L{layer}.mlp" for u in qf + enc + heads}
         enc += heads + [f"enc.L{layer}.mlp"]
     dec = ["dec.emb"]
-    for layer in range(DEC_LAYERS):
-        selfs = [f"dec.L{layer}.H{h}" for h in range(HEADS)]
-        crosses = [f"dec.L{layer}.X{h}" for h in range(HEADS)]
-        for h in range(HEADS):
+    for layer in range(dec_layers):
+        selfs = [f"dec.L{layer}.H{h}" for h in range(t5_heads)]
+        crosses = [f"dec.L{layer}.X{h}" for h in range(t5_heads)]
+        for h in range(t5_heads):
             edges |= {f"{u} → dec.L{layer}.H{h}.{p}" for u in dec for p in "qkv"}
             edges |= {f"{u} → dec.L{layer}.X{h}.q" for u in dec + selfs}
             edges |= {f"{u} → dec.L{layer}.X{h}.{p}" for u in qf + enc for p in "kv"}
@@ -438,6 +461,32 @@ def test_a_tied_head_reads_the_decoders_final_state_scaled() -> None:
     assert abs(expected - base) > 1e-4
     assert_close(reference_path_patch(model, clean, other, [f"dec.L{DEC_LAYERS - 1}.mlp"], ["out"]), expected,
                  dtype=torch.float64, scale=10.0)
+
+
+def test_a_t5_of_another_shape() -> None:
+    """3 encoder layers, 1 decoder layer, 2 heads narrower than d_model, a plain feed-forward: the graph is the
+    definition's, a perturbed node moves exactly its receivers, the score is the model's own and every node into
+    every channel is the source run."""
+    model = _other_shape()
+    feed_forward = _t5(model).encoder.block[0].layer[-1].DenseReluDense
+    assert type(feed_forward).__name__ == "T5DenseActDense" and _t5(model).config.d_kv * 2 != _t5(model).config.d_model
+    assert set(reference_edges(model)) == _spec_edges(enc_layers=3, dec_layers=1, t5_heads=2)
+    clean = _inputs("instructblip-t5", model)
+    other = dict(clean, image_embeds=_images(model, 2))
+    inputs = prepare_inputs(model, clean)
+    _, plan = run(model, inputs)
+    frozen = {name: plan.outputs[name] for name in reference_nodes(model)[:-1]}
+    base = frozen_inputs(model, inputs, frozen, reference_channels(model))
+    torch.manual_seed(3)
+    for node in frozen:
+        moved = frozen_inputs(model, inputs, {**frozen, node: frozen[node] + torch.randn_like(frozen[node])},
+                              reference_channels(model))
+        changed = {channel for channel in moved if not torch.equal(moved[channel], base[channel])}
+        assert changed == {r for u, r in map(parse_edge, reference_edges(model)) if u == node}, node
+    assert_close(reference_score(model, clean), _plain(model, clean), dtype=torch.float64)
+    assert abs(reference_score(model, clean) - reference_score(model, other)) > 1e-3
+    assert_close(reference_path_patch(model, clean, other, reference_nodes(model)[:-1], reference_channels(model)),
+                 reference_score(model, other), dtype=torch.float64, scale=10.0)
 
 
 def _rows_hook(rows: slice, value: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -813,3 +862,34 @@ def test_engine_scales_a_tied_heads_final_state_as_the_reference() -> None:
         assert max(abs(v) for v in theirs.values()) > 1e-3
         wrong = {e: (ours[e], theirs[e]) for e in edges if not close(ours[e], theirs[e], scale=10.0)}
         assert not wrong, f"{direction}: engine vs reference (edge: (engine, reference)): {wrong}"
+
+
+@pytest.mark.slow
+def test_engine_on_a_t5_of_another_shape_equals_the_reference() -> None:
+    """InstructBLIP with 3 encoder layers, 1 decoder layer, 2 heads narrower than d_model and a plain feed-forward:
+    the engine's graph, edge scores both ways and a 30% circuit are the reference's."""
+    from blip_trace_widgets import load_model
+    from blip_trace_widgets.circuits import edge_scores, faithfulness
+
+    bundle = load_model((_other_shape(), tiny_instructblip_processor(queries=QUERIES)), device="cpu")
+    graph = _engine_graph(bundle)
+    model = bundle.model
+    assert sorted(graph.edges) == sorted(reference_edges(model))
+    clean = t5_inputs(model, bundle.processor, _picture(0), QUESTION, ANSWER)
+    other = dict(clean, image_embeds=t5_inputs(model, bundle.processor, _picture(1), QUESTION, ANSWER)["image_embeds"])
+    edges = ["img → qf.L2.X0.k", "qf.L2.mlp → enc.L2.H1.q", "enc.L0.H1 → enc.L2.mlp", "enc.L1.mlp → dec.L0.X1.k",
+             "enc.L2.H0 → dec.L0.X0.v", "dec.L0.X1 → dec.L0.mlp", "dec.L0.X0 → out", "dec.L0.mlp → out"]
+    for direction in ("noise", "denoise"):
+        result = edge_scores(bundle, _picture(0), QUESTION, method="exact", corruption=_picture(1),
+                             direction="noise" if direction == "noise" else "restore", samples=1, answer=ANSWER,
+                             edges=edges)
+        assert_close(result.clean_score, reference_score(model, clean), scale=10.0)
+        assert_close(result.corrupted_score, reference_score(model, other), scale=10.0)
+        ours = dict(zip(result.edges, np.asarray(result.scores, dtype=float)))
+        theirs = {e: reference_edge_score(model, clean, other, e, direction) for e in edges}
+        assert sum(abs(v) > 1e-4 for v in theirs.values()) >= len(edges) // 2
+        wrong = {e: (ours[e], theirs[e]) for e in edges if not close(ours[e], theirs[e], scale=10.0)}
+        assert not wrong, f"{direction}: engine vs reference (edge: (engine, reference)): {wrong}"
+    some = [e for e, keep in zip(graph.edges, np.random.default_rng(2).random(len(graph.edges)) < 0.3) if keep]
+    circuit = faithfulness(bundle, _picture(0), QUESTION, some, corruption=_picture(1), samples=1, answer=ANSWER)
+    assert_close(circuit.circuit_score, reference_circuit_score(model, clean, other, some), scale=10.0)
