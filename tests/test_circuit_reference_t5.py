@@ -770,19 +770,28 @@ def test_engine_exact_edge_scores_equal_the_reference(family: str, kind: str, di
     assert not wrong, f"engine vs reference (edge: (engine, reference)): {wrong}"
 
 
+#: (senders, receivers): across the Q-Former, the encoder and the decoder; receivers all in T5; all in the decoder.
+PATHS = [(["img", "qf.L1.mlp", "enc.L0.H1", "dec.L0.X2"], ["qf.L2.X1.k", "enc.L1.H0.v", "dec.L1.X3.k", "dec.L1.mlp", "out"]),
+         (["qf.L2.X1", "enc.L0.mlp", "enc.L1.H3"], ["enc.L1.H2.q", "enc.L1.mlp", "dec.L0.X1.v", "dec.L1.X0.k"]),
+         (["enc.L1.mlp", "dec.L0.X0", "dec.L0.mlp"], ["dec.L1.X2.v", "dec.L1.H1.v", "dec.L1.mlp", "out"])]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_engine_path_from_several_senders_to_several_receivers_equals_the_reference(family: str) -> None:
+@pytest.mark.parametrize("path", range(len(PATHS)))
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_engine_path_from_several_senders_to_several_receivers_equals_the_reference(family: str, path: int,
+                                                                                    direction: str) -> None:
     from blip_trace_widgets.circuits import path_patch
 
     _engine_graph(_bundle(family))
     bundle, clean, _, other = _engine_case(family)
-    senders = ["img", "qf.L1.mlp", "enc.L0.H1", "dec.L0.X2"]
-    receivers = ["qf.L2.X1.k", "enc.L1.H0.v", "dec.L1.X3.k", "dec.L1.mlp", "out"]
+    senders, receivers = PATHS[path]
     result = path_patch(bundle, _picture(0), QUESTION, sender=senders, receivers=receivers,
-                        corruption=_corruption("counterfactual", other), samples=1, answer=ANSWER)
-    base = reference_score(bundle.model, clean)
-    theirs = reference_path_patch(bundle.model, clean, other, senders, receivers) - base
+                        corruption=_corruption("counterfactual", other), samples=1, answer=ANSWER,
+                        direction="noise" if direction == "noise" else "restore")
+    base = reference_score(bundle.model, clean if direction == "noise" else other)
+    theirs = reference_path_patch(bundle.model, clean, other, senders, receivers, direction) - base
     assert abs(theirs) > 1e-3
     assert_close(result.base_score, base, scale=10.0)
     assert_close(result.effect, theirs, scale=10.0)
