@@ -1,5 +1,5 @@
-"""Circuits of BLIP VQA, and of BLIP-2 and InstructBLIP with an OPT language model: which nodes feed which, scored
-by edge attribution (EAP, EAP-IG) or exact path patching, kept as the top edges, and checked for faithfulness.
+"""Circuits of BLIP VQA, and of BLIP-2 and InstructBLIP with an OPT or a Flan-T5 language model: which nodes feed
+which, scored by edge attribution (EAP, EAP-IG) or exact path patching, kept as the top edges, and checked for faithfulness.
 
     >>> from blip_trace_widgets import load_model, demo_samples
     >>> from blip_trace_widgets.circuits import circuit, circuit_graph, edge_scores, faithfulness

@@ -1,4 +1,5 @@
-"""BLIP VQA's question encoder and answer decoder run layer by layer, with every receiver channel's input open.
+"""The hand-written forward of each family's circuit graph, layer by layer, with every receiver channel's input open:
+BLIP VQA's question encoder and answer decoder, BLIP-2's Q-Former with an OPT or a Flan-T5 language model.
 
     >>> from blip_trace_widgets import load_model, demo_samples
     >>> from blip_trace_widgets.circuits.inputs import circuit_inputs
