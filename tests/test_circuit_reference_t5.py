@@ -902,3 +902,25 @@ def test_engine_on_a_t5_of_another_shape_equals_the_reference() -> None:
     some = [e for e, keep in zip(graph.edges, np.random.default_rng(2).random(len(graph.edges)) < 0.3) if keep]
     circuit = faithfulness(bundle, _picture(0), QUESTION, some, corruption=_picture(1), samples=1, answer=ANSWER)
     assert_close(circuit.circuit_score, reference_circuit_score(model, clean, other, some), scale=10.0)
+
+
+@pytest.mark.slow
+def test_engine_scores_probabilities_as_the_reference() -> None:
+    """metric='prob': p of the answer's first token, not its log (the model's own answer here, 'green': p = 0.9997
+    on the clean image, the counterfactual's answer is another)."""
+    from blip_trace_widgets.circuits import edge_scores
+
+    _engine_graph(_bundle("blip2-t5"))
+    bundle, clean, _, other = _engine_case("blip2-t5")
+    green = torch.tensor([BLIP2_VOCAB["green"]])
+    clean, other = dict(clean, answer_id=green), dict(other, answer_id=green)
+    edges = ["enc.L0.H1 → dec.L1.X2.v", "qf.L2.X1 → enc.L0.H3.k", "dec.L1.mlp → out"]
+    result = edge_scores(bundle, _picture(0), QUESTION, method="exact", corruption=_picture(1), samples=1,
+                         answer="green", metric="prob", edges=edges)
+    assert_close(result.clean_score, reference_score(bundle.model, clean, score="prob"))
+    assert_close(result.corrupted_score, reference_score(bundle.model, other, score="prob"))
+    ours = dict(zip(result.edges, np.asarray(result.scores, dtype=float)))
+    theirs = {e: reference_edge_score(bundle.model, clean, other, e, score="prob") for e in edges}
+    assert max(abs(v) for v in theirs.values()) > 1e-2
+    wrong = {e: (ours[e], theirs[e]) for e in edges if not close(ours[e], theirs[e])}
+    assert not wrong, f"engine vs reference (edge: (engine, reference)): {wrong}"
