@@ -27,10 +27,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "lengthy: marked slow for its running time alone (tests/fast_subset.py)")
 
 
+#: Files that take minutes (installs, notebooks, fresh interpreters, browsers), longest first (measured with
+#: ``--durations``), run before the rest: with ``--dist loadfile`` each file runs whole on one worker, and a long file
+#: handed out last keeps one worker busy while the other waits.
+LONG_FILES = ("test_packaging.py", "test_notebooks.py", "test_explorer_exit.py", "test_widgets_ipywidgets7.py",
+              "test_browser.py", "test_binder.py", "test_sweep.py", "test_cli.py")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if type(item).__name__ == "DoctestItem" and item.name in EXPLORER_EXAMPLES:
             item.add_marker(pytest.mark.slow)
+    rank = {name: index for index, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: each file keeps its order
 
 
 @pytest.fixture(scope="session")
