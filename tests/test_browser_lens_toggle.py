@@ -78,7 +78,9 @@ def test_the_toggle_renders_and_switches_between_the_map_and_the_lens(lab):
             page.locator("button", has_text="what it says").click()
             page.wait_for_function(f"(old) => {SHOWN}.length >= 2 && !{SHOWN}.some(i => i.src === old)", arg=heatmap,
                                    timeout=60_000)
-            assert page.locator("text=what it says: top 10 tokens").first.is_visible()
+            # the picked cell's tokens come in their own widget message, after the grid: wait for them (it fails if
+            # they never show)
+            page.locator("text=what it says: top 10 tokens").first.wait_for(state="visible", timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "lens-toggle-says.png"), full_page=True)
             page.locator("button", has_text="what it carries").click()
             page.wait_for_function(f"(old) => {SHOWN}.some(i => i.src === old)", arg=heatmap, timeout=60_000)
